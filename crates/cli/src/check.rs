@@ -1,0 +1,197 @@
+//! `cascade check`: the configuration doctor. Prints the effective configuration, then checks
+//! each dependency under a deadline. Exit 0 only when the required ones answer: PostgreSQL
+//! always, Redis when REDIS_URL is set. The Venice API is reported but optional: Cascade
+//! serves stale or degraded upstream data when it is down.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use cascade_core::config::{Config, DatabaseSource};
+use cascade_core::db::{error_chain, find_server_binaries};
+use cascade_core::redis::Redis;
+use tokio_postgres_check::probe_postgres;
+
+const DEADLINE: Duration = Duration::from_secs(5);
+
+mod tokio_postgres_check {
+    use std::time::Duration;
+
+    /// One connection and `SELECT version()` under a deadline.
+    pub async fn probe_postgres(
+        config: &cascade_core::config::DatabaseConfig,
+        deadline: Duration,
+    ) -> Result<String, String> {
+        let cascade_core::config::DatabaseSource::External { config: pg, .. } = &config.source
+        else {
+            return Err("not an external database".into());
+        };
+        let mut pg = (**pg).clone();
+        pg.connect_timeout(deadline);
+        let work = async {
+            let db = cascade_core::db::Db::connect(
+                &cascade_core::config::DatabaseConfig {
+                    pool_min: 0,
+                    pool_max: 1,
+                    startup_timeout: deadline,
+                    ..config.clone()
+                },
+                pg,
+                String::new(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let conn = db.conn().await.map_err(|e| e.to_string())?;
+            let row = conn
+                .query_one("SELECT version()", &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            let version: String = row.get(0);
+            db.close();
+            Ok(version)
+        };
+        tokio::time::timeout(deadline * 2, work)
+            .await
+            .map_err(|_| format!("no answer within {deadline:?}"))?
+    }
+}
+
+fn line(ok: bool, required: bool, name: &str, detail: &str) {
+    let mark = match (ok, required) {
+        (true, _) => "ok  ",
+        (false, true) => "FAIL",
+        (false, false) => "warn",
+    };
+    println!("  [{mark}] {name:<12} {detail}");
+}
+
+pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
+    crate::print_config(config);
+    println!();
+    println!("checks:");
+    let mut healthy = true;
+
+    match &config.database.source {
+        DatabaseSource::External { address, .. } => {
+            let started = Instant::now();
+            match probe_postgres(&config.database, DEADLINE).await {
+                Ok(version) => line(
+                    true,
+                    true,
+                    "postgresql",
+                    &format!(
+                        "{address} answered in {} ms: {version}",
+                        started.elapsed().as_millis()
+                    ),
+                ),
+                Err(err) => {
+                    healthy = false;
+                    line(false, true, "postgresql", &format!("{address}: {err}"));
+                }
+            }
+        }
+        DatabaseSource::Embedded { data_dir } => match find_server_binaries() {
+            Some(bin) => line(
+                true,
+                true,
+                "postgresql",
+                &format!(
+                    "embedded: server binaries in {}, data in {} ({})",
+                    bin.display(),
+                    data_dir.display(),
+                    if data_dir.join("pg/data/PG_VERSION").exists() {
+                        "initialised"
+                    } else {
+                        "created on first serve"
+                    }
+                ),
+            ),
+            None => {
+                healthy = false;
+                line(
+                    false,
+                    true,
+                    "postgresql",
+                    "no DATABASE_URL and no PostgreSQL server binaries: apt-get install -y postgresql, or set DATABASE_URL",
+                );
+            }
+        },
+    }
+
+    match &config.redis {
+        Some(redis_config) => {
+            let redis = Redis::new(redis_config)?;
+            let health = tokio::time::timeout(DEADLINE, redis.health()).await;
+            match health {
+                Ok(h) if h.up => line(
+                    true,
+                    true,
+                    "redis",
+                    &format!(
+                        "{} answered PING in {:.1} ms",
+                        redis.display(),
+                        h.latency_ms
+                    ),
+                ),
+                Ok(h) => {
+                    healthy = false;
+                    line(
+                        false,
+                        true,
+                        "redis",
+                        &format!("{}: {}", redis.display(), h.error.unwrap_or_default()),
+                    );
+                }
+                Err(_) => {
+                    healthy = false;
+                    line(
+                        false,
+                        true,
+                        "redis",
+                        &format!("{}: no answer within {DEADLINE:?}", redis.display()),
+                    );
+                }
+            }
+        }
+        None => line(
+            true,
+            false,
+            "redis",
+            "not configured: in-process cache tier only",
+        ),
+    }
+
+    let client = cascade_core::upstream::http_client(DEADLINE, DEADLINE)?;
+    let url = &config.venice.url;
+    let started = Instant::now();
+    let mut request = client.get(url);
+    if let Some(key) = &config.venice.api_key {
+        request = request.bearer_auth(key.expose());
+    }
+    match request.send().await {
+        Ok(response) => line(
+            true,
+            false,
+            "venice",
+            &format!(
+                "{url} answered HTTP {} in {} ms",
+                response.status().as_u16(),
+                started.elapsed().as_millis()
+            ),
+        ),
+        Err(err) => line(
+            false,
+            false,
+            "venice",
+            &format!("{url}: {} (optional)", error_chain(&err)),
+        ),
+    }
+
+    println!();
+    if healthy {
+        println!("all required dependencies answer");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("a required dependency does not answer");
+        Ok(ExitCode::FAILURE)
+    }
+}

@@ -1,0 +1,108 @@
+//! The `cascade` command: `serve`, `migrate`, `check` and `config`.
+//!
+//! Exit codes: 0 success, 1 a dependency failed (unreachable PostgreSQL, failed migration),
+//! 2 invalid configuration or usage.
+
+mod check;
+mod serve;
+
+use std::process::ExitCode;
+
+use cascade_core::config::{Config, LogFormat, RawConfig};
+use clap::{Parser, Subcommand};
+
+/// Cascade: PostgreSQL as the truth, Redis as the cache, one fast and correct API.
+///
+/// Every option can also be set by the environment variable named in its help, or in a `.env`
+/// file in the working directory.
+#[derive(Parser)]
+#[command(name = "cascade", version, max_term_width = 110)]
+struct Cli {
+    #[command(flatten)]
+    config: RawConfig,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP server (starts an embedded PostgreSQL when no DATABASE_URL is set).
+    Serve {
+        /// Do not apply pending migrations at start.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Print the effective configuration and check PostgreSQL, Redis and the Venice API.
+    Check,
+    /// Print the effective configuration (secrets redacted) without connecting to anything.
+    Config,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    cascade_core::config::load_dotenv();
+    let cli = Cli::parse();
+    let config = match Config::from_raw(&cli.config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("cascade: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Command::Config = cli.command {
+        print_config(&config);
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cascade: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve { no_migrate } => serve::run(config, !no_migrate).await,
+            Command::Migrate => serve::migrate_only(config).await,
+            Command::Check => check::run(&config).await,
+            Command::Config => Ok(ExitCode::SUCCESS),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("cascade: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints the redacted configuration; a closed stdout (`| head`) is not an error.
+pub(crate) fn print_config(config: &Config) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "effective configuration (secrets redacted):");
+    for (var, value) in config.describe() {
+        let _ = writeln!(out, "  {var:<28} {value}");
+    }
+}

@@ -1,0 +1,148 @@
+//! `cascade serve` and `cascade migrate`: bring up PostgreSQL (external or embedded), apply
+//! migrations, connect Redis, serve until SIGTERM/SIGINT, then drain and stop cleanly.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cascade_core::config::{Config, DatabaseSource};
+use cascade_core::db::{self, Db, EmbeddedPostgres};
+use cascade_core::redis::Redis;
+use cascade_core::shutdown::Shutdown;
+use cascade_server::state::AppState;
+
+/// PostgreSQL as configured: the pool, plus the embedded server when we started one (it is
+/// stopped when this is dropped).
+struct Database {
+    db: Db,
+    _embedded: Option<EmbeddedPostgres>,
+}
+
+async fn open_database(config: &Config) -> anyhow::Result<Database> {
+    let (pg_config, address, embedded) = match &config.database.source {
+        DatabaseSource::External {
+            config: pg,
+            address,
+            ..
+        } => ((**pg).clone(), address.clone(), None),
+        DatabaseSource::Embedded { data_dir } => {
+            tracing::info!(dir = %data_dir.display(), "no DATABASE_URL: starting the embedded PostgreSQL");
+            let embedded =
+                EmbeddedPostgres::start(data_dir, config.database.startup_timeout).await?;
+            (embedded.pg_config(), embedded.address(), Some(embedded))
+        }
+    };
+    let db = Db::connect(&config.database, pg_config, address).await?;
+    Ok(Database {
+        db,
+        _embedded: embedded,
+    })
+}
+
+async fn apply_migrations(db: &Db) -> anyhow::Result<()> {
+    let report = db::migrate(db.maintenance_config())
+        .await
+        .context("applying migrations")?;
+    tracing::info!(
+        applied = ?report.applied,
+        already_applied = report.already_applied.len(),
+        "database schema is up to date"
+    );
+    Ok(())
+}
+
+pub async fn migrate_only(config: Config) -> anyhow::Result<ExitCode> {
+    let database = open_database(&config).await?;
+    apply_migrations(&database.db).await?;
+    database.db.close();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for SIGTERM/SIGINT; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+pub async fn run(config: Config, migrate: bool) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    // Bind first: a taken port is reported before we spend time starting PostgreSQL.
+    let listener = tokio::net::TcpListener::bind((config.http.host.as_str(), config.http.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", config.http.host, config.http.port))?;
+    let local = listener.local_addr()?;
+
+    let database = open_database(&config).await?;
+    if migrate {
+        apply_migrations(&database.db).await?;
+    }
+
+    let redis = match &config.redis {
+        Some(redis_config) => {
+            let redis = Redis::new(redis_config)?;
+            let health = redis.health().await;
+            if health.up {
+                tracing::info!(url = redis.display(), "Redis connected");
+            } else {
+                tracing::warn!(
+                    url = redis.display(),
+                    error = health.error.as_deref().unwrap_or(""),
+                    "Redis is not reachable; serving without it and reconnecting in the background"
+                );
+            }
+            Some(redis)
+        }
+        None => {
+            tracing::info!("no REDIS_URL: running without Redis (in-process cache tier only)");
+            None
+        }
+    };
+    if config.jwt_secret.is_none() {
+        tracing::warn!(
+            "JWT_SECRET is not set: tokens are signed with a random key that dies with this process"
+        );
+    }
+
+    let shutdown = Shutdown::new();
+    let maintenance = tokio::spawn(pool_maintenance(database.db.clone(), shutdown.signal()));
+
+    let state = AppState {
+        config: Arc::new(config),
+        db: database.db.clone(),
+        redis,
+        started,
+    };
+    let drain = state.config.http.shutdown_timeout;
+    tracing::info!(address = %local, startup_ms = started.elapsed().as_millis() as u64, "cascade is serving");
+    println!("cascade listening on http://{local}");
+
+    cascade_server::serve(listener, state, termination(), drain).await?;
+
+    shutdown.trigger();
+    let _ = maintenance.await;
+    database.db.close();
+    drop(database);
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Keeps `PG_POOL_MIN` connections open, so a restarted PostgreSQL gets its warm pool back.
+async fn pool_maintenance(db: Db, mut stop: cascade_core::shutdown::ShutdownSignal) {
+    loop {
+        tokio::select! {
+            _ = stop.recv() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => db.top_up().await,
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The one PostgreSQL pool every module shares.
+//!
+//! deadpool leaves its wait/create/recycle timeouts unset by default, so an exhausted or
+//! unreachable pool would make callers wait forever (PITFALLS 1). Every one of them is set
+//! here, connections are verified when recycled (a restarted server leaves dead sockets in
+//! the pool), and request connections carry a server-side `statement_timeout` so one stuck
+//! query cannot hold a slot hostage.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
+use serde::Serialize;
+use tokio_postgres::NoTls;
+
+use super::DbError;
+use crate::config::DatabaseConfig;
+use crate::retry::{Attempt, Backoff, retry};
+
+/// A cheap-to-clone handle on the shared pool.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    /// Where the pool connects, `host:port`, for error messages and health output.
+    address: String,
+    min_size: usize,
+    acquire_timeout: Duration,
+    stats: AcquireStats,
+    /// The connection settings without `statement_timeout`, for migrations.
+    base_config: tokio_postgres::Config,
+}
+
+/// Running totals of pool acquisitions, kept with atomics so reading them never blocks.
+#[derive(Default)]
+struct AcquireStats {
+    count: AtomicU64,
+    total_micros: AtomicU64,
+    max_micros: AtomicU64,
+    timeouts: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A snapshot of the pool, as `/health/db` and the metrics endpoint show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolStats {
+    pub max_size: usize,
+    pub min_size: usize,
+    pub size: usize,
+    pub idle: usize,
+    pub in_use: usize,
+    pub waiting: usize,
+    pub acquired_total: u64,
+    pub acquire_timeouts: u64,
+    pub acquire_errors: u64,
+    pub acquire_mean_micros: u64,
+    pub acquire_max_micros: u64,
+}
+
+/// PostgreSQL's status under a deadline.
+#[derive(Debug, Clone, Serialize)]
+pub struct DbHealth {
+    pub up: bool,
+    pub latency_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub pool: PoolStats,
+}
+
+impl Db {
+    /// Opens the pool: connects once with bounded retries (exponential backoff with jitter,
+    /// at most `startup_timeout` in all), then pre-opens `pool_min` connections.
+    pub async fn connect(
+        settings: &DatabaseConfig,
+        pg: tokio_postgres::Config,
+        address: String,
+    ) -> Result<Db, DbError> {
+        let mut base_config = pg;
+        base_config.connect_timeout(settings.connect_timeout);
+        base_config.keepalives(true);
+        base_config.keepalives_idle(Duration::from_secs(30));
+        if base_config.get_application_name().is_none() {
+            base_config.application_name("cascade");
+        }
+
+        wait_until_reachable(&base_config, &address, settings).await?;
+
+        let mut request_config = base_config.clone();
+        let options = format!(
+            "{} -c statement_timeout={}",
+            request_config.get_options().unwrap_or(""),
+            settings.statement_timeout.as_millis()
+        );
+        request_config.options(options.trim());
+        let manager = Manager::from_config(
+            request_config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Verified,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_max)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(settings.acquire_timeout))
+            .create_timeout(Some(settings.connect_timeout))
+            .recycle_timeout(Some(settings.connect_timeout))
+            .build()
+            .map_err(|e| DbError::Config(e.to_string()))?;
+
+        let db = Db {
+            inner: Arc::new(Inner {
+                pool,
+                address,
+                min_size: settings.pool_min,
+                acquire_timeout: settings.acquire_timeout,
+                stats: AcquireStats::default(),
+                base_config,
+            }),
+        };
+        db.top_up().await;
+        Ok(db)
+    }
+
+    /// Opens connections until the pool holds at least `PG_POOL_MIN` of them. Called at
+    /// start and by the maintenance task, so a restarted server gets its warm pool back.
+    pub async fn top_up(&self) {
+        let missing = self
+            .inner
+            .min_size
+            .saturating_sub(self.inner.pool.status().size);
+        let mut held = Vec::with_capacity(missing);
+        for _ in 0..missing {
+            match self.inner.pool.get().await {
+                Ok(conn) => held.push(conn),
+                Err(err) => {
+                    tracing::debug!(error = %err, "could not pre-open a pool connection");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A connection from the pool, or an error after `PG_ACQUIRE_TIMEOUT`.
+    pub async fn conn(&self) -> Result<Object, DbError> {
+        let started = Instant::now();
+        let result = self.inner.pool.get().await;
+        let stats = &self.inner.stats;
+        let micros = started.elapsed().as_micros() as u64;
+        match result {
+            Ok(conn) => {
+                stats.count.fetch_add(1, Ordering::Relaxed);
+                stats.total_micros.fetch_add(micros, Ordering::Relaxed);
+                stats.max_micros.fetch_max(micros, Ordering::Relaxed);
+                Ok(conn)
+            }
+            Err(PoolError::Timeout(_)) => {
+                stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(DbError::Unavailable(format!(
+                    "no PostgreSQL connection within {:?} ({})",
+                    self.inner.acquire_timeout, self.inner.address
+                )))
+            }
+            Err(err) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                Err(DbError::Unavailable(format!(
+                    "PostgreSQL at {}: {err}",
+                    self.inner.address
+                )))
+            }
+        }
+    }
+
+    /// `SELECT 1` through the pool, bounded by `deadline`.
+    pub async fn health(&self, deadline: Duration) -> DbHealth {
+        let started = Instant::now();
+        let probe = async {
+            let conn = self.conn().await?;
+            conn.simple_query("SELECT 1").await?;
+            Ok::<_, DbError>(())
+        };
+        let error = match tokio::time::timeout(deadline, probe).await {
+            Ok(Ok(())) => None,
+            Ok(Err(err)) => Some(err.to_string()),
+            Err(_) => Some(format!("no answer within {deadline:?}")),
+        };
+        DbHealth {
+            up: error.is_none(),
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            error,
+            pool: self.stats(),
+        }
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let status = self.inner.pool.status();
+        let s = &self.inner.stats;
+        let count = s.count.load(Ordering::Relaxed);
+        PoolStats {
+            max_size: status.max_size,
+            min_size: self.inner.min_size,
+            size: status.size,
+            idle: status.available,
+            in_use: status.size.saturating_sub(status.available),
+            waiting: status.waiting,
+            acquired_total: count,
+            acquire_timeouts: s.timeouts.load(Ordering::Relaxed),
+            acquire_errors: s.errors.load(Ordering::Relaxed),
+            acquire_mean_micros: s
+                .total_micros
+                .load(Ordering::Relaxed)
+                .checked_div(count)
+                .unwrap_or(0),
+            acquire_max_micros: s.max_micros.load(Ordering::Relaxed),
+        }
+    }
+
+    /// `host:port` of the server.
+    pub fn address(&self) -> &str {
+        &self.inner.address
+    }
+
+    /// Connection settings without the request `statement_timeout`: for migrations and
+    /// other maintenance that may legitimately run long.
+    pub fn maintenance_config(&self) -> &tokio_postgres::Config {
+        &self.inner.base_config
+    }
+
+    /// Closes every connection; callers waiting on the pool get an error.
+    pub fn close(&self) {
+        self.inner.pool.close();
+    }
+}
+
+/// Connects once to prove the server is there, retrying within the startup bound.
+async fn wait_until_reachable(
+    config: &tokio_postgres::Config,
+    address: &str,
+    settings: &DatabaseConfig,
+) -> Result<(), DbError> {
+    let outcome = retry(Backoff::within(settings.startup_timeout), |attempt| async move {
+        let result = tokio::time::timeout(settings.connect_timeout, async {
+            let (client, connection) = config.connect(NoTls).await?;
+            let driver = tokio::spawn(connection);
+            let answer = client.simple_query("SELECT 1").await;
+            drop(client);
+            let _ = driver.await;
+            answer.map(|_| ())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => {
+                let fatal = is_fatal(&err);
+                let message = error_chain(&err);
+                if !fatal {
+                    tracing::warn!(attempt, address, error = %message, "PostgreSQL not reachable yet");
+                }
+                Err(if fatal { Attempt::Fatal(message) } else { Attempt::Retry(message) })
+            }
+            Err(_) => Err(Attempt::Retry(format!("no answer within {:?}", settings.connect_timeout))),
+        }
+    })
+    .await;
+    outcome.map_err(|gave_up| DbError::Unreachable {
+        address: address.to_string(),
+        attempts: gave_up.attempts,
+        elapsed: gave_up.elapsed,
+        last: gave_up.last,
+    })
+}
+
+/// Errors that waiting will not fix: the server answered and said no.
+fn is_fatal(err: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    err.code().is_some_and(|code| {
+        [
+            SqlState::INVALID_PASSWORD,
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            SqlState::INVALID_CATALOG_NAME,
+        ]
+        .contains(code)
+    })
+}
+
+/// The error and its sources on one line ("error connecting to server: Connection refused").
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}

@@ -1,0 +1,15 @@
+//! Cascade's core: everything the HTTP server and the modules share.
+//!
+//! - [`config`]: one typed configuration, parsed and validated before anything connects;
+//! - [`db`]: the PostgreSQL pool, embedded migrations and the embedded default server;
+//! - [`redis`]: a Redis client that reconnects by itself, every call under a deadline;
+//! - [`retry`]: bounded retries with backoff and jitter;
+//! - [`shutdown`]: the signal that stops background tasks;
+//! - [`upstream`]: the HTTP client used for third-party APIs.
+
+pub mod config;
+pub mod db;
+pub mod redis;
+pub mod retry;
+pub mod shutdown;
+pub mod upstream;

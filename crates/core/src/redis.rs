@@ -1,0 +1,94 @@
+//! The Redis client every module shares.
+//!
+//! A bare `MultiplexedConnection` never reconnects; redis-rs's `ConnectionManager` does, but
+//! fails the command that hit the broken connection (PITFALLS 3). We build the manager lazily,
+//! so Cascade starts (and serves, from PostgreSQL) while Redis is still down, and give every
+//! command a response deadline, so a stopped or unreachable Redis costs a request at most
+//! `REDIS_TIMEOUT`, never a hang. Callers treat failures as "Redis is down right now".
+
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Serialize;
+
+use crate::config::RedisConfig;
+
+/// A cheap-to-clone handle; clones share one multiplexed, self-healing connection.
+#[derive(Clone)]
+pub struct Redis {
+    manager: ConnectionManager,
+    display: String,
+    timeout: Duration,
+}
+
+/// Redis's status under a deadline.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisHealth {
+    pub up: bool,
+    pub latency_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("Redis: {0}")]
+    Command(#[from] redis::RedisError),
+}
+
+impl Redis {
+    /// Prepares the client without connecting: the first command connects, and every later
+    /// one reconnects if the connection broke.
+    pub fn new(config: &RedisConfig) -> Result<Self, RedisError> {
+        let client = redis::Client::open(config.url.expose())?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(100));
+        let manager = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        Ok(Redis {
+            manager,
+            display: config.display.clone(),
+            timeout: config.timeout,
+        })
+    }
+
+    /// The connection, for commands. Clone it per call; it is a handle.
+    pub fn connection(&self) -> ConnectionManager {
+        self.manager.clone()
+    }
+
+    /// The deadline every command must answer within.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The URL with its password redacted.
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+
+    /// Runs one command under the deadline.
+    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RedisError> {
+        let mut conn = self.manager.clone();
+        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(RedisError::Timeout(self.timeout)),
+        }
+    }
+
+    /// `PING` under the deadline.
+    pub async fn health(&self) -> RedisHealth {
+        let started = Instant::now();
+        let result: Result<String, _> = self.query(&redis::cmd("PING")).await;
+        RedisHealth {
+            up: result.is_ok(),
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            error: result.err().map(|e| e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! `GET /health` (overall) and `GET /health/db` (PostgreSQL and Redis in detail).
+//!
+//! PostgreSQL is the truth, so without it Cascade cannot serve: 503. Redis is a cache; without
+//! it Cascade serves from PostgreSQL and says "degraded" with a 200.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use crate::state::AppState;
+
+/// How long a health probe may take before the dependency counts as down.
+const PROBE_DEADLINE: Duration = Duration::from_secs(2);
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/health", get(health))
+        .route("/health/db", get(health_db))
+}
+
+async fn redis_status(state: &AppState) -> Value {
+    match &state.redis {
+        None => json!({ "status": "disabled", "configured": false }),
+        Some(redis) => {
+            let health = redis.health().await;
+            json!({
+                "status": if health.up { "up" } else { "down" },
+                "configured": true,
+                "url": redis.display(),
+                "latency_ms": health.latency_ms,
+                "error": health.error,
+            })
+        }
+    }
+}
+
+fn overall(pg_up: bool, redis: &Value) -> (StatusCode, &'static str) {
+    match (pg_up, redis["status"].as_str()) {
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "down"),
+        (true, Some("down")) => (StatusCode::OK, "degraded"),
+        (true, _) => (StatusCode::OK, "ok"),
+    }
+}
+
+#[tracing::instrument(skip_all)]
+async fn health(State(state): State<AppState>) -> Response {
+    let (pg, redis) = tokio::join!(state.db.health(PROBE_DEADLINE), redis_status(&state));
+    let (status, word) = overall(pg.up, &redis);
+    let body = json!({
+        "status": word,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": state.started.elapsed().as_secs(),
+        "postgres": if pg.up { "up" } else { "down" },
+        "redis": redis["status"],
+    });
+    (status, Json(body)).into_response()
+}
+
+#[tracing::instrument(skip_all)]
+async fn health_db(State(state): State<AppState>) -> Response {
+    let (pg, redis) = tokio::join!(state.db.health(PROBE_DEADLINE), redis_status(&state));
+    let (status, word) = overall(pg.up, &redis);
+    let body = json!({
+        "status": word,
+        "postgres": {
+            "status": if pg.up { "up" } else { "down" },
+            "address": state.db.address(),
+            "latency_ms": pg.latency_ms,
+            "error": pg.error,
+            "pool": pg.pool,
+        },
+        "redis": redis,
+    });
+    (status, Json(body)).into_response()
+}

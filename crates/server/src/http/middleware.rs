@@ -1,0 +1,65 @@
+//! Cross-cutting HTTP behaviour: request ids, tracing, limits, timeouts, compression, and
+//! turning every error response into the JSON error shape.
+
+use axum::BoxError;
+use axum::Json;
+use axum::body::{Body, Bytes, HttpBody};
+use axum::http::{HeaderName, Request, Response, StatusCode, header};
+use axum::response::IntoResponse;
+use serde_json::json;
+
+use super::error::code_for_status;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Error responses that did not come from a handler (404 of an unknown route, 405, the body
+/// limit's 413, the timeout's 504, a caught panic) get the same JSON shape as ours.
+pub async fn json_errors<B>(response: Response<B>) -> Response<Body>
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response.map(Body::new);
+    }
+    let message = match status {
+        StatusCode::NOT_FOUND => "no such route".to_string(),
+        StatusCode::PAYLOAD_TOO_LARGE => "request body is larger than BODY_LIMIT_BYTES".to_string(),
+        StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => {
+            "the request did not finish within REQUEST_TIMEOUT".to_string()
+        }
+        other => other.canonical_reason().unwrap_or("error").to_lowercase(),
+    };
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let body = Json(json!({ "error": { "code": code_for_status(status), "message": message } }));
+    let mut fresh = (status, body).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE {
+            fresh.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    fresh
+}
+
+/// The span every request runs in: method, path and request id, so every log line of a
+/// request can be found from the id a client reports.
+pub fn request_span(request: &Request<Body>) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        request_id = %request_id,
+    )
+}

@@ -1,0 +1,52 @@
+//! The HTTP surface: composes the module routers and wraps them in the shared middleware.
+//! Feature modules expose `fn router() -> Router<AppState>`; this file only composes them.
+
+pub mod error;
+mod health;
+pub mod middleware;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+
+use crate::state::AppState;
+
+/// The whole application as a `Router`, ready for `axum::serve` or for `oneshot` in tests.
+pub fn app(state: AppState) -> Router {
+    let http = &state.config.http;
+    let request_timeout: Duration = http.request_timeout;
+    let body_limit = http.body_limit_bytes;
+    Router::new()
+        .merge(health::router())
+        .merge(crate::cascade::router())
+        .merge(crate::agents::router())
+        .merge(crate::catalog::router())
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(
+                    middleware::REQUEST_ID,
+                    MakeRequestUuid,
+                ))
+                .layer(TraceLayer::new_for_http().make_span_with(middleware::request_span))
+                .layer(PropagateRequestIdLayer::new(middleware::REQUEST_ID))
+                .layer(axum::middleware::map_response(middleware::json_errors))
+                .layer(CatchPanicLayer::new())
+                .layer(CompressionLayer::new())
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    request_timeout,
+                ))
+                .layer(DefaultBodyLimit::max(body_limit)),
+        )
+        .with_state(state)
+}

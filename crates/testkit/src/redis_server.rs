@@ -1,0 +1,120 @@
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::{free_port, signal_group, temp_dir};
+
+/// A private `redis-server` for one test; it keeps nothing on disk.
+pub struct RedisServer {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server and waits until it answers `PING`.
+    pub async fn start() -> RedisServer {
+        let mut server = RedisServer {
+            dir: temp_dir("redis"),
+            port: free_port(),
+            child: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--logfile", "redis.log"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("spawn redis-server (apt-get install -y redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.answers_ping() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start in 20s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn answers_ping(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect_timeout(
+            &([127, 0, 0, 1], self.port).into(),
+            Duration::from_millis(200),
+        ) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut buf = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut buf).is_ok()
+            && &buf == b"+PONG\r\n"
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: every key is gone, connections drop.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal_group(child.id(), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: the server keeps its data and its sockets but answers nothing.
+    pub fn pause(&self) {
+        if let Some(child) = &self.child {
+            signal_group(child.id(), Signal::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after [`pause`](Self::pause): it answers again, with its old data.
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            signal_group(child.id(), Signal::SIGCONT);
+        }
+    }
+
+    /// Starts an empty server on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.resume();
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
