@@ -46,7 +46,31 @@ pub fn temp_dir(label: &str) -> PathBuf {
     dir
 }
 
-/// Sends `signal` to the whole process group led by `pid`.
+/// Sends `signal` to the process group led by `pid` and to every child of `pid`.
+/// PostgreSQL's backends each call `setsid()`, so the group alone would miss them.
 pub(crate) fn signal_group(pid: u32, signal: Signal) {
     let _ = killpg(Pid::from_raw(pid as i32), signal);
+    for child in children(pid) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(child as i32), signal);
+    }
+}
+
+/// Processes whose parent is `pid`, read from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|candidate| {
+            std::fs::read_to_string(format!("/proc/{candidate}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // The command name is in parentheses and may contain spaces: parse after it.
+                    let after = &stat[stat.rfind(')')? + 2..];
+                    after.split(' ').nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }

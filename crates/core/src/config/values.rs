@@ -60,7 +60,7 @@ pub fn parse_duration(raw: &str, bare_unit: Duration) -> Result<Duration, String
         (text, bare_unit)
     };
     let value: f64 = number.trim().parse().map_err(|_| expected())?;
-    if !value.is_finite() || value < 0.0 || value > 1e9 {
+    if !value.is_finite() || !(0.0..=1e9).contains(&value) {
         return Err(expected());
     }
     Ok(unit.mul_f64(value))

@@ -1,0 +1,10 @@
+//! End-to-end tests of the `cascade` binary against real PostgreSQL and Redis servers.
+//! One test binary (modules below) so the suite links once.
+
+mod common;
+mod config;
+mod embedded;
+mod health;
+mod migrate;
+mod shutdown;
+mod startup;
