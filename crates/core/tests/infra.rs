@@ -10,7 +10,9 @@ use cascade_testkit::{PgServer, RedisServer};
 
 fn settings(pool_max: usize) -> DatabaseConfig {
     DatabaseConfig {
-        source: DatabaseSource::Embedded { data_dir: Default::default() },
+        source: DatabaseSource::Embedded {
+            data_dir: Default::default(),
+        },
         pool_min: 1,
         pool_max,
         acquire_timeout: Duration::from_millis(800),
@@ -22,9 +24,13 @@ fn settings(pool_max: usize) -> DatabaseConfig {
 
 async fn open(pg: &PgServer, pool_max: usize) -> Db {
     let url = pg.fresh_database().await;
-    Db::connect(&settings(pool_max), url.parse().unwrap(), format!("127.0.0.1:{}", pg.port()))
-        .await
-        .expect("connect")
+    Db::connect(
+        &settings(pool_max),
+        url.parse().unwrap(),
+        format!("127.0.0.1:{}", pg.port()),
+    )
+    .await
+    .expect("connect")
 }
 
 #[tokio::test]
@@ -33,9 +39,17 @@ async fn an_exhausted_pool_fails_fast_instead_of_hanging() {
     let db = open(&pg, 1).await;
     let held = db.conn().await.unwrap();
     let started = Instant::now();
-    let err = db.conn().await.err().expect("second acquire must fail while the only slot is held");
+    let err = db
+        .conn()
+        .await
+        .err()
+        .expect("second acquire must fail while the only slot is held");
     assert!(matches!(err, DbError::Unavailable(_)), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(3), "waited {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "waited {:?}",
+        started.elapsed()
+    );
     assert_eq!(db.stats().acquire_timeouts, 1);
     drop(held);
     db.conn().await.expect("the slot is free again");
@@ -47,11 +61,22 @@ async fn request_connections_carry_a_statement_timeout_and_migrations_do_not() {
     let db = open(&pg, 2).await;
     let conn = db.conn().await.unwrap();
     let err = conn.simple_query("SELECT pg_sleep(3)").await.unwrap_err();
-    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err}"
+    );
 
-    let (client, connection) = db.maintenance_config().connect(tokio_postgres::NoTls).await.unwrap();
+    let (client, connection) = db
+        .maintenance_config()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(connection);
-    let row = client.query_one("SHOW statement_timeout", &[]).await.unwrap();
+    let row = client
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, String>(0), "0");
 }
 
@@ -59,13 +84,22 @@ async fn request_connections_carry_a_statement_timeout_and_migrations_do_not() {
 async fn the_pool_recovers_by_itself_after_postgres_restarts() {
     let mut pg = PgServer::start().await;
     let db = open(&pg, 4).await;
-    db.conn().await.unwrap().simple_query("SELECT 1").await.unwrap();
+    db.conn()
+        .await
+        .unwrap()
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
 
     pg.kill();
     let started = Instant::now();
     let health = db.health(Duration::from_secs(2)).await;
     assert!(!health.up);
-    assert!(started.elapsed() < Duration::from_secs(4), "health took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "health took {:?}",
+        started.elapsed()
+    );
 
     pg.restart().await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -96,13 +130,25 @@ fn redis_client(server: &RedisServer) -> Redis {
 async fn redis_reconnects_by_itself_after_a_restart() {
     let mut server = RedisServer::start().await;
     let redis = redis_client(&server);
-    let _: () = redis.query(redis::cmd("SET").arg("k").arg("v")).await.unwrap();
+    let _: () = redis
+        .query(redis::cmd("SET").arg("k").arg("v"))
+        .await
+        .unwrap();
 
     server.kill();
     let started = Instant::now();
-    assert!(redis.query::<Option<String>>(redis::cmd("GET").arg("k")).await.is_err());
+    assert!(
+        redis
+            .query::<Option<String>>(redis::cmd("GET").arg("k"))
+            .await
+            .is_err()
+    );
     assert!(!redis.health().await.up);
-    assert!(started.elapsed() < Duration::from_secs(2), "failing took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "failing took {:?}",
+        started.elapsed()
+    );
 
     server.restart().await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -121,13 +167,26 @@ async fn a_paused_redis_costs_one_deadline_not_a_hang() {
     assert!(redis.health().await.up);
     server.pause();
     let started = Instant::now();
-    let err = redis.query::<String>(&redis::cmd("PING")).await.unwrap_err();
-    assert!(matches!(err, RedisError::Timeout(_) | RedisError::Command(_)), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    let err = redis
+        .query::<String>(&redis::cmd("PING"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RedisError::Timeout(_) | RedisError::Command(_)),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
     server.resume();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !redis.health().await.up {
-        assert!(Instant::now() < deadline, "client did not recover after SIGCONT");
+        assert!(
+            Instant::now() < deadline,
+            "client did not recover after SIGCONT"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
