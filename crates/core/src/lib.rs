@@ -1,5 +1,6 @@
 //! Cascade's core: everything the HTTP server and the modules share.
 //!
+//! - [`cache`]: the cache engine (namespaces, leases, tags, Redis behind a breaker);
 //! - [`config`]: one typed configuration, parsed and validated before anything connects;
 //! - [`db`]: the PostgreSQL pool, embedded migrations and the embedded default server;
 //! - [`redis`]: a Redis client that reconnects by itself, every call under a deadline;
@@ -7,6 +8,7 @@
 //! - [`shutdown`]: the signal that stops background tasks;
 //! - [`upstream`]: the HTTP client used for third-party APIs.
 
+pub mod cache;
 pub mod config;
 pub mod db;
 pub mod redis;

@@ -39,11 +39,9 @@ async fn an_exhausted_pool_fails_fast_instead_of_hanging() {
     let db = open(&pg, 1).await;
     let held = db.conn().await.unwrap();
     let started = Instant::now();
-    let err = db
-        .conn()
-        .await
-        .err()
-        .expect("second acquire must fail while the only slot is held");
+    let Err(err) = db.conn().await else {
+        panic!("second acquire must fail while the only slot is held");
+    };
     assert!(matches!(err, DbError::Unavailable(_)), "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -52,7 +50,7 @@ async fn an_exhausted_pool_fails_fast_instead_of_hanging() {
     );
     assert_eq!(db.stats().acquire_timeouts, 1);
     drop(held);
-    db.conn().await.expect("the slot is free again");
+    let _again = db.conn().await.expect("the slot is free again");
 }
 
 #[tokio::test]

@@ -1,0 +1,619 @@
+//! The cache engine: namespaces with TTLs, `get_or_load` with single-flight and leases, tags,
+//! negative caching, and a Redis tier behind a circuit breaker.
+//!
+//! Tiers. With Redis configured, the shared tier is Redis: one loader per key cluster-wide
+//! (a lease), no stale set after an invalidation (the fill is refused once the lease is gone).
+//! Without Redis, an in-process tier bounded by bytes serves a single instance.
+//!
+//! Values are serialised once, as JSON: they are mostly API payloads, so the cached bytes can
+//! be sent as a response body as they are, and stay readable with `redis-cli`.
+//!
+//! Redis failure: every call has the `REDIS_TIMEOUT` deadline; failures trip a breaker and
+//! reads go straight to the loader (PostgreSQL) with no error to the caller. Invalidations that
+//! cannot reach Redis are remembered and replayed before Redis is read again, so a Redis that
+//! was only paused (SIGSTOP, keeping its old data) never serves a value invalidated meanwhile.
+
+mod breaker;
+mod redis_tier;
+mod stats;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use moka::sync::Cache as Moka;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use breaker::BreakerState;
+pub use stats::NamespaceStats;
+
+use self::breaker::{Breaker, Permit};
+use self::redis_tier::{Lookup, RedisTier};
+use self::stats::{NsCounters, Stats, add};
+use crate::config::CacheConfig;
+use crate::redis::Redis;
+
+/// Engine settings beyond [`CacheConfig`]; defaults suit most deployments.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// How long a cached "not found" lives (capped by the namespace TTL).
+    pub negative_ttl: Duration,
+    /// How long a loader's lease lasts: a crashed loader blocks others at most this long.
+    pub lease_ttl: Duration,
+    /// How long a caller waits for another instance's loader before loading itself (uncached).
+    pub lease_wait: Duration,
+    /// Size bound of the in-process tier, bytes.
+    pub memory_bytes: u64,
+    /// Consecutive Redis failures that open the breaker, and how long it stays open.
+    pub breaker_threshold: u32,
+    pub breaker_cool_down: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            negative_ttl: Duration::from_secs(5),
+            lease_ttl: Duration::from_secs(5),
+            lease_wait: Duration::from_secs(2),
+            memory_bytes: 64 * 1024 * 1024,
+            breaker_threshold: 3,
+            breaker_cool_down: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError<E> {
+    /// The loader failed; nothing was cached.
+    #[error(transparent)]
+    Load(E),
+    #[error("cached value could not be encoded or decoded: {0}")]
+    Codec(#[from] serde_json::Error),
+}
+
+/// One in-process entry. `bytes == None` is a cached "not found".
+#[derive(Clone)]
+struct MemEntry {
+    bytes: Option<Arc<[u8]>>,
+    tags: Arc<[String]>,
+    ttl: Duration,
+}
+
+struct MemExpiry;
+
+impl moka::Expiry<String, MemEntry> for MemExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        value: &MemEntry,
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+/// One invalidation to deliver to Redis.
+enum Invalidation {
+    Key(String),
+    Tag(String),
+}
+
+impl Invalidation {
+    fn record(&self, pending: &mut Pending) {
+        match self {
+            Invalidation::Key(k) => pending.keys.insert(k.clone()),
+            Invalidation::Tag(t) => pending.tags.insert(t.clone()),
+        };
+    }
+}
+
+/// Invalidations not yet delivered to Redis.
+#[derive(Default)]
+struct Pending {
+    keys: HashSet<String>,
+    tags: HashSet<String>,
+}
+
+/// A cheap-to-clone handle on the engine.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: CacheConfig,
+    options: EngineOptions,
+    memory: Option<Moka<String, MemEntry>>,
+    shared: Option<RedisTier>,
+    breaker: Breaker,
+    /// Per-key locks: one load per key inside this instance.
+    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bumped by every invalidation; a load remembers the value at its start.
+    epoch: AtomicU64,
+    /// Epoch of the latest invalidation of each key (`k:`), tag (`t:`) or namespace (`n:`),
+    /// kept longer than any load lasts, so a finishing load can tell it was overtaken.
+    invalidated: Moka<String, u64>,
+    pending: Mutex<Pending>,
+    /// Serialises replays of `pending` so one caller does it.
+    replay: tokio::sync::Mutex<()>,
+    stats: Stats,
+}
+
+const NEGATIVE: u8 = b'N';
+const VALUE: u8 = b'V';
+
+fn encode(value: Option<&[u8]>) -> Vec<u8> {
+    match value {
+        Some(bytes) => {
+            let mut out = Vec::with_capacity(bytes.len() + 1);
+            out.push(VALUE);
+            out.extend_from_slice(bytes);
+            out
+        }
+        None => vec![NEGATIVE],
+    }
+}
+
+fn decode(stored: &[u8]) -> Option<Option<&[u8]>> {
+    match stored.split_first() {
+        Some((&VALUE, rest)) => Some(Some(rest)),
+        Some((&NEGATIVE, _)) => Some(None),
+        _ => None,
+    }
+}
+
+/// Where a `get_or_load` answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Memory,
+    Shared,
+    Loaded,
+}
+
+impl Cache {
+    /// Builds the engine. `redis: None` means the in-process tier only.
+    pub fn new(config: CacheConfig, redis: Option<Redis>, options: EngineOptions) -> Cache {
+        let shared = redis.map(|r| RedisTier::new(r, config.key_prefix.clone()));
+        let memory = shared.is_none().then(|| {
+            Moka::builder()
+                .max_capacity(options.memory_bytes)
+                .weigher(|k: &String, v: &MemEntry| {
+                    (k.len() + v.bytes.as_ref().map_or(0, |b| b.len()) + 64)
+                        .try_into()
+                        .unwrap_or(u32::MAX)
+                })
+                .expire_after(MemExpiry)
+                .support_invalidation_closures()
+                .build()
+        });
+        let invalidated = Moka::builder()
+            .max_capacity(100_000)
+            .time_to_live(options.lease_ttl * 4 + Duration::from_secs(60))
+            .build();
+        Cache {
+            inner: Arc::new(Inner {
+                breaker: Breaker::new(options.breaker_threshold, options.breaker_cool_down),
+                config,
+                options,
+                memory,
+                shared,
+                flights: Mutex::default(),
+                epoch: AtomicU64::new(0),
+                invalidated,
+                pending: Mutex::default(),
+                replay: tokio::sync::Mutex::new(()),
+                stats: Stats::default(),
+            }),
+        }
+    }
+
+    /// The TTL of a namespace.
+    pub fn ttl(&self, namespace: &str) -> Duration {
+        self.inner.config.ttl(namespace)
+    }
+
+    /// Counters of every namespace used so far.
+    pub fn stats(&self) -> Vec<NamespaceStats> {
+        self.inner.stats.snapshot()
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.inner.breaker.state()
+    }
+
+    /// Returns the cached value of `namespace`/`key`, or runs `loader` once (per key, across
+    /// instances) and caches what it returns. `Ok(None)` from the loader is cached briefly as
+    /// "not found". `tags` are attached to the cached value for [`invalidate_tag`](Self::invalidate_tag).
+    pub async fn get_or_load<T, E, F, Fut>(
+        &self,
+        namespace: &str,
+        key: &str,
+        tags: &[String],
+        loader: F,
+    ) -> Result<Option<T>, CacheError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>, E>>,
+    {
+        let (bytes, _) = self
+            .get_or_load_bytes(namespace, key, tags, || async move {
+                match loader().await {
+                    Ok(Some(value)) => {
+                        Ok(Some(serde_json::to_vec(&value).map_err(CacheError::Codec)?))
+                    }
+                    Ok(None) => Ok(None),
+                    Err(err) => Err(CacheError::Load(err)),
+                }
+            })
+            .await?;
+        Ok(match bytes {
+            Some(bytes) => Some(serde_json::from_slice(&bytes)?),
+            None => None,
+        })
+    }
+
+    /// [`get_or_load`](Self::get_or_load) on serialised bytes, with where the answer came from.
+    pub async fn get_or_load_bytes<E, F, Fut>(
+        &self,
+        namespace: &str,
+        key: &str,
+        tags: &[String],
+        loader: F,
+    ) -> Result<(Option<Arc<[u8]>>, Source), E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
+    {
+        let full = format!("{namespace}:{key}");
+        let counters = self.inner.stats.ns(namespace);
+        if let Some(hit) = self.memory_get(&full, &counters) {
+            return Ok((hit, Source::Memory));
+        }
+
+        let flight = self.flight(&full);
+        let _guard = flight.lock().await;
+        // Another task of this instance may have filled it while we waited.
+        if let Some(hit) = self.memory_get(&full, &counters) {
+            return Ok((hit, Source::Memory));
+        }
+
+        let started_epoch = self.inner.epoch.load(Ordering::SeqCst);
+        let mut all_tags: Vec<String> = tags.to_vec();
+        all_tags.push(format!("ns:{namespace}"));
+        let ttl = self.ttl(namespace);
+
+        if let Some(shared) = self.shared_tier().await {
+            let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            let wait_until = Instant::now() + self.inner.options.lease_wait;
+            let mut delay = Duration::from_millis(2);
+            loop {
+                match shared
+                    .lookup(&full, &token, self.inner.options.lease_ttl)
+                    .await
+                {
+                    Ok(Lookup::Hit(stored)) => {
+                        self.inner.breaker.success();
+                        if let Some(value) = decode(&stored) {
+                            add(&counters.shared_hits, 1);
+                            if value.is_none() {
+                                add(&counters.negative_hits, 1);
+                            }
+                            return Ok((value.map(Arc::from), Source::Shared));
+                        }
+                        tracing::warn!(key = full, "undecodable cache entry; loading");
+                        break;
+                    }
+                    Ok(Lookup::Lease) => {
+                        self.inner.breaker.success();
+                        add(&counters.misses, 1);
+                        let loaded = self.timed_load(&counters, loader).await?;
+                        let value_ttl = if loaded.is_some() {
+                            ttl
+                        } else {
+                            ttl.min(self.inner.options.negative_ttl)
+                        };
+                        match shared
+                            .store(
+                                &full,
+                                Some(&token),
+                                &encode(loaded.as_deref()),
+                                value_ttl,
+                                &all_tags,
+                            )
+                            .await
+                        {
+                            Ok(true) => {}
+                            Ok(false) => add(&counters.stale_sets_refused, 1),
+                            Err(err) => self.shared_failed(&counters, &err),
+                        }
+                        return Ok((loaded.map(Arc::from), Source::Loaded));
+                    }
+                    Ok(Lookup::Wait) => {
+                        add(&counters.lease_waits, 1);
+                        if Instant::now() >= wait_until {
+                            break;
+                        }
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_millis(25));
+                    }
+                    Err(err) => {
+                        self.shared_failed(&counters, &err);
+                        break;
+                    }
+                }
+            }
+            // Redis failed or the other loader took too long: load, and cache nothing.
+            add(&counters.misses, 1);
+            let loaded = self.timed_load(&counters, loader).await?;
+            return Ok((loaded.map(Arc::from), Source::Loaded));
+        }
+
+        add(&counters.misses, 1);
+        let loaded = self.timed_load(&counters, loader).await?;
+        if let Some(memory) = &self.inner.memory {
+            if self.invalidated_since(started_epoch, &full, namespace, tags) {
+                add(&counters.stale_sets_refused, 1);
+            } else {
+                let value_ttl = if loaded.is_some() {
+                    ttl
+                } else {
+                    ttl.min(self.inner.options.negative_ttl)
+                };
+                memory.insert(
+                    full,
+                    MemEntry {
+                        bytes: loaded.clone().map(Arc::from),
+                        tags: all_tags.into(),
+                        ttl: value_ttl,
+                    },
+                );
+            }
+        }
+        Ok((loaded.map(Arc::from), Source::Loaded))
+    }
+
+    /// Stores `value` unconditionally (a write-through), replacing any lease in progress.
+    pub async fn set<T: Serialize>(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: &T,
+        tags: &[String],
+    ) -> Result<(), serde_json::Error> {
+        let bytes = serde_json::to_vec(value)?;
+        let full = format!("{namespace}:{key}");
+        let mut all_tags: Vec<String> = tags.to_vec();
+        all_tags.push(format!("ns:{namespace}"));
+        let ttl = self.ttl(namespace);
+        // A set also overtakes loads in flight: they must not install what they read before.
+        self.bump(&[format!("k:{full}")]);
+        if let Some(memory) = &self.inner.memory {
+            memory.insert(
+                full.clone(),
+                MemEntry {
+                    bytes: Some(bytes.clone().into()),
+                    tags: all_tags.clone().into(),
+                    ttl,
+                },
+            );
+        }
+        if let Some(shared) = self.shared_tier().await {
+            let counters = self.inner.stats.ns(namespace);
+            if let Err(err) = shared
+                .store(&full, None, &encode(Some(&bytes)), ttl, &all_tags)
+                .await
+            {
+                self.shared_failed(&counters, &err);
+                self.remember(|p| Invalidation::Key(full).record(p));
+                self.inner.breaker.trip();
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a cached value without loading.
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> Result<Option<T>, serde_json::Error> {
+        let full = format!("{namespace}:{key}");
+        let counters = self.inner.stats.ns(namespace);
+        if let Some(hit) = self.memory_get(&full, &counters) {
+            return hit.map(|b| serde_json::from_slice(&b)).transpose();
+        }
+        if let Some(shared) = self.shared_tier().await {
+            match shared.get(&full).await {
+                Ok(Some(stored)) => {
+                    if let Some(Some(bytes)) = decode(&stored) {
+                        add(&counters.shared_hits, 1);
+                        return serde_json::from_slice(bytes).map(Some);
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => self.shared_failed(&counters, &err),
+            }
+        }
+        add(&counters.misses, 1);
+        Ok(None)
+    }
+
+    /// Removes one key. When this returns, no reader gets the old value from this engine's
+    /// tiers, and no load that started before can install it. If Redis cannot be reached the
+    /// invalidation is remembered and delivered before Redis is read again.
+    pub async fn invalidate(&self, namespace: &str, key: &str) {
+        let full = format!("{namespace}:{key}");
+        add(&self.inner.stats.ns(namespace).invalidations, 1);
+        self.bump(&[format!("k:{full}")]);
+        if let Some(memory) = &self.inner.memory {
+            memory.invalidate(&full);
+        }
+        self.deliver(namespace, Invalidation::Key(full)).await;
+    }
+
+    /// Removes every value carrying `tag`.
+    pub async fn invalidate_tag(&self, tag: &str) {
+        self.bump(&[format!("t:{tag}")]);
+        if let Some(memory) = &self.inner.memory {
+            let owned = tag.to_string();
+            let _ = memory.invalidate_entries_if(move |_, v| v.tags.contains(&owned));
+        }
+        self.deliver("tags", Invalidation::Tag(tag.to_string()))
+            .await;
+    }
+
+    /// Removes every value of a namespace.
+    pub async fn invalidate_namespace(&self, namespace: &str) {
+        add(&self.inner.stats.ns(namespace).invalidations, 1);
+        self.bump(&[format!("n:{namespace}")]);
+        self.invalidate_tag(&format!("ns:{namespace}")).await;
+    }
+
+    // --- internals ---
+
+    fn memory_get(&self, full: &str, counters: &NsCounters) -> Option<Option<Arc<[u8]>>> {
+        let entry = self.inner.memory.as_ref()?.get(full)?;
+        add(&counters.near_hits, 1);
+        if entry.bytes.is_none() {
+            add(&counters.negative_hits, 1);
+        }
+        Some(entry.bytes)
+    }
+
+    fn flight(&self, full: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut flights = self.inner.flights.lock().unwrap_or_else(|p| p.into_inner());
+        // Drop locks nobody holds any more, so the map does not grow without bound.
+        if flights.len() > 1024 {
+            flights.retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
+        flights.entry(full.to_string()).or_default().clone()
+    }
+
+    async fn timed_load<E, F, Fut>(
+        &self,
+        counters: &NsCounters,
+        loader: F,
+    ) -> Result<Option<Vec<u8>>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
+    {
+        let started = Instant::now();
+        let result = loader().await;
+        add(&counters.loads, 1);
+        add(&counters.load_micros, started.elapsed().as_micros() as u64);
+        result
+    }
+
+    fn bump(&self, marks: &[String]) {
+        let epoch = self.inner.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        for mark in marks {
+            self.inner.invalidated.insert(mark.clone(), epoch);
+        }
+    }
+
+    fn invalidated_since(&self, epoch: u64, full: &str, namespace: &str, tags: &[String]) -> bool {
+        if self.inner.epoch.load(Ordering::SeqCst) == epoch {
+            return false;
+        }
+        let after = |mark: String| self.inner.invalidated.get(&mark).is_some_and(|e| e > epoch);
+        after(format!("k:{full}"))
+            || after(format!("n:{namespace}"))
+            || after(format!("t:ns:{namespace}"))
+            || tags.iter().any(|t| after(format!("t:{t}")))
+    }
+
+    fn remember(&self, f: impl FnOnce(&mut Pending)) {
+        let mut pending = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut pending);
+    }
+
+    fn shared_failed(&self, counters: &NsCounters, err: &crate::redis::RedisError) {
+        add(&counters.shared_errors, 1);
+        if self.inner.breaker.failure() {
+            tracing::warn!(error = %err, "Redis cache tier failing: breaker open, reading through to the source");
+        }
+    }
+
+    /// Sends an invalidation to Redis, or remembers it (and keeps Redis out of reads) when
+    /// Redis cannot take it now.
+    async fn deliver(&self, namespace: &str, what: Invalidation) {
+        if self.inner.shared.is_none() {
+            return;
+        }
+        let result = match self.shared_tier().await {
+            Some(shared) => match &what {
+                Invalidation::Key(full) => shared.invalidate_key(full).await,
+                Invalidation::Tag(tag) => shared.invalidate_tag(tag).await.map(|_| ()),
+            },
+            None => {
+                self.remember(|p| what.record(p));
+                return;
+            }
+        };
+        if let Err(err) = result {
+            self.remember(|p| what.record(p));
+            let counters = self.inner.stats.ns(namespace);
+            self.shared_failed(&counters, &err);
+            // Until it is delivered, Redis may hold the old value: stop reading it.
+            self.inner.breaker.trip();
+        }
+    }
+
+    /// The Redis tier if it may be used now. Undelivered invalidations are replayed first;
+    /// if that fails, Redis stays out of the way.
+    async fn shared_tier(&self) -> Option<&RedisTier> {
+        let shared = self.inner.shared.as_ref()?;
+        match self.inner.breaker.permit() {
+            Permit::Skip => return None,
+            Permit::Call | Permit::Probe => {}
+        }
+        let has_pending = {
+            let p = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+            !p.keys.is_empty() || !p.tags.is_empty()
+        };
+        if has_pending && !self.replay_pending(shared).await {
+            self.inner.breaker.abandon_probe();
+            return None;
+        }
+        Some(shared)
+    }
+
+    async fn replay_pending(&self, shared: &RedisTier) -> bool {
+        let _one = self.inner.replay.lock().await;
+        let (keys, tags) = {
+            let mut p = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+            (std::mem::take(&mut p.keys), std::mem::take(&mut p.tags))
+        };
+        if keys.is_empty() && tags.is_empty() {
+            return true;
+        }
+        let mut failed_keys = HashSet::new();
+        let mut failed_tags = HashSet::new();
+        for key in keys {
+            if shared.invalidate_key(&key).await.is_err() {
+                failed_keys.insert(key);
+            }
+        }
+        for tag in tags {
+            if shared.invalidate_tag(&tag).await.is_err() {
+                failed_tags.insert(tag);
+            }
+        }
+        let ok = failed_keys.is_empty() && failed_tags.is_empty();
+        if ok {
+            tracing::info!("Redis cache tier back: undelivered invalidations replayed");
+            self.inner.breaker.success();
+        } else {
+            self.remember(|p| {
+                p.keys.extend(failed_keys);
+                p.tags.extend(failed_tags);
+            });
+        }
+        ok
+    }
+}

@@ -1,0 +1,86 @@
+//! Per-namespace counters, kept with atomics so recording never blocks a read.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+#[derive(Default)]
+pub(crate) struct NsCounters {
+    pub near_hits: AtomicU64,
+    pub shared_hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub loads: AtomicU64,
+    pub load_micros: AtomicU64,
+    pub lease_waits: AtomicU64,
+    pub invalidations: AtomicU64,
+    pub negative_hits: AtomicU64,
+    pub stale_sets_refused: AtomicU64,
+    pub shared_errors: AtomicU64,
+}
+
+/// A snapshot of one namespace's counters.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct NamespaceStats {
+    pub namespace: String,
+    pub near_hits: u64,
+    pub shared_hits: u64,
+    pub misses: u64,
+    pub loads: u64,
+    pub load_micros_total: u64,
+    pub lease_waits: u64,
+    pub invalidations: u64,
+    pub negative_hits: u64,
+    pub stale_sets_refused: u64,
+    pub shared_errors: u64,
+}
+
+impl NamespaceStats {
+    /// Hits (either tier) over lookups.
+    pub fn hit_ratio(&self) -> f64 {
+        let hits = self.near_hits + self.shared_hits;
+        let total = hits + self.misses;
+        if total == 0 {
+            0.0
+        } else {
+            hits as f64 / total as f64
+        }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Stats {
+    namespaces: Mutex<BTreeMap<String, Arc<NsCounters>>>,
+}
+
+impl Stats {
+    pub fn ns(&self, namespace: &str) -> Arc<NsCounters> {
+        let mut map = self.namespaces.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(namespace.to_string()).or_default().clone()
+    }
+
+    pub fn snapshot(&self) -> Vec<NamespaceStats> {
+        let map = self.namespaces.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .map(|(ns, c)| NamespaceStats {
+                namespace: ns.clone(),
+                near_hits: c.near_hits.load(Ordering::Relaxed),
+                shared_hits: c.shared_hits.load(Ordering::Relaxed),
+                misses: c.misses.load(Ordering::Relaxed),
+                loads: c.loads.load(Ordering::Relaxed),
+                load_micros_total: c.load_micros.load(Ordering::Relaxed),
+                lease_waits: c.lease_waits.load(Ordering::Relaxed),
+                invalidations: c.invalidations.load(Ordering::Relaxed),
+                negative_hits: c.negative_hits.load(Ordering::Relaxed),
+                stale_sets_refused: c.stale_sets_refused.load(Ordering::Relaxed),
+                shared_errors: c.shared_errors.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+}
+
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}

@@ -1,0 +1,417 @@
+//! The cache engine against real Redis and PostgreSQL: stampedes, the stale-set race,
+//! cross-instance reads after writes, Redis killed and paused, TTLs, tags, negative caching.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use cascade_core::cache::{Cache, EngineOptions, Source};
+use cascade_core::config::{CacheBackend, CacheConfig, RedisConfig, Secret};
+use cascade_core::redis::Redis;
+use cascade_testkit::{PgServer, RedisServer};
+
+fn config(prefix: &str) -> CacheConfig {
+    let mut ttls = BTreeMap::new();
+    ttls.insert("short".to_string(), Duration::from_millis(300));
+    CacheConfig {
+        backend: CacheBackend::Redis,
+        ttls,
+        default_ttl: Duration::from_secs(60),
+        cleanup_interval: Duration::from_secs(60),
+        key_prefix: prefix.to_string(),
+    }
+}
+
+fn redis_engine(server: &RedisServer, prefix: &str) -> Cache {
+    let redis = Redis::new(&RedisConfig {
+        url: Secret::new(server.url()),
+        display: server.url(),
+        timeout: Duration::from_millis(200),
+    })
+    .unwrap();
+    Cache::new(
+        config(prefix),
+        Some(redis),
+        EngineOptions {
+            negative_ttl: Duration::from_millis(300),
+            breaker_cool_down: Duration::from_millis(200),
+            ..EngineOptions::default()
+        },
+    )
+}
+
+fn memory_engine() -> Cache {
+    Cache::new(
+        config("t:"),
+        None,
+        EngineOptions {
+            negative_ttl: Duration::from_millis(300),
+            ..EngineOptions::default()
+        },
+    )
+}
+
+/// A loader that counts its calls and returns `value`.
+async fn counted(
+    calls: &AtomicUsize,
+    value: &str,
+) -> Result<Option<String>, std::convert::Infallible> {
+    calls.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(Some(value.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_key_under_1000_concurrent_requests_on_two_instances_loads_once() {
+    let server = RedisServer::start().await;
+    let (a, b) = (redis_engine(&server, "s:"), redis_engine(&server, "s:"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let engine = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let calls = calls.clone();
+        tasks.push(tokio::spawn(async move {
+            engine
+                .get_or_load("assets", "cold", &[], || counted(&calls, "v1"))
+                .await
+                .unwrap()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap().as_deref(), Some("v1"));
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the loader ran more than once"
+    );
+}
+
+#[tokio::test]
+async fn a_cold_key_in_memory_mode_loads_once() {
+    let engine = memory_engine();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let (engine, calls) = (engine.clone(), calls.clone());
+            tokio::spawn(async move {
+                engine
+                    .get_or_load("assets", "cold", &[], || counted(&calls, "v"))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().as_deref(), Some("v"));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// The cache-aside race: a loader reads the old row, a write commits and invalidates, then the
+/// loader tries to install what it read. It must be refused.
+async fn stale_set_is_refused(engine: Cache, other: Cache) {
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let slow = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine
+                .get_or_load("assets", "race", &[], || async move {
+                    let old = "old".to_string(); // read before the write commits
+                    let _ = started_tx.send(());
+                    let _ = release_rx.await;
+                    Ok::<_, std::convert::Infallible>(Some(old))
+                })
+                .await
+                .unwrap()
+        })
+    };
+    started_rx.await.unwrap();
+    // The write commits, then invalidates (through the other instance when there is one).
+    other.invalidate("assets", "race").await;
+    release_tx.send(()).unwrap();
+    assert_eq!(
+        slow.await.unwrap().as_deref(),
+        Some("old"),
+        "the slow reader itself saw the old row"
+    );
+
+    for engine in [&engine, &other] {
+        let cached = engine.get::<String>("assets", "race").await.unwrap();
+        assert_eq!(cached, None, "the old value was installed");
+    }
+    for engine in [&engine, &other] {
+        let fresh = engine
+            .get_or_load("assets", "race", &[], || async {
+                Ok::<_, std::convert::Infallible>(Some("new".to_string()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(fresh.as_deref(), Some("new"));
+    }
+    let refused: u64 = engine.stats().iter().map(|s| s.stale_sets_refused).sum();
+    assert_eq!(refused, 1);
+}
+
+#[tokio::test]
+async fn the_stale_set_race_never_installs_the_old_value_with_redis() {
+    let server = RedisServer::start().await;
+    stale_set_is_refused(redis_engine(&server, "r:"), redis_engine(&server, "r:")).await;
+}
+
+#[tokio::test]
+async fn the_stale_set_race_never_installs_the_old_value_in_memory() {
+    let engine = memory_engine();
+    stale_set_is_refused(engine.clone(), engine).await;
+}
+
+async fn kv(pg: &PgServer) -> (Arc<tokio_postgres::Client>, String) {
+    let url = pg.fresh_database().await;
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let client = pg.client(&db).await;
+    client.batch_execute("CREATE TABLE kv (k TEXT PRIMARY KEY, v BIGINT NOT NULL); INSERT INTO kv VALUES ('hot', 0)").await.unwrap();
+    (Arc::new(client), db)
+}
+
+async fn read_kv(client: &tokio_postgres::Client) -> Result<Option<i64>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt("SELECT v FROM kv WHERE k = 'hot'", &[])
+        .await?
+        .map(|r| r.get(0)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_one_instance_is_seen_by_the_next_read_on_the_other_while_the_key_is_hot() {
+    let pg = PgServer::start().await;
+    let server = RedisServer::start().await;
+    let (client, db) = kv(&pg).await;
+    let (a, b) = (redis_engine(&server, "x:"), redis_engine(&server, "x:"));
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut hot = Vec::new();
+    for engine in [a.clone(), b.clone(), a.clone(), b.clone()] {
+        let (stop, reader) = (stop.clone(), pg.client(&db).await);
+        hot.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                engine
+                    .get_or_load("assets", "hot", &[], || read_kv(&reader))
+                    .await
+                    .unwrap();
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+
+    for value in 1..=300i64 {
+        client
+            .execute("UPDATE kv SET v = $1 WHERE k = 'hot'", &[&value])
+            .await
+            .unwrap();
+        a.invalidate("assets", "hot").await;
+        let seen = b
+            .get_or_load("assets", "hot", &[], || read_kv(&client))
+            .await
+            .unwrap();
+        assert_eq!(
+            seen,
+            Some(value),
+            "instance B served a stale value after A's acknowledged write"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in hot {
+        task.await.unwrap();
+    }
+    let stats = b.stats();
+    assert!(
+        stats.iter().any(|s| s.shared_hits > 0),
+        "the hot readers should have hit the cache: {stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn redis_killed_mid_run_every_read_succeeds_and_hits_resume_after_restart() {
+    let pg = PgServer::start().await;
+    let mut server = RedisServer::start().await;
+    let (client, _) = kv(&pg).await;
+    let engine = redis_engine(&server, "k:");
+    let read = || {
+        engine.get_or_load_bytes("assets", "hot", &[], || async {
+            read_kv(&client)
+                .await
+                .map(|v| v.map(|v| v.to_string().into_bytes()))
+        })
+    };
+    read().await.unwrap();
+    assert_eq!(read().await.unwrap().1, Source::Shared);
+
+    server.kill();
+    let started = Instant::now();
+    for _ in 0..50 {
+        let (value, _) = read().await.expect("reads succeed without Redis");
+        assert_eq!(value.as_deref(), Some(&b"0"[..]));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "reads without Redis took {:?}",
+        started.elapsed()
+    );
+
+    server.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if read().await.unwrap().1 == Source::Shared {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cache hits did not resume after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_paused_redis_never_serves_a_value_invalidated_while_it_was_away() {
+    let pg = PgServer::start().await;
+    let server = RedisServer::start().await;
+    let (client, _) = kv(&pg).await;
+    let engine = redis_engine(&server, "p:");
+    let read = || engine.get_or_load("assets", "hot", &[], || read_kv(&client));
+    assert_eq!(read().await.unwrap(), Some(0));
+
+    server.pause();
+    client
+        .execute("UPDATE kv SET v = 1 WHERE k = 'hot'", &[])
+        .await
+        .unwrap();
+    engine.invalidate("assets", "hot").await; // cannot reach Redis: remembered
+    assert_eq!(read().await.unwrap(), Some(1));
+    server.resume();
+
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        assert_eq!(
+            read().await.unwrap(),
+            Some(1),
+            "served the value invalidated while Redis was paused"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // And Redis is trusted again: the fresh value is cached there.
+    assert_eq!(engine.get::<i64>("assets", "hot").await.unwrap(), Some(1));
+}
+
+async fn ttl_tags_and_negative(engine: Cache) {
+    let calls = AtomicUsize::new(0);
+    let load = |ns: &'static str, key: &'static str, tags: Vec<String>| {
+        let engine = engine.clone();
+        let calls = &calls;
+        async move {
+            engine
+                .get_or_load(ns, key, &tags, || counted(calls, key))
+                .await
+                .unwrap()
+        }
+    };
+
+    // TTL: the `short` namespace lives 300 ms.
+    load("short", "a", vec![]).await;
+    load("short", "a", vec![]).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    load("short", "a", vec![]).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "expired values are loaded again"
+    );
+
+    // Tags and namespaces.
+    calls.store(0, Ordering::SeqCst);
+    let t = vec!["producer:1".to_string()];
+    load("assets", "x", t.clone()).await;
+    load("assets", "y", t.clone()).await;
+    load("listings", "z", vec![]).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    engine.invalidate_tag("producer:1").await;
+    load("assets", "x", t.clone()).await;
+    load("assets", "y", t.clone()).await;
+    load("listings", "z", vec![]).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        5,
+        "tagged values reload, the untagged one is a hit"
+    );
+    engine.invalidate_namespace("assets").await;
+    load("assets", "x", t.clone()).await;
+    load("listings", "z", vec![]).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        6,
+        "the namespace reloads, the other namespace does not"
+    );
+
+    // Negative caching: a not-found is remembered briefly.
+    let misses = AtomicUsize::new(0);
+    let absent = || async {
+        misses.fetch_add(1, Ordering::SeqCst);
+        Ok::<Option<String>, std::convert::Infallible>(None)
+    };
+    assert_eq!(
+        engine
+            .get_or_load("assets", "missing", &[], absent)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        engine
+            .get_or_load("assets", "missing", &[], absent)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        misses.load(Ordering::SeqCst),
+        1,
+        "the second lookup hit the negative entry"
+    );
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    engine
+        .get_or_load("assets", "missing", &[], absent)
+        .await
+        .unwrap();
+    assert_eq!(
+        misses.load(Ordering::SeqCst),
+        2,
+        "negative entries expire quickly"
+    );
+
+    // An explicit set replaces the value.
+    engine
+        .set("assets", "x", &"written".to_string(), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        engine
+            .get::<String>("assets", "x")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("written")
+    );
+}
+
+#[tokio::test]
+async fn ttl_tags_namespaces_and_negative_caching_with_redis() {
+    let server = RedisServer::start().await;
+    ttl_tags_and_negative(redis_engine(&server, "n:")).await;
+}
+
+#[tokio::test]
+async fn ttl_tags_namespaces_and_negative_caching_in_memory() {
+    ttl_tags_and_negative(memory_engine()).await;
+}
