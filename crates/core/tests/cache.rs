@@ -111,14 +111,22 @@ async fn a_cold_key_in_memory_mode_loads_once() {
 
 /// The cache-aside race: a loader reads the old row, a write commits and invalidates, then the
 /// loader tries to install what it read. It must be refused.
-async fn stale_set_is_refused(engine: Cache, other: Cache) {
+#[derive(Clone, Copy)]
+enum By {
+    Key,
+    Tag,
+    Namespace,
+}
+
+async fn stale_set_is_refused(engine: Cache, other: Cache, by: By) {
+    let tags = vec!["producer:9".to_string()];
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
     let slow = {
         let engine = engine.clone();
         tokio::spawn(async move {
             engine
-                .get_or_load("assets", "race", &[], || async move {
+                .get_or_load("assets", "race", &tags, || async move {
                     let old = "old".to_string(); // read before the write commits
                     let _ = started_tx.send(());
                     let _ = release_rx.await;
@@ -130,7 +138,11 @@ async fn stale_set_is_refused(engine: Cache, other: Cache) {
     };
     started_rx.await.unwrap();
     // The write commits, then invalidates (through the other instance when there is one).
-    other.invalidate("assets", "race").await;
+    match by {
+        By::Key => other.invalidate("assets", "race").await,
+        By::Tag => other.invalidate_tag("producer:9").await,
+        By::Namespace => other.invalidate_namespace("assets").await,
+    }
     release_tx.send(()).unwrap();
     assert_eq!(
         slow.await.unwrap().as_deref(),
@@ -140,7 +152,11 @@ async fn stale_set_is_refused(engine: Cache, other: Cache) {
 
     for engine in [&engine, &other] {
         let cached = engine.get::<String>("assets", "race").await.unwrap();
-        assert_eq!(cached, None, "the old value was installed");
+        assert_eq!(
+            cached, None,
+            "the old value was installed (by {})",
+            by as u8
+        );
     }
     for engine in [&engine, &other] {
         let fresh = engine
@@ -158,13 +174,23 @@ async fn stale_set_is_refused(engine: Cache, other: Cache) {
 #[tokio::test]
 async fn the_stale_set_race_never_installs_the_old_value_with_redis() {
     let server = RedisServer::start().await;
-    stale_set_is_refused(redis_engine(&server, "r:"), redis_engine(&server, "r:")).await;
+    for (i, by) in [By::Key, By::Tag, By::Namespace].into_iter().enumerate() {
+        let prefix = format!("r{i}:");
+        stale_set_is_refused(
+            redis_engine(&server, &prefix),
+            redis_engine(&server, &prefix),
+            by,
+        )
+        .await;
+    }
 }
 
 #[tokio::test]
 async fn the_stale_set_race_never_installs_the_old_value_in_memory() {
-    let engine = memory_engine();
-    stale_set_is_refused(engine.clone(), engine).await;
+    for by in [By::Key, By::Tag, By::Namespace] {
+        let engine = memory_engine();
+        stale_set_is_refused(engine.clone(), engine, by).await;
+    }
 }
 
 async fn kv(pg: &PgServer) -> (Arc<tokio_postgres::Client>, String) {

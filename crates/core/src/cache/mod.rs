@@ -292,7 +292,7 @@ impl Cache {
             let mut delay = Duration::from_millis(2);
             loop {
                 match shared
-                    .lookup(&full, &token, self.inner.options.lease_ttl)
+                    .lookup(&full, &all_tags, &token, self.inner.options.lease_ttl)
                     .await
                 {
                     Ok(Lookup::Hit(stored)) => {

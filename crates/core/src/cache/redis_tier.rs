@@ -35,10 +35,19 @@ pub(crate) struct RedisTier {
     invalidate_tag: Script,
 }
 
+/// On a miss the lease is granted and the key is entered in its tag sets at once, so a tag or
+/// namespace invalidation during the load deletes the lease and the fill is refused.
 const GET_OR_LEASE: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then return v end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'L' end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local ttl = tonumber(ARGV[2])
+  for i = 3, #KEYS do
+    redis.call('SADD', KEYS[i], KEYS[1])
+    if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+  end
+  return 'L'
+end
 return 'W'
 ";
 
@@ -104,16 +113,17 @@ impl RedisTier {
     pub async fn lookup(
         &self,
         full_key: &str,
+        tags: &[String],
         token: &str,
         lease_ttl: Duration,
     ) -> Result<Lookup, RedisError> {
         let key = self.value_key(full_key);
         let mut invocation = self.get_or_lease.prepare_invoke();
-        invocation
-            .key(&key)
-            .key(self.lease_key(&key))
-            .arg(token)
-            .arg(lease_ttl.as_millis() as u64);
+        invocation.key(&key).key(self.lease_key(&key));
+        for tag in tags {
+            invocation.key(self.tag_key(tag));
+        }
+        invocation.arg(token).arg(lease_ttl.as_millis() as u64);
         let bytes: Vec<u8> = self.run(invocation).await?;
         Ok(match bytes.as_slice() {
             b"L" => Lookup::Lease,
