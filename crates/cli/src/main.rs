@@ -1,4 +1,4 @@
-//! The `cascade` command: `serve`, `migrate`, `check` and `config`.
+//! The `cascade` command: `serve`, `migrate`, `check`, `config` and `cache invalidate`.
 //!
 //! Exit codes: 0 success, 1 a dependency failed (unreachable PostgreSQL, failed migration),
 //! 2 invalid configuration or usage.
@@ -38,6 +38,29 @@ enum Command {
     Check,
     /// Print the effective configuration (secrets redacted) without connecting to anything.
     Config,
+    /// Inspect or invalidate the shared cache tier.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Remove entries by tag, by namespace or by key, on every instance.
+    Invalidate(CacheTarget),
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+pub(crate) struct CacheTarget {
+    /// Every entry carrying this tag.
+    #[arg(long)]
+    tag: Option<String>,
+    /// Every entry of this namespace (e.g. assets).
+    #[arg(long)]
+    ns: Option<String>,
+    /// One entry, as NAMESPACE:KEY (e.g. assets:v1).
+    #[arg(long)]
+    key: Option<String>,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -85,6 +108,9 @@ fn main() -> ExitCode {
             Command::Migrate => serve::migrate_only(config).await,
             Command::Check => check::run(&config).await,
             Command::Config => Ok(ExitCode::SUCCESS),
+            Command::Cache(CacheCommand::Invalidate(target)) => {
+                serve::cache_invalidate(config, target).await
+            }
         }
     });
     match result {

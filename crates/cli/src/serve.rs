@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cascade_core::config::{Config, DatabaseSource};
+use cascade_core::config::{CacheBackend, Config, DatabaseSource};
 use cascade_core::db::{self, Db, EmbeddedPostgres};
 use cascade_core::redis::Redis;
 use cascade_core::shutdown::Shutdown;
@@ -117,10 +117,21 @@ pub async fn run(config: Config, migrate: bool) -> anyhow::Result<ExitCode> {
     let shutdown = Shutdown::new();
     let maintenance = tokio::spawn(pool_maintenance(database.db.clone(), shutdown.signal()));
 
+    if config.cache.backend == CacheBackend::Postgres {
+        tracing::warn!("CACHE_BACKEND=postgres is not implemented yet: using the in-process tier");
+    }
+    let cache = cascade_core::cache::Cache::new(
+        config.cache.clone(),
+        redis
+            .clone()
+            .filter(|_| config.cache.backend == CacheBackend::Redis),
+        cascade_core::cache::EngineOptions::default(),
+    );
     let state = AppState {
         config: Arc::new(config),
         db: database.db.clone(),
         redis,
+        cache,
         started,
     };
     let drain = state.config.http.shutdown_timeout;
@@ -145,4 +156,57 @@ async fn pool_maintenance(db: Db, mut stop: cascade_core::shutdown::ShutdownSign
             _ = tokio::time::sleep(Duration::from_secs(5)) => db.top_up().await,
         }
     }
+}
+
+/// `cascade cache invalidate`: removes entries from the shared (Redis) tier, which every
+/// instance reads, so the next read anywhere loads fresh data.
+pub async fn cache_invalidate(
+    config: Config,
+    target: crate::CacheTarget,
+) -> anyhow::Result<ExitCode> {
+    let Some(redis_config) = config
+        .redis
+        .as_ref()
+        .filter(|_| config.cache.backend == CacheBackend::Redis)
+    else {
+        eprintln!(
+            "cascade: the cache backend is {:?}: each server process holds its own entries, \
+             so there is no shared tier to invalidate from outside (restart the server, or set REDIS_URL)",
+            config.cache.backend
+        );
+        return Ok(ExitCode::FAILURE);
+    };
+    let redis = Redis::new(redis_config)?;
+    if !redis.health().await.up {
+        anyhow::bail!("Redis at {} does not answer", redis.display());
+    }
+    let cache = cascade_core::cache::Cache::new(
+        config.cache.clone(),
+        Some(redis),
+        cascade_core::cache::EngineOptions::default(),
+    );
+    let what = match (target.tag, target.ns, target.key) {
+        (Some(tag), _, _) => {
+            cache.invalidate_tag(&tag).await;
+            format!("tag {tag}")
+        }
+        (_, Some(ns), _) => {
+            cache.invalidate_namespace(&ns).await;
+            format!("namespace {ns}")
+        }
+        (_, _, Some(key)) => {
+            let Some((ns, key)) = key.split_once(':') else {
+                eprintln!("cascade: --key takes NAMESPACE:KEY, e.g. assets:v1");
+                return Ok(ExitCode::from(2));
+            };
+            cache.invalidate(ns, key).await;
+            format!("key {ns}:{key}")
+        }
+        _ => unreachable!("clap requires one of --tag, --ns, --key"),
+    };
+    if cache.stats().iter().any(|s| s.shared_errors > 0) {
+        anyhow::bail!("Redis failed while invalidating {what}");
+    }
+    println!("invalidated {what}");
+    Ok(ExitCode::SUCCESS)
 }

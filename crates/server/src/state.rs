@@ -3,11 +3,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use cascade_core::cache::Cache;
 use cascade_core::config::Config;
 use cascade_core::db::Db;
 use cascade_core::redis::Redis;
 
-/// One of each: one pool, one Redis client, one configuration, built in `main` and passed
+/// One of each: one pool, one Redis client, one cache engine, one configuration, built in `main` and passed
 /// down. Modules never open their own connections.
 #[derive(Clone)]
 pub struct AppState {
@@ -15,5 +16,7 @@ pub struct AppState {
     pub db: Db,
     /// None when no `REDIS_URL` is configured.
     pub redis: Option<Redis>,
+    /// The one cache engine: every module reads and invalidates through it.
+    pub cache: Cache,
     pub started: Instant,
 }

@@ -75,6 +75,15 @@ async fn health_db(State(state): State<AppState>) -> Response {
             "pool": pg.pool,
         },
         "redis": redis,
+        "cache": {
+            "backend": format!("{:?}", state.config.cache.backend).to_lowercase(),
+            "breaker": state.cache.breaker_state(),
+            "namespaces": state.cache.stats().iter().map(|ns| {
+                let mut value = serde_json::to_value(ns).unwrap_or_default();
+                value["hit_ratio"] = json!(ns.hit_ratio());
+                value
+            }).collect::<Vec<_>>(),
+        },
     });
     (status, Json(body)).into_response()
 }
