@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use cascade_core::cache::{Backend, Cache, EngineOptions};
 use cascade_core::config::{CacheBackend, Config, DatabaseSource};
 use cascade_core::db::{self, Db, EmbeddedPostgres};
 use cascade_core::redis::Redis;
@@ -117,15 +118,17 @@ pub async fn run(config: Config, migrate: bool) -> anyhow::Result<ExitCode> {
     let shutdown = Shutdown::new();
     let maintenance = tokio::spawn(pool_maintenance(database.db.clone(), shutdown.signal()));
 
-    if config.cache.backend == CacheBackend::Postgres {
-        tracing::warn!("CACHE_BACKEND=postgres is not implemented yet: using the in-process tier");
-    }
-    let cache = cascade_core::cache::Cache::new(
-        config.cache.clone(),
-        redis
+    let backend = match (config.cache.backend, &redis) {
+        (CacheBackend::Redis, Some(redis)) => Backend::Redis(redis.clone()),
+        (CacheBackend::Postgres, _) => Backend::Postgres(database.db.clone()),
+        _ => Backend::Memory,
+    };
+    tracing::info!(backend = ?config.cache.backend, "cache engine ready");
+    let cache = Cache::new(config.cache.clone(), backend, EngineOptions::default());
+    let cleanup = tokio::spawn(
+        cache
             .clone()
-            .filter(|_| config.cache.backend == CacheBackend::Redis),
-        cascade_core::cache::EngineOptions::default(),
+            .run_cleanup(config.cache.cleanup_interval, shutdown.signal()),
     );
     let state = AppState {
         config: Arc::new(config),
@@ -142,6 +145,7 @@ pub async fn run(config: Config, migrate: bool) -> anyhow::Result<ExitCode> {
 
     shutdown.trigger();
     let _ = maintenance.await;
+    let _ = cleanup.await;
     database.db.close();
     drop(database);
     tracing::info!("stopped");
@@ -158,33 +162,37 @@ async fn pool_maintenance(db: Db, mut stop: cascade_core::shutdown::ShutdownSign
     }
 }
 
-/// `cascade cache invalidate`: removes entries from the shared (Redis) tier, which every
+/// `cascade cache invalidate`: removes entries from the shared tier (Redis or PostgreSQL), which every
 /// instance reads, so the next read anywhere loads fresh data.
 pub async fn cache_invalidate(
     config: Config,
     target: crate::CacheTarget,
 ) -> anyhow::Result<ExitCode> {
-    let Some(redis_config) = config
-        .redis
-        .as_ref()
-        .filter(|_| config.cache.backend == CacheBackend::Redis)
-    else {
-        eprintln!(
-            "cascade: the cache backend is {:?}: each server process holds its own entries, \
-             so there is no shared tier to invalidate from outside (restart the server, or set REDIS_URL)",
-            config.cache.backend
-        );
-        return Ok(ExitCode::FAILURE);
+    let mut _database = None;
+    let backend = match (config.cache.backend, &config.redis) {
+        (CacheBackend::Redis, Some(redis_config)) => {
+            let redis = Redis::new(redis_config)?;
+            if !redis.health().await.up {
+                anyhow::bail!("Redis at {} does not answer", redis.display());
+            }
+            Backend::Redis(redis)
+        }
+        (CacheBackend::Postgres, _) => {
+            let database = open_database(&config).await?;
+            let backend = Backend::Postgres(database.db.clone());
+            _database = Some(database);
+            backend
+        }
+        _ => {
+            eprintln!(
+                "cascade: the cache backend is memory: each server process holds its own entries, \
+                 so there is no shared tier to invalidate from outside (restart the server, or set \
+                 REDIS_URL or CACHE_BACKEND=postgres)"
+            );
+            return Ok(ExitCode::FAILURE);
+        }
     };
-    let redis = Redis::new(redis_config)?;
-    if !redis.health().await.up {
-        anyhow::bail!("Redis at {} does not answer", redis.display());
-    }
-    let cache = cascade_core::cache::Cache::new(
-        config.cache.clone(),
-        Some(redis),
-        cascade_core::cache::EngineOptions::default(),
-    );
+    let cache = Cache::new(config.cache.clone(), backend, EngineOptions::default());
     let what = match (target.tag, target.ns, target.key) {
         (Some(tag), _, _) => {
             cache.invalidate_tag(&tag).await;

@@ -1,7 +1,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use cascade_core::cache::{Cache, EngineOptions};
+use cascade_core::cache::{Backend, Cache, EngineOptions};
 use cascade_core::config::{Config, RawConfig};
 use cascade_core::redis::Redis;
 use cascade_testkit::RedisServer;
@@ -18,7 +18,7 @@ async fn cache_invalidate_removes_entries_for_every_instance() {
     let config = Config::from_raw(&raw).unwrap();
     let engine = Cache::new(
         config.cache.clone(),
-        Some(Redis::new(config.redis.as_ref().unwrap()).unwrap()),
+        Backend::Redis(Redis::new(config.redis.as_ref().unwrap()).unwrap()),
         EngineOptions::default(),
     );
     let loads = AtomicUsize::new(0);

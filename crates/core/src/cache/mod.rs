@@ -14,8 +14,10 @@
 //! was only paused (SIGSTOP, keeping its old data) never serves a value invalidated meanwhile.
 
 mod breaker;
+mod pg_tier;
 mod redis_tier;
 mod stats;
+mod tier;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -31,10 +33,25 @@ pub use breaker::BreakerState;
 pub use stats::NamespaceStats;
 
 use self::breaker::{Breaker, Permit};
+use self::pg_tier::PgTier;
 use self::redis_tier::{Lookup, RedisTier};
 use self::stats::{NsCounters, Stats, add};
+use self::tier::{SharedTier, TierError};
 use crate::config::CacheConfig;
+use crate::db::Db;
 use crate::redis::Redis;
+use crate::shutdown::ShutdownSignal;
+
+/// Which shared tier the engine uses.
+#[derive(Clone)]
+pub enum Backend {
+    /// In-process only: one instance, no Redis.
+    Memory,
+    /// Redis, shared by every instance.
+    Redis(Redis),
+    /// PostgreSQL UNLOGGED tables (`CACHE_BACKEND=postgres`), shared by every instance.
+    Postgres(Db),
+}
 
 /// Engine settings beyond [`CacheConfig`]; defaults suit most deployments.
 #[derive(Debug, Clone)]
@@ -127,7 +144,7 @@ struct Inner {
     config: CacheConfig,
     options: EngineOptions,
     memory: Option<Moka<String, MemEntry>>,
-    shared: Option<RedisTier>,
+    shared: Option<SharedTier>,
     breaker: Breaker,
     /// Per-key locks: one load per key inside this instance.
     flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -174,9 +191,16 @@ pub enum Source {
 }
 
 impl Cache {
-    /// Builds the engine. `redis: None` means the in-process tier only.
-    pub fn new(config: CacheConfig, redis: Option<Redis>, options: EngineOptions) -> Cache {
-        let shared = redis.map(|r| RedisTier::new(r, config.key_prefix.clone()));
+    /// Builds the engine on the given shared tier.
+    pub fn new(config: CacheConfig, backend: Backend, options: EngineOptions) -> Cache {
+        let shared = match backend {
+            Backend::Memory => None,
+            Backend::Redis(redis) => {
+                let tier = RedisTier::new(redis, config.key_prefix.clone());
+                Some(SharedTier::Redis(Box::new(tier)))
+            }
+            Backend::Postgres(db) => Some(SharedTier::Postgres(PgTier::new(db))),
+        };
         let memory = shared.is_none().then(|| {
             Moka::builder()
                 .max_capacity(options.memory_bytes)
@@ -473,6 +497,24 @@ impl Cache {
         self.invalidate_tag(&format!("ns:{namespace}")).await;
     }
 
+    /// Removes expired rows of the PostgreSQL tier every `interval` until shutdown (a no-op
+    /// loop for the other tiers, which expire entries themselves).
+    pub async fn run_cleanup(self, interval: Duration, mut stop: ShutdownSignal) {
+        let Some(SharedTier::Postgres(pg)) = &self.inner.shared else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = stop.recv() => return,
+                _ = tokio::time::sleep(interval) => match pg.cleanup().await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::debug!(removed, "expired cache rows removed"),
+                    Err(err) => tracing::warn!(error = %err, "cache cleanup failed"),
+                },
+            }
+        }
+    }
+
     // --- internals ---
 
     fn memory_get(&self, full: &str, counters: &NsCounters) -> Option<Option<Arc<[u8]>>> {
@@ -532,7 +574,7 @@ impl Cache {
         f(&mut pending);
     }
 
-    fn shared_failed(&self, counters: &NsCounters, err: &crate::redis::RedisError) {
+    fn shared_failed(&self, counters: &NsCounters, err: &TierError) {
         add(&counters.shared_errors, 1);
         if self.inner.breaker.failure() {
             tracing::warn!(error = %err, "Redis cache tier failing: breaker open, reading through to the source");
@@ -566,7 +608,7 @@ impl Cache {
 
     /// The Redis tier if it may be used now. Undelivered invalidations are replayed first;
     /// if that fails, Redis stays out of the way.
-    async fn shared_tier(&self) -> Option<&RedisTier> {
+    async fn shared_tier(&self) -> Option<&SharedTier> {
         let shared = self.inner.shared.as_ref()?;
         match self.inner.breaker.permit() {
             Permit::Skip => return None,
@@ -583,7 +625,7 @@ impl Cache {
         Some(shared)
     }
 
-    async fn replay_pending(&self, shared: &RedisTier) -> bool {
+    async fn replay_pending(&self, shared: &SharedTier) -> bool {
         let _one = self.inner.replay.lock().await;
         let (keys, tags) = {
             let mut p = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());

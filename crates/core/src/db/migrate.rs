@@ -19,11 +19,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order. Append only: never edit one that has shipped.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "cache_entries",
-    sql: include_str!("../../migrations/0001_cache_entries.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "cache_entries",
+        sql: include_str!("../../migrations/0001_cache_entries.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "cache_leases",
+        sql: include_str!("../../migrations/0002_cache_leases.sql"),
+    },
+];
 
 /// Arbitrary but fixed: the advisory lock key all Cascade instances agree on ("cascade" in ASCII).
 const LOCK_KEY: i64 = 0x63_61_73_63_61_64_65;

@@ -1,0 +1,81 @@
+//! The shared tier behind the engine: Redis by default, PostgreSQL in unified mode. Both speak
+//! the same lease protocol; this enum only dispatches.
+
+use std::time::Duration;
+
+use super::pg_tier::PgTier;
+use super::redis_tier::{Lookup, RedisTier};
+
+/// A shared-tier failure; the engine treats every kind the same (breaker, read-through).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct TierError(String);
+
+impl From<crate::redis::RedisError> for TierError {
+    fn from(err: crate::redis::RedisError) -> Self {
+        TierError(err.to_string())
+    }
+}
+
+impl From<crate::db::DbError> for TierError {
+    fn from(err: crate::db::DbError) -> Self {
+        TierError(err.to_string())
+    }
+}
+
+pub(crate) enum SharedTier {
+    /// Boxed: the scripts make it much larger than the PostgreSQL variant.
+    Redis(Box<RedisTier>),
+    Postgres(PgTier),
+}
+
+impl SharedTier {
+    pub async fn lookup(
+        &self,
+        full_key: &str,
+        tags: &[String],
+        token: &str,
+        lease_ttl: Duration,
+    ) -> Result<Lookup, TierError> {
+        Ok(match self {
+            SharedTier::Redis(t) => t.lookup(full_key, tags, token, lease_ttl).await?,
+            SharedTier::Postgres(t) => t.lookup(full_key, tags, token, lease_ttl).await?,
+        })
+    }
+
+    pub async fn get(&self, full_key: &str) -> Result<Option<Vec<u8>>, TierError> {
+        Ok(match self {
+            SharedTier::Redis(t) => t.get(full_key).await?,
+            SharedTier::Postgres(t) => t.get(full_key).await?,
+        })
+    }
+
+    pub async fn store(
+        &self,
+        full_key: &str,
+        token: Option<&str>,
+        bytes: &[u8],
+        ttl: Duration,
+        tags: &[String],
+    ) -> Result<bool, TierError> {
+        Ok(match self {
+            SharedTier::Redis(t) => t.store(full_key, token, bytes, ttl, tags).await?,
+            SharedTier::Postgres(t) => t.store(full_key, token, bytes, ttl, tags).await?,
+        })
+    }
+
+    pub async fn invalidate_key(&self, full_key: &str) -> Result<(), TierError> {
+        match self {
+            SharedTier::Redis(t) => t.invalidate_key(full_key).await?,
+            SharedTier::Postgres(t) => t.invalidate_key(full_key).await?,
+        }
+        Ok(())
+    }
+
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, TierError> {
+        Ok(match self {
+            SharedTier::Redis(t) => t.invalidate_tag(tag).await?,
+            SharedTier::Postgres(t) => t.invalidate_tag(tag).await?,
+        })
+    }
+}
