@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 a dependency failed (unreachable PostgreSQL, failed migration),
 //! 2 invalid configuration or usage.
 
+mod bench;
 mod check;
 mod serve;
 
@@ -41,6 +42,22 @@ enum Command {
     /// Inspect or invalidate the shared cache tier.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Measure performance, side by side with a baseline in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Cache hits (Redis and in-process tiers) and misses next to a raw Redis GET.
+    Cache {
+        /// Operations per case.
+        #[arg(long, default_value_t = 50_000)]
+        ops: usize,
+        /// Concurrent tasks.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -110,6 +127,9 @@ fn main() -> ExitCode {
             Command::Config => Ok(ExitCode::SUCCESS),
             Command::Cache(CacheCommand::Invalidate(target)) => {
                 serve::cache_invalidate(config, target).await
+            }
+            Command::Bench(BenchCommand::Cache { ops, concurrency }) => {
+                bench::cache(config, ops, concurrency).await
             }
         }
     });

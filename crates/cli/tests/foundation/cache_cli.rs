@@ -74,3 +74,32 @@ async fn cache_invalidate_removes_entries_for_every_instance() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no shared tier"));
 }
+
+#[tokio::test]
+async fn bench_cache_runs_end_to_end_in_quick_mode() {
+    let server = RedisServer::start().await;
+    let dir = empty_dir();
+    let mut command = cascade(&dir);
+    command
+        .args(["bench", "cache", "--ops", "400", "--concurrency", "4"])
+        .env("REDIS_URL", server.url());
+    let (out, _) = run_bounded(command, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for case in [
+        "raw Redis GET",
+        "cache hit (Redis tier)",
+        "cache hit (in-process tier)",
+        "miss + load + fill",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(case))
+            .unwrap_or_else(|| panic!("no {case} row:\n{stdout}"));
+        assert!(line.contains('×'), "{line}");
+    }
+}

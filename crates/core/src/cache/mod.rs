@@ -299,18 +299,15 @@ impl Cache {
         }
 
         let flight = self.flight(&full);
-        let _guard = flight.lock().await;
-        // Another task of this instance may have filled it while we waited.
-        if let Some(hit) = self.memory_get(&full, &counters) {
-            return Ok((hit, Source::Memory));
-        }
-
-        let started_epoch = self.inner.epoch.load(Ordering::SeqCst);
         let mut all_tags: Vec<String> = tags.to_vec();
         all_tags.push(format!("ns:{namespace}"));
         let ttl = self.ttl(namespace);
 
         if let Some(shared) = self.shared_tier().await {
+            // Hits take no lock. The lease makes one loader cluster-wide; the local flight lock
+            // only keeps this instance's waiters from polling the shared tier all at once.
+            // The lease holder never takes it (a poller holding it waits for that holder).
+            let mut _guard = None;
             let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
             let wait_until = Instant::now() + self.inner.options.lease_wait;
             let mut delay = Duration::from_millis(2);
@@ -333,6 +330,8 @@ impl Cache {
                     }
                     Ok(Lookup::Lease) => {
                         self.inner.breaker.success();
+                        // The lease holder never waits for the local lock: a waiter of this
+                        // instance may hold it while polling for the value we are about to load.
                         add(&counters.misses, 1);
                         let loaded = self.timed_load(&counters, loader).await?;
                         let value_ttl = if loaded.is_some() {
@@ -361,6 +360,12 @@ impl Cache {
                         if Instant::now() >= wait_until {
                             break;
                         }
+                        if _guard.is_none() {
+                            // One poller per key per instance; the others queue here and find
+                            // the value when their turn comes.
+                            _guard = Some(flight.clone().lock_owned().await);
+                            continue;
+                        }
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_millis(25));
                     }
@@ -376,6 +381,12 @@ impl Cache {
             return Ok((loaded.map(Arc::from), Source::Loaded));
         }
 
+        let _guard = flight.lock().await;
+        // Another task of this instance may have filled it while we waited.
+        if let Some(hit) = self.memory_get(&full, &counters) {
+            return Ok((hit, Source::Memory));
+        }
+        let started_epoch = self.inner.epoch.load(Ordering::SeqCst);
         add(&counters.misses, 1);
         let loaded = self.timed_load(&counters, loader).await?;
         if let Some(memory) = &self.inner.memory {

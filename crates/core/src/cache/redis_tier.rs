@@ -118,6 +118,12 @@ impl RedisTier {
         lease_ttl: Duration,
     ) -> Result<Lookup, RedisError> {
         let key = self.value_key(full_key);
+        // Hits are the common case: a plain GET, as cheap as Redis gets. Only a miss pays for
+        // the script that grants the lease.
+        let hit: Option<Vec<u8>> = self.redis.query(redis::cmd("GET").arg(&key)).await?;
+        if let Some(bytes) = hit {
+            return Ok(Lookup::Hit(bytes));
+        }
         let mut invocation = self.get_or_lease.prepare_invoke();
         invocation.key(&key).key(self.lease_key(&key));
         for tag in tags {
