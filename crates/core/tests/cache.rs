@@ -65,27 +65,34 @@ async fn counted(
     Ok(Some(value.to_string()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cold_key_under_1000_concurrent_requests_on_two_instances_loads_once() {
-    let server = RedisServer::start().await;
-    let (a, b) = (redis_engine(&server, "s:"), redis_engine(&server, "s:"));
+/// `requests` concurrent `get_or_load` of one cold key, spread over `engines`; returns how
+/// many times the loader ran.
+async fn concurrent_cold_loads(engines: &[Cache], requests: usize) -> usize {
     let calls = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for i in 0..1000 {
-        let engine = if i % 2 == 0 { a.clone() } else { b.clone() };
-        let calls = calls.clone();
-        tasks.push(tokio::spawn(async move {
-            engine
-                .get_or_load("assets", "cold", &[], || counted(&calls, "v1"))
-                .await
-                .unwrap()
-        }));
-    }
+    let tasks: Vec<_> = (0..requests)
+        .map(|i| {
+            let engine = engines[i % engines.len()].clone();
+            let calls = calls.clone();
+            tokio::spawn(async move {
+                engine
+                    .get_or_load("assets", "cold", &[], || counted(&calls, "v1"))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
     for task in tasks {
         assert_eq!(task.await.unwrap().as_deref(), Some("v1"));
     }
+    calls.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_key_under_1000_concurrent_requests_on_two_instances_loads_once() {
+    let server = RedisServer::start().await;
+    let engines = [redis_engine(&server, "s:"), redis_engine(&server, "s:")];
     assert_eq!(
-        calls.load(Ordering::SeqCst),
+        concurrent_cold_loads(&engines, 1000).await,
         1,
         "the loader ran more than once"
     );
@@ -93,23 +100,7 @@ async fn a_cold_key_under_1000_concurrent_requests_on_two_instances_loads_once()
 
 #[tokio::test]
 async fn a_cold_key_in_memory_mode_loads_once() {
-    let engine = memory_engine();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let tasks: Vec<_> = (0..1000)
-        .map(|_| {
-            let (engine, calls) = (engine.clone(), calls.clone());
-            tokio::spawn(async move {
-                engine
-                    .get_or_load("assets", "cold", &[], || counted(&calls, "v"))
-                    .await
-                    .unwrap()
-            })
-        })
-        .collect();
-    for task in tasks {
-        assert_eq!(task.await.unwrap().as_deref(), Some("v"));
-    }
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(concurrent_cold_loads(&[memory_engine()], 1000).await, 1);
 }
 
 /// The cache-aside race: a loader reads the old row, a write commits and invalidates, then the
@@ -491,23 +482,7 @@ async fn the_postgres_tier_refuses_stale_sets_and_loads_a_cold_key_once() {
         stale_set_is_refused(a.clone(), b.clone(), by).await;
     }
 
-    let calls = Arc::new(AtomicUsize::new(0));
-    let tasks: Vec<_> = (0..200)
-        .map(|i| {
-            let engine = if i % 2 == 0 { a.clone() } else { b.clone() };
-            let calls = calls.clone();
-            tokio::spawn(async move {
-                engine
-                    .get_or_load("assets", "cold", &[], || counted(&calls, "v"))
-                    .await
-                    .unwrap()
-            })
-        })
-        .collect();
-    for task in tasks {
-        assert_eq!(task.await.unwrap().as_deref(), Some("v"));
-    }
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(concurrent_cold_loads(&[a, b], 200).await, 1);
 }
 
 #[tokio::test]
