@@ -6,53 +6,40 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use cascade_core::config::{Config, DatabaseSource};
-use cascade_core::db::{error_chain, find_server_binaries};
+use cascade_core::config::{Config, DatabaseConfig, DatabaseSource};
+use cascade_core::db::{Db, error_chain, find_server_binaries};
 use cascade_core::redis::Redis;
-use tokio_postgres_check::probe_postgres;
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
-mod tokio_postgres_check {
-    use std::time::Duration;
-
-    /// One connection and `SELECT version()` under a deadline.
-    pub async fn probe_postgres(
-        config: &cascade_core::config::DatabaseConfig,
-        deadline: Duration,
-    ) -> Result<String, String> {
-        let cascade_core::config::DatabaseSource::External { config: pg, .. } = &config.source
-        else {
-            return Err("not an external database".into());
-        };
-        let mut pg = (**pg).clone();
-        pg.connect_timeout(deadline);
-        let work = async {
-            let db = cascade_core::db::Db::connect(
-                &cascade_core::config::DatabaseConfig {
-                    pool_min: 0,
-                    pool_max: 1,
-                    startup_timeout: deadline,
-                    ..config.clone()
-                },
-                pg,
-                String::new(),
-            )
+/// One pool connection and `SELECT version()`, all under a deadline.
+async fn probe_postgres(config: &DatabaseConfig, deadline: Duration) -> Result<String, String> {
+    let DatabaseSource::External { config: pg, .. } = &config.source else {
+        return Err("not an external database".into());
+    };
+    let mut pg = (**pg).clone();
+    pg.connect_timeout(deadline);
+    let settings = DatabaseConfig {
+        pool_min: 0,
+        pool_max: 1,
+        startup_timeout: deadline,
+        ..config.clone()
+    };
+    let work = async {
+        let db = Db::connect(&settings, pg, String::new())
             .await
             .map_err(|e| e.to_string())?;
-            let conn = db.conn().await.map_err(|e| e.to_string())?;
-            let row = conn
-                .query_one("SELECT version()", &[])
-                .await
-                .map_err(|e| e.to_string())?;
-            let version: String = row.get(0);
-            db.close();
-            Ok(version)
-        };
-        tokio::time::timeout(deadline * 2, work)
+        let conn = db.conn().await.map_err(|e| e.to_string())?;
+        let row = conn
+            .query_one("SELECT version()", &[])
             .await
-            .map_err(|_| format!("no answer within {deadline:?}"))?
-    }
+            .map_err(|e| e.to_string())?;
+        db.close();
+        Ok(row.get::<_, String>(0))
+    };
+    tokio::time::timeout(deadline * 2, work)
+        .await
+        .map_err(|_| format!("no answer within {deadline:?}"))?
 }
 
 fn line(ok: bool, required: bool, name: &str, detail: &str) {

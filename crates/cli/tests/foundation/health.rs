@@ -117,3 +117,48 @@ async fn errors_are_json_with_a_request_id() {
         served.log()
     );
 }
+
+#[tokio::test]
+async fn slow_requests_time_out_as_json_and_responses_are_compressed() {
+    let pg = PgServer::start().await;
+    let served = Served::start(&[
+        ("DATABASE_URL", pg.fresh_database().await),
+        ("REQUEST_TIMEOUT", "500ms".into()),
+        ("PG_ACQUIRE_TIMEOUT", "1s".into()),
+        ("PG_CONNECT_TIMEOUT", "1s".into()),
+    ])
+    .await;
+
+    let response = crate::common::http()
+        .get(format!("{}/health/db", served.base))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-encoding")
+            .map(|v| v.to_str().unwrap()),
+        Some("gzip")
+    );
+
+    // A paused PostgreSQL holds /health/db past the 500 ms request deadline.
+    pg.pause();
+    let started = std::time::Instant::now();
+    let response = crate::common::http()
+        .get(format!("{}/health/db", served.base))
+        .send()
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    pg.resume();
+    assert_eq!(response.status(), 504);
+    assert!(
+        elapsed < Duration::from_millis(1500),
+        "the deadline was not enforced: {elapsed:?}"
+    );
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "timeout");
+}
