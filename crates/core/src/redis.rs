@@ -16,6 +16,7 @@ use crate::config::RedisConfig;
 /// A cheap-to-clone handle; clones share one multiplexed, self-healing connection.
 #[derive(Clone)]
 pub struct Redis {
+    client: redis::Client,
     manager: ConnectionManager,
     display: String,
     timeout: Duration,
@@ -49,8 +50,9 @@ impl Redis {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(100));
-        let manager = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
         Ok(Redis {
+            client,
             manager,
             display: config.display.clone(),
             timeout: config.timeout,
@@ -60,6 +62,15 @@ impl Redis {
     /// The connection, for commands. Clone it per call; it is a handle.
     pub fn connection(&self) -> ConnectionManager {
         self.manager.clone()
+    }
+
+    /// A dedicated pub/sub connection (the bus), opened under the deadline. It does not
+    /// reconnect by itself: its owner notices the end of its stream and opens a new one.
+    pub async fn pubsub(&self) -> Result<redis::aio::PubSub, RedisError> {
+        match tokio::time::timeout(self.timeout * 4, self.client.get_async_pubsub()).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(RedisError::Timeout(self.timeout * 4)),
+        }
     }
 
     /// The deadline every command must answer within.

@@ -93,7 +93,7 @@ async fn bench_cache_runs_end_to_end_in_quick_mode() {
     for case in [
         "raw Redis GET",
         "cache hit (Redis tier)",
-        "cache hit (in-process tier)",
+        "cache hit (in-process tier",
         "miss + load + fill",
     ] {
         let line = stdout

@@ -14,6 +14,7 @@
 //! was only paused (SIGSTOP, keeping its old data) never serves a value invalidated meanwhile.
 
 mod breaker;
+mod bus;
 mod pg_tier;
 mod redis_tier;
 mod stats;
@@ -33,6 +34,7 @@ pub use breaker::BreakerState;
 pub use stats::NamespaceStats;
 
 use self::breaker::{Breaker, Permit};
+use self::bus::Bus;
 use self::pg_tier::PgTier;
 use self::redis_tier::{Lookup, RedisTier};
 use self::stats::{NsCounters, Stats, add};
@@ -62,7 +64,7 @@ pub struct EngineOptions {
     pub lease_ttl: Duration,
     /// How long a caller waits for another instance's loader before loading itself (uncached).
     pub lease_wait: Duration,
-    /// Size bound of the in-process tier, bytes.
+    /// Size bound of the in-process tier, bytes; 0 turns the tier off.
     pub memory_bytes: u64,
     /// Consecutive Redis failures that open the breaker, and how long it stays open.
     pub breaker_threshold: u32,
@@ -140,8 +142,10 @@ pub struct Cache {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     config: CacheConfig,
+    /// Keeps the in-process tiers of all instances coherent (Redis backend only).
+    bus: Option<Bus>,
     options: EngineOptions,
     memory: Option<Moka<String, MemEntry>>,
     shared: Option<SharedTier>,
@@ -182,6 +186,42 @@ fn decode(stored: &[u8]) -> Option<Option<&[u8]>> {
     }
 }
 
+impl Inner {
+    fn bump(&self, marks: &[String]) {
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        for mark in marks {
+            self.invalidated.insert(mark.clone(), epoch);
+        }
+    }
+
+    /// Drops everything from the in-process tier (the bus was lost and is back).
+    pub(crate) fn flush_memory(&self) {
+        self.bump(&[]);
+        if let Some(memory) = &self.memory {
+            memory.invalidate_all();
+        }
+    }
+
+    /// Applies an invalidation heard on the bus from another instance.
+    pub(crate) fn apply_invalidation(&self, keys: &[String], tags: &[String]) {
+        let marks: Vec<String> = keys
+            .iter()
+            .map(|k| format!("k:{k}"))
+            .chain(tags.iter().map(|t| format!("t:{t}")))
+            .collect();
+        self.bump(&marks);
+        if let Some(memory) = &self.memory {
+            for key in keys {
+                memory.invalidate(key);
+            }
+            for tag in tags {
+                let owned = tag.clone();
+                let _ = memory.invalidate_entries_if(move |_, v| v.tags.contains(&owned));
+            }
+        }
+    }
+}
+
 /// Where a `get_or_load` answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -193,6 +233,10 @@ pub enum Source {
 impl Cache {
     /// Builds the engine on the given shared tier.
     pub fn new(config: CacheConfig, backend: Backend, options: EngineOptions) -> Cache {
+        let bus = match &backend {
+            Backend::Redis(redis) => Some(Bus::new(redis.clone(), &config.key_prefix)),
+            _ => None,
+        };
         let shared = match backend {
             Backend::Memory => None,
             Backend::Redis(redis) => {
@@ -201,7 +245,8 @@ impl Cache {
             }
             Backend::Postgres(db) => Some(SharedTier::Postgres(PgTier::new(db))),
         };
-        let memory = shared.is_none().then(|| {
+        // The in-process tier needs coherence: alone (no shared tier) or with the bus.
+        let memory = (options.memory_bytes > 0 && (shared.is_none() || bus.is_some())).then(|| {
             Moka::builder()
                 .max_capacity(options.memory_bytes)
                 .weigher(|k: &String, v: &MemEntry| {
@@ -217,8 +262,9 @@ impl Cache {
             .max_capacity(100_000)
             .time_to_live(options.lease_ttl * 4 + Duration::from_secs(60))
             .build();
-        Cache {
+        let cache = Cache {
             inner: Arc::new(Inner {
+                bus,
                 breaker: Breaker::new(options.breaker_threshold, options.breaker_cool_down),
                 config,
                 options,
@@ -231,7 +277,11 @@ impl Cache {
                 replay: tokio::sync::Mutex::new(()),
                 stats: Stats::default(),
             }),
+        };
+        if cache.inner.bus.is_some() {
+            tokio::spawn(bus::run(Arc::downgrade(&cache.inner)));
         }
+        cache
     }
 
     /// The TTL of a namespace.
@@ -308,6 +358,7 @@ impl Cache {
             // only keeps this instance's waiters from polling the shared tier all at once.
             // The lease holder never takes it (a poller holding it waits for that holder).
             let mut _guard = None;
+            let started_epoch = self.inner.epoch.load(Ordering::SeqCst);
             let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
             let wait_until = Instant::now() + self.inner.options.lease_wait;
             let mut delay = Duration::from_millis(2);
@@ -323,7 +374,18 @@ impl Cache {
                             if value.is_none() {
                                 add(&counters.negative_hits, 1);
                             }
-                            return Ok((value.map(Arc::from), Source::Shared));
+                            let value: Option<Arc<[u8]>> = value.map(Arc::from);
+                            // Shared TTL left is unknown here; the namespace TTL bounds it.
+                            self.install(
+                                started_epoch,
+                                &full,
+                                namespace,
+                                tags,
+                                &all_tags,
+                                value.clone(),
+                                ttl,
+                            );
+                            return Ok((value, Source::Shared));
                         }
                         tracing::warn!(key = full, "undecodable cache entry; loading");
                         break;
@@ -349,7 +411,19 @@ impl Cache {
                             )
                             .await
                         {
-                            Ok(true) => {}
+                            Ok(true) => {
+                                let value: Option<Arc<[u8]>> = loaded.map(Arc::from);
+                                self.install(
+                                    started_epoch,
+                                    &full,
+                                    namespace,
+                                    tags,
+                                    &all_tags,
+                                    value.clone(),
+                                    value_ttl,
+                                );
+                                return Ok((value, Source::Loaded));
+                            }
                             Ok(false) => add(&counters.stale_sets_refused, 1),
                             Err(err) => self.shared_failed(&counters, &err),
                         }
@@ -443,9 +517,12 @@ impl Cache {
                 .await
             {
                 self.shared_failed(&counters, &err);
-                self.remember(|p| Invalidation::Key(full).record(p));
+                self.remember(|p| Invalidation::Key(full.clone()).record(p));
                 self.inner.breaker.trip();
             }
+        }
+        if let Some(bus) = &self.inner.bus {
+            bus.broadcast(vec![full], Vec::new()).await;
         }
         Ok(())
     }
@@ -487,7 +564,11 @@ impl Cache {
         if let Some(memory) = &self.inner.memory {
             memory.invalidate(&full);
         }
-        self.deliver(namespace, Invalidation::Key(full)).await;
+        self.deliver(namespace, Invalidation::Key(full.clone()))
+            .await;
+        if let Some(bus) = &self.inner.bus {
+            bus.broadcast(vec![full], Vec::new()).await;
+        }
     }
 
     /// Removes every value carrying `tag`.
@@ -529,12 +610,46 @@ impl Cache {
     // --- internals ---
 
     fn memory_get(&self, full: &str, counters: &NsCounters) -> Option<Option<Arc<[u8]>>> {
+        if self.inner.bus.as_ref().is_some_and(|bus| !bus.trusted()) {
+            return None;
+        }
         let entry = self.inner.memory.as_ref()?.get(full)?;
         add(&counters.near_hits, 1);
         if entry.bytes.is_none() {
             add(&counters.negative_hits, 1);
         }
         Some(entry.bytes)
+    }
+
+    /// Puts a value read from the shared tier into the in-process tier, unless the bus is not
+    /// trusted right now or an invalidation overtook the read.
+    #[allow(clippy::too_many_arguments)]
+    fn install(
+        &self,
+        started_epoch: u64,
+        full: &str,
+        namespace: &str,
+        tags: &[String],
+        all_tags: &[String],
+        value: Option<Arc<[u8]>>,
+        ttl: Duration,
+    ) {
+        let Some(memory) = &self.inner.memory else {
+            return;
+        };
+        if self.inner.bus.as_ref().is_some_and(|bus| !bus.trusted())
+            || self.invalidated_since(started_epoch, full, namespace, tags)
+        {
+            return;
+        }
+        memory.insert(
+            full.to_string(),
+            MemEntry {
+                bytes: value,
+                tags: all_tags.to_vec().into(),
+                ttl,
+            },
+        );
     }
 
     fn flight(&self, full: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -563,10 +678,7 @@ impl Cache {
     }
 
     fn bump(&self, marks: &[String]) {
-        let epoch = self.inner.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        for mark in marks {
-            self.inner.invalidated.insert(mark.clone(), epoch);
-        }
+        self.inner.bump(marks);
     }
 
     fn invalidated_since(&self, epoch: u64, full: &str, namespace: &str, tags: &[String]) -> bool {
@@ -645,6 +757,8 @@ impl Cache {
         if keys.is_empty() && tags.is_empty() {
             return true;
         }
+        let delivered_keys: Vec<String> = keys.iter().cloned().collect();
+        let delivered_tags: Vec<String> = tags.iter().cloned().collect();
         let mut failed_keys = HashSet::new();
         let mut failed_tags = HashSet::new();
         for key in keys {
@@ -658,6 +772,11 @@ impl Cache {
             }
         }
         let ok = failed_keys.is_empty() && failed_tags.is_empty();
+        if let Some(bus) = &self.inner.bus {
+            // Instances that missed them while the bus was down flushed their tiers when it
+            // came back; this reaches the ones whose bus never dropped.
+            bus.announce(delivered_keys, delivered_tags).await;
+        }
         if ok {
             tracing::info!("Redis cache tier back: undelivered invalidations replayed");
             self.inner.breaker.success();

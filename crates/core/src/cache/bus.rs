@@ -1,0 +1,295 @@
+//! Near-cache coherence across instances, over Redis pub/sub.
+//!
+//! Every instance publishes a heartbeat on the bus every [`HEARTBEAT`]; it trusts its
+//! in-process tier only until [`TRUST`] after the *send time of its own latest heartbeat that
+//! came back*. Pub/sub delivers in publish order, so an instance that has not yet processed an
+//! invalidation has only heard its own heartbeats sent before that invalidation reached Redis:
+//! its trust ends at most [`TRUST`] after it. `invalidate` therefore returns once every live
+//! instance acknowledged, or once [`TRUST`] plus a margin has passed since the publish was
+//! acknowledged by Redis, whichever comes first. Trust regained after a gap flushes the
+//! in-process tier first: invalidations may have been missed meanwhile (PITFALLS 6).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::Inner;
+use crate::redis::Redis;
+
+pub(crate) const HEARTBEAT: Duration = Duration::from_millis(50);
+pub(crate) const TRUST: Duration = Duration::from_millis(250);
+/// Added to [`TRUST`] when waiting for silent instances: clock-rate slack between hosts.
+const MARGIN: Duration = Duration::from_millis(50);
+/// Instances heard within this window are expected to acknowledge.
+const LIVE: Duration = Duration::from_secs(1);
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum Message {
+    Hb {
+        from: String,
+        sent: u64,
+    },
+    Inv {
+        from: String,
+        id: u64,
+        keys: Vec<String>,
+        tags: Vec<String>,
+    },
+    Ack {
+        from: String,
+        to: String,
+        id: u64,
+    },
+}
+
+struct Waiting {
+    pending: HashSet<String>,
+    done: Arc<Notify>,
+}
+
+pub(crate) struct Bus {
+    pub id: String,
+    channel: String,
+    redis: Redis,
+    origin: Instant,
+    /// Micros since `origin` until which the in-process tier may be used; 0: untrusted.
+    trusted_until: AtomicU64,
+    /// Micros since `origin` before which the tier is not trusted: a fresh subscription first
+    /// waits out one trust window, so that any invalidation published before other instances
+    /// could have heard of us reaches us before we trust anything.
+    warm_until: AtomicU64,
+    next_id: AtomicU64,
+    waiting: Mutex<HashMap<u64, Waiting>>,
+    peers: Mutex<HashMap<String, Instant>>,
+}
+
+impl Bus {
+    pub fn new(redis: Redis, prefix: &str) -> Self {
+        Bus {
+            id: format!("{:016x}", fastrand::u64(..)),
+            channel: format!("{prefix}bus:cache"),
+            redis,
+            origin: Instant::now(),
+            trusted_until: AtomicU64::new(0),
+            warm_until: AtomicU64::new(u64::MAX),
+            next_id: AtomicU64::new(1),
+            waiting: Mutex::default(),
+            peers: Mutex::default(),
+        }
+    }
+
+    fn micros(&self) -> u64 {
+        self.origin.elapsed().as_micros() as u64
+    }
+
+    pub fn trusted(&self) -> bool {
+        let now = self.micros();
+        now < self.trusted_until.load(Ordering::SeqCst)
+            && now >= self.warm_until.load(Ordering::SeqCst)
+    }
+
+    async fn publish(&self, message: &Message) -> Result<(), crate::redis::RedisError> {
+        let payload = serde_json::to_string(message).unwrap_or_default();
+        self.redis
+            .query(redis::cmd("PUBLISH").arg(&self.channel).arg(payload))
+            .await
+    }
+
+    /// Tells every instance to drop `keys` and `tags` from its in-process tier, and waits until
+    /// each live one acknowledged or can no longer be trusting its tier.
+    pub async fn broadcast(&self, keys: Vec<String>, tags: Vec<String>) {
+        // An instance that does not hear the bus (yet) cannot know who is listening: it waits
+        // the full window instead of counting acknowledgements.
+        let know_peers = self.trusted();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let pending: HashSet<String> = {
+            let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            peers
+                .iter()
+                .filter(|(p, seen)| **p != self.id && seen.elapsed() < LIVE)
+                .map(|(p, _)| p.clone())
+                .collect()
+        };
+        let done = Arc::new(Notify::new());
+        if !pending.is_empty() {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            waiting.insert(
+                id,
+                Waiting {
+                    pending,
+                    done: done.clone(),
+                },
+            );
+        }
+        let published = self
+            .publish(&Message::Inv {
+                from: self.id.clone(),
+                id,
+                keys,
+                tags,
+            })
+            .await;
+        // Whether or not the publish got through, no instance trusts its tier for longer than
+        // TRUST past this point without having processed it (or without hearing the bus).
+        let deadline = tokio::time::Instant::now() + TRUST + MARGIN;
+        if published.is_ok() && know_peers {
+            let waited = async {
+                loop {
+                    let notified = done.notified();
+                    let finished = {
+                        let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+                        waiting.get(&id).is_none_or(|w| w.pending.is_empty())
+                    };
+                    if finished {
+                        return;
+                    }
+                    notified.await;
+                }
+            };
+            let _ = tokio::time::timeout_at(deadline, waited).await;
+        } else {
+            tokio::time::sleep_until(deadline).await;
+        }
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// Publishes an invalidation without waiting for acknowledgements.
+    pub async fn announce(&self, keys: Vec<String>, tags: Vec<String>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .publish(&Message::Inv {
+                from: self.id.clone(),
+                id,
+                keys,
+                tags,
+            })
+            .await;
+    }
+
+    fn on_message(&self, inner: &Inner, payload: &[u8]) -> Option<Message> {
+        let message: Message = serde_json::from_slice(payload).ok()?;
+        match &message {
+            Message::Hb { from, sent } => {
+                self.peers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(from.clone(), Instant::now());
+                if *from == self.id {
+                    if !self.trusted() {
+                        // Back after a gap: whatever was missed meanwhile is flushed first.
+                        inner.flush_memory();
+                    }
+                    let until = sent + TRUST.as_micros() as u64;
+                    self.trusted_until.fetch_max(until, Ordering::SeqCst);
+                }
+                None
+            }
+            Message::Inv {
+                from,
+                id,
+                keys,
+                tags,
+            } => {
+                if *from != self.id {
+                    inner.apply_invalidation(keys, tags);
+                }
+                Some(Message::Ack {
+                    from: self.id.clone(),
+                    to: from.clone(),
+                    id: *id,
+                })
+            }
+            Message::Ack { from, to, id } => {
+                if *to == self.id {
+                    let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(w) = waiting.get_mut(id) {
+                        w.pending.remove(from);
+                        if w.pending.is_empty() {
+                            w.done.notify_waiters();
+                        }
+                    }
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Subscribes, heartbeats and applies remote invalidations until the engine is dropped.
+/// Reconnects by itself; while disconnected the in-process tier is not trusted.
+pub(crate) async fn run(engine: Weak<Inner>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(inner) = engine.upgrade() else {
+            return;
+        };
+        let Some(bus) = inner.bus.as_ref() else {
+            return;
+        };
+        let (bus_redis, channel) = (bus.redis.clone(), bus.channel.clone());
+        drop(inner);
+        let subscribed = async {
+            let mut pubsub = bus_redis.pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, crate::redis::RedisError>(pubsub)
+        }
+        .await;
+        let pubsub = match subscribed {
+            Ok(pubsub) => pubsub,
+            Err(err) => {
+                tracing::debug!(error = %err, "cache bus: cannot subscribe yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        if let Some(inner) = engine.upgrade()
+            && let Some(bus) = inner.bus.as_ref()
+        {
+            let warm = bus.micros() + (TRUST + MARGIN).as_micros() as u64;
+            bus.warm_until.store(warm, Ordering::SeqCst);
+            bus.trusted_until.store(0, Ordering::SeqCst);
+            inner.flush_memory();
+        }
+        tracing::info!("cache bus subscribed");
+        let mut stream = pubsub.into_on_message();
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let Some(inner) = engine.upgrade() else { return };
+                    let Some(bus) = inner.bus.as_ref() else { return };
+                    let hb = Message::Hb { from: bus.id.clone(), sent: bus.micros() };
+                    let _ = bus.publish(&hb).await;
+                }
+                message = tokio::time::timeout(TRUST * 2, stream.next()) => {
+                    let Some(inner) = engine.upgrade() else { return };
+                    let Some(bus) = inner.bus.as_ref() else { return };
+                    match message {
+                        Ok(Some(msg)) => {
+                            if let Some(reply) = bus.on_message(&inner, msg.get_payload_bytes()) {
+                                let _ = bus.publish(&reply).await;
+                            }
+                        }
+                        // Silence for 2×TRUST (our own heartbeats stopped coming back) or the
+                        // stream ended: the connection is presumed dead. Resubscribe.
+                        Ok(None) | Err(_) => {
+                            tracing::warn!("cache bus lost; in-process tier bypassed until it is back");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
