@@ -182,3 +182,40 @@ pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
         Ok(ExitCode::FAILURE)
     }
 }
+
+/// `cascade cache stats`: the `cache` section of a running server's `/health/db`, as a table.
+pub async fn cache_stats(config: &Config, url: Option<String>) -> anyhow::Result<ExitCode> {
+    let base = url.unwrap_or_else(|| format!("http://{}:{}", config.http.host, config.http.port));
+    let client = cascade_core::upstream::http_client(DEADLINE, DEADLINE)?;
+    let response = client
+        .get(format!("{}/health/db", base.trim_end_matches('/')))
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("{base} does not answer: {}", error_chain(&e)))?;
+    let body: serde_json::Value = response.json().await?;
+    let cache = &body["cache"];
+    println!(
+        "backend {}  breaker {}",
+        cache["backend"].as_str().unwrap_or("?"),
+        cache["breaker"].as_str().unwrap_or("?")
+    );
+    println!(
+        "{:<12} {:>10} {:>10} {:>10} {:>8} {:>10} {:>12} {:>8}",
+        "namespace", "near hits", "shared", "misses", "loads", "lease wait", "invalidated", "hit %"
+    );
+    for ns in cache["namespaces"].as_array().into_iter().flatten() {
+        let n = |k: &str| ns[k].as_u64().unwrap_or(0);
+        println!(
+            "{:<12} {:>10} {:>10} {:>10} {:>8} {:>10} {:>12} {:>7.1}%",
+            ns["namespace"].as_str().unwrap_or("?"),
+            n("near_hits"),
+            n("shared_hits"),
+            n("misses"),
+            n("loads"),
+            n("lease_waits"),
+            n("invalidations"),
+            ns["hit_ratio"].as_f64().unwrap_or(0.0) * 100.0
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

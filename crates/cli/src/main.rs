@@ -64,6 +64,12 @@ enum BenchCommand {
 enum CacheCommand {
     /// Remove entries by tag, by namespace or by key, on every instance.
     Invalidate(CacheTarget),
+    /// Print a running server's cache statistics (per namespace and tier) and breaker state.
+    Stats {
+        /// The server's base URL [default: http://HOST:PORT from the configuration].
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -128,6 +134,7 @@ fn main() -> ExitCode {
             Command::Cache(CacheCommand::Invalidate(target)) => {
                 serve::cache_invalidate(config, target).await
             }
+            Command::Cache(CacheCommand::Stats { url }) => check::cache_stats(&config, url).await,
             Command::Bench(BenchCommand::Cache { ops, concurrency }) => {
                 bench::cache(config, ops, concurrency).await
             }
