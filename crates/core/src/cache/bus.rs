@@ -271,6 +271,9 @@ pub(crate) async fn run(engine: Weak<Inner>) {
                     let Some(bus) = inner.bus.as_ref() else { return };
                     let hb = Message::Hb { from: bus.id.clone(), sent: bus.micros() };
                     let _ = bus.publish(&hb).await;
+                    // Deliver remembered invalidations as soon as Redis takes them, not only
+                    // when this instance next serves a request.
+                    super::Cache { inner: inner.clone() }.replay_if_pending().await;
                 }
                 message = tokio::time::timeout(TRUST * 2, stream.next()) => {
                     let Some(inner) = engine.upgrade() else { return };

@@ -748,6 +748,17 @@ impl Cache {
         Some(shared)
     }
 
+    /// Replays undelivered invalidations if there are any and the breaker lets a call through.
+    pub(crate) async fn replay_if_pending(&self) {
+        let has_pending = {
+            let p = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+            !p.keys.is_empty() || !p.tags.is_empty()
+        };
+        if has_pending {
+            let _ = self.shared_tier().await;
+        }
+    }
+
     async fn replay_pending(&self, shared: &SharedTier) -> bool {
         let _one = self.inner.replay.lock().await;
         let (keys, tags) = {
