@@ -17,12 +17,14 @@ use cascade_testkit::{PgServer, RedisServer};
 fn config(prefix: &str) -> CacheConfig {
     let mut ttls = BTreeMap::new();
     ttls.insert("short".to_string(), Duration::from_millis(300));
+    ttls.insert("early".to_string(), Duration::from_millis(800));
     CacheConfig {
         backend: CacheBackend::Redis,
         ttls,
         default_ttl: Duration::from_secs(60),
         cleanup_interval: Duration::from_secs(60),
         key_prefix: prefix.to_string(),
+        early_refresh: ["early".to_string()].into_iter().collect(),
     }
 }
 
@@ -537,4 +539,54 @@ async fn ttl_tags_namespaces_and_negative_caching_on_postgres_with_cleanup() {
     }
     shutdown.trigger();
     cleanup.await.unwrap();
+}
+
+/// A hot key of an early-refresh namespace is reloaded before it expires: after the first
+/// load, no reader ever waits for a miss.
+async fn hot_keys_refresh_before_expiry(engine: Cache) {
+    let loads = Arc::new(AtomicUsize::new(0));
+    let read = || {
+        let (engine, loads) = (engine.clone(), loads.clone());
+        async move {
+            engine
+                .get_or_load_bytes("early", "k", &[], || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(60)).await;
+                    Ok::<_, std::convert::Infallible>(Some(b"v".to_vec()))
+                })
+                .await
+                .unwrap()
+        }
+    };
+    read().await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        read().await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let stats: Vec<_> = engine
+        .stats()
+        .into_iter()
+        .filter(|s| s.namespace == "early")
+        .collect();
+    assert_eq!(
+        stats[0].misses, 1,
+        "a reader waited for a miss after the first load: {stats:?}"
+    );
+    assert!(
+        stats[0].early_refreshes >= 2,
+        "the key was not refreshed early: {stats:?}"
+    );
+    assert!(loads.load(Ordering::SeqCst) >= 3);
+}
+
+#[tokio::test]
+async fn hot_keys_refresh_before_expiry_in_memory() {
+    hot_keys_refresh_before_expiry(memory_engine()).await;
+}
+
+#[tokio::test]
+async fn hot_keys_refresh_before_expiry_with_redis() {
+    let server = RedisServer::start().await;
+    hot_keys_refresh_before_expiry(redis_engine(&server, "e:")).await;
 }

@@ -99,6 +99,9 @@ struct MemEntry {
     bytes: Option<Arc<[u8]>>,
     tags: Arc<[String]>,
     ttl: Duration,
+    /// Wall-clock expiry and load time, for early refresh.
+    expires_at_ms: u64,
+    delta_ms: u32,
 }
 
 struct MemExpiry;
@@ -109,6 +112,17 @@ impl moka::Expiry<String, MemEntry> for MemExpiry {
         _key: &String,
         value: &MemEntry,
         _now: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+
+    /// A replaced value (a refresh, a set) lives its own TTL, not what was left of the old one.
+    fn expire_after_update(
+        &self,
+        _key: &String,
+        value: &MemEntry,
+        _now: std::time::Instant,
+        _left: Option<Duration>,
     ) -> Option<Duration> {
         Some(value.ttl)
     }
@@ -165,25 +179,73 @@ pub(crate) struct Inner {
 
 const NEGATIVE: u8 = b'N';
 const VALUE: u8 = b'V';
+/// kind (1) + stored_at ms (8) + ttl ms (4) + load time ms (4).
+const HEADER: usize = 17;
 
-fn encode(value: Option<&[u8]>) -> Vec<u8> {
-    match value {
-        Some(bytes) => {
-            let mut out = Vec::with_capacity(bytes.len() + 1);
-            out.push(VALUE);
-            out.extend_from_slice(bytes);
-            out
-        }
-        None => vec![NEGATIVE],
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A stored entry: the value (or a cached not-found) with when it was stored, for how long,
+/// and how long its load took (for early refresh).
+struct Stored<'a> {
+    value: Option<&'a [u8]>,
+    stored_at_ms: u64,
+    ttl_ms: u32,
+    delta_ms: u32,
+}
+
+impl Stored<'_> {
+    fn expires_at_ms(&self) -> u64 {
+        self.stored_at_ms + u64::from(self.ttl_ms)
+    }
+
+    /// Time left, by this host's clock.
+    fn remaining(&self) -> Duration {
+        Duration::from_millis(self.expires_at_ms().saturating_sub(now_ms()))
     }
 }
 
-fn decode(stored: &[u8]) -> Option<Option<&[u8]>> {
-    match stored.split_first() {
-        Some((&VALUE, rest)) => Some(Some(rest)),
-        Some((&NEGATIVE, _)) => Some(None),
-        _ => None,
+/// Probabilistic early expiration ("XFetch", Vattani et al., VLDB 2015): refresh when
+/// `now - delta·ln(rand) ≥ expiry`, so one caller, rarely early and more likely near the end,
+/// reloads a hot key before it expires and nobody sees a miss.
+fn due_for_refresh(expires_at_ms: u64, delta_ms: u32) -> bool {
+    let gap = -(f64::from(delta_ms.max(1))) * fastrand::f64().max(f64::MIN_POSITIVE).ln();
+    now_ms() as f64 + gap >= expires_at_ms as f64
+}
+
+fn encode(value: Option<&[u8]>, ttl: Duration, delta: Duration) -> Vec<u8> {
+    let payload = value.unwrap_or_default();
+    let mut out = Vec::with_capacity(payload.len() + HEADER);
+    out.push(if value.is_some() { VALUE } else { NEGATIVE });
+    out.extend_from_slice(&now_ms().to_be_bytes());
+    out.extend_from_slice(&(ttl.as_millis().min(u128::from(u32::MAX)) as u32).to_be_bytes());
+    out.extend_from_slice(&(delta.as_millis().min(u128::from(u32::MAX)) as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn decode(stored: &[u8]) -> Option<Stored<'_>> {
+    if stored.len() < HEADER {
+        return None;
     }
+    let stored_at_ms = u64::from_be_bytes(stored[1..9].try_into().ok()?);
+    let ttl_ms = u32::from_be_bytes(stored[9..13].try_into().ok()?);
+    let delta_ms = u32::from_be_bytes(stored[13..17].try_into().ok()?);
+    let value = match stored[0] {
+        VALUE => Some(&stored[HEADER..]),
+        NEGATIVE => None,
+        _ => return None,
+    };
+    Some(Stored {
+        value,
+        stored_at_ms,
+        ttl_ms,
+        delta_ms,
+    })
 }
 
 impl Inner {
@@ -344,14 +406,40 @@ impl Cache {
     {
         let full = format!("{namespace}:{key}");
         let counters = self.inner.stats.ns(namespace);
-        if let Some(hit) = self.memory_get(&full, &counters) {
-            return Ok((hit, Source::Memory));
-        }
-
+        let early = self.inner.config.early_refresh.contains(namespace);
         let flight = self.flight(&full);
         let mut all_tags: Vec<String> = tags.to_vec();
         all_tags.push(format!("ns:{namespace}"));
         let ttl = self.ttl(namespace);
+
+        if let Some(entry) = self.memory_get(&full, &counters) {
+            let refresh = early && due_for_refresh(entry.expires_at_ms, entry.delta_ms);
+            if !refresh {
+                return Ok((entry.bytes, Source::Memory));
+            }
+            if self.inner.shared.is_none() {
+                // Memory only: one caller refreshes, the others keep the current value.
+                let Ok(_guard) = flight.try_lock() else {
+                    return Ok((entry.bytes, Source::Memory));
+                };
+                add(&counters.early_refreshes, 1);
+                let started_epoch = self.inner.epoch.load(Ordering::SeqCst);
+                let (loaded, delta) = self.timed_load(&counters, loader).await?;
+                let value: Option<Arc<[u8]>> = loaded.map(Arc::from);
+                self.install_loaded(
+                    started_epoch,
+                    &full,
+                    namespace,
+                    tags,
+                    &all_tags,
+                    value.clone(),
+                    ttl,
+                    delta,
+                );
+                return Ok((value, Source::Loaded));
+            }
+            // With a shared tier, the refresh goes through its lease below.
+        }
 
         if let Some(shared) = self.shared_tier().await {
             // Hits take no lock. The lease makes one loader cluster-wide; the local flight lock
@@ -360,74 +448,76 @@ impl Cache {
             let mut _guard = None;
             let started_epoch = self.inner.epoch.load(Ordering::SeqCst);
             let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            let lease_ttl = self.inner.options.lease_ttl;
             let wait_until = Instant::now() + self.inner.options.lease_wait;
             let mut delay = Duration::from_millis(2);
             loop {
-                match shared
-                    .lookup(&full, &all_tags, &token, self.inner.options.lease_ttl)
-                    .await
-                {
+                match shared.lookup(&full, &all_tags, &token, lease_ttl).await {
                     Ok(Lookup::Hit(stored)) => {
                         self.inner.breaker.success();
-                        if let Some(value) = decode(&stored) {
-                            add(&counters.shared_hits, 1);
-                            if value.is_none() {
-                                add(&counters.negative_hits, 1);
-                            }
-                            let value: Option<Arc<[u8]>> = value.map(Arc::from);
-                            // Shared TTL left is unknown here; the namespace TTL bounds it.
-                            self.install(
-                                started_epoch,
-                                &full,
-                                namespace,
-                                tags,
-                                &all_tags,
-                                value.clone(),
-                                ttl,
-                            );
-                            return Ok((value, Source::Shared));
+                        let Some(entry) = decode(&stored) else {
+                            tracing::warn!(key = full, "undecodable cache entry; loading");
+                            break;
+                        };
+                        add(&counters.shared_hits, 1);
+                        if entry.value.is_none() {
+                            add(&counters.negative_hits, 1);
                         }
-                        tracing::warn!(key = full, "undecodable cache entry; loading");
-                        break;
+                        let refresh =
+                            early && due_for_refresh(entry.expires_at_ms(), entry.delta_ms);
+                        if refresh
+                            && matches!(
+                                shared.try_lease(&full, &all_tags, &token, lease_ttl).await,
+                                Ok(true)
+                            )
+                        {
+                            add(&counters.early_refreshes, 1);
+                            return self
+                                .load_and_fill(
+                                    shared,
+                                    started_epoch,
+                                    &full,
+                                    namespace,
+                                    tags,
+                                    &all_tags,
+                                    &token,
+                                    &counters,
+                                    loader,
+                                )
+                                .await;
+                        }
+                        let value: Option<Arc<[u8]>> = entry.value.map(Arc::from);
+                        self.install(
+                            started_epoch,
+                            &full,
+                            namespace,
+                            tags,
+                            &all_tags,
+                            value.clone(),
+                            entry.remaining(),
+                            entry.expires_at_ms(),
+                            entry.delta_ms,
+                        );
+                        return Ok((value, Source::Shared));
                     }
                     Ok(Lookup::Lease) => {
                         self.inner.breaker.success();
                         // The lease holder never waits for the local lock: a waiter of this
                         // instance may hold it while polling for the value we are about to load.
                         add(&counters.misses, 1);
-                        let loaded = self.timed_load(&counters, loader).await?;
-                        let value_ttl = if loaded.is_some() {
-                            ttl
-                        } else {
-                            ttl.min(self.inner.options.negative_ttl)
-                        };
-                        match shared
-                            .store(
+                        return self
+                            .load_and_fill(
+                                shared,
+                                started_epoch,
                                 &full,
-                                Some(&token),
-                                &encode(loaded.as_deref()),
-                                value_ttl,
+                                namespace,
+                                tags,
                                 &all_tags,
+                                &token,
+                                &counters,
+                                loader,
                             )
-                            .await
-                        {
-                            Ok(true) => {
-                                let value: Option<Arc<[u8]>> = loaded.map(Arc::from);
-                                self.install(
-                                    started_epoch,
-                                    &full,
-                                    namespace,
-                                    tags,
-                                    &all_tags,
-                                    value.clone(),
-                                    value_ttl,
-                                );
-                                return Ok((value, Source::Loaded));
-                            }
-                            Ok(false) => add(&counters.stale_sets_refused, 1),
-                            Err(err) => self.shared_failed(&counters, &err),
-                        }
-                        return Ok((loaded.map(Arc::from), Source::Loaded));
+                            .await;
                     }
                     Ok(Lookup::Wait) => {
                         add(&counters.lease_waits, 1);
@@ -449,40 +539,140 @@ impl Cache {
                     }
                 }
             }
-            // Redis failed or the other loader took too long: load, and cache nothing.
+            // The shared tier failed or the other loader took too long: load, cache nothing.
             add(&counters.misses, 1);
-            let loaded = self.timed_load(&counters, loader).await?;
+            let (loaded, _) = self.timed_load(&counters, loader).await?;
             return Ok((loaded.map(Arc::from), Source::Loaded));
         }
 
         let _guard = flight.lock().await;
         // Another task of this instance may have filled it while we waited.
-        if let Some(hit) = self.memory_get(&full, &counters) {
-            return Ok((hit, Source::Memory));
+        if let Some(entry) = self.memory_get(&full, &counters) {
+            return Ok((entry.bytes, Source::Memory));
         }
         let started_epoch = self.inner.epoch.load(Ordering::SeqCst);
         add(&counters.misses, 1);
-        let loaded = self.timed_load(&counters, loader).await?;
-        if let Some(memory) = &self.inner.memory {
-            if self.invalidated_since(started_epoch, &full, namespace, tags) {
-                add(&counters.stale_sets_refused, 1);
-            } else {
-                let value_ttl = if loaded.is_some() {
-                    ttl
-                } else {
-                    ttl.min(self.inner.options.negative_ttl)
-                };
-                memory.insert(
+        let (loaded, delta) = self.timed_load(&counters, loader).await?;
+        let value: Option<Arc<[u8]>> = loaded.map(Arc::from);
+        self.install_loaded(
+            started_epoch,
+            &full,
+            namespace,
+            tags,
+            &all_tags,
+            value.clone(),
+            ttl,
+            delta,
+        );
+        Ok((value, Source::Loaded))
+    }
+
+    /// The lease holder's work: load, fill the shared tier if the lease still holds, and keep
+    /// a copy in the in-process tier.
+    #[allow(clippy::too_many_arguments)]
+    async fn load_and_fill<E, F, Fut>(
+        &self,
+        shared: &SharedTier,
+        started_epoch: u64,
+        full: &str,
+        namespace: &str,
+        tags: &[String],
+        all_tags: &[String],
+        token: &str,
+        counters: &NsCounters,
+        loader: F,
+    ) -> Result<(Option<Arc<[u8]>>, Source), E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
+    {
+        let ttl = self.value_ttl(namespace, true);
+        let (loaded, delta) = self.timed_load(counters, loader).await?;
+        let ttl = if loaded.is_some() {
+            ttl
+        } else {
+            self.value_ttl(namespace, false)
+        };
+        let stored = shared
+            .store(
+                full,
+                Some(token),
+                &encode(loaded.as_deref(), ttl, delta),
+                ttl,
+                all_tags,
+            )
+            .await;
+        let value: Option<Arc<[u8]>> = loaded.map(Arc::from);
+        match stored {
+            Ok(true) => {
+                let expires = now_ms() + ttl.as_millis() as u64;
+                let delta_ms = delta.as_millis() as u32;
+                self.install(
+                    started_epoch,
                     full,
-                    MemEntry {
-                        bytes: loaded.clone().map(Arc::from),
-                        tags: all_tags.into(),
-                        ttl: value_ttl,
-                    },
+                    namespace,
+                    tags,
+                    all_tags,
+                    value.clone(),
+                    ttl,
+                    expires,
+                    delta_ms,
                 );
             }
+            Ok(false) => add(&counters.stale_sets_refused, 1),
+            Err(err) => self.shared_failed(counters, &err),
         }
-        Ok((loaded.map(Arc::from), Source::Loaded))
+        Ok((value, Source::Loaded))
+    }
+
+    /// The TTL of a value (`found`) or of a cached not-found in `namespace`.
+    fn value_ttl(&self, namespace: &str, found: bool) -> Duration {
+        let ttl = self.ttl(namespace);
+        if found {
+            ttl
+        } else {
+            ttl.min(self.inner.options.negative_ttl)
+        }
+    }
+
+    /// Memory-only mode: install what this instance just loaded.
+    #[allow(clippy::too_many_arguments)]
+    fn install_loaded(
+        &self,
+        started_epoch: u64,
+        full: &str,
+        namespace: &str,
+        tags: &[String],
+        all_tags: &[String],
+        value: Option<Arc<[u8]>>,
+        ttl: Duration,
+        delta: Duration,
+    ) {
+        if self.inner.shared.is_some() {
+            return;
+        }
+        let ttl = if value.is_some() {
+            ttl
+        } else {
+            ttl.min(self.inner.options.negative_ttl)
+        };
+        let expires = now_ms() + ttl.as_millis() as u64;
+        let counters = self.inner.stats.ns(namespace);
+        if self.invalidated_since(started_epoch, full, namespace, tags) {
+            add(&counters.stale_sets_refused, 1);
+            return;
+        }
+        self.install(
+            started_epoch,
+            full,
+            namespace,
+            tags,
+            all_tags,
+            value,
+            ttl,
+            expires,
+            delta.as_millis() as u32,
+        );
     }
 
     /// Stores `value` unconditionally (a write-through), replacing any lease in progress.
@@ -507,13 +697,21 @@ impl Cache {
                     bytes: Some(bytes.clone().into()),
                     tags: all_tags.clone().into(),
                     ttl,
+                    expires_at_ms: now_ms() + ttl.as_millis() as u64,
+                    delta_ms: 0,
                 },
             );
         }
         if let Some(shared) = self.shared_tier().await {
             let counters = self.inner.stats.ns(namespace);
             if let Err(err) = shared
-                .store(&full, None, &encode(Some(&bytes)), ttl, &all_tags)
+                .store(
+                    &full,
+                    None,
+                    &encode(Some(&bytes), ttl, Duration::ZERO),
+                    ttl,
+                    &all_tags,
+                )
                 .await
             {
                 self.shared_failed(&counters, &err);
@@ -536,12 +734,15 @@ impl Cache {
         let full = format!("{namespace}:{key}");
         let counters = self.inner.stats.ns(namespace);
         if let Some(hit) = self.memory_get(&full, &counters) {
-            return hit.map(|b| serde_json::from_slice(&b)).transpose();
+            return hit.bytes.map(|b| serde_json::from_slice(&b)).transpose();
         }
         if let Some(shared) = self.shared_tier().await {
             match shared.get(&full).await {
                 Ok(Some(stored)) => {
-                    if let Some(Some(bytes)) = decode(&stored) {
+                    if let Some(Stored {
+                        value: Some(bytes), ..
+                    }) = decode(&stored)
+                    {
                         add(&counters.shared_hits, 1);
                         return serde_json::from_slice(bytes).map(Some);
                     }
@@ -609,7 +810,7 @@ impl Cache {
 
     // --- internals ---
 
-    fn memory_get(&self, full: &str, counters: &NsCounters) -> Option<Option<Arc<[u8]>>> {
+    fn memory_get(&self, full: &str, counters: &NsCounters) -> Option<MemEntry> {
         if self.inner.bus.as_ref().is_some_and(|bus| !bus.trusted()) {
             return None;
         }
@@ -618,11 +819,11 @@ impl Cache {
         if entry.bytes.is_none() {
             add(&counters.negative_hits, 1);
         }
-        Some(entry.bytes)
+        Some(entry)
     }
 
-    /// Puts a value read from the shared tier into the in-process tier, unless the bus is not
-    /// trusted right now or an invalidation overtook the read.
+    /// Puts a value into the in-process tier, unless the bus is not trusted right now or an
+    /// invalidation overtook the read. `ttl` is the time it has left.
     #[allow(clippy::too_many_arguments)]
     fn install(
         &self,
@@ -633,23 +834,26 @@ impl Cache {
         all_tags: &[String],
         value: Option<Arc<[u8]>>,
         ttl: Duration,
+        expires_at_ms: u64,
+        delta_ms: u32,
     ) {
         let Some(memory) = &self.inner.memory else {
             return;
         };
-        if self.inner.bus.as_ref().is_some_and(|bus| !bus.trusted())
+        if ttl.is_zero()
+            || self.inner.bus.as_ref().is_some_and(|bus| !bus.trusted())
             || self.invalidated_since(started_epoch, full, namespace, tags)
         {
             return;
         }
-        memory.insert(
-            full.to_string(),
-            MemEntry {
-                bytes: value,
-                tags: all_tags.to_vec().into(),
-                ttl,
-            },
-        );
+        let entry = MemEntry {
+            bytes: value,
+            tags: all_tags.to_vec().into(),
+            ttl,
+            expires_at_ms,
+            delta_ms,
+        };
+        memory.insert(full.to_string(), entry);
     }
 
     fn flight(&self, full: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -665,16 +869,17 @@ impl Cache {
         &self,
         counters: &NsCounters,
         loader: F,
-    ) -> Result<Option<Vec<u8>>, E>
+    ) -> Result<(Option<Vec<u8>>, Duration), E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
     {
         let started = Instant::now();
         let result = loader().await;
+        let elapsed = started.elapsed();
         add(&counters.loads, 1);
-        add(&counters.load_micros, started.elapsed().as_micros() as u64);
-        result
+        add(&counters.load_micros, elapsed.as_micros() as u64);
+        result.map(|loaded| (loaded, elapsed))
     }
 
     fn bump(&self, marks: &[String]) {

@@ -60,6 +60,31 @@ impl PgTier {
         })
     }
 
+    /// Takes the lease of a key whatever its value (early refresh); false if someone holds it.
+    pub async fn try_lease(
+        &self,
+        full_key: &str,
+        tags: &[String],
+        token: &str,
+        lease_ttl: Duration,
+    ) -> Result<bool, DbError> {
+        let conn = self.db.conn().await?;
+        let statement = conn
+            .prepare_cached(
+                "INSERT INTO cache_leases AS l (key, token, tags, expires_at)
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4::float8 / 1000))
+                 ON CONFLICT (key) DO UPDATE
+                   SET token = EXCLUDED.token, tags = EXCLUDED.tags, expires_at = EXCLUDED.expires_at
+                   WHERE l.expires_at <= now()
+                 RETURNING token",
+            )
+            .await?;
+        let row = conn
+            .query_opt(&statement, &[&full_key, &token, &tags, &millis(lease_ttl)])
+            .await?;
+        Ok(row.is_some())
+    }
+
     pub async fn get(&self, full_key: &str) -> Result<Option<Vec<u8>>, DbError> {
         let conn = self.db.conn().await?;
         let statement = conn

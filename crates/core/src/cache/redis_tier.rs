@@ -30,6 +30,7 @@ pub(crate) struct RedisTier {
     redis: Redis,
     prefix: String,
     get_or_lease: Script,
+    try_lease: Script,
     fill: Script,
     set: Script,
     invalidate_tag: Script,
@@ -49,6 +50,19 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return 'L'
 end
 return 'W'
+";
+
+/// A lease on a key that still has a value: early refresh.
+const TRY_LEASE: &str = r"
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local ttl = tonumber(ARGV[2])
+  for i = 3, #KEYS do
+    redis.call('SADD', KEYS[i], KEYS[1])
+    if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+  end
+  return 1
+end
+return 0
 ";
 
 /// Shared by FILL (guarded by the lease) and SET (unconditional): store, index tags.
@@ -80,6 +94,7 @@ impl RedisTier {
             redis,
             prefix,
             get_or_lease: Script::new(GET_OR_LEASE),
+            try_lease: Script::new(TRY_LEASE),
             fill: Script::new(&fill),
             set: Script::new(STORE),
             invalidate_tag: Script::new(INVALIDATE_TAG),
@@ -136,6 +151,25 @@ impl RedisTier {
             b"W" => Lookup::Wait,
             _ => Lookup::Hit(bytes),
         })
+    }
+
+    /// Takes the lease of a key whatever its value (early refresh); false if someone holds it.
+    pub async fn try_lease(
+        &self,
+        full_key: &str,
+        tags: &[String],
+        token: &str,
+        lease_ttl: Duration,
+    ) -> Result<bool, RedisError> {
+        let key = self.value_key(full_key);
+        let mut invocation = self.try_lease.prepare_invoke();
+        invocation.key(&key).key(self.lease_key(&key));
+        for tag in tags {
+            invocation.key(self.tag_key(tag));
+        }
+        invocation.arg(token).arg(lease_ttl.as_millis() as u64);
+        let granted: i64 = self.run(invocation).await?;
+        Ok(granted == 1)
     }
 
     /// Plain read, no lease (for waiters).

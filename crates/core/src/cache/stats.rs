@@ -19,6 +19,7 @@ pub(crate) struct NsCounters {
     pub negative_hits: AtomicU64,
     pub stale_sets_refused: AtomicU64,
     pub shared_errors: AtomicU64,
+    pub early_refreshes: AtomicU64,
 }
 
 /// A snapshot of one namespace's counters.
@@ -35,6 +36,7 @@ pub struct NamespaceStats {
     pub negative_hits: u64,
     pub stale_sets_refused: u64,
     pub shared_errors: u64,
+    pub early_refreshes: u64,
 }
 
 impl NamespaceStats {
@@ -76,6 +78,7 @@ impl Stats {
                 negative_hits: c.negative_hits.load(Ordering::Relaxed),
                 stale_sets_refused: c.stale_sets_refused.load(Ordering::Relaxed),
                 shared_errors: c.shared_errors.load(Ordering::Relaxed),
+                early_refreshes: c.early_refreshes.load(Ordering::Relaxed),
             })
             .collect()
     }

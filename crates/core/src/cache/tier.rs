@@ -43,6 +43,19 @@ impl SharedTier {
         })
     }
 
+    pub async fn try_lease(
+        &self,
+        full_key: &str,
+        tags: &[String],
+        token: &str,
+        lease_ttl: Duration,
+    ) -> Result<bool, TierError> {
+        Ok(match self {
+            SharedTier::Redis(t) => t.try_lease(full_key, tags, token, lease_ttl).await?,
+            SharedTier::Postgres(t) => t.try_lease(full_key, tags, token, lease_ttl).await?,
+        })
+    }
+
     pub async fn get(&self, full_key: &str) -> Result<Option<Vec<u8>>, TierError> {
         Ok(match self {
             SharedTier::Redis(t) => t.get(full_key).await?,

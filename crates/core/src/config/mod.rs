@@ -87,6 +87,9 @@ pub struct RawConfig {
     /// How often expired rows leave the PostgreSQL cache table [default: 60s].
     #[arg(long, env = "CACHE_CLEANUP_INTERVAL", global = true)]
     pub cache_cleanup_interval: Option<String>,
+    /// Namespaces refreshed early (probabilistically, before expiry, by one caller), comma-separated.
+    #[arg(long, env = "CACHE_EARLY_REFRESH", global = true)]
+    pub cache_early_refresh: Option<String>,
     /// Prefix of every key Cascade writes to Redis [default: cascade:].
     #[arg(long, env = "CACHE_KEY_PREFIX", global = true)]
     pub cache_key_prefix: Option<String>,
@@ -222,6 +225,8 @@ pub struct CacheConfig {
     pub default_ttl: Duration,
     pub cleanup_interval: Duration,
     pub key_prefix: String,
+    /// Namespaces whose hot keys are reloaded shortly before they expire.
+    pub early_refresh: std::collections::BTreeSet<String>,
 }
 
 impl CacheConfig {
@@ -829,6 +834,15 @@ impl Config {
                 60 * SECOND,
             ),
             key_prefix,
+            early_refresh: raw
+                .cache_early_refresh
+                .as_deref()
+                .unwrap_or("")
+                .split(',')
+                .map(str::trim)
+                .filter(|ns| !ns.is_empty())
+                .map(String::from)
+                .collect(),
         }
     }
 
@@ -890,6 +904,14 @@ impl Config {
             ("CACHE_DEFAULT_TTL", secs(c.default_ttl)),
             ("CACHE_CLEANUP_INTERVAL", secs(c.cleanup_interval)),
             ("CACHE_KEY_PREFIX", c.key_prefix.clone()),
+            (
+                "CACHE_EARLY_REFRESH",
+                c.early_refresh
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
             ("SESSION_DEFAULT_TTL", secs(self.session_default_ttl)),
             (
                 "SESSION_CLEANUP_INTERVAL",
