@@ -590,3 +590,117 @@ async fn hot_keys_refresh_before_expiry_with_redis() {
     let server = RedisServer::start().await;
     hot_keys_refresh_before_expiry(redis_engine(&server, "e:")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_redis_never_serves_a_value_invalidated_by_another_instance_while_it_was_away() {
+    let pg = PgServer::start().await;
+    let server = RedisServer::start().await;
+    let (client, db) = kv(&pg).await;
+    let (a, b) = (redis_engine(&server, "q:"), redis_engine(&server, "q:"));
+    let b_reader = pg.client(&db).await;
+    assert_eq!(
+        a.get_or_load("assets", "hot", &[], || read_kv(&client))
+            .await
+            .unwrap(),
+        Some(0)
+    );
+    assert_eq!(
+        b.get_or_load("assets", "hot", &[], || read_kv(&b_reader))
+            .await
+            .unwrap(),
+        Some(0)
+    );
+
+    server.pause();
+    client
+        .execute("UPDATE kv SET v = 1 WHERE k = 'hot'", &[])
+        .await
+        .unwrap();
+    a.invalidate("assets", "hot").await; // cannot reach Redis: remembered by A only
+    // A crashes before Redis comes back: its undelivered invalidation dies with it.
+    drop(a);
+    assert_eq!(
+        b.get_or_load("assets", "hot", &[], || read_kv(&b_reader))
+            .await
+            .unwrap(),
+        Some(1)
+    );
+    server.resume();
+
+    // B reads as fast as it can while A replays in the background: never the old value.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let seen = b
+            .get_or_load("assets", "hot", &[], || read_kv(&b_reader))
+            .await
+            .unwrap();
+        assert_eq!(
+            seen,
+            Some(1),
+            "instance B served the value A invalidated while Redis was paused"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_partition_entries_from_before_it_are_revalidated() {
+    let pg = PgServer::start().await;
+    let server = RedisServer::start().await;
+    let proxy = cascade_testkit::Proxy::start(server.port()).await;
+    let (client, db) = kv(&pg).await;
+    let via_proxy = |prefix: &str| {
+        let url = format!("redis://127.0.0.1:{}", proxy.port());
+        let redis = Redis::new(&RedisConfig {
+            url: Secret::new(url.clone()),
+            display: url,
+            timeout: Duration::from_millis(200),
+        })
+        .unwrap();
+        Cache::new(
+            config(prefix),
+            Backend::Redis(redis),
+            EngineOptions {
+                breaker_cool_down: Duration::from_millis(200),
+                ..EngineOptions::default()
+            },
+        )
+    };
+    let (a, b) = (via_proxy("w:"), via_proxy("w:"));
+    let b_reader = pg.client(&db).await;
+    assert_eq!(
+        a.get_or_load("assets", "hot", &[], || read_kv(&client))
+            .await
+            .unwrap(),
+        Some(0)
+    );
+
+    // Redis keeps running with its data, but nobody can reach it.
+    proxy.cut();
+    client
+        .execute("UPDATE kv SET v = 1 WHERE k = 'hot'", &[])
+        .await
+        .unwrap();
+    a.invalidate("assets", "hot").await; // never reaches Redis
+    drop(a); // and A dies before it could replay it
+    assert_eq!(
+        b.get_or_load("assets", "hot", &[], || read_kv(&b_reader))
+            .await
+            .unwrap(),
+        Some(1)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.restore();
+
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let seen = b
+            .get_or_load("assets", "hot", &[], || read_kv(&b_reader))
+            .await
+            .unwrap();
+        assert_eq!(
+            seen,
+            Some(1),
+            "B served an entry stored before the partition and invalidated during it"
+        );
+    }
+}

@@ -9,9 +9,11 @@
 //! backends) with it and a restart finds no orphan holding the shared memory.
 
 mod pg;
+mod proxy;
 mod redis_server;
 
 pub use pg::PgServer;
+pub use proxy::Proxy;
 pub use redis_server::RedisServer;
 
 use std::net::TcpListener;

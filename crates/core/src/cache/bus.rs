@@ -270,7 +270,10 @@ pub(crate) async fn run(engine: Weak<Inner>) {
                     let Some(inner) = engine.upgrade() else { return };
                     let Some(bus) = inner.bus.as_ref() else { return };
                     let hb = Message::Hb { from: bus.id.clone(), sent: bus.micros() };
-                    let _ = bus.publish(&hb).await;
+                    match bus.publish(&hb).await {
+                        Ok(()) => inner.shared_ok(),
+                        Err(_) => inner.note_outage(),
+                    }
                     // Deliver remembered invalidations as soon as Redis takes them, not only
                     // when this instance next serves a request.
                     super::Cache { inner: inner.clone() }.replay_if_pending().await;

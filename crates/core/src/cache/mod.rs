@@ -22,7 +22,7 @@ mod tier;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -172,6 +172,10 @@ pub(crate) struct Inner {
     /// kept longer than any load lasts, so a finishing load can tell it was overtaken.
     invalidated: Moka<String, u64>,
     pending: Mutex<Pending>,
+    /// A shared-tier call failed since the last success.
+    outage: AtomicBool,
+    /// Wall-clock ms: shared entries stored before this are revalidated (see `shared_ok`).
+    distrust_before_ms: AtomicU64,
     /// Serialises replays of `pending` so one caller does it.
     replay: tokio::sync::Mutex<()>,
     stats: Stats,
@@ -248,7 +252,30 @@ fn decode(stored: &[u8]) -> Option<Stored<'_>> {
     })
 }
 
+/// Entries stored up to this long after an outage ended are revalidated too: the storing and
+/// the reading instance's clocks may differ slightly.
+const CLOCK_SLACK_MS: u64 = 1000;
+
 impl Inner {
+    /// The shared tier answered. The first answer after an outage starts distrusting entries
+    /// stored before now: invalidations other instances could not deliver meanwhile are not
+    /// known here (a paused Redis comes back with its old data).
+    pub(crate) fn shared_ok(&self) {
+        self.breaker.success();
+        if self.outage.swap(false, Ordering::SeqCst) {
+            self.distrust_before_ms
+                .store(now_ms() + CLOCK_SLACK_MS, Ordering::SeqCst);
+            tracing::info!(
+                "shared cache tier back: entries stored before now are revalidated on read"
+            );
+        }
+    }
+
+    /// The shared tier (or the bus on it) failed.
+    pub(crate) fn note_outage(&self) {
+        self.outage.store(true, Ordering::SeqCst);
+    }
+
     fn bump(&self, marks: &[String]) {
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         for mark in marks {
@@ -336,6 +363,8 @@ impl Cache {
                 epoch: AtomicU64::new(0),
                 invalidated,
                 pending: Mutex::default(),
+                outage: AtomicBool::new(false),
+                distrust_before_ms: AtomicU64::new(0),
                 replay: tokio::sync::Mutex::new(()),
                 stats: Stats::default(),
             }),
@@ -454,11 +483,43 @@ impl Cache {
             loop {
                 match shared.lookup(&full, &all_tags, &token, lease_ttl).await {
                     Ok(Lookup::Hit(stored)) => {
-                        self.inner.breaker.success();
+                        self.inner.shared_ok();
                         let Some(entry) = decode(&stored) else {
                             tracing::warn!(key = full, "undecodable cache entry; loading");
                             break;
                         };
+                        if entry.stored_at_ms < self.inner.distrust_before_ms.load(Ordering::SeqCst)
+                        {
+                            // Stored before an outage ended: another instance may have failed
+                            // to delete it meanwhile. Revalidate: one caller reloads under the
+                            // lease, the others wait for its value.
+                            if matches!(
+                                shared.try_lease(&full, &all_tags, &token, lease_ttl).await,
+                                Ok(true)
+                            ) {
+                                add(&counters.misses, 1);
+                                return self
+                                    .load_and_fill(
+                                        shared,
+                                        started_epoch,
+                                        &full,
+                                        namespace,
+                                        tags,
+                                        &all_tags,
+                                        &token,
+                                        &counters,
+                                        loader,
+                                    )
+                                    .await;
+                            }
+                            add(&counters.lease_waits, 1);
+                            if Instant::now() >= wait_until {
+                                break;
+                            }
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_millis(25));
+                            continue;
+                        }
                         add(&counters.shared_hits, 1);
                         if entry.value.is_none() {
                             add(&counters.negative_hits, 1);
@@ -501,7 +562,7 @@ impl Cache {
                         return Ok((value, Source::Shared));
                     }
                     Ok(Lookup::Lease) => {
-                        self.inner.breaker.success();
+                        self.inner.shared_ok();
                         // The lease holder never waits for the local lock: a waiter of this
                         // instance may hold it while polling for the value we are about to load.
                         add(&counters.misses, 1);
@@ -904,6 +965,7 @@ impl Cache {
 
     fn shared_failed(&self, counters: &NsCounters, err: &TierError) {
         add(&counters.shared_errors, 1);
+        self.inner.outage.store(true, Ordering::SeqCst);
         if self.inner.breaker.failure() {
             tracing::warn!(error = %err, "Redis cache tier failing: breaker open, reading through to the source");
         }
@@ -995,7 +1057,7 @@ impl Cache {
         }
         if ok {
             tracing::info!("Redis cache tier back: undelivered invalidations replayed");
-            self.inner.breaker.success();
+            self.inner.shared_ok();
         } else {
             self.remember(|p| {
                 p.keys.extend(failed_keys);
