@@ -209,8 +209,26 @@ async fn read_kv(client: &tokio_postgres::Client) -> Result<Option<i64>, tokio_p
 async fn a_write_on_one_instance_is_seen_by_the_next_read_on_the_other_while_the_key_is_hot() {
     let pg = PgServer::start().await;
     let server = RedisServer::start().await;
-    let (client, db) = kv(&pg).await;
     let (a, b) = (redis_engine(&server, "x:"), redis_engine(&server, "x:"));
+    write_on_a_read_on_b(&pg, a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_one_instance_is_seen_by_the_other_with_the_postgres_backend() {
+    let pg = PgServer::start().await;
+    let (a, db) = pg_engine(&pg).await;
+    let b = Cache::new(
+        config("pg:"),
+        Backend::Postgres(db),
+        EngineOptions::default(),
+    );
+    write_on_a_read_on_b(&pg, a, b).await;
+}
+
+/// A write acknowledged through A is seen by the very next read through B, hundreds of times,
+/// while other tasks keep the key hot in both instances' in-process tiers.
+async fn write_on_a_read_on_b(pg: &PgServer, a: Cache, b: Cache) {
+    let (client, db) = kv(pg).await;
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut hot = Vec::new();

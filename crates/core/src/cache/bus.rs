@@ -19,7 +19,84 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use super::Inner;
+use crate::db::Db;
 use crate::redis::Redis;
+
+/// What carries the bus: Redis pub/sub, or PostgreSQL LISTEN/NOTIFY in unified mode. Both
+/// deliver a channel's messages to each listener in the order they were published.
+#[derive(Clone)]
+pub(crate) enum Transport {
+    Redis(Redis),
+    Postgres(Db),
+}
+
+type Payloads = std::pin::Pin<Box<dyn futures_util::Stream<Item = Vec<u8>> + Send>>;
+
+impl Transport {
+    async fn publish(&self, channel: &str, payload: String) -> Result<(), String> {
+        match self {
+            Transport::Redis(redis) => redis
+                .query(redis::cmd("PUBLISH").arg(channel).arg(payload))
+                .await
+                .map_err(|e| e.to_string()),
+            Transport::Postgres(db) => {
+                let conn = db.conn().await.map_err(|e| e.to_string())?;
+                conn.execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// A new subscription to `channel`, as a stream of payloads that ends when it breaks.
+    async fn subscribe(&self, channel: &str) -> Result<Payloads, String> {
+        match self {
+            Transport::Redis(redis) => {
+                let mut pubsub = redis.pubsub().await.map_err(|e| e.to_string())?;
+                pubsub.subscribe(channel).await.map_err(|e| e.to_string())?;
+                Ok(Box::pin(
+                    pubsub
+                        .into_on_message()
+                        .map(|m| m.get_payload_bytes().to_vec()),
+                ))
+            }
+            Transport::Postgres(db) => {
+                let config = db.maintenance_config().clone();
+                let connect = config.connect(tokio_postgres::NoTls);
+                let (client, mut connection) =
+                    tokio::time::timeout(Duration::from_secs(5), connect)
+                        .await
+                        .map_err(|_| "LISTEN connection timed out".to_string())?
+                        .map_err(|e| e.to_string())?;
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+                // The connection must be polled for notifications to arrive; the client is
+                // kept alive with it, and both end when the stream's receiver is dropped.
+                let driver = tokio::spawn(async move {
+                    let mut messages =
+                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(Ok(message)) = messages.next().await {
+                        if let tokio_postgres::AsyncMessage::Notification(n) = message
+                            && tx.send(n.payload().as_bytes().to_vec()).is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+                let listen = format!("LISTEN \"{}\"", channel.replace('"', ""));
+                if let Err(err) = client.batch_execute(&listen).await {
+                    driver.abort();
+                    return Err(err.to_string());
+                }
+                let stream =
+                    futures_util::stream::unfold((rx, client), |(mut rx, client)| async move {
+                        rx.recv().await.map(|payload| (payload, (rx, client)))
+                    });
+                Ok(Box::pin(stream))
+            }
+        }
+    }
+}
 
 pub(crate) const HEARTBEAT: Duration = Duration::from_millis(50);
 pub(crate) const TRUST: Duration = Duration::from_millis(250);
@@ -56,7 +133,7 @@ struct Waiting {
 pub(crate) struct Bus {
     pub id: String,
     channel: String,
-    redis: Redis,
+    transport: Transport,
     origin: Instant,
     /// Micros since `origin` until which the in-process tier may be used; 0: untrusted.
     trusted_until: AtomicU64,
@@ -70,11 +147,11 @@ pub(crate) struct Bus {
 }
 
 impl Bus {
-    pub fn new(redis: Redis, prefix: &str) -> Self {
+    pub fn new(transport: Transport, prefix: &str) -> Self {
         Bus {
             id: format!("{:016x}", fastrand::u64(..)),
             channel: format!("{prefix}bus:cache"),
-            redis,
+            transport,
             origin: Instant::now(),
             trusted_until: AtomicU64::new(0),
             warm_until: AtomicU64::new(u64::MAX),
@@ -94,11 +171,9 @@ impl Bus {
             && now >= self.warm_until.load(Ordering::SeqCst)
     }
 
-    async fn publish(&self, message: &Message) -> Result<(), crate::redis::RedisError> {
+    async fn publish(&self, message: &Message) -> Result<(), String> {
         let payload = serde_json::to_string(message).unwrap_or_default();
-        self.redis
-            .query(redis::cmd("PUBLISH").arg(&self.channel).arg(payload))
-            .await
+        self.transport.publish(&self.channel, payload).await
     }
 
     /// Tells every instance to drop `keys` and `tags` from its in-process tier, and waits until
@@ -235,16 +310,10 @@ pub(crate) async fn run(engine: Weak<Inner>) {
         let Some(bus) = inner.bus.as_ref() else {
             return;
         };
-        let (bus_redis, channel) = (bus.redis.clone(), bus.channel.clone());
+        let (transport, channel) = (bus.transport.clone(), bus.channel.clone());
         drop(inner);
-        let subscribed = async {
-            let mut pubsub = bus_redis.pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, crate::redis::RedisError>(pubsub)
-        }
-        .await;
-        let pubsub = match subscribed {
-            Ok(pubsub) => pubsub,
+        let mut stream = match transport.subscribe(&channel).await {
+            Ok(stream) => stream,
             Err(err) => {
                 tracing::debug!(error = %err, "cache bus: cannot subscribe yet");
                 tokio::time::sleep(backoff).await;
@@ -262,7 +331,6 @@ pub(crate) async fn run(engine: Weak<Inner>) {
             inner.flush_memory();
         }
         tracing::info!("cache bus subscribed");
-        let mut stream = pubsub.into_on_message();
         let mut tick = tokio::time::interval(HEARTBEAT);
         loop {
             tokio::select! {
@@ -283,7 +351,7 @@ pub(crate) async fn run(engine: Weak<Inner>) {
                     let Some(bus) = inner.bus.as_ref() else { return };
                     match message {
                         Ok(Some(msg)) => {
-                            if let Some(reply) = bus.on_message(&inner, msg.get_payload_bytes()) {
+                            if let Some(reply) = bus.on_message(&inner, &msg) {
                                 let _ = bus.publish(&reply).await;
                             }
                         }

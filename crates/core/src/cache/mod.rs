@@ -323,8 +323,15 @@ impl Cache {
     /// Builds the engine on the given shared tier.
     pub fn new(config: CacheConfig, backend: Backend, options: EngineOptions) -> Cache {
         let bus = match &backend {
-            Backend::Redis(redis) => Some(Bus::new(redis.clone(), &config.key_prefix)),
-            _ => None,
+            Backend::Redis(redis) => Some(Bus::new(
+                bus::Transport::Redis(redis.clone()),
+                &config.key_prefix,
+            )),
+            Backend::Postgres(db) => Some(Bus::new(
+                bus::Transport::Postgres(db.clone()),
+                &config.key_prefix,
+            )),
+            Backend::Memory => None,
         };
         let shared = match backend {
             Backend::Memory => None,
@@ -915,6 +922,11 @@ impl Cache {
             delta_ms,
         };
         memory.insert(full.to_string(), entry);
+        // Check again after the insert: an invalidation bumps the epoch *before* it removes,
+        // so either its removal comes after our insert, or this check sees its bump.
+        if self.invalidated_since(started_epoch, full, namespace, tags) {
+            memory.invalidate(full);
+        }
     }
 
     fn flight(&self, full: &str) -> Arc<tokio::sync::Mutex<()>> {
