@@ -495,51 +495,27 @@ impl Cache {
                             tracing::warn!(key = full, "undecodable cache entry; loading");
                             break;
                         };
-                        if entry.stored_at_ms < self.inner.distrust_before_ms.load(Ordering::SeqCst)
-                        {
-                            // Stored before an outage ended: another instance may have failed
-                            // to delete it meanwhile. Revalidate: one caller reloads under the
-                            // lease, the others wait for its value.
-                            if matches!(
-                                shared.try_lease(&full, &all_tags, &token, lease_ttl).await,
-                                Ok(true)
-                            ) {
-                                add(&counters.misses, 1);
-                                return self
-                                    .load_and_fill(
-                                        shared,
-                                        started_epoch,
-                                        &full,
-                                        namespace,
-                                        tags,
-                                        &all_tags,
-                                        &token,
-                                        &counters,
-                                        loader,
-                                    )
-                                    .await;
-                            }
-                            add(&counters.lease_waits, 1);
-                            if Instant::now() >= wait_until {
-                                break;
-                            }
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_millis(25));
-                            continue;
-                        }
-                        add(&counters.shared_hits, 1);
-                        if entry.value.is_none() {
-                            add(&counters.negative_hits, 1);
-                        }
-                        let refresh =
-                            early && due_for_refresh(entry.expires_at_ms(), entry.delta_ms);
+                        // Stored before an outage ended: another instance may have failed to
+                        // delete it meanwhile, so it is revalidated before anyone is served it.
+                        // Early refresh: one caller reloads a hot key before it expires.
+                        let suspect = entry.stored_at_ms
+                            < self.inner.distrust_before_ms.load(Ordering::SeqCst);
+                        let refresh = suspect
+                            || (early && due_for_refresh(entry.expires_at_ms(), entry.delta_ms));
                         if refresh
                             && matches!(
                                 shared.try_lease(&full, &all_tags, &token, lease_ttl).await,
                                 Ok(true)
                             )
                         {
-                            add(&counters.early_refreshes, 1);
+                            add(
+                                if suspect {
+                                    &counters.misses
+                                } else {
+                                    &counters.early_refreshes
+                                },
+                                1,
+                            );
                             return self
                                 .load_and_fill(
                                     shared,
@@ -553,6 +529,20 @@ impl Cache {
                                     loader,
                                 )
                                 .await;
+                        }
+                        if suspect {
+                            // Another caller is revalidating it: wait for its value.
+                            add(&counters.lease_waits, 1);
+                            if Instant::now() >= wait_until {
+                                break;
+                            }
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_millis(25));
+                            continue;
+                        }
+                        add(&counters.shared_hits, 1);
+                        if entry.value.is_none() {
+                            add(&counters.negative_hits, 1);
                         }
                         let value: Option<Arc<[u8]>> = entry.value.map(Arc::from);
                         self.install(
