@@ -252,6 +252,9 @@ fn decode(stored: &[u8]) -> Option<Stored<'_>> {
     })
 }
 
+/// How many times an invalidation is sent to the shared tier before it is only remembered.
+const DELIVERY_ATTEMPTS: u32 = 3;
+
 /// Entries stored up to this long after an outage ended are revalidated too: the storing and
 /// the reading instance's clocks may differ slightly.
 const CLOCK_SLACK_MS: u64 = 1000;
@@ -976,26 +979,33 @@ impl Cache {
     /// Sends an invalidation to Redis, or remembers it (and keeps Redis out of reads) when
     /// Redis cannot take it now.
     async fn deliver(&self, namespace: &str, what: Invalidation) {
-        if self.inner.shared.is_none() {
+        let Some(shared) = self.inner.shared.as_ref() else {
             return;
-        }
-        let result = match self.shared_tier().await {
-            Some(shared) => match &what {
+        };
+        // An invalidation matters more than a read: it goes to the shared tier even while the
+        // breaker keeps reads away (other instances may be reading it), and is retried a few
+        // times, each under the deadline, before it is only remembered.
+        let mut last = None;
+        for attempt in 0..DELIVERY_ATTEMPTS {
+            let result = match &what {
                 Invalidation::Key(full) => shared.invalidate_key(full).await,
                 Invalidation::Tag(tag) => shared.invalidate_tag(tag).await.map(|_| ()),
-            },
-            None => {
-                self.remember(|p| what.record(p));
-                return;
+            };
+            match result {
+                Ok(()) => return,
+                Err(err) => {
+                    tracing::debug!(attempt, error = %err, "invalidation not delivered yet");
+                    last = Some(err);
+                }
             }
-        };
-        if let Err(err) = result {
-            self.remember(|p| what.record(p));
+        }
+        self.remember(|p| what.record(p));
+        if let Some(err) = last {
             let counters = self.inner.stats.ns(namespace);
             self.shared_failed(&counters, &err);
-            // Until it is delivered, Redis may hold the old value: stop reading it.
-            self.inner.breaker.trip();
         }
+        // Until it is delivered, the shared tier may hold the old value: stop reading it.
+        self.inner.breaker.trip();
     }
 
     /// The Redis tier if it may be used now. Undelivered invalidations are replayed first;
