@@ -722,3 +722,54 @@ async fn after_a_partition_entries_from_before_it_are_revalidated() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_and_namespace_invalidations_reach_the_other_instances_in_process_tier() {
+    let server = RedisServer::start().await;
+    let (a, b) = (redis_engine(&server, "g:"), redis_engine(&server, "g:"));
+    let loads = Arc::new(AtomicUsize::new(0));
+    let read = |engine: &Cache| {
+        let (engine, loads) = (engine.clone(), loads.clone());
+        async move {
+            engine
+                .get_or_load_bytes("assets", "k", &["producer:7".to_string()], || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, std::convert::Infallible>(Some(b"v".to_vec()))
+                })
+                .await
+                .unwrap()
+                .1
+        }
+    };
+    // Warm B's in-process tier.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while read(&b).await != Source::Memory {
+        assert!(
+            Instant::now() < deadline,
+            "B's in-process tier never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for invalidate in [true, false] {
+        let before = loads.load(Ordering::SeqCst);
+        if invalidate {
+            a.invalidate_tag("producer:7").await;
+        } else {
+            a.invalidate_namespace("assets").await;
+        }
+        assert_ne!(
+            read(&b).await,
+            Source::Memory,
+            "B served its in-process copy after A's invalidation"
+        );
+        assert_eq!(loads.load(Ordering::SeqCst), before + 1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while read(&b).await != Source::Memory {
+            assert!(
+                Instant::now() < deadline,
+                "B's in-process tier never served again"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -842,6 +842,9 @@ impl Cache {
         }
         self.deliver("tags", Invalidation::Tag(tag.to_string()))
             .await;
+        if let Some(bus) = &self.inner.bus {
+            bus.broadcast(Vec::new(), vec![tag.to_string()]).await;
+        }
     }
 
     /// Removes every value of a namespace.
