@@ -517,7 +517,9 @@ async fn the_postgres_tier_refuses_stale_sets_and_loads_a_cold_key_once() {
         stale_set_is_refused(a.clone(), b.clone(), by).await;
     }
 
-    assert_eq!(concurrent_cold_loads(&[a, b], 200).await, 1);
+    // The PostgreSQL tier shares the (small, 8-connection) test pool with the loader; 50
+    // concurrent callers keep every lookup well inside the acquire timeout on a loaded machine.
+    assert_eq!(concurrent_cold_loads(&[a, b], 50).await, 1);
 }
 
 #[tokio::test]
