@@ -202,14 +202,7 @@ impl Bus {
                 },
             );
         }
-        let published = self
-            .publish(&Message::Inv {
-                from: self.id.clone(),
-                id,
-                keys,
-                tags,
-            })
-            .await;
+        let published = self.publish_inv(id, keys, tags).await;
         // Whether or not the publish got through, no instance trusts its tier for longer than
         // TRUST past this point without having processed it (or without hearing the bus).
         let deadline = tokio::time::Instant::now() + TRUST + MARGIN;
@@ -240,14 +233,22 @@ impl Bus {
     /// Publishes an invalidation without waiting for acknowledgements.
     pub async fn announce(&self, keys: Vec<String>, tags: Vec<String>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let _ = self
-            .publish(&Message::Inv {
-                from: self.id.clone(),
-                id,
-                keys,
-                tags,
-            })
-            .await;
+        let _ = self.publish_inv(id, keys, tags).await;
+    }
+
+    async fn publish_inv(
+        &self,
+        id: u64,
+        keys: Vec<String>,
+        tags: Vec<String>,
+    ) -> Result<(), String> {
+        self.publish(&Message::Inv {
+            from: self.id.clone(),
+            id,
+            keys,
+            tags,
+        })
+        .await
     }
 
     fn on_message(&self, inner: &Inner, payload: &[u8]) -> Option<Message> {

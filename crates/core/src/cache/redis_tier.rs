@@ -36,30 +36,33 @@ pub(crate) struct RedisTier {
     invalidate_tag: Script,
 }
 
+/// Enters `KEYS[1]` in the tag sets `KEYS[3..]`, keeping each set alive at least `ttl` ms.
+/// Prepended to every script that grants a lease or stores a value.
+const INDEX_TAGS: &str = r"
+local function index_tags(ttl)
+  for i = 3, #KEYS do
+    redis.call('SADD', KEYS[i], KEYS[1])
+    if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+  end
+end
+";
+
 /// On a miss the lease is granted and the key is entered in its tag sets at once, so a tag or
 /// namespace invalidation during the load deletes the lease and the fill is refused.
 const GET_OR_LEASE: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then return v end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local ttl = tonumber(ARGV[2])
-  for i = 3, #KEYS do
-    redis.call('SADD', KEYS[i], KEYS[1])
-    if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
-  end
+  index_tags(tonumber(ARGV[2]))
   return 'L'
 end
 return 'W'
 ";
 
-/// A lease on a key that still has a value: early refresh.
+/// A lease on a key that still has a value: early refresh and revalidation.
 const TRY_LEASE: &str = r"
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local ttl = tonumber(ARGV[2])
-  for i = 3, #KEYS do
-    redis.call('SADD', KEYS[i], KEYS[1])
-    if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
-  end
+  index_tags(tonumber(ARGV[2]))
   return 1
 end
 return 0
@@ -69,11 +72,7 @@ return 0
 const STORE: &str = r"
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
-local ttl = tonumber(ARGV[2])
-for i = 3, #KEYS do
-  redis.call('SADD', KEYS[i], KEYS[1])
-  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
-end
+index_tags(tonumber(ARGV[2]))
 return 1
 ";
 
@@ -89,14 +88,16 @@ return #members
 
 impl RedisTier {
     pub fn new(redis: Redis, prefix: String) -> Self {
-        let fill = format!("if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end\n{STORE}");
+        let fill = format!(
+            "{INDEX_TAGS}if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end\n{STORE}"
+        );
         RedisTier {
             redis,
             prefix,
-            get_or_lease: Script::new(GET_OR_LEASE),
-            try_lease: Script::new(TRY_LEASE),
+            get_or_lease: Script::new(&format!("{INDEX_TAGS}{GET_OR_LEASE}")),
+            try_lease: Script::new(&format!("{INDEX_TAGS}{TRY_LEASE}")),
             fill: Script::new(&fill),
-            set: Script::new(STORE),
+            set: Script::new(&format!("{INDEX_TAGS}{STORE}")),
             invalidate_tag: Script::new(INVALIDATE_TAG),
         }
     }
