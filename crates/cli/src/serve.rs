@@ -2,7 +2,6 @@
 //! migrations, connect Redis, serve until SIGTERM/SIGINT, then drain and stop cleanly.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -130,13 +129,14 @@ pub async fn run(config: Config, migrate: bool) -> anyhow::Result<ExitCode> {
             .clone()
             .run_cleanup(config.cache.cleanup_interval, shutdown.signal()),
     );
-    let state = AppState {
-        config: Arc::new(config),
-        db: database.db.clone(),
-        redis,
-        cache,
-        started,
-    };
+    let session_cleanup_interval = config.session_cleanup_interval;
+    let state = AppState::new(config, database.db.clone(), redis, cache, started);
+    let session_cleanup = tokio::spawn(
+        state
+            .identity
+            .clone()
+            .run_cleanup(session_cleanup_interval, shutdown.signal()),
+    );
     let drain = state.config.http.shutdown_timeout;
     tracing::info!(address = %local, startup_ms = started.elapsed().as_millis() as u64, "cascade is serving");
     println!("cascade listening on http://{local}");
@@ -146,6 +146,7 @@ pub async fn run(config: Config, migrate: bool) -> anyhow::Result<ExitCode> {
     shutdown.trigger();
     let _ = maintenance.await;
     let _ = cleanup.await;
+    let _ = session_cleanup.await;
     database.db.close();
     drop(database);
     tracing::info!("stopped");

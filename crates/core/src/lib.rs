@@ -3,6 +3,7 @@
 //! - [`cache`]: the cache engine (namespaces, leases, tags, Redis behind a breaker);
 //! - [`config`]: one typed configuration, parsed and validated before anything connects;
 //! - [`db`]: the PostgreSQL pool, embedded migrations and the embedded default server;
+//! - [`identity`]: accounts, sessions, access and refresh tokens, rate limiting;
 //! - [`redis`]: a Redis client that reconnects by itself, every call under a deadline;
 //! - [`retry`]: bounded retries with backoff and jitter;
 //! - [`shutdown`]: the signal that stops background tasks;
@@ -11,6 +12,7 @@
 pub mod cache;
 pub mod config;
 pub mod db;
+pub mod identity;
 pub mod redis;
 pub mod retry;
 pub mod shutdown;

@@ -92,6 +92,18 @@ impl Redis {
         }
     }
 
+    /// Runs one Lua script invocation under the deadline.
+    pub async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, RedisError> {
+        let mut conn = self.manager.clone();
+        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(RedisError::Timeout(self.timeout)),
+        }
+    }
+
     /// `PING` under the deadline.
     pub async fn health(&self) -> RedisHealth {
         let started = Instant::now();

@@ -2,10 +2,13 @@
 //!
 //! - [`state`]: the shared [`AppState`](state::AppState) handed to every handler;
 //! - [`http`]: middleware, the error type, health endpoints and the composed [`app`](http::app);
+//! - [`auth`]: accounts, sessions and tokens over HTTP, the [`CurrentUser`](auth::CurrentUser)
+//!   extractor and rate limits;
 //! - one module per application: [`cascade`], [`agents`], [`catalog`];
 //! - [`serve`]: run the app on a listener until a shutdown signal, draining in-flight requests.
 
 pub mod agents;
+pub mod auth;
 pub mod cascade;
 pub mod catalog;
 pub mod http;
@@ -30,7 +33,8 @@ pub async fn serve(
         tracing::info!("shutdown requested: draining in-flight requests");
         let _ = signalled_tx.send(());
     };
-    let server = axum::serve(listener, http::app(state)).with_graceful_shutdown(shutdown);
+    let app = http::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
     let server = server.into_future();
     tokio::pin!(server);
     tokio::select! {

@@ -6,6 +6,7 @@ use std::time::Instant;
 use cascade_core::cache::Cache;
 use cascade_core::config::Config;
 use cascade_core::db::Db;
+use cascade_core::identity::{Identity, RateLimiter};
 use cascade_core::redis::Redis;
 
 /// One of each: one pool, one Redis client, one cache engine, one configuration, built in `main` and passed
@@ -18,5 +19,31 @@ pub struct AppState {
     pub redis: Option<Redis>,
     /// The one cache engine: every module reads and invalidates through it.
     pub cache: Cache,
+    /// Accounts, sessions and tokens.
+    pub identity: Identity,
+    /// Rate limits, shared through Redis (local when Redis is unavailable).
+    pub limiter: RateLimiter,
     pub started: Instant,
+}
+
+impl AppState {
+    pub fn new(
+        config: Config,
+        db: Db,
+        redis: Option<Redis>,
+        cache: Cache,
+        started: Instant,
+    ) -> Self {
+        let identity = Identity::new(&config, db.clone(), cache.clone());
+        let limiter = RateLimiter::new(redis.clone(), cache.clone(), &config.cache.key_prefix);
+        AppState {
+            config: Arc::new(config),
+            db,
+            redis,
+            cache,
+            identity,
+            limiter,
+            started,
+        }
+    }
 }

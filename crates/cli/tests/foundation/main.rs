@@ -6,6 +6,7 @@ mod common;
 mod config;
 mod embedded;
 mod health;
+mod identity;
 mod migrate;
 mod shutdown;
 mod startup;

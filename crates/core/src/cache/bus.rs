@@ -171,6 +171,22 @@ impl Bus {
             && now >= self.warm_until.load(Ordering::SeqCst)
     }
 
+    /// How many instances (this one included) were heard on the bus within `window` of the
+    /// latest heartbeat heard from anyone. Measured against the latest heartbeat rather than
+    /// now, the count holds steady while the bus itself is down: it is the cluster's size as
+    /// last seen, which is what a fallback that divides a shared budget needs.
+    pub fn live_instances(&self, window: Duration) -> usize {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(latest) = peers.values().max().copied() else {
+            return 1;
+        };
+        let others = peers
+            .iter()
+            .filter(|(id, seen)| **id != self.id && latest.duration_since(**seen) <= window)
+            .count();
+        others + 1
+    }
+
     async fn publish(&self, message: &Message) -> Result<(), String> {
         let payload = serde_json::to_string(message).unwrap_or_default();
         self.transport.publish(&self.channel, payload).await

@@ -395,6 +395,15 @@ impl Cache {
         self.inner.stats.snapshot()
     }
 
+    /// Instances sharing this cache, this one included, as last heard on the bus (1 without
+    /// a bus). Stays at its last value while the bus is down.
+    pub fn live_instances(&self) -> usize {
+        self.inner
+            .bus
+            .as_ref()
+            .map_or(1, |bus| bus.live_instances(Duration::from_secs(2)))
+    }
+
     pub fn breaker_state(&self) -> BreakerState {
         self.inner.breaker.state()
     }

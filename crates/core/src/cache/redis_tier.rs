@@ -118,12 +118,7 @@ impl RedisTier {
         &self,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T, RedisError> {
-        let mut conn = self.redis.connection();
-        let timeout = self.redis.timeout();
-        match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(RedisError::Timeout(timeout)),
-        }
+        self.redis.invoke(&invocation).await
     }
 
     pub async fn lookup(

@@ -102,6 +102,24 @@ pub struct RawConfig {
     /// HS256 signing secret of access tokens, at least 32 bytes.
     #[arg(long, env = "JWT_SECRET", global = true, hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// Lifetime of an access token (JWT) [default: 15m].
+    #[arg(long, env = "ACCESS_TOKEN_TTL", global = true)]
+    pub access_token_ttl: Option<String>,
+    /// `iss` claim of access tokens [default: cascade].
+    #[arg(long, env = "JWT_ISSUER", global = true)]
+    pub jwt_issuer: Option<String>,
+    /// `aud` claim of access tokens [default: cascade-api].
+    #[arg(long, env = "JWT_AUDIENCE", global = true)]
+    pub jwt_audience: Option<String>,
+    /// Login attempts allowed per username and per client address, as N/period [default: 5/1m].
+    #[arg(long, env = "RATE_LIMIT_LOGIN", global = true)]
+    pub rate_limit_login: Option<String>,
+    /// Registrations and token refreshes per client address, as N/period [default: 20/1m].
+    #[arg(long, env = "RATE_LIMIT_AUTH", global = true)]
+    pub rate_limit_auth: Option<String>,
+    /// Authenticated API calls per user, as N/period, or off [default: 100/1s].
+    #[arg(long, env = "RATE_LIMIT_API", global = true)]
+    pub rate_limit_api: Option<String>,
     /// Base URL of the Venice citizen ledger API [default: https://serenissima.ai/api].
     #[arg(long, env = "VENICE_API_URL", global = true)]
     pub venice_api_url: Option<String>,
@@ -294,11 +312,39 @@ pub struct Config {
     pub session_cleanup_interval: Duration,
     /// None: tokens are signed with a random per-process key (logged as a warning).
     pub jwt_secret: Option<Secret>,
+    pub auth: AuthConfig,
     pub venice: UpstreamConfig,
     pub economy: EconomyConfig,
     pub consciousness: ConsciousnessConfig,
     pub use_redis_bundles: bool,
     pub stripe: StripeConfig,
+}
+
+/// Tokens and rate limits of the identity layer.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub access_token_ttl: Duration,
+    pub issuer: String,
+    pub audience: String,
+    /// Per username and, separately, per client address.
+    pub login_limit: Option<RateLimit>,
+    /// Registration and refresh, per client address.
+    pub auth_limit: Option<RateLimit>,
+    /// Authenticated calls, per user.
+    pub api_limit: Option<RateLimit>,
+}
+
+/// `count` requests per `period`, with a burst of `count`. Parsed from `N/period` (`5/1m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub count: u32,
+    pub period: Duration,
+}
+
+impl std::fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}s", self.count, self.period.as_secs_f64())
+    }
 }
 
 /// Cache namespaces and their TTLs from seed 003 (and `venice` from seed 001).
@@ -430,6 +476,42 @@ impl Parser {
     fn secret(&mut self, raw: &Option<String>) -> Option<Secret> {
         raw.as_deref().filter(|s| !s.is_empty()).map(Secret::new)
     }
+
+    fn non_empty(&mut self, var: &'static str, raw: &Option<String>, default: &str) -> String {
+        let value = raw.as_deref().unwrap_or(default).trim();
+        if value.is_empty() {
+            self.fail(var, "must not be empty");
+            return default.to_string();
+        }
+        value.to_string()
+    }
+
+    /// `N/period` (`5/1m`, `100/1s`), or `off`.
+    fn rate_limit(
+        &mut self,
+        var: &'static str,
+        raw: &Option<String>,
+        default: &str,
+    ) -> Option<RateLimit> {
+        let text = raw.as_deref().unwrap_or(default).trim();
+        if ["off", "0", "none"].contains(&text.to_ascii_lowercase().as_str()) {
+            return None;
+        }
+        let parsed = text.split_once('/').and_then(|(count, period)| {
+            let count: u32 = count.trim().parse().ok().filter(|c| *c > 0)?;
+            let period = parse_duration(period.trim(), SECOND)
+                .ok()
+                .filter(|p| !p.is_zero())?;
+            Some(RateLimit { count, period })
+        });
+        if parsed.is_none() {
+            self.fail(
+                var,
+                format!("expected N/period such as 5/1m or 100/1s, or off; got {text:?}"),
+            );
+        }
+        parsed
+    }
 }
 
 impl Config {
@@ -498,6 +580,19 @@ impl Config {
             );
         }
 
+        let auth = AuthConfig {
+            access_token_ttl: p.positive_duration(
+                "ACCESS_TOKEN_TTL",
+                &raw.access_token_ttl,
+                15 * 60 * SECOND,
+            ),
+            issuer: p.non_empty("JWT_ISSUER", &raw.jwt_issuer, "cascade"),
+            audience: p.non_empty("JWT_AUDIENCE", &raw.jwt_audience, "cascade-api"),
+            login_limit: p.rate_limit("RATE_LIMIT_LOGIN", &raw.rate_limit_login, "5/1m"),
+            auth_limit: p.rate_limit("RATE_LIMIT_AUTH", &raw.rate_limit_auth, "20/1m"),
+            api_limit: p.rate_limit("RATE_LIMIT_API", &raw.rate_limit_api, "100/1s"),
+        };
+
         let venice = UpstreamConfig {
             url: p.http_url(
                 "VENICE_API_URL",
@@ -563,6 +658,7 @@ impl Config {
                 300 * SECOND,
             ),
             jwt_secret,
+            auth,
             venice,
             economy,
             consciousness,
@@ -850,6 +946,7 @@ impl Config {
     /// what `cascade config` and `cascade check` print.
     pub fn describe(&self) -> Vec<(&'static str, String)> {
         let secs = |d: Duration| format!("{}s", d.as_secs_f64());
+        let limit = |l: Option<RateLimit>| l.map_or_else(|| "off".to_string(), |l| l.to_string());
         let set = |s: &Option<Secret>| match s {
             Some(_) => "*** (set)".to_string(),
             None => "(not set)".to_string(),
@@ -924,6 +1021,12 @@ impl Config {
                     None => "(not set: random per-process key)".into(),
                 },
             ),
+            ("ACCESS_TOKEN_TTL", secs(self.auth.access_token_ttl)),
+            ("JWT_ISSUER", self.auth.issuer.clone()),
+            ("JWT_AUDIENCE", self.auth.audience.clone()),
+            ("RATE_LIMIT_LOGIN", limit(self.auth.login_limit)),
+            ("RATE_LIMIT_AUTH", limit(self.auth.auth_limit)),
+            ("RATE_LIMIT_API", limit(self.auth.api_limit)),
             ("VENICE_API_URL", self.venice.url.clone()),
             ("VENICE_API_KEY", set(&self.venice.api_key)),
             (
@@ -987,6 +1090,29 @@ mod tests {
         assert_eq!(config.cache.ttl("assets"), Duration::from_secs(300));
         assert_eq!(config.cache.ttl("unknown"), Duration::from_secs(300));
         assert_eq!(config.http.port, 8000);
+    }
+
+    #[test]
+    fn rate_limits_parse_as_count_per_period() {
+        let c = parse(|_| {}).expect("defaults parse");
+        let login = c.auth.login_limit.expect("login limit on by default");
+        assert_eq!((login.count, login.period), (5, Duration::from_secs(60)));
+        let c = parse(|r| {
+            r.rate_limit_api = Some("off".into());
+            r.rate_limit_auth = Some("7/30s".into());
+        })
+        .expect("parses");
+        assert_eq!(c.auth.api_limit, None);
+        let auth = c.auth.auth_limit.expect("auth limit");
+        assert_eq!((auth.count, auth.period), (7, Duration::from_secs(30)));
+        assert_eq!(
+            issue_vars(|r| r.rate_limit_login = Some("five per minute".into())),
+            vec!["RATE_LIMIT_LOGIN"]
+        );
+        assert_eq!(
+            issue_vars(|r| r.rate_limit_api = Some("0/1s".into())),
+            vec!["RATE_LIMIT_API"]
+        );
     }
 
     #[test]

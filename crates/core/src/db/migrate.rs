@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "cache_leases",
         sql: include_str!("../../migrations/0002_cache_leases.sql"),
     },
+    Migration {
+        version: 3,
+        name: "identity",
+        sql: include_str!("../../migrations/0003_identity.sql"),
+    },
 ];
 
 /// Arbitrary but fixed: the advisory lock key all Cascade instances agree on ("cascade" in ASCII).

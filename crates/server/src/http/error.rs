@@ -17,13 +17,31 @@ pub enum ApiError {
     /// The request is malformed; `field` names the offending input when there is one.
     #[error("{message}")]
     BadRequest {
-        field: Option<&'static str>,
+        field: Option<String>,
         message: String,
     },
+    /// No credentials, or credentials that are invalid, expired or revoked.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Authenticated, but not allowed (e.g. a subscription tier too low).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// Over a rate limit; carries what the `Retry-After` and `RateLimit-*` headers say.
+    #[error("too many requests: retry in {}s", retry_after.as_secs().max(1))]
+    RateLimited {
+        retry_after: Duration,
+        limit: u32,
+        reset: Duration,
+        policy: String,
+    },
     /// A dependency (PostgreSQL) cannot serve right now; the client may retry after a while.
     #[error("{message}")]
     Unavailable {
@@ -38,7 +56,7 @@ pub enum ApiError {
 impl ApiError {
     pub fn bad_request(field: &'static str, message: impl Into<String>) -> Self {
         ApiError::BadRequest {
-            field: Some(field),
+            field: Some(field.to_string()),
             message: message.into(),
         }
     }
@@ -47,8 +65,15 @@ impl ApiError {
     fn status_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadRequest { .. } => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -87,11 +112,33 @@ impl IntoResponse for ApiError {
             body["error"]["field"] = json!(field);
         }
         let mut response = (status, Json(body)).into_response();
-        if let ApiError::Unavailable { retry_after, .. } = &self {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_after.as_secs().max(1)),
-            );
+        let headers = response.headers_mut();
+        match &self {
+            ApiError::Unavailable { retry_after, .. } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after.as_secs().max(1)),
+                );
+            }
+            ApiError::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
+            ApiError::RateLimited {
+                retry_after,
+                limit,
+                reset,
+                policy,
+            } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(ceil_secs(*retry_after)),
+                );
+                set_rate_headers(headers, *limit, 0, *reset, policy);
+            }
+            _ => {}
         }
         response
     }
@@ -114,5 +161,26 @@ pub fn code_for_status(status: StatusCode) -> &'static str {
         StatusCode::SERVICE_UNAVAILABLE => "unavailable",
         s if s.is_server_error() => "internal",
         _ => "error",
+    }
+}
+
+/// Whole seconds, rounded up, at least 1: what `Retry-After` and `RateLimit-Reset` carry.
+pub fn ceil_secs(d: Duration) -> u64 {
+    d.as_micros().div_ceil(1_000_000).max(1) as u64
+}
+
+/// The `RateLimit-*` headers (IETF draft "RateLimit header fields for HTTP").
+pub fn set_rate_headers(
+    headers: &mut axum::http::HeaderMap,
+    limit: u32,
+    remaining: u32,
+    reset: Duration,
+    policy: &str,
+) {
+    headers.insert("ratelimit-limit", HeaderValue::from(limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
+    headers.insert("ratelimit-reset", HeaderValue::from(ceil_secs(reset)));
+    if let Ok(policy) = HeaderValue::from_str(policy) {
+        headers.insert("ratelimit-policy", policy);
     }
 }

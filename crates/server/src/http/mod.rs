@@ -2,6 +2,7 @@
 //! Feature modules expose `fn router() -> Router<AppState>`; this file only composes them.
 
 pub mod error;
+pub mod extract;
 mod health;
 pub mod middleware;
 
@@ -28,6 +29,7 @@ pub fn app(state: AppState) -> Router {
     let body_limit = http.body_limit_bytes;
     Router::new()
         .merge(health::router())
+        .merge(crate::auth::router())
         .merge(crate::cascade::router())
         .merge(crate::agents::router())
         .merge(crate::catalog::router())
@@ -46,7 +48,8 @@ pub fn app(state: AppState) -> Router {
                     StatusCode::GATEWAY_TIMEOUT,
                     request_timeout,
                 ))
-                .layer(DefaultBodyLimit::max(body_limit)),
+                .layer(DefaultBodyLimit::max(body_limit))
+                .layer(axum::middleware::from_fn(crate::auth::rate_limit_headers)),
         )
         .with_state(state)
 }

@@ -1,0 +1,685 @@
+//! Accounts, sessions, tokens and rate limits, end to end against real servers.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use cascade_testkit::{PgServer, RedisServer};
+use serde_json::{Value, json};
+
+use crate::common::{Served, http};
+
+const SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+/// A server on `db` (and Redis, if any) with a fixed secret and the given extra settings.
+async fn serve(db: &str, redis: Option<&RedisServer>, extra: &[(&str, &str)]) -> Served {
+    let mut env: Vec<(&str, String)> = vec![
+        ("DATABASE_URL", db.to_string()),
+        ("JWT_SECRET", SECRET.into()),
+        ("RATE_LIMIT_AUTH", "1000/1m".into()),
+        ("RATE_LIMIT_LOGIN", "1000/1m".into()),
+        ("RATE_LIMIT_API", "10000/1s".into()),
+    ];
+    if let Some(redis) = redis {
+        env.push(("REDIS_URL", redis.url()));
+    }
+    for (k, v) in extra {
+        env.retain(|(key, _)| key != k);
+        env.push((k, v.to_string()));
+    }
+    Served::start(&env).await
+}
+
+struct Reply {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+async fn call(
+    server: &Served,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> Reply {
+    let url = format!("{}{path}", server.base);
+    let mut request = match method {
+        "GET" => http().get(url),
+        "POST" => http().post(url),
+        "DELETE" => http().delete(url),
+        other => panic!("method {other}"),
+    };
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.json().await.unwrap_or(Value::Null);
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Registers (201) or logs in (200) and returns the tokens.
+async fn credentials(server: &Served, path: &str, username: &str, password: &str) -> Value {
+    let body = json!({ "username": username, "password": password });
+    let reply = call(server, "POST", path, None, Some(body)).await;
+    let expected = if path == "/auth/register" { 201 } else { 200 };
+    assert_eq!(reply.status, expected, "{path} {username}: {}", reply.body);
+    reply.body
+}
+
+async fn register(server: &Served, username: &str, password: &str) -> Value {
+    credentials(server, "/auth/register", username, password).await
+}
+
+async fn login(server: &Served, username: &str, password: &str) -> Value {
+    credentials(server, "/auth/login", username, password).await
+}
+
+async fn refresh(server: &Served, refresh_token: &Value) -> Reply {
+    let body = json!({ "refresh_token": refresh_token });
+    call(server, "POST", "/auth/refresh", None, Some(body)).await
+}
+
+fn access(tokens: &Value) -> String {
+    tokens["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_string()
+}
+
+async fn me_status(server: &Served, token: &str) -> u16 {
+    call(server, "GET", "/me", Some(token), None).await.status
+}
+
+async fn count(pg: &PgServer, db_url: &str, sql: &str) -> i64 {
+    let db = db_url.rsplit('/').next().expect("db name");
+    pg.client(db)
+        .await
+        .query_one(sql, &[])
+        .await
+        .expect(sql)
+        .get(0)
+}
+
+fn assert_unauthorized(reply: &Reply, what: &str) {
+    assert_eq!(reply.status, 401, "{what}: {}", reply.body);
+    assert_eq!(reply.body["error"]["code"], "unauthorized", "{what}");
+    assert!(reply.header("www-authenticate").is_some(), "{what}");
+}
+
+#[tokio::test]
+async fn accounts_tokens_and_every_kind_of_bad_token() {
+    let pg = PgServer::start().await;
+    let db = pg.fresh_database().await;
+    let server = serve(&db, None, &[]).await;
+
+    let alice = register(&server, "Alice", "correct horse battery").await;
+    assert_eq!(alice["user"]["username"], "Alice");
+    assert_eq!(alice["user"]["tier"], "observer");
+    assert_eq!(alice["token_type"], "Bearer");
+    assert_eq!(alice["expires_in"], 900);
+    assert_eq!(alice["refresh_token"].as_str().unwrap().len(), 64);
+
+    // Usernames are unique case-insensitively.
+    let taken = call(
+        &server,
+        "POST",
+        "/auth/register",
+        None,
+        Some(json!({ "username": "ALICE", "password": "another password" })),
+    )
+    .await;
+    assert_eq!(taken.status, 409, "{}", taken.body);
+
+    // Bad bodies: a 400 naming the field, and nothing written.
+    let long = "x".repeat(10_000);
+    for (body, field) in [
+        (json!({ "username": "bob" }), Some("password")),
+        (
+            json!({ "username": "bob", "password": 12345678 }),
+            Some("password"),
+        ),
+        (
+            json!({ "username": long, "password": "long enough" }),
+            Some("username"),
+        ),
+        (
+            json!({ "username": "bob", "password": long }),
+            Some("password"),
+        ),
+        (
+            json!({ "username": "bob", "password": "short" }),
+            Some("password"),
+        ),
+        (
+            json!({ "username": "bob smith", "password": "long enough" }),
+            Some("username"),
+        ),
+        (
+            json!({ "username": "bob", "password": "long enough", "email": "nope" }),
+            Some("email"),
+        ),
+        (
+            json!({ "username": "bob", "password": "long enough", "admin": true }),
+            None,
+        ),
+    ] {
+        let reply = call(&server, "POST", "/auth/register", None, Some(body.clone())).await;
+        assert_eq!(reply.status, 400, "{body}: {}", reply.body);
+        assert_eq!(reply.body["error"]["code"], "bad_request");
+        if let Some(field) = field {
+            assert_eq!(
+                reply.body["error"]["field"], field,
+                "{body}: {}",
+                reply.body
+            );
+        }
+    }
+    let raw = http()
+        .post(format!("{}/auth/register", server.base))
+        .header("content-type", "application/json")
+        .body("{\"username\": \"bob\", ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status().as_u16(), 400);
+    let text = http()
+        .post(format!("{}/auth/login", server.base))
+        .body("username=alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(text.status().as_u16(), 415);
+    let huge = http()
+        .post(format!("{}/auth/register", server.base))
+        .header("content-type", "application/json")
+        .body(format!(
+            "{{\"username\": \"{}\"}}",
+            "y".repeat(2 * 1024 * 1024)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status().as_u16(), 413);
+    assert_eq!(
+        count(&pg, &db, "SELECT count(*) FROM cascade_users").await,
+        1,
+        "only Alice was written"
+    );
+
+    // One message for a wrong password and an unknown user.
+    let wrong = call(
+        &server,
+        "POST",
+        "/auth/login",
+        None,
+        Some(json!({ "username": "alice", "password": "wrong password" })),
+    )
+    .await;
+    let unknown = call(
+        &server,
+        "POST",
+        "/auth/login",
+        None,
+        Some(json!({ "username": "nobody", "password": "wrong password" })),
+    )
+    .await;
+    assert_unauthorized(&wrong, "wrong password");
+    assert_unauthorized(&unknown, "unknown user");
+    assert_eq!(wrong.body, unknown.body);
+
+    // Login works case-insensitively and the token opens /me.
+    let tokens = login(&server, "aLiCe", "correct horse battery").await;
+    let token = access(&tokens);
+    let me = call(&server, "GET", "/me", Some(&token), None).await;
+    assert_eq!(me.status, 200, "{}", me.body);
+    assert_eq!(me.body["user"]["username"], "Alice");
+    assert!(me.body["user"]["last_login"].is_string());
+
+    // No token, a malformed header, a tampered payload, alg none, another algorithm.
+    assert_unauthorized(&call(&server, "GET", "/me", None, None).await, "no token");
+    assert_unauthorized(
+        &call(&server, "GET", "/me", Some("not.a.jwt"), None).await,
+        "garbage",
+    );
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut claims: Value = serde_json::from_slice(&B64.decode(parts[1]).unwrap()).unwrap();
+    claims["sub"] = json!("2");
+    claims["tier"] = json!("architect");
+    let forged_payload = B64.encode(serde_json::to_vec(&claims).unwrap());
+    let tampered = format!("{}.{forged_payload}.{}", parts[0], parts[2]);
+    assert_unauthorized(
+        &call(&server, "GET", "/me", Some(&tampered), None).await,
+        "tampered",
+    );
+    let none_header = B64.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let none = format!("{none_header}.{}.", parts[1]);
+    assert_unauthorized(
+        &call(&server, "GET", "/me", Some(&none), None).await,
+        "alg none",
+    );
+    let hs512 = format!(
+        "{}.{}.{}",
+        B64.encode(br#"{"alg":"HS512","typ":"JWT"}"#),
+        parts[1],
+        parts[2]
+    );
+    assert_unauthorized(
+        &call(&server, "GET", "/me", Some(&hs512), None).await,
+        "HS512",
+    );
+
+    // Same secret, other audience, one-second tokens: refused here for the audience, and
+    // refused there once expired.
+    let other = serve(
+        &db,
+        None,
+        &[("JWT_AUDIENCE", "someone-else"), ("ACCESS_TOKEN_TTL", "1s")],
+    )
+    .await;
+    let foreign = access(&login(&other, "alice", "correct horse battery").await);
+    assert_eq!(me_status(&other, &foreign).await, 200);
+    let reply = call(&server, "GET", "/me", Some(&foreign), None).await;
+    assert_unauthorized(&reply, "wrong audience");
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("audience")
+    );
+    assert_unauthorized(
+        &call(&other, "GET", "/me", Some(&token), None).await,
+        "wrong audience",
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let expired = call(&other, "GET", "/me", Some(&foreign), None).await;
+    assert_unauthorized(&expired, "expired");
+    assert!(
+        expired.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired")
+    );
+    // Alice's 15-minute token is still fine on the first server.
+    assert_eq!(me_status(&server, &token).await, 200);
+}
+
+#[tokio::test]
+async fn refresh_rotates_and_a_reused_refresh_token_revokes_the_session() {
+    let pg = PgServer::start().await;
+    let db = pg.fresh_database().await;
+    let server = serve(&db, None, &[]).await;
+    let first = register(&server, "carol", "carol's password").await;
+    let r1 = first["refresh_token"].as_str().unwrap().to_string();
+
+    let refreshed = refresh(&server, &json!(r1)).await;
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    let r2 = refreshed.body["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(r1, r2);
+    assert_eq!(refreshed.body["session_id"], first["session_id"]);
+    let a2 = access(&refreshed.body);
+    assert_eq!(me_status(&server, &a2).await, 200);
+
+    // A stolen, already rotated token comes back: the whole session ends.
+    let reuse = refresh(&server, &json!(r1)).await;
+    assert_unauthorized(&reuse, "reuse");
+    assert!(
+        reuse.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("reuse")
+    );
+    assert_eq!(
+        me_status(&server, &a2).await,
+        401,
+        "access tokens of the session die too"
+    );
+    let after = refresh(&server, &json!(r2)).await;
+    assert_unauthorized(&after, "the newest refresh token of a revoked session");
+    assert_eq!(
+        count(
+            &pg,
+            &db,
+            "SELECT count(*) FROM auth_sessions WHERE revoked_reason = 'refresh token reuse'"
+        )
+        .await,
+        1
+    );
+
+    // Garbage refresh tokens are a plain 401; malformed bodies a 400.
+    let bogus = refresh(&server, &json!("0".repeat(64))).await;
+    assert_unauthorized(&bogus, "unknown refresh token");
+    let bad = call(
+        &server,
+        "POST",
+        "/auth/refresh",
+        None,
+        Some(json!({ "token": "x" })),
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+}
+
+#[tokio::test]
+async fn logout_and_revocation_on_one_instance_are_refused_on_another_at_once() {
+    let pg = PgServer::start().await;
+    let redis = RedisServer::start().await;
+    let db = pg.fresh_database().await;
+    let a = serve(&db, Some(&redis), &[]).await;
+    let b = serve(&db, Some(&redis), &[]).await;
+    register(&a, "dave", "dave's password").await;
+
+    for round in 0..3 {
+        let tokens = login(&a, "dave", "dave's password").await;
+        let token = access(&tokens);
+        // B has the session hot in its in-process tier.
+        for _ in 0..20 {
+            assert_eq!(me_status(&b, &token).await, 200);
+        }
+        let started = Instant::now();
+        match round {
+            0 => {
+                let out = call(&a, "POST", "/auth/logout", Some(&token), None).await;
+                assert_eq!(out.status, 204, "{}", out.body);
+            }
+            1 => {
+                // RFC 7009 revocation of the access token alone: the session lives on.
+                let out = call(
+                    &a,
+                    "POST",
+                    "/auth/revoke",
+                    None,
+                    Some(json!({ "token": token })),
+                )
+                .await;
+                assert_eq!(out.status, 200, "{}", out.body);
+            }
+            _ => {
+                let session = tokens["session_id"].as_str().unwrap();
+                let other = access(&login(&a, "dave", "dave's password").await);
+                let out = call(
+                    &a,
+                    "DELETE",
+                    &format!("/me/sessions/{session}"),
+                    Some(&other),
+                    None,
+                )
+                .await;
+                assert_eq!(out.status, 204, "{}", out.body);
+            }
+        }
+        // The very next request on B is refused: no polling, no waiting for a TTL.
+        let reply = call(&b, "GET", "/me", Some(&token), None).await;
+        assert_unauthorized(&reply, &format!("round {round} on B"));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        if round == 1 {
+            // The refresh token still works: only that access token was revoked.
+            let fresh = refresh(&b, &json!(tokens["refresh_token"])).await;
+            assert_eq!(fresh.status, 200, "{}", fresh.body);
+            assert_eq!(me_status(&b, &access(&fresh.body)).await, 200);
+        } else {
+            let fresh = refresh(&b, &json!(tokens["refresh_token"])).await;
+            assert_unauthorized(&fresh, "refresh after logout");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_redis_restart_logs_nobody_out() {
+    let pg = PgServer::start().await;
+    let mut redis = RedisServer::start().await;
+    let db = pg.fresh_database().await;
+    let server = serve(&db, Some(&redis), &[("REDIS_TIMEOUT", "200ms")]).await;
+    let tokens = register(&server, "erin", "erin's password").await;
+    let token = access(&tokens);
+    assert_eq!(me_status(&server, &token).await, 200);
+
+    redis.kill();
+    for _ in 0..5 {
+        assert_eq!(me_status(&server, &token).await, 200, "Redis down");
+    }
+    redis.restart().await;
+    // Redis came back empty; the session is reloaded from PostgreSQL.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(
+            me_status(&server, &token).await,
+            200,
+            "Redis back (and empty)"
+        );
+        let health = server.get_json("/health/db").await.1;
+        if health["redis"]["status"] == "up" || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refreshed = refresh(&server, &json!(tokens["refresh_token"])).await;
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    // And a logout still takes effect.
+    let out = call(
+        &server,
+        "POST",
+        "/auth/logout",
+        Some(&access(&refreshed.body)),
+        None,
+    )
+    .await;
+    assert_eq!(out.status, 204);
+    assert_eq!(me_status(&server, &access(&refreshed.body)).await, 401);
+}
+
+#[tokio::test]
+async fn one_user_cannot_see_or_end_another_users_sessions() {
+    let pg = PgServer::start().await;
+    let db = pg.fresh_database().await;
+    let server = serve(&db, None, &[]).await;
+    let alice = register(&server, "alice", "alice's password").await;
+    let alice_laptop = login(&server, "alice", "alice's password").await;
+    let bob = register(&server, "bob", "bob's password").await;
+    let (alice_token, bob_token) = (access(&alice), access(&bob));
+
+    let listed = call(&server, "GET", "/me/sessions", Some(&alice_token), None).await;
+    assert_eq!(listed.status, 200);
+    let sessions = listed.body["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 2);
+    assert_eq!(sessions.iter().filter(|s| s["current"] == true).count(), 1);
+    let bobs = call(&server, "GET", "/me/sessions", Some(&bob_token), None).await;
+    let bob_ids: Vec<&Value> = bobs.body["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["id"])
+        .collect();
+    assert_eq!(bob_ids, vec![&bob["session_id"]]);
+
+    // Bob tries to end Alice's sessions: as if they did not exist, and they live on.
+    for session in [&alice["session_id"], &alice_laptop["session_id"]] {
+        let path = format!("/me/sessions/{}", session.as_str().unwrap());
+        let reply = call(&server, "DELETE", &path, Some(&bob_token), None).await;
+        assert_eq!(reply.status, 404, "{}", reply.body);
+    }
+    assert_eq!(me_status(&server, &alice_token).await, 200);
+    assert_eq!(me_status(&server, &access(&alice_laptop)).await, 200);
+    let reply = call(
+        &server,
+        "DELETE",
+        "/me/sessions/not-a-uuid",
+        Some(&bob_token),
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    // Bob's refresh token cannot be used to revoke Alice's session either: /me is per token.
+    let me = call(&server, "GET", "/me", Some(&bob_token), None).await;
+    assert_eq!(me.body["user"]["username"], "bob");
+
+    // Alice ends her laptop session from her phone.
+    let path = format!(
+        "/me/sessions/{}",
+        alice_laptop["session_id"].as_str().unwrap()
+    );
+    assert_eq!(
+        call(&server, "DELETE", &path, Some(&alice_token), None)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(me_status(&server, &access(&alice_laptop)).await, 401);
+    assert_eq!(me_status(&server, &alice_token).await, 200);
+}
+
+/// A client whose requests come from `ip` (any 127.x address is loopback on Linux).
+fn client_from(ip: [u8; 4]) -> reqwest::Client {
+    let _ = http(); // installs the TLS provider reqwest needs to build a client
+    reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(ip))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+async fn attempt(
+    client: &reqwest::Client,
+    server: &Served,
+    user: &str,
+    password: &str,
+) -> (u16, reqwest::header::HeaderMap) {
+    let response = client
+        .post(format!("{}/auth/login", server.base))
+        .json(&json!({ "username": user, "password": password }))
+        .send()
+        .await
+        .expect("request");
+    (response.status().as_u16(), response.headers().clone())
+}
+
+#[tokio::test]
+async fn login_brute_force_gets_429_and_redis_loss_splits_the_budget_between_instances() {
+    let pg = PgServer::start().await;
+    let mut redis = RedisServer::start().await;
+    let db = pg.fresh_database().await;
+    let limits = [("RATE_LIMIT_LOGIN", "4/1m"), ("REDIS_TIMEOUT", "200ms")];
+    let a = serve(&db, Some(&redis), &limits).await;
+    let b = serve(&db, Some(&redis), &limits).await;
+    register(&a, "frank", "frank's password").await;
+    let (home, elsewhere, third, fourth) = (
+        client_from([127, 0, 0, 1]),
+        client_from([127, 0, 0, 2]),
+        client_from([127, 0, 0, 3]),
+        client_from([127, 0, 0, 4]),
+    );
+
+    // Four guesses across both instances share one budget in Redis.
+    for (i, server) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let (status, headers) = attempt(&home, server, "frank", "guess").await;
+        assert_eq!(status, 401, "attempt {i}");
+        assert_eq!(headers["ratelimit-limit"], "4");
+    }
+    // The username is now locked, from any address, even with the right password.
+    let (status, headers) = attempt(&elsewhere, &a, "frank", "frank's password").await;
+    assert_eq!(status, 429);
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert_eq!(headers["ratelimit-remaining"], "0");
+    assert!(headers.contains_key("ratelimit-reset"));
+    assert_eq!(
+        attempt(&elsewhere, &b, "frank", "frank's password").await.0,
+        429
+    );
+    // The guessing address is locked for every username.
+    assert_eq!(attempt(&home, &a, "someone", "guess").await.0, 429);
+    // Everyone else still gets in.
+    assert_eq!(attempt(&third, &b, "someone", "guess").await.0, 401);
+
+    // Redis gone: each instance limits alone with half the budget (2 of 4), so together they
+    // still admit about 4 per minute, and nobody is locked out for good.
+    redis.kill();
+    let mut admitted = 0;
+    for _ in 0..4 {
+        match attempt(&fourth, &a, "grace", "guess").await.0 {
+            401 => admitted += 1,
+            429 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(admitted, 2, "instance A admits 4 / 2 live instances");
+    let (status, headers) = attempt(&fourth, &a, "grace", "guess").await;
+    assert_eq!(status, 429);
+    assert_eq!(headers["ratelimit-limit"], "2");
+}
+
+#[tokio::test]
+async fn api_limit_and_headers_on_authenticated_routes() {
+    let pg = PgServer::start().await;
+    let db = pg.fresh_database().await;
+    let server = serve(&db, None, &[("RATE_LIMIT_API", "3/1m")]).await;
+    let token = access(&register(&server, "heidi", "heidi's password").await);
+    for remaining in ["2", "1", "0"] {
+        let reply = call(&server, "GET", "/me", Some(&token), None).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("ratelimit-remaining"), Some(remaining));
+        assert_eq!(reply.header("ratelimit-policy"), Some("3;w=60"));
+    }
+    let limited = call(&server, "GET", "/me", Some(&token), None).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.body["error"]["code"], "rate_limited");
+    assert!(limited.header("retry-after").is_some());
+    // Another user has their own budget.
+    let other = access(&register(&server, "ivan", "ivan's password").await);
+    assert_eq!(me_status(&server, &other).await, 200);
+}
+
+#[tokio::test]
+async fn sessions_slide_while_used_expire_when_idle_and_are_cleaned_up() {
+    let pg = PgServer::start().await;
+    let db = pg.fresh_database().await;
+    let server = serve(
+        &db,
+        None,
+        &[
+            ("SESSION_DEFAULT_TTL", "4s"),
+            ("SESSION_CLEANUP_INTERVAL", "1s"),
+        ],
+    )
+    .await;
+    let tokens = register(&server, "judy", "judy's password").await;
+    let token = access(&tokens);
+    // Used every half second for 7 s: well past the first expiry, still valid.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(7) {
+        assert_eq!(
+            me_status(&server, &token).await,
+            200,
+            "at {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Idle longer than the lifetime: expired, then removed by the cleanup task.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let reply = call(&server, "GET", "/me", Some(&token), None).await;
+    assert_unauthorized(&reply, "idle session");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while count(&pg, &db, "SELECT count(*) FROM auth_sessions").await > 0 {
+        assert!(Instant::now() < deadline, "expired session not cleaned up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,208 @@
+//! Rate limiting with GCRA (the generic cell rate algorithm).
+//!
+//! A limit of `N` per `period` admits one request every `period / N` on average with a burst
+//! of `N`. The state per key is one number, the theoretical arrival time (TAT). In Redis it is
+//! updated by one Lua script, atomically, against Redis's own clock, so every instance shares
+//! one budget per key (`<prefix>ratelimit:<class>:<key>`).
+//!
+//! When Redis is unreachable (or not configured) each instance limits locally with the same
+//! algorithm and `1/n` of the budget, `n` being the number of live instances last heard on the
+//! cache bus: together they admit about what Redis would have, so the cluster neither fails
+//! open nor locks everyone out. After a Redis error the local limiter is used for
+//! [`REDIS_RETRY`] before Redis is tried again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::Script;
+
+use crate::cache::Cache;
+use crate::config::RateLimit;
+use crate::redis::Redis;
+
+/// How long the local limiter is used after Redis failed, before Redis is tried again.
+pub const REDIS_RETRY: Duration = Duration::from_secs(1);
+
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tau = interval * tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new_tat = tat + interval
+local ahead = new_tat - now
+if ahead > tau then
+  return {0, 0, tat - now, ahead - tau}
+end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil(ahead / 1000) + 1)
+return {1, math.floor((tau - ahead) / interval), ahead, 0}
+";
+
+/// The verdict on one request, with what the `RateLimit-*` headers need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The burst size in force (divided among instances when limiting locally).
+    pub limit: u32,
+    pub remaining: u32,
+    /// Until the budget is whole again.
+    pub reset: Duration,
+    /// Until the next request would be admitted (zero when allowed).
+    pub retry_after: Duration,
+    /// Decided by this instance alone (Redis unavailable).
+    pub local: bool,
+}
+
+#[derive(Clone)]
+pub struct RateLimiter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    redis: Option<Redis>,
+    cache: Cache,
+    prefix: String,
+    script: Script,
+    origin: Instant,
+    /// Micros since `origin` before which Redis is not tried.
+    skip_redis_until: AtomicU64,
+    local: Mutex<HashMap<String, u64>>,
+}
+
+impl RateLimiter {
+    pub fn new(redis: Option<Redis>, cache: Cache, prefix: &str) -> Self {
+        RateLimiter {
+            inner: Arc::new(Inner {
+                redis,
+                cache,
+                prefix: prefix.to_string(),
+                script: Script::new(GCRA),
+                origin: Instant::now(),
+                skip_redis_until: AtomicU64::new(0),
+                local: Mutex::default(),
+            }),
+        }
+    }
+
+    fn micros(&self) -> u64 {
+        self.inner.origin.elapsed().as_micros() as u64
+    }
+
+    /// Counts one request of `class` by `key` against `limit`.
+    pub async fn check(&self, class: &str, key: &str, limit: RateLimit) -> Decision {
+        let full = format!("{}ratelimit:{class}:{key}", self.inner.prefix);
+        let interval = (limit.period.as_micros() as u64 / limit.count as u64).max(1);
+        if let Some(redis) = &self.inner.redis
+            && self.micros() >= self.inner.skip_redis_until.load(Ordering::Relaxed)
+        {
+            let mut invocation = self.inner.script.prepare_invoke();
+            invocation.key(&full).arg(interval).arg(limit.count);
+            match redis.invoke::<Vec<i64>>(&invocation).await {
+                Ok(reply) if reply.len() == 4 => {
+                    return Decision {
+                        allowed: reply[0] == 1,
+                        limit: limit.count,
+                        remaining: reply[1].max(0) as u32,
+                        reset: Duration::from_micros(reply[2].max(0) as u64),
+                        retry_after: Duration::from_micros(reply[3].max(0) as u64),
+                        local: false,
+                    };
+                }
+                Ok(reply) => {
+                    tracing::warn!(
+                        ?reply,
+                        "unexpected rate-limit script reply; limiting locally"
+                    );
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "Redis unavailable for rate limiting; limiting locally");
+                }
+            }
+            self.inner.skip_redis_until.store(
+                self.micros() + REDIS_RETRY.as_micros() as u64,
+                Ordering::Relaxed,
+            );
+        }
+        self.check_local(&full, interval, limit.count)
+    }
+
+    /// GCRA in process with `1/n` of the budget: `n` times the interval, `1/n` of the burst.
+    fn check_local(&self, key: &str, interval: u64, burst: u32) -> Decision {
+        let n = self.inner.cache.live_instances().max(1) as u64;
+        let interval = interval * n;
+        let burst = (burst as u64 / n).max(1);
+        let tau = interval * burst;
+        let now = self.micros();
+        let mut table = self.inner.local.lock().unwrap_or_else(|p| p.into_inner());
+        if table.len() > 100_000 {
+            table.retain(|_, tat| *tat > now);
+        }
+        let tat = table.get(key).copied().unwrap_or(0).max(now);
+        let new_tat = tat + interval;
+        let ahead = new_tat - now;
+        if ahead > tau {
+            return Decision {
+                allowed: false,
+                limit: burst as u32,
+                remaining: 0,
+                reset: Duration::from_micros(tat - now),
+                retry_after: Duration::from_micros(ahead - tau),
+                local: true,
+            };
+        }
+        table.insert(key.to_string(), new_tat);
+        Decision {
+            allowed: true,
+            limit: burst as u32,
+            remaining: ((tau - ahead) / interval) as u32,
+            reset: Duration::from_micros(ahead),
+            retry_after: Duration::ZERO,
+            local: true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{Backend, EngineOptions};
+    use crate::config::{CacheBackend, CacheConfig};
+
+    fn memory_cache() -> Cache {
+        let config = CacheConfig {
+            backend: CacheBackend::Memory,
+            ttls: Default::default(),
+            default_ttl: Duration::from_secs(60),
+            cleanup_interval: Duration::from_secs(60),
+            key_prefix: "test:".into(),
+            early_refresh: Default::default(),
+        };
+        Cache::new(config, Backend::Memory, EngineOptions::default())
+    }
+
+    #[tokio::test]
+    async fn local_gcra_admits_the_burst_then_one_per_interval() {
+        let limiter = RateLimiter::new(None, memory_cache(), "test:");
+        let limit = RateLimit {
+            count: 3,
+            period: Duration::from_secs(3600),
+        };
+        let mut remaining = Vec::new();
+        for _ in 0..3 {
+            let d = limiter.check("login", "alice", limit).await;
+            assert!(d.allowed && d.local);
+            remaining.push(d.remaining);
+        }
+        assert_eq!(remaining, vec![2, 1, 0]);
+        let denied = limiter.check("login", "alice", limit).await;
+        assert!(!denied.allowed);
+        // One token comes back every 20 minutes.
+        let wait = denied.retry_after.as_secs();
+        assert!((1190..=1200).contains(&wait), "{wait}");
+        // Another key has its own budget.
+        assert!(limiter.check("login", "bob", limit).await.allowed);
+    }
+}
