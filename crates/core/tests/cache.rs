@@ -472,6 +472,17 @@ async fn ttl_tags_namespaces_and_negative_caching_in_memory() {
     ttl_tags_and_negative(memory_engine()).await;
 }
 
+/// A waiter gives up on another instance's load after `lease_wait` and loads itself; on a
+/// machine loaded by parallel builds, PostgreSQL round trips through the small test pool can
+/// take seconds, so the tests that count loads wait longer than production would.
+fn pg_options() -> EngineOptions {
+    EngineOptions {
+        negative_ttl: Duration::from_millis(300),
+        lease_wait: Duration::from_secs(15),
+        ..EngineOptions::default()
+    }
+}
+
 /// An engine on the PostgreSQL tier of a fresh, migrated database.
 async fn pg_engine(pg: &PgServer) -> (Cache, Db) {
     let url = pg.fresh_database().await;
@@ -495,10 +506,7 @@ async fn pg_engine(pg: &PgServer) -> (Cache, Db) {
     let engine = Cache::new(
         config("pg:"),
         Backend::Postgres(db.clone()),
-        EngineOptions {
-            negative_ttl: Duration::from_millis(300),
-            ..EngineOptions::default()
-        },
+        pg_options(),
     );
     (engine, db)
 }
@@ -507,11 +515,7 @@ async fn pg_engine(pg: &PgServer) -> (Cache, Db) {
 async fn the_postgres_tier_refuses_stale_sets_and_loads_a_cold_key_once() {
     let pg = PgServer::start().await;
     let (a, db) = pg_engine(&pg).await;
-    let b = Cache::new(
-        config("pg:"),
-        Backend::Postgres(db.clone()),
-        EngineOptions::default(),
-    );
+    let b = Cache::new(config("pg:"), Backend::Postgres(db.clone()), pg_options());
     for by in [By::Key, By::Tag, By::Namespace] {
         a.invalidate("assets", "race").await;
         stale_set_is_refused(a.clone(), b.clone(), by).await;

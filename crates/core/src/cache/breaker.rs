@@ -6,6 +6,7 @@
 //! replays the invalidations it could not deliver before it treats Redis as trustworthy again.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -21,6 +22,8 @@ pub enum BreakerState {
 pub(crate) struct Breaker {
     threshold: u32,
     cool_down: Duration,
+    /// Closed with no failure counted: the hot path (every shared-tier hit) reads only this.
+    healthy: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -46,6 +49,7 @@ impl Breaker {
         Self {
             threshold,
             cool_down,
+            healthy: AtomicBool::new(true),
             inner: Mutex::new(Inner {
                 failures: 0,
                 open_until: None,
@@ -59,6 +63,9 @@ impl Breaker {
     }
 
     pub fn permit(&self) -> Permit {
+        if self.healthy.load(Ordering::SeqCst) {
+            return Permit::Call;
+        }
         let mut inner = self.lock();
         match inner.open_until {
             None => Permit::Call,
@@ -72,15 +79,20 @@ impl Breaker {
     }
 
     pub fn success(&self) {
+        if self.healthy.load(Ordering::SeqCst) {
+            return;
+        }
         let mut inner = self.lock();
         inner.failures = 0;
         inner.open_until = None;
         inner.probing = false;
+        self.healthy.store(true, Ordering::SeqCst);
     }
 
     /// Records a failure; returns true when this failure opened the breaker.
     pub fn failure(&self) -> bool {
         let mut inner = self.lock();
+        self.healthy.store(false, Ordering::SeqCst);
         inner.failures += 1;
         inner.probing = false;
         let was_closed = inner.open_until.is_none();
@@ -94,6 +106,7 @@ impl Breaker {
     /// has been delivered.
     pub fn trip(&self) {
         let mut inner = self.lock();
+        self.healthy.store(false, Ordering::SeqCst);
         inner.probing = false;
         inner.open_until = Some(Instant::now() + self.cool_down);
     }
@@ -101,11 +114,15 @@ impl Breaker {
     /// A probe ended without a verdict (it could not replay pending work): back to open.
     pub fn abandon_probe(&self) {
         let mut inner = self.lock();
+        self.healthy.store(false, Ordering::SeqCst);
         inner.probing = false;
         inner.open_until = Some(Instant::now() + self.cool_down);
     }
 
     pub fn state(&self) -> BreakerState {
+        if self.healthy.load(Ordering::SeqCst) {
+            return BreakerState::Closed;
+        }
         let inner = self.lock();
         match inner.open_until {
             None => BreakerState::Closed,
