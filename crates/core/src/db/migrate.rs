@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "cache_leases",
         sql: include_str!("../../migrations/0002_cache_leases.sql"),
     },
+    Migration {
+        version: 4,
+        name: "catalog",
+        sql: include_str!("../../migrations/0004_catalog.sql"),
+    },
 ];
 
 /// Arbitrary but fixed: the advisory lock key all Cascade instances agree on ("cascade" in ASCII).
