@@ -7,6 +7,7 @@ mod common;
 mod support;
 
 mod bundle;
+mod cli;
 mod freshness;
 mod lineage;
 mod listings;
