@@ -194,3 +194,32 @@ async fn writes_are_visible_on_the_next_read_on_both_instances_while_keys_are_ho
         assert!(hits > 0, "{health}");
     }
 }
+
+#[tokio::test]
+async fn a_change_above_many_descendants_still_reaches_every_cached_bundle() {
+    let catalog = Catalog::start(1).await;
+    let base = catalog.base();
+    catalog.producer("acme").await;
+    catalog.asset("root", "acme", "before").await;
+    // More descendants than are invalidated one by one: the whole namespaces go instead.
+    let children: Vec<String> = (0..300).map(|i| format!("child-{i:03}")).collect();
+    let outputs: Vec<&str> = children.iter().map(String::as_str).collect();
+    catalog.lineage(&["root"], &outputs).await;
+    for child in &outputs[..3] {
+        catalog.asset(child, "acme", child).await;
+        let (_, bundle) = get(base, &format!("/bundle?versionId={child}&depth=1")).await;
+        assert_eq!(bundle["ancestors"][0]["asset"]["name"], "before");
+    }
+    let (status, _) = send(
+        base,
+        Method::PATCH,
+        "/listings/root",
+        Some(json!({"name": "after"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    for child in &outputs[..3] {
+        let (_, bundle) = get(base, &format!("/bundle?versionId={child}&depth=1")).await;
+        assert_eq!(bundle["ancestors"][0]["asset"]["name"], "after", "{child}");
+    }
+}

@@ -21,7 +21,6 @@
 use futures_util::future::join_all;
 
 use super::queries;
-use crate::http::ApiError;
 use crate::state::AppState;
 
 pub const ASSETS: &str = "assets";
@@ -42,7 +41,7 @@ pub fn bundle_key(version: &str, depth: i32) -> String {
 
 /// After asset rows changed (created, renamed, re-described, deleted): their details, every
 /// listing page, and the bundles and readiness of them and their descendants.
-pub async fn assets_changed(state: &AppState, versions: &[&str]) -> Result<(), ApiError> {
+pub async fn assets_changed(state: &AppState, versions: &[&str]) {
     join_all(versions.iter().map(|v| state.cache.invalidate(ASSETS, v))).await;
     state.cache.invalidate_namespace(LISTINGS).await;
     lineage_changed(state, versions).await
@@ -50,12 +49,11 @@ pub async fn assets_changed(state: &AppState, versions: &[&str]) -> Result<(), A
 
 /// After new edges into `children`, or changed rows of them: the bundles and readiness of
 /// them and their descendants.
-pub async fn lineage_changed(state: &AppState, children: &[&str]) -> Result<(), ApiError> {
+pub async fn lineage_changed(state: &AppState, children: &[&str]) {
     if children.is_empty() {
-        return Ok(());
+        return;
     }
-    let conn = state.db.conn().await?;
-    match queries::descendants(&conn, children, MAX_EXACT).await? {
+    match affected(state, children).await {
         Some(versions) => {
             let tags: Vec<String> = versions.iter().map(|v| tree_tag(v)).collect();
             join_all(tags.iter().map(|t| state.cache.invalidate_tag(t))).await;
@@ -65,17 +63,32 @@ pub async fn lineage_changed(state: &AppState, children: &[&str]) -> Result<(), 
             state.cache.invalidate_namespace(READY).await;
         }
     }
-    Ok(())
 }
 
 /// After a receipt or policy of `version` was added: readiness of it and its descendants.
-pub async fn rights_changed(state: &AppState, version: &str) -> Result<(), ApiError> {
-    let conn = state.db.conn().await?;
-    match queries::descendants(&conn, &[version], MAX_EXACT).await? {
+pub async fn rights_changed(state: &AppState, version: &str) {
+    match affected(state, &[version]).await {
         Some(versions) => {
             join_all(versions.iter().map(|v| state.cache.invalidate(READY, v))).await;
         }
         None => state.cache.invalidate_namespace(READY).await,
     }
-    Ok(())
+}
+
+/// `versions` and their descendants, looked up after the write committed (so a concurrent
+/// write's new edges are either seen here or invalidated by that write after its own commit).
+/// `None` when there are too many, or when PostgreSQL cannot answer: the write is committed
+/// either way, so the caller then removes whole namespaces rather than leave a stale entry.
+async fn affected(state: &AppState, versions: &[&str]) -> Option<Vec<String>> {
+    let found = async {
+        let conn = state.db.conn().await?;
+        queries::descendants(&conn, versions, MAX_EXACT).await
+    };
+    match found.await {
+        Ok(found) => found,
+        Err(err) => {
+            tracing::warn!(error = %err, "descendants lookup failed; invalidating whole namespaces");
+            None
+        }
+    }
 }

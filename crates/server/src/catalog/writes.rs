@@ -5,7 +5,7 @@
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 
 use super::http_cache::json;
 use super::invalidation as inv;
@@ -44,7 +44,7 @@ pub async fn create_asset(
     let asset = NewAsset::parse(&Body::parse(&body)?)?;
     let created = in_transaction!(state, |tx| queries::insert_asset(&tx, &asset).await?);
     // A new version can complete lineage that named it before it existed.
-    inv::assets_changed(&state, &[asset.version_id.as_str()]).await?;
+    inv::assets_changed(&state, &[asset.version_id.as_str()]).await;
     Ok(json(StatusCode::CREATED, created))
 }
 
@@ -64,7 +64,7 @@ pub async fn update_asset(
             version.as_str()
         ))
     })?;
-    inv::assets_changed(&state, &[version.as_str()]).await?;
+    inv::assets_changed(&state, &[version.as_str()]).await;
     Ok(json(StatusCode::OK, updated))
 }
 
@@ -82,8 +82,8 @@ pub async fn delete_asset(
             version.as_str()
         )));
     }
-    inv::assets_changed(&state, &[version.as_str()]).await?;
-    Ok(json(StatusCode::NO_CONTENT, Vec::new()))
+    inv::assets_changed(&state, &[version.as_str()]).await;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// `POST /policies` `{"versionId", "document", "expiresAt"?}`.
@@ -93,7 +93,7 @@ pub async fn create_policy(
 ) -> Result<Response, ApiError> {
     let policy = NewPolicy::parse(&Body::parse(&body)?)?;
     let created = in_transaction!(state, |tx| queries::insert_policy(&tx, &policy).await?);
-    inv::rights_changed(&state, policy.version_id.as_str()).await?;
+    inv::rights_changed(&state, policy.version_id.as_str()).await;
     Ok(json(StatusCode::CREATED, created))
 }
 
@@ -104,7 +104,7 @@ pub async fn create_receipt(
 ) -> Result<Response, ApiError> {
     let receipt = NewReceipt::parse(&Body::parse(&body)?)?;
     let created = in_transaction!(state, |tx| queries::insert_receipt(&tx, &receipt).await?);
-    inv::rights_changed(&state, receipt.version_id.as_str()).await?;
+    inv::rights_changed(&state, receipt.version_id.as_str()).await;
     Ok(json(StatusCode::CREATED, created))
 }
 
@@ -118,7 +118,7 @@ pub async fn record_lineage(
     let mut children: Vec<&str> = added.iter().map(|(_, c)| c.as_str()).collect();
     children.sort_unstable();
     children.dedup();
-    inv::lineage_changed(&state, &children).await?;
+    inv::lineage_changed(&state, &children).await;
     let edges: Vec<_> = added
         .iter()
         .map(|(p, c)| serde_json::json!({"parent": p, "child": c}))
