@@ -78,6 +78,8 @@ pub struct BenchOptions {
 
 struct Row {
     case: Case,
+    /// "HTTP + cache" or "PostgreSQL direct".
+    via: &'static str,
     hit_ratio: Option<f64>,
     queries_per_1000: f64,
 }
@@ -90,24 +92,58 @@ fn namespace(cache: &Cache, name: &str) -> NamespaceStats {
         .unwrap_or_default()
 }
 
-/// Measures `requests` GETs of `path(i)` through the server, with the hit ratio and loads of
+/// Which version a request asks for.
+type Pick = Arc<dyn Fn(usize) -> String + Send + Sync>;
+
+/// A measured read: its HTTP path, and the same SQL for the direct case.
+#[derive(Clone, Copy)]
+enum Read {
+    Asset,
+    Bundle3,
+}
+
+impl Read {
+    fn namespace(self) -> &'static str {
+        match self {
+            Read::Asset => ASSETS,
+            Read::Bundle3 => BUNDLES,
+        }
+    }
+
+    fn path(self, version: &str) -> String {
+        match self {
+            Read::Asset => format!("/listings/{version}"),
+            Read::Bundle3 => format!("/bundle?versionId={version}&depth=3"),
+        }
+    }
+
+    /// The statement the cache loader runs, sent straight to PostgreSQL.
+    async fn query(self, db: &Db, version: &str) {
+        if let Ok(conn) = db.conn().await {
+            let _ = match self {
+                Read::Asset => queries::asset(&conn, version).await,
+                Read::Bundle3 => queries::bundle(&conn, version, 3).await,
+            };
+        }
+    }
+}
+
+/// Measures `requests` GETs of `url(i)` through the server, with the hit ratio and loads of
 /// `ns` over the run.
 async fn over_http(
     name: &'static str,
     state: &AppState,
     ns: &str,
-    base: &str,
     options: &BenchOptions,
     requests: usize,
-    path: impl Fn(usize) -> String + Send + Sync + 'static,
+    url: impl Fn(usize) -> String + Send + Sync + 'static,
 ) -> Row {
     let client =
         cascade_core::upstream::http_client(Duration::from_secs(2), Duration::from_secs(30))
             .expect("HTTP client");
     let before = namespace(&state.cache, ns);
-    let (base, path) = (base.to_string(), Arc::new(path));
     let case = measure(name, requests, options.concurrency, move |i| {
-        let (client, url) = (client.clone(), format!("{base}{}", path(i)));
+        let (client, url) = (client.clone(), url(i));
         async move {
             match client.get(&url).send().await {
                 Ok(response) if response.status().is_success() => {
@@ -127,26 +163,9 @@ async fn over_http(
     let loads = after.loads - before.loads;
     Row {
         case,
+        via: "HTTP + cache",
         hit_ratio: Some(hits as f64 / served),
         queries_per_1000: loads as f64 * 1000.0 / served,
-    }
-}
-
-/// The same query as the cached case, straight to PostgreSQL through the pool.
-async fn direct<F, Fut>(
-    name: &'static str,
-    options: &BenchOptions,
-    requests: usize,
-    query: F,
-) -> Row
-where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    Row {
-        case: measure(name, requests, options.concurrency, query).await,
-        hit_ratio: None,
-        queries_per_1000: 1000.0,
     }
 }
 
@@ -217,124 +236,73 @@ pub async fn bench_command(config: Config, options: BenchOptions) -> anyhow::Res
     fastrand::Rng::with_seed(7).shuffle(&mut versions);
     let hot_count = options.hot.clamp(1, versions.len().max(1) / 2);
     let versions = Arc::new(versions);
-    let hot = {
-        let v = versions.clone();
-        move |i: usize| v[i % hot_count].clone()
-    };
     let cold_count = versions.len() - hot_count;
     let cold_requests = options.requests.min(cold_count);
-    let cold = {
+    let hot: Pick = {
         let v = versions.clone();
-        move |i: usize| v[hot_count + i % cold_count.max(1)].clone()
+        Arc::new(move |i: usize| v[i % hot_count].clone())
+    };
+    let cold: Pick = {
+        let v = versions.clone();
+        Arc::new(move |i: usize| v[hot_count + i % cold_count.max(1)].clone())
     };
 
     // Warm the hot sets (asset details and depth-3 bundles).
     let warm =
         cascade_core::upstream::http_client(Duration::from_secs(2), Duration::from_secs(30))?;
     for i in 0..hot_count {
-        for path in [
-            format!("/listings/{}", hot(i)),
-            format!("/bundle?versionId={}&depth=3", hot(i)),
-        ] {
-            warm.get(format!("{base}{path}"))
-                .send()
-                .await?
-                .bytes()
-                .await?;
+        for read in [Read::Asset, Read::Bundle3] {
+            let url = format!("{base}{}", read.path(&hot(i)));
+            warm.get(url).send().await?.bytes().await?;
         }
     }
 
     let mut rows = Vec::new();
-    let h = hot.clone();
-    rows.push(
-        over_http(
-            "asset details, hot set — HTTP + cache",
-            &state,
-            ASSETS,
-            &base,
-            &options,
+    for (read, label, requests, pick) in [
+        (
+            Read::Asset,
+            "asset details, hot set",
             options.requests,
-            move |i| format!("/listings/{}", h(i)),
-        )
-        .await,
-    );
-    let (h, d) = (hot.clone(), db.clone());
-    rows.push(
-        direct(
-            "asset details, hot set — PostgreSQL direct",
-            &options,
-            options.requests,
-            move |i| {
-                let (version, db) = (h(i), d.clone());
-                async move {
-                    if let Ok(conn) = db.conn().await {
-                        let _ = queries::asset(&conn, &version).await;
-                    }
-                }
-            },
-        )
-        .await,
-    );
-    let c = cold.clone();
-    rows.push(
-        over_http(
-            "asset details, miss-heavy (every request a new version) — HTTP + cache",
-            &state,
-            ASSETS,
-            &base,
-            &options,
+            &hot,
+        ),
+        (
+            Read::Asset,
+            "asset details, miss-heavy (every request a new version)",
             cold_requests,
-            move |i| format!("/listings/{}", c(i)),
-        )
-        .await,
-    );
-    let (c, d) = (cold.clone(), db.clone());
-    rows.push(
-        direct(
-            "asset details, same versions — PostgreSQL direct",
-            &options,
-            cold_requests,
-            move |i| {
-                let (version, db) = (c(i), d.clone());
-                async move {
-                    if let Ok(conn) = db.conn().await {
-                        let _ = queries::asset(&conn, &version).await;
-                    }
-                }
-            },
-        )
-        .await,
-    );
-    let h = hot.clone();
-    rows.push(
-        over_http(
-            "bundle depth 3, hot set — HTTP + cache",
-            &state,
-            BUNDLES,
-            &base,
-            &options,
+            &cold,
+        ),
+        (
+            Read::Bundle3,
+            "bundle depth 3, hot set",
             options.requests,
-            move |i| format!("/bundle?versionId={}&depth=3", h(i)),
-        )
-        .await,
-    );
-    let (h, d) = (hot.clone(), db.clone());
-    rows.push(
-        direct(
-            "bundle depth 3, hot set — PostgreSQL direct",
-            &options,
-            options.requests,
-            move |i| {
-                let (version, db) = (h(i), d.clone());
-                async move {
-                    if let Ok(conn) = db.conn().await {
-                        let _ = queries::bundle(&conn, &version, 3).await;
-                    }
-                }
-            },
-        )
-        .await,
-    );
+            &hot,
+        ),
+    ] {
+        let (p, base) = (pick.clone(), base.clone());
+        rows.push(
+            over_http(
+                label,
+                &state,
+                read.namespace(),
+                &options,
+                requests,
+                move |i| format!("{base}{}", read.path(&p(i))),
+            )
+            .await,
+        );
+        let (p, db) = (pick.clone(), db.clone());
+        let case = measure(label, requests, options.concurrency, move |i| {
+            let (version, db) = (p(i), db.clone());
+            async move { read.query(&db, &version).await }
+        })
+        .await;
+        rows.push(Row {
+            case,
+            via: "PostgreSQL direct",
+            hit_ratio: None,
+            queries_per_1000: 1000.0,
+        });
+    }
 
     let _ = stop.send(());
     let _ = server.await;
@@ -350,8 +318,9 @@ pub async fn bench_command(config: Config, options: BenchOptions) -> anyhow::Res
     println!("|---|---:|---:|---:|---:|---:|");
     for row in &rows {
         println!(
-            "| {} | {:.0} | {:.2} ms | {:.2} ms | {} | {:.0} |",
+            "| {} — {} | {:.0} | {:.2} ms | {:.2} ms | {} | {:.0} |",
             row.case.name,
+            row.via,
             row.case.ops_per_sec,
             row.case.p50.as_secs_f64() * 1e3,
             row.case.p99.as_secs_f64() * 1e3,

@@ -6,6 +6,8 @@ use cascade_testkit::{PgServer, RedisServer};
 
 use crate::common::{cascade, empty_dir, run_bounded};
 
+const SEED_ARGS: &[&str] = &["--assets", "3000", "--producers", "5"];
+
 async fn seed(url: &str, args: &[&str]) -> String {
     let mut command = cascade(&empty_dir());
     command
@@ -28,11 +30,7 @@ async fn seed_catalog_is_reproducible_rerunnable_and_a_dag() {
     let database = url.rsplit('/').next().unwrap().to_string();
     let client_of = || pg.client(&database);
 
-    let out = seed(
-        &url,
-        &["--assets", "3000", "--producers", "5", "--seed", "5"],
-    )
-    .await;
+    let out = seed(&url, &[SEED_ARGS, &["--seed", "5"]].concat()).await;
     assert!(out.contains("seeded 3000 assets"), "{out}");
     let client = client_of().await;
     let fingerprint = |client: tokio_postgres::Client| async move {
@@ -61,48 +59,20 @@ async fn seed_catalog_is_reproducible_rerunnable_and_a_dag() {
         "most, not all, have receipts"
     );
 
-    let out = seed(
-        &url,
-        &["--assets", "3000", "--producers", "5", "--seed", "5"],
-    )
-    .await;
+    let out = seed(&url, &[SEED_ARGS, &["--seed", "5"]].concat()).await;
     assert!(
         out.contains("seeded 0 assets"),
         "a rerun skips what exists: {out}"
     );
     assert_eq!(fingerprint(client_of().await).await, first);
 
-    seed(
-        &url,
-        &[
-            "--assets",
-            "3000",
-            "--producers",
-            "5",
-            "--seed",
-            "5",
-            "--reset",
-        ],
-    )
-    .await;
+    seed(&url, &[SEED_ARGS, &["--seed", "5", "--reset"]].concat()).await;
     assert_eq!(
         fingerprint(client_of().await).await,
         first,
         "same seed, same catalog"
     );
-    seed(
-        &url,
-        &[
-            "--assets",
-            "3000",
-            "--producers",
-            "5",
-            "--seed",
-            "6",
-            "--reset",
-        ],
-    )
-    .await;
+    seed(&url, &[SEED_ARGS, &["--seed", "6", "--reset"]].concat()).await;
     assert_ne!(
         fingerprint(client_of().await).await.1,
         first.1,
