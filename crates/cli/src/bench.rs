@@ -11,14 +11,19 @@ use cascade_core::config::Config;
 use cascade_core::redis::Redis;
 
 /// One measured case.
-struct Case {
-    name: &'static str,
-    ops_per_sec: f64,
-    p50: Duration,
-    p99: Duration,
+pub(crate) struct Case {
+    pub(crate) name: &'static str,
+    pub(crate) ops_per_sec: f64,
+    pub(crate) p50: Duration,
+    pub(crate) p99: Duration,
 }
 
-async fn measure<F, Fut>(name: &'static str, ops: usize, concurrency: usize, op: F) -> Case
+pub(crate) async fn measure<F, Fut>(
+    name: &'static str,
+    ops: usize,
+    concurrency: usize,
+    op: F,
+) -> Case
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,

@@ -1,9 +1,10 @@
-//! The `cascade` command: `serve`, `migrate`, `check`, `config` and `cache invalidate`.
+//! The `cascade` command: `serve`, `migrate`, `check`, `config`, `cache`, `bench` and `seed`.
 //!
 //! Exit codes: 0 success, 1 a dependency failed (unreachable PostgreSQL, failed migration),
 //! 2 invalid configuration or usage.
 
 mod bench;
+mod catalog;
 mod check;
 mod serve;
 
@@ -45,6 +46,28 @@ enum Command {
     /// Measure performance, side by side with a baseline in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Fill a module's tables with generated, realistic data.
+    #[command(subcommand)]
+    Seed(SeedCommand),
+}
+
+#[derive(Subcommand)]
+enum SeedCommand {
+    /// Producers, assets with lineage (a DAG), receipts and policies; reproducible by --seed.
+    Catalog {
+        /// Assets to generate.
+        #[arg(long, default_value_t = 10_000)]
+        assets: usize,
+        /// Producers the assets are spread over.
+        #[arg(long, default_value_t = 20)]
+        producers: usize,
+        /// Random seed: the same seed generates the same catalog.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Empty the catalog tables first (otherwise existing rows are kept and skipped).
+        #[arg(long)]
+        reset: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -57,6 +80,24 @@ enum BenchCommand {
         /// Concurrent tasks.
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+    },
+    /// Catalog reads over HTTP with the cache, next to the same queries straight to PostgreSQL.
+    Catalog {
+        /// Assets to seed (the catalog tables are emptied first).
+        #[arg(long, default_value_t = 100_000)]
+        assets: usize,
+        /// Requests per case.
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Versions in the hot set.
+        #[arg(long, default_value_t = 1_000)]
+        hot: usize,
+        /// A few seconds' run for CI: 2,000 assets, 2,000 requests, 8 clients, hot set of 200.
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -137,6 +178,44 @@ fn main() -> ExitCode {
             Command::Cache(CacheCommand::Stats { url }) => check::cache_stats(&config, url).await,
             Command::Bench(BenchCommand::Cache { ops, concurrency }) => {
                 bench::cache(config, ops, concurrency).await
+            }
+            Command::Bench(BenchCommand::Catalog {
+                assets,
+                requests,
+                concurrency,
+                hot,
+                quick,
+            }) => {
+                let options = if quick {
+                    catalog::BenchOptions {
+                        assets: 2_000,
+                        requests: 2_000,
+                        concurrency: 8,
+                        hot: 200,
+                    }
+                } else {
+                    catalog::BenchOptions {
+                        assets,
+                        requests,
+                        concurrency: concurrency.max(1),
+                        hot,
+                    }
+                };
+                catalog::bench_command(config, options).await
+            }
+            Command::Seed(SeedCommand::Catalog {
+                assets,
+                producers,
+                seed,
+                reset,
+            }) => {
+                let options = cascade_server::catalog::seed::SeedOptions {
+                    assets,
+                    producers,
+                    seed,
+                    reset,
+                };
+                catalog::seed_command(config, options).await
             }
         }
     });

@@ -14,12 +14,12 @@ use cascade_server::state::AppState;
 
 /// PostgreSQL as configured: the pool, plus the embedded server when we started one (it is
 /// stopped when this is dropped).
-struct Database {
-    db: Db,
+pub(crate) struct Database {
+    pub(crate) db: Db,
     _embedded: Option<EmbeddedPostgres>,
 }
 
-async fn open_database(config: &Config) -> anyhow::Result<Database> {
+pub(crate) async fn open_database(config: &Config) -> anyhow::Result<Database> {
     let (pg_config, address, embedded) = match &config.database.source {
         DatabaseSource::External {
             config: pg,
@@ -40,7 +40,7 @@ async fn open_database(config: &Config) -> anyhow::Result<Database> {
     })
 }
 
-async fn apply_migrations(db: &Db) -> anyhow::Result<()> {
+pub(crate) async fn apply_migrations(db: &Db) -> anyhow::Result<()> {
     let report = db::migrate(db.maintenance_config())
         .await
         .context("applying migrations")?;

@@ -503,11 +503,7 @@ async fn pg_engine(pg: &PgServer) -> (Cache, Db) {
     cascade_core::db::migrate(db.maintenance_config())
         .await
         .unwrap();
-    let engine = Cache::new(
-        config("pg:"),
-        Backend::Postgres(db.clone()),
-        pg_options(),
-    );
+    let engine = Cache::new(config("pg:"), Backend::Postgres(db.clone()), pg_options());
     (engine, db)
 }
 

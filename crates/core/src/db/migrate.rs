@@ -35,6 +35,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "identity",
         sql: include_str!("../../migrations/0003_identity.sql"),
     },
+    Migration {
+        version: 4,
+        name: "catalog",
+        sql: include_str!("../../migrations/0004_catalog.sql"),
+    },
 ];
 
 /// Arbitrary but fixed: the advisory lock key all Cascade instances agree on ("cascade" in ASCII).

@@ -1,0 +1,81 @@
+use serde_json::Value;
+
+use crate::support::{self, Catalog, assert_bad_field, get};
+
+fn ancestors(bundle: &Value) -> Vec<(String, u64)> {
+    support::ancestors(bundle, "/depth")
+        .into_iter()
+        .map(|(v, d)| (v, d.as_u64().unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_bundle_is_the_asset_with_its_ancestry_to_the_requested_depth() {
+    let catalog = Catalog::start(1).await;
+    let base = catalog.base();
+    catalog.producer("acme").await;
+    for v in ["raw", "clean", "features", "model"] {
+        catalog.asset(v, "acme", v).await;
+    }
+    // raw → clean → features → model, and an input the catalog does not have.
+    catalog.lineage(&["raw"], &["clean"]).await;
+    catalog.lineage(&["clean", "external"], &["features"]).await;
+    catalog.lineage(&["features"], &["model"]).await;
+
+    let (status, bundle) = get(base, "/bundle?versionId=model&depth=2").await;
+    assert_eq!(status, 200, "{bundle}");
+    assert_eq!(bundle["asset"]["versionId"], "model");
+    assert_eq!(
+        ancestors(&bundle),
+        [
+            ("features".to_string(), 1),
+            ("clean".to_string(), 2),
+            ("external".to_string(), 2)
+        ]
+    );
+    let external = &bundle["ancestors"][2];
+    assert!(
+        external["asset"].is_null(),
+        "not in the catalog: {external}"
+    );
+    assert_eq!(bundle["edges"].as_array().unwrap().len(), 3);
+
+    let (_, bundle) = get(base, "/bundle?versionId=model&depth=10").await;
+    assert_eq!(ancestors(&bundle).len(), 4);
+    let (_, bundle) = get(base, "/bundle?versionId=model&depth=0").await;
+    assert!(ancestors(&bundle).is_empty());
+    let (_, bundle) = get(base, "/bundle?versionId=model").await;
+    assert_eq!(bundle["depth"], 3, "default depth");
+
+    for query in [
+        "versionId=model&depth=11",
+        "versionId=model&depth=-1",
+        "versionId=model&depth=x",
+    ] {
+        let (status, body) = get(base, &format!("/bundle?{query}")).await;
+        assert_bad_field(status, &body, "depth");
+    }
+    let (status, body) = get(base, "/bundle?depth=1").await;
+    assert_bad_field(status, &body, "versionId");
+    let (status, _) = get(base, "/bundle?versionId=ghost").await;
+    assert_eq!(status, 404);
+    let (status, _) = get(base, "/bundle?versionId=external").await;
+    assert_eq!(
+        status, 404,
+        "a version only named by lineage is not an asset"
+    );
+}
+
+#[tokio::test]
+async fn bundles_bypass_the_cache_when_use_redis_bundles_is_false_and_stay_correct() {
+    let catalog = Catalog::start_with(1, &[("USE_REDIS_BUNDLES", "false".into())]).await;
+    let base = catalog.base();
+    catalog.producer("acme").await;
+    catalog.asset("a", "acme", "A").await;
+    catalog.asset("b", "acme", "B").await;
+    let (_, bundle) = get(base, "/bundle?versionId=b&depth=1").await;
+    assert!(ancestors(&bundle).is_empty());
+    catalog.lineage(&["a"], &["b"]).await;
+    let (_, bundle) = get(base, "/bundle?versionId=b&depth=1").await;
+    assert_eq!(ancestors(&bundle), [("a".to_string(), 1)]);
+}

@@ -1,0 +1,94 @@
+//! Cache keys and tags of the catalog, and which entries each write removes.
+//!
+//! | entry | namespace : key (seed 003 name) | tags |
+//! |---|---|---|
+//! | asset details | `assets:<versionId>` (`cache:asset:<versionId>`) | — (removed by key) |
+//! | a listings page | `listings:<canonical query>` (`cache:listings:<params>`) | — (namespace) |
+//! | a bundle | `bundles:<versionId>:<depth>` (`bundle:<versionId>:<depth>`) | `tree:<versionId>` |
+//! | readiness | `ready:<versionId>` | `tree:<versionId>` |
+//!
+//! A bundle or readiness answer for `d` depends on `d` and its ancestors. Tags must be known
+//! before the load (the engine enters a key in its tag sets when it grants the lease, which is
+//! what makes an invalidation during the load refuse the fill), and `d`'s ancestors are only
+//! known after it. So the dependency is resolved on the write side instead: a write that
+//! changes version `x` (its row, or new edges into it) affects exactly the answers of `x` and
+//! of `x`'s descendants, which the write looks up after it commits and invalidates by their
+//! `tree:` tags (every depth of a bundle at once). Receipts and policies affect readiness
+//! only, so they remove the `ready:` keys of the same set. A version with more than
+//! [`MAX_EXACT`] descendants falls back to removing the whole `bundles`/`ready` namespaces:
+//! still correct, one call instead of thousands.
+
+use futures_util::future::join_all;
+
+use super::queries;
+use crate::state::AppState;
+
+pub const ASSETS: &str = "assets";
+pub const LISTINGS: &str = "listings";
+pub const BUNDLES: &str = "bundles";
+pub const READY: &str = "ready";
+
+/// Most descendants invalidated one by one; beyond, whole namespaces are.
+pub const MAX_EXACT: usize = 256;
+
+pub fn tree_tag(version: &str) -> String {
+    format!("tree:{version}")
+}
+
+pub fn bundle_key(version: &str, depth: i32) -> String {
+    format!("{version}:{depth}")
+}
+
+/// After asset rows changed (created, renamed, re-described, deleted): their details, every
+/// listing page, and the bundles and readiness of them and their descendants.
+pub async fn assets_changed(state: &AppState, versions: &[&str]) {
+    join_all(versions.iter().map(|v| state.cache.invalidate(ASSETS, v))).await;
+    state.cache.invalidate_namespace(LISTINGS).await;
+    lineage_changed(state, versions).await
+}
+
+/// After new edges into `children`, or changed rows of them: the bundles and readiness of
+/// them and their descendants.
+pub async fn lineage_changed(state: &AppState, children: &[&str]) {
+    if children.is_empty() {
+        return;
+    }
+    match affected(state, children).await {
+        Some(versions) => {
+            let tags: Vec<String> = versions.iter().map(|v| tree_tag(v)).collect();
+            join_all(tags.iter().map(|t| state.cache.invalidate_tag(t))).await;
+        }
+        None => {
+            state.cache.invalidate_namespace(BUNDLES).await;
+            state.cache.invalidate_namespace(READY).await;
+        }
+    }
+}
+
+/// After a receipt or policy of `version` was added: readiness of it and its descendants.
+pub async fn rights_changed(state: &AppState, version: &str) {
+    match affected(state, &[version]).await {
+        Some(versions) => {
+            join_all(versions.iter().map(|v| state.cache.invalidate(READY, v))).await;
+        }
+        None => state.cache.invalidate_namespace(READY).await,
+    }
+}
+
+/// `versions` and their descendants, looked up after the write committed (so a concurrent
+/// write's new edges are either seen here or invalidated by that write after its own commit).
+/// `None` when there are too many, or when PostgreSQL cannot answer: the write is committed
+/// either way, so the caller then removes whole namespaces rather than leave a stale entry.
+async fn affected(state: &AppState, versions: &[&str]) -> Option<Vec<String>> {
+    let found = async {
+        let conn = state.db.conn().await?;
+        queries::descendants(&conn, versions, MAX_EXACT).await
+    };
+    match found.await {
+        Ok(found) => found,
+        Err(err) => {
+            tracing::warn!(error = %err, "descendants lookup failed; invalidating whole namespaces");
+            None
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The catalog's writes. Each validates its input completely before touching PostgreSQL,
+//! runs in one transaction, and after the commit removes exactly the cache entries it made
+//! stale (see `invalidation.rs`) before it answers: the next read anywhere sees the write.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use super::http_cache::json;
+use super::invalidation as inv;
+use super::model::{AssetChange, Body, NewAsset, NewPolicy, NewProducer, NewReceipt, VersionId};
+use super::openlineage::RunEvent;
+use super::queries::{self, internal};
+use crate::http::ApiError;
+use crate::state::AppState;
+
+/// Runs `write` in a transaction on a pool connection and commits it.
+macro_rules! in_transaction {
+    ($state:expr, |$tx:ident| $body:expr) => {{
+        let mut conn = $state.db.conn().await?;
+        let $tx = conn.transaction().await.map_err(internal)?;
+        let result = $body;
+        $tx.commit().await.map_err(internal)?;
+        result
+    }};
+}
+
+/// `POST /producers` `{"producerId", "name"}`.
+pub async fn create_producer(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let producer = NewProducer::parse(&Body::parse(&body)?)?;
+    let created = in_transaction!(state, |tx| queries::insert_producer(&tx, &producer).await?);
+    Ok(json(StatusCode::CREATED, created))
+}
+
+/// `POST /assets` `{"versionId", "producerId", "name", "metadata"?}`.
+pub async fn create_asset(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let asset = NewAsset::parse(&Body::parse(&body)?)?;
+    let created = in_transaction!(state, |tx| queries::insert_asset(&tx, &asset).await?);
+    // A new version can complete lineage that named it before it existed.
+    inv::assets_changed(&state, &[asset.version_id.as_str()]).await;
+    Ok(json(StatusCode::CREATED, created))
+}
+
+/// `PATCH /listings/:versionId` `{"name"?, "metadata"?}` (metadata is replaced, not merged).
+pub async fn update_asset(
+    State(state): State<AppState>,
+    Path(version): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let version = VersionId::parse("versionId", &version)?;
+    let change = AssetChange::parse(&Body::parse(&body)?)?;
+    let updated = in_transaction!(state, |tx| queries::update_asset(&tx, &version, &change)
+        .await?)
+    .ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "asset version {:?} does not exist",
+            version.as_str()
+        ))
+    })?;
+    inv::assets_changed(&state, &[version.as_str()]).await;
+    Ok(json(StatusCode::OK, updated))
+}
+
+/// `DELETE /listings/:versionId`: the asset goes, with its receipts and policies; lineage
+/// naming it stays (readiness of its descendants then reports it missing).
+pub async fn delete_asset(
+    State(state): State<AppState>,
+    Path(version): Path<String>,
+) -> Result<Response, ApiError> {
+    let version = VersionId::parse("versionId", &version)?;
+    let deleted = in_transaction!(state, |tx| queries::delete_asset(&tx, &version).await?);
+    if !deleted {
+        return Err(ApiError::NotFound(format!(
+            "asset version {:?} does not exist",
+            version.as_str()
+        )));
+    }
+    inv::assets_changed(&state, &[version.as_str()]).await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /policies` `{"versionId", "document", "expiresAt"?}`.
+pub async fn create_policy(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let policy = NewPolicy::parse(&Body::parse(&body)?)?;
+    let created = in_transaction!(state, |tx| queries::insert_policy(&tx, &policy).await?);
+    inv::rights_changed(&state, policy.version_id.as_str()).await;
+    Ok(json(StatusCode::CREATED, created))
+}
+
+/// `POST /receipts` `{"versionId", "payer", "amount", "expiresAt"?}`.
+pub async fn create_receipt(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let receipt = NewReceipt::parse(&Body::parse(&body)?)?;
+    let created = in_transaction!(state, |tx| queries::insert_receipt(&tx, &receipt).await?);
+    inv::rights_changed(&state, receipt.version_id.as_str()).await;
+    Ok(json(StatusCode::CREATED, created))
+}
+
+/// `POST /lineage`: an OpenLineage run event. Answers the event id and the edges it added.
+pub async fn record_lineage(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let event = RunEvent::parse(Body::parse(&body)?.value())?;
+    let (event_id, added) = in_transaction!(state, |tx| queries::insert_event(&tx, &event).await?);
+    let mut children: Vec<&str> = added.iter().map(|(_, c)| c.as_str()).collect();
+    children.sort_unstable();
+    children.dedup();
+    inv::lineage_changed(&state, &children).await;
+    let edges: Vec<_> = added
+        .iter()
+        .map(|(p, c)| serde_json::json!({"parent": p, "child": c}))
+        .collect();
+    let body = serde_json::json!({"eventId": event_id, "edgesAdded": edges});
+    Ok(json(
+        StatusCode::CREATED,
+        serde_json::to_vec(&body).map_err(|e| ApiError::Internal(e.into()))?,
+    ))
+}
