@@ -7,6 +7,7 @@ mod bench;
 mod catalog;
 mod check;
 mod serve;
+mod suite;
 
 use std::process::ExitCode;
 
@@ -43,9 +44,9 @@ enum Command {
     /// Inspect or invalidate the shared cache tier.
     #[command(subcommand)]
     Cache(CacheCommand),
-    /// Measure performance, side by side with a baseline in the same run.
-    #[command(subcommand)]
-    Bench(BenchCommand),
+    /// Measure performance, side by side with a baseline in the same run. Without a
+    /// subcommand: the whole suite (starts a private PostgreSQL, Redis and server; needs wrk).
+    Bench(BenchArgs),
     /// Fill a module's tables with generated, realistic data.
     #[command(subcommand)]
     Seed(SeedCommand),
@@ -68,6 +69,27 @@ enum SeedCommand {
         #[arg(long)]
         reset: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
+    /// A few seconds in all (small catalog, short runs), as CI runs it.
+    #[arg(long)]
+    quick: bool,
+    /// Assets to seed [default: 100000, quick: 2000].
+    #[arg(long)]
+    assets: Option<usize>,
+    /// Seconds per wrk scenario [default: 10, quick: 2].
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Concurrent connections of wrk.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Where results.json and results.md are written.
+    #[arg(long, default_value = "target/bench")]
+    out: std::path::PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -176,15 +198,20 @@ fn main() -> ExitCode {
                 serve::cache_invalidate(config, target).await
             }
             Command::Cache(CacheCommand::Stats { url }) => check::cache_stats(&config, url).await,
-            Command::Bench(BenchCommand::Cache { ops, concurrency }) => {
-                bench::cache(config, ops, concurrency).await
-            }
-            Command::Bench(BenchCommand::Catalog {
-                assets,
-                requests,
-                concurrency,
-                hot,
-                quick,
+            Command::Bench(BenchArgs {
+                command: Some(BenchCommand::Cache { ops, concurrency }),
+                ..
+            }) => bench::cache(config, ops, concurrency).await,
+            Command::Bench(BenchArgs {
+                command:
+                    Some(BenchCommand::Catalog {
+                        assets,
+                        requests,
+                        concurrency,
+                        hot,
+                        quick,
+                    }),
+                ..
             }) => {
                 let options = if quick {
                     catalog::BenchOptions {
@@ -202,6 +229,16 @@ fn main() -> ExitCode {
                     }
                 };
                 catalog::bench_command(config, options).await
+            }
+            Command::Bench(args) => {
+                suite::run(suite::Options {
+                    quick: args.quick,
+                    assets: args.assets,
+                    seconds: args.seconds,
+                    connections: args.connections,
+                    out: args.out,
+                })
+                .await
             }
             Command::Seed(SeedCommand::Catalog {
                 assets,

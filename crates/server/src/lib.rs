@@ -9,6 +9,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod bench;
 pub mod cascade;
 pub mod catalog;
 pub mod http;

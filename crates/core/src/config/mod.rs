@@ -176,6 +176,9 @@ pub struct RawConfig {
     /// How long shutdown waits for in-flight requests [default: 30s].
     #[arg(long, env = "SHUTDOWN_TIMEOUT", global = true)]
     pub shutdown_timeout: Option<String>,
+    /// Serve the benchmark's routes (`/bench/*`: a fixed body, queries without the cache).
+    #[arg(long, env = "BENCH_ROUTES", global = true, hide = true)]
+    pub bench_routes: Option<String>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
@@ -318,6 +321,8 @@ pub struct Config {
     pub consciousness: ConsciousnessConfig,
     pub use_redis_bundles: bool,
     pub stripe: StripeConfig,
+    /// `/bench/*` routes for `cascade bench`; off unless `BENCH_ROUTES=true`.
+    pub bench_routes: bool,
 }
 
 /// Tokens and rate limits of the identity layer.
@@ -664,6 +669,7 @@ impl Config {
             consciousness,
             use_redis_bundles: p.boolean("USE_REDIS_BUNDLES", &raw.use_redis_bundles, true),
             stripe,
+            bench_routes: p.boolean("BENCH_ROUTES", &raw.bench_routes, false),
         };
         if p.issues.is_empty() {
             Ok(config)

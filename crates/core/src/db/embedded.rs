@@ -194,6 +194,15 @@ impl EmbeddedPostgres {
         config
     }
 
+    /// A `DATABASE_URL` for the `cascade` database over the private socket, for child
+    /// processes (the benchmark's server).
+    pub fn url(&self) -> String {
+        format!(
+            "postgresql://postgres@localhost/{DATABASE}?host={}&port={SOCKET_PORT}",
+            self.socket_dir.display()
+        )
+    }
+
     /// How errors and health output name this server.
     pub fn address(&self) -> String {
         format!("{}/.s.PGSQL.{SOCKET_PORT}", self.socket_dir.display())

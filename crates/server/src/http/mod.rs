@@ -27,7 +27,13 @@ pub fn app(state: AppState) -> Router {
     let http = &state.config.http;
     let request_timeout: Duration = http.request_timeout;
     let body_limit = http.body_limit_bytes;
+    let bench = if state.config.bench_routes {
+        crate::bench::router()
+    } else {
+        Router::new()
+    };
     Router::new()
+        .merge(bench)
         .merge(health::router())
         .merge(crate::auth::router())
         .merge(crate::cascade::router())

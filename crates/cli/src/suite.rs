@@ -1,0 +1,777 @@
+//! `cascade bench`: the whole benchmark suite, in one run, on this machine.
+//!
+//! It starts what it needs (a private PostgreSQL, a private `redis-server`, and `cascade serve`
+//! as a separate process), seeds a catalog, and measures each scenario with `wrk` (throughput
+//! and latency) or, where correctness is measured too, with its own client:
+//!
+//! | scenario | what |
+//! |---|---|
+//! | baseline | the same server stack returning a fixed body of the size of an asset (the ceiling) |
+//! | hot reads | `GET /listings/{id}` over a small warm set (all hits) |
+//! | miss-heavy reads | `GET /listings/{id}` walking every asset |
+//! | PostgreSQL reads | the same query as `GET /listings/{id}`, straight to PostgreSQL, no cache |
+//! | bundle depth 3 | `GET /bundle?versionId=…&depth=3` over a warm set, and straight to PostgreSQL |
+//! | writes | `PATCH /listings/{id}`: a write plus its invalidations |
+//! | stampede | 1000 concurrent requests for one cold key: PostgreSQL queries counted |
+//! | Redis outage | Redis killed for 10 s under load: failed requests, stale reads, recovery |
+//!
+//! The table is printed and written to `target/bench/results.{json,md}`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use cascade_core::db::EmbeddedPostgres;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+/// What `cascade bench` was asked to do.
+pub struct Options {
+    /// A few seconds in all: small catalog, short runs. For CI, so the suite cannot rot.
+    pub quick: bool,
+    pub assets: Option<usize>,
+    pub seconds: Option<u64>,
+    pub connections: usize,
+    pub out: PathBuf,
+}
+
+/// One line of the results table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub scenario: String,
+    pub requests: u64,
+    pub req_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Non-2xx answers and socket errors.
+    pub errors: u64,
+    /// Throughput over the baseline's.
+    pub ratio_to_baseline: Option<f64>,
+    pub notes: String,
+}
+
+pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
+    let wrk = which("wrk")
+        .context("wrk is not installed: run bench/run (it installs it), or apt-get install wrk")?;
+    let assets = options
+        .assets
+        .unwrap_or(if options.quick { 2_000 } else { 100_000 });
+    let seconds = options
+        .seconds
+        .unwrap_or(if options.quick { 2 } else { 10 });
+    let work = options.out.join("work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    eprintln!(
+        "bench: {assets} assets, {seconds}s per scenario, {} connections",
+        options.connections
+    );
+
+    // PostgreSQL and Redis of our own, on a private socket and a free loopback port.
+    let pg_dir = work.join("pg");
+    let pg = EmbeddedPostgres::start(&pg_dir, Duration::from_secs(120)).await?;
+    let database_url = pg.url();
+    let mut redis = RedisProc::start(&work)?;
+    let server = ServerProc::start(&work, &database_url, &redis.url())?;
+    server.wait_ready(Duration::from_secs(120)).await?;
+    let client = Client::new(&server.base)?;
+
+    eprintln!("bench: seeding {assets} assets");
+    seed(&database_url, assets)?;
+    let (pg_client, _driver) = connect(&pg).await?;
+    let ids: Vec<String> = pg_client
+        .query("SELECT version_id FROM assets ORDER BY version_id", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if ids.len() < 100 {
+        bail!("the seed produced {} assets; expected {assets}", ids.len());
+    }
+    let hot: Vec<String> = ids
+        .iter()
+        .step_by(ids.len() / 100)
+        .take(100)
+        .cloned()
+        .collect();
+    for id in &hot {
+        client.get_ok(&format!("/listings/{id}")).await?;
+        client
+            .get_ok(&format!("/bundle?versionId={id}&depth=3"))
+            .await?;
+    }
+    let body_size = client.get_ok(&format!("/listings/{}", hot[0])).await?.len();
+
+    let load = Wrk {
+        bin: wrk,
+        base: server.base.clone(),
+        work: work.clone(),
+        seconds,
+        connections: options.connections,
+    };
+    let mut rows = Vec::new();
+    rows.push(load.run(
+        "baseline (fixed body, same stack)",
+        &[format!("/bench/fixed/{body_size}")],
+        None,
+    )?);
+    rows.push(
+        load.cached(
+            &client,
+            "assets",
+            "hot reads GET /listings/{id}",
+            &paths("/listings/", &hot),
+            None,
+        )
+        .await?,
+    );
+    rows.push(load.run(
+        "PostgreSQL reads, same query, no cache",
+        &paths("/bench/pg/listings/", &hot),
+        None,
+    )?);
+    rows.push(
+        load.cached(
+            &client,
+            "assets",
+            "miss-heavy reads GET /listings/{id}",
+            &paths("/listings/", &ids),
+            None,
+        )
+        .await?,
+    );
+    rows.push(
+        load.cached(
+            &client,
+            "bundles",
+            "bundle depth 3 GET /bundle",
+            &bundle_paths("/bundle", &hot),
+            None,
+        )
+        .await?,
+    );
+    rows.push(load.run(
+        "bundle depth 3, straight to PostgreSQL",
+        &bundle_paths("/bench/pg/bundle", &hot),
+        None,
+    )?);
+    rows.push(load.run(
+        "writes PATCH /listings/{id}",
+        &paths("/listings/", &ids),
+        Some("PATCH"),
+    )?);
+    // Throughput ratios compare like with like: wrk against the same server, same run.
+    let baseline = rows[0].req_per_sec;
+    for row in &mut rows {
+        if baseline > 0.0 {
+            row.ratio_to_baseline = Some(row.req_per_sec / baseline);
+        }
+    }
+
+    rows.push(stampede(&client, &ids, if options.quick { 200 } else { 1000 }).await?);
+    let outage = if options.quick {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_secs(10)
+    };
+    rows.push(redis_outage(&client, &mut redis, &hot, outage).await?);
+    let markdown = render_markdown(&rows, assets, seconds, options.connections);
+    println!("{markdown}");
+    std::fs::write(options.out.join("results.md"), &markdown)?;
+    std::fs::write(
+        options.out.join("results.json"),
+        serde_json::to_vec_pretty(&json!({
+            "assets": assets,
+            "seconds_per_scenario": seconds,
+            "connections": options.connections,
+            "quick": options.quick,
+            "rows": rows,
+        }))?,
+    )?;
+    eprintln!("bench: wrote {}/results.{{md,json}}", options.out.display());
+    drop(server);
+    drop(redis);
+    drop(pg);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn paths(prefix: &str, ids: &[String]) -> Vec<String> {
+    ids.iter().map(|id| format!("{prefix}{id}")).collect()
+}
+
+fn bundle_paths(route: &str, ids: &[String]) -> Vec<String> {
+    ids.iter()
+        .map(|id| format!("{route}?versionId={id}&depth=3"))
+        .collect()
+}
+
+fn annotate_cache(row: &mut Row, before: &Value, after: &Value) {
+    let delta = |field: &str| {
+        after[field]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(before[field].as_u64().unwrap_or(0))
+    };
+    let hits = delta("near_hits") + delta("shared_hits");
+    let lookups = hits + delta("misses");
+    let loads = delta("loads");
+    if lookups > 0 {
+        row.notes = format!(
+            "hit ratio {:.1} %, {:.1} PostgreSQL queries per 1000 requests",
+            100.0 * hits as f64 / lookups as f64,
+            1000.0 * loads as f64 / row.requests.max(1) as f64
+        );
+    }
+}
+
+/// `n` concurrent requests for one key nobody has read: how many loads reach PostgreSQL.
+async fn stampede(client: &Client, ids: &[String], n: usize) -> anyhow::Result<Row> {
+    // The last asset has not been read by any scenario that keeps it cached... unless the
+    // miss-heavy walk reached it; drop it from the cache to be sure.
+    let id = ids.last().expect("ids").clone();
+    client.invalidate_asset(&id).await?;
+    let before = client.cache_stats("assets").await?;
+    let started = Instant::now();
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let client = client.clone();
+        let barrier = barrier.clone();
+        let path = format!("/listings/{id}");
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let begun = Instant::now();
+            let ok = client.get_ok(&path).await.is_ok();
+            (ok, begun.elapsed())
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        let (ok, latency) = task.await?;
+        errors += u64::from(!ok);
+        latencies.push(latency);
+    }
+    let elapsed = started.elapsed();
+    let after = client.cache_stats("assets").await?;
+    let loads = after["loads"].as_u64().unwrap_or(0) - before["loads"].as_u64().unwrap_or(0);
+    let (p50, p99) = percentiles(&mut latencies);
+    Ok(Row {
+        scenario: format!("cold-key stampede ({n} concurrent)"),
+        requests: n as u64,
+        req_per_sec: n as f64 / elapsed.as_secs_f64(),
+        p50_ms: p50,
+        p99_ms: p99,
+        errors,
+        ratio_to_baseline: None,
+        notes: format!("{loads} PostgreSQL load(s) for {n} requests"),
+    })
+}
+
+/// Reads and writes under load while Redis is killed for `outage`: every answer must be a
+/// 200 and no read may return a version older than one already acknowledged.
+async fn redis_outage(
+    client: &Client,
+    redis: &mut RedisProc,
+    hot: &[String],
+    outage: Duration,
+) -> anyhow::Result<Row> {
+    let writes_to = hot[0].clone();
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stale = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut readers = Vec::new();
+    for r in 0..16 {
+        let (client, hot, acknowledged, stop, failed, stale, writes_to) = (
+            client.clone(),
+            hot.to_vec(),
+            acknowledged.clone(),
+            stop.clone(),
+            failed.clone(),
+            stale.clone(),
+            writes_to.clone(),
+        );
+        readers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = r;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                // Every fourth read is of the key being written.
+                let id = if i % 4 == 0 {
+                    &writes_to
+                } else {
+                    &hot[i % hot.len()]
+                };
+                let floor = acknowledged.load(Ordering::SeqCst);
+                let begun = Instant::now();
+                match client.get_ok(&format!("/listings/{id}")).await {
+                    Ok(body) => {
+                        if id == &writes_to && version_of(&body) < floor {
+                            stale.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                latencies.push(begun.elapsed());
+            }
+            latencies
+        }));
+    }
+    let writer = {
+        let (client, acknowledged, stop, failed, writes_to) = (
+            client.clone(),
+            acknowledged.clone(),
+            stop.clone(),
+            failed.clone(),
+            writes_to.clone(),
+        );
+        tokio::spawn(async move {
+            let mut version = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                version += 1;
+                let body = json!({ "metadata": { "bench_version": version } });
+                match client.patch(&format!("/listings/{writes_to}"), &body).await {
+                    Ok(()) => acknowledged.store(version, Ordering::SeqCst),
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    let lead = outage / 2;
+    tokio::time::sleep(lead).await;
+    redis.kill();
+    tokio::time::sleep(outage).await;
+    redis.restart()?;
+    let restarted = Instant::now();
+    // Back to cache hits: shared-tier hits move again.
+    let base = client.cache_stats("assets").await?["shared_hits"]
+        .as_u64()
+        .unwrap_or(0);
+    let mut recovered = None;
+    while restarted.elapsed() < Duration::from_secs(30) {
+        let now = client.cache_stats("assets").await?["shared_hits"]
+            .as_u64()
+            .unwrap_or(0);
+        if now > base {
+            recovered = Some(restarted.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(lead).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for reader in readers {
+        latencies.extend(reader.await?);
+    }
+    writer.await?;
+    let elapsed = started.elapsed();
+    let requests = latencies.len() as u64;
+    let (p50, p99) = percentiles(&mut latencies);
+    Ok(Row {
+        scenario: format!("Redis killed for {}s under load", outage.as_secs()),
+        requests,
+        req_per_sec: requests as f64 / elapsed.as_secs_f64(),
+        p50_ms: p50,
+        p99_ms: p99,
+        errors: failed.load(Ordering::Relaxed),
+        ratio_to_baseline: None,
+        notes: format!(
+            "{} failed, {} stale reads; back to shared-tier hits {} after Redis returned",
+            failed.load(Ordering::Relaxed),
+            stale.load(Ordering::Relaxed),
+            match recovered {
+                Some(t) => format!("{} ms", t.as_millis()),
+                None => "not within 30 s".into(),
+            }
+        ),
+    })
+}
+
+fn version_of(body: &[u8]) -> u64 {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["metadata"]["bench_version"].as_u64())
+        .unwrap_or(0)
+}
+
+fn percentiles(latencies: &mut [Duration]) -> (f64, f64) {
+    latencies.sort();
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    (at(0.50), at(0.99))
+}
+
+fn render_markdown(rows: &[Row], assets: usize, seconds: u64, connections: usize) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{assets} assets; {seconds} s per wrk scenario, {connections} connections; one run, one machine ({} cores)\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    let _ = writeln!(
+        out,
+        "| scenario | req/s | p50 ms | p99 ms | errors | × baseline | notes |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---|");
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
+            row.scenario,
+            row.req_per_sec,
+            row.p50_ms,
+            row.p99_ms,
+            row.errors,
+            row.ratio_to_baseline
+                .map_or_else(|| "–".into(), |r| format!("{r:.2}")),
+            row.notes
+        );
+    }
+    out
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|path| path.is_file())
+}
+
+fn seed(database_url: &str, assets: usize) -> anyhow::Result<()> {
+    let status = Command::new(std::env::current_exe()?)
+        .args([
+            "seed",
+            "catalog",
+            "--assets",
+            &assets.to_string(),
+            "--seed",
+            "42",
+        ])
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("cascade seed catalog failed: {status}");
+    }
+    Ok(())
+}
+
+async fn connect(
+    pg: &EmbeddedPostgres,
+) -> anyhow::Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
+    let (client, connection) = pg.pg_config().connect(tokio_postgres::NoTls).await?;
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((client, driver))
+}
+
+/// A loopback TCP port nobody listens on (the kernel picks it).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A private `redis-server`: no persistence, killed on drop.
+struct RedisProc {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisProc {
+    fn start(work: &Path) -> anyhow::Result<Self> {
+        let mut redis = RedisProc {
+            port: free_port()?,
+            dir: work.join("redis"),
+            child: None,
+        };
+        std::fs::create_dir_all(&redis.dir)?;
+        redis.restart()?;
+        Ok(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn restart(&mut self) -> anyhow::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start redis-server (apt-get install redis-server)")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("redis-server did not listen on port {} in time", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `cascade serve` as a child process, so load and server do not share a runtime.
+struct ServerProc {
+    base: String,
+    child: Child,
+}
+
+impl ServerProc {
+    fn start(work: &Path, database_url: &str, redis_url: &str) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let log = std::fs::File::create(work.join("server.log"))?;
+        let child = Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .env("DATABASE_URL", database_url)
+            .env("REDIS_URL", redis_url)
+            .env("PORT", port.to_string())
+            .env("HOST", "127.0.0.1")
+            .env("BENCH_ROUTES", "true")
+            .env("RATE_LIMIT_API", "off")
+            .env("PG_POOL_MAX", "32")
+            .env("REDIS_TIMEOUT", "250ms")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        Ok(ServerProc {
+            base: format!("http://127.0.0.1:{port}"),
+            child,
+        })
+    }
+
+    async fn wait_ready(&self, bound: Duration) -> anyhow::Result<()> {
+        let client = Client::new(&self.base)?;
+        let deadline = Instant::now() + bound;
+        while client.get_ok("/health").await.is_err() {
+            if Instant::now() > deadline {
+                bail!("cascade serve did not answer within {bound:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A small HTTP client for the suite's own requests.
+#[derive(Clone)]
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    fn new(base: &str) -> anyhow::Result<Self> {
+        let http =
+            cascade_core::upstream::http_client(Duration::from_secs(2), Duration::from_secs(30))?;
+        Ok(Client {
+            http,
+            base: base.to_string(),
+        })
+    }
+
+    async fn get_ok(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let response = self.http.get(format!("{}{path}", self.base)).send().await?;
+        let status = response.status();
+        let body = response.bytes().await?;
+        if !status.is_success() {
+            bail!("GET {path}: {status}: {}", String::from_utf8_lossy(&body));
+        }
+        Ok(body.to_vec())
+    }
+
+    async fn patch(&self, path: &str, body: &Value) -> anyhow::Result<()> {
+        let response = self
+            .http
+            .patch(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("PATCH {path}: {}", response.status());
+        }
+        Ok(())
+    }
+
+    async fn invalidate_asset(&self, id: &str) -> anyhow::Result<()> {
+        // A no-op write invalidates the asset everywhere, exactly as a user's write would.
+        self.patch(
+            &format!("/listings/{id}"),
+            &json!({ "metadata": { "stampede": true } }),
+        )
+        .await
+    }
+
+    /// The cache counters of `namespace` from `/health/db`.
+    async fn cache_stats(&self, namespace: &str) -> anyhow::Result<Value> {
+        let body: Value = serde_json::from_slice(&self.get_ok("/health/db").await?)?;
+        body["cache"]["namespaces"]
+            .as_array()
+            .and_then(|all| all.iter().find(|ns| ns["namespace"] == namespace))
+            .cloned()
+            .map_or_else(|| Ok(json!({})), Ok)
+    }
+}
+
+/// `wrk` runs: each scenario is a list of paths the connections cycle through.
+struct Wrk {
+    bin: PathBuf,
+    base: String,
+    work: PathBuf,
+    seconds: u64,
+    connections: usize,
+}
+
+const WRK_SCRIPT: &str = r#"
+local paths = {}
+for line in io.lines(PATHS_FILE) do paths[#paths + 1] = line end
+local counter = 0
+local offset = 0
+local threads = {}
+function setup(thread)
+  thread:set("offset", #threads * 7919)
+  threads[#threads + 1] = thread
+end
+function init(args)
+  counter = offset
+end
+function request()
+  counter = counter + 1
+  local path = paths[(counter % #paths) + 1]
+  if METHOD == "PATCH" then
+    return wrk.format("PATCH", path, { ["Content-Type"] = "application/json" },
+      '{"metadata":{"bench":' .. counter .. '}}')
+  end
+  return wrk.format("GET", path)
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {"requests":%d,"duration_us":%d,"status_errors":%d,"socket_errors":%d,"p50_us":%d,"p99_us":%d}\n',
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"#;
+
+impl Wrk {
+    /// [`run`](Self::run), with the hit ratio and loads of `namespace` during the run.
+    async fn cached(
+        &self,
+        client: &Client,
+        namespace: &str,
+        name: &str,
+        paths: &[String],
+        method: Option<&str>,
+    ) -> anyhow::Result<Row> {
+        let before = client.cache_stats(namespace).await?;
+        let mut row = self.run(name, paths, method)?;
+        let after = client.cache_stats(namespace).await?;
+        annotate_cache(&mut row, &before, &after);
+        Ok(row)
+    }
+
+    fn run(&self, name: &str, paths: &[String], method: Option<&str>) -> anyhow::Result<Row> {
+        eprintln!("bench: {name}");
+        let slug: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let paths_file = self.work.join(format!("{slug}.paths"));
+        std::fs::write(&paths_file, paths.join("\n") + "\n")?;
+        let script = self.work.join(format!("{slug}.lua"));
+        let header = format!(
+            "local PATHS_FILE = {:?}\nlocal METHOD = {:?}\n",
+            paths_file.display().to_string(),
+            method.unwrap_or("GET")
+        );
+        std::fs::write(&script, header + WRK_SCRIPT)?;
+        let output = Command::new(&self.bin)
+            .args(["-t", "2", "-c", &self.connections.to_string()])
+            .args(["-d", &format!("{}s", self.seconds), "--timeout", "5s", "-s"])
+            .arg(&script)
+            .arg(&self.base)
+            .stdin(Stdio::null())
+            .output()
+            .context("running wrk")?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let result = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("RESULT "))
+            .with_context(|| {
+                format!(
+                    "wrk printed no result for {name}: {}{}",
+                    stdout,
+                    String::from_utf8_lossy(&output.stderr)
+                )
+            })?;
+        let r: Value = serde_json::from_str(result)?;
+        let num = |k: &str| r[k].as_u64().unwrap_or(0);
+        let requests = num("requests");
+        Ok(Row {
+            scenario: name.to_string(),
+            requests,
+            req_per_sec: requests as f64 / (num("duration_us").max(1) as f64 / 1e6),
+            p50_ms: num("p50_us") as f64 / 1000.0,
+            p99_ms: num("p99_us") as f64 / 1000.0,
+            errors: num("status_errors") + num("socket_errors"),
+            ratio_to_baseline: None,
+            notes: String::new(),
+        })
+    }
+}
