@@ -7,6 +7,8 @@ mod config;
 mod embedded;
 mod health;
 mod identity;
+mod metrics;
 mod migrate;
+mod prometheus;
 mod shutdown;
 mod startup;

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod extract;
 mod health;
+pub mod metrics;
 pub mod middleware;
 
 use std::time::Duration;
@@ -29,6 +30,7 @@ pub fn app(state: AppState) -> Router {
     let body_limit = http.body_limit_bytes;
     Router::new()
         .merge(health::router())
+        .merge(metrics::router())
         .merge(crate::auth::router())
         .merge(crate::cascade::router())
         .merge(crate::agents::router())
@@ -39,6 +41,7 @@ pub fn app(state: AppState) -> Router {
                     middleware::REQUEST_ID,
                     MakeRequestUuid,
                 ))
+                .layer(axum::middleware::from_fn(metrics::record_request))
                 .layer(TraceLayer::new_for_http().make_span_with(middleware::request_span))
                 .layer(PropagateRequestIdLayer::new(middleware::REQUEST_ID))
                 .layer(axum::middleware::map_response(middleware::json_errors))
