@@ -4,6 +4,7 @@
 mod cache_cli;
 mod common;
 mod config;
+mod dashboard;
 mod embedded;
 mod health;
 mod identity;

@@ -1,6 +1,7 @@
 //! The HTTP surface: composes the module routers and wraps them in the shared middleware.
 //! Feature modules expose `fn router() -> Router<AppState>`; this file only composes them.
 
+mod dashboard;
 pub mod error;
 pub mod extract;
 mod health;
@@ -31,6 +32,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(metrics::router())
+        .merge(dashboard::router())
         .merge(crate::auth::router())
         .merge(crate::cascade::router())
         .merge(crate::agents::router())
