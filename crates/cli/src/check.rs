@@ -154,7 +154,7 @@ pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
     if let Some(key) = &config.venice.api_key {
         request = request.bearer_auth(key.expose());
     }
-    match request.send().await {
+    match cascade_core::upstream::send("venice", request).await {
         Ok(response) => line(
             true,
             false,

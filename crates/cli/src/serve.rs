@@ -137,6 +137,12 @@ pub async fn run(config: Config, migrate: bool) -> anyhow::Result<ExitCode> {
             .clone()
             .run_cleanup(session_cleanup_interval, shutdown.signal()),
     );
+    let metrics_upkeep = tokio::spawn(
+        state
+            .metrics
+            .clone()
+            .run_upkeep(Duration::from_secs(5), shutdown.signal()),
+    );
     let drain = state.config.http.shutdown_timeout;
     tracing::info!(address = %local, startup_ms = started.elapsed().as_millis() as u64, "cascade is serving");
     println!("cascade listening on http://{local}");
@@ -147,6 +153,7 @@ pub async fn run(config: Config, migrate: bool) -> anyhow::Result<ExitCode> {
     let _ = maintenance.await;
     let _ = cleanup.await;
     let _ = session_cleanup.await;
+    let _ = metrics_upkeep.await;
     database.db.close();
     drop(database);
     tracing::info!("stopped");

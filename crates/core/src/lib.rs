@@ -4,6 +4,7 @@
 //! - [`config`]: one typed configuration, parsed and validated before anything connects;
 //! - [`db`]: the PostgreSQL pool, embedded migrations and the embedded default server;
 //! - [`identity`]: accounts, sessions, access and refresh tokens, rate limiting;
+//! - [`metrics`]: metric names, their help text, and recording for WebSocket and upstream code;
 //! - [`redis`]: a Redis client that reconnects by itself, every call under a deadline;
 //! - [`retry`]: bounded retries with backoff and jitter;
 //! - [`shutdown`]: the signal that stops background tasks;
@@ -13,6 +14,7 @@ pub mod cache;
 pub mod config;
 pub mod db;
 pub mod identity;
+pub mod metrics;
 pub mod redis;
 pub mod retry;
 pub mod shutdown;

@@ -22,6 +22,47 @@ pub struct Redis {
     timeout: Duration,
 }
 
+/// Redis's memory use, from `INFO memory`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RedisMemory {
+    pub used_memory: u64,
+    /// 0 when no limit is set.
+    pub maxmemory: u64,
+    /// The host's memory as Redis sees it; 0 if Redis does not report it.
+    pub total_system_memory: u64,
+}
+
+impl RedisMemory {
+    /// Parses the `field:value` lines of `INFO memory`.
+    pub fn parse(info: &str) -> Option<RedisMemory> {
+        let field = |name: &str| {
+            info.lines().find_map(|line| {
+                let (key, value) = line.trim_end().split_once(':')?;
+                (key == name).then(|| value.parse::<u64>().ok()).flatten()
+            })
+        };
+        Some(RedisMemory {
+            used_memory: field("used_memory")?,
+            maxmemory: field("maxmemory").unwrap_or(0),
+            total_system_memory: field("total_system_memory").unwrap_or(0),
+        })
+    }
+
+    /// What "full" means: `maxmemory`, or the host's memory when Redis has no limit (it then
+    /// grows until the machine swaps or the OOM killer stops it). None if neither is known.
+    pub fn limit(&self) -> Option<u64> {
+        [self.maxmemory, self.total_system_memory]
+            .into_iter()
+            .find(|&limit| limit > 0)
+    }
+
+    /// `used_memory / limit()`.
+    pub fn used_ratio(&self) -> Option<f64> {
+        self.limit()
+            .map(|limit| self.used_memory as f64 / limit as f64)
+    }
+}
+
 /// Redis's status under a deadline.
 #[derive(Debug, Clone, Serialize)]
 pub struct RedisHealth {
@@ -104,6 +145,17 @@ impl Redis {
         }
     }
 
+    /// `INFO memory` under the deadline.
+    pub async fn memory(&self) -> Result<RedisMemory, RedisError> {
+        let info: String = self.query(redis::cmd("INFO").arg("memory")).await?;
+        RedisMemory::parse(&info).ok_or_else(|| {
+            RedisError::Command(redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "INFO memory without used_memory",
+            )))
+        })
+    }
+
     /// `PING` under the deadline.
     pub async fn health(&self) -> RedisHealth {
         let started = Instant::now();
@@ -113,5 +165,23 @@ impl Redis {
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             error: result.err().map(|e| e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RedisMemory;
+
+    #[test]
+    fn memory_ratio_falls_back_to_system_memory_without_maxmemory() {
+        let info = "# Memory\r\nused_memory:1000\r\nused_memory_human:1000B\r\ntotal_system_memory:4000\r\nmaxmemory:0\r\n";
+        let memory = RedisMemory::parse(info).unwrap();
+        assert_eq!(memory.limit(), Some(4000));
+        assert_eq!(memory.used_ratio(), Some(0.25));
+        let limited =
+            RedisMemory::parse("used_memory:500\nmaxmemory:1000\ntotal_system_memory:4000")
+                .unwrap();
+        assert_eq!(limited.used_ratio(), Some(0.5));
+        assert_eq!(RedisMemory::parse("maxmemory:0"), None);
     }
 }

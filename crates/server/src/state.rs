@@ -9,6 +9,8 @@ use cascade_core::db::Db;
 use cascade_core::identity::{Identity, RateLimiter};
 use cascade_core::redis::Redis;
 
+use crate::http::metrics::Metrics;
+
 /// One of each: one pool, one Redis client, one cache engine, one configuration, built in `main` and passed
 /// down. Modules never open their own connections.
 #[derive(Clone)]
@@ -23,6 +25,8 @@ pub struct AppState {
     pub identity: Identity,
     /// Rate limits, shared through Redis (local when Redis is unavailable).
     pub limiter: RateLimiter,
+    /// The Prometheus recorder's handle, for `GET /metrics`.
+    pub metrics: Metrics,
     pub started: Instant,
 }
 
@@ -43,6 +47,7 @@ impl AppState {
             cache,
             identity,
             limiter,
+            metrics: Metrics::install(),
             started,
         }
     }

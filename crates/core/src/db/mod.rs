@@ -8,7 +8,7 @@ use std::time::Duration;
 
 pub use embedded::{EmbeddedPostgres, find_server_binaries};
 pub use migrate::{MIGRATIONS, Migration, MigrationReport, migrate, migrate_list};
-pub use pool::{Db, DbHealth, PoolStats, error_chain};
+pub use pool::{Db, DbHealth, PoolStats, TableStats, error_chain};
 
 /// What went wrong talking to PostgreSQL.
 #[derive(Debug, thiserror::Error)]

@@ -63,6 +63,24 @@ pub struct PoolStats {
     pub acquire_max_micros: u64,
 }
 
+/// One table's size, as the metrics endpoint and the dashboard show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TableStats {
+    /// `schema.table` outside `public`, the bare name inside it.
+    pub table: String,
+    /// `pg_stat_user_tables.n_live_tup`: an estimate, kept by autovacuum and ANALYZE.
+    pub rows: i64,
+    /// `pg_total_relation_size`: heap, indexes and TOAST.
+    pub size_bytes: i64,
+}
+
+/// The statistics collector's row estimate (counting would scan every table) and the size of
+/// each table with its indexes and TOAST.
+const TABLE_STATS_SQL: &str = "\
+    SELECT CASE WHEN schemaname = 'public' THEN relname ELSE schemaname || '.' || relname END, \
+           n_live_tup, pg_total_relation_size(relid) \
+    FROM pg_stat_user_tables ORDER BY 3 DESC, 1";
+
 /// PostgreSQL's status under a deadline.
 #[derive(Debug, Clone, Serialize)]
 pub struct DbHealth {
@@ -158,6 +176,7 @@ impl Db {
                 stats.count.fetch_add(1, Ordering::Relaxed);
                 stats.total_micros.fetch_add(micros, Ordering::Relaxed);
                 stats.max_micros.fetch_max(micros, Ordering::Relaxed);
+                crate::metrics::record_pool_acquire(started.elapsed());
                 Ok(conn)
             }
             Err(PoolError::Timeout(_)) => {
@@ -219,6 +238,31 @@ impl Db {
                 .unwrap_or(0),
             acquire_max_micros: s.max_micros.load(Ordering::Relaxed),
         }
+    }
+
+    /// Row estimates and on-disk sizes of the tables in the current database's user schemas,
+    /// largest first, under `deadline`.
+    pub async fn table_stats(&self, deadline: Duration) -> Result<Vec<TableStats>, DbError> {
+        let query = async {
+            let conn = self.conn().await?;
+            let rows = conn.query(TABLE_STATS_SQL, &[]).await?;
+            Ok::<_, DbError>(
+                rows.iter()
+                    .map(|row| TableStats {
+                        table: row.get(0),
+                        rows: row.get(1),
+                        size_bytes: row.get(2),
+                    })
+                    .collect(),
+            )
+        };
+        tokio::time::timeout(deadline, query)
+            .await
+            .unwrap_or_else(|_| {
+                Err(DbError::Unavailable(format!(
+                    "table statistics: no answer within {deadline:?}"
+                )))
+            })
     }
 
     /// `host:port` of the server.

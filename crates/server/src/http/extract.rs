@@ -145,7 +145,7 @@ mod tests {
         );
         assert_eq!(
             field_of(r#"{"count": 1, "inner": {"name": "a", "x": 1}}"#).as_deref(),
-            Some("inner")
+            Some("inner.x")
         );
         assert_eq!(field_of(r#"{"count": 1,"#), None);
         assert_eq!(field_of(r#"{"count": 1, "inner": {"name": "a"}} x"#), None);

@@ -1,9 +1,11 @@
 //! The HTTP surface: composes the module routers and wraps them in the shared middleware.
 //! Feature modules expose `fn router() -> Router<AppState>`; this file only composes them.
 
+mod dashboard;
 pub mod error;
 pub mod extract;
 mod health;
+pub mod metrics;
 pub mod middleware;
 
 use std::time::Duration;
@@ -35,6 +37,8 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(bench)
         .merge(health::router())
+        .merge(metrics::router())
+        .merge(dashboard::router())
         .merge(crate::auth::router())
         .merge(crate::cascade::router())
         .merge(crate::agents::router())
@@ -45,6 +49,7 @@ pub fn app(state: AppState) -> Router {
                     middleware::REQUEST_ID,
                     MakeRequestUuid,
                 ))
+                .layer(axum::middleware::from_fn(metrics::record_request))
                 .layer(TraceLayer::new_for_http().make_span_with(middleware::request_span))
                 .layer(PropagateRequestIdLayer::new(middleware::REQUEST_ID))
                 .layer(axum::middleware::map_response(middleware::json_errors))

@@ -1,0 +1,312 @@
+//! The names of Cascade's metrics and the small API that records them.
+//!
+//! Recording goes through the `metrics` facade: a call is a few atomic operations, and a no-op
+//! when no recorder is installed (the CLI's one-shot commands, library tests). The server
+//! installs the Prometheus recorder and renders `GET /metrics`; see `cascade-server`'s
+//! `http::metrics`. Every name is declared here, once, with its help text in [`describe`], so
+//! the exposition always carries `# HELP` and a name cannot drift between writer and reader.
+//!
+//! Units follow Prometheus conventions: seconds and bytes, `_total` on counters.
+
+use std::time::Duration;
+
+use ::metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+
+/// Requests served, by `method`, `route` (the route template) and `status`.
+pub const HTTP_REQUESTS: &str = "cascade_http_requests_total";
+/// Request latency, same labels as [`HTTP_REQUESTS`].
+pub const HTTP_REQUEST_DURATION: &str = "cascade_http_request_duration_seconds";
+
+/// Time to get a connection from the PostgreSQL pool (successful acquisitions).
+pub const PG_POOL_ACQUIRE_DURATION: &str = "cascade_pg_pool_acquire_duration_seconds";
+pub const PG_POOL_MAX_SIZE: &str = "cascade_pg_pool_max_size";
+pub const PG_POOL_MIN_SIZE: &str = "cascade_pg_pool_min_size";
+pub const PG_POOL_SIZE: &str = "cascade_pg_pool_size";
+pub const PG_POOL_IDLE: &str = "cascade_pg_pool_idle";
+pub const PG_POOL_IN_USE: &str = "cascade_pg_pool_in_use";
+pub const PG_POOL_WAITING: &str = "cascade_pg_pool_waiting";
+pub const PG_POOL_ACQUIRE_TIMEOUTS: &str = "cascade_pg_pool_acquire_timeouts_total";
+pub const PG_POOL_ACQUIRE_ERRORS: &str = "cascade_pg_pool_acquire_errors_total";
+pub const PG_UP: &str = "cascade_pg_up";
+pub const PG_LATENCY: &str = "cascade_pg_latency_seconds";
+pub const PG_TABLE_ROWS: &str = "cascade_pg_table_rows";
+pub const PG_TABLE_SIZE: &str = "cascade_pg_table_size_bytes";
+
+pub const CACHE_HITS: &str = "cascade_cache_hits_total";
+pub const CACHE_MISSES: &str = "cascade_cache_misses_total";
+pub const CACHE_LOADS: &str = "cascade_cache_loads_total";
+pub const CACHE_LOAD_MEAN: &str = "cascade_cache_load_mean_seconds";
+pub const CACHE_LEASE_WAITS: &str = "cascade_cache_lease_waits_total";
+pub const CACHE_INVALIDATIONS: &str = "cascade_cache_invalidations_total";
+pub const CACHE_NEGATIVE_HITS: &str = "cascade_cache_negative_hits_total";
+pub const CACHE_STALE_SETS_REFUSED: &str = "cascade_cache_stale_sets_refused_total";
+pub const CACHE_SHARED_ERRORS: &str = "cascade_cache_shared_errors_total";
+pub const CACHE_EARLY_REFRESHES: &str = "cascade_cache_early_refreshes_total";
+pub const CACHE_HIT_RATIO: &str = "cascade_cache_hit_ratio";
+pub const BREAKER_STATE: &str = "cascade_breaker_state";
+
+pub const REDIS_UP: &str = "cascade_redis_up";
+pub const REDIS_LATENCY: &str = "cascade_redis_latency_seconds";
+pub const REDIS_USED_MEMORY: &str = "cascade_redis_used_memory_bytes";
+pub const REDIS_MAXMEMORY: &str = "cascade_redis_maxmemory_bytes";
+pub const REDIS_MEMORY_LIMIT: &str = "cascade_redis_memory_limit_bytes";
+pub const REDIS_MEMORY_RATIO: &str = "cascade_redis_memory_used_ratio";
+
+pub const WS_CONNECTIONS: &str = "cascade_ws_connections";
+pub const WS_MESSAGES: &str = "cascade_ws_messages_total";
+
+pub const UPSTREAM_REQUEST_DURATION: &str = "cascade_upstream_request_duration_seconds";
+pub const UPSTREAM_ERRORS: &str = "cascade_upstream_errors_total";
+
+/// Histogram bucket upper bounds, in seconds: from 100 µs (an in-process cache hit, a pool
+/// acquisition) to 10 s (`PG_STATEMENT_TIMEOUT`). 0.5 s is a bound so "p95 > 500 ms" (seed 003's
+/// alert) is read off a bucket edge, not interpolated across one.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Registers the help text of every metric with the installed recorder. Call once, after
+/// installing it.
+pub fn describe() {
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests served, by method, route template and status"
+    );
+    describe_histogram!(
+        HTTP_REQUEST_DURATION,
+        Unit::Seconds,
+        "HTTP request latency until the response head, by method, route template and status"
+    );
+    describe_histogram!(
+        PG_POOL_ACQUIRE_DURATION,
+        Unit::Seconds,
+        "time to get a connection from the PostgreSQL pool (successful acquisitions)"
+    );
+    describe_gauge!(
+        PG_POOL_MAX_SIZE,
+        "PostgreSQL pool: maximum connections (PG_POOL_MAX)"
+    );
+    describe_gauge!(
+        PG_POOL_MIN_SIZE,
+        "PostgreSQL pool: connections kept open (PG_POOL_MIN)"
+    );
+    describe_gauge!(PG_POOL_SIZE, "PostgreSQL pool: connections open");
+    describe_gauge!(PG_POOL_IDLE, "PostgreSQL pool: open connections not in use");
+    describe_gauge!(PG_POOL_IN_USE, "PostgreSQL pool: connections handed out");
+    describe_gauge!(
+        PG_POOL_WAITING,
+        "PostgreSQL pool: callers waiting for a connection"
+    );
+    describe_counter!(
+        PG_POOL_ACQUIRE_TIMEOUTS,
+        "PostgreSQL pool: acquisitions that gave up after PG_ACQUIRE_TIMEOUT"
+    );
+    describe_counter!(
+        PG_POOL_ACQUIRE_ERRORS,
+        "PostgreSQL pool: acquisitions that failed to connect"
+    );
+    describe_gauge!(
+        PG_UP,
+        "1 if PostgreSQL answered SELECT 1 within the probe deadline at scrape time"
+    );
+    describe_gauge!(
+        PG_LATENCY,
+        Unit::Seconds,
+        "PostgreSQL SELECT 1 round trip at scrape time"
+    );
+    describe_gauge!(
+        PG_TABLE_ROWS,
+        "estimated live rows per table (pg_stat_user_tables.n_live_tup), refreshed at most every 10 s"
+    );
+    describe_gauge!(
+        PG_TABLE_SIZE,
+        Unit::Bytes,
+        "table size with indexes and TOAST (pg_total_relation_size), refreshed at most every 10 s"
+    );
+
+    describe_counter!(
+        CACHE_HITS,
+        "cache lookups answered by a tier, by namespace and tier (near = in-process, shared = Redis or PostgreSQL)"
+    );
+    describe_counter!(
+        CACHE_MISSES,
+        "cache lookups that missed every tier, by namespace"
+    );
+    describe_counter!(
+        CACHE_LOADS,
+        "loader runs (source-of-truth reads) after a miss, by namespace"
+    );
+    describe_gauge!(
+        CACHE_LOAD_MEAN,
+        Unit::Seconds,
+        "mean loader run time since start, by namespace"
+    );
+    describe_counter!(
+        CACHE_LEASE_WAITS,
+        "lookups that waited for another loader's lease, by namespace"
+    );
+    describe_counter!(
+        CACHE_INVALIDATIONS,
+        "invalidations (key, tag or namespace), by namespace"
+    );
+    describe_counter!(
+        CACHE_NEGATIVE_HITS,
+        "lookups answered by a cached not-found marker, by namespace"
+    );
+    describe_counter!(
+        CACHE_STALE_SETS_REFUSED,
+        "loaded values not stored because an invalidation overtook the load, by namespace"
+    );
+    describe_counter!(
+        CACHE_SHARED_ERRORS,
+        "shared-tier calls that failed, by namespace"
+    );
+    describe_counter!(
+        CACHE_EARLY_REFRESHES,
+        "probabilistic early refreshes before expiry, by namespace"
+    );
+    describe_gauge!(
+        CACHE_HIT_RATIO,
+        "hits (either tier) over hits + misses since start, by namespace; seed 003 alerts below 0.7"
+    );
+    describe_gauge!(
+        BREAKER_STATE,
+        "circuit breaker state: 0 closed, 1 half-open (probing), 2 open"
+    );
+
+    describe_gauge!(
+        REDIS_UP,
+        "1 if Redis answered PING within REDIS_TIMEOUT at scrape time"
+    );
+    describe_gauge!(
+        REDIS_LATENCY,
+        Unit::Seconds,
+        "Redis PING round trip at scrape time"
+    );
+    describe_gauge!(
+        REDIS_USED_MEMORY,
+        Unit::Bytes,
+        "Redis used_memory (INFO memory); NaN if unreadable"
+    );
+    describe_gauge!(
+        REDIS_MAXMEMORY,
+        Unit::Bytes,
+        "Redis maxmemory (INFO memory); 0 means no limit"
+    );
+    describe_gauge!(
+        REDIS_MEMORY_LIMIT,
+        Unit::Bytes,
+        "the denominator of cascade_redis_memory_used_ratio: maxmemory, or total_system_memory when maxmemory is 0"
+    );
+    describe_gauge!(
+        REDIS_MEMORY_RATIO,
+        "Redis used_memory / maxmemory (total_system_memory when maxmemory is 0); seed 003 alerts above 0.8"
+    );
+
+    describe_gauge!(WS_CONNECTIONS, "open WebSocket connections");
+    describe_counter!(
+        WS_MESSAGES,
+        "WebSocket messages, by direction (in = from clients, out = to clients)"
+    );
+    describe_histogram!(
+        UPSTREAM_REQUEST_DURATION,
+        Unit::Seconds,
+        "third-party API calls (Venice, Stripe), by upstream and outcome (ok, http_error, timeout, error)"
+    );
+    describe_counter!(
+        UPSTREAM_ERRORS,
+        "third-party API calls that failed, by upstream and kind"
+    );
+}
+
+/// Registers the metrics that exist before their first event at zero, so dashboards and
+/// alerts see `0`, not an absent series.
+pub fn register_zeroes() {
+    gauge!(WS_CONNECTIONS).set(0.0);
+    for direction in [WsDirection::In, WsDirection::Out] {
+        counter!(WS_MESSAGES, "direction" => direction.label()).absolute(0);
+    }
+}
+
+/// A PostgreSQL pool acquisition that succeeded after `waited`.
+pub fn record_pool_acquire(waited: Duration) {
+    histogram!(PG_POOL_ACQUIRE_DURATION).record(waited.as_secs_f64());
+}
+
+/// Which way a WebSocket message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WsDirection {
+    /// From a client to the server.
+    In,
+    /// From the server to a client.
+    Out,
+}
+
+impl WsDirection {
+    fn label(self) -> &'static str {
+        match self {
+            WsDirection::In => "in",
+            WsDirection::Out => "out",
+        }
+    }
+}
+
+/// Counts one open WebSocket connection for as long as it lives: hold it in the connection's
+/// task, and the gauge goes down however the task ends (close, error, panic, shutdown).
+#[must_use = "the connection counts as open only while the guard is alive"]
+pub struct WsConnectionGuard(());
+
+impl WsConnectionGuard {
+    pub fn open() -> Self {
+        gauge!(WS_CONNECTIONS).increment(1.0);
+        WsConnectionGuard(())
+    }
+}
+
+impl Drop for WsConnectionGuard {
+    fn drop(&mut self) {
+        gauge!(WS_CONNECTIONS).decrement(1.0);
+    }
+}
+
+/// One WebSocket message sent or received.
+pub fn record_ws_message(direction: WsDirection) {
+    counter!(WS_MESSAGES, "direction" => direction.label()).increment(1);
+}
+
+/// How an upstream call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamOutcome {
+    /// A 2xx or 3xx answer.
+    Ok,
+    /// The upstream answered with a 4xx or 5xx.
+    HttpError,
+    /// No answer within the deadline.
+    Timeout,
+    /// Connection refused, TLS, DNS, a broken body…
+    Error,
+}
+
+impl UpstreamOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamOutcome::Ok => "ok",
+            UpstreamOutcome::HttpError => "http_error",
+            UpstreamOutcome::Timeout => "timeout",
+            UpstreamOutcome::Error => "error",
+        }
+    }
+}
+
+/// One call to a third-party API (`upstream` is a fixed name such as `venice` or `stripe`,
+/// never a URL, to bound the label's values).
+pub fn record_upstream(upstream: &'static str, outcome: UpstreamOutcome, took: Duration) {
+    histogram!(UPSTREAM_REQUEST_DURATION, "upstream" => upstream, "outcome" => outcome.label())
+        .record(took.as_secs_f64());
+    if outcome != UpstreamOutcome::Ok {
+        counter!(UPSTREAM_ERRORS, "upstream" => upstream, "kind" => outcome.label()).increment(1);
+    }
+}
