@@ -113,57 +113,66 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         seconds,
         connections: options.connections,
     };
-    let mut rows = Vec::new();
-    rows.push(load.run(
-        "baseline (fixed body, same stack)",
-        &[format!("/bench/fixed/{body_size}")],
-        None,
-    )?);
-    rows.push(
-        load.cached(
-            &client,
-            "assets",
+    let scenario = |name, namespace, paths, method| Scenario {
+        name,
+        namespace,
+        paths,
+        method,
+    };
+    let scenarios = [
+        scenario(
+            "baseline (fixed body, same stack)",
+            None,
+            vec![format!("/bench/fixed/{body_size}")],
+            None,
+        ),
+        scenario(
             "hot reads GET /listings/{id}",
-            &paths("/listings/", &hot),
+            Some("assets"),
+            paths("/listings/", &hot),
             None,
-        )
-        .await?,
-    );
-    rows.push(load.run(
-        "PostgreSQL reads, same query, no cache",
-        &paths("/bench/pg/listings/", &hot),
-        None,
-    )?);
-    rows.push(
-        load.cached(
-            &client,
-            "assets",
+        ),
+        scenario(
+            "PostgreSQL reads, same query, no cache",
+            None,
+            paths("/bench/pg/listings/", &hot),
+            None,
+        ),
+        scenario(
             "miss-heavy reads GET /listings/{id}",
-            &paths("/listings/", &ids),
+            Some("assets"),
+            paths("/listings/", &ids),
             None,
-        )
-        .await?,
-    );
-    rows.push(
-        load.cached(
-            &client,
-            "bundles",
+        ),
+        scenario(
             "bundle depth 3 GET /bundle",
-            &bundle_paths("/bundle", &hot),
+            Some("bundles"),
+            bundle_paths("/bundle", &hot),
             None,
-        )
-        .await?,
-    );
-    rows.push(load.run(
-        "bundle depth 3, straight to PostgreSQL",
-        &bundle_paths("/bench/pg/bundle", &hot),
-        None,
-    )?);
-    rows.push(load.run(
-        "writes PATCH /listings/{id}",
-        &paths("/listings/", &ids),
-        Some("PATCH"),
-    )?);
+        ),
+        scenario(
+            "bundle depth 3, straight to PostgreSQL",
+            None,
+            bundle_paths("/bench/pg/bundle", &hot),
+            None,
+        ),
+        scenario(
+            "writes PATCH /listings/{id}",
+            None,
+            paths("/listings/", &ids),
+            Some("PATCH"),
+        ),
+    ];
+    let mut rows = Vec::new();
+    for s in &scenarios {
+        rows.push(match s.namespace {
+            Some(namespace) => {
+                load.cached(&client, namespace, s.name, &s.paths, s.method)
+                    .await?
+            }
+            None => load.run(s.name, &s.paths, s.method)?,
+        });
+    }
     // Throughput ratios compare like with like: wrk against the same server, same run.
     let baseline = rows[0].req_per_sec;
     for row in &mut rows {
@@ -198,6 +207,15 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     drop(pg);
     let _ = std::fs::remove_dir_all(&work);
     Ok(ExitCode::SUCCESS)
+}
+
+/// One wrk run: `paths` cycled through by every connection; with `namespace`, the cache
+/// counters of that namespace during the run go into the row's notes.
+struct Scenario {
+    name: &'static str,
+    namespace: Option<&'static str>,
+    paths: Vec<String>,
+    method: Option<&'static str>,
 }
 
 fn paths(prefix: &str, ids: &[String]) -> Vec<String> {
