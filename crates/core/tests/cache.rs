@@ -410,6 +410,34 @@ async fn ttl_tags_and_negative(engine: Cache) {
         "the namespace reloads, the other namespace does not"
     );
 
+    // Batches: several tags, or several keys, in one call each.
+    calls.store(0, Ordering::SeqCst);
+    let tagged = |t: &str| vec![format!("batch:{t}")];
+    load("assets", "ba", tagged("a")).await;
+    load("assets", "bb", tagged("b")).await;
+    load("assets", "bc", tagged("c")).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    engine
+        .invalidate_tags(&["batch:a".to_string(), "batch:b".to_string()])
+        .await;
+    for (key, tag) in [("ba", "a"), ("bb", "b"), ("bc", "c")] {
+        load("assets", key, tagged(tag)).await;
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        5,
+        "values of either tag reload, the third is a hit"
+    );
+    engine.invalidate_keys("assets", &["bb", "bc"]).await;
+    for (key, tag) in [("ba", "a"), ("bb", "b"), ("bc", "c")] {
+        load("assets", key, tagged(tag)).await;
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        7,
+        "both keys reload, the other is a hit"
+    );
+
     // Negative caching: a not-found is remembered briefly.
     let misses = AtomicUsize::new(0);
     let absent = || async {
@@ -774,4 +802,42 @@ async fn tag_and_namespace_invalidations_reach_the_other_instances_in_process_ti
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// An invalidation storm (far more distinct keys than the engine remembers) between a slow
+/// load's start and its end must not let that load install the value it read before the
+/// write: the engine may forget old invalidations, never in a way that admits a stale value.
+#[tokio::test]
+async fn an_invalidation_storm_does_not_let_a_slow_load_install_its_stale_value() {
+    let engine = memory_engine();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let slow = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine
+                .get_or_load("assets", "storm", &[], || async move {
+                    let _ = started_tx.send(());
+                    let _ = release_rx.await;
+                    Ok::<_, std::convert::Infallible>(Some("old".to_string()))
+                })
+                .await
+                .unwrap()
+        })
+    };
+    started_rx.await.unwrap();
+    engine.invalidate("assets", "storm").await;
+    // 150,000 other keys invalidated, in batches, while the load is still running.
+    let others: Vec<String> = (0..150_000).map(|i| format!("other-{i}")).collect();
+    for chunk in others.chunks(5_000) {
+        let keys: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        engine.invalidate_keys("assets", &keys).await;
+    }
+    release_tx.send(()).unwrap();
+    assert_eq!(slow.await.unwrap().as_deref(), Some("old"));
+    assert_eq!(
+        engine.get::<String>("assets", "storm").await.unwrap(),
+        None,
+        "the value read before the write was installed"
+    );
 }

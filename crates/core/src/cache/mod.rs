@@ -15,6 +15,7 @@
 
 mod breaker;
 mod bus;
+mod marks;
 mod pg_tier;
 mod redis_tier;
 mod stats;
@@ -35,6 +36,7 @@ pub use stats::NamespaceStats;
 
 use self::breaker::{Breaker, Permit};
 use self::bus::Bus;
+use self::marks::Marks;
 use self::pg_tier::PgTier;
 use self::redis_tier::{Lookup, RedisTier};
 use self::stats::{NsCounters, Stats, add};
@@ -130,16 +132,16 @@ impl moka::Expiry<String, MemEntry> for MemExpiry {
 
 /// One invalidation to deliver to Redis.
 enum Invalidation {
-    Key(String),
-    Tag(String),
+    Keys(Vec<String>),
+    Tags(Vec<String>),
 }
 
 impl Invalidation {
     fn record(&self, pending: &mut Pending) {
         match self {
-            Invalidation::Key(k) => pending.keys.insert(k.clone()),
-            Invalidation::Tag(t) => pending.tags.insert(t.clone()),
-        };
+            Invalidation::Keys(keys) => pending.keys.extend(keys.iter().cloned()),
+            Invalidation::Tags(tags) => pending.tags.extend(tags.iter().cloned()),
+        }
     }
 }
 
@@ -170,7 +172,7 @@ pub(crate) struct Inner {
     epoch: AtomicU64,
     /// Epoch of the latest invalidation of each key (`k:`), tag (`t:`) or namespace (`n:`),
     /// kept longer than any load lasts, so a finishing load can tell it was overtaken.
-    invalidated: Moka<String, u64>,
+    invalidated: Marks,
     pending: Mutex<Pending>,
     /// A shared-tier call failed since the last success.
     outage: AtomicBool,
@@ -281,9 +283,7 @@ impl Inner {
 
     fn bump(&self, marks: &[String]) {
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        for mark in marks {
-            self.invalidated.insert(mark.clone(), epoch);
-        }
+        self.invalidated.record(marks, epoch);
     }
 
     /// Drops everything from the in-process tier (the bus was lost and is back).
@@ -306,9 +306,10 @@ impl Inner {
             for key in keys {
                 memory.invalidate(key);
             }
-            for tag in tags {
-                let owned = tag.clone();
-                let _ = memory.invalidate_entries_if(move |_, v| v.tags.contains(&owned));
+            if !tags.is_empty() {
+                let owned: HashSet<String> = tags.iter().cloned().collect();
+                let _ = memory
+                    .invalidate_entries_if(move |_, v| v.tags.iter().any(|t| owned.contains(t)));
             }
         }
     }
@@ -357,10 +358,7 @@ impl Cache {
                 .support_invalidation_closures()
                 .build()
         });
-        let invalidated = Moka::builder()
-            .max_capacity(100_000)
-            .time_to_live(options.lease_ttl * 4 + Duration::from_secs(60))
-            .build();
+        let invalidated = Marks::new(options.lease_ttl * 4 + Duration::from_secs(60), 100_000);
         let cache = Cache {
             inner: Arc::new(Inner {
                 bus,
@@ -785,7 +783,7 @@ impl Cache {
                 .await
             {
                 self.shared_failed(&counters, &err);
-                self.remember(|p| Invalidation::Key(full.clone()).record(p));
+                self.remember(|p| Invalidation::Keys(vec![full.clone()]).record(p));
                 self.inner.breaker.trip();
             }
         }
@@ -829,30 +827,56 @@ impl Cache {
     /// tiers, and no load that started before can install it. If Redis cannot be reached the
     /// invalidation is remembered and delivered before Redis is read again.
     pub async fn invalidate(&self, namespace: &str, key: &str) {
-        let full = format!("{namespace}:{key}");
-        add(&self.inner.stats.ns(namespace).invalidations, 1);
-        self.bump(&[format!("k:{full}")]);
-        if let Some(memory) = &self.inner.memory {
-            memory.invalidate(&full);
+        self.invalidate_keys(namespace, &[key]).await;
+    }
+
+    /// [`invalidate`](Self::invalidate) for several keys of one namespace: one shared-tier
+    /// call and one bus message for all of them.
+    pub async fn invalidate_keys(&self, namespace: &str, keys: &[&str]) {
+        if keys.is_empty() {
+            return;
         }
-        self.deliver(namespace, Invalidation::Key(full.clone()))
+        let full: Vec<String> = keys.iter().map(|k| format!("{namespace}:{k}")).collect();
+        add(
+            &self.inner.stats.ns(namespace).invalidations,
+            full.len() as u64,
+        );
+        let marks: Vec<String> = full.iter().map(|k| format!("k:{k}")).collect();
+        self.bump(&marks);
+        if let Some(memory) = &self.inner.memory {
+            for key in &full {
+                memory.invalidate(key);
+            }
+        }
+        self.deliver(namespace, Invalidation::Keys(full.clone()))
             .await;
         if let Some(bus) = &self.inner.bus {
-            bus.broadcast(vec![full], Vec::new()).await;
+            bus.broadcast(full, Vec::new()).await;
         }
     }
 
     /// Removes every value carrying `tag`.
     pub async fn invalidate_tag(&self, tag: &str) {
-        self.bump(&[format!("t:{tag}")]);
-        if let Some(memory) = &self.inner.memory {
-            let owned = tag.to_string();
-            let _ = memory.invalidate_entries_if(move |_, v| v.tags.contains(&owned));
+        self.invalidate_tags(&[tag.to_string()]).await;
+    }
+
+    /// Removes every value carrying any of `tags`: one shared-tier call and one bus message
+    /// for all of them, however many (a write that affects many cached answers).
+    pub async fn invalidate_tags(&self, tags: &[String]) {
+        if tags.is_empty() {
+            return;
         }
-        self.deliver("tags", Invalidation::Tag(tag.to_string()))
+        let marks: Vec<String> = tags.iter().map(|t| format!("t:{t}")).collect();
+        self.bump(&marks);
+        if let Some(memory) = &self.inner.memory {
+            let owned: HashSet<String> = tags.iter().cloned().collect();
+            let _ =
+                memory.invalidate_entries_if(move |_, v| v.tags.iter().any(|t| owned.contains(t)));
+        }
+        self.deliver("tags", Invalidation::Tags(tags.to_vec()))
             .await;
         if let Some(bus) = &self.inner.bus {
-            bus.broadcast(Vec::new(), vec![tag.to_string()]).await;
+            bus.broadcast(Vec::new(), tags.to_vec()).await;
         }
     }
 
@@ -968,11 +992,17 @@ impl Cache {
         if self.inner.epoch.load(Ordering::SeqCst) == epoch {
             return false;
         }
-        let after = |mark: String| self.inner.invalidated.get(&mark).is_some_and(|e| e > epoch);
-        after(format!("k:{full}"))
-            || after(format!("n:{namespace}"))
-            || after(format!("t:ns:{namespace}"))
-            || tags.iter().any(|t| after(format!("t:{t}")))
+        let marks = [
+            format!("k:{full}"),
+            format!("n:{namespace}"),
+            format!("t:ns:{namespace}"),
+        ];
+        self.inner.invalidated.any_after(
+            epoch,
+            marks
+                .into_iter()
+                .chain(tags.iter().map(|t| format!("t:{t}"))),
+        )
     }
 
     fn remember(&self, f: impl FnOnce(&mut Pending)) {
@@ -1000,8 +1030,8 @@ impl Cache {
         let mut last = None;
         for attempt in 0..DELIVERY_ATTEMPTS {
             let result = match &what {
-                Invalidation::Key(full) => shared.invalidate_key(full).await,
-                Invalidation::Tag(tag) => shared.invalidate_tag(tag).await.map(|_| ()),
+                Invalidation::Keys(keys) => shared.invalidate_keys(keys).await,
+                Invalidation::Tags(tags) => shared.invalidate_tags(tags).await.map(|_| ()),
             };
             match result {
                 Ok(()) => return,
@@ -1063,14 +1093,16 @@ impl Cache {
         let delivered_tags: Vec<String> = tags.iter().cloned().collect();
         let mut failed_keys = HashSet::new();
         let mut failed_tags = HashSet::new();
-        for key in keys {
-            if shared.invalidate_key(&key).await.is_err() {
-                failed_keys.insert(key);
+        if !keys.is_empty() {
+            let all: Vec<String> = keys.into_iter().collect();
+            if shared.invalidate_keys(&all).await.is_err() {
+                failed_keys.extend(all);
             }
         }
-        for tag in tags {
-            if shared.invalidate_tag(&tag).await.is_err() {
-                failed_tags.insert(tag);
+        if !tags.is_empty() {
+            let all: Vec<String> = tags.into_iter().collect();
+            if shared.invalidate_tags(&all).await.is_err() {
+                failed_tags.extend(all);
             }
         }
         let ok = failed_keys.is_empty() && failed_tags.is_empty();

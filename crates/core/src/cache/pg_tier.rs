@@ -137,22 +137,28 @@ impl PgTier {
         Ok(stored == 1)
     }
 
-    pub async fn invalidate_key(&self, full_key: &str) -> Result<(), DbError> {
+    pub async fn invalidate_keys(&self, full_keys: &[String]) -> Result<(), DbError> {
         let conn = self.db.conn().await?;
-        conn.execute("DELETE FROM cache_leases WHERE key = $1", &[&full_key])
-            .await?;
-        conn.execute("DELETE FROM cache_entries WHERE key = $1", &[&full_key])
-            .await?;
+        conn.execute(
+            "DELETE FROM cache_leases WHERE key = ANY($1)",
+            &[&full_keys],
+        )
+        .await?;
+        conn.execute(
+            "DELETE FROM cache_entries WHERE key = ANY($1)",
+            &[&full_keys],
+        )
+        .await?;
         Ok(())
     }
 
-    pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, DbError> {
+    /// Removes every entry and lease carrying any of `tags` (`&&`: arrays overlap).
+    pub async fn invalidate_tags(&self, tags: &[String]) -> Result<u64, DbError> {
         let conn = self.db.conn().await?;
-        let tags = [tag];
-        conn.execute("DELETE FROM cache_leases WHERE tags @> $1", &[&&tags[..]])
+        conn.execute("DELETE FROM cache_leases WHERE tags && $1", &[&tags])
             .await?;
         Ok(conn
-            .execute("DELETE FROM cache_entries WHERE tags @> $1", &[&&tags[..]])
+            .execute("DELETE FROM cache_entries WHERE tags && $1", &[&tags])
             .await?)
     }
 

@@ -33,7 +33,7 @@ pub(crate) struct RedisTier {
     try_lease: Script,
     fill: Script,
     set: Script,
-    invalidate_tag: Script,
+    invalidate_tags: Script,
 }
 
 /// Enters `KEYS[1]` in the tag sets `KEYS[3..]`, keeping each set alive at least `ttl` ms.
@@ -76,14 +76,19 @@ index_tags(tonumber(ARGV[2]))
 return 1
 ";
 
-const INVALIDATE_TAG: &str = r"
-local members = redis.call('SMEMBERS', KEYS[1])
-for _, k in ipairs(members) do
-  redis.call('DEL', k)
-  redis.call('DEL', ARGV[1] .. k)
+/// Every tag set in KEYS: its members (values and their leases) and the set itself.
+const INVALIDATE_TAGS: &str = r"
+local n = 0
+for _, tag in ipairs(KEYS) do
+  local members = redis.call('SMEMBERS', tag)
+  for _, k in ipairs(members) do
+    redis.call('DEL', k)
+    redis.call('DEL', ARGV[1] .. k)
+  end
+  redis.call('DEL', tag)
+  n = n + #members
 end
-redis.call('DEL', KEYS[1])
-return #members
+return n
 ";
 
 impl RedisTier {
@@ -98,7 +103,7 @@ impl RedisTier {
             try_lease: Script::new(&format!("{INDEX_TAGS}{TRY_LEASE}")),
             fill: Script::new(&fill),
             set: Script::new(&format!("{INDEX_TAGS}{STORE}")),
-            invalidate_tag: Script::new(INVALIDATE_TAG),
+            invalidate_tags: Script::new(INVALIDATE_TAGS),
         }
     }
 
@@ -204,19 +209,23 @@ impl RedisTier {
         Ok(stored == 1)
     }
 
-    pub async fn invalidate_key(&self, full_key: &str) -> Result<(), RedisError> {
-        let key = self.value_key(full_key);
-        let lease = self.lease_key(&key);
-        self.redis
-            .query(redis::cmd("DEL").arg(key).arg(lease))
-            .await
+    /// Deletes the values and leases of `full_keys`, in one command.
+    pub async fn invalidate_keys(&self, full_keys: &[String]) -> Result<(), RedisError> {
+        let mut del = redis::cmd("DEL");
+        for full_key in full_keys {
+            let key = self.value_key(full_key);
+            del.arg(self.lease_key(&key)).arg(key);
+        }
+        self.redis.query(&del).await
     }
 
-    pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, RedisError> {
-        let mut invocation = self.invalidate_tag.prepare_invoke();
-        invocation
-            .key(self.tag_key(tag))
-            .arg(format!("{}lease:", self.prefix));
+    /// Removes every value carrying any of `tags`, in one script.
+    pub async fn invalidate_tags(&self, tags: &[String]) -> Result<u64, RedisError> {
+        let mut invocation = self.invalidate_tags.prepare_invoke();
+        for tag in tags {
+            invocation.key(self.tag_key(tag));
+        }
+        invocation.arg(format!("{}lease:", self.prefix));
         self.run(invocation).await
     }
 }

@@ -77,18 +77,18 @@ impl SharedTier {
         })
     }
 
-    pub async fn invalidate_key(&self, full_key: &str) -> Result<(), TierError> {
+    pub async fn invalidate_keys(&self, full_keys: &[String]) -> Result<(), TierError> {
         match self {
-            SharedTier::Redis(t) => t.invalidate_key(full_key).await?,
-            SharedTier::Postgres(t) => t.invalidate_key(full_key).await?,
+            SharedTier::Redis(t) => t.invalidate_keys(full_keys).await?,
+            SharedTier::Postgres(t) => t.invalidate_keys(full_keys).await?,
         }
         Ok(())
     }
 
-    pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, TierError> {
+    pub async fn invalidate_tags(&self, tags: &[String]) -> Result<u64, TierError> {
         Ok(match self {
-            SharedTier::Redis(t) => t.invalidate_tag(tag).await?,
-            SharedTier::Postgres(t) => t.invalidate_tag(tag).await?,
+            SharedTier::Redis(t) => t.invalidate_tags(tags).await?,
+            SharedTier::Postgres(t) => t.invalidate_tags(tags).await?,
         })
     }
 }

@@ -18,8 +18,6 @@
 //! [`MAX_EXACT`] descendants falls back to removing the whole `bundles`/`ready` namespaces:
 //! still correct, one call instead of thousands.
 
-use futures_util::future::join_all;
-
 use super::queries;
 use crate::state::AppState;
 
@@ -42,7 +40,7 @@ pub fn bundle_key(version: &str, depth: i32) -> String {
 /// After asset rows changed (created, renamed, re-described, deleted): their details, every
 /// listing page, and the bundles and readiness of them and their descendants.
 pub async fn assets_changed(state: &AppState, versions: &[&str]) {
-    join_all(versions.iter().map(|v| state.cache.invalidate(ASSETS, v))).await;
+    state.cache.invalidate_keys(ASSETS, versions).await;
     state.cache.invalidate_namespace(LISTINGS).await;
     lineage_changed(state, versions).await
 }
@@ -56,7 +54,7 @@ pub async fn lineage_changed(state: &AppState, children: &[&str]) {
     match affected(state, children).await {
         Some(versions) => {
             let tags: Vec<String> = versions.iter().map(|v| tree_tag(v)).collect();
-            join_all(tags.iter().map(|t| state.cache.invalidate_tag(t))).await;
+            state.cache.invalidate_tags(&tags).await;
         }
         None => {
             state.cache.invalidate_namespace(BUNDLES).await;
@@ -69,7 +67,8 @@ pub async fn lineage_changed(state: &AppState, children: &[&str]) {
 pub async fn rights_changed(state: &AppState, version: &str) {
     match affected(state, &[version]).await {
         Some(versions) => {
-            join_all(versions.iter().map(|v| state.cache.invalidate(READY, v))).await;
+            let keys: Vec<&str> = versions.iter().map(String::as_str).collect();
+            state.cache.invalidate_keys(READY, &keys).await;
         }
         None => state.cache.invalidate_namespace(READY).await,
     }
