@@ -841,17 +841,39 @@ impl Cache {
             &self.inner.stats.ns(namespace).invalidations,
             full.len() as u64,
         );
+        self.forget_keys(&full);
+        if self.inner.shared.is_some() {
+            self.deliver(namespace, Invalidation::Keys(full.clone()))
+                .await;
+            // Again, after the shared tier's delete: a reader that started after the first
+            // bump may have read the old value from the shared tier before the delete; the
+            // second bump refuses its install, the second removal drops it if it got in.
+            self.forget_keys(&full);
+        }
+        if let Some(bus) = &self.inner.bus {
+            bus.broadcast(full, Vec::new()).await;
+        }
+    }
+
+    /// Removes `full` keys from this instance's in-process tier and marks them invalidated.
+    fn forget_keys(&self, full: &[String]) {
         let marks: Vec<String> = full.iter().map(|k| format!("k:{k}")).collect();
         self.bump(&marks);
         if let Some(memory) = &self.inner.memory {
-            for key in &full {
+            for key in full {
                 memory.invalidate(key);
             }
         }
-        self.deliver(namespace, Invalidation::Keys(full.clone()))
-            .await;
-        if let Some(bus) = &self.inner.bus {
-            bus.broadcast(full, Vec::new()).await;
+    }
+
+    /// Removes values carrying any of `tags` from the in-process tier and marks the tags.
+    fn forget_tags(&self, tags: &[String]) {
+        let marks: Vec<String> = tags.iter().map(|t| format!("t:{t}")).collect();
+        self.bump(&marks);
+        if let Some(memory) = &self.inner.memory {
+            let owned: HashSet<String> = tags.iter().cloned().collect();
+            let _ =
+                memory.invalidate_entries_if(move |_, v| v.tags.iter().any(|t| owned.contains(t)));
         }
     }
 
@@ -866,15 +888,13 @@ impl Cache {
         if tags.is_empty() {
             return;
         }
-        let marks: Vec<String> = tags.iter().map(|t| format!("t:{t}")).collect();
-        self.bump(&marks);
-        if let Some(memory) = &self.inner.memory {
-            let owned: HashSet<String> = tags.iter().cloned().collect();
-            let _ =
-                memory.invalidate_entries_if(move |_, v| v.tags.iter().any(|t| owned.contains(t)));
+        self.forget_tags(tags);
+        if self.inner.shared.is_some() {
+            self.deliver("tags", Invalidation::Tags(tags.to_vec()))
+                .await;
+            // As for keys: readers that read the shared tier before its delete.
+            self.forget_tags(tags);
         }
-        self.deliver("tags", Invalidation::Tags(tags.to_vec()))
-            .await;
         if let Some(bus) = &self.inner.bus {
             bus.broadcast(Vec::new(), tags.to_vec()).await;
         }
