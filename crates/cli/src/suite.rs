@@ -14,6 +14,7 @@
 //! | writes | `PATCH /listings/{id}`: a write plus its invalidations |
 //! | stampede | 1000 concurrent requests for one cold key: PostgreSQL queries counted |
 //! | Redis outage | Redis killed for 10 s under load: failed requests, stale reads, recovery |
+//! | PostgreSQL restart | PostgreSQL stopped for 10 s under load: how fast refusals come, no acknowledged write lost, recovery |
 //!
 //! The table is printed and written to `target/bench/results.{json,md}`.
 
@@ -73,7 +74,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
 
     // PostgreSQL and Redis of our own, on a private socket and a free loopback port.
     let pg_dir = work.join("pg");
-    let pg = EmbeddedPostgres::start(&pg_dir, Duration::from_secs(120)).await?;
+    let mut pg = EmbeddedPostgres::start(&pg_dir, Duration::from_secs(120)).await?;
     let database_url = pg.url();
     let mut redis = RedisProc::start(&work)?;
     let server = ServerProc::start(&work, &database_url, &redis.url())?;
@@ -188,6 +189,8 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         Duration::from_secs(10)
     };
     rows.push(redis_outage(&client, &mut redis, &hot, outage).await?);
+    drop(pg_client);
+    rows.push(pg_restart(&client, &mut pg, &pg_dir, &hot, outage).await?);
     let markdown = render_markdown(&rows, assets, seconds, options.connections);
     println!("{markdown}");
     std::fs::write(options.out.join("results.md"), &markdown)?;
@@ -414,6 +417,123 @@ async fn redis_outage(
             match recovered {
                 Some(t) => format!("{} ms", t.as_millis()),
                 None => "not within 30 s".into(),
+            }
+        ),
+    })
+}
+
+/// Reads (of cached keys) and writes while PostgreSQL is stopped for `down` and started again:
+/// writes must be refused fast (503 within the acquire timeout, not hang), no acknowledged
+/// write may be missing afterwards, and writes must come back by themselves.
+async fn pg_restart(
+    client: &Client,
+    pg: &mut EmbeddedPostgres,
+    pg_dir: &Path,
+    hot: &[String],
+    down: Duration,
+) -> anyhow::Result<Row> {
+    let target = hot[1].clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Instant::now();
+    let mut readers = Vec::new();
+    for r in 0..8 {
+        let (client, hot, stop) = (client.clone(), hot.to_vec(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let (mut ok, mut failed, mut latencies) = (0u64, 0u64, Vec::new());
+            let mut i = r;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let begun = Instant::now();
+                match client
+                    .get_ok(&format!("/listings/{}", hot[i % hot.len()]))
+                    .await
+                {
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+                latencies.push(begun.elapsed());
+            }
+            (ok, failed, latencies)
+        }));
+    }
+    let writer = {
+        let (client, stop, target) = (client.clone(), stop.clone(), target.clone());
+        tokio::spawn(async move {
+            let (mut acked, mut refused, mut other) = (0u64, 0u64, 0u64);
+            let mut slowest_refusal = Duration::ZERO;
+            let mut last_refusal: Option<Instant> = None;
+            let mut back_at: Option<Instant> = None;
+            let mut version = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                version += 1;
+                let body = json!({ "metadata": { "bench_version": version } });
+                let begun = Instant::now();
+                match client
+                    .patch_status(&format!("/listings/{target}"), &body)
+                    .await
+                {
+                    Some(200) => {
+                        acked = version;
+                        if last_refusal.is_some() && back_at.is_none() {
+                            back_at = Some(Instant::now());
+                        }
+                    }
+                    Some(503) => {
+                        refused += 1;
+                        slowest_refusal = slowest_refusal.max(begun.elapsed());
+                        last_refusal = Some(Instant::now());
+                        back_at = None;
+                    }
+                    _ => other += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (acked, refused, other, slowest_refusal, back_at)
+        })
+    };
+    tokio::time::sleep(down / 2).await;
+    tokio::task::block_in_place(|| pg.stop());
+    tokio::time::sleep(down).await;
+    *pg = EmbeddedPostgres::start(pg_dir, Duration::from_secs(60)).await?;
+    let restarted = Instant::now();
+    tokio::time::sleep(down / 2 + Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut reads_ok, mut reads_failed, mut latencies) = (0, 0, Vec::new());
+    for reader in readers {
+        let (ok, failed, l) = reader.await?;
+        reads_ok += ok;
+        reads_failed += failed;
+        latencies.extend(l);
+    }
+    let (acked, refused, other, slowest_refusal, back_at) = writer.await?;
+    // Every acknowledged write is in PostgreSQL: the last one is what the row holds.
+    let (db, _driver) = connect(pg).await?;
+    let stored: Option<i64> = db
+        .query_one(
+            "SELECT (metadata->>'bench_version')::int8 FROM assets WHERE version_id = $1",
+            &[&target],
+        )
+        .await?
+        .get(0);
+    let lost = acked.saturating_sub(stored.unwrap_or(0).max(0) as u64);
+    let elapsed = started.elapsed();
+    let requests = latencies.len() as u64;
+    let (p50, p99) = percentiles(&mut latencies);
+    Ok(Row {
+        scenario: format!("PostgreSQL stopped for {}s under load", down.as_secs()),
+        requests,
+        req_per_sec: requests as f64 / elapsed.as_secs_f64(),
+        p50_ms: p50,
+        p99_ms: p99,
+        errors: reads_failed + other,
+        ratio_to_baseline: None,
+        notes: format!(
+            "reads {reads_ok} ok, {reads_failed} failed; writes refused with 503: {refused} (slowest {} ms), other errors: {other}; acknowledged writes lost: {lost}; writes back {} after PostgreSQL returned",
+            slowest_refusal.as_millis(),
+            match back_at {
+                Some(at) => format!("{} ms", at.saturating_duration_since(restarted).as_millis()),
+                None if refused == 0 => "(never refused)".into(),
+                None => "not before the end".into(),
             }
         ),
     })
@@ -665,6 +785,18 @@ impl Client {
             bail!("PATCH {path}: {}", response.status());
         }
         Ok(())
+    }
+
+    /// The status of a `PATCH`, or `None` when no answer came.
+    async fn patch_status(&self, path: &str, body: &Value) -> Option<u16> {
+        let response = self
+            .http
+            .patch(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .ok()?;
+        Some(response.status().as_u16())
     }
 
     async fn invalidate_asset(&self, id: &str) -> anyhow::Result<()> {

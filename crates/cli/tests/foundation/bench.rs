@@ -73,6 +73,20 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
         "cache hits came back: {notes}"
     );
 
+    let restart = row("PostgreSQL stopped");
+    let notes = restart["notes"].as_str().unwrap();
+    assert_eq!(restart["errors"], 0, "{notes}");
+    assert!(notes.contains("acknowledged writes lost: 0;"), "{notes}");
+    assert!(notes.contains("other errors: 0;"), "{notes}");
+    assert!(
+        !notes.contains("writes refused with 503: 0 "),
+        "writes were refused: {notes}"
+    );
+    assert!(
+        !notes.contains("not before the end"),
+        "writes came back: {notes}"
+    );
+
     let markdown = std::fs::read_to_string(out.join("results.md")).expect("results.md");
     assert!(markdown.contains("| scenario | req/s | p50 ms | p99 ms |"));
     assert_eq!(
