@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use cascade_testkit::{PgServer, RedisServer};
+use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
+use sha2::Sha512;
 
 use crate::common::{Served, http};
 
@@ -116,6 +118,14 @@ async fn count(pg: &PgServer, db_url: &str, sql: &str) -> i64 {
         .get(0)
 }
 
+/// `response` has `status` and the JSON error body with `code`.
+async fn assert_json_error(response: reqwest::Response, status: u16, code: &str) {
+    assert_eq!(response.status().as_u16(), status);
+    let body: Value = response.json().await.expect("a JSON error body");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+}
+
 fn assert_unauthorized(reply: &Reply, what: &str) {
     assert_eq!(reply.status, 401, "{what}: {}", reply.body);
     assert_eq!(reply.body["error"]["code"], "unauthorized", "{what}");
@@ -190,6 +200,44 @@ async fn accounts_tokens_and_every_kind_of_bad_token() {
             );
         }
     }
+    // Login and refresh: missing, mistyped and oversized fields are a 400 naming the field;
+    // nothing is looked up, no session is opened.
+    for (path, body, field) in [
+        ("/auth/login", json!({ "username": "alice" }), "password"),
+        (
+            "/auth/login",
+            json!({ "username": ["alice"], "password": "x" }),
+            "username",
+        ),
+        (
+            "/auth/login",
+            json!({ "username": long, "password": "correct horse battery" }),
+            "username",
+        ),
+        (
+            "/auth/login",
+            json!({ "username": "alice", "password": long }),
+            "password",
+        ),
+        ("/auth/refresh", json!({}), "refresh_token"),
+        (
+            "/auth/refresh",
+            json!({ "refresh_token": 7 }),
+            "refresh_token",
+        ),
+        ("/auth/revoke", json!({}), "token"),
+    ] {
+        let reply = call(&server, "POST", path, None, Some(body.clone())).await;
+        assert_eq!(reply.status, 400, "{path} {body}: {}", reply.body);
+        assert_eq!(reply.body["error"]["code"], "bad_request", "{path} {body}");
+        assert_eq!(
+            reply.body["error"]["field"], field,
+            "{path} {body}: {}",
+            reply.body
+        );
+    }
+
+    // Not JSON at all, another content type, a body over the limit: each a JSON error.
     let raw = http()
         .post(format!("{}/auth/register", server.base))
         .header("content-type", "application/json")
@@ -197,14 +245,14 @@ async fn accounts_tokens_and_every_kind_of_bad_token() {
         .send()
         .await
         .unwrap();
-    assert_eq!(raw.status().as_u16(), 400);
+    assert_json_error(raw, 400, "bad_request").await;
     let text = http()
         .post(format!("{}/auth/login", server.base))
         .body("username=alice")
         .send()
         .await
         .unwrap();
-    assert_eq!(text.status().as_u16(), 415);
+    assert_json_error(text, 415, "unsupported_media_type").await;
     let huge = http()
         .post(format!("{}/auth/register", server.base))
         .header("content-type", "application/json")
@@ -215,11 +263,21 @@ async fn accounts_tokens_and_every_kind_of_bad_token() {
         .send()
         .await
         .unwrap();
-    assert_eq!(huge.status().as_u16(), 413);
+    assert_json_error(huge, 413, "payload_too_large").await;
     assert_eq!(
         count(&pg, &db, "SELECT count(*) FROM cascade_users").await,
         1,
         "only Alice was written"
+    );
+    assert_eq!(
+        count(&pg, &db, "SELECT count(*) FROM auth_sessions").await,
+        1,
+        "only Alice's registration opened a session"
+    );
+    assert_eq!(
+        count(&pg, &db, "SELECT count(*) FROM auth_refresh_tokens").await,
+        1,
+        "only Alice's registration issued a refresh token"
     );
 
     // One message for a wrong password and an unknown user.
@@ -273,15 +331,27 @@ async fn accounts_tokens_and_every_kind_of_bad_token() {
         &call(&server, "GET", "/me", Some(&none), None).await,
         "alg none",
     );
-    let hs512 = format!(
-        "{}.{}.{}",
+    // Really signed with HS512 and the server's own secret: refused for the algorithm.
+    let signing_input = format!(
+        "{}.{}",
         B64.encode(br#"{"alg":"HS512","typ":"JWT"}"#),
-        parts[1],
-        parts[2]
+        parts[1]
     );
-    assert_unauthorized(
-        &call(&server, "GET", "/me", Some(&hs512), None).await,
-        "HS512",
+    let mut mac = Hmac::<Sha512>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(signing_input.as_bytes());
+    let hs512 = format!(
+        "{signing_input}.{}",
+        B64.encode(mac.finalize().into_bytes())
+    );
+    let reply = call(&server, "GET", "/me", Some(&hs512), None).await;
+    assert_unauthorized(&reply, "HS512");
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("algorithm not allowed"),
+        "{}",
+        reply.body
     );
 
     // Same secret, other audience, one-second tokens: refused here for the audience, and
@@ -624,6 +694,44 @@ async fn login_brute_force_gets_429_and_redis_loss_splits_the_budget_between_ins
     let (status, headers) = attempt(&fourth, &a, "grace", "guess").await;
     assert_eq!(status, 429);
     assert_eq!(headers["ratelimit-limit"], "2");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "local Retry-After {retry}");
+    // Instance B has its own half: the cluster admits the budget, not twice it.
+    let mut admitted = 0;
+    for _ in 0..4 {
+        match attempt(&fourth, &b, "grace", "guess").await.0 {
+            401 => admitted += 1,
+            429 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(admitted, 2, "instance B admits the other half");
+
+    // Redis back: the instances return to the one shared budget by themselves.
+    redis.restart().await;
+    let mut back = false;
+    for i in 0..100u8 {
+        let probe = client_from([127, 0, 1, i]);
+        let (status, headers) = attempt(&probe, &a, &format!("probe{i}"), "guess").await;
+        assert_eq!(status, 401, "probe {i}");
+        if headers["ratelimit-limit"] == "4" {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "Redis's shared limit took over again within 10 s");
+    for (i, server) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let from = client_from([127, 0, 2, i as u8]);
+        assert_eq!(attempt(&from, server, "ivan", "guess").await.0, 401, "{i}");
+    }
+    let from = client_from([127, 0, 2, 9]);
+    let (status, headers) = attempt(&from, &b, "ivan", "guess").await;
+    assert_eq!(
+        status, 429,
+        "the fifth guess, on either instance, is over the shared budget"
+    );
+    assert_eq!(headers["ratelimit-limit"], "4");
 }
 
 #[tokio::test]

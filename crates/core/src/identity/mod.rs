@@ -260,6 +260,11 @@ impl Identity {
             .as_ref()
             .map(|s| s.expose().as_bytes().to_vec())
             .unwrap_or_else(TokenKeys::random_secret);
+        // The dummy hash that unknown usernames are verified against is computed now, so the
+        // first unknown-user login does not take one argon2 run longer than a wrong password.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn_blocking(password::prepare);
+        }
         Identity {
             inner: Arc::new(Inner {
                 db,
@@ -316,8 +321,13 @@ impl Identity {
         password: &str,
         client: &ClientInfo,
     ) -> Result<(User, Tokens), AuthError> {
-        if username.len() > USERNAME_MAX * 4 || password.len() > PASSWORD_MAX {
-            return Err(AuthError::BadCredentials);
+        // Longer than any account can have: refused as bad input (nothing is looked up or
+        // hashed), which reveals nothing about which accounts exist.
+        if username.len() > USERNAME_MAX {
+            validate_username(username)?;
+        }
+        if password.len() > PASSWORD_MAX {
+            validate_password(password)?;
         }
         let conn = self.inner.db.conn().await?;
         let stmt = conn

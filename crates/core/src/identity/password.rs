@@ -78,6 +78,11 @@ impl Passwords {
     }
 }
 
+/// Computes the dummy hash ahead of the first login that needs it.
+pub(crate) fn prepare() {
+    dummy_hash();
+}
+
 /// A hash of a random password, computed once, to verify against when the user is unknown.
 fn dummy_hash() -> &'static str {
     static DUMMY: OnceLock<String> = OnceLock::new();
