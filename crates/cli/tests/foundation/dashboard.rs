@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use cascade_testkit::{PgServer, RedisServer, temp_dir};
 
-use crate::common::http;
+use crate::common::{Served, http};
 use crate::metrics::{get_n, register, serve_with_redis};
 use crate::prometheus::scrape;
 
@@ -187,6 +187,97 @@ async fn dashboard_in_headless_chromium_shows_the_numbers_of_metrics() {
     let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);
     assert!(size > 10_000, "no screenshot at {}", png.display());
     println!("dashboard screenshot: {}", png.display());
+}
+
+#[tokio::test]
+async fn dashboard_flags_a_busy_pool_slow_requests_and_a_full_redis() {
+    let chromium = find_chromium().expect("chromium (scripts/test installs it)");
+    let pg = PgServer::start().await;
+    let redis = RedisServer::start().await;
+    let database_url = pg.fresh_database().await;
+    let served = Served::start(&[
+        ("DATABASE_URL", database_url.clone()),
+        ("REDIS_URL", redis.url()),
+        ("PG_POOL_MIN", "2".into()),
+        ("PG_POOL_MAX", "2".into()),
+        ("PG_ACQUIRE_TIMEOUT", "500ms".into()),
+        ("PG_STATEMENT_TIMEOUT", "60s".into()),
+    ])
+    .await;
+    let base = served.base.clone();
+    let read = |version: String| {
+        let url = format!("{base}/listings/{version}");
+        tokio::spawn(async move { http().get(url).send().await.map(|r| r.status().as_u16()) })
+    };
+    // A lock taken from outside makes catalog reads wait inside PostgreSQL, each holding a
+    // pool connection: a busy pool with a healthy server.
+    let locker = pg.client(database_url.rsplit('/').next().unwrap()).await;
+    let lock = || async {
+        locker
+            .batch_execute("BEGIN; LOCK TABLE assets IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+    };
+
+    // Slow requests: two reads wait a second for the lock.
+    lock().await;
+    let slow: Vec<_> = (0..2).map(|i| read(format!("slow-{i}"))).collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    locker.batch_execute("COMMIT").await.unwrap();
+    for request in slow {
+        assert_eq!(request.await.unwrap().unwrap(), 404);
+    }
+
+    // Both connections held while the page loads.
+    lock().await;
+    let held: Vec<_> = (0..2).map(|i| read(format!("held-{i}"))).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Redis nearly full: maxmemory just above what it uses now.
+    let used: u64 = redis_cli(&redis, &["INFO", "memory"])
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory");
+    redis_cli(
+        &redis,
+        &["CONFIG", "SET", "maxmemory", &(used * 11 / 10).to_string()],
+    );
+
+    let url = format!("{}/dashboard", served.base);
+    let dom = Dom(run_chromium(&chromium, &["--dump-dom", &url]));
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory", "0"]);
+    locker.batch_execute("COMMIT").await.unwrap();
+    for request in held {
+        assert_eq!(
+            request.await.unwrap().unwrap(),
+            404,
+            "held reads end with the lock"
+        );
+    }
+
+    let utilisation = dom.value("pool-utilisation", None).1.unwrap();
+    assert_eq!(utilisation, 1.0, "both connections in use");
+    assert!(dom.has_warning("pool-utilisation", None));
+    let p95 = dom.value("p95", None).1.unwrap();
+    assert!(p95 > 0.5, "p95 {p95}");
+    assert!(dom.has_warning("p95", None));
+    let memory = dom.value("redis-memory-ratio", None).1.unwrap();
+    assert!(memory > 0.8, "{memory}");
+    assert!(dom.has_warning("redis-memory-ratio", None));
+    for alert in ["PostgreSQL pool 100", "p95 latency", "Redis memory"] {
+        assert!(dom.0.contains(alert), "alert {alert:?} listed:\n{}", dom.0);
+    }
+}
+
+fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("redis-cli");
+    assert!(out.status.success(), "redis-cli {args:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `target/test-artifacts` of this workspace (or of `CARGO_TARGET_DIR`).
