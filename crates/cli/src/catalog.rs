@@ -52,9 +52,27 @@ async fn shared_cache(config: &Config, db: &Db) -> anyhow::Result<Option<Cache>>
 
 /// `cascade seed catalog`: migrations, the generated rows, then the catalog's cache
 /// namespaces are emptied so running servers do not keep serving what the seed replaced.
-pub async fn seed_command(config: Config, options: SeedOptions) -> anyhow::Result<ExitCode> {
+pub async fn seed_command(
+    config: Config,
+    mut options: SeedOptions,
+    owner: Option<&str>,
+) -> anyhow::Result<ExitCode> {
     let database = open_database(&config).await?;
     apply_migrations(&database.db).await?;
+    if let Some(username) = owner {
+        let conn = database.db.conn().await?;
+        let row = conn
+            .query_opt(
+                "SELECT id FROM cascade_users WHERE lower(username) = lower($1)",
+                &[&username],
+            )
+            .await?;
+        let Some(row) = row else {
+            eprintln!("cascade: --owner: no account named {username:?} (register it first)");
+            return Ok(ExitCode::from(2));
+        };
+        options.owner = Some(row.get(0));
+    }
     let report = seed(&database.db, &options)
         .await
         .context("seeding the catalog")?;
@@ -192,6 +210,7 @@ pub async fn bench_command(config: Config, options: BenchOptions) -> anyhow::Res
             producers: (options.assets / 2_000).clamp(1, 50),
             seed: 1,
             reset: true,
+            owner: None,
         },
     )
     .await

@@ -68,6 +68,10 @@ enum SeedCommand {
         /// Empty the catalog tables first (otherwise existing rows are kept and skipped).
         #[arg(long)]
         reset: bool,
+        /// The account (username) that owns the generated producers and may then change their
+        /// assets over the API; without it they are read-only over the API.
+        #[arg(long, value_name = "USERNAME")]
+        owner: Option<String>,
     },
 }
 
@@ -245,14 +249,16 @@ fn main() -> ExitCode {
                 producers,
                 seed,
                 reset,
+                owner,
             }) => {
                 let options = cascade_server::catalog::seed::SeedOptions {
                     assets,
                     producers,
                     seed,
                     reset,
+                    owner: None,
                 };
-                catalog::seed_command(config, options).await
+                catalog::seed_command(config, options, owner.as_deref()).await
             }
         }
     });

@@ -79,7 +79,8 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     let mut redis = RedisProc::start(&work)?;
     let server = ServerProc::start(&work, &database_url, &redis.url())?;
     server.wait_ready(Duration::from_secs(120)).await?;
-    let client = Client::new(&server.base)?;
+    let mut client = Client::new(&server.base)?;
+    client.register(BENCH_ACCOUNT).await?;
 
     eprintln!("bench: seeding {assets} assets");
     seed(&database_url, assets)?;
@@ -113,6 +114,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         work: work.clone(),
         seconds,
         connections: options.connections,
+        token: client.token.clone(),
     };
     let scenario = |name, namespace, paths, method| Scenario {
         name,
@@ -433,11 +435,14 @@ async fn pg_restart(
     down: Duration,
 ) -> anyhow::Result<Row> {
     let target = hot[1].clone();
+    // Readers read the other hot keys: the written one is invalidated by every acknowledged
+    // write, so while PostgreSQL is down it can only be refused (that is the writer's count).
+    let readable: Vec<String> = hot.iter().filter(|h| **h != target).cloned().collect();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let started = Instant::now();
     let mut readers = Vec::new();
     for r in 0..8 {
-        let (client, hot, stop) = (client.clone(), hot.to_vec(), stop.clone());
+        let (client, hot, stop) = (client.clone(), readable.clone(), stop.clone());
         readers.push(tokio::spawn(async move {
             let (mut ok, mut failed, mut latencies) = (0u64, 0u64, Vec::new());
             let mut i = r;
@@ -593,6 +598,10 @@ fn which(program: &str) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
+/// The account that owns the seeded producers, so the suite's writes are authorised as a
+/// user's would be.
+const BENCH_ACCOUNT: &str = "bench";
+
 fn seed(database_url: &str, assets: usize) -> anyhow::Result<()> {
     let status = Command::new(std::env::current_exe()?)
         .args([
@@ -602,6 +611,8 @@ fn seed(database_url: &str, assets: usize) -> anyhow::Result<()> {
             &assets.to_string(),
             "--seed",
             "42",
+            "--owner",
+            BENCH_ACCOUNT,
         ])
         .env("DATABASE_URL", database_url)
         .env("RUST_LOG", "warn")
@@ -752,6 +763,8 @@ impl Drop for ServerProc {
 struct Client {
     http: reqwest::Client,
     base: String,
+    /// The bench account's access token, which writes carry (the seeded producers are its).
+    token: String,
 }
 
 impl Client {
@@ -761,7 +774,28 @@ impl Client {
         Ok(Client {
             http,
             base: base.to_string(),
+            token: String::new(),
         })
+    }
+
+    /// Registers the bench account; its token authorises the suite's writes from then on.
+    async fn register(&mut self, username: &str) -> anyhow::Result<()> {
+        let response = self
+            .http
+            .post(format!("{}/auth/register", self.base))
+            .json(&json!({ "username": username, "password": "bench password, not secret" }))
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        if !status.is_success() {
+            bail!("registering {username}: {status}: {body}");
+        }
+        self.token = body["access_token"]
+            .as_str()
+            .context("no access_token in the registration answer")?
+            .to_string();
+        Ok(())
     }
 
     async fn get_ok(&self, path: &str) -> anyhow::Result<Vec<u8>> {
@@ -778,6 +812,7 @@ impl Client {
         let response = self
             .http
             .patch(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
             .json(body)
             .send()
             .await?;
@@ -792,6 +827,7 @@ impl Client {
         let response = self
             .http
             .patch(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
             .json(body)
             .send()
             .await
@@ -826,6 +862,8 @@ struct Wrk {
     work: PathBuf,
     seconds: u64,
     connections: usize,
+    /// The access token that writes carry.
+    token: String,
 }
 
 const WRK_SCRIPT: &str = r#"
@@ -845,7 +883,8 @@ function request()
   counter = counter + 1
   local path = paths[(counter % #paths) + 1]
   if METHOD == "PATCH" then
-    return wrk.format("PATCH", path, { ["Content-Type"] = "application/json" },
+    return wrk.format("PATCH", path,
+      { ["Content-Type"] = "application/json", ["Authorization"] = AUTHORIZATION },
       '{"metadata":{"bench":' .. counter .. '}}')
   end
   return wrk.format("GET", path)
@@ -886,9 +925,10 @@ impl Wrk {
         std::fs::write(&paths_file, paths.join("\n") + "\n")?;
         let script = self.work.join(format!("{slug}.lua"));
         let header = format!(
-            "local PATHS_FILE = {:?}\nlocal METHOD = {:?}\n",
+            "local PATHS_FILE = {:?}\nlocal METHOD = {:?}\nlocal AUTHORIZATION = {:?}\n",
             paths_file.display().to_string(),
-            method.unwrap_or("GET")
+            method.unwrap_or("GET"),
+            format!("Bearer {}", self.token),
         );
         std::fs::write(&script, header + WRK_SCRIPT)?;
         let output = Command::new(&self.bin)

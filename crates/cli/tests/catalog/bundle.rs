@@ -78,4 +78,41 @@ async fn bundles_bypass_the_cache_when_use_redis_bundles_is_false_and_stay_corre
     catalog.lineage(&["a"], &["b"]).await;
     let (_, bundle) = get(base, "/bundle?versionId=b&depth=1").await;
     assert_eq!(ancestors(&bundle), [("a".to_string(), 1)]);
+    // Nothing of bundles reached Redis, while asset details still did.
+    get(base, "/listings/b").await;
+    assert_eq!(catalog.redis_keys("*bundle*"), Vec::<String>::new());
+    assert_eq!(
+        catalog.redis_keys("cascade:cache:asset:*"),
+        ["cascade:cache:asset:b"]
+    );
+}
+
+#[tokio::test]
+async fn cache_entries_carry_the_seeds_key_names() {
+    let catalog = Catalog::start(1).await;
+    let base = catalog.base();
+    catalog.producer("acme").await;
+    catalog.asset("a", "acme", "A").await;
+    catalog.asset("b", "acme", "B").await;
+    catalog.lineage(&["a"], &["b"]).await;
+    for path in [
+        "/listings/b",
+        "/listings?producer=acme",
+        "/bundle?versionId=b&depth=2",
+        "/ready?versionId=b",
+    ] {
+        assert_eq!(get(base, path).await.0, 200, "{path}");
+    }
+    // Seed 003's keyspace (`cache:asset:<versionId>`, `cache:listings:<params>`,
+    // `bundle:<versionId>:<depth>`) under the configured prefix.
+    assert_eq!(
+        catalog.redis_keys("cascade:cache:asset:*"),
+        ["cascade:cache:asset:b"]
+    );
+    assert_eq!(catalog.redis_keys("cascade:cache:listings:*").len(), 1);
+    assert_eq!(
+        catalog.redis_keys("cascade:bundle:*"),
+        ["cascade:bundle:b:2"]
+    );
+    assert_eq!(catalog.redis_keys("cascade:ready:*"), ["cascade:ready:b"]);
 }

@@ -123,3 +123,43 @@ async fn an_expired_receipt_stops_counting_without_any_write() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn lineage_deeper_than_the_walk_is_not_vouched_for() {
+    let catalog = Catalog::start(1).await;
+    let base = catalog.base();
+    catalog.producer("acme").await;
+    // v0 <- v1 <- ... <- v32: exactly as deep as readiness walks, every version entitled.
+    let deepest = 32;
+    for i in 0..=deepest {
+        let version = format!("v{i}");
+        catalog.asset(&version, "acme", &version).await;
+        catalog.entitle(&version).await;
+        if i > 0 {
+            catalog
+                .lineage(&[&format!("v{}", i - 1)], &[&version])
+                .await;
+        }
+    }
+    let path = format!("/ready?versionId=v{deepest}");
+    let (status, ready) = get(base, &path).await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["checked"], deepest + 1);
+    assert_eq!(ready["truncated"], false);
+    assert_eq!(ready["ready"], true, "{ready}");
+
+    // One more ancestor beyond the walk: not checked, so not vouched for.
+    catalog.asset("origin", "acme", "origin").await;
+    catalog.entitle("origin").await;
+    catalog.lineage(&["origin"], &["v0"]).await;
+    let (_, ready) = get(base, &path).await;
+    assert_eq!(ready["truncated"], true, "{ready}");
+    assert_eq!(ready["ready"], false, "{ready}");
+    assert_eq!(ready["missing"], json!([]), "nothing checked is missing");
+
+    // A cycle within the walk is not a truncation.
+    catalog.lineage(&["v1"], &["v0"]).await;
+    let (_, ready) = get(base, "/ready?versionId=v3").await;
+    assert_eq!(ready["truncated"], false, "{ready}");
+    assert_eq!(ready["ready"], true, "{ready}");
+}

@@ -1,4 +1,11 @@
 //! A catalog under test: PostgreSQL, Redis and one or more servers, with request helpers.
+//!
+//! Catalog writes need an account that owns the producer. Each catalog registers one, the
+//! publisher, and [`send`] makes writes to its servers as that account; [`send_as`] chooses
+//! the token (or none), for the tests of who may write what.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use cascade_testkit::{PgServer, RedisServer};
 use reqwest::Method;
@@ -9,8 +16,18 @@ use crate::common::{Served, http};
 pub struct Catalog {
     pub pg: PgServer,
     pub database: String,
-    _redis: RedisServer,
+    pub redis: RedisServer,
     pub servers: Vec<Served>,
+}
+
+/// The secret every catalog server signs with, so a token from one is good on the others.
+const JWT_SECRET: &str = "catalog-tests-secret-catalog-tests-secret";
+
+/// The publisher token of each catalog server, by base URL: what [`send`] writes with.
+static PUBLISHERS: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
+
+fn publisher_token(base: &str) -> Option<String> {
+    PUBLISHERS.lock().unwrap().as_ref()?.get(base).cloned()
 }
 
 impl Catalog {
@@ -24,16 +41,27 @@ impl Catalog {
         let redis = RedisServer::start().await;
         let url = pg.fresh_database().await;
         let database = url.rsplit('/').next().unwrap_or_default().to_string();
-        let mut env = vec![("DATABASE_URL", url), ("REDIS_URL", redis.url())];
+        let mut env = vec![
+            ("DATABASE_URL", url),
+            ("REDIS_URL", redis.url()),
+            ("JWT_SECRET", JWT_SECRET.to_string()),
+            ("RATE_LIMIT_API", "off".to_string()),
+        ];
         env.extend(extra.iter().cloned());
         let mut servers = Vec::new();
         for _ in 0..instances {
             servers.push(Served::start(&env).await);
         }
+        let token = register(&servers[0].base, "publisher").await;
+        let mut publishers = PUBLISHERS.lock().unwrap();
+        let publishers = publishers.get_or_insert_with(HashMap::new);
+        for server in &servers {
+            publishers.insert(server.base.clone(), token.clone());
+        }
         Catalog {
             pg,
             database,
-            _redis: redis,
+            redis,
             servers,
         }
     }
@@ -50,6 +78,32 @@ impl Catalog {
             .await
             .unwrap()
             .get(0)
+    }
+
+    /// The Redis keys matching `pattern`, sorted (read with `redis-cli --scan`).
+    pub fn redis_keys(&self, pattern: &str) -> Vec<String> {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &self.redis.port().to_string(),
+                "--scan",
+                "--pattern",
+                pattern,
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("redis-cli (installed with redis-server)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut keys: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        keys
     }
 
     pub async fn producer(&self, id: &str) {
@@ -127,9 +181,41 @@ pub fn run_event(inputs: &[&str], outputs: &[&str]) -> Value {
     })
 }
 
-/// Sends a request; returns the status and the JSON body (`Null` when empty).
+/// Registers an account on `base`; returns its access token.
+pub async fn register(base: &str, username: &str) -> String {
+    let (status, body) = send_as(
+        base,
+        None,
+        Method::POST,
+        "/auth/register",
+        Some(json!({"username": username, "password": format!("{username}'s password")})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    body["access_token"].as_str().unwrap().to_string()
+}
+
+/// Sends a request (a write as the catalog's publisher); returns the status and the JSON body
+/// (`Null` when empty).
 pub async fn send(base: &str, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let token = (method != Method::GET)
+        .then(|| publisher_token(base))
+        .flatten();
+    send_as(base, token.as_deref(), method, path, body).await
+}
+
+/// [`send`] with the bearer token `token`, or none.
+pub async fn send_as(
+    base: &str,
+    token: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut request = http().request(method, format!("{base}{path}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
     if let Some(body) = body {
         request = request.json(&body);
     }

@@ -1,7 +1,7 @@
 use reqwest::Method;
 use serde_json::json;
 
-use crate::support::{Catalog, assert_bad_field, get, send};
+use crate::support::{Catalog, assert_bad_field, get, register, run_event, send, send_as};
 
 #[tokio::test]
 async fn producers_and_assets_are_created_changed_and_deleted_with_clear_errors() {
@@ -176,4 +176,126 @@ async fn receipts_and_policies_need_an_existing_asset_and_valid_fields() {
     }
     assert_eq!(catalog.count("receipts").await, 1);
     assert_eq!(catalog.count("policies").await, 1);
+}
+
+#[tokio::test]
+async fn writes_need_an_account_and_only_a_producers_owner_may_change_its_assets() {
+    let catalog = Catalog::start(1).await;
+    let base = catalog.base();
+    catalog.producer("acme").await;
+    catalog.asset("acme@1", "acme", "Acme prices").await;
+    let mallory = register(base, "mallory").await;
+    let asset = json!({"versionId": "acme@2", "producerId": "acme", "name": "forged"});
+    let receipt = json!({"versionId": "acme@1", "payer": "mallory", "amount": 1});
+    let policy = json!({"versionId": "acme@1", "document": {"license": "mine"}});
+    let writes = [
+        (
+            Method::POST,
+            "/producers",
+            Some(json!({"producerId": "m", "name": "M"})),
+        ),
+        (Method::POST, "/assets", Some(asset.clone())),
+        (
+            Method::PATCH,
+            "/listings/acme@1",
+            Some(json!({"name": "pwned"})),
+        ),
+        (Method::DELETE, "/listings/acme@1", None),
+        (Method::POST, "/receipts", Some(receipt.clone())),
+        (Method::POST, "/policies", Some(policy.clone())),
+        (
+            Method::POST,
+            "/lineage",
+            Some(run_event(&["x"], &["acme@1"])),
+        ),
+    ];
+
+    // No token, or a token that does not verify: 401, nothing written.
+    for token in [None, Some("not-a-token")] {
+        for (method, path, body) in writes.clone() {
+            let (status, answer) = send_as(base, token, method.clone(), path, body).await;
+            assert_eq!(status, 401, "{method} {path} with {token:?}: {answer}");
+            assert_eq!(answer["error"]["code"], "unauthorized");
+        }
+    }
+
+    // Another account: 403 on everything of acme's, and nothing changed.
+    for (method, path, body) in writes[1..6].iter().cloned() {
+        let (status, answer) = send_as(base, Some(&mallory), method.clone(), path, body).await;
+        assert_eq!(status, 403, "{method} {path}: {answer}");
+        assert_eq!(answer["error"]["code"], "forbidden");
+    }
+    let (status, body) = get(base, "/listings/acme@1").await;
+    assert_eq!((status, body["name"].as_str()), (200, Some("Acme prices")));
+    assert_eq!(catalog.count("assets").await, 1);
+    assert_eq!(catalog.count("receipts").await, 0);
+    assert_eq!(catalog.count("policies").await, 0);
+    assert_eq!(catalog.count("lineage_event_audit").await, 0);
+
+    // Mallory's own producer is hers: she publishes under it, and acme's owner cannot touch
+    // what she publishes. Unknown producers and versions stay 404 for everyone.
+    let (status, body) = send_as(
+        base,
+        Some(&mallory),
+        Method::POST,
+        "/producers",
+        Some(json!({"producerId": "m", "name": "M"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = get(base, "/listings/m@1").await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = send_as(
+        base,
+        Some(&mallory),
+        Method::POST,
+        "/assets",
+        Some(json!({"versionId": "m@1", "producerId": "m", "name": "Mine"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = get(base, "/listings/m@1").await;
+    assert_eq!(
+        (status, body["name"].as_str()),
+        (200, Some("Mine")),
+        "the cached 404 is gone"
+    );
+    let (status, _) = send(
+        base,
+        Method::PATCH,
+        "/listings/m@1",
+        Some(json!({"name": "x"})),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = send(base, Method::DELETE, "/listings/m@1", None).await;
+    assert_eq!(status, 403);
+    let (status, _) = send_as(
+        base,
+        Some(&mallory),
+        Method::POST,
+        "/assets",
+        Some(json!({"versionId": "z@1", "producerId": "nobody", "name": "z"})),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = send_as(
+        base,
+        Some(&mallory),
+        Method::PATCH,
+        "/listings/nope",
+        Some(json!({"name": "z"})),
+    )
+    .await;
+    assert_eq!(status, 404);
+    // Any account may report lineage: an edge changes no one's asset.
+    let (status, body) = send_as(
+        base,
+        Some(&mallory),
+        Method::POST,
+        "/lineage",
+        Some(run_event(&["m@1"], &["acme@1"])),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
 }

@@ -183,6 +183,27 @@ pub(crate) struct Inner {
     stats: Stats,
 }
 
+/// The seeds' key names (seed 003's D022HR keyspace, seed 000's sessions) for the namespaces
+/// they name: an entry of namespace `assets` is `cache:asset:<key>` under the configured
+/// prefix, as in the seed. Other namespaces use their own name. The namespace stays what
+/// carries the TTL and the `ns:<namespace>` tag.
+const SEED_KEY_NAMES: &[(&str, &str)] = &[
+    ("assets", "cache:asset"),
+    ("listings", "cache:listings"),
+    ("bundles", "bundle"),
+    ("lineage", "ol:cache:lineage"),
+    ("sessions", "session"),
+];
+
+/// The key of `key` in `namespace`, as every tier and the bus name it (without the prefix).
+pub fn full_key(namespace: &str, key: &str) -> String {
+    let name = SEED_KEY_NAMES
+        .iter()
+        .find(|(ns, _)| *ns == namespace)
+        .map_or(namespace, |(_, name)| name);
+    format!("{name}:{key}")
+}
+
 const NEGATIVE: u8 = b'N';
 const VALUE: u8 = b'V';
 /// kind (1) + stored_at ms (8) + ttl ms (4) + load time ms (4).
@@ -450,7 +471,7 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
     {
-        let full = format!("{namespace}:{key}");
+        let full = full_key(namespace, key);
         let counters = self.inner.stats.ns(namespace);
         let early = self.inner.config.early_refresh.contains(namespace);
         let flight = self.flight(&full);
@@ -752,7 +773,7 @@ impl Cache {
         tags: &[String],
     ) -> Result<(), serde_json::Error> {
         let bytes = serde_json::to_vec(value)?;
-        let full = format!("{namespace}:{key}");
+        let full = full_key(namespace, key);
         let mut all_tags: Vec<String> = tags.to_vec();
         all_tags.push(format!("ns:{namespace}"));
         let ttl = self.ttl(namespace);
@@ -799,7 +820,7 @@ impl Cache {
         namespace: &str,
         key: &str,
     ) -> Result<Option<T>, serde_json::Error> {
-        let full = format!("{namespace}:{key}");
+        let full = full_key(namespace, key);
         let counters = self.inner.stats.ns(namespace);
         if let Some(hit) = self.memory_get(&full, &counters) {
             return hit.bytes.map(|b| serde_json::from_slice(&b)).transpose();
@@ -836,7 +857,7 @@ impl Cache {
         if keys.is_empty() {
             return;
         }
-        let full: Vec<String> = keys.iter().map(|k| format!("{namespace}:{k}")).collect();
+        let full: Vec<String> = keys.iter().map(|k| full_key(namespace, k)).collect();
         add(
             &self.inner.stats.ns(namespace).invalidations,
             full.len() as u64,

@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "catalog",
         sql: include_str!("../../migrations/0004_catalog.sql"),
     },
+    Migration {
+        version: 5,
+        name: "catalog_owners",
+        sql: include_str!("../../migrations/0005_catalog_owners.sql"),
+    },
 ];
 
 /// Arbitrary but fixed: the advisory lock key all Cascade instances agree on ("cascade" in ASCII).

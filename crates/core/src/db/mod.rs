@@ -36,3 +36,39 @@ pub enum DbError {
     #[error("embedded PostgreSQL: {0}")]
     Embedded(String),
 }
+
+impl DbError {
+    /// Whether the server could not be used (no connection, the connection died, the server
+    /// is shutting down or starting): worth retrying shortly. A statement that ran and failed
+    /// (a constraint, bad SQL, a timeout) is not. When the connection died during a `COMMIT`
+    /// its outcome is unknown to us, as to any client: the write was not acknowledged.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Unavailable(_) | DbError::Unreachable { .. } => true,
+            DbError::Query(err) => connection_lost(err),
+            _ => false,
+        }
+    }
+}
+
+/// A query error that says the connection or the server went away, not that the query failed.
+fn connection_lost(err: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    if err.is_closed() {
+        return true;
+    }
+    match err.code() {
+        // Class 08: connection exception; 57P01-03: admin/crash shutdown, cannot connect now.
+        Some(code) => {
+            code.code().starts_with("08")
+                || [
+                    SqlState::ADMIN_SHUTDOWN,
+                    SqlState::CRASH_SHUTDOWN,
+                    SqlState::CANNOT_CONNECT_NOW,
+                ]
+                .contains(code)
+        }
+        // No SQLSTATE: the error came from the socket, not from the server.
+        None => std::error::Error::source(err).is_some_and(|s| s.is::<std::io::Error>()),
+    }
+}

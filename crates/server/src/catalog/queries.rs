@@ -74,13 +74,18 @@ fn text(row: &tokio_postgres::Row) -> Vec<u8> {
     row.get::<_, String>(0).into_bytes()
 }
 
-pub async fn insert_producer(tx: &Transaction<'_>, p: &NewProducer) -> Result<Vec<u8>, ApiError> {
+/// Registers a producer owned by the account `owner`.
+pub async fn insert_producer(
+    tx: &Transaction<'_>,
+    p: &NewProducer,
+    owner: i64,
+) -> Result<Vec<u8>, ApiError> {
     let row = tx
         .query_one(
-            "INSERT INTO producers (producer_id, name) VALUES ($1, $2) \
+            "INSERT INTO producers (producer_id, name, owner_id) VALUES ($1, $2, $3) \
              RETURNING json_build_object('producerId', producer_id, 'name', name, \
                'createdAt', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))::text",
-            &[&p.producer_id.as_str(), &p.name],
+            &[&p.producer_id.as_str(), &p.name, &owner],
         )
         .await
         .map_err(|e| {
@@ -118,6 +123,58 @@ pub async fn insert_asset(tx: &Transaction<'_>, a: &NewAsset) -> Result<Vec<u8>,
             )
         })?;
     Ok(text(&row))
+}
+
+/// Whether `user` may change what `producer` publishes: `Ok` for its owner, 404 when there is
+/// no such producer, 403 otherwise. The row is locked (`FOR SHARE`) until the transaction
+/// ends, so the producer cannot go away under the write.
+pub async fn authorize_producer(
+    tx: &Transaction<'_>,
+    producer: &str,
+    user: i64,
+) -> Result<(), ApiError> {
+    let row = tx
+        .query_opt(
+            "SELECT owner_id FROM producers WHERE producer_id = $1 FOR SHARE",
+            &[&producer],
+        )
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| ApiError::NotFound(format!("producer {producer:?} does not exist")))?;
+    owned(row.get(0), user, &format!("producer {producer:?}"))
+}
+
+/// [`authorize_producer`] for the producer of asset `version` (404 when there is no such
+/// version).
+pub async fn authorize_version(
+    tx: &Transaction<'_>,
+    version: &VersionId,
+    user: i64,
+) -> Result<(), ApiError> {
+    let row = tx
+        .query_opt(
+            "SELECT p.owner_id FROM assets a JOIN producers p USING (producer_id) \
+             WHERE a.version_id = $1 FOR SHARE OF p",
+            &[&version.as_str()],
+        )
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| ApiError::NotFound(missing_version(version)))?;
+    owned(
+        row.get(0),
+        user,
+        &format!("asset version {:?}", version.as_str()),
+    )
+}
+
+fn owned(owner: Option<i64>, user: i64, what: &str) -> Result<(), ApiError> {
+    if owner == Some(user) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "{what} belongs to another account"
+        )))
+    }
 }
 
 /// The updated asset, or `None` when there is no such version.
@@ -472,7 +529,8 @@ pub async fn bundle(conn: &Object, version: &str, depth: i32) -> Result<Option<V
 }
 
 /// `GET /ready`: whether the asset and every ancestor (to `READY_MAX_DEPTH`) is in the catalog
-/// with a valid (unexpired) receipt and policy; which are not, and why. `validUntil` is when
+/// with a valid (unexpired) receipt and policy; which are not, and why. Lineage deeper than
+/// that is not vouched for: `truncated` is true and the answer is not ready. `validUntil` is when
 /// the first receipt or policy this answer relies on expires (the answer may change then
 /// without any write). `None` when the asset does not exist.
 pub async fn readiness(conn: &Object, version: &str) -> Result<Option<Vec<u8>>, ApiError> {
@@ -490,11 +548,19 @@ pub async fn readiness(conn: &Object, version: &str) -> Result<Option<Vec<u8>>, 
                     WHERE version_id = m.version_id AND (expires_at IS NULL OR expires_at > now())) p ON true \
              ), validity AS ( \
                SELECT nullif(least(min(receipt_until), min(policy_until)), 'infinity') AS until FROM checked \
+             ), beyond AS ( \
+               SELECT EXISTS (SELECT 1 FROM members m \
+                 JOIN lineage_edges e ON e.child_version_id = m.version_id \
+                 WHERE m.depth = $2 \
+                   AND NOT EXISTS (SELECT 1 FROM members o WHERE o.version_id = e.parent_version_id) \
+               ) AS truncated \
              ) \
              SELECT json_build_object( \
                'versionId', $1::text, \
-               'ready', bool_and(present AND receipt_until IS NOT NULL AND policy_until IS NOT NULL), \
+               'ready', bool_and(present AND receipt_until IS NOT NULL AND policy_until IS NOT NULL) \
+                        AND NOT (SELECT truncated FROM beyond), \
                'checked', count(*), \
+               'truncated', (SELECT truncated FROM beyond), \
                'missing', coalesce(json_agg(json_build_object( \
                     'versionId', version_id, 'depth', depth, 'missing', array_remove(ARRAY[ \
                         CASE WHEN NOT present THEN 'asset' END, \

@@ -21,6 +21,9 @@ pub struct SeedOptions {
     pub seed: u64,
     /// Empty the catalog tables first.
     pub reset: bool,
+    /// The account (`cascade_users.id`) that owns the generated producers and may change
+    /// their assets over the API; `None` leaves them without an owner (read-only over the API).
+    pub owner: Option<i64>,
 }
 
 /// What was written.
@@ -141,9 +144,10 @@ pub async fn seed(db: &Db, options: &SeedOptions) -> Result<SeedReport, DbError>
         .unzip();
     report.producers = tx
         .execute(
-            "INSERT INTO producers (producer_id, name) SELECT * FROM unnest($1::text[], $2::text[]) \
-             ON CONFLICT DO NOTHING",
-            &[&ids, &names],
+            "INSERT INTO producers (producer_id, name, owner_id) \
+             SELECT p, n, $3 FROM unnest($1::text[], $2::text[]) AS t(p, n) \
+             ON CONFLICT (producer_id) DO UPDATE SET owner_id = coalesce($3, producers.owner_id)",
+            &[&ids, &names, &options.owner],
         )
         .await
         .map_err(query_error)?;

@@ -1,6 +1,8 @@
-//! The catalog's writes. Each validates its input completely before touching PostgreSQL,
-//! runs in one transaction, and after the commit removes exactly the cache entries it made
-//! stale (see `invalidation.rs`) before it answers: the next read anywhere sees the write.
+//! The catalog's writes. Each needs an authenticated caller (401), validates its input
+//! completely before touching PostgreSQL, checks in the same transaction that the caller owns
+//! the producer concerned (403; the account that registered a producer owns it), and after
+//! the commit removes exactly the cache entries it made stale (see `invalidation.rs`) before
+//! it answers: the next read anywhere sees the write.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -12,6 +14,7 @@ use super::invalidation as inv;
 use super::model::{AssetChange, Body, NewAsset, NewPolicy, NewProducer, NewReceipt, VersionId};
 use super::openlineage::RunEvent;
 use super::queries::{self, internal};
+use crate::auth::CurrentUser;
 use crate::http::ApiError;
 use crate::state::AppState;
 
@@ -29,20 +32,30 @@ macro_rules! in_transaction {
 /// `POST /producers` `{"producerId", "name"}`.
 pub async fn create_producer(
     State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let producer = NewProducer::parse(&Body::parse(&body)?)?;
-    let created = in_transaction!(state, |tx| queries::insert_producer(&tx, &producer).await?);
+    let created = in_transaction!(state, |tx| queries::insert_producer(
+        &tx,
+        &producer,
+        user.user_id
+    )
+    .await?);
     Ok(json(StatusCode::CREATED, created))
 }
 
 /// `POST /assets` `{"versionId", "producerId", "name", "metadata"?}`.
 pub async fn create_asset(
     State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let asset = NewAsset::parse(&Body::parse(&body)?)?;
-    let created = in_transaction!(state, |tx| queries::insert_asset(&tx, &asset).await?);
+    let created = in_transaction!(state, |tx| {
+        queries::authorize_producer(&tx, asset.producer_id.as_str(), user.user_id).await?;
+        queries::insert_asset(&tx, &asset).await?
+    });
     // A new version can complete lineage that named it before it existed.
     inv::assets_changed(&state, &[asset.version_id.as_str()]).await;
     Ok(json(StatusCode::CREATED, created))
@@ -51,13 +64,16 @@ pub async fn create_asset(
 /// `PATCH /listings/:versionId` `{"name"?, "metadata"?}` (metadata is replaced, not merged).
 pub async fn update_asset(
     State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
     Path(version): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let version = VersionId::parse("versionId", &version)?;
     let change = AssetChange::parse(&Body::parse(&body)?)?;
-    let updated = in_transaction!(state, |tx| queries::update_asset(&tx, &version, &change)
-        .await?)
+    let updated = in_transaction!(state, |tx| {
+        queries::authorize_version(&tx, &version, user.user_id).await?;
+        queries::update_asset(&tx, &version, &change).await?
+    })
     .ok_or_else(|| {
         ApiError::NotFound(format!(
             "asset version {:?} does not exist",
@@ -72,10 +88,14 @@ pub async fn update_asset(
 /// naming it stays (readiness of its descendants then reports it missing).
 pub async fn delete_asset(
     State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
     Path(version): Path<String>,
 ) -> Result<Response, ApiError> {
     let version = VersionId::parse("versionId", &version)?;
-    let deleted = in_transaction!(state, |tx| queries::delete_asset(&tx, &version).await?);
+    let deleted = in_transaction!(state, |tx| {
+        queries::authorize_version(&tx, &version, user.user_id).await?;
+        queries::delete_asset(&tx, &version).await?
+    });
     if !deleted {
         return Err(ApiError::NotFound(format!(
             "asset version {:?} does not exist",
@@ -89,10 +109,14 @@ pub async fn delete_asset(
 /// `POST /policies` `{"versionId", "document", "expiresAt"?}`.
 pub async fn create_policy(
     State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let policy = NewPolicy::parse(&Body::parse(&body)?)?;
-    let created = in_transaction!(state, |tx| queries::insert_policy(&tx, &policy).await?);
+    let created = in_transaction!(state, |tx| {
+        queries::authorize_version(&tx, &policy.version_id, user.user_id).await?;
+        queries::insert_policy(&tx, &policy).await?
+    });
     inv::rights_changed(&state, policy.version_id.as_str()).await;
     Ok(json(StatusCode::CREATED, created))
 }
@@ -100,17 +124,24 @@ pub async fn create_policy(
 /// `POST /receipts` `{"versionId", "payer", "amount", "expiresAt"?}`.
 pub async fn create_receipt(
     State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let receipt = NewReceipt::parse(&Body::parse(&body)?)?;
-    let created = in_transaction!(state, |tx| queries::insert_receipt(&tx, &receipt).await?);
+    let created = in_transaction!(state, |tx| {
+        queries::authorize_version(&tx, &receipt.version_id, user.user_id).await?;
+        queries::insert_receipt(&tx, &receipt).await?
+    });
     inv::rights_changed(&state, receipt.version_id.as_str()).await;
     Ok(json(StatusCode::CREATED, created))
 }
 
 /// `POST /lineage`: an OpenLineage run event. Answers the event id and the edges it added.
+/// Any authenticated account may report lineage: events name datasets that need not be in the
+/// catalog (yet), and an edge changes no one's asset, only what readiness checks.
 pub async fn record_lineage(
     State(state): State<AppState>,
+    _user: CurrentUser,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let event = RunEvent::parse(Body::parse(&body)?.value())?;

@@ -89,6 +89,15 @@ impl From<DbError> for ApiError {
                     retry_after: Duration::from_secs(1),
                 }
             }
+            // The connection died under the statement (PostgreSQL stopping or restarting): the
+            // write is not acknowledged, and a retry shortly is the right move.
+            lost if lost.is_unavailable() => {
+                tracing::warn!(error = %lost, "PostgreSQL connection lost");
+                ApiError::Unavailable {
+                    message: "PostgreSQL is unavailable".into(),
+                    retry_after: Duration::from_secs(1),
+                }
+            }
             other => ApiError::Internal(anyhow::Error::new(other)),
         }
     }
