@@ -75,6 +75,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     // PostgreSQL and Redis of our own, on a private socket and a free loopback port.
     let pg_dir = work.join("pg");
     let mut pg = EmbeddedPostgres::start(&pg_dir, Duration::from_secs(120)).await?;
+    let counting = enable_statement_counting(&mut pg, &pg_dir).await?;
     let database_url = pg.url();
     let mut redis = RedisProc::start(&work)?;
     let server = ServerProc::start(&work, &database_url, &redis.url())?;
@@ -85,6 +86,10 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     eprintln!("bench: seeding {assets} assets");
     seed(&database_url, assets)?;
     let (pg_client, _driver) = connect(&pg).await?;
+    let statements = Statements {
+        db: &pg_client,
+        counting,
+    };
     let ids: Vec<String> = pg_client
         .query("SELECT version_id FROM assets ORDER BY version_id", &[])
         .await?
@@ -170,7 +175,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     for s in &scenarios {
         rows.push(match s.namespace {
             Some(namespace) => {
-                load.cached(&client, namespace, s.name, &s.paths, s.method)
+                load.cached(&client, &statements, namespace, s.name, &s.paths, s.method)
                     .await?
             }
             None => load.run(s.name, &s.paths, s.method)?,
@@ -184,7 +189,8 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         }
     }
 
-    rows.push(stampede(&client, &ids, if options.quick { 200 } else { 1000 }).await?);
+    let n = if options.quick { 200 } else { 1000 };
+    rows.push(stampede(&client, &statements, &ids, n).await?);
     let outage = if options.quick {
         Duration::from_secs(2)
     } else {
@@ -233,7 +239,9 @@ fn bundle_paths(route: &str, ids: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn annotate_cache(row: &mut Row, before: &Value, after: &Value) {
+/// The hit ratio from the engine's counters, and the catalog statements PostgreSQL itself
+/// ran (`statements`, from pg_stat_statements; the engine's loads when it is unavailable).
+fn annotate_cache(row: &mut Row, before: &Value, after: &Value, statements: Option<u64>) {
     let delta = |field: &str| {
         after[field]
             .as_u64()
@@ -242,23 +250,91 @@ fn annotate_cache(row: &mut Row, before: &Value, after: &Value) {
     };
     let hits = delta("near_hits") + delta("shared_hits");
     let lookups = hits + delta("misses");
-    let loads = delta("loads");
+    let (queries, counted_by) = match statements {
+        Some(n) => (n, "PostgreSQL statements"),
+        None => (delta("loads"), "cache loads"),
+    };
     if lookups > 0 {
         row.notes = format!(
-            "hit ratio {:.1} %, {:.1} PostgreSQL queries per 1000 requests",
+            "hit ratio {:.1} %, {:.1} {counted_by} per 1000 requests",
             100.0 * hits as f64 / lookups as f64,
-            1000.0 * loads as f64 / row.requests.max(1) as f64
+            1000.0 * queries as f64 / row.requests.max(1) as f64
         );
     }
 }
 
+/// Counts what PostgreSQL ran on the catalog's tables, from its own pg_stat_statements: the
+/// bench's figures of "queries" are measured at the server, not inferred from our counters.
+struct Statements<'a> {
+    db: &'a tokio_postgres::Client,
+    counting: bool,
+}
+
+impl Statements<'_> {
+    /// Calls so far of statements on catalog tables, and of the asset lookup by version.
+    async fn now(&self) -> anyhow::Result<Option<(u64, u64)>> {
+        if !self.counting {
+            return Ok(None);
+        }
+        let row = self
+            .db
+            .query_one(
+                "SELECT coalesce(sum(calls), 0)::int8, \
+                        coalesce(sum(calls) FILTER (WHERE query LIKE '%FROM assets a WHERE a.version_id = $1%'), 0)::int8 \
+                 FROM pg_stat_statements \
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                   AND query ~ '\\m(assets|lineage_edges|receipts|policies|producers)\\M' \
+                   AND query NOT LIKE '%pg_stat_statements%'",
+                &[],
+            )
+            .await?;
+        Ok(Some((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64)))
+    }
+}
+
+/// Loads pg_stat_statements into the bench's private PostgreSQL (one restart) when the server
+/// has it (Debian's postgresql does); false when it does not.
+async fn enable_statement_counting(
+    pg: &mut EmbeddedPostgres,
+    pg_dir: &Path,
+) -> anyhow::Result<bool> {
+    let (db, driver) = connect(pg).await?;
+    let available: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_available_extensions WHERE name = 'pg_stat_statements'",
+            &[],
+        )
+        .await?
+        .get(0);
+    if available == 0 {
+        eprintln!("bench: pg_stat_statements unavailable; counting the cache's loads instead");
+        return Ok(false);
+    }
+    db.batch_execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        .await?;
+    drop(db);
+    driver.abort();
+    tokio::task::block_in_place(|| pg.stop());
+    *pg = EmbeddedPostgres::start(pg_dir, Duration::from_secs(60)).await?;
+    let (db, _driver) = connect(pg).await?;
+    db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await?;
+    Ok(true)
+}
+
 /// `n` concurrent requests for one key nobody has read: how many loads reach PostgreSQL.
-async fn stampede(client: &Client, ids: &[String], n: usize) -> anyhow::Result<Row> {
+async fn stampede(
+    client: &Client,
+    statements: &Statements<'_>,
+    ids: &[String],
+    n: usize,
+) -> anyhow::Result<Row> {
     // The last asset has not been read by any scenario that keeps it cached... unless the
     // miss-heavy walk reached it; drop it from the cache to be sure.
     let id = ids.last().expect("ids").clone();
     client.invalidate_asset(&id).await?;
     let before = client.cache_stats("assets").await?;
+    let statements_before = statements.now().await?;
     let started = Instant::now();
     let barrier = Arc::new(tokio::sync::Barrier::new(n));
     let mut tasks = Vec::new();
@@ -283,6 +359,16 @@ async fn stampede(client: &Client, ids: &[String], n: usize) -> anyhow::Result<R
     let elapsed = started.elapsed();
     let after = client.cache_stats("assets").await?;
     let loads = after["loads"].as_u64().unwrap_or(0) - before["loads"].as_u64().unwrap_or(0);
+    let notes = match (statements_before, statements.now().await?) {
+        (Some((_, lookups_before)), Some((_, lookups_after))) => {
+            let queries = lookups_after - lookups_before;
+            format!(
+                "{queries} PostgreSQL {} for {n} requests (pg_stat_statements; {loads} cache load(s))",
+                if queries == 1 { "query" } else { "queries" }
+            )
+        }
+        _ => format!("{loads} PostgreSQL load(s) for {n} requests"),
+    };
     let (p50, p99) = percentiles(&mut latencies);
     Ok(Row {
         scenario: format!("cold-key stampede ({n} concurrent)"),
@@ -292,7 +378,7 @@ async fn stampede(client: &Client, ids: &[String], n: usize) -> anyhow::Result<R
         p99_ms: p99,
         errors,
         ratio_to_baseline: None,
-        notes: format!("{loads} PostgreSQL load(s) for {n} requests"),
+        notes,
     })
 }
 
@@ -903,15 +989,21 @@ impl Wrk {
     async fn cached(
         &self,
         client: &Client,
+        statements: &Statements<'_>,
         namespace: &str,
         name: &str,
         paths: &[String],
         method: Option<&str>,
     ) -> anyhow::Result<Row> {
         let before = client.cache_stats(namespace).await?;
+        let statements_before = statements.now().await?;
         let mut row = self.run(name, paths, method)?;
+        let statements_after = statements.now().await?;
         let after = client.cache_stats(namespace).await?;
-        annotate_cache(&mut row, &before, &after);
+        let ran = statements_before
+            .zip(statements_after)
+            .map(|((before, _), (after, _))| after - before);
+        annotate_cache(&mut row, &before, &after, ran);
         Ok(row)
     }
 

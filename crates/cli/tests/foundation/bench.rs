@@ -55,6 +55,15 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
         hot.starts_with("hit ratio 100.0 %"),
         "hot set is all hits: {hot}"
     );
+    assert!(
+        hot.contains(", 0.0 PostgreSQL statements per 1000 requests"),
+        "and PostgreSQL ran no catalog statement for it: {hot}"
+    );
+    let misses = row("miss-heavy")["notes"].as_str().unwrap().to_string();
+    assert!(
+        !misses.contains(", 0.0 PostgreSQL statements"),
+        "misses reach PostgreSQL, counted there: {misses}"
+    );
 
     let stampede = row("cold-key stampede");
     assert_eq!(stampede["errors"], 0);
@@ -62,7 +71,7 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
         stampede["notes"]
             .as_str()
             .unwrap()
-            .starts_with("1 PostgreSQL load(s)"),
+            .starts_with("1 PostgreSQL query for 200 requests (pg_stat_statements"),
         "one load for a cold key: {stampede}"
     );
     let outage = row("Redis killed");
