@@ -288,7 +288,10 @@ impl Statements<'_> {
                 &[],
             )
             .await?;
-        Ok(Some((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64)))
+        Ok(Some((
+            row.get::<_, i64>(0) as u64,
+            row.get::<_, i64>(1) as u64,
+        )))
     }
 }
 

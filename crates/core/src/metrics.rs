@@ -310,3 +310,47 @@ pub fn record_upstream(upstream: &'static str, outcome: UpstreamOutcome, took: D
         counter!(UPSTREAM_ERRORS, "upstream" => upstream, "kind" => outcome.label()).increment(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    use super::*;
+
+    /// The value of the series starting with `needle` in the rendered text.
+    fn value(text: &str, needle: &str) -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(needle))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {needle} in:\n{text}"))
+    }
+
+    #[test]
+    fn websocket_connections_are_counted_while_open_and_messages_by_direction() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let first = WsConnectionGuard::open();
+            let second = WsConnectionGuard::open();
+            record_ws_message(WsDirection::In);
+            for _ in 0..3 {
+                record_ws_message(WsDirection::Out);
+            }
+            assert_eq!(value(&handle.render(), WS_CONNECTIONS), 2.0);
+            drop(first);
+            assert_eq!(value(&handle.render(), WS_CONNECTIONS), 1.0);
+            drop(second);
+        });
+        let text = handle.render();
+        assert_eq!(value(&text, WS_CONNECTIONS), 0.0);
+        assert_eq!(
+            value(&text, &format!("{WS_MESSAGES}{{direction=\"in\"}}")),
+            1.0
+        );
+        assert_eq!(
+            value(&text, &format!("{WS_MESSAGES}{{direction=\"out\"}}")),
+            3.0
+        );
+    }
+}
