@@ -955,14 +955,21 @@ struct Wrk {
     token: String,
 }
 
+/// wrk's threads (one per core here; wrk itself is light).
+const WRK_THREADS: usize = 2;
+
 const WRK_SCRIPT: &str = r#"
 local paths = {}
 for line in io.lines(PATHS_FILE) do paths[#paths + 1] = line end
 local counter = 0
-local offset = 0
+-- A global, not a local: setup's thread:set writes the thread's globals, which a local of
+-- the same name would shadow (every thread would then start at 0).
+offset = 0
 local threads = {}
+-- Each thread starts its walk at its own share of the paths, so a walk over many paths (the
+-- miss-heavy case) reads each path once before any thread comes back to it.
 function setup(thread)
-  thread:set("offset", #threads * 7919)
+  thread:set("offset", #threads * math.floor(#paths / THREADS))
   threads[#threads + 1] = thread
 end
 function init(args)
@@ -1020,14 +1027,15 @@ impl Wrk {
         std::fs::write(&paths_file, paths.join("\n") + "\n")?;
         let script = self.work.join(format!("{slug}.lua"));
         let header = format!(
-            "local PATHS_FILE = {:?}\nlocal METHOD = {:?}\nlocal AUTHORIZATION = {:?}\n",
+            "local PATHS_FILE = {:?}\nlocal METHOD = {:?}\nlocal AUTHORIZATION = {:?}\nlocal THREADS = {WRK_THREADS}\n",
             paths_file.display().to_string(),
             method.unwrap_or("GET"),
             format!("Bearer {}", self.token),
         );
         std::fs::write(&script, header + WRK_SCRIPT)?;
         let output = Command::new(&self.bin)
-            .args(["-t", "2", "-c", &self.connections.to_string()])
+            .args(["-t", &WRK_THREADS.to_string()])
+            .args(["-c", &self.connections.to_string()])
             .args(["-d", &format!("{}s", self.seconds), "--timeout", "5s", "-s"])
             .arg(&script)
             .arg(&self.base)

@@ -46,6 +46,11 @@ async fn a_malformed_event_is_refused_naming_the_field_and_writes_nothing() {
             Box::new(|e| e["eventTime"] = json!("last tuesday")),
         ),
         (
+            // Well-formed, but no such day: refused by PostgreSQL, still named.
+            "eventTime",
+            Box::new(|e| e["eventTime"] = json!("2025-02-30T12:00:00Z")),
+        ),
+        (
             "eventType",
             Box::new(|e| e["eventType"] = json!("FINISHED")),
         ),

@@ -58,7 +58,18 @@ async fn listings_search_filter_and_page_in_a_stable_order() {
     let (_, page) = get(base, "/listings?createdAfter=2999-01-01T00:00:00Z").await;
     assert_eq!(page["items"], json!([]));
 
+    let (_, page) = get(base, "/listings?createdBefore=2000-01-01T00:00:00Z").await;
+    assert_eq!(page["items"], json!([]));
+    let (_, page) = get(
+        base,
+        "/listings?createdBefore=2999-01-01T00:00:00Z&limit=100",
+    )
+    .await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 25);
+    let long_q = format!("q={}", "x".repeat(201));
     for (query, field) in [
+        (long_q.as_str(), "q"),
+        ("createdBefore=soon", "createdBefore"),
         ("limit=0", "limit"),
         ("limit=abc", "limit"),
         ("cursor=zzz", "cursor"),

@@ -117,6 +117,19 @@ async fn producers_and_assets_are_created_changed_and_deleted_with_clear_errors(
     );
     let (status, body) = send(base, Method::PATCH, "/listings/weather@1", Some(json!({}))).await;
     assert_eq!(status, 400, "{body}");
+    for (change, field) in [
+        (json!({"name": 7}), "name"),
+        (json!({"name": ""}), "name"),
+        (json!({"metadata": [1, 2]}), "metadata"),
+    ] {
+        let (status, body) = send(base, Method::PATCH, "/listings/weather@1", Some(change)).await;
+        assert_bad_field(status, &body, field);
+    }
+    let (_, body) = get(base, "/listings/weather@1").await;
+    assert_eq!(
+        body["name"], "Weather (hourly)",
+        "refused changes wrote nothing"
+    );
     let (status, _) = send(
         base,
         Method::PATCH,
@@ -140,7 +153,31 @@ async fn receipts_and_policies_need_an_existing_asset_and_valid_fields() {
     let base = catalog.base();
     catalog.producer("acme").await;
     catalog.asset("a@1", "acme", "A").await;
-    catalog.entitle("a@1").await;
+    let (status, receipt) = send(
+        base,
+        Method::POST,
+        "/receipts",
+        Some(json!({"versionId": "a@1", "payer": "alice", "amount": 100,
+                    "expiresAt": "2999-01-01T00:00:00Z"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{receipt}");
+    assert!(receipt["receiptId"].is_i64(), "{receipt}");
+    assert_eq!(
+        (&receipt["versionId"], &receipt["payer"], &receipt["amount"]),
+        (&json!("a@1"), &json!("alice"), &json!(100))
+    );
+    assert_eq!(receipt["expiresAt"], "2999-01-01T00:00:00.000000Z");
+    let (status, policy) = send(
+        base,
+        Method::POST,
+        "/policies",
+        Some(json!({"versionId": "a@1", "document": {"license": "CC-BY-4.0"}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{policy}");
+    assert_eq!(policy["document"], json!({"license": "CC-BY-4.0"}));
+    assert_eq!(policy["expiresAt"], serde_json::Value::Null);
 
     for (path, request, field) in [
         (

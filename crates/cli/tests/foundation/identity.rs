@@ -513,6 +513,43 @@ async fn logout_and_revocation_on_one_instance_are_refused_on_another_at_once() 
 }
 
 #[tokio::test]
+async fn a_logout_while_redis_is_unreachable_is_refused_everywhere_and_stays_refused_when_it_returns()
+ {
+    let pg = PgServer::start().await;
+    let redis = RedisServer::start().await;
+    let db = pg.fresh_database().await;
+    let settings = [("REDIS_TIMEOUT", "200ms")];
+    let a = serve(&db, Some(&redis), &settings).await;
+    let b = serve(&db, Some(&redis), &settings).await;
+    register(&a, "judy", "judy's password").await;
+    let token = access(&login(&a, "judy", "judy's password").await);
+    // B has the session in its in-process tier and Redis has it too.
+    for _ in 0..20 {
+        assert_eq!(me_status(&b, &token).await, 200);
+    }
+
+    // Redis stops answering (paused: it keeps the old session entry), and A logs out. A
+    // cannot reach Redis or the bus; PostgreSQL has the truth.
+    redis.pause();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let out = call(&a, "POST", "/auth/logout", Some(&token), None).await;
+    assert_eq!(out.status, 204, "{}", out.body);
+    let reply = call(&b, "GET", "/me", Some(&token), None).await;
+    assert_unauthorized(&reply, "B, Redis unreachable");
+
+    // Redis answers again with the entry from before the logout: nobody may be served it.
+    redis.resume();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for server in [&a, &b] {
+            let reply = call(server, "GET", "/me", Some(&token), None).await;
+            assert_unauthorized(&reply, "after Redis returned with the old entry");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
 async fn a_redis_restart_logs_nobody_out() {
     let pg = PgServer::start().await;
     let mut redis = RedisServer::start().await;
