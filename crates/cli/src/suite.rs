@@ -807,6 +807,9 @@ impl ServerProc {
             .env("HOST", "127.0.0.1")
             .env("BENCH_ROUTES", "true")
             .env("RATE_LIMIT_API", "off")
+            // The bench account's one token must outlive the longest run.
+            .env("ACCESS_TOKEN_TTL", "24h")
+            .env("SESSION_DEFAULT_TTL", "24h")
             .env("PG_POOL_MAX", "32")
             .env("REDIS_TIMEOUT", "250ms")
             .env("RUST_LOG", "warn")

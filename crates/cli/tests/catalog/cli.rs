@@ -113,3 +113,76 @@ async fn bench_catalog_runs_end_to_end_in_quick_mode() {
     row("bundle depth 3, hot set — HTTP + cache");
     row("bundle depth 3, hot set — PostgreSQL direct");
 }
+
+#[tokio::test]
+async fn seed_owner_gets_the_generated_producers_and_nobody_elses() {
+    let pg = PgServer::start().await;
+    let url = pg.fresh_database().await;
+    let database = url.rsplit('/').next().unwrap().to_string();
+    let run = |args: Vec<&'static str>| {
+        let mut command = cascade(&empty_dir());
+        command
+            .args(["seed", "catalog", "--assets", "200", "--producers", "2"])
+            .args(args)
+            .env("DATABASE_URL", &url);
+        run_bounded(command, Duration::from_secs(120)).0
+    };
+
+    let out = run(vec!["--owner", "alice"]);
+    assert_eq!(out.status.code(), Some(2), "no such account yet");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no account named \"alice\""));
+
+    // Accounts as registration leaves them (the seed only reads their ids).
+    let client = pg.client(&database).await;
+    client
+        .batch_execute(
+            "INSERT INTO cascade_users (username, password_hash) VALUES ('alice', 'x'), ('bob', 'x')",
+        )
+        .await
+        .unwrap();
+    let out = run(vec!["--owner", "ALICE"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let owners: Vec<Option<String>> = client
+        .query(
+            "SELECT u.username FROM producers p LEFT JOIN cascade_users u ON u.id = p.owner_id \
+             ORDER BY p.producer_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        owners,
+        [Some("alice".to_string()), Some("alice".to_string())]
+    );
+
+    // Producers that belong to someone else stop the seed, and nothing is written.
+    let out = run(vec!["--owner", "bob"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("belongs to another account"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(vec![]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "unowned seeding into owned producers"
+    );
+    let count: i64 = client
+        .query_one(
+            "SELECT count(*) FROM producers WHERE owner_id IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 2);
+}

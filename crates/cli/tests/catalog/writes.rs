@@ -256,8 +256,8 @@ async fn writes_need_an_account_and_only_a_producers_owner_may_change_its_assets
         }
     }
 
-    // Another account: 403 on everything of acme's, and nothing changed.
-    for (method, path, body) in writes[1..6].iter().cloned() {
+    // Another account: 403 on everything of acme's (lineage into it too), nothing changed.
+    for (method, path, body) in writes[1..].iter().cloned() {
         let (status, answer) = send_as(base, Some(&mallory), method.clone(), path, body).await;
         assert_eq!(status, 403, "{method} {path}: {answer}");
         assert_eq!(answer["error"]["code"], "forbidden");
@@ -325,14 +325,41 @@ async fn writes_need_an_account_and_only_a_producers_owner_may_change_its_assets
     )
     .await;
     assert_eq!(status, 404);
-    // Any account may report lineage: an edge changes no one's asset.
+    // Lineage: into someone else's asset, refused; from it into one's own, or into a version
+    // not in the catalog, recorded, with who sent it.
     let (status, body) = send_as(
         base,
         Some(&mallory),
         Method::POST,
         "/lineage",
-        Some(run_event(&["m@1"], &["acme@1"])),
+        Some(run_event(&["m@1"], &["acme@1", "unpublished@1"])),
     )
     .await;
-    assert_eq!(status, 201, "{body}");
+    assert_eq!(status, 403, "{body}");
+    for outputs in [["m@1"], ["unpublished@1"]] {
+        let (status, body) = send_as(
+            base,
+            Some(&mallory),
+            Method::POST,
+            "/lineage",
+            Some(run_event(&["acme@1"], &outputs)),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let client = catalog.pg.client(&catalog.database).await;
+    let senders: Vec<String> = client
+        .query(
+            "SELECT u.username FROM lineage_event_audit e JOIN cascade_users u \
+             ON u.id = e.submitted_by ORDER BY e.event_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(senders, ["mallory", "mallory"]);
+    let (_, ready) = get(base, "/ready?versionId=acme@1").await;
+    assert_eq!(ready["checked"], 1, "acme@1 gained no parent: {ready}");
 }

@@ -205,12 +205,15 @@ async fn dashboard_flags_a_busy_pool_slow_requests_and_a_full_redis() {
     ])
     .await;
     let base = served.base.clone();
+    let _ = http(); // installs the TLS provider reqwest needs to build a client
+    // No overall timeout: these reads wait as long as the test holds the lock.
+    let patient = reqwest::Client::new();
     let read = |version: String| {
-        let url = format!("{base}/listings/{version}");
-        tokio::spawn(async move { http().get(url).send().await.map(|r| r.status().as_u16()) })
+        let (client, url) = (patient.clone(), format!("{base}/listings/{version}"));
+        tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) })
     };
     // A lock taken from outside makes catalog reads wait inside PostgreSQL, each holding a
-    // pool connection: a busy pool with a healthy server.
+    // pool connection: the pool is busy (and the server's own probes cannot get a connection).
     let locker = pg.client(database_url.rsplit('/').next().unwrap()).await;
     let lock = || async {
         locker
@@ -218,10 +221,33 @@ async fn dashboard_flags_a_busy_pool_slow_requests_and_a_full_redis() {
             .await
             .unwrap();
     };
+    // Until `n` backends of another session wait for the lock (bounded).
+    let waiting = |n: i64| {
+        let locker = &locker;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let row = locker
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                         AND datname = current_database()",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                if row.get::<_, i64>(0) >= n {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "reads never reached the lock");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
 
-    // Slow requests: two reads wait a second for the lock.
+    // Slow requests: two reads wait at least a second for the lock.
     lock().await;
     let slow: Vec<_> = (0..2).map(|i| read(format!("slow-{i}"))).collect();
+    waiting(2).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     locker.batch_execute("COMMIT").await.unwrap();
     for request in slow {
@@ -231,7 +257,7 @@ async fn dashboard_flags_a_busy_pool_slow_requests_and_a_full_redis() {
     // Both connections held while the page loads.
     lock().await;
     let held: Vec<_> = (0..2).map(|i| read(format!("held-{i}"))).collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    waiting(2).await;
     // Redis nearly full: maxmemory just above what it uses now.
     let used: u64 = redis_cli(&redis, &["INFO", "memory"])
         .lines()
@@ -244,7 +270,11 @@ async fn dashboard_flags_a_busy_pool_slow_requests_and_a_full_redis() {
     );
 
     let url = format!("{}/dashboard", served.base);
-    let dom = Dom(run_chromium(&chromium, &["--dump-dom", &url]));
+    // Off the runtime's thread, so the held requests keep being driven meanwhile.
+    let dom =
+        tokio::task::spawn_blocking(move || Dom(run_chromium(&chromium, &["--dump-dom", &url])))
+            .await
+            .unwrap();
     redis_cli(&redis, &["CONFIG", "SET", "maxmemory", "0"]);
     locker.batch_execute("COMMIT").await.unwrap();
     for request in held {

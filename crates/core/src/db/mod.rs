@@ -33,6 +33,9 @@ pub enum DbError {
     Migration(String),
     #[error("invalid database configuration: {0}")]
     Config(String),
+    /// The database holds something the operation must not overwrite (another account's rows).
+    #[error("{0}")]
+    Conflict(String),
     #[error("embedded PostgreSQL: {0}")]
     Embedded(String),
 }
@@ -58,9 +61,10 @@ fn connection_lost(err: &tokio_postgres::Error) -> bool {
         return true;
     }
     match err.code() {
-        // Class 08: connection exception; 57P01-03: admin/crash shutdown, cannot connect now.
+        // Class 08: connection exception (but not 08P01, a protocol violation: a bug, not an
+        // outage); 57P01-03: admin/crash shutdown, cannot connect now.
         Some(code) => {
-            code.code().starts_with("08")
+            (code.code().starts_with("08") && *code != SqlState::PROTOCOL_VIOLATION)
                 || [
                     SqlState::ADMIN_SHUTDOWN,
                     SqlState::CRASH_SHUTDOWN,
@@ -68,7 +72,21 @@ fn connection_lost(err: &tokio_postgres::Error) -> bool {
                 ]
                 .contains(code)
         }
-        // No SQLSTATE: the error came from the socket, not from the server.
-        None => std::error::Error::source(err).is_some_and(|s| s.is::<std::io::Error>()),
+        // No SQLSTATE: a socket that failed under us (not an encoding error of our own).
+        None => std::error::Error::source(err)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| {
+                use std::io::ErrorKind::*;
+                matches!(
+                    io.kind(),
+                    ConnectionReset
+                        | ConnectionAborted
+                        | ConnectionRefused
+                        | BrokenPipe
+                        | NotConnected
+                        | UnexpectedEof
+                        | TimedOut
+                )
+            }),
     }
 }

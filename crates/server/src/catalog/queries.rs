@@ -126,8 +126,9 @@ pub async fn insert_asset(tx: &Transaction<'_>, a: &NewAsset) -> Result<Vec<u8>,
 }
 
 /// Whether `user` may change what `producer` publishes: `Ok` for its owner, 404 when there is
-/// no such producer, 403 otherwise. The row is locked (`FOR SHARE`) until the transaction
-/// ends, so the producer cannot go away under the write.
+/// no such producer, 403 otherwise. The row is locked (`FOR KEY SHARE`: writers of one
+/// producer do not queue on each other) until the transaction ends, so the producer cannot go
+/// away under the write.
 pub async fn authorize_producer(
     tx: &Transaction<'_>,
     producer: &str,
@@ -135,7 +136,7 @@ pub async fn authorize_producer(
 ) -> Result<(), ApiError> {
     let row = tx
         .query_opt(
-            "SELECT owner_id FROM producers WHERE producer_id = $1 FOR SHARE",
+            "SELECT owner_id FROM producers WHERE producer_id = $1 FOR KEY SHARE",
             &[&producer],
         )
         .await
@@ -145,7 +146,8 @@ pub async fn authorize_producer(
 }
 
 /// [`authorize_producer`] for the producer of asset `version` (404 when there is no such
-/// version).
+/// version). The asset row is locked too, so it cannot be deleted and published again under
+/// another producer between this check and the write.
 pub async fn authorize_version(
     tx: &Transaction<'_>,
     version: &VersionId,
@@ -154,7 +156,7 @@ pub async fn authorize_version(
     let row = tx
         .query_opt(
             "SELECT p.owner_id FROM assets a JOIN producers p USING (producer_id) \
-             WHERE a.version_id = $1 FOR SHARE OF p",
+             WHERE a.version_id = $1 FOR KEY SHARE OF a, p",
             &[&version.as_str()],
         )
         .await
@@ -165,6 +167,32 @@ pub async fn authorize_version(
         user,
         &format!("asset version {:?}", version.as_str()),
     )
+}
+
+/// [`authorize_version`] for every version in `outputs` that is an asset: lineage into a
+/// published version is its owner's to record. Versions not (yet) in the catalog may gain
+/// edges from anyone: pipelines report lineage before or without publishing.
+pub async fn authorize_outputs(
+    tx: &Transaction<'_>,
+    outputs: &[&str],
+    user: i64,
+) -> Result<(), ApiError> {
+    if outputs.is_empty() {
+        return Ok(());
+    }
+    let rows = tx
+        .query(
+            "SELECT a.version_id, p.owner_id FROM assets a JOIN producers p USING (producer_id) \
+             WHERE a.version_id = ANY($1) FOR KEY SHARE OF a, p",
+            &[&outputs],
+        )
+        .await
+        .map_err(internal)?;
+    for row in &rows {
+        let version: &str = row.get(0);
+        owned(row.get(1), user, &format!("asset version {version:?}"))?;
+    }
+    Ok(())
 }
 
 fn owned(owner: Option<i64>, user: i64, what: &str) -> Result<(), ApiError> {
@@ -249,12 +277,13 @@ pub async fn insert_receipt(tx: &Transaction<'_>, r: &NewReceipt) -> Result<Vec<
 pub async fn insert_event(
     tx: &Transaction<'_>,
     event: &RunEvent,
+    submitted_by: i64,
 ) -> Result<(i64, Vec<(String, String)>), ApiError> {
     let row = tx
         .query_one(
             "INSERT INTO lineage_event_audit \
-               (run_id, event_type, event_time, job_namespace, job_name, producer, event) \
-             VALUES ($1, $2, $3::text::timestamptz, $4, $5, $6, $7) RETURNING event_id",
+               (run_id, event_type, event_time, job_namespace, job_name, producer, event, submitted_by) \
+             VALUES ($1, $2, $3::text::timestamptz, $4, $5, $6, $7, $8) RETURNING event_id",
             &[
                 &event.run_id,
                 &event.event_type,
@@ -263,6 +292,7 @@ pub async fn insert_event(
                 &event.job_name,
                 &event.producer,
                 &event.raw,
+                &submitted_by,
             ],
         )
         .await

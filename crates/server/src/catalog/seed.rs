@@ -142,15 +142,38 @@ pub async fn seed(db: &Db, options: &SeedOptions) -> Result<SeedReport, DbError>
             )
         })
         .unzip();
+    // The seed never writes into someone else's producer: one registered over the API under a
+    // generated id (or seeded for another owner) stops it. Unowned seeded producers are given
+    // to `--owner` when there is one.
+    let taken: Option<String> = tx
+        .query_opt(
+            "SELECT producer_id FROM producers WHERE producer_id = ANY($1) \
+             AND owner_id IS NOT NULL AND owner_id IS DISTINCT FROM $2 LIMIT 1",
+            &[&ids, &options.owner],
+        )
+        .await
+        .map_err(query_error)?
+        .map(|row| row.get(0));
+    if let Some(producer) = taken {
+        return Err(DbError::Conflict(format!(
+            "producer {producer:?} belongs to another account; seed with its owner as \
+             --owner, or into another database"
+        )));
+    }
     report.producers = tx
-        .execute(
-            "INSERT INTO producers (producer_id, name, owner_id) \
-             SELECT p, n, $3 FROM unnest($1::text[], $2::text[]) AS t(p, n) \
-             ON CONFLICT (producer_id) DO UPDATE SET owner_id = coalesce($3, producers.owner_id)",
+        .query_one(
+            "WITH upserted AS ( \
+               INSERT INTO producers (producer_id, name, owner_id) \
+               SELECT p, n, $3 FROM unnest($1::text[], $2::text[]) AS t(p, n) \
+               ON CONFLICT (producer_id) DO UPDATE SET owner_id = $3 \
+                 WHERE producers.owner_id IS NULL AND $3 IS NOT NULL \
+               RETURNING xmax = 0 AS inserted \
+             ) SELECT count(*) FILTER (WHERE inserted) FROM upserted",
             &[&ids, &names, &options.owner],
         )
         .await
-        .map_err(query_error)?;
+        .map_err(query_error)?
+        .get::<_, i64>(0) as u64;
 
     let mut start = 0;
     while start < options.assets {

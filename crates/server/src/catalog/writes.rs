@@ -18,15 +18,24 @@ use crate::auth::CurrentUser;
 use crate::http::ApiError;
 use crate::state::AppState;
 
-/// Runs `write` in a transaction on a pool connection and commits it.
+/// Runs `write` in a transaction on a pool connection, commits it, then runs `after` (the
+/// write's invalidations) with the write's result bound to the given name. `after` also runs
+/// when the commit fails: the connection may have died after PostgreSQL committed, and
+/// removing entries that did not go stale costs a reload, while keeping ones that did would
+/// serve the old value until their TTL.
 macro_rules! in_transaction {
-    ($state:expr, |$tx:ident| $body:expr) => {{
+    ($state:expr, |$tx:ident| $write:expr, then |$done:ident| $after:expr) => {{
         let mut conn = $state.db.conn().await?;
         let $tx = conn.transaction().await.map_err(internal)?;
-        let result = $body;
-        $tx.commit().await.map_err(internal)?;
-        result
+        let $done = $write;
+        let committed = $tx.commit().await;
+        $after;
+        committed.map_err(internal)?;
+        $done
     }};
+    ($state:expr, |$tx:ident| $write:expr) => {
+        in_transaction!($state, |$tx| $write, then | _done | ())
+    };
 }
 
 /// `POST /producers` `{"producerId", "name"}`.
@@ -52,12 +61,15 @@ pub async fn create_asset(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let asset = NewAsset::parse(&Body::parse(&body)?)?;
-    let created = in_transaction!(state, |tx| {
-        queries::authorize_producer(&tx, asset.producer_id.as_str(), user.user_id).await?;
-        queries::insert_asset(&tx, &asset).await?
-    });
     // A new version can complete lineage that named it before it existed.
-    inv::assets_changed(&state, &[asset.version_id.as_str()]).await;
+    let created = in_transaction!(
+        state,
+        |tx| {
+            queries::authorize_producer(&tx, asset.producer_id.as_str(), user.user_id).await?;
+            queries::insert_asset(&tx, &asset).await?
+        },
+        then | _created | inv::assets_changed(&state, &[asset.version_id.as_str()]).await
+    );
     Ok(json(StatusCode::CREATED, created))
 }
 
@@ -70,17 +82,20 @@ pub async fn update_asset(
 ) -> Result<Response, ApiError> {
     let version = VersionId::parse("versionId", &version)?;
     let change = AssetChange::parse(&Body::parse(&body)?)?;
-    let updated = in_transaction!(state, |tx| {
-        queries::authorize_version(&tx, &version, user.user_id).await?;
-        queries::update_asset(&tx, &version, &change).await?
-    })
+    let updated = in_transaction!(
+        state,
+        |tx| {
+            queries::authorize_version(&tx, &version, user.user_id).await?;
+            queries::update_asset(&tx, &version, &change).await?
+        },
+        then | _updated | inv::assets_changed(&state, &[version.as_str()]).await
+    )
     .ok_or_else(|| {
         ApiError::NotFound(format!(
             "asset version {:?} does not exist",
             version.as_str()
         ))
     })?;
-    inv::assets_changed(&state, &[version.as_str()]).await;
     Ok(json(StatusCode::OK, updated))
 }
 
@@ -92,17 +107,20 @@ pub async fn delete_asset(
     Path(version): Path<String>,
 ) -> Result<Response, ApiError> {
     let version = VersionId::parse("versionId", &version)?;
-    let deleted = in_transaction!(state, |tx| {
-        queries::authorize_version(&tx, &version, user.user_id).await?;
-        queries::delete_asset(&tx, &version).await?
-    });
+    let deleted = in_transaction!(
+        state,
+        |tx| {
+            queries::authorize_version(&tx, &version, user.user_id).await?;
+            queries::delete_asset(&tx, &version).await?
+        },
+        then | _deleted | inv::assets_changed(&state, &[version.as_str()]).await
+    );
     if !deleted {
         return Err(ApiError::NotFound(format!(
             "asset version {:?} does not exist",
             version.as_str()
         )));
     }
-    inv::assets_changed(&state, &[version.as_str()]).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -113,11 +131,14 @@ pub async fn create_policy(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let policy = NewPolicy::parse(&Body::parse(&body)?)?;
-    let created = in_transaction!(state, |tx| {
-        queries::authorize_version(&tx, &policy.version_id, user.user_id).await?;
-        queries::insert_policy(&tx, &policy).await?
-    });
-    inv::rights_changed(&state, policy.version_id.as_str()).await;
+    let created = in_transaction!(
+        state,
+        |tx| {
+            queries::authorize_version(&tx, &policy.version_id, user.user_id).await?;
+            queries::insert_policy(&tx, &policy).await?
+        },
+        then | _created | inv::rights_changed(&state, policy.version_id.as_str()).await
+    );
     Ok(json(StatusCode::CREATED, created))
 }
 
@@ -128,28 +149,39 @@ pub async fn create_receipt(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let receipt = NewReceipt::parse(&Body::parse(&body)?)?;
-    let created = in_transaction!(state, |tx| {
-        queries::authorize_version(&tx, &receipt.version_id, user.user_id).await?;
-        queries::insert_receipt(&tx, &receipt).await?
-    });
-    inv::rights_changed(&state, receipt.version_id.as_str()).await;
+    let created = in_transaction!(
+        state,
+        |tx| {
+            queries::authorize_version(&tx, &receipt.version_id, user.user_id).await?;
+            queries::insert_receipt(&tx, &receipt).await?
+        },
+        then | _created | inv::rights_changed(&state, receipt.version_id.as_str()).await
+    );
     Ok(json(StatusCode::CREATED, created))
 }
 
 /// `POST /lineage`: an OpenLineage run event. Answers the event id and the edges it added.
-/// Any authenticated account may report lineage: events name datasets that need not be in the
-/// catalog (yet), and an edge changes no one's asset, only what readiness checks.
+/// An edge into a version changes what its bundle and readiness say, which is its owner's to
+/// say: an output that gains edges and is an asset must be one of the caller's (403
+/// otherwise). Outputs not in the catalog, and inputs, may be anyone's: pipelines report
+/// lineage before or without publishing. The event records who sent it.
 pub async fn record_lineage(
     State(state): State<AppState>,
-    _user: CurrentUser,
+    CurrentUser(user): CurrentUser,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let event = RunEvent::parse(Body::parse(&body)?.value())?;
-    let (event_id, added) = in_transaction!(state, |tx| queries::insert_event(&tx, &event).await?);
-    let mut children: Vec<&str> = added.iter().map(|(_, c)| c.as_str()).collect();
-    children.sort_unstable();
-    children.dedup();
-    inv::lineage_changed(&state, &children).await;
+    let mut outputs: Vec<&str> = event.edges.iter().map(|(_, c)| c.as_str()).collect();
+    outputs.sort_unstable();
+    outputs.dedup();
+    let (event_id, added) = in_transaction!(
+        state,
+        |tx| {
+            queries::authorize_outputs(&tx, &outputs, user.user_id).await?;
+            queries::insert_event(&tx, &event, user.user_id).await?
+        },
+        then | _recorded | inv::lineage_changed(&state, &outputs).await
+    );
     let edges: Vec<_> = added
         .iter()
         .map(|(p, c)| serde_json::json!({"parent": p, "child": c}))
