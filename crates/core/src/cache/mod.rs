@@ -474,38 +474,41 @@ impl Cache {
         let full = full_key(namespace, key);
         let counters = self.inner.stats.ns(namespace);
         let early = self.inner.config.early_refresh.contains(namespace);
+        // An in-process hit returns before anything below: no lock, no further allocation.
+        let near = self.memory_get(&full, &counters);
+        if let Some(entry) = &near
+            && !(early && due_for_refresh(entry.expires_at_ms, entry.delta_ms))
+        {
+            return Ok((entry.bytes.clone(), Source::Memory));
+        }
         let flight = self.flight(&full);
         let mut all_tags: Vec<String> = tags.to_vec();
         all_tags.push(format!("ns:{namespace}"));
         let ttl = self.ttl(namespace);
 
-        if let Some(entry) = self.memory_get(&full, &counters) {
-            let refresh = early && due_for_refresh(entry.expires_at_ms, entry.delta_ms);
-            if !refresh {
+        // A near entry due for early refresh. With a shared tier, the refresh goes through its
+        // lease below; memory only, one caller refreshes, the others keep the current value.
+        if let Some(entry) = near
+            && self.inner.shared.is_none()
+        {
+            let Ok(_guard) = flight.try_lock() else {
                 return Ok((entry.bytes, Source::Memory));
-            }
-            if self.inner.shared.is_none() {
-                // Memory only: one caller refreshes, the others keep the current value.
-                let Ok(_guard) = flight.try_lock() else {
-                    return Ok((entry.bytes, Source::Memory));
-                };
-                add(&counters.early_refreshes, 1);
-                let started_epoch = self.inner.epoch.load(Ordering::SeqCst);
-                let (loaded, delta) = self.timed_load(&counters, loader).await?;
-                let value: Option<Arc<[u8]>> = loaded.map(Arc::from);
-                self.install_loaded(
-                    started_epoch,
-                    &full,
-                    namespace,
-                    tags,
-                    &all_tags,
-                    value.clone(),
-                    ttl,
-                    delta,
-                );
-                return Ok((value, Source::Loaded));
-            }
-            // With a shared tier, the refresh goes through its lease below.
+            };
+            add(&counters.early_refreshes, 1);
+            let started_epoch = self.inner.epoch.load(Ordering::SeqCst);
+            let (loaded, delta) = self.timed_load(&counters, loader).await?;
+            let value: Option<Arc<[u8]>> = loaded.map(Arc::from);
+            self.install_loaded(
+                started_epoch,
+                &full,
+                namespace,
+                tags,
+                &all_tags,
+                value.clone(),
+                ttl,
+                delta,
+            );
+            return Ok((value, Source::Loaded));
         }
 
         if let Some(shared) = self.shared_tier().await {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::Mutex;
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
@@ -54,17 +54,27 @@ impl NamespaceStats {
 
 #[derive(Default)]
 pub(crate) struct Stats {
-    namespaces: Mutex<BTreeMap<String, Arc<NsCounters>>>,
+    namespaces: RwLock<BTreeMap<String, Arc<NsCounters>>>,
 }
 
 impl Stats {
+    /// The counters of `namespace`. Every lookup asks for them: the common case is a shared
+    /// read lock and no allocation; a namespace's first use takes the write lock once.
     pub fn ns(&self, namespace: &str) -> Arc<NsCounters> {
-        let mut map = self.namespaces.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(counters) = self
+            .namespaces
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(namespace)
+        {
+            return counters.clone();
+        }
+        let mut map = self.namespaces.write().unwrap_or_else(|p| p.into_inner());
         map.entry(namespace.to_string()).or_default().clone()
     }
 
     pub fn snapshot(&self) -> Vec<NamespaceStats> {
-        let map = self.namespaces.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.namespaces.read().unwrap_or_else(|p| p.into_inner());
         map.iter()
             .map(|(ns, c)| NamespaceStats {
                 namespace: ns.clone(),
