@@ -126,9 +126,8 @@ pub async fn insert_asset(tx: &Transaction<'_>, a: &NewAsset) -> Result<Vec<u8>,
 }
 
 /// Whether `user` may change what `producer` publishes: `Ok` for its owner, 404 when there is
-/// no such producer, 403 otherwise. The row is locked (`FOR KEY SHARE`: writers of one
-/// producer do not queue on each other) until the transaction ends, so the producer cannot go
-/// away under the write.
+/// no such producer, 403 otherwise. Nothing is locked: producers are never deleted and their
+/// owner never changes once set.
 pub async fn authorize_producer(
     tx: &Transaction<'_>,
     producer: &str,
@@ -136,7 +135,7 @@ pub async fn authorize_producer(
 ) -> Result<(), ApiError> {
     let row = tx
         .query_opt(
-            "SELECT owner_id FROM producers WHERE producer_id = $1 FOR KEY SHARE",
+            "SELECT owner_id FROM producers WHERE producer_id = $1",
             &[&producer],
         )
         .await
@@ -146,17 +145,18 @@ pub async fn authorize_producer(
 }
 
 /// [`authorize_producer`] for the producer of asset `version` (404 when there is no such
-/// version). The asset row is locked too, so it cannot be deleted and published again under
-/// another producer between this check and the write.
+/// version); returns that producer. The write that follows names it in its own condition
+/// (`AND producer_id = ...`), so a version deleted and published again under another producer
+/// between the check and the write is not touched (404), without locking the row.
 pub async fn authorize_version(
     tx: &Transaction<'_>,
     version: &VersionId,
     user: i64,
-) -> Result<(), ApiError> {
+) -> Result<String, ApiError> {
     let row = tx
         .query_opt(
-            "SELECT p.owner_id FROM assets a JOIN producers p USING (producer_id) \
-             WHERE a.version_id = $1 FOR KEY SHARE OF a, p",
+            "SELECT p.owner_id, p.producer_id FROM assets a JOIN producers p USING (producer_id) \
+             WHERE a.version_id = $1",
             &[&version.as_str()],
         )
         .await
@@ -166,7 +166,8 @@ pub async fn authorize_version(
         row.get(0),
         user,
         &format!("asset version {:?}", version.as_str()),
-    )
+    )?;
+    Ok(row.get(1))
 }
 
 /// [`authorize_version`] for every version in `outputs` that is an asset: lineage into a
@@ -183,7 +184,7 @@ pub async fn authorize_outputs(
     let rows = tx
         .query(
             "SELECT a.version_id, p.owner_id FROM assets a JOIN producers p USING (producer_id) \
-             WHERE a.version_id = ANY($1) FOR KEY SHARE OF a, p",
+             WHERE a.version_id = ANY($1)",
             &[&outputs],
         )
         .await
@@ -205,10 +206,11 @@ fn owned(owner: Option<i64>, user: i64, what: &str) -> Result<(), ApiError> {
     }
 }
 
-/// The updated asset, or `None` when there is no such version.
+/// The updated asset, or `None` when `version` is not (or no longer) `producer`'s.
 pub async fn update_asset(
     tx: &Transaction<'_>,
     version: &VersionId,
+    producer: &str,
     change: &AssetChange,
 ) -> Result<Option<Vec<u8>>, ApiError> {
     let row = tx
@@ -216,22 +218,27 @@ pub async fn update_asset(
             concat!(
                 "UPDATE assets AS a SET name = coalesce($2, a.name), \
                  metadata = coalesce($3, a.metadata), updated_at = now() \
-                 WHERE a.version_id = $1 RETURNING ",
+                 WHERE a.version_id = $1 AND a.producer_id = $4 RETURNING ",
                 asset_json!(),
                 "::text"
             ),
-            &[&version.as_str(), &change.name, &change.metadata],
+            &[&version.as_str(), &change.name, &change.metadata, &producer],
         )
         .await
         .map_err(internal)?;
     Ok(row.as_ref().map(text))
 }
 
-pub async fn delete_asset(tx: &Transaction<'_>, version: &VersionId) -> Result<bool, ApiError> {
+/// Whether `version`, as `producer`'s, was deleted.
+pub async fn delete_asset(
+    tx: &Transaction<'_>,
+    version: &VersionId,
+    producer: &str,
+) -> Result<bool, ApiError> {
     let deleted = tx
         .execute(
-            "DELETE FROM assets WHERE version_id = $1",
-            &[&version.as_str()],
+            "DELETE FROM assets WHERE version_id = $1 AND producer_id = $2",
+            &[&version.as_str(), &producer],
         )
         .await
         .map_err(internal)?;
@@ -242,34 +249,50 @@ fn missing_version(version: &VersionId) -> String {
     format!("asset version {:?} does not exist", version.as_str())
 }
 
-pub async fn insert_policy(tx: &Transaction<'_>, p: &NewPolicy) -> Result<Vec<u8>, ApiError> {
+/// A policy for `p.version_id`, as long as it is still `producer`'s (404 otherwise).
+pub async fn insert_policy(
+    tx: &Transaction<'_>,
+    p: &NewPolicy,
+    producer: &str,
+) -> Result<Vec<u8>, ApiError> {
     let expires = p.expires_at.as_ref().map(Timestamp::as_str);
     let row = tx
-        .query_one(
-            "INSERT INTO policies (version_id, document, expires_at) VALUES ($1, $2, $3::text::timestamptz) \
+        .query_opt(
+            "INSERT INTO policies (version_id, document, expires_at) \
+             SELECT $1, $2, $3::text::timestamptz \
+             WHERE EXISTS (SELECT 1 FROM assets WHERE version_id = $1 AND producer_id = $4) \
              RETURNING json_build_object('policyId', policy_id, 'versionId', version_id, 'document', document, \
                'createdAt', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
                'expiresAt', to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))::text",
-            &[&p.version_id.as_str(), &p.document, &expires],
+            &[&p.version_id.as_str(), &p.document, &expires, &producer],
         )
         .await
-        .map_err(|e| client_error(e, "", &missing_version(&p.version_id)))?;
+        .map_err(|e| client_error(e, "", &missing_version(&p.version_id)))?
+        .ok_or_else(|| ApiError::NotFound(missing_version(&p.version_id)))?;
     Ok(text(&row))
 }
 
-pub async fn insert_receipt(tx: &Transaction<'_>, r: &NewReceipt) -> Result<Vec<u8>, ApiError> {
+/// A receipt for `r.version_id`, as long as it is still `producer`'s (404 otherwise).
+pub async fn insert_receipt(
+    tx: &Transaction<'_>,
+    r: &NewReceipt,
+    producer: &str,
+) -> Result<Vec<u8>, ApiError> {
     let expires = r.expires_at.as_ref().map(Timestamp::as_str);
     let row = tx
-        .query_one(
-            "INSERT INTO receipts (version_id, payer, amount, expires_at) VALUES ($1, $2, $3, $4::text::timestamptz) \
+        .query_opt(
+            "INSERT INTO receipts (version_id, payer, amount, expires_at) \
+             SELECT $1, $2, $3, $4::text::timestamptz \
+             WHERE EXISTS (SELECT 1 FROM assets WHERE version_id = $1 AND producer_id = $5) \
              RETURNING json_build_object('receiptId', receipt_id, 'versionId', version_id, 'payer', payer, \
                'amount', amount, \
                'createdAt', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
                'expiresAt', to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))::text",
-            &[&r.version_id.as_str(), &r.payer, &r.amount, &expires],
+            &[&r.version_id.as_str(), &r.payer, &r.amount, &expires, &producer],
         )
         .await
-        .map_err(|e| client_error(e, "", &missing_version(&r.version_id)))?;
+        .map_err(|e| client_error(e, "", &missing_version(&r.version_id)))?
+        .ok_or_else(|| ApiError::NotFound(missing_version(&r.version_id)))?;
     Ok(text(&row))
 }
 

@@ -18,23 +18,27 @@ use crate::auth::CurrentUser;
 use crate::http::ApiError;
 use crate::state::AppState;
 
-/// Runs `write` in a transaction on a pool connection, commits it, then runs `after` (the
-/// write's invalidations) with the write's result bound to the given name. `after` also runs
+/// `in_transaction!(state, |tx| write, |result| after)`: runs `write` in a transaction on a
+/// pool connection, commits it, then runs `after` (the write's invalidations) with the
+/// write's result bound to `result`. `after` also runs
 /// when the commit fails: the connection may have died after PostgreSQL committed, and
 /// removing entries that did not go stale costs a reload, while keeping ones that did would
 /// serve the old value until their TTL.
 macro_rules! in_transaction {
-    ($state:expr, |$tx:ident| $write:expr, then |$done:ident| $after:expr) => {{
+    ($state:expr, |$tx:ident| $write:expr, |$done:ident| $after:expr) => {{
         let mut conn = $state.db.conn().await?;
         let $tx = conn.transaction().await.map_err(internal)?;
         let $done = $write;
         let committed = $tx.commit().await;
+        // The connection goes back to the pool before the invalidations, which wait for
+        // every instance's acknowledgement: holding it meanwhile starves concurrent writers.
+        drop(conn);
         $after;
         committed.map_err(internal)?;
         $done
     }};
     ($state:expr, |$tx:ident| $write:expr) => {
-        in_transaction!($state, |$tx| $write, then | _done | ())
+        in_transaction!($state, |$tx| $write, |_done| ())
     };
 }
 
@@ -68,7 +72,7 @@ pub async fn create_asset(
             queries::authorize_producer(&tx, asset.producer_id.as_str(), user.user_id).await?;
             queries::insert_asset(&tx, &asset).await?
         },
-        then | _created | inv::assets_changed(&state, &[asset.version_id.as_str()]).await
+        |_created| inv::assets_changed(&state, &[asset.version_id.as_str()]).await
     );
     Ok(json(StatusCode::CREATED, created))
 }
@@ -85,10 +89,10 @@ pub async fn update_asset(
     let updated = in_transaction!(
         state,
         |tx| {
-            queries::authorize_version(&tx, &version, user.user_id).await?;
-            queries::update_asset(&tx, &version, &change).await?
+            let producer = queries::authorize_version(&tx, &version, user.user_id).await?;
+            queries::update_asset(&tx, &version, &producer, &change).await?
         },
-        then | _updated | inv::assets_changed(&state, &[version.as_str()]).await
+        |_updated| inv::assets_changed(&state, &[version.as_str()]).await
     )
     .ok_or_else(|| {
         ApiError::NotFound(format!(
@@ -110,10 +114,10 @@ pub async fn delete_asset(
     let deleted = in_transaction!(
         state,
         |tx| {
-            queries::authorize_version(&tx, &version, user.user_id).await?;
-            queries::delete_asset(&tx, &version).await?
+            let producer = queries::authorize_version(&tx, &version, user.user_id).await?;
+            queries::delete_asset(&tx, &version, &producer).await?
         },
-        then | _deleted | inv::assets_changed(&state, &[version.as_str()]).await
+        |_deleted| inv::assets_changed(&state, &[version.as_str()]).await
     );
     if !deleted {
         return Err(ApiError::NotFound(format!(
@@ -134,10 +138,11 @@ pub async fn create_policy(
     let created = in_transaction!(
         state,
         |tx| {
-            queries::authorize_version(&tx, &policy.version_id, user.user_id).await?;
-            queries::insert_policy(&tx, &policy).await?
+            let producer =
+                queries::authorize_version(&tx, &policy.version_id, user.user_id).await?;
+            queries::insert_policy(&tx, &policy, &producer).await?
         },
-        then | _created | inv::rights_changed(&state, policy.version_id.as_str()).await
+        |_created| inv::rights_changed(&state, policy.version_id.as_str()).await
     );
     Ok(json(StatusCode::CREATED, created))
 }
@@ -152,10 +157,11 @@ pub async fn create_receipt(
     let created = in_transaction!(
         state,
         |tx| {
-            queries::authorize_version(&tx, &receipt.version_id, user.user_id).await?;
-            queries::insert_receipt(&tx, &receipt).await?
+            let producer =
+                queries::authorize_version(&tx, &receipt.version_id, user.user_id).await?;
+            queries::insert_receipt(&tx, &receipt, &producer).await?
         },
-        then | _created | inv::rights_changed(&state, receipt.version_id.as_str()).await
+        |_created| inv::rights_changed(&state, receipt.version_id.as_str()).await
     );
     Ok(json(StatusCode::CREATED, created))
 }
@@ -180,7 +186,7 @@ pub async fn record_lineage(
             queries::authorize_outputs(&tx, &outputs, user.user_id).await?;
             queries::insert_event(&tx, &event, user.user_id).await?
         },
-        then | _recorded | inv::lineage_changed(&state, &outputs).await
+        |_recorded| inv::lineage_changed(&state, &outputs).await
     );
     let edges: Vec<_> = added
         .iter()
