@@ -1,6 +1,7 @@
-use serde_json::Value;
+use reqwest::Method;
+use serde_json::{Value, json};
 
-use crate::support::{self, Catalog, assert_bad_field, get};
+use crate::support::{self, Catalog, assert_bad_field, get, send};
 
 fn ancestors(bundle: &Value) -> Vec<(String, u64)> {
     support::ancestors(bundle, "/depth")
@@ -115,4 +116,42 @@ async fn cache_entries_carry_the_seeds_key_names() {
         ["cascade:bundle:b:2"]
     );
     assert_eq!(catalog.redis_keys("cascade:ready:*"), ["cascade:ready:b"]);
+}
+
+#[tokio::test]
+async fn a_rename_reaches_the_deepest_bundle_that_shows_it() {
+    let catalog = Catalog::start(1).await;
+    let base = catalog.base();
+    catalog.producer("acme").await;
+    // v0 <- v1 <- ... <- v10: v0 is in v10's bundle at the deepest depth a bundle has.
+    for i in 0..=10 {
+        let version = format!("v{i}");
+        catalog.asset(&version, "acme", &version).await;
+        if i > 0 {
+            catalog
+                .lineage(&[&format!("v{}", i - 1)], &[&version])
+                .await;
+        }
+    }
+    let path = "/bundle?versionId=v10&depth=10";
+    let name_of_v0 = |bundle: &Value| {
+        bundle["ancestors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["versionId"] == "v0")
+            .map(|a| a["asset"]["name"].clone())
+    };
+    let (_, bundle) = get(base, path).await;
+    assert_eq!(name_of_v0(&bundle), Some(json!("v0")), "{bundle}");
+    let (status, _) = send(
+        base,
+        Method::PATCH,
+        "/listings/v0",
+        Some(json!({"name": "renamed"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, bundle) = get(base, path).await;
+    assert_eq!(name_of_v0(&bundle), Some(json!("renamed")), "{bundle}");
 }

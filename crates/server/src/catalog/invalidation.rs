@@ -13,12 +13,13 @@
 //! known after it. So the dependency is resolved on the write side instead: a write that
 //! changes version `x` (its row, or new edges into it) affects exactly the answers of `x` and
 //! of `x`'s descendants, which the write looks up after it commits and invalidates by their
-//! `tree:` tags (every depth of a bundle at once). Receipts and policies affect readiness
+//! `tree:` tags (every depth of a bundle at once), as far down as the change shows
+//! ([`Reach`]: a rename only as deep as a bundle reaches). Receipts and policies affect readiness
 //! only, so they remove the `ready:` keys of the same set. A version with more than
 //! [`MAX_EXACT`] descendants falls back to removing the whole `bundles`/`ready` namespaces:
 //! still correct, one call instead of thousands.
 
-use super::queries;
+use super::queries::{self, BUNDLE_MAX_DEPTH, READY_MAX_DEPTH};
 use crate::state::AppState;
 
 pub const ASSETS: &str = "assets";
@@ -37,21 +38,43 @@ pub fn bundle_key(version: &str, depth: i32) -> String {
     format!("{version}:{depth}")
 }
 
-/// After asset rows changed (created, renamed, re-described, deleted): their details, every
-/// listing page, and the bundles and readiness of them and their descendants.
-pub async fn assets_changed(state: &AppState, versions: &[&str]) {
-    state.cache.invalidate_keys(ASSETS, versions).await;
-    state.cache.invalidate_namespace(LISTINGS).await;
-    lineage_changed(state, versions).await
+/// How far below a changed version the change shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Only what its row says (name, metadata): the bundles that show it, at most
+    /// `BUNDLE_MAX_DEPTH` levels below. Readiness does not depend on it.
+    Content,
+    /// Whether it exists, its lineage, its rights: readiness too, `READY_MAX_DEPTH` below.
+    Presence,
 }
 
-/// After new edges into `children`, or changed rows of them: the bundles and readiness of
-/// them and their descendants.
+impl Reach {
+    fn depth(self) -> i32 {
+        match self {
+            Reach::Content => BUNDLE_MAX_DEPTH,
+            Reach::Presence => READY_MAX_DEPTH,
+        }
+    }
+}
+
+/// After asset rows changed: their details, every listing page, and the bundles (and, when
+/// they were created or deleted, the readiness) of them and their descendants.
+pub async fn assets_changed(state: &AppState, versions: &[&str], reach: Reach) {
+    state.cache.invalidate_keys(ASSETS, versions).await;
+    state.cache.invalidate_namespace(LISTINGS).await;
+    tree_changed(state, versions, reach).await
+}
+
+/// After new edges into `children`: the bundles and readiness of them and their descendants.
 pub async fn lineage_changed(state: &AppState, children: &[&str]) {
+    tree_changed(state, children, Reach::Presence).await
+}
+
+async fn tree_changed(state: &AppState, children: &[&str], reach: Reach) {
     if children.is_empty() {
         return;
     }
-    match affected(state, children).await {
+    match affected(state, children, reach).await {
         Some(versions) => {
             let tags: Vec<String> = versions.iter().map(|v| tree_tag(v)).collect();
             state.cache.invalidate_tags(&tags).await;
@@ -65,7 +88,7 @@ pub async fn lineage_changed(state: &AppState, children: &[&str]) {
 
 /// After a receipt or policy of `version` was added: readiness of it and its descendants.
 pub async fn rights_changed(state: &AppState, version: &str) {
-    match affected(state, &[version]).await {
+    match affected(state, &[version], Reach::Presence).await {
         Some(versions) => {
             let keys: Vec<&str> = versions.iter().map(String::as_str).collect();
             state.cache.invalidate_keys(READY, &keys).await;
@@ -78,10 +101,10 @@ pub async fn rights_changed(state: &AppState, version: &str) {
 /// write's new edges are either seen here or invalidated by that write after its own commit).
 /// `None` when there are too many, or when PostgreSQL cannot answer: the write is committed
 /// either way, so the caller then removes whole namespaces rather than leave a stale entry.
-async fn affected(state: &AppState, versions: &[&str]) -> Option<Vec<String>> {
+async fn affected(state: &AppState, versions: &[&str], reach: Reach) -> Option<Vec<String>> {
     let found = async {
         let conn = state.db.conn().await?;
-        queries::descendants(&conn, versions, MAX_EXACT).await
+        queries::descendants(&conn, versions, reach.depth(), MAX_EXACT).await
     };
     match found.await {
         Ok(found) => found,

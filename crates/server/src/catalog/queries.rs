@@ -344,11 +344,12 @@ pub async fn insert_event(
     ))
 }
 
-/// `roots` and every version below them (children, grandchildren, …) to `READY_MAX_DEPTH`;
+/// `roots` and every version below them (children, grandchildren, …) to `depth` levels;
 /// `None` when there are more than `limit`.
 pub async fn descendants(
     conn: &Object,
     roots: &[&str],
+    depth: i32,
     limit: usize,
 ) -> Result<Option<Vec<String>>, ApiError> {
     let statement = conn
@@ -366,7 +367,7 @@ pub async fn descendants(
     // Rows are (version, depth) pairs: allow for repeats before concluding there are too many.
     let row_cap = (limit * 8) as i64;
     let rows = conn
-        .query(&statement, &[&roots, &READY_MAX_DEPTH, &row_cap])
+        .query(&statement, &[&roots, &depth, &row_cap])
         .await
         .map_err(internal)?;
     if rows.len() as i64 >= row_cap {

@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use super::http_cache::json;
-use super::invalidation as inv;
+use super::invalidation::{self as inv, Reach};
 use super::model::{AssetChange, Body, NewAsset, NewPolicy, NewProducer, NewReceipt, VersionId};
 use super::openlineage::RunEvent;
 use super::queries::{self, internal};
@@ -72,7 +72,7 @@ pub async fn create_asset(
             queries::authorize_producer(&tx, asset.producer_id.as_str(), user.user_id).await?;
             queries::insert_asset(&tx, &asset).await?
         },
-        |_created| inv::assets_changed(&state, &[asset.version_id.as_str()]).await
+        |_created| inv::assets_changed(&state, &[asset.version_id.as_str()], Reach::Presence).await
     );
     Ok(json(StatusCode::CREATED, created))
 }
@@ -92,7 +92,7 @@ pub async fn update_asset(
             let producer = queries::authorize_version(&tx, &version, user.user_id).await?;
             queries::update_asset(&tx, &version, &producer, &change).await?
         },
-        |_updated| inv::assets_changed(&state, &[version.as_str()]).await
+        |_updated| inv::assets_changed(&state, &[version.as_str()], Reach::Content).await
     )
     .ok_or_else(|| {
         ApiError::NotFound(format!(
@@ -117,7 +117,7 @@ pub async fn delete_asset(
             let producer = queries::authorize_version(&tx, &version, user.user_id).await?;
             queries::delete_asset(&tx, &version, &producer).await?
         },
-        |_deleted| inv::assets_changed(&state, &[version.as_str()]).await
+        |_deleted| inv::assets_changed(&state, &[version.as_str()], Reach::Presence).await
     );
     if !deleted {
         return Err(ApiError::NotFound(format!(
