@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use reqwest::Method;
 use serde_json::json;
 
@@ -362,4 +364,41 @@ async fn writes_need_an_account_and_only_a_producers_owner_may_change_its_assets
     assert_eq!(senders, ["mallory", "mallory"]);
     let (_, ready) = get(base, "/ready?versionId=acme@1").await;
     assert_eq!(ready["checked"], 1, "acme@1 gained no parent: {ready}");
+}
+
+#[tokio::test]
+async fn a_write_waiting_for_a_silent_instance_holds_no_pool_connection() {
+    // One connection per server, and a short wait for it.
+    let settings = [
+        ("PG_POOL_MIN", "1".to_string()),
+        ("PG_POOL_MAX", "1".to_string()),
+        ("PG_ACQUIRE_TIMEOUT", "500ms".to_string()),
+    ];
+    let catalog = Catalog::start_with(2, &settings).await;
+    let (a, b) = (&catalog.servers[0], &catalog.servers[1]);
+    catalog.producer("acme").await;
+    catalog.asset("w", "acme", "W").await;
+
+    // B stops answering: each of A's invalidations now waits for B's acknowledgement until B
+    // can no longer be trusting its own tier (a few hundred milliseconds each).
+    b.signal("STOP");
+    let base = a.base.clone();
+    let write = tokio::spawn(async move {
+        send(
+            &base,
+            Method::PATCH,
+            "/listings/w",
+            Some(json!({"name": "W2"})),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Meanwhile a read that needs PostgreSQL gets A's one connection: the write gave it back
+    // when it committed, before waiting on the bus.
+    let (status, body) = get(&a.base, "/listings/never-cached").await;
+    b.signal("CONT");
+    assert_eq!(status, 404, "not a 503 for want of a connection: {body}");
+    let (status, body) = write.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(get(&b.base, "/listings/w").await.1["name"], "W2");
 }

@@ -139,12 +139,17 @@ impl Served {
         }
     }
 
-    pub fn terminate(&self) {
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the server process.
+    pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status()
             .expect("kill");
         assert!(status.success());
+    }
+
+    pub fn terminate(&self) {
+        self.signal("TERM");
     }
 
     /// Waits for the process to exit after [`terminate`](Self::terminate).
