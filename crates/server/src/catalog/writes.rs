@@ -20,10 +20,9 @@ use crate::state::AppState;
 
 /// `in_transaction!(state, |tx| write, |result| after)`: runs `write` in a transaction on a
 /// pool connection, commits it, then runs `after` (the write's invalidations) with the
-/// write's result bound to `result`. `after` also runs
-/// when the commit fails: the connection may have died after PostgreSQL committed, and
-/// removing entries that did not go stale costs a reload, while keeping ones that did would
-/// serve the old value until their TTL.
+/// write's result bound to `result`. `after` also runs when the commit fails: the connection
+/// may have died after PostgreSQL committed, and removing entries that did not go stale costs
+/// a reload, while keeping ones that did would serve the old value until their TTL.
 macro_rules! in_transaction {
     ($state:expr, |$tx:ident| $write:expr, |$done:ident| $after:expr) => {{
         let mut conn = $state.db.conn().await?;
