@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cascade_core::db::EmbeddedPostgres;
+use cascade_core::metrics;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -173,13 +174,22 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     ];
     let mut rows = Vec::new();
     for s in &scenarios {
-        rows.push(match s.namespace {
+        let blind_before = client.metric(metrics::BUS_BLIND_WAITS).await?;
+        let mut row = match s.namespace {
             Some(namespace) => {
                 load.cached(&client, &statements, namespace, s.name, &s.paths, s.method)
                     .await?
             }
             None => load.run(s.name, &s.paths, s.method)?,
-        });
+        };
+        if s.method.is_some() {
+            // Writes wait for the bus: say how often it could not count acknowledgements.
+            let blind = client.metric(metrics::BUS_BLIND_WAITS).await? - blind_before;
+            row.notes = format!(
+                "{blind:.0} invalidations waited the bus's whole trust window (this instance did not hear the bus)"
+            );
+        }
+        rows.push(row);
     }
     // Throughput ratios compare like with like: wrk against the same server, same run.
     let baseline = rows[0].req_per_sec;
@@ -934,6 +944,16 @@ impl Client {
             &json!({ "metadata": { "stampede": true } }),
         )
         .await
+    }
+
+    /// The value of an unlabelled series of `/metrics` (0 when absent).
+    async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let text = String::from_utf8(self.get_ok("/metrics").await?)?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0))
     }
 
     /// The cache counters of `namespace` from `/health/db`.

@@ -56,6 +56,7 @@ pub const REDIS_MEMORY_RATIO: &str = "cascade_redis_memory_used_ratio";
 
 pub const WS_CONNECTIONS: &str = "cascade_ws_connections";
 pub const WS_MESSAGES: &str = "cascade_ws_messages_total";
+pub const BUS_BLIND_WAITS: &str = "cascade_cache_bus_blind_waits_total";
 
 pub const UPSTREAM_REQUEST_DURATION: &str = "cascade_upstream_request_duration_seconds";
 pub const UPSTREAM_ERRORS: &str = "cascade_upstream_errors_total";
@@ -206,6 +207,10 @@ pub fn describe() {
         "Redis used_memory / maxmemory (total_system_memory when maxmemory is 0); seed 003 alerts above 0.8"
     );
 
+    describe_counter!(
+        BUS_BLIND_WAITS,
+        "invalidations that waited the bus's whole trust window because this instance did not hear the bus at that moment (instead of counting acknowledgements)"
+    );
     describe_gauge!(WS_CONNECTIONS, "open WebSocket connections");
     describe_counter!(
         WS_MESSAGES,
@@ -225,6 +230,7 @@ pub fn describe() {
 /// Registers the metrics that exist before their first event at zero, so dashboards and
 /// alerts see `0`, not an absent series.
 pub fn register_zeroes() {
+    counter!(BUS_BLIND_WAITS).absolute(0);
     gauge!(WS_CONNECTIONS).set(0.0);
     for direction in [WsDirection::In, WsDirection::Out] {
         counter!(WS_MESSAGES, "direction" => direction.label()).absolute(0);

@@ -238,6 +238,7 @@ impl Bus {
             };
             let _ = tokio::time::timeout_at(deadline, waited).await;
         } else {
+            metrics::counter!(crate::metrics::BUS_BLIND_WAITS).increment(1);
             tokio::time::sleep_until(deadline).await;
         }
         self.waiting
