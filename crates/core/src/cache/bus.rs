@@ -292,9 +292,11 @@ impl Bus {
                 keys,
                 tags,
             } => {
-                if *from != self.id {
-                    inner.apply_invalidation(keys, tags);
+                // Our own comes back too: nothing to apply, and nobody waits for our ack of it.
+                if *from == self.id {
+                    return None;
                 }
+                inner.apply_invalidation(keys, tags);
                 Some(Message::Ack {
                     from: self.id.clone(),
                     to: from.clone(),
@@ -370,7 +372,16 @@ pub(crate) async fn run(engine: Weak<Inner>) {
                     match message {
                         Ok(Some(msg)) => {
                             if let Some(reply) = bus.on_message(&inner, &msg) {
-                                let _ = bus.publish(&reply).await;
+                                // The ack is sent beside this loop, not awaited in it: under
+                                // many invalidations, a Redis round trip per message here
+                                // delayed our own heartbeats past the trust window, and every
+                                // invalidation sent meanwhile waited the whole window.
+                                let inner = inner.clone();
+                                tokio::spawn(async move {
+                                    if let Some(bus) = inner.bus.as_ref() {
+                                        let _ = bus.publish(&reply).await;
+                                    }
+                                });
                             }
                         }
                         // Silence for 2×TRUST (our own heartbeats stopped coming back) or the
