@@ -19,6 +19,7 @@ mod marks;
 mod pg_tier;
 mod redis_tier;
 mod stats;
+mod tag_index;
 mod tier;
 
 use std::collections::{HashMap, HashSet};
@@ -40,6 +41,7 @@ use self::marks::Marks;
 use self::pg_tier::PgTier;
 use self::redis_tier::{Lookup, RedisTier};
 use self::stats::{NsCounters, Stats, add};
+use self::tag_index::TagIndex;
 use self::tier::{SharedTier, TierError};
 use crate::config::CacheConfig;
 use crate::db::Db;
@@ -164,6 +166,8 @@ pub(crate) struct Inner {
     bus: Option<Bus>,
     options: EngineOptions,
     memory: Option<Moka<String, MemEntry>>,
+    /// Which in-process keys carry each tag (`tag_index.rs`).
+    tag_index: TagIndex,
     shared: Option<SharedTier>,
     breaker: Breaker,
     /// Per-key locks: one load per key inside this instance.
@@ -312,6 +316,7 @@ impl Inner {
         self.bump(&[]);
         if let Some(memory) = &self.memory {
             memory.invalidate_all();
+            self.tag_index.clear();
         }
     }
 
@@ -327,11 +332,7 @@ impl Inner {
             for key in keys {
                 memory.invalidate(key);
             }
-            if !tags.is_empty() {
-                let owned: HashSet<String> = tags.iter().cloned().collect();
-                let _ = memory
-                    .invalidate_entries_if(move |_, v| v.tags.iter().any(|t| owned.contains(t)));
-            }
+            self.tag_index.invalidate(memory, tags);
         }
     }
 }
@@ -376,7 +377,6 @@ impl Cache {
                         .unwrap_or(u32::MAX)
                 })
                 .expire_after(MemExpiry)
-                .support_invalidation_closures()
                 .build()
         });
         let invalidated = Marks::new(options.lease_ttl * 4 + Duration::from_secs(60), 100_000);
@@ -387,6 +387,7 @@ impl Cache {
                 config,
                 options,
                 memory,
+                tag_index: TagIndex::default(),
                 shared,
                 flights: Mutex::default(),
                 epoch: AtomicU64::new(0),
@@ -783,7 +784,8 @@ impl Cache {
         // A set also overtakes loads in flight: they must not install what they read before.
         self.bump(&[format!("k:{full}")]);
         if let Some(memory) = &self.inner.memory {
-            memory.insert(
+            self.inner.tag_index.insert(
+                memory,
                 full.clone(),
                 MemEntry {
                     bytes: Some(bytes.clone().into()),
@@ -895,9 +897,7 @@ impl Cache {
         let marks: Vec<String> = tags.iter().map(|t| format!("t:{t}")).collect();
         self.bump(&marks);
         if let Some(memory) = &self.inner.memory {
-            let owned: HashSet<String> = tags.iter().cloned().collect();
-            let _ =
-                memory.invalidate_entries_if(move |_, v| v.tags.iter().any(|t| owned.contains(t)));
+            self.inner.tag_index.invalidate(memory, tags);
         }
     }
 
@@ -994,7 +994,7 @@ impl Cache {
             expires_at_ms,
             delta_ms,
         };
-        memory.insert(full.to_string(), entry);
+        self.inner.tag_index.insert(memory, full.to_string(), entry);
         // Check again after the insert: an invalidation bumps the epoch *before* it removes,
         // so either its removal comes after our insert, or this check sees its bump.
         if self.invalidated_since(started_epoch, full, namespace, tags) {
