@@ -315,8 +315,7 @@ impl Inner {
     pub(crate) fn flush_memory(&self) {
         self.bump(&[]);
         if let Some(memory) = &self.memory {
-            memory.invalidate_all();
-            self.tag_index.clear();
+            self.tag_index.invalidate_all(memory);
         }
     }
 

@@ -20,12 +20,15 @@ use moka::sync::Cache as Moka;
 
 use super::MemEntry;
 
-/// Inserts between two prunes of keys that left the tier.
+/// Fewest inserts between two prunes of keys that left the tier. A prune walks the whole
+/// index under the lock, so it also waits for four times the tier's entry count: amortised
+/// O(1) per insert, and rare pauses in a big tier.
 const PRUNE_EVERY: u64 = 10_000;
 
 #[derive(Default)]
 pub(crate) struct TagIndex {
     keys_by_tag: Mutex<HashMap<String, HashSet<String>>>,
+    /// Inserts since the last prune.
     inserts: AtomicU64,
 }
 
@@ -36,7 +39,9 @@ impl TagIndex {
 
     /// Inserts `key` into `memory` and enters it under each of its entry's tags.
     pub fn insert(&self, memory: &Moka<String, MemEntry>, key: String, entry: MemEntry) {
-        if self.inserts.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
+        let since = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
+        if since >= PRUNE_EVERY.max(memory.entry_count().saturating_mul(4)) {
+            self.inserts.store(0, Ordering::Relaxed);
             self.prune(memory);
         }
         let mut index = self.lock();
@@ -60,9 +65,12 @@ impl TagIndex {
         }
     }
 
-    /// Forgets every key (the tier was emptied).
-    pub fn clear(&self) {
-        self.lock().clear();
+    /// Empties `memory` and the index together: an insert racing with this lands either
+    /// before (and goes) or after (and stays indexed), never in the tier but not the index.
+    pub fn invalidate_all(&self, memory: &Moka<String, MemEntry>) {
+        let mut index = self.lock();
+        index.clear();
+        memory.invalidate_all();
     }
 
     /// Forgets keys that are no longer in `memory`, so the index stays the size of the tier.
