@@ -144,33 +144,33 @@ pub async fn authorize_producer(
     owned(row.get(0), user, &format!("producer {producer:?}"))
 }
 
-/// [`authorize_producer`] for the producer of asset `version` (404 when there is no such
-/// version); returns that producer. The write that follows names it in its own condition
-/// (`AND producer_id = ...`), so a version deleted and published again under another producer
-/// between the check and the write is not touched (404), without locking the row.
-pub async fn authorize_version(
-    tx: &Transaction<'_>,
-    version: &VersionId,
-    user: i64,
-) -> Result<String, ApiError> {
+/// Why a write conditioned on ownership of `version` touched nothing: 404 when there is no
+/// such asset, 403 when it is another account's. (The writes carry the ownership condition
+/// themselves, so the successful path costs no extra query and cannot race a change of the
+/// asset between a check and the write.)
+async fn refusal(tx: &Transaction<'_>, version: &VersionId, user: i64) -> ApiError {
     let row = tx
         .query_opt(
-            "SELECT p.owner_id, p.producer_id FROM assets a JOIN producers p USING (producer_id) \
+            "SELECT p.owner_id FROM assets a JOIN producers p USING (producer_id) \
              WHERE a.version_id = $1",
             &[&version.as_str()],
         )
-        .await
-        .map_err(internal)?
-        .ok_or_else(|| ApiError::NotFound(missing_version(version)))?;
-    owned(
-        row.get(0),
-        user,
-        &format!("asset version {:?}", version.as_str()),
-    )?;
-    Ok(row.get(1))
+        .await;
+    match row {
+        Err(err) => internal(err),
+        Ok(None) => ApiError::NotFound(missing_version(version)),
+        Ok(Some(row)) => owned(
+            row.get(0),
+            user,
+            &format!("asset version {:?}", version.as_str()),
+        )
+        .err()
+        // Owned after all: it was (re)created under the caller's producer meanwhile.
+        .unwrap_or_else(|| ApiError::NotFound(missing_version(version))),
+    }
 }
 
-/// [`authorize_version`] for every version in `outputs` that is an asset: lineage into a
+/// Ownership, as for the other writes, of every version in `outputs` that is an asset: lineage into a
 /// published version is its owner's to record. Versions not (yet) in the catalog may gain
 /// edges from anyone: pipelines report lineage before or without publishing.
 pub async fn authorize_outputs(
@@ -206,94 +206,109 @@ fn owned(owner: Option<i64>, user: i64, what: &str) -> Result<(), ApiError> {
     }
 }
 
-/// The updated asset, or `None` when `version` is not (or no longer) `producer`'s.
+/// The updated asset, if it is one of `user`'s (404 or 403 otherwise).
 pub async fn update_asset(
     tx: &Transaction<'_>,
     version: &VersionId,
-    producer: &str,
+    user: i64,
     change: &AssetChange,
-) -> Result<Option<Vec<u8>>, ApiError> {
+) -> Result<Vec<u8>, ApiError> {
     let row = tx
         .query_opt(
             concat!(
                 "UPDATE assets AS a SET name = coalesce($2, a.name), \
                  metadata = coalesce($3, a.metadata), updated_at = now() \
-                 WHERE a.version_id = $1 AND a.producer_id = $4 RETURNING ",
+                 WHERE a.version_id = $1 AND a.producer_id IN \
+                   (SELECT producer_id FROM producers WHERE owner_id = $4) RETURNING ",
                 asset_json!(),
                 "::text"
             ),
-            &[&version.as_str(), &change.name, &change.metadata, &producer],
+            &[&version.as_str(), &change.name, &change.metadata, &user],
         )
         .await
         .map_err(internal)?;
-    Ok(row.as_ref().map(text))
+    match row {
+        Some(row) => Ok(text(&row)),
+        None => Err(refusal(tx, version, user).await),
+    }
 }
 
-/// Whether `version`, as `producer`'s, was deleted.
+/// Deletes `version`, if it is one of `user`'s (404 or 403 otherwise).
 pub async fn delete_asset(
     tx: &Transaction<'_>,
     version: &VersionId,
-    producer: &str,
-) -> Result<bool, ApiError> {
+    user: i64,
+) -> Result<(), ApiError> {
     let deleted = tx
         .execute(
-            "DELETE FROM assets WHERE version_id = $1 AND producer_id = $2",
-            &[&version.as_str(), &producer],
+            "DELETE FROM assets WHERE version_id = $1 AND producer_id IN \
+               (SELECT producer_id FROM producers WHERE owner_id = $2)",
+            &[&version.as_str(), &user],
         )
         .await
         .map_err(internal)?;
-    Ok(deleted == 1)
+    if deleted == 1 {
+        Ok(())
+    } else {
+        Err(refusal(tx, version, user).await)
+    }
 }
 
 fn missing_version(version: &VersionId) -> String {
     format!("asset version {:?} does not exist", version.as_str())
 }
 
-/// A policy for `p.version_id`, as long as it is still `producer`'s (404 otherwise).
+/// A policy for `p.version_id`, if it is one of `user`'s (404 or 403 otherwise).
 pub async fn insert_policy(
     tx: &Transaction<'_>,
     p: &NewPolicy,
-    producer: &str,
+    user: i64,
 ) -> Result<Vec<u8>, ApiError> {
     let expires = p.expires_at.as_ref().map(Timestamp::as_str);
     let row = tx
         .query_opt(
             "INSERT INTO policies (version_id, document, expires_at) \
              SELECT $1, $2, $3::text::timestamptz \
-             WHERE EXISTS (SELECT 1 FROM assets WHERE version_id = $1 AND producer_id = $4) \
+             WHERE EXISTS (SELECT 1 FROM assets a JOIN producers o USING (producer_id) \
+                           WHERE a.version_id = $1 AND o.owner_id = $4) \
              RETURNING json_build_object('policyId', policy_id, 'versionId', version_id, 'document', document, \
                'createdAt', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
                'expiresAt', to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))::text",
-            &[&p.version_id.as_str(), &p.document, &expires, &producer],
+            &[&p.version_id.as_str(), &p.document, &expires, &user],
         )
         .await
-        .map_err(|e| client_error(e, "", &missing_version(&p.version_id)))?
-        .ok_or_else(|| ApiError::NotFound(missing_version(&p.version_id)))?;
-    Ok(text(&row))
+        .map_err(|e| client_error(e, "", &missing_version(&p.version_id)))?;
+    match row {
+        Some(row) => Ok(text(&row)),
+        None => Err(refusal(tx, &p.version_id, user).await),
+    }
 }
 
-/// A receipt for `r.version_id`, as long as it is still `producer`'s (404 otherwise).
+/// A receipt for `r.version_id`, if it is one of `user`'s (404 or 403 otherwise).
 pub async fn insert_receipt(
     tx: &Transaction<'_>,
     r: &NewReceipt,
-    producer: &str,
+    user: i64,
 ) -> Result<Vec<u8>, ApiError> {
     let expires = r.expires_at.as_ref().map(Timestamp::as_str);
     let row = tx
         .query_opt(
             "INSERT INTO receipts (version_id, payer, amount, expires_at) \
              SELECT $1, $2, $3, $4::text::timestamptz \
-             WHERE EXISTS (SELECT 1 FROM assets WHERE version_id = $1 AND producer_id = $5) \
+             WHERE EXISTS (SELECT 1 FROM assets a JOIN producers o USING (producer_id) \
+                           WHERE a.version_id = $1 AND o.owner_id = $5) \
              RETURNING json_build_object('receiptId', receipt_id, 'versionId', version_id, 'payer', payer, \
                'amount', amount, \
                'createdAt', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
                'expiresAt', to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))::text",
-            &[&r.version_id.as_str(), &r.payer, &r.amount, &expires, &producer],
+            &[&r.version_id.as_str(), &r.payer, &r.amount, &expires, &user],
         )
         .await
-        .map_err(|e| client_error(e, "", &missing_version(&r.version_id)))?
-        .ok_or_else(|| ApiError::NotFound(missing_version(&r.version_id)))?;
-    Ok(text(&row))
+        .map_err(|e| client_error(e, "", &missing_version(&r.version_id)))?;
+    match row {
+        Some(row) => Ok(text(&row)),
+        None => Err(refusal(tx, &r.version_id, user).await),
+    }
 }
 
 /// Records the event and its edges; returns the event id and the edges that are new.

@@ -87,18 +87,9 @@ pub async fn update_asset(
     let change = AssetChange::parse(&Body::parse(&body)?)?;
     let updated = in_transaction!(
         state,
-        |tx| {
-            let producer = queries::authorize_version(&tx, &version, user.user_id).await?;
-            queries::update_asset(&tx, &version, &producer, &change).await?
-        },
+        |tx| queries::update_asset(&tx, &version, user.user_id, &change).await?,
         |_updated| inv::assets_changed(&state, &[version.as_str()], Reach::Content).await
-    )
-    .ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "asset version {:?} does not exist",
-            version.as_str()
-        ))
-    })?;
+    );
     Ok(json(StatusCode::OK, updated))
 }
 
@@ -110,20 +101,11 @@ pub async fn delete_asset(
     Path(version): Path<String>,
 ) -> Result<Response, ApiError> {
     let version = VersionId::parse("versionId", &version)?;
-    let deleted = in_transaction!(
+    in_transaction!(
         state,
-        |tx| {
-            let producer = queries::authorize_version(&tx, &version, user.user_id).await?;
-            queries::delete_asset(&tx, &version, &producer).await?
-        },
-        |_deleted| inv::assets_changed(&state, &[version.as_str()], Reach::Presence).await
+        |tx| queries::delete_asset(&tx, &version, user.user_id).await?,
+        |_done| inv::assets_changed(&state, &[version.as_str()], Reach::Presence).await
     );
-    if !deleted {
-        return Err(ApiError::NotFound(format!(
-            "asset version {:?} does not exist",
-            version.as_str()
-        )));
-    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -136,11 +118,7 @@ pub async fn create_policy(
     let policy = NewPolicy::parse(&Body::parse(&body)?)?;
     let created = in_transaction!(
         state,
-        |tx| {
-            let producer =
-                queries::authorize_version(&tx, &policy.version_id, user.user_id).await?;
-            queries::insert_policy(&tx, &policy, &producer).await?
-        },
+        |tx| queries::insert_policy(&tx, &policy, user.user_id).await?,
         |_created| inv::rights_changed(&state, policy.version_id.as_str()).await
     );
     Ok(json(StatusCode::CREATED, created))
@@ -155,11 +133,7 @@ pub async fn create_receipt(
     let receipt = NewReceipt::parse(&Body::parse(&body)?)?;
     let created = in_transaction!(
         state,
-        |tx| {
-            let producer =
-                queries::authorize_version(&tx, &receipt.version_id, user.user_id).await?;
-            queries::insert_receipt(&tx, &receipt, &producer).await?
-        },
+        |tx| queries::insert_receipt(&tx, &receipt, user.user_id).await?,
         |_created| inv::rights_changed(&state, receipt.version_id.as_str()).await
     );
     Ok(json(StatusCode::CREATED, created))
