@@ -97,6 +97,15 @@ pub enum CacheError<E> {
     Codec(#[from] serde_json::Error),
 }
 
+/// The key a load is for, with what installing its value needs.
+struct Target<'a> {
+    full: &'a str,
+    namespace: &'a str,
+    tags: &'a [String],
+    all_tags: &'a [String],
+    ttl: Duration,
+}
+
 /// One in-process entry. `bytes == None` is a cached "not found".
 #[derive(Clone)]
 struct MemEntry {
@@ -495,20 +504,14 @@ impl Cache {
                 return Ok((entry.bytes, Source::Memory));
             };
             add(&counters.early_refreshes, 1);
-            let started_epoch = self.inner.epoch.load(Ordering::SeqCst);
-            let (loaded, delta) = self.timed_load(&counters, loader).await?;
-            let value: Option<Arc<[u8]>> = loaded.map(Arc::from);
-            self.install_loaded(
-                started_epoch,
-                &full,
+            let target = Target {
+                full: &full,
                 namespace,
                 tags,
-                &all_tags,
-                value.clone(),
+                all_tags: &all_tags,
                 ttl,
-                delta,
-            );
-            return Ok((value, Source::Loaded));
+            };
+            return self.load_into_memory(target, &counters, loader).await;
         }
 
         if let Some(shared) = self.shared_tier().await {
@@ -642,18 +645,40 @@ impl Cache {
         if let Some(entry) = self.memory_get(&full, &counters) {
             return Ok((entry.bytes, Source::Memory));
         }
-        let started_epoch = self.inner.epoch.load(Ordering::SeqCst);
         add(&counters.misses, 1);
-        let (loaded, delta) = self.timed_load(&counters, loader).await?;
+        let target = Target {
+            full: &full,
+            namespace,
+            tags,
+            all_tags: &all_tags,
+            ttl,
+        };
+        self.load_into_memory(target, &counters, loader).await
+    }
+
+    /// Memory only: loads, and keeps the value in the in-process tier unless an invalidation
+    /// overtook the load.
+    async fn load_into_memory<E, F, Fut>(
+        &self,
+        target: Target<'_>,
+        counters: &NsCounters,
+        loader: F,
+    ) -> Result<(Option<Arc<[u8]>>, Source), E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
+    {
+        let started_epoch = self.inner.epoch.load(Ordering::SeqCst);
+        let (loaded, delta) = self.timed_load(counters, loader).await?;
         let value: Option<Arc<[u8]>> = loaded.map(Arc::from);
         self.install_loaded(
             started_epoch,
-            &full,
-            namespace,
-            tags,
-            &all_tags,
+            target.full,
+            target.namespace,
+            target.tags,
+            target.all_tags,
             value.clone(),
-            ttl,
+            target.ttl,
             delta,
         );
         Ok((value, Source::Loaded))
