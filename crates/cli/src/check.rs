@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use cascade_core::config::{Config, DatabaseConfig, DatabaseSource};
 use cascade_core::db::{Db, error_chain, find_server_binaries};
 use cascade_core::redis::Redis;
+use cascade_server::Settings;
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
@@ -51,8 +52,9 @@ fn line(ok: bool, required: bool, name: &str, detail: &str) {
     println!("  [{mark}] {name:<12} {detail}");
 }
 
-pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
-    crate::print_config(config);
+pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
+    crate::print_config(settings);
+    let config = &settings.core;
     println!();
     println!("checks:");
     let mut healthy = true;
@@ -147,30 +149,9 @@ pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
         ),
     }
 
-    let client = cascade_core::upstream::http_client(DEADLINE, DEADLINE)?;
-    let url = &config.venice.url;
-    let started = Instant::now();
-    let mut request = client.get(url);
-    if let Some(key) = &config.venice.api_key {
-        request = request.bearer_auth(key.expose());
-    }
-    match cascade_core::upstream::send("venice", request).await {
-        Ok(response) => line(
-            true,
-            false,
-            "venice",
-            &format!(
-                "{url} answered HTTP {} in {} ms",
-                response.status().as_u16(),
-                started.elapsed().as_millis()
-            ),
-        ),
-        Err(err) => line(
-            false,
-            false,
-            "venice",
-            &format!("{url}: {} (optional)", error_chain(&err)),
-        ),
+    match cascade_app::probe_venice(&settings.app, DEADLINE).await {
+        Ok(answer) => line(true, false, "venice", &answer),
+        Err(why) => line(false, false, "venice", &format!("{why} (optional)")),
     }
 
     println!();

@@ -8,6 +8,7 @@
 //! - [`redis`]: a Redis client that reconnects by itself, every call under a deadline;
 //! - [`retry`]: bounded retries with backoff and jitter;
 //! - [`shutdown`]: the signal that stops background tasks;
+//! - [`tasks`]: the supervisor that owns background tasks and reports their failures;
 //! - [`upstream`]: the HTTP client used for third-party APIs.
 
 pub mod cache;
@@ -18,4 +19,5 @@ pub mod metrics;
 pub mod redis;
 pub mod retry;
 pub mod shutdown;
+pub mod tasks;
 pub mod upstream;

@@ -219,7 +219,7 @@ pub fn describe() {
     describe_histogram!(
         UPSTREAM_REQUEST_DURATION,
         Unit::Seconds,
-        "third-party API calls (Venice, Stripe), by upstream and outcome (ok, http_error, timeout, error)"
+        "third-party API calls, by upstream and outcome (ok, http_error, timeout, error)"
     );
     describe_counter!(
         UPSTREAM_ERRORS,
@@ -307,7 +307,7 @@ impl UpstreamOutcome {
     }
 }
 
-/// One call to a third-party API (`upstream` is a fixed name such as `venice` or `stripe`,
+/// One call to a third-party API (`upstream` is a fixed name chosen by the module that calls it,
 /// never a URL, to bound the label's values).
 pub fn record_upstream(upstream: &'static str, outcome: UpstreamOutcome, took: Duration) {
     histogram!(UPSTREAM_REQUEST_DURATION, "upstream" => upstream, "outcome" => outcome.label())

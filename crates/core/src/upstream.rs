@@ -1,4 +1,4 @@
-//! The HTTP client for third-party APIs (Venice, Stripe): one pool, deadlines on connect and
+//! The HTTP client for third-party APIs (seed 001's citizen ledger and payments): one pool, deadlines on connect and
 //! on every request, rustls for TLS.
 
 use std::time::Duration;
@@ -20,7 +20,7 @@ pub fn http_client(
         .build()
 }
 
-/// Sends `request` to the third-party API named `upstream` (`"venice"`, `"stripe"`: a fixed
+/// Sends `request` to the third-party API named `upstream` (a fixed
 /// name, not a URL) and records its latency and outcome
 /// (`cascade_upstream_request_duration_seconds`, `cascade_upstream_errors_total`). Every
 /// upstream call goes through here, so none escapes the metrics.
@@ -84,7 +84,7 @@ mod tests {
                     super::http_client(Duration::from_secs(1), Duration::from_secs(2)).unwrap();
                 for status in [200, 503] {
                     let url = answering(status).await;
-                    let response = super::send("venice", client.get(url)).await.unwrap();
+                    let response = super::send("ledger", client.get(url)).await.unwrap();
                     assert_eq!(response.status().as_u16(), status);
                 }
             })
@@ -101,17 +101,17 @@ mod tests {
         };
         let count = "cascade_upstream_request_duration_seconds_count";
         assert_eq!(
-            line(&format!("{count}{{upstream=\"venice\",outcome=\"ok\"}}")),
+            line(&format!("{count}{{upstream=\"ledger\",outcome=\"ok\"}}")),
             "1"
         );
         assert_eq!(
             line(&format!(
-                "{count}{{upstream=\"venice\",outcome=\"http_error\"}}"
+                "{count}{{upstream=\"ledger\",outcome=\"http_error\"}}"
             )),
             "1"
         );
         assert_eq!(
-            line("cascade_upstream_errors_total{upstream=\"venice\",kind=\"http_error\"}"),
+            line("cascade_upstream_errors_total{upstream=\"ledger\",kind=\"http_error\"}"),
             "1"
         );
         assert!(!text.contains("kind=\"ok\""), "a success is not an error");

@@ -21,6 +21,7 @@ fn config(prefix: &str) -> CacheConfig {
     CacheConfig {
         backend: CacheBackend::Redis,
         ttls,
+        key_names: Default::default(),
         default_ttl: Duration::from_secs(60),
         cleanup_interval: Duration::from_secs(60),
         key_prefix: prefix.to_string(),
@@ -528,9 +529,12 @@ async fn pg_engine(pg: &PgServer) -> (Cache, Db) {
     let db = Db::connect(&settings, url.parse().unwrap(), "test".into())
         .await
         .unwrap();
-    cascade_core::db::migrate(db.maintenance_config())
-        .await
-        .unwrap();
+    cascade_core::db::migrate(
+        db.maintenance_config(),
+        &[cascade_core::db::CORE_MIGRATIONS],
+    )
+    .await
+    .unwrap();
     let engine = Cache::new(config("pg:"), Backend::Postgres(db.clone()), pg_options());
     (engine, db)
 }

@@ -1,30 +1,38 @@
-//! Cascade's HTTP and WebSocket server.
+//! Cascade's HTTP server: composes the modules and the cross-cutting HTTP layer.
 //!
-//! - [`state`]: the shared [`AppState`](state::AppState) handed to every handler;
-//! - [`http`]: middleware, the error type, health endpoints and the composed [`app`](http::app);
-//! - [`auth`]: accounts, sessions and tokens over HTTP, the [`CurrentUser`](auth::CurrentUser)
-//!   extractor and rate limits;
-//! - one module per application: [`cascade`], [`agents`], [`catalog`];
-//! - [`serve`]: run the app on a listener until a shutdown signal, draining in-flight requests.
+//! - [`settings`]: every setting, the platform's and each module's, parsed together;
+//! - [`application`]: [`Application::build`], the one way to build the application;
+//! - [`http`]: middleware, health, metrics, the dashboard and the composed [`app`](http::app);
+//! - [`auth`]: accounts, sessions and tokens over HTTP;
+//! - [`process`]: logging set-up and the termination signals of the binaries;
+//! - [`testing`]: the real application in-process on a free port, for the modules' tests;
+//! - [`serve`]: run a router on a listener until a shutdown signal, draining in-flight requests.
+//!
+//! What a module needs from HTTP lives below the modules, in `cascade-http`; the modules
+//! themselves (`cascade-catalog`, `cascade-app`) are composed here and nowhere else.
 
-pub mod agents;
+pub mod application;
 pub mod auth;
-pub mod bench;
-pub mod cascade;
-pub mod catalog;
 pub mod http;
+pub mod process;
+pub mod settings;
 pub mod state;
+pub mod testing;
 
 use std::future::Future;
 use std::time::Duration;
 
+use axum::Router;
 use tokio::net::TcpListener;
+
+pub use application::{Application, BuildOptions};
+pub use settings::{RawSettings, Settings};
 
 /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish,
 /// for at most `drain_timeout`.
 pub async fn serve(
     listener: TcpListener,
-    state: state::AppState,
+    app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain_timeout: Duration,
 ) -> std::io::Result<()> {
@@ -34,7 +42,7 @@ pub async fn serve(
         tracing::info!("shutdown requested: draining in-flight requests");
         let _ = signalled_tx.send(());
     };
-    let app = http::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
     let server = server.into_future();
     tokio::pin!(server);

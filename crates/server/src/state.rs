@@ -1,54 +1,13 @@
-//! The state every handler receives: cheap to clone, a bundle of `Arc`s.
+//! The state of the server's own routes (`/metrics`): the platform's handles plus the
+//! Prometheus handle, which only the server needs.
 
-use std::sync::Arc;
-use std::time::Instant;
-
-use cascade_core::cache::Cache;
-use cascade_core::config::Config;
-use cascade_core::db::Db;
-use cascade_core::identity::{Identity, RateLimiter};
-use cascade_core::redis::Redis;
+use cascade_http::AppState;
 
 use crate::http::metrics::Metrics;
 
-/// One of each: one pool, one Redis client, one cache engine, one configuration, built in `main` and passed
-/// down. Modules never open their own connections.
 #[derive(Clone)]
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub db: Db,
-    /// None when no `REDIS_URL` is configured.
-    pub redis: Option<Redis>,
-    /// The one cache engine: every module reads and invalidates through it.
-    pub cache: Cache,
-    /// Accounts, sessions and tokens.
-    pub identity: Identity,
-    /// Rate limits, shared through Redis (local when Redis is unavailable).
-    pub limiter: RateLimiter,
+pub struct ServerState {
+    pub app: AppState,
     /// The Prometheus recorder's handle, for `GET /metrics`.
     pub metrics: Metrics,
-    pub started: Instant,
-}
-
-impl AppState {
-    pub fn new(
-        config: Config,
-        db: Db,
-        redis: Option<Redis>,
-        cache: Cache,
-        started: Instant,
-    ) -> Self {
-        let identity = Identity::new(&config, db.clone(), cache.clone());
-        let limiter = RateLimiter::new(redis.clone(), cache.clone(), &config.cache.key_prefix);
-        AppState {
-            config: Arc::new(config),
-            db,
-            redis,
-            cache,
-            identity,
-            limiter,
-            metrics: Metrics::install(),
-            started,
-        }
-    }
 }

@@ -835,3 +835,28 @@ async fn sessions_slide_while_used_expire_when_idle_and_are_cleaned_up() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn tokens_and_account_data_are_never_stored_by_caches() {
+    let pg = PgServer::start().await;
+    let server = serve(&pg.fresh_database().await, None, &[]).await;
+    let body = json!({ "username": "nostore", "password": "a long password" });
+    let registered = call(&server, "POST", "/auth/register", None, Some(body.clone())).await;
+    assert_eq!(registered.status, 201, "{}", registered.body);
+    let logged_in = call(&server, "POST", "/auth/login", None, Some(body)).await;
+    let token = access(&logged_in.body);
+    let refreshed = refresh(&server, &logged_in.body["refresh_token"]).await;
+    let me = call(&server, "GET", "/me", Some(&token), None).await;
+    let sessions = call(&server, "GET", "/me/sessions", Some(&token), None).await;
+    let refused = call(&server, "GET", "/me", Some("not-a-token"), None).await;
+    for (what, reply) in [
+        ("register", &registered),
+        ("login", &logged_in),
+        ("refresh", &refreshed),
+        ("/me", &me),
+        ("/me/sessions", &sessions),
+        ("a refused /me", &refused),
+    ] {
+        assert_eq!(reply.header("cache-control"), Some("no-store"), "{what}");
+    }
+}

@@ -1,7 +1,6 @@
 //! End-to-end tests of the `cascade` binary against real PostgreSQL and Redis servers.
 //! One test binary (modules below) so the suite links once.
 
-mod bench;
 mod cache_cli;
 mod common;
 mod config;
@@ -11,6 +10,8 @@ mod health;
 mod identity;
 mod metrics;
 mod migrate;
+mod paused_instance;
 mod prometheus;
+mod seed;
 mod shutdown;
 mod startup;

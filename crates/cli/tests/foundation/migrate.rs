@@ -26,12 +26,12 @@ async fn two_concurrent_migrations_both_succeed_and_apply_once() {
     let db = url.rsplit('/').next().unwrap();
     let client = pg.client(db).await;
     let rows = client
-        .query("SELECT version, count(*) FROM cascade_schema_migrations GROUP BY version ORDER BY version", &[])
+        .query("SELECT module, version, count(*) FROM cascade_schema_migrations GROUP BY module, version ORDER BY module, version", &[])
         .await
         .unwrap();
-    let expected = cascade_core::db::MIGRATIONS.len();
+    let expected = cascade_core::db::CORE_MIGRATIONS.len() + cascade_catalog::MIGRATIONS.len();
     assert_eq!(rows.len(), expected);
-    assert!(rows.iter().all(|r| r.get::<_, i64>(1) == 1));
+    assert!(rows.iter().all(|r| r.get::<_, i64>(2) == 1));
     client
         .query_one("SELECT count(*) FROM cache_entries", &[])
         .await
@@ -55,21 +55,23 @@ async fn an_edited_migration_is_refused() {
     let pg = PgServer::start().await;
     let url = pg.fresh_database().await;
     let config: tokio_postgres::Config = url.parse().unwrap();
-    let original = [cascade_core::db::Migration {
-        version: 1,
-        name: "t",
-        sql: "CREATE TABLE t (a int)",
-    }];
-    let edited = [cascade_core::db::Migration {
-        version: 1,
-        name: "t",
-        sql: "CREATE TABLE t (a bigint)",
-    }];
-    let report = cascade_core::db::migrate_list(&config, &original)
+    let original = [cascade_core::db::Migration::new(
+        "t",
+        1,
+        "t",
+        "CREATE TABLE t (a int)",
+    )];
+    let edited = [cascade_core::db::Migration::new(
+        "t",
+        1,
+        "t",
+        "CREATE TABLE t (a bigint)",
+    )];
+    let report = cascade_core::db::migrate(&config, &[&original])
         .await
         .unwrap();
-    assert_eq!(report.applied, vec![1]);
-    let err = cascade_core::db::migrate_list(&config, &edited)
+    assert_eq!(report.applied.len(), 1);
+    let err = cascade_core::db::migrate(&config, &[&edited])
         .await
         .unwrap_err();
     assert!(

@@ -73,6 +73,7 @@ pub struct Decimal6(i64);
 
 impl Decimal6 {
     pub const SCALE: i64 = 1_000_000;
+    pub const ZERO: Decimal6 = Decimal6(0);
 
     pub fn parse(raw: &str) -> Result<Self, String> {
         let expected = || {

@@ -7,7 +7,9 @@ mod pool;
 use std::time::Duration;
 
 pub use embedded::{EmbeddedPostgres, find_server_binaries};
-pub use migrate::{MIGRATIONS, Migration, MigrationReport, migrate, migrate_list};
+pub use migrate::{
+    CORE_MIGRATIONS, Migration, MigrationId, MigrationReport, check_migrations, migrate,
+};
 pub use pool::{Db, DbHealth, PoolStats, TableStats, error_chain};
 
 /// What went wrong talking to PostgreSQL.

@@ -323,11 +323,13 @@ async fn wait_until_reachable(
 /// Errors that waiting will not fix: the server answered and said no.
 fn is_fatal(err: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
+    // 3D000: the database named in the URL does not exist.
+    let no_database = SqlState::from_code("3D000");
     err.code().is_some_and(|code| {
         [
             SqlState::INVALID_PASSWORD,
             SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
-            SqlState::INVALID_CATALOG_NAME,
+            no_database,
         ]
         .contains(code)
     })

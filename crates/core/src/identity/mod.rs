@@ -131,7 +131,6 @@ pub struct User {
     pub username: String,
     pub email: Option<String>,
     pub tier: String,
-    pub venice_username: Option<String>,
     pub created_at: String,
     pub last_login: Option<String>,
 }
@@ -235,7 +234,7 @@ macro_rules! iso {
 }
 
 const USER_COLUMNS: &str = concat!(
-    "id, username, email, subscription_tier, venice_username, ",
+    "id, username, email, subscription_tier, ",
     iso!("created_at"),
     ", ",
     iso!("last_login")
@@ -247,15 +246,15 @@ fn user_from_row(row: &tokio_postgres::Row) -> User {
         username: row.get(1),
         email: row.get(2),
         tier: row.get(3),
-        venice_username: row.get(4),
-        created_at: row.get(5),
-        last_login: row.get(6),
+        created_at: row.get(4),
+        last_login: row.get(5),
     }
 }
 
 impl Identity {
     pub fn new(config: &Config, db: Db, cache: Cache) -> Identity {
         let secret = config
+            .auth
             .jwt_secret
             .as_ref()
             .map(|s| s.expose().as_bytes().to_vec())
@@ -271,8 +270,8 @@ impl Identity {
                 cache,
                 keys: TokenKeys::new(&secret, &config.auth.issuer, &config.auth.audience),
                 passwords: Passwords::default(),
-                session_ttl: config.session_default_ttl,
-                slide_step: SLIDE_STEP.min(config.session_default_ttl / 10),
+                session_ttl: config.auth.session_default_ttl,
+                slide_step: SLIDE_STEP.min(config.auth.session_default_ttl / 10),
                 access_ttl: config.auth.access_token_ttl,
             }),
         }
@@ -677,6 +676,18 @@ impl Identity {
             .await?
             .ok_or(AuthError::NotFound)?;
         Ok(user_from_row(&row))
+    }
+
+    /// The id of the account named `username` (case-insensitively, as logins match it).
+    pub async fn find_user_id(&self, username: &str) -> Result<Option<i64>, AuthError> {
+        let conn = self.inner.db.conn().await?;
+        let row = conn
+            .query_opt(
+                "SELECT id FROM cascade_users WHERE lower(username) = lower($1)",
+                &[&username],
+            )
+            .await?;
+        Ok(row.map(|row| row.get(0)))
     }
 
     /// Changes a user's tier; every cached session of theirs is dropped so the new tier

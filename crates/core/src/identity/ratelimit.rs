@@ -175,6 +175,7 @@ mod tests {
         let config = CacheConfig {
             backend: CacheBackend::Memory,
             ttls: Default::default(),
+            key_names: Default::default(),
             default_ttl: Duration::from_secs(60),
             cleanup_interval: Duration::from_secs(60),
             key_prefix: "test:".into(),

@@ -8,8 +8,6 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::state::AppState;
-
 const PAGE: &str = include_str!("dashboard.html");
 
 /// The page may run its inline script and style and fetch from this origin only: a browser
@@ -17,7 +15,7 @@ const PAGE: &str = include_str!("dashboard.html");
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; \
      style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'";
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router {
     Router::new().route("/dashboard", get(dashboard))
 }
 

@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
-use crate::state::AppState;
+use cascade_http::AppState;
 
 /// How long a health probe may take before the dependency counts as down.
 const PROBE_DEADLINE: Duration = Duration::from_secs(2);

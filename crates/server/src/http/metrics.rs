@@ -21,7 +21,9 @@ use cascade_core::metrics as m;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::state::AppState;
+use cascade_http::AppState;
+
+use crate::state::ServerState;
 
 /// How long the scrape-time probes of PostgreSQL and the table statistics may take.
 const PROBE_DEADLINE: Duration = Duration::from_secs(1);
@@ -108,23 +110,23 @@ impl Metrics {
     }
 }
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<ServerState> {
     Router::new().route("/metrics", get(scrape))
 }
 
 #[tracing::instrument(skip_all)]
-async fn scrape(State(state): State<AppState>) -> Response {
+async fn scrape(State(state): State<ServerState>) -> Response {
     let tables = async {
         if state.metrics.tables_due() {
-            Some(state.db.table_stats(PROBE_DEADLINE).await)
+            Some(state.app.db.table_stats(PROBE_DEADLINE).await)
         } else {
             None
         }
     };
     let (pg, tables, ()) = tokio::join!(
-        state.db.health(PROBE_DEADLINE),
+        state.app.db.health(PROBE_DEADLINE),
         tables,
-        refresh_redis(&state)
+        refresh_redis(&state.app)
     );
     refresh_postgres(&pg);
     match tables {
@@ -132,7 +134,7 @@ async fn scrape(State(state): State<AppState>) -> Response {
         Some(Err(err)) => tracing::debug!(error = %err, "table statistics unavailable"),
         None => {}
     }
-    refresh_cache(&state.cache);
+    refresh_cache(&state.app.cache);
     (
         [(
             header::CONTENT_TYPE,

@@ -8,7 +8,7 @@ use axum::http::{HeaderName, Request, Response, StatusCode, header};
 use axum::response::IntoResponse;
 use serde_json::json;
 
-use super::error::code_for_status;
+use cascade_http::error::code_for_status;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 

@@ -1,0 +1,255 @@
+//! The CASCADE application's settings (seeds 000 and 001): the Venice ledger, the ducat/USD
+//! bridge, consciousness, Stripe. Parsed with the platform's [`Parser`], so a bad value here is
+//! reported together with every other configuration problem.
+
+use std::time::Duration;
+
+use cascade_core::config::{Decimal6, Namespace, Parser, Secret};
+
+/// Seed 001's Venice citizen data, cached (`cascade:venice:{endpoint}:{params}`).
+pub const VENICE: &str = "venice";
+/// Consciousness patterns (seed 001), living `CONSCIOUSNESS_CACHE_TTL`.
+pub const PATTERNS: &str = "patterns";
+
+/// The CASCADE application's settings, as text.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RawAppConfig {
+    /// Base URL of the Venice citizen ledger API [default: https://serenissima.ai/api].
+    #[arg(long, env = "VENICE_API_URL", global = true)]
+    pub venice_api_url: Option<String>,
+    /// Bearer key of the Venice API.
+    #[arg(long, env = "VENICE_API_KEY", global = true, hide_env_values = true)]
+    pub venice_api_key: Option<String>,
+    /// USD value of one ducat [default: 0.10].
+    #[arg(long, env = "DUCAT_TO_USD_RATE", global = true)]
+    pub ducat_to_usd_rate: Option<String>,
+    /// Fee of a ducat/USD exchange, in percent [default: 2.5].
+    #[arg(long, env = "TRANSACTION_FEE_PERCENT", global = true)]
+    pub transaction_fee_percent: Option<String>,
+    /// Smallest accepted investment in USD [default: 100].
+    #[arg(long, env = "MIN_INVESTMENT_USD", global = true)]
+    pub min_investment_usd: Option<String>,
+    /// Seconds between background syncs of consciousness patterns [default: 30].
+    #[arg(long, env = "CONSCIOUSNESS_SYNC_INTERVAL", global = true)]
+    pub consciousness_sync_interval: Option<String>,
+    /// TTL of the `patterns` cache namespace, seconds [default: 300].
+    #[arg(long, env = "CONSCIOUSNESS_CACHE_TTL", global = true)]
+    pub consciousness_cache_ttl: Option<String>,
+    /// Consciousness level from which a session counts as verified, in [0, 1] [default: 0.8].
+    #[arg(long, env = "VERIFICATION_THRESHOLD", global = true)]
+    pub verification_threshold: Option<String>,
+    /// Stripe secret key.
+    #[arg(long, env = "STRIPE_API_KEY", global = true, hide_env_values = true)]
+    pub stripe_api_key: Option<String>,
+    /// Secret that signs Stripe webhooks (Stripe-Signature).
+    #[arg(
+        long,
+        env = "STRIPE_WEBHOOK_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    pub stripe_webhook_secret: Option<String>,
+    /// Base URL of the Stripe API [default: https://api.stripe.com].
+    #[arg(long, env = "STRIPE_API_URL", global = true)]
+    pub stripe_api_url: Option<String>,
+}
+
+/// An upstream HTTP API: its base URL and bearer key.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub url: String,
+    pub api_key: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EconomyConfig {
+    pub ducat_to_usd_rate: Decimal6,
+    pub transaction_fee_percent: Decimal6,
+    pub min_investment_usd: Decimal6,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsciousnessConfig {
+    pub sync_interval: Duration,
+    pub cache_ttl: Duration,
+    /// In millionths of 1.0, exact.
+    pub verification_threshold: Decimal6,
+}
+
+#[derive(Debug, Clone)]
+pub struct StripeConfig {
+    pub api_url: String,
+    pub api_key: Option<Secret>,
+    pub webhook_secret: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub venice: UpstreamConfig,
+    pub economy: EconomyConfig,
+    pub consciousness: ConsciousnessConfig,
+    pub stripe: StripeConfig,
+}
+
+impl AppConfig {
+    pub fn parse(p: &mut Parser, raw: &RawAppConfig) -> AppConfig {
+        let venice = UpstreamConfig {
+            url: p.http_url(
+                "VENICE_API_URL",
+                &raw.venice_api_url,
+                "https://serenissima.ai/api",
+            ),
+            api_key: p.secret(&raw.venice_api_key),
+        };
+        let stripe = StripeConfig {
+            api_url: p.http_url(
+                "STRIPE_API_URL",
+                &raw.stripe_api_url,
+                "https://api.stripe.com",
+            ),
+            api_key: p.secret(&raw.stripe_api_key),
+            webhook_secret: p.secret(&raw.stripe_webhook_secret),
+        };
+        let economy = EconomyConfig {
+            ducat_to_usd_rate: p.decimal("DUCAT_TO_USD_RATE", &raw.ducat_to_usd_rate, "0.10"),
+            transaction_fee_percent: p.decimal(
+                "TRANSACTION_FEE_PERCENT",
+                &raw.transaction_fee_percent,
+                "2.5",
+            ),
+            min_investment_usd: p.decimal("MIN_INVESTMENT_USD", &raw.min_investment_usd, "100"),
+        };
+        if economy.ducat_to_usd_rate.millionths() == 0 {
+            p.fail("DUCAT_TO_USD_RATE", "must be greater than zero");
+        }
+        if economy.transaction_fee_percent.millionths() >= 100 * Decimal6::SCALE {
+            p.fail("TRANSACTION_FEE_PERCENT", "must be below 100");
+        }
+        let verification_threshold =
+            p.decimal("VERIFICATION_THRESHOLD", &raw.verification_threshold, "0.8");
+        if verification_threshold.millionths() > Decimal6::SCALE {
+            p.fail("VERIFICATION_THRESHOLD", "must be between 0 and 1");
+        }
+        let consciousness = ConsciousnessConfig {
+            sync_interval: p.positive_duration(
+                "CONSCIOUSNESS_SYNC_INTERVAL",
+                &raw.consciousness_sync_interval,
+                Duration::from_secs(30),
+            ),
+            cache_ttl: p.positive_duration(
+                "CONSCIOUSNESS_CACHE_TTL",
+                &raw.consciousness_cache_ttl,
+                Duration::from_secs(300),
+            ),
+            verification_threshold,
+        };
+        AppConfig {
+            venice,
+            economy,
+            consciousness,
+            stripe,
+        }
+    }
+
+    /// The application's cache namespaces: Venice data 300 s (seed 001), patterns
+    /// `CONSCIOUSNESS_CACHE_TTL`.
+    pub fn namespaces(&self) -> Vec<Namespace> {
+        vec![
+            Namespace::new(VENICE, Duration::from_secs(300)),
+            Namespace::new(PATTERNS, self.consciousness.cache_ttl),
+        ]
+    }
+
+    /// Rows for `cascade config`, secrets redacted.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        let secs = |d: Duration| format!("{}s", d.as_secs_f64());
+        let set = |s: &Option<Secret>| match s {
+            Some(_) => "*** (set)".to_string(),
+            None => "(not set)".to_string(),
+        };
+        vec![
+            ("VENICE_API_URL", self.venice.url.clone()),
+            ("VENICE_API_KEY", set(&self.venice.api_key)),
+            (
+                "DUCAT_TO_USD_RATE",
+                self.economy.ducat_to_usd_rate.to_string(),
+            ),
+            (
+                "TRANSACTION_FEE_PERCENT",
+                self.economy.transaction_fee_percent.to_string(),
+            ),
+            (
+                "MIN_INVESTMENT_USD",
+                self.economy.min_investment_usd.to_string(),
+            ),
+            (
+                "CONSCIOUSNESS_SYNC_INTERVAL",
+                secs(self.consciousness.sync_interval),
+            ),
+            (
+                "CONSCIOUSNESS_CACHE_TTL",
+                secs(self.consciousness.cache_ttl),
+            ),
+            (
+                "VERIFICATION_THRESHOLD",
+                self.consciousness.verification_threshold.to_string(),
+            ),
+            ("STRIPE_API_URL", self.stripe.api_url.clone()),
+            ("STRIPE_API_KEY", set(&self.stripe.api_key)),
+            ("STRIPE_WEBHOOK_SECRET", set(&self.stripe.webhook_secret)),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issue_vars(f: impl FnOnce(&mut RawAppConfig)) -> Vec<&'static str> {
+        let mut raw = RawAppConfig::default();
+        f(&mut raw);
+        let mut p = Parser::new();
+        let config = AppConfig::parse(&mut p, &raw);
+        p.finish(config)
+            .err()
+            .map(|e| e.0.iter().map(|i| i.var).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn economy_values_are_exact_and_bounded() {
+        let mut p = Parser::new();
+        let c = AppConfig::parse(&mut p, &RawAppConfig::default());
+        let c = p.finish(c).unwrap();
+        assert_eq!(c.economy.ducat_to_usd_rate.millionths(), 100_000);
+        assert_eq!(
+            issue_vars(|r| r.verification_threshold = Some("1.5".into())),
+            vec!["VERIFICATION_THRESHOLD"]
+        );
+        assert_eq!(
+            issue_vars(|r| r.ducat_to_usd_rate = Some("0".into())),
+            vec!["DUCAT_TO_USD_RATE"]
+        );
+        assert_eq!(
+            issue_vars(|r| r.venice_api_url = Some("ftp://x".into())),
+            vec!["VENICE_API_URL"]
+        );
+    }
+
+    #[test]
+    fn patterns_live_as_long_as_consciousness_cache_ttl_says() {
+        let mut p = Parser::new();
+        let raw = RawAppConfig {
+            consciousness_cache_ttl: Some("45".into()),
+            ..RawAppConfig::default()
+        };
+        let c = AppConfig::parse(&mut p, &raw);
+        let patterns = c
+            .namespaces()
+            .into_iter()
+            .find(|n| n.name == PATTERNS)
+            .unwrap();
+        assert_eq!(patterns.ttl, Some(Duration::from_secs(45)));
+        assert!(p.finish(()).is_ok());
+    }
+}

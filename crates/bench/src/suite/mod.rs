@@ -1,0 +1,262 @@
+//! The whole benchmark suite, in one run, on this machine (`cascade-bench`, `bench/run`).
+//!
+//! It starts what it needs (a private PostgreSQL, a private `redis-server`, and
+//! `cascade-bench serve` as a separate process), seeds a catalog, and measures each scenario
+//! with `wrk` (throughput and latency) or, where correctness is measured too, with its own
+//! client:
+//!
+//! | scenario | what |
+//! |---|---|
+//! | baseline | the same server stack returning a fixed body of the size of an asset (the ceiling) |
+//! | hot reads | `GET /listings/{id}` over a small warm set (all hits) |
+//! | miss-heavy reads | `GET /listings/{id}` walking every asset |
+//! | PostgreSQL reads | the same query as `GET /listings/{id}`, straight to PostgreSQL, no cache |
+//! | bundle depth 3 | `GET /bundle?versionId=…&depth=3` over a warm set, and straight to PostgreSQL |
+//! | writes | `PATCH /listings/{id}`: a write plus its invalidations |
+//! | stampede | 1000 concurrent requests for one cold key: PostgreSQL queries counted |
+//! | Redis outage | Redis killed for 10 s under load: failed requests, stale reads, recovery |
+//! | PostgreSQL restart | PostgreSQL stopped for 10 s under load: how fast refusals come, no acknowledged write lost, recovery |
+//!
+//! Every scenario is one function taking the [`Suite`] (the running servers, the suite's
+//! client, the seeded versions), so one can be changed or added without reading the others.
+//! The table is printed and written to `<out>/results.{json,md}`.
+
+mod client;
+mod pg_restart;
+mod redis_outage;
+mod report;
+mod server;
+mod stampede;
+mod throughput;
+mod wrk;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cascade_core::db::EmbeddedPostgres;
+use cascade_server::{Application, BuildOptions, Settings};
+use cascade_testkit::RedisServer;
+
+use self::client::Client;
+use self::report::Report;
+use self::server::ServerProc;
+use self::wrk::Wrk;
+use crate::statements::{self, Statements};
+
+/// What the suite was asked to do.
+pub struct Options {
+    /// A few seconds in all: small catalog, short runs. For CI, so the suite cannot rot.
+    pub quick: bool,
+    pub assets: Option<usize>,
+    pub seconds: Option<u64>,
+    pub connections: usize,
+    pub out: PathBuf,
+}
+
+/// The account that owns the seeded producers, so the suite's writes are authorised as a
+/// user's would be.
+const BENCH_ACCOUNT: &str = "bench";
+
+/// What every scenario works with. Fields drop in declaration order, so on an early error
+/// the server stops before the PostgreSQL and Redis it depends on.
+struct Suite {
+    /// Held, not read: dropping it stops the server.
+    _server: ServerProc,
+    /// The suite's own requests, authorised as [`BENCH_ACCOUNT`].
+    client: Client,
+    wrk: Wrk,
+    /// PostgreSQL's own count of the catalog's statements; `None` without pg_stat_statements.
+    statements: Option<Statements>,
+    redis: RedisServer,
+    /// The embedded PostgreSQL (what `cascade serve` starts without DATABASE_URL: default
+    /// settings, fsync on, a clean "fast" stop), which the restart scenario stops and starts
+    /// in place. The test kit's `PgServer` (fsync off, 16 MB of shared buffers, SIGKILL) would
+    /// measure a different database and a crash rather than a restart.
+    pg: EmbeddedPostgres,
+    pg_dir: PathBuf,
+    /// Every seeded version, in order.
+    ids: Vec<String>,
+    /// 100 versions spread over the catalog, read warm by the hot scenarios.
+    hot: Vec<String>,
+    quick: bool,
+}
+
+pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
+    let wrk = which("wrk")
+        .context("wrk is not installed: run bench/run (it installs it), or apt-get install wrk")?;
+    let assets = options
+        .assets
+        .unwrap_or(if options.quick { 2_000 } else { 100_000 });
+    let seconds = options
+        .seconds
+        .unwrap_or(if options.quick { 2 } else { 10 });
+    let work = options.out.join("work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    eprintln!(
+        "bench: {assets} assets, {seconds}s per scenario, {} connections",
+        options.connections
+    );
+    let mut suite = Suite::start(&options, &work, wrk, seconds).await?;
+    eprintln!("bench: seeding {assets} assets");
+    suite.seed(assets).await?;
+
+    let mut rows = throughput::run(&suite).await?;
+    rows.push(stampede::run(&suite).await?);
+    rows.push(redis_outage::run(&mut suite).await?);
+    rows.push(pg_restart::run(&mut suite).await?);
+
+    let report = Report {
+        assets,
+        seconds,
+        connections: options.connections,
+        quick: options.quick,
+        rows,
+    };
+    println!("{}", report.markdown());
+    report.write(&options.out)?;
+    eprintln!("bench: wrote {}/results.{{md,json}}", options.out.display());
+    drop(suite);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(ExitCode::SUCCESS)
+}
+
+impl Suite {
+    /// PostgreSQL (counting statements when it can) and Redis of our own, then the server on
+    /// them, and the bench account registered.
+    async fn start(
+        options: &Options,
+        work: &Path,
+        wrk: PathBuf,
+        seconds: u64,
+    ) -> anyhow::Result<Suite> {
+        let pg_dir = work.join("pg");
+        let mut pg = EmbeddedPostgres::start(&pg_dir, Duration::from_secs(120)).await?;
+        let statements = if statements::preload(&mut pg, &pg_dir).await? {
+            Statements::open(&pg.pg_config()).await?
+        } else {
+            None
+        };
+        if statements.is_none() {
+            eprintln!("bench: pg_stat_statements unavailable; counting the cache's loads instead");
+        }
+        let redis = RedisServer::start().await;
+        let mut server = ServerProc::start(work, &pg.url(), &redis.url())?;
+        server.wait_ready(Duration::from_secs(120)).await?;
+        let mut client = Client::new(&server.base)?;
+        client.register(BENCH_ACCOUNT).await?;
+        let wrk = Wrk {
+            bin: wrk,
+            base: server.base.clone(),
+            work: work.to_path_buf(),
+            seconds,
+            connections: options.connections,
+            token: client.token.clone(),
+        };
+        Ok(Suite {
+            _server: server,
+            client,
+            wrk,
+            statements,
+            redis,
+            pg,
+            pg_dir,
+            ids: Vec::new(),
+            hot: Vec::new(),
+            quick: options.quick,
+        })
+    }
+
+    /// Seeds `assets` owned by the bench account (through the application `cascade seed`
+    /// builds, in this process), then reads the hot set once so it is cached.
+    async fn seed(&mut self, assets: usize) -> anyhow::Result<()> {
+        let settings = Settings::from_vars(&[
+            ("DATABASE_URL", self.pg.url()),
+            // Signs nothing (the seed issues no token); set so the application does not warn.
+            (
+                "JWT_SECRET",
+                format!("{:032x}", fastrand::u128(..)).repeat(2),
+            ),
+        ])
+        .map_err(anyhow::Error::msg)?;
+        let app = Application::build(settings, BuildOptions { migrate: false }).await?;
+        let seeded = seed_catalog(&app, assets).await;
+        let ids = match seeded {
+            Ok(()) => versions(&app).await,
+            Err(err) => Err(err),
+        };
+        app.stop().await;
+        self.ids = ids?;
+        if self.ids.len() < 100 {
+            bail!(
+                "the seed produced {} assets; expected {assets}",
+                self.ids.len()
+            );
+        }
+        let step = self.ids.len() / 100;
+        self.hot = self.ids.iter().step_by(step).take(100).cloned().collect();
+        for id in &self.hot {
+            self.client.get_ok(&format!("/listings/{id}")).await?;
+            self.client
+                .get_ok(&format!("/bundle?versionId={id}&depth=3"))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// How long the outage scenarios keep a server down.
+    fn outage(&self) -> Duration {
+        Duration::from_secs(if self.quick { 2 } else { 10 })
+    }
+
+    /// Calls so far of the statements tagged `tag`, when PostgreSQL counts them.
+    async fn calls(&self, tag: &str) -> anyhow::Result<Option<u64>> {
+        match &self.statements {
+            Some(statements) => Ok(Some(statements.calls(tag).await?)),
+            None => Ok(None),
+        }
+    }
+}
+
+async fn seed_catalog(app: &Application, assets: usize) -> anyhow::Result<()> {
+    let owner = app
+        .state
+        .identity
+        .find_user_id(BENCH_ACCOUNT)
+        .await?
+        .with_context(|| format!("no account {BENCH_ACCOUNT:?} to own the seeded producers"))?;
+    let options = cascade_catalog::seed::SeedOptions {
+        assets,
+        producers: 20,
+        seed: 42,
+        reset: false,
+        owner: Some(owner),
+    };
+    cascade_catalog::seed::seed(&app.state.db, &options)
+        .await
+        .context("seeding the catalog")?;
+    Ok(())
+}
+
+async fn versions(app: &Application) -> anyhow::Result<Vec<String>> {
+    Ok(app
+        .state
+        .db
+        .conn()
+        .await?
+        .query("SELECT version_id FROM assets ORDER BY version_id", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|path| path.is_file())
+}

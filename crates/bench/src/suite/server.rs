@@ -1,0 +1,87 @@
+//! The server under test: `cascade-bench serve` (this binary) as a child process, so the
+//! load the suite generates and the server do not share a runtime, and so a scenario can take
+//! PostgreSQL or Redis away from a server that does not know it is being measured.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::client::Client;
+
+/// The running server; stopped (SIGTERM, then SIGKILL after 20 s) on drop.
+pub struct ServerProc {
+    pub base: String,
+    child: Child,
+    /// Its stderr: the first place to look when a scenario fails.
+    log: PathBuf,
+}
+
+impl ServerProc {
+    /// Starts it on a free loopback port, on the suite's PostgreSQL and Redis.
+    pub fn start(work: &Path, database_url: &str, redis_url: &str) -> anyhow::Result<Self> {
+        let port = cascade_testkit::free_port();
+        let log = work.join("server.log");
+        let child = Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .env("DATABASE_URL", database_url)
+            .env("REDIS_URL", redis_url)
+            .env("PORT", port.to_string())
+            .env("HOST", "127.0.0.1")
+            .env("RATE_LIMIT_API", "off")
+            // The bench account's one token must outlive the longest run.
+            .env("ACCESS_TOKEN_TTL", "24h")
+            .env("SESSION_DEFAULT_TTL", "24h")
+            .env("PG_POOL_MAX", "32")
+            .env("REDIS_TIMEOUT", "250ms")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting cascade-bench serve")?;
+        Ok(ServerProc {
+            base: format!("http://127.0.0.1:{port}"),
+            child,
+            log,
+        })
+    }
+
+    /// Waits until `/health` answers; fails at once, with its log, if the server exits.
+    pub async fn wait_ready(&mut self, bound: Duration) -> anyhow::Result<()> {
+        let client = Client::new(&self.base)?;
+        let deadline = Instant::now() + bound;
+        while client.get_ok("/health").await.is_err() {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "cascade-bench serve exited with {status}:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "cascade-bench serve did not answer within {bound:?}; see {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        // SIGTERM lets it drain and stop its tasks, as in production.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

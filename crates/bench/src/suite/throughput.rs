@@ -1,0 +1,186 @@
+//! The throughput scenarios, all measured by wrk against the same server in the same run, so
+//! each can be compared with the baseline (a fixed body of an asset's size through the same
+//! middleware): what the cache costs and saves, next to the same reads straight to PostgreSQL.
+
+use cascade_core::metrics;
+use serde_json::Value;
+
+use super::Suite;
+use super::report::Row;
+use crate::statements;
+
+/// One wrk run: `paths` cycled through by every connection; with `namespace`, the cache
+/// counters of that namespace and the catalog statements PostgreSQL ran go into the notes.
+struct Scenario {
+    name: &'static str,
+    namespace: Option<&'static str>,
+    paths: Vec<String>,
+    /// `None` for GET.
+    method: Option<&'static str>,
+}
+
+/// Every throughput scenario, the baseline first, with throughput relative to it.
+pub(super) async fn run(suite: &Suite) -> anyhow::Result<Vec<Row>> {
+    let body_size = suite
+        .client
+        .get_ok(&format!("/listings/{}", suite.hot[0]))
+        .await?
+        .len();
+    let mut rows = Vec::new();
+    for scenario in scenarios(suite, body_size) {
+        rows.push(scenario.run(suite).await?);
+    }
+    // Ratios compare like with like: wrk against the same server, same run.
+    let baseline = rows[0].req_per_sec;
+    if baseline > 0.0 {
+        for row in &mut rows {
+            row.ratio_to_baseline = Some(row.req_per_sec / baseline);
+        }
+    }
+    Ok(rows)
+}
+
+fn scenarios(suite: &Suite, body_size: usize) -> Vec<Scenario> {
+    let (hot, ids) = (&suite.hot, &suite.ids);
+    let get = |name, namespace, paths| Scenario {
+        name,
+        namespace,
+        paths,
+        method: None,
+    };
+    vec![
+        get(
+            "baseline (fixed body, same stack)",
+            None,
+            vec![format!("/bench/fixed/{body_size}")],
+        ),
+        get(
+            "hot reads GET /listings/{id}",
+            Some("assets"),
+            paths("/listings/", hot),
+        ),
+        get(
+            "PostgreSQL reads, same query, no cache",
+            None,
+            paths("/bench/pg/listings/", hot),
+        ),
+        get(
+            "miss-heavy reads GET /listings/{id}",
+            Some("assets"),
+            paths("/listings/", ids),
+        ),
+        get(
+            "bundle depth 3 GET /bundle",
+            Some("bundles"),
+            bundle_paths("/bundle", hot),
+        ),
+        get(
+            "bundle depth 3, straight to PostgreSQL",
+            None,
+            bundle_paths("/bench/pg/bundle", hot),
+        ),
+        Scenario {
+            name: "writes PATCH /listings/{id}",
+            namespace: None,
+            paths: paths("/listings/", ids),
+            method: Some("PATCH"),
+        },
+    ]
+}
+
+impl Scenario {
+    async fn run(&self, suite: &Suite) -> anyhow::Result<Row> {
+        let client = &suite.client;
+        let blind_before = client.metric(metrics::BUS_BLIND_WAITS).await?;
+        let Some(namespace) = self.namespace else {
+            let mut row = suite.wrk.run(self.name, &self.paths, self.method).await?;
+            if self.method.is_some() {
+                // Writes wait for the bus: say how often it could not count acknowledgements.
+                let blind = client.metric(metrics::BUS_BLIND_WAITS).await? - blind_before;
+                row.notes = format!(
+                    "{blind:.0} invalidations waited the bus's whole trust window (this instance did not hear the bus)"
+                );
+            }
+            return Ok(row);
+        };
+        let before = client.cache_stats(namespace).await?;
+        let ran_before = suite.calls(statements::CATALOG).await?;
+        let mut row = suite.wrk.run(self.name, &self.paths, self.method).await?;
+        let ran_after = suite.calls(statements::CATALOG).await?;
+        let after = client.cache_stats(namespace).await?;
+        let ran = ran_before.zip(ran_after).map(|(b, a)| a - b);
+        annotate_cache(&mut row, &before, &after, ran);
+        Ok(row)
+    }
+}
+
+fn paths(prefix: &str, ids: &[String]) -> Vec<String> {
+    ids.iter().map(|id| format!("{prefix}{id}")).collect()
+}
+
+fn bundle_paths(route: &str, ids: &[String]) -> Vec<String> {
+    ids.iter()
+        .map(|id| format!("{route}?versionId={id}&depth=3"))
+        .collect()
+}
+
+/// The hit ratio from the engine's counters, and the catalog statements PostgreSQL itself
+/// ran (`statements`, from pg_stat_statements; the engine's loads when it is unavailable).
+fn annotate_cache(row: &mut Row, before: &Value, after: &Value, statements: Option<u64>) {
+    let delta = |field: &str| {
+        after[field]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(before[field].as_u64().unwrap_or(0))
+    };
+    let hits = delta("near_hits") + delta("shared_hits");
+    let lookups = hits + delta("misses");
+    let (queries, counted_by) = match statements {
+        Some(n) => (n, "PostgreSQL statements"),
+        None => (delta("loads"), "cache loads"),
+    };
+    if lookups > 0 {
+        row.notes = format!(
+            "hit ratio {:.1} %, {:.1} {counted_by} per 1000 requests",
+            100.0 * hits as f64 / lookups as f64,
+            1000.0 * queries as f64 / row.requests.max(1) as f64
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn row(requests: u64) -> Row {
+        Row {
+            scenario: "x".into(),
+            requests,
+            req_per_sec: 0.0,
+            p50_ms: 0.0,
+            p99_ms: 0.0,
+            errors: 0,
+            ratio_to_baseline: None,
+            notes: String::new(),
+        }
+    }
+
+    #[test]
+    fn statements_counted_by_postgresql_are_preferred_to_cache_loads() {
+        let before = json!({ "shared_hits": 10, "misses": 0, "loads": 0 });
+        let after = json!({ "shared_hits": 1990, "misses": 20, "loads": 20 });
+        let mut counted = row(2000);
+        annotate_cache(&mut counted, &before, &after, Some(4));
+        assert_eq!(
+            counted.notes,
+            "hit ratio 99.0 %, 2.0 PostgreSQL statements per 1000 requests"
+        );
+        let mut inferred = row(2000);
+        annotate_cache(&mut inferred, &before, &after, None);
+        assert_eq!(
+            inferred.notes,
+            "hit ratio 99.0 %, 10.0 cache loads per 1000 requests"
+        );
+    }
+}

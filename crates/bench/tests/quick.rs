@@ -1,0 +1,221 @@
+//! `cascade-bench --quick` end to end, so the suite cannot rot: it starts its own PostgreSQL,
+//! Redis and server, runs every scenario, and writes the table. The figures themselves are not
+//! asserted (this is a shared 2-core machine); what the suite reports about correctness is.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// `cascade-bench` with a clean environment (only PATH), so no `DATABASE_URL` or `REDIS_URL`
+/// of the machine leaks into the run.
+fn cascade_bench(cwd: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cascade-bench"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .current_dir(cwd)
+        .stdin(Stdio::null());
+    command
+}
+
+/// Runs `command` to completion, with a bound so a hang fails the test instead of the suite.
+/// Its output is read while it runs, so a chatty child cannot block on a full pipe.
+fn run_bounded(mut command: Command, bound: Duration) -> Output {
+    let started = Instant::now();
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cascade-bench");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if started.elapsed() > bound {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "cascade-bench did not exit within {bound:?}; stderr:\n{}",
+                String::from_utf8_lossy(&stderr.join().unwrap_or_default())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+#[test]
+fn quick_bench_runs_every_scenario_and_writes_the_table() {
+    let dir = cascade_testkit::temp_dir("bench");
+    let out = dir.join("bench");
+    let mut command = cascade_bench(&dir);
+    command
+        .args(["--quick", "--connections", "16", "--out"])
+        .arg(&out);
+    let output = run_bounded(command, Duration::from_secs(600));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "cascade-bench --quick failed:\n{stderr}"
+    );
+
+    let results: Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).expect("results.json"))
+            .expect("results.json parses");
+    let rows = results["rows"].as_array().expect("rows");
+    let row = |prefix: &str| -> &Value {
+        rows.iter()
+            .find(|r| r["scenario"].as_str().unwrap_or("").starts_with(prefix))
+            .unwrap_or_else(|| panic!("no row {prefix:?} in {results}"))
+    };
+    for name in [
+        "baseline",
+        "hot reads",
+        "PostgreSQL reads",
+        "miss-heavy reads",
+        "bundle depth 3 GET",
+        "bundle depth 3, straight",
+        "writes",
+    ] {
+        let r = row(name);
+        assert!(r["requests"].as_u64().unwrap() > 0, "{name}: {r}");
+        assert_eq!(r["errors"], 0, "{name}: {r}");
+        assert!(
+            r["ratio_to_baseline"].as_f64().unwrap() > 0.0,
+            "{name}: {r}"
+        );
+    }
+    assert_eq!(row("baseline")["ratio_to_baseline"], 1.0);
+    let hot = row("hot reads")["notes"].as_str().unwrap().to_string();
+    assert!(
+        hot.starts_with("hit ratio 100.0 %"),
+        "hot set is all hits: {hot}"
+    );
+    assert!(
+        hot.contains(", 0.0 PostgreSQL statements per 1000 requests"),
+        "and PostgreSQL ran no catalog statement for it: {hot}"
+    );
+    let misses = row("miss-heavy")["notes"].as_str().unwrap().to_string();
+    assert!(
+        !misses.contains(", 0.0 PostgreSQL statements"),
+        "misses reach PostgreSQL, counted there: {misses}"
+    );
+
+    let stampede = row("cold-key stampede");
+    assert_eq!(stampede["errors"], 0);
+    assert!(
+        stampede["notes"]
+            .as_str()
+            .unwrap()
+            .starts_with("1 PostgreSQL query for 200 requests (pg_stat_statements"),
+        "one load for a cold key: {stampede}"
+    );
+    let outage = row("Redis killed");
+    let notes = outage["notes"].as_str().unwrap();
+    assert!(notes.starts_with("0 failed, 0 stale reads"), "{notes}");
+    assert!(
+        !notes.contains("not within"),
+        "cache hits came back: {notes}"
+    );
+
+    let restart = row("PostgreSQL stopped");
+    let notes = restart["notes"].as_str().unwrap();
+    assert_eq!(restart["errors"], 0, "{notes}");
+    assert!(notes.contains("acknowledged writes lost: 0;"), "{notes}");
+    assert!(notes.contains("other errors: 0;"), "{notes}");
+    assert!(
+        !notes.contains("writes refused with 503: 0 "),
+        "writes were refused: {notes}"
+    );
+    assert!(
+        !notes.contains("not before the end"),
+        "writes came back: {notes}"
+    );
+
+    let markdown = std::fs::read_to_string(out.join("results.md")).expect("results.md");
+    assert!(markdown.contains("| scenario | req/s | p50 ms | p99 ms |"));
+    assert_eq!(
+        markdown.matches("\n| ").count(),
+        rows.len() + 1,
+        "{markdown}"
+    );
+}
+
+#[tokio::test]
+async fn cache_bench_runs_end_to_end_in_quick_mode() {
+    let server = cascade_testkit::RedisServer::start().await;
+    let mut command = cascade_bench(&cascade_testkit::temp_dir("bench-cache"));
+    command
+        .args(["cache", "--ops", "400", "--concurrency", "4"])
+        .env("REDIS_URL", server.url());
+    let out = run_bounded(command, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for case in [
+        "raw Redis GET",
+        "cache hit (Redis tier)",
+        "cache hit (in-process tier",
+        "miss + load + fill",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(case))
+            .unwrap_or_else(|| panic!("no {case} row:\n{stdout}"));
+        assert!(line.contains('×'), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn catalog_bench_runs_end_to_end_in_quick_mode() {
+    let pg = cascade_testkit::PgServer::start().await;
+    let redis = cascade_testkit::RedisServer::start().await;
+    let mut command = cascade_bench(&cascade_testkit::temp_dir("bench-catalog"));
+    command
+        .args(["catalog", "--quick"])
+        .env("DATABASE_URL", pg.fresh_database().await)
+        .env("REDIS_URL", redis.url());
+    let out = run_bounded(command, Duration::from_secs(180));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = |name: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name}")))
+            .unwrap_or_else(|| panic!("no row {name}:\n{stdout}"))
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    let hot = row("asset details, hot set — HTTP + cache");
+    assert_eq!(hot[5], "100.0 %", "a warmed hot set is all hits: {hot:?}");
+    assert_eq!(hot[6], "0", "{hot:?}");
+    let miss = row("asset details, miss-heavy");
+    assert_eq!(miss[6], "1000", "one query per miss: {miss:?}");
+    row("bundle depth 3, hot set — HTTP + cache");
+    row("bundle depth 3, hot set — PostgreSQL direct");
+}

@@ -1,0 +1,53 @@
+//! `/bench/pg/*` (cargo feature `bench-routes`, never in the release binary): the catalog's
+//! reads straight to PostgreSQL, without the cache, so the benchmark measures what the cache
+//! is worth on the same server in the same run.
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::get;
+use cascade_http::ApiError;
+use serde::Deserialize;
+
+use crate::CatalogState;
+use crate::http_cache::{self, respond};
+use crate::queries;
+
+pub fn router() -> Router<CatalogState> {
+    Router::new()
+        .route("/bench/pg/listings/{version}", get(pg_asset))
+        .route("/bench/pg/bundle", get(pg_bundle))
+}
+
+/// `GET /listings/{version}` without the cache: the same statement, the same ETag work.
+async fn pg_asset(
+    State(state): State<CatalogState>,
+    Path(version): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let body = queries::asset(&state.db.conn().await?, &version)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no asset {version}")))?;
+    Ok(respond(&headers, &body, http_cache::ASSET))
+}
+
+#[derive(Deserialize)]
+struct BundleParams {
+    #[serde(rename = "versionId")]
+    version: String,
+    depth: i32,
+}
+
+/// `GET /bundle` without the cache.
+async fn pg_bundle(
+    State(state): State<CatalogState>,
+    Query(params): Query<BundleParams>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let depth = params.depth.clamp(0, 10);
+    let body = queries::bundle(&state.db.conn().await?, &params.version, depth)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no asset {}", params.version)))?;
+    Ok(respond(&headers, &body, http_cache::REVALIDATE))
+}

@@ -1,0 +1,572 @@
+//! The catalog's SQL (tables: `crates/catalog/migrations/0001_catalog.sql`, owners in `0002`).
+//!
+//! Reads return the response body itself, built by PostgreSQL with `json_build_object`: the
+//! bytes go into the cache and out to the client unchanged, and every read is one statement
+//! (one round trip when the statement is already prepared on the connection), which is what
+//! the benchmark counts as "a PostgreSQL query".
+
+use deadpool_postgres::Object;
+use tokio_postgres::Transaction;
+use tokio_postgres::error::SqlState;
+
+use crate::error::CatalogError;
+use crate::listing::ListingQuery;
+use crate::model::{
+    AssetChange, NewAsset, NewPolicy, NewProducer, NewReceipt, Timestamp, VersionId,
+};
+use crate::openlineage::RunEvent;
+
+/// Deepest ancestry walked for readiness (and so for descendant invalidation). Lineage longer
+/// than this is checked up to this depth.
+pub const READY_MAX_DEPTH: i32 = 32;
+/// Deepest `GET /bundle?depth=`.
+pub const BUNDLE_MAX_DEPTH: i32 = 10;
+
+/// One asset row as the API shows it (table alias `a`).
+macro_rules! asset_json {
+    () => {
+        "json_build_object('versionId', a.version_id, 'producerId', a.producer_id, \
+         'name', a.name, 'metadata', a.metadata, \
+         'createdAt', to_char(a.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+         'updatedAt', to_char(a.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))"
+    };
+}
+
+/// The ancestry of `$1` to depth `$2` (0: the version alone) as `members(version_id, depth)`,
+/// each at its shortest distance. `UNION` (not `UNION ALL`) drops repeated (version, depth)
+/// pairs and the depth bound ends the walk, so a cycle in the lineage cannot loop.
+macro_rules! ancestry_cte {
+    () => {
+        "WITH RECURSIVE anc(version_id, depth) AS ( \
+             SELECT $1::text, 0 \
+             UNION \
+             SELECT e.parent_version_id, anc.depth + 1 \
+             FROM anc JOIN lineage_edges e ON e.child_version_id = anc.version_id \
+             WHERE anc.depth < $2 \
+         ), members AS (SELECT version_id, min(depth) AS depth FROM anc GROUP BY version_id) "
+    };
+}
+
+/// Maps PostgreSQL errors a client caused to 4xx; anything else is internal.
+pub fn client_error(err: tokio_postgres::Error, conflict: &str, missing: &str) -> CatalogError {
+    match err.code() {
+        Some(code) if *code == SqlState::UNIQUE_VIOLATION => {
+            CatalogError::Conflict(conflict.into())
+        }
+        Some(code) if *code == SqlState::FOREIGN_KEY_VIOLATION => {
+            CatalogError::NotFound(missing.into())
+        }
+        Some(code)
+            if *code == SqlState::INVALID_DATETIME_FORMAT
+                || *code == SqlState::DATETIME_FIELD_OVERFLOW =>
+        {
+            CatalogError::BadRequest {
+                field: None,
+                message: format!("a date-time is out of range: {}", err),
+            }
+        }
+        _ => internal(err),
+    }
+}
+
+pub fn internal(err: tokio_postgres::Error) -> CatalogError {
+    CatalogError::query(err)
+}
+
+fn text(row: &tokio_postgres::Row) -> Vec<u8> {
+    row.get::<_, String>(0).into_bytes()
+}
+
+/// Registers a producer owned by the account `owner`.
+pub async fn insert_producer(
+    tx: &Transaction<'_>,
+    p: &NewProducer,
+    owner: i64,
+) -> Result<Vec<u8>, CatalogError> {
+    let row = tx
+        .query_one(
+            "INSERT INTO producers (producer_id, name, owner_id) VALUES ($1, $2, $3) \
+             RETURNING json_build_object('producerId', producer_id, 'name', name, \
+               'createdAt', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))::text",
+            &[&p.producer_id.as_str(), &p.name, &owner],
+        )
+        .await
+        .map_err(|e| {
+            client_error(
+                e,
+                &format!("producer {:?} already exists", p.producer_id.as_str()),
+                "",
+            )
+        })?;
+    Ok(text(&row))
+}
+
+pub async fn insert_asset(tx: &Transaction<'_>, a: &NewAsset) -> Result<Vec<u8>, CatalogError> {
+    let row = tx
+        .query_one(
+            concat!(
+                "INSERT INTO assets AS a (version_id, producer_id, name, metadata) \
+                 VALUES ($1, $2, $3, $4) RETURNING ",
+                asset_json!(),
+                "::text"
+            ),
+            &[
+                &a.version_id.as_str(),
+                &a.producer_id.as_str(),
+                &a.name,
+                &a.metadata,
+            ],
+        )
+        .await
+        .map_err(|e| {
+            client_error(
+                e,
+                &format!("asset version {:?} already exists", a.version_id.as_str()),
+                &format!("producer {:?} does not exist", a.producer_id.as_str()),
+            )
+        })?;
+    Ok(text(&row))
+}
+
+/// Whether `user` may change what `producer` publishes: `Ok` for its owner, 404 when there is
+/// no such producer, 403 otherwise. Nothing is locked: producers are never deleted and their
+/// owner never changes once set.
+pub async fn authorize_producer(
+    tx: &Transaction<'_>,
+    producer: &str,
+    user: i64,
+) -> Result<(), CatalogError> {
+    let row = tx
+        .query_opt(
+            "SELECT owner_id FROM producers WHERE producer_id = $1",
+            &[&producer],
+        )
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| CatalogError::NotFound(format!("producer {producer:?} does not exist")))?;
+    owned(row.get(0), user, &format!("producer {producer:?}"))
+}
+
+/// Why a write conditioned on ownership of `version` touched nothing: 404 when there is no
+/// such asset, 403 when it is another account's. (The writes carry the ownership condition
+/// themselves, so the successful path costs no extra query and cannot race a change of the
+/// asset between a check and the write.)
+async fn refusal(tx: &Transaction<'_>, version: &VersionId, user: i64) -> CatalogError {
+    let row = tx
+        .query_opt(
+            "SELECT p.owner_id FROM assets a JOIN producers p USING (producer_id) \
+             WHERE a.version_id = $1",
+            &[&version.as_str()],
+        )
+        .await;
+    match row {
+        Err(err) => internal(err),
+        Ok(None) => CatalogError::NotFound(missing_version(version)),
+        Ok(Some(row)) => owned(
+            row.get(0),
+            user,
+            &format!("asset version {:?}", version.as_str()),
+        )
+        .err()
+        // Owned after all: it was (re)created under the caller's producer meanwhile.
+        .unwrap_or_else(|| CatalogError::NotFound(missing_version(version))),
+    }
+}
+
+/// Ownership, as for the other writes, of every version in `outputs` that is an asset: lineage into a
+/// published version is its owner's to record. Versions not (yet) in the catalog may gain
+/// edges from anyone: pipelines report lineage before or without publishing.
+pub async fn authorize_outputs(
+    tx: &Transaction<'_>,
+    outputs: &[&str],
+    user: i64,
+) -> Result<(), CatalogError> {
+    if outputs.is_empty() {
+        return Ok(());
+    }
+    let rows = tx
+        .query(
+            "SELECT a.version_id, p.owner_id FROM assets a JOIN producers p USING (producer_id) \
+             WHERE a.version_id = ANY($1)",
+            &[&outputs],
+        )
+        .await
+        .map_err(internal)?;
+    for row in &rows {
+        let version: &str = row.get(0);
+        owned(row.get(1), user, &format!("asset version {version:?}"))?;
+    }
+    Ok(())
+}
+
+fn owned(owner: Option<i64>, user: i64, what: &str) -> Result<(), CatalogError> {
+    if owner == Some(user) {
+        Ok(())
+    } else {
+        Err(CatalogError::Forbidden(format!(
+            "{what} belongs to another account"
+        )))
+    }
+}
+
+/// The updated asset, if it is one of `user`'s (404 or 403 otherwise).
+pub async fn update_asset(
+    tx: &Transaction<'_>,
+    version: &VersionId,
+    user: i64,
+    change: &AssetChange,
+) -> Result<Vec<u8>, CatalogError> {
+    let row = tx
+        .query_opt(
+            concat!(
+                "UPDATE assets AS a SET name = coalesce($2, a.name), \
+                 metadata = coalesce($3, a.metadata), updated_at = now() \
+                 WHERE a.version_id = $1 AND a.producer_id IN \
+                   (SELECT producer_id FROM producers WHERE owner_id = $4) RETURNING ",
+                asset_json!(),
+                "::text"
+            ),
+            &[&version.as_str(), &change.name, &change.metadata, &user],
+        )
+        .await
+        .map_err(internal)?;
+    match row {
+        Some(row) => Ok(text(&row)),
+        None => Err(refusal(tx, version, user).await),
+    }
+}
+
+/// Deletes `version`, if it is one of `user`'s (404 or 403 otherwise).
+pub async fn delete_asset(
+    tx: &Transaction<'_>,
+    version: &VersionId,
+    user: i64,
+) -> Result<(), CatalogError> {
+    let deleted = tx
+        .execute(
+            "DELETE FROM assets WHERE version_id = $1 AND producer_id IN \
+               (SELECT producer_id FROM producers WHERE owner_id = $2)",
+            &[&version.as_str(), &user],
+        )
+        .await
+        .map_err(internal)?;
+    if deleted == 1 {
+        Ok(())
+    } else {
+        Err(refusal(tx, version, user).await)
+    }
+}
+
+fn missing_version(version: &VersionId) -> String {
+    format!("asset version {:?} does not exist", version.as_str())
+}
+
+/// A policy for `p.version_id`, if it is one of `user`'s (404 or 403 otherwise).
+pub async fn insert_policy(
+    tx: &Transaction<'_>,
+    p: &NewPolicy,
+    user: i64,
+) -> Result<Vec<u8>, CatalogError> {
+    let expires = p.expires_at.as_ref().map(Timestamp::as_str);
+    let row = tx
+        .query_opt(
+            "INSERT INTO policies (version_id, document, expires_at) \
+             SELECT $1, $2, $3::text::timestamptz \
+             WHERE EXISTS (SELECT 1 FROM assets a JOIN producers o USING (producer_id) \
+                           WHERE a.version_id = $1 AND o.owner_id = $4) \
+             RETURNING json_build_object('policyId', policy_id, 'versionId', version_id, 'document', document, \
+               'createdAt', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+               'expiresAt', to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))::text",
+            &[&p.version_id.as_str(), &p.document, &expires, &user],
+        )
+        .await
+        .map_err(|e| client_error(e, "", &missing_version(&p.version_id)))?;
+    match row {
+        Some(row) => Ok(text(&row)),
+        None => Err(refusal(tx, &p.version_id, user).await),
+    }
+}
+
+/// A receipt for `r.version_id`, if it is one of `user`'s (404 or 403 otherwise).
+pub async fn insert_receipt(
+    tx: &Transaction<'_>,
+    r: &NewReceipt,
+    user: i64,
+) -> Result<Vec<u8>, CatalogError> {
+    let expires = r.expires_at.as_ref().map(Timestamp::as_str);
+    let row = tx
+        .query_opt(
+            "INSERT INTO receipts (version_id, payer, amount, expires_at) \
+             SELECT $1, $2, $3, $4::text::timestamptz \
+             WHERE EXISTS (SELECT 1 FROM assets a JOIN producers o USING (producer_id) \
+                           WHERE a.version_id = $1 AND o.owner_id = $5) \
+             RETURNING json_build_object('receiptId', receipt_id, 'versionId', version_id, 'payer', payer, \
+               'amount', amount, \
+               'createdAt', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+               'expiresAt', to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))::text",
+            &[&r.version_id.as_str(), &r.payer, &r.amount, &expires, &user],
+        )
+        .await
+        .map_err(|e| client_error(e, "", &missing_version(&r.version_id)))?;
+    match row {
+        Some(row) => Ok(text(&row)),
+        None => Err(refusal(tx, &r.version_id, user).await),
+    }
+}
+
+/// Records the event and its edges; returns the event id and the edges that are new.
+pub async fn insert_event(
+    tx: &Transaction<'_>,
+    event: &RunEvent,
+    submitted_by: i64,
+) -> Result<(i64, Vec<(String, String)>), CatalogError> {
+    let row = tx
+        .query_one(
+            "INSERT INTO lineage_event_audit \
+               (run_id, event_type, event_time, job_namespace, job_name, producer, event, submitted_by) \
+             VALUES ($1, $2, $3::text::timestamptz, $4, $5, $6, $7, $8) RETURNING event_id",
+            &[
+                &event.run_id,
+                &event.event_type,
+                &event.event_time.as_str(),
+                &event.job_namespace,
+                &event.job_name,
+                &event.producer,
+                &event.raw,
+                &submitted_by,
+            ],
+        )
+        .await
+        .map_err(|e| match client_error(e, "", "") {
+            CatalogError::BadRequest { message, .. } => CatalogError::bad_request("eventTime", message),
+            other => other,
+        })?;
+    let event_id: i64 = row.get(0);
+    let (parents, children): (Vec<&str>, Vec<&str>) = event
+        .edges
+        .iter()
+        .map(|(p, c)| (p.as_str(), c.as_str()))
+        .unzip();
+    let rows = tx
+        .query(
+            "INSERT INTO lineage_edges (parent_version_id, child_version_id, event_id) \
+             SELECT p, c, $3 FROM unnest($1::text[], $2::text[]) AS t(p, c) \
+             ON CONFLICT DO NOTHING RETURNING parent_version_id, child_version_id",
+            &[&parents, &children, &event_id],
+        )
+        .await
+        .map_err(internal)?;
+    Ok((
+        event_id,
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+    ))
+}
+
+/// `roots` and every version below them (children, grandchildren, …) to `depth` levels;
+/// `None` when there are more than `limit`.
+pub async fn descendants(
+    conn: &Object,
+    roots: &[&str],
+    depth: i32,
+    limit: usize,
+) -> Result<Option<Vec<String>>, CatalogError> {
+    let statement = conn
+        .prepare_cached(
+            "WITH RECURSIVE d(version_id, depth) AS ( \
+                 SELECT unnest($1::text[]), 0 \
+                 UNION \
+                 SELECT e.child_version_id, d.depth + 1 \
+                 FROM d JOIN lineage_edges e ON e.parent_version_id = d.version_id \
+                 WHERE d.depth < $2 \
+             ) SELECT version_id FROM d LIMIT $3",
+        )
+        .await
+        .map_err(internal)?;
+    // Rows are (version, depth) pairs: allow for repeats before concluding there are too many.
+    let row_cap = (limit * 8) as i64;
+    let rows = conn
+        .query(&statement, &[&roots, &depth, &row_cap])
+        .await
+        .map_err(internal)?;
+    if rows.len() as i64 >= row_cap {
+        return Ok(None);
+    }
+    let mut versions: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    versions.sort();
+    versions.dedup();
+    Ok((versions.len() <= limit).then_some(versions))
+}
+
+/// `GET /listings/:versionId`.
+pub async fn asset(conn: &Object, version: &str) -> Result<Option<Vec<u8>>, CatalogError> {
+    let statement = conn
+        .prepare_cached(concat!(
+            "/* catalog:asset */ SELECT ",
+            asset_json!(),
+            "::text FROM assets a WHERE a.version_id = $1"
+        ))
+        .await
+        .map_err(internal)?;
+    let row = conn
+        .query_opt(&statement, &[&version])
+        .await
+        .map_err(internal)?;
+    Ok(row.as_ref().map(text))
+}
+
+/// `GET /listings`: newest first, `{"items": [...], "nextCursor": "..." | null}`.
+pub async fn listings(conn: &Object, query: &ListingQuery) -> Result<Vec<u8>, CatalogError> {
+    let statement = conn
+        .prepare_cached(concat!(
+            "/* catalog:listings */ SELECT ",
+            asset_json!(),
+            "::text, (extract(epoch FROM a.created_at) * 1000000)::bigint, a.version_id \
+             FROM assets a \
+             WHERE ($1::text IS NULL OR a.search @@ websearch_to_tsquery('simple', $1)) \
+               AND ($2::text IS NULL OR a.producer_id = $2) \
+               AND ($3::text IS NULL OR a.created_at >= $3::timestamptz) \
+               AND ($4::text IS NULL OR a.created_at < $4::timestamptz) \
+               AND ($5::bigint IS NULL OR (a.created_at, a.version_id) < \
+                    ('epoch'::timestamptz + $5 * interval '1 microsecond', $6::text)) \
+             ORDER BY a.created_at DESC, a.version_id DESC LIMIT $7"
+        ))
+        .await
+        .map_err(internal)?;
+    let (cursor_us, cursor_id) = match &query.cursor {
+        Some((us, id)) => (Some(*us), Some(id.as_str())),
+        None => (None, None),
+    };
+    let rows = conn
+        .query(
+            &statement,
+            &[
+                &query.q,
+                &query.producer,
+                &query.created_after,
+                &query.created_before,
+                &cursor_us,
+                &cursor_id,
+                &(query.limit + 1),
+            ],
+        )
+        .await
+        .map_err(|e| client_error(e, "", ""))?;
+    let more = rows.len() as i64 > query.limit;
+    let page = &rows[..rows.len().min(query.limit as usize)];
+    let mut body = Vec::with_capacity(64 + page.len() * 256);
+    body.extend_from_slice(b"{\"items\":[");
+    for (i, row) in page.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(row.get::<_, &str>(0).as_bytes());
+    }
+    body.extend_from_slice(b"],\"nextCursor\":");
+    let next = page
+        .last()
+        .filter(|_| more)
+        .map(|row| format!("{}.{}", row.get::<_, i64>(1), row.get::<_, &str>(2)));
+    body.extend_from_slice(
+        serde_json::to_string(&next)
+            .unwrap_or_else(|_| "null".into())
+            .as_bytes(),
+    );
+    body.push(b'}');
+    Ok(body)
+}
+
+/// `GET /bundle`: the asset, its ancestors to `depth` (each with its asset, or `null` when the
+/// lineage names a version the catalog does not have) and the edges between them; `None`
+/// when the asset does not exist.
+pub async fn bundle(
+    conn: &Object,
+    version: &str,
+    depth: i32,
+) -> Result<Option<Vec<u8>>, CatalogError> {
+    let statement = conn
+        .prepare_cached(concat!(
+            "/* catalog:bundle */ ",
+            ancestry_cte!(),
+            "SELECT json_build_object( \
+               'versionId', $1::text, 'depth', $2::int, \
+               'asset', (SELECT ",
+            asset_json!(),
+            " FROM assets a WHERE a.version_id = $1), \
+               'ancestors', (SELECT coalesce(json_agg(json_build_object( \
+                    'versionId', m.version_id, 'depth', m.depth, 'asset', \
+                    CASE WHEN a.version_id IS NULL THEN NULL ELSE ",
+            asset_json!(),
+            " END) ORDER BY m.depth, m.version_id), '[]') \
+                  FROM members m LEFT JOIN assets a ON a.version_id = m.version_id \
+                  WHERE m.depth > 0), \
+               'edges', (SELECT coalesce(json_agg(json_build_object( \
+                    'parent', e.parent_version_id, 'child', e.child_version_id) \
+                    ORDER BY e.child_version_id, e.parent_version_id), '[]') \
+                  FROM members c \
+                  JOIN lineage_edges e ON e.child_version_id = c.version_id AND c.depth < $2 \
+                  JOIN members p ON p.version_id = e.parent_version_id) \
+             )::text WHERE EXISTS (SELECT 1 FROM assets WHERE version_id = $1)"
+        ))
+        .await
+        .map_err(internal)?;
+    let row = conn
+        .query_opt(&statement, &[&version, &depth])
+        .await
+        .map_err(internal)?;
+    Ok(row.as_ref().map(text))
+}
+
+/// `GET /ready`: whether the asset and every ancestor (to `READY_MAX_DEPTH`) is in the catalog
+/// with a valid (unexpired) receipt and policy; which are not, and why. Lineage deeper than
+/// that is not vouched for: `truncated` is true and the answer is not ready. `validUntil` is when
+/// the first receipt or policy this answer relies on expires (the answer may change then
+/// without any write). `None` when the asset does not exist.
+pub async fn readiness(conn: &Object, version: &str) -> Result<Option<Vec<u8>>, CatalogError> {
+    let statement = conn
+        .prepare_cached(concat!(
+            "/* catalog:readiness */ ",
+            ancestry_cte!(),
+            ", checked AS ( \
+               SELECT m.version_id, m.depth, a.version_id IS NOT NULL AS present, \
+                      r.until AS receipt_until, p.until AS policy_until \
+               FROM members m \
+               LEFT JOIN assets a ON a.version_id = m.version_id \
+               LEFT JOIN LATERAL (SELECT max(coalesce(expires_at, 'infinity')) AS until FROM receipts \
+                    WHERE version_id = m.version_id AND (expires_at IS NULL OR expires_at > now())) r ON true \
+               LEFT JOIN LATERAL (SELECT max(coalesce(expires_at, 'infinity')) AS until FROM policies \
+                    WHERE version_id = m.version_id AND (expires_at IS NULL OR expires_at > now())) p ON true \
+             ), validity AS ( \
+               SELECT nullif(least(min(receipt_until), min(policy_until)), 'infinity') AS until FROM checked \
+             ), beyond AS ( \
+               SELECT EXISTS (SELECT 1 FROM members m \
+                 JOIN lineage_edges e ON e.child_version_id = m.version_id \
+                 WHERE m.depth = $2 \
+                   AND NOT EXISTS (SELECT 1 FROM members o WHERE o.version_id = e.parent_version_id) \
+               ) AS truncated \
+             ) \
+             SELECT json_build_object( \
+               'versionId', $1::text, \
+               'ready', bool_and(present AND receipt_until IS NOT NULL AND policy_until IS NOT NULL) \
+                        AND NOT (SELECT truncated FROM beyond), \
+               'checked', count(*), \
+               'truncated', (SELECT truncated FROM beyond), \
+               'missing', coalesce(json_agg(json_build_object( \
+                    'versionId', version_id, 'depth', depth, 'missing', array_remove(ARRAY[ \
+                        CASE WHEN NOT present THEN 'asset' END, \
+                        CASE WHEN receipt_until IS NULL THEN 'receipt' END, \
+                        CASE WHEN policy_until IS NULL THEN 'policy' END], NULL)) \
+                    ORDER BY depth, version_id) \
+                  FILTER (WHERE NOT (present AND receipt_until IS NOT NULL AND policy_until IS NOT NULL)), '[]'), \
+               'validUntil', (SELECT to_char(until AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM validity), \
+               'validUntilMs', (SELECT (extract(epoch FROM until) * 1000)::bigint FROM validity) \
+             )::text FROM checked \
+             HAVING bool_or(version_id = $1 AND present)"
+        ))
+        .await
+        .map_err(internal)?;
+    let row = conn
+        .query_opt(&statement, &[&version, &READY_MAX_DEPTH])
+        .await
+        .map_err(internal)?;
+    Ok(row.as_ref().map(text))
+}

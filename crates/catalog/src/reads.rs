@@ -1,0 +1,178 @@
+//! The catalog's reads, each cache-aside in its namespace (keys and tags: `invalidation.rs`).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde::Deserialize;
+
+use crate::CatalogState;
+use crate::error::CatalogError;
+use crate::http_cache::{self, respond};
+use crate::invalidation::{self as inv, ASSETS, BUNDLES, LISTINGS, READY};
+use crate::listing::{ListingParams, ListingQuery};
+use crate::model::VersionId;
+use crate::queries::{self, BUNDLE_MAX_DEPTH};
+use cascade_http::ApiError;
+
+/// Default `depth` of `GET /bundle`.
+pub const DEFAULT_BUNDLE_DEPTH: i32 = 3;
+
+/// `get_or_load_bytes` with a loader that takes a pool connection.
+async fn cached<F, Fut>(
+    state: &CatalogState,
+    namespace: &str,
+    key: &str,
+    tags: &[String],
+    load: F,
+) -> Result<Option<Arc<[u8]>>, CatalogError>
+where
+    F: FnOnce(CatalogState) -> Fut,
+    Fut: Future<Output = Result<Option<Vec<u8>>, CatalogError>>,
+{
+    let owned = state.clone();
+    let (bytes, _) = state
+        .cache
+        .get_or_load_bytes(namespace, key, tags, || load(owned))
+        .await?;
+    Ok(bytes)
+}
+
+fn not_found(version: &VersionId) -> ApiError {
+    ApiError::NotFound(format!(
+        "asset version {:?} does not exist",
+        version.as_str()
+    ))
+}
+
+/// `GET /listings/:versionId`.
+pub async fn asset(
+    State(state): State<CatalogState>,
+    Path(version): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let version = VersionId::parse("versionId", &version)?;
+    let body = cached(&state, ASSETS, version.as_str(), &[], |state| {
+        let version = version.clone();
+        async move { queries::asset(&state.db.conn().await?, version.as_str()).await }
+    })
+    .await?
+    .ok_or_else(|| not_found(&version))?;
+    Ok(respond(&headers, &body, http_cache::ASSET))
+}
+
+/// `GET /listings?q=&producer=&createdAfter=&createdBefore=&limit=&cursor=`.
+pub async fn listings(
+    State(state): State<CatalogState>,
+    Query(params): Query<ListingParams>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let query = ListingQuery::parse(&params)?;
+    let body = cached(&state, LISTINGS, &query.key(), &[], |state| {
+        let query = query.clone();
+        async move {
+            queries::listings(&state.db.conn().await?, &query)
+                .await
+                .map(Some)
+        }
+    })
+    .await?
+    .ok_or_else(|| {
+        ApiError::Internal(std::io::Error::other("a listing page cannot be absent").into())
+    })?;
+    Ok(respond(&headers, &body, http_cache::LISTINGS))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionParams {
+    version_id: Option<String>,
+    depth: Option<String>,
+}
+
+fn version_param(params: &VersionParams) -> Result<VersionId, ApiError> {
+    let raw = params.version_id.as_deref().ok_or_else(|| {
+        ApiError::bad_request(
+            "versionId",
+            "versionId: required query parameter is missing",
+        )
+    })?;
+    Ok(VersionId::parse("versionId", raw)?)
+}
+
+/// `GET /bundle?versionId=&depth=` (depth 0 to 10, default 3). With `USE_REDIS_BUNDLES=false`
+/// bundles bypass the cache and are assembled from PostgreSQL on every request.
+pub async fn bundle(
+    State(state): State<CatalogState>,
+    Query(params): Query<VersionParams>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let version = version_param(&params)?;
+    let depth = match params.depth.as_deref() {
+        None => DEFAULT_BUNDLE_DEPTH,
+        Some(d) => d
+            .parse::<i32>()
+            .ok()
+            .filter(|d| (0..=BUNDLE_MAX_DEPTH).contains(d))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "depth",
+                    format!("depth: expected a whole number from 0 to {BUNDLE_MAX_DEPTH}"),
+                )
+            })?,
+    };
+    let load = |state: CatalogState| {
+        let version = version.clone();
+        async move { queries::bundle(&state.db.conn().await?, version.as_str(), depth).await }
+    };
+    let body: Option<Arc<[u8]>> = if state.config.use_redis_bundles {
+        let key = inv::bundle_key(version.as_str(), depth);
+        let tags = [inv::tree_tag(version.as_str())];
+        cached(&state, BUNDLES, &key, &tags, load).await?
+    } else {
+        load(state.clone()).await?.map(Arc::from)
+    };
+    let body = body.ok_or_else(|| not_found(&version))?;
+    Ok(respond(&headers, &body, http_cache::REVALIDATE))
+}
+
+/// The part of a readiness answer that says how long it holds.
+#[derive(Deserialize)]
+struct Validity {
+    #[serde(rename = "validUntilMs")]
+    until_ms: Option<u64>,
+}
+
+fn expired(body: &[u8]) -> bool {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    serde_json::from_slice::<Validity>(body)
+        .ok()
+        .and_then(|v| v.until_ms)
+        .is_some_and(|until| until <= now_ms)
+}
+
+/// `GET /ready?versionId=`. A cached answer that relied on a receipt or policy that has
+/// expired since is dropped and recomputed.
+pub async fn ready(
+    State(state): State<CatalogState>,
+    Query(params): Query<VersionParams>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let version = version_param(&params)?;
+    let tags = [inv::tree_tag(version.as_str())];
+    let load = |state: CatalogState| {
+        let version = version.clone();
+        async move { queries::readiness(&state.db.conn().await?, version.as_str()).await }
+    };
+    let mut body = cached(&state, READY, version.as_str(), &tags, load).await?;
+    if body.as_deref().is_some_and(expired) {
+        state.cache.invalidate(READY, version.as_str()).await;
+        body = cached(&state, READY, version.as_str(), &tags, load).await?;
+    }
+    let body = body.ok_or_else(|| not_found(&version))?;
+    Ok(respond(&headers, &body, http_cache::REVALIDATE))
+}

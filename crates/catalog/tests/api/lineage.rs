@@ -1,0 +1,186 @@
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::support::{Catalog, assert_bad_field, get, run_event, send};
+
+#[tokio::test]
+async fn an_openlineage_event_records_edges_from_inputs_to_outputs() {
+    let catalog = Catalog::start(1).await;
+    let answer = catalog.lineage(&["a", "b"], &["c"]).await;
+    assert_eq!(
+        answer["edgesAdded"],
+        json!([{"parent": "a", "child": "c"}, {"parent": "b", "child": "c"}])
+    );
+    // The same event again adds nothing new but is audited.
+    let answer = catalog.lineage(&["a", "b"], &["c"]).await;
+    assert_eq!(answer["edgesAdded"], json!([]));
+    assert_eq!(catalog.count("lineage_event_audit").await, 2);
+    assert_eq!(catalog.count("lineage_edges").await, 2);
+
+    // The dataset-version facet names the version when present.
+    let mut event = run_event(&["x"], &["y"]);
+    event["outputs"][0]["facets"] = json!({"version": {"datasetVersion": "y@42"}});
+    let (status, answer) = send(catalog.base(), Method::POST, "/lineage", Some(event)).await;
+    assert_eq!(status, 201);
+    assert_eq!(
+        answer["edgesAdded"],
+        json!([{"parent": "x", "child": "y@42"}])
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_event_is_refused_naming_the_field_and_writes_nothing() {
+    let catalog = Catalog::start(1).await;
+    type Breakage = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Breakage)> = vec![
+        (
+            "eventTime",
+            Box::new(|e| {
+                e.as_object_mut().unwrap().remove("eventTime");
+            }),
+        ),
+        (
+            "eventTime",
+            Box::new(|e| e["eventTime"] = json!("last tuesday")),
+        ),
+        (
+            // Well-formed, but no such day: refused by PostgreSQL, still named.
+            "eventTime",
+            Box::new(|e| e["eventTime"] = json!("2025-02-30T12:00:00Z")),
+        ),
+        (
+            "eventType",
+            Box::new(|e| e["eventType"] = json!("FINISHED")),
+        ),
+        (
+            "producer",
+            Box::new(|e| {
+                e.as_object_mut().unwrap().remove("producer");
+            }),
+        ),
+        ("schemaURL", Box::new(|e| e["schemaURL"] = json!(7))),
+        (
+            "run.runId",
+            Box::new(|e| e["run"]["runId"] = json!("run-1")),
+        ),
+        (
+            "job.name",
+            Box::new(|e| {
+                e["job"].as_object_mut().unwrap().remove("name");
+            }),
+        ),
+        ("job.namespace", Box::new(|e| e["job"] = json!("etl"))),
+        ("inputs", Box::new(|e| e["inputs"] = json!("a"))),
+        (
+            "outputs",
+            Box::new(|e| e["outputs"][0] = json!({"namespace": "s3"})),
+        ),
+    ];
+    for (field, break_it) in cases {
+        let mut event = run_event(&["a"], &["b"]);
+        break_it(&mut event);
+        let (status, body) = send(catalog.base(), Method::POST, "/lineage", Some(event)).await;
+        assert_bad_field(status, &body, field);
+    }
+    let (status, _) = send(catalog.base(), Method::POST, "/lineage", Some(json!("x"))).await;
+    assert_eq!(status, 400);
+    assert_eq!(catalog.count("lineage_event_audit").await, 0);
+    assert_eq!(catalog.count("lineage_edges").await, 0);
+}
+
+#[tokio::test]
+async fn lineage_cycles_do_not_loop() {
+    let catalog = Catalog::start(1).await;
+    let base = catalog.base();
+    catalog.producer("acme").await;
+    for v in ["a", "b", "c"] {
+        catalog.asset(v, "acme", v).await;
+        catalog.entitle(v).await;
+    }
+    // a → b → c → a, and b → a: cycles of length 3 and 2.
+    catalog.lineage(&["a"], &["b"]).await;
+    catalog.lineage(&["b"], &["c"]).await;
+    catalog.lineage(&["c"], &["a"]).await;
+    catalog.lineage(&["b"], &["a"]).await;
+
+    let started = Instant::now();
+    let (status, bundle) = get(base, "/bundle?versionId=a&depth=10").await;
+    assert_eq!(status, 200, "{bundle}");
+    let mut members: Vec<&str> = bundle["ancestors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["versionId"].as_str().unwrap())
+        .collect();
+    members.sort_unstable();
+    // `a` is its own ancestor through the cycles, but each version appears once, at its
+    // shortest distance: `a` as the asset itself.
+    assert_eq!(members, ["b", "c"]);
+    let (status, ready) = get(base, "/ready?versionId=a").await;
+    assert_eq!(
+        (status, ready["ready"].as_bool()),
+        (200, Some(true)),
+        "{ready}"
+    );
+    assert_eq!(ready["checked"], 3);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[tokio::test]
+async fn an_event_implying_too_many_edges_is_refused_at_once_and_writes_nothing() {
+    let catalog = Catalog::start(1).await;
+    let names = |prefix: &str, n: usize| -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}{i}")).collect()
+    };
+    let (inputs, outputs) = (names("in", 1_000), names("out", 1_000));
+    // 1,000 × 1,000 would be a million edges; it used to be deduplicated by a linear scan on
+    // a worker thread before anything else happened.
+    let started = Instant::now();
+    let (status, body) = send(
+        catalog.base(),
+        Method::POST,
+        "/lineage",
+        Some(run_event(&refs(&inputs), &refs(&outputs))),
+    )
+    .await;
+    assert_bad_field(status, &body, "inputs");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered in {:?}",
+        started.elapsed()
+    );
+    // Within the dataset bound but over the edge bound: 100 × 11.
+    let (status, body) = send(
+        catalog.base(),
+        Method::POST,
+        "/lineage",
+        Some(run_event(&refs(&inputs[..100]), &refs(&outputs[..11]))),
+    )
+    .await;
+    assert_bad_field(status, &body, "outputs");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1000 edges"),
+        "{body}"
+    );
+    assert_eq!(catalog.count("lineage_event_audit").await, 0);
+    assert_eq!(catalog.count("lineage_edges").await, 0);
+    // At the bound it is accepted.
+    let (status, body) = send(
+        catalog.base(),
+        Method::POST,
+        "/lineage",
+        Some(run_event(&refs(&inputs[..100]), &refs(&outputs[..10]))),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(catalog.count("lineage_edges").await, 1_000);
+}

@@ -1,0 +1,11 @@
+//! The catalog module end to end: the real application (`cascade_server::testing::TestApp`,
+//! in-process, one per instance) on a private PostgreSQL and Redis, driven over HTTP.
+
+mod support;
+
+mod bundle;
+mod freshness;
+mod lineage;
+mod listings;
+mod ready;
+mod writes;

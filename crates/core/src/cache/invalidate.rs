@@ -1,0 +1,402 @@
+//! Writes and invalidations, and their replay after a shared-tier outage.
+//!
+//! An invalidation first bumps the engine's epoch and marks what it removes (`k:` key, `t:`
+//! tag, `n:` namespace), then removes: a load that started before can tell it was overtaken
+//! and refuses to install what it read (see `install` in `read.rs`). Invalidations the shared
+//! tier cannot take are remembered ([`Pending`]) and replayed before the shared tier is read
+//! again, so a Redis that was only paused never serves a value invalidated meanwhile.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::breaker::Permit;
+use super::codec::{encode, now_ms};
+use super::stats::{NsCounters, add};
+use super::tier::{SharedTier, TierError};
+use super::{Cache, Inner, MemEntry};
+use crate::shutdown::ShutdownSignal;
+
+/// How many times an invalidation is sent to the shared tier before it is only remembered.
+const DELIVERY_ATTEMPTS: u32 = 3;
+
+/// Entries stored up to this long after an outage ended are revalidated too: the storing and
+/// the reading instance's clocks may differ slightly.
+const CLOCK_SLACK_MS: u64 = 1000;
+
+/// One invalidation to deliver to Redis.
+pub(super) enum Invalidation {
+    Keys(Vec<String>),
+    Tags(Vec<String>),
+}
+
+impl Invalidation {
+    fn record(&self, pending: &mut Pending) {
+        match self {
+            Invalidation::Keys(keys) => pending.keys.extend(keys.iter().cloned()),
+            Invalidation::Tags(tags) => pending.tags.extend(tags.iter().cloned()),
+        }
+    }
+}
+
+/// Invalidations not yet delivered to Redis.
+#[derive(Default)]
+pub(super) struct Pending {
+    keys: HashSet<String>,
+    tags: HashSet<String>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.tags.is_empty()
+    }
+}
+
+impl Inner {
+    /// The shared tier answered. The first answer after an outage starts distrusting entries
+    /// stored before now: invalidations other instances could not deliver meanwhile are not
+    /// known here (a paused Redis comes back with its old data).
+    pub(crate) fn shared_ok(&self) {
+        self.breaker.success();
+        if self.outage.swap(false, Ordering::SeqCst) {
+            self.distrust_before_ms
+                .store(now_ms() + CLOCK_SLACK_MS, Ordering::SeqCst);
+            tracing::info!(
+                "shared cache tier back: entries stored before now are revalidated on read"
+            );
+        }
+    }
+
+    /// The shared tier (or the bus on it) failed.
+    pub(crate) fn note_outage(&self) {
+        self.outage.store(true, Ordering::SeqCst);
+    }
+
+    fn bump(&self, marks: &[String]) {
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        self.invalidated.record(marks, epoch);
+    }
+
+    /// Drops everything from the in-process tier (the bus was lost and is back).
+    pub(crate) fn flush_memory(&self) {
+        self.bump(&[]);
+        if let Some(memory) = &self.memory {
+            self.tag_index.invalidate_all(memory);
+        }
+    }
+
+    /// Applies an invalidation heard on the bus from another instance.
+    pub(crate) fn apply_invalidation(&self, keys: &[String], tags: &[String]) {
+        let marks: Vec<String> = keys
+            .iter()
+            .map(|k| format!("k:{k}"))
+            .chain(tags.iter().map(|t| format!("t:{t}")))
+            .collect();
+        self.bump(&marks);
+        if let Some(memory) = &self.memory {
+            for key in keys {
+                memory.invalidate(key);
+            }
+            self.tag_index.invalidate(memory, tags);
+        }
+    }
+}
+
+impl Cache {
+    /// Stores `value` unconditionally (a write-through), replacing any lease in progress.
+    pub async fn set<T: Serialize>(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: &T,
+        tags: &[String],
+    ) -> Result<(), serde_json::Error> {
+        let bytes = serde_json::to_vec(value)?;
+        let full = self.full_key(namespace, key);
+        let mut all_tags: Vec<String> = tags.to_vec();
+        all_tags.push(format!("ns:{namespace}"));
+        let ttl = self.ttl(namespace);
+        // A set also overtakes loads in flight: they must not install what they read before.
+        self.bump(&[format!("k:{full}")]);
+        if let Some(memory) = &self.inner.memory {
+            self.inner.tag_index.insert(
+                memory,
+                full.clone(),
+                MemEntry {
+                    bytes: Some(bytes.clone().into()),
+                    tags: all_tags.clone().into(),
+                    ttl,
+                    expires_at_ms: now_ms() + ttl.as_millis() as u64,
+                    delta_ms: 0,
+                },
+            );
+        }
+        if let Some(shared) = self.shared_tier().await {
+            let counters = self.inner.stats.ns(namespace);
+            if let Err(err) = shared
+                .store(
+                    &full,
+                    None,
+                    &encode(Some(&bytes), ttl, Duration::ZERO),
+                    ttl,
+                    &all_tags,
+                )
+                .await
+            {
+                self.shared_failed(&counters, &err);
+                self.remember(|p| Invalidation::Keys(vec![full.clone()]).record(p));
+                self.inner.breaker.trip();
+            }
+        }
+        if let Some(bus) = &self.inner.bus {
+            bus.broadcast(vec![full], Vec::new()).await;
+        }
+        Ok(())
+    }
+
+    /// Removes one key. When this returns, no reader gets the old value from this engine's
+    /// tiers, and no load that started before can install it. If Redis cannot be reached the
+    /// invalidation is remembered and delivered before Redis is read again.
+    pub async fn invalidate(&self, namespace: &str, key: &str) {
+        self.invalidate_keys(namespace, &[key]).await;
+    }
+
+    /// [`invalidate`](Self::invalidate) for several keys of one namespace: one shared-tier
+    /// call and one bus message for all of them.
+    pub async fn invalidate_keys(&self, namespace: &str, keys: &[&str]) {
+        if keys.is_empty() {
+            return;
+        }
+        let full: Vec<String> = keys.iter().map(|k| self.full_key(namespace, k)).collect();
+        add(
+            &self.inner.stats.ns(namespace).invalidations,
+            full.len() as u64,
+        );
+        self.forget_keys(&full);
+        if self.inner.shared.is_some() {
+            self.deliver(namespace, Invalidation::Keys(full.clone()))
+                .await;
+            // Again, after the shared tier's delete: a reader that started after the first
+            // bump may have read the old value from the shared tier before the delete; the
+            // second bump refuses its install, the second removal drops it if it got in.
+            self.forget_keys(&full);
+        }
+        if let Some(bus) = &self.inner.bus {
+            bus.broadcast(full, Vec::new()).await;
+        }
+    }
+
+    /// Removes `full` keys from this instance's in-process tier and marks them invalidated.
+    fn forget_keys(&self, full: &[String]) {
+        let marks: Vec<String> = full.iter().map(|k| format!("k:{k}")).collect();
+        self.bump(&marks);
+        if let Some(memory) = &self.inner.memory {
+            for key in full {
+                memory.invalidate(key);
+            }
+        }
+    }
+
+    /// Removes values carrying any of `tags` from the in-process tier and marks the tags.
+    fn forget_tags(&self, tags: &[String]) {
+        let marks: Vec<String> = tags.iter().map(|t| format!("t:{t}")).collect();
+        self.bump(&marks);
+        if let Some(memory) = &self.inner.memory {
+            self.inner.tag_index.invalidate(memory, tags);
+        }
+    }
+
+    /// Removes every value carrying `tag`.
+    pub async fn invalidate_tag(&self, tag: &str) {
+        self.invalidate_tags(&[tag.to_string()]).await;
+    }
+
+    /// Removes every value carrying any of `tags`: one shared-tier call and one bus message
+    /// for all of them, however many (a write that affects many cached answers).
+    pub async fn invalidate_tags(&self, tags: &[String]) {
+        if tags.is_empty() {
+            return;
+        }
+        self.forget_tags(tags);
+        if self.inner.shared.is_some() {
+            self.deliver("tags", Invalidation::Tags(tags.to_vec()))
+                .await;
+            // As for keys: readers that read the shared tier before its delete.
+            self.forget_tags(tags);
+        }
+        if let Some(bus) = &self.inner.bus {
+            bus.broadcast(Vec::new(), tags.to_vec()).await;
+        }
+    }
+
+    /// Removes every value of a namespace.
+    pub async fn invalidate_namespace(&self, namespace: &str) {
+        add(&self.inner.stats.ns(namespace).invalidations, 1);
+        self.bump(&[format!("n:{namespace}")]);
+        self.invalidate_tag(&format!("ns:{namespace}")).await;
+    }
+
+    /// Removes expired rows of the PostgreSQL tier every `interval` until shutdown (a no-op
+    /// loop for the other tiers, which expire entries themselves).
+    pub async fn run_cleanup(self, interval: Duration, mut stop: ShutdownSignal) {
+        let Some(SharedTier::Postgres(pg)) = &self.inner.shared else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = stop.recv() => return,
+                _ = tokio::time::sleep(interval) => match pg.cleanup().await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::debug!(removed, "expired cache rows removed"),
+                    Err(err) => tracing::warn!(error = %err, "cache cleanup failed"),
+                },
+            }
+        }
+    }
+
+    fn bump(&self, marks: &[String]) {
+        self.inner.bump(marks);
+    }
+
+    /// Whether `full` (of `namespace`, carrying `tags`) was invalidated since `epoch`: the
+    /// check a finishing load makes before (and after) it installs what it read.
+    pub(super) fn invalidated_since(
+        &self,
+        epoch: u64,
+        full: &str,
+        namespace: &str,
+        tags: &[String],
+    ) -> bool {
+        if self.inner.epoch.load(Ordering::SeqCst) == epoch {
+            return false;
+        }
+        let marks = [
+            format!("k:{full}"),
+            format!("n:{namespace}"),
+            format!("t:ns:{namespace}"),
+        ];
+        self.inner.invalidated.any_after(
+            epoch,
+            marks
+                .into_iter()
+                .chain(tags.iter().map(|t| format!("t:{t}"))),
+        )
+    }
+
+    fn remember(&self, f: impl FnOnce(&mut Pending)) {
+        let mut pending = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut pending);
+    }
+
+    fn has_pending(&self) -> bool {
+        let pending = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+        !pending.is_empty()
+    }
+
+    pub(super) fn shared_failed(&self, counters: &NsCounters, err: &TierError) {
+        add(&counters.shared_errors, 1);
+        self.inner.outage.store(true, Ordering::SeqCst);
+        if self.inner.breaker.failure() {
+            tracing::warn!(error = %err, "Redis cache tier failing: breaker open, reading through to the source");
+        }
+    }
+
+    /// Sends an invalidation to Redis, or remembers it (and keeps Redis out of reads) when
+    /// Redis cannot take it now.
+    async fn deliver(&self, namespace: &str, what: Invalidation) {
+        let Some(shared) = self.inner.shared.as_ref() else {
+            return;
+        };
+        // An invalidation matters more than a read: it goes to the shared tier even while the
+        // breaker keeps reads away (other instances may be reading it), and is retried a few
+        // times, each under the deadline, before it is only remembered.
+        let mut last = None;
+        for attempt in 0..DELIVERY_ATTEMPTS {
+            let result = match &what {
+                Invalidation::Keys(keys) => shared.invalidate_keys(keys).await,
+                Invalidation::Tags(tags) => shared.invalidate_tags(tags).await.map(|_| ()),
+            };
+            match result {
+                Ok(()) => return,
+                Err(err) => {
+                    tracing::debug!(attempt, error = %err, "invalidation not delivered yet");
+                    last = Some(err);
+                }
+            }
+        }
+        self.remember(|p| what.record(p));
+        if let Some(err) = last {
+            let counters = self.inner.stats.ns(namespace);
+            self.shared_failed(&counters, &err);
+        }
+        // Until it is delivered, the shared tier may hold the old value: stop reading it.
+        self.inner.breaker.trip();
+    }
+
+    /// The Redis tier if it may be used now. Undelivered invalidations are replayed first;
+    /// if that fails, Redis stays out of the way.
+    pub(super) async fn shared_tier(&self) -> Option<&SharedTier> {
+        let shared = self.inner.shared.as_ref()?;
+        match self.inner.breaker.permit() {
+            Permit::Skip => return None,
+            Permit::Call | Permit::Probe => {}
+        }
+        if self.has_pending() && !self.replay_pending(shared).await {
+            self.inner.breaker.abandon_probe();
+            return None;
+        }
+        Some(shared)
+    }
+
+    /// Replays undelivered invalidations if there are any and the breaker lets a call through.
+    pub(crate) async fn replay_if_pending(&self) {
+        if self.has_pending() {
+            let _ = self.shared_tier().await;
+        }
+    }
+
+    async fn replay_pending(&self, shared: &SharedTier) -> bool {
+        let _one = self.inner.replay.lock().await;
+        let (keys, tags) = {
+            let mut p = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+            (std::mem::take(&mut p.keys), std::mem::take(&mut p.tags))
+        };
+        if keys.is_empty() && tags.is_empty() {
+            return true;
+        }
+        let delivered_keys: Vec<String> = keys.iter().cloned().collect();
+        let delivered_tags: Vec<String> = tags.iter().cloned().collect();
+        let mut failed_keys = HashSet::new();
+        let mut failed_tags = HashSet::new();
+        if !keys.is_empty() {
+            let all: Vec<String> = keys.into_iter().collect();
+            if shared.invalidate_keys(&all).await.is_err() {
+                failed_keys.extend(all);
+            }
+        }
+        if !tags.is_empty() {
+            let all: Vec<String> = tags.into_iter().collect();
+            if shared.invalidate_tags(&all).await.is_err() {
+                failed_tags.extend(all);
+            }
+        }
+        let ok = failed_keys.is_empty() && failed_tags.is_empty();
+        if let Some(bus) = &self.inner.bus {
+            // Instances that missed them while the bus was down flushed their tiers when it
+            // came back; this reaches the ones whose bus never dropped.
+            bus.announce(delivered_keys, delivered_tags).await;
+        }
+        if ok {
+            tracing::info!("Redis cache tier back: undelivered invalidations replayed");
+            self.inner.shared_ok();
+        } else {
+            self.remember(|p| {
+                p.keys.extend(failed_keys);
+                p.tags.extend(failed_tags);
+            });
+        }
+        ok
+    }
+}

@@ -1,0 +1,233 @@
+//! Step 2 of the read path: the shared tier, with a lease.
+//!
+//! A lookup either finds the value, or makes this caller the key's one loader cluster-wide
+//! (it holds the lease: it loads and fills), or finds another loader at work: then the caller
+//! polls for that loader's value with backoff, for at most `lease_wait`, and loads itself
+//! (caching nothing) if it does not come. A lease is honoured only while nothing invalidated
+//! the key: an invalidation deletes the lease, and the holder's fill is refused (no stale set).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+
+use super::Source;
+use super::codec::{decode, due_for_refresh, encode};
+use super::read::{Answer, Fill, ReadCtx};
+use super::redis_tier::Lookup;
+use super::stats::add;
+use super::tier::SharedTier;
+
+/// First pause between two polls for another loader's value; it doubles up to
+/// [`MAX_POLL_DELAY`], and polling stops after `EngineOptions::lease_wait` in all.
+const FIRST_POLL_DELAY: Duration = Duration::from_millis(2);
+const MAX_POLL_DELAY: Duration = Duration::from_millis(25);
+
+impl ReadCtx<'_> {
+    /// Step 2: a read through the shared tier. Hits take no lock. The lease makes one loader
+    /// cluster-wide; the local flight lock only keeps this instance's waiters from polling
+    /// the shared tier all at once. The lease holder never takes it (a poller holding it
+    /// waits for that holder).
+    pub(super) async fn through_shared<E, F, Fut>(
+        &self,
+        shared: &SharedTier,
+        loader: F,
+    ) -> Result<Answer, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
+    {
+        let read = SharedRead::begin(self, shared);
+        // Lives until the read returns: a poller that queued on the flight lock keeps it
+        // through its own load, if it ends up loading.
+        let mut backoff = Backoff::new(self.cache.inner.options.lease_wait);
+        loop {
+            match read.lookup().await {
+                Step::Served(value) => return Ok((value, Source::Shared)),
+                Step::Load => return read.load_and_fill(loader).await,
+                Step::Wait { queue } => {
+                    add(&self.counters.lease_waits, 1);
+                    if !backoff.wait(&self.flight, queue).await {
+                        break;
+                    }
+                }
+                Step::GiveUp => break,
+            }
+        }
+        // The shared tier failed or the other loader took too long: load, cache nothing.
+        add(&self.counters.misses, 1);
+        let (loaded, _) = self.timed_load(loader).await?;
+        Ok((loaded.map(Arc::from), Source::Loaded))
+    }
+}
+
+/// What one shared-tier lookup tells the reader to do next.
+enum Step {
+    /// The shared tier answered.
+    Served(Option<Arc<[u8]>>),
+    /// This caller holds the lease: load and fill the shared tier.
+    Load,
+    /// Another caller is loading (or revalidating) the key: poll again. `queue`: before the
+    /// first poll, wait for this instance's flight lock (one poller per key per instance).
+    Wait { queue: bool },
+    /// The shared tier failed or its entry is unreadable: load without caching.
+    GiveUp,
+}
+
+/// A read through the shared tier, from its first lookup on.
+struct SharedRead<'a> {
+    read: &'a ReadCtx<'a>,
+    shared: &'a SharedTier,
+    /// The invalidation epoch before the first lookup: what this read serves or loads is
+    /// installed in process only if nothing it depends on was invalidated since.
+    started_epoch: u64,
+    /// Names this caller's lease, if it gets one: the shared tier takes its fill only while
+    /// the lease is still this token (an invalidation deletes it: no stale set).
+    token: String,
+    lease_ttl: Duration,
+}
+
+impl<'a> SharedRead<'a> {
+    fn begin(read: &'a ReadCtx<'a>, shared: &'a SharedTier) -> Self {
+        SharedRead {
+            read,
+            shared,
+            started_epoch: read.cache.inner.epoch.load(Ordering::SeqCst),
+            token: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+            lease_ttl: read.cache.inner.options.lease_ttl,
+        }
+    }
+
+    async fn lookup(&self) -> Step {
+        let read = self.read;
+        let found = self
+            .shared
+            .lookup(&read.full, &read.all_tags, &self.token, self.lease_ttl)
+            .await;
+        match found {
+            Ok(Lookup::Hit(stored)) => {
+                read.cache.inner.shared_ok();
+                self.on_hit(&stored).await
+            }
+            Ok(Lookup::Lease) => {
+                read.cache.inner.shared_ok();
+                // The lease holder never waits for the local lock: a waiter of this instance
+                // may hold it while polling for the value we are about to load.
+                add(&read.counters.misses, 1);
+                Step::Load
+            }
+            Ok(Lookup::Wait) => Step::Wait { queue: true },
+            Err(err) => {
+                read.cache.shared_failed(&read.counters, &err);
+                Step::GiveUp
+            }
+        }
+    }
+
+    async fn on_hit(&self, stored: &[u8]) -> Step {
+        let read = self.read;
+        let Some(entry) = decode(stored) else {
+            tracing::warn!(key = read.full, "undecodable cache entry; loading");
+            return Step::GiveUp;
+        };
+        // Stored before an outage ended: another instance may have failed to delete it
+        // meanwhile, so it is revalidated before anyone is served it. Early refresh: one
+        // caller reloads a hot key before it expires.
+        let distrust_before = read.cache.inner.distrust_before_ms.load(Ordering::SeqCst);
+        let suspect = entry.stored_at_ms < distrust_before;
+        let refresh =
+            suspect || (read.early && due_for_refresh(entry.expires_at_ms(), entry.delta_ms));
+        if refresh && self.try_lease().await {
+            let counter = if suspect {
+                &read.counters.misses
+            } else {
+                &read.counters.early_refreshes
+            };
+            add(counter, 1);
+            return Step::Load;
+        }
+        if suspect {
+            // Another caller is revalidating it: wait for its value.
+            return Step::Wait { queue: false };
+        }
+        add(&read.counters.shared_hits, 1);
+        if entry.value.is_none() {
+            add(&read.counters.negative_hits, 1);
+        }
+        let value: Option<Arc<[u8]>> = entry.value.map(Arc::from);
+        read.install(self.started_epoch, Fill::stored(value.clone(), &entry));
+        Step::Served(value)
+    }
+
+    /// Takes the lease on a key that has a value (to refresh it); false if another caller
+    /// holds it or the shared tier failed.
+    async fn try_lease(&self) -> bool {
+        let read = self.read;
+        let leased = self
+            .shared
+            .try_lease(&read.full, &read.all_tags, &self.token, self.lease_ttl)
+            .await;
+        matches!(leased, Ok(true))
+    }
+
+    /// The lease holder's work: load, fill the shared tier if the lease still holds, and keep
+    /// a copy in the in-process tier.
+    async fn load_and_fill<E, F, Fut>(&self, loader: F) -> Result<Answer, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
+    {
+        let read = self.read;
+        let (loaded, delta) = read.timed_load(loader).await?;
+        let ttl = read.value_ttl(loaded.is_some());
+        let encoded = encode(loaded.as_deref(), ttl, delta);
+        let stored = self
+            .shared
+            .store(&read.full, Some(&self.token), &encoded, ttl, &read.all_tags)
+            .await;
+        let value: Option<Arc<[u8]>> = loaded.map(Arc::from);
+        match stored {
+            Ok(true) => read.install(self.started_epoch, Fill::fresh(value.clone(), ttl, delta)),
+            Ok(false) => add(&read.counters.stale_sets_refused, 1),
+            Err(err) => read.cache.shared_failed(&read.counters, &err),
+        }
+        Ok((value, Source::Loaded))
+    }
+}
+
+/// Polling for another loader's value: pauses of [`FIRST_POLL_DELAY`] doubling to
+/// [`MAX_POLL_DELAY`], for at most `lease_wait` in all, after which the caller loads itself.
+struct Backoff {
+    until: Instant,
+    delay: Duration,
+    /// This key's flight lock, once this caller queued on it: the other callers of this
+    /// instance queue behind it and find the value when their turn comes.
+    queued: Option<OwnedMutexGuard<()>>,
+}
+
+impl Backoff {
+    fn new(lease_wait: Duration) -> Self {
+        Backoff {
+            until: Instant::now() + lease_wait,
+            delay: FIRST_POLL_DELAY,
+            queued: None,
+        }
+    }
+
+    /// Waits before the next poll; false once `lease_wait` is spent. With `queue`, the first
+    /// wait is for `flight` instead of a pause.
+    async fn wait(&mut self, flight: &Arc<AsyncMutex<()>>, queue: bool) -> bool {
+        if Instant::now() >= self.until {
+            return false;
+        }
+        if queue && self.queued.is_none() {
+            self.queued = Some(flight.clone().lock_owned().await);
+            return true;
+        }
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(MAX_POLL_DELAY);
+        true
+    }
+}

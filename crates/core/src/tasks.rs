@@ -1,0 +1,155 @@
+//! Background tasks, owned: started under one [`Supervisor`], which reports a task that fails
+//! or ends on its own, and on shutdown signals them all and waits for each, for a bounded time.
+//!
+//! Every task is `async fn(..., ShutdownSignal)` that selects on the signal in its loop (the
+//! pool's top-up, the cache's cleanup, session cleanup, metric upkeep, a module's syncs).
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::task::JoinHandle;
+
+use crate::shutdown::{Shutdown, ShutdownSignal};
+
+/// Owns the background tasks of one application.
+pub struct Supervisor {
+    shutdown: Shutdown,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+    /// Tasks that panicked or returned before shutdown, for tests and `/health` to read.
+    failures: Arc<AtomicU64>,
+}
+
+impl Default for Supervisor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Supervisor {
+    pub fn new() -> Supervisor {
+        Supervisor {
+            shutdown: Shutdown::new(),
+            tasks: Vec::new(),
+            failures: Arc::default(),
+        }
+    }
+
+    /// A signal that fires when [`stop`](Self::stop) is called.
+    pub fn signal(&self) -> ShutdownSignal {
+        self.shutdown.signal()
+    }
+
+    /// Starts `task` with its shutdown signal. A panic or an early return is logged with the
+    /// task's name at once (not when the application stops) and counted.
+    pub fn spawn<F, Fut>(&mut self, name: &'static str, task: F)
+    where
+        F: FnOnce(ShutdownSignal) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let signal = self.shutdown.signal();
+        let stopping = self.shutdown.signal();
+        let failures = self.failures.clone();
+        let future = task(signal);
+        let handle = tokio::spawn(async move {
+            match AssertUnwindSafe(future).catch_unwind().await {
+                Ok(()) if stopping.is_triggered() => {}
+                Ok(()) => {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(task = name, "background task ended before shutdown");
+                }
+                Err(panic) => {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(task = name, panic = message, "background task panicked");
+                }
+            }
+        });
+        self.tasks.push((name, handle));
+    }
+
+    /// Tasks that failed so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Names of the tasks started, in order.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.tasks.iter().map(|(name, _)| *name).collect()
+    }
+
+    /// Signals every task and waits for each to finish, `bound` in all; a task still running
+    /// then is aborted and named in the log.
+    pub async fn stop(self, bound: Duration) {
+        self.shutdown.trigger();
+        let deadline = tokio::time::Instant::now() + bound;
+        for (name, mut handle) in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut handle)
+                .await
+                .is_err()
+            {
+                tracing::warn!(task = name, "background task did not stop in time; aborted");
+                handle.abort();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stop_signals_and_joins_every_task() {
+        let mut supervisor = Supervisor::new();
+        let stopped = Arc::new(AtomicU64::new(0));
+        for name in ["a", "b"] {
+            let stopped = stopped.clone();
+            supervisor.spawn(name, |mut signal| async move {
+                signal.recv().await;
+                stopped.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        assert_eq!(supervisor.names(), ["a", "b"]);
+        supervisor.stop(Duration::from_secs(5)).await;
+        assert_eq!(stopped.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_panic_or_an_early_return_is_a_failure() {
+        let mut supervisor = Supervisor::new();
+        supervisor.spawn("panics", |_| async { panic!("boom") });
+        supervisor.spawn("returns", |_| async {});
+        supervisor.spawn("waits", |mut signal| async move { signal.recv().await });
+        for _ in 0..100 {
+            if supervisor.failures() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(supervisor.failures(), 2);
+        let failures = supervisor.failures.clone();
+        supervisor.stop(Duration::from_secs(5)).await;
+        assert_eq!(
+            failures.load(Ordering::Relaxed),
+            2,
+            "a task stopped by shutdown is no failure"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_task_that_ignores_the_signal_is_aborted_after_the_bound() {
+        let mut supervisor = Supervisor::new();
+        supervisor.spawn("stuck", |_| std::future::pending::<()>());
+        let started = std::time::Instant::now();
+        supervisor.stop(Duration::from_millis(100)).await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

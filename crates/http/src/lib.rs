@@ -1,0 +1,21 @@
+//! What a module's router needs from HTTP, below every module so no module imports the server:
+//!
+//! - [`state`]: [`AppState`], the platform's handles (pool, Redis, cache engine, identity,
+//!   rate limiter, configuration) that every handler reaches;
+//! - [`error`]: [`ApiError`], the one error type of the HTTP layer, with its stable code table;
+//! - [`extract`]: [`JsonBody`], the JSON body extractor whose errors name the field;
+//! - [`auth`]: [`CurrentUser`], the authenticated caller, and the rate limits it enforces;
+//! - [`module`]: [`Module`], what an application module hands the server (migrations, router,
+//!   background tasks).
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod module;
+pub mod state;
+
+pub use auth::CurrentUser;
+pub use error::ApiError;
+pub use extract::JsonBody;
+pub use module::Module;
+pub use state::AppState;

@@ -1,0 +1,29 @@
+//! What an application module hands the server.
+//!
+//! A module (the catalog, the CASCADE application, agents) owns its tables, cache namespaces,
+//! configuration, routes and background tasks. Its configuration and cache namespaces are
+//! registered before anything connects (they are part of parsing the configuration, so that
+//! `cascade --help` lists every setting and `CACHE_TTLS_JSON` knows every namespace); what
+//! needs a connection is registered through this trait once the platform is up.
+
+use axum::Router;
+use cascade_core::db::Migration;
+use cascade_core::tasks::Supervisor;
+
+use crate::state::AppState;
+
+pub trait Module: Send + Sync + 'static {
+    /// The module's name: its migrations' version space, and a log field.
+    fn name(&self) -> &'static str;
+
+    /// The module's migrations, in order, numbered in its own version space.
+    fn migrations(&self) -> &'static [Migration] {
+        &[]
+    }
+
+    /// The module's routes, with its own state applied.
+    fn router(&self, state: &AppState) -> Router;
+
+    /// Starts the module's background tasks under `tasks`, which stops them on shutdown.
+    fn start_tasks(&self, _state: &AppState, _tasks: &mut Supervisor) {}
+}

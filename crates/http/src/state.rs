@@ -1,0 +1,52 @@
+//! The platform's handles every handler receives: cheap to clone, a bundle of `Arc`s.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cascade_core::cache::Cache;
+use cascade_core::config::Config;
+use cascade_core::db::Db;
+use cascade_core::identity::{Identity, RateLimiter};
+use cascade_core::redis::Redis;
+
+/// One of each: one pool, one Redis client, one cache engine, one configuration, built once by
+/// the server's `Application` and passed down. Modules never open their own connections; a
+/// module's own state wraps this one (and implements `FromRef` to it, for [`CurrentUser`]).
+///
+/// [`CurrentUser`]: crate::CurrentUser
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Db,
+    /// None when no `REDIS_URL` is configured.
+    pub redis: Option<Redis>,
+    /// The one cache engine: every module reads and invalidates through it.
+    pub cache: Cache,
+    /// Accounts, sessions and tokens.
+    pub identity: Identity,
+    /// Rate limits, shared through Redis (local when Redis is unavailable).
+    pub limiter: RateLimiter,
+    pub started: Instant,
+}
+
+impl AppState {
+    pub fn new(
+        config: Arc<Config>,
+        db: Db,
+        redis: Option<Redis>,
+        cache: Cache,
+        started: Instant,
+    ) -> Self {
+        let identity = Identity::new(&config, db.clone(), cache.clone());
+        let limiter = RateLimiter::new(redis.clone(), cache.clone(), &config.cache.key_prefix);
+        AppState {
+            config,
+            db,
+            redis,
+            cache,
+            identity,
+            limiter,
+            started,
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! One way to build the application, used by `cascade serve`, the seed commands, the
+//! benchmarks and the tests: PostgreSQL (external or embedded) with every module's
+//! migrations, Redis when configured, the cache engine on the backend chosen once, the shared
+//! state, the modules, and the background tasks under one [`Supervisor`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Router;
+use cascade_app::AppModule;
+use cascade_catalog::CatalogModule;
+use cascade_core::cache::{Backend, Cache, EngineOptions};
+use cascade_core::config::{CacheBackend, Config, DatabaseSource};
+use cascade_core::db::{self, CORE_MIGRATIONS, Db, EmbeddedPostgres, Migration, MigrationReport};
+use cascade_core::redis::Redis;
+use cascade_core::shutdown::ShutdownSignal;
+use cascade_core::tasks::Supervisor;
+use cascade_http::{AppState, Module};
+use tokio::net::TcpListener;
+
+use crate::http::metrics::Metrics;
+use crate::settings::Settings;
+use crate::state::ServerState;
+
+/// PostgreSQL as configured: the pool, plus the embedded server when one was started (it is
+/// stopped when this is dropped).
+pub struct Database {
+    pub db: Db,
+    _embedded: Option<EmbeddedPostgres>,
+}
+
+impl Database {
+    /// Connects to the configured PostgreSQL, starting the embedded one when none is set.
+    pub async fn open(config: &Config) -> anyhow::Result<Database> {
+        let (pg_config, address, embedded) = match &config.database.source {
+            DatabaseSource::External {
+                config: pg,
+                address,
+                ..
+            } => ((**pg).clone(), address.clone(), None),
+            DatabaseSource::Embedded { data_dir } => {
+                tracing::info!(dir = %data_dir.display(), "no DATABASE_URL: starting the embedded PostgreSQL");
+                let embedded =
+                    EmbeddedPostgres::start(data_dir, config.database.startup_timeout).await?;
+                (embedded.pg_config(), embedded.address(), Some(embedded))
+            }
+        };
+        let db = Db::connect(&config.database, pg_config, address).await?;
+        Ok(Database {
+            db,
+            _embedded: embedded,
+        })
+    }
+}
+
+/// The modules this server composes, built from their settings.
+pub fn modules(settings: &Settings) -> Vec<Arc<dyn Module>> {
+    vec![
+        Arc::new(CatalogModule::new(settings.catalog.clone())),
+        Arc::new(AppModule {
+            config: settings.app.clone(),
+        }),
+    ]
+}
+
+/// Applies the core's and every module's pending migrations.
+pub async fn migrate(db: &Db, modules: &[Arc<dyn Module>]) -> anyhow::Result<MigrationReport> {
+    let sets: Vec<&[Migration]> = std::iter::once(CORE_MIGRATIONS)
+        .chain(modules.iter().map(|m| m.migrations()))
+        .collect();
+    let report = db::migrate(db.maintenance_config(), &sets)
+        .await
+        .context("applying migrations")?;
+    tracing::info!(
+        applied = ?report.applied,
+        already_applied = report.already_applied.len(),
+        "database schema is up to date"
+    );
+    Ok(report)
+}
+
+/// How to build.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildOptions {
+    /// Apply pending migrations (`cascade serve --no-migrate` turns it off).
+    pub migrate: bool,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions { migrate: true }
+    }
+}
+
+/// The built application: its state, its modules and its running background tasks.
+pub struct Application {
+    pub state: AppState,
+    pub settings: Arc<Settings>,
+    modules: Vec<Arc<dyn Module>>,
+    metrics: Metrics,
+    tasks: Supervisor,
+    database: Database,
+}
+
+impl Application {
+    pub async fn build(settings: Settings, options: BuildOptions) -> anyhow::Result<Application> {
+        let started = Instant::now();
+        let config = &settings.core;
+        let database = Database::open(config).await?;
+        let modules = modules(&settings);
+        if options.migrate {
+            migrate(&database.db, &modules).await?;
+        }
+        let redis = connect_redis(config).await?;
+        if config.auth.jwt_secret.is_none() {
+            tracing::warn!(
+                "JWT_SECRET is not set: tokens are signed with a random key that dies with this process"
+            );
+        }
+        let backend = Backend::choose(&config.cache, redis.as_ref(), &database.db);
+        tracing::info!(backend = ?config.cache.backend, "cache engine ready");
+        let cache = Cache::new(config.cache.clone(), backend, EngineOptions::default());
+        let state = AppState::new(
+            Arc::new(config.clone()),
+            database.db.clone(),
+            redis,
+            cache,
+            started,
+        );
+        let metrics = Metrics::install();
+        let mut tasks = Supervisor::new();
+        start_platform_tasks(&state, &metrics, &mut tasks);
+        for module in &modules {
+            module.start_tasks(&state, &mut tasks);
+        }
+        Ok(Application {
+            state,
+            settings: Arc::new(settings),
+            modules,
+            metrics,
+            tasks,
+            database,
+        })
+    }
+
+    /// The whole HTTP application, every module's routes behind the shared middleware.
+    pub fn router(&self) -> Router {
+        let server = ServerState {
+            app: self.state.clone(),
+            metrics: self.metrics.clone(),
+        };
+        crate::http::app(&server, &self.modules)
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, drains in-flight requests for at most
+    /// `SHUTDOWN_TIMEOUT`, then stops the background tasks and the database.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let drain = self.state.config.http.shutdown_timeout;
+        let served = crate::serve(listener, self.router(), shutdown, drain).await;
+        self.stop().await;
+        Ok(served?)
+    }
+
+    /// Background tasks that panicked or ended before shutdown so far (each also logged).
+    pub fn failed_tasks(&self) -> u64 {
+        self.tasks.failures()
+    }
+
+    /// Stops the background tasks, closes the pool and stops the embedded PostgreSQL.
+    pub async fn stop(self) {
+        self.tasks.stop(Duration::from_secs(10)).await;
+        self.database.db.close();
+        drop(self.database);
+        tracing::info!("stopped");
+    }
+}
+
+async fn connect_redis(config: &Config) -> anyhow::Result<Option<Redis>> {
+    let Some(redis_config) = &config.redis else {
+        tracing::info!("no REDIS_URL: running without Redis (in-process cache tier only)");
+        return Ok(None);
+    };
+    let redis = Redis::new(redis_config)?;
+    let health = redis.health().await;
+    if health.up {
+        tracing::info!(url = redis.display(), "Redis connected");
+    } else {
+        tracing::warn!(
+            url = redis.display(),
+            error = health.error.as_deref().unwrap_or(""),
+            "Redis is not reachable; serving without it and reconnecting in the background"
+        );
+    }
+    Ok(Some(redis))
+}
+
+/// The platform's own upkeep: the pool's minimum, expired cache rows and sessions, metric
+/// histograms.
+fn start_platform_tasks(state: &AppState, metrics: &Metrics, tasks: &mut Supervisor) {
+    let db = state.db.clone();
+    tasks.spawn("pool-maintenance", |stop| pool_maintenance(db, stop));
+    // Redis and the in-process tier expire entries themselves; PostgreSQL's table needs a sweep.
+    if state.config.cache.backend == CacheBackend::Postgres {
+        let cache = state.cache.clone();
+        let interval = state.config.cache.cleanup_interval;
+        tasks.spawn("cache-cleanup", move |stop| {
+            cache.run_cleanup(interval, stop)
+        });
+    }
+    let identity = state.identity.clone();
+    let interval = state.config.auth.session_cleanup_interval;
+    tasks.spawn("session-cleanup", move |stop| {
+        identity.run_cleanup(interval, stop)
+    });
+    let metrics = metrics.clone();
+    tasks.spawn("metrics-upkeep", move |stop| {
+        metrics.run_upkeep(Duration::from_secs(5), stop)
+    });
+}
+
+/// Keeps `PG_POOL_MIN` connections open, so a restarted PostgreSQL gets its warm pool back.
+async fn pool_maintenance(db: Db, mut stop: ShutdownSignal) {
+    loop {
+        tokio::select! {
+            _ = stop.recv() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => db.top_up().await,
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The real application, in-process, for tests: [`TestApp::start`] builds it with
+//! [`Application::build`] from the variables a test names (nothing from the process's
+//! environment or a `.env`), serves it on a free loopback port, and stops it on drop.
+//!
+//! It runs on a runtime and thread of its own, as a separate process would: a test that blocks
+//! its own thread (a `redis-cli` call, a sleep) does not stall the server, and several
+//! instances sharing one PostgreSQL and one Redis behave like several processes.
+
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::{Application, BuildOptions, Settings};
+
+/// A running application; stopped (drained, tasks joined, pool closed) when dropped.
+pub struct TestApp {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestApp {
+    /// Builds and serves the application configured by `vars` (`("DATABASE_URL", url)`, ...).
+    /// Panics with the reason when it cannot start.
+    pub async fn start(vars: &[(&str, String)]) -> TestApp {
+        let settings = Settings::from_vars(vars).unwrap_or_else(|e| panic!("settings: {e}"));
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<String, String>>();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a runtime for the test server");
+            runtime.block_on(async move {
+                let started = async {
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let base = format!(
+                        "http://{}",
+                        listener.local_addr().map_err(|e| e.to_string())?
+                    );
+                    let app = Application::build(settings, BuildOptions::default())
+                        .await
+                        .map_err(|e| format!("{e:#}"))?;
+                    Ok::<_, String>((listener, base, app))
+                };
+                match started.await {
+                    Ok((listener, base, app)) => {
+                        let _ = ready_tx.send(Ok(base));
+                        let stop = async {
+                            let _ = stop_rx.await;
+                        };
+                        if let Err(err) = app.serve(listener, stop).await {
+                            tracing::error!("test server failed: {err:#}");
+                        }
+                    }
+                    Err(err) => {
+                        let _ = ready_tx.send(Err(err));
+                    }
+                }
+            });
+        });
+        let base = match tokio::time::timeout(Duration::from_secs(90), ready_rx).await {
+            Ok(Ok(Ok(base))) => base,
+            Ok(Ok(Err(err))) => panic!("the application did not start: {err}"),
+            Ok(Err(_)) => panic!("the application's thread ended before it started"),
+            Err(_) => panic!("the application did not start within 90 s"),
+        };
+        TestApp {
+            base,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! A database made by the release before module version spaces upgrades in place: its
+//! bookkeeping is re-keyed to `(module, version)`, nothing is applied again, nothing is lost,
+//! and the application serves the old data (and the old password) at once.
+//!
+//! The fixture is a `pg_dump` of what that release's `cascade migrate` and API wrote.
+
+use std::time::Duration;
+
+use cascade_server::application::{self, Database};
+use cascade_server::testing::TestApp;
+use cascade_server::{Application, BuildOptions, Settings};
+use cascade_testkit::PgServer;
+use serde_json::{Value, json};
+
+const OLD_RELEASE: &str = include_str!("fixtures/release-0.1.0-catalog.sql");
+
+async fn old_database(pg: &PgServer) -> (String, String) {
+    let url = pg.fresh_database().await;
+    let name = url.rsplit('/').next().unwrap().to_string();
+    // The dump empties search_path for its session: a connection of its own.
+    pg.client(&name)
+        .await
+        .batch_execute(OLD_RELEASE)
+        .await
+        .unwrap();
+    (url, name)
+}
+
+async fn rows(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing() {
+    let pg = PgServer::start().await;
+    let (url, name) = old_database(&pg).await;
+    let client = pg.client(&name).await;
+    let before = rows(
+        &client,
+        "SELECT format('%s|%s|%s', (SELECT count(*) FROM cascade_users), \
+                (SELECT string_agg(version_id || ':' || name, ',' ORDER BY version_id) FROM assets), \
+                (SELECT string_agg(parent_version_id || '>' || child_version_id, ',') FROM lineage_edges))",
+    )
+    .await;
+    assert_eq!(
+        before,
+        ["1|clean-1:Clean data,raw-1:Raw data|raw-1>clean-1"]
+    );
+
+    let settings = Settings::from_vars(&[("DATABASE_URL", url.clone())]).unwrap();
+    let database = Database::open(&settings.core).await.unwrap();
+    let modules = application::modules(&settings);
+    let report = application::migrate(&database.db, &modules).await.unwrap();
+    assert!(report.applied.is_empty(), "nothing applied again: {report}");
+    assert_eq!(report.legacy_rows_rekeyed, 5, "{report}");
+    let again = application::migrate(&database.db, &modules).await.unwrap();
+    assert!(
+        again.applied.is_empty() && again.legacy_rows_rekeyed == 0,
+        "{again}"
+    );
+    database.db.close();
+
+    let recorded = rows(
+        &client,
+        "SELECT module || '/' || version || ' ' || name FROM cascade_schema_migrations \
+         ORDER BY module, version",
+    )
+    .await;
+    assert_eq!(
+        recorded,
+        [
+            "catalog/1 catalog",
+            "catalog/2 catalog_owners",
+            "core/1 cache_entries",
+            "core/2 cache_leases",
+            "core/3 identity",
+        ]
+    );
+    let after = rows(
+        &client,
+        "SELECT format('%s|%s|%s', (SELECT count(*) FROM cascade_users), \
+                (SELECT string_agg(version_id || ':' || name, ',' ORDER BY version_id) FROM assets), \
+                (SELECT string_agg(parent_version_id || '>' || child_version_id, ',') FROM lineage_edges))",
+    )
+    .await;
+    assert_eq!(after, before);
+
+    // The upgraded database serves: old rows, the old account's password, its ownership.
+    let app = TestApp::start(&[("DATABASE_URL", url), ("RATE_LIMIT_API", "off".to_string())]).await;
+    let http = cascade_core::upstream::http_client(Duration::from_secs(2), Duration::from_secs(10))
+        .unwrap();
+    let asset: Value = http
+        .get(format!("{}/listings/clean-1", app.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(asset["name"], "Clean data");
+    let login: Value = http
+        .post(format!("{}/auth/login", app.base))
+        .json(&json!({"username": "publisher", "password": "correct horse battery staple"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["access_token"]
+        .as_str()
+        .expect("the old password still logs in");
+    let renamed = http
+        .patch(format!("{}/listings/raw-1", app.base))
+        .bearer_auth(token)
+        .json(&json!({"name": "Raw data, renamed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(renamed.status(), 200, "the old owner still owns acme");
+    let ready: Value = http
+        .get(format!("{}/ready?versionId=clean-1", app.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["checked"], 2, "the old lineage is walked: {ready}");
+}
+
+#[tokio::test]
+async fn the_application_builds_once_and_stops_its_tasks() {
+    let pg = PgServer::start().await;
+    let url = pg.fresh_database().await;
+    let settings = Settings::from_vars(&[("DATABASE_URL", url.clone())]).unwrap();
+    let app = Application::build(settings, BuildOptions::default())
+        .await
+        .unwrap();
+    let state = app.state.clone();
+    // Every background task is still running a moment after the start (one that returns at
+    // once, like a cleanup with nothing to clean, would count here).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.failed_tasks(), 0);
+    let stopped = tokio::time::timeout(Duration::from_secs(20), app.stop()).await;
+    assert!(
+        stopped.is_ok(),
+        "every background task stopped within its bound"
+    );
+    assert!(state.db.conn().await.is_err(), "the pool is closed");
+}
