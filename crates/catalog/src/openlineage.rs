@@ -22,7 +22,7 @@ const EVENT_TYPES: &[&str] = &["START", "RUNNING", "COMPLETE", "ABORT", "FAIL", 
 /// Most datasets on either side of one event. Every input is a parent of every output, so the
 /// edges of one event grow as the product: input bounds the work (and the rows written) before
 /// anything else looks at it.
-pub const MAX_DATASETS: usize = 100;
+pub const MAX_DATASETS: usize = 1_000;
 /// Most edges one event may imply (inputs × outputs).
 pub const MAX_EDGES: usize = 1_000;
 
@@ -249,11 +249,21 @@ mod tests {
         assert!(err.to_string().contains("at most 1000 edges"), "{err}");
         assert_eq!(field_of(err).as_deref(), Some("outputs"));
         // 1,000 × 1,000 (the quadratic event that used to freeze a worker) is refused by its
-        // length alone, before any dataset is looked at.
+        // product, before any edge is made; a longer list by its length alone.
         let started = std::time::Instant::now();
         let err = RunEvent::parse(with_datasets(1_000, 1_000)).unwrap_err();
+        assert_eq!(field_of(err).as_deref(), Some("outputs"));
+        let err = RunEvent::parse(with_datasets(MAX_DATASETS + 1, 1)).unwrap_err();
         assert_eq!(field_of(err).as_deref(), Some("inputs"));
         assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        // One input feeding many outputs is fine (a fan-out job).
+        assert_eq!(
+            RunEvent::parse(with_datasets(1, 1_000))
+                .unwrap()
+                .edges
+                .len(),
+            1_000
+        );
     }
 
     #[test]

@@ -138,7 +138,7 @@ async fn an_event_implying_too_many_edges_is_refused_at_once_and_writes_nothing(
     let names = |prefix: &str, n: usize| -> Vec<String> {
         (0..n).map(|i| format!("{prefix}{i}")).collect()
     };
-    let (inputs, outputs) = (names("in", 1_000), names("out", 1_000));
+    let (inputs, outputs) = (names("in", 1_001), names("out", 1_000));
     // 1,000 × 1,000 would be a million edges; it used to be deduplicated by a linear scan on
     // a worker thread before anything else happened.
     let started = Instant::now();
@@ -146,7 +146,15 @@ async fn an_event_implying_too_many_edges_is_refused_at_once_and_writes_nothing(
         catalog.base(),
         Method::POST,
         "/lineage",
-        Some(run_event(&refs(&inputs), &refs(&outputs))),
+        Some(run_event(&refs(&inputs[..1_000]), &refs(&outputs))),
+    )
+    .await;
+    assert_bad_field(status, &body, "outputs");
+    let (status, body) = send(
+        catalog.base(),
+        Method::POST,
+        "/lineage",
+        Some(run_event(&refs(&inputs), &refs(&outputs[..1]))),
     )
     .await;
     assert_bad_field(status, &body, "inputs");
