@@ -12,6 +12,7 @@
 //!
 //! Exit codes: 0 success, 1 a run failed, 2 invalid configuration or usage.
 
+mod bare;
 mod cache;
 mod catalog;
 mod measure;
@@ -129,6 +130,13 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// A bare axum server (no middleware) returning a fixed JSON body on HOST:PORT: the
+    /// suite's ceiling.
+    Bare {
+        /// Size of the body in bytes.
+        #[arg(long, default_value_t = 1190)]
+        bytes: usize,
+    },
     /// Run the HTTP server with the `/bench/*` routes (the suite's server process).
     Serve {
         /// Do not apply pending migrations at start.
@@ -209,5 +217,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             catalog::run(settings, options).await
         }
         Command::Serve { no_migrate } => serve::run(settings, !no_migrate).await,
+        Command::Bare { bytes } => {
+            let http = &settings.core.http;
+            bare::run(&http.host, http.port, bytes).await
+        }
     }
 }

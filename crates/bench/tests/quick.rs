@@ -101,8 +101,14 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
             r["ratio_to_baseline"].as_f64().unwrap() > 0.0,
             "{name}: {r}"
         );
+        assert!(r["ratio_to_ceiling"].as_f64().unwrap() > 0.0, "{name}: {r}");
     }
     assert_eq!(row("baseline")["ratio_to_baseline"], 1.0);
+    // The outside reference: a bare axum server in its own process, measured in the same run.
+    let ceiling = row("ceiling: bare axum");
+    assert!(ceiling["requests"].as_u64().unwrap() > 0, "{ceiling}");
+    assert_eq!(ceiling["errors"], 0, "{ceiling}");
+    assert_eq!(ceiling["ratio_to_ceiling"], 1.0);
     let hot = row("hot reads")["notes"].as_str().unwrap().to_string();
     assert!(
         hot.starts_with("hit ratio 100.0 %"),

@@ -7,7 +7,8 @@
 //!
 //! | scenario | what |
 //! |---|---|
-//! | baseline | the same server stack returning a fixed body of the size of an asset (the ceiling) |
+//! | ceiling | a bare axum server (`cascade-bench bare`, its own process, no middleware) returning a fixed body of an asset's size: what the machine's HTTP path gives |
+//! | baseline | the same server stack returning that fixed body: the ceiling minus it is what the middleware costs |
 //! | hot reads | `GET /listings/{id}` over a small warm set (all hits) |
 //! | miss-heavy reads | `GET /listings/{id}` walking every asset |
 //! | PostgreSQL reads | the same query as `GET /listings/{id}`, straight to PostgreSQL, no cache |
@@ -21,6 +22,7 @@
 //! client, the seeded versions), so one can be changed or added without reading the others.
 //! The table is printed and written to `<out>/results.{json,md}`.
 
+mod ceiling;
 mod client;
 mod pg_restart;
 mod redis_outage;

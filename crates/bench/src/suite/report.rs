@@ -20,8 +20,11 @@ pub struct Row {
     pub p99_ms: f64,
     /// Non-2xx answers and socket errors.
     pub errors: u64,
-    /// Throughput over the baseline's.
+    /// Throughput over the same-stack baseline's (what the work behind the route costs).
     pub ratio_to_baseline: Option<f64>,
+    /// Throughput over the bare ceiling's (SPEC's figure: the fraction of the machine's bare
+    /// HTTP throughput).
+    pub ratio_to_ceiling: Option<f64>,
     pub notes: String,
 }
 
@@ -44,6 +47,7 @@ impl Row {
             p99_ms: ms(p99),
             errors,
             ratio_to_baseline: None,
+            ratio_to_ceiling: None,
             notes,
         }
     }
@@ -71,18 +75,20 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "| scenario | req/s | p50 ms | p99 ms | errors | × baseline | notes |"
+            "| scenario | req/s | p50 ms | p99 ms | errors | × ceiling | × baseline | notes |"
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---|");
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---|");
         for row in &self.rows {
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
+                "| {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} |",
                 row.scenario,
                 row.req_per_sec,
                 row.p50_ms,
                 row.p99_ms,
                 row.errors,
+                row.ratio_to_ceiling
+                    .map_or_else(|| "–".into(), |r| format!("{r:.2}")),
                 row.ratio_to_baseline
                     .map_or_else(|| "–".into(), |r| format!("{r:.2}")),
                 row.notes

@@ -6,7 +6,11 @@ use cascade_core::metrics;
 use serde_json::Value;
 
 use super::Suite;
+use super::ceiling::Ceiling;
 use super::report::Row;
+
+/// The name of the ceiling's row.
+pub const CEILING: &str = "ceiling: bare axum, fixed body, own process";
 use crate::statements;
 
 /// One wrk run: `paths` cycled through by every connection; with `namespace`, the cache
@@ -26,17 +30,32 @@ pub(super) async fn run(suite: &Suite) -> anyhow::Result<Vec<Row>> {
         .get_ok(&format!("/listings/{}", suite.hot[0]))
         .await?
         .len();
+    let ceiling = {
+        let bare = Ceiling::start(body_size).await?;
+        let paths = [crate::bare::PATH.to_string()];
+        suite
+            .wrk
+            .run_against(&bare.base, CEILING, &paths, None)
+            .await?
+    };
     let mut rows = Vec::new();
     for scenario in scenarios(suite, body_size) {
         rows.push(scenario.run(suite).await?);
     }
-    // Ratios compare like with like: wrk against the same server, same run.
+    // Ratios compare like with like: wrk on the same machine, same run. The ceiling is the
+    // outside reference; the baseline (row 0, the same stack) shows the middleware's share.
     let baseline = rows[0].req_per_sec;
-    if baseline > 0.0 {
-        for row in &mut rows {
+    for row in &mut rows {
+        if baseline > 0.0 {
             row.ratio_to_baseline = Some(row.req_per_sec / baseline);
         }
+        if ceiling.req_per_sec > 0.0 {
+            row.ratio_to_ceiling = Some(row.req_per_sec / ceiling.req_per_sec);
+        }
     }
+    let mut ceiling = ceiling;
+    ceiling.ratio_to_ceiling = Some(1.0);
+    rows.insert(0, ceiling);
     Ok(rows)
 }
 
@@ -162,6 +181,7 @@ mod tests {
             p99_ms: 0.0,
             errors: 0,
             ratio_to_baseline: None,
+            ratio_to_ceiling: None,
             notes: String::new(),
         }
     }

@@ -69,6 +69,17 @@ impl Wrk {
         paths: &[String],
         method: Option<&str>,
     ) -> anyhow::Result<Row> {
+        self.run_against(&self.base, name, paths, method).await
+    }
+
+    /// [`run`](Self::run) against another server (the bare ceiling).
+    pub async fn run_against(
+        &self,
+        base: &str,
+        name: &str,
+        paths: &[String],
+        method: Option<&str>,
+    ) -> anyhow::Result<Row> {
         eprintln!("bench: {name}");
         let script = self.script(name, paths, method)?;
         // wrk stops itself after `seconds`; the bound only catches a wrk that hangs.
@@ -80,7 +91,7 @@ impl Wrk {
                 .args(["-c", &self.connections.to_string()])
                 .args(["-d", &format!("{}s", self.seconds), "--timeout", "5s", "-s"])
                 .arg(&script)
-                .arg(&self.base)
+                .arg(base)
                 .stdin(Stdio::null())
                 .kill_on_drop(true)
                 .output(),
@@ -139,6 +150,7 @@ fn parse_result(name: &str, result: &str) -> anyhow::Result<Row> {
         p99_ms: num("p99_us") as f64 / 1000.0,
         errors: num("status_errors") + num("socket_errors"),
         ratio_to_baseline: None,
+        ratio_to_ceiling: None,
         notes: String::new(),
     })
 }
