@@ -19,3 +19,21 @@ ensure_packages() {
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
+
+# ensure_pip PKG...: installs the Python packages whose command is missing (pip, quietly, no
+# prompts). The package name is also the command it provides (schemathesis).
+ensure_pip() {
+    local missing=()
+    for pkg in "$@"; do
+        if ! command -v "$pkg" >/dev/null 2>&1; then
+            missing+=("$pkg")
+        fi
+    done
+    if [ "${#missing[@]}" -eq 0 ]; then
+        return 0
+    fi
+    echo "installing missing Python packages: ${missing[*]}" >&2
+    local pip=(python3 -m pip install --quiet --disable-pip-version-check --no-input)
+    # Debian's own python3 refuses installs outside a virtualenv (PEP 668) unless told.
+    "${pip[@]}" "${missing[@]}" 2>/dev/null || "${pip[@]}" --break-system-packages "${missing[@]}"
+}

@@ -15,6 +15,7 @@
 mod bare;
 mod cache;
 mod catalog;
+mod fixed;
 mod measure;
 mod serve;
 mod statements;

@@ -1,12 +1,13 @@
 //! `cascade-bench serve`: the product's server, built as `cascade serve` builds it
-//! ([`Application::build`]), with the `/bench/*` routes that this crate's dependency on
-//! cascade-server turns on. The suite runs it as a separate process so that the load
+//! ([`Application::build`]), plus the `/bench/*` routes behind the same middleware: a fixed body
+//! (the same-stack baseline) and the catalog's reads straight to PostgreSQL. The suite runs it as a separate process so that the load
 //! generator and the server do not share a runtime or a core budget they compete for unseen.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
+use cascade_catalog::{CatalogModule, bench_routes};
 use cascade_server::{Application, BuildOptions, Settings};
 
 /// Serves until SIGTERM or SIGINT, then drains and stops as `cascade serve` does.
@@ -25,7 +26,9 @@ pub async fn run(settings: Settings, migrate: bool) -> anyhow::Result<ExitCode> 
         "cascade-bench is serving, with the /bench routes"
     );
     println!("cascade-bench listening on http://{local}");
-    app.serve(listener, cascade_server::process::termination())
+    let catalog = CatalogModule::new(app.settings.catalog.clone()).state(&app.state);
+    let bench = crate::fixed::router().merge(bench_routes::router().with_state(catalog));
+    app.serve_with(listener, bench, cascade_server::process::termination())
         .await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,7 @@
-//! `/bench/pg/*` (cargo feature `bench-routes`, never in the release binary): the catalog's
-//! reads straight to PostgreSQL, without the cache, so the benchmark measures what the cache
-//! is worth on the same server in the same run.
+//! `/bench/pg/*` (compiled with the cargo feature `bench-routes`, which only `cascade-bench`
+//! enables, and mounted only by `cascade-bench serve`, never by the catalog's own router): the
+//! catalog's reads straight to PostgreSQL, without the cache, so the benchmark measures what
+//! the cache is worth on the same server in the same run.
 
 use axum::Router;
 use axum::extract::{Path, Query, State};

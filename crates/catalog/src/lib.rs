@@ -1,9 +1,9 @@
 //! The `catalog` module (seed 003): producers publish versioned assets; policies and receipts
 //! make a version usable; OpenLineage run events say which versions derive from which.
 //!
-//! It owns the tables `producers`, `assets`, `policies`, `receipts`, `lineage_event_audit`
-//! and `lineage_edges` ([`MIGRATIONS`], its own version space), the cache namespaces of seed
-//! 003 ([`config`]), the routes below and their tests (`tests/`).
+//! It owns the tables `producers`, `assets`, `policies`, `receipts`, `lineage_event_audit`,
+//! `lineage_edges` and `lineage_pending_edges` ([`MIGRATIONS`], its own version space), the
+//! cache namespaces of seed 003 ([`config`]), the routes below and their tests (`tests/`).
 //!
 //! - [`model`] and [`listing`]: request input parsed into types that cannot hold bad values;
 //! - [`openlineage`]: the OpenLineage run event, validated, and the edges it implies;
@@ -18,6 +18,7 @@ pub mod http_cache;
 pub mod invalidation;
 pub mod listing;
 pub mod model;
+pub mod openapi;
 pub mod openlineage;
 pub mod queries;
 pub mod reads;
@@ -56,6 +57,12 @@ pub const MIGRATIONS: &[Migration] = &[
         include_str!("../migrations/0002_catalog_owners.sql"),
     )
     .legacy(5),
+    Migration::new(
+        "catalog",
+        3,
+        "lineage_pending",
+        include_str!("../migrations/0003_lineage_pending.sql"),
+    ),
 ];
 
 /// What the catalog's handlers receive: the platform's pool and cache, and its own settings.
@@ -105,13 +112,20 @@ impl Module for CatalogModule {
         MIGRATIONS
     }
 
+    fn openapi(&self) -> utoipa::openapi::OpenApi {
+        <openapi::CatalogApi as utoipa::OpenApi>::openapi()
+    }
+
     fn router(&self, state: &AppState) -> Router {
         let routes = Router::new()
             .route("/producers", post(writes::create_producer))
             .route("/assets", post(writes::create_asset))
             .route("/policies", post(writes::create_policy))
             .route("/receipts", post(writes::create_receipt))
-            .route("/lineage", post(writes::record_lineage))
+            .route(
+                "/lineage",
+                post(writes::record_lineage).delete(writes::remove_lineage),
+            )
             .route("/listings", get(reads::listings))
             .route(
                 "/listings/{version_id}",
@@ -121,8 +135,6 @@ impl Module for CatalogModule {
             )
             .route("/bundle", get(reads::bundle))
             .route("/ready", get(reads::ready));
-        #[cfg(feature = "bench-routes")]
-        let routes = routes.merge(bench_routes::router());
         routes.with_state(self.state(state))
     }
 }

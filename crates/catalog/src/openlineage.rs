@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use serde_json::Value;
 
 use crate::error::CatalogError;
-use crate::model::{Timestamp, VersionId};
+use crate::model::{Timestamp, VersionId, nul_path};
 
 const EVENT_TYPES: &[&str] = &["START", "RUNNING", "COMPLETE", "ABORT", "FAIL", "OTHER"];
 
@@ -64,6 +64,13 @@ impl RunEvent {
                 message: "an OpenLineage event must be a JSON object".into(),
             });
         }
+        // The event is stored as `jsonb`, which cannot hold a NUL anywhere.
+        if let Some(path) = nul_path(&raw) {
+            return Err(CatalogError::BadRequest {
+                message: format!("{path}: must not contain a NUL character (\\u0000)"),
+                field: Some(path),
+            });
+        }
         let event_time = Timestamp::parse(
             "eventTime",
             string_at(&raw, &["eventTime"]).ok_or_else(|| missing("eventTime", "string"))?,
@@ -87,8 +94,10 @@ impl RunEvent {
         let job_name = string_at(&raw, &["job", "name"])
             .ok_or_else(|| missing("job.name", "string"))?
             .to_string();
+        // Optional, and when given one of the spec's values: `null` is not one (the
+        // OpenLineage schema types it as a string).
         let event_type = match raw.get("eventType") {
-            None | Some(Value::Null) => None,
+            None => None,
             Some(Value::String(t)) if EVENT_TYPES.contains(&t.as_str()) => Some(t.clone()),
             Some(_) => {
                 return Err(CatalogError::bad_request(
@@ -99,7 +108,10 @@ impl RunEvent {
         };
         let inputs = datasets(&raw, "inputs")?;
         let outputs = datasets(&raw, "outputs")?;
-        if inputs.len() * outputs.len() > MAX_EDGES {
+        // A failed or aborted run produced nothing: it implies no edges, so its size is bounded
+        // by the dataset bound alone.
+        let implies_edges = !matches!(event_type.as_deref(), Some("FAIL" | "ABORT"));
+        if implies_edges && inputs.len() * outputs.len() > MAX_EDGES {
             return Err(CatalogError::bad_request(
                 "outputs",
                 format!(
@@ -112,7 +124,7 @@ impl RunEvent {
         }
         // Both lists hold each version once, so their pairs are distinct: no dedupe needed.
         let mut edges = Vec::new();
-        if !matches!(event_type.as_deref(), Some("FAIL" | "ABORT")) {
+        if implies_edges {
             for output in &outputs {
                 for input in inputs.iter().filter(|input| *input != output) {
                     edges.push((input.clone(), output.clone()));
@@ -163,6 +175,15 @@ fn datasets(raw: &Value, field: &'static str) -> Result<Vec<VersionId>, CatalogE
                     format!("{field}[{i}].{key}: required string is missing or mistyped"),
                 ));
             }
+        }
+        if dataset
+            .get("facets")
+            .is_some_and(|facets| !facets.is_object())
+        {
+            return Err(CatalogError::bad_request(
+                field,
+                format!("{field}[{i}].facets: expected an object of facets"),
+            ));
         }
         let version = string_at(dataset, &["facets", "version", "datasetVersion"])
             .or_else(|| string_at(dataset, &["name"]))
@@ -256,6 +277,10 @@ mod tests {
         let err = RunEvent::parse(with_datasets(MAX_DATASETS + 1, 1)).unwrap_err();
         assert_eq!(field_of(err).as_deref(), Some("inputs"));
         assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        // A failed run of that size implies no edge, so it is recorded.
+        let mut failed = with_datasets(40, 30);
+        failed["eventType"] = json!("FAIL");
+        assert!(RunEvent::parse(failed).unwrap().edges.is_empty());
         // One input feeding many outputs is fine (a fan-out job).
         assert_eq!(
             RunEvent::parse(with_datasets(1, 1_000))
@@ -285,6 +310,30 @@ mod tests {
             edges,
             [("a", "b"), ("a", "c"), ("b", "c")].map(|(p, c)| (p.to_string(), c.to_string()))
         );
+    }
+
+    #[test]
+    fn an_event_type_of_null_is_refused_like_any_other_non_value() {
+        let mut e = event();
+        e["eventType"] = json!(null);
+        let err = RunEvent::parse(e).unwrap_err();
+        assert_eq!(field_of(err).as_deref(), Some("eventType"));
+        let mut e = event();
+        e.as_object_mut().unwrap().remove("eventType");
+        assert!(RunEvent::parse(e).is_ok(), "absent is fine");
+    }
+
+    #[test]
+    fn facets_that_are_not_an_object_are_refused_naming_the_dataset() {
+        for facets in [json!([null, null]), json!(null), json!("v1")] {
+            let mut e = event();
+            e["outputs"][0]["facets"] = facets.clone();
+            let err = RunEvent::parse(e).unwrap_err();
+            assert!(
+                err.to_string().contains("outputs[0].facets"),
+                "{facets}: {err}"
+            );
+        }
     }
 
     #[test]

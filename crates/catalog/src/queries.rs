@@ -3,7 +3,9 @@
 //! Reads return the response body itself, built by PostgreSQL with `json_build_object`: the
 //! bytes go into the cache and out to the client unchanged, and every read is one statement
 //! (one round trip when the statement is already prepared on the connection), which is what
-//! the benchmark counts as "a PostgreSQL query".
+//! the benchmark counts as "a PostgreSQL query". PostgreSQL prints JSON with spaces
+//! (`"key" : value`, `[a, b]`); [`compact`] removes them once, when the body is loaded, so
+//! every body is compact and the same bytes keep the same ETag.
 
 use deadpool_postgres::Object;
 use tokio_postgres::Transaction;
@@ -21,6 +23,12 @@ use crate::openlineage::RunEvent;
 pub const READY_MAX_DEPTH: i32 = 32;
 /// Deepest `GET /bundle?depth=`.
 pub const BUNDLE_MAX_DEPTH: i32 = 10;
+/// Largest `GET /listings` page body. With metadata capped at 16 KiB, 100 items can pass it:
+/// such a page ends early with a `nextCursor` (and items stored before the cap existed cannot
+/// make a page a hundred times the body limit).
+pub const MAX_PAGE_BYTES: usize = 1024 * 1024;
+/// Room kept for what follows the items (`],"nextCursor":"<cursor>"}`).
+const PAGE_TAIL_BYTES: usize = 512;
 
 /// One asset row as the API shows it (table alias `a`).
 macro_rules! asset_json {
@@ -74,7 +82,31 @@ pub fn internal(err: tokio_postgres::Error) -> CatalogError {
 }
 
 fn text(row: &tokio_postgres::Row) -> Vec<u8> {
-    row.get::<_, String>(0).into_bytes()
+    compact(row.get::<_, &str>(0))
+}
+
+/// `json` (valid JSON text, as PostgreSQL prints it) without white space between tokens;
+/// strings are copied unchanged. One pass, no parsing into values: key order and the digits
+/// of every number stay as PostgreSQL wrote them.
+pub fn compact(json: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(json.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json.as_bytes() {
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+            in_string = b == b'"';
+            out.push(b);
+        }
+    }
+    out
 }
 
 /// Registers a producer owned by the account `owner`.
@@ -101,7 +133,14 @@ pub async fn insert_producer(
     Ok(text(&row))
 }
 
-pub async fn insert_asset(tx: &Transaction<'_>, a: &NewAsset) -> Result<Vec<u8>, CatalogError> {
+/// Publishes `a` for the account `publisher`. Lineage recorded into the version before it was
+/// published takes effect now if `publisher` sent it; anyone else's is dropped (see
+/// [`insert_event`]).
+pub async fn insert_asset(
+    tx: &Transaction<'_>,
+    a: &NewAsset,
+    publisher: i64,
+) -> Result<Vec<u8>, CatalogError> {
     let row = tx
         .query_one(
             concat!(
@@ -125,7 +164,38 @@ pub async fn insert_asset(tx: &Transaction<'_>, a: &NewAsset) -> Result<Vec<u8>,
                 &format!("producer {:?} does not exist", a.producer_id.as_str()),
             )
         })?;
+    let version = [a.version_id.as_str()];
+    lock_lineage_into(tx, &version).await?;
+    tx.execute(
+        "WITH claimed AS ( \
+             DELETE FROM lineage_pending_edges WHERE child_version_id = $1 \
+             RETURNING parent_version_id, submitted_by, event_id) \
+         INSERT INTO lineage_edges (child_version_id, parent_version_id, event_id) \
+         SELECT $1, parent_version_id, min(event_id) FROM claimed WHERE submitted_by = $2 \
+         GROUP BY parent_version_id ON CONFLICT DO NOTHING",
+        &[&version[0], &publisher],
+    )
+    .await
+    .map_err(internal)?;
     Ok(text(&row))
+}
+
+/// Serialises lineage into `versions` (sorted, so two writers take the locks in one order)
+/// with their publication until the transaction ends. Without it, an event that found a
+/// version unpublished could commit its pending edges just after the publication claimed the
+/// pending edges it could see, and they would stay pending for good.
+async fn lock_lineage_into(tx: &Transaction<'_>, versions: &[&str]) -> Result<(), CatalogError> {
+    if versions.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('cascade.catalog.lineage:' || v, 0)) \
+         FROM (SELECT DISTINCT v FROM unnest($1::text[]) AS t(v) ORDER BY v) AS sorted",
+        &[&versions],
+    )
+    .await
+    .map_err(internal)?;
+    Ok(())
 }
 
 /// Whether `user` may change what `producer` publishes: `Ok` for its owner, 404 when there is
@@ -173,17 +243,19 @@ async fn refusal(tx: &Transaction<'_>, version: &VersionId, user: i64) -> Catalo
     }
 }
 
-/// Ownership, as for the other writes, of every version in `outputs` that is an asset: lineage into a
-/// published version is its owner's to record. Versions not (yet) in the catalog may gain
-/// edges from anyone: pipelines report lineage before or without publishing.
-pub async fn authorize_outputs(
+/// Which of `outputs` are published assets, checking that each is `user`'s (403 otherwise):
+/// lineage into a published version is its owner's to record. Versions not (yet) in the
+/// catalog may be named by anyone's lineage, which stays pending until they are published
+/// ([`insert_event`]). Locks lineage into `outputs` against a concurrent publication.
+pub async fn published_outputs(
     tx: &Transaction<'_>,
     outputs: &[&str],
     user: i64,
-) -> Result<(), CatalogError> {
+) -> Result<Vec<String>, CatalogError> {
     if outputs.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
+    lock_lineage_into(tx, outputs).await?;
     let rows = tx
         .query(
             "SELECT a.version_id, p.owner_id FROM assets a JOIN producers p USING (producer_id) \
@@ -192,11 +264,14 @@ pub async fn authorize_outputs(
         )
         .await
         .map_err(internal)?;
+    let mut published = Vec::with_capacity(rows.len());
     for row in &rows {
-        let version: &str = row.get(0);
+        let version: String = row.get(0);
         owned(row.get(1), user, &format!("asset version {version:?}"))?;
+        published.push(version);
     }
-    Ok(())
+    published.sort_unstable();
+    Ok(published)
 }
 
 fn owned(owner: Option<i64>, user: i64, what: &str) -> Result<(), CatalogError> {
@@ -314,12 +389,25 @@ pub async fn insert_receipt(
     }
 }
 
-/// Records the event and its edges; returns the event id and the edges that are new.
+/// What one event changed: edges now in effect, and edges kept pending until their child is
+/// published (both only the new ones).
+#[derive(Debug, Default)]
+pub struct RecordedEdges {
+    pub added: Vec<(String, String)>,
+    pub pending: Vec<(String, String)>,
+}
+
+/// Records the event and its edges; returns the event id and the edges that are new. An edge
+/// into one of `published` (the caller's, checked by [`published_outputs`]) takes effect; one
+/// into a version not in the catalog is kept pending in `lineage_pending_edges`, attributed to
+/// `submitted_by`, and takes effect only if that account publishes the version: nobody can
+/// give someone else's future asset ancestors.
 pub async fn insert_event(
     tx: &Transaction<'_>,
     event: &RunEvent,
     submitted_by: i64,
-) -> Result<(i64, Vec<(String, String)>), CatalogError> {
+    published: &[String],
+) -> Result<(i64, RecordedEdges), CatalogError> {
     let row = tx
         .query_one(
             "INSERT INTO lineage_event_audit \
@@ -342,24 +430,90 @@ pub async fn insert_event(
             other => other,
         })?;
     let event_id: i64 = row.get(0);
-    let (parents, children): (Vec<&str>, Vec<&str>) = event
-        .edges
-        .iter()
-        .map(|(p, c)| (p.as_str(), c.as_str()))
-        .unzip();
-    let rows = tx
-        .query(
-            "INSERT INTO lineage_edges (parent_version_id, child_version_id, event_id) \
-             SELECT p, c, $3 FROM unnest($1::text[], $2::text[]) AS t(p, c) \
-             ON CONFLICT DO NOTHING RETURNING parent_version_id, child_version_id",
-            &[&parents, &children, &event_id],
+    let (mut effective, mut pending) = (
+        (Vec::<&str>::new(), Vec::<&str>::new()),
+        (Vec::<&str>::new(), Vec::<&str>::new()),
+    );
+    for (p, c) in &event.edges {
+        let side = if published
+            .binary_search_by(|v| v.as_str().cmp(c.as_str()))
+            .is_ok()
+        {
+            &mut effective
+        } else {
+            &mut pending
+        };
+        side.0.push(p.as_str());
+        side.1.push(c.as_str());
+    }
+    let mut recorded = RecordedEdges::default();
+    if !effective.0.is_empty() {
+        let rows = tx
+            .query(
+                "INSERT INTO lineage_edges (parent_version_id, child_version_id, event_id) \
+                 SELECT p, c, $3 FROM unnest($1::text[], $2::text[]) AS t(p, c) \
+                 ON CONFLICT DO NOTHING RETURNING parent_version_id, child_version_id",
+                &[&effective.0, &effective.1, &event_id],
+            )
+            .await
+            .map_err(internal)?;
+        recorded.added = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    }
+    if !pending.0.is_empty() {
+        let rows = tx
+            .query(
+                "INSERT INTO lineage_pending_edges \
+                   (parent_version_id, child_version_id, submitted_by, event_id) \
+                 SELECT p, c, $3, $4 FROM unnest($1::text[], $2::text[]) AS t(p, c) \
+                 ON CONFLICT DO NOTHING RETURNING parent_version_id, child_version_id",
+                &[&pending.0, &pending.1, &submitted_by, &event_id],
+            )
+            .await
+            .map_err(internal)?;
+        recorded.pending = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    }
+    Ok((event_id, recorded))
+}
+
+/// Removes the edge `parent` → `child`, if `child` is one of `user`'s assets: 404 when there
+/// is no such asset or no such edge, 403 when the asset is someone else's.
+pub async fn delete_edge(
+    tx: &Transaction<'_>,
+    child: &VersionId,
+    parent: &VersionId,
+    user: i64,
+) -> Result<(), CatalogError> {
+    let deleted = tx
+        .execute(
+            "DELETE FROM lineage_edges WHERE child_version_id = $1 AND parent_version_id = $2 \
+             AND EXISTS (SELECT 1 FROM assets a JOIN producers o USING (producer_id) \
+                         WHERE a.version_id = $1 AND o.owner_id = $3)",
+            &[&child.as_str(), &parent.as_str(), &user],
         )
         .await
         .map_err(internal)?;
-    Ok((
-        event_id,
-        rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
-    ))
+    if deleted == 1 {
+        return Ok(());
+    }
+    let owner = tx
+        .query_opt(
+            "SELECT p.owner_id FROM assets a JOIN producers p USING (producer_id) \
+             WHERE a.version_id = $1",
+            &[&child.as_str()],
+        )
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| CatalogError::NotFound(missing_version(child)))?;
+    owned(
+        owner.get(0),
+        user,
+        &format!("asset version {:?}", child.as_str()),
+    )?;
+    Err(CatalogError::NotFound(format!(
+        "asset version {:?} has no parent {:?}",
+        child.as_str(),
+        parent.as_str()
+    )))
 }
 
 /// `roots` and every version below them (children, grandchildren, …) to `depth` levels;
@@ -436,14 +590,15 @@ pub async fn listings(conn: &Object, query: &ListingQuery) -> Result<Vec<u8>, Ca
         Some((us, id)) => (Some(*us), Some(id.as_str())),
         None => (None, None),
     };
+    let time = |t: &Option<Timestamp>| t.as_ref().map(|t| t.as_str().to_string());
     let rows = conn
         .query(
             &statement,
             &[
                 &query.q,
                 &query.producer,
-                &query.created_after,
-                &query.created_before,
+                &time(&query.created_after),
+                &time(&query.created_before),
                 &cursor_us,
                 &cursor_id,
                 &(query.limit + 1),
@@ -451,19 +606,26 @@ pub async fn listings(conn: &Object, query: &ListingQuery) -> Result<Vec<u8>, Ca
         )
         .await
         .map_err(|e| client_error(e, "", ""))?;
-    let more = rows.len() as i64 > query.limit;
-    let page = &rows[..rows.len().min(query.limit as usize)];
-    let mut body = Vec::with_capacity(64 + page.len() * 256);
+    let mut more = rows.len() as i64 > query.limit;
+    let mut body = Vec::with_capacity(64 + rows.len() * 256);
     body.extend_from_slice(b"{\"items\":[");
-    for (i, row) in page.iter().enumerate() {
-        if i > 0 {
+    let mut last = None;
+    for row in rows.iter().take(query.limit as usize) {
+        let item = compact(row.get::<_, &str>(0));
+        // The page stops early (and says where to go on) rather than pass the byte bound;
+        // it always holds one item, so paging makes progress.
+        if last.is_some() && body.len() + 1 + item.len() + PAGE_TAIL_BYTES > MAX_PAGE_BYTES {
+            more = true;
+            break;
+        }
+        if last.is_some() {
             body.push(b',');
         }
-        body.extend_from_slice(row.get::<_, &str>(0).as_bytes());
+        body.extend_from_slice(&item);
+        last = Some(row);
     }
     body.extend_from_slice(b"],\"nextCursor\":");
-    let next = page
-        .last()
+    let next = last
         .filter(|_| more)
         .map(|row| format!("{}.{}", row.get::<_, i64>(1), row.get::<_, &str>(2)));
     body.extend_from_slice(
@@ -569,4 +731,18 @@ pub async fn readiness(conn: &Object, version: &str) -> Result<Option<Vec<u8>>, 
         .await
         .map_err(internal)?;
     Ok(row.as_ref().map(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compact;
+
+    #[test]
+    fn compact_drops_white_space_between_tokens_and_keeps_strings() {
+        let printed = "{\"a\" : 1, \"b\" : [1, 2, {\"c\": \"x : y, \\\" z\"}],\n \"d\" : null}";
+        assert_eq!(
+            String::from_utf8(compact(printed)).unwrap(),
+            "{\"a\":1,\"b\":[1,2,{\"c\":\"x : y, \\\" z\"}],\"d\":null}"
+        );
+    }
 }

@@ -47,6 +47,9 @@ fn not_found(version: &VersionId) -> ApiError {
 }
 
 /// `GET /listings/:versionId`.
+#[utoipa::path(get, path = "/listings/{version_id}", tag = "catalog", params(crate::openapi::VersionPath),
+    responses((status = 200, body = crate::openapi::Asset, headers(("ETag" = String))), (status = 304, description = "Not modified (`If-None-Match`)"), (status = 404, description = "No such asset"))
+)]
 pub async fn asset(
     State(state): State<CatalogState>,
     Path(version): Path<String>,
@@ -63,6 +66,9 @@ pub async fn asset(
 }
 
 /// `GET /listings?q=&producer=&createdAfter=&createdBefore=&limit=&cursor=`.
+#[utoipa::path(get, path = "/listings", tag = "catalog", params(crate::openapi::ListingParams),
+    responses((status = 200, body = crate::openapi::AssetPage, headers(("ETag" = String))), (status = 304, description = "Not modified (`If-None-Match`)"))
+)]
 pub async fn listings(
     State(state): State<CatalogState>,
     Query(params): Query<ListingParams>,
@@ -103,6 +109,9 @@ fn version_param(params: &VersionParams) -> Result<VersionId, ApiError> {
 
 /// `GET /bundle?versionId=&depth=` (depth 0 to 10, default 3). With `USE_REDIS_BUNDLES=false`
 /// bundles bypass the cache and are assembled from PostgreSQL on every request.
+#[utoipa::path(get, path = "/bundle", tag = "catalog", params(crate::openapi::BundleParams),
+    responses((status = 200, body = crate::openapi::Bundle, headers(("ETag" = String))), (status = 304, description = "Not modified (`If-None-Match`)"), (status = 404, description = "No such asset"))
+)]
 pub async fn bundle(
     State(state): State<CatalogState>,
     Query(params): Query<VersionParams>,
@@ -157,6 +166,9 @@ fn expired(body: &[u8]) -> bool {
 
 /// `GET /ready?versionId=`. A cached answer that relied on a receipt or policy that has
 /// expired since is dropped and recomputed.
+#[utoipa::path(get, path = "/ready", tag = "catalog", params(crate::openapi::ReadyParams),
+    responses((status = 200, body = crate::openapi::Readiness, headers(("ETag" = String))), (status = 304, description = "Not modified (`If-None-Match`)"), (status = 404, description = "No such asset"))
+)]
 pub async fn ready(
     State(state): State<CatalogState>,
     Query(params): Query<VersionParams>,

@@ -126,7 +126,8 @@ pub async fn seed(db: &Db, options: &SeedOptions) -> Result<SeedReport, DbError>
         .map_err(query_error)?;
     if options.reset {
         tx.batch_execute(
-            "TRUNCATE lineage_edges, lineage_event_audit, receipts, policies, assets, producers",
+            "TRUNCATE lineage_edges, lineage_pending_edges, lineage_event_audit, receipts, \
+             policies, assets, producers",
         )
         .await
         .map_err(query_error)?;

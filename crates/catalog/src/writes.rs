@@ -2,10 +2,10 @@
 //! completely before touching PostgreSQL, checks in the same transaction that the caller owns
 //! the producer concerned (403; the account that registered a producer owns it), and after
 //! the commit removes exactly the cache entries it made stale (see `invalidation.rs`) before
-//! it answers: the next read anywhere sees the write.
+//! it answers: the next read anywhere sees the write. Bodies must be JSON (`Content-Type:
+//! application/json` or `…+json`; 415 otherwise).
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
@@ -17,24 +17,36 @@ use crate::openlineage::RunEvent;
 use crate::queries::{self, internal};
 use cascade_http::ApiError;
 use cascade_http::CurrentUser;
+use cascade_http::JsonBody;
+use serde_json::Value;
 
 /// `in_transaction!(state, |tx| write, |result| after)`: runs `write` in a transaction on a
 /// pool connection, commits it, then runs `after` (the write's invalidations) with the
 /// write's result bound to `result`. `after` also runs when the commit fails: the connection
 /// may have died after PostgreSQL committed, and removing entries that did not go stale costs
 /// a reload, while keeping ones that did would serve the old value until their TTL.
+///
+/// All of it runs in a task of its own that the handler awaits: a client that goes away drops
+/// the handler's future, and with it anything that future was running. A write it had
+/// committed (or was committing) would then keep its stale entries on every instance until
+/// their TTL. The task owns what the write needs (it is `async move`), so the handler hands
+/// its parsed input over.
 macro_rules! in_transaction {
     ($state:expr, |$tx:ident| $write:expr, |$done:ident| $after:expr) => {{
-        let mut conn = $state.db.conn().await?;
-        let $tx = conn.transaction().await.map_err(internal)?;
-        let $done = $write;
-        let committed = $tx.commit().await;
-        // The connection goes back to the pool before the invalidations, which wait for
-        // every instance's acknowledgement: holding it meanwhile starves concurrent writers.
-        drop(conn);
-        $after;
-        committed.map_err(internal)?;
-        $done
+        let db = $state.db.clone();
+        let task = tokio::spawn(async move {
+            let mut conn = db.conn().await?;
+            let $tx = conn.transaction().await.map_err(internal)?;
+            let $done = $write;
+            let committed = $tx.commit().await;
+            // The connection goes back to the pool before the invalidations, which wait for
+            // every instance's acknowledgement: holding it meanwhile starves concurrent writers.
+            drop(conn);
+            $after;
+            committed.map_err(internal)?;
+            Ok::<_, ApiError>($done)
+        });
+        task.await.map_err(|e| ApiError::Internal(e.into()))??
     }};
     ($state:expr, |$tx:ident| $write:expr) => {
         in_transaction!($state, |$tx| $write, |_done| ())
@@ -42,12 +54,15 @@ macro_rules! in_transaction {
 }
 
 /// `POST /producers` `{"producerId", "name"}`.
+#[utoipa::path(post, path = "/producers", tag = "catalog", security(("bearer" = [])), request_body = crate::openapi::NewProducer,
+    responses((status = 201, body = crate::openapi::Producer), (status = 409, description = "The producer id is taken"))
+)]
 pub async fn create_producer(
     State(state): State<CatalogState>,
     CurrentUser(user): CurrentUser,
-    body: Bytes,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
-    let producer = NewProducer::parse(&Body::parse(&body)?)?;
+    let producer = NewProducer::parse(&Body::from_value(body)?)?;
     let created = in_transaction!(state, |tx| queries::insert_producer(
         &tx,
         &producer,
@@ -58,18 +73,22 @@ pub async fn create_producer(
 }
 
 /// `POST /assets` `{"versionId", "producerId", "name", "metadata"?}`.
+#[utoipa::path(post, path = "/assets", tag = "catalog", security(("bearer" = [])), request_body = crate::openapi::NewAsset,
+    responses((status = 201, body = crate::openapi::Asset), (status = 403, description = "The producer is another account's"), (status = 404, description = "No such producer"), (status = 409, description = "The version exists"))
+)]
 pub async fn create_asset(
     State(state): State<CatalogState>,
     CurrentUser(user): CurrentUser,
-    body: Bytes,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
-    let asset = NewAsset::parse(&Body::parse(&body)?)?;
-    // A new version can complete lineage that named it before it existed.
+    let asset = NewAsset::parse(&Body::from_value(body)?)?;
+    // A new version can complete lineage that named it before it existed, and takes the
+    // lineage its publisher recorded into it while it was pending.
     let created = in_transaction!(
         state,
         |tx| {
             queries::authorize_producer(&tx, asset.producer_id.as_str(), user.user_id).await?;
-            queries::insert_asset(&tx, &asset).await?
+            queries::insert_asset(&tx, &asset, user.user_id).await?
         },
         |_created| inv::assets_changed(&state, &[asset.version_id.as_str()], Reach::Presence).await
     );
@@ -77,14 +96,17 @@ pub async fn create_asset(
 }
 
 /// `PATCH /listings/:versionId` `{"name"?, "metadata"?}` (metadata is replaced, not merged).
+#[utoipa::path(patch, path = "/listings/{version_id}", tag = "catalog", security(("bearer" = [])), params(crate::openapi::VersionPath), request_body = crate::openapi::AssetChange,
+    responses((status = 200, body = crate::openapi::Asset), (status = 403, description = "The asset is another account's"), (status = 404, description = "No such asset"))
+)]
 pub async fn update_asset(
     State(state): State<CatalogState>,
     CurrentUser(user): CurrentUser,
     Path(version): Path<String>,
-    body: Bytes,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let version = VersionId::parse("versionId", &version)?;
-    let change = AssetChange::parse(&Body::parse(&body)?)?;
+    let change = AssetChange::parse(&Body::from_value(body)?)?;
     let updated = in_transaction!(
         state,
         |tx| queries::update_asset(&tx, &version, user.user_id, &change).await?,
@@ -95,6 +117,9 @@ pub async fn update_asset(
 
 /// `DELETE /listings/:versionId`: the asset goes, with its receipts and policies; lineage
 /// naming it stays (readiness of its descendants then reports it missing).
+#[utoipa::path(delete, path = "/listings/{version_id}", tag = "catalog", security(("bearer" = [])), params(crate::openapi::VersionPath),
+    responses((status = 204, description = "Deleted, with its receipts and policies"), (status = 403, description = "The asset is another account's"), (status = 404, description = "No such asset"))
+)]
 pub async fn delete_asset(
     State(state): State<CatalogState>,
     CurrentUser(user): CurrentUser,
@@ -110,12 +135,15 @@ pub async fn delete_asset(
 }
 
 /// `POST /policies` `{"versionId", "document", "expiresAt"?}`.
+#[utoipa::path(post, path = "/policies", tag = "catalog", security(("bearer" = [])), request_body = crate::openapi::NewPolicy,
+    responses((status = 201, body = crate::openapi::Policy), (status = 403, description = "The asset is another account's"), (status = 404, description = "No such asset"))
+)]
 pub async fn create_policy(
     State(state): State<CatalogState>,
     CurrentUser(user): CurrentUser,
-    body: Bytes,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
-    let policy = NewPolicy::parse(&Body::parse(&body)?)?;
+    let policy = NewPolicy::parse(&Body::from_value(body)?)?;
     let created = in_transaction!(
         state,
         |tx| queries::insert_policy(&tx, &policy, user.user_id).await?,
@@ -125,12 +153,15 @@ pub async fn create_policy(
 }
 
 /// `POST /receipts` `{"versionId", "payer", "amount", "expiresAt"?}`.
+#[utoipa::path(post, path = "/receipts", tag = "catalog", security(("bearer" = [])), request_body = crate::openapi::NewReceipt,
+    responses((status = 201, body = crate::openapi::Receipt), (status = 403, description = "The asset is another account's"), (status = 404, description = "No such asset"))
+)]
 pub async fn create_receipt(
     State(state): State<CatalogState>,
     CurrentUser(user): CurrentUser,
-    body: Bytes,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
-    let receipt = NewReceipt::parse(&Body::parse(&body)?)?;
+    let receipt = NewReceipt::parse(&Body::from_value(body)?)?;
     let created = in_transaction!(
         state,
         |tx| queries::insert_receipt(&tx, &receipt, user.user_id).await?,
@@ -139,35 +170,93 @@ pub async fn create_receipt(
     Ok(json(StatusCode::CREATED, created))
 }
 
-/// `POST /lineage`: an OpenLineage run event. Answers the event id and the edges it added.
-/// An edge into a version changes what its bundle and readiness say, which is its owner's to
-/// say: an output that gains edges and is an asset must be one of the caller's (403
-/// otherwise). Outputs not in the catalog, and inputs, may be anyone's: pipelines report
-/// lineage before or without publishing. The event records who sent it.
+/// `POST /lineage`: an OpenLineage run event. Answers the event id, the edges it added and
+/// the edges it left pending. An edge into a version changes what its bundle and readiness
+/// say, which is its owner's to say: an output that is an asset must be one of the caller's
+/// (403 otherwise). An edge into a version not in the catalog is kept pending, attributed to
+/// the caller, and takes effect only if the caller publishes that version (others' are
+/// dropped then). Inputs may be anyone's. The event records who sent it.
+#[utoipa::path(post, path = "/lineage", tag = "catalog", security(("bearer" = [])), request_body = crate::openapi::RunEvent,
+    responses((status = 201, body = crate::openapi::LineageRecorded), (status = 403, description = "An output is another account's asset"))
+)]
 pub async fn record_lineage(
     State(state): State<CatalogState>,
     CurrentUser(user): CurrentUser,
-    body: Bytes,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
-    let event = RunEvent::parse(Body::parse(&body)?.value())?;
-    let mut outputs: Vec<&str> = event.edges.iter().map(|(_, c)| c.as_str()).collect();
+    let event = RunEvent::parse(Body::from_value(body)?.value())?;
+    let mut outputs: Vec<String> = event
+        .edges
+        .iter()
+        .map(|(_, c)| c.as_str().to_string())
+        .collect();
     outputs.sort_unstable();
     outputs.dedup();
-    let (event_id, added) = in_transaction!(
+    let (event_id, recorded) = in_transaction!(
         state,
         |tx| {
-            queries::authorize_outputs(&tx, &outputs, user.user_id).await?;
-            queries::insert_event(&tx, &event, user.user_id).await?
+            let outputs: Vec<&str> = outputs.iter().map(String::as_str).collect();
+            let published = queries::published_outputs(&tx, &outputs, user.user_id).await?;
+            queries::insert_event(&tx, &event, user.user_id, &published).await?
         },
-        |_recorded| inv::lineage_changed(&state, &outputs).await
+        |recorded| {
+            // Pending edges change no answer until their child is published (which
+            // invalidates it then).
+            let mut changed: Vec<&str> = recorded.1.added.iter().map(|(_, c)| c.as_str()).collect();
+            changed.sort_unstable();
+            changed.dedup();
+            inv::lineage_changed(&state, &changed).await
+        }
     );
-    let edges: Vec<_> = added
-        .iter()
-        .map(|(p, c)| serde_json::json!({"parent": p, "child": c}))
-        .collect();
-    let body = serde_json::json!({"eventId": event_id, "edgesAdded": edges});
+    let edges = |list: &[(String, String)]| -> Vec<Value> {
+        list.iter()
+            .map(|(p, c)| serde_json::json!({"parent": p, "child": c}))
+            .collect()
+    };
+    let body = serde_json::json!({
+        "eventId": event_id,
+        "edgesAdded": edges(&recorded.added),
+        "edgesPending": edges(&recorded.pending),
+    });
     Ok(json(
         StatusCode::CREATED,
         serde_json::to_vec(&body).map_err(|e| ApiError::Internal(e.into()))?,
     ))
+}
+
+/// `DELETE /lineage?child=&parent=` query.
+#[derive(Debug, serde::Deserialize)]
+pub struct EdgeParams {
+    child: Option<String>,
+    parent: Option<String>,
+}
+
+/// `DELETE /lineage?child=&parent=`: the owner of the asset `child` removes its parent
+/// `parent` (204); 404 when there is no such asset or edge, 403 when the asset is another
+/// account's. The bundles and readiness of `child` and its descendants are invalidated as for
+/// new lineage.
+#[utoipa::path(delete, path = "/lineage", tag = "catalog", security(("bearer" = [])), params(crate::openapi::EdgeParams),
+    responses((status = 204, description = "The edge is removed"), (status = 403, description = "The asset is another account's"), (status = 404, description = "No such asset or edge"))
+)]
+pub async fn remove_lineage(
+    State(state): State<CatalogState>,
+    CurrentUser(user): CurrentUser,
+    Query(params): Query<EdgeParams>,
+) -> Result<Response, ApiError> {
+    let id = |field: &'static str, raw: &Option<String>| {
+        let raw = raw.as_deref().ok_or_else(|| {
+            ApiError::bad_request(
+                field,
+                format!("{field}: required query parameter is missing"),
+            )
+        })?;
+        Ok::<_, ApiError>(VersionId::parse(field, raw)?)
+    };
+    let (child, parent) = (id("child", &params.child)?, id("parent", &params.parent)?);
+    in_transaction!(
+        state,
+        |tx| queries::delete_edge(&tx, &child, &parent, user.user_id).await?,
+        |_done| inv::lineage_changed(&state, &[child.as_str()]).await
+    );
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use cascade_core::config::{Config, DatabaseConfig, DatabaseSource};
-use cascade_core::db::{Db, error_chain, find_server_binaries};
+use cascade_core::db::{Db, cluster_dir, error_chain, find_server_binaries};
 use cascade_core::redis::Redis;
 use cascade_server::Settings;
 
@@ -79,21 +79,24 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
             }
         }
         DatabaseSource::Embedded { data_dir } => match find_server_binaries() {
-            Some(bin) => line(
-                true,
-                true,
-                "postgresql",
-                &format!(
-                    "embedded: server binaries in {}, data in {} ({})",
-                    bin.display(),
-                    data_dir.display(),
-                    if data_dir.join("pg/data/PG_VERSION").exists() {
-                        "initialised"
-                    } else {
-                        "created on first serve"
-                    }
-                ),
-            ),
+            Some(bin) => {
+                let cluster = cluster_dir(data_dir).unwrap_or_else(|_| data_dir.join("pg"));
+                line(
+                    true,
+                    true,
+                    "postgresql",
+                    &format!(
+                        "embedded: server binaries in {}, cluster in {} ({})",
+                        bin.display(),
+                        cluster.display(),
+                        if cluster.join("data/PG_VERSION").exists() {
+                            "initialised"
+                        } else {
+                            "created on first serve"
+                        }
+                    ),
+                )
+            }
             None => {
                 healthy = false;
                 line(
@@ -165,15 +168,32 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
 }
 
 /// `cascade cache stats`: the `cache` section of a running server's `/health/db`, as a table.
+/// `/health/db` is for operators: the request carries the configured `ADMIN_TOKEN`.
 pub async fn cache_stats(config: &Config, url: Option<String>) -> anyhow::Result<ExitCode> {
     let base = url.unwrap_or_else(|| format!("http://{}:{}", config.http.host, config.http.port));
+    let Some(token) = &config.http.admin_token else {
+        anyhow::bail!(
+            "ADMIN_TOKEN is not set: the server's /health/db answers only its admin token; set \
+             ADMIN_TOKEN to the value the server was started with"
+        );
+    };
     let client = cascade_core::upstream::http_client(DEADLINE, DEADLINE)?;
     let response = client
         .get(format!("{}/health/db", base.trim_end_matches('/')))
+        .bearer_auth(token.expose())
         .send()
         .await
         .map_err(|e| anyhow::anyhow!("{base} does not answer: {}", error_chain(&e)))?;
-    let body: serde_json::Value = response.json().await?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    if status == 401 || status == 403 {
+        anyhow::bail!(
+            "{base} refused the admin token ({status}): {}",
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or("no reason given")
+        );
+    }
     let cache = &body["cache"];
     println!(
         "backend {}  breaker {}",

@@ -19,7 +19,7 @@ use crate::shutdown::{Shutdown, ShutdownSignal};
 pub struct Supervisor {
     shutdown: Shutdown,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
-    /// Tasks that panicked or returned before shutdown, for tests and `/health` to read.
+    /// Tasks that panicked or returned before shutdown (each also logged when it happens).
     failures: Arc<AtomicU64>,
 }
 
@@ -87,10 +87,10 @@ impl Supervisor {
 
     /// Signals every task and waits for each to finish, `bound` in all; a task still running
     /// then is aborted and named in the log.
-    pub async fn stop(self, bound: Duration) {
+    pub async fn stop(mut self, bound: Duration) {
         self.shutdown.trigger();
         let deadline = tokio::time::Instant::now() + bound;
-        for (name, mut handle) in self.tasks {
+        for (name, mut handle) in std::mem::take(&mut self.tasks) {
             if tokio::time::timeout_at(deadline, &mut handle)
                 .await
                 .is_err()
@@ -99,6 +99,14 @@ impl Supervisor {
                 handle.abort();
             }
         }
+    }
+}
+
+/// Dropped without [`stop`](Supervisor::stop) (an error path of the application's build): the
+/// tasks are told to stop, so none of them runs on, or reports an early end, as a failure.
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
     }
 }
 
@@ -142,6 +150,27 @@ mod tests {
             2,
             "a task stopped by shutdown is no failure"
         );
+    }
+
+    #[tokio::test]
+    async fn dropping_the_supervisor_stops_its_tasks_without_failures() {
+        let mut supervisor = Supervisor::new();
+        let stopped = Arc::new(AtomicU64::new(0));
+        let counter = stopped.clone();
+        supervisor.spawn("waits", |mut signal| async move {
+            signal.recv().await;
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        let failures = supervisor.failures.clone();
+        drop(supervisor);
+        for _ in 0..100 {
+            if stopped.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(stopped.load(Ordering::SeqCst), 1);
+        assert_eq!(failures.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

@@ -30,9 +30,14 @@ fn config(prefix: &str) -> CacheConfig {
 }
 
 fn redis_engine(server: &RedisServer, prefix: &str) -> Cache {
+    redis_engine_at(&server.url(), prefix)
+}
+
+/// An engine on the Redis at `url` (a proxy in front of a test server, say).
+fn redis_engine_at(url: &str, prefix: &str) -> Cache {
     let redis = Redis::new(&RedisConfig {
-        url: Secret::new(server.url()),
-        display: server.url(),
+        url: Secret::new(url.to_string()),
+        display: url.to_string(),
         timeout: Duration::from_millis(200),
     })
     .unwrap();
@@ -843,5 +848,304 @@ async fn an_invalidation_storm_does_not_let_a_slow_load_install_its_stale_value(
         engine.get::<String>("assets", "storm").await.unwrap(),
         None,
         "the value read before the write was installed"
+    );
+}
+
+/// Reads `assets`/`k` through `engine`; the loader answers the current `version`.
+async fn read_version(engine: &Cache, version: &Arc<AtomicUsize>) -> (String, Source) {
+    let version = version.clone();
+    let (bytes, source) = engine
+        .get_or_load_bytes("assets", "k", &[], || async move {
+            let v = version.load(Ordering::SeqCst).to_string();
+            Ok::<_, std::convert::Infallible>(Some(v.into_bytes()))
+        })
+        .await
+        .unwrap();
+    let bytes = bytes.expect("a value");
+    (String::from_utf8_lossy(&bytes).into_owned(), source)
+}
+
+/// Reads until `engine`'s in-process tier serves, for at most `bound`.
+async fn until_served_in_process(engine: &Cache, version: &Arc<AtomicUsize>, bound: Duration) {
+    let deadline = Instant::now() + bound;
+    while read_version(engine, version).await.1 != Source::Memory {
+        assert!(
+            Instant::now() < deadline,
+            "the in-process tier did not serve within {bound:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A subscription that goes silent without closing (half-open: no error, no end of stream)
+/// is replaced once nothing was heard on it for the silence bound, and a new subscription
+/// that hangs is abandoned at the subscribe deadline. Then the instance trusts its
+/// in-process tier again and the other instance's invalidations reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_bus_subscription_is_replaced_and_invalidations_flow_again() {
+    let server = RedisServer::start().await;
+    let proxy = cascade_testkit::StallProxy::start(server.port()).await;
+    let a = redis_engine_at(&format!("redis://127.0.0.1:{}", proxy.port()), "h:");
+    let b = redis_engine(&server, "h:");
+    let version = Arc::new(AtomicUsize::new(0));
+    until_served_in_process(&a, &version, Duration::from_secs(5)).await;
+
+    // A's subscription goes silent, and so does every one it opens meanwhile.
+    proxy.stall_subscriptions(true);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_ne!(
+        read_version(&a, &version).await.1,
+        Source::Memory,
+        "A trusted its in-process tier without hearing the bus"
+    );
+    proxy.stall_subscriptions(false);
+
+    // Silence bound (500 ms) + subscribe deadline (2 s) + warm-up (300 ms), with slack.
+    until_served_in_process(&a, &version, Duration::from_secs(8)).await;
+    for v in 1..=5 {
+        version.store(v, Ordering::SeqCst);
+        b.invalidate("assets", "k").await;
+        assert_eq!(
+            read_version(&a, &version).await.0,
+            v.to_string(),
+            "A served a value B invalidated"
+        );
+        until_served_in_process(&a, &version, Duration::from_secs(5)).await;
+    }
+}
+
+/// A plain connection to the test server, for looking at what the engine left in Redis. Its
+/// response deadline is generous (pipelines of thousands of commands on a busy machine);
+/// the tests that need a tighter bound set their own.
+async fn raw_redis(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap()
+}
+
+/// How many members the tag set `key` holds, whatever kind of set it is.
+async fn tag_set_size(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> u64 {
+    let kind: String = redis::cmd("TYPE").arg(key).query_async(conn).await.unwrap();
+    let count = if kind == "set" { "SCARD" } else { "ZCARD" };
+    redis::cmd(count).arg(key).query_async(conn).await.unwrap()
+}
+
+/// Reads of ever new keys (anonymous reads of random ids) must not grow the tag sets beyond
+/// what is cached: members whose values expired leave their sets.
+#[tokio::test]
+async fn tag_sets_stay_bounded_while_distinct_keys_come_and_expire() {
+    let server = RedisServer::start().await;
+    let engine = redis_engine(&server, "ts:");
+    let (rounds, per_round) = (8, 250);
+    for round in 0..rounds {
+        for i in 0..per_round {
+            engine
+                .get_or_load(
+                    "short",
+                    &format!("{round}-{i}"),
+                    &["producer:1".to_string()],
+                    || async { Ok::<_, std::convert::Infallible>(Some(1)) },
+                )
+                .await
+                .unwrap();
+        }
+        // Every value of this round expires (the `short` namespace lives 300 ms).
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let mut conn = raw_redis(&server).await;
+    for key in ["ts:tag:ns:short", "ts:tag:producer:1"] {
+        let size = tag_set_size(&mut conn, key).await;
+        assert!(
+            size <= per_round + 64,
+            "{key} holds {size} members after {} keys came and expired",
+            rounds * per_round
+        );
+    }
+}
+
+/// A namespace invalidation over 200,000 keys returns, deletes them all, and never holds
+/// Redis for long: a PING sent meanwhile is answered within 1 s, and Redis's own slow log
+/// (which times each command, scripts included) records nothing of 250 ms or more. (One
+/// script deleting the whole set held Redis for more than a second; a batch takes about a
+/// millisecond, the bound leaves room for a machine busy with parallel builds.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_invalidation_over_200_000_keys_never_blocks_redis() {
+    const KEYS: usize = 200_000;
+    let server = RedisServer::start().await;
+    let engine = redis_engine(&server, "big:");
+    let mut conn = raw_redis(&server).await;
+    let loads = Arc::new(AtomicUsize::new(0));
+    let load = |key: String| {
+        let (engine, loads) = (engine.clone(), loads.clone());
+        async move {
+            engine
+                .get_or_load("assets", &key, &[], || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, std::convert::Infallible>(Some(1))
+                })
+                .await
+                .unwrap()
+        }
+    };
+    // A few keys through the engine; the rest written as the engine indexes them, in
+    // pipelines (200,000 loads would take minutes).
+    for i in 0..10 {
+        load(format!("e{i}")).await;
+    }
+    let tag = "big:tag:ns:assets";
+    let sorted = {
+        let kind: String = redis::cmd("TYPE")
+            .arg(tag)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        kind == "zset"
+    };
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let expiry = secs * 1000 + micros / 1000 + 600_000;
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(2_000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            let key = format!("big:assets:{i}");
+            pipe.cmd("SET")
+                .arg(&key)
+                .arg("x")
+                .arg("PX")
+                .arg(600_000)
+                .ignore();
+            if sorted {
+                pipe.cmd("ZADD").arg(tag).arg(expiry).arg(&key).ignore();
+            } else {
+                pipe.cmd("SADD").arg(tag).arg(&key).ignore();
+            }
+        }
+        let () = pipe.query_async(&mut conn).await.unwrap();
+    }
+    assert!(tag_set_size(&mut conn, tag).await >= KEYS as u64);
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-log-slower-than")
+        .arg(250_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let () = redis::cmd("SLOWLOG")
+        .arg("RESET")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let invalidation = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.invalidate_namespace("assets").await }
+    });
+    let mut pings = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !invalidation.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the invalidation did not return in 60 s"
+        );
+        let ping = tokio::time::timeout(
+            Duration::from_secs(1),
+            redis::cmd("PING").query_async::<String>(&mut conn),
+        )
+        .await;
+        assert!(
+            matches!(ping, Ok(Ok(_))),
+            "Redis did not answer a PING within 1 s during the invalidation"
+        );
+        pings += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    invalidation.await.unwrap();
+    assert!(pings > 0, "no PING was sent while the invalidation ran");
+    let slow: Vec<redis::Value> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(10)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        slow.is_empty(),
+        "Redis ran commands of 250 ms or more during the invalidation: {slow:?}"
+    );
+    let sample: Vec<Option<String>> = redis::cmd("MGET")
+        .arg(&["big:assets:0", "big:assets:99999", "big:assets:199999"][..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        sample,
+        vec![None, None, None],
+        "keys survived the invalidation"
+    );
+    let size: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+    assert!(
+        size < 100,
+        "{size} keys left after the namespace was invalidated"
+    );
+    for i in 0..10 {
+        load(format!("e{i}")).await;
+    }
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        20,
+        "the engine's keys were not invalidated"
+    );
+}
+
+/// A tag set of the former kind (a plain set, as the previous version wrote it) is retired
+/// the first time a key enters its tag, and the next invalidation of the tag still deletes
+/// the values it lists.
+#[tokio::test]
+async fn a_plain_tag_set_from_the_previous_version_is_still_invalidated() {
+    let server = RedisServer::start().await;
+    let engine = redis_engine(&server, "up:");
+    let mut conn = raw_redis(&server).await;
+    let () = redis::cmd("SET")
+        .arg("up:assets:old")
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let () = redis::cmd("SADD")
+        .arg("up:tag:producer:1")
+        .arg("up:assets:old")
+        .query_async(&mut conn)
+        .await
+        .map(|_: i64| ())
+        .unwrap();
+    let tags = ["producer:1".to_string()];
+    engine
+        .get_or_load("assets", "new", &tags, || async {
+            Ok::<_, std::convert::Infallible>(Some(1))
+        })
+        .await
+        .unwrap();
+    let kind: String = redis::cmd("TYPE")
+        .arg("up:tag:producer:1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        kind, "zset",
+        "the tag's set was not replaced by a sorted one"
+    );
+
+    engine.invalidate_tag("producer:1").await;
+    let left: Vec<Option<String>> = redis::cmd("MGET")
+        .arg(&["up:assets:old", "up:assets:new"][..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        left,
+        vec![None, None],
+        "a value of the tag survived its invalidation"
     );
 }

@@ -11,7 +11,8 @@ use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use cascade_core::config::RateLimit;
-use cascade_core::identity::{AuthError, ClientInfo, Decision, Principal, Tier};
+use cascade_core::identity::ratelimit::client_network as network_of;
+use cascade_core::identity::{AuthError, ClientInfo, Decision, Principal, Tier, Username};
 
 use crate::error::{ApiError, set_rate_headers};
 use crate::state::AppState;
@@ -54,10 +55,11 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let state = &AppState::from_ref(state);
+        // A second extraction in one request reuses the first's principal (and its count).
         if let Some(principal) = parts.extensions.get::<Principal>() {
             return Ok(CurrentUser(principal.clone()));
         }
+        let state = &AppState::from_ref(state);
         let token = bearer_token(&parts.headers)?;
         let principal = state.identity.authenticate(token).await?;
         if let Some(limit) = state.config.auth.api_limit {
@@ -90,6 +92,16 @@ pub fn client_addr(parts: &Parts) -> String {
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The client's network, as per-address rate limits key it: the IPv4 address, or the /64 of
+/// an IPv6 one ([`cascade_core::identity::ratelimit::client_network`]).
+pub fn client_network(parts: &Parts) -> String {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| network_of(addr.ip()))
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -126,6 +138,49 @@ pub async fn rate_limit_headers(mut request: Request, next: Next) -> Response {
         );
     }
     response
+}
+
+/// Counts a login attempt by `user` from this request's client network before its password
+/// is checked (`cascade_core::identity::login_limit` explains the three budgets): per network
+/// (`RATE_LIMIT_AUTH`), per (username, network) pair (`RATE_LIMIT_LOGIN`), and the username's
+/// backoff for networks it has not logged in from. A 429 when over any.
+pub async fn admit_login(state: &AppState, parts: &Parts, user: &Username) -> Result<(), ApiError> {
+    let net = client_network(parts);
+    let auth = &state.config.auth;
+    if let Some(limit) = auth.auth_limit {
+        enforce(state, parts, "login", &format!("addr:{net}"), limit).await?;
+    }
+    if let Some(limit) = auth.login_limit {
+        let pair = format!("pair:{}@{net}", user.key());
+        enforce(state, parts, "login", &pair, limit).await?;
+    }
+    if let Some(policy) = auth.login_backoff() {
+        let decision = state.limiter.login_admit(user, &net, policy).await;
+        if !decision.allowed {
+            tracing::info!(user = user.key(), "login backoff: attempt held back");
+            return Err(ApiError::RateLimited {
+                retry_after: decision.retry_after,
+                limit: decision.limit,
+                reset: decision.reset,
+                policy: format!("{};w={}", policy.free, policy.forget.as_secs().max(1)),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reports how a login admitted by [`admit_login`] ended: a wrong password counts towards the
+/// username's backoff; a success resets it and makes the client's network known.
+pub async fn record_login(state: &AppState, parts: &Parts, user: &Username, succeeded: bool) {
+    let Some(policy) = state.config.auth.login_backoff() else {
+        return;
+    };
+    let net = client_network(parts);
+    if succeeded {
+        state.limiter.login_succeeded(user, &net).await;
+    } else {
+        state.limiter.login_failed(user, &net, policy).await;
+    }
 }
 
 /// Counts one request of `class` by `key`; a 429 when over the limit.

@@ -6,12 +6,15 @@
 //! - [`extract`]: [`JsonBody`], the JSON body extractor whose errors name the field;
 //! - [`auth`]: [`CurrentUser`], the authenticated caller, and the rate limits it enforces;
 //! - [`module`]: [`Module`], what an application module hands the server (migrations, router,
-//!   background tasks).
+//!   background tasks, its part of the OpenAPI document);
+//! - [`openapi`]: the platform's part of that document (the error shape, bearer auth, the
+//!   responses every route can give).
 
 pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod module;
+pub mod openapi;
 pub mod state;
 
 pub use auth::CurrentUser;

@@ -24,6 +24,13 @@ pub trait Module: Send + Sync + 'static {
     /// The module's routes, with its own state applied.
     fn router(&self, state: &AppState) -> Router;
 
+    /// The module's part of the OpenAPI document: every route of [`Module::router`], with
+    /// its schemas (usually `#[derive(utoipa::OpenApi)]` over its `#[utoipa::path]` handlers).
+    /// The server merges the parts; its route test fails on a route this leaves out.
+    fn openapi(&self) -> utoipa::openapi::OpenApi {
+        utoipa::openapi::OpenApi::default()
+    }
+
     /// Starts the module's background tasks under `tasks`, which stops them on shutdown.
     fn start_tasks(&self, _state: &AppState, _tasks: &mut Supervisor) {}
 }

@@ -147,11 +147,17 @@ impl Application {
 
     /// The whole HTTP application, every module's routes behind the shared middleware.
     pub fn router(&self) -> Router {
+        self.router_with(Router::new())
+    }
+
+    /// [`router`](Self::router) plus `extra` routes behind the same middleware (the
+    /// benchmark's `/bench/*`, which only `cascade-bench` adds).
+    pub fn router_with(&self, extra: Router) -> Router {
         let server = ServerState {
             app: self.state.clone(),
             metrics: self.metrics.clone(),
         };
-        crate::http::app(&server, &self.modules)
+        crate::http::app(&server, &self.modules, extra)
     }
 
     /// Serves on `listener` until `shutdown` resolves, drains in-flight requests for at most
@@ -161,8 +167,19 @@ impl Application {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let drain = self.state.config.http.shutdown_timeout;
-        let served = crate::serve(listener, self.router(), shutdown, drain).await;
+        self.serve_with(listener, Router::new(), shutdown).await
+    }
+
+    /// [`serve`](Self::serve) with `extra` routes (see [`router_with`](Self::router_with)).
+    pub async fn serve_with(
+        self,
+        listener: TcpListener,
+        extra: Router,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let http = self.state.config.http.clone();
+        let router = self.router_with(extra);
+        let served = crate::serve(listener, router, shutdown, &http).await;
         self.stop().await;
         Ok(served?)
     }
@@ -175,6 +192,7 @@ impl Application {
     /// Stops the background tasks, closes the pool and stops the embedded PostgreSQL.
     pub async fn stop(self) {
         self.tasks.stop(Duration::from_secs(10)).await;
+        self.state.cache.stop_bus();
         self.database.db.close();
         drop(self.database);
         tracing::info!("stopped");

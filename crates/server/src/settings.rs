@@ -43,6 +43,9 @@ impl Settings {
         let mut p = Parser::new();
         let core = Config::parse(&mut p, &raw.core, &namespaces);
         p.absorb(modules);
+        // CACHE_TTLS_JSON may override the patterns namespace: the app reads what the cache uses.
+        let mut app = app;
+        app.consciousness.cache_ttl = core.cache.ttl(cascade_app::config::PATTERNS);
         p.finish(Settings { core, catalog, app })
     }
 
@@ -59,8 +62,8 @@ impl Settings {
                 .find(|a| a.get_env().is_some_and(|env| env == *var))
                 .ok_or_else(|| format!("no setting is read from {var}"))?;
             let long = arg.get_long().ok_or_else(|| format!("{var} has no flag"))?;
-            argv.push(format!("--{long}"));
-            argv.push(value.clone());
+            // One argument, so a value that starts with `-` is not taken for a flag.
+            argv.push(format!("--{long}={value}"));
         }
         let matches = command
             .try_get_matches_from(argv)
@@ -97,6 +100,7 @@ mod tests {
         assert!(!settings.catalog.use_redis_bundles);
         let cache = &settings.core.cache;
         assert_eq!(cache.ttl("patterns").as_secs(), 45);
+        assert_eq!(settings.app.consciousness.cache_ttl.as_secs(), 45);
         assert_eq!(cache.ttl("assets").as_millis(), 1500);
         assert_eq!(cache.ttl("venice").as_millis(), 2000);
         assert_eq!(cache.ttl("listings").as_secs(), 180);
@@ -112,6 +116,26 @@ mod tests {
         ] {
             assert!(rows.iter().any(|(v, _)| *v == var), "{var} missing");
         }
+    }
+
+    #[test]
+    fn a_patterns_ttl_from_cache_ttls_json_is_the_one_the_app_sees() {
+        let settings = Settings::from_vars(&[
+            ("CONSCIOUSNESS_CACHE_TTL", "45".into()),
+            ("CACHE_TTLS_JSON", r#"{"patterns": 7000}"#.into()),
+        ])
+        .unwrap();
+        assert_eq!(settings.core.cache.ttl("patterns").as_millis(), 7000);
+        assert_eq!(settings.app.consciousness.cache_ttl.as_millis(), 7000);
+    }
+
+    #[test]
+    fn values_that_start_with_a_dash_are_values() {
+        let err = Settings::from_vars(&[("PG_POOL_MIN", "-3".into())]).unwrap_err();
+        assert!(
+            err.contains("PG_POOL_MIN"),
+            "a configuration error, not clap's: {err}"
+        );
     }
 
     #[test]

@@ -25,7 +25,12 @@ impl TestApp {
     /// Builds and serves the application configured by `vars` (`("DATABASE_URL", url)`, ...).
     /// Panics with the reason when it cannot start.
     pub async fn start(vars: &[(&str, String)]) -> TestApp {
-        let settings = Settings::from_vars(vars).unwrap_or_else(|e| panic!("settings: {e}"));
+        // A test's server drains for a few seconds at most when dropped, unless it says otherwise.
+        let mut vars: Vec<(&str, String)> = vars.to_vec();
+        if !vars.iter().any(|(var, _)| *var == "SHUTDOWN_TIMEOUT") {
+            vars.push(("SHUTDOWN_TIMEOUT", "3s".into()));
+        }
+        let settings = Settings::from_vars(&vars).unwrap_or_else(|e| panic!("settings: {e}"));
         let (ready_tx, ready_rx) = oneshot::channel::<Result<String, String>>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {

@@ -57,7 +57,9 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
     let database = Database::open(&settings.core).await.unwrap();
     let modules = application::modules(&settings);
     let report = application::migrate(&database.db, &modules).await.unwrap();
-    assert!(report.applied.is_empty(), "nothing applied again: {report}");
+    // Nothing the old release applied runs again; only migrations newer than it do.
+    let applied: Vec<String> = report.applied.iter().map(|id| id.to_string()).collect();
+    assert_eq!(applied, ["catalog/3"], "{report}");
     assert_eq!(report.legacy_rows_rekeyed, 5, "{report}");
     let again = application::migrate(&database.db, &modules).await.unwrap();
     assert!(
@@ -77,6 +79,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
         [
             "catalog/1 catalog",
             "catalog/2 catalog_owners",
+            "catalog/3 lineage_pending",
             "core/1 cache_entries",
             "core/2 cache_leases",
             "core/3 identity",

@@ -11,10 +11,12 @@
 mod pg;
 mod proxy;
 mod redis_server;
+mod stall_proxy;
 
 pub use pg::PgServer;
 pub use proxy::Proxy;
 pub use redis_server::RedisServer;
+pub use stall_proxy::StallProxy;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

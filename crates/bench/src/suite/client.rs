@@ -6,6 +6,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+/// The `ADMIN_TOKEN` the suite's server is started with: `/health/db` answers only it.
+pub const ADMIN_TOKEN: &str = "cascade-bench-admin-token-0123456789abcdef";
+
 /// A cheap-to-clone client of the server under test; every request has the deadline of the
 /// underlying `reqwest` client (2 s to connect, 30 s in all).
 #[derive(Clone)]
@@ -101,7 +104,21 @@ impl Client {
 
     /// The cache counters of `namespace` from `/health/db` (`{}` when it has none yet).
     pub async fn cache_stats(&self, namespace: &str) -> anyhow::Result<Value> {
-        let body: Value = serde_json::from_slice(&self.get_ok("/health/db").await?)?;
+        let response = self
+            .http
+            .get(format!("{}/health/db", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await?;
+        let status = response.status();
+        let bytes = response.bytes().await?;
+        if !status.is_success() {
+            bail!(
+                "GET /health/db: {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        let body: Value = serde_json::from_slice(&bytes)?;
         Ok(body["cache"]["namespaces"]
             .as_array()
             .and_then(|all| all.iter().find(|ns| ns["namespace"] == namespace))

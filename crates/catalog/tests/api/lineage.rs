@@ -3,11 +3,17 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::support::{Catalog, assert_bad_field, get, run_event, send};
+use crate::support::{
+    Catalog, ancestors, assert_bad_field, get, register, run_event, send, send_as,
+};
 
 #[tokio::test]
 async fn an_openlineage_event_records_edges_from_inputs_to_outputs() {
     let catalog = Catalog::start(1).await;
+    catalog.producer("acme").await;
+    for v in ["c", "y@42"] {
+        catalog.asset(v, "acme", v).await;
+    }
     let answer = catalog.lineage(&["a", "b"], &["c"]).await;
     assert_eq!(
         answer["edgesAdded"],
@@ -190,5 +196,121 @@ async fn an_event_implying_too_many_edges_is_refused_at_once_and_writes_nothing(
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    assert_eq!(catalog.count("lineage_edges").await, 1_000);
+    // Into versions not in the catalog: pending until they are published.
+    assert_eq!(catalog.count("lineage_pending_edges").await, 1_000);
+}
+
+fn parents(bundle: &serde_json::Value) -> Vec<String> {
+    ancestors(bundle, "/depth")
+        .into_iter()
+        .map(|(v, _)| v)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_strangers_lineage_into_an_unpublished_version_never_becomes_its_ancestry() {
+    let catalog = Catalog::start(1).await;
+    let base = catalog.base();
+    catalog.producer("acme").await;
+    catalog.asset("downstream", "acme", "D").await;
+    catalog.asset("raw", "acme", "R").await;
+    let mallory = register(base, "mallory").await;
+
+    // Before acme publishes report@1, Mallory names it as the output of her junk...
+    let (status, answer) = send_as(
+        base,
+        Some(&mallory),
+        Method::POST,
+        "/lineage",
+        Some(run_event(&["junk"], &["report@1"])),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(answer["edgesAdded"], json!([]));
+    assert_eq!(
+        answer["edgesPending"],
+        json!([{"parent": "junk", "child": "report@1"}])
+    );
+    // ...while acme's own pipeline reports raw → report@1 → downstream.
+    let answer = catalog.lineage(&["raw"], &["report@1"]).await;
+    assert_eq!(answer["edgesAdded"], json!([]));
+    assert_eq!(answer["edgesPending"].as_array().unwrap().len(), 1);
+    catalog.lineage(&["report@1"], &["downstream"]).await;
+
+    // Pending edges are not lineage yet: downstream's readiness does not reach through them.
+    let (_, ready) = get(base, "/ready?versionId=downstream").await;
+    assert_eq!(ready["checked"], 2, "downstream and report@1: {ready}");
+
+    catalog.asset("report@1", "acme", "Report").await;
+    let (status, bundle) = get(base, "/bundle?versionId=report@1&depth=3").await;
+    assert_eq!(status, 200, "{bundle}");
+    assert_eq!(
+        parents(&bundle),
+        ["raw"],
+        "the publisher's own lineage only"
+    );
+    let (_, bundle) = get(base, "/bundle?versionId=downstream&depth=3").await;
+    assert_eq!(parents(&bundle), ["report@1", "raw"]);
+    for v in ["downstream", "report@1", "raw"] {
+        catalog.entitle(v).await;
+    }
+    let (_, ready) = get(base, "/ready?versionId=downstream").await;
+    assert_eq!(ready["ready"], true, "junk cannot hold it back: {ready}");
+    assert_eq!(catalog.count("lineage_pending_edges").await, 0);
+    assert_eq!(catalog.count("lineage_edges").await, 2);
+
+    // Published now: Mallory's lineage into it is refused like any write to acme's asset.
+    let (status, _) = send_as(
+        base,
+        Some(&mallory),
+        Method::POST,
+        "/lineage",
+        Some(run_event(&["junk"], &["report@1"])),
+    )
+    .await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn the_owner_of_an_asset_can_remove_an_edge_into_it_and_nobody_else_can() {
+    let catalog = Catalog::start(1).await;
+    let base = catalog.base();
+    catalog.producer("acme").await;
+    for v in ["a", "b", "c"] {
+        catalog.asset(v, "acme", v).await;
+        catalog.entitle(v).await;
+    }
+    // a → b → c, and an input the catalog does not have (so c is not ready).
+    catalog.lineage(&["a", "ghost"], &["b"]).await;
+    catalog.lineage(&["b"], &["c"]).await;
+    let (_, bundle) = get(base, "/bundle?versionId=c&depth=2").await;
+    assert_eq!(parents(&bundle), ["b", "a", "ghost"]);
+    let (_, ready) = get(base, "/ready?versionId=c").await;
+    assert_eq!(ready["ready"], false, "{ready}");
+
+    let mallory = register(base, "mallory").await;
+    let remove = "/lineage?child=b&parent=ghost";
+    for (token, expected) in [(None, 401), (Some(mallory.as_str()), 403)] {
+        let (status, body) = send_as(base, token, Method::DELETE, remove, None).await;
+        assert_eq!(status, expected, "{body}");
+    }
+    assert_eq!(catalog.count("lineage_edges").await, 3);
+
+    let (status, body) = send(base, Method::DELETE, remove, None).await;
+    assert_eq!(status, 204, "{body}");
+    // The cached bundle and readiness of b's descendants changed with it.
+    let (_, bundle) = get(base, "/bundle?versionId=c&depth=2").await;
+    assert_eq!(parents(&bundle), ["b", "a"]);
+    let (_, ready) = get(base, "/ready?versionId=c").await;
+    assert_eq!(ready["ready"], true, "{ready}");
+
+    let (status, _) = send(base, Method::DELETE, remove, None).await;
+    assert_eq!(status, 404, "no such edge any more");
+    let (status, _) = send(base, Method::DELETE, "/lineage?child=nope&parent=a", None).await;
+    assert_eq!(status, 404, "no such asset");
+    let (status, body) = send(base, Method::DELETE, "/lineage?parent=a", None).await;
+    assert_bad_field(status, &body, "child");
+    let (status, body) = send(base, Method::DELETE, "/lineage?child=b&parent=a%00", None).await;
+    assert_bad_field(status, &body, "parent");
+    assert_eq!(catalog.count("lineage_edges").await, 2);
 }

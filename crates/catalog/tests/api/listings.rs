@@ -157,3 +157,77 @@ async fn etags_round_trip_to_304_and_change_with_the_content() {
     assert_eq!(changed.status(), 200, "a changed asset is not 304");
     assert_ne!(changed.headers()[header::ETAG].to_str().unwrap(), etag);
 }
+
+#[tokio::test]
+async fn catalog_bodies_are_compact_json() {
+    let catalog = Catalog::start(1).await;
+    let base = catalog.base();
+    let mut bodies = Vec::new();
+    let token = crate::support::register(base, "compact").await;
+    for (method, path, body) in [
+        (
+            Method::POST,
+            "/producers",
+            json!({"producerId": "p", "name": "P"}),
+        ),
+        (
+            Method::POST,
+            "/assets",
+            json!({"versionId": "a", "producerId": "p", "name": "A",
+                   "metadata": {"description": "up", "tags": [1, 2, {"k": [true, null]}]}}),
+        ),
+        (
+            Method::POST,
+            "/assets",
+            json!({"versionId": "b", "producerId": "p", "name": "B"}),
+        ),
+        (
+            Method::PATCH,
+            "/listings/b",
+            json!({"metadata": {"x": {"y": 1}}}),
+        ),
+        (
+            Method::POST,
+            "/receipts",
+            json!({"versionId": "a", "payer": "q", "amount": 1}),
+        ),
+        (
+            Method::POST,
+            "/policies",
+            json!({"versionId": "a", "document": {"l": [1, 2]}}),
+        ),
+        (
+            Method::POST,
+            "/lineage",
+            crate::support::run_event(&["a"], &["b"]),
+        ),
+    ] {
+        let response = http()
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{path}");
+        bodies.push((path.to_string(), response.text().await.unwrap()));
+    }
+    for path in [
+        "/listings/a",
+        "/listings",
+        "/bundle?versionId=b&depth=2",
+        "/ready?versionId=b",
+    ] {
+        // Twice: the loaded body and the cached one.
+        for _ in 0..2 {
+            let response = http().get(format!("{base}{path}")).send().await.unwrap();
+            bodies.push((path.to_string(), response.text().await.unwrap()));
+        }
+    }
+    for (path, body) in bodies {
+        for spaced in ["\" : ", "\": ", ", ", ": [", "[ ", " ]", " }", "{ ", "\n"] {
+            assert!(!body.contains(spaced), "{path}: {spaced:?} in {body}");
+        }
+        serde_json::from_str::<serde_json::Value>(&body).expect("JSON");
+    }
+}

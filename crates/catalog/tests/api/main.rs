@@ -3,9 +3,13 @@
 
 mod support;
 
+mod bounds;
 mod bundle;
+mod disconnect;
 mod freshness;
+mod input;
 mod lineage;
 mod listings;
+mod paused_redis;
 mod ready;
 mod writes;

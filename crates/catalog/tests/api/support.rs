@@ -20,15 +20,19 @@ pub fn http() -> reqwest::Client {
         .expect("client")
 }
 
+/// Fields drop in declaration order: the servers stop before the PostgreSQL and Redis they use.
 pub struct Catalog {
+    pub servers: Vec<TestApp>,
     pub pg: PgServer,
     pub database: String,
     pub redis: RedisServer,
-    pub servers: Vec<TestApp>,
 }
 
 /// The secret every catalog server signs with, so a token from one is good on the others.
 const JWT_SECRET: &str = "catalog-tests-secret-catalog-tests-secret";
+
+/// The `ADMIN_TOKEN` of every catalog server: what reads `/health/db`.
+pub const ADMIN_TOKEN: &str = "catalog-tests-admin-token-0123456789";
 
 /// The publisher token of each catalog server, by base URL: what [`send`] writes with.
 static PUBLISHERS: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
@@ -52,6 +56,7 @@ impl Catalog {
             ("DATABASE_URL", url),
             ("REDIS_URL", redis.url()),
             ("JWT_SECRET", JWT_SECRET.to_string()),
+            ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
             ("RATE_LIMIT_API", "off".to_string()),
         ];
         env.extend(extra.iter().cloned());

@@ -45,6 +45,10 @@ pub fn run_bounded(mut command: Command, bound: Duration) -> (Output, Duration) 
     }
 }
 
+/// The `ADMIN_TOKEN` every [`Served`] server is started with (unless a test sets its own), and
+/// that [`Served::get_json`] sends to the operator endpoints (`/health/db`).
+pub const ADMIN_TOKEN: &str = "foundation-tests-admin-token-0123456789";
+
 pub fn http() -> reqwest::Client {
     cascade_core::upstream::http_client(Duration::from_secs(2), Duration::from_secs(10))
         .expect("client")
@@ -58,13 +62,21 @@ pub struct Served {
 }
 
 impl Served {
-    /// Starts `cascade serve` with `env` on a free port and waits until `/health` answers.
+    /// Starts `cascade serve` with `env` (and [`ADMIN_TOKEN`]) on a free port and waits until
+    /// `/health` answers.
     pub async fn start(env: &[(&str, String)]) -> Served {
-        let dir = empty_dir();
+        Served::start_in(&empty_dir(), env).await
+    }
+
+    /// [`start`](Self::start) with `dir` as the working directory.
+    pub async fn start_in(dir: &Path, env: &[(&str, String)]) -> Served {
         let port = free_port();
         let log = dir.join("cascade.log");
-        let mut command = cascade(&dir);
-        command.arg("serve").env("PORT", port.to_string());
+        let mut command = cascade(dir);
+        command
+            .arg("serve")
+            .env("PORT", port.to_string())
+            .env("ADMIN_TOKEN", ADMIN_TOKEN);
         for (key, value) in env {
             command.env(key, value);
         }
@@ -104,12 +116,13 @@ impl Served {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `GET path`; the operator endpoints (`/health/db`) with [`ADMIN_TOKEN`].
     pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
-        let response = http()
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .expect("request");
+        let mut request = http().get(format!("{}{path}", self.base));
+        if path.starts_with("/health/db") {
+            request = request.bearer_auth(ADMIN_TOKEN);
+        }
+        let response = request.send().await.expect("request");
         let status = response.status().as_u16();
         (
             status,

@@ -114,7 +114,12 @@ async fn dashboard_in_headless_chromium_shows_the_numbers_of_metrics() {
             (shown - expected).abs() <= 1e-12 * expected.max(1.0),
             "{key}: {shown} vs {expected}"
         );
-        assert_eq!(dom.has_warning(key, None), expected > 0.5, "{key} flag");
+        // Seed 003's alert is on p95 only: p50 and p99 are shown, never flagged.
+        assert_eq!(
+            dom.has_warning(key, None),
+            key == "p95" && expected > 0.5,
+            "{key} flag"
+        );
     }
 
     // The pool.

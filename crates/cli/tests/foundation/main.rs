@@ -4,10 +4,12 @@
 mod cache_cli;
 mod common;
 mod config;
+mod connections;
 mod dashboard;
 mod embedded;
 mod health;
 mod identity;
+mod login_limits;
 mod metrics;
 mod migrate;
 mod paused_instance;

@@ -187,7 +187,14 @@ async fn metrics_without_redis_leave_out_redis_and_still_count() {
     let pg = PgServer::start().await;
     let served = Served::start(&[("DATABASE_URL", pg.fresh_database().await)]).await;
     let before = scrape(&served).await;
-    get_n(&served, "/health/db", None, 2, 200).await;
+    get_n(
+        &served,
+        "/health/db",
+        Some(crate::common::ADMIN_TOKEN),
+        2,
+        200,
+    )
+    .await;
     let after = scrape(&served).await;
     let labels = [("route", "/health/db"), ("status", "200")];
     assert_eq!(

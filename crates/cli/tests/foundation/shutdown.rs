@@ -20,7 +20,11 @@ async fn sigterm_lets_an_in_flight_request_finish() {
     let url = format!("{}/health/db", served.base);
     let in_flight = tokio::spawn(async move {
         let started = Instant::now();
-        let response = http().get(url).send().await;
+        let response = http()
+            .get(url)
+            .bearer_auth(crate::common::ADMIN_TOKEN)
+            .send()
+            .await;
         (response.map(|r| r.status().as_u16()), started.elapsed())
     });
     tokio::time::sleep(Duration::from_millis(500)).await;

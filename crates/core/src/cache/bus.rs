@@ -101,7 +101,16 @@ impl Transport {
 pub(crate) const HEARTBEAT: Duration = Duration::from_millis(50);
 pub(crate) const TRUST: Duration = Duration::from_millis(250);
 /// Added to [`TRUST`] when waiting for silent instances: clock-rate slack between hosts.
-const MARGIN: Duration = Duration::from_millis(50);
+pub(crate) const MARGIN: Duration = Duration::from_millis(50);
+/// A subscription on which nothing (not even our own heartbeats, sent every [`HEARTBEAT`])
+/// was heard for this long is presumed dead and replaced. Measured from the last message,
+/// not from the last loop turn: a half-open connection (a paused or vanished peer that never
+/// closed it) neither errs nor ends the stream; silence is its only symptom.
+const SILENCE: Duration = Duration::from_millis(500);
+/// Opening a subscription (connect, `SUBSCRIBE` or `LISTEN`, its reply) must finish within
+/// this; a server that accepts the connection and then answers nothing would hold the bus
+/// forever otherwise.
+const SUBSCRIBE_DEADLINE: Duration = Duration::from_secs(2);
 /// Instances heard within this window are expected to acknowledge.
 const LIVE: Duration = Duration::from_secs(1);
 
@@ -171,6 +180,13 @@ impl Bus {
             && now >= self.warm_until.load(Ordering::SeqCst)
     }
 
+    /// None of our own heartbeats sent in the last [`TRUST`] + [`MARGIN`] came back (or none
+    /// since this subscription began): by now, every instance that hears the bus no better
+    /// than we do has stopped trusting its in-process tier.
+    pub fn unheard(&self) -> bool {
+        self.micros() > self.trusted_until.load(Ordering::SeqCst) + MARGIN.as_micros() as u64
+    }
+
     /// How many instances (this one included) were heard on the bus within `window` of the
     /// latest heartbeat heard from anyone. Measured against the latest heartbeat rather than
     /// now, the count holds steady while the bus itself is down: it is the cluster's size as
@@ -218,10 +234,20 @@ impl Bus {
                 },
             );
         }
+        let started = tokio::time::Instant::now();
         let published = self.publish_inv(id, keys, tags).await;
-        // Whether or not the publish got through, no instance trusts its tier for longer than
-        // TRUST past this point without having processed it (or without hearing the bus).
-        let deadline = tokio::time::Instant::now() + TRUST + MARGIN;
+        // Published: Redis ordered it before every heartbeat sent from now on, so no instance
+        // trusts its tier for longer than TRUST past this point without having processed it.
+        // Not published (Redis did not answer within its deadline): there is no such point
+        // to wait for; what remains is the trust of instances that cannot hear Redis either,
+        // which ran out TRUST after their last heartbeat that Redis took, before we began.
+        // So the wait counts from the start, and a failed publish costs max(REDIS_TIMEOUT,
+        // TRUST + MARGIN) in all rather than their sum.
+        let deadline = if published.is_ok() {
+            tokio::time::Instant::now() + TRUST + MARGIN
+        } else {
+            started + TRUST + MARGIN
+        };
         if published.is_ok() && know_peers {
             let waited = async {
                 loop {
@@ -332,7 +358,10 @@ pub(crate) async fn run(engine: Weak<Inner>) {
         };
         let (transport, channel) = (bus.transport.clone(), bus.channel.clone());
         drop(inner);
-        let mut stream = match transport.subscribe(&channel).await {
+        let subscribed = tokio::time::timeout(SUBSCRIBE_DEADLINE, transport.subscribe(&channel))
+            .await
+            .unwrap_or_else(|_| Err(format!("no subscription within {SUBSCRIBE_DEADLINE:?}")));
+        let stream = match subscribed {
             Ok(stream) => stream,
             Err(err) => {
                 tracing::debug!(error = %err, "cache bus: cannot subscribe yet");
@@ -351,47 +380,68 @@ pub(crate) async fn run(engine: Weak<Inner>) {
             inner.flush_memory();
         }
         tracing::info!("cache bus subscribed");
-        let mut tick = tokio::time::interval(HEARTBEAT);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    let Some(inner) = engine.upgrade() else { return };
-                    let Some(bus) = inner.bus.as_ref() else { return };
-                    let hb = Message::Hb { from: bus.id.clone(), sent: bus.micros() };
-                    match bus.publish(&hb).await {
-                        Ok(()) => inner.shared_ok(),
-                        Err(_) => inner.note_outage(),
-                    }
-                    // Deliver remembered invalidations as soon as Redis takes them, not only
-                    // when this instance next serves a request.
-                    super::Cache { inner: inner.clone() }.replay_if_pending().await;
+        if listen(&engine, stream).await.is_break() {
+            return;
+        }
+        tracing::warn!("cache bus lost; in-process tier bypassed until it is back");
+    }
+}
+
+/// Heartbeats and applies messages until the subscription ends or falls silent for
+/// [`SILENCE`] (`Continue`: subscribe again), or the engine is dropped (`Break`).
+async fn listen(engine: &Weak<Inner>, mut stream: Payloads) -> std::ops::ControlFlow<()> {
+    use std::ops::ControlFlow::{Break, Continue};
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    // A heartbeat that waited out Redis's deadline is not followed by a burst of the ticks
+    // it missed: those would keep the loop busy publishing and never let silence be seen.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Absolute: pushed back by each message heard, never by a heartbeat tick.
+    let silence = tokio::time::sleep(SILENCE);
+    tokio::pin!(silence);
+    // Replays run beside this loop (a namespace's deletion takes many round trips), one at
+    // a time, so that heartbeats and messages are never held up by them.
+    let mut replay: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        tokio::select! {
+            // Heartbeats first, then messages, and silence only when neither is ready: a
+            // backlog of messages is read before the subscription is judged silent.
+            biased;
+            _ = tick.tick() => {
+                let Some(inner) = engine.upgrade() else { return Break(()) };
+                let Some(bus) = inner.bus.as_ref() else { return Break(()) };
+                let hb = Message::Hb { from: bus.id.clone(), sent: bus.micros() };
+                match bus.publish(&hb).await {
+                    Ok(()) => inner.shared_ok(),
+                    Err(_) => inner.note_outage(),
                 }
-                message = tokio::time::timeout(TRUST * 2, stream.next()) => {
-                    let Some(inner) = engine.upgrade() else { return };
-                    let Some(bus) = inner.bus.as_ref() else { return };
-                    match message {
-                        Ok(Some(msg)) => {
-                            if let Some(reply) = bus.on_message(&inner, &msg) {
-                                // The ack is sent beside this loop, not awaited in it: under
-                                // many invalidations, a Redis round trip per message here
-                                // delayed our own heartbeats past the trust window, and every
-                                // invalidation sent meanwhile waited the whole window.
-                                let inner = inner.clone();
-                                tokio::spawn(async move {
-                                    if let Some(bus) = inner.bus.as_ref() {
-                                        let _ = bus.publish(&reply).await;
-                                    }
-                                });
-                            }
-                        }
-                        // Silence for 2×TRUST (our own heartbeats stopped coming back) or the
-                        // stream ended: the connection is presumed dead. Resubscribe.
-                        Ok(None) | Err(_) => {
-                            tracing::warn!("cache bus lost; in-process tier bypassed until it is back");
-                            break;
-                        }
-                    }
+                // Deliver remembered invalidations as soon as Redis takes them, not only
+                // when this instance next serves a request.
+                if replay.as_ref().is_none_or(|task| task.is_finished()) {
+                    let cache = super::Cache { inner: inner.clone() };
+                    replay = Some(tokio::spawn(async move { cache.replay_if_pending().await }));
                 }
+            }
+            message = stream.next() => {
+                let Some(msg) = message else { return Continue(()) };
+                silence.as_mut().reset(tokio::time::Instant::now() + SILENCE);
+                let Some(inner) = engine.upgrade() else { return Break(()) };
+                let Some(bus) = inner.bus.as_ref() else { return Break(()) };
+                if let Some(reply) = bus.on_message(&inner, &msg) {
+                    // The ack is sent beside this loop, not awaited in it: under many
+                    // invalidations, a Redis round trip per message here delayed our own
+                    // heartbeats past the trust window, and every invalidation sent
+                    // meanwhile waited the whole window.
+                    let inner = inner.clone();
+                    tokio::spawn(async move {
+                        if let Some(bus) = inner.bus.as_ref() {
+                            let _ = bus.publish(&reply).await;
+                        }
+                    });
+                }
+            }
+            () = &mut silence => {
+                tracing::warn!(silence = ?SILENCE, "cache bus silent: subscription presumed dead");
+                return Continue(());
             }
         }
     }

@@ -20,6 +20,9 @@ use super::{Cache, Inner, MemEntry};
 use crate::shutdown::ShutdownSignal;
 
 /// How many times an invalidation is sent to the shared tier before it is only remembered.
+/// Only a call that failed at once (a connection found broken, replaced for the next try) is
+/// tried again: one that timed out spent the whole `REDIS_TIMEOUT`, and Redis is not
+/// answering, so trying again would only multiply what the write waits.
 const DELIVERY_ATTEMPTS: u32 = 3;
 
 /// Entries stored up to this long after an outage ended are revalidated too: the storing and
@@ -150,9 +153,7 @@ impl Cache {
                 self.inner.breaker.trip();
             }
         }
-        if let Some(bus) = &self.inner.bus {
-            bus.broadcast(vec![full], Vec::new()).await;
-        }
+        self.tell_instances(vec![full], Vec::new()).await;
         Ok(())
     }
 
@@ -183,9 +184,7 @@ impl Cache {
             // second bump refuses its install, the second removal drops it if it got in.
             self.forget_keys(&full);
         }
-        if let Some(bus) = &self.inner.bus {
-            bus.broadcast(full, Vec::new()).await;
-        }
+        self.tell_instances(full, Vec::new()).await;
     }
 
     /// Removes `full` keys from this instance's in-process tier and marks them invalidated.
@@ -226,9 +225,7 @@ impl Cache {
             // As for keys: readers that read the shared tier before its delete.
             self.forget_tags(tags);
         }
-        if let Some(bus) = &self.inner.bus {
-            bus.broadcast(Vec::new(), tags.to_vec()).await;
-        }
+        self.tell_instances(Vec::new(), tags.to_vec()).await;
     }
 
     /// Removes every value of a namespace.
@@ -303,15 +300,53 @@ impl Cache {
         }
     }
 
+    /// Whether the shared tier has stopped answering this instance: a call failed since the
+    /// last success, and none of our own heartbeats came back for longer than any instance
+    /// trusts its in-process tier without hearing the bus. Not a single failed call: a
+    /// connection found broken once fails one command while Redis is fine.
+    fn unresponsive(&self) -> bool {
+        self.inner.outage.load(Ordering::SeqCst)
+            && self.inner.bus.as_ref().is_some_and(|bus| bus.unheard())
+    }
+
+    /// Tells every instance's in-process tier (`bus.rs`), unless the shared tier has stopped
+    /// answering: then nothing can carry the message now, and every instance cut off as we
+    /// are has stopped trusting its tier already. The invalidation is remembered instead;
+    /// the replay announces it on the bus once Redis answers.
+    async fn tell_instances(&self, keys: Vec<String>, tags: Vec<String>) {
+        let Some(bus) = &self.inner.bus else {
+            return;
+        };
+        if self.unresponsive() {
+            self.remember(|p| {
+                p.keys.extend(keys);
+                p.tags.extend(tags);
+            });
+            return;
+        }
+        bus.broadcast(keys, tags).await;
+    }
+
     /// Sends an invalidation to Redis, or remembers it (and keeps Redis out of reads) when
     /// Redis cannot take it now.
+    ///
+    /// What it costs a write when Redis does not answer is bounded: the first invalidation
+    /// of an outage waits one `REDIS_TIMEOUT` here (no retry after a timeout); once the
+    /// outage is established ([`unresponsive`](Self::unresponsive)) later ones are only
+    /// remembered, at once: they are delivered (and announced on the bus) by the replay,
+    /// before this instance reads Redis again.
     async fn deliver(&self, namespace: &str, what: Invalidation) {
         let Some(shared) = self.inner.shared.as_ref() else {
             return;
         };
+        if self.unresponsive() {
+            self.remember(|p| what.record(p));
+            self.inner.breaker.trip();
+            return;
+        }
         // An invalidation matters more than a read: it goes to the shared tier even while the
-        // breaker keeps reads away (other instances may be reading it), and is retried a few
-        // times, each under the deadline, before it is only remembered.
+        // breaker keeps reads away (other instances may be reading it), and a call that
+        // failed at once is tried again, before it is only remembered.
         let mut last = None;
         for attempt in 0..DELIVERY_ATTEMPTS {
             let result = match &what {
@@ -322,7 +357,11 @@ impl Cache {
                 Ok(()) => return,
                 Err(err) => {
                     tracing::debug!(attempt, error = %err, "invalidation not delivered yet");
+                    let timed_out = err.timed_out();
                     last = Some(err);
+                    if timed_out {
+                        break;
+                    }
                 }
             }
         }
@@ -366,37 +405,34 @@ impl Cache {
         if keys.is_empty() && tags.is_empty() {
             return true;
         }
-        let delivered_keys: Vec<String> = keys.iter().cloned().collect();
-        let delivered_tags: Vec<String> = tags.iter().cloned().collect();
-        let mut failed_keys = HashSet::new();
-        let mut failed_tags = HashSet::new();
-        if !keys.is_empty() {
-            let all: Vec<String> = keys.into_iter().collect();
-            if shared.invalidate_keys(&all).await.is_err() {
-                failed_keys.extend(all);
+        let keys: Vec<String> = keys.into_iter().collect();
+        let tags: Vec<String> = tags.into_iter().collect();
+        // Stops at the first failure: Redis is still away, and each further call would cost
+        // its caller (a reader that is the breaker's probe) another deadline.
+        let delivered = async {
+            if !keys.is_empty() {
+                shared.invalidate_keys(&keys).await?;
             }
-        }
-        if !tags.is_empty() {
-            let all: Vec<String> = tags.into_iter().collect();
-            if shared.invalidate_tags(&all).await.is_err() {
-                failed_tags.extend(all);
+            if !tags.is_empty() {
+                shared.invalidate_tags(&tags).await?;
             }
+            Ok::<(), TierError>(())
+        };
+        if let Err(err) = delivered.await {
+            tracing::debug!(error = %err, "undelivered invalidations still not delivered");
+            self.remember(|p| {
+                p.keys.extend(keys);
+                p.tags.extend(tags);
+            });
+            return false;
         }
-        let ok = failed_keys.is_empty() && failed_tags.is_empty();
         if let Some(bus) = &self.inner.bus {
             // Instances that missed them while the bus was down flushed their tiers when it
             // came back; this reaches the ones whose bus never dropped.
-            bus.announce(delivered_keys, delivered_tags).await;
+            bus.announce(keys, tags).await;
         }
-        if ok {
-            tracing::info!("Redis cache tier back: undelivered invalidations replayed");
-            self.inner.shared_ok();
-        } else {
-            self.remember(|p| {
-                p.keys.extend(failed_keys);
-                p.tags.extend(failed_tags);
-            });
-        }
-        ok
+        tracing::info!("Redis cache tier back: undelivered invalidations replayed");
+        self.inner.shared_ok();
+        true
     }
 }

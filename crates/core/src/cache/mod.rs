@@ -12,6 +12,8 @@
 //! reads go straight to the loader (PostgreSQL) with no error to the caller. Invalidations that
 //! cannot reach Redis are remembered and replayed before Redis is read again, so a Redis that
 //! was only paused (SIGSTOP, keeping its old data) never serves a value invalidated meanwhile.
+//! While Redis does not answer, a write spends at most `REDIS_TIMEOUT` + max(`REDIS_TIMEOUT`,
+//! the bus's 300 ms window) on its invalidations, however many it makes (`invalidate.rs`).
 //!
 //! Where things are:
 //!
@@ -178,6 +180,9 @@ pub(crate) struct Inner {
     config: CacheConfig,
     /// Keeps the in-process tiers of all instances coherent (Redis backend only).
     bus: Option<Bus>,
+    /// The bus's task, so the application can stop it when it stops (it would otherwise run,
+    /// heartbeating as a live instance, for as long as any clone of this handle exists).
+    bus_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     options: EngineOptions,
     memory: Option<Moka<String, MemEntry>>,
     /// Which in-process keys carry each tag (`tag_index.rs`).
@@ -239,6 +244,7 @@ impl Cache {
         let cache = Cache {
             inner: Arc::new(Inner {
                 bus,
+                bus_task: Mutex::default(),
                 breaker: Breaker::new(options.breaker_threshold, options.breaker_cool_down),
                 config,
                 options,
@@ -256,9 +262,28 @@ impl Cache {
             }),
         };
         if cache.inner.bus.is_some() {
-            tokio::spawn(bus::run(Arc::downgrade(&cache.inner)));
+            let task = tokio::spawn(bus::run(Arc::downgrade(&cache.inner)));
+            *cache
+                .inner
+                .bus_task
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(task);
         }
         cache
+    }
+
+    /// Stops the bus (an application that stops): this instance no longer heartbeats,
+    /// acknowledges or hears invalidations, so its in-process tier is no longer trusted.
+    pub fn stop_bus(&self) {
+        if let Some(task) = self
+            .inner
+            .bus_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            task.abort();
+        }
     }
 
     /// The TTL of a namespace.

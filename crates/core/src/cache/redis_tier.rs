@@ -3,18 +3,43 @@
 //! Keys (under the configured prefix `P`, e.g. `cascade:`):
 //! - `P{ns}:{key}` — the value, with a one-byte header (`V` value, `N` cached not-found);
 //! - `Please:P{ns}:{key}` — the lease: which loader may fill the key right now;
-//! - `Ptag:{tag}` — a set of the value keys carrying the tag (namespaces are the tag `ns:{ns}`).
+//! - `Ptag:{tag}` — a sorted set of the value keys carrying the tag (namespaces are the tag
+//!   `ns:{ns}`), each scored by when its value (or lease) expires, by Redis's clock;
+//! - `Ptag-retired:{tag}` — the tag's sets taken out of service by an invalidation and not
+//!   yet fully deleted (`Ptag-draining:{n}`, numbered by `Ptag-draining-seq`).
 //!
 //! The lease is what makes cache-aside safe ("Scaling Memcache at Facebook", NSDI 2013): a
 //! miss hands out a token; invalidation deletes the value *and* the lease; a fill succeeds only
 //! while its token is still the lease. A loader that read the old row before a write
 //! therefore cannot install it after the write's invalidation.
+//!
+//! Tag sets stay as small as what they index: a member leaves its set once its value has
+//! expired (every script that enters a key trims up to [`TRIM`] expired members of each set
+//! it touches, so expired members cannot pile up faster than they are removed), and a set
+//! expires with its longest-lived member. Anonymous reads of random ids no longer grow them
+//! without bound.
+//!
+//! A tag invalidation never holds Redis for long, whatever the tag's size (a namespace of
+//! 200,000 keys): one short script *retires* the set (`RENAME` to a draining set, registered
+//! under the tag), so keys entered from then on go to a fresh set; then the draining sets are
+//! deleted in batches of [`DRAIN_BATCH`] members, one short script each, values and leases
+//! together. The invalidation returns when every batch is done. A fill whose lease was
+//! granted before the invalidation either lands before its key's batch (and is deleted by it)
+//! or after (its lease is gone: refused). A draining set left behind by an interrupted
+//! invalidation stays registered, and the next invalidation of the tag (the engine's replay)
+//! finishes it.
 
 use std::time::Duration;
 
 use redis::Script;
 
 use crate::redis::{Redis, RedisError};
+
+/// Most expired members one script removes from each tag set it enters a key into.
+const TRIM: usize = 64;
+
+/// Members of a draining tag set deleted per script: ~1 ms of Redis time each.
+const DRAIN_BATCH: usize = 512;
 
 /// What a lookup found.
 pub(crate) enum Lookup {
@@ -33,16 +58,40 @@ pub(crate) struct RedisTier {
     try_lease: Script,
     fill: Script,
     set: Script,
-    invalidate_tags: Script,
+    retire_tags: Script,
+    drain: Script,
 }
 
-/// Enters `KEYS[1]` in the tag sets `KEYS[3..]`, keeping each set alive at least `ttl` ms.
-/// Prepended to every script that grants a lease or stores a value.
+/// Enters `KEYS[1]` in the tag sets `KEYS[3..]` until `ttl` ms from now by Redis's clock:
+/// exactly (`exact`, a stored value: its lease is gone, the value expires then) or at least
+/// (a lease: the key may hold a value that lives longer). Trims expired members and keeps
+/// each set alive as long as its longest-lived member. A set of the former kind (a plain set,
+/// written before tag sets were sorted) is retired first, so the next invalidation of its tag
+/// still deletes what it lists. Prepended to every script that grants a lease or stores.
 const INDEX_TAGS: &str = r"
-local function index_tags(ttl)
+local function retire(tag, registry, seq, draining)
+  local dead = draining .. redis.call('INCR', seq)
+  redis.call('RENAME', tag, dead)
+  redis.call('SADD', registry, dead)
+  local ttl = redis.call('PTTL', dead)
+  if ttl > 0 and redis.call('PTTL', registry) < ttl then redis.call('PEXPIRE', registry, ttl) end
+end
+local function index_tags(ttl, exact)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local expiry = now + ttl
   for i = 3, #KEYS do
-    redis.call('SADD', KEYS[i], KEYS[1])
-    if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+    local tag = KEYS[i]
+    if redis.call('TYPE', tag).ok == 'set' then
+      retire(tag, ARGV[4] .. string.sub(tag, #ARGV[5] + 1), ARGV[6], ARGV[7])
+    end
+    local old = redis.call('ZSCORE', tag, KEYS[1])
+    if exact or not old or tonumber(old) < expiry then
+      redis.call('ZADD', tag, expiry, KEYS[1])
+    end
+    local stale = redis.call('ZRANGEBYSCORE', tag, '-inf', '(' .. now, 'LIMIT', 0, TRIM)
+    if #stale > 0 then redis.call('ZREM', tag, unpack(stale)) end
+    if redis.call('PTTL', tag) < ttl then redis.call('PEXPIRE', tag, ttl) end
   end
 end
 ";
@@ -53,7 +102,7 @@ const GET_OR_LEASE: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then return v end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  index_tags(tonumber(ARGV[2]))
+  index_tags(tonumber(ARGV[2]), false)
   return 'L'
 end
 return 'W'
@@ -62,7 +111,7 @@ return 'W'
 /// A lease on a key that still has a value: early refresh and revalidation.
 const TRY_LEASE: &str = r"
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  index_tags(tonumber(ARGV[2]))
+  index_tags(tonumber(ARGV[2]), false)
   return 1
 end
 return 0
@@ -72,38 +121,72 @@ return 0
 const STORE: &str = r"
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
-index_tags(tonumber(ARGV[2]))
+index_tags(tonumber(ARGV[2]), true)
 return 1
 ";
 
-/// Every tag set in KEYS: its members (values and their leases) and the set itself.
-const INVALIDATE_TAGS: &str = r"
-local n = 0
-for _, tag in ipairs(KEYS) do
-  local members = redis.call('SMEMBERS', tag)
-  for _, k in ipairs(members) do
-    redis.call('DEL', k)
-    redis.call('DEL', ARGV[1] .. k)
+/// Retires each tag set `KEYS[2i]` (registering it in `KEYS[2i+1]`; `KEYS[1]` numbers the
+/// draining sets, named from `ARGV[1]`) and returns every draining set of these tags, those
+/// left by earlier, interrupted invalidations included, each followed by its registry.
+/// O(number of tags).
+const RETIRE_TAGS: &str = r"
+local draining = {}
+for i = 2, #KEYS, 2 do
+  local tag, registry = KEYS[i], KEYS[i + 1]
+  if redis.call('EXISTS', tag) == 1 then
+    local dead = ARGV[1] .. redis.call('INCR', KEYS[1])
+    redis.call('RENAME', tag, dead)
+    redis.call('SADD', registry, dead)
+    local ttl = redis.call('PTTL', dead)
+    if ttl > 0 and redis.call('PTTL', registry) < ttl then redis.call('PEXPIRE', registry, ttl) end
   end
-  redis.call('DEL', tag)
-  n = n + #members
+  for _, d in ipairs(redis.call('SMEMBERS', registry)) do
+    table.insert(draining, d)
+    table.insert(draining, registry)
+  end
 end
-return n
+return draining
+";
+
+/// Deletes up to `ARGV[2]` members of the draining set `KEYS[1]` (their values and, under the
+/// prefix `ARGV[1]`, their leases); unregisters it from `KEYS[2]` once empty. Returns how
+/// many were deleted and how many remain.
+const DRAIN: &str = r"
+local members
+if redis.call('TYPE', KEYS[1]).ok == 'set' then
+  members = redis.call('SPOP', KEYS[1], ARGV[2])
+else
+  members = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+  if #members > 0 then redis.call('ZREM', KEYS[1], unpack(members)) end
+end
+for _, k in ipairs(members) do
+  redis.call('DEL', k, ARGV[1] .. k)
+end
+local left
+if redis.call('TYPE', KEYS[1]).ok == 'set' then
+  left = redis.call('SCARD', KEYS[1])
+else
+  left = redis.call('ZCARD', KEYS[1])
+end
+if left == 0 then redis.call('SREM', KEYS[2], KEYS[1]) end
+return {#members, left}
 ";
 
 impl RedisTier {
     pub fn new(redis: Redis, prefix: String) -> Self {
+        let index_tags = INDEX_TAGS.replace("TRIM", &TRIM.to_string());
         let fill = format!(
-            "{INDEX_TAGS}if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end\n{STORE}"
+            "{index_tags}if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end\n{STORE}"
         );
         RedisTier {
             redis,
             prefix,
-            get_or_lease: Script::new(&format!("{INDEX_TAGS}{GET_OR_LEASE}")),
-            try_lease: Script::new(&format!("{INDEX_TAGS}{TRY_LEASE}")),
+            get_or_lease: Script::new(&format!("{index_tags}{GET_OR_LEASE}")),
+            try_lease: Script::new(&format!("{index_tags}{TRY_LEASE}")),
             fill: Script::new(&fill),
-            set: Script::new(&format!("{INDEX_TAGS}{STORE}")),
-            invalidate_tags: Script::new(INVALIDATE_TAGS),
+            set: Script::new(&format!("{index_tags}{STORE}")),
+            retire_tags: Script::new(RETIRE_TAGS),
+            drain: Script::new(DRAIN),
         }
     }
 
@@ -117,6 +200,39 @@ impl RedisTier {
 
     fn tag_key(&self, tag: &str) -> String {
         format!("{}tag:{tag}", self.prefix)
+    }
+
+    /// Where a tag's draining sets are registered.
+    fn retired_key(&self, tag: &str) -> String {
+        format!("{}tag-retired:{tag}", self.prefix)
+    }
+
+    /// A script invocation on `key`, its lease and the tag sets of `tags`, with `token`,
+    /// `ttl` and `bytes` as `ARGV[1..3]` and what `index_tags` needs to retire a set of the
+    /// former kind as `ARGV[4..7]`.
+    fn keyed<'a>(
+        &self,
+        script: &'a Script,
+        key: &str,
+        tags: &[String],
+        token: &str,
+        ttl: Duration,
+        bytes: &[u8],
+    ) -> redis::ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
+        invocation.key(key).key(self.lease_key(key));
+        for tag in tags {
+            invocation.key(self.tag_key(tag));
+        }
+        invocation
+            .arg(token)
+            .arg(ttl.as_millis().max(1) as u64)
+            .arg(bytes)
+            .arg(self.retired_key(""))
+            .arg(self.tag_key(""))
+            .arg(format!("{}tag-draining-seq", self.prefix))
+            .arg(format!("{}tag-draining:", self.prefix));
+        invocation
     }
 
     async fn run<T: redis::FromRedisValue>(
@@ -140,12 +256,7 @@ impl RedisTier {
         if let Some(bytes) = hit {
             return Ok(Lookup::Hit(bytes));
         }
-        let mut invocation = self.get_or_lease.prepare_invoke();
-        invocation.key(&key).key(self.lease_key(&key));
-        for tag in tags {
-            invocation.key(self.tag_key(tag));
-        }
-        invocation.arg(token).arg(lease_ttl.as_millis() as u64);
+        let invocation = self.keyed(&self.get_or_lease, &key, tags, token, lease_ttl, b"");
         let bytes: Vec<u8> = self.run(invocation).await?;
         Ok(match bytes.as_slice() {
             b"L" => Lookup::Lease,
@@ -163,12 +274,7 @@ impl RedisTier {
         lease_ttl: Duration,
     ) -> Result<bool, RedisError> {
         let key = self.value_key(full_key);
-        let mut invocation = self.try_lease.prepare_invoke();
-        invocation.key(&key).key(self.lease_key(&key));
-        for tag in tags {
-            invocation.key(self.tag_key(tag));
-        }
-        invocation.arg(token).arg(lease_ttl.as_millis() as u64);
+        let invocation = self.keyed(&self.try_lease, &key, tags, token, lease_ttl, b"");
         let granted: i64 = self.run(invocation).await?;
         Ok(granted == 1)
     }
@@ -196,15 +302,7 @@ impl RedisTier {
         } else {
             &self.set
         };
-        let mut invocation = script.prepare_invoke();
-        invocation.key(&key).key(self.lease_key(&key));
-        for tag in tags {
-            invocation.key(self.tag_key(tag));
-        }
-        invocation
-            .arg(token.unwrap_or(""))
-            .arg(ttl.as_millis().max(1) as u64)
-            .arg(bytes);
+        let invocation = self.keyed(script, &key, tags, token.unwrap_or(""), ttl, bytes);
         let stored: i64 = self.run(invocation).await?;
         Ok(stored == 1)
     }
@@ -219,13 +317,32 @@ impl RedisTier {
         self.redis.query(&del).await
     }
 
-    /// Removes every value carrying any of `tags`, in one script.
+    /// Removes every value carrying any of `tags`: retires their sets (one short script),
+    /// then deletes what they list in batches (one short script each), so Redis is never
+    /// held for long however many keys a tag has. Returns how many keys were listed.
     pub async fn invalidate_tags(&self, tags: &[String]) -> Result<u64, RedisError> {
-        let mut invocation = self.invalidate_tags.prepare_invoke();
+        let mut retire = self.retire_tags.prepare_invoke();
+        retire.key(format!("{}tag-draining-seq", self.prefix));
         for tag in tags {
-            invocation.key(self.tag_key(tag));
+            retire.key(self.tag_key(tag)).key(self.retired_key(tag));
         }
-        invocation.arg(format!("{}lease:", self.prefix));
-        self.run(invocation).await
+        retire.arg(format!("{}tag-draining:", self.prefix));
+        // Flat pairs: (draining set, the registry it is listed in).
+        let draining: Vec<String> = self.run(retire).await?;
+        let mut listed = 0u64;
+        for pair in draining.chunks_exact(2) {
+            let mut drain = self.drain.prepare_invoke();
+            drain.key(&pair[0]).key(&pair[1]);
+            drain.arg(format!("{}lease:", self.prefix)).arg(DRAIN_BATCH);
+            // Bounded: a draining set gains no member, and each batch removes some or ends.
+            loop {
+                let (deleted, left): (u64, u64) = self.redis.invoke(&drain).await?;
+                listed += deleted;
+                if left == 0 || deleted == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(listed)
     }
 }

@@ -6,20 +6,42 @@ use std::time::Duration;
 use super::pg_tier::PgTier;
 use super::redis_tier::{Lookup, RedisTier};
 
-/// A shared-tier failure; the engine treats every kind the same (breaker, read-through).
+/// A shared-tier failure; the engine treats every kind the same (breaker, read-through),
+/// except that a call that timed out is not tried again at once (`deliver`).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct TierError(String);
+#[error("{message}")]
+pub(crate) struct TierError {
+    message: String,
+    timed_out: bool,
+}
+
+impl TierError {
+    /// The call spent its whole deadline without an answer.
+    pub fn timed_out(&self) -> bool {
+        self.timed_out
+    }
+}
 
 impl From<crate::redis::RedisError> for TierError {
     fn from(err: crate::redis::RedisError) -> Self {
-        TierError(err.to_string())
+        TierError {
+            // Ours, or the connection's own response timeout (the same duration): either
+            // may fire first.
+            timed_out: match &err {
+                crate::redis::RedisError::Timeout(_) => true,
+                crate::redis::RedisError::Command(err) => err.is_timeout(),
+            },
+            message: err.to_string(),
+        }
     }
 }
 
 impl From<crate::db::DbError> for TierError {
     fn from(err: crate::db::DbError) -> Self {
-        TierError(err.to_string())
+        TierError {
+            message: err.to_string(),
+            timed_out: false,
+        }
     }
 }
 

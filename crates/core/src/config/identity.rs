@@ -26,12 +26,22 @@ pub struct RawIdentity {
     /// `aud` claim of access tokens [default: cascade-api].
     #[arg(long, env = "JWT_AUDIENCE", global = true)]
     pub jwt_audience: Option<String>,
-    /// Login attempts allowed per username and per client address, as N/period [default: 5/1m].
+    /// Login attempts per username from one client address (IPv6: per /64), as N/period; a
+    /// username also gets N failures from anywhere before new addresses back off
+    /// exponentially (doubling from period/N) [default: 5/1m].
     #[arg(long, env = "RATE_LIMIT_LOGIN", global = true)]
     pub rate_limit_login: Option<String>,
-    /// Registrations and token refreshes per client address, as N/period [default: 20/1m].
+    /// Longest wait of the per-username login backoff [default: 15m].
+    #[arg(long, env = "LOGIN_BACKOFF_MAX", global = true)]
+    pub login_backoff_max: Option<String>,
+    /// Registrations, token refreshes and revocations per client address (IPv6: per /64), as
+    /// N/period; login attempts per address have a budget of the same size [default: 20/1m].
     #[arg(long, env = "RATE_LIMIT_AUTH", global = true)]
     pub rate_limit_auth: Option<String>,
+    /// How long a spent refresh token presented again returns its successor instead of
+    /// revoking the session (a retry after a lost response); 0 disables [default: 10s].
+    #[arg(long, env = "REFRESH_GRACE", global = true)]
+    pub refresh_grace: Option<String>,
     /// Authenticated API calls per user, as N/period, or off [default: 100/1s].
     #[arg(long, env = "RATE_LIMIT_API", global = true)]
     pub rate_limit_api: Option<String>,
@@ -48,10 +58,15 @@ pub struct AuthConfig {
     pub access_token_ttl: Duration,
     pub issuer: String,
     pub audience: String,
-    /// Per username and, separately, per client address.
+    /// Per (username, client network) pair; with [`login_backoff_max`](Self::login_backoff_max)
+    /// also the per-username backoff ([`AuthConfig::login_backoff`]).
     pub login_limit: Option<RateLimit>,
-    /// Registration and refresh, per client address.
+    pub login_backoff_max: Duration,
+    /// Registration, refresh and revocation per client network; logins per client network.
     pub auth_limit: Option<RateLimit>,
+    /// A spent refresh token presented again within this of its rotation gets its successor
+    /// back; zero: any reuse revokes the session.
+    pub refresh_grace: Duration,
     /// Authenticated calls, per user.
     pub api_limit: Option<RateLimit>,
 }
@@ -61,6 +76,33 @@ pub struct AuthConfig {
 pub struct RateLimit {
     pub count: u32,
     pub period: Duration,
+}
+
+/// The per-username login ceiling: `free` failures (since the last success, forgotten after
+/// `forget` without one), then each further attempt from an address the username has not
+/// logged in from waits `base`, doubling per failure, at most `cap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginBackoff {
+    pub free: u32,
+    pub base: Duration,
+    pub cap: Duration,
+    pub forget: Duration,
+}
+
+impl AuthConfig {
+    /// Derived from `RATE_LIMIT_LOGIN` (`N/period`: `N` free failures, then `period / N`
+    /// doubling) and `LOGIN_BACKOFF_MAX`; none when login limits are off.
+    pub fn login_backoff(&self) -> Option<LoginBackoff> {
+        let limit = self.login_limit?;
+        let base = (limit.period / limit.count).max(Duration::from_millis(1));
+        let cap = self.login_backoff_max.max(base);
+        Some(LoginBackoff {
+            free: limit.count,
+            base,
+            cap,
+            forget: cap + limit.period,
+        })
+    }
 }
 
 impl std::fmt::Display for RateLimit {
@@ -92,6 +134,12 @@ impl AuthConfig {
             issuer: p.non_empty("JWT_ISSUER", &raw.jwt_issuer, "cascade"),
             audience: p.non_empty("JWT_AUDIENCE", &raw.jwt_audience, "cascade-api"),
             login_limit: rate_limit(p, "RATE_LIMIT_LOGIN", &raw.rate_limit_login, "5/1m"),
+            login_backoff_max: p.positive_duration(
+                "LOGIN_BACKOFF_MAX",
+                &raw.login_backoff_max,
+                15 * 60 * SECOND,
+            ),
+            refresh_grace: refresh_grace(p, &raw.refresh_grace),
             auth_limit: rate_limit(p, "RATE_LIMIT_AUTH", &raw.rate_limit_auth, "20/1m"),
             api_limit: rate_limit(p, "RATE_LIMIT_API", &raw.rate_limit_api, "100/1s"),
             session_default_ttl: p.positive_duration(
@@ -107,6 +155,19 @@ impl AuthConfig {
             jwt_secret,
         }
     }
+}
+
+/// The grace window stays short: during it, a stolen spent token still yields its successor.
+const REFRESH_GRACE_MAX: Duration = Duration::from_secs(300);
+
+fn refresh_grace(p: &mut Parser, raw: &Option<String>) -> Duration {
+    let default = 10 * SECOND;
+    let grace = p.duration("REFRESH_GRACE", raw, default);
+    if grace > REFRESH_GRACE_MAX {
+        p.fail("REFRESH_GRACE", "must be at most 5m (300s)");
+        return default;
+    }
+    grace
 }
 
 /// `N/period` (`5/1m`, `100/1s`), or `off`.
@@ -134,4 +195,44 @@ fn rate_limit(
         );
     }
     parsed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: RawIdentity) -> Result<AuthConfig, Vec<&'static str>> {
+        let mut p = Parser::new();
+        let config = AuthConfig::parse(&mut p, &raw);
+        p.finish(config)
+            .map_err(|e| e.0.iter().map(|issue| issue.var).collect())
+    }
+
+    #[test]
+    fn the_login_backoff_follows_rate_limit_login_and_the_refresh_grace_is_bounded() {
+        let c = parse(RawIdentity::default()).unwrap();
+        assert_eq!(c.refresh_grace, Duration::from_secs(10));
+        let backoff = c.login_backoff().expect("on by default");
+        assert_eq!(backoff.free, 5);
+        assert_eq!(backoff.base, Duration::from_secs(12));
+        assert_eq!(backoff.cap, Duration::from_secs(900));
+        assert_eq!(backoff.forget, Duration::from_secs(960));
+
+        let c = parse(RawIdentity {
+            rate_limit_login: Some("off".into()),
+            refresh_grace: Some("0".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.login_backoff(), None);
+        assert_eq!(c.refresh_grace, Duration::ZERO);
+
+        let bad = parse(RawIdentity {
+            refresh_grace: Some("1h".into()),
+            login_backoff_max: Some("0s".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(bad, vec!["LOGIN_BACKOFF_MAX", "REFRESH_GRACE"]);
+    }
 }

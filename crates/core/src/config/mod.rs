@@ -19,7 +19,7 @@ use std::time::Duration;
 pub use cache::{CacheBackend, CacheConfig, Namespace, RawCache};
 pub use database::{DatabaseConfig, DatabaseSource, RawDatabase};
 pub use http::{HttpConfig, LogFormat, RawHttp};
-pub use identity::{AuthConfig, RateLimit, RawIdentity};
+pub use identity::{AuthConfig, LoginBackoff, RateLimit, RawIdentity};
 pub use parser::Parser;
 pub use redis::{RawRedis, RedisConfig};
 pub use values::{Decimal6, Secret, parse_duration, redact_url};
@@ -79,8 +79,9 @@ pub fn load_dotenv() {
 }
 
 impl Config {
-    /// Validates the platform configuration alone (no module namespaces), reporting every
-    /// problem at once.
+    /// Validates the platform configuration alone, reporting every problem at once. It knows
+    /// the core's cache namespaces only: a tool that builds a cache must parse the composed
+    /// settings (`cascade_server::Settings`), or its keys will not match the server's.
     pub fn from_raw(raw: &RawConfig) -> Result<Config, ConfigError> {
         let mut p = Parser::new();
         let config = Config::parse(&mut p, raw, &[]);
@@ -126,6 +127,16 @@ impl Config {
             ("REQUEST_TIMEOUT", secs(self.http.request_timeout)),
             ("BODY_LIMIT_BYTES", self.http.body_limit_bytes.to_string()),
             ("SHUTDOWN_TIMEOUT", secs(self.http.shutdown_timeout)),
+            ("HEADER_READ_TIMEOUT", secs(self.http.header_read_timeout)),
+            ("IDLE_TIMEOUT", secs(self.http.idle_timeout)),
+            ("MAX_CONNECTIONS", self.http.max_connections.to_string()),
+            (
+                "ADMIN_TOKEN",
+                match &self.http.admin_token {
+                    Some(_) => "*** (set)".into(),
+                    None => "(not set: /health/db answers 403)".into(),
+                },
+            ),
             (
                 "LOG_FORMAT",
                 format!("{:?}", self.log_format).to_lowercase(),
@@ -194,7 +205,9 @@ impl Config {
             ("JWT_ISSUER", self.auth.issuer.clone()),
             ("JWT_AUDIENCE", self.auth.audience.clone()),
             ("RATE_LIMIT_LOGIN", limit(self.auth.login_limit)),
+            ("LOGIN_BACKOFF_MAX", secs(self.auth.login_backoff_max)),
             ("RATE_LIMIT_AUTH", limit(self.auth.auth_limit)),
+            ("REFRESH_GRACE", secs(self.auth.refresh_grace)),
             ("RATE_LIMIT_API", limit(self.auth.api_limit)),
         ]);
         rows

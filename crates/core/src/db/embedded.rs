@@ -5,6 +5,12 @@
 //! directory only (no TCP port to collide with, nothing reachable from the network), and is
 //! stopped when Cascade exits. PostgreSQL refuses to run as root, so when we are root the
 //! binaries run as the `postgres` system user, which owns the directory.
+//!
+//! That user must be able to reach the directory. A clone under `/root` (mode 700, the usual
+//! place for root) is closed to it, and `initdb` fails with "could not access directory".
+//! Then the cluster goes to [`RELOCATED_ROOT`]`/<hash of the absolute data directory>`
+//! instead (created for `postgres`, mode 700), the log says where, and every later run from
+//! the same data directory finds it there again ([`cluster_dir`]).
 
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -12,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use tokio_postgres::NoTls;
 
 use super::DbError;
@@ -20,6 +27,9 @@ use super::DbError;
 const DATABASE: &str = "cascade";
 /// Only names the socket file (`.s.PGSQL.5432`); nothing listens on TCP.
 const SOCKET_PORT: u16 = 5432;
+/// Where clusters go whose data directory the `postgres` user cannot reach (when we run as
+/// root): the FHS place for a program's state, outside every home directory.
+pub const RELOCATED_ROOT: &str = "/var/lib/cascade";
 
 /// A running private PostgreSQL; stopped by [`EmbeddedPostgres::stop`] or on drop.
 #[derive(Debug)]
@@ -82,6 +92,84 @@ fn running_as_root() -> bool {
         .unwrap_or(false)
 }
 
+/// The cluster's directory for the data directory `data_dir`: `<data_dir>/pg`, or when we run
+/// as root and the `postgres` user cannot reach it, [`RELOCATED_ROOT`]`/<hash>` where the hash
+/// is of the absolute data directory (so each project keeps its own cluster, and finds it
+/// again on the next run). `cascade check` shows the same answer.
+pub fn cluster_dir(data_dir: &Path) -> std::io::Result<PathBuf> {
+    locate(data_dir).map(|(dir, _)| dir)
+}
+
+/// [`cluster_dir`], and whether it was relocated.
+fn locate(data_dir: &Path) -> std::io::Result<(PathBuf, bool)> {
+    // `components` drops `.` and doubled slashes: `./.cascade` and `.cascade` are one project.
+    let root: PathBuf = std::path::absolute(data_dir)?.components().collect();
+    let in_place = root.join("pg");
+    if !running_as_root() {
+        return Ok((in_place, false));
+    }
+    match system_user("postgres") {
+        Some(user) if !reachable_by(user, &in_place) => Ok((relocated(&root), true)),
+        _ => Ok((in_place, false)),
+    }
+}
+
+/// `RELOCATED_ROOT/<first 16 bytes of SHA-256 of the absolute data directory, in hex>`.
+fn relocated(root: &Path) -> PathBuf {
+    let digest = Sha256::digest(root.as_os_str().as_encoded_bytes());
+    let hash: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    Path::new(RELOCATED_ROOT).join(hash)
+}
+
+/// Whether `user` can reach `path`: asked of the kernel, by running `test -x` as that user on
+/// the nearest directory that exists (what [`prepare_dir`] creates below it is mode 755 and
+/// the cluster's own directory is handed to the user), with exactly the permissions `initdb`
+/// will run with.
+fn reachable_by((uid, gid): (u32, u32), path: &Path) -> bool {
+    let Some(existing) = path.ancestors().find(|p| p.exists()) else {
+        return false;
+    };
+    Command::new("test")
+        .arg("-x")
+        .arg(existing)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .current_dir("/")
+        .uid(uid)
+        .gid(gid)
+        .status()
+        // No `test` to ask: keep the directory as configured, as before this check existed.
+        .map_or(true, |status| status.success())
+}
+
+/// Creates `dir` and its missing parents, each with mode 755 whatever the umask (under a
+/// umask of 077 they would be closed to the `postgres` user), hands `dir` to `owner` when
+/// there is one, and makes it mode 700 when `private`.
+fn prepare_dir(dir: &Path, owner: Option<(u32, u32)>, private: bool) -> Result<(), DbError> {
+    use std::os::unix::fs::PermissionsExt;
+    let failed = |what: &str, path: &Path, e: std::io::Error| {
+        DbError::Embedded(format!("cannot {what} {}: {e}", path.display()))
+    };
+    let missing: Vec<&Path> = dir.ancestors().take_while(|p| !p.exists()).collect();
+    for path in missing.into_iter().rev() {
+        match std::fs::create_dir(path) {
+            Ok(()) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| failed("chmod", path, e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(failed("create", path, e)),
+        }
+    }
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|e| failed("chown", dir, e))?;
+    }
+    if private {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| failed("chmod", dir, e))?;
+    }
+    Ok(())
+}
+
 impl EmbeddedPostgres {
     /// Initialises the cluster on first use, starts it (or adopts one already running from
     /// a previous run that did not stop it), and makes sure the `cascade` database exists.
@@ -94,12 +182,6 @@ impl EmbeddedPostgres {
                     .into(),
             )
         })?;
-        let root = std::path::absolute(data_dir).map_err(|e| {
-            DbError::Embedded(format!("data directory {}: {e}", data_dir.display()))
-        })?;
-        let cluster = root.join("pg");
-        let data = cluster.join("data");
-        let socket_dir = cluster.join("run");
         let run_as = if running_as_root() {
             Some(system_user("postgres").ok_or_else(|| {
                 DbError::Embedded(
@@ -112,15 +194,24 @@ impl EmbeddedPostgres {
             None
         };
 
-        for dir in [&cluster, &socket_dir] {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| DbError::Embedded(format!("cannot create {}: {e}", dir.display())))?;
-            if let Some((uid, gid)) = run_as {
-                std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|e| {
-                    DbError::Embedded(format!("cannot chown {}: {e}", dir.display()))
-                })?;
-            }
+        let (cluster, relocated) = locate(data_dir).map_err(|e| {
+            DbError::Embedded(format!("data directory {}: {e}", data_dir.display()))
+        })?;
+        if relocated {
+            tracing::info!(
+                data_dir = %data_dir.display(),
+                cluster = %cluster.display(),
+                "the postgres user cannot reach the data directory (a parent directory is closed \
+                 to it, such as a home directory of mode 700): the embedded PostgreSQL cluster \
+                 lives in {} instead",
+                cluster.display()
+            );
+            prepare_dir(Path::new(RELOCATED_ROOT), None, false)?;
         }
+        let data = cluster.join("data");
+        let socket_dir = cluster.join("run");
+        prepare_dir(&cluster, run_as, relocated)?;
+        prepare_dir(&socket_dir, run_as, false)?;
 
         let mut pg = EmbeddedPostgres {
             bin,

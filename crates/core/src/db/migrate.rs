@@ -17,8 +17,9 @@
 //! same lock and in one transaction: each old row is re-keyed to the registered migration that
 //! declares its number as [`Migration::legacy_version`]. A row nobody claims stops the upgrade
 //! with nothing changed, because guessing its owner would later re-run or skip real schema.
-//! There is no way back: an older release finds neither its key nor its numbers in an upgraded
-//! table, and its migration run fails (and rolls back) instead of serving on it.
+//! There is no way back: in an upgraded table an older release finds version numbers twice
+//! (`core/1` and `catalog/1`), so its migration run fails (and rolls back) instead of serving
+//! on it. Stop old instances before the first new one starts.
 
 use std::collections::HashMap;
 use std::fmt;

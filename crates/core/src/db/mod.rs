@@ -6,7 +6,7 @@ mod pool;
 
 use std::time::Duration;
 
-pub use embedded::{EmbeddedPostgres, find_server_binaries};
+pub use embedded::{EmbeddedPostgres, RELOCATED_ROOT, cluster_dir, find_server_binaries};
 pub use migrate::{
     CORE_MIGRATIONS, Migration, MigrationId, MigrationReport, check_migrations, migrate,
 };

@@ -12,9 +12,12 @@
 //! - Sliding expiry: a session used within its lifetime is extended, writing PostgreSQL at most
 //!   once per [`SLIDE_STEP`] (or a tenth of `SESSION_DEFAULT_TTL` if shorter) per session.
 
+mod local_table;
+pub mod login_limit;
 pub mod password;
 pub mod ratelimit;
 pub mod token;
+pub mod username;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +33,7 @@ use crate::shutdown::ShutdownSignal;
 pub use password::Passwords;
 pub use ratelimit::{Decision, RateLimiter};
 pub use token::{Claims, TokenError, TokenKeys};
+pub use username::Username;
 
 /// The cache namespace of sessions.
 pub const SESSIONS: &str = "sessions";
@@ -216,6 +220,10 @@ struct Inner {
     db: Db,
     cache: Cache,
     keys: TokenKeys,
+    /// Derives a refresh token's successor ([`token::successor_refresh_token`]).
+    refresh_key: Vec<u8>,
+    /// A spent refresh token presented again within this returns its successor.
+    refresh_grace: Duration,
     passwords: Passwords,
     session_ttl: Duration,
     slide_step: Duration,
@@ -269,6 +277,12 @@ impl Identity {
                 db,
                 cache,
                 keys: TokenKeys::new(&secret, &config.auth.issuer, &config.auth.audience),
+                // A key of its own, derived from the signing secret (HMAC of a label), so
+                // successors agree across instances that share `JWT_SECRET`.
+                refresh_key: token::successor_refresh_token(&secret, "refresh key")
+                    .0
+                    .into_bytes(),
+                refresh_grace: config.auth.refresh_grace,
                 passwords: Passwords::default(),
                 session_ttl: config.auth.session_default_ttl,
                 slide_step: SLIDE_STEP.min(config.auth.session_default_ttl / 10),
@@ -289,12 +303,11 @@ impl Identity {
         email: Option<&str>,
         client: &ClientInfo,
     ) -> Result<(User, Tokens), AuthError> {
-        validate_username(username)?;
+        let username = Username::parse(username)?;
         validate_password(password)?;
-        let email = match email.map(str::trim).filter(|e| !e.is_empty()) {
-            Some(e) => Some(validate_email(e)?),
-            None => None,
-        };
+        // A given email must be one: a blank is refused like any other non-address (leave the
+        // field out, or send null, for none), as the API description says.
+        let email = email.map(|e| validate_email(e.trim())).transpose()?;
         let hash = self.inner.passwords.hash(password).await;
         let conn = self.inner.db.conn().await?;
         let sql = format!(
@@ -303,7 +316,7 @@ impl Identity {
         );
         let stmt = conn.prepare_cached(&sql).await?;
         let row = conn
-            .query_opt(&stmt, &[&username, &hash, &email])
+            .query_opt(&stmt, &[&username.as_str(), &hash, &email])
             .await?
             .ok_or(AuthError::UsernameTaken)?;
         drop(conn);
@@ -314,27 +327,24 @@ impl Identity {
 
     /// Checks a username and password and opens a session. Unknown users and wrong passwords
     /// get the same error after the same work.
+    ///
+    /// The username is a parsed [`Username`] (a malformed one is refused as bad input before
+    /// anything is looked up or hashed, which reveals nothing about which accounts exist) and
+    /// is looked up by its [`key`](Username::key), the same string the login limiter counts.
     pub async fn login(
         &self,
-        username: &str,
+        username: &Username,
         password: &str,
         client: &ClientInfo,
     ) -> Result<(User, Tokens), AuthError> {
-        // Longer than any account can have: refused as bad input (nothing is looked up or
-        // hashed), which reveals nothing about which accounts exist.
-        if username.len() > USERNAME_MAX {
-            validate_username(username)?;
-        }
-        if password.len() > PASSWORD_MAX {
-            validate_password(password)?;
-        }
+        check_login_password(password)?;
         let conn = self.inner.db.conn().await?;
         let stmt = conn
             .prepare_cached(
-                "SELECT id, password_hash FROM cascade_users WHERE lower(username) = lower($1)",
+                "SELECT id, password_hash FROM cascade_users WHERE lower(username) = $1",
             )
             .await?;
-        let found = conn.query_opt(&stmt, &[&username]).await?;
+        let found = conn.query_opt(&stmt, &[&username.key()]).await?;
         drop(conn);
         let (id, hash) = match found {
             Some(row) => (Some(row.get::<_, i64>(0)), Some(row.get::<_, String>(1))),
@@ -410,8 +420,19 @@ impl Identity {
 
     /// Exchanges a refresh token for a new pair. The presented token is spent; presenting it
     /// again revokes the whole session (it was stolen, or the client is confused: either way
-    /// the session is no longer trustworthy).
+    /// the session is no longer trustworthy), except within `REFRESH_GRACE` of its rotation
+    /// while its successor is still unused: that is a client retrying after the answer was
+    /// lost, and it gets the same successor again (with a fresh access token) instead.
+    ///
+    /// Runs to completion even if the caller is dropped ([`to_completion`]): a rotation or a
+    /// revocation for reuse that committed always drops the cached session everywhere.
     pub async fn refresh(&self, refresh_token: &str) -> Result<Tokens, AuthError> {
+        let this = self.clone();
+        let refresh_token = refresh_token.to_string();
+        to_completion(async move { this.rotate(&refresh_token).await }).await
+    }
+
+    async fn rotate(&self, refresh_token: &str) -> Result<Tokens, AuthError> {
         let invalid = || AuthError::Unauthorized("invalid refresh token".into());
         if refresh_token.len() != 64 || !refresh_token.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(invalid());
@@ -422,12 +443,13 @@ impl Identity {
         let row = tx
             .query_opt(
                 "SELECT t.session_id, t.rotated_at IS NOT NULL, s.revoked_at IS NOT NULL, \
-                        s.expires_at <= now(), s.user_id, u.subscription_tier \
+                        s.expires_at <= now(), s.user_id, u.subscription_tier, \
+                        coalesce(t.rotated_at > now() - make_interval(secs => $2), false) \
                  FROM auth_refresh_tokens t \
                  JOIN auth_sessions s ON s.id = t.session_id \
                  JOIN cascade_users u ON u.id = s.user_id \
                  WHERE t.token_hash = $1 FOR UPDATE OF t, s",
-                &[&digest],
+                &[&digest, &self.inner.refresh_grace.as_secs_f64()],
             )
             .await?
             .ok_or_else(invalid)?;
@@ -446,8 +468,28 @@ impl Identity {
             row.get(4),
             row.get(5),
         );
+        let in_grace: bool = row.get(6);
         if revoked || expired {
             return Err(AuthError::Unauthorized("the session has ended".into()));
+        }
+        let (fresh, fresh_digest) =
+            token::successor_refresh_token(&self.inner.refresh_key, refresh_token);
+        if spent && in_grace {
+            // The session row is locked, so the successor cannot be rotated meanwhile.
+            let unused = tx
+                .query_opt(
+                    "SELECT 1 FROM auth_refresh_tokens \
+                     WHERE token_hash = $1 AND session_id = $2 AND rotated_at IS NULL",
+                    &[&fresh_digest, &session],
+                )
+                .await?
+                .is_some();
+            if unused {
+                tx.commit().await?;
+                drop(conn);
+                tracing::info!(%session, "spent refresh token retried within the grace window");
+                return Ok(self.tokens(user_id, session, &tier, fresh));
+            }
         }
         if spent {
             tx.execute(
@@ -462,7 +504,6 @@ impl Identity {
             tracing::warn!(%session, user_id, "refresh token reused: session revoked");
             return Err(AuthError::RefreshReuse);
         }
-        let (fresh, fresh_digest) = token::new_refresh_token();
         tx.execute(
             "UPDATE auth_refresh_tokens SET rotated_at = now() WHERE token_hash = $1",
             &[&digest],
@@ -605,7 +646,23 @@ impl Identity {
     /// Ends a session (logout, or its owner revoking it from another device). Returns false
     /// when `user_id` has no such session: another user's session is indistinguishable from a
     /// missing one.
+    ///
+    /// Like every revocation, it runs to completion even if the caller is dropped (the client
+    /// hung up right after sending its logout): otherwise a cancellation between the commit
+    /// and the invalidation would leave other instances accepting the session's tokens from
+    /// their cached copy until its next sliding update.
     pub async fn revoke_session(
+        &self,
+        user_id: i64,
+        session: Uuid,
+        reason: &str,
+    ) -> Result<bool, AuthError> {
+        let this = self.clone();
+        let reason = reason.to_string();
+        to_completion(async move { this.end_session(user_id, session, &reason).await }).await
+    }
+
+    async fn end_session(
         &self,
         user_id: i64,
         session: Uuid,
@@ -630,6 +687,12 @@ impl Identity {
 
     /// Revokes one access token before its expiry; its session lives on.
     pub async fn revoke_token(&self, claims: &Claims) -> Result<(), AuthError> {
+        let this = self.clone();
+        let claims = claims.clone();
+        to_completion(async move { this.revoke_jti(&claims).await }).await
+    }
+
+    async fn revoke_jti(&self, claims: &Claims) -> Result<(), AuthError> {
         let conn = self.inner.db.conn().await?;
         conn.execute(
             "INSERT INTO auth_revoked_tokens (jti, session_id, expires_at) \
@@ -649,6 +712,12 @@ impl Identity {
         if let Ok(claims) = self.inner.keys.verify(token) {
             return self.revoke_token(&claims).await;
         }
+        let this = self.clone();
+        let token = token.to_string();
+        to_completion(async move { this.revoke_refresh(&token).await }).await
+    }
+
+    async fn revoke_refresh(&self, token: &str) -> Result<(), AuthError> {
         let digest = token::refresh_digest(token);
         let conn = self.inner.db.conn().await?;
         let row = conn
@@ -680,11 +749,14 @@ impl Identity {
 
     /// The id of the account named `username` (case-insensitively, as logins match it).
     pub async fn find_user_id(&self, username: &str) -> Result<Option<i64>, AuthError> {
+        let Ok(username) = Username::parse(username) else {
+            return Ok(None);
+        };
         let conn = self.inner.db.conn().await?;
         let row = conn
             .query_opt(
-                "SELECT id FROM cascade_users WHERE lower(username) = lower($1)",
-                &[&username],
+                "SELECT id FROM cascade_users WHERE lower(username) = $1",
+                &[&username.key()],
             )
             .await?;
         Ok(row.map(|row| row.get(0)))
@@ -693,6 +765,11 @@ impl Identity {
     /// Changes a user's tier; every cached session of theirs is dropped so the new tier
     /// applies on the next request, on every instance.
     pub async fn set_tier(&self, user_id: i64, tier: Tier) -> Result<(), AuthError> {
+        let this = self.clone();
+        to_completion(async move { this.change_tier(user_id, tier).await }).await
+    }
+
+    async fn change_tier(&self, user_id: i64, tier: Tier) -> Result<(), AuthError> {
         let conn = self.inner.db.conn().await?;
         let n = conn
             .execute(
@@ -786,6 +863,23 @@ impl Identity {
     }
 }
 
+/// Runs `work` on its own task and waits for it. Dropping the caller (a request future whose
+/// client went away) no longer stops `work` halfway: a committed change always gets its
+/// invalidation and broadcast. A panic in `work` is re-raised in the caller.
+async fn to_completion<T: Send + 'static>(
+    work: impl Future<Output = Result<T, AuthError>> + Send + 'static,
+) -> Result<T, AuthError> {
+    match tokio::spawn(work).await {
+        Ok(result) => result,
+        Err(err) => match err.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => Err(AuthError::Internal(
+                "shutting down: the operation was cancelled".into(),
+            )),
+        },
+    }
+}
+
 fn truncate(s: &str, max: usize) -> String {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
@@ -794,29 +888,14 @@ fn truncate(s: &str, max: usize) -> String {
     s[..end].to_string()
 }
 
-/// 3 to 32 characters: letters, digits, `_`, `-`, `.`; starting with a letter or digit.
+/// 3 to 32 characters: letters, digits, `_`, `-`, `.`; starting with a letter or digit
+/// ([`Username::parse`]).
 pub fn validate_username(username: &str) -> Result<(), AuthError> {
-    let invalid = |message: &str| AuthError::Invalid {
-        field: "username",
-        message: message.to_string(),
-    };
-    if username.len() < 3 || username.len() > USERNAME_MAX {
-        return Err(invalid("username must be 3 to 32 characters long"));
-    }
-    if !username
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-    {
-        return Err(invalid(
-            "username may contain only letters, digits, '_', '-' and '.'",
-        ));
-    }
-    if !username.as_bytes()[0].is_ascii_alphanumeric() {
-        return Err(invalid("username must start with a letter or a digit"));
-    }
-    Ok(())
+    Username::parse(username).map(drop)
 }
 
+/// A new password: at least [`PASSWORD_MIN`] characters, and what every password must be
+/// ([`check_login_password`]).
 pub fn validate_password(password: &str) -> Result<(), AuthError> {
     let chars = password.chars().count();
     if chars < PASSWORD_MIN {
@@ -825,10 +904,23 @@ pub fn validate_password(password: &str) -> Result<(), AuthError> {
             message: format!("password must be at least {PASSWORD_MIN} characters long"),
         });
     }
+    check_login_password(password)
+}
+
+/// What any presented password must be: at most [`PASSWORD_MAX`] bytes (hashing stays cheap)
+/// and without NUL (which many clients and C libraries truncate at, so such a password could
+/// not be typed the same way twice). Account-independent, so refusing reveals nothing.
+pub fn check_login_password(password: &str) -> Result<(), AuthError> {
     if password.len() > PASSWORD_MAX {
         return Err(AuthError::Invalid {
             field: "password",
             message: format!("password must be at most {PASSWORD_MAX} bytes long"),
+        });
+    }
+    if password.contains('\0') {
+        return Err(AuthError::Invalid {
+            field: "password",
+            message: "password must not contain NUL characters".into(),
         });
     }
     Ok(())
@@ -864,11 +956,23 @@ mod tests {
         assert!(validate_password("12345678").is_ok());
         assert!(validate_password("1234567").is_err());
         assert!(validate_password(&"x".repeat(PASSWORD_MAX + 1)).is_err());
+        for bad in ["pass\0word", "\0\0\0\0\0\0\0\0"] {
+            assert!(matches!(
+                validate_password(bad),
+                Err(AuthError::Invalid {
+                    field: "password",
+                    ..
+                })
+            ));
+            assert!(check_login_password(bad).is_err());
+        }
+        assert!(check_login_password("short").is_ok(), "no minimum at login");
         assert_eq!(
             validate_email("Bob@Example.COM").unwrap(),
             "Bob@example.com"
         );
         for bad in [
+            "",
             "bob",
             "bob@",
             "@x.io",

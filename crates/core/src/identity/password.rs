@@ -4,7 +4,9 @@
 //! random salt, a 32-byte output, stored as a PHC string (`$argon2id$v=19$m=19456,t=2,p=1$…`)
 //! so that stronger parameters later still verify old hashes. Hashing runs on the blocking
 //! pool, at most [`MAX_CONCURRENT`] at a time, so a login flood cannot exhaust memory or the
-//! async workers.
+//! async workers. The permit travels into the blocking task and is released when the hash
+//! ends: a cancelled login (the client went away) cannot free it while its hash still runs,
+//! since `spawn_blocking` work is never interrupted.
 
 use std::sync::{Arc, OnceLock};
 
@@ -28,13 +30,18 @@ pub struct Passwords {
 
 impl Default for Passwords {
     fn default() -> Self {
-        Passwords {
-            permits: Arc::new(Semaphore::new(MAX_CONCURRENT)),
-        }
+        Passwords::with_limit(MAX_CONCURRENT)
     }
 }
 
 impl Passwords {
+    /// At most `concurrent` hashes at once.
+    pub fn with_limit(concurrent: usize) -> Self {
+        Passwords {
+            permits: Arc::new(Semaphore::new(concurrent.max(1))),
+        }
+    }
+
     /// The PHC string of `password` with a fresh salt.
     pub async fn hash(&self, password: &str) -> String {
         let password = password.to_owned();
@@ -66,15 +73,21 @@ impl Passwords {
         .await
     }
 
+    /// Runs `work` on the blocking pool once a permit is free. The permit is moved into the
+    /// blocking task: if the caller is cancelled, the work still runs to its end, and so does
+    /// its hold on the permit.
     async fn blocking<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
-        let _permit = self
-            .permits
-            .acquire()
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        tokio::task::spawn_blocking(work)
-            .await
-            .expect("password hashing does not panic")
+        tokio::task::spawn_blocking(move || {
+            let result = work();
+            drop(permit);
+            result
+        })
+        .await
+        .expect("password hashing does not panic")
     }
 }
 
@@ -127,5 +140,94 @@ mod tests {
         );
         assert!(!passwords.verify("anything", None).await);
         assert!(!passwords.verify("x", Some("not a phc string".into())).await);
+    }
+
+    /// Closed until [`open`](Gate::open): what a hash in progress waits on in the test below.
+    #[derive(Default)]
+    struct Gate {
+        open: std::sync::Mutex<bool>,
+        opened: std::sync::Condvar,
+    }
+
+    impl Gate {
+        fn wait(&self) {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+        }
+
+        fn open(&self) {
+            *self.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            self.opened.notify_all();
+        }
+    }
+
+    /// Opens the gate when the test ends, even by a failed assertion: the runtime waits for
+    /// its blocking threads before the failure can be reported.
+    struct OpenOnDrop(Arc<Gate>);
+
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            self.0.open();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_logins_keep_their_permit_until_their_hash_ends() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::time::{Duration, Instant};
+
+        const LIMIT: usize = 2;
+        let passwords = Passwords::with_limit(LIMIT);
+        let gate = Arc::new(Gate::default());
+        let _opened_at_the_end = OpenOnDrop(gate.clone());
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        // A "hash" that counts how many run at once and lasts until the gate opens.
+        let start = |passwords: &Passwords| {
+            let passwords = passwords.clone();
+            let (gate, running, most) = (gate.clone(), running.clone(), most.clone());
+            tokio::spawn(async move {
+                passwords
+                    .blocking(move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        gate.wait();
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    })
+                    .await
+            })
+        };
+
+        let first: Vec<_> = (0..LIMIT).map(|_| start(&passwords)).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while running.load(Ordering::SeqCst) < LIMIT {
+            assert!(Instant::now() < deadline, "the first hashes never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The clients of the running hashes go away mid-hash.
+        for task in first {
+            task.abort();
+            assert!(task.await.unwrap_err().is_cancelled());
+        }
+        assert_eq!(
+            passwords.permits.available_permits(),
+            0,
+            "a cancelled login gave its permit back while its hash still runs"
+        );
+        // More logins arrive; they must wait for the abandoned hashes.
+        let second: Vec<_> = (0..2 * LIMIT).map(|_| start(&passwords)).collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gate.open();
+        for task in second {
+            task.await.unwrap();
+        }
+        assert_eq!(running.load(Ordering::SeqCst), 0);
+        assert!(
+            most.load(Ordering::SeqCst) <= LIMIT,
+            "{} hashes ran at once with {LIMIT} permits",
+            most.load(Ordering::SeqCst)
+        );
     }
 }

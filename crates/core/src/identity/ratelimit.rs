@@ -10,8 +10,11 @@
 //! cache bus: together they admit about what Redis would have, so the cluster neither fails
 //! open nor locks everyone out. After a Redis error the local limiter is used for
 //! [`REDIS_RETRY`] before Redis is tried again.
+//!
+//! Per-address keys name a client's network, not its address ([`client_network`]): an IPv6
+//! client picks any of the 2^64 addresses of its /64 at will.
 
-use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +24,9 @@ use redis::Script;
 use crate::cache::Cache;
 use crate::config::RateLimit;
 use crate::redis::Redis;
+
+use super::local_table::LocalTable;
+use super::login_limit::LoginLocal;
 
 /// How long the local limiter is used after Redis failed, before Redis is tried again.
 pub const REDIS_RETRY: Duration = Duration::from_secs(1);
@@ -69,7 +75,11 @@ struct Inner {
     origin: Instant,
     /// Micros since `origin` before which Redis is not tried.
     skip_redis_until: AtomicU64,
-    local: Mutex<HashMap<String, u64>>,
+    /// GCRA's theoretical arrival times (micros since `origin`), each entry expiring at its
+    /// own. A `std` mutex: held for a map operation, never across an await.
+    local: Mutex<LocalTable<u64>>,
+    /// The login backoff's state while Redis is unavailable.
+    pub(super) login: Mutex<LoginLocal>,
 }
 
 impl RateLimiter {
@@ -83,21 +93,50 @@ impl RateLimiter {
                 origin: Instant::now(),
                 skip_redis_until: AtomicU64::new(0),
                 local: Mutex::default(),
+                login: Mutex::default(),
             }),
         }
     }
 
-    fn micros(&self) -> u64 {
+    pub(super) fn micros(&self) -> u64 {
         self.inner.origin.elapsed().as_micros() as u64
+    }
+
+    /// Redis, unless it failed within the last [`REDIS_RETRY`].
+    pub(super) fn shared(&self) -> Option<&Redis> {
+        self.inner
+            .redis
+            .as_ref()
+            .filter(|_| self.micros() >= self.inner.skip_redis_until.load(Ordering::Relaxed))
+    }
+
+    /// Limits locally for [`REDIS_RETRY`].
+    pub(super) fn redis_failed(&self) {
+        self.inner.skip_redis_until.store(
+            self.micros() + REDIS_RETRY.as_micros() as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// `<prefix>ratelimit:<rest>`.
+    pub(super) fn key(&self, rest: &str) -> String {
+        format!("{}ratelimit:{rest}", self.inner.prefix)
+    }
+
+    /// How many instances share a budget while limiting locally.
+    pub(super) fn instances(&self) -> u64 {
+        self.inner.cache.live_instances().max(1) as u64
+    }
+
+    pub(super) fn login_local(&self) -> std::sync::MutexGuard<'_, LoginLocal> {
+        self.inner.login.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Counts one request of `class` by `key` against `limit`.
     pub async fn check(&self, class: &str, key: &str, limit: RateLimit) -> Decision {
-        let full = format!("{}ratelimit:{class}:{key}", self.inner.prefix);
+        let full = self.key(&format!("{class}:{key}"));
         let interval = (limit.period.as_micros() as u64 / limit.count as u64).max(1);
-        if let Some(redis) = &self.inner.redis
-            && self.micros() >= self.inner.skip_redis_until.load(Ordering::Relaxed)
-        {
+        if let Some(redis) = self.shared() {
             let mut invocation = self.inner.script.prepare_invoke();
             invocation.key(&full).arg(interval).arg(limit.count);
             match redis.invoke::<Vec<i64>>(&invocation).await {
@@ -121,26 +160,21 @@ impl RateLimiter {
                     tracing::warn!(error = %err, "Redis unavailable for rate limiting; limiting locally");
                 }
             }
-            self.inner.skip_redis_until.store(
-                self.micros() + REDIS_RETRY.as_micros() as u64,
-                Ordering::Relaxed,
-            );
+            self.redis_failed();
         }
         self.check_local(&full, interval, limit.count)
     }
 
     /// GCRA in process with `1/n` of the budget: `n` times the interval, `1/n` of the burst.
     fn check_local(&self, key: &str, interval: u64, burst: u32) -> Decision {
-        let n = self.inner.cache.live_instances().max(1) as u64;
+        let n = self.instances();
         let interval = interval * n;
         let burst = (burst as u64 / n).max(1);
         let tau = interval * burst;
         let now = self.micros();
         let mut table = self.inner.local.lock().unwrap_or_else(|p| p.into_inner());
-        if table.len() > 100_000 {
-            table.retain(|_, tat| *tat > now);
-        }
-        let tat = table.get(key).copied().unwrap_or(0).max(now);
+        // The entry expires at its TAT: past it, the key's whole burst is available again.
+        let tat = table.get(key, now).copied().unwrap_or(0).max(now);
         let new_tat = tat + interval;
         let ahead = new_tat - now;
         if ahead > tau {
@@ -153,7 +187,7 @@ impl RateLimiter {
                 local: true,
             };
         }
-        table.insert(key.to_string(), new_tat);
+        table.insert(key, new_tat, new_tat, now);
         Decision {
             allowed: true,
             limit: burst as u32,
@@ -162,6 +196,23 @@ impl RateLimiter {
             retry_after: Duration::ZERO,
             local: true,
         }
+    }
+}
+
+/// The rate-limit key of a client address: an IPv4 address as it is; an IPv6 address by its
+/// /64 (`2001:db8:1:2::/64`), the smallest block a site is given and can rotate through
+/// freely; an IPv4-mapped IPv6 address (`::ffff:192.0.2.1`, a dual-stack listener's view of
+/// an IPv4 client) as the IPv4 address.
+pub fn client_network(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                format!("{}/64", std::net::Ipv6Addr::from(prefix))
+            }
+        },
     }
 }
 
@@ -205,5 +256,44 @@ mod tests {
         assert!((1190..=1200).contains(&wait), "{wait}");
         // Another key has its own budget.
         assert!(limiter.check("login", "bob", limit).await.allowed);
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_their_64_and_mapped_ipv4_as_ipv4() {
+        let net = |s: &str| client_network(s.parse().unwrap());
+        assert_eq!(net("192.0.2.7"), "192.0.2.7");
+        assert_eq!(net("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(net("2001:db8:1:2::1"), "2001:db8:1:2::/64");
+        assert_eq!(
+            net("2001:db8:1:2:ffff:ffff:ffff:fffe"),
+            "2001:db8:1:2::/64",
+            "one /64 is one client"
+        );
+        assert_ne!(net("2001:db8:1:3::1"), net("2001:db8:1:2::1"));
+        assert_eq!(net("::1"), "::/64");
+    }
+
+    #[tokio::test]
+    async fn a_local_check_costs_o1_amortised_however_many_keys_are_live() {
+        let limiter = RateLimiter::new(None, memory_cache(), "test:");
+        let limit = RateLimit {
+            count: 5,
+            period: Duration::from_secs(3600),
+        };
+        // 150,000 clients each leave a key that stays live for the hour.
+        let n = 150_000u64;
+        for i in 0..n {
+            let d = limiter.check("api", &format!("user:{i}"), limit).await;
+            assert!(d.allowed);
+        }
+        let table = limiter.inner.local.lock().unwrap();
+        assert_eq!(table.len(), n as usize);
+        // The old table rescanned every key on every check past 100,000 (5 * 10^9 visits
+        // here); pruning when the table has doubled visits each key about twice.
+        assert!(
+            table.scanned() <= 2 * n,
+            "{} entries scanned for {n} checks",
+            table.scanned()
+        );
     }
 }

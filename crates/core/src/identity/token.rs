@@ -153,6 +153,25 @@ pub fn new_refresh_token() -> (String, Vec<u8>) {
     (token, digest)
 }
 
+/// The token that rotating `presented` yields, and its digest: HMAC-SHA256 under `key` (a
+/// server secret), hex. Deterministic, so a retry of a rotation whose response was lost can
+/// be answered with the very successor the first answer carried, though only digests are
+/// stored; unpredictable without `key`, so holding a token reveals nothing of later ones
+/// except through a rotation. The first token of a session is random ([`new_refresh_token`]).
+pub fn successor_refresh_token(key: &[u8], presented: &str) -> (String, Vec<u8>) {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(b"cascade refresh successor\0");
+    mac.update(presented.as_bytes());
+    let token: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let digest = refresh_digest(&token);
+    (token, digest)
+}
+
 /// What the database keeps of a refresh token: its SHA-256, never the token itself.
 pub fn refresh_digest(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
@@ -320,6 +339,17 @@ mod tests {
         claims.iat = now_secs() - 61;
         let expired = encode(&Header::new(Algorithm::HS256), &claims, &keys().encoding).unwrap();
         assert_eq!(keys().verify(&expired), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn successors_are_deterministic_per_key_and_token() {
+        let (a, digest) = successor_refresh_token(b"key one", "token");
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(digest, refresh_digest(&a));
+        assert_eq!(successor_refresh_token(b"key one", "token").0, a);
+        assert_ne!(successor_refresh_token(b"key two", "token").0, a);
+        assert_ne!(successor_refresh_token(b"key one", "token2").0, a);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! Accounts, sessions and tokens over HTTP, and the rate limits of the identity routes (the
-//! current-user extractor every module uses lives in `cascade-http`).
+//! current-user extractor every module uses lives in `cascade-http`). An address is an IPv4
+//! address or an IPv6 /64.
 //!
 //! | route | limit | what |
 //! |---|---|---|
 //! | `POST /auth/register` | `RATE_LIMIT_AUTH` per address | create an account; logs it in |
-//! | `POST /auth/login` | `RATE_LIMIT_LOGIN` per username and per address | open a session |
+//! | `POST /auth/login` | `RATE_LIMIT_AUTH` per address, `RATE_LIMIT_LOGIN` per (username, address), the username's backoff | open a session |
 //! | `POST /auth/refresh` | `RATE_LIMIT_AUTH` per address | rotate the refresh token |
 //! | `POST /auth/revoke` | `RATE_LIMIT_AUTH` per address | revoke an access or refresh token |
 //! | `POST /auth/logout` | `RATE_LIMIT_API` per user | end the current session |
@@ -17,14 +18,14 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
-use cascade_core::identity::{Tokens, User};
+use cascade_core::identity::{AuthError, Tokens, User, Username, check_login_password};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
 use cascade_http::AppState;
 use cascade_http::JsonBody;
-use cascade_http::auth::{client_addr, client_info, enforce};
+use cascade_http::auth::{admit_login, client_info, client_network, enforce, record_login};
 use cascade_http::{ApiError, CurrentUser};
 
 pub fn router() -> Router<AppState> {
@@ -63,29 +64,42 @@ impl FromRequestParts<AppState> for Meta {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RegisterBody {
+    #[schema(
+        min_length = 3,
+        max_length = 32,
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+    )]
     username: String,
+    #[schema(min_length = 8, max_length = 256, pattern = r"^[^\x00]*$")]
     password: String,
     #[serde(default)]
+    #[schema(format = Email, max_length = 254)]
     email: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LoginBody {
+    #[schema(
+        min_length = 3,
+        max_length = 32,
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+    )]
     username: String,
+    #[schema(max_length = 256, pattern = r"^[^\x00]*$")]
     password: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RefreshBody {
     refresh_token: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RevokeBody {
     token: String,
@@ -98,13 +112,16 @@ struct Authenticated {
     tokens: Tokens,
 }
 
+#[utoipa::path(post, path = "/auth/register", tag = "identity", request_body = RegisterBody,
+    responses((status = 201, description = "The account, logged in", body = crate::http::openapi::Authenticated), (status = 409, description = "The username is taken"), (status = 429, description = "Over RATE_LIMIT_AUTH for this address"))
+)]
 async fn register(
     State(state): State<AppState>,
     Meta(parts): Meta,
     JsonBody(body): JsonBody<RegisterBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     if let Some(limit) = state.config.auth.auth_limit {
-        let key = format!("addr:{}", client_addr(&parts));
+        let key = format!("addr:{}", client_network(&parts));
         enforce(&state, &parts, "auth", &key, limit).await?;
     }
     let (user, tokens) = state
@@ -119,31 +136,41 @@ async fn register(
     Ok((StatusCode::CREATED, Json(Authenticated { user, tokens })))
 }
 
+#[utoipa::path(post, path = "/auth/login", tag = "identity", request_body = LoginBody,
+    responses((status = 200, body = crate::http::openapi::Authenticated), (status = 401, description = "Wrong username or password"), (status = 429, description = "Over RATE_LIMIT_LOGIN"))
+)]
 async fn login(
     State(state): State<AppState>,
     Meta(parts): Meta,
     JsonBody(body): JsonBody<LoginBody>,
 ) -> Result<Json<Authenticated>, ApiError> {
-    if let Some(limit) = state.config.auth.login_limit {
-        let addr = format!("addr:{}", client_addr(&parts));
-        enforce(&state, &parts, "login", &addr, limit).await?;
-        let name: String = body.username.to_lowercase().chars().take(64).collect();
-        enforce(&state, &parts, "login", &format!("user:{name}"), limit).await?;
-    }
-    let (user, tokens) = state
+    // Malformed input is refused before anything is counted or looked up.
+    let username = Username::parse(&body.username)?;
+    check_login_password(&body.password)?;
+    admit_login(&state, &parts, &username).await?;
+    let result = state
         .identity
-        .login(&body.username, &body.password, &client_info(&parts))
-        .await?;
+        .login(&username, &body.password, &client_info(&parts))
+        .await;
+    match &result {
+        Ok(_) => record_login(&state, &parts, &username, true).await,
+        Err(AuthError::BadCredentials) => record_login(&state, &parts, &username, false).await,
+        Err(_) => {}
+    }
+    let (user, tokens) = result?;
     Ok(Json(Authenticated { user, tokens }))
 }
 
+#[utoipa::path(post, path = "/auth/refresh", tag = "identity", request_body = RefreshBody,
+    responses((status = 200, description = "A new pair; the presented refresh token is spent", body = crate::http::openapi::Tokens), (status = 401, description = "Unknown, expired or reused refresh token"), (status = 429, description = "Over RATE_LIMIT_AUTH for this address"))
+)]
 async fn refresh(
     State(state): State<AppState>,
     Meta(parts): Meta,
     JsonBody(body): JsonBody<RefreshBody>,
 ) -> Result<Json<Tokens>, ApiError> {
     if let Some(limit) = state.config.auth.auth_limit {
-        let key = format!("addr:{}", client_addr(&parts));
+        let key = format!("addr:{}", client_network(&parts));
         enforce(&state, &parts, "auth", &key, limit).await?;
     }
     Ok(Json(state.identity.refresh(&body.refresh_token).await?))
@@ -151,19 +178,25 @@ async fn refresh(
 
 /// RFC 7009: revokes an access token (its `jti`) or a refresh token (its session). Unknown
 /// tokens are not an error, so the answer reveals nothing.
+#[utoipa::path(post, path = "/auth/revoke", tag = "identity", request_body = RevokeBody,
+    responses((status = 200, description = "Revoked, or unknown (RFC 7009)", body = crate::http::openapi::Revoked), (status = 429, description = "Over RATE_LIMIT_AUTH for this address"))
+)]
 async fn revoke(
     State(state): State<AppState>,
     Meta(parts): Meta,
     JsonBody(body): JsonBody<RevokeBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     if let Some(limit) = state.config.auth.auth_limit {
-        let key = format!("addr:{}", client_addr(&parts));
+        let key = format!("addr:{}", client_network(&parts));
         enforce(&state, &parts, "auth", &key, limit).await?;
     }
     state.identity.revoke_any(&body.token).await?;
     Ok(Json(json!({ "revoked": true })))
 }
 
+#[utoipa::path(post, path = "/auth/logout", tag = "identity", security(("bearer" = [])),
+    responses((status = 204, description = "The session is ended"))
+)]
 async fn logout(
     State(state): State<AppState>,
     CurrentUser(me): CurrentUser,
@@ -175,6 +208,9 @@ async fn logout(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/me", tag = "identity", security(("bearer" = [])),
+    responses((status = 200, body = crate::http::openapi::Me))
+)]
 async fn me(
     State(state): State<AppState>,
     CurrentUser(me): CurrentUser,
@@ -183,6 +219,9 @@ async fn me(
     Ok(Json(json!({ "user": user, "session_id": me.session_id })))
 }
 
+#[utoipa::path(get, path = "/me/sessions", tag = "identity", security(("bearer" = [])),
+    responses((status = 200, body = crate::http::openapi::Sessions))
+)]
 async fn my_sessions(
     State(state): State<AppState>,
     CurrentUser(me): CurrentUser,
@@ -192,6 +231,10 @@ async fn my_sessions(
 }
 
 /// Ends one of the caller's sessions. Another user's session is a 404, as if it did not exist.
+#[utoipa::path(delete, path = "/me/sessions/{id}", tag = "identity", security(("bearer" = [])),
+    params(("id" = String, Path, format = "uuid", description = "A session id of `GET /me/sessions`")),
+    responses((status = 204, description = "The session is ended"), (status = 404, description = "No such session of the caller's"))
+)]
 async fn end_my_session(
     State(state): State<AppState>,
     CurrentUser(me): CurrentUser,

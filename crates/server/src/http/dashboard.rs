@@ -19,6 +19,9 @@ pub fn router() -> Router {
     Router::new().route("/dashboard", get(dashboard))
 }
 
+#[utoipa::path(get, path = "/dashboard", tag = "operations",
+    responses((status = 200, description = "A self-contained page that polls `/metrics`", content_type = "text/html", body = String))
+)]
 async fn dashboard() -> impl IntoResponse {
     (
         [

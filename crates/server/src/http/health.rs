@@ -1,18 +1,25 @@
-//! `GET /health` (overall) and `GET /health/db` (PostgreSQL and Redis in detail).
+//! `GET /health` (overall, public) and `GET /health/db` (PostgreSQL, Redis and the cache in
+//! detail, for operators).
 //!
 //! PostgreSQL is the truth, so without it Cascade cannot serve: 503. Redis is a cache; without
 //! it Cascade serves from PostgreSQL and says "degraded" with a 200.
+//!
+//! `/health/db` shows where the database and Redis are, the pool's internals and the cache's
+//! namespaces: it answers only `Authorization: Bearer <ADMIN_TOKEN>` (401 otherwise), and with
+//! no `ADMIN_TOKEN` configured it is closed to everyone (403). `/health` tells a load balancer
+//! all it needs and stays public.
 
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
-use cascade_http::AppState;
+use cascade_http::{ApiError, AppState};
 
 /// How long a health probe may take before the dependency counts as down.
 const PROBE_DEADLINE: Duration = Duration::from_secs(2);
@@ -48,6 +55,9 @@ fn overall(pg_up: bool, redis: &Value) -> (StatusCode, &'static str) {
 }
 
 #[tracing::instrument(skip_all)]
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, description = "PostgreSQL is up (`degraded`: Redis is down)", body = crate::http::openapi::Health), (status = 503, description = "PostgreSQL is down", body = crate::http::openapi::Health))
+)]
 async fn health(State(state): State<AppState>) -> Response {
     let (pg, redis) = tokio::join!(state.db.health(PROBE_DEADLINE), redis_status(&state));
     let (status, word) = overall(pg.up, &redis);
@@ -61,8 +71,40 @@ async fn health(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// Lets the request through when it carries the configured admin token.
+fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &state.config.http.admin_token else {
+        return Err(ApiError::Forbidden(
+            "this endpoint is for operators: it is closed until ADMIN_TOKEN is configured".into(),
+        ));
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    // Digests are compared, not the tokens: how long the comparison takes says nothing about
+    // how much of the token a guess got right.
+    let matches = presented.is_some_and(|presented| {
+        Sha256::digest(presented.as_bytes()) == Sha256::digest(expected.expose().as_bytes())
+    });
+    if matches {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized(
+            "send Authorization: Bearer <ADMIN_TOKEN>".into(),
+        ))
+    }
+}
+
 #[tracing::instrument(skip_all)]
-async fn health_db(State(state): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/health/db", tag = "operations", security(("admin" = [])),
+    responses((status = 200, description = "PostgreSQL, Redis and the cache engine in detail", body = Object), (status = 401, description = "No or wrong operator token (ADMIN_TOKEN)"), (status = 403, description = "Closed: ADMIN_TOKEN is not configured"), (status = 503, description = "PostgreSQL is down", body = Object))
+)]
+async fn health_db(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(refused) = require_admin(&state, &headers) {
+        return refused.into_response();
+    }
     let (pg, redis) = tokio::join!(state.db.health(PROBE_DEADLINE), redis_status(&state));
     let (status, word) = overall(pg.up, &redis);
     let body = json!({

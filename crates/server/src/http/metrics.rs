@@ -115,6 +115,9 @@ pub fn router() -> Router<ServerState> {
 }
 
 #[tracing::instrument(skip_all)]
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String))
+)]
 async fn scrape(State(state): State<ServerState>) -> Response {
     let tables = async {
         if state.metrics.tables_due() {

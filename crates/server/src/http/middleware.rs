@@ -13,7 +13,12 @@ use cascade_http::error::code_for_status;
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Error responses that did not come from a handler (404 of an unknown route, 405, the body
-/// limit's 413, the timeout's 504, a caught panic) get the same JSON shape as ours.
+/// limit's 413, the timeout's 504, a caught panic, an extractor's plain-text rejection) get the
+/// same JSON shape as ours.
+///
+/// The new body is plain JSON, so none of the old body's representation headers are kept: a
+/// `Content-Encoding: gzip` copied over would label plain JSON as gzip. This layer sits inside
+/// the compression layer, which then compresses the new body (or not) and labels it itself.
 pub async fn json_errors<B>(response: Response<B>) -> Response<Body>
 where
     B: HttpBody<Data = Bytes> + Send + 'static,
@@ -36,12 +41,17 @@ where
         }
         other => other.canonical_reason().unwrap_or("error").to_lowercase(),
     };
-    let (mut parts, _) = response.into_parts();
-    parts.headers.remove(header::CONTENT_LENGTH);
+    let (parts, _) = response.into_parts();
     let body = Json(json!({ "error": { "code": code_for_status(status), "message": message } }));
     let mut fresh = (status, body).into_response();
     for (name, value) in parts.headers.iter() {
-        if name != header::CONTENT_TYPE {
+        let describes_old_body = [
+            header::CONTENT_TYPE,
+            header::CONTENT_LENGTH,
+            header::CONTENT_ENCODING,
+        ]
+        .contains(name);
+        if !describes_old_body {
             fresh.headers_mut().insert(name.clone(), value.clone());
         }
     }

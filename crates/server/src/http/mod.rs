@@ -1,14 +1,15 @@
 //! The HTTP surface: composes the module routers and wraps them in the shared middleware.
 //! Each module hands over its router with its state applied ([`Module::router`]); the
-//! server's own routes (health, metrics, dashboard, identity) are added here. Nothing here
+//! server's own routes (health, metrics, dashboard, identity, `/openapi.json`, `/docs`) are
+//! added here. Nothing here
 //! imports a module: the [`Application`](crate::Application) passes them in.
 
-#[cfg(feature = "bench-routes")]
-mod bench;
 mod dashboard;
+mod docs;
 mod health;
 pub mod metrics;
 pub mod middleware;
+pub mod openapi;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +28,10 @@ use tower_http::trace::TraceLayer;
 use crate::state::ServerState;
 
 /// The whole application as a `Router`, ready for `axum::serve` or for `oneshot` in tests.
-pub fn app(state: &ServerState, modules: &[Arc<dyn Module>]) -> Router {
+/// `extra` routes go behind the same middleware: only `cascade-bench` passes any (its
+/// `/bench/*` routes), so the product's router never has them, whatever cargo features a
+/// workspace build merges.
+pub fn app(state: &ServerState, modules: &[Arc<dyn Module>], extra: Router) -> Router {
     let http = &state.app.config.http;
     let request_timeout: Duration = http.request_timeout;
     let body_limit = http.body_limit_bytes;
@@ -35,11 +39,10 @@ pub fn app(state: &ServerState, modules: &[Arc<dyn Module>]) -> Router {
         .merge(health::router().with_state(state.app.clone()))
         .merge(metrics::router().with_state(state.clone()))
         .merge(dashboard::router())
-        .merge(crate::auth::router().with_state(state.app.clone()));
-    #[cfg(feature = "bench-routes")]
-    {
-        router = router.merge(bench::router());
-    }
+        .merge(crate::auth::router().with_state(state.app.clone()))
+        .merge(openapi::router(&openapi::document(modules)))
+        .merge(docs::router())
+        .merge(extra);
     for module in modules {
         router = router.merge(module.router(&state.app));
     }
@@ -52,9 +55,11 @@ pub fn app(state: &ServerState, modules: &[Arc<dyn Module>]) -> Router {
             .layer(axum::middleware::from_fn(metrics::record_request))
             .layer(TraceLayer::new_for_http().make_span_with(middleware::request_span))
             .layer(PropagateRequestIdLayer::new(middleware::REQUEST_ID))
+            // Outside `json_errors`: an error body rebuilt as JSON is compressed (and labelled)
+            // by this one layer, never left with the label of a body it replaced.
+            .layer(CompressionLayer::new())
             .layer(axum::middleware::map_response(middleware::json_errors))
             .layer(CatchPanicLayer::new())
-            .layer(CompressionLayer::new())
             .layer(TimeoutLayer::with_status_code(
                 StatusCode::GATEWAY_TIMEOUT,
                 request_timeout,

@@ -1,5 +1,6 @@
-//! `/bench/fixed/{bytes}` (cargo feature `bench-routes`, never in the release binary): a fixed
-//! body through the whole middleware stack, as a handler that does no work would return it.
+//! `/bench/fixed/{bytes}` (mounted by `cascade-bench serve` only): a fixed body through the
+//! whole middleware stack, as a handler that does no work would return it — the same-stack
+//! baseline.
 
 use axum::Router;
 use axum::extract::Path;

@@ -1,0 +1,415 @@
+//! The accept loop: every connection has deadlines, and their number a cap.
+//!
+//! `axum::serve` reads request heads without a deadline and keeps an idle keep-alive connection
+//! for ever, with no bound on how many are open (PITFALLS 18): a client trickling one header
+//! line at a time, or many idle connections, hold sockets and file descriptors indefinitely.
+//! Here each connection is served by hyper's HTTP/1 connection under a watchdog that enforces
+//! the two deadlines Go's `http.Server` calls `ReadHeaderTimeout` and `IdleTimeout`:
+//!
+//! - `HEADER_READ_TIMEOUT`: a request head (request line and headers) must be complete within
+//!   it, counted from the connection's opening, or on a keep-alive connection from the first
+//!   byte of the next request;
+//! - `IDLE_TIMEOUT`: a connection with no request in flight and no byte moving either way is
+//!   closed after it (a client that stops reading a response counts as idle too).
+//!
+//! hyper's own `header_read_timeout` is not used: its clock starts when hyper begins waiting
+//! for a head, and on a keep-alive connection that wait *is* the idle time (hyper 1.x,
+//! `proto/h1/conn.rs`, `poll_read_head`), so it would close every idle connection after
+//! `HEADER_READ_TIMEOUT` and `IDLE_TIMEOUT` could not be longer.
+//!
+//! At `MAX_CONNECTIONS` open connections the loop stops accepting: a new connection waits in the
+//! kernel's accept backlog (the listen queue; tokio's `TcpListener::bind` asks for 1024) and is
+//! served as soon as one closes; past the backlog the kernel drops connection attempts and
+//! clients retry. Waiting rather than refusing: a burst past the cap is served late instead of
+//! failing, and nothing is accepted only to be closed. A request waiting there has not started,
+//! so no deadline of ours runs for it; the client's own does.
+//!
+//! The request's handler is bounded by `REQUEST_TIMEOUT` (the timeout layer), not here.
+//!
+//! HTTP/1 only, as before (axum's `http1` feature), and without upgrades: no route upgrades a
+//! connection, and a WebSocket would need the watchdog to stop counting its frames as a
+//! request head.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use cascade_core::config::HttpConfig;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+/// The two deadlines of a connection.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    header: Duration,
+    idle: Duration,
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, with the connection deadlines and cap
+/// of `http`; then stops accepting, lets in-flight requests finish for at most
+/// `SHUTDOWN_TIMEOUT` (idle connections close at once), and returns.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    http: &HttpConfig,
+) -> io::Result<()> {
+    let deadlines = Deadlines {
+        header: http.header_read_timeout,
+        idle: http.idle_timeout,
+    };
+    warn_if_above_open_file_limit(http.max_connections);
+    let places = Arc::new(Semaphore::new(http.max_connections));
+    let graceful = GracefulShutdown::new();
+    let make_service = app.into_make_service_with_connect_info::<SocketAddr>();
+    let mut builder = http1::Builder::new();
+    // Explicitly off (our watchdog keeps the deadlines; see the module's doc). Left at its
+    // default, hyper would warn on every connection that it has no timer.
+    builder.header_read_timeout(None);
+    tokio::pin!(shutdown);
+
+    loop {
+        // Never closed, so acquiring fails only if it were: then stop as on shutdown.
+        let place = tokio::select! {
+            place = places.clone().acquire_owned() => match place {
+                Ok(place) => place,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    accept_failed(err).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // The router with the peer's address (`ConnectInfo`, which the rate limiter reads).
+        let router = make_service
+            .clone()
+            .oneshot(peer)
+            .await
+            .unwrap_or_else(|never| match never {});
+        let activity = Arc::new(Activity::new());
+        let service = hyper::service::service_fn({
+            let activity = activity.clone();
+            move |request: hyper::Request<Incoming>| {
+                let in_flight = activity.request_begins();
+                let response = router.clone().oneshot(request.map(Body::new));
+                async move {
+                    let response = response.await;
+                    drop(in_flight);
+                    response
+                }
+            }
+        });
+        let socket = TokioIo::new(Tracked {
+            inner: stream,
+            activity: activity.clone(),
+        });
+        let connection = graceful.watch(builder.serve_connection(socket, service));
+        tokio::spawn(async move {
+            let _place = place;
+            tokio::select! {
+                ended = connection => if let Err(err) = ended {
+                    tracing::debug!(%peer, error = %err, "connection ended with an error");
+                },
+                why = activity.watchdog(deadlines) => {
+                    tracing::debug!(%peer, why, "connection closed");
+                }
+            }
+        });
+    }
+
+    tracing::info!("shutdown requested: draining in-flight requests");
+    drop(listener);
+    let drain_timeout = http.shutdown_timeout;
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain_timeout,
+            "in-flight requests did not finish in time; stopping anyway"
+        );
+    }
+    Ok(())
+}
+
+/// Each connection is a file descriptor: a cap above the process's limit would never be
+/// reached, `accept` failing first (EMFILE) and the pool and Redis with it.
+fn warn_if_above_open_file_limit(max_connections: usize) {
+    let soft_limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(3)?.parse::<usize>().ok()
+        });
+    if let Some(limit) = soft_limit
+        && max_connections >= limit
+    {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = limit,
+            "MAX_CONNECTIONS is not below the open-file limit: connections past it fail to be \
+             accepted; raise `ulimit -n` or lower MAX_CONNECTIONS"
+        );
+    }
+}
+
+/// A failed `accept`: the peer gave up before we took it (go on), or the process is out of
+/// file descriptors or memory (wait a second rather than spin; connections wait meanwhile).
+async fn accept_failed(err: io::Error) {
+    if matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+    ) {
+        return;
+    }
+    tracing::error!(error = %err, "accepting a connection failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// What a connection's watchdog reads, written by its socket and its service.
+#[derive(Debug)]
+struct Activity {
+    state: Mutex<ActivityState>,
+}
+
+#[derive(Debug)]
+struct ActivityState {
+    /// Requests whose head hyper parsed and whose handler has not answered yet: while there is
+    /// one, no deadline of ours runs (`REQUEST_TIMEOUT` bounds the handler).
+    in_flight: usize,
+    /// Since when a request head has been arriving: the connection's opening for the first
+    /// one, then the first byte read while nothing was in flight. `None` between requests.
+    head_since: Option<Instant>,
+    /// The last byte read or written, or the last answer.
+    last_activity: Instant,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        let now = Instant::now();
+        Activity {
+            state: Mutex::new(ActivityState {
+                in_flight: 0,
+                head_since: Some(now),
+                last_activity: now,
+            }),
+        }
+    }
+
+    /// A plain `std` mutex: held for a few instructions, never across an `.await`, and only
+    /// this connection's task and its watchdog take it.
+    fn with<T>(&self, f: impl FnOnce(&mut ActivityState) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn bytes_read(&self) {
+        let now = Instant::now();
+        self.with(|s| {
+            s.last_activity = now;
+            if s.in_flight == 0 && s.head_since.is_none() {
+                s.head_since = Some(now);
+            }
+        });
+    }
+
+    fn bytes_written(&self) {
+        let now = Instant::now();
+        self.with(|s| s.last_activity = now);
+    }
+
+    /// hyper parsed a head: the request is in flight until the guard is dropped.
+    fn request_begins(self: &Arc<Self>) -> InFlight {
+        self.with(|s| {
+            s.in_flight += 1;
+            s.head_since = None;
+        });
+        InFlight(self.clone())
+    }
+
+    /// Which deadline has passed at `now`, if one has.
+    fn expired(&self, deadlines: Deadlines, now: Instant) -> Option<&'static str> {
+        self.with(|s| {
+            if s.in_flight > 0 {
+                None
+            } else if let Some(since) = s.head_since {
+                (now.saturating_duration_since(since) >= deadlines.header)
+                    .then_some("no complete request head within HEADER_READ_TIMEOUT")
+            } else {
+                (now.saturating_duration_since(s.last_activity) >= deadlines.idle)
+                    .then_some("idle for IDLE_TIMEOUT")
+            }
+        })
+    }
+
+    /// Resolves when a deadline passes. Checks four times per the shorter deadline, so a
+    /// connection is closed at most a quarter late; a tick costs one uncontended lock.
+    async fn watchdog(&self, deadlines: Deadlines) -> &'static str {
+        let period = (deadlines.header.min(deadlines.idle) / 4).max(Duration::from_millis(10));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Some(why) = self.expired(deadlines, Instant::now()) {
+                return why;
+            }
+        }
+    }
+}
+
+/// A request in flight; its end (the handler's answer, or the request being abandoned) starts
+/// the idle clock.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        self.0.with(|s| {
+            s.in_flight -= 1;
+            s.last_activity = now;
+        });
+    }
+}
+
+/// A socket that tells its [`Activity`] when bytes move.
+struct Tracked {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.bytes_read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.bytes_written();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.bytes_written();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEADLINES: Deadlines = Deadlines {
+        header: Duration::from_secs(10),
+        idle: Duration::from_secs(60),
+    };
+
+    #[test]
+    fn a_new_connection_must_send_its_head_within_the_header_deadline() {
+        let activity = Arc::new(Activity::new());
+        let opened = Instant::now();
+        assert_eq!(
+            activity.expired(DEADLINES, opened + Duration::from_secs(9)),
+            None
+        );
+        assert!(
+            activity
+                .expired(DEADLINES, opened + Duration::from_secs(10))
+                .is_some()
+        );
+        // Trickled bytes do not move the deadline.
+        activity.bytes_read();
+        assert!(
+            activity
+                .expired(DEADLINES, opened + Duration::from_secs(11))
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn between_requests_the_idle_deadline_runs_until_the_next_head_begins() {
+        let activity = Arc::new(Activity::new());
+        let in_flight = activity.request_begins();
+        let later = Instant::now() + Duration::from_secs(3600);
+        assert_eq!(
+            activity.expired(DEADLINES, later),
+            None,
+            "no deadline while a request is in flight"
+        );
+        drop(in_flight);
+        let answered = Instant::now();
+        assert_eq!(
+            activity.expired(DEADLINES, answered + Duration::from_secs(59)),
+            None
+        );
+        assert_eq!(
+            activity.expired(DEADLINES, answered + Duration::from_secs(60)),
+            Some("idle for IDLE_TIMEOUT")
+        );
+        activity.bytes_read();
+        let head = Instant::now();
+        assert_eq!(
+            activity.expired(DEADLINES, head + Duration::from_secs(9)),
+            None
+        );
+        assert_eq!(
+            activity.expired(DEADLINES, head + Duration::from_secs(10)),
+            Some("no complete request head within HEADER_READ_TIMEOUT")
+        );
+    }
+}
