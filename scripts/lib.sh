@@ -20,13 +20,19 @@ ensure_packages() {
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
 
-# ensure_pip PKG...: installs the Python packages whose command is missing (pip, quietly, no
-# prompts). The package name is also the command it provides (schemathesis).
+# ensure_pip CMD=REQUIREMENT...: installs REQUIREMENT (pip, quietly, no prompts) unless the
+# command CMD is there and `CMD --version` prints a version REQUIREMENT's major allows, e.g.
+# `ensure_pip 'schemathesis=schemathesis>=4.32,<5'` (its command-line flags change between
+# major versions).
 ensure_pip() {
     local missing=()
-    for pkg in "$@"; do
-        if ! command -v "$pkg" >/dev/null 2>&1; then
-            missing+=("$pkg")
+    for spec in "$@"; do
+        local cmd="${spec%%=*}" requirement="${spec#*=}"
+        local major
+        major=$(printf '%s' "$requirement" | sed -n 's/.*>=\{0,1\}\([0-9][0-9]*\)\..*/\1/p' | head -n 1)
+        if ! command -v "$cmd" >/dev/null 2>&1 \
+            || ! "$cmd" --version 2>/dev/null | grep -Eq "version ${major}\."; then
+            missing+=("$requirement")
         fi
     done
     if [ "${#missing[@]}" -eq 0 ]; then

@@ -11,6 +11,8 @@ CREATE TABLE lineage_pending_edges (
     event_id          BIGINT REFERENCES lineage_event_audit (event_id) ON DELETE SET NULL,
     PRIMARY KEY (child_version_id, submitted_by, parent_version_id)
 );
+-- Deleting an account removes its pending edges (ON DELETE CASCADE) through this index.
+CREATE INDEX lineage_pending_edges_submitted_by ON lineage_pending_edges (submitted_by);
 
 -- Existing edges into versions that are not assets become pending under their event's sender.
 -- Those whose sender is unknown (events from before catalog migration 2) are dropped: nobody

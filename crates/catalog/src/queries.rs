@@ -180,18 +180,28 @@ pub async fn insert_asset(
     Ok(text(&row))
 }
 
-/// Serialises lineage into `versions` (sorted, so two writers take the locks in one order)
-/// with their publication until the transaction ends. Without it, an event that found a
-/// version unpublished could commit its pending edges just after the publication claimed the
-/// pending edges it could see, and they would stay pending for good.
+/// How many advisory locks lineage and publication share (see [`lock_lineage_into`]).
+const LINEAGE_LOCK_BUCKETS: i64 = 64;
+
+/// Serialises lineage into `versions` with their publication until the transaction ends.
+/// Without it, an event that found a version unpublished could commit its pending edges just
+/// after the publication claimed the pending edges it could see, and they would stay pending
+/// for good.
+///
+/// The locks are per bucket of versions ([`LINEAGE_LOCK_BUCKETS`] of them), taken in sorted
+/// order, not per version: advisory locks live in PostgreSQL's shared lock table (about 64 ×
+/// `max_connections` slots), and an event of 1,000 outputs taking 1,000 locks, a few at once,
+/// would fill it and make every lock request in the cluster fail. Two versions in one bucket
+/// merely serialise with each other.
 async fn lock_lineage_into(tx: &Transaction<'_>, versions: &[&str]) -> Result<(), CatalogError> {
     if versions.is_empty() {
         return Ok(());
     }
     tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended('cascade.catalog.lineage:' || v, 0)) \
-         FROM (SELECT DISTINCT v FROM unnest($1::text[]) AS t(v) ORDER BY v) AS sorted",
-        &[&versions],
+        "SELECT pg_advisory_xact_lock(hashtextextended('cascade.catalog.lineage', b)) \
+         FROM (SELECT DISTINCT (hashtextextended(v, 0) % $2 + $2) % $2 AS b \
+               FROM unnest($1::text[]) AS t(v) ORDER BY b) AS sorted",
+        &[&versions, &LINEAGE_LOCK_BUCKETS],
     )
     .await
     .map_err(internal)?;

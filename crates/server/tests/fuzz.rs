@@ -22,8 +22,9 @@ use serde_json::{Value, json};
 /// Examples per operation and phase: with ~25 operations this keeps a run under ~2 minutes
 /// on two cores.
 const MAX_EXAMPLES: &str = "100";
-/// A request slower than this is a failure (a hang).
-const REQUEST_TIMEOUT_S: &str = "5";
+/// A request slower than this is a failure (a hang). Generous: the suite shares two cores
+/// with the rest of the tests, and a slow answer is not what this run looks for.
+const REQUEST_TIMEOUT_S: &str = "15";
 /// The whole run; past it the test fails rather than waiting.
 const RUN_DEADLINE: Duration = Duration::from_secs(300);
 /// The version the document's examples name, seeded so positive cases reach real rows.

@@ -314,3 +314,54 @@ async fn the_owner_of_an_asset_can_remove_an_edge_into_it_and_nobody_else_can() 
     assert_bad_field(status, &body, "parent");
     assert_eq!(catalog.count("lineage_edges").await, 2);
 }
+
+#[tokio::test]
+async fn an_event_of_many_outputs_holds_a_bounded_number_of_advisory_locks() {
+    let catalog = Catalog::start(1).await;
+    // Hold the event after its locks are taken: it inserts pending edges next, and this
+    // session locks that table.
+    let mut pg = catalog.pg.client(&catalog.database).await;
+    let lock = pg.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE lineage_pending_edges IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let outputs: Vec<String> = (0..1_000).map(|i| format!("out{i}")).collect();
+    let base = catalog.base().to_string();
+    let event = run_event(&["in"], &refs(&outputs));
+    let sent =
+        tokio::spawn(async move { send(&base, Method::POST, "/lineage", Some(event)).await });
+    let observer = catalog.pg.client(&catalog.database).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let held = loop {
+        let waiting: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = \
+                 'lineage_pending_edges'::regclass",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break observer
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the event never reached its insert"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    lock.rollback().await.unwrap();
+    let (status, body) = sent.await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    // One lock per output would be 1,000 slots of PostgreSQL's shared lock table, which a few
+    // such events at once fill for the whole cluster.
+    assert!(held <= 64, "{held} advisory locks held by one event");
+}

@@ -401,6 +401,10 @@ async fn listen(engine: &Weak<Inner>, mut stream: Payloads) -> std::ops::Control
     // Replays run beside this loop (a namespace's deletion takes many round trips), one at
     // a time, so that heartbeats and messages are never held up by them.
     let mut replay: Option<tokio::task::JoinHandle<()>> = None;
+    // Heartbeats are published beside this loop too, one at a time: a publish that waits out
+    // REDIS_TIMEOUT (a slow or paused Redis) would otherwise make the next tick ready at once,
+    // every turn, and the biased select would never read a message or see the silence.
+    let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             // Heartbeats first, then messages, and silence only when neither is ready: a
@@ -409,10 +413,16 @@ async fn listen(engine: &Weak<Inner>, mut stream: Payloads) -> std::ops::Control
             _ = tick.tick() => {
                 let Some(inner) = engine.upgrade() else { return Break(()) };
                 let Some(bus) = inner.bus.as_ref() else { return Break(()) };
-                let hb = Message::Hb { from: bus.id.clone(), sent: bus.micros() };
-                match bus.publish(&hb).await {
-                    Ok(()) => inner.shared_ok(),
-                    Err(_) => inner.note_outage(),
+                if heartbeat.as_ref().is_none_or(|task| task.is_finished()) {
+                    let hb = Message::Hb { from: bus.id.clone(), sent: bus.micros() };
+                    let inner = inner.clone();
+                    heartbeat = Some(tokio::spawn(async move {
+                        let Some(bus) = inner.bus.as_ref() else { return };
+                        match bus.publish(&hb).await {
+                            Ok(()) => inner.shared_ok(),
+                            Err(_) => inner.note_outage(),
+                        }
+                    }));
                 }
                 // Deliver remembered invalidations as soon as Redis takes them, not only
                 // when this instance next serves a request.

@@ -14,8 +14,10 @@
 //!    home still gets in while a spray from everywhere else is slowed to one guess per `cap`.
 //!    A success resets the count.
 //!
-//! The wait is reserved when an attempt is admitted, not when it fails, so concurrent
-//! attempts at the moment a wait ends do not all get through. Keys use the username's
+//! An attempt from an unknown network is counted, and the wait reserved, when it is admitted,
+//! not when its password turns out wrong (after the hash): concurrent guesses cannot all slip
+//! through while the count is below the free failures, nor when a wait ends. A success resets
+//! the count, so the owner's own attempts cost nothing once they get in. Keys use the username's
 //! [`key`](super::Username::key), the same case folding as the account lookup, under one
 //! Redis Cluster hash tag per username (`ratelimit:login:{alice}:…`). State lives in Redis
 //! with Redis's clock; while Redis is unavailable, each instance keeps its own, with `1/n` of
@@ -49,16 +51,20 @@ local free = tonumber(ARGV[1])
 if n >= free then
   local wait = math.min(tonumber(ARGV[2]) * 2 ^ math.min(n - free, 40), tonumber(ARGV[3]))
   redis.call('HSET', KEYS[1], 'blocked', string.format('%d', now + wait))
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end
+redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {1, 0}
 ";
 
-/// KEYS: the failure record. ARGV: forget ms.
+/// KEYS: the failure record, the network's known marker. ARGV: forget ms. An attempt from an
+/// unknown network was counted when it was admitted; one from a known network counts here.
 static FAILED: LazyLock<Script> = LazyLock::new(|| Script::new(FAILED_LUA));
 const FAILED_LUA: &str = r"
-redis.call('HINCRBY', KEYS[1], 'n', 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'n', 1)
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
 return 1
 ";
 
@@ -130,22 +136,24 @@ impl RateLimiter {
         if blocked > now {
             return verdict(false, blocked - now, policy, true);
         }
-        if n >= free {
-            let wait = backoff(policy, n - free);
-            let expires = now + policy.forget.as_micros() as u64;
-            local
-                .failures
-                .insert(&failures, expires, (n, now + wait.as_micros() as u64), now);
-        }
+        let blocked = if n >= free {
+            now + backoff(policy, n - free).as_micros() as u64
+        } else {
+            blocked
+        };
+        let expires = now + policy.forget.as_micros() as u64;
+        local
+            .failures
+            .insert(&failures, expires, (n.saturating_add(1), blocked), now);
         verdict(true, 0, policy, true)
     }
 
     /// A wrong password (or no such user) for `user`.
     pub async fn login_failed(&self, user: &Username, net: &str, policy: LoginBackoff) {
-        let (failures, _) = self.login_keys(user, net);
+        let (failures, known) = self.login_keys(user, net);
         if let Some(redis) = self.shared() {
             let mut invocation = FAILED.prepare_invoke();
-            invocation.key(&failures).arg(ms(policy.forget));
+            invocation.key(&failures).key(&known).arg(ms(policy.forget));
             match redis.invoke::<i64>(&invocation).await {
                 Ok(_) => return,
                 Err(err) => tracing::warn!(error = %err, "login failure not recorded in Redis"),
@@ -154,6 +162,10 @@ impl RateLimiter {
         }
         let now = self.micros();
         let mut local = self.login_local();
+        // Unknown networks were counted when admitted.
+        if local.known.get(&known, now).is_none() {
+            return;
+        }
         let (n, blocked) = local
             .failures
             .get(&failures, now)
@@ -286,6 +298,25 @@ mod tests {
         for _ in 0..POLICY.free + 1 {
             assert!(one.login_admit(&alice, "203.0.113.6", POLICY).await.allowed);
         }
+    }
+
+    #[tokio::test]
+    async fn concurrent_guesses_are_counted_when_admitted_not_when_their_hash_ends() {
+        let limiter = limiter();
+        let alice = Username::parse("alice").unwrap();
+        // Guesses from many networks at once: none has failed yet (their hashes still run).
+        let mut admitted = 0;
+        for i in 0..10 {
+            if limiter
+                .login_admit(&alice, &format!("198.51.100.{i}"), POLICY)
+                .await
+                .allowed
+            {
+                admitted += 1;
+            }
+        }
+        // The free ones, and the one that reserved the first wait.
+        assert_eq!(admitted, POLICY.free + 1);
     }
 
     #[test]

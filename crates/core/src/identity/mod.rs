@@ -341,7 +341,7 @@ impl Identity {
         let conn = self.inner.db.conn().await?;
         let stmt = conn
             .prepare_cached(
-                "SELECT id, password_hash FROM cascade_users WHERE lower(username) = $1",
+                "SELECT id, password_hash FROM cascade_users WHERE lower(username) = lower($1)",
             )
             .await?;
         let found = conn.query_opt(&stmt, &[&username.key()]).await?;
@@ -755,7 +755,7 @@ impl Identity {
         let conn = self.inner.db.conn().await?;
         let row = conn
             .query_opt(
-                "SELECT id FROM cascade_users WHERE lower(username) = $1",
+                "SELECT id FROM cascade_users WHERE lower(username) = lower($1)",
                 &[&username.key()],
             )
             .await?;

@@ -1,11 +1,11 @@
 //! Usernames: the one rule for what a username may be, and for when two spellings name the
 //! same account.
 //!
-//! Case folding happens here and nowhere else. A username is ASCII (letters, digits, `_`, `-`,
-//! `.`), so its [`key`](Username::key) (ASCII lower case) is also exactly what PostgreSQL's
-//! `lower()` gives for it under any collation: the unique index `lower(username)` of
-//! `cascade_users`, the login lookup (`lower(username) = <key>`) and the login rate limiter's
-//! keys all agree. Before this type, the limiter folded with Rust's full Unicode
+//! Case folding has one rule. A username is ASCII (letters, digits, `_`, `-`, `.`): two
+//! spellings are one account when they are equal ignoring ASCII case. The rate limiter keys by
+//! [`key`](Username::key) (ASCII lower case); PostgreSQL matches accounts with
+//! `lower(username) = lower($1)`, both sides through the same `lower()` as the unique index,
+//! so it agrees under any collation (even one, like Turkish, whose `lower('I')` is not `i`). Before this type, the limiter folded with Rust's full Unicode
 //! `to_lowercase` while the lookup folded in PostgreSQL, so `bİll` (capital I with dot) was
 //! the account `bill` to the lookup but a fresh rate-limit budget to the limiter; it is now
 //! refused as a malformed username before anything is counted or looked up.

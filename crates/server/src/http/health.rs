@@ -81,12 +81,15 @@ fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> 
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| {
+            // The scheme is case-insensitive (RFC 9110), as for account tokens.
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
     // Digests are compared, not the tokens: how long the comparison takes says nothing about
     // how much of the token a guess got right.
     let matches = presented.is_some_and(|presented| {
-        Sha256::digest(presented.as_bytes()) == Sha256::digest(expected.expose().as_bytes())
+        Sha256::digest(presented.as_bytes()) == Sha256::digest(expected.expose().trim().as_bytes())
     });
     if matches {
         Ok(())
