@@ -26,7 +26,8 @@ use serde_json::Value;
 /// may have died after PostgreSQL committed, and removing entries that did not go stale costs
 /// a reload, while keeping ones that did would serve the old value until their TTL.
 ///
-/// All of it runs in a task of its own that the handler awaits: a client that goes away drops
+/// All of it runs in the application's detached tasks (`cascade_core::tasks::Detached`), which
+/// the handler awaits and shutdown waits for: a client that goes away drops
 /// the handler's future, and with it anything that future was running. A write it had
 /// committed (or was committing) would then keep its stale entries on every instance until
 /// their TTL. The task owns what the write needs (it is `async move`), so the handler hands
@@ -34,7 +35,8 @@ use serde_json::Value;
 macro_rules! in_transaction {
     ($state:expr, |$tx:ident| $write:expr, |$done:ident| $after:expr) => {{
         let db = $state.db.clone();
-        let task = tokio::spawn(async move {
+        let detached = $state.app.detached.clone();
+        let task = detached.run(async move {
             let mut conn = db.conn().await?;
             let $tx = conn.transaction().await.map_err(internal)?;
             let $done = $write;
@@ -46,7 +48,10 @@ macro_rules! in_transaction {
             committed.map_err(internal)?;
             Ok::<_, ApiError>($done)
         });
-        task.await.map_err(|e| ApiError::Internal(e.into()))??
+        task.await.map_err(|stopping| ApiError::Unavailable {
+            message: stopping.to_string(),
+            retry_after: std::time::Duration::from_secs(1),
+        })??
     }};
     ($state:expr, |$tx:ident| $write:expr) => {
         in_transaction!($state, |$tx| $write, |_done| ())

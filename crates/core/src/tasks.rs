@@ -102,6 +102,103 @@ impl Supervisor {
     }
 }
 
+/// Work that must finish even when whoever asked for it goes away: a write's commit and its
+/// invalidations, a revocation. A client that hangs up drops the request's future, and with it
+/// anything that future was running, so such work runs in a task of its own that the caller
+/// awaits. The tasks are counted, so the application waits for them when it stops (a write
+/// whose client left is not cut short by a shutdown), and bounded in number, so clients that
+/// send work and hang up cannot pile it up without limit: past the bound, new work waits for a
+/// place (inside the request's own deadline).
+#[derive(Clone)]
+pub struct Detached {
+    inner: Arc<DetachedInner>,
+}
+
+struct DetachedInner {
+    places: Arc<tokio::sync::Semaphore>,
+    running: AtomicU64,
+    idle: tokio::sync::Notify,
+}
+
+/// Counts a running task out when it ends, however it ends (a panic included).
+struct Running(Arc<DetachedInner>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// The work was not run: the application is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the application is stopping: the operation was not started")]
+pub struct Stopping;
+
+impl Detached {
+    /// At most `max` pieces of work at once.
+    pub fn new(max: usize) -> Detached {
+        Detached {
+            inner: Arc::new(DetachedInner {
+                places: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+                running: AtomicU64::new(0),
+                idle: tokio::sync::Notify::new(),
+            }),
+        }
+    }
+
+    /// Runs `work` to completion in a task of its own and returns its result. If the caller is
+    /// dropped while it runs, it still finishes. A panic in `work` resumes in the caller.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, Stopping> {
+        let place = self
+            .inner
+            .places
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Stopping)?;
+        self.inner.running.fetch_add(1, Ordering::SeqCst);
+        let running = Running(self.inner.clone());
+        let task = tokio::spawn(async move {
+            let _running = running;
+            let _place = place;
+            work.await
+        });
+        match task.await {
+            Ok(out) => Ok(out),
+            Err(err) => match err.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(_) => Err(Stopping),
+            },
+        }
+    }
+
+    /// Refuses new work and waits, at most `bound`, for the running work to end. True when
+    /// none is left.
+    pub async fn finish(&self, bound: Duration) -> bool {
+        self.inner.places.close();
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let idle = self.inner.idle.notified();
+            if self.inner.running.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                let left = self.inner.running.load(Ordering::SeqCst);
+                tracing::warn!(
+                    left,
+                    "detached work still running at shutdown; not waited for"
+                );
+                return left == 0;
+            }
+        }
+    }
+}
+
 /// Dropped without [`stop`](Supervisor::stop) (an error path of the application's build): the
 /// tasks are told to stop, so none of them runs on, or reports an early end, as a failure.
 impl Drop for Supervisor {
@@ -171,6 +268,66 @@ mod tests {
         }
         assert_eq!(stopped.load(Ordering::SeqCst), 1);
         assert_eq!(failures.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn detached_work_finishes_when_its_caller_goes_away_and_finish_waits_for_it() {
+        let detached = Detached::new(4);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = Arc::new(AtomicU64::new(0));
+        let counter = done.clone();
+        let caller = tokio::spawn({
+            let detached = detached.clone();
+            async move {
+                detached
+                    .run(async move {
+                        let _ = rx.await;
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        caller.abort();
+        // The caller is gone; the work is not. Stopping waits for it.
+        let finishing = tokio::spawn({
+            let detached = detached.clone();
+            async move { detached.finish(Duration::from_secs(5)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !finishing.is_finished(),
+            "finish waits for the running work"
+        );
+        tx.send(()).unwrap();
+        assert!(finishing.await.unwrap());
+        assert_eq!(done.load(Ordering::SeqCst), 1);
+        // After finish, nothing new starts.
+        assert_eq!(detached.run(async { 1 }).await, Err(Stopping));
+    }
+
+    #[tokio::test]
+    async fn detached_work_is_bounded_in_number() {
+        let detached = Detached::new(2);
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut callers = Vec::new();
+        for _ in 0..3 {
+            let detached = detached.clone();
+            let mut rx = rx.clone();
+            callers.push(tokio::spawn(async move {
+                detached
+                    .run(async move {
+                        let _ = rx.wait_for(|go| *go).await;
+                    })
+                    .await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(detached.inner.running.load(Ordering::SeqCst), 2);
+        tx.send(true).unwrap();
+        for caller in callers {
+            assert!(caller.await.unwrap().is_ok());
+        }
     }
 
     #[tokio::test]

@@ -8,6 +8,11 @@ use cascade_core::config::Config;
 use cascade_core::db::Db;
 use cascade_core::identity::{Identity, RateLimiter};
 use cascade_core::redis::Redis;
+use cascade_core::tasks::Detached;
+
+/// Most writes and revocations in flight at once, per instance. Past it, new ones wait for a
+/// place (within `REQUEST_TIMEOUT`): clients that send writes and hang up cannot pile work up.
+const DETACHED_MAX: usize = 256;
 
 /// One of each: one pool, one Redis client, one cache engine, one configuration, built once by
 /// the server's `Application` and passed down. Modules never open their own connections; a
@@ -26,6 +31,9 @@ pub struct AppState {
     pub identity: Identity,
     /// Rate limits, shared through Redis (local when Redis is unavailable).
     pub limiter: RateLimiter,
+    /// Work that must finish even if its client hangs up (writes, revocations); the
+    /// application waits for it when it stops.
+    pub detached: Detached,
     pub started: Instant,
 }
 
@@ -37,7 +45,8 @@ impl AppState {
         cache: Cache,
         started: Instant,
     ) -> Self {
-        let identity = Identity::new(&config, db.clone(), cache.clone());
+        let detached = Detached::new(DETACHED_MAX);
+        let identity = Identity::new(&config, db.clone(), cache.clone(), detached.clone());
         let limiter = RateLimiter::new(redis.clone(), cache.clone(), &config.cache.key_prefix);
         AppState {
             config,
@@ -46,6 +55,7 @@ impl AppState {
             cache,
             identity,
             limiter,
+            detached,
             started,
         }
     }

@@ -180,6 +180,9 @@ impl Application {
         let http = self.state.config.http.clone();
         let router = self.router_with(extra);
         let served = crate::serve(listener, router, shutdown, &http).await;
+        // Writes whose clients hung up may still be running: let them finish (and invalidate)
+        // before the pool closes.
+        self.state.detached.finish(http.shutdown_timeout).await;
         self.stop().await;
         Ok(served?)
     }

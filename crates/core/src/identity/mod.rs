@@ -29,6 +29,7 @@ use crate::cache::{Cache, CacheError};
 use crate::config::Config;
 use crate::db::{Db, DbError};
 use crate::shutdown::ShutdownSignal;
+use crate::tasks::Detached;
 
 pub use password::Passwords;
 pub use ratelimit::{Decision, RateLimiter};
@@ -219,6 +220,9 @@ pub struct Identity {
 struct Inner {
     db: Db,
     cache: Cache,
+    /// Where revocations and rotations run, so a client that hangs up cannot cut them short
+    /// and the application waits for them when it stops.
+    detached: Detached,
     keys: TokenKeys,
     /// Derives a refresh token's successor ([`token::successor_refresh_token`]).
     refresh_key: Vec<u8>,
@@ -260,7 +264,7 @@ fn user_from_row(row: &tokio_postgres::Row) -> User {
 }
 
 impl Identity {
-    pub fn new(config: &Config, db: Db, cache: Cache) -> Identity {
+    pub fn new(config: &Config, db: Db, cache: Cache, detached: Detached) -> Identity {
         let secret = config
             .auth
             .jwt_secret
@@ -274,6 +278,7 @@ impl Identity {
         }
         Identity {
             inner: Arc::new(Inner {
+                detached,
                 db,
                 cache,
                 keys: TokenKeys::new(&secret, &config.auth.issuer, &config.auth.audience),
@@ -429,7 +434,9 @@ impl Identity {
     pub async fn refresh(&self, refresh_token: &str) -> Result<Tokens, AuthError> {
         let this = self.clone();
         let refresh_token = refresh_token.to_string();
-        to_completion(async move { this.rotate(&refresh_token).await }).await
+        self.inner
+            .to_completion(async move { this.rotate(&refresh_token).await })
+            .await
     }
 
     async fn rotate(&self, refresh_token: &str) -> Result<Tokens, AuthError> {
@@ -659,7 +666,9 @@ impl Identity {
     ) -> Result<bool, AuthError> {
         let this = self.clone();
         let reason = reason.to_string();
-        to_completion(async move { this.end_session(user_id, session, &reason).await }).await
+        self.inner
+            .to_completion(async move { this.end_session(user_id, session, &reason).await })
+            .await
     }
 
     async fn end_session(
@@ -689,7 +698,9 @@ impl Identity {
     pub async fn revoke_token(&self, claims: &Claims) -> Result<(), AuthError> {
         let this = self.clone();
         let claims = claims.clone();
-        to_completion(async move { this.revoke_jti(&claims).await }).await
+        self.inner
+            .to_completion(async move { this.revoke_jti(&claims).await })
+            .await
     }
 
     async fn revoke_jti(&self, claims: &Claims) -> Result<(), AuthError> {
@@ -714,7 +725,9 @@ impl Identity {
         }
         let this = self.clone();
         let token = token.to_string();
-        to_completion(async move { this.revoke_refresh(&token).await }).await
+        self.inner
+            .to_completion(async move { this.revoke_refresh(&token).await })
+            .await
     }
 
     async fn revoke_refresh(&self, token: &str) -> Result<(), AuthError> {
@@ -766,7 +779,9 @@ impl Identity {
     /// applies on the next request, on every instance.
     pub async fn set_tier(&self, user_id: i64, tier: Tier) -> Result<(), AuthError> {
         let this = self.clone();
-        to_completion(async move { this.change_tier(user_id, tier).await }).await
+        self.inner
+            .to_completion(async move { this.change_tier(user_id, tier).await })
+            .await
     }
 
     async fn change_tier(&self, user_id: i64, tier: Tier) -> Result<(), AuthError> {
@@ -866,17 +881,17 @@ impl Identity {
 /// Runs `work` on its own task and waits for it. Dropping the caller (a request future whose
 /// client went away) no longer stops `work` halfway: a committed change always gets its
 /// invalidation and broadcast. A panic in `work` is re-raised in the caller.
-async fn to_completion<T: Send + 'static>(
-    work: impl Future<Output = Result<T, AuthError>> + Send + 'static,
-) -> Result<T, AuthError> {
-    match tokio::spawn(work).await {
-        Ok(result) => result,
-        Err(err) => match err.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(_) => Err(AuthError::Internal(
-                "shutting down: the operation was cancelled".into(),
-            )),
-        },
+impl Inner {
+    /// Runs `work` in the application's detached tasks: it finishes even if the caller is
+    /// dropped (a client that hung up), and shutdown waits for it.
+    async fn to_completion<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = Result<T, AuthError>> + Send + 'static,
+    ) -> Result<T, AuthError> {
+        match self.detached.run(work).await {
+            Ok(result) => result,
+            Err(stopping) => Err(AuthError::Internal(stopping.to_string())),
+        }
     }
 }
 
