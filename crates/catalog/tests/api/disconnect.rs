@@ -30,7 +30,19 @@ where
 
 #[tokio::test]
 async fn a_write_whose_client_disconnects_after_the_commit_still_invalidates_every_instance() {
-    let catalog = Catalog::start(2).await;
+    held_write_then(false).await;
+}
+
+#[tokio::test]
+async fn a_stopping_server_finishes_a_write_whose_client_left_before_it_stops() {
+    held_write_then(true).await;
+}
+
+/// A PATCH on instance A whose after-commit work is held (a table lock), whose client then
+/// hangs up; with `stop_a`, A is also told to stop while the work is still held. Either way,
+/// once the lock goes, the work finishes and B serves the new value.
+async fn held_write_then(stop_a: bool) {
+    let mut catalog = Catalog::start(2).await;
     let (a, b) = (
         catalog.servers[0].base.clone(),
         catalog.servers[1].base.clone(),
@@ -120,7 +132,22 @@ async fn a_write_whose_client_disconnects_after_the_commit_still_invalidates_eve
         rest.is_empty(),
         "no answer while the write was held: {rest:?}"
     );
+    // A stops now, with the write still held: its shutdown must wait for the write's
+    // invalidations, not cut them off (the lock is released while A is stopping).
+    let stopping = stop_a.then(|| {
+        let a_server = catalog.servers.remove(0);
+        tokio::task::spawn_blocking(move || drop(a_server))
+    });
+    if stopping.is_some() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     lock.rollback().await.unwrap();
+    if let Some(stopping) = stopping {
+        tokio::time::timeout(Duration::from_secs(30), stopping)
+            .await
+            .expect("A stopped within its bounds")
+            .unwrap();
+    }
 
     // B serves the new name within a bound far below the bundle's 60 s TTL.
     let b = &b;
