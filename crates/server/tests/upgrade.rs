@@ -14,6 +14,11 @@ use serde_json::{Value, json};
 
 const OLD_RELEASE: &str = include_str!("fixtures/release-0.1.0-catalog.sql");
 
+/// What the old data says, in one row: accounts, assets with their names, lineage.
+const FINGERPRINT: &str = "SELECT format('%s|%s|%s', (SELECT count(*) FROM cascade_users), \
+     (SELECT string_agg(version_id || ':' || name, ',' ORDER BY version_id) FROM assets), \
+     (SELECT string_agg(parent_version_id || '>' || child_version_id, ',') FROM lineage_edges))";
+
 async fn old_database(pg: &PgServer) -> (String, String) {
     let url = pg.fresh_database().await;
     let name = url.rsplit('/').next().unwrap().to_string();
@@ -41,13 +46,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
     let pg = PgServer::start().await;
     let (url, name) = old_database(&pg).await;
     let client = pg.client(&name).await;
-    let before = rows(
-        &client,
-        "SELECT format('%s|%s|%s', (SELECT count(*) FROM cascade_users), \
-                (SELECT string_agg(version_id || ':' || name, ',' ORDER BY version_id) FROM assets), \
-                (SELECT string_agg(parent_version_id || '>' || child_version_id, ',') FROM lineage_edges))",
-    )
-    .await;
+    let before = rows(&client, FINGERPRINT).await;
     assert_eq!(
         before,
         ["1|clean-1:Clean data,raw-1:Raw data|raw-1>clean-1"]
@@ -85,13 +84,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
             "core/3 identity",
         ]
     );
-    let after = rows(
-        &client,
-        "SELECT format('%s|%s|%s', (SELECT count(*) FROM cascade_users), \
-                (SELECT string_agg(version_id || ':' || name, ',' ORDER BY version_id) FROM assets), \
-                (SELECT string_agg(parent_version_id || '>' || child_version_id, ',') FROM lineage_edges))",
-    )
-    .await;
+    let after = rows(&client, FINGERPRINT).await;
     assert_eq!(after, before);
 
     // The upgraded database serves: old rows, the old account's password, its ownership.

@@ -223,24 +223,10 @@ fn verdict(allowed: bool, wait_us: u64, policy: LoginBackoff, local: bool) -> De
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::{Backend, Cache, EngineOptions};
-    use crate::config::{CacheBackend, CacheConfig};
+    use crate::identity::ratelimit::tests::memory_cache;
 
     fn limiter() -> RateLimiter {
         RateLimiter::new(None, memory_cache(), "test:")
-    }
-
-    fn memory_cache() -> Cache {
-        let config = CacheConfig {
-            backend: CacheBackend::Memory,
-            ttls: Default::default(),
-            key_names: Default::default(),
-            default_ttl: Duration::from_secs(60),
-            cleanup_interval: Duration::from_secs(60),
-            key_prefix: "test:".into(),
-            early_refresh: Default::default(),
-        };
-        Cache::new(config, Backend::Memory, EngineOptions::default())
     }
 
     const POLICY: LoginBackoff = LoginBackoff {

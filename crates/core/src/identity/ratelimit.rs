@@ -217,12 +217,13 @@ pub fn client_network(ip: IpAddr) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cache::{Backend, EngineOptions};
     use crate::config::{CacheBackend, CacheConfig};
 
-    fn memory_cache() -> Cache {
+    /// An in-process cache engine for limiter tests (no Redis).
+    pub(crate) fn memory_cache() -> Cache {
         let config = CacheConfig {
             backend: CacheBackend::Memory,
             ttls: Default::default(),
