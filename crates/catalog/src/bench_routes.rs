@@ -12,7 +12,7 @@ use cascade_http::ApiError;
 use serde::Deserialize;
 
 use crate::CatalogState;
-use crate::http_cache::{self, respond};
+use crate::http_cache::{self, respond_uncached};
 use crate::queries;
 
 pub fn router() -> Router<CatalogState> {
@@ -30,7 +30,7 @@ async fn pg_asset(
     let body = queries::asset(&state.db.conn().await?, &version)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no asset {version}")))?;
-    Ok(respond(&headers, &body, http_cache::ASSET))
+    Ok(respond_uncached(&headers, body, http_cache::ASSET))
 }
 
 #[derive(Deserialize)]
@@ -50,5 +50,5 @@ async fn pg_bundle(
     let body = queries::bundle(&state.db.conn().await?, &params.version, depth)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no asset {}", params.version)))?;
-    Ok(respond(&headers, &body, http_cache::REVALIDATE))
+    Ok(respond_uncached(&headers, body, http_cache::REVALIDATE))
 }

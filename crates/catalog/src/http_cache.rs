@@ -1,12 +1,14 @@
 //! HTTP caching of catalog reads: `Cache-Control`, strong ETags and `304 Not Modified`.
 //!
 //! The ETag is a hash of the exact body bytes, so it changes exactly when the body does, on
-//! every instance alike (no per-instance version counters to agree on).
+//! every instance alike (no per-instance version counters to agree on). A cached body's ETag
+//! is computed once per in-process cache entry ([`CachedBody::etag`]), and the response body
+//! is a view of the cached bytes: a hit neither hashes nor copies.
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
-use sha2::{Digest, Sha256};
+use cascade_core::cache::CachedBody;
 
 /// Asset details (seed 003).
 pub const ASSET: &str = "public, max-age=300";
@@ -16,18 +18,7 @@ pub const LISTINGS: &str = "public, max-age=120";
 /// with the ETag) rather than trust a copy.
 pub const REVALIDATE: &str = "no-cache";
 
-/// `"<32 hex digits>"`: the first 128 bits of the body's SHA-256.
-pub fn etag(body: &[u8]) -> String {
-    let digest = Sha256::digest(body);
-    let mut tag = String::with_capacity(34);
-    tag.push('"');
-    for byte in &digest[..16] {
-        tag.push(char::from_digit(u32::from(byte >> 4), 16).unwrap_or('0'));
-        tag.push(char::from_digit(u32::from(byte & 0xf), 16).unwrap_or('0'));
-    }
-    tag.push('"');
-    tag
-}
+pub use cascade_core::cache::etag;
 
 /// Whether `If-None-Match` names `etag` (weak comparison, as RFC 9110 prescribes for it).
 fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
@@ -40,29 +31,48 @@ fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
         .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag)
 }
 
-/// A JSON body with its ETag and `Cache-Control`, or a bodiless 304 when the client has it.
-pub fn respond(request: &HeaderMap, body: &[u8], cache_control: &'static str) -> Response {
-    let tag = etag(body);
-    let fresh = not_modified(request, &tag);
+/// A cached JSON body with its ETag and `Cache-Control`, or a bodiless 304 when the client
+/// has it.
+pub fn respond(request: &HeaderMap, cached: &CachedBody, cache_control: &'static str) -> Response {
+    let body = Bytes::from_owner(cached.bytes().clone());
+    respond_with(request, body, cached.etag(), cache_control)
+}
+
+/// [`respond`] for a body that was not cached (its ETag is computed here).
+pub fn respond_uncached(
+    request: &HeaderMap,
+    body: Vec<u8>,
+    cache_control: &'static str,
+) -> Response {
+    let tag = etag(&body);
+    respond_with(request, Bytes::from(body), &tag, cache_control)
+}
+
+fn respond_with(
+    request: &HeaderMap,
+    body: Bytes,
+    tag: &str,
+    cache_control: &'static str,
+) -> Response {
+    let fresh = not_modified(request, tag);
     let mut response = if fresh {
-        Response::new(Body::empty())
-    } else {
-        Response::new(Body::from(body.to_vec()))
-    };
-    if fresh {
+        let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
+        response
     } else {
+        let mut response = Response::new(Body::from(body));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-    }
+        response
+    };
     let headers = response.headers_mut();
     headers.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static(cache_control),
     );
-    if let Ok(value) = HeaderValue::from_str(&tag) {
+    if let Ok(value) = HeaderValue::from_str(tag) {
         headers.insert(header::ETAG, value);
     }
     response

@@ -66,8 +66,19 @@ pub const MIGRATIONS: &[Migration] = &[
 ];
 
 /// What the catalog's handlers receive: the platform's pool and cache, and its own settings.
+/// One `Arc`: extracting it costs a handler one reference count, not one per field.
 #[derive(Clone)]
-pub struct CatalogState {
+pub struct CatalogState(Arc<CatalogShared>);
+
+impl std::ops::Deref for CatalogState {
+    type Target = CatalogShared;
+
+    fn deref(&self) -> &CatalogShared {
+        &self.0
+    }
+}
+
+pub struct CatalogShared {
     pub db: Db,
     pub cache: Cache,
     pub config: Arc<CatalogConfig>,
@@ -94,12 +105,12 @@ impl CatalogModule {
     }
 
     pub fn state(&self, app: &AppState) -> CatalogState {
-        CatalogState {
+        CatalogState(Arc::new(CatalogShared {
             db: app.db.clone(),
             cache: app.cache.clone(),
             config: self.config.clone(),
             app: app.clone(),
-        }
+        }))
     }
 }
 

@@ -1,7 +1,5 @@
 //! The catalog's reads, each cache-aside in its namespace (keys and tags: `invalidation.rs`).
 
-use std::sync::Arc;
-
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -14,29 +12,30 @@ use crate::invalidation::{self as inv, ASSETS, BUNDLES, LISTINGS, READY};
 use crate::listing::{ListingParams, ListingQuery};
 use crate::model::VersionId;
 use crate::queries::{self, BUNDLE_MAX_DEPTH};
+use cascade_core::cache::CachedBody;
 use cascade_http::ApiError;
 
 /// Default `depth` of `GET /bundle`.
 pub const DEFAULT_BUNDLE_DEPTH: i32 = 3;
 
-/// `get_or_load_bytes` with a loader that takes a pool connection.
+/// `get_or_load_body` with a loader that takes a pool connection; a hit clones nothing of the
+/// state.
 async fn cached<F, Fut>(
     state: &CatalogState,
     namespace: &str,
     key: &str,
     tags: &[String],
     load: F,
-) -> Result<Option<Arc<[u8]>>, CatalogError>
+) -> Result<Option<CachedBody>, CatalogError>
 where
     F: FnOnce(CatalogState) -> Fut,
     Fut: Future<Output = Result<Option<Vec<u8>>, CatalogError>>,
 {
-    let owned = state.clone();
-    let (bytes, _) = state
+    let (body, _) = state
         .cache
-        .get_or_load_bytes(namespace, key, tags, || load(owned))
+        .get_or_load_body(namespace, key, tags, || load(state.clone()))
         .await?;
-    Ok(bytes)
+    Ok(body)
 }
 
 fn not_found(version: &VersionId) -> ApiError {
@@ -135,14 +134,21 @@ pub async fn bundle(
         let version = version.clone();
         async move { queries::bundle(&state.db.conn().await?, version.as_str(), depth).await }
     };
-    let body: Option<Arc<[u8]>> = if state.config.use_redis_bundles {
-        let key = inv::bundle_key(version.as_str(), depth);
-        let tags = [inv::tree_tag(version.as_str())];
-        cached(&state, BUNDLES, &key, &tags, load).await?
-    } else {
-        load(state.clone()).await?.map(Arc::from)
-    };
-    let body = body.ok_or_else(|| not_found(&version))?;
+    if !state.config.use_redis_bundles {
+        let body = load(state.clone())
+            .await?
+            .ok_or_else(|| not_found(&version))?;
+        return Ok(http_cache::respond_uncached(
+            &headers,
+            body,
+            http_cache::REVALIDATE,
+        ));
+    }
+    let key = inv::bundle_key(version.as_str(), depth);
+    let tags = [inv::tree_tag(version.as_str())];
+    let body = cached(&state, BUNDLES, &key, &tags, load)
+        .await?
+        .ok_or_else(|| not_found(&version))?;
     Ok(respond(&headers, &body, http_cache::REVALIDATE))
 }
 
@@ -181,7 +187,7 @@ pub async fn ready(
         async move { queries::readiness(&state.db.conn().await?, version.as_str()).await }
     };
     let mut body = cached(&state, READY, version.as_str(), &tags, load).await?;
-    if body.as_deref().is_some_and(expired) {
+    if body.as_ref().is_some_and(|b| expired(b.bytes())) {
         state.cache.invalidate(READY, version.as_str()).await;
         body = cached(&state, READY, version.as_str(), &tags, load).await?;
     }

@@ -5,10 +5,9 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{ConnectInfo, FromRef, FromRequestParts, Request};
+use axum::extract::{ConnectInfo, FromRef, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
-use axum::middleware::Next;
 use axum::response::Response;
 use cascade_core::config::RateLimit;
 use cascade_core::identity::ratelimit::client_network as network_of;
@@ -116,28 +115,36 @@ pub fn client_info(parts: &Parts) -> ClientInfo {
     }
 }
 
-/// Where the rate-limit decision of a request is left for [`rate_limit_headers`] to report.
+/// Where the rate-limit decision of a request is left for the server's outermost layer to
+/// report as `RateLimit-*` headers. That layer attaches one only to requests a limit can apply
+/// to ([`enforce`] says which), so public reads pay nothing for it.
 #[derive(Clone, Default)]
-struct RateSlot(Arc<Mutex<Option<(Decision, String)>>>);
+pub struct RateSlot(Arc<Mutex<Option<(Decision, String)>>>);
 
-/// Adds `RateLimit-*` headers to every response whose request was counted against a limit.
-pub async fn rate_limit_headers(mut request: Request, next: Next) -> Response {
-    let slot = RateSlot::default();
-    request.extensions_mut().insert(slot.clone());
-    let mut response = next.run(request).await;
-    let decided = slot.0.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some((decision, policy)) = decided
-        && !response.headers().contains_key("ratelimit-limit")
-    {
-        set_rate_headers(
-            response.headers_mut(),
-            decision.limit,
-            decision.remaining,
-            decision.reset,
-            &policy,
-        );
+impl RateSlot {
+    /// A new slot, also put in `extensions` for [`enforce`] to find.
+    pub fn attach(extensions: &mut axum::http::Extensions) -> RateSlot {
+        let slot = RateSlot::default();
+        extensions.insert(slot.clone());
+        slot
     }
-    response
+
+    /// Adds the `RateLimit-*` headers of the decision left here, if any, unless the response
+    /// has them already (a 429 sets its own).
+    pub fn report(&self, response: &mut Response) {
+        let decided = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((decision, policy)) = decided
+            && !response.headers().contains_key("ratelimit-limit")
+        {
+            set_rate_headers(
+                response.headers_mut(),
+                decision.limit,
+                decision.remaining,
+                decision.reset,
+                &policy,
+            );
+        }
+    }
 }
 
 /// Counts a login attempt by `user` from this request's client network before its password
@@ -184,6 +191,10 @@ pub async fn record_login(state: &AppState, parts: &Parts, user: &Username, succ
 }
 
 /// Counts one request of `class` by `key`; a 429 when over the limit.
+///
+/// The decision's headers reach the response only through a [`RateSlot`], which the server
+/// attaches to requests that carry `Authorization` or use a method other than `GET`, `HEAD`
+/// and `OPTIONS`: a limit on any other request would be enforced but not reported.
 pub async fn enforce(
     state: &AppState,
     parts: &Parts,

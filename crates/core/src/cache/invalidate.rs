@@ -129,6 +129,7 @@ impl Cache {
                 full.clone(),
                 MemEntry {
                     bytes: Some(bytes.clone().into()),
+                    etag: std::sync::Arc::default(),
                     tags: all_tags.clone().into(),
                     ttl,
                     expires_at_ms: now_ms() + ttl.as_millis() as u64,

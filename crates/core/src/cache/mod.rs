@@ -44,7 +44,7 @@ mod tier;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use moka::sync::Cache as Moka;
@@ -135,10 +135,55 @@ pub enum Source {
     Loaded,
 }
 
+/// A cached value as an HTTP handler serves it: the bytes, and their strong validator (ETag),
+/// computed at most once per in-process entry however many requests it serves.
+#[derive(Clone)]
+pub struct CachedBody {
+    bytes: Arc<[u8]>,
+    etag: Arc<OnceLock<Box<str>>>,
+}
+
+impl CachedBody {
+    fn new(bytes: Arc<[u8]>, etag: Arc<OnceLock<Box<str>>>) -> CachedBody {
+        CachedBody { bytes, etag }
+    }
+
+    pub fn bytes(&self) -> &Arc<[u8]> {
+        &self.bytes
+    }
+
+    pub fn into_bytes(self) -> Arc<[u8]> {
+        self.bytes
+    }
+
+    /// `"<32 hex digits>"`: the first 128 bits of the bytes' SHA-256, the same on every
+    /// instance for the same bytes.
+    pub fn etag(&self) -> &str {
+        self.etag.get_or_init(|| etag(&self.bytes))
+    }
+}
+
+/// `"<32 hex digits>"`: the first 128 bits of `bytes`' SHA-256, quoted (a strong ETag).
+pub fn etag(bytes: &[u8]) -> Box<str> {
+    use sha2::Digest;
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digest = sha2::Sha256::digest(bytes);
+    let mut tag = String::with_capacity(34);
+    tag.push('"');
+    for byte in &digest[..16] {
+        tag.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        tag.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    }
+    tag.push('"');
+    tag.into_boxed_str()
+}
+
 /// One in-process entry. `bytes == None` is a cached "not found".
 #[derive(Clone)]
 struct MemEntry {
     bytes: Option<Arc<[u8]>>,
+    /// The ETag of `bytes`, once a caller asked for it ([`CachedBody::etag`]).
+    etag: Arc<OnceLock<Box<str>>>,
     tags: Arc<[String]>,
     ttl: Duration,
     /// Wall-clock expiry and load time, for early refresh.
@@ -315,6 +360,12 @@ impl Cache {
     /// namespace itself. The namespace, not the key name, carries the TTL and the
     /// `ns:<namespace>` tag.
     pub fn full_key(&self, namespace: &str, key: &str) -> String {
-        format!("{}:{key}", self.inner.config.key_name(namespace))
+        // Built by hand: `format!` costs a hot read more than the rest of its key handling.
+        let name = self.inner.config.key_name(namespace);
+        let mut full = String::with_capacity(name.len() + 1 + key.len());
+        full.push_str(name);
+        full.push(':');
+        full.push_str(key);
+        full
     }
 }

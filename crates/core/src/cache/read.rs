@@ -21,7 +21,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use super::codec::{Stored, decode, due_for_refresh, now_ms};
 use super::stats::{NsCounters, add};
-use super::{Cache, CacheError, MemEntry, Source};
+use super::{Cache, CacheError, CachedBody, MemEntry, Source};
 
 /// What a read answers: the bytes (`None`: not found) and where they came from.
 pub(super) type Answer = (Option<Arc<[u8]>>, Source);
@@ -71,6 +71,23 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
     {
+        let (body, source) = self.get_or_load_body(namespace, key, tags, loader).await?;
+        Ok((body.map(CachedBody::into_bytes), source))
+    }
+
+    /// [`get_or_load_bytes`](Self::get_or_load_bytes) with each value's ETag, computed once
+    /// per in-process entry: what an HTTP handler serving cached JSON needs.
+    pub async fn get_or_load_body<E, F, Fut>(
+        &self,
+        namespace: &str,
+        key: &str,
+        tags: &[String],
+        loader: F,
+    ) -> Result<(Option<CachedBody>, Source), E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
+    {
         let full = self.full_key(namespace, key);
         let counters = self.inner.stats.ns(namespace);
         let early = self.inner.config.early_refresh.contains(namespace);
@@ -79,15 +96,21 @@ impl Cache {
         if let Some(entry) = &near
             && !(early && due_for_refresh(entry.expires_at_ms, entry.delta_ms))
         {
-            return Ok((entry.bytes.clone(), Source::Memory));
+            let body =
+                (entry.bytes.clone()).map(|bytes| CachedBody::new(bytes, entry.etag.clone()));
+            return Ok((body, Source::Memory));
         }
         let read = ReadCtx::new(self, full, namespace, tags, counters, early);
         // 2. The shared tier, when there is one and it may be used now.
-        if let Some(shared) = self.shared_tier().await {
-            return read.through_shared(shared, loader).await;
-        }
-        // 3. Memory only, or the shared tier is kept away: load here.
-        read.load_in_process(near, loader).await
+        let (bytes, source) = if let Some(shared) = self.shared_tier().await {
+            read.through_shared(shared, loader).await?
+        } else {
+            // 3. Memory only, or the shared tier is kept away: load here.
+            read.load_in_process(near, loader).await?
+        };
+        // Not served from an in-process entry: its ETag, if asked for, is computed for this
+        // answer (the next request of this instance is a near hit and shares the entry's).
+        Ok((bytes.map(|b| CachedBody::new(b, Arc::default())), source))
     }
 
     /// Reads a cached value without loading.
@@ -297,6 +320,7 @@ impl<'a> ReadCtx<'a> {
         }
         let entry = MemEntry {
             bytes: fill.value,
+            etag: Arc::default(),
             tags: self.all_tags.clone().into(),
             ttl: fill.ttl,
             expires_at_ms: fill.expires_at_ms,

@@ -100,6 +100,7 @@ mod tests {
     fn entry(tags: &[&str]) -> MemEntry {
         MemEntry {
             bytes: Some(Arc::from(&b"v"[..])),
+            etag: Arc::default(),
             tags: tags
                 .iter()
                 .map(|t| t.to_string())

@@ -10,15 +10,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{Method, header};
-use axum::middleware::Next;
+use axum::extract::State;
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use cascade_core::cache::{BreakerState, Cache};
 use cascade_core::db::{DbHealth, TableStats};
 use cascade_core::metrics as m;
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use cascade_http::AppState;
@@ -30,8 +29,6 @@ const PROBE_DEADLINE: Duration = Duration::from_secs(1);
 /// Table statistics are read at most this often: `pg_total_relation_size` touches every
 /// table's files, and a scrape every second should not.
 const TABLE_STATS_EVERY: Duration = Duration::from_secs(10);
-/// The label of requests that matched no route, so scanners cannot mint one series per path.
-const UNMATCHED: &str = "unmatched";
 
 /// The handle on the process's Prometheus recorder, plus the scrape-time bookkeeping.
 ///
@@ -226,38 +223,4 @@ async fn refresh_redis(state: &AppState) {
     gauge!(m::REDIS_MAXMEMORY).set(value(|mem| Some(mem.maxmemory as f64)));
     gauge!(m::REDIS_MEMORY_LIMIT).set(value(|mem| mem.limit().map(|l| l as f64)));
     gauge!(m::REDIS_MEMORY_RATIO).set(value(|mem| mem.used_ratio()));
-}
-
-/// Counts every request and its latency by method, route template and final status (after
-/// the error, timeout and panic layers inside it had their say).
-pub async fn record_request(request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = method_label(request.method());
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or(UNMATCHED.to_string(), |path| path.as_str().to_string());
-    let response = next.run(request).await;
-    let labels = [
-        ("method", method.to_string()),
-        ("route", route),
-        ("status", response.status().as_u16().to_string()),
-    ];
-    counter!(m::HTTP_REQUESTS, &labels).increment(1);
-    histogram!(m::HTTP_REQUEST_DURATION, &labels).record(started.elapsed().as_secs_f64());
-    response
-}
-
-/// Standard methods by name, anything else as `other` (the method is client-chosen text).
-fn method_label(method: &Method) -> &'static str {
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
-    }
 }

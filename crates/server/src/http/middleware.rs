@@ -1,10 +1,10 @@
-//! Cross-cutting HTTP behaviour: request ids, tracing, limits, timeouts, compression, and
-//! turning every error response into the JSON error shape.
+//! Cross-cutting HTTP behaviour shared by the layers: the request id header, and turning every
+//! error response into the JSON error shape.
 
 use axum::BoxError;
 use axum::Json;
 use axum::body::{Body, Bytes, HttpBody};
-use axum::http::{HeaderName, Request, Response, StatusCode, header};
+use axum::http::{HeaderName, Response, StatusCode, header};
 use axum::response::IntoResponse;
 use serde_json::json;
 
@@ -17,9 +17,9 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// same JSON shape as ours.
 ///
 /// The new body is plain JSON, so none of the old body's representation headers are kept: a
-/// `Content-Encoding: gzip` copied over would label plain JSON as gzip. This layer sits inside
-/// the compression layer, which then compresses the new body (or not) and labels it itself.
-pub async fn json_errors<B>(response: Response<B>) -> Response<Body>
+/// `Content-Encoding: gzip` copied over would label plain JSON as gzip. It runs in the edge
+/// layer, outside compression: the new body (a few dozen bytes) goes out uncompressed.
+pub fn json_errors<B>(response: Response<B>) -> Response<Body>
 where
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -56,20 +56,4 @@ where
         }
     }
     fresh
-}
-
-/// The span every request runs in: method, path and request id, so every log line of a
-/// request can be found from the id a client reports.
-pub fn request_span(request: &Request<Body>) -> tracing::Span {
-    let request_id = request
-        .headers()
-        .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-");
-    tracing::info_span!(
-        "request",
-        method = %request.method(),
-        path = %request.uri().path(),
-        request_id = %request_id,
-    )
 }

@@ -6,6 +6,7 @@
 
 mod dashboard;
 mod docs;
+mod edge;
 mod health;
 pub mod metrics;
 pub mod middleware;
@@ -19,11 +20,8 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use cascade_http::Module;
 use tower::ServiceBuilder;
-use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
 
 use crate::state::ServerState;
 
@@ -46,27 +44,16 @@ pub fn app(state: &ServerState, modules: &[Arc<dyn Module>], extra: Router) -> R
     for module in modules {
         router = router.merge(module.router(&state.app));
     }
+    // Outermost first. The edge (request id, span, metrics, JSON errors, rate-limit headers)
+    // sees the final response of everything inside it, panics and timeouts included.
     router.layer(
         ServiceBuilder::new()
-            .layer(SetRequestIdLayer::new(
-                middleware::REQUEST_ID,
-                MakeRequestUuid,
-            ))
-            .layer(axum::middleware::from_fn(metrics::record_request))
-            .layer(TraceLayer::new_for_http().make_span_with(middleware::request_span))
-            .layer(PropagateRequestIdLayer::new(middleware::REQUEST_ID))
-            // Outside `json_errors`: an error body rebuilt as JSON is compressed (and labelled)
-            // by this one layer, never left with the label of a body it replaced.
-            .layer(CompressionLayer::new())
-            .layer(axum::middleware::map_response(middleware::json_errors))
-            .layer(CatchPanicLayer::new())
+            .layer(edge::EdgeLayer)
+            .layer(CompressionLayer::new().compress_when(edge::Compressible))
             .layer(TimeoutLayer::with_status_code(
                 StatusCode::GATEWAY_TIMEOUT,
                 request_timeout,
             ))
-            .layer(DefaultBodyLimit::max(body_limit))
-            .layer(axum::middleware::from_fn(
-                cascade_http::auth::rate_limit_headers,
-            )),
+            .layer(DefaultBodyLimit::max(body_limit)),
     )
 }
