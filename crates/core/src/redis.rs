@@ -145,6 +145,32 @@ impl Redis {
         }
     }
 
+    /// Runs `evalsha`, an `EVALSHA` of `script` built by the caller, under the deadline
+    /// (one command buffer, where a `ScriptInvocation` copies its keys and arguments into a
+    /// second). A Redis that does not know the script (restarted, flushed) is sent it once.
+    pub async fn eval<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        evalsha: &redis::Cmd,
+    ) -> Result<T, RedisError> {
+        let mut conn = self.manager.clone();
+        let run = async {
+            match evalsha.query_async(&mut conn).await {
+                Err(err)
+                    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    script.prepare_invoke().load_async(&mut conn).await?;
+                    evalsha.query_async(&mut conn).await
+                }
+                result => result,
+            }
+        };
+        match tokio::time::timeout(self.timeout, run).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(RedisError::Timeout(self.timeout)),
+        }
+    }
+
     /// `INFO memory` under the deadline.
     pub async fn memory(&self) -> Result<RedisMemory, RedisError> {
         let info: String = self.query(redis::cmd("INFO").arg("memory")).await?;

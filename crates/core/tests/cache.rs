@@ -120,8 +120,20 @@ enum By {
     Namespace,
 }
 
-async fn stale_set_is_refused(engine: Cache, other: Cache, by: By) {
+/// With `plain_gets`, also checks that the racing read's lookup sent Redis no plain `GET`
+/// (its namespace leans to misses: one script reads or leases).
+async fn stale_set_is_refused(
+    engine: Cache,
+    other: Cache,
+    by: By,
+    plain_gets: Option<&mut redis::aio::MultiplexedConnection>,
+) {
     let tags = vec!["producer:9".to_string()];
+    let mut plain_gets = plain_gets;
+    let gets_before = match plain_gets.as_deref_mut() {
+        Some(conn) => Some(plain_get_calls(conn).await),
+        None => None,
+    };
     let refused_before: u64 = engine.stats().iter().map(|s| s.stale_sets_refused).sum();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
@@ -140,6 +152,10 @@ async fn stale_set_is_refused(engine: Cache, other: Cache, by: By) {
         })
     };
     started_rx.await.unwrap();
+    if let (Some(conn), Some(before)) = (plain_gets, gets_before) {
+        let gets = plain_get_calls(conn).await - before;
+        assert_eq!(gets, 0, "the lookup sent a plain GET before its script");
+    }
     // The write commits, then invalidates (through the other instance when there is one).
     match by {
         By::Key => other.invalidate("assets", "race").await,
@@ -183,16 +199,57 @@ async fn the_stale_set_race_never_installs_the_old_value_with_redis() {
             redis_engine(&server, &prefix),
             redis_engine(&server, &prefix),
             by,
+            None,
         )
         .await;
     }
+}
+
+/// The same race where the namespace's lookups have mostly missed lately, so a lookup is one
+/// script that reads or leases (no plain `GET` first): a key, tag or namespace invalidation
+/// between the lease and the fill still refuses the fill.
+#[tokio::test]
+async fn the_stale_set_race_never_installs_the_old_value_when_lookups_lean_to_misses() {
+    let server = RedisServer::start().await;
+    let mut conn = raw_redis(&server).await;
+    for (i, by) in [By::Key, By::Tag, By::Namespace].into_iter().enumerate() {
+        let prefix = format!("m{i}:");
+        let engine = redis_engine(&server, &prefix);
+        for cold in 0..32 {
+            engine
+                .get_or_load("assets", &format!("cold-{cold}"), &[], || async {
+                    Ok::<_, std::convert::Infallible>(Some(cold))
+                })
+                .await
+                .unwrap();
+        }
+        stale_set_is_refused(engine, redis_engine(&server, &prefix), by, Some(&mut conn)).await;
+    }
+}
+
+/// `GET`s minus scripts run, from `INFO commandstats` (which counts the commands a script runs
+/// too): across a lookup, the plain `GET`s it sent, as its script runs exactly one.
+async fn plain_get_calls(conn: &mut redis::aio::MultiplexedConnection) -> i64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let calls = |command: &str| {
+        let field = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|line| line.strip_prefix(&field))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |calls| calls.parse::<i64>().unwrap())
+    };
+    calls("get") - calls("evalsha")
 }
 
 #[tokio::test]
 async fn the_stale_set_race_never_installs_the_old_value_in_memory() {
     for by in [By::Key, By::Tag, By::Namespace] {
         let engine = memory_engine();
-        stale_set_is_refused(engine.clone(), engine, by).await;
+        stale_set_is_refused(engine.clone(), engine, by, None).await;
     }
 }
 
@@ -551,7 +608,7 @@ async fn the_postgres_tier_refuses_stale_sets_and_loads_a_cold_key_once() {
     let b = Cache::new(config("pg:"), Backend::Postgres(db.clone()), pg_options());
     for by in [By::Key, By::Tag, By::Namespace] {
         a.invalidate("assets", "race").await;
-        stale_set_is_refused(a.clone(), b.clone(), by).await;
+        stale_set_is_refused(a.clone(), b.clone(), by, None).await;
     }
 
     // The PostgreSQL tier shares the (small, 8-connection) test pool with the loader; 50
@@ -963,6 +1020,48 @@ async fn tag_sets_stay_bounded_while_distinct_keys_come_and_expire() {
             size <= per_round + 64,
             "{key} holds {size} members after {} keys came and expired",
             rounds * per_round
+        );
+    }
+}
+
+/// The fill indexes nothing (the lease entered the key in its tag sets): a value filled at the
+/// end of a slow load must still expire no later than its entries in its tag and namespace
+/// sets, or a tag invalidation after they were trimmed would miss it.
+#[tokio::test]
+async fn a_value_filled_after_a_slow_load_expires_no_later_than_its_tag_entries() {
+    let server = RedisServer::start().await;
+    let engine = redis_engine(&server, "slow:");
+    engine
+        .get_or_load("early", "k", &["producer:1".to_string()], || async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, std::convert::Infallible>(Some(1))
+        })
+        .await
+        .unwrap();
+    let mut conn = raw_redis(&server).await;
+    let value_ttl: i64 = redis::cmd("PTTL")
+        .arg("slow:early:k")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let now_ms = secs * 1000 + micros / 1000;
+    // The `early` namespace lives 800 ms: counted from the lease, the load took 300 of them.
+    assert!(
+        (1..=520).contains(&value_ttl),
+        "the value lives {value_ttl} ms more"
+    );
+    for tag in ["slow:tag:ns:early", "slow:tag:producer:1"] {
+        let score: f64 = redis::cmd("ZSCORE")
+            .arg(tag)
+            .arg("slow:early:k")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            score as u64 >= now_ms + value_ttl as u64,
+            "{tag} lets the key go at {score}, before its value expires at {}",
+            now_ms + value_ttl as u64
         );
     }
 }

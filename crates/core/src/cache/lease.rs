@@ -46,7 +46,7 @@ impl ReadCtx<'_> {
         loop {
             match read.lookup().await {
                 Step::Served(value) => return Ok((value, Source::Shared)),
-                Step::Load => return read.load_and_fill(loader).await,
+                Step::Load { asked } => return read.load_and_fill(loader, asked).await,
                 Step::Wait { queue } => {
                     add(&self.counters.lease_waits, 1);
                     if !backoff.wait(&self.flight, queue).await {
@@ -67,8 +67,9 @@ impl ReadCtx<'_> {
 enum Step {
     /// The shared tier answered.
     Served(Option<Arc<[u8]>>),
-    /// This caller holds the lease: load and fill the shared tier.
-    Load,
+    /// This caller holds the lease: load and fill the shared tier. `asked`: when the call
+    /// that granted it was sent.
+    Load { asked: Instant },
     /// Another caller is loading (or revalidating) the key: poll again. `queue`: before the
     /// first poll, wait for this instance's flight lock (one poller per key per instance).
     Wait { queue: bool },
@@ -100,23 +101,36 @@ impl<'a> SharedRead<'a> {
         }
     }
 
+    /// One round trip to the shared tier when the namespace's recent lookups mostly missed
+    /// (the lookup script reads or leases); a plain read first while they mostly hit (a hit
+    /// then costs Redis a `GET`, not a script).
     async fn lookup(&self) -> Step {
         let read = self.read;
+        let asked = Instant::now();
         let found = self
             .shared
-            .lookup(&read.full, &read.all_tags, &self.token, self.lease_ttl)
+            .lookup(
+                &read.full,
+                &read.all_tags,
+                &self.token,
+                self.lease_ttl,
+                read.ttl,
+                !read.counters.mostly_missing(),
+            )
             .await;
         match found {
             Ok(Lookup::Hit(stored)) => {
                 read.cache.inner.shared_ok();
+                read.counters.lean(false);
                 self.on_hit(&stored).await
             }
             Ok(Lookup::Lease) => {
                 read.cache.inner.shared_ok();
+                read.counters.lean(true);
                 // The lease holder never waits for the local lock: a waiter of this instance
                 // may hold it while polling for the value we are about to load.
                 add(&read.counters.misses, 1);
-                Step::Load
+                Step::Load { asked }
             }
             Ok(Lookup::Wait) => Step::Wait { queue: true },
             Err(err) => {
@@ -139,6 +153,7 @@ impl<'a> SharedRead<'a> {
         let suspect = entry.stored_at_ms < distrust_before;
         let refresh =
             suspect || (read.early && due_for_refresh(entry.expires_at_ms(), entry.delta_ms));
+        let asked = Instant::now();
         if refresh && self.try_lease().await {
             let counter = if suspect {
                 &read.counters.misses
@@ -146,7 +161,7 @@ impl<'a> SharedRead<'a> {
                 &read.counters.early_refreshes
             };
             add(counter, 1);
-            return Step::Load;
+            return Step::Load { asked };
         }
         if suspect {
             // Another caller is revalidating it: wait for its value.
@@ -167,14 +182,22 @@ impl<'a> SharedRead<'a> {
         let read = self.read;
         let leased = self
             .shared
-            .try_lease(&read.full, &read.all_tags, &self.token, self.lease_ttl)
+            .try_lease(
+                &read.full,
+                &read.all_tags,
+                &self.token,
+                self.lease_ttl,
+                read.ttl,
+            )
             .await;
         matches!(leased, Ok(true))
     }
 
     /// The lease holder's work: load, fill the shared tier if the lease still holds, and keep
-    /// a copy in the in-process tier.
-    async fn load_and_fill<E, F, Fut>(&self, loader: F) -> Result<Answer, E>
+    /// a copy in the in-process tier. The shared tier counts the value's TTL from the lease's
+    /// grant (when its tag entries end); the stored header and the copy here count it from
+    /// `asked`, just before, so neither outlives the shared value.
+    async fn load_and_fill<E, F, Fut>(&self, loader: F, asked: Instant) -> Result<Answer, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
@@ -182,14 +205,21 @@ impl<'a> SharedRead<'a> {
         let read = self.read;
         let (loaded, delta) = read.timed_load(loader).await?;
         let ttl = read.value_ttl(loaded.is_some());
-        let encoded = encode(loaded.as_deref(), ttl, delta);
+        let left = ttl.saturating_sub(asked.elapsed());
+        let encoded = encode(loaded.as_deref(), left, delta);
         let stored = self
             .shared
-            .store(&read.full, Some(&self.token), &encoded, ttl, &read.all_tags)
+            .store(
+                &read.full,
+                Some((&self.token, self.lease_ttl)),
+                &encoded,
+                ttl,
+                &read.all_tags,
+            )
             .await;
         let value: Option<Arc<[u8]>> = loaded.map(Arc::from);
         match stored {
-            Ok(true) => read.install(self.started_epoch, Fill::fresh(value.clone(), ttl, delta)),
+            Ok(true) => read.install(self.started_epoch, Fill::fresh(value.clone(), left, delta)),
             Ok(false) => add(&read.counters.stale_sets_refused, 1),
             Err(err) => read.cache.shared_failed(&read.counters, &err),
         }

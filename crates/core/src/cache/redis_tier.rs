@@ -13,11 +13,15 @@
 //! while its token is still the lease. A loader that read the old row before a write
 //! therefore cannot install it after the write's invalidation.
 //!
+//! A miss costs two scripts: the lookup (reads or leases, one round trip; a namespace whose
+//! lookups mostly hit sends a plain `GET` first instead) and the fill (three commands). The
+//! lease enters the key in its tag sets until the value would expire, and the value's TTL
+//! counts from the lease's grant, so the fill has no tag set to touch.
+//!
 //! Tag sets stay as small as what they index: a member leaves its set once its value has
-//! expired (every script that enters a key trims up to [`TRIM`] expired members of each set
-//! it touches, so expired members cannot pile up faster than they are removed), and a set
-//! expires with its longest-lived member. Anonymous reads of random ids no longer grow them
-//! without bound.
+//! expired (each member a script adds trims up to [`TRIM`] expired members of its set, so
+//! expired members cannot pile up faster than they are removed), and a set expires with its
+//! longest-lived member. Anonymous reads of random ids no longer grow them without bound.
 //!
 //! A tag invalidation never holds Redis for long, whatever the tag's size (a namespace of
 //! 200,000 keys): one short script *retires* the set (`RENAME` to a draining set, registered
@@ -31,7 +35,7 @@
 
 use std::time::Duration;
 
-use redis::Script;
+use redis::{Cmd, Script};
 
 use crate::redis::{Redis, RedisError};
 
@@ -63,14 +67,17 @@ pub(crate) struct RedisTier {
 }
 
 /// Enters `KEYS[1]` in the tag sets `KEYS[3..]` until `ttl` ms from now by Redis's clock:
-/// exactly (`exact`, a stored value: its lease is gone, the value expires then) or at least
-/// (a lease: the key may hold a value that lives longer). Trims expired members and keeps
-/// each set alive as long as its longest-lived member. A set of the former kind (a plain set,
-/// written before tag sets were sorted) is retired first, so the next invalidation of its tag
-/// still deletes what it lists. Prepended to every script that grants a lease or stores.
+/// exactly (`exact`: the value expires then) or at least (`ZADD GT`, a lease: the key may hold
+/// a value that lives longer). A new member trims up to [`TRIM`] expired ones (a member whose
+/// expiry only moves adds nothing to trim for), and each set lives as long as its longest-lived
+/// member. A set of the former kind (a plain set, written before tag sets were sorted) is
+/// retired first, so the next invalidation of its tag still deletes what it lists. Prepended
+/// to every script that grants a lease or stores, after the prefix's key names
+/// ([`RedisTier::new`]: constants of the script, so no call sends them).
 const INDEX_TAGS: &str = r"
-local function retire(tag, registry, seq, draining)
-  local dead = draining .. redis.call('INCR', seq)
+local function retire(tag)
+  local registry = RETIRED .. string.sub(tag, #TAG + 1)
+  local dead = DRAINING .. redis.call('INCR', DRAINING_SEQ)
   redis.call('RENAME', tag, dead)
   redis.call('SADD', registry, dead)
   local ttl = redis.call('PTTL', dead)
@@ -82,43 +89,63 @@ local function index_tags(ttl, exact)
   local expiry = now + ttl
   for i = 3, #KEYS do
     local tag = KEYS[i]
-    if redis.call('TYPE', tag).ok == 'set' then
-      retire(tag, ARGV[4] .. string.sub(tag, #ARGV[5] + 1), ARGV[6], ARGV[7])
+    if redis.call('TYPE', tag).ok == 'set' then retire(tag) end
+    local added
+    if exact then
+      added = redis.call('ZADD', tag, expiry, KEYS[1])
+    else
+      added = redis.call('ZADD', tag, 'GT', expiry, KEYS[1])
     end
-    local old = redis.call('ZSCORE', tag, KEYS[1])
-    if exact or not old or tonumber(old) < expiry then
-      redis.call('ZADD', tag, expiry, KEYS[1])
+    if added == 1 then
+      local stale = redis.call('ZRANGEBYSCORE', tag, '-inf', '(' .. now, 'LIMIT', 0, TRIM)
+      if #stale > 0 then redis.call('ZREM', tag, unpack(stale)) end
     end
-    local stale = redis.call('ZRANGEBYSCORE', tag, '-inf', '(' .. now, 'LIMIT', 0, TRIM)
-    if #stale > 0 then redis.call('ZREM', tag, unpack(stale)) end
     if redis.call('PTTL', tag) < ttl then redis.call('PEXPIRE', tag, ttl) end
   end
 end
 ";
 
-/// On a miss the lease is granted and the key is entered in its tag sets at once, so a tag or
-/// namespace invalidation during the load deletes the lease and the fill is refused.
+/// The whole lookup, one round trip: the value if there is one, else the lease (`L`) or
+/// another loader's (`W`). Granting the lease enters the key in its tag sets until its value
+/// would expire if stored now (`ARGV[3]`, the longest TTL its fill may use): a tag or
+/// namespace invalidation during the load deletes the lease (the fill is refused), and the
+/// fill has no tag set to touch.
 const GET_OR_LEASE: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then return v end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  index_tags(tonumber(ARGV[2]), false)
+  index_tags(tonumber(ARGV[3]), false)
   return 'L'
 end
 return 'W'
 ";
 
-/// A lease on a key that still has a value: early refresh and revalidation.
+/// A lease on a key that still has a value: early refresh and revalidation. Indexed as in
+/// [`GET_OR_LEASE`].
 const TRY_LEASE: &str = r"
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  index_tags(tonumber(ARGV[2]), false)
+  index_tags(tonumber(ARGV[3]), false)
   return 1
 end
 return 0
 ";
 
-/// Shared by FILL (guarded by the lease) and SET (unconditional): store, index tags.
-const STORE: &str = r"
+/// The lease holder's store, only while `ARGV[1]` is still the lease (an invalidation deleted
+/// it otherwise: no stale set). The value's TTL (`ARGV[2]`) counts from when the lease was
+/// granted (`ARGV[4]`, the lease's TTL, minus what it has left), so it expires no later than
+/// the lease's entry in its tag sets and nothing needs indexing: an invalidation by tag finds
+/// the key for as long as it has a value. (A load that outlasts the TTL stores nothing.)
+const FILL: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local left = tonumber(ARGV[2]) - (tonumber(ARGV[4]) - redis.call('PTTL', KEYS[2]))
+redis.call('DEL', KEYS[2])
+if left < 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', left)
+return 1
+";
+
+/// An unconditional store (no lease): indexes the tags exactly.
+const SET: &str = r"
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
 index_tags(tonumber(ARGV[2]), true)
@@ -174,17 +201,23 @@ return {#members, left}
 
 impl RedisTier {
     pub fn new(redis: Redis, prefix: String) -> Self {
-        let index_tags = INDEX_TAGS.replace("TRIM", &TRIM.to_string());
-        let fill = format!(
-            "{index_tags}if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end\n{STORE}"
+        // The names `retire` needs, fixed per prefix: constants of the script text rather
+        // than arguments every call would send.
+        let names = format!(
+            "local RETIRED, TAG, DRAINING_SEQ, DRAINING = {}, {}, {}, {}\n",
+            lua_string(&format!("{prefix}tag-retired:")),
+            lua_string(&format!("{prefix}tag:")),
+            lua_string(&format!("{prefix}tag-draining-seq")),
+            lua_string(&format!("{prefix}tag-draining:")),
         );
+        let index_tags = format!("{names}{}", INDEX_TAGS.replace("TRIM", &TRIM.to_string()));
         RedisTier {
             redis,
             prefix,
             get_or_lease: Script::new(&format!("{index_tags}{GET_OR_LEASE}")),
             try_lease: Script::new(&format!("{index_tags}{TRY_LEASE}")),
-            fill: Script::new(&fill),
-            set: Script::new(&format!("{index_tags}{STORE}")),
+            fill: Script::new(FILL),
+            set: Script::new(&format!("{index_tags}{SET}")),
             retire_tags: Script::new(RETIRE_TAGS),
             drain: Script::new(DRAIN),
         }
@@ -207,32 +240,41 @@ impl RedisTier {
         format!("{}tag-retired:{tag}", self.prefix)
     }
 
-    /// A script invocation on `key`, its lease and the tag sets of `tags`, with `token`,
-    /// `ttl` and `bytes` as `ARGV[1..3]` and what `index_tags` needs to retire a set of the
-    /// former kind as `ARGV[4..7]`.
-    fn keyed<'a>(
-        &self,
-        script: &'a Script,
-        key: &str,
-        tags: &[String],
-        token: &str,
-        ttl: Duration,
-        bytes: &[u8],
-    ) -> redis::ScriptInvocation<'a> {
-        let mut invocation = script.prepare_invoke();
-        invocation.key(key).key(self.lease_key(key));
+    /// An `EVALSHA` of `script` on the value key of `full_key`, its lease and the tag sets
+    /// of `tags`, with `args` as `ARGV`. Built straight into one command buffer: the key
+    /// names are written through one scratch string, not allocated one by one.
+    fn keyed(&self, script: &Script, full_key: &str, tags: &[String], args: &[&[u8]]) -> Cmd {
+        let prefix = &self.prefix;
+        let size = 64
+            + 3 * (prefix.len() + full_key.len())
+            + args.iter().map(|a| a.len()).sum::<usize>()
+            + tags
+                .iter()
+                .map(|t| prefix.len() + 4 + t.len())
+                .sum::<usize>();
+        let mut cmd = Cmd::with_capacity(5 + tags.len() + args.len(), size);
+        cmd.arg("EVALSHA")
+            .arg(script.get_hash())
+            .arg(2 + tags.len());
+        let mut name = String::with_capacity(2 * prefix.len() + 6 + full_key.len());
+        name.push_str(prefix);
+        name.push_str(full_key);
+        cmd.arg(&name);
+        // The lease key: `lease_key(value_key)`.
+        name.insert_str(0, "lease:");
+        name.insert_str(0, prefix);
+        cmd.arg(&name);
         for tag in tags {
-            invocation.key(self.tag_key(tag));
+            name.clear();
+            name.push_str(prefix);
+            name.push_str("tag:");
+            name.push_str(tag);
+            cmd.arg(&name);
         }
-        invocation
-            .arg(token)
-            .arg(ttl.as_millis().max(1) as u64)
-            .arg(bytes)
-            .arg(self.retired_key(""))
-            .arg(self.tag_key(""))
-            .arg(format!("{}tag-draining-seq", self.prefix))
-            .arg(format!("{}tag-draining:", self.prefix));
-        invocation
+        for arg in args {
+            cmd.arg(*arg);
+        }
+        cmd
     }
 
     async fn run<T: redis::FromRedisValue>(
@@ -242,22 +284,41 @@ impl RedisTier {
         self.redis.invoke(&invocation).await
     }
 
+    /// The value of `full_key`, or the lease on it (for `lease_ttl`), or word that another
+    /// caller holds it: one script, one round trip. `value_ttl`: the longest TTL the lease
+    /// holder's fill may store. `probe_first`: try a plain `GET` before the script.
     pub async fn lookup(
         &self,
         full_key: &str,
         tags: &[String],
         token: &str,
         lease_ttl: Duration,
+        value_ttl: Duration,
+        probe_first: bool,
     ) -> Result<Lookup, RedisError> {
-        let key = self.value_key(full_key);
-        // Hits are the common case: a plain GET, as cheap as Redis gets. Only a miss pays for
-        // the script that grants the lease.
-        let hit: Option<Vec<u8>> = self.redis.query(redis::cmd("GET").arg(&key)).await?;
-        if let Some(bytes) = hit {
-            return Ok(Lookup::Hit(bytes));
+        if probe_first {
+            // Most lookups of this namespace hit lately: a plain GET is cheaper than the
+            // script (Redis runs a GET several times faster), and only a miss pays for both.
+            let hit: Option<Vec<u8>> = self
+                .redis
+                .query(redis::cmd("GET").arg(self.value_key(full_key)))
+                .await?;
+            if let Some(bytes) = hit {
+                return Ok(Lookup::Hit(bytes));
+            }
         }
-        let invocation = self.keyed(&self.get_or_lease, &key, tags, token, lease_ttl, b"");
-        let bytes: Vec<u8> = self.run(invocation).await?;
+        let cmd = self.keyed(
+            &self.get_or_lease,
+            full_key,
+            tags,
+            &[
+                token.as_bytes(),
+                millis(lease_ttl).as_bytes(),
+                millis(value_ttl).as_bytes(),
+            ],
+        );
+        let bytes: Vec<u8> = self.redis.eval(&self.get_or_lease, &cmd).await?;
+        // A stored value is at least a codec header long: never `L` or `W`.
         Ok(match bytes.as_slice() {
             b"L" => Lookup::Lease,
             b"W" => Lookup::Wait,
@@ -266,16 +327,26 @@ impl RedisTier {
     }
 
     /// Takes the lease of a key whatever its value (early refresh); false if someone holds it.
+    /// `value_ttl` as for [`lookup`](Self::lookup).
     pub async fn try_lease(
         &self,
         full_key: &str,
         tags: &[String],
         token: &str,
         lease_ttl: Duration,
+        value_ttl: Duration,
     ) -> Result<bool, RedisError> {
-        let key = self.value_key(full_key);
-        let invocation = self.keyed(&self.try_lease, &key, tags, token, lease_ttl, b"");
-        let granted: i64 = self.run(invocation).await?;
+        let cmd = self.keyed(
+            &self.try_lease,
+            full_key,
+            tags,
+            &[
+                token.as_bytes(),
+                millis(lease_ttl).as_bytes(),
+                millis(value_ttl).as_bytes(),
+            ],
+        );
+        let granted: i64 = self.redis.eval(&self.try_lease, &cmd).await?;
         Ok(granted == 1)
     }
 
@@ -286,24 +357,36 @@ impl RedisTier {
             .await
     }
 
-    /// Stores `bytes` if `token` is still the lease (`Some`) or unconditionally (`None`).
-    /// Returns whether it was stored.
+    /// Stores `bytes` for `ttl` if `lease` (its token and the TTL it was taken with) is still
+    /// the key's lease, or unconditionally (`None`). Under a lease, `ttl` counts from when the
+    /// lease was granted and must not exceed the `value_ttl` it was taken with; `tags` are not
+    /// sent (the lease entered them). Returns whether it was stored.
     pub async fn store(
         &self,
         full_key: &str,
-        token: Option<&str>,
+        lease: Option<(&str, Duration)>,
         bytes: &[u8],
         ttl: Duration,
         tags: &[String],
     ) -> Result<bool, RedisError> {
-        let key = self.value_key(full_key);
-        let script = if token.is_some() {
-            &self.fill
-        } else {
-            &self.set
+        let ttl = millis(ttl);
+        let (script, cmd) = match lease {
+            Some((token, lease_ttl)) => {
+                let lease_ttl = millis(lease_ttl);
+                let args = [
+                    token.as_bytes(),
+                    ttl.as_bytes(),
+                    bytes,
+                    lease_ttl.as_bytes(),
+                ];
+                (&self.fill, self.keyed(&self.fill, full_key, &[], &args))
+            }
+            None => {
+                let args = [&b""[..], ttl.as_bytes(), bytes];
+                (&self.set, self.keyed(&self.set, full_key, tags, &args))
+            }
         };
-        let invocation = self.keyed(script, &key, tags, token.unwrap_or(""), ttl, bytes);
-        let stored: i64 = self.run(invocation).await?;
+        let stored: i64 = self.redis.eval(script, &cmd).await?;
         Ok(stored == 1)
     }
 
@@ -345,4 +428,24 @@ impl RedisTier {
         }
         Ok(listed)
     }
+}
+
+/// A duration as whole milliseconds (at least 1: `PX 0` is an error), for `ARGV`.
+fn millis(d: Duration) -> String {
+    d.as_millis().max(1).to_string()
+}
+
+/// `s` as a Lua string literal, whatever bytes the configured prefix holds.
+fn lua_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for byte in s.bytes() {
+        if byte.is_ascii_alphanumeric() || b":-_.{}/ ".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("\\{byte:03}"));
+        }
+    }
+    out.push('"');
+    out
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -20,6 +20,31 @@ pub(crate) struct NsCounters {
     pub stale_sets_refused: AtomicU64,
     pub shared_errors: AtomicU64,
     pub early_refreshes: AtomicU64,
+    /// Which way this namespace's recent shared-tier lookups went: up a step per miss, down
+    /// per hit, within ±[`LEAN_BOUND`]. Not a statistic: it picks how the next lookup asks.
+    pub miss_lean: AtomicI32,
+}
+
+/// How far [`NsCounters::miss_lean`] goes either way: how many lookups of the other kind it
+/// takes to turn it.
+pub(crate) const LEAN_BOUND: i32 = 16;
+
+impl NsCounters {
+    /// Most recent shared-tier lookups of this namespace were misses.
+    pub fn mostly_missing(&self) -> bool {
+        self.miss_lean.load(Ordering::Relaxed) > 0
+    }
+
+    /// Records a shared-tier lookup's outcome in `miss_lean`.
+    pub fn lean(&self, missed: bool) {
+        let step = if missed { 1 } else { -1 };
+        let _ = self
+            .miss_lean
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |lean| {
+                let next = (lean + step).clamp(-LEAN_BOUND, LEAN_BOUND);
+                (next != lean).then_some(next)
+            });
+    }
 }
 
 /// A snapshot of one namespace's counters.

@@ -52,15 +52,23 @@ pub(crate) enum SharedTier {
 }
 
 impl SharedTier {
+    /// `value_ttl`: the longest TTL the lease holder's fill may store. `probe_first`: hits are
+    /// likely, a plain read first may save work (the PostgreSQL tier's lookup is one statement
+    /// either way).
     pub async fn lookup(
         &self,
         full_key: &str,
         tags: &[String],
         token: &str,
         lease_ttl: Duration,
+        value_ttl: Duration,
+        probe_first: bool,
     ) -> Result<Lookup, TierError> {
         Ok(match self {
-            SharedTier::Redis(t) => t.lookup(full_key, tags, token, lease_ttl).await?,
+            SharedTier::Redis(t) => {
+                t.lookup(full_key, tags, token, lease_ttl, value_ttl, probe_first)
+                    .await?
+            }
             SharedTier::Postgres(t) => t.lookup(full_key, tags, token, lease_ttl).await?,
         })
     }
@@ -71,9 +79,13 @@ impl SharedTier {
         tags: &[String],
         token: &str,
         lease_ttl: Duration,
+        value_ttl: Duration,
     ) -> Result<bool, TierError> {
         Ok(match self {
-            SharedTier::Redis(t) => t.try_lease(full_key, tags, token, lease_ttl).await?,
+            SharedTier::Redis(t) => {
+                t.try_lease(full_key, tags, token, lease_ttl, value_ttl)
+                    .await?
+            }
             SharedTier::Postgres(t) => t.try_lease(full_key, tags, token, lease_ttl).await?,
         })
     }
@@ -85,17 +97,21 @@ impl SharedTier {
         })
     }
 
+    /// `lease`: the lease's token and the TTL it was taken with.
     pub async fn store(
         &self,
         full_key: &str,
-        token: Option<&str>,
+        lease: Option<(&str, Duration)>,
         bytes: &[u8],
         ttl: Duration,
         tags: &[String],
     ) -> Result<bool, TierError> {
         Ok(match self {
-            SharedTier::Redis(t) => t.store(full_key, token, bytes, ttl, tags).await?,
-            SharedTier::Postgres(t) => t.store(full_key, token, bytes, ttl, tags).await?,
+            SharedTier::Redis(t) => t.store(full_key, lease, bytes, ttl, tags).await?,
+            SharedTier::Postgres(t) => {
+                let token = lease.map(|(token, _)| token);
+                t.store(full_key, token, bytes, ttl, tags).await?
+            }
         })
     }
 
