@@ -7,7 +7,7 @@
 //! (`"key" : value`, `[a, b]`); [`compact`] removes them once, when the body is loaded, so
 //! every body is compact and the same bytes keep the same ETag.
 
-use deadpool_postgres::Object;
+use cascade_core::db::Conn as Object;
 use tokio_postgres::Transaction;
 use tokio_postgres::error::SqlState;
 

@@ -115,6 +115,41 @@ async fn the_pool_recovers_by_itself_after_postgres_restarts() {
     assert!(db.health(Duration::from_secs(2)).await.up);
 }
 
+/// Connections are handed out without a check when they were handed out within the last
+/// second (`pool.rs`, `Recycler`): a server restart must still never hand a caller one of the
+/// dead connections it left, however soon after the restart the caller asks.
+#[tokio::test]
+async fn no_dead_connection_is_handed_out_after_postgres_restarts() {
+    let mut pg = PgServer::start().await;
+    let db = open(&pg, 4).await;
+    let fill = (0..4).map(|_| async {
+        let conn = db.conn().await.unwrap();
+        conn.simple_query("SELECT pg_sleep(0.05)").await.unwrap();
+    });
+    futures_util::future::join_all(fill).await;
+    assert_eq!(db.stats().size, 4, "four live connections in the pool");
+
+    pg.kill();
+    pg.restart().await;
+    let db = &db;
+    let queries = (0..8).map(|i| async move {
+        let conn = db.conn().await.map_err(|e| format!("{i}: {e}"))?;
+        conn.simple_query("SELECT 1")
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{i}: {e}"))
+    });
+    let failed: Vec<String> = futures_util::future::join_all(queries)
+        .await
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "dead connections were handed out: {failed:?}"
+    );
+}
+
 fn redis_client(server: &RedisServer) -> Redis {
     Redis::new(&RedisConfig {
         url: Secret::new(server.url()),

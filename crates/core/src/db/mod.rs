@@ -10,7 +10,7 @@ pub use embedded::{EmbeddedPostgres, RELOCATED_ROOT, cluster_dir, find_server_bi
 pub use migrate::{
     CORE_MIGRATIONS, Migration, MigrationId, MigrationReport, check_migrations, migrate,
 };
-pub use pool::{Db, DbHealth, PoolStats, TableStats, error_chain};
+pub use pool::{Conn, Db, DbHealth, PoolStats, Recycler, TableStats, error_chain};
 
 /// What went wrong talking to PostgreSQL.
 #[derive(Debug, thiserror::Error)]
