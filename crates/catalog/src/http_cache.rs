@@ -21,14 +21,14 @@ pub const REVALIDATE: &str = "no-cache";
 pub use cascade_core::cache::etag;
 
 /// Whether `If-None-Match` names `etag` (weak comparison, as RFC 9110 prescribes for it).
-fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
+fn not_modified(headers: &HeaderMap, etag: &[u8]) -> bool {
     headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|t| t.trim())
-        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag)
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t).as_bytes() == etag)
 }
 
 /// A cached JSON body with its ETag and `Cache-Control`, or a bodiless 304 when the client
@@ -44,17 +44,17 @@ pub fn respond_uncached(
     body: Vec<u8>,
     cache_control: &'static str,
 ) -> Response {
-    let tag = etag(&body);
-    respond_with(request, Bytes::from(body), &tag, cache_control)
+    let tag = Bytes::from(etag(&body));
+    respond_with(request, Bytes::from(body), tag, cache_control)
 }
 
 fn respond_with(
     request: &HeaderMap,
     body: Bytes,
-    tag: &str,
+    tag: Bytes,
     cache_control: &'static str,
 ) -> Response {
-    let fresh = not_modified(request, tag);
+    let fresh = not_modified(request, &tag);
     let mut response = if fresh {
         let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
@@ -72,7 +72,7 @@ fn respond_with(
         header::CACHE_CONTROL,
         HeaderValue::from_static(cache_control),
     );
-    if let Ok(value) = HeaderValue::from_str(tag) {
+    if let Ok(value) = HeaderValue::from_maybe_shared(tag) {
         headers.insert(header::ETAG, value);
     }
     response
@@ -110,8 +110,8 @@ mod tests {
             header::IF_NONE_MATCH,
             HeaderValue::from_str(&format!("\"other\", W/{tag}")).unwrap(),
         );
-        assert!(not_modified(&headers, &tag));
+        assert!(not_modified(&headers, tag.as_bytes()));
         headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"other\""));
-        assert!(!not_modified(&headers, &tag));
+        assert!(!not_modified(&headers, tag.as_bytes()));
     }
 }

@@ -47,6 +47,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use moka::sync::Cache as Moka;
 
 pub use breaker::BreakerState;
@@ -140,11 +141,11 @@ pub enum Source {
 #[derive(Clone)]
 pub struct CachedBody {
     bytes: Arc<[u8]>,
-    etag: Arc<OnceLock<Box<str>>>,
+    etag: Arc<OnceLock<Bytes>>,
 }
 
 impl CachedBody {
-    fn new(bytes: Arc<[u8]>, etag: Arc<OnceLock<Box<str>>>) -> CachedBody {
+    fn new(bytes: Arc<[u8]>, etag: Arc<OnceLock<Bytes>>) -> CachedBody {
         CachedBody { bytes, etag }
     }
 
@@ -157,14 +158,14 @@ impl CachedBody {
     }
 
     /// `"<32 hex digits>"`: the first 128 bits of the bytes' SHA-256, the same on every
-    /// instance for the same bytes.
-    pub fn etag(&self) -> &str {
-        self.etag.get_or_init(|| etag(&self.bytes))
+    /// instance for the same bytes. Shared: a header made of it copies nothing.
+    pub fn etag(&self) -> Bytes {
+        self.etag.get_or_init(|| etag(&self.bytes).into()).clone()
     }
 }
 
 /// `"<32 hex digits>"`: the first 128 bits of `bytes`' SHA-256, quoted (a strong ETag).
-pub fn etag(bytes: &[u8]) -> Box<str> {
+pub fn etag(bytes: &[u8]) -> String {
     use sha2::Digest;
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let digest = sha2::Sha256::digest(bytes);
@@ -175,7 +176,7 @@ pub fn etag(bytes: &[u8]) -> Box<str> {
         tag.push(char::from(DIGITS[usize::from(byte & 0xf)]));
     }
     tag.push('"');
-    tag.into_boxed_str()
+    tag
 }
 
 /// One in-process entry. `bytes == None` is a cached "not found".
@@ -183,7 +184,7 @@ pub fn etag(bytes: &[u8]) -> Box<str> {
 struct MemEntry {
     bytes: Option<Arc<[u8]>>,
     /// The ETag of `bytes`, once a caller asked for it ([`CachedBody::etag`]).
-    etag: Arc<OnceLock<Box<str>>>,
+    etag: Arc<OnceLock<Bytes>>,
     tags: Arc<[String]>,
     ttl: Duration,
     /// Wall-clock expiry and load time, for early refresh.

@@ -23,6 +23,11 @@ use super::codec::{Stored, decode, due_for_refresh, now_ms};
 use super::stats::{NsCounters, add};
 use super::{Cache, CacheError, CachedBody, MemEntry, Source};
 
+thread_local! {
+    /// The key of a near lookup, spelled without allocating (`get_or_load_body`).
+    static NEAR_KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
 /// What a read answers: the bytes (`None`: not found) and where they came from.
 pub(super) type Answer = (Option<Arc<[u8]>>, Source);
 
@@ -88,11 +93,17 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
     {
-        let full = self.full_key(namespace, key);
         let counters = self.inner.stats.ns(namespace);
         let early = self.inner.config.early_refresh.contains(namespace);
-        // 1. An in-process hit returns before anything below: no lock, no further allocation.
-        let near = self.memory_get(&full, &counters);
+        // 1. An in-process hit returns before anything below: no lock, no allocation (the key
+        //    is spelled in a buffer this thread reuses).
+        let near = NEAR_KEY.with_borrow_mut(|full| {
+            full.clear();
+            full.push_str(self.inner.config.key_name(namespace));
+            full.push(':');
+            full.push_str(key);
+            self.memory_get(full, &counters)
+        });
         if let Some(entry) = &near
             && !(early && due_for_refresh(entry.expires_at_ms, entry.delta_ms))
         {
@@ -100,14 +111,20 @@ impl Cache {
                 (entry.bytes.clone()).map(|bytes| CachedBody::new(bytes, entry.etag.clone()));
             return Ok((body, Source::Memory));
         }
-        let read = ReadCtx::new(self, full, namespace, tags, counters, early);
-        // 2. The shared tier, when there is one and it may be used now.
-        let (bytes, source) = if let Some(shared) = self.shared_tier().await {
-            read.through_shared(shared, loader).await?
-        } else {
-            // 3. Memory only, or the shared tier is kept away: load here.
-            read.load_in_process(near, loader).await?
-        };
+        // Past the near hit, in a future of its own: boxed, it does not make every hit's
+        // future (and the handler's around it) as large as the whole miss path.
+        let (bytes, source) = Box::pin(async move {
+            let full = self.full_key(namespace, key);
+            let read = ReadCtx::new(self, full, namespace, tags, counters, early);
+            // 2. The shared tier, when there is one and it may be used now.
+            if let Some(shared) = self.shared_tier().await {
+                read.through_shared(shared, loader).await
+            } else {
+                // 3. Memory only, or the shared tier is kept away: load here.
+                read.load_in_process(near, loader).await
+            }
+        })
+        .await?;
         // Not served from an in-process entry: its ETag, if asked for, is computed for this
         // answer (the next request of this instance is a near hit and shares the entry's).
         Ok((bytes.map(|b| CachedBody::new(b, Arc::default())), source))
