@@ -60,7 +60,7 @@ pub const BUS_BLIND_WAITS: &str = "cascade_cache_bus_blind_waits_total";
 
 pub const UPSTREAM_REQUEST_DURATION: &str = "cascade_upstream_request_duration_seconds";
 pub const UPSTREAM_ERRORS: &str = "cascade_upstream_errors_total";
-/// Each upstream's circuit breaker: 0 closed, 1 open, 2 half-open.
+/// Each upstream's circuit breaker: 0 closed, 1 half-open, 2 open (as [`BREAKER_STATE`]).
 pub const UPSTREAM_BREAKER_STATE: &str = "cascade_upstream_breaker_state";
 /// Answers served from a stale copy because the upstream failed or its breaker was open.
 pub const UPSTREAM_STALE_SERVED: &str = "cascade_upstream_stale_served_total";
@@ -231,7 +231,7 @@ pub fn describe() {
     );
     describe_gauge!(
         UPSTREAM_BREAKER_STATE,
-        "circuit breaker of each upstream: 0 closed, 1 open (calls skipped), 2 half-open (one probe)"
+        "circuit breaker of each upstream: 0 closed, 1 half-open (one probe call), 2 open (calls skipped)"
     );
     describe_counter!(
         UPSTREAM_STALE_SERVED,
@@ -329,7 +329,7 @@ pub fn record_upstream(upstream: &'static str, outcome: UpstreamOutcome, took: D
     }
 }
 
-/// The circuit breaker of `upstream` changed state (0 closed, 1 open, 2 half-open).
+/// The circuit breaker of `upstream` changed state (0 closed, 1 half-open, 2 open).
 pub fn record_upstream_breaker(upstream: &'static str, state: f64) {
     gauge!(UPSTREAM_BREAKER_STATE, "upstream" => upstream).set(state);
 }

@@ -67,7 +67,7 @@ impl Breaker {
             Some(_) if state.probing => Permit::Skip,
             Some(_) => {
                 state.probing = true;
-                metrics::record_upstream_breaker(self.upstream, 2.0);
+                metrics::record_upstream_breaker(self.upstream, 1.0);
                 Permit::Probe
             }
         }
@@ -96,7 +96,7 @@ impl Breaker {
         state.probing = false;
         if state.failures >= self.threshold || !was_closed {
             state.open_until = Some(Instant::now() + self.cool_down);
-            metrics::record_upstream_breaker(self.upstream, 1.0);
+            metrics::record_upstream_breaker(self.upstream, 2.0);
             if was_closed {
                 tracing::warn!(
                     upstream = self.upstream,
