@@ -10,6 +10,9 @@ use cascade_core::config::{Decimal6, Namespace, Parser, Secret};
 pub const VENICE: &str = "venice";
 /// Consciousness patterns (seed 001), living `CONSCIOUSNESS_CACHE_TTL`.
 pub const PATTERNS: &str = "patterns";
+/// The last good copy of each Venice answer, living `VENICE_STALE_IF_ERROR`: what is served,
+/// marked stale, while Venice fails (see `cascade_core::upstream::Connector`).
+pub const VENICE_LAST_GOOD: &str = "venice_last_good";
 
 /// The CASCADE application's settings, as text.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -20,6 +23,27 @@ pub struct RawAppConfig {
     /// Bearer key of the Venice API.
     #[arg(long, env = "VENICE_API_KEY", global = true, hide_env_values = true)]
     pub venice_api_key: Option<String>,
+    /// Oldest cached Venice answer served (marked stale) while Venice fails [default: 1h].
+    #[arg(long, env = "VENICE_STALE_IF_ERROR", global = true)]
+    pub venice_stale_if_error: Option<String>,
+    /// Venice calls in flight at once, and idle connections kept [default: 16].
+    #[arg(long, env = "VENICE_POOL_SIZE", global = true)]
+    pub venice_pool_size: Option<String>,
+    /// Deadline to connect to Venice [default: 5s].
+    #[arg(long, env = "VENICE_CONNECT_TIMEOUT", global = true)]
+    pub venice_connect_timeout: Option<String>,
+    /// Deadline of a whole Venice call, retries included [default: 10s].
+    #[arg(long, env = "VENICE_REQUEST_TIMEOUT", global = true)]
+    pub venice_request_timeout: Option<String>,
+    /// Retries of a failed Venice read (connection errors, 429, 502-504) [default: 2].
+    #[arg(long, env = "VENICE_RETRIES", global = true)]
+    pub venice_retries: Option<String>,
+    /// Consecutive failed Venice calls that open its circuit breaker [default: 5].
+    #[arg(long, env = "VENICE_BREAKER_THRESHOLD", global = true)]
+    pub venice_breaker_threshold: Option<String>,
+    /// How long Venice's open breaker skips calls before one probe [default: 30s].
+    #[arg(long, env = "VENICE_BREAKER_COOL_DOWN", global = true)]
+    pub venice_breaker_cool_down: Option<String>,
     /// USD value of one ducat [default: 0.10].
     #[arg(long, env = "DUCAT_TO_USD_RATE", global = true)]
     pub ducat_to_usd_rate: Option<String>,
@@ -61,6 +85,18 @@ pub struct UpstreamConfig {
     pub api_key: Option<Secret>,
 }
 
+/// How the Venice connector behaves (`VENICE_*` beyond the URL and key).
+#[derive(Debug, Clone)]
+pub struct VeniceClientConfig {
+    pub stale_if_error: Duration,
+    pub pool_size: usize,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub retries: u32,
+    pub breaker_threshold: u32,
+    pub breaker_cool_down: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct EconomyConfig {
     pub ducat_to_usd_rate: Decimal6,
@@ -86,6 +122,7 @@ pub struct StripeConfig {
 #[derive(Debug, Clone)]
 pub struct AppConfig {
     pub venice: UpstreamConfig,
+    pub venice_client: VeniceClientConfig,
     pub economy: EconomyConfig,
     pub consciousness: ConsciousnessConfig,
     pub stripe: StripeConfig,
@@ -101,6 +138,55 @@ impl AppConfig {
             ),
             api_key: p.secret(&raw.venice_api_key),
         };
+        let venice_client = VeniceClientConfig {
+            stale_if_error: p.duration(
+                "VENICE_STALE_IF_ERROR",
+                &raw.venice_stale_if_error,
+                Duration::from_secs(3600),
+            ),
+            pool_size: p.number(
+                "VENICE_POOL_SIZE",
+                raw.venice_pool_size.as_deref(),
+                16,
+                "a number of connections",
+            ),
+            connect_timeout: p.positive_duration(
+                "VENICE_CONNECT_TIMEOUT",
+                &raw.venice_connect_timeout,
+                Duration::from_secs(5),
+            ),
+            request_timeout: p.positive_duration(
+                "VENICE_REQUEST_TIMEOUT",
+                &raw.venice_request_timeout,
+                Duration::from_secs(10),
+            ),
+            retries: p.number(
+                "VENICE_RETRIES",
+                raw.venice_retries.as_deref(),
+                2,
+                "a number of retries",
+            ),
+            breaker_threshold: p.number(
+                "VENICE_BREAKER_THRESHOLD",
+                raw.venice_breaker_threshold.as_deref(),
+                5,
+                "a number of failures",
+            ),
+            breaker_cool_down: p.positive_duration(
+                "VENICE_BREAKER_COOL_DOWN",
+                &raw.venice_breaker_cool_down,
+                Duration::from_secs(30),
+            ),
+        };
+        if venice_client.pool_size == 0 || venice_client.pool_size > 1024 {
+            p.fail("VENICE_POOL_SIZE", "must be between 1 and 1024");
+        }
+        if venice_client.retries > 10 {
+            p.fail("VENICE_RETRIES", "must be at most 10");
+        }
+        if venice_client.breaker_threshold == 0 {
+            p.fail("VENICE_BREAKER_THRESHOLD", "must be at least 1");
+        }
         let stripe = StripeConfig {
             api_url: p.http_url(
                 "STRIPE_API_URL",
@@ -145,17 +231,24 @@ impl AppConfig {
         };
         AppConfig {
             venice,
+            venice_client,
             economy,
             consciousness,
             stripe,
         }
     }
 
-    /// The application's cache namespaces: Venice data 300 s (seed 001), patterns
-    /// `CONSCIOUSNESS_CACHE_TTL`.
+    /// The application's cache namespaces: Venice data 300 s (seed 001), its last good copies
+    /// `VENICE_STALE_IF_ERROR`, patterns `CONSCIOUSNESS_CACHE_TTL`.
     pub fn namespaces(&self) -> Vec<Namespace> {
         vec![
             Namespace::new(VENICE, Duration::from_secs(300)),
+            Namespace::new(
+                VENICE_LAST_GOOD,
+                self.venice_client
+                    .stale_if_error
+                    .max(Duration::from_secs(1)),
+            ),
             Namespace::new(PATTERNS, self.consciousness.cache_ttl),
         ]
     }
@@ -170,6 +263,28 @@ impl AppConfig {
         vec![
             ("VENICE_API_URL", self.venice.url.clone()),
             ("VENICE_API_KEY", set(&self.venice.api_key)),
+            (
+                "VENICE_STALE_IF_ERROR",
+                secs(self.venice_client.stale_if_error),
+            ),
+            ("VENICE_POOL_SIZE", self.venice_client.pool_size.to_string()),
+            (
+                "VENICE_CONNECT_TIMEOUT",
+                secs(self.venice_client.connect_timeout),
+            ),
+            (
+                "VENICE_REQUEST_TIMEOUT",
+                secs(self.venice_client.request_timeout),
+            ),
+            ("VENICE_RETRIES", self.venice_client.retries.to_string()),
+            (
+                "VENICE_BREAKER_THRESHOLD",
+                self.venice_client.breaker_threshold.to_string(),
+            ),
+            (
+                "VENICE_BREAKER_COOL_DOWN",
+                secs(self.venice_client.breaker_cool_down),
+            ),
             (
                 "DUCAT_TO_USD_RATE",
                 self.economy.ducat_to_usd_rate.to_string(),

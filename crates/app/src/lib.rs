@@ -2,17 +2,27 @@
 //! consciousness sessions and patterns, collaboration spaces, the ducat/USD bridge, Stripe
 //! billing, real-time channels.
 //!
-//! What is here today: its settings and cache namespaces ([`config`]), registered with the
-//! platform so that `cascade --help`, `cascade config` and `CACHE_TTLS_JSON` know them, and
-//! the Venice reachability probe of `cascade check` ([`probe_venice`]). Its tables, routes and
-//! tasks arrive with the issues that build them, in this crate, the way `crates/catalog` has
-//! its own.
+//! - [`config`]: its settings and cache namespaces, registered with the platform so that
+//!   `cascade --help`, `cascade config` and `CACHE_TTLS_JSON` know them;
+//! - [`venice`]: Venice through the core's cached connector (pool, retries, breaker,
+//!   stale-if-error), the username type, the cache keys; the startup probe;
+//! - [`citizens`]: `GET /citizens/{username}`; [`openapi`]: its part of the API document.
+//!
+//! Its tables and the rest of its routes and tasks arrive with the issues that build them.
 
+pub mod citizens;
 pub mod config;
+pub mod openapi;
+pub mod venice;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::extract::FromRef;
+use axum::routing::get;
+use cascade_core::tasks::Supervisor;
+use cascade_core::upstream::Connector;
 use cascade_http::{AppState, Module};
 
 pub use config::{AppConfig, RawAppConfig};
@@ -22,21 +32,74 @@ pub struct AppModule {
     pub config: AppConfig,
 }
 
+/// What the application's handlers receive. One `Arc`: extracting it costs a reference count.
+#[derive(Clone)]
+pub struct AppModuleState(Arc<AppShared>);
+
+impl std::ops::Deref for AppModuleState {
+    type Target = AppShared;
+
+    fn deref(&self) -> &AppShared {
+        &self.0
+    }
+}
+
+pub struct AppShared {
+    pub config: AppConfig,
+    /// Venice: one pool, one breaker for this instance.
+    pub venice: Connector,
+    /// For [`CurrentUser`](cascade_http::CurrentUser): identity and rate limits.
+    pub app: AppState,
+}
+
+impl FromRef<AppModuleState> for AppState {
+    fn from_ref(state: &AppModuleState) -> AppState {
+        state.app.clone()
+    }
+}
+
 impl Module for AppModule {
     fn name(&self) -> &'static str {
         "app"
     }
 
-    fn router(&self, _state: &AppState) -> Router {
+    fn openapi(&self) -> utoipa::openapi::OpenApi {
+        <openapi::AppApi as utoipa::OpenApi>::openapi()
+    }
+
+    fn router(&self, state: &AppState) -> Router {
+        // Building a client fails only when TLS cannot be set up: a startup error.
+        let venice = venice::connector(&self.config, state.cache.clone())
+            .expect("the Venice HTTP client (TLS setup)");
+        let state = AppModuleState(Arc::new(AppShared {
+            config: self.config.clone(),
+            venice,
+            app: state.clone(),
+        }));
         Router::new()
+            .route("/citizens/{username}", get(citizens::citizen))
+            .with_state(state)
+    }
+
+    fn start_tasks(&self, _state: &AppState, tasks: &mut Supervisor) {
+        let config = self.config.clone();
+        tasks.spawn("venice-startup-probe", |mut stop| async move {
+            // Logged whatever the answer; startup does not wait for it.
+            tokio::select! {
+                () = venice::startup_probe(config) => {}
+                () = stop.recv() => return,
+            }
+            stop.recv().await;
+        });
     }
 }
 
-/// `GET {VENICE_API_URL}` under `deadline`: `Ok` with what answered, `Err` with why not.
+/// `GET {VENICE_API_URL}/health` under `deadline`: `Ok` with what answered, `Err` with why
+/// not (`cascade check` and the startup probe).
 pub async fn probe_venice(config: &AppConfig, deadline: Duration) -> Result<String, String> {
     let client = cascade_core::upstream::http_client(deadline, deadline)
         .map_err(|err| cascade_core::db::error_chain(&err))?;
-    let url = &config.venice.url;
+    let url = &format!("{}/health", config.venice.url);
     let started = Instant::now();
     let mut request = client.get(url);
     if let Some(key) = &config.venice.api_key {

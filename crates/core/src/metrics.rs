@@ -60,6 +60,10 @@ pub const BUS_BLIND_WAITS: &str = "cascade_cache_bus_blind_waits_total";
 
 pub const UPSTREAM_REQUEST_DURATION: &str = "cascade_upstream_request_duration_seconds";
 pub const UPSTREAM_ERRORS: &str = "cascade_upstream_errors_total";
+/// Each upstream's circuit breaker: 0 closed, 1 half-open, 2 open (as [`BREAKER_STATE`]).
+pub const UPSTREAM_BREAKER_STATE: &str = "cascade_upstream_breaker_state";
+/// Answers served from a stale copy because the upstream failed or its breaker was open.
+pub const UPSTREAM_STALE_SERVED: &str = "cascade_upstream_stale_served_total";
 
 /// Histogram bucket upper bounds, in seconds: from 100 µs (an in-process cache hit, a pool
 /// acquisition) to 10 s (`PG_STATEMENT_TIMEOUT`). 0.5 s is a bound so "p95 > 500 ms" (seed 003's
@@ -225,6 +229,14 @@ pub fn describe() {
         UPSTREAM_ERRORS,
         "third-party API calls that failed, by upstream and kind"
     );
+    describe_gauge!(
+        UPSTREAM_BREAKER_STATE,
+        "circuit breaker of each upstream: 0 closed, 1 half-open (one probe call), 2 open (calls skipped)"
+    );
+    describe_counter!(
+        UPSTREAM_STALE_SERVED,
+        "answers served from a copy older than its TTL because the upstream failed or its breaker was open (stale-if-error)"
+    );
 }
 
 /// Registers the metrics that exist before their first event at zero, so dashboards and
@@ -315,6 +327,16 @@ pub fn record_upstream(upstream: &'static str, outcome: UpstreamOutcome, took: D
     if outcome != UpstreamOutcome::Ok {
         counter!(UPSTREAM_ERRORS, "upstream" => upstream, "kind" => outcome.label()).increment(1);
     }
+}
+
+/// The circuit breaker of `upstream` changed state (0 closed, 1 half-open, 2 open).
+pub fn record_upstream_breaker(upstream: &'static str, state: f64) {
+    gauge!(UPSTREAM_BREAKER_STATE, "upstream" => upstream).set(state);
+}
+
+/// An answer served stale because `upstream` could not give a fresh one.
+pub fn record_upstream_stale(upstream: &'static str) {
+    counter!(UPSTREAM_STALE_SERVED, "upstream" => upstream).increment(1);
 }
 
 #[cfg(test)]

@@ -1,7 +1,16 @@
 //! The HTTP client for third-party APIs (seed 001's citizen ledger and payments): one pool, deadlines on connect and
 //! on every request, rustls for TLS.
+//!
+//! [`Connector`] (`upstream/connector.rs`) is what a module reads an upstream through: its
+//! own pool, retries, a circuit breaker (`upstream/breaker.rs`), cached answers and
+//! stale-if-error.
+
+mod breaker;
+mod connector;
 
 use std::time::Duration;
+
+pub use connector::{Connector, Fetched, UpstreamError, UpstreamSettings};
 
 use crate::metrics::{self, UpstreamOutcome};
 

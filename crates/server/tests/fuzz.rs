@@ -258,8 +258,12 @@ async fn schemathesis_finds_nothing() {
     let pg = PgServer::start().await;
     let redis = RedisServer::start().await;
     let url = pg.fresh_database().await;
+    // Venice is the stand-in (it knows no citizen: `/citizens/{username}` answers 404), never
+    // the real one over the network.
+    let venice = cascade_testkit::VeniceStandin::start(Default::default()).await;
     let server = TestApp::start(&[
         ("DATABASE_URL", url),
+        ("VENICE_API_URL", venice.url()),
         ("REDIS_URL", redis.url()),
         (
             "JWT_SECRET",

@@ -12,11 +12,13 @@ mod pg;
 mod proxy;
 mod redis_server;
 mod stall_proxy;
+pub mod venice;
 
 pub use pg::PgServer;
 pub use proxy::Proxy;
 pub use redis_server::RedisServer;
 pub use stall_proxy::StallProxy;
+pub use venice::VeniceStandin;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
