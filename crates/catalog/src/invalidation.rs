@@ -18,6 +18,12 @@
 //! only, so they remove the `ready:` keys of the same set. A version with more than
 //! [`MAX_EXACT`] descendants falls back to removing the whole `bundles`/`ready` namespaces:
 //! still correct, one call instead of thousands.
+//!
+//! Everything one write makes stale is removed by one `invalidate_batch` call (the
+//! descendants are looked up first, after the commit): one shared-tier script and one bus
+//! message, which the engine shares with concurrent writers' (`cache/batcher.rs` in core).
+
+use cascade_core::cache::Invalidations;
 
 use crate::CatalogState;
 use crate::queries::{self, BUNDLE_MAX_DEPTH, READY_MAX_DEPTH};
@@ -57,41 +63,46 @@ impl Reach {
 /// After asset rows changed: their details, every listing page, and the bundles (and, when
 /// they were created or deleted, the readiness) of them and their descendants.
 pub async fn assets_changed(state: &CatalogState, versions: &[&str], reach: Reach) {
-    state.cache.invalidate_keys(ASSETS, versions).await;
-    state.cache.invalidate_namespace(LISTINGS).await;
-    tree_changed(state, versions, reach).await
+    let mut stale = Invalidations::new();
+    stale.keys(ASSETS, versions).namespace(LISTINGS);
+    tree_changed(state, &mut stale, versions, reach).await;
+    state.cache.invalidate_batch(&stale).await;
 }
 
 /// After new edges into `children`: the bundles and readiness of them and their descendants.
 pub async fn lineage_changed(state: &CatalogState, children: &[&str]) {
-    tree_changed(state, children, Reach::Presence).await
+    let mut stale = Invalidations::new();
+    tree_changed(state, &mut stale, children, Reach::Presence).await;
+    state.cache.invalidate_batch(&stale).await;
 }
 
-async fn tree_changed(state: &CatalogState, children: &[&str], reach: Reach) {
+/// Adds to `stale` the bundles and readiness of `children` and their descendants.
+async fn tree_changed(
+    state: &CatalogState,
+    stale: &mut Invalidations,
+    children: &[&str],
+    reach: Reach,
+) {
     if children.is_empty() {
         return;
     }
     match affected(state, children, reach).await {
-        Some(versions) => {
-            let tags: Vec<String> = versions.iter().map(|v| tree_tag(v)).collect();
-            state.cache.invalidate_tags(&tags).await;
-        }
-        None => {
-            state.cache.invalidate_namespace(BUNDLES).await;
-            state.cache.invalidate_namespace(READY).await;
-        }
-    }
+        Some(versions) => stale.tags(versions.iter().map(|v| tree_tag(v))),
+        None => stale.namespace(BUNDLES).namespace(READY),
+    };
 }
 
 /// After a receipt or policy of `version` was added: readiness of it and its descendants.
 pub async fn rights_changed(state: &CatalogState, version: &str) {
+    let mut stale = Invalidations::new();
     match affected(state, &[version], Reach::Presence).await {
         Some(versions) => {
             let keys: Vec<&str> = versions.iter().map(String::as_str).collect();
-            state.cache.invalidate_keys(READY, &keys).await;
+            stale.keys(READY, &keys)
         }
-        None => state.cache.invalidate_namespace(READY).await,
-    }
+        None => stale.namespace(READY),
+    };
+    state.cache.invalidate_batch(&stale).await;
 }
 
 /// `versions` and their descendants, looked up after the write committed (so a concurrent
