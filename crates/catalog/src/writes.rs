@@ -66,6 +66,36 @@ macro_rules! in_transaction {
     };
 }
 
+/// `in_statement!(state, |conn| write, |result, conn| stale)`: as `in_transaction!`, for a
+/// write that is one statement, run without a transaction around it (`BEGIN` and `COMMIT` were
+/// two more round trips, and two more statements for PostgreSQL to run, per write). The
+/// invalidations run whatever the statement answered, an error too: the connection may have
+/// died after PostgreSQL committed it.
+macro_rules! in_statement {
+    ($state:expr, |$client:ident| $write:expr, |$done:ident, $conn:ident| $stale:expr) => {{
+        let db = $state.db.clone();
+        let detached = $state.app.detached.clone();
+        let task = detached.run(async move {
+            let conn = db.conn().await?;
+            let $done = {
+                let $client = &conn;
+                async { Ok::<_, ApiError>($write) }.await
+            };
+            let stale: Invalidations = {
+                let $conn = &conn;
+                $stale
+            };
+            drop(conn);
+            $state.cache.invalidate_batch(&stale).await;
+            $done
+        });
+        task.await.map_err(|stopping| ApiError::Unavailable {
+            message: stopping.to_string(),
+            retry_after: std::time::Duration::from_secs(1),
+        })??
+    }};
+}
+
 /// `POST /producers` `{"producerId", "name"}`.
 #[utoipa::path(post, path = "/producers", tag = "catalog", security(("bearer" = [])), request_body = crate::openapi::NewProducer,
     responses((status = 201, body = crate::openapi::Producer), (status = 409, description = "The producer id is taken"))
@@ -126,9 +156,9 @@ pub async fn update_asset(
 ) -> Result<Response, ApiError> {
     let version = VersionId::parse("versionId", &version)?;
     let change = AssetChange::parse(&Body::from_value(body)?)?;
-    let updated = in_transaction!(
+    let updated = in_statement!(
         state,
-        |tx| queries::update_asset(&tx, &version, user.user_id, &change).await?,
+        |conn| queries::update_asset(conn, &version, user.user_id, &change).await?,
         |_updated, conn| inv::assets_changed(&state, conn, &[version.as_str()], Reach::Content)
             .await
     );
