@@ -18,6 +18,14 @@
 //! only, so they remove the `ready:` keys of the same set. A version with more than
 //! [`MAX_EXACT`] descendants falls back to removing the whole `bundles`/`ready` namespaces:
 //! still correct, one call instead of thousands.
+//!
+//! Each function here says what a write made stale (the descendants looked up after the commit,
+//! on the write's connection); the write removes all of it in one `invalidate_batch` call: one
+//! shared-tier script and one bus message, which the engine shares with concurrent writers'
+//! (`cache/batcher.rs` in core).
+
+use cascade_core::cache::Invalidations;
+use cascade_core::db::Conn as Object;
 
 use crate::CatalogState;
 use crate::queries::{self, BUNDLE_MAX_DEPTH, READY_MAX_DEPTH};
@@ -56,54 +64,84 @@ impl Reach {
 
 /// After asset rows changed: their details, every listing page, and the bundles (and, when
 /// they were created or deleted, the readiness) of them and their descendants.
-pub async fn assets_changed(state: &CatalogState, versions: &[&str], reach: Reach) {
-    state.cache.invalidate_keys(ASSETS, versions).await;
-    state.cache.invalidate_namespace(LISTINGS).await;
-    tree_changed(state, versions, reach).await
+pub async fn assets_changed(
+    state: &CatalogState,
+    conn: &Object,
+    versions: &[&str],
+    reach: Reach,
+) -> Invalidations {
+    let mut stale = Invalidations::new();
+    stale.keys(ASSETS, versions).namespace(LISTINGS);
+    tree_changed(state, conn, &mut stale, versions, reach).await;
+    stale
 }
 
 /// After new edges into `children`: the bundles and readiness of them and their descendants.
-pub async fn lineage_changed(state: &CatalogState, children: &[&str]) {
-    tree_changed(state, children, Reach::Presence).await
+pub async fn lineage_changed(
+    state: &CatalogState,
+    conn: &Object,
+    children: &[&str],
+) -> Invalidations {
+    let mut stale = Invalidations::new();
+    tree_changed(state, conn, &mut stale, children, Reach::Presence).await;
+    stale
 }
 
-async fn tree_changed(state: &CatalogState, children: &[&str], reach: Reach) {
+/// Adds to `stale` the bundles and readiness of `children` and their descendants.
+async fn tree_changed(
+    state: &CatalogState,
+    conn: &Object,
+    stale: &mut Invalidations,
+    children: &[&str],
+    reach: Reach,
+) {
     if children.is_empty() {
         return;
     }
-    match affected(state, children, reach).await {
-        Some(versions) => {
-            let tags: Vec<String> = versions.iter().map(|v| tree_tag(v)).collect();
-            state.cache.invalidate_tags(&tags).await;
-        }
-        None => {
-            state.cache.invalidate_namespace(BUNDLES).await;
-            state.cache.invalidate_namespace(READY).await;
-        }
-    }
+    match affected(state, conn, children, reach).await {
+        Some(versions) => stale.tags(versions.iter().map(|v| tree_tag(v))),
+        None => stale.namespace(BUNDLES).namespace(READY),
+    };
 }
 
 /// After a receipt or policy of `version` was added: readiness of it and its descendants.
-pub async fn rights_changed(state: &CatalogState, version: &str) {
-    match affected(state, &[version], Reach::Presence).await {
+pub async fn rights_changed(state: &CatalogState, conn: &Object, version: &str) -> Invalidations {
+    let mut stale = Invalidations::new();
+    match affected(state, conn, &[version], Reach::Presence).await {
         Some(versions) => {
             let keys: Vec<&str> = versions.iter().map(String::as_str).collect();
-            state.cache.invalidate_keys(READY, &keys).await;
+            stale.keys(READY, &keys)
         }
-        None => state.cache.invalidate_namespace(READY).await,
-    }
+        None => stale.namespace(READY),
+    };
+    stale
 }
 
 /// `versions` and their descendants, looked up after the write committed (so a concurrent
-/// write's new edges are either seen here or invalidated by that write after its own commit).
-/// `None` when there are too many, or when PostgreSQL cannot answer: the write is committed
-/// either way, so the caller then removes whole namespaces rather than leave a stale entry.
-async fn affected(state: &CatalogState, versions: &[&str], reach: Reach) -> Option<Vec<String>> {
-    let found = async {
-        let conn = state.db.conn().await?;
-        queries::descendants(&conn, versions, reach.depth(), MAX_EXACT).await
+/// write's new edges are either seen here or invalidated by that write after its own commit),
+/// on the write's own connection (a second pool connection per write cost more than the
+/// query: ~12 ms waiting for the pool under 64 writers), or on a fresh one if that failed (it
+/// may have died in the commit). `None` when there are too many, or when PostgreSQL cannot
+/// answer: the write is committed either way, so the caller then removes whole namespaces
+/// rather than leave a stale entry.
+async fn affected(
+    state: &CatalogState,
+    conn: &Object,
+    versions: &[&str],
+    reach: Reach,
+) -> Option<Vec<String>> {
+    let depth = reach.depth();
+    let found = match queries::descendants(conn, versions, depth, MAX_EXACT).await {
+        Ok(found) => Ok(found),
+        Err(_) => {
+            async {
+                let conn = state.db.conn().await?;
+                queries::descendants(&conn, versions, depth, MAX_EXACT).await
+            }
+            .await
+        }
     };
-    match found.await {
+    match found {
         Ok(found) => found,
         Err(err) => {
             tracing::warn!(error = %err, "descendants lookup failed; invalidating whole namespaces");

@@ -9,6 +9,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use cascade_core::cache::Invalidations;
+
 use crate::CatalogState;
 use crate::http_cache::json;
 use crate::invalidation::{self as inv, Reach};
@@ -20,11 +22,13 @@ use cascade_http::CurrentUser;
 use cascade_http::JsonBody;
 use serde_json::Value;
 
-/// `in_transaction!(state, |tx| write, |result| after)`: runs `write` in a transaction on a
-/// pool connection, commits it, then runs `after` (the write's invalidations) with the
-/// write's result bound to `result`. `after` also runs when the commit fails: the connection
-/// may have died after PostgreSQL committed, and removing entries that did not go stale costs
-/// a reload, while keeping ones that did would serve the old value until their TTL.
+/// `in_transaction!(state, |tx| write, |result, conn| stale)`: runs `write` in a transaction on
+/// a pool connection, commits it, then finds what it made stale (`stale`, an
+/// [`Invalidations`], with the write's result bound to `result` and the connection to `conn`
+/// for the lookups that need PostgreSQL) and removes it. The invalidations also run when the
+/// commit fails: the connection may have died after PostgreSQL committed, and removing entries
+/// that did not go stale costs a reload, while keeping ones that did would serve the old value
+/// until their TTL.
 ///
 /// All of it runs in the application's detached tasks (`cascade_core::tasks::Detached`), which
 /// the handler awaits and shutdown waits for: a client that goes away drops
@@ -33,7 +37,7 @@ use serde_json::Value;
 /// their TTL. The task owns what the write needs (it is `async move`), so the handler hands
 /// its parsed input over.
 macro_rules! in_transaction {
-    ($state:expr, |$tx:ident| $write:expr, |$done:ident| $after:expr) => {{
+    ($state:expr, |$tx:ident| $write:expr, |$done:ident, $conn:ident| $stale:expr) => {{
         let db = $state.db.clone();
         let detached = $state.app.detached.clone();
         let task = detached.run(async move {
@@ -41,10 +45,14 @@ macro_rules! in_transaction {
             let $tx = conn.transaction().await.map_err(internal)?;
             let $done = $write;
             let committed = $tx.commit().await;
+            let stale: Invalidations = {
+                let $conn = &conn;
+                $stale
+            };
             // The connection goes back to the pool before the invalidations, which wait for
             // every instance's acknowledgement: holding it meanwhile starves concurrent writers.
             drop(conn);
-            $after;
+            $state.cache.invalidate_batch(&stale).await;
             committed.map_err(internal)?;
             Ok::<_, ApiError>($done)
         });
@@ -54,8 +62,38 @@ macro_rules! in_transaction {
         })??
     }};
     ($state:expr, |$tx:ident| $write:expr) => {
-        in_transaction!($state, |$tx| $write, |_done| ())
+        in_transaction!($state, |$tx| $write, |_done, _conn| Invalidations::new())
     };
+}
+
+/// `in_statement!(state, |conn| write, |result, conn| stale)`: as `in_transaction!`, for a
+/// write that is one statement, run without a transaction around it (`BEGIN` and `COMMIT` were
+/// two more round trips, and two more statements for PostgreSQL to run, per write). The
+/// invalidations run whatever the statement answered, an error too: the connection may have
+/// died after PostgreSQL committed it.
+macro_rules! in_statement {
+    ($state:expr, |$client:ident| $write:expr, |$done:ident, $conn:ident| $stale:expr) => {{
+        let db = $state.db.clone();
+        let detached = $state.app.detached.clone();
+        let task = detached.run(async move {
+            let conn = db.conn().await?;
+            let $done = {
+                let $client = &conn;
+                async { Ok::<_, ApiError>($write) }.await
+            };
+            let stale: Invalidations = {
+                let $conn = &conn;
+                $stale
+            };
+            drop(conn);
+            $state.cache.invalidate_batch(&stale).await;
+            $done
+        });
+        task.await.map_err(|stopping| ApiError::Unavailable {
+            message: stopping.to_string(),
+            retry_after: std::time::Duration::from_secs(1),
+        })??
+    }};
 }
 
 /// `POST /producers` `{"producerId", "name"}`.
@@ -95,7 +133,13 @@ pub async fn create_asset(
             queries::authorize_producer(&tx, asset.producer_id.as_str(), user.user_id).await?;
             queries::insert_asset(&tx, &asset, user.user_id).await?
         },
-        |_created| inv::assets_changed(&state, &[asset.version_id.as_str()], Reach::Presence).await
+        |_created, conn| inv::assets_changed(
+            &state,
+            conn,
+            &[asset.version_id.as_str()],
+            Reach::Presence
+        )
+        .await
     );
     Ok(json(StatusCode::CREATED, created))
 }
@@ -112,10 +156,11 @@ pub async fn update_asset(
 ) -> Result<Response, ApiError> {
     let version = VersionId::parse("versionId", &version)?;
     let change = AssetChange::parse(&Body::from_value(body)?)?;
-    let updated = in_transaction!(
+    let updated = in_statement!(
         state,
-        |tx| queries::update_asset(&tx, &version, user.user_id, &change).await?,
-        |_updated| inv::assets_changed(&state, &[version.as_str()], Reach::Content).await
+        |conn| queries::update_asset(conn, &version, user.user_id, &change).await?,
+        |_updated, conn| inv::assets_changed(&state, conn, &[version.as_str()], Reach::Content)
+            .await
     );
     Ok(json(StatusCode::OK, updated))
 }
@@ -134,7 +179,7 @@ pub async fn delete_asset(
     in_transaction!(
         state,
         |tx| queries::delete_asset(&tx, &version, user.user_id).await?,
-        |_done| inv::assets_changed(&state, &[version.as_str()], Reach::Presence).await
+        |_done, conn| inv::assets_changed(&state, conn, &[version.as_str()], Reach::Presence).await
     );
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -152,7 +197,7 @@ pub async fn create_policy(
     let created = in_transaction!(
         state,
         |tx| queries::insert_policy(&tx, &policy, user.user_id).await?,
-        |_created| inv::rights_changed(&state, policy.version_id.as_str()).await
+        |_created, conn| inv::rights_changed(&state, conn, policy.version_id.as_str()).await
     );
     Ok(json(StatusCode::CREATED, created))
 }
@@ -170,7 +215,7 @@ pub async fn create_receipt(
     let created = in_transaction!(
         state,
         |tx| queries::insert_receipt(&tx, &receipt, user.user_id).await?,
-        |_created| inv::rights_changed(&state, receipt.version_id.as_str()).await
+        |_created, conn| inv::rights_changed(&state, conn, receipt.version_id.as_str()).await
     );
     Ok(json(StatusCode::CREATED, created))
 }
@@ -204,13 +249,13 @@ pub async fn record_lineage(
             let published = queries::published_outputs(&tx, &outputs, user.user_id).await?;
             queries::insert_event(&tx, &event, user.user_id, &published).await?
         },
-        |recorded| {
+        |recorded, conn| {
             // Pending edges change no answer until their child is published (which
             // invalidates it then).
             let mut changed: Vec<&str> = recorded.1.added.iter().map(|(_, c)| c.as_str()).collect();
             changed.sort_unstable();
             changed.dedup();
-            inv::lineage_changed(&state, &changed).await
+            inv::lineage_changed(&state, conn, &changed).await
         }
     );
     let edges = |list: &[(String, String)]| -> Vec<Value> {
@@ -261,7 +306,7 @@ pub async fn remove_lineage(
     in_transaction!(
         state,
         |tx| queries::delete_edge(&tx, &child, &parent, user.user_id).await?,
-        |_done| inv::lineage_changed(&state, &[child.as_str()]).await
+        |_done, conn| inv::lineage_changed(&state, conn, &[child.as_str()]).await
     );
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -5,6 +5,7 @@ mod support;
 
 mod bounds;
 mod bundle;
+mod concurrent_writes;
 mod disconnect;
 mod freshness;
 mod input;

@@ -5,6 +5,10 @@
 //! and refuses to install what it read (see `install` in `read.rs`). Invalidations the shared
 //! tier cannot take are remembered ([`Pending`]) and replayed before the shared tier is read
 //! again, so a Redis that was only paused never serves a value invalidated meanwhile.
+//!
+//! Whatever one call names (keys of several namespaces, tags, whole namespaces: an
+//! [`Invalidations`]) is removed in one round, and concurrent callers share rounds
+//! (`batcher.rs`): one shared-tier script and one bus message for all of them.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -12,6 +16,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::batcher::Round;
 use super::breaker::Permit;
 use super::codec::{encode, now_ms};
 use super::stats::{NsCounters, add};
@@ -29,18 +34,42 @@ const DELIVERY_ATTEMPTS: u32 = 3;
 /// the reading instance's clocks may differ slightly.
 const CLOCK_SLACK_MS: u64 = 1000;
 
-/// One invalidation to deliver to Redis.
-pub(super) enum Invalidation {
-    Keys(Vec<String>),
-    Tags(Vec<String>),
+/// What one call makes stale, removed together by [`Cache::invalidate_batch`]: keys of any
+/// namespaces, tags and whole namespaces. A write that makes several kinds of entries stale
+/// names them all here, and pays one shared-tier round and one bus round for all of them.
+#[derive(Debug, Default, Clone)]
+pub struct Invalidations {
+    keys: Vec<(String, String)>,
+    tags: Vec<String>,
+    namespaces: Vec<String>,
 }
 
-impl Invalidation {
-    fn record(&self, pending: &mut Pending) {
-        match self {
-            Invalidation::Keys(keys) => pending.keys.extend(keys.iter().cloned()),
-            Invalidation::Tags(tags) => pending.tags.extend(tags.iter().cloned()),
-        }
+impl Invalidations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Keys of `namespace`.
+    pub fn keys(&mut self, namespace: &str, keys: &[&str]) -> &mut Self {
+        self.keys
+            .extend(keys.iter().map(|k| (namespace.to_string(), k.to_string())));
+        self
+    }
+
+    /// Every value carrying any of `tags`.
+    pub fn tags(&mut self, tags: impl IntoIterator<Item = String>) -> &mut Self {
+        self.tags.extend(tags);
+        self
+    }
+
+    /// Every value of `namespace`.
+    pub fn namespace(&mut self, namespace: &str) -> &mut Self {
+        self.namespaces.push(namespace.to_string());
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.tags.is_empty() && self.namespaces.is_empty()
     }
 }
 
@@ -54,6 +83,11 @@ pub(super) struct Pending {
 impl Pending {
     fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.tags.is_empty()
+    }
+
+    fn record(&mut self, keys: &[String], tags: &[String]) {
+        self.keys.extend(keys.iter().cloned());
+        self.tags.extend(tags.iter().cloned());
     }
 }
 
@@ -150,7 +184,7 @@ impl Cache {
                 .await
             {
                 self.shared_failed(&counters, &err);
-                self.remember(|p| Invalidation::Keys(vec![full.clone()]).record(p));
+                self.remember(|p| p.record(std::slice::from_ref(&full), &[]));
                 self.inner.breaker.trip();
             }
         }
@@ -158,9 +192,7 @@ impl Cache {
         Ok(())
     }
 
-    /// Removes one key. When this returns, no reader gets the old value from this engine's
-    /// tiers, and no load that started before can install it. If Redis cannot be reached the
-    /// invalidation is remembered and delivered before Redis is read again.
+    /// Removes one key (see [`invalidate_batch`](Self::invalidate_batch)).
     pub async fn invalidate(&self, namespace: &str, key: &str) {
         self.invalidate_keys(namespace, &[key]).await;
     }
@@ -168,44 +200,8 @@ impl Cache {
     /// [`invalidate`](Self::invalidate) for several keys of one namespace: one shared-tier
     /// call and one bus message for all of them.
     pub async fn invalidate_keys(&self, namespace: &str, keys: &[&str]) {
-        if keys.is_empty() {
-            return;
-        }
-        let full: Vec<String> = keys.iter().map(|k| self.full_key(namespace, k)).collect();
-        add(
-            &self.inner.stats.ns(namespace).invalidations,
-            full.len() as u64,
-        );
-        self.forget_keys(&full);
-        if self.inner.shared.is_some() {
-            self.deliver(namespace, Invalidation::Keys(full.clone()))
-                .await;
-            // Again, after the shared tier's delete: a reader that started after the first
-            // bump may have read the old value from the shared tier before the delete; the
-            // second bump refuses its install, the second removal drops it if it got in.
-            self.forget_keys(&full);
-        }
-        self.tell_instances(full, Vec::new()).await;
-    }
-
-    /// Removes `full` keys from this instance's in-process tier and marks them invalidated.
-    fn forget_keys(&self, full: &[String]) {
-        let marks: Vec<String> = full.iter().map(|k| format!("k:{k}")).collect();
-        self.bump(&marks);
-        if let Some(memory) = &self.inner.memory {
-            for key in full {
-                memory.invalidate(key);
-            }
-        }
-    }
-
-    /// Removes values carrying any of `tags` from the in-process tier and marks the tags.
-    fn forget_tags(&self, tags: &[String]) {
-        let marks: Vec<String> = tags.iter().map(|t| format!("t:{t}")).collect();
-        self.bump(&marks);
-        if let Some(memory) = &self.inner.memory {
-            self.inner.tag_index.invalidate(memory, tags);
-        }
+        self.invalidate_batch(Invalidations::new().keys(namespace, keys))
+            .await;
     }
 
     /// Removes every value carrying `tag`.
@@ -216,24 +212,81 @@ impl Cache {
     /// Removes every value carrying any of `tags`: one shared-tier call and one bus message
     /// for all of them, however many (a write that affects many cached answers).
     pub async fn invalidate_tags(&self, tags: &[String]) {
-        if tags.is_empty() {
-            return;
-        }
-        self.forget_tags(tags);
-        if self.inner.shared.is_some() {
-            self.deliver("tags", Invalidation::Tags(tags.to_vec()))
-                .await;
-            // As for keys: readers that read the shared tier before its delete.
-            self.forget_tags(tags);
-        }
-        self.tell_instances(Vec::new(), tags.to_vec()).await;
+        self.invalidate_batch(Invalidations::new().tags(tags.iter().cloned()))
+            .await;
     }
 
     /// Removes every value of a namespace.
     pub async fn invalidate_namespace(&self, namespace: &str) {
-        add(&self.inner.stats.ns(namespace).invalidations, 1);
-        self.bump(&[format!("n:{namespace}")]);
-        self.invalidate_tag(&format!("ns:{namespace}")).await;
+        self.invalidate_batch(Invalidations::new().namespace(namespace))
+            .await;
+    }
+
+    /// Removes everything `what` names. When this returns, no reader gets an old value from
+    /// this engine's tiers or another instance's in-process tier, and no load that started
+    /// before can install one; if the shared tier cannot be reached, what it holds is
+    /// remembered and deleted before it is read again. One shared-tier round (one script on
+    /// Redis) and one bus message, shared with concurrent callers (`batcher.rs`).
+    pub async fn invalidate_batch(&self, what: &Invalidations) {
+        if what.is_empty() {
+            return;
+        }
+        let mut round = Round::default();
+        for (namespace, key) in &what.keys {
+            add(&self.inner.stats.ns(namespace).invalidations, 1);
+            round.keys.push(self.full_key(namespace, key));
+        }
+        for namespace in &what.namespaces {
+            add(&self.inner.stats.ns(namespace).invalidations, 1);
+            round.tags.push(format!("ns:{namespace}"));
+        }
+        round.tags.extend(what.tags.iter().cloned());
+        round.label = match (what.keys.first(), what.namespaces.first()) {
+            (Some((namespace, _)), _) | (None, Some(namespace)) => namespace.clone(),
+            (None, None) => "tags".to_string(),
+        };
+        let namespaces: Vec<String> = what.namespaces.iter().map(|n| format!("n:{n}")).collect();
+        self.forget(&round.keys, &round.tags, &namespaces);
+        if self.inner.shared.is_none() && self.inner.bus.is_none() {
+            return;
+        }
+        self.commit(round).await;
+    }
+
+    /// One round for `round` alone (no other caller's invalidations): delivery, the second
+    /// removal, announcement. Returns whether the delivery timed out.
+    pub(super) async fn deliver_and_forget(&self, round: &Round, skip: bool) -> bool {
+        if self.inner.shared.is_none() {
+            return false;
+        }
+        let timed_out = self
+            .deliver(&round.label, &round.keys, &round.tags, skip)
+            .await;
+        // Again, after the shared tier's delete: a reader that started after the first bump
+        // may have read the old value from the shared tier before the delete; the second bump
+        // refuses its install, the second removal drops it if it got in.
+        self.forget(&round.keys, &round.tags, &[]);
+        timed_out
+    }
+
+    /// Removes `keys` and values carrying `tags` from this instance's in-process tier, and
+    /// marks them (and `extra` marks) invalidated: one epoch bump for all.
+    fn forget(&self, keys: &[String], tags: &[String], extra: &[String]) {
+        let marks: Vec<String> = keys
+            .iter()
+            .map(|k| format!("k:{k}"))
+            .chain(tags.iter().map(|t| format!("t:{t}")))
+            .chain(extra.iter().cloned())
+            .collect();
+        self.bump(&marks);
+        if let Some(memory) = &self.inner.memory {
+            for key in keys {
+                memory.invalidate(key);
+            }
+            if !tags.is_empty() {
+                self.inner.tag_index.invalidate(memory, tags);
+            }
+        }
     }
 
     /// Removes expired rows of the PostgreSQL tier every `interval` until shutdown (a no-op
@@ -314,7 +367,7 @@ impl Cache {
     /// answering: then nothing can carry the message now, and every instance cut off as we
     /// are has stopped trusting its tier already. The invalidation is remembered instead;
     /// the replay announces it on the bus once Redis answers.
-    async fn tell_instances(&self, keys: Vec<String>, tags: Vec<String>) {
+    pub(super) async fn tell_instances(&self, keys: Vec<String>, tags: Vec<String>) {
         let Some(bus) = &self.inner.bus else {
             return;
         };
@@ -329,33 +382,30 @@ impl Cache {
     }
 
     /// Sends an invalidation to Redis, or remembers it (and keeps Redis out of reads) when
-    /// Redis cannot take it now.
+    /// Redis cannot take it now. Returns whether the call timed out.
     ///
     /// What it costs a write when Redis does not answer is bounded: the first invalidation
     /// of an outage waits one `REDIS_TIMEOUT` here (no retry after a timeout); once the
     /// outage is established ([`unresponsive`](Self::unresponsive)) later ones are only
     /// remembered, at once: they are delivered (and announced on the bus) by the replay,
-    /// before this instance reads Redis again.
-    async fn deliver(&self, namespace: &str, what: Invalidation) {
+    /// before this instance reads Redis again. `skip` (the previous round's call timed out,
+    /// and this one's writers waited for it) remembers at once too.
+    async fn deliver(&self, namespace: &str, keys: &[String], tags: &[String], skip: bool) -> bool {
         let Some(shared) = self.inner.shared.as_ref() else {
-            return;
+            return false;
         };
-        if self.unresponsive() {
-            self.remember(|p| what.record(p));
+        if skip || self.unresponsive() {
+            self.remember(|p| p.record(keys, tags));
             self.inner.breaker.trip();
-            return;
+            return false;
         }
         // An invalidation matters more than a read: it goes to the shared tier even while the
         // breaker keeps reads away (other instances may be reading it), and a call that
         // failed at once is tried again, before it is only remembered.
         let mut last = None;
         for attempt in 0..DELIVERY_ATTEMPTS {
-            let result = match &what {
-                Invalidation::Keys(keys) => shared.invalidate_keys(keys).await,
-                Invalidation::Tags(tags) => shared.invalidate_tags(tags).await.map(|_| ()),
-            };
-            match result {
-                Ok(()) => return,
+            match shared.invalidate(keys, tags).await {
+                Ok(()) => return false,
                 Err(err) => {
                     tracing::debug!(attempt, error = %err, "invalidation not delivered yet");
                     let timed_out = err.timed_out();
@@ -366,13 +416,15 @@ impl Cache {
                 }
             }
         }
-        self.remember(|p| what.record(p));
+        self.remember(|p| p.record(keys, tags));
+        let timed_out = last.as_ref().is_some_and(TierError::timed_out);
         if let Some(err) = last {
             let counters = self.inner.stats.ns(namespace);
             self.shared_failed(&counters, &err);
         }
         // Until it is delivered, the shared tier may hold the old value: stop reading it.
         self.inner.breaker.trip();
+        timed_out
     }
 
     /// The Redis tier if it may be used now. Undelivered invalidations are replayed first;
@@ -408,18 +460,9 @@ impl Cache {
         }
         let keys: Vec<String> = keys.into_iter().collect();
         let tags: Vec<String> = tags.into_iter().collect();
-        // Stops at the first failure: Redis is still away, and each further call would cost
-        // its caller (a reader that is the breaker's probe) another deadline.
-        let delivered = async {
-            if !keys.is_empty() {
-                shared.invalidate_keys(&keys).await?;
-            }
-            if !tags.is_empty() {
-                shared.invalidate_tags(&tags).await?;
-            }
-            Ok::<(), TierError>(())
-        };
-        if let Err(err) = delivered.await {
+        // One call: a failure means Redis is still away, and each further call would cost its
+        // caller (a reader that is the breaker's probe) another deadline.
+        if let Err(err) = shared.invalidate(&keys, &tags).await {
             tracing::debug!(error = %err, "undelivered invalidations still not delivered");
             self.remember(|p| {
                 p.keys.extend(keys);

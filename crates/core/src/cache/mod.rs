@@ -23,12 +23,14 @@
 //! | `read.rs` | the read path's three steps (near hit, shared tier, load here); installing |
 //! | `lease.rs` | its shared-tier step: lookup with lease, polling with backoff, fill |
 //! | `invalidate.rs` | `set`, invalidations, their marks, and their replay after an outage |
+//! | `batcher.rs` | concurrent invalidations merged into one shared-tier round and bus message |
 //! | `codec.rs` | the stored form of a value (header, XFetch early-refresh test) |
 //! | `tier.rs`, `redis_tier.rs`, `pg_tier.rs` | the shared tier and its two backends |
 //! | `bus.rs` | keeping the instances' in-process tiers coherent |
 //! | `tag_index.rs`, `marks.rs` | which keys carry a tag; what was invalidated when |
 //! | `breaker.rs`, `stats.rs` | the shared tier's circuit breaker; per-namespace counters |
 
+mod batcher;
 mod breaker;
 mod bus;
 mod codec;
@@ -51,8 +53,10 @@ use bytes::Bytes;
 use moka::sync::Cache as Moka;
 
 pub use breaker::BreakerState;
+pub use invalidate::Invalidations;
 pub use stats::NamespaceStats;
 
+use self::batcher::Batcher;
 use self::breaker::Breaker;
 use self::bus::Bus;
 use self::invalidate::Pending;
@@ -249,6 +253,8 @@ pub(crate) struct Inner {
     distrust_before_ms: AtomicU64,
     /// Serialises replays of `pending` so one caller does it.
     replay: tokio::sync::Mutex<()>,
+    /// Concurrent invalidations, merged into shared rounds (`batcher.rs`).
+    batcher: Batcher,
     stats: Stats,
 }
 
@@ -304,6 +310,7 @@ impl Cache {
                 outage: AtomicBool::new(false),
                 distrust_before_ms: AtomicU64::new(0),
                 replay: tokio::sync::Mutex::new(()),
+                batcher: Batcher::default(),
                 stats: Stats::default(),
             }),
         };

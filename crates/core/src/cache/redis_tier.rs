@@ -24,10 +24,12 @@
 //! longest-lived member. Anonymous reads of random ids no longer grow them without bound.
 //!
 //! A tag invalidation never holds Redis for long, whatever the tag's size (a namespace of
-//! 200,000 keys): one short script *retires* the set (`RENAME` to a draining set, registered
-//! under the tag), so keys entered from then on go to a fresh set; then the draining sets are
-//! deleted in batches of [`DRAIN_BATCH`] members, one short script each, values and leases
-//! together. The invalidation returns when every batch is done. A fill whose lease was
+//! 200,000 keys): one short script deletes the keys named and *retires* each tag's set
+//! (`RENAME` to a draining set, registered under the tag), so keys entered from then on go to
+//! a fresh set, and deletes the first [`DRAIN_BATCH`] members of the draining sets (values and
+//! leases together); what is left is deleted in batches of as many, one short script each.
+//! An invalidation of a few keys and small tags (a write) is therefore one round trip. The
+//! invalidation returns when every batch is done. A fill whose lease was
 //! granted before the invalidation either lands before its key's batch (and is deleted by it)
 //! or after (its lease is gone: refused). A draining set left behind by an interrupted
 //! invalidation stays registered, and the next invalidation of the tag (the engine's replay)
@@ -62,7 +64,7 @@ pub(crate) struct RedisTier {
     try_lease: Script,
     fill: Script,
     set: Script,
-    retire_tags: Script,
+    invalidate: Script,
     drain: Script,
 }
 
@@ -152,13 +154,45 @@ index_tags(tonumber(ARGV[2]), true)
 return 1
 ";
 
-/// Retires each tag set `KEYS[2i]` (registering it in `KEYS[2i+1]`; `KEYS[1]` numbers the
-/// draining sets, named from `ARGV[1]`) and returns every draining set of these tags, those
-/// left by earlier, interrupted invalidations included, each followed by its registry.
-/// O(number of tags).
-const RETIRE_TAGS: &str = r"
+/// Deletes up to `count` members of the draining set `set` (their values and, under the
+/// prefix `lease_prefix`, their leases); unregisters it from `registry` once empty. Returns
+/// how many were deleted and how many remain. Shared by INVALIDATE and DRAIN.
+const DRAIN_FN: &str = r"
+local function drain(set, registry, lease_prefix, count)
+  local members
+  if redis.call('TYPE', set).ok == 'set' then
+    members = redis.call('SPOP', set, count)
+  else
+    members = redis.call('ZRANGE', set, 0, count - 1)
+    if #members > 0 then redis.call('ZREM', set, unpack(members)) end
+  end
+  for _, k in ipairs(members) do
+    redis.call('DEL', k, lease_prefix .. k)
+  end
+  local left
+  if redis.call('TYPE', set).ok == 'set' then
+    left = redis.call('SCARD', set)
+  else
+    left = redis.call('ZCARD', set)
+  end
+  if left == 0 then redis.call('SREM', registry, set) end
+  return #members, left
+end
+";
+
+/// Deletes the values `KEYS[2..ARGV[3]+1]` and their leases (under the prefix `ARGV[2]`);
+/// retires each tag set `KEYS[i]` that follows (registering it in `KEYS[i+1]`; `KEYS[1]`
+/// numbers the draining sets, named from `ARGV[1]`); then deletes up to `ARGV[4]` members of
+/// the tags' draining sets, those left by earlier, interrupted invalidations included.
+/// Returns how many members it deleted, and the draining sets not emptied, each followed by
+/// its registry. O(keys + tags + `ARGV[4]`).
+const INVALIDATE: &str = r"
+local n = tonumber(ARGV[3])
+for i = 2, n + 1 do
+  redis.call('DEL', KEYS[i], ARGV[2] .. KEYS[i])
+end
 local draining = {}
-for i = 2, #KEYS, 2 do
+for i = n + 2, #KEYS, 2 do
   local tag, registry = KEYS[i], KEYS[i + 1]
   if redis.call('EXISTS', tag) == 1 then
     local dead = ARGV[1] .. redis.call('INCR', KEYS[1])
@@ -172,31 +206,31 @@ for i = 2, #KEYS, 2 do
     table.insert(draining, registry)
   end
 end
-return draining
+local budget = tonumber(ARGV[4])
+local deleted_here = 0
+local left_over = {}
+for j = 1, #draining, 2 do
+  local left = 1
+  if budget > 0 then
+    local deleted
+    deleted, left = drain(draining[j], draining[j + 1], ARGV[2], budget)
+    budget = budget - deleted
+    deleted_here = deleted_here + deleted
+  end
+  if left > 0 then
+    table.insert(left_over, draining[j])
+    table.insert(left_over, draining[j + 1])
+  end
+end
+return {deleted_here, left_over}
 ";
 
-/// Deletes up to `ARGV[2]` members of the draining set `KEYS[1]` (their values and, under the
-/// prefix `ARGV[1]`, their leases); unregisters it from `KEYS[2]` once empty. Returns how
-/// many were deleted and how many remain.
+/// Deletes up to `ARGV[2]` members of the draining set `KEYS[1]` (see DRAIN_FN), registered
+/// in `KEYS[2]`, leases under the prefix `ARGV[1]`. Returns how many were deleted and how
+/// many remain.
 const DRAIN: &str = r"
-local members
-if redis.call('TYPE', KEYS[1]).ok == 'set' then
-  members = redis.call('SPOP', KEYS[1], ARGV[2])
-else
-  members = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
-  if #members > 0 then redis.call('ZREM', KEYS[1], unpack(members)) end
-end
-for _, k in ipairs(members) do
-  redis.call('DEL', k, ARGV[1] .. k)
-end
-local left
-if redis.call('TYPE', KEYS[1]).ok == 'set' then
-  left = redis.call('SCARD', KEYS[1])
-else
-  left = redis.call('ZCARD', KEYS[1])
-end
-if left == 0 then redis.call('SREM', KEYS[2], KEYS[1]) end
-return {#members, left}
+local deleted, left = drain(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]))
+return {deleted, left}
 ";
 
 impl RedisTier {
@@ -218,17 +252,13 @@ impl RedisTier {
             try_lease: Script::new(&format!("{index_tags}{TRY_LEASE}")),
             fill: Script::new(FILL),
             set: Script::new(&format!("{index_tags}{SET}")),
-            retire_tags: Script::new(RETIRE_TAGS),
-            drain: Script::new(DRAIN),
+            invalidate: Script::new(&format!("{DRAIN_FN}{INVALIDATE}")),
+            drain: Script::new(&format!("{DRAIN_FN}{DRAIN}")),
         }
     }
 
     pub fn value_key(&self, full_key: &str) -> String {
         format!("{}{full_key}", self.prefix)
-    }
-
-    fn lease_key(&self, value_key: &str) -> String {
-        format!("{}lease:{value_key}", self.prefix)
     }
 
     fn tag_key(&self, tag: &str) -> String {
@@ -260,7 +290,7 @@ impl RedisTier {
         name.push_str(prefix);
         name.push_str(full_key);
         cmd.arg(&name);
-        // The lease key: `lease_key(value_key)`.
+        // The lease key: `<prefix>lease:<value key>`.
         name.insert_str(0, "lease:");
         name.insert_str(0, prefix);
         cmd.arg(&name);
@@ -390,29 +420,32 @@ impl RedisTier {
         Ok(stored == 1)
     }
 
-    /// Deletes the values and leases of `full_keys`, in one command.
-    pub async fn invalidate_keys(&self, full_keys: &[String]) -> Result<(), RedisError> {
-        let mut del = redis::cmd("DEL");
+    /// Deletes the values and leases of `full_keys` and every value carrying any of `tags`,
+    /// in one script when the tags list few keys (see the module's doc): a write's whole
+    /// invalidation is one round trip. Returns how many keys the tags listed.
+    pub async fn invalidate(
+        &self,
+        full_keys: &[String],
+        tags: &[String],
+    ) -> Result<u64, RedisError> {
+        let mut tags: Vec<&String> = tags.iter().collect();
+        tags.sort_unstable();
+        tags.dedup();
+        let mut script = self.invalidate.prepare_invoke();
+        script.key(format!("{}tag-draining-seq", self.prefix));
         for full_key in full_keys {
-            let key = self.value_key(full_key);
-            del.arg(self.lease_key(&key)).arg(key);
+            script.key(self.value_key(full_key));
         }
-        self.redis.query(&del).await
-    }
-
-    /// Removes every value carrying any of `tags`: retires their sets (one short script),
-    /// then deletes what they list in batches (one short script each), so Redis is never
-    /// held for long however many keys a tag has. Returns how many keys were listed.
-    pub async fn invalidate_tags(&self, tags: &[String]) -> Result<u64, RedisError> {
-        let mut retire = self.retire_tags.prepare_invoke();
-        retire.key(format!("{}tag-draining-seq", self.prefix));
         for tag in tags {
-            retire.key(self.tag_key(tag)).key(self.retired_key(tag));
+            script.key(self.tag_key(tag)).key(self.retired_key(tag));
         }
-        retire.arg(format!("{}tag-draining:", self.prefix));
-        // Flat pairs: (draining set, the registry it is listed in).
-        let draining: Vec<String> = self.run(retire).await?;
-        let mut listed = 0u64;
+        script
+            .arg(format!("{}tag-draining:", self.prefix))
+            .arg(format!("{}lease:", self.prefix))
+            .arg(full_keys.len())
+            .arg(DRAIN_BATCH);
+        // Flat pairs: (draining set, the registry it is listed in), each with members left.
+        let (mut listed, draining): (u64, Vec<String>) = self.run(script).await?;
         for pair in draining.chunks_exact(2) {
             let mut drain = self.drain.prepare_invoke();
             drain.key(&pair[0]).key(&pair[1]);

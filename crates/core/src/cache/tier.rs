@@ -115,18 +115,23 @@ impl SharedTier {
         })
     }
 
-    pub async fn invalidate_keys(&self, full_keys: &[String]) -> Result<(), TierError> {
+    /// Deletes the values (and leases) of `full_keys` and of every key carrying any of `tags`:
+    /// one script on Redis when the tags list few keys; on PostgreSQL, leases before entries
+    /// (`pg_tier.rs`).
+    pub async fn invalidate(&self, full_keys: &[String], tags: &[String]) -> Result<(), TierError> {
         match self {
-            SharedTier::Redis(t) => t.invalidate_keys(full_keys).await?,
-            SharedTier::Postgres(t) => t.invalidate_keys(full_keys).await?,
+            SharedTier::Redis(t) => {
+                t.invalidate(full_keys, tags).await?;
+            }
+            SharedTier::Postgres(t) => {
+                if !full_keys.is_empty() {
+                    t.invalidate_keys(full_keys).await?;
+                }
+                if !tags.is_empty() {
+                    t.invalidate_tags(tags).await?;
+                }
+            }
         }
         Ok(())
-    }
-
-    pub async fn invalidate_tags(&self, tags: &[String]) -> Result<u64, TierError> {
-        Ok(match self {
-            SharedTier::Redis(t) => t.invalidate_tags(tags).await?,
-            SharedTier::Postgres(t) => t.invalidate_tags(tags).await?,
-        })
     }
 }
