@@ -69,8 +69,10 @@ macro_rules! in_transaction {
 /// `in_statement!(state, |conn| write, |result, conn| stale)`: as `in_transaction!`, for a
 /// write that is one statement, run without a transaction around it (`BEGIN` and `COMMIT` were
 /// two more round trips, and two more statements for PostgreSQL to run, per write). The
-/// invalidations run whatever the statement answered, an error too: the connection may have
-/// died after PostgreSQL committed it.
+/// invalidations run whatever the statement answered, an error too (the connection may have
+/// died after PostgreSQL committed it), except a refusal the statement itself reported
+/// (403, 404, 400, 409: nothing was written), so a user sending writes to rows that are not
+/// theirs cannot make every instance drop its caches.
 macro_rules! in_statement {
     ($state:expr, |$client:ident| $write:expr, |$done:ident, $conn:ident| $stale:expr) => {{
         let db = $state.db.clone();
@@ -81,7 +83,16 @@ macro_rules! in_statement {
                 let $client = &conn;
                 async { Ok::<_, ApiError>($write) }.await
             };
-            let stale: Invalidations = {
+            let refused = matches!(
+                &$done,
+                Err(ApiError::Forbidden(_)
+                    | ApiError::NotFound(_)
+                    | ApiError::BadRequest { .. }
+                    | ApiError::Conflict(_))
+            );
+            let stale: Invalidations = if refused {
+                Invalidations::new()
+            } else {
                 let $conn = &conn;
                 $stale
             };

@@ -256,12 +256,22 @@ async fn writes_need_an_account_and_only_a_producers_owner_may_change_its_assets
         }
     }
 
-    // Another account: 403 on everything of acme's (lineage into it too), nothing changed.
+    // Another account: 403 on everything of acme's (lineage into it too), nothing changed,
+    // and nothing invalidated: a cached listing page outlives the refused writes.
+    let (status, _) = get(base, "/listings").await;
+    assert_eq!(status, 200);
+    let cached_pages = catalog.redis_keys("cascade:cache:listings:*");
+    assert!(!cached_pages.is_empty(), "the listing page is cached");
     for (method, path, body) in writes[1..].iter().cloned() {
         let (status, answer) = send_as(base, Some(&mallory), method.clone(), path, body).await;
         assert_eq!(status, 403, "{method} {path}: {answer}");
         assert_eq!(answer["error"]["code"], "forbidden");
     }
+    assert_eq!(
+        catalog.redis_keys("cascade:cache:listings:*"),
+        cached_pages,
+        "a refused write invalidated the listings"
+    );
     let (status, body) = get(base, "/listings/acme@1").await;
     assert_eq!((status, body["name"].as_str()), (200, Some("Acme prices")));
     assert_eq!(catalog.count("assets").await, 1);

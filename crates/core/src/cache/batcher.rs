@@ -65,8 +65,6 @@ struct State {
     queue: Vec<Queued>,
     /// A caller leads: it is delivering, or has been handed the lead and is about to.
     leading: bool,
-    /// The latest delivery timed out.
-    timed_out: bool,
 }
 
 struct Queued {
@@ -147,7 +145,7 @@ impl Cache {
                 Ok(Turn::Lead) => {}
                 // The leader of the round that took it was dropped midway.
                 Err(_) => {
-                    self.deliver_and_forget(&round, false).await;
+                    self.deliver_and_forget(&round).await;
                     self.tell_instances(round.keys, round.tags).await;
                     return;
                 }
@@ -161,16 +159,14 @@ impl Cache {
     async fn lead(&self) {
         let batcher = &self.inner.batcher;
         let lead = Lead(batcher);
-        let (round, wakes, skip) = {
+        let (round, wakes) = {
             let mut state = batcher.lock();
             let queued = std::mem::take(&mut state.queue);
-            let skip = std::mem::take(&mut state.timed_out);
             let (rounds, wakes): (Vec<Round>, Vec<_>) =
                 queued.into_iter().map(|q| (q.round, q.wake)).unzip();
-            (Round::merge(rounds), wakes, skip)
+            (Round::merge(rounds), wakes)
         };
-        let timed_out = self.deliver_and_forget(&round, skip).await;
-        batcher.lock().timed_out = timed_out;
+        self.deliver_and_forget(&round).await;
         drop(lead);
         self.tell_instances(round.keys, round.tags).await;
         for wake in wakes.into_iter().flatten() {

@@ -254,19 +254,16 @@ impl Cache {
     }
 
     /// One round for `round` alone (no other caller's invalidations): delivery, the second
-    /// removal, announcement. Returns whether the delivery timed out.
-    pub(super) async fn deliver_and_forget(&self, round: &Round, skip: bool) -> bool {
+    /// removal, announcement.
+    pub(super) async fn deliver_and_forget(&self, round: &Round) {
         if self.inner.shared.is_none() {
-            return false;
+            return;
         }
-        let timed_out = self
-            .deliver(&round.label, &round.keys, &round.tags, skip)
-            .await;
+        self.deliver(&round.label, &round.keys, &round.tags).await;
         // Again, after the shared tier's delete: a reader that started after the first bump
         // may have read the old value from the shared tier before the delete; the second bump
         // refuses its install, the second removal drops it if it got in.
         self.forget(&round.keys, &round.tags, &[]);
-        timed_out
     }
 
     /// Removes `keys` and values carrying `tags` from this instance's in-process tier, and
@@ -382,22 +379,23 @@ impl Cache {
     }
 
     /// Sends an invalidation to Redis, or remembers it (and keeps Redis out of reads) when
-    /// Redis cannot take it now. Returns whether the call timed out.
+    /// Redis cannot take it now.
     ///
     /// What it costs a write when Redis does not answer is bounded: the first invalidation
     /// of an outage waits one `REDIS_TIMEOUT` here (no retry after a timeout); once the
     /// outage is established ([`unresponsive`](Self::unresponsive)) later ones are only
     /// remembered, at once: they are delivered (and announced on the bus) by the replay,
-    /// before this instance reads Redis again. `skip` (the previous round's call timed out,
-    /// and this one's writers waited for it) remembers at once too.
-    async fn deliver(&self, namespace: &str, keys: &[String], tags: &[String], skip: bool) -> bool {
+    /// before this instance reads Redis again. A round is always tried while Redis is not
+    /// established as unresponsive, even right after another round's call timed out: only
+    /// remembering it would let the bus announce it while Redis still holds the old values.
+    async fn deliver(&self, namespace: &str, keys: &[String], tags: &[String]) {
         let Some(shared) = self.inner.shared.as_ref() else {
-            return false;
+            return;
         };
-        if skip || self.unresponsive() {
+        if self.unresponsive() {
             self.remember(|p| p.record(keys, tags));
             self.inner.breaker.trip();
-            return false;
+            return;
         }
         // An invalidation matters more than a read: it goes to the shared tier even while the
         // breaker keeps reads away (other instances may be reading it), and a call that
@@ -405,7 +403,7 @@ impl Cache {
         let mut last = None;
         for attempt in 0..DELIVERY_ATTEMPTS {
             match shared.invalidate(keys, tags).await {
-                Ok(()) => return false,
+                Ok(()) => return,
                 Err(err) => {
                     tracing::debug!(attempt, error = %err, "invalidation not delivered yet");
                     let timed_out = err.timed_out();
@@ -417,14 +415,12 @@ impl Cache {
             }
         }
         self.remember(|p| p.record(keys, tags));
-        let timed_out = last.as_ref().is_some_and(TierError::timed_out);
         if let Some(err) = last {
             let counters = self.inner.stats.ns(namespace);
             self.shared_failed(&counters, &err);
         }
         // Until it is delivered, the shared tier may hold the old value: stop reading it.
         self.inner.breaker.trip();
-        timed_out
     }
 
     /// The Redis tier if it may be used now. Undelivered invalidations are replayed first;

@@ -26,7 +26,9 @@ pub(crate) struct Breaker {
 struct State {
     failures: u32,
     open_until: Option<Instant>,
-    probing: bool,
+    /// Since when a probe has been out. A probe that never reports (its caller's request was
+    /// dropped mid-call) stops counting after `cool_down`, and the next caller probes.
+    probing: Option<Instant>,
 }
 
 /// What the breaker lets a caller do.
@@ -50,7 +52,7 @@ impl Breaker {
             state: Mutex::new(State {
                 failures: 0,
                 open_until: None,
-                probing: false,
+                probing: None,
             }),
         }
     }
@@ -64,9 +66,15 @@ impl Breaker {
         match state.open_until {
             None => Permit::Call,
             Some(until) if Instant::now() < until => Permit::Skip,
-            Some(_) if state.probing => Permit::Skip,
+            Some(_)
+                if state
+                    .probing
+                    .is_some_and(|at| at.elapsed() < self.cool_down) =>
+            {
+                Permit::Skip
+            }
             Some(_) => {
-                state.probing = true;
+                state.probing = Some(Instant::now());
                 metrics::record_upstream_breaker(self.upstream, 1.0);
                 Permit::Probe
             }
@@ -78,7 +86,7 @@ impl Breaker {
         let was_open = state.open_until.is_some();
         state.failures = 0;
         state.open_until = None;
-        state.probing = false;
+        state.probing = None;
         if was_open {
             tracing::info!(
                 upstream = self.upstream,
@@ -93,7 +101,7 @@ impl Breaker {
         let mut state = self.lock();
         state.failures = state.failures.saturating_add(1);
         let was_closed = state.open_until.is_none();
-        state.probing = false;
+        state.probing = None;
         if state.failures >= self.threshold || !was_closed {
             state.open_until = Some(Instant::now() + self.cool_down);
             metrics::record_upstream_breaker(self.upstream, 2.0);
@@ -153,6 +161,24 @@ mod tests {
         assert_eq!(b.permit(), Permit::Probe);
         b.success();
         assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.permit(), Permit::Call);
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_does_not_keep_the_breaker_open() {
+        let b = Breaker::new("test", 1, Duration::from_millis(20));
+        assert!(b.failure());
+        std::thread::sleep(Duration::from_millis(30));
+        // The probe's caller is dropped mid-call: neither success nor failure is reported.
+        assert_eq!(b.permit(), Permit::Probe);
+        assert_eq!(b.permit(), Permit::Skip, "the probe is out");
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(
+            b.permit(),
+            Permit::Probe,
+            "an abandoned probe stops counting"
+        );
+        b.success();
         assert_eq!(b.permit(), Permit::Call);
     }
 }
