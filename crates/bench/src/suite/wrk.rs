@@ -62,17 +62,19 @@ end
 "#;
 
 impl Wrk {
-    /// Runs wrk for the configured time over `paths` (GET, or `method`) and reads its result.
-    pub async fn run(
+    /// Runs wrk for `seconds` over `paths` (GET, or `method`) and reads its result.
+    pub async fn run_for(
         &self,
         name: &str,
         paths: &[String],
         method: Option<&str>,
+        seconds: u64,
     ) -> anyhow::Result<Row> {
-        self.run_against(&self.base, name, paths, method).await
+        self.run_timed(&self.base, name, paths, method, seconds)
+            .await
     }
 
-    /// [`run`](Self::run) against another server (the bare ceiling).
+    /// Runs wrk for the configured time against another server (the bare ceiling).
     pub async fn run_against(
         &self,
         base: &str,
@@ -80,16 +82,28 @@ impl Wrk {
         paths: &[String],
         method: Option<&str>,
     ) -> anyhow::Result<Row> {
+        self.run_timed(base, name, paths, method, self.seconds)
+            .await
+    }
+
+    async fn run_timed(
+        &self,
+        base: &str,
+        name: &str,
+        paths: &[String],
+        method: Option<&str>,
+        seconds: u64,
+    ) -> anyhow::Result<Row> {
         eprintln!("bench: {name}");
         let script = self.script(name, paths, method)?;
         // wrk stops itself after `seconds`; the bound only catches a wrk that hangs.
-        let bound = Duration::from_secs(self.seconds + 60);
+        let bound = Duration::from_secs(seconds + 60);
         let output = tokio::time::timeout(
             bound,
             tokio::process::Command::new(&self.bin)
                 .args(["-t", &WRK_THREADS.to_string()])
                 .args(["-c", &self.connections.to_string()])
-                .args(["-d", &format!("{}s", self.seconds), "--timeout", "5s", "-s"])
+                .args(["-d", &format!("{seconds}s"), "--timeout", "5s", "-s"])
                 .arg(&script)
                 .arg(base)
                 .stdin(Stdio::null())
