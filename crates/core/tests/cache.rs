@@ -1039,12 +1039,14 @@ async fn a_value_filled_after_a_slow_load_expires_no_later_than_its_tag_entries(
         .await
         .unwrap();
     let mut conn = raw_redis(&server).await;
-    let value_ttl: i64 = redis::cmd("PTTL")
+    // Both read by one script, so no time passes between them.
+    let (value_ttl, secs, micros): (i64, u64, u64) = redis::cmd("EVAL")
+        .arg("local t = redis.call('TIME') return {redis.call('PTTL', KEYS[1]), tonumber(t[1]), tonumber(t[2])}")
+        .arg(1)
         .arg("slow:early:k")
         .query_async(&mut conn)
         .await
         .unwrap();
-    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
     let now_ms = secs * 1000 + micros / 1000;
     // The `early` namespace lives 800 ms: counted from the lease, the load took 300 of them.
     assert!(

@@ -136,10 +136,12 @@ return 0
 /// it otherwise: no stale set). The value's TTL (`ARGV[2]`) counts from when the lease was
 /// granted (`ARGV[4]`, the lease's TTL, minus what it has left), so it expires no later than
 /// the lease's entry in its tag sets and nothing needs indexing: an invalidation by tag finds
-/// the key for as long as it has a value. (A load that outlasts the TTL stores nothing.)
+/// the key for as long as it has a value. (A load that outlasts the TTL stores nothing.) One
+/// millisecond less again: the tag entry's expiry was read from `TIME` and the lease's from
+/// Redis's own clock of that command, which may be a millisecond apart.
 const FILL: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-local left = tonumber(ARGV[2]) - (tonumber(ARGV[4]) - redis.call('PTTL', KEYS[2]))
+local left = tonumber(ARGV[2]) - (tonumber(ARGV[4]) - redis.call('PTTL', KEYS[2])) - 1
 redis.call('DEL', KEYS[2])
 if left < 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', left)
