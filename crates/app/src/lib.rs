@@ -6,10 +6,13 @@
 //!   `cascade --help`, `cascade config` and `CACHE_TTLS_JSON` know them;
 //! - [`venice`]: Venice through the core's cached connector (pool, retries, breaker,
 //!   stale-if-error), the username type, the cache keys; the startup probe;
-//! - [`citizens`]: `GET /citizens/{username}`; [`openapi`]: its part of the API document.
+//! - [`citizens`]: `GET /citizens/{username}`; [`openapi`]: its part of the API document;
+//! - [`accounts`]: `POST /me/citizen` and `DELETE /me/citizen`, an account's link to a Venice
+//!   citizen, and its columns of `cascade_users` ([`MIGRATIONS`], its own version space).
 //!
-//! Its tables and the rest of its routes and tasks arrive with the issues that build them.
+//! Its other tables, routes and tasks arrive with the issues that build them.
 
+pub mod accounts;
 pub mod citizens;
 pub mod config;
 pub mod openapi;
@@ -20,12 +23,21 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::FromRef;
-use axum::routing::get;
+use axum::routing::{get, post};
+use cascade_core::db::Migration;
 use cascade_core::tasks::Supervisor;
 use cascade_core::upstream::Connector;
 use cascade_http::{AppState, Module};
 
 pub use config::{AppConfig, RawAppConfig};
+
+/// The application's migrations. Append only: never edit one that has shipped.
+pub const MIGRATIONS: &[Migration] = &[Migration::new(
+    "app",
+    1,
+    "citizen_link",
+    include_str!("../migrations/0001_citizen_link.sql"),
+)];
 
 /// The module as the server composes it.
 pub struct AppModule {
@@ -63,6 +75,10 @@ impl Module for AppModule {
         "app"
     }
 
+    fn migrations(&self) -> &'static [Migration] {
+        MIGRATIONS
+    }
+
     fn openapi(&self) -> utoipa::openapi::OpenApi {
         <openapi::AppApi as utoipa::OpenApi>::openapi()
     }
@@ -76,8 +92,13 @@ impl Module for AppModule {
             venice,
             app: state.clone(),
         }));
+        // Account data: never stored by a browser or a shared cache (as the other `/me` routes).
+        let account = Router::new()
+            .route("/me/citizen", post(accounts::link).delete(accounts::unlink))
+            .layer(axum::middleware::map_response(no_store));
         Router::new()
             .route("/citizens/{username}", get(citizens::citizen))
+            .merge(account)
             .with_state(state)
     }
 
@@ -92,6 +113,14 @@ impl Module for AppModule {
             stop.recv().await;
         });
     }
+}
+
+async fn no_store(mut response: axum::response::Response) -> axum::response::Response {
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    response
 }
 
 /// `GET {VENICE_API_URL}/health` under `deadline`: `Ok` with what answered, `Err` with why
@@ -112,5 +141,16 @@ pub async fn probe_venice(config: &AppConfig, deadline: Duration) -> Result<Stri
             started.elapsed().as_millis()
         )),
         Err(err) => Err(format!("{url}: {}", cascade_core::db::error_chain(&err))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cascade_core::db::{CORE_MIGRATIONS, check_migrations};
+
+    #[test]
+    fn the_migrations_form_their_own_version_space_after_the_core() {
+        check_migrations(&[CORE_MIGRATIONS, super::MIGRATIONS]).expect("consistent");
+        assert!(super::MIGRATIONS.iter().all(|m| m.module == "app"));
     }
 }

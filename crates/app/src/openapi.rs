@@ -8,7 +8,7 @@ use utoipa::{OpenApi, ToSchema};
 
 #[derive(OpenApi)]
 #[openapi(
-    paths(crate::citizens::citizen),
+    paths(crate::citizens::citizen, crate::accounts::link, crate::accounts::unlink),
     tags((name = "citizens", description = "Venice citizens (the ledger), cached; served stale within a bound while Venice fails."))
 )]
 pub struct AppApi;
@@ -27,4 +27,12 @@ pub struct Citizen {
     pub fetched_at_ms: u64,
     /// Venice's answer to `/get-ledger`, unchanged.
     pub ledger: JsonObject,
+}
+
+/// An account's link to a Venice citizen.
+#[derive(ToSchema)]
+pub struct CitizenLink {
+    pub venice_username: String,
+    /// When the account was linked to this citizen (RFC 3339, UTC).
+    pub linked_at: String,
 }

@@ -58,7 +58,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
     let report = application::migrate(&database.db, &modules).await.unwrap();
     // Nothing the old release applied runs again; only migrations newer than it do.
     let applied: Vec<String> = report.applied.iter().map(|id| id.to_string()).collect();
-    assert_eq!(applied, ["catalog/3"], "{report}");
+    assert_eq!(applied, ["catalog/3", "app/1"], "{report}");
     assert_eq!(report.legacy_rows_rekeyed, 5, "{report}");
     let again = application::migrate(&database.db, &modules).await.unwrap();
     assert!(
@@ -76,6 +76,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
     assert_eq!(
         recorded,
         [
+            "app/1 citizen_link",
             "catalog/1 catalog",
             "catalog/2 catalog_owners",
             "catalog/3 lineage_pending",
@@ -86,6 +87,14 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
     );
     let after = rows(&client, FINGERPRINT).await;
     assert_eq!(after, before);
+    // The application's columns of `cascade_users`, filled for the old account.
+    let account = rows(
+        &client,
+        "SELECT format('%s|%s|%s|%s|%s', username, coalesce(venice_username, '-'), \
+         subscription_tier, is_active, updated_at IS NOT NULL) FROM cascade_users",
+    )
+    .await;
+    assert_eq!(account, ["publisher|-|observer|t|t"]);
 
     // The upgraded database serves: old rows, the old account's password, its ownership.
     let app = TestApp::start(&[("DATABASE_URL", url), ("RATE_LIMIT_API", "off".to_string())]).await;

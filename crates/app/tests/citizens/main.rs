@@ -1,6 +1,7 @@
 //! `GET /citizens/{username}` end to end: the real application in-process, real PostgreSQL
 //! and Redis, and Venice played by the test kit's stand-in through the production client.
 
+mod accounts;
 mod support;
 
 use std::time::{Duration, Instant};

@@ -12,6 +12,8 @@ use cascade_testkit::{PgServer, RedisServer, VeniceStandin};
 #[allow(dead_code)]
 pub struct World {
     pub server: TestApp,
+    /// The name of the application's database on `pg`.
+    pub database: String,
     pub venice: VeniceStandin,
     pub pg: PgServer,
     pub redis: RedisServer,
@@ -23,8 +25,10 @@ impl World {
         let pg = PgServer::start().await;
         let redis = RedisServer::start().await;
         let venice = VeniceStandin::start(sample_citizens()).await;
+        let url = pg.fresh_database().await;
+        let database = url.rsplit('/').next().unwrap().to_string();
         let mut env = vec![
-            ("DATABASE_URL", pg.fresh_database().await),
+            ("DATABASE_URL", url),
             ("REDIS_URL", redis.url()),
             (
                 "JWT_SECRET",
@@ -37,6 +41,7 @@ impl World {
         let server = TestApp::start(&env).await;
         World {
             server,
+            database,
             venice,
             pg,
             redis,
@@ -54,6 +59,80 @@ impl World {
             .send()
             .await
             .expect("the server answers")
+    }
+}
+
+/// Account helpers (`breaker_metrics` shares this file and uses none of them).
+#[allow(dead_code)]
+impl World {
+    /// Registers an account; its access token.
+    pub async fn register(&self, username: &str) -> String {
+        let response = http()
+            .post(self.url("/auth/register"))
+            .json(&serde_json::json!({"username": username, "password": "correct horse battery"}))
+            .send()
+            .await
+            .expect("the server answers");
+        assert_eq!(response.status(), 201, "registering {username}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        body["access_token"].as_str().expect("a token").to_string()
+    }
+
+    /// `POST /me/citizen` with `body` as the JSON text, as `token` (none: anonymous).
+    pub async fn link(&self, token: Option<&str>, body: String) -> reqwest::Response {
+        let mut request = http()
+            .post(self.url("/me/citizen"))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.expect("the server answers")
+    }
+
+    /// `POST /me/citizen {"venice_username": username}` as `token`.
+    pub async fn link_citizen(&self, token: &str, username: &str) -> reqwest::Response {
+        let body = serde_json::json!({ "venice_username": username }).to_string();
+        self.link(Some(token), body).await
+    }
+
+    /// `DELETE /me/citizen` as `token` (none: anonymous).
+    pub async fn unlink(&self, token: Option<&str>) -> reqwest::Response {
+        let mut request = http().delete(self.url("/me/citizen"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.expect("the server answers")
+    }
+
+    /// `GET /me` as `token`: its `user`.
+    pub async fn me(&self, token: &str) -> serde_json::Value {
+        let response = http()
+            .get(self.url("/me"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("the server answers");
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value = response.json().await.unwrap();
+        body["user"].clone()
+    }
+
+    /// The account row of `username` as `venice_username|venice_linked_at set|updated_at`
+    /// (`-` for NULL): what a refused request must leave unchanged.
+    pub async fn account_row(&self, username: &str) -> String {
+        self.pg
+            .client(&self.database)
+            .await
+            .query_one(
+                "SELECT format('%s|%s|%s', coalesce(venice_username, '-'), \
+                        venice_linked_at IS NOT NULL, updated_at) \
+                 FROM cascade_users WHERE username = $1",
+                &[&username],
+            )
+            .await
+            .unwrap()
+            .get(0)
     }
 }
 

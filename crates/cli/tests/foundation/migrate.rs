@@ -29,7 +29,9 @@ async fn two_concurrent_migrations_both_succeed_and_apply_once() {
         .query("SELECT module, version, count(*) FROM cascade_schema_migrations GROUP BY module, version ORDER BY module, version", &[])
         .await
         .unwrap();
-    let expected = cascade_core::db::CORE_MIGRATIONS.len() + cascade_catalog::MIGRATIONS.len();
+    let expected = cascade_core::db::CORE_MIGRATIONS.len()
+        + cascade_catalog::MIGRATIONS.len()
+        + cascade_app::MIGRATIONS.len();
     assert_eq!(rows.len(), expected);
     assert!(rows.iter().all(|r| r.get::<_, i64>(2) == 1));
     client

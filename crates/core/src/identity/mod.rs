@@ -138,6 +138,9 @@ pub struct User {
     pub tier: String,
     pub created_at: String,
     pub last_login: Option<String>,
+    /// The Venice citizen this account is linked to (the application's `POST /me/citizen`).
+    #[serde(default)]
+    pub venice_username: Option<String>,
 }
 
 /// What a login, registration or refresh hands back.
@@ -249,7 +252,8 @@ const USER_COLUMNS: &str = concat!(
     "id, username, email, subscription_tier, ",
     iso!("created_at"),
     ", ",
-    iso!("last_login")
+    iso!("last_login"),
+    ", venice_username"
 );
 
 fn user_from_row(row: &tokio_postgres::Row) -> User {
@@ -260,6 +264,7 @@ fn user_from_row(row: &tokio_postgres::Row) -> User {
         tier: row.get(3),
         created_at: row.get(4),
         last_login: row.get(5),
+        venice_username: row.get(6),
     }
 }
 

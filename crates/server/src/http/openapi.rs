@@ -60,6 +60,8 @@ pub struct User {
     tier: String,
     created_at: String,
     last_login: Option<String>,
+    /// The Venice citizen this account is linked to (`POST /me/citizen`), if any.
+    venice_username: Option<String>,
 }
 
 /// A token pair (`cascade_core::identity::Tokens`).
