@@ -332,6 +332,24 @@ pub fn record_upstream(upstream: &'static str, outcome: UpstreamOutcome, took: D
 /// The circuit breaker of `upstream` changed state (0 closed, 1 half-open, 2 open).
 pub fn record_upstream_breaker(upstream: &'static str, state: f64) {
     gauge!(UPSTREAM_BREAKER_STATE, "upstream" => upstream).set(state);
+    upstream_states()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(upstream, state);
+}
+
+/// The last recorded breaker state of each upstream this process has a connector for, by
+/// name: what `/health/db` reports beside the gauge (the same numbering).
+pub fn upstream_breakers() -> Vec<(&'static str, f64)> {
+    let states = upstream_states().lock().unwrap_or_else(|p| p.into_inner());
+    states.iter().map(|(name, state)| (*name, *state)).collect()
+}
+
+fn upstream_states() -> &'static std::sync::Mutex<std::collections::BTreeMap<&'static str, f64>> {
+    static STATES: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::BTreeMap<&'static str, f64>>,
+    > = std::sync::OnceLock::new();
+    STATES.get_or_init(Default::default)
 }
 
 /// An answer served stale because `upstream` could not give a fresh one.

@@ -120,6 +120,13 @@ async fn health_db(State(state): State<AppState>, headers: HeaderMap) -> Respons
             "pool": pg.pool,
         },
         "redis": redis,
+        "upstreams": cascade_core::metrics::upstream_breakers()
+            .into_iter()
+            .map(|(name, state)| json!({
+                "name": name,
+                "breaker": match state as u8 { 0 => "closed", 1 => "half-open", _ => "open" },
+            }))
+            .collect::<Vec<_>>(),
         "cache": {
             "backend": format!("{:?}", state.config.cache.backend).to_lowercase(),
             "breaker": state.cache.breaker_state(),
