@@ -38,6 +38,10 @@ use tower_http::compression::Predicate;
 
 use super::middleware::{REQUEST_ID, json_errors};
 
+/// Longest `x-request-id` a client may choose; a longer one is replaced by ours (it would be
+/// copied into every log line of the request).
+const MAX_CLIENT_REQUEST_ID: usize = 128;
+
 /// The route label of requests that matched no route, so scanners cannot mint one series
 /// per path.
 const UNMATCHED: &str = "unmatched";
@@ -75,8 +79,9 @@ where
     fn call(&mut self, mut request: Request) -> Self::Future {
         let started = Instant::now();
         let id = match request.headers().get(&REQUEST_ID) {
-            Some(id) => id.clone(),
-            None => {
+            // A client's own id is kept, when it is short enough to log with every line.
+            Some(id) if id.len() <= MAX_CLIENT_REQUEST_ID => id.clone(),
+            _ => {
                 let id = next_request_id();
                 request.headers_mut().insert(REQUEST_ID, id.clone());
                 id
@@ -334,6 +339,26 @@ mod tests {
             .unwrap();
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"]["code"], "internal", "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_clients_request_id_is_kept_unless_it_is_too_long() {
+        use tower::ServiceExt;
+        let echo = || {
+            EdgeLayer.layer(tower::service_fn(|_: Request| async {
+                Ok::<_, Infallible>(Response::new(Body::empty()))
+            }))
+        };
+        for (sent, kept) in [("abc-123".to_string(), true), ("x".repeat(4096), false)] {
+            let mut request = Request::new(Body::empty());
+            request
+                .headers_mut()
+                .insert(&REQUEST_ID, HeaderValue::from_str(&sent).unwrap());
+            let response = echo().oneshot(request).await.unwrap();
+            let answered = response.headers()[&REQUEST_ID].to_str().unwrap();
+            assert_eq!(answered == sent, kept, "{} bytes", sent.len());
+            assert!(answered.len() <= MAX_CLIENT_REQUEST_ID);
+        }
     }
 
     #[test]
