@@ -97,12 +97,7 @@ pub struct VeniceClientConfig {
     pub breaker_cool_down: Duration,
 }
 
-#[derive(Debug, Clone)]
-pub struct EconomyConfig {
-    pub ducat_to_usd_rate: Decimal6,
-    pub transaction_fee_percent: Decimal6,
-    pub min_investment_usd: Decimal6,
-}
+pub use crate::economics::EconomyConfig;
 
 #[derive(Debug, Clone)]
 pub struct ConsciousnessConfig {
@@ -196,21 +191,12 @@ impl AppConfig {
             api_key: p.secret(&raw.stripe_api_key),
             webhook_secret: p.secret(&raw.stripe_webhook_secret),
         };
-        let economy = EconomyConfig {
-            ducat_to_usd_rate: p.decimal("DUCAT_TO_USD_RATE", &raw.ducat_to_usd_rate, "0.10"),
-            transaction_fee_percent: p.decimal(
-                "TRANSACTION_FEE_PERCENT",
-                &raw.transaction_fee_percent,
-                "2.5",
-            ),
-            min_investment_usd: p.decimal("MIN_INVESTMENT_USD", &raw.min_investment_usd, "100"),
-        };
-        if economy.ducat_to_usd_rate.millionths() == 0 {
-            p.fail("DUCAT_TO_USD_RATE", "must be greater than zero");
-        }
-        if economy.transaction_fee_percent.millionths() >= 100 * Decimal6::SCALE {
-            p.fail("TRANSACTION_FEE_PERCENT", "must be below 100");
-        }
+        let economy = EconomyConfig::parse(
+            p,
+            &raw.ducat_to_usd_rate,
+            &raw.transaction_fee_percent,
+            &raw.min_investment_usd,
+        );
         let verification_threshold =
             p.decimal("VERIFICATION_THRESHOLD", &raw.verification_threshold, "0.8");
         if verification_threshold.millionths() > Decimal6::SCALE {
@@ -336,7 +322,7 @@ mod tests {
         let mut p = Parser::new();
         let c = AppConfig::parse(&mut p, &RawAppConfig::default());
         let c = p.finish(c).unwrap();
-        assert_eq!(c.economy.ducat_to_usd_rate.millionths(), 100_000);
+        assert_eq!(c.economy.ducat_to_usd_rate.to_string(), "0.10");
         assert_eq!(
             issue_vars(|r| r.verification_threshold = Some("1.5".into())),
             vec!["VERIFICATION_THRESHOLD"]

@@ -15,6 +15,7 @@
 pub mod accounts;
 pub mod citizens;
 pub mod config;
+pub mod economics;
 pub mod openapi;
 pub mod venice;
 
@@ -98,6 +99,7 @@ impl Module for AppModule {
             .layer(axum::middleware::map_response(no_store));
         Router::new()
             .route("/citizens/{username}", get(citizens::citizen))
+            .route("/economics/quote", get(economics::quote_route))
             .merge(account)
             .with_state(state)
     }

@@ -8,8 +8,11 @@ use utoipa::{OpenApi, ToSchema};
 
 #[derive(OpenApi)]
 #[openapi(
-    paths(crate::citizens::citizen, crate::accounts::link, crate::accounts::unlink),
-    tags((name = "citizens", description = "Venice citizens (the ledger), cached; served stale within a bound while Venice fails."))
+    paths(crate::citizens::citizen, crate::accounts::link, crate::accounts::unlink, crate::economics::quote_route),
+    tags(
+        (name = "citizens", description = "Venice citizens (the ledger), cached; served stale within a bound while Venice fails."),
+        (name = "economics", description = "The ducat/USD bridge: exact amounts as decimal strings, rounded half-even to the cent."),
+    )
 )]
 pub struct AppApi;
 

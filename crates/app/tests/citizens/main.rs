@@ -2,6 +2,7 @@
 //! and Redis, and Venice played by the test kit's stand-in through the production client.
 
 mod accounts;
+mod economics;
 mod support;
 
 use std::time::{Duration, Instant};
