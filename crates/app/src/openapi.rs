@@ -4,12 +4,21 @@
 #![allow(dead_code)] // the types describe bodies; they are never built
 
 use cascade_http::openapi::JsonObject;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 #[derive(OpenApi)]
 #[openapi(
-    paths(crate::citizens::citizen, crate::accounts::link, crate::accounts::unlink),
-    tags((name = "citizens", description = "Venice citizens (the ledger), cached; served stale within a bound while Venice fails."))
+    paths(
+        crate::citizens::citizen,
+        crate::accounts::link,
+        crate::accounts::unlink,
+        crate::patterns::pattern,
+        crate::patterns::list
+    ),
+    tags(
+        (name = "citizens", description = "Venice citizens (the ledger), cached; served stale within a bound while Venice fails."),
+        (name = "patterns", description = "Consciousness patterns computed from Venice's lists (counts and an emergence score), stored until they expire and refreshed in the background.")
+    )
 )]
 pub struct AppApi;
 
@@ -35,4 +44,31 @@ pub struct CitizenLink {
     pub venice_username: String,
     /// When the account was linked to this citizen (RFC 3339, UTC).
     pub linked_at: String,
+}
+
+/// A page of patterns, by type name.
+#[derive(ToSchema)]
+#[schema(rename_all = "camelCase")]
+pub struct PatternPage {
+    pub items: Vec<crate::patterns::Served>,
+    /// The `cursor` of the next page; null on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /patterns` parameters.
+#[derive(IntoParams, serde::Deserialize)]
+#[into_params(parameter_in = Query)]
+pub struct PatternListParams {
+    /// Only this pattern type.
+    #[param(
+        rename = "type",
+        pattern = "^(collective_activity|economic_consciousness|social_consciousness)$"
+    )]
+    pattern_type: Option<String>,
+    /// Patterns per page, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
+    limit: Option<i64>,
+    /// `nextCursor` of the previous page.
+    #[param(pattern = "^(collective_activity|economic_consciousness|social_consciousness)$")]
+    cursor: Option<String>,
 }
