@@ -46,15 +46,6 @@ pub struct CitizenLink {
     pub linked_at: String,
 }
 
-/// A page of patterns, by type name.
-#[derive(ToSchema)]
-#[schema(rename_all = "camelCase")]
-pub struct PatternPage {
-    pub items: Vec<crate::patterns::Served>,
-    /// The `cursor` of the next page; null on the last.
-    pub next_cursor: Option<String>,
-}
-
 /// `GET /patterns` parameters.
 #[derive(IntoParams, serde::Deserialize)]
 #[into_params(parameter_in = Query)]

@@ -338,7 +338,7 @@ impl ListQuery {
 /// `GET /patterns?type=&limit=&cursor=`.
 #[utoipa::path(get, path = "/patterns", tag = "patterns", params(crate::openapi::PatternListParams),
     responses(
-        (status = 200, description = "Patterns by type name, each read as `GET /patterns/{type}` reads it", body = crate::openapi::PatternPage),
+        (status = 200, description = "Patterns by type name, each read as `GET /patterns/{type}` reads it", body = Page),
         (status = 400, description = "An unknown type, a limit outside 1-100, or a cursor this API did not give"),
         (status = 503, description = "Venice is unavailable and a pattern of the page has no stored copy younger than VENICE_STALE_IF_ERROR (Retry-After)"),
     )
@@ -346,15 +346,24 @@ impl ListQuery {
 pub async fn list(
     State(state): State<AppModuleState>,
     Query(params): Query<ListParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Page>, ApiError> {
     let query = ListQuery::parse(&params)?;
     let (types, more) = query.page();
     let mut items = Vec::with_capacity(types.len());
     for kind in &types {
         items.push(current(&state, *kind).await?);
     }
-    let next = more.then(|| types.last().map(|t| t.name())).flatten();
-    Ok(Json(json!({ "items": items, "nextCursor": next })))
+    let next_cursor = more.then(|| types.last().map(|t| t.name())).flatten();
+    Ok(Json(Page { items, next_cursor }))
+}
+
+/// A page of patterns, by type name.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Page {
+    items: Vec<Served>,
+    /// The `cursor` of the next page; null on the last.
+    next_cursor: Option<&'static str>,
 }
 
 #[cfg(test)]
