@@ -35,6 +35,11 @@ async fn publish(app: &TestApp, kind: &str, data: Value) -> Result<(), EventsErr
         .await
 }
 
+async fn metrics_text(app: &TestApp) -> String {
+    let response = reqwest::get(format!("{}/metrics", app.base)).await.unwrap();
+    response.text().await.unwrap()
+}
+
 /// The next event, within 5 s.
 async fn next(rx: &mut Receiver<Arc<Event>>) -> Arc<Event> {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
@@ -79,12 +84,7 @@ async fn an_event_published_on_one_instance_reaches_both_once_over_redis() {
     assert_eq!(a.events.transport_channel(), "cascade:events");
     each_event_arrives_once_everywhere(&a, &b).await;
 
-    let metrics = reqwest::get(format!("{}/metrics", a.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&a).await;
     assert!(
         metrics.contains("cascade_events_received_total"),
         "received events are counted in /metrics"
@@ -110,10 +110,32 @@ async fn without_redis_events_travel_over_postgres_notify() {
 }
 
 #[tokio::test]
-async fn events_flow_again_after_redis_restarts() {
+async fn a_publish_while_redis_is_down_fails_and_is_counted_and_events_flow_again_after_it_restarts()
+ {
     let pg = PgServer::start().await;
     let mut redis = RedisServer::start().await;
     let (a, b) = two_instances(&pg, Some(&redis)).await;
+
+    // Redis gone: the publish says so (within its bound), and this instance's own
+    // subscribers still have the event.
+    redis.kill();
+    let mut on_a = a.events.subscribe();
+    let started = std::time::Instant::now();
+    let failed = publish(&a, "during-outage", json!(null)).await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(next(&mut on_a).await.kind, "during-outage");
+    let metrics = metrics_text(&a).await;
+    let errors = metrics
+        .lines()
+        .find(|l| l.starts_with("cascade_events_publish_errors_total "))
+        .unwrap_or_default();
+    assert_ne!(
+        errors, "cascade_events_publish_errors_total 0",
+        "{errors:?}"
+    );
+    assert!(!errors.is_empty(), "publish errors are counted in /metrics");
+
     redis.restart().await;
 
     // Events published while the subscription was being replaced are lost (at most once);
