@@ -8,7 +8,9 @@
 //!   stale-if-error), the username type, the cache keys; the startup probe;
 //! - [`citizens`]: `GET /citizens/{username}`; [`openapi`]: its part of the API document;
 //! - [`accounts`]: `POST /me/citizen` and `DELETE /me/citizen`, an account's link to a Venice
-//!   citizen, and its columns of `cascade_users` ([`MIGRATIONS`], its own version space).
+//!   citizen, and its columns of `cascade_users` ([`MIGRATIONS`], its own version space);
+//! - [`patterns`]: consciousness patterns computed from Venice's lists, `GET /patterns/{type}`
+//!   and `GET /patterns`, table `consciousness_patterns`, and their background sync.
 //!
 //! Its other tables, routes and tasks arrive with the issues that build them.
 
@@ -17,9 +19,10 @@ pub mod citizens;
 pub mod config;
 pub mod economics;
 pub mod openapi;
+pub mod patterns;
 pub mod venice;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -33,16 +36,51 @@ use cascade_http::{AppState, Module};
 pub use config::{AppConfig, RawAppConfig};
 
 /// The application's migrations. Append only: never edit one that has shipped.
-pub const MIGRATIONS: &[Migration] = &[Migration::new(
-    "app",
-    1,
-    "citizen_link",
-    include_str!("../migrations/0001_citizen_link.sql"),
-)];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration::new(
+        "app",
+        1,
+        "citizen_link",
+        include_str!("../migrations/0001_citizen_link.sql"),
+    ),
+    Migration::new(
+        "app",
+        2,
+        "patterns",
+        include_str!("../migrations/0002_patterns.sql"),
+    ),
+];
 
 /// The module as the server composes it.
 pub struct AppModule {
     pub config: AppConfig,
+    /// Built once, for the router and the background tasks alike: one Venice connector, so
+    /// one breaker, per instance (the sync must see the breaker requests trip).
+    state: OnceLock<AppModuleState>,
+}
+
+impl AppModule {
+    pub fn new(config: AppConfig) -> AppModule {
+        AppModule {
+            config,
+            state: OnceLock::new(),
+        }
+    }
+
+    fn state(&self, app: &AppState) -> AppModuleState {
+        self.state
+            .get_or_init(|| {
+                // Building a client fails only when TLS cannot be set up: a startup error.
+                let venice = venice::connector(&self.config, app.cache.clone())
+                    .expect("the Venice HTTP client (TLS setup)");
+                AppModuleState(Arc::new(AppShared {
+                    config: self.config.clone(),
+                    venice,
+                    app: app.clone(),
+                }))
+            })
+            .clone()
+    }
 }
 
 /// What the application's handlers receive. One `Arc`: extracting it costs a reference count.
@@ -85,14 +123,7 @@ impl Module for AppModule {
     }
 
     fn router(&self, state: &AppState) -> Router {
-        // Building a client fails only when TLS cannot be set up: a startup error.
-        let venice = venice::connector(&self.config, state.cache.clone())
-            .expect("the Venice HTTP client (TLS setup)");
-        let state = AppModuleState(Arc::new(AppShared {
-            config: self.config.clone(),
-            venice,
-            app: state.clone(),
-        }));
+        let state = self.state(state);
         // Account data: never stored by a browser or a shared cache (as the other `/me` routes).
         let account = Router::new()
             .route("/me/citizen", post(accounts::link).delete(accounts::unlink))
@@ -100,11 +131,15 @@ impl Module for AppModule {
         Router::new()
             .route("/citizens/{username}", get(citizens::citizen))
             .route("/economics/quote", get(economics::quote_route))
+            .route("/patterns", get(patterns::list))
+            .route("/patterns/{type}", get(patterns::pattern))
             .merge(account)
             .with_state(state)
     }
 
-    fn start_tasks(&self, _state: &AppState, tasks: &mut Supervisor) {
+    fn start_tasks(&self, state: &AppState, tasks: &mut Supervisor) {
+        let shared = self.state(state);
+        tasks.spawn("patterns-sync", |stop| patterns::sync::run(shared, stop));
         let config = self.config.clone();
         tasks.spawn("venice-startup-probe", |mut stop| async move {
             // Logged whatever the answer; startup does not wait for it.

@@ -1,6 +1,7 @@
 //! A stand-in for the Venice citizen ledger API (seed 001: `GET /get-ledger?citizenUsername=`,
-//! `GET /health`): a real HTTP server on a free loopback port, serving citizens from fixture
-//! data, that a test can slow down, make fail, make hang, stop and start again, and that
+//! `GET /health`; and the city's lists that consciousness patterns read: `GET /citizens`,
+//! `GET /relationships`, `GET /activities`): a real HTTP server on a free loopback port,
+//! serving citizens from fixture data, that a test can slow down, make fail, make hang, stop and start again, and that
 //! counts the calls it receives (so a test can say "exactly one upstream call").
 //!
 //! It is what the production client talks to in tests and in development (the
@@ -39,6 +40,10 @@ pub enum Behaviour {
 
 struct Shared {
     citizens: Mutex<HashMap<String, Value>>,
+    /// What `/relationships` and `/activities` answer (endpoint name → body).
+    lists: Mutex<HashMap<&'static str, Value>>,
+    /// Requests per list endpoint (`citizens`, `relationships`, `activities`).
+    list_calls: Mutex<HashMap<&'static str, u64>>,
     behaviour: Mutex<Behaviour>,
     delay: Mutex<Duration>,
     ledger_calls: AtomicU64,
@@ -66,6 +71,11 @@ impl VeniceStandin {
         let address = listener.local_addr().expect("a bound listener");
         let shared = Arc::new(Shared {
             citizens: Mutex::new(citizens),
+            lists: Mutex::new(HashMap::from([
+                ("relationships", sample_relationships()),
+                ("activities", sample_activities()),
+            ])),
+            list_calls: Mutex::default(),
             behaviour: Mutex::new(Behaviour::Normal),
             delay: Mutex::new(Duration::ZERO),
             ledger_calls: AtomicU64::new(0),
@@ -95,6 +105,21 @@ impl VeniceStandin {
 
     pub fn health_calls(&self) -> u64 {
         self.shared.health_calls.load(Ordering::SeqCst)
+    }
+
+    /// Requests received so far by a list endpoint: `"citizens"`, `"relationships"` or
+    /// `"activities"`.
+    pub fn list_calls(&self, endpoint: &str) -> u64 {
+        lock(&self.shared.list_calls)
+            .get(endpoint)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Replaces what `/relationships` (`endpoint = "relationships"`) or `/activities` answers.
+    /// `/citizens` is always the `citizen` object of each ledger fixture ([`set_citizen`](Self::set_citizen)).
+    pub fn set_list(&self, endpoint: &'static str, body: Value) {
+        lock(&self.shared.lists).insert(endpoint, body);
     }
 
     /// Adds or replaces a citizen.
@@ -168,6 +193,15 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let router = Router::new()
         .route("/health", get(health))
         .route("/get-ledger", get(ledger))
+        .route("/citizens", get(citizens))
+        .route(
+            "/relationships",
+            get(|state: State<Arc<Shared>>| list(state, "relationships")),
+        )
+        .route(
+            "/activities",
+            get(|state: State<Arc<Shared>>| list(state, "activities")),
+        )
         .with_state(shared);
     let mut connections = JoinSet::new();
     loop {
@@ -251,6 +285,58 @@ async fn ledger(
         )
             .into_response(),
     }
+}
+
+/// `GET /citizens`: every fixture ledger's `citizen`, by username.
+async fn citizens(State(shared): State<Arc<Shared>>) -> Response {
+    *lock(&shared.list_calls).entry("citizens").or_default() += 1;
+    if let Some(answer) = behave(&shared).await {
+        return answer;
+    }
+    let mut citizens: Vec<(String, Value)> = lock(&shared.citizens)
+        .iter()
+        .map(|(name, ledger)| {
+            (
+                name.clone(),
+                ledger.get("citizen").cloned().unwrap_or(Value::Null),
+            )
+        })
+        .collect();
+    citizens.sort_by(|a, b| a.0.cmp(&b.0));
+    let citizens: Vec<Value> = citizens.into_iter().map(|(_, c)| c).collect();
+    axum::Json(json!({"success": true, "citizens": citizens})).into_response()
+}
+
+/// `GET /relationships`, `GET /activities`: the fixture list as set.
+async fn list(State(shared): State<Arc<Shared>>, endpoint: &'static str) -> Response {
+    *lock(&shared.list_calls).entry(endpoint).or_default() += 1;
+    if let Some(answer) = behave(&shared).await {
+        return answer;
+    }
+    let body = lock(&shared.lists)
+        .get(endpoint)
+        .cloned()
+        .unwrap_or_else(|| json!({"success": true, endpoint: []}));
+    axum::Json(body).into_response()
+}
+
+/// Relationships between the sample citizens, as La Serenissima's `/api/relationships` lists
+/// them (`citizen1` before `citizen2`, trust and strength 0-100).
+pub fn sample_relationships() -> Value {
+    json!({"success": true, "relationships": [
+        {"citizen1": "Foscari_Banker", "citizen2": "Italia", "trustScore": 82.5, "strengthScore": 61.0},
+        {"citizen1": "Foscari_Banker", "citizen2": "sea_trader", "trustScore": 55.0, "strengthScore": 30.0},
+    ]})
+}
+
+/// Recent activities of the sample citizens, as `/api/activities` lists them.
+pub fn sample_activities() -> Value {
+    json!({"success": true, "activities": [
+        {"citizen": "Italia", "type": "trade", "status": "processed"},
+        {"citizen": "Foscari_Banker", "type": "trade", "status": "processed"},
+        {"citizen": "Foscari_Banker", "type": "loan", "status": "created"},
+        {"citizen": "sea_trader", "type": "fishing", "status": "in_progress"},
+    ]})
 }
 
 /// A few citizens, for tests and `cascade-venice-standin` without `--ledger`.
