@@ -3,6 +3,7 @@
 //! - [`cache`]: the cache engine (namespaces, leases, tags, Redis behind a breaker);
 //! - [`config`]: one typed configuration, parsed and validated before anything connects;
 //! - [`db`]: the PostgreSQL pool, embedded migrations and the embedded default server;
+//! - [`events`]: domain events published to every instance (Redis pub/sub or PostgreSQL NOTIFY);
 //! - [`identity`]: accounts, sessions, access and refresh tokens, rate limiting;
 //! - [`metrics`]: metric names, their help text, and recording for WebSocket and upstream code;
 //! - [`redis`]: a Redis client that reconnects by itself, every call under a deadline;
@@ -14,6 +15,7 @@
 pub mod cache;
 pub mod config;
 pub mod db;
+pub mod events;
 pub mod identity;
 pub mod metrics;
 pub mod redis;

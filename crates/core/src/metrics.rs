@@ -58,6 +58,11 @@ pub const WS_CONNECTIONS: &str = "cascade_ws_connections";
 pub const WS_MESSAGES: &str = "cascade_ws_messages_total";
 pub const BUS_BLIND_WAITS: &str = "cascade_cache_bus_blind_waits_total";
 
+pub const EVENTS_PUBLISHED: &str = "cascade_events_published_total";
+pub const EVENTS_PUBLISH_ERRORS: &str = "cascade_events_publish_errors_total";
+pub const EVENTS_RECEIVED: &str = "cascade_events_received_total";
+pub const EVENTS_SUBSCRIPTIONS: &str = "cascade_events_subscriptions_total";
+
 pub const UPSTREAM_REQUEST_DURATION: &str = "cascade_upstream_request_duration_seconds";
 pub const UPSTREAM_ERRORS: &str = "cascade_upstream_errors_total";
 /// Each upstream's circuit breaker: 0 closed, 1 half-open, 2 open (as [`BREAKER_STATE`]).
@@ -215,6 +220,19 @@ pub fn describe() {
         BUS_BLIND_WAITS,
         "invalidations that waited the bus's whole trust window because this instance did not hear the bus at that moment (instead of counting acknowledgements)"
     );
+    describe_counter!(EVENTS_PUBLISHED, "domain events published by this instance");
+    describe_counter!(
+        EVENTS_PUBLISH_ERRORS,
+        "domain events the transport (Redis pub/sub or PostgreSQL NOTIFY) did not take: other instances may not have them"
+    );
+    describe_counter!(
+        EVENTS_RECEIVED,
+        "domain events received from other instances"
+    );
+    describe_counter!(
+        EVENTS_SUBSCRIPTIONS,
+        "subscriptions to the events transport opened; more than one means it was lost and opened again"
+    );
     describe_gauge!(WS_CONNECTIONS, "open WebSocket connections");
     describe_counter!(
         WS_MESSAGES,
@@ -243,6 +261,14 @@ pub fn describe() {
 /// alerts see `0`, not an absent series.
 pub fn register_zeroes() {
     counter!(BUS_BLIND_WAITS).absolute(0);
+    for name in [
+        EVENTS_PUBLISHED,
+        EVENTS_PUBLISH_ERRORS,
+        EVENTS_RECEIVED,
+        EVENTS_SUBSCRIPTIONS,
+    ] {
+        counter!(name).absolute(0);
+    }
     gauge!(WS_CONNECTIONS).set(0.0);
     for direction in [WsDirection::In, WsDirection::Out] {
         counter!(WS_MESSAGES, "direction" => direction.label()).absolute(0);

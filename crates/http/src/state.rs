@@ -6,6 +6,7 @@ use std::time::Instant;
 use cascade_core::cache::Cache;
 use cascade_core::config::Config;
 use cascade_core::db::Db;
+use cascade_core::events::Events;
 use cascade_core::identity::{Identity, RateLimiter};
 use cascade_core::redis::Redis;
 use cascade_core::tasks::Detached;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub identity: Identity,
     /// Rate limits, shared through Redis (local when Redis is unavailable).
     pub limiter: RateLimiter,
+    /// Domain events to and from every instance; the application runs its listener.
+    pub events: Events,
     /// Work that must finish even if its client hangs up (writes, revocations); the
     /// application waits for it when it stops.
     pub detached: Detached,
@@ -48,6 +51,7 @@ impl AppState {
         let detached = Detached::new(DETACHED_MAX);
         let identity = Identity::new(&config, db.clone(), cache.clone(), detached.clone());
         let limiter = RateLimiter::new(redis.clone(), cache.clone(), &config.cache.key_prefix);
+        let events = Events::new(redis.clone(), db.clone(), &config.cache.key_prefix);
         AppState {
             config,
             db,
@@ -55,6 +59,7 @@ impl AppState {
             cache,
             identity,
             limiter,
+            events,
             detached,
             started,
         }

@@ -222,8 +222,10 @@ async fn connect_redis(config: &Config) -> anyhow::Result<Option<Redis>> {
 }
 
 /// The platform's own upkeep: the pool's minimum, expired cache rows and sessions, metric
-/// histograms.
+/// histograms; and the listener that brings other instances' domain events.
 fn start_platform_tasks(state: &AppState, metrics: &Metrics, tasks: &mut Supervisor) {
+    let events = state.events.clone();
+    tasks.spawn("events", move |stop| events.run(stop));
     let db = state.db.clone();
     tasks.spawn("pool-maintenance", |stop| pool_maintenance(db, stop));
     // Redis and the in-process tier expire entries themselves; PostgreSQL's table needs a sweep.

@@ -6,9 +6,11 @@
 //! its own thread (a `redis-cli` call, a sleep) does not stall the server, and several
 //! instances sharing one PostgreSQL and one Redis behave like several processes.
 
+use std::future::Future;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use cascade_core::events::Events;
 use tokio::sync::oneshot;
 
 use crate::{Application, BuildOptions, Settings};
@@ -17,6 +19,11 @@ use crate::{Application, BuildOptions, Settings};
 pub struct TestApp {
     /// `http://127.0.0.1:<port>`.
     pub base: String,
+    /// The instance's domain events: a test subscribes here to see what it publishes and
+    /// receives.
+    pub events: Events,
+    /// The instance's runtime, for work that must run where the application's connections do.
+    runtime: tokio::runtime::Handle,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -31,7 +38,8 @@ impl TestApp {
             vars.push(("SHUTDOWN_TIMEOUT", "3s".into()));
         }
         let settings = Settings::from_vars(&vars).unwrap_or_else(|e| panic!("settings: {e}"));
-        let (ready_tx, ready_rx) = oneshot::channel::<Result<String, String>>();
+        type Ready = Result<(String, Events, tokio::runtime::Handle), String>;
+        let (ready_tx, ready_rx) = oneshot::channel::<Ready>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -55,7 +63,8 @@ impl TestApp {
                 };
                 match started.await {
                     Ok((listener, base, app)) => {
-                        let _ = ready_tx.send(Ok(base));
+                        let handle = tokio::runtime::Handle::current();
+                        let _ = ready_tx.send(Ok((base, app.state.events.clone(), handle)));
                         let stop = async {
                             let _ = stop_rx.await;
                         };
@@ -69,17 +78,46 @@ impl TestApp {
                 }
             });
         });
-        let base = match tokio::time::timeout(Duration::from_secs(90), ready_rx).await {
-            Ok(Ok(Ok(base))) => base,
-            Ok(Ok(Err(err))) => panic!("the application did not start: {err}"),
-            Ok(Err(_)) => panic!("the application's thread ended before it started"),
-            Err(_) => panic!("the application did not start within 90 s"),
-        };
+        let (base, events, runtime) =
+            match tokio::time::timeout(Duration::from_secs(90), ready_rx).await {
+                Ok(Ok(Ok(ready))) => ready,
+                Ok(Ok(Err(err))) => panic!("the application did not start: {err}"),
+                Ok(Err(_)) => panic!("the application's thread ended before it started"),
+                Err(_) => panic!("the application did not start within 90 s"),
+            };
         TestApp {
             base,
+            events,
+            runtime,
             stop: Some(stop_tx),
             thread: Some(thread),
         }
+    }
+}
+
+impl TestApp {
+    /// Runs `work` on the application's runtime (its pool's and Redis client's connections
+    /// live there) and returns its output.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = T> + Send + 'static,
+    ) -> T {
+        self.runtime
+            .spawn(work)
+            .await
+            .expect("work on the application's runtime panicked")
+    }
+
+    /// Waits, at most `bound`, until the instance hears other instances' events; false if not.
+    pub async fn events_listening(&self, bound: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + bound;
+        while !self.events.listening() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 }
 

@@ -22,18 +22,19 @@ use super::Inner;
 use crate::db::Db;
 use crate::redis::Redis;
 
-/// What carries the bus: Redis pub/sub, or PostgreSQL LISTEN/NOTIFY in unified mode. Both
-/// deliver a channel's messages to each listener in the order they were published.
+/// What carries the bus (and domain events, `events.rs`): Redis pub/sub, or PostgreSQL
+/// LISTEN/NOTIFY in unified mode. Both deliver a channel's messages to each listener in the
+/// order they were published.
 #[derive(Clone)]
 pub(crate) enum Transport {
     Redis(Redis),
     Postgres(Db),
 }
 
-type Payloads = std::pin::Pin<Box<dyn futures_util::Stream<Item = Vec<u8>> + Send>>;
+pub(crate) type Payloads = std::pin::Pin<Box<dyn futures_util::Stream<Item = Vec<u8>> + Send>>;
 
 impl Transport {
-    async fn publish(&self, channel: &str, payload: String) -> Result<(), String> {
+    pub(crate) async fn publish(&self, channel: &str, payload: String) -> Result<(), String> {
         match self {
             Transport::Redis(redis) => redis
                 .query(redis::cmd("PUBLISH").arg(channel).arg(payload))
@@ -50,7 +51,7 @@ impl Transport {
     }
 
     /// A new subscription to `channel`, as a stream of payloads that ends when it breaks.
-    async fn subscribe(&self, channel: &str) -> Result<Payloads, String> {
+    pub(crate) async fn subscribe(&self, channel: &str) -> Result<Payloads, String> {
         match self {
             Transport::Redis(redis) => {
                 let mut pubsub = redis.pubsub().await.map_err(|e| e.to_string())?;

@@ -32,7 +32,7 @@
 
 mod batcher;
 mod breaker;
-mod bus;
+pub(crate) mod bus;
 mod codec;
 mod invalidate;
 mod lease;
