@@ -8,7 +8,9 @@
 //!   stale-if-error), the username type, the cache keys; the startup probe;
 //! - [`citizens`]: `GET /citizens/{username}`; [`openapi`]: its part of the API document;
 //! - [`accounts`]: `POST /me/citizen` and `DELETE /me/citizen`, an account's link to a Venice
-//!   citizen, and its columns of `cascade_users` ([`MIGRATIONS`], its own version space).
+//!   citizen, and its columns of `cascade_users` ([`MIGRATIONS`], its own version space);
+//! - [`spaces`]: collaboration spaces, consciousness sessions and the idle sweep;
+//! - [`tiers`]: which features need which subscription tier (one table).
 //!
 //! Its other tables, routes and tasks arrive with the issues that build them.
 
@@ -16,6 +18,8 @@ pub mod accounts;
 pub mod citizens;
 pub mod config;
 pub mod openapi;
+pub mod spaces;
+pub mod tiers;
 pub mod venice;
 
 use std::sync::Arc;
@@ -23,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::FromRef;
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use cascade_core::db::Migration;
 use cascade_core::tasks::Supervisor;
 use cascade_core::upstream::Connector;
@@ -32,12 +36,20 @@ use cascade_http::{AppState, Module};
 pub use config::{AppConfig, RawAppConfig};
 
 /// The application's migrations. Append only: never edit one that has shipped.
-pub const MIGRATIONS: &[Migration] = &[Migration::new(
-    "app",
-    1,
-    "citizen_link",
-    include_str!("../migrations/0001_citizen_link.sql"),
-)];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration::new(
+        "app",
+        1,
+        "citizen_link",
+        include_str!("../migrations/0001_citizen_link.sql"),
+    ),
+    Migration::new(
+        "app",
+        4,
+        "spaces",
+        include_str!("../migrations/0004_spaces.sql"),
+    ),
+];
 
 /// The module as the server composes it.
 pub struct AppModule {
@@ -99,10 +111,11 @@ impl Module for AppModule {
         Router::new()
             .route("/citizens/{username}", get(citizens::citizen))
             .merge(account)
+            .merge(spaces_router())
             .with_state(state)
     }
 
-    fn start_tasks(&self, _state: &AppState, tasks: &mut Supervisor) {
+    fn start_tasks(&self, state: &AppState, tasks: &mut Supervisor) {
         let config = self.config.clone();
         tasks.spawn("venice-startup-probe", |mut stop| async move {
             // Logged whatever the answer; startup does not wait for it.
@@ -112,7 +125,37 @@ impl Module for AppModule {
             }
             stop.recv().await;
         });
+        let app = state.clone();
+        let idle = self.config.consciousness.session_idle;
+        tasks.spawn("consciousness-idle-sweep", move |stop| {
+            spaces::idle::run(app, idle, stop)
+        });
     }
+}
+
+/// Spaces and consciousness sessions (`spaces/`).
+fn spaces_router() -> Router<AppModuleState> {
+    use spaces::{routes, sessions};
+    let spaces = Router::new()
+        .route("/spaces", post(routes::create).get(routes::list))
+        .route("/spaces/{space_id}", get(routes::get))
+        .route("/spaces/{space_id}/participants", get(routes::participants))
+        .route("/spaces/{space_id}/join", post(routes::join))
+        .route("/spaces/{space_id}/leave", post(routes::leave))
+        .route("/spaces/{space_id}/close", post(routes::close));
+    // A session's answers are its user's (the first carries its token): never stored.
+    let sessions = Router::new()
+        .route("/consciousness/sessions", post(sessions::start))
+        .route(
+            "/consciousness/sessions/{id}",
+            patch(sessions::set_level).delete(sessions::end),
+        )
+        .route(
+            "/consciousness/sessions/{id}/heartbeat",
+            post(sessions::heartbeat),
+        )
+        .layer(axum::middleware::map_response(no_store));
+    spaces.merge(sessions)
 }
 
 async fn no_store(mut response: axum::response::Response) -> axum::response::Response {
