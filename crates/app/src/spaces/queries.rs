@@ -252,7 +252,8 @@ pub async fn join(db: &impl GenericClient, user: i64, id: &SpaceId) -> Result<Jo
         .ok_or_else(|| {
             SpaceError::Forbidden(format!(
                 "joining space {:?} needs an active consciousness session (POST \
-                 /consciousness/sessions) of level {} or more; you have none",
+                 /consciousness/sessions) bound to it or to no space, of level {} or more; \
+                 you have none",
                 id.as_str(),
                 space.consciousness_threshold
             ))

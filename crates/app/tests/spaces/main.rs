@@ -322,6 +322,11 @@ async fn only_the_creator_closes_a_space_and_a_closed_space_takes_nobody() {
 async fn an_observer_cannot_create_a_space_until_their_tier_is_paid() {
     let world = World::start(2, &[]).await;
     let ana = world.register("ana").await;
+    // "No such space" is cached briefly on both instances; the create must remove it.
+    for n in 0..2 {
+        let (status, _) = world.call(n, Method::GET, "/spaces/mine", None, None).await;
+        assert_eq!(status, 404);
+    }
     let body = json!({"space_id": "mine", "title": "Mine"});
     let (status, answer) = world
         .call(0, Method::POST, "/spaces", Some(&ana), Some(body.clone()))
@@ -352,6 +357,9 @@ async fn an_observer_cannot_create_a_space_until_their_tier_is_paid() {
     assert_eq!(answer["creator"], "ana");
     assert_eq!(answer["max_participants"], 10);
     assert_eq!(answer["consciousness_threshold"], "0.50");
+    for n in 0..2 {
+        assert_eq!(world.read(n, "/spaces/mine").await["creator"], "ana");
+    }
     let (status, answer) = world
         .call(0, Method::POST, "/spaces", Some(&ana), Some(body))
         .await;
