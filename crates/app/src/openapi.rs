@@ -57,7 +57,8 @@ pub struct CitizenLink {
 }
 
 /// The body of `POST /spaces`.
-#[derive(ToSchema)]
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NewSpace {
     /// The space's public id: lower-case letters, digits and `-`, not at either end.
     #[schema(
@@ -161,13 +162,14 @@ pub struct SpaceListParams {
     #[param(minimum = 1, maximum = 100)]
     limit: Option<i64>,
     /// `next_cursor` of the previous page.
-    #[param(pattern = "^[0-9]{1,10}$")]
+    #[param(pattern = "^[1-9][0-9]{0,17}$")]
     cursor: Option<String>,
 }
 
 /// The body of `POST /consciousness/sessions`.
-#[derive(ToSchema)]
-pub struct NewSession {
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewConsciousnessSession {
     /// Binds the session to a space (open, existing); one active session per user per space.
     #[schema(
         min_length = 1,
@@ -180,7 +182,8 @@ pub struct NewSession {
 }
 
 /// The body of `PATCH /consciousness/sessions/{id}`.
-#[derive(ToSchema)]
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LevelChange {
     #[schema(pattern = r"^(0(\.[0-9]{1,2})?|1(\.0{1,2})?)$", example = "0.90")]
     pub consciousness_level: String,
@@ -188,7 +191,7 @@ pub struct LevelChange {
 
 /// A consciousness session.
 #[derive(ToSchema)]
-pub struct Session {
+pub struct ConsciousnessSession {
     pub id: i32,
     pub space_id: Option<String>,
     #[schema(example = "0.75")]

@@ -149,9 +149,10 @@ pub struct NewSpaceBody {
     pub title: String,
     #[serde(default)]
     pub description: Option<String>,
-    /// A whole JSON number (`10.0` and `"10"` are refused by type).
+    /// A whole JSON number (`10` or `10.0`, as JSON Schema's `integer`; `10.5` and `"10"`
+    /// are refused).
     #[serde(default)]
-    pub max_participants: Option<i64>,
+    pub max_participants: Option<Value>,
     #[serde(default)]
     pub consciousness_threshold: Option<Value>,
 }
@@ -184,21 +185,23 @@ impl NewSpace {
             Some(d) => text("description", d, Self::MAX_DESCRIPTION_CHARS, true)?,
             None => String::new(),
         };
-        let max_participants = match body.max_participants {
-            None => Self::DEFAULT_MAX_PARTICIPANTS,
-            Some(n) if (1..=Self::MAX_PARTICIPANTS).contains(&n) => n as i32,
-            Some(_) => {
-                return Err(SpaceError::invalid(
-                    "max_participants",
-                    format!(
-                        "expected a whole number from 1 to {}",
-                        Self::MAX_PARTICIPANTS
-                    ),
-                ));
-            }
+        let max_participants = match &body.max_participants {
+            None | Some(Value::Null) => Self::DEFAULT_MAX_PARTICIPANTS,
+            Some(n) => whole(n)
+                .filter(|n| (1..=Self::MAX_PARTICIPANTS).contains(n))
+                .map(|n| n as i32)
+                .ok_or_else(|| {
+                    SpaceError::invalid(
+                        "max_participants",
+                        format!(
+                            "expected a whole JSON number from 1 to {}",
+                            Self::MAX_PARTICIPANTS
+                        ),
+                    )
+                })?,
         };
         let threshold = match &body.consciousness_threshold {
-            None => Self::DEFAULT_THRESHOLD,
+            None | Some(Value::Null) => Self::DEFAULT_THRESHOLD,
             Some(v) => Level::from_json("consciousness_threshold", v)?,
         };
         Ok(NewSpace {
@@ -209,6 +212,16 @@ impl NewSpace {
             threshold,
         })
     }
+}
+
+/// A JSON number with no fractional part (`10`, `10.0`), within `i64`.
+fn whole(value: &Value) -> Option<i64> {
+    let n = value.as_number()?;
+    n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 1e15)
+            .map(|f| f as i64)
+    })
 }
 
 /// `raw` if it has at most `max` characters and no control character (newlines and tabs
@@ -294,7 +307,7 @@ pub struct ListQuery {
     pub creator: Option<String>,
     pub limit: i64,
     /// The internal id of the last space of the previous page: the page holds older ones.
-    pub cursor: Option<i32>,
+    pub cursor: Option<i64>,
 }
 
 impl ListQuery {
@@ -330,18 +343,7 @@ impl ListQuery {
                     )
                 })?,
         };
-        let cursor = raw
-            .cursor
-            .as_deref()
-            .map(|c| {
-                c.parse::<i32>()
-                    .ok()
-                    .filter(|c| *c > 0 && c.to_string().len() <= 10)
-                    .ok_or_else(|| {
-                        SpaceError::invalid("cursor", "not a cursor returned by GET /spaces")
-                    })
-            })
-            .transpose()?;
+        let cursor = raw.cursor.as_deref().map(parse_cursor).transpose()?;
         Ok(ListQuery {
             active,
             creator,
@@ -354,6 +356,18 @@ impl ListQuery {
     pub fn key(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
+}
+
+/// A cursor as `GET /spaces` hands it out: a positive whole number in its one spelling (no
+/// sign, no leading zero), at most 18 digits.
+fn parse_cursor(raw: &str) -> Result<i64, SpaceError> {
+    let canonical = (1..=18).contains(&raw.len())
+        && raw.bytes().all(|b| b.is_ascii_digit())
+        && !raw.starts_with('0');
+    canonical
+        .then(|| raw.parse::<i64>().ok())
+        .flatten()
+        .ok_or_else(|| SpaceError::invalid("cursor", "not a cursor returned by GET /spaces"))
 }
 
 #[cfg(test)]
@@ -380,6 +394,15 @@ mod tests {
         }
         assert!(Level::from_json("l", &serde_json::json!(0.5)).is_err());
         assert!(Level::from_json("l", &serde_json::json!(null)).is_err());
+    }
+
+    #[test]
+    fn participant_limits_are_whole_json_numbers() {
+        assert_eq!(whole(&serde_json::json!(10)), Some(10));
+        assert_eq!(whole(&serde_json::json!(742.0)), Some(742));
+        assert_eq!(whole(&serde_json::json!(10.5)), None);
+        assert_eq!(whole(&serde_json::json!("10")), None);
+        assert_eq!(whole(&serde_json::json!(1e300)), None);
     }
 
     #[test]
@@ -431,5 +454,9 @@ mod tests {
         assert!(parse("true", "a", "10").is_err());
         assert!(parse("true", "ana", "0").is_err());
         assert!(parse("true", "ana", "101").is_err());
+        for bad in ["0", "-5", "+5", "05", "abc", "1234567890123456789", ""] {
+            assert!(parse_cursor(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_cursor("99999999999").unwrap(), 99_999_999_999);
     }
 }

@@ -149,7 +149,7 @@ pub async fn list(db: &impl GenericClient, query: &ListQuery) -> Result<SpacePag
                  JOIN cascade_users u ON u.id = s.creator_id \
                  WHERE ($1::bool IS NULL OR s.is_active = $1) \
                    AND ($2::text IS NULL OR lower(u.username) = $2) \
-                   AND ($3::int4 IS NULL OR s.id < $3) \
+                   AND ($3::int8 IS NULL OR s.id < $3) \
                  ORDER BY s.id DESC LIMIT $4"
             ),
             &[

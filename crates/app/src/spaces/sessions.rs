@@ -44,9 +44,9 @@ pub fn left_spaces(ended: &[Ended]) -> Invalidations {
 
 /// `POST /consciousness/sessions`.
 #[utoipa::path(post, path = "/consciousness/sessions", tag = "consciousness", security(("bearer" = [])),
-    request_body = crate::openapi::NewSession,
+    request_body = crate::openapi::NewConsciousnessSession,
     responses(
-        (status = 201, description = "The session, active, with its `session_token` (shown once)", body = crate::openapi::Session),
+        (status = 201, description = "The session, active, with its `session_token` (shown once)", body = crate::openapi::ConsciousnessSession),
         (status = 400, description = "A field is malformed (named in `field`); nothing is written"),
         (status = 401, description = "No valid access token"),
         (status = 404, description = "No such space"),
@@ -82,7 +82,7 @@ pub async fn start(
     params(crate::openapi::SessionPath),
     request_body = crate::openapi::LevelChange,
     responses(
-        (status = 200, description = "The session at its new level (counts as activity)", body = crate::openapi::Session),
+        (status = 200, description = "The session at its new level (counts as activity)", body = crate::openapi::ConsciousnessSession),
         (status = 400, description = "The level is malformed; nothing is written"),
         (status = 401, description = "No valid access token"),
         (status = 404, description = "The caller has no session with this id"),
@@ -127,7 +127,7 @@ pub async fn set_level(
 #[utoipa::path(post, path = "/consciousness/sessions/{id}/heartbeat", tag = "consciousness", security(("bearer" = [])),
     params(crate::openapi::SessionPath),
     responses(
-        (status = 200, description = "The session, its `last_activity` now", body = crate::openapi::Session),
+        (status = 200, description = "The session, its `last_activity` now", body = crate::openapi::ConsciousnessSession),
         (status = 401, description = "No valid access token"),
         (status = 404, description = "The caller has no session with this id"),
         (status = 409, description = "The session has ended (idle sessions end by themselves)"),
