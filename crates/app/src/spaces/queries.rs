@@ -241,6 +241,10 @@ pub struct Joined {
 pub async fn join(db: &impl GenericClient, user: i64, id: &SpaceId) -> Result<Joined, SpaceError> {
     // The threshold never changes: read without a lock, to answer 404 before anything else.
     let space = space(db, id).await?.ok_or_else(|| unknown(id))?;
+    // Closing is final, so a closed space read without the lock is closed for good.
+    if !space.is_active {
+        return Err(closed(id));
+    }
     let session = db
         .query_opt(
             "SELECT id, (consciousness_level * 100)::int4 FROM consciousness_sessions \

@@ -297,6 +297,18 @@ async fn only_the_creator_closes_a_space_and_a_closed_space_takes_nobody() {
         .await;
     assert_eq!(status, 409);
     assert!(message(&body).contains("closed"), "{body}");
+    // Closed comes first: even without a session, the answer is that it is closed.
+    let stranger = world.register("stranger").await;
+    let (status, body) = world
+        .call(
+            0,
+            Method::POST,
+            "/spaces/atelier/join",
+            Some(&stranger),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
     let (status, body) = world
         .call(
             1,
