@@ -154,7 +154,8 @@ async fn a_join_below_the_threshold_or_without_a_session_is_refused_saying_why()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_session_ends_once_and_its_user_leaves_their_spaces() {
-    let world = World::start(2, &[("CONSCIOUSNESS_SESSION_IDLE", "1s".to_string())]).await;
+    // 2 s: long enough for `alive`'s heartbeats to keep up on a loaded machine.
+    let world = World::start(2, &[("CONSCIOUSNESS_SESSION_IDLE", "2s".to_string())]).await;
     let owner = world.paid("owner").await;
     world.space(&owner, "lagoon", 10, "0.50").await;
     let alive = world.register("alive").await;
@@ -176,9 +177,9 @@ async fn an_idle_session_ends_once_and_its_user_leaves_their_spaces() {
     }
     let mut events = world.servers[1].events.subscribe();
 
-    // `alive` sends heartbeats; `idle` does not. The sweep runs every 250 ms.
+    // `alive` sends heartbeats; `idle` does not. The sweep runs every 500 ms.
     let heartbeat = format!("/consciousness/sessions/{}/heartbeat", kept["id"]);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let (status, body) = world
             .call(1, Method::POST, &heartbeat, Some(&alive), None)
