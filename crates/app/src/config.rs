@@ -13,6 +13,12 @@ pub const PATTERNS: &str = "patterns";
 /// The last good copy of each Venice answer, living `VENICE_STALE_IF_ERROR`: what is served,
 /// marked stale, while Venice fails (see `cascade_core::upstream::Connector`).
 pub const VENICE_LAST_GOOD: &str = "venice_last_good";
+/// A collaboration space's details (`GET /spaces/{id}`), removed by every write that changes them.
+pub const SPACES: &str = "spaces";
+/// Pages of `GET /spaces`, tagged by their filters.
+pub const SPACE_LISTS: &str = "space_lists";
+/// Who is in a space (`GET /spaces/{id}/participants`).
+pub const SPACE_PARTICIPANTS: &str = "space_participants";
 
 /// The CASCADE application's settings, as text.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -62,6 +68,10 @@ pub struct RawAppConfig {
     /// Consciousness level from which a session counts as verified, in [0, 1] [default: 0.8].
     #[arg(long, env = "VERIFICATION_THRESHOLD", global = true)]
     pub verification_threshold: Option<String>,
+    /// A consciousness session without a heartbeat for this long is ended, and leaves its
+    /// spaces [default: 5m].
+    #[arg(long, env = "CONSCIOUSNESS_SESSION_IDLE", global = true)]
+    pub consciousness_session_idle: Option<String>,
     /// Stripe secret key.
     #[arg(long, env = "STRIPE_API_KEY", global = true, hide_env_values = true)]
     pub stripe_api_key: Option<String>,
@@ -105,6 +115,8 @@ pub struct ConsciousnessConfig {
     pub cache_ttl: Duration,
     /// In millionths of 1.0, exact.
     pub verification_threshold: Decimal6,
+    /// No heartbeat for this long ends a session (`CONSCIOUSNESS_SESSION_IDLE`).
+    pub session_idle: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -214,6 +226,11 @@ impl AppConfig {
                 Duration::from_secs(300),
             ),
             verification_threshold,
+            session_idle: p.positive_duration(
+                "CONSCIOUSNESS_SESSION_IDLE",
+                &raw.consciousness_session_idle,
+                Duration::from_secs(300),
+            ),
         };
         AppConfig {
             venice,
@@ -225,7 +242,9 @@ impl AppConfig {
     }
 
     /// The application's cache namespaces: Venice data 300 s (seed 001), its last good copies
-    /// `VENICE_STALE_IF_ERROR`, patterns `CONSCIOUSNESS_CACHE_TTL`.
+    /// `VENICE_STALE_IF_ERROR`, patterns `CONSCIOUSNESS_CACHE_TTL`; spaces and their
+    /// participants 300 s, list pages 180 s (as seed 003's listings), all removed by the
+    /// writes that change them.
     pub fn namespaces(&self) -> Vec<Namespace> {
         vec![
             Namespace::new(VENICE, Duration::from_secs(300)),
@@ -236,6 +255,9 @@ impl AppConfig {
                     .max(Duration::from_secs(1)),
             ),
             Namespace::new(PATTERNS, self.consciousness.cache_ttl),
+            Namespace::new(SPACES, Duration::from_secs(300)),
+            Namespace::new(SPACE_LISTS, Duration::from_secs(180)),
+            Namespace::new(SPACE_PARTICIPANTS, Duration::from_secs(300)),
         ]
     }
 
@@ -294,6 +316,10 @@ impl AppConfig {
             (
                 "VERIFICATION_THRESHOLD",
                 self.consciousness.verification_threshold.to_string(),
+            ),
+            (
+                "CONSCIOUSNESS_SESSION_IDLE",
+                secs(self.consciousness.session_idle),
             ),
             ("STRIPE_API_URL", self.stripe.api_url.clone()),
             ("STRIPE_API_KEY", set(&self.stripe.api_key)),

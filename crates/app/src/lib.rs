@@ -11,6 +11,8 @@
 //!   citizen, and its columns of `cascade_users` ([`MIGRATIONS`], its own version space);
 //! - [`patterns`]: consciousness patterns computed from Venice's lists, `GET /patterns/{type}`
 //!   and `GET /patterns`, table `consciousness_patterns`, and their background sync.
+//! - [`spaces`]: collaboration spaces, consciousness sessions and the idle sweep;
+//! - [`tiers`]: which features need which subscription tier (one table).
 //!
 //! Its other tables, routes and tasks arrive with the issues that build them.
 
@@ -20,6 +22,8 @@ pub mod config;
 pub mod economics;
 pub mod openapi;
 pub mod patterns;
+pub mod spaces;
+pub mod tiers;
 pub mod venice;
 
 use std::sync::{Arc, OnceLock};
@@ -27,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::FromRef;
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use cascade_core::db::Migration;
 use cascade_core::tasks::Supervisor;
 use cascade_core::upstream::Connector;
@@ -48,6 +52,12 @@ pub const MIGRATIONS: &[Migration] = &[
         2,
         "patterns",
         include_str!("../migrations/0002_patterns.sql"),
+    ),
+    Migration::new(
+        "app",
+        4,
+        "spaces",
+        include_str!("../migrations/0004_spaces.sql"),
     ),
 ];
 
@@ -134,6 +144,7 @@ impl Module for AppModule {
             .route("/patterns", get(patterns::list))
             .route("/patterns/{type}", get(patterns::pattern))
             .merge(account)
+            .merge(spaces_router())
             .with_state(state)
     }
 
@@ -149,7 +160,37 @@ impl Module for AppModule {
             }
             stop.recv().await;
         });
+        let app = state.clone();
+        let idle = self.config.consciousness.session_idle;
+        tasks.spawn("consciousness-idle-sweep", move |stop| {
+            spaces::idle::run(app, idle, stop)
+        });
     }
+}
+
+/// Spaces and consciousness sessions (`spaces/`).
+fn spaces_router() -> Router<AppModuleState> {
+    use spaces::{routes, sessions};
+    let spaces = Router::new()
+        .route("/spaces", post(routes::create).get(routes::list))
+        .route("/spaces/{space_id}", get(routes::get))
+        .route("/spaces/{space_id}/participants", get(routes::participants))
+        .route("/spaces/{space_id}/join", post(routes::join))
+        .route("/spaces/{space_id}/leave", post(routes::leave))
+        .route("/spaces/{space_id}/close", post(routes::close));
+    // A session's answers are its user's (the first carries its token): never stored.
+    let sessions = Router::new()
+        .route("/consciousness/sessions", post(sessions::start))
+        .route(
+            "/consciousness/sessions/{id}",
+            patch(sessions::set_level).delete(sessions::end),
+        )
+        .route(
+            "/consciousness/sessions/{id}/heartbeat",
+            post(sessions::heartbeat),
+        )
+        .layer(axum::middleware::map_response(no_store));
+    spaces.merge(sessions)
 }
 
 async fn no_store(mut response: axum::response::Response) -> axum::response::Response {

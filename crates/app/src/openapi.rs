@@ -14,12 +14,25 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
         crate::accounts::unlink,
         crate::economics::quote_route,
         crate::patterns::pattern,
-        crate::patterns::list
+        crate::patterns::list,
+        crate::spaces::routes::create,
+        crate::spaces::routes::get,
+        crate::spaces::routes::list,
+        crate::spaces::routes::participants,
+        crate::spaces::routes::join,
+        crate::spaces::routes::leave,
+        crate::spaces::routes::close,
+        crate::spaces::sessions::start,
+        crate::spaces::sessions::set_level,
+        crate::spaces::sessions::heartbeat,
+        crate::spaces::sessions::end,
     ),
     tags(
         (name = "citizens", description = "Venice citizens (the ledger), cached; served stale within a bound while Venice fails."),
         (name = "economics", description = "The ducat/USD bridge: exact amounts as decimal strings, rounded half-even to the cent."),
-        (name = "patterns", description = "Consciousness patterns computed from Venice's lists (counts and an emergence score), stored until they expire and refreshed in the background.")
+        (name = "patterns", description = "Consciousness patterns computed from Venice's lists (counts and an emergence score), stored until they expire and refreshed in the background."),
+        (name = "spaces", description = "Collaboration spaces: joining needs an active consciousness session at the space's threshold; the participant limit holds under any concurrency. Creating one needs a paid tier."),
+        (name = "consciousness", description = "Consciousness sessions: a level in [0, 1] with two decimals, as a string; verified at VERIFICATION_THRESHOLD; ended after CONSCIOUSNESS_SESSION_IDLE without a heartbeat."),
     )
 )]
 pub struct AppApi;
@@ -64,4 +77,165 @@ pub struct PatternListParams {
     /// `nextCursor` of the previous page.
     #[param(pattern = "^(collective_activity|economic_consciousness|social_consciousness)$")]
     cursor: Option<String>,
+}
+
+/// The body of `POST /spaces`.
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSpace {
+    /// The space's public id: lower-case letters, digits and `-`, not at either end.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = "^[a-z0-9]([a-z0-9-]{0,98}[a-z0-9])?$",
+        example = "salon-veneziano"
+    )]
+    pub space_id: String,
+    /// 1 to 255 characters, not blank, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x1F\x7F-\x9F]*$"
+    )]
+    pub title: String,
+    /// At most 4,000 characters; no control characters but newlines and tabs.
+    #[schema(
+        max_length = 4000,
+        pattern = r"^[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*$"
+    )]
+    pub description: Option<String>,
+    /// 1 to 1,000 (default 10).
+    #[schema(minimum = 1, maximum = 1000)]
+    pub max_participants: Option<i32>,
+    /// Default `"0.50"`.
+    #[schema(pattern = r"^(0(\.[0-9]{1,2})?|1(\.0{1,2})?)$", example = "0.50")]
+    pub consciousness_threshold: Option<String>,
+}
+
+/// A collaboration space.
+#[derive(ToSchema)]
+pub struct Space {
+    pub space_id: String,
+    pub title: String,
+    pub description: String,
+    /// The creator's username.
+    pub creator: String,
+    pub max_participants: i32,
+    /// Two decimals, e.g. `"0.50"`.
+    #[schema(example = "0.50")]
+    pub consciousness_threshold: String,
+    /// Present on `GET /spaces/{space_id}` and writes; not on list pages.
+    #[schema(nullable = false)]
+    pub participant_count: Option<i32>,
+    pub is_active: bool,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub closed_at: Option<String>,
+}
+
+/// A page of `GET /spaces`.
+#[derive(ToSchema)]
+pub struct SpacePage {
+    pub items: Vec<Space>,
+    /// The `cursor` of the next page; null on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// Who is in a space.
+#[derive(ToSchema)]
+pub struct Participants {
+    pub space_id: String,
+    pub max_participants: i32,
+    pub count: i32,
+    pub participants: Vec<Participant>,
+}
+
+#[derive(ToSchema)]
+pub struct Participant {
+    pub username: String,
+    pub joined_at: String,
+}
+
+/// The space in the path.
+#[derive(IntoParams, serde::Deserialize)]
+#[into_params(parameter_in = Path)]
+pub struct SpacePath {
+    #[param(
+        min_length = 1,
+        max_length = 100,
+        pattern = "^[a-z0-9]([a-z0-9-]{0,98}[a-z0-9])?$"
+    )]
+    space_id: String,
+}
+
+/// `GET /spaces` filters.
+#[derive(IntoParams, serde::Deserialize)]
+#[into_params(parameter_in = Query)]
+pub struct SpaceListParams {
+    /// Only open (`true`) or closed (`false`) spaces.
+    active: Option<bool>,
+    /// Only this user's spaces (a username, any case).
+    #[param(
+        min_length = 3,
+        max_length = 32,
+        pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{2,31}$"
+    )]
+    creator: Option<String>,
+    /// Items per page, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(pattern = "^[1-9][0-9]{0,17}$")]
+    cursor: Option<String>,
+}
+
+/// The body of `POST /consciousness/sessions`.
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewConsciousnessSession {
+    /// Binds the session to a space (open, existing); one active session per user per space.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = "^[a-z0-9]([a-z0-9-]{0,98}[a-z0-9])?$"
+    )]
+    pub space_id: Option<String>,
+    #[schema(pattern = r"^(0(\.[0-9]{1,2})?|1(\.0{1,2})?)$", example = "0.75")]
+    pub consciousness_level: String,
+}
+
+/// The body of `PATCH /consciousness/sessions/{id}`.
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LevelChange {
+    #[schema(pattern = r"^(0(\.[0-9]{1,2})?|1(\.0{1,2})?)$", example = "0.90")]
+    pub consciousness_level: String,
+}
+
+/// A consciousness session.
+#[derive(ToSchema)]
+pub struct ConsciousnessSession {
+    pub id: i32,
+    pub space_id: Option<String>,
+    #[schema(example = "0.75")]
+    pub consciousness_level: String,
+    /// `consciousness_level` is at least `VERIFICATION_THRESHOLD`.
+    pub verified: bool,
+    pub is_active: bool,
+    pub started_at: String,
+    pub last_activity: String,
+    pub ended_at: Option<String>,
+    /// `ended` or `idle`.
+    pub end_reason: Option<String>,
+    /// Only in the answer that starts the session.
+    #[schema(nullable = false)]
+    pub session_token: Option<String>,
+}
+
+/// The session in the path.
+#[derive(IntoParams, serde::Deserialize)]
+#[into_params(parameter_in = Path)]
+pub struct SessionPath {
+    #[param(minimum = 1, maximum = 2147483647)]
+    id: i32,
 }

@@ -133,6 +133,16 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
             .starts_with("1 PostgreSQL query for 200 requests (pg_stat_statements"),
         "one load for a cold key: {stampede}"
     );
+    let spaces = row("spaces: join and leave");
+    assert!(spaces["requests"].as_u64().unwrap() > 0, "{spaces}");
+    assert_eq!(spaces["errors"], 0, "{spaces}");
+    assert!(
+        spaces["notes"]
+            .as_str()
+            .unwrap()
+            .contains("no space above its limit"),
+        "{spaces}"
+    );
     let outage = row("Redis killed");
     let notes = outage["notes"].as_str().unwrap();
     assert!(notes.starts_with("0 failed, 0 stale reads"), "{notes}");

@@ -15,6 +15,7 @@
 //! | bundle depth 3 | `GET /bundle?versionId=…&depth=3` over a warm set, and straight to PostgreSQL |
 //! | writes | `PATCH /listings/{id}`: a write plus its invalidations |
 //! | stampede | 1000 concurrent requests for one cold key: PostgreSQL queries counted |
+//! | spaces | one client per connection joining and leaving spaces with fewer places than clients: throughput, p99, no space above its limit |
 //! | Redis outage | Redis killed for 10 s under load: failed requests, stale reads, recovery |
 //! | PostgreSQL restart | PostgreSQL stopped for 10 s under load: how fast refusals come, no acknowledged write lost, recovery |
 //!
@@ -28,6 +29,7 @@ mod pg_restart;
 mod redis_outage;
 mod report;
 mod server;
+mod spaces;
 mod stampede;
 mod throughput;
 mod wrk;
@@ -107,6 +109,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
 
     let mut rows = throughput::run(&suite).await?;
     rows.push(stampede::run(&suite).await?);
+    rows.push(spaces::run(&suite).await?);
     rows.push(redis_outage::run(&mut suite).await?);
     rows.push(pg_restart::run(&mut suite).await?);
 

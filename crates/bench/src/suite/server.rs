@@ -30,6 +30,8 @@ impl ServerProc {
             .env("PORT", port.to_string())
             .env("HOST", "127.0.0.1")
             .env("RATE_LIMIT_API", "off")
+            // The spaces scenario registers one account per client.
+            .env("RATE_LIMIT_AUTH", "off")
             .env("ADMIN_TOKEN", super::client::ADMIN_TOKEN)
             // The bench account's one token must outlive the longest run.
             .env("ACCESS_TOKEN_TTL", "24h")
