@@ -96,11 +96,23 @@ fn plain_decimal(text: &str, max_decimals: usize) -> Option<Decimal> {
 /// An amount as a client gives it: a string of digits with at most two decimals, above zero
 /// and at most [`MAX_AMOUNT`]. `field` names it in the 400.
 pub fn parse_amount(field: &'static str, text: &str) -> Result<Decimal, ApiError> {
+    let amount = parse_quantity(field, text)?;
+    if amount.is_zero() {
+        return Err(ApiError::bad_request(
+            field,
+            format!("{field} must be above zero"),
+        ));
+    }
+    Ok(amount)
+}
+
+/// As [`parse_amount`], zero included: what a quote accepts (a quote of nothing is nothing).
+pub fn parse_quantity(field: &'static str, text: &str) -> Result<Decimal, ApiError> {
     let refuse = || {
         ApiError::bad_request(
             field,
             format!(
-                "{field} must be a positive decimal string with at most {INPUT_DECIMALS} decimals (e.g. \"150.00\")"
+                "{field} must be a decimal string of digits with at most {INPUT_DECIMALS} decimals (e.g. \"150.00\")"
             ),
         )
     };
@@ -108,12 +120,6 @@ pub fn parse_amount(field: &'static str, text: &str) -> Result<Decimal, ApiError
         return Err(refuse());
     }
     let amount = plain_decimal(text, INPUT_DECIMALS as usize).ok_or_else(refuse)?;
-    if amount.is_zero() {
-        return Err(ApiError::bad_request(
-            field,
-            format!("{field} must be above zero"),
-        ));
-    }
     if amount > MAX_AMOUNT {
         return Err(ApiError::bad_request(
             field,
@@ -218,20 +224,46 @@ pub fn quote(config: &EconomyConfig, from: Currency, amount: Decimal) -> Quote {
     }
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
+/// `GET /economics/quote`'s query: `ducats` or `usd`, exactly one.
+#[derive(Debug, Deserialize)]
 pub struct QuoteParams {
-    /// An amount of ducats (decimal string, at most two decimals). Give this or `usd`.
-    #[param(example = "1000")]
     pub ducats: Option<String>,
-    /// An amount of USD (decimal string, at most two decimals). Give this or `ducats`.
-    #[param(example = "150.00")]
     pub usd: Option<String>,
 }
 
+/// The pattern of an amount in a query (the parser also refuses more than [`MAX_AMOUNT`]).
+pub const AMOUNT_PATTERN: &str = "^[0-9]{1,18}(\\.[0-9]{1,2})?$";
+
+/// The query described as one exploded object of exactly one property, so that the API
+/// document says "`ducats` or `usd`, not both" (two optional parameters cannot).
+impl utoipa::PartialSchema for QuoteParams {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Type};
+        let amount = |what: &str, example: &str| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(AMOUNT_PATTERN))
+                .description(Some(format!(
+                    "An amount of {what}: a decimal string, at most two decimals"
+                )))
+                .examples([serde_json::json!(example)])
+        };
+        ObjectBuilder::new()
+            .property("ducats", amount("ducats", "1000"))
+            .property("usd", amount("USD", "150.00"))
+            .min_properties(Some(1))
+            .max_properties(Some(1))
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for QuoteParams {}
+
 /// `GET /economics/quote?ducats=…` or `?usd=…`.
 #[utoipa::path(get, path = "/economics/quote", tag = "economics",
-    params(QuoteParams),
+    params(("quote" = inline(QuoteParams), Query, style = Form, explode,
+        description = "Exactly one of `ducats` and `usd`: `?ducats=1000` or `?usd=150.00`")),
     responses(
         (status = 200, description = "The amount in both currencies: gross, fee and net, exact (decimal strings, half-even to the cent)", body = Quote),
         (status = 400, description = "Neither or both of ducats and usd, or an amount that is not a positive decimal string with at most two decimals"),
@@ -242,8 +274,8 @@ pub async fn quote_route(
     Query(params): Query<QuoteParams>,
 ) -> Result<Json<Quote>, ApiError> {
     let (from, amount) = match (&params.ducats, &params.usd) {
-        (Some(ducats), None) => (Currency::Ducats, parse_amount("ducats", ducats)?),
-        (None, Some(usd)) => (Currency::Usd, parse_amount("usd", usd)?),
+        (Some(ducats), None) => (Currency::Ducats, parse_quantity("ducats", ducats)?),
+        (None, Some(usd)) => (Currency::Usd, parse_quantity("usd", usd)?),
         _ => {
             return Err(ApiError::bad_request(
                 "ducats",

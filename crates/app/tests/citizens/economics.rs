@@ -43,6 +43,11 @@ async fn quotes_are_exact_strings_and_bad_amounts_are_refused() {
     // 150 / 0.0733333333 = 2045.4545463… ducats.
     assert_eq!(body["ducats"]["gross"], "2045.45");
 
+    let (status, body) = quote(&world, "?usd=0").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ducats"]["net"], "0.00");
+    assert_eq!(body["meets_minimum"], false);
+
     let long = format!("?usd={}", "9".repeat(10_000));
     for bad in [
         "",
@@ -50,7 +55,6 @@ async fn quotes_are_exact_strings_and_bad_amounts_are_refused() {
         "?usd=-5",
         "?usd=abc",
         "?usd=1e3",
-        "?usd=0",
         "?usd=1.234",
         "?usd=%2B5",
         "?ducats=NaN",
