@@ -7,12 +7,15 @@
 //! - [`venice`]: Venice through the core's cached connector (pool, retries, breaker,
 //!   stale-if-error), the username type, the cache keys; the startup probe;
 //! - [`citizens`]: `GET /citizens/{username}`; [`openapi`]: its part of the API document;
+//! - [`billing`]: Stripe: `POST /webhooks/stripe` (signed, exactly once, in any order) moves
+//!   `cascade_subscriptions` and tiers; `GET /billing/subscription`;
 //! - [`accounts`]: `POST /me/citizen` and `DELETE /me/citizen`, an account's link to a Venice
 //!   citizen, and its columns of `cascade_users` ([`MIGRATIONS`], its own version space).
 //!
 //! Its other tables, routes and tasks arrive with the issues that build them.
 
 pub mod accounts;
+pub mod billing;
 pub mod citizens;
 pub mod config;
 pub mod economics;
@@ -33,12 +36,20 @@ use cascade_http::{AppState, Module};
 pub use config::{AppConfig, RawAppConfig};
 
 /// The application's migrations. Append only: never edit one that has shipped.
-pub const MIGRATIONS: &[Migration] = &[Migration::new(
-    "app",
-    1,
-    "citizen_link",
-    include_str!("../migrations/0001_citizen_link.sql"),
-)];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration::new(
+        "app",
+        1,
+        "citizen_link",
+        include_str!("../migrations/0001_citizen_link.sql"),
+    ),
+    Migration::new(
+        "app",
+        6,
+        "billing",
+        include_str!("../migrations/0006_billing.sql"),
+    ),
+];
 
 /// The module as the server composes it.
 pub struct AppModule {
@@ -97,8 +108,13 @@ impl Module for AppModule {
         let account = Router::new()
             .route("/me/citizen", post(accounts::link).delete(accounts::unlink))
             .layer(axum::middleware::map_response(no_store));
+        let billing = Router::new()
+            .route("/billing/subscription", get(billing::subscription))
+            .layer(axum::middleware::map_response(no_store));
         Router::new()
             .route("/citizens/{username}", get(citizens::citizen))
+            .route("/webhooks/stripe", post(billing::webhook::stripe_webhook))
+            .merge(billing)
             .route("/economics/quote", get(economics::quote_route))
             .merge(account)
             .with_state(state)
