@@ -46,6 +46,10 @@ pub struct CitizenLink {
 pub struct BillingSubscription {
     /// The account's tier: a paid tier of `STRIPE_PRICES_JSON`, or `observer`.
     pub tier: String,
+    /// The tier that tier gates apply to this request (the session's copy, refreshed on every
+    /// instance when the tier changes); a paid tier the platform's `Tier` does not know (such
+    /// as `explorer`) ranks as `observer` there.
+    pub gate_tier: String,
     #[schema(nullable = true)]
     pub subscription: Option<SubscriptionView>,
 }

@@ -211,7 +211,11 @@ pub async fn subscription(
             "current_period_end": row.get::<_, Option<String>>(3),
         })
     });
-    Ok(Json(json!({ "tier": tier, "subscription": subscription })))
+    Ok(Json(json!({
+        "tier": tier,
+        "gate_tier": me.tier.as_str(),
+        "subscription": subscription,
+    })))
 }
 
 #[cfg(test)]
