@@ -85,6 +85,9 @@ pub struct RawAppConfig {
     /// Where Stripe Checkout sends a customer who gives up [default: http://localhost:3000/billing/cancel].
     #[arg(long, env = "STRIPE_CANCEL_URL", global = true)]
     pub stripe_cancel_url: Option<String>,
+    /// Bound of a whole Stripe API call, retries included [default: 10s].
+    #[arg(long, env = "STRIPE_REQUEST_TIMEOUT", global = true)]
+    pub stripe_request_timeout: Option<String>,
 }
 
 /// An upstream HTTP API: its base URL and bearer key.

@@ -72,6 +72,8 @@ pub struct AppShared {
     pub config: AppConfig,
     /// Venice: one pool, one breaker for this instance.
     pub venice: Connector,
+    /// Stripe (billing's POSTs): one pool, one breaker for this instance.
+    pub stripe: Connector,
     /// For [`CurrentUser`](cascade_http::CurrentUser): identity and rate limits.
     pub app: AppState,
 }
@@ -99,9 +101,12 @@ impl Module for AppModule {
         // Building a client fails only when TLS cannot be set up: a startup error.
         let venice = venice::connector(&self.config, state.cache.clone())
             .expect("the Venice HTTP client (TLS setup)");
+        let stripe = billing::checkout::connector(&self.config.stripe, state.cache.clone())
+            .expect("the Stripe HTTP client (TLS setup)");
         let state = AppModuleState(Arc::new(AppShared {
             config: self.config.clone(),
             venice,
+            stripe,
             app: state.clone(),
         }));
         // Account data: never stored by a browser or a shared cache (as the other `/me` routes).
@@ -110,6 +115,7 @@ impl Module for AppModule {
             .layer(axum::middleware::map_response(no_store));
         let billing = Router::new()
             .route("/billing/subscription", get(billing::subscription))
+            .route("/billing/checkout", post(billing::checkout::checkout))
             .layer(axum::middleware::map_response(no_store));
         Router::new()
             .route("/citizens/{username}", get(citizens::citizen))

@@ -8,7 +8,7 @@ use utoipa::{OpenApi, ToSchema};
 
 #[derive(OpenApi)]
 #[openapi(
-    paths(crate::citizens::citizen, crate::accounts::link, crate::accounts::unlink, crate::economics::quote_route, crate::billing::subscription, crate::billing::webhook::stripe_webhook),
+    paths(crate::citizens::citizen, crate::accounts::link, crate::accounts::unlink, crate::economics::quote_route, crate::billing::subscription, crate::billing::checkout::checkout, crate::billing::webhook::stripe_webhook),
     tags(
         (name = "citizens", description = "Venice citizens (the ledger), cached; served stale within a bound while Venice fails."),
         (name = "billing", description = "Stripe subscriptions: signed webhooks applied exactly once and in any order; 503 `billing_not_configured` without Stripe settings."),
@@ -85,4 +85,14 @@ pub struct WebhookAck {
     pub received: bool,
     /// `applied`, `duplicate` (processed before: no effect) or `ignored` (a type not handled).
     pub outcome: String,
+}
+
+/// A Stripe Checkout session.
+#[derive(ToSchema)]
+pub struct CheckoutSession {
+    /// Stripe's session id.
+    pub id: String,
+    /// Where to send the customer to pay.
+    pub url: String,
+    pub tier: String,
 }

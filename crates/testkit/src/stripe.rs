@@ -185,7 +185,8 @@ impl StripeStandin {
         self.books().sessions.values().cloned().collect()
     }
 
-    /// Waits `delay` before answering each API request (to make a client time out).
+    /// Waits `delay` before answering each API request, after doing its work (to make a
+    /// client time out on a call that succeeded).
     pub fn slow_down(&self, delay: Duration) {
         self.books().delay = delay;
     }
@@ -462,21 +463,17 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Checks the bearer key, counts the call, applies the delay and replays an idempotent answer:
+/// Checks the bearer key, counts the call and replays an idempotent answer:
 /// `Err` is the answer to give instead of doing the work.
 async fn admit(
     shared: &Shared,
     path: &str,
     headers: &HeaderMap,
 ) -> Result<Option<String>, Response> {
-    let delay = {
-        let mut books = lock(&shared.books);
-        *books.calls.entry(path.to_string()).or_default() += 1;
-        books.delay
-    };
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
+    *lock(&shared.books)
+        .calls
+        .entry(path.to_string())
+        .or_default() += 1;
     let bearer = format!("Bearer {}", shared.key);
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(bearer.as_str()) {
         return Err(stripe_error(
@@ -497,11 +494,18 @@ async fn admit(
     Ok(key)
 }
 
-fn remember(shared: &Shared, key: Option<String>, body: Value) -> Response {
-    if let Some(key) = key {
-        lock(&shared.books)
-            .idempotent
-            .insert(key, (200, body.clone()));
+/// Keeps the answer under the idempotency key, then answers after the configured delay: as at
+/// Stripe, the work is done even when the client gave up waiting.
+async fn remember(shared: &Shared, key: Option<String>, body: Value) -> Response {
+    let delay = {
+        let mut books = lock(&shared.books);
+        if let Some(key) = key {
+            books.idempotent.insert(key, (200, body.clone()));
+        }
+        books.delay
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
     axum::Json(body).into_response()
 }
@@ -524,17 +528,19 @@ async fn create_customer(
         Err(answer) => return answer,
     };
     let form = parse_form(&body);
-    let mut books = lock(&shared.books);
-    let id = books.id("cus");
-    let customer = json!({
-        "id": id,
-        "object": "customer",
-        "email": form.get("email"),
-        "metadata": { "cascade_user_id": form.get("metadata[cascade_user_id]") },
-    });
-    books.customers.insert(id, customer.clone());
-    drop(books);
-    remember(&shared, key, customer)
+    let customer = {
+        let mut books = lock(&shared.books);
+        let id = books.id("cus");
+        let customer = json!({
+            "id": id,
+            "object": "customer",
+            "email": form.get("email"),
+            "metadata": { "cascade_user_id": form.get("metadata[cascade_user_id]") },
+        });
+        books.customers.insert(id, customer.clone());
+        customer
+    };
+    remember(&shared, key, customer).await
 }
 
 async fn create_session(
@@ -557,27 +563,29 @@ async fn create_session(
     if form.get("mode").map(String::as_str) != Some("subscription") {
         return stripe_error(StatusCode::BAD_REQUEST, "mode must be subscription");
     }
-    let mut books = lock(&shared.books);
-    if !books.customers.contains_key(customer) {
-        return stripe_error(StatusCode::BAD_REQUEST, "No such customer");
-    }
-    let id = books.id("cs_test");
-    let session = json!({
-        "id": id,
-        "object": "checkout.session",
-        "mode": "subscription",
-        "status": "open",
-        "customer": customer,
-        "client_reference_id": form.get("client_reference_id"),
-        "success_url": form.get("success_url"),
-        "cancel_url": form.get("cancel_url"),
-        "line_items": [ { "price": price } ],
-        "subscription": null,
-        "url": format!("https://checkout.stripe.test/c/pay/{id}"),
-    });
-    books.sessions.insert(id, session.clone());
-    drop(books);
-    remember(&shared, key, session)
+    let session = {
+        let mut books = lock(&shared.books);
+        if !books.customers.contains_key(customer) {
+            return stripe_error(StatusCode::BAD_REQUEST, "No such customer");
+        }
+        let id = books.id("cs_test");
+        let session = json!({
+            "id": id,
+            "object": "checkout.session",
+            "mode": "subscription",
+            "status": "open",
+            "customer": customer,
+            "client_reference_id": form.get("client_reference_id"),
+            "success_url": form.get("success_url"),
+            "cancel_url": form.get("cancel_url"),
+            "line_items": [ { "price": price } ],
+            "subscription": null,
+            "url": format!("https://checkout.stripe.test/c/pay/{id}"),
+        });
+        books.sessions.insert(id, session.clone());
+        session
+    };
+    remember(&shared, key, session).await
 }
 
 async fn subscription(

@@ -3,11 +3,13 @@
 //!
 //! - [`signature`]: `Stripe-Signature` verification on the raw body;
 //! - [`webhook`]: `POST /webhooks/stripe`, each event applied exactly once and in any order;
+//! - [`checkout`]: `POST /billing/checkout`, through the `stripe` connector, idempotent;
 //! - `GET /billing/subscription`: the caller's tier and subscription.
 //!
 //! Without `STRIPE_API_KEY` the billing routes answer 503 `billing_not_configured` (and without
 //! `STRIPE_WEBHOOK_SECRET` the webhook endpoint does); the rest of Cascade runs.
 
+pub mod checkout;
 pub mod signature;
 pub mod webhook;
 
@@ -40,6 +42,8 @@ pub struct StripeConfig {
     pub prices: BTreeMap<String, String>,
     pub success_url: String,
     pub cancel_url: String,
+    /// Bound of a whole Stripe API call, retries included.
+    pub request_timeout: std::time::Duration,
 }
 
 impl StripeConfig {
@@ -71,6 +75,11 @@ impl StripeConfig {
                 "STRIPE_CANCEL_URL",
                 &raw.stripe_cancel_url,
                 "http://localhost:3000/billing/cancel",
+            ),
+            request_timeout: p.positive_duration(
+                "STRIPE_REQUEST_TIMEOUT",
+                &raw.stripe_request_timeout,
+                std::time::Duration::from_secs(10),
             ),
         }
     }
@@ -106,6 +115,10 @@ impl StripeConfig {
             ("STRIPE_PRICES_JSON", prices),
             ("STRIPE_SUCCESS_URL", self.success_url.clone()),
             ("STRIPE_CANCEL_URL", self.cancel_url.clone()),
+            (
+                "STRIPE_REQUEST_TIMEOUT",
+                format!("{}s", self.request_timeout.as_secs_f64()),
+            ),
         ]
     }
 }

@@ -206,7 +206,7 @@ async fn announce(state: &AppModuleState, change: &TierChange) {
     );
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

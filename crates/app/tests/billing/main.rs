@@ -3,6 +3,7 @@
 //! Stripe would send them and signs and delivers them.
 
 mod checker;
+mod checkout;
 mod delivery;
 mod signatures;
 mod support;

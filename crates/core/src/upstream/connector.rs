@@ -352,6 +352,117 @@ impl Connector {
         Ok(Some(body.to_vec()))
     }
 
+    /// `POST {base_url}{path}` with a form-encoded body and an `Idempotency-Key` (Stripe's
+    /// convention): never cached, under the same breaker, slots, deadline and metrics as reads,
+    /// and retried as they are, which the key makes safe (the upstream answers a replayed key
+    /// with its first answer and does nothing twice). `Ok` with the status and JSON of any
+    /// answer but 429 and 5xx (a 4xx is the upstream's word on the request, for the caller).
+    pub async fn post_form(
+        &self,
+        path: &str,
+        form: &[(&str, &str)],
+        idempotency_key: &str,
+    ) -> Result<(u16, serde_json::Value), UpstreamError> {
+        let settings = &self.inner.settings;
+        let breaker = &self.inner.breaker;
+        let unavailable = |cause: CallError| UpstreamError::Unavailable {
+            upstream: settings.name,
+            retry_after: match cause {
+                CallError::BreakerOpen => breaker.retry_after(),
+                _ => Duration::from_secs(1),
+            },
+            cause: cause.to_string(),
+            bound: Duration::ZERO,
+        };
+        if breaker.permit() == Permit::Skip {
+            return Err(unavailable(CallError::BreakerOpen));
+        }
+        let url = url(&settings.base_url, path, &[]);
+        let mut body = String::new();
+        for (i, (name, value)) in form.iter().enumerate() {
+            if i > 0 {
+                body.push('&');
+            }
+            encode_into(&mut body, name);
+            body.push('=');
+            encode_into(&mut body, value);
+        }
+        let backoff = Backoff {
+            initial: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            total: settings.request_timeout,
+        };
+        let calls = async {
+            let mut attempt = 0;
+            loop {
+                match self.post_attempt(&url, &body, idempotency_key).await {
+                    Err(err) if err.retryable() && attempt < settings.retries => {
+                        tokio::time::sleep(backoff.delay(attempt)).await;
+                        attempt += 1;
+                    }
+                    other => return other,
+                }
+            }
+        };
+        let result = tokio::time::timeout(settings.request_timeout, calls)
+            .await
+            .unwrap_or(Err(CallError::Timeout(settings.request_timeout)));
+        match result {
+            Ok(answer) => {
+                breaker.success();
+                Ok(answer)
+            }
+            Err(err) => {
+                if err.counts_against_upstream() {
+                    breaker.failure();
+                }
+                tracing::warn!(upstream = self.name(), error = %err, "upstream call failed");
+                Err(unavailable(err))
+            }
+        }
+    }
+
+    async fn post_attempt(
+        &self,
+        url: &str,
+        body: &str,
+        idempotency_key: &str,
+    ) -> Result<(u16, serde_json::Value), CallError> {
+        let inner = &self.inner;
+        let _slot = inner
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| CallError::Transport("connector closed".into()))?;
+        let mut request = inner
+            .client
+            .post(url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("idempotency-key", idempotency_key)
+            .body(body.to_string());
+        if let Some(key) = &inner.settings.api_key {
+            request = request.bearer_auth(key.expose());
+        }
+        let failed = |err: reqwest::Error| match err.is_timeout() {
+            true => CallError::Timeout(inner.settings.request_timeout),
+            false => CallError::Transport(crate::db::error_chain(&err)),
+        };
+        let response = super::send(inner.settings.name, request)
+            .await
+            .map_err(failed)?;
+        let status = response.status().as_u16();
+        if matches!(status, 429 | 500..=599) {
+            return Err(CallError::Status(status));
+        }
+        let body = response.bytes().await.map_err(failed)?;
+        if body.len() > MAX_BODY {
+            return Err(CallError::Invalid("body too large".into()));
+        }
+        let json = serde_json::from_slice(&body)
+            .map_err(|err| CallError::Invalid(format!("not JSON: {err}")))?;
+        Ok((status, json))
+    }
+
     /// Writes the last good copy: the fallback once the fresh entry has expired.
     async fn keep_last_good(&self, key: &str, fetched: &Fetched) {
         let settings = &self.inner.settings;
