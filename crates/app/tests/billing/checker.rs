@@ -18,11 +18,11 @@ const PRICES: [(&str, &str); 2] = [
     ("price_architect", "architect"),
 ];
 
-/// Each account `1..=200` gets one subscription and a life of 1 to 7 changes; the script is
+/// Each account `1..=count` gets one subscription and a life of 1 to 7 changes; the script is
 /// the same for every run (seeded).
-fn script(stripe: &StripeStandin) {
+pub fn script(stripe: &StripeStandin, count: i64) {
     let mut rng = fastrand::Rng::with_seed(16);
-    for user in 1..=SUBSCRIPTIONS {
+    for user in 1..=count {
         let mut price = rng.usize(..2);
         let sub = stripe.create_subscription(None, user, PRICES[price].0);
         let mut status = "active";
@@ -54,8 +54,8 @@ fn script(stripe: &StripeStandin) {
     }
 }
 
-/// What Stripe says, as Cascade should have it: `user:tier|subscription:status:tier`.
-fn expected(stripe: &StripeStandin) -> BTreeMap<i64, String> {
+/// What Stripe says, as Cascade should have it: user → `tier|subscription:status:tier`.
+pub fn expected(stripe: &StripeStandin) -> BTreeMap<i64, String> {
     let tiers: BTreeMap<&str, &str> = PRICES.into_iter().collect();
     let mut out = BTreeMap::new();
     for event in stripe.events() {
@@ -87,7 +87,7 @@ fn expected(stripe: &StripeStandin) -> BTreeMap<i64, String> {
     out
 }
 
-async fn actual(pg: &PgServer, database: &str) -> BTreeMap<i64, String> {
+pub async fn actual(pg: &PgServer, database: &str) -> BTreeMap<i64, String> {
     let db = pg.client(database).await;
     db.query(
         "SELECT u.id, format('%s|%s:%s:%s', u.subscription_tier, s.stripe_subscription_id, \
@@ -108,7 +108,7 @@ async fn shuffled_duplicated_deliveries_end_as_in_order_delivery_for_every_seed(
     let redis = RedisServer::start().await;
     let stripe = StripeStandin::start().await;
     let venice = VeniceStandin::start(sample_citizens()).await;
-    script(&stripe);
+    script(&stripe, SUBSCRIPTIONS);
     let events = stripe.events();
     assert!(events.len() > 1000, "{} events", events.len());
     let truth = expected(&stripe);
@@ -129,13 +129,7 @@ async fn shuffled_duplicated_deliveries_end_as_in_order_delivery_for_every_seed(
         let database = url.rsplit('/').next().unwrap().to_string();
         let app = TestApp::start(&billing_env(url, &redis, &stripe, &venice)).await;
         let db = pg.client(&database).await;
-        db.execute(
-            "INSERT INTO cascade_users (username, password_hash) \
-             SELECT 'user' || n, 'not-a-hash' FROM generate_series(1, $1::bigint) n",
-            &[&SUBSCRIPTIONS],
-        )
-        .await
-        .unwrap();
+        add_accounts(&db, SUBSCRIPTIONS).await;
         let delivered = stripe
             .deliver(
                 &format!("{}/webhooks/stripe", app.base),
@@ -175,4 +169,15 @@ async fn shuffled_duplicated_deliveries_end_as_in_order_delivery_for_every_seed(
         assert_eq!(recorded as usize, events.len(), "each event once");
         drop(app);
     }
+}
+
+/// Accounts `1..=count` in a fresh database (ids are assigned in order).
+pub async fn add_accounts(db: &tokio_postgres::Client, count: i64) {
+    db.execute(
+        "INSERT INTO cascade_users (username, password_hash) \
+         SELECT 'user' || n, 'not-a-hash' FROM generate_series(1, $1::bigint) n",
+        &[&count],
+    )
+    .await
+    .unwrap();
 }

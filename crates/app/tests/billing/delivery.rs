@@ -147,3 +147,116 @@ impl World {
         self.post_signed(&body).await
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_killed_mid_delivery_then_stripe_retries_lose_and_double_nothing() {
+    use std::time::Duration;
+
+    use cascade_testkit::stripe::Delivery;
+
+    use crate::checker::{actual, add_accounts, expected, script};
+
+    let mut world = World::start(1, &[]).await;
+    add_accounts(&world.pg.client(&world.database).await, 30).await;
+    script(&world.stripe, 30);
+    let events = world.stripe.events();
+    let third = events.len() / 3;
+    let url = world.webhook(0);
+    let shuffled = |seed| Delivery {
+        seed,
+        shuffle: true,
+        duplicate: 0.2,
+        concurrency: 4,
+        ..Delivery::default()
+    };
+    let first = world
+        .stripe
+        .deliver(&url, SECRET, &events[..third], shuffled(1))
+        .await;
+    assert!(first.dropped.is_empty());
+
+    // The second third is being delivered when PostgreSQL dies (SIGKILL).
+    let paced = Delivery {
+        delay: Duration::from_millis(10),
+        ..shuffled(2)
+    };
+    let (during, ()) = tokio::join!(
+        world
+            .stripe
+            .deliver(&url, SECRET, &events[third..2 * third], paced),
+        async {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            world.pg.kill();
+        }
+    );
+    assert!(!during.dropped.is_empty(), "some deliveries failed");
+    assert!(
+        during.statuses.iter().all(|s| [200, 500, 503].contains(s)),
+        "{:?}",
+        during.statuses
+    );
+    world.pg.restart().await;
+
+    // Stripe retries what failed, and delivers the rest (shuffled, with duplicates).
+    let failed: Vec<String> = during.dropped;
+    let mut pending: Vec<_> = events
+        .iter()
+        .filter(|e| failed.iter().any(|id| e["id"] == id.as_str()))
+        .chain(&events[2 * third..])
+        .cloned()
+        .collect();
+    for round in 0..20 {
+        if pending.is_empty() {
+            break;
+        }
+        let delivered = world
+            .stripe
+            .deliver(&url, SECRET, &pending, shuffled(10 + round))
+            .await;
+        pending.retain(|e| delivered.dropped.iter().any(|id| e["id"] == id.as_str()));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        pending.is_empty(),
+        "{} events never accepted",
+        pending.len()
+    );
+    assert_eq!(
+        actual(&world.pg, &world.database).await,
+        expected(&world.stripe)
+    );
+    assert_eq!(
+        world.state_of(1).await.2 as usize,
+        events.len(),
+        "each event once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_inside_processing_is_a_500_that_leaves_no_trace() {
+    let world = World::start(1, &[]).await;
+    let (user, _) = world.register("dora").await;
+    let before = world.state_of(user).await;
+    // Handled types without a field their handling needs: the dedupe row is rolled back with
+    // the rest, so Stripe's retry (of a corrected event, or after a fix) is processed.
+    let broken = [
+        serde_json::json!({"id": "evt_broken_1", "type": "customer.subscription.updated",
+            "created": 1_700_000_000,
+            "data": {"object": {"id": "sub_x", "customer": "cus_x",
+                                "metadata": {"cascade_user_id": user.to_string()}}}}),
+        serde_json::json!({"id": "evt_broken_2", "type": "checkout.session.completed",
+            "created": 1_700_000_001,
+            "data": {"object": {"id": "cs_x", "client_reference_id": user.to_string()}}}),
+    ];
+    for event in &broken {
+        let (status, body) = world.post_signed(&event.to_string()).await;
+        assert_eq!(status, 500, "{body}");
+        assert_eq!(body["error"]["code"], "internal");
+    }
+    assert_eq!(world.state_of(user).await, before);
+    // An unknown type is acknowledged and changes nothing either.
+    let unknown = r#"{"id":"evt_other","type":"charge.refunded","created":1,"data":{"object":{}}}"#;
+    let (status, body) = world.post_signed(unknown).await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("ignored")));
+    assert_eq!(world.state_of(user).await, before);
+}
