@@ -289,41 +289,64 @@ impl Connector {
 
     /// Attempts of an idempotent GET, with backoff and full jitter between them.
     async fn call_with_retries(&self, url: &str) -> Result<Option<Vec<u8>>, CallError> {
+        self.with_retries(|| self.attempt(url)).await
+    }
+
+    /// Runs `attempt` again after a retryable failure, up to `retries` more times, with backoff
+    /// and full jitter in between: only for calls that are safe to repeat.
+    async fn with_retries<T, F: Future<Output = Result<T, CallError>>>(
+        &self,
+        attempt: impl Fn() -> F,
+    ) -> Result<T, CallError> {
         let backoff = Backoff {
             initial: Duration::from_millis(100),
             max_delay: Duration::from_secs(1),
             total: self.inner.settings.request_timeout,
         };
-        let mut attempt = 0;
+        let mut tries = 0;
         loop {
-            match self.attempt(url).await {
-                Err(err) if err.retryable() && attempt < self.inner.settings.retries => {
-                    tracing::debug!(upstream = self.name(), attempt, error = %err, "retrying");
-                    tokio::time::sleep(backoff.delay(attempt)).await;
-                    attempt += 1;
+            match attempt().await {
+                Err(err) if err.retryable() && tries < self.inner.settings.retries => {
+                    tracing::debug!(upstream = self.name(), attempt = tries, error = %err, "retrying");
+                    tokio::time::sleep(backoff.delay(tries)).await;
+                    tries += 1;
                 }
                 other => return other,
             }
         }
     }
 
-    async fn attempt(&self, url: &str) -> Result<Option<Vec<u8>>, CallError> {
+    /// Sends `request` with the bearer key, holding one of the `pool_size` slots for as long as
+    /// the returned permit lives (until the body is read).
+    async fn send_in_slot(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(tokio::sync::SemaphorePermit<'_>, reqwest::Response), CallError> {
         let inner = &self.inner;
-        let _slot = inner
+        let slot = inner
             .slots
             .acquire()
             .await
             .map_err(|_| CallError::Transport("connector closed".into()))?;
-        let mut request = inner.client.get(url);
-        if let Some(key) = &inner.settings.api_key {
-            request = request.bearer_auth(key.expose());
-        }
+        let request = match &inner.settings.api_key {
+            Some(key) => request.bearer_auth(key.expose()),
+            None => request,
+        };
         let response = super::send(inner.settings.name, request)
             .await
-            .map_err(|err| match err.is_timeout() {
-                true => CallError::Timeout(inner.settings.request_timeout),
-                false => CallError::Transport(crate::db::error_chain(&err)),
-            })?;
+            .map_err(|err| self.transport_error(err))?;
+        Ok((slot, response))
+    }
+
+    fn transport_error(&self, err: reqwest::Error) -> CallError {
+        match err.is_timeout() {
+            true => CallError::Timeout(self.inner.settings.request_timeout),
+            false => CallError::Transport(crate::db::error_chain(&err)),
+        }
+    }
+
+    async fn attempt(&self, url: &str) -> Result<Option<Vec<u8>>, CallError> {
+        let (_slot, response) = self.send_in_slot(self.inner.client.get(url)).await?;
         let status = response.status().as_u16();
         match status {
             404 => return Ok(None),
@@ -340,10 +363,7 @@ impl Connector {
         let body = response
             .bytes()
             .await
-            .map_err(|err| match err.is_timeout() {
-                true => CallError::Timeout(inner.settings.request_timeout),
-                false => CallError::Transport(crate::db::error_chain(&err)),
-            })?;
+            .map_err(|err| self.transport_error(err))?;
         if body.len() > MAX_BODY {
             return Err(CallError::Invalid("body too large".into()));
         }
@@ -387,23 +407,7 @@ impl Connector {
             body.push('=');
             encode_into(&mut body, value);
         }
-        let backoff = Backoff {
-            initial: Duration::from_millis(100),
-            max_delay: Duration::from_secs(1),
-            total: settings.request_timeout,
-        };
-        let calls = async {
-            let mut attempt = 0;
-            loop {
-                match self.post_attempt(&url, &body, idempotency_key).await {
-                    Err(err) if err.retryable() && attempt < settings.retries => {
-                        tokio::time::sleep(backoff.delay(attempt)).await;
-                        attempt += 1;
-                    }
-                    other => return other,
-                }
-            }
-        };
+        let calls = self.with_retries(|| self.post_attempt(&url, &body, idempotency_key));
         let result = tokio::time::timeout(settings.request_timeout, calls)
             .await
             .unwrap_or(Err(CallError::Timeout(settings.request_timeout)));
@@ -428,33 +432,22 @@ impl Connector {
         body: &str,
         idempotency_key: &str,
     ) -> Result<(u16, serde_json::Value), CallError> {
-        let inner = &self.inner;
-        let _slot = inner
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| CallError::Transport("connector closed".into()))?;
-        let mut request = inner
+        let request = self
+            .inner
             .client
             .post(url)
             .header("content-type", "application/x-www-form-urlencoded")
             .header("idempotency-key", idempotency_key)
             .body(body.to_string());
-        if let Some(key) = &inner.settings.api_key {
-            request = request.bearer_auth(key.expose());
-        }
-        let failed = |err: reqwest::Error| match err.is_timeout() {
-            true => CallError::Timeout(inner.settings.request_timeout),
-            false => CallError::Transport(crate::db::error_chain(&err)),
-        };
-        let response = super::send(inner.settings.name, request)
-            .await
-            .map_err(failed)?;
+        let (_slot, response) = self.send_in_slot(request).await?;
         let status = response.status().as_u16();
         if matches!(status, 429 | 500..=599) {
             return Err(CallError::Status(status));
         }
-        let body = response.bytes().await.map_err(failed)?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|err| self.transport_error(err))?;
         if body.len() > MAX_BODY {
             return Err(CallError::Invalid("body too large".into()));
         }
