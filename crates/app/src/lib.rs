@@ -101,6 +101,7 @@ impl Module for AppModule {
         // Building a client fails only when TLS cannot be set up: a startup error.
         let venice = venice::connector(&self.config, state.cache.clone())
             .expect("the Venice HTTP client (TLS setup)");
+        billing::describe_metrics();
         let stripe = billing::checkout::connector(&self.config.stripe, state.cache.clone())
             .expect("the Stripe HTTP client (TLS setup)");
         let state = AppModuleState(Arc::new(AppShared {

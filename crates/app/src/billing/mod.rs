@@ -25,8 +25,19 @@ use crate::AppModuleState;
 use crate::config::RawAppConfig;
 
 /// Webhook deliveries by `outcome`: `applied`, `duplicate`, `ignored` (an event type we do not
-/// handle), `refused` (with a `reason`: a signature problem or a malformed body), `failed`.
+/// handle), `refused` (with a `reason`: a signature problem or a malformed body), `failed`;
+/// and `unknown_price` for an applied subscription event whose price `STRIPE_PRICES_JSON`
+/// does not name (also counted as `applied`).
 pub const STRIPE_WEBHOOKS: &str = "cascade_stripe_webhooks_total";
+
+/// Gives [`STRIPE_WEBHOOKS`] its `# HELP` line (the application calls it when it builds its
+/// router).
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        STRIPE_WEBHOOKS,
+        "Stripe webhook deliveries by outcome (applied, duplicate, ignored, refused with a reason, failed, unknown_price)"
+    );
+}
 
 /// The tier of an account without an entitling subscription.
 pub const FREE_TIER: &str = "observer";

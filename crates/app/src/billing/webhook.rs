@@ -191,19 +191,23 @@ pub async fn handle(state: &AppModuleState, event: &Event) -> Result<Outcome, Ap
 
 /// A committed tier change: every cached session of the account is dropped (acknowledged by
 /// every instance: `Principal.tier` is read from the session's cached copy), so the next
-/// request on any instance loads the new tier from `cascade_users`.
+/// request on any instance loads the new tier from `cascade_users`. Then it is announced as
+/// `tier_changed` on channel `user:{id}` with [`tier_changed`]'s payload: logged here; the
+/// domain-event bus (`cascade_core::events`, on its way to main) publishes it with
+/// `state.app.events.publish(&channel, "tier_changed", payload)` once merged.
 async fn announce(state: &AppModuleState, change: &TierChange) {
     state
         .app
         .cache
         .invalidate_tag(&format!("user:{}", change.user_id))
         .await;
-    tracing::info!(
-        user_id = change.user_id,
-        from = %change.from,
-        to = %change.to,
-        "tier_changed"
-    );
+    let channel = format!("user:{}", change.user_id);
+    tracing::info!(channel, payload = %tier_changed(change), "tier_changed");
+}
+
+/// The payload of a `tier_changed` event.
+pub fn tier_changed(change: &TierChange) -> Value {
+    json!({ "user_id": change.user_id, "from": change.from, "to": change.to })
 }
 
 pub(crate) fn unix_now() -> i64 {

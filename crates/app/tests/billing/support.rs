@@ -188,6 +188,11 @@ impl World {
             .text()
             .await
             .unwrap();
+        let counted = text.contains("cascade_stripe_webhooks_total{");
+        assert!(
+            !counted || text.contains("# HELP cascade_stripe_webhooks_total "),
+            "the counter has its help text"
+        );
         text.lines()
             .filter(|l| l.starts_with("cascade_stripe_webhooks_total{"))
             .filter(|l| labels.split(',').all(|label| l.contains(label)))
