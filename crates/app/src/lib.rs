@@ -117,6 +117,7 @@ impl Module for AppModule {
         let billing = Router::new()
             .route("/billing/subscription", get(billing::subscription))
             .route("/billing/checkout", post(billing::checkout::checkout))
+            .route("/billing/portal", post(billing::checkout::portal))
             .layer(axum::middleware::map_response(no_store));
         Router::new()
             .route("/citizens/{username}", get(citizens::citizen))

@@ -8,7 +8,7 @@ use utoipa::{OpenApi, ToSchema};
 
 #[derive(OpenApi)]
 #[openapi(
-    paths(crate::citizens::citizen, crate::accounts::link, crate::accounts::unlink, crate::economics::quote_route, crate::billing::subscription, crate::billing::checkout::checkout, crate::billing::webhook::stripe_webhook),
+    paths(crate::citizens::citizen, crate::accounts::link, crate::accounts::unlink, crate::economics::quote_route, crate::billing::subscription, crate::billing::checkout::checkout, crate::billing::checkout::portal, crate::billing::webhook::stripe_webhook),
     tags(
         (name = "citizens", description = "Venice citizens (the ledger), cached; served stale within a bound while Venice fails."),
         (name = "billing", description = "Stripe subscriptions: signed webhooks applied exactly once and in any order; 503 `billing_not_configured` without Stripe settings."),
@@ -95,4 +95,12 @@ pub struct CheckoutSession {
     /// Where to send the customer to pay.
     pub url: String,
     pub tier: String,
+}
+
+/// A Stripe customer portal session.
+#[derive(ToSchema)]
+pub struct PortalSession {
+    pub id: String,
+    /// Where to send the customer to manage their subscription.
+    pub url: String,
 }

@@ -146,6 +146,7 @@ impl StripeStandin {
             .route("/v1/customers", post(create_customer))
             .route("/v1/checkout/sessions", post(create_session))
             .route("/v1/subscriptions/{id}", get(subscription))
+            .route("/v1/billing_portal/sessions", post(create_portal_session))
             .with_state(shared.clone());
         let server = Some(tokio::spawn(crate::venice::accept_loop(listener, router)));
         // Plain HTTP to loopback, but reqwest's TLS layer wants a provider all the same.
@@ -584,6 +585,36 @@ async fn create_session(
         });
         books.sessions.insert(id, session.clone());
         session
+    };
+    remember(&shared, key, session).await
+}
+
+async fn create_portal_session(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let key = match admit(&shared, "/v1/billing_portal/sessions", &headers).await {
+        Ok(key) => key,
+        Err(answer) => return answer,
+    };
+    let form = parse_form(&body);
+    let session = {
+        let mut books = lock(&shared.books);
+        let Some(customer) = form
+            .get("customer")
+            .filter(|c| books.customers.contains_key(*c))
+        else {
+            return stripe_error(StatusCode::BAD_REQUEST, "No such customer");
+        };
+        let id = books.id("bps");
+        json!({
+            "id": id,
+            "object": "billing_portal.session",
+            "customer": customer,
+            "return_url": form.get("return_url"),
+            "url": format!("https://billing.stripe.test/p/session/{id}"),
+        })
     };
     remember(&shared, key, session).await
 }

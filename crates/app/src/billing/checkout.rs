@@ -8,6 +8,9 @@
 //! - the session's key is `cascade-checkout-{user}-{tier}-{k}`, where `k` is the client's own
 //!   `Idempotency-Key` header if it sent one, else the current ten-minute window: a client that
 //!   retries after a timeout, or clicks twice, gets the same session, not a second one.
+//!
+//! `POST /billing/portal`: a customer portal session (manage or cancel the subscription) for
+//! an account that has a Stripe customer; its changes come back as webhooks.
 
 use std::time::Duration;
 
@@ -128,6 +131,52 @@ pub async fn checkout(
         "url": session.get("url"),
         "tier": body.tier,
     })))
+}
+
+/// `POST /billing/portal`.
+#[utoipa::path(post, path = "/billing/portal", tag = "billing", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A Stripe customer portal session: send the customer to its `url`", body = crate::openapi::PortalSession),
+        (status = 401, description = "No valid access token"),
+        (status = 404, description = "The account has no Stripe customer yet (it never started a checkout)"),
+        (status = 503, description = "Billing is not configured (`billing_not_configured`), or Stripe is unavailable (Retry-After)"),
+    )
+)]
+pub async fn portal(
+    State(state): State<AppModuleState>,
+    CurrentUser(me): CurrentUser,
+) -> Result<Json<Value>, ApiError> {
+    let config = &state.config.stripe;
+    if config.api_key.is_none() {
+        return Err(not_configured("STRIPE_API_KEY"));
+    }
+    let conn = state.app.db.conn().await?;
+    let customer: Option<String> = conn
+        .query_opt(
+            "SELECT stripe_customer_id FROM cascade_users WHERE id = $1",
+            &[&me.user_id],
+        )
+        .await
+        .map_err(DbError::from)?
+        .and_then(|row| row.get(0));
+    drop(conn);
+    let customer = customer.ok_or_else(|| {
+        ApiError::NotFound("this account has no Stripe customer yet: start a checkout".into())
+    })?;
+    let form = [
+        ("customer", customer.as_str()),
+        ("return_url", config.success_url.as_str()),
+    ];
+    // Within a ten-minute window, a retry gets the same portal session.
+    let key = format!(
+        "cascade-portal-{}-w{}",
+        me.user_id,
+        super::webhook::unix_now() / 600
+    );
+    let session = post(&state.stripe, "/v1/billing_portal/sessions", &form, &key).await?;
+    Ok(Json(
+        json!({ "id": session.get("id"), "url": session.get("url") }),
+    ))
 }
 
 /// The account's Stripe customer, created (once) if it has none.

@@ -73,6 +73,21 @@ async fn a_checkout_retried_after_a_timeout_creates_one_customer_and_one_session
     assert_eq!(body["gate_tier"], "architect");
     assert_eq!(body["subscription"]["id"], subscription.as_str());
     assert_eq!(body["subscription"]["status"], "active");
+
+    // The customer portal, for the customer the checkout created.
+    let response = http()
+        .post(world.url(0, "/billing/portal"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let portal: Value = response.json().await.unwrap();
+    assert!(
+        portal["url"].as_str().unwrap().starts_with("https://"),
+        "{portal}"
+    );
+    assert_eq!(world.stripe.calls("/v1/billing_portal/sessions"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,4 +101,13 @@ async fn a_checkout_for_a_tier_without_a_price_is_a_400_and_calls_nobody() {
         assert_eq!(body["error"]["field"], "tier");
     }
     assert_eq!(world.stripe.calls("/v1/customers"), 0);
+    // No customer yet: no portal.
+    let response = http()
+        .post(world.url(0, "/billing/portal"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(world.stripe.calls("/v1/billing_portal/sessions"), 0);
 }
