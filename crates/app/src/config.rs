@@ -75,7 +75,7 @@ pub struct RawAppConfig {
     /// Stripe secret key.
     #[arg(long, env = "STRIPE_API_KEY", global = true, hide_env_values = true)]
     pub stripe_api_key: Option<String>,
-    /// Secret that signs Stripe webhooks (Stripe-Signature).
+    /// Secret(s) that sign Stripe webhooks (Stripe-Signature), comma-separated during a rotation.
     #[arg(
         long,
         env = "STRIPE_WEBHOOK_SECRET",
@@ -86,6 +86,18 @@ pub struct RawAppConfig {
     /// Base URL of the Stripe API [default: https://api.stripe.com].
     #[arg(long, env = "STRIPE_API_URL", global = true)]
     pub stripe_api_url: Option<String>,
+    /// Paid tiers and their Stripe price ids, a JSON object: {"explorer":"price_…"}.
+    #[arg(long, env = "STRIPE_PRICES_JSON", global = true)]
+    pub stripe_prices_json: Option<String>,
+    /// Where Stripe Checkout sends the customer after paying [default: http://localhost:3000/billing/success].
+    #[arg(long, env = "STRIPE_SUCCESS_URL", global = true)]
+    pub stripe_success_url: Option<String>,
+    /// Where Stripe Checkout sends a customer who gives up [default: http://localhost:3000/billing/cancel].
+    #[arg(long, env = "STRIPE_CANCEL_URL", global = true)]
+    pub stripe_cancel_url: Option<String>,
+    /// Bound of a whole Stripe API call, retries included [default: 10s].
+    #[arg(long, env = "STRIPE_REQUEST_TIMEOUT", global = true)]
+    pub stripe_request_timeout: Option<String>,
 }
 
 /// An upstream HTTP API: its base URL and bearer key.
@@ -119,12 +131,7 @@ pub struct ConsciousnessConfig {
     pub session_idle: Duration,
 }
 
-#[derive(Debug, Clone)]
-pub struct StripeConfig {
-    pub api_url: String,
-    pub api_key: Option<Secret>,
-    pub webhook_secret: Option<Secret>,
-}
+pub use crate::billing::StripeConfig;
 
 #[derive(Debug, Clone)]
 pub struct AppConfig {
@@ -194,15 +201,7 @@ impl AppConfig {
         if venice_client.breaker_threshold == 0 {
             p.fail("VENICE_BREAKER_THRESHOLD", "must be at least 1");
         }
-        let stripe = StripeConfig {
-            api_url: p.http_url(
-                "STRIPE_API_URL",
-                &raw.stripe_api_url,
-                "https://api.stripe.com",
-            ),
-            api_key: p.secret(&raw.stripe_api_key),
-            webhook_secret: p.secret(&raw.stripe_webhook_secret),
-        };
+        let stripe = StripeConfig::parse(p, raw);
         let economy = EconomyConfig::parse(
             p,
             &raw.ducat_to_usd_rate,
@@ -321,10 +320,10 @@ impl AppConfig {
                 "CONSCIOUSNESS_SESSION_IDLE",
                 secs(self.consciousness.session_idle),
             ),
-            ("STRIPE_API_URL", self.stripe.api_url.clone()),
-            ("STRIPE_API_KEY", set(&self.stripe.api_key)),
-            ("STRIPE_WEBHOOK_SECRET", set(&self.stripe.webhook_secret)),
         ]
+        .into_iter()
+        .chain(self.stripe.describe())
+        .collect()
     }
 }
 

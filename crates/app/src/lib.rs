@@ -7,6 +7,8 @@
 //! - [`venice`]: Venice through the core's cached connector (pool, retries, breaker,
 //!   stale-if-error), the username type, the cache keys; the startup probe;
 //! - [`citizens`]: `GET /citizens/{username}`; [`openapi`]: its part of the API document;
+//! - [`billing`]: Stripe: `POST /webhooks/stripe` (signed, exactly once, in any order) moves
+//!   `cascade_subscriptions` and tiers; `GET /billing/subscription`;
 //! - [`accounts`]: `POST /me/citizen` and `DELETE /me/citizen`, an account's link to a Venice
 //!   citizen, and its columns of `cascade_users` ([`MIGRATIONS`], its own version space);
 //! - [`patterns`]: consciousness patterns computed from Venice's lists, `GET /patterns/{type}`
@@ -17,6 +19,7 @@
 //! Its other tables, routes and tasks arrive with the issues that build them.
 
 pub mod accounts;
+pub mod billing;
 pub mod citizens;
 pub mod config;
 pub mod economics;
@@ -59,6 +62,12 @@ pub const MIGRATIONS: &[Migration] = &[
         "spaces",
         include_str!("../migrations/0004_spaces.sql"),
     ),
+    Migration::new(
+        "app",
+        6,
+        "billing",
+        include_str!("../migrations/0006_billing.sql"),
+    ),
 ];
 
 /// The module as the server composes it.
@@ -83,9 +92,13 @@ impl AppModule {
                 // Building a client fails only when TLS cannot be set up: a startup error.
                 let venice = venice::connector(&self.config, app.cache.clone())
                     .expect("the Venice HTTP client (TLS setup)");
+                billing::describe_metrics();
+                let stripe = billing::checkout::connector(&self.config.stripe, app.cache.clone())
+                    .expect("the Stripe HTTP client (TLS setup)");
                 AppModuleState(Arc::new(AppShared {
                     config: self.config.clone(),
                     venice,
+                    stripe,
                     app: app.clone(),
                 }))
             })
@@ -109,6 +122,8 @@ pub struct AppShared {
     pub config: AppConfig,
     /// Venice: one pool, one breaker for this instance.
     pub venice: Connector,
+    /// Stripe (billing's POSTs): one pool, one breaker for this instance.
+    pub stripe: Connector,
     /// For [`CurrentUser`](cascade_http::CurrentUser): identity and rate limits.
     pub app: AppState,
 }
@@ -138,8 +153,15 @@ impl Module for AppModule {
         let account = Router::new()
             .route("/me/citizen", post(accounts::link).delete(accounts::unlink))
             .layer(axum::middleware::map_response(no_store));
+        let billing = Router::new()
+            .route("/billing/subscription", get(billing::subscription))
+            .route("/billing/checkout", post(billing::checkout::checkout))
+            .route("/billing/portal", post(billing::checkout::portal))
+            .layer(axum::middleware::map_response(no_store));
         Router::new()
             .route("/citizens/{username}", get(citizens::citizen))
+            .route("/webhooks/stripe", post(billing::webhook::stripe_webhook))
+            .merge(billing)
             .route("/economics/quote", get(economics::quote_route))
             .route("/patterns", get(patterns::list))
             .route("/patterns/{type}", get(patterns::pattern))

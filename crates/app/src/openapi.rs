@@ -26,9 +26,14 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
         crate::spaces::sessions::set_level,
         crate::spaces::sessions::heartbeat,
         crate::spaces::sessions::end,
+        crate::billing::subscription,
+        crate::billing::checkout::checkout,
+        crate::billing::checkout::portal,
+        crate::billing::webhook::stripe_webhook,
     ),
     tags(
         (name = "citizens", description = "Venice citizens (the ledger), cached; served stale within a bound while Venice fails."),
+        (name = "billing", description = "Stripe subscriptions: signed webhooks applied exactly once and in any order; 503 `billing_not_configured` without Stripe settings."),
         (name = "economics", description = "The ducat/USD bridge: exact amounts as decimal strings, rounded half-even to the cent."),
         (name = "patterns", description = "Consciousness patterns computed from Venice's lists (counts and an emergence score), stored until they expire and refreshed in the background."),
         (name = "spaces", description = "Collaboration spaces: joining needs an active consciousness session at the space's threshold; the participant limit holds under any concurrency. Creating one needs a paid tier."),
@@ -238,4 +243,68 @@ pub struct ConsciousnessSession {
 pub struct SessionPath {
     #[param(minimum = 1, maximum = 2147483647)]
     id: i32,
+}
+
+/// The caller's tier and latest subscription.
+#[derive(ToSchema)]
+pub struct BillingSubscription {
+    /// The account's tier: a paid tier of `STRIPE_PRICES_JSON`, or `observer`.
+    pub tier: String,
+    /// The tier that tier gates apply to this request (the session's copy, refreshed on every
+    /// instance when the tier changes); a paid tier the platform's `Tier` does not know (such
+    /// as `explorer`) ranks as `observer` there.
+    pub gate_tier: String,
+    #[schema(nullable = true)]
+    pub subscription: Option<SubscriptionView>,
+}
+
+#[derive(ToSchema)]
+pub struct SubscriptionView {
+    /// Stripe's subscription id.
+    pub id: String,
+    /// Stripe's status (`active`, `trialing`, `past_due`, `unpaid`, `canceled`, ...).
+    pub status: String,
+    pub tier: String,
+    /// End of the paid period (RFC 3339, UTC), if Stripe gave one.
+    #[schema(nullable = true)]
+    pub current_period_end: Option<String>,
+}
+
+/// A Stripe event as Stripe sends it (only the fields Cascade reads are listed).
+#[derive(ToSchema)]
+pub struct StripeEvent {
+    pub id: String,
+    /// `checkout.session.completed`, `customer.subscription.created|updated|deleted`,
+    /// `invoice.paid`, `invoice.payment_failed`; other types are acknowledged and ignored.
+    #[schema(rename = "type")]
+    pub kind: String,
+    /// Unix seconds.
+    pub created: i64,
+    pub data: JsonObject,
+}
+
+/// The acknowledgement of a delivery.
+#[derive(ToSchema)]
+pub struct WebhookAck {
+    pub received: bool,
+    /// `applied`, `duplicate` (processed before: no effect) or `ignored` (a type not handled).
+    pub outcome: String,
+}
+
+/// A Stripe Checkout session.
+#[derive(ToSchema)]
+pub struct CheckoutSession {
+    /// Stripe's session id.
+    pub id: String,
+    /// Where to send the customer to pay.
+    pub url: String,
+    pub tier: String,
+}
+
+/// A Stripe customer portal session.
+#[derive(ToSchema)]
+pub struct PortalSession {
+    pub id: String,
+    /// Where to send the customer to manage their subscription.
+    pub url: String,
 }

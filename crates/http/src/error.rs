@@ -48,6 +48,9 @@ pub enum ApiError {
         message: String,
         retry_after: Duration,
     },
+    /// A feature whose settings are missing on this server (Stripe billing without a key).
+    #[error("{0}")]
+    BillingNotConfigured(String),
     /// Something we did not expect; logged, and the client gets a generic message.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -75,6 +78,9 @@ impl ApiError {
             }
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::BillingNotConfigured(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "billing_not_configured")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -60,6 +60,7 @@ pub enum ErrorCode {
     Unprocessable,
     RateLimited,
     Unavailable,
+    BillingNotConfigured,
     Internal,
     Error,
 }
@@ -78,6 +79,7 @@ impl ErrorCode {
         ErrorCode::Unprocessable,
         ErrorCode::RateLimited,
         ErrorCode::Unavailable,
+        ErrorCode::BillingNotConfigured,
         ErrorCode::Internal,
         ErrorCode::Error,
     ];

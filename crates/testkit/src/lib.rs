@@ -12,12 +12,14 @@ mod pg;
 mod proxy;
 mod redis_server;
 mod stall_proxy;
+pub mod stripe;
 pub mod venice;
 
 pub use pg::PgServer;
 pub use proxy::Proxy;
 pub use redis_server::RedisServer;
 pub use stall_proxy::StallProxy;
+pub use stripe::StripeStandin;
 pub use venice::VeniceStandin;
 
 use std::net::TcpListener;

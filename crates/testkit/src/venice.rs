@@ -203,6 +203,11 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             get(|state: State<Arc<Shared>>| list(state, "activities")),
         )
         .with_state(shared);
+    accept_loop(listener, router).await;
+}
+
+/// Serves `router` on `listener` until the task is aborted (the other stand-ins share it).
+pub(crate) async fn accept_loop(listener: TcpListener, router: Router) {
     let mut connections = JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {

@@ -289,41 +289,64 @@ impl Connector {
 
     /// Attempts of an idempotent GET, with backoff and full jitter between them.
     async fn call_with_retries(&self, url: &str) -> Result<Option<Vec<u8>>, CallError> {
+        self.with_retries(|| self.attempt(url)).await
+    }
+
+    /// Runs `attempt` again after a retryable failure, up to `retries` more times, with backoff
+    /// and full jitter in between: only for calls that are safe to repeat.
+    async fn with_retries<T, F: Future<Output = Result<T, CallError>>>(
+        &self,
+        attempt: impl Fn() -> F,
+    ) -> Result<T, CallError> {
         let backoff = Backoff {
             initial: Duration::from_millis(100),
             max_delay: Duration::from_secs(1),
             total: self.inner.settings.request_timeout,
         };
-        let mut attempt = 0;
+        let mut tries = 0;
         loop {
-            match self.attempt(url).await {
-                Err(err) if err.retryable() && attempt < self.inner.settings.retries => {
-                    tracing::debug!(upstream = self.name(), attempt, error = %err, "retrying");
-                    tokio::time::sleep(backoff.delay(attempt)).await;
-                    attempt += 1;
+            match attempt().await {
+                Err(err) if err.retryable() && tries < self.inner.settings.retries => {
+                    tracing::debug!(upstream = self.name(), attempt = tries, error = %err, "retrying");
+                    tokio::time::sleep(backoff.delay(tries)).await;
+                    tries += 1;
                 }
                 other => return other,
             }
         }
     }
 
-    async fn attempt(&self, url: &str) -> Result<Option<Vec<u8>>, CallError> {
+    /// Sends `request` with the bearer key, holding one of the `pool_size` slots for as long as
+    /// the returned permit lives (until the body is read).
+    async fn send_in_slot(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(tokio::sync::SemaphorePermit<'_>, reqwest::Response), CallError> {
         let inner = &self.inner;
-        let _slot = inner
+        let slot = inner
             .slots
             .acquire()
             .await
             .map_err(|_| CallError::Transport("connector closed".into()))?;
-        let mut request = inner.client.get(url);
-        if let Some(key) = &inner.settings.api_key {
-            request = request.bearer_auth(key.expose());
-        }
+        let request = match &inner.settings.api_key {
+            Some(key) => request.bearer_auth(key.expose()),
+            None => request,
+        };
         let response = super::send(inner.settings.name, request)
             .await
-            .map_err(|err| match err.is_timeout() {
-                true => CallError::Timeout(inner.settings.request_timeout),
-                false => CallError::Transport(crate::db::error_chain(&err)),
-            })?;
+            .map_err(|err| self.transport_error(err))?;
+        Ok((slot, response))
+    }
+
+    fn transport_error(&self, err: reqwest::Error) -> CallError {
+        match err.is_timeout() {
+            true => CallError::Timeout(self.inner.settings.request_timeout),
+            false => CallError::Transport(crate::db::error_chain(&err)),
+        }
+    }
+
+    async fn attempt(&self, url: &str) -> Result<Option<Vec<u8>>, CallError> {
+        let (_slot, response) = self.send_in_slot(self.inner.client.get(url)).await?;
         let status = response.status().as_u16();
         match status {
             404 => return Ok(None),
@@ -340,16 +363,97 @@ impl Connector {
         let body = response
             .bytes()
             .await
-            .map_err(|err| match err.is_timeout() {
-                true => CallError::Timeout(inner.settings.request_timeout),
-                false => CallError::Transport(crate::db::error_chain(&err)),
-            })?;
+            .map_err(|err| self.transport_error(err))?;
         if body.len() > MAX_BODY {
             return Err(CallError::Invalid("body too large".into()));
         }
         serde_json::from_slice::<serde::de::IgnoredAny>(&body)
             .map_err(|err| CallError::Invalid(format!("not JSON: {err}")))?;
         Ok(Some(body.to_vec()))
+    }
+
+    /// `POST {base_url}{path}` with a form-encoded body and an `Idempotency-Key` (Stripe's
+    /// convention): never cached, under the same breaker, slots, deadline and metrics as reads,
+    /// and retried as they are, which the key makes safe (the upstream answers a replayed key
+    /// with its first answer and does nothing twice). `Ok` with the status and JSON of any
+    /// answer but 429 and 5xx (a 4xx is the upstream's word on the request, for the caller).
+    pub async fn post_form(
+        &self,
+        path: &str,
+        form: &[(&str, &str)],
+        idempotency_key: &str,
+    ) -> Result<(u16, serde_json::Value), UpstreamError> {
+        let settings = &self.inner.settings;
+        let breaker = &self.inner.breaker;
+        let unavailable = |cause: CallError| UpstreamError::Unavailable {
+            upstream: settings.name,
+            retry_after: match cause {
+                CallError::BreakerOpen => breaker.retry_after(),
+                _ => Duration::from_secs(1),
+            },
+            cause: cause.to_string(),
+            bound: Duration::ZERO,
+        };
+        if breaker.permit() == Permit::Skip {
+            return Err(unavailable(CallError::BreakerOpen));
+        }
+        let url = url(&settings.base_url, path, &[]);
+        let mut body = String::new();
+        for (i, (name, value)) in form.iter().enumerate() {
+            if i > 0 {
+                body.push('&');
+            }
+            encode_into(&mut body, name);
+            body.push('=');
+            encode_into(&mut body, value);
+        }
+        let calls = self.with_retries(|| self.post_attempt(&url, &body, idempotency_key));
+        let result = tokio::time::timeout(settings.request_timeout, calls)
+            .await
+            .unwrap_or(Err(CallError::Timeout(settings.request_timeout)));
+        match result {
+            Ok(answer) => {
+                breaker.success();
+                Ok(answer)
+            }
+            Err(err) => {
+                if err.counts_against_upstream() {
+                    breaker.failure();
+                }
+                tracing::warn!(upstream = self.name(), error = %err, "upstream call failed");
+                Err(unavailable(err))
+            }
+        }
+    }
+
+    async fn post_attempt(
+        &self,
+        url: &str,
+        body: &str,
+        idempotency_key: &str,
+    ) -> Result<(u16, serde_json::Value), CallError> {
+        let request = self
+            .inner
+            .client
+            .post(url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("idempotency-key", idempotency_key)
+            .body(body.to_string());
+        let (_slot, response) = self.send_in_slot(request).await?;
+        let status = response.status().as_u16();
+        if matches!(status, 429 | 500..=599) {
+            return Err(CallError::Status(status));
+        }
+        let body = response
+            .bytes()
+            .await
+            .map_err(|err| self.transport_error(err))?;
+        if body.len() > MAX_BODY {
+            return Err(CallError::Invalid("body too large".into()));
+        }
+        let json = serde_json::from_slice(&body)
+            .map_err(|err| CallError::Invalid(format!("not JSON: {err}")))?;
+        Ok((status, json))
     }
 
     /// Writes the last good copy: the fallback once the fresh entry has expired.

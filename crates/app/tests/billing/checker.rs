@@ -1,0 +1,183 @@
+//! The ordering checker: 200 subscriptions live scripted lives at the stand-in (created,
+//! upgraded, downgraded, payments failing and recovering, unpaid, canceled: about two thousand
+//! events). Delivered in order, and shuffled with 20 % duplicates, concurrently, for several
+//! seeds, they leave the same subscriptions and tiers: Stripe's final state.
+
+use std::collections::BTreeMap;
+
+use cascade_server::testing::TestApp;
+use cascade_testkit::stripe::Delivery;
+use cascade_testkit::venice::sample_citizens;
+use cascade_testkit::{PgServer, RedisServer, StripeStandin, VeniceStandin};
+
+use crate::support::{SECRET, billing_env};
+
+const SUBSCRIPTIONS: i64 = 200;
+const PRICES: [(&str, &str); 2] = [
+    ("price_explorer", "explorer"),
+    ("price_architect", "architect"),
+];
+
+/// Each account `1..=count` gets one subscription and a life of 1 to 7 changes; the script is
+/// the same for every run (seeded).
+pub fn script(stripe: &StripeStandin, count: i64) {
+    let mut rng = fastrand::Rng::with_seed(16);
+    for user in 1..=count {
+        let mut price = rng.usize(..2);
+        let sub = stripe.create_subscription(None, user, PRICES[price].0);
+        let mut status = "active";
+        for _ in 0..rng.usize(1..8) {
+            match (status, rng.usize(..3)) {
+                ("active", 0) => {
+                    price = 1 - price;
+                    stripe.change_price(&sub, PRICES[price].0);
+                }
+                ("active", 1) => {
+                    stripe.fail_payment(&sub);
+                    status = "past_due";
+                }
+                ("past_due", 0) => {
+                    stripe.mark_unpaid(&sub);
+                    status = "unpaid";
+                }
+                ("past_due" | "unpaid", 1) => {
+                    stripe.pay(&sub);
+                    status = "active";
+                }
+                (_, 2) => {
+                    stripe.cancel(&sub);
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// What Stripe says, as Cascade should have it: user → `tier|subscription:status:tier`.
+pub fn expected(stripe: &StripeStandin) -> BTreeMap<i64, String> {
+    let tiers: BTreeMap<&str, &str> = PRICES.into_iter().collect();
+    let mut out = BTreeMap::new();
+    for event in stripe.events() {
+        let object = &event["data"]["object"];
+        if object["object"] != "subscription" {
+            continue;
+        }
+        let sub = stripe.subscription(object["id"].as_str().unwrap()).unwrap();
+        let user: i64 = sub["metadata"]["cascade_user_id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let status = sub["status"].as_str().unwrap();
+        let tier = tiers[sub["items"]["data"][0]["price"]["id"].as_str().unwrap()];
+        let user_tier = if ["active", "trialing", "past_due"].contains(&status) {
+            tier
+        } else {
+            "observer"
+        };
+        out.insert(
+            user,
+            format!(
+                "{user_tier}|{}:{status}:{tier}",
+                sub["id"].as_str().unwrap()
+            ),
+        );
+    }
+    out
+}
+
+pub async fn actual(pg: &PgServer, database: &str) -> BTreeMap<i64, String> {
+    let db = pg.client(database).await;
+    db.query(
+        "SELECT u.id, format('%s|%s:%s:%s', u.subscription_tier, s.stripe_subscription_id, \
+                s.status, s.tier) \
+         FROM cascade_users u LEFT JOIN cascade_subscriptions s ON s.user_id = u.id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| (row.get(0), row.get(1)))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shuffled_duplicated_deliveries_end_as_in_order_delivery_for_every_seed() {
+    let pg = PgServer::start().await;
+    let redis = RedisServer::start().await;
+    let stripe = StripeStandin::start().await;
+    let venice = VeniceStandin::start(sample_citizens()).await;
+    script(&stripe, SUBSCRIPTIONS);
+    let events = stripe.events();
+    assert!(events.len() > 1000, "{} events", events.len());
+    let truth = expected(&stripe);
+    assert_eq!(truth.len() as i64, SUBSCRIPTIONS);
+    assert!(truth.values().any(|v| v.contains(":canceled:")));
+    assert!(truth.values().any(|v| v.contains(":past_due:")));
+
+    let in_order = Delivery::default();
+    let plans = [1, 2, 3].map(|seed| Delivery {
+        seed,
+        shuffle: true,
+        duplicate: 0.2,
+        concurrency: 4,
+        ..Delivery::default()
+    });
+    for plan in std::iter::once(in_order).chain(plans) {
+        let url = pg.fresh_database().await;
+        let database = url.rsplit('/').next().unwrap().to_string();
+        let app = TestApp::start(&billing_env(url, &redis, &stripe, &venice)).await;
+        let db = pg.client(&database).await;
+        add_accounts(&db, SUBSCRIPTIONS).await;
+        let delivered = stripe
+            .deliver(
+                &format!("{}/webhooks/stripe", app.base),
+                SECRET,
+                &events,
+                plan,
+            )
+            .await;
+        assert!(
+            delivered.dropped.is_empty(),
+            "seed {}: {:?}",
+            plan.seed,
+            delivered.dropped
+        );
+        assert!(
+            delivered.statuses.iter().all(|s| *s == 200),
+            "seed {}",
+            plan.seed
+        );
+        let state = actual(&pg, &database).await;
+        let wrong: Vec<_> = truth
+            .iter()
+            .filter(|(user, want)| state.get(user) != Some(want))
+            .map(|(user, want)| format!("{user}: want {want}, got {:?}", state.get(user)))
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "seed {} (shuffled {}): {wrong:#?}",
+            plan.seed,
+            plan.shuffle
+        );
+        let recorded: i64 = db
+            .query_one("SELECT count(*) FROM cascade_stripe_events", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(recorded as usize, events.len(), "each event once");
+        drop(app);
+    }
+}
+
+/// Accounts `1..=count` in a fresh database (ids are assigned in order).
+pub async fn add_accounts(db: &tokio_postgres::Client, count: i64) {
+    db.execute(
+        "INSERT INTO cascade_users (username, password_hash) \
+         SELECT 'user' || n, 'not-a-hash' FROM generate_series(1, $1::bigint) n",
+        &[&count],
+    )
+    .await
+    .unwrap();
+}
