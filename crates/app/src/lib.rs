@@ -8,13 +8,17 @@
 //!   stale-if-error), the username type, the cache keys; the startup probe;
 //! - [`citizens`]: `GET /citizens/{username}`; [`openapi`]: its part of the API document;
 //! - [`accounts`]: `POST /me/citizen` and `DELETE /me/citizen`, an account's link to a Venice
-//!   citizen, and its columns of `cascade_users` ([`MIGRATIONS`], its own version space).
+//!   citizen, and its columns of `cascade_users` ([`MIGRATIONS`], its own version space);
+//! - [`interactions`]: the interaction log (links, pattern views), recorded without waiting,
+//!   written in batches by a background writer, deleted past its retention;
+//!   `GET /me/interactions`.
 //!
 //! Its other tables, routes and tasks arrive with the issues that build them.
 
 pub mod accounts;
 pub mod citizens;
 pub mod config;
+pub mod interactions;
 pub mod openapi;
 pub mod venice;
 
@@ -30,18 +34,41 @@ use cascade_core::upstream::Connector;
 use cascade_http::{AppState, Module};
 
 pub use config::{AppConfig, RawAppConfig};
+pub use interactions::{InteractionKind, Interactions};
 
 /// The application's migrations. Append only: never edit one that has shipped.
-pub const MIGRATIONS: &[Migration] = &[Migration::new(
-    "app",
-    1,
-    "citizen_link",
-    include_str!("../migrations/0001_citizen_link.sql"),
-)];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration::new(
+        "app",
+        1,
+        "citizen_link",
+        include_str!("../migrations/0001_citizen_link.sql"),
+    ),
+    Migration::new(
+        "app",
+        3,
+        "interactions",
+        include_str!("../migrations/0003_interactions.sql"),
+    ),
+];
 
 /// The module as the server composes it.
 pub struct AppModule {
     pub config: AppConfig,
+    /// The interaction log's recorder, built with the module because two sides share it:
+    /// the handlers ([`Module::router`]) record into it, the writer ([`Module::start_tasks`])
+    /// drains it.
+    pub interactions: Interactions,
+}
+
+impl AppModule {
+    pub fn new(config: AppConfig) -> AppModule {
+        let interactions = Interactions::new(&config.interactions);
+        AppModule {
+            config,
+            interactions,
+        }
+    }
 }
 
 /// What the application's handlers receive. One `Arc`: extracting it costs a reference count.
@@ -62,6 +89,8 @@ pub struct AppShared {
     pub venice: Connector,
     /// For [`CurrentUser`](cascade_http::CurrentUser): identity and rate limits.
     pub app: AppState,
+    /// The interaction log: `state.interactions.record(user_id, kind, data)` never waits.
+    pub interactions: Interactions,
 }
 
 impl FromRef<AppModuleState> for AppState {
@@ -91,10 +120,12 @@ impl Module for AppModule {
             config: self.config.clone(),
             venice,
             app: state.clone(),
+            interactions: self.interactions.clone(),
         }));
         // Account data: never stored by a browser or a shared cache (as the other `/me` routes).
         let account = Router::new()
             .route("/me/citizen", post(accounts::link).delete(accounts::unlink))
+            .route("/me/interactions", get(interactions::mine))
             .layer(axum::middleware::map_response(no_store));
         Router::new()
             .route("/citizens/{username}", get(citizens::citizen))
@@ -102,7 +133,23 @@ impl Module for AppModule {
             .with_state(state)
     }
 
-    fn start_tasks(&self, _state: &AppState, tasks: &mut Supervisor) {
+    fn start_tasks(&self, state: &AppState, tasks: &mut Supervisor) {
+        cascade_core::metrics::register_interaction_zeroes();
+        let log = &self.config.interactions;
+        let (writer, db, every) = (
+            self.interactions.clone(),
+            state.db.clone(),
+            log.flush_interval,
+        );
+        tasks.spawn("interactions-writer", move |stop| {
+            writer.run_writer(db, every, stop)
+        });
+        if let Some(retention) = log.retention {
+            let (db, every) = (state.db.clone(), log.sweep_interval);
+            tasks.spawn("interactions-retention", move |stop| {
+                interactions::run_retention(db, retention, every, stop)
+            });
+        }
         let config = self.config.clone();
         tasks.spawn("venice-startup-probe", |mut stop| async move {
             // Logged whatever the answer; startup does not wait for it.

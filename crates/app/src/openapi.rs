@@ -8,7 +8,12 @@ use utoipa::{OpenApi, ToSchema};
 
 #[derive(OpenApi)]
 #[openapi(
-    paths(crate::citizens::citizen, crate::accounts::link, crate::accounts::unlink),
+    paths(
+        crate::citizens::citizen,
+        crate::accounts::link,
+        crate::accounts::unlink,
+        crate::interactions::mine
+    ),
     tags((name = "citizens", description = "Venice citizens (the ledger), cached; served stale within a bound while Venice fails."))
 )]
 pub struct AppApi;
@@ -35,4 +40,24 @@ pub struct CitizenLink {
     pub venice_username: String,
     /// When the account was linked to this citizen (RFC 3339, UTC).
     pub linked_at: String,
+}
+
+/// One entry of the interaction log.
+#[derive(ToSchema)]
+pub struct Interaction {
+    pub id: String,
+    /// `citizen_link`, `citizen_unlink` or `pattern_view`.
+    pub r#type: String,
+    /// What the interaction concerned, e.g. `{"venice_username": "Italia"}`.
+    pub data: JsonObject,
+    /// When it happened (RFC 3339, UTC, microseconds).
+    pub created_at: String,
+}
+
+/// A page of `GET /me/interactions`, newest first.
+#[derive(ToSchema)]
+pub struct InteractionPage {
+    pub items: Vec<Interaction>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
 }

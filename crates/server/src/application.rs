@@ -59,9 +59,7 @@ impl Database {
 pub fn modules(settings: &Settings) -> Vec<Arc<dyn Module>> {
     vec![
         Arc::new(CatalogModule::new(settings.catalog.clone())),
-        Arc::new(AppModule {
-            config: settings.app.clone(),
-        }),
+        Arc::new(AppModule::new(settings.app.clone())),
     ]
 }
 

@@ -58,7 +58,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
     let report = application::migrate(&database.db, &modules).await.unwrap();
     // Nothing the old release applied runs again; only migrations newer than it do.
     let applied: Vec<String> = report.applied.iter().map(|id| id.to_string()).collect();
-    assert_eq!(applied, ["catalog/3", "app/1"], "{report}");
+    assert_eq!(applied, ["catalog/3", "app/1", "app/3"], "{report}");
     assert_eq!(report.legacy_rows_rekeyed, 5, "{report}");
     let again = application::migrate(&database.db, &modules).await.unwrap();
     assert!(
@@ -77,6 +77,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
         recorded,
         [
             "app/1 citizen_link",
+            "app/3 interactions",
             "catalog/1 catalog",
             "catalog/2 catalog_owners",
             "catalog/3 lineage_pending",
