@@ -189,8 +189,8 @@ impl Interactions {
         self.flush_on_shutdown(&db, unwritten).await;
     }
 
-    /// Writes batches until less than a whole batch was waiting. `Err` with the batch in
-    /// hand when `stop` came while PostgreSQL was unavailable.
+    /// Writes batches until less than a whole batch was waiting, or shutdown came. `Err`
+    /// with the batch in hand when `stop` came while PostgreSQL was unavailable.
     async fn write_buffered(
         &self,
         db: &Db,
@@ -204,7 +204,9 @@ impl Interactions {
             }
             let whole = batch.len() == self.inner.batch;
             self.write_retrying(db, batch, stop).await?;
-            if !whole {
+            // Under a steady stream there is always another whole batch: shutdown must still
+            // reach the flush, which writes the rest under its bound.
+            if !whole || stop.is_triggered() {
                 return Ok(());
             }
         }
