@@ -414,7 +414,7 @@ pub const MAX_LIMIT: i64 = 100;
 #[utoipa::path(get, path = "/me/interactions", tag = "citizens", security(("bearer" = [])),
     params(
         ("limit" = Option<i64>, Query, description = "Items per page, 1 to 100 (default 20)", minimum = 1, maximum = 100),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page", max_length = 64),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page: `<microseconds>.<id>`", pattern = "^[0-9]{1,16}\\.[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"),
     ),
     responses(
         (status = 200, description = "The caller's interactions, newest first (an interaction appears once its batch is written, within about INTERACTIONS_FLUSH_INTERVAL)", body = crate::openapi::InteractionPage),
@@ -480,7 +480,9 @@ fn parse_limit(raw: Option<&str>) -> Result<i64, ApiError> {
         })
 }
 
-/// `<µs>.<uuid>` as `GET /me/interactions` hands it out.
+/// `<µs>.<uuid>` as `GET /me/interactions` hands it out, as the OpenAPI document's pattern
+/// says: at most 16 digits of microseconds since the epoch (up to the year 2286; no sign, so
+/// every value is a time PostgreSQL can add to the epoch), a dot, a hyphenated UUID.
 fn parse_cursor(raw: &str) -> Result<(i64, Uuid), ApiError> {
     let refused = || {
         ApiError::bad_request(
@@ -488,17 +490,12 @@ fn parse_cursor(raw: &str) -> Result<(i64, Uuid), ApiError> {
             "cursor: not a cursor returned by GET /me/interactions",
         )
     };
-    // 20 characters of microseconds, a dot and 36 of UUID, at most.
-    if raw.len() > 64 {
-        return Err(refused());
-    }
     let (us, id) = raw.split_once('.').ok_or_else(refused)?;
-    let digits = us.strip_prefix('-').unwrap_or(us);
-    if !(1..=19).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    if !(1..=16).contains(&us.len()) || !us.bytes().all(|b| b.is_ascii_digit()) || id.len() != 36 {
         return Err(refused());
     }
     let us = us.parse::<i64>().map_err(|_| refused())?;
-    let id = Uuid::parse_str(id).map_err(|_| refused())?;
+    let id = Uuid::try_parse(id).map_err(|_| refused())?;
     Ok((us, id))
 }
 
@@ -547,7 +544,10 @@ mod tests {
             "abc.def",
             &format!(".{id}"),
             &format!("12a.{id}"),
-            &format!("99999999999999999999.{id}"),
+            &format!("99999999999999999.{id}"),
+            &format!("-1.{id}"),
+            &format!("+1.{id}"),
+            &format!("1.{}", id.simple()),
             &"9".repeat(100),
         ] {
             assert!(parse_cursor(bad).is_err(), "{bad:?}");
