@@ -7,6 +7,9 @@
 //! the link and the other a 409. Nothing is written unless Venice knows the citizen.
 //! `GET /me` reads the row (it is not cached) and sessions cache no link, so there is no
 //! cached copy to invalidate.
+//!
+//! A successful link, and an unlink that removed a link, are recorded in the interaction log
+//! (`citizen_link`, `citizen_unlink`), off the request path.
 
 use axum::Json;
 use axum::extract::State;
@@ -17,6 +20,7 @@ use serde_json::json;
 use tokio_postgres::error::SqlState;
 
 use crate::AppModuleState;
+use crate::interactions::InteractionKind;
 use crate::venice::{self, VeniceUsername};
 
 /// The body of `POST /me/citizen`.
@@ -80,6 +84,11 @@ pub async fn link(
         })?
         .ok_or_else(|| ApiError::NotFound("no such account".into()))?;
     let linked_at: Option<String> = row.get(0);
+    state.interactions.record(
+        me.user_id,
+        InteractionKind::CitizenLink,
+        json!({ "venice_username": username.as_str() }),
+    );
     Ok(Json(json!({
         "venice_username": username.as_str(),
         "linked_at": linked_at,
@@ -98,13 +107,25 @@ pub async fn unlink(
     CurrentUser(me): CurrentUser,
 ) -> Result<StatusCode, ApiError> {
     let conn = state.app.db.conn().await?;
-    conn.execute(
-        "UPDATE cascade_users \
-         SET venice_username = NULL, venice_linked_at = NULL, updated_at = now() \
-         WHERE id = $1 AND venice_username IS NOT NULL",
-        &[&me.user_id],
-    )
-    .await
-    .map_err(cascade_core::db::DbError::from)?;
+    // The old link is read in the statement that removes it (the row as it was, locked).
+    let unlinked = conn
+        .query_opt(
+            "UPDATE cascade_users u \
+             SET venice_username = NULL, venice_linked_at = NULL, updated_at = now() \
+             FROM (SELECT id, venice_username FROM cascade_users \
+                   WHERE id = $1 AND venice_username IS NOT NULL FOR UPDATE) old \
+             WHERE u.id = old.id \
+             RETURNING old.venice_username::text",
+            &[&me.user_id],
+        )
+        .await
+        .map_err(cascade_core::db::DbError::from)?;
+    if let Some(row) = unlinked {
+        state.interactions.record(
+            me.user_id,
+            InteractionKind::CitizenUnlink,
+            json!({ "venice_username": row.get::<_, String>(0) }),
+        );
+    }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -72,6 +72,21 @@ pub struct RawAppConfig {
     /// spaces [default: 5m].
     #[arg(long, env = "CONSCIOUSNESS_SESSION_IDLE", global = true)]
     pub consciousness_session_idle: Option<String>,
+    /// Interactions held in memory waiting to be written; more are dropped (counted) [default: 10000].
+    #[arg(long, env = "INTERACTIONS_BUFFER", global = true)]
+    pub interactions_buffer: Option<String>,
+    /// Most interactions written by one INSERT [default: 500].
+    #[arg(long, env = "INTERACTIONS_BATCH", global = true)]
+    pub interactions_batch: Option<String>,
+    /// Longest wait of a recorded interaction before its batch is written [default: 1s].
+    #[arg(long, env = "INTERACTIONS_FLUSH_INTERVAL", global = true)]
+    pub interactions_flush_interval: Option<String>,
+    /// Age after which interactions are deleted; 0 keeps them [default: 720h (30 days)].
+    #[arg(long, env = "INTERACTIONS_RETENTION", global = true)]
+    pub interactions_retention: Option<String>,
+    /// How often interactions past INTERACTIONS_RETENTION are deleted [default: 10m].
+    #[arg(long, env = "INTERACTIONS_SWEEP_INTERVAL", global = true)]
+    pub interactions_sweep_interval: Option<String>,
     /// Stripe secret key.
     #[arg(long, env = "STRIPE_API_KEY", global = true, hide_env_values = true)]
     pub stripe_api_key: Option<String>,
@@ -132,6 +147,20 @@ pub struct ConsciousnessConfig {
 }
 
 pub use crate::billing::StripeConfig;
+/// The interaction log (`INTERACTIONS_*`): how much waits in memory, how it is written, how
+/// long it is kept.
+#[derive(Debug, Clone)]
+pub struct InteractionsConfig {
+    /// Interactions waiting to be written, at most; a full buffer drops (and counts) more.
+    pub buffer: usize,
+    /// Rows per INSERT, at most.
+    pub batch: usize,
+    /// A recorded interaction waits at most this long (plus the write) before its batch goes.
+    pub flush_interval: Duration,
+    /// Rows older than this are deleted; `None`: kept.
+    pub retention: Option<Duration>,
+    pub sweep_interval: Duration,
+}
 
 #[derive(Debug, Clone)]
 pub struct AppConfig {
@@ -139,6 +168,7 @@ pub struct AppConfig {
     pub venice_client: VeniceClientConfig,
     pub economy: EconomyConfig,
     pub consciousness: ConsciousnessConfig,
+    pub interactions: InteractionsConfig,
     pub stripe: StripeConfig,
 }
 
@@ -231,11 +261,13 @@ impl AppConfig {
                 Duration::from_secs(300),
             ),
         };
+        let interactions = InteractionsConfig::parse(p, raw);
         AppConfig {
             venice,
             venice_client,
             economy,
             consciousness,
+            interactions,
             stripe,
         }
     }
@@ -320,10 +352,69 @@ impl AppConfig {
                 "CONSCIOUSNESS_SESSION_IDLE",
                 secs(self.consciousness.session_idle),
             ),
+            ("INTERACTIONS_BUFFER", self.interactions.buffer.to_string()),
+            ("INTERACTIONS_BATCH", self.interactions.batch.to_string()),
+            (
+                "INTERACTIONS_FLUSH_INTERVAL",
+                secs(self.interactions.flush_interval),
+            ),
+            (
+                "INTERACTIONS_RETENTION",
+                self.interactions
+                    .retention
+                    .map_or_else(|| "0 (kept)".to_string(), secs),
+            ),
+            (
+                "INTERACTIONS_SWEEP_INTERVAL",
+                secs(self.interactions.sweep_interval),
+            ),
         ]
         .into_iter()
         .chain(self.stripe.describe())
         .collect()
+    }
+}
+
+impl InteractionsConfig {
+    fn parse(p: &mut Parser, raw: &RawAppConfig) -> InteractionsConfig {
+        let buffer = p.number(
+            "INTERACTIONS_BUFFER",
+            raw.interactions_buffer.as_deref(),
+            10_000,
+            "a number of interactions",
+        );
+        if !(1..=1_000_000).contains(&buffer) {
+            p.fail("INTERACTIONS_BUFFER", "must be between 1 and 1000000");
+        }
+        let batch = p.number(
+            "INTERACTIONS_BATCH",
+            raw.interactions_batch.as_deref(),
+            500,
+            "a number of rows",
+        );
+        if !(1..=10_000).contains(&batch) {
+            p.fail("INTERACTIONS_BATCH", "must be between 1 and 10000");
+        }
+        let retention = p.duration(
+            "INTERACTIONS_RETENTION",
+            &raw.interactions_retention,
+            Duration::from_secs(30 * 24 * 3600),
+        );
+        InteractionsConfig {
+            buffer,
+            batch,
+            flush_interval: p.positive_duration(
+                "INTERACTIONS_FLUSH_INTERVAL",
+                &raw.interactions_flush_interval,
+                Duration::from_secs(1),
+            ),
+            retention: (!retention.is_zero()).then_some(retention),
+            sweep_interval: p.positive_duration(
+                "INTERACTIONS_SWEEP_INTERVAL",
+                &raw.interactions_sweep_interval,
+                Duration::from_secs(600),
+            ),
+        }
     }
 }
 
@@ -360,6 +451,43 @@ mod tests {
             issue_vars(|r| r.venice_api_url = Some("ftp://x".into())),
             vec!["VENICE_API_URL"]
         );
+    }
+
+    #[test]
+    fn the_interaction_log_is_bounded_and_zero_retention_keeps_rows() {
+        let mut p = Parser::new();
+        let c = AppConfig::parse(&mut p, &RawAppConfig::default());
+        let c = p.finish(c).unwrap();
+        assert_eq!(c.interactions.buffer, 10_000);
+        assert_eq!(
+            c.interactions.retention,
+            Some(Duration::from_secs(30 * 24 * 3600))
+        );
+        let mut p = Parser::new();
+        let raw = RawAppConfig {
+            interactions_retention: Some("0".into()),
+            ..RawAppConfig::default()
+        };
+        let c = AppConfig::parse(&mut p, &raw);
+        assert_eq!(c.interactions.retention, None);
+        for (var, f) in [
+            (
+                "INTERACTIONS_BUFFER",
+                (|r: &mut RawAppConfig| r.interactions_buffer = Some("0".into()))
+                    as fn(&mut RawAppConfig),
+            ),
+            ("INTERACTIONS_BATCH", |r| {
+                r.interactions_batch = Some("100000".into())
+            }),
+            ("INTERACTIONS_FLUSH_INTERVAL", |r| {
+                r.interactions_flush_interval = Some("0".into())
+            }),
+            ("INTERACTIONS_RETENTION", |r| {
+                r.interactions_retention = Some("a month".into())
+            }),
+        ] {
+            assert_eq!(issue_vars(f), vec![var]);
+        }
     }
 
     #[test]

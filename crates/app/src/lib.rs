@@ -15,6 +15,9 @@
 //!   and `GET /patterns`, table `consciousness_patterns`, and their background sync.
 //! - [`spaces`]: collaboration spaces, consciousness sessions and the idle sweep;
 //! - [`tiers`]: which features need which subscription tier (one table).
+//! - [`interactions`]: the interaction log (links, pattern views), recorded without waiting,
+//!   written in batches by a background writer, deleted past its retention;
+//!   `GET /me/interactions`.
 //!
 //! Its other tables, routes and tasks arrive with the issues that build them.
 
@@ -23,6 +26,7 @@ pub mod billing;
 pub mod citizens;
 pub mod config;
 pub mod economics;
+pub mod interactions;
 pub mod openapi;
 pub mod patterns;
 pub mod spaces;
@@ -41,6 +45,7 @@ use cascade_core::upstream::Connector;
 use cascade_http::{AppState, Module};
 
 pub use config::{AppConfig, RawAppConfig};
+pub use interactions::{InteractionKind, Interactions};
 
 /// The application's migrations. Append only: never edit one that has shipped.
 pub const MIGRATIONS: &[Migration] = &[
@@ -55,6 +60,12 @@ pub const MIGRATIONS: &[Migration] = &[
         2,
         "patterns",
         include_str!("../migrations/0002_patterns.sql"),
+    ),
+    Migration::new(
+        "app",
+        3,
+        "interactions",
+        include_str!("../migrations/0003_interactions.sql"),
     ),
     Migration::new(
         "app",
@@ -76,16 +87,21 @@ pub struct AppModule {
     /// Built once, for the router and the background tasks alike: one Venice connector, so
     /// one breaker, per instance (the sync must see the breaker requests trip).
     state: OnceLock<AppModuleState>,
+    /// The interaction log's recorder, built with the module because two sides share it:
+    /// the handlers ([`Module::router`]) record into it, the writer ([`Module::start_tasks`])
+    /// drains it.
+    pub interactions: Interactions,
 }
 
 impl AppModule {
     pub fn new(config: AppConfig) -> AppModule {
+        let interactions = Interactions::new(&config.interactions);
         AppModule {
             config,
+            interactions,
             state: OnceLock::new(),
         }
     }
-
     fn state(&self, app: &AppState) -> AppModuleState {
         self.state
             .get_or_init(|| {
@@ -100,6 +116,7 @@ impl AppModule {
                     venice,
                     stripe,
                     app: app.clone(),
+                    interactions: self.interactions.clone(),
                 }))
             })
             .clone()
@@ -126,6 +143,8 @@ pub struct AppShared {
     pub stripe: Connector,
     /// For [`CurrentUser`](cascade_http::CurrentUser): identity and rate limits.
     pub app: AppState,
+    /// The interaction log: `state.interactions.record(user_id, kind, data)` never waits.
+    pub interactions: Interactions,
 }
 
 impl FromRef<AppModuleState> for AppState {
@@ -152,6 +171,7 @@ impl Module for AppModule {
         // Account data: never stored by a browser or a shared cache (as the other `/me` routes).
         let account = Router::new()
             .route("/me/citizen", post(accounts::link).delete(accounts::unlink))
+            .route("/me/interactions", get(interactions::mine))
             .layer(axum::middleware::map_response(no_store));
         let billing = Router::new()
             .route("/billing/subscription", get(billing::subscription))
@@ -173,6 +193,22 @@ impl Module for AppModule {
     fn start_tasks(&self, state: &AppState, tasks: &mut Supervisor) {
         let shared = self.state(state);
         tasks.spawn("patterns-sync", |stop| patterns::sync::run(shared, stop));
+        cascade_core::metrics::register_interaction_zeroes();
+        let log = &self.config.interactions;
+        let (writer, db, every) = (
+            self.interactions.clone(),
+            state.db.clone(),
+            log.flush_interval,
+        );
+        tasks.spawn("interactions-writer", move |stop| {
+            writer.run_writer(db, every, stop)
+        });
+        if let Some(retention) = log.retention {
+            let (db, every) = (state.db.clone(), log.sweep_interval);
+            tasks.spawn("interactions-retention", move |stop| {
+                interactions::run_retention(db, retention, every, stop)
+            });
+        }
         let config = self.config.clone();
         tasks.spawn("venice-startup-probe", |mut stop| async move {
             // Logged whatever the answer; startup does not wait for it.

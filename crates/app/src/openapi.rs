@@ -12,6 +12,7 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
         crate::citizens::citizen,
         crate::accounts::link,
         crate::accounts::unlink,
+        crate::interactions::mine,
         crate::economics::quote_route,
         crate::patterns::pattern,
         crate::patterns::list,
@@ -307,4 +308,24 @@ pub struct PortalSession {
     pub id: String,
     /// Where to send the customer to manage their subscription.
     pub url: String,
+}
+
+/// One entry of the interaction log.
+#[derive(ToSchema)]
+pub struct Interaction {
+    pub id: String,
+    /// `citizen_link`, `citizen_unlink` or `pattern_view`.
+    pub r#type: String,
+    /// What the interaction concerned, e.g. `{"venice_username": "Italia"}`.
+    pub data: JsonObject,
+    /// When it happened (RFC 3339, UTC, microseconds).
+    pub created_at: String,
+}
+
+/// A page of `GET /me/interactions`, newest first.
+#[derive(ToSchema)]
+pub struct InteractionPage {
+    pub items: Vec<Interaction>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
 }

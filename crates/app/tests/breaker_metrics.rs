@@ -8,19 +8,8 @@ use std::time::Duration;
 
 use support::{World, http};
 
-async fn metrics_text(world: &World) -> String {
-    http()
-        .get(world.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 async fn breaker_gauge(world: &World) -> String {
-    let text = metrics_text(world).await;
+    let text = world.metrics().await;
     text.lines()
         .find(|l| l.starts_with("cascade_upstream_breaker_state{upstream=\"venice\"}"))
         .unwrap_or_else(|| panic!("no breaker gauge in:\n{text}"))
@@ -74,7 +63,7 @@ async fn the_breaker_state_is_exported_and_follows_venice() {
     assert_eq!(world.citizen("Italia").await.status(), 200);
     assert_eq!(breaker_gauge(&world).await, "0");
     assert_eq!(breaker_health(&world).await, "closed");
-    let text = metrics_text(&world).await;
+    let text = world.metrics().await;
     assert!(
         text.contains("# HELP cascade_upstream_breaker_state"),
         "described"

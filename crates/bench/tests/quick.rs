@@ -124,6 +124,32 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
         "misses reach PostgreSQL, counted there: {misses}"
     );
 
+    // Venice, played by a stand-in that counts its calls: none for cached citizens, one per
+    // request for citizens nobody read.
+    let upstream_per_1000 = |name: &str| -> f64 {
+        let r = row(name);
+        assert!(r["requests"].as_u64().unwrap() > 0, "{name}: {r}");
+        assert_eq!(r["errors"], 0, "{name}: {r}");
+        assert!(r["ratio_to_ceiling"].as_f64().unwrap() > 0.0, "{name}: {r}");
+        let notes = r["notes"].as_str().unwrap();
+        notes
+            .split(", ")
+            .find_map(|part| part.split_once(" upstream calls per 1000 requests"))
+            .and_then(|(n, _)| n.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: no upstream count in {notes:?}"))
+    };
+    assert_eq!(upstream_per_1000("hot GET /citizens"), 0.0);
+    let cold = upstream_per_1000("cold GET /citizens");
+    // Calls still in flight when wrk stops count at the stand-in, not as requests.
+    assert!(
+        (900.0..=1200.0).contains(&cold),
+        "one call per cold read: {cold}"
+    );
+    assert!(
+        row("cold GET /citizens")["p99_ms"].as_f64().unwrap() >= 20.0,
+        "a cold read waits for Venice"
+    );
+
     let stampede = row("cold-key stampede");
     assert_eq!(stampede["errors"], 0);
     assert!(

@@ -70,6 +70,15 @@ pub const UPSTREAM_BREAKER_STATE: &str = "cascade_upstream_breaker_state";
 /// Answers served from a stale copy because the upstream failed or its breaker was open.
 pub const UPSTREAM_STALE_SERVED: &str = "cascade_upstream_stale_served_total";
 
+/// Interactions (the application's interaction log) not written, by `reason`: `buffer_full`
+/// (the in-memory buffer was full when recorded), `refused` (PostgreSQL refused the batch),
+/// `shutdown` (still buffered when the flush bound on shutdown ran out).
+pub const INTERACTIONS_DROPPED: &str = "cascade_interactions_dropped_total";
+/// Interactions written to PostgreSQL.
+pub const INTERACTIONS_WRITTEN: &str = "cascade_interactions_written_total";
+/// Interactions waiting in memory to be written.
+pub const INTERACTIONS_BUFFERED: &str = "cascade_interactions_buffered";
+
 /// Histogram bucket upper bounds, in seconds: from 100 µs (an in-process cache hit, a pool
 /// acquisition) to 10 s (`PG_STATEMENT_TIMEOUT`). 0.5 s is a bound so "p95 > 500 ms" (seed 003's
 /// alert) is read off a bucket edge, not interpolated across one.
@@ -255,6 +264,18 @@ pub fn describe() {
         UPSTREAM_STALE_SERVED,
         "answers served from a copy older than its TTL because the upstream failed or its breaker was open (stale-if-error)"
     );
+    describe_counter!(
+        INTERACTIONS_DROPPED,
+        "interaction log entries not written, by reason (buffer_full: INTERACTIONS_BUFFER was full; refused: PostgreSQL refused the batch; shutdown: still buffered when the shutdown flush ran out of time)"
+    );
+    describe_counter!(
+        INTERACTIONS_WRITTEN,
+        "interaction log entries written to PostgreSQL"
+    );
+    describe_gauge!(
+        INTERACTIONS_BUFFERED,
+        "interaction log entries waiting in memory to be written (at most INTERACTIONS_BUFFER)"
+    );
 }
 
 /// Registers the metrics that exist before their first event at zero, so dashboards and
@@ -273,6 +294,57 @@ pub fn register_zeroes() {
     for direction in [WsDirection::In, WsDirection::Out] {
         counter!(WS_MESSAGES, "direction" => direction.label()).absolute(0);
     }
+}
+
+/// The interaction log's series at zero (called by the module that keeps the log, when it
+/// starts): `absolute(0)` on a counter that already counted would set it back, so this only
+/// registers series that do not exist yet.
+pub fn register_interaction_zeroes() {
+    for reason in InteractionDrop::ALL {
+        counter!(INTERACTIONS_DROPPED, "reason" => reason.label()).increment(0);
+    }
+    counter!(INTERACTIONS_WRITTEN).increment(0);
+    gauge!(INTERACTIONS_BUFFERED).increment(0.0);
+}
+
+/// Why an interaction was not written (the `reason` of [`INTERACTIONS_DROPPED`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InteractionDrop {
+    BufferFull,
+    Refused,
+    Shutdown,
+}
+
+impl InteractionDrop {
+    pub const ALL: [InteractionDrop; 3] = [
+        InteractionDrop::BufferFull,
+        InteractionDrop::Refused,
+        InteractionDrop::Shutdown,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            InteractionDrop::BufferFull => "buffer_full",
+            InteractionDrop::Refused => "refused",
+            InteractionDrop::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// `n` interactions dropped for `reason`.
+pub fn record_interactions_dropped(reason: InteractionDrop, n: u64) {
+    counter!(INTERACTIONS_DROPPED, "reason" => reason.label()).increment(n);
+}
+
+/// `n` interactions written; `buffered` still waiting.
+pub fn record_interactions_written(n: u64, buffered: usize) {
+    counter!(INTERACTIONS_WRITTEN).increment(n);
+    gauge!(INTERACTIONS_BUFFERED).set(buffered as f64);
+}
+
+/// Interactions waiting in memory to be written.
+pub fn record_interactions_buffered(buffered: usize) {
+    gauge!(INTERACTIONS_BUFFERED).set(buffered as f64);
 }
 
 /// A PostgreSQL pool acquisition that succeeded after `waited`.

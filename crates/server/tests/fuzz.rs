@@ -261,9 +261,24 @@ async fn schemathesis_finds_nothing() {
     // Venice is the stand-in (it knows no citizen: `/citizens/{username}` answers 404), never
     // the real one over the network.
     let venice = cascade_testkit::VeniceStandin::start(Default::default()).await;
+    // Stripe too: billing answers (a 503 `billing_not_configured` would read as a server error).
+    let stripe = cascade_testkit::StripeStandin::start().await;
     let server = TestApp::start(&[
         ("DATABASE_URL", url),
         ("VENICE_API_URL", venice.url()),
+        ("STRIPE_API_URL", stripe.url()),
+        (
+            "STRIPE_API_KEY",
+            cascade_testkit::stripe::TEST_KEY.to_string(),
+        ),
+        (
+            "STRIPE_WEBHOOK_SECRET",
+            "whsec_fuzz-tests-secret".to_string(),
+        ),
+        (
+            "STRIPE_PRICES_JSON",
+            r#"{"explorer":"price_explorer","architect":"price_architect"}"#.to_string(),
+        ),
         ("REDIS_URL", redis.url()),
         (
             "JWT_SECRET",

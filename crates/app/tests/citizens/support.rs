@@ -62,7 +62,7 @@ impl World {
     }
 }
 
-/// Account helpers (`breaker_metrics` shares this file and uses none of them).
+/// Helpers some of the test binaries sharing this file do not use.
 #[allow(dead_code)]
 impl World {
     /// Registers an account; its access token.
@@ -76,6 +76,18 @@ impl World {
         assert_eq!(response.status(), 201, "registering {username}");
         let body: serde_json::Value = response.json().await.unwrap();
         body["access_token"].as_str().expect("a token").to_string()
+    }
+
+    /// The `/metrics` exposition text.
+    pub async fn metrics(&self) -> String {
+        http()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("the server answers")
+            .text()
+            .await
+            .expect("a text body")
     }
 
     /// `POST /me/citizen` with `body` as the JSON text, as `token` (none: anonymous).

@@ -14,6 +14,7 @@
 //! | PostgreSQL reads | the same query as `GET /listings/{id}`, straight to PostgreSQL, no cache |
 //! | bundle depth 3 | `GET /bundle?versionId=…&depth=3` over a warm set, and straight to PostgreSQL |
 //! | writes | `PATCH /listings/{id}`: a write plus its invalidations |
+//! | citizens | `GET /citizens/{u}` hot (cached) and cold (Venice, played by a stand-in in this process, answering in 20 ms): upstream calls per 1000 requests |
 //! | stampede | 1000 concurrent requests for one cold key: PostgreSQL queries counted |
 //! | spaces | one client per connection joining and leaving spaces with fewer places than clients: throughput, p99, no space above its limit |
 //! | Redis outage | Redis killed for 10 s under load: failed requests, stale reads, recovery |
@@ -24,6 +25,7 @@
 //! The table is printed and written to `<out>/results.{json,md}`.
 
 mod ceiling;
+mod citizens;
 mod client;
 mod pg_restart;
 mod redis_outage;
@@ -41,7 +43,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use cascade_core::db::EmbeddedPostgres;
 use cascade_server::{Application, BuildOptions, Settings};
-use cascade_testkit::RedisServer;
+use cascade_testkit::{RedisServer, VeniceStandin};
 
 use self::client::Client;
 use self::report::Report;
@@ -73,6 +75,8 @@ struct Suite {
     wrk: Wrk,
     /// PostgreSQL's own count of the catalog's statements; `None` without pg_stat_statements.
     statements: Option<Statements>,
+    /// Venice, played in this process: it counts the server's calls.
+    venice: VeniceStandin,
     redis: RedisServer,
     /// The embedded PostgreSQL (what `cascade serve` starts without DATABASE_URL: default
     /// settings, fsync on, a clean "fast" stop), which the restart scenario stops and starts
@@ -108,6 +112,8 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     suite.seed(assets).await?;
 
     let mut rows = throughput::run(&suite).await?;
+    let citizens = citizens::run(&suite).await?;
+    rows.extend(throughput::with_ratios(&rows, citizens));
     rows.push(stampede::run(&suite).await?);
     rows.push(spaces::run(&suite).await?);
     rows.push(redis_outage::run(&mut suite).await?);
@@ -148,7 +154,8 @@ impl Suite {
             eprintln!("bench: pg_stat_statements unavailable; counting the cache's loads instead");
         }
         let redis = RedisServer::start().await;
-        let mut server = ServerProc::start(work, &pg.url(), &redis.url())?;
+        let venice = VeniceStandin::start(citizens::citizens(seconds)).await;
+        let mut server = ServerProc::start(work, &pg.url(), &redis.url(), &venice.url())?;
         server.wait_ready(Duration::from_secs(120)).await?;
         let mut client = Client::new(&server.base)?;
         client.register(BENCH_ACCOUNT).await?;
@@ -165,6 +172,7 @@ impl Suite {
             client,
             wrk,
             statements,
+            venice,
             redis,
             pg,
             pg_dir,

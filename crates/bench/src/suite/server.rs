@@ -19,14 +19,24 @@ pub struct ServerProc {
 }
 
 impl ServerProc {
-    /// Starts it on a free loopback port, on the suite's PostgreSQL and Redis.
-    pub fn start(work: &Path, database_url: &str, redis_url: &str) -> anyhow::Result<Self> {
+    /// Starts it on a free loopback port, on the suite's PostgreSQL, Redis and Venice.
+    pub fn start(
+        work: &Path,
+        database_url: &str,
+        redis_url: &str,
+        venice_url: &str,
+    ) -> anyhow::Result<Self> {
         let port = cascade_testkit::free_port();
         let log = work.join("server.log");
         let child = Command::new(std::env::current_exe()?)
             .arg("serve")
             .env("DATABASE_URL", database_url)
             .env("REDIS_URL", redis_url)
+            .env("VENICE_API_URL", venice_url)
+            .env(
+                "VENICE_POOL_SIZE",
+                super::citizens::VENICE_POOL_SIZE.to_string(),
+            )
             .env("PORT", port.to_string())
             .env("HOST", "127.0.0.1")
             .env("RATE_LIMIT_API", "off")

@@ -13,6 +13,9 @@ use super::report::Row;
 pub const CEILING: &str = "ceiling: bare axum, fixed body, own process";
 use crate::statements;
 
+/// The name of the same-stack baseline's row.
+const BASELINE: &str = "baseline (fixed body, same stack)";
+
 /// The name of the row that reads straight from PostgreSQL.
 const DIRECT: &str = "PostgreSQL reads, same query, no cache";
 
@@ -66,17 +69,36 @@ pub(super) async fn run(suite: &Suite) -> anyhow::Result<Vec<Row>> {
     // outside reference; the baseline (row 0, the same stack) shows the middleware's share.
     let baseline = rows[0].req_per_sec;
     for row in &mut rows {
-        if baseline > 0.0 {
-            row.ratio_to_baseline = Some(row.req_per_sec / baseline);
-        }
-        if ceiling.req_per_sec > 0.0 {
-            row.ratio_to_ceiling = Some(row.req_per_sec / ceiling.req_per_sec);
-        }
+        set_ratios(row, ceiling.req_per_sec, baseline);
     }
     let mut ceiling = ceiling;
     ceiling.ratio_to_ceiling = Some(1.0);
     rows.insert(0, ceiling);
     Ok(rows)
+}
+
+/// `extra` rows (measured by wrk in the same run) with their ratios to the ceiling and the
+/// baseline in `rows`.
+pub(super) fn with_ratios(rows: &[Row], mut extra: Vec<Row>) -> Vec<Row> {
+    let rate = |name: &str| {
+        rows.iter()
+            .find(|r| r.scenario == name)
+            .map_or(0.0, |r| r.req_per_sec)
+    };
+    let (ceiling, baseline) = (rate(CEILING), rate(BASELINE));
+    for row in &mut extra {
+        set_ratios(row, ceiling, baseline);
+    }
+    extra
+}
+
+fn set_ratios(row: &mut Row, ceiling: f64, baseline: f64) {
+    if baseline > 0.0 {
+        row.ratio_to_baseline = Some(row.req_per_sec / baseline);
+    }
+    if ceiling > 0.0 {
+        row.ratio_to_ceiling = Some(row.req_per_sec / ceiling);
+    }
 }
 
 fn scenarios(suite: &Suite, body_size: usize) -> Vec<Scenario> {
@@ -90,11 +112,7 @@ fn scenarios(suite: &Suite, body_size: usize) -> Vec<Scenario> {
         seconds: None,
     };
     vec![
-        get(
-            "baseline (fixed body, same stack)",
-            None,
-            vec![format!("/bench/fixed/{body_size}")],
-        ),
+        get(BASELINE, None, vec![format!("/bench/fixed/{body_size}")]),
         get(
             "hot reads GET /listings/{id}",
             Some("assets"),
@@ -181,29 +199,35 @@ fn bundle_paths(route: &str, ids: &[String]) -> Vec<String> {
 /// The hit ratio from the engine's counters, and the catalog statements PostgreSQL itself
 /// ran (`statements`, from pg_stat_statements; the engine's loads when it is unavailable).
 fn annotate_cache(row: &mut Row, before: &Value, after: &Value, statements: Option<u64>) {
-    let delta = |field: &str| {
-        after[field]
-            .as_u64()
-            .unwrap_or(0)
-            .saturating_sub(before[field].as_u64().unwrap_or(0))
-    };
-    let hits = delta("near_hits") + delta("shared_hits");
-    let lookups = hits + delta("misses");
     let (queries, counted_by) = match statements {
         Some(n) => (n, "PostgreSQL statements"),
-        None => (delta("loads"), "cache loads"),
+        None => (delta(before, after, "loads"), "cache loads"),
     };
-    if lookups > 0 {
+    if let Some(ratio) = hit_ratio(before, after) {
         let cut = std::mem::take(&mut row.notes);
         row.notes = format!(
-            "hit ratio {:.1} %, {:.1} {counted_by} per 1000 requests",
-            100.0 * hits as f64 / lookups as f64,
+            "hit ratio {ratio:.1} %, {:.1} {counted_by} per 1000 requests",
             1000.0 * queries as f64 / row.requests.max(1) as f64
         );
         if !cut.is_empty() {
             row.notes = format!("{}; {cut}", row.notes);
         }
     }
+}
+
+/// Hits (either tier) over lookups between two readings of a namespace's counters, in
+/// percent; `None` without lookups.
+pub(super) fn hit_ratio(before: &Value, after: &Value) -> Option<f64> {
+    let hits = delta(before, after, "near_hits") + delta(before, after, "shared_hits");
+    let lookups = hits + delta(before, after, "misses");
+    (lookups > 0).then(|| 100.0 * hits as f64 / lookups as f64)
+}
+
+fn delta(before: &Value, after: &Value, field: &str) -> u64 {
+    after[field]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(before[field].as_u64().unwrap_or(0))
 }
 
 #[cfg(test)]
