@@ -16,6 +16,7 @@ pub mod accounts;
 pub mod citizens;
 pub mod config;
 pub mod economics;
+pub mod investments;
 pub mod openapi;
 pub mod venice;
 
@@ -33,12 +34,20 @@ use cascade_http::{AppState, Module};
 pub use config::{AppConfig, RawAppConfig};
 
 /// The application's migrations. Append only: never edit one that has shipped.
-pub const MIGRATIONS: &[Migration] = &[Migration::new(
-    "app",
-    1,
-    "citizen_link",
-    include_str!("../migrations/0001_citizen_link.sql"),
-)];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration::new(
+        "app",
+        1,
+        "citizen_link",
+        include_str!("../migrations/0001_citizen_link.sql"),
+    ),
+    Migration::new(
+        "app",
+        5,
+        "investments",
+        include_str!("../migrations/0005_investments.sql"),
+    ),
+];
 
 /// The module as the server composes it.
 pub struct AppModule {
@@ -96,15 +105,20 @@ impl Module for AppModule {
         // Account data: never stored by a browser or a shared cache (as the other `/me` routes).
         let account = Router::new()
             .route("/me/citizen", post(accounts::link).delete(accounts::unlink))
+            .route(
+                "/investments",
+                post(investments::invest).get(investments::mine),
+            )
             .layer(axum::middleware::map_response(no_store));
         Router::new()
             .route("/citizens/{username}", get(citizens::citizen))
             .route("/economics/quote", get(economics::quote_route))
+            .route("/spaces/{id}/investments", get(investments::space_totals))
             .merge(account)
             .with_state(state)
     }
 
-    fn start_tasks(&self, _state: &AppState, tasks: &mut Supervisor) {
+    fn start_tasks(&self, state: &AppState, tasks: &mut Supervisor) {
         let config = self.config.clone();
         tasks.spawn("venice-startup-probe", |mut stop| async move {
             // Logged whatever the answer; startup does not wait for it.
@@ -113,6 +127,10 @@ impl Module for AppModule {
                 () = stop.recv() => return,
             }
             stop.recv().await;
+        });
+        let db = state.db.clone();
+        tasks.spawn("idempotency-key-pruning", move |stop| {
+            investments::prune_keys(db, stop)
         });
     }
 }
