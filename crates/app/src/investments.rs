@@ -159,7 +159,6 @@ pub async fn invest(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let request = Request::parse(body)?;
-    crate::tiers::require(&me, crate::tiers::Feature::Invest)?;
     let quote = economics::quote(&state.config.economy, request.from, request.amount);
     if !quote.meets_minimum {
         return Err(ApiError::Unprocessable(format!(
@@ -212,6 +211,18 @@ async fn record(
     let db_error = |err: tokio_postgres::Error| ApiError::from(DbError::from(err));
     let mut conn = state.app.db.conn().await?;
     let tx = conn.transaction().await.map_err(db_error)?;
+    // The tier as the account's row has it now (not the session's copy): a tier change
+    // applies to the next request on every instance.
+    let tier: String = tx
+        .query_one(
+            "SELECT subscription_tier FROM cascade_users WHERE id = $1",
+            &[&user_id],
+        )
+        .await
+        .map_err(db_error)?
+        .get(0);
+    crate::tiers::check(crate::tiers::Feature::Invest, &tier)
+        .map_err(|refused| ApiError::Forbidden(refused.to_string()))?;
     // Waits while another transaction holds the same key, until it commits or rolls back.
     let claimed = tx
         .execute(
@@ -420,8 +431,8 @@ fn json_response(body: Vec<u8>) -> Response {
 }
 
 /// `GET /spaces/{id}/investments`: a space's totals, cached until the next investment in it.
-#[utoipa::path(get, path = "/spaces/{id}/investments", tag = "economics",
-    params(("id" = String, Path, description = "The space", min_length = 1, max_length = 100)),
+#[utoipa::path(get, path = "/spaces/{space_id}/investments", tag = "economics",
+    params(("space_id" = String, Path, description = "The space", min_length = 1, max_length = 100)),
     responses(
         (status = 200, description = "The number of investments in the space and their sums in both currencies (decimal strings)", body = crate::openapi::SpaceInvestments),
         (status = 400, description = "A malformed space id"),
@@ -434,7 +445,7 @@ pub async fn space_totals(
 ) -> Result<Response, ApiError> {
     if space_id.is_empty() || space_id.len() > 100 || space_id.chars().any(char::is_control) {
         return Err(ApiError::bad_request(
-            "id",
+            "space_id",
             "a space id is 1 to 100 characters without control characters",
         ));
     }

@@ -113,7 +113,7 @@ impl Module for AppModule {
         Router::new()
             .route("/citizens/{username}", get(citizens::citizen))
             .route("/economics/quote", get(economics::quote_route))
-            .route("/spaces/{id}/investments", get(investments::space_totals))
+            .route("/spaces/{space_id}/investments", get(investments::space_totals))
             .merge(account)
             .with_state(state)
     }
