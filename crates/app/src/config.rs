@@ -10,6 +10,8 @@ use cascade_core::config::{Decimal6, Namespace, Parser, Secret};
 pub const VENICE: &str = "venice";
 /// Consciousness patterns (seed 001), living `CONSCIOUSNESS_CACHE_TTL`.
 pub const PATTERNS: &str = "patterns";
+/// Investments: a space's totals and an investor's pages, until the next investment.
+pub const INVESTMENTS: &str = "investments";
 /// The last good copy of each Venice answer, living `VENICE_STALE_IF_ERROR`: what is served,
 /// marked stale, while Venice fails (see `cascade_core::upstream::Connector`).
 pub const VENICE_LAST_GOOD: &str = "venice_last_good";
@@ -289,6 +291,7 @@ impl AppConfig {
             Namespace::new(SPACES, Duration::from_secs(300)),
             Namespace::new(SPACE_LISTS, Duration::from_secs(180)),
             Namespace::new(SPACE_PARTICIPANTS, Duration::from_secs(300)),
+            Namespace::new(INVESTMENTS, Duration::from_secs(300)),
         ]
     }
 

@@ -14,6 +14,8 @@
 //! - [`patterns`]: consciousness patterns computed from Venice's lists, `GET /patterns/{type}`
 //!   and `GET /patterns`, table `consciousness_patterns`, and their background sync.
 //! - [`spaces`]: collaboration spaces, consciousness sessions and the idle sweep;
+//! - [`economics`]: exact ducat/USD quotes; [`investments`]: `POST /investments` (once per
+//!   `Idempotency-Key`), the caller's list, a space's totals;
 //! - [`tiers`]: which features need which subscription tier (one table).
 //! - [`interactions`]: the interaction log (links, pattern views), recorded without waiting,
 //!   written in batches by a background writer, deleted past its retention;
@@ -27,6 +29,7 @@ pub mod citizens;
 pub mod config;
 pub mod economics;
 pub mod interactions;
+pub mod investments;
 pub mod openapi;
 pub mod patterns;
 pub mod spaces;
@@ -72,6 +75,12 @@ pub const MIGRATIONS: &[Migration] = &[
         4,
         "spaces",
         include_str!("../migrations/0004_spaces.sql"),
+    ),
+    Migration::new(
+        "app",
+        5,
+        "investments",
+        include_str!("../migrations/0005_investments.sql"),
     ),
     Migration::new(
         "app",
@@ -172,6 +181,10 @@ impl Module for AppModule {
         let account = Router::new()
             .route("/me/citizen", post(accounts::link).delete(accounts::unlink))
             .route("/me/interactions", get(interactions::mine))
+            .route(
+                "/investments",
+                post(investments::invest).get(investments::mine),
+            )
             .layer(axum::middleware::map_response(no_store));
         let billing = Router::new()
             .route("/billing/subscription", get(billing::subscription))
@@ -183,6 +196,10 @@ impl Module for AppModule {
             .route("/webhooks/stripe", post(billing::webhook::stripe_webhook))
             .merge(billing)
             .route("/economics/quote", get(economics::quote_route))
+            .route(
+                "/spaces/{space_id}/investments",
+                get(investments::space_totals),
+            )
             .route("/patterns", get(patterns::list))
             .route("/patterns/{type}", get(patterns::pattern))
             .merge(account)
@@ -222,6 +239,10 @@ impl Module for AppModule {
         let idle = self.config.consciousness.session_idle;
         tasks.spawn("consciousness-idle-sweep", move |stop| {
             spaces::idle::run(app, idle, stop)
+        });
+        let db = state.db.clone();
+        tasks.spawn("idempotency-key-pruning", move |stop| {
+            investments::prune_keys(db, stop)
         });
     }
 }

@@ -14,6 +14,9 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
         crate::accounts::unlink,
         crate::interactions::mine,
         crate::economics::quote_route,
+        crate::investments::invest,
+        crate::investments::mine,
+        crate::investments::space_totals,
         crate::patterns::pattern,
         crate::patterns::list,
         crate::spaces::routes::create,
@@ -328,4 +331,49 @@ pub struct InteractionPage {
     pub items: Vec<Interaction>,
     /// Pass as `cursor` for the next page; null on the last page.
     pub next_cursor: Option<String>,
+}
+
+/// Amounts in one currency, decimal strings with two decimals.
+#[derive(ToSchema)]
+pub struct Amounts {
+    #[schema(example = "150.00")]
+    pub gross: String,
+    #[schema(example = "3.75")]
+    pub fee: String,
+    #[schema(example = "146.25")]
+    pub net: String,
+}
+
+/// An investment, as recorded.
+#[derive(ToSchema)]
+pub struct Investment {
+    pub id: i64,
+    pub space_id: String,
+    /// The currency the investor gave: `usd` or `ducats`.
+    pub from: String,
+    pub usd: Amounts,
+    pub ducats: Amounts,
+    /// USD per ducat at the time.
+    pub rate: String,
+    pub fee_percent: String,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+}
+
+/// A page of the caller's investments, newest first.
+#[derive(ToSchema)]
+pub struct InvestmentPage {
+    pub investments: Vec<Investment>,
+    /// The `cursor` of the next page; null on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// A space's investments, summed.
+#[derive(ToSchema)]
+pub struct SpaceInvestments {
+    pub space_id: String,
+    #[schema(minimum = 0)]
+    pub investments: i64,
+    pub usd: Amounts,
+    pub ducats: Amounts,
 }

@@ -34,6 +34,10 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// Well-formed, but refused by a rule (an amount below a minimum, an idempotency key
+    /// reused with another body).
+    #[error("{0}")]
+    Unprocessable(String),
     /// Over a rate limit; carries what the `Retry-After` and `RateLimit-*` headers say.
     #[error("too many requests: retry in {}s", retry_after.as_secs().max(1))]
     RateLimited {
@@ -76,6 +80,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
+            ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::BillingNotConfigured(_) => {

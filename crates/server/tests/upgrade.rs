@@ -60,7 +60,15 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
     let applied: Vec<String> = report.applied.iter().map(|id| id.to_string()).collect();
     assert_eq!(
         applied,
-        ["catalog/3", "app/1", "app/2", "app/3", "app/4", "app/6"],
+        [
+            "catalog/3",
+            "app/1",
+            "app/2",
+            "app/3",
+            "app/4",
+            "app/5",
+            "app/6"
+        ],
         "{report}"
     );
     assert_eq!(report.legacy_rows_rekeyed, 5, "{report}");
@@ -84,6 +92,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
             "app/2 patterns",
             "app/3 interactions",
             "app/4 spaces",
+            "app/5 investments",
             "app/6 billing",
             "catalog/1 catalog",
             "catalog/2 catalog_owners",

@@ -3,6 +3,7 @@
 
 mod accounts;
 mod economics;
+mod investments;
 mod support;
 
 use std::time::{Duration, Instant};
