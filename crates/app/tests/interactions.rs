@@ -286,3 +286,60 @@ async fn retention_deletes_old_rows_in_bounded_batches_and_keeps_recent_ones() {
     }
     assert_eq!(logged(&world, "alice").await, vec!["citizen_link:Italia"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_in_pattern_view_is_logged_and_an_anonymous_one_is_not() {
+    let world = World::start(&[("INTERACTIONS_FLUSH_INTERVAL", "100ms".to_string())]).await;
+    let alice = world.register("alice").await;
+    let anonymous = http()
+        .get(world.url("/patterns/economic_consciousness"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 200);
+    let viewed = http()
+        .get(world.url("/patterns/economic_consciousness"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(viewed.status(), 200);
+    let pattern: Value = viewed.json().await.unwrap();
+    // A bad token on the public route is a 401, not an anonymous read.
+    let forged = http()
+        .get(world.url("/patterns/economic_consciousness"))
+        .bearer_auth("not-a-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 401);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let page = loop {
+        let page: Value = my_interactions(&world, &alice, "")
+            .await
+            .json()
+            .await
+            .unwrap();
+        if !page["items"].as_array().unwrap().is_empty() || Instant::now() > deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "one view, the signed-in one: {page}");
+    assert_eq!(items[0]["type"], "pattern_view");
+    assert_eq!(items[0]["data"]["type"], "economic_consciousness");
+    assert_eq!(
+        items[0]["data"]["emergence_score"], pattern["data"]["emergence_score"],
+        "{page} {pattern}"
+    );
+    let total: i64 = world
+        .pg
+        .client(&world.database)
+        .await
+        .query_one("SELECT count(*) FROM interactions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 1, "the anonymous read logged nothing");
+}

@@ -27,7 +27,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use cascade_core::cache::CacheError;
-use cascade_http::ApiError;
+use cascade_http::{ApiError, CurrentUser};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -253,20 +253,43 @@ fn respond(served: &Served) -> Response {
 }
 
 /// `GET /patterns/{type}`.
-#[utoipa::path(get, path = "/patterns/{type}", tag = "patterns",
+#[utoipa::path(get, path = "/patterns/{type}", tag = "patterns", security((), ("bearer" = [])),
     params(("type" = String, Path, description = "A pattern type: collective_activity, economic_consciousness or social_consciousness", pattern = "^(collective_activity|economic_consciousness|social_consciousness)$")),
     responses(
         (status = 200, description = "The pattern (`stale: true` and `Warning: 110` when Venice failed and it is past its expiry)", body = Served),
         (status = 400, description = "Not a known pattern type"),
+        (status = 401, description = "An Authorization header with a bad token (without one, the read is anonymous; with a good one, the view is logged)"),
         (status = 503, description = "Venice is unavailable and no stored pattern younger than VENICE_STALE_IF_ERROR exists (Retry-After)"),
     )
 )]
 pub async fn pattern(
     State(state): State<AppModuleState>,
+    viewer: Option<CurrentUser>,
     Path(kind): Path<String>,
 ) -> Result<Response, ApiError> {
     let kind = PatternType::parse("type", &kind)?;
-    Ok(respond(&current(&state, kind).await?))
+    let served = current(&state, kind).await?;
+    record_view(&state, viewer.as_ref(), &served);
+    Ok(respond(&served))
+}
+
+/// A signed-in reader's view goes to the interaction log (seed 001's `pattern_view`, with the
+/// type, the emergence score and the citizens it names); anonymous reads are not logged.
+fn record_view(state: &AppShared, viewer: Option<&CurrentUser>, served: &Served) {
+    let Some(CurrentUser(me)) = viewer else {
+        return;
+    };
+    let data = &served.pattern.data;
+    state.interactions.record(
+        me.user_id,
+        crate::InteractionKind::PatternView,
+        serde_json::json!({
+            "type": served.pattern.pattern_type,
+            "version": served.pattern.version,
+            "emergence_score": data.get("emergence_score"),
+            "venice_citizens": data.get("venice_citizens"),
+        }),
+    );
 }
 
 /// `GET /patterns` parameters as received: parsed by [`ListQuery::parse`].
@@ -336,22 +359,26 @@ impl ListQuery {
 }
 
 /// `GET /patterns?type=&limit=&cursor=`.
-#[utoipa::path(get, path = "/patterns", tag = "patterns", params(crate::openapi::PatternListParams),
+#[utoipa::path(get, path = "/patterns", tag = "patterns", security((), ("bearer" = [])), params(crate::openapi::PatternListParams),
     responses(
         (status = 200, description = "Patterns by type name, each read as `GET /patterns/{type}` reads it", body = Page),
         (status = 400, description = "An unknown type, a limit outside 1-100, or a cursor this API did not give"),
+        (status = 401, description = "An Authorization header with a bad token (without one, the read is anonymous; with a good one, the views are logged)"),
         (status = 503, description = "Venice is unavailable and a pattern of the page has no stored copy younger than VENICE_STALE_IF_ERROR (Retry-After)"),
     )
 )]
 pub async fn list(
     State(state): State<AppModuleState>,
+    viewer: Option<CurrentUser>,
     Query(params): Query<ListParams>,
 ) -> Result<Json<Page>, ApiError> {
     let query = ListQuery::parse(&params)?;
     let (types, more) = query.page();
     let mut items = Vec::with_capacity(types.len());
     for kind in &types {
-        items.push(current(&state, *kind).await?);
+        let served = current(&state, *kind).await?;
+        record_view(&state, viewer.as_ref(), &served);
+        items.push(served);
     }
     let next_cursor = more.then(|| types.last().map(|t| t.name())).flatten();
     Ok(Json(Page { items, next_cursor }))
