@@ -478,6 +478,90 @@ pub fn method_label(method: &Method) -> &'static str {
 mod tests {
     use super::*;
 
+    /// An edge with a 200 ms deadline and a 64-byte body limit, in front of a router whose
+    /// `/json` answers 100 bytes of JSON, `/slow` answers after 10 s, and `/echo` reads its body.
+    fn edge() -> Edge<axum::Router> {
+        use axum::routing::{get, post};
+        let json = || async {
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                "1".repeat(100),
+            )
+        };
+        let slow = || async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            "late"
+        };
+        let router = axum::Router::new()
+            .route("/json", get(json))
+            .route("/slow", get(slow))
+            .route("/echo", post(|body: Bytes| async move { body }));
+        EdgeLayer::new(Duration::from_millis(200), 64).layer(router)
+    }
+
+    async fn send(request: Request) -> Response<Body> {
+        use tower::ServiceExt;
+        edge().oneshot(request).await.unwrap()
+    }
+
+    async fn json_body(response: Response<Body>) -> serde_json::Value {
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    fn get(path: &str, accept_encoding: Option<&str>) -> Request {
+        let mut request = Request::get(path);
+        if let Some(encoding) = accept_encoding {
+            request = request.header(header::ACCEPT_ENCODING, encoding);
+        }
+        request.body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn responses_vary_on_accept_encoding_and_are_compressed_only_for_clients_that_ask() {
+        let plain = send(get("/json", None)).await;
+        assert_eq!(plain.headers()[header::VARY], "accept-encoding");
+        assert!(!plain.headers().contains_key(header::CONTENT_ENCODING));
+        let body = axum::body::to_bytes(plain.into_body(), 1024).await.unwrap();
+        assert_eq!(body.len(), 100);
+
+        let gzip = send(get("/json", Some("gzip"))).await;
+        assert_eq!(gzip.headers()[header::VARY], "accept-encoding");
+        assert_eq!(gzip.headers()[header::CONTENT_ENCODING], "gzip");
+    }
+
+    #[tokio::test]
+    async fn a_handler_past_the_deadline_answers_504_in_the_json_shape() {
+        let started = Instant::now();
+        let response = send(get("/slow", None)).await;
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            !response.headers().contains_key(header::VARY),
+            "an empty answer is not one compression would touch"
+        );
+        assert_eq!(json_body(response).await["error"]["code"], "timeout");
+    }
+
+    #[tokio::test]
+    async fn bodies_past_the_limit_answer_413_and_bodies_within_it_are_read() {
+        let post = |bytes: usize| {
+            Request::post("/echo")
+                .header(header::CONTENT_LENGTH, bytes)
+                .body(Body::from("x".repeat(bytes)))
+                .unwrap()
+        };
+        assert_eq!(send(post(64)).await.status(), StatusCode::OK);
+        let response = send(post(65)).await;
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            json_body(response).await["error"]["code"],
+            "payload_too_large"
+        );
+    }
+
     #[tokio::test]
     async fn a_panicking_handler_answers_500_in_the_json_shape_with_a_request_id() {
         use tower::ServiceExt;
