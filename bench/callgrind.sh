@@ -7,8 +7,11 @@
 # Rows: the bare axum ceiling (`cascade-bench bare`, everything it runs), `/bench/fixed/N`
 # through Cascade's middleware and a hot `GET /listings/{id}` (in-process cache hits) — for
 # Cascade, what its connection tasks run (`--toggle-collect`), so startup is not counted.
+# Each row is counted after a 2-second warm-up (callgrind_control --zero): the steady state.
 # Usage: bench/callgrind.sh [seconds per row, default 8]
 # CASCADE_BENCH=/path/to/an/older/cascade-bench measures that build instead (the "before" column).
+# CALLGRIND_KEEP=DIR keeps each row's callgrind output there, as row1.out… in table order
+# (`callgrind_annotate --inclusive=yes DIR/row2.out` shows where a row's instructions go).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -42,15 +45,25 @@ count() {
         curl -s -o /dev/null "http://127.0.0.1:$port/" && break
         sleep 0.2
     done
-    local args=(-t1 -c4 "-d${seconds}s")
-    if [[ $what == *.lua ]]; then args+=(-s "$what" "http://127.0.0.1:$port/"); else args+=("http://127.0.0.1:$port$what"); fi
+    local target=()
+    if [[ $what == *.lua ]]; then target+=(-s "$what" "http://127.0.0.1:$port/"); else target+=("http://127.0.0.1:$port$what"); fi
+    # A warm-up (first loads of the hot set, metric handles, buffers), then counters zeroed:
+    # what is counted is the steady state.
+    wrk -t1 -c4 -d2s "${target[@]}" >/dev/null
+    # (vgdb names its pipes after $HOST, which the server is given)
+    HOST=127.0.0.1 callgrind_control --zero "$pid" >/dev/null 2>&1
     local requests
-    requests=$(wrk "${args[@]}" | awk '/requests in/{print $1}')
+    requests=$(wrk -t1 -c4 "-d${seconds}s" "${target[@]}" | awk '/requests in/{print $1}')
     kill "$pid"
     wait "$pid" 2>/dev/null || true
     local total
     total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
     printf '| %s | %s | %s |\n' "$name" "$requests" "$((total / requests))"
+    if [[ -n ${CALLGRIND_KEEP:-} ]]; then
+        mkdir -p "$CALLGRIND_KEEP"
+        rows=$((${rows:-0} + 1))
+        cp "$out" "$CALLGRIND_KEEP/row$rows.out"
+    fi
 }
 
 serve_port=$(free_port)

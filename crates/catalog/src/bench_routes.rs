@@ -5,14 +5,13 @@
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
 use cascade_http::ApiError;
 use serde::Deserialize;
 
 use crate::CatalogState;
-use crate::http_cache::{self, respond_uncached};
+use crate::http_cache::{self, IfNoneMatch, respond_uncached};
 use crate::queries;
 
 pub fn router() -> Router<CatalogState> {
@@ -25,12 +24,12 @@ pub fn router() -> Router<CatalogState> {
 async fn pg_asset(
     State(state): State<CatalogState>,
     Path(version): Path<String>,
-    headers: HeaderMap,
+    if_none_match: IfNoneMatch,
 ) -> Result<Response, ApiError> {
     let body = queries::asset(&state.db.conn().await?, &version)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no asset {version}")))?;
-    Ok(respond_uncached(&headers, body, http_cache::ASSET))
+    Ok(respond_uncached(&if_none_match, body, http_cache::ASSET))
 }
 
 #[derive(Deserialize)]
@@ -44,11 +43,15 @@ struct BundleParams {
 async fn pg_bundle(
     State(state): State<CatalogState>,
     Query(params): Query<BundleParams>,
-    headers: HeaderMap,
+    if_none_match: IfNoneMatch,
 ) -> Result<Response, ApiError> {
     let depth = params.depth.clamp(0, 10);
     let body = queries::bundle(&state.db.conn().await?, &params.version, depth)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no asset {}", params.version)))?;
-    Ok(respond_uncached(&headers, body, http_cache::REVALIDATE))
+    Ok(respond_uncached(
+        &if_none_match,
+        body,
+        http_cache::REVALIDATE,
+    ))
 }

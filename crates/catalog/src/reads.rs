@@ -1,13 +1,12 @@
 //! The catalog's reads, each cache-aside in its namespace (keys and tags: `invalidation.rs`).
 
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
 
 use crate::CatalogState;
 use crate::error::CatalogError;
-use crate::http_cache::{self, respond};
+use crate::http_cache::{self, IfNoneMatch, respond};
 use crate::invalidation::{self as inv, ASSETS, BUNDLES, LISTINGS, READY};
 use crate::listing::{ListingParams, ListingQuery};
 use crate::model::VersionId;
@@ -52,7 +51,7 @@ fn not_found(version: &VersionId) -> ApiError {
 pub async fn asset(
     State(state): State<CatalogState>,
     Path(version): Path<String>,
-    headers: HeaderMap,
+    if_none_match: IfNoneMatch,
 ) -> Result<Response, ApiError> {
     let version = VersionId::parse("versionId", &version)?;
     let body = cached(&state, ASSETS, version.as_str(), &[], |state| {
@@ -61,7 +60,7 @@ pub async fn asset(
     })
     .await?
     .ok_or_else(|| not_found(&version))?;
-    Ok(respond(&headers, &body, http_cache::ASSET))
+    Ok(respond(&if_none_match, &body, http_cache::ASSET))
 }
 
 /// `GET /listings?q=&producer=&createdAfter=&createdBefore=&limit=&cursor=`.
@@ -71,7 +70,7 @@ pub async fn asset(
 pub async fn listings(
     State(state): State<CatalogState>,
     Query(params): Query<ListingParams>,
-    headers: HeaderMap,
+    if_none_match: IfNoneMatch,
 ) -> Result<Response, ApiError> {
     let query = ListingQuery::parse(&params)?;
     let body = cached(&state, LISTINGS, &query.key(), &[], |state| {
@@ -86,7 +85,7 @@ pub async fn listings(
     .ok_or_else(|| {
         ApiError::Internal(std::io::Error::other("a listing page cannot be absent").into())
     })?;
-    Ok(respond(&headers, &body, http_cache::LISTINGS))
+    Ok(respond(&if_none_match, &body, http_cache::LISTINGS))
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,7 +113,7 @@ fn version_param(params: &VersionParams) -> Result<VersionId, ApiError> {
 pub async fn bundle(
     State(state): State<CatalogState>,
     Query(params): Query<VersionParams>,
-    headers: HeaderMap,
+    if_none_match: IfNoneMatch,
 ) -> Result<Response, ApiError> {
     let version = version_param(&params)?;
     let depth = match params.depth.as_deref() {
@@ -139,7 +138,7 @@ pub async fn bundle(
             .await?
             .ok_or_else(|| not_found(&version))?;
         return Ok(http_cache::respond_uncached(
-            &headers,
+            &if_none_match,
             body,
             http_cache::REVALIDATE,
         ));
@@ -149,7 +148,7 @@ pub async fn bundle(
     let body = cached(&state, BUNDLES, &key, &tags, load)
         .await?
         .ok_or_else(|| not_found(&version))?;
-    Ok(respond(&headers, &body, http_cache::REVALIDATE))
+    Ok(respond(&if_none_match, &body, http_cache::REVALIDATE))
 }
 
 /// The part of a readiness answer that says how long it holds.
@@ -178,7 +177,7 @@ fn expired(body: &[u8]) -> bool {
 pub async fn ready(
     State(state): State<CatalogState>,
     Query(params): Query<VersionParams>,
-    headers: HeaderMap,
+    if_none_match: IfNoneMatch,
 ) -> Result<Response, ApiError> {
     let version = version_param(&params)?;
     let tags = [inv::tree_tag(version.as_str())];
@@ -192,5 +191,5 @@ pub async fn ready(
         body = cached(&state, READY, version.as_str(), &tags, load).await?;
     }
     let body = body.ok_or_else(|| not_found(&version))?;
-    Ok(respond(&headers, &body, http_cache::REVALIDATE))
+    Ok(respond(&if_none_match, &body, http_cache::REVALIDATE))
 }

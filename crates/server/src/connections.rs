@@ -34,7 +34,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -105,7 +106,7 @@ pub async fn serve(
             .oneshot(peer)
             .await
             .unwrap_or_else(|never| match never {});
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::default());
         let service = hyper::service::service_fn({
             let activity = activity.clone();
             move |request: hyper::Request<Incoming>| {
@@ -187,92 +188,139 @@ async fn accept_failed(err: io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
-/// What a connection's watchdog reads, written by its socket and its service.
-#[derive(Debug)]
+/// What a connection's watchdog reads, written by its socket and its service: counters only.
+/// Bytes move and requests begin and end many times per request; the watchdog looks a few
+/// times per deadline. So the hot side only bumps counters (no clock read, no lock: it was
+/// both, once per read, write, request start and end), and the watchdog turns changes it sees
+/// into times on its own ticks (see [`Watch`]).
+///
+/// Atomics only because the type must be `Sync` to be shared: the socket, the service and the
+/// watchdog all run in the connection's one task, so `Relaxed` suffices (nothing else is
+/// published through these values).
+#[derive(Debug, Default)]
 struct Activity {
-    state: Mutex<ActivityState>,
-}
-
-#[derive(Debug)]
-struct ActivityState {
     /// Requests whose head hyper parsed and whose handler has not answered yet: while there is
     /// one, no deadline of ours runs (`REQUEST_TIMEOUT` bounds the handler).
-    in_flight: usize,
-    /// Since when a request head has been arriving: the connection's opening for the first
-    /// one, then the first byte read while nothing was in flight. `None` between requests.
-    head_since: Option<Instant>,
-    /// The last byte read or written, or the last answer.
-    last_activity: Instant,
+    in_flight: AtomicUsize,
+    /// Reads that brought bytes, and writes that sent some.
+    reads: AtomicU64,
+    writes: AtomicU64,
+    /// Requests begun, and ended (answered or abandoned).
+    begun: AtomicU64,
+    ended: AtomicU64,
+    /// `reads` when the last request ended: more reads since are the next head arriving.
+    reads_at_end: AtomicU64,
 }
 
 impl Activity {
-    fn new() -> Activity {
-        let now = Instant::now();
-        Activity {
-            state: Mutex::new(ActivityState {
-                in_flight: 0,
-                head_since: Some(now),
-                last_activity: now,
-            }),
-        }
-    }
-
-    /// A plain `std` mutex: held for a few instructions, never across an `.await`, and only
-    /// this connection's task and its watchdog take it.
-    fn with<T>(&self, f: impl FnOnce(&mut ActivityState) -> T) -> T {
-        f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-
     fn bytes_read(&self) {
-        let now = Instant::now();
-        self.with(|s| {
-            s.last_activity = now;
-            if s.in_flight == 0 && s.head_since.is_none() {
-                s.head_since = Some(now);
-            }
-        });
+        self.reads.fetch_add(1, Ordering::Relaxed);
     }
 
     fn bytes_written(&self) {
-        let now = Instant::now();
-        self.with(|s| s.last_activity = now);
+        self.writes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// hyper parsed a head: the request is in flight until the guard is dropped.
     fn request_begins(self: &Arc<Self>) -> InFlight {
-        self.with(|s| {
-            s.in_flight += 1;
-            s.head_since = None;
-        });
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.begun.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
 
-    /// Which deadline has passed at `now`, if one has.
-    fn expired(&self, deadlines: Deadlines, now: Instant) -> Option<&'static str> {
-        self.with(|s| {
-            if s.in_flight > 0 {
-                None
-            } else if let Some(since) = s.head_since {
-                (now.saturating_duration_since(since) >= deadlines.header)
-                    .then_some("no complete request head within HEADER_READ_TIMEOUT")
-            } else {
-                (now.saturating_duration_since(s.last_activity) >= deadlines.idle)
-                    .then_some("idle for IDLE_TIMEOUT")
-            }
-        })
+    fn counts(&self) -> Counts {
+        Counts {
+            reads: self.reads.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+            begun: self.begun.load(Ordering::Relaxed),
+            ended: self.ended.load(Ordering::Relaxed),
+        }
     }
 
-    /// Resolves when a deadline passes. Checks four times per the shorter deadline, so a
-    /// connection is closed at most a quarter late; a tick costs one uncontended lock.
+    /// Resolves when a deadline passes. Ticks eight times per the shorter deadline: a change is
+    /// dated by the tick that sees it (at most one tick late) and a deadline noticed at most
+    /// one tick after it passes, so a connection is closed at most a quarter late, never early.
     async fn watchdog(&self, deadlines: Deadlines) -> &'static str {
-        let period = (deadlines.header.min(deadlines.idle) / 4).max(Duration::from_millis(10));
+        let period = (deadlines.header.min(deadlines.idle) / 8).max(Duration::from_millis(10));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch = Watch::new(Instant::now());
         loop {
             tick.tick().await;
-            if let Some(why) = self.expired(deadlines, Instant::now()) {
+            if let Some(why) = watch.expired(self, deadlines, Instant::now()) {
                 return why;
             }
+        }
+    }
+}
+
+/// A snapshot of an [`Activity`]'s counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    reads: u64,
+    writes: u64,
+    begun: u64,
+    ended: u64,
+}
+
+/// The watchdog's view of a connection: what it saw of the counters at its last look, and the
+/// times it dated from them.
+#[derive(Debug)]
+struct Watch {
+    seen: Counts,
+    /// Since when a request head has been arriving: the connection's opening for the first
+    /// one, then the look that first saw bytes read while nothing was in flight. `None`
+    /// between requests.
+    head_since: Option<Instant>,
+    /// The look that last saw bytes move or a request end (or the opening).
+    last_activity: Instant,
+}
+
+impl Watch {
+    fn new(opened: Instant) -> Watch {
+        Watch {
+            seen: Counts {
+                reads: 0,
+                writes: 0,
+                begun: 0,
+                ended: 0,
+            },
+            head_since: Some(opened),
+            last_activity: opened,
+        }
+    }
+
+    /// Which deadline has passed at `now`, if one has, after dating what changed since the
+    /// last look at `now`.
+    fn expired(
+        &mut self,
+        activity: &Activity,
+        deadlines: Deadlines,
+        now: Instant,
+    ) -> Option<&'static str> {
+        let counts = activity.counts();
+        if counts != self.seen {
+            self.last_activity = now;
+        }
+        if counts.begun != self.seen.begun || counts.ended != self.seen.ended {
+            // A request began (its head is complete) or ended since the last look.
+            self.head_since = None;
+        }
+        self.seen = counts;
+        if activity.in_flight.load(Ordering::Relaxed) > 0 {
+            self.last_activity = now;
+            return None;
+        }
+        if self.head_since.is_none() && counts.reads > activity.reads_at_end.load(Ordering::Relaxed)
+        {
+            self.head_since = Some(now);
+        }
+        if let Some(since) = self.head_since {
+            (now.saturating_duration_since(since) >= deadlines.header)
+                .then_some("no complete request head within HEADER_READ_TIMEOUT")
+        } else {
+            (now.saturating_duration_since(self.last_activity) >= deadlines.idle)
+                .then_some("idle for IDLE_TIMEOUT")
         }
     }
 }
@@ -283,11 +331,11 @@ struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let now = Instant::now();
-        self.0.with(|s| {
-            s.in_flight -= 1;
-            s.last_activity = now;
-        });
+        let activity = &self.0;
+        let reads = activity.reads.load(Ordering::Relaxed);
+        activity.reads_at_end.store(reads, Ordering::Relaxed);
+        activity.ended.fetch_add(1, Ordering::Relaxed);
+        activity.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -359,57 +407,68 @@ mod tests {
         idle: Duration::from_secs(60),
     };
 
+    /// A connection opened now, its watchdog's view, and its opening time.
+    fn opened() -> (Arc<Activity>, Watch, Instant) {
+        let opened = Instant::now();
+        (Arc::new(Activity::default()), Watch::new(opened), opened)
+    }
+
     #[test]
     fn a_new_connection_must_send_its_head_within_the_header_deadline() {
-        let activity = Arc::new(Activity::new());
-        let opened = Instant::now();
-        assert_eq!(
-            activity.expired(DEADLINES, opened + Duration::from_secs(9)),
-            None
-        );
-        assert!(
-            activity
-                .expired(DEADLINES, opened + Duration::from_secs(10))
-                .is_some()
-        );
+        let (activity, mut watch, opened) = opened();
+        let at = |s| opened + Duration::from_secs(s);
+        assert_eq!(watch.expired(&activity, DEADLINES, at(9)), None);
         // Trickled bytes do not move the deadline.
         activity.bytes_read();
-        assert!(
-            activity
-                .expired(DEADLINES, opened + Duration::from_secs(11))
-                .is_some()
-        );
+        assert_eq!(watch.expired(&activity, DEADLINES, at(9)), None);
+        assert!(watch.expired(&activity, DEADLINES, at(10)).is_some());
     }
 
     #[test]
     fn between_requests_the_idle_deadline_runs_until_the_next_head_begins() {
-        let activity = Arc::new(Activity::new());
+        let (activity, mut watch, opened) = opened();
+        let at = |s| opened + Duration::from_secs(s);
+        activity.bytes_read();
         let in_flight = activity.request_begins();
-        let later = Instant::now() + Duration::from_secs(3600);
         assert_eq!(
-            activity.expired(DEADLINES, later),
+            watch.expired(&activity, DEADLINES, at(3600)),
             None,
             "no deadline while a request is in flight"
         );
+        activity.bytes_written();
         drop(in_flight);
-        let answered = Instant::now();
+        // The end is dated by the look that sees it.
+        assert_eq!(watch.expired(&activity, DEADLINES, at(4000)), None);
+        assert_eq!(watch.expired(&activity, DEADLINES, at(4059)), None);
         assert_eq!(
-            activity.expired(DEADLINES, answered + Duration::from_secs(59)),
-            None
-        );
-        assert_eq!(
-            activity.expired(DEADLINES, answered + Duration::from_secs(60)),
+            watch.expired(&activity, DEADLINES, at(4060)),
             Some("idle for IDLE_TIMEOUT")
         );
+        // Bytes of a next head: the header deadline runs from the look that saw them.
         activity.bytes_read();
-        let head = Instant::now();
+        assert_eq!(watch.expired(&activity, DEADLINES, at(4061)), None);
+        assert_eq!(watch.expired(&activity, DEADLINES, at(4070)), None);
         assert_eq!(
-            activity.expired(DEADLINES, head + Duration::from_secs(9)),
-            None
+            watch.expired(&activity, DEADLINES, at(4071)),
+            Some("no complete request head within HEADER_READ_TIMEOUT")
+        );
+    }
+
+    #[test]
+    fn a_request_that_began_and_ended_between_two_looks_ends_the_head_deadline() {
+        let (activity, mut watch, opened) = opened();
+        let at = |s| opened + Duration::from_secs(s);
+        activity.bytes_read();
+        drop(activity.request_begins());
+        activity.bytes_written();
+        assert_eq!(
+            watch.expired(&activity, DEADLINES, at(11)),
+            None,
+            "the head came in time; the idle clock runs from this look"
         );
         assert_eq!(
-            activity.expired(DEADLINES, head + Duration::from_secs(10)),
-            Some("no complete request head within HEADER_READ_TIMEOUT")
+            watch.expired(&activity, DEADLINES, at(71)),
+            Some("idle for IDLE_TIMEOUT")
         );
     }
 }

@@ -14,6 +14,17 @@
 //!
 //! The rate-limit headers' slot is inserted only where a limit can apply: requests with
 //! credentials and every method but `GET`/`HEAD`/`OPTIONS` (`cascade_http::auth::enforce`).
+//!
+//! The edge also holds what the layers below it used to do for every request, and pays for
+//! each only where it can matter (issue 13; `bench/callgrind.sh` counted each):
+//!
+//! - compression (tower-http's) wraps only requests that send `Accept-Encoding`. A request
+//!   without it gets its response as it is, with the `Vary: accept-encoding` compression would
+//!   have added, so shared caches keep telling the two kinds of clients apart;
+//! - the body limit is set only on requests that have a body (none has nothing to limit);
+//! - `REQUEST_TIMEOUT`: a timer is armed only when the handler does not answer on its first
+//!   poll (tower-http's timeout registered one in the runtime's timer wheel per request, before
+//!   even polling the handler). Same deadline, from the request's arrival, same 504.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -24,17 +35,17 @@ use std::pin::Pin;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::BoxError;
 use axum::body::{Body, Bytes, HttpBody};
-use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderValue, Method, Response, header};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::{HeaderValue, Method, Response, StatusCode, header};
 use cascade_core::metrics as m;
 use cascade_http::auth::RateSlot;
 use metrics::{Counter, Histogram};
 use tower::{Layer, Service};
-use tower_http::compression::Predicate;
+use tower_http::compression::{Compression, CompressionLayer, Predicate};
 
 use super::middleware::{REQUEST_ID, json_errors};
 
@@ -46,31 +57,55 @@ const MAX_CLIENT_REQUEST_ID: usize = 128;
 /// per path.
 const UNMATCHED: &str = "unmatched";
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct EdgeLayer;
+/// The edge, with the request deadline (`REQUEST_TIMEOUT`) and body limit
+/// (`BODY_LIMIT_BYTES`) it enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct EdgeLayer {
+    timeout: Duration,
+    body_limit: DefaultBodyLimit,
+}
+
+impl EdgeLayer {
+    pub fn new(timeout: Duration, body_limit_bytes: usize) -> EdgeLayer {
+        EdgeLayer {
+            timeout,
+            body_limit: DefaultBodyLimit::max(body_limit_bytes),
+        }
+    }
+}
 
 impl<S> Layer<S> for EdgeLayer {
     type Service = Edge<S>;
 
     fn layer(&self, inner: S) -> Edge<S> {
-        Edge { inner }
+        Edge {
+            inner: CompressionLayer::new()
+                .compress_when(Compressible)
+                .layer(inner),
+            timeout: self.timeout,
+            body_limit: self.body_limit,
+        }
     }
 }
 
-#[derive(Debug, Clone)]
+/// The service inside is reached through compression or, for a request that does not ask for
+/// it, directly (`Compression::get_mut`): one copy of it, no clone per request.
+#[derive(Clone)]
 pub struct Edge<S> {
-    inner: S,
+    inner: Compression<S, Compressible>,
+    timeout: Duration,
+    body_limit: DefaultBodyLimit,
 }
 
 impl<S, B> Service<Request> for Edge<S>
 where
     S: Service<Request, Response = Response<B>, Error = Infallible>,
     B: HttpBody<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    B::Error: Into<BoxError> + Send,
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = EdgeFuture<S::Future>;
+    type Future = EdgeFuture<S::Future, CompressedFuture<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -97,15 +132,72 @@ where
             path = %request.uri().path(),
             request_id = %id.to_str().unwrap_or("-"),
         );
-        let inner = span.in_scope(|| self.inner.call(request));
+        if !request.body().is_end_stream() {
+            self.body_limit.apply(&mut request);
+        }
+        let inner = span.in_scope(|| {
+            if request.headers().contains_key(header::ACCEPT_ENCODING) {
+                Inner::Compressed {
+                    future: self.inner.call(request),
+                }
+            } else {
+                Inner::Plain {
+                    future: self.inner.get_mut().call(request),
+                }
+            }
+        });
         EdgeFuture {
             inner,
             span,
             started,
+            timeout: self.timeout,
+            deadline: None,
             id: Some(id),
             rate_slot,
             method,
             route,
+        }
+    }
+}
+
+type CompressedFuture<F> = tower_http::compression::ResponseFuture<F, Compressible>;
+
+/// A response body the edge turns into axum's `Body`.
+pub trait EdgeBody: HttpBody<Data = Bytes, Error: Into<BoxError>> + Send + 'static {}
+
+impl<T> EdgeBody for T
+where
+    T: HttpBody<Data = Bytes> + Send + 'static,
+    T::Error: Into<BoxError>,
+{
+}
+
+pin_project_lite::pin_project! {
+    /// The handler's future, through compression or not.
+    #[project = InnerProj]
+    pub enum Inner<P, C> {
+        Plain { #[pin] future: P },
+        Compressed { #[pin] future: C },
+    }
+}
+
+impl<P, C, B, CB> Inner<P, C>
+where
+    P: Future<Output = Result<Response<B>, Infallible>>,
+    C: Future<Output = Result<Response<CB>, Infallible>>,
+    B: EdgeBody,
+    CB: EdgeBody,
+{
+    /// The response in the JSON error shape when it is an error.
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
+        match self.project() {
+            InnerProj::Plain { future } => future.poll(cx).map(|Ok(mut response)| {
+                vary_as_compression_would(&mut response);
+                json_errors(response)
+            }),
+            InnerProj::Compressed { future } => {
+                future.poll(cx).map(|Ok(response)| json_errors(response))
+            }
         }
     }
 }
@@ -120,11 +212,15 @@ fn may_be_limited(request: &Request) -> bool {
 }
 
 pin_project_lite::pin_project! {
-    pub struct EdgeFuture<F> {
+    pub struct EdgeFuture<P, C> {
         #[pin]
-        inner: F,
+        inner: Inner<P, C>,
         span: tracing::Span,
         started: Instant,
+        timeout: Duration,
+        // `REQUEST_TIMEOUT` from `started`, armed once the handler first waits.
+        #[pin]
+        deadline: Option<tokio::time::Sleep>,
         id: Option<HeaderValue>,
         rate_slot: Option<RateSlot>,
         method: &'static str,
@@ -132,28 +228,37 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F, B> Future for EdgeFuture<F>
+impl<P, C, B, CB> Future for EdgeFuture<P, C>
 where
-    F: Future<Output = Result<Response<B>, Infallible>>,
-    B: HttpBody<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    P: Future<Output = Result<Response<B>, Infallible>>,
+    C: Future<Output = Result<Response<CB>, Infallible>>,
+    B: EdgeBody,
+    CB: EdgeBody,
 {
     type Output = Result<Response<Body>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         let _entered = this.span.enter();
         // A handler that panics answers 500 in the JSON error shape, and the connection lives
         // on. Unwinding is caught here rather than by a layer of its own: that layer boxed
         // every response body.
         let inner = this.inner;
         let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx)));
-        let response = match polled {
-            Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(Ok(response))) => json_errors(response),
+        let mut response = match polled {
+            Ok(Poll::Ready(response)) => response,
+            Ok(Poll::Pending) => {
+                if this.deadline.is_none() {
+                    let at = *this.started + *this.timeout;
+                    this.deadline.set(Some(tokio::time::sleep_until(at.into())));
+                }
+                match this.deadline.as_pin_mut().map(|d| d.poll(cx)) {
+                    Some(Poll::Ready(())) => timed_out(),
+                    _ => return Poll::Pending,
+                }
+            }
             Err(panic) => panicked(panic.as_ref()),
         };
-        let mut response = response;
         if let Some(id) = this.id.take() {
             response.headers_mut().insert(REQUEST_ID, id);
         }
@@ -182,22 +287,73 @@ pub struct Compressible;
 impl Predicate for Compressible {
     fn should_compress<B: HttpBody>(&self, response: &Response<B>) -> bool {
         let headers = response.headers();
-        let big_enough = match headers.get(header::CONTENT_LENGTH) {
-            Some(length) => length
-                .to_str()
-                .ok()
-                .and_then(|l| l.parse::<u64>().ok())
-                .is_some_and(|l| l >= 32),
-            None => response.body().size_hint().exact().is_none_or(|l| l >= 32),
-        };
-        let kind = headers
-            .get(header::CONTENT_TYPE)
-            .map_or(&b""[..], HeaderValue::as_bytes);
-        big_enough
-            && !kind.starts_with(b"image/")
-            && !kind.starts_with(b"application/grpc")
-            && !kind.starts_with(b"text/event-stream")
+        compressible(
+            headers.get(header::CONTENT_LENGTH),
+            response.body(),
+            headers.get(header::CONTENT_TYPE),
+        )
     }
+}
+
+fn compressible<B: HttpBody>(
+    length: Option<&HeaderValue>,
+    body: &B,
+    kind: Option<&HeaderValue>,
+) -> bool {
+    let big_enough = match length {
+        Some(length) => length
+            .to_str()
+            .ok()
+            .and_then(|l| l.parse::<u64>().ok())
+            .is_some_and(|l| l >= 32),
+        None => body.size_hint().exact().is_none_or(|l| l >= 32),
+    };
+    let kind = kind.map_or(&b""[..], HeaderValue::as_bytes);
+    big_enough
+        && !kind.starts_with(b"image/")
+        && !kind.starts_with(b"application/grpc")
+        && !kind.starts_with(b"text/event-stream")
+}
+
+/// What tower-http's compression adds to a response it leaves uncompressed because the client
+/// did not ask: `Vary: accept-encoding` when it would have compressed it for a client that
+/// did (and nothing says so already). One pass over the response's few headers.
+fn vary_as_compression_would<B: HttpBody>(response: &mut Response<B>) {
+    let (mut length, mut kind) = (None, None);
+    for (name, value) in response.headers() {
+        if *name == header::CONTENT_ENCODING
+            || *name == header::CONTENT_RANGE
+            || (*name == header::VARY && names_accept_encoding(value.as_bytes()))
+        {
+            return;
+        }
+        if *name == header::CONTENT_LENGTH && length.is_none() {
+            length = Some(value);
+        } else if *name == header::CONTENT_TYPE && kind.is_none() {
+            kind = Some(value);
+        }
+    }
+    if compressible(length, response.body(), kind) {
+        response
+            .headers_mut()
+            .append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+}
+
+/// Whether a `Vary` value names `accept-encoding` (any case), as tower-http tests it.
+fn names_accept_encoding(value: &[u8]) -> bool {
+    const NEEDLE: &[u8] = b"accept-encoding";
+    value
+        .windows(NEEDLE.len())
+        .any(|w| w.eq_ignore_ascii_case(NEEDLE))
+}
+
+/// The answer of a request still running at `REQUEST_TIMEOUT` (its handler is dropped with
+/// this future).
+fn timed_out() -> Response<Body> {
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+    json_errors(response)
 }
 
 /// The answer of a request whose handler panicked.
@@ -209,7 +365,7 @@ fn panicked(panic: &(dyn std::any::Any + Send)) -> Response<Body> {
         .unwrap_or("(no message)");
     tracing::error!(panic = message, "a request handler panicked");
     let mut response = Response::new(Body::empty());
-    *response.status_mut() = axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
     json_errors(response)
 }
 
@@ -322,15 +478,101 @@ pub fn method_label(method: &Method) -> &'static str {
 mod tests {
     use super::*;
 
+    /// An edge with a 200 ms deadline and a 64-byte body limit, in front of a router whose
+    /// `/json` answers 100 bytes of JSON, `/slow` answers after 10 s, and `/echo` reads its body.
+    fn edge() -> Edge<axum::Router> {
+        use axum::routing::{get, post};
+        let json = || async {
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                "1".repeat(100),
+            )
+        };
+        let slow = || async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            "late"
+        };
+        let router = axum::Router::new()
+            .route("/json", get(json))
+            .route("/slow", get(slow))
+            .route("/echo", post(|body: Bytes| async move { body }));
+        EdgeLayer::new(Duration::from_millis(200), 64).layer(router)
+    }
+
+    async fn send(request: Request) -> Response<Body> {
+        use tower::ServiceExt;
+        edge().oneshot(request).await.unwrap()
+    }
+
+    async fn json_body(response: Response<Body>) -> serde_json::Value {
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    fn get(path: &str, accept_encoding: Option<&str>) -> Request {
+        let mut request = Request::get(path);
+        if let Some(encoding) = accept_encoding {
+            request = request.header(header::ACCEPT_ENCODING, encoding);
+        }
+        request.body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn responses_vary_on_accept_encoding_and_are_compressed_only_for_clients_that_ask() {
+        let plain = send(get("/json", None)).await;
+        assert_eq!(plain.headers()[header::VARY], "accept-encoding");
+        assert!(!plain.headers().contains_key(header::CONTENT_ENCODING));
+        let body = axum::body::to_bytes(plain.into_body(), 1024).await.unwrap();
+        assert_eq!(body.len(), 100);
+
+        let gzip = send(get("/json", Some("gzip"))).await;
+        assert_eq!(gzip.headers()[header::VARY], "accept-encoding");
+        assert_eq!(gzip.headers()[header::CONTENT_ENCODING], "gzip");
+    }
+
+    #[tokio::test]
+    async fn a_handler_past_the_deadline_answers_504_in_the_json_shape() {
+        let started = Instant::now();
+        let response = send(get("/slow", None)).await;
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            !response.headers().contains_key(header::VARY),
+            "an empty answer is not one compression would touch"
+        );
+        assert_eq!(json_body(response).await["error"]["code"], "timeout");
+    }
+
+    #[tokio::test]
+    async fn bodies_past_the_limit_answer_413_and_bodies_within_it_are_read() {
+        let post = |bytes: usize| {
+            Request::post("/echo")
+                .header(header::CONTENT_LENGTH, bytes)
+                .body(Body::from("x".repeat(bytes)))
+                .unwrap()
+        };
+        assert_eq!(send(post(64)).await.status(), StatusCode::OK);
+        let response = send(post(65)).await;
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            json_body(response).await["error"]["code"],
+            "payload_too_large"
+        );
+    }
+
     #[tokio::test]
     async fn a_panicking_handler_answers_500_in_the_json_shape_with_a_request_id() {
         use tower::ServiceExt;
-        let service = EdgeLayer.layer(tower::service_fn(|_: Request| async {
-            if true {
-                panic!("boom");
-            }
-            Ok::<_, Infallible>(Response::new(Body::empty()))
-        }));
+        let service = EdgeLayer::new(Duration::from_secs(30), 1 << 20).layer(tower::service_fn(
+            |_: Request| async {
+                if true {
+                    panic!("boom");
+                }
+                Ok::<_, Infallible>(Response::new(Body::empty()))
+            },
+        ));
         let response = service.oneshot(Request::new(Body::empty())).await.unwrap();
         assert_eq!(response.status(), 500);
         assert!(response.headers().contains_key(&REQUEST_ID));
@@ -345,9 +587,9 @@ mod tests {
     async fn a_clients_request_id_is_kept_unless_it_is_too_long() {
         use tower::ServiceExt;
         let echo = || {
-            EdgeLayer.layer(tower::service_fn(|_: Request| async {
-                Ok::<_, Infallible>(Response::new(Body::empty()))
-            }))
+            EdgeLayer::new(Duration::from_secs(30), 1 << 20).layer(tower::service_fn(
+                |_: Request| async { Ok::<_, Infallible>(Response::new(Body::empty())) },
+            ))
         };
         for (sent, kept) in [("abc-123".to_string(), true), ("x".repeat(4096), false)] {
             let mut request = Request::new(Body::empty());

@@ -25,12 +25,15 @@ where
     B::Error: Into<BoxError>,
 {
     let status = response.status();
-    let is_json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
+    // The status first: a success (nearly every response) costs no header lookup.
+    let is_json = || {
+        response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"))
+    };
+    if !(status.is_client_error() || status.is_server_error()) || is_json() {
         return response.map(Body::new);
     }
     let message = match status {

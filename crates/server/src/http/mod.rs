@@ -16,12 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
-use axum::http::StatusCode;
 use cascade_http::Module;
-use tower::ServiceBuilder;
-use tower_http::compression::CompressionLayer;
-use tower_http::timeout::TimeoutLayer;
 
 use crate::state::ServerState;
 
@@ -44,16 +39,7 @@ pub fn app(state: &ServerState, modules: &[Arc<dyn Module>], extra: Router) -> R
     for module in modules {
         router = router.merge(module.router(&state.app));
     }
-    // Outermost first. The edge (request id, span, metrics, JSON errors, rate-limit headers)
-    // sees the final response of everything inside it, panics and timeouts included.
-    router.layer(
-        ServiceBuilder::new()
-            .layer(edge::EdgeLayer)
-            .layer(CompressionLayer::new().compress_when(edge::Compressible))
-            .layer(TimeoutLayer::with_status_code(
-                StatusCode::GATEWAY_TIMEOUT,
-                request_timeout,
-            ))
-            .layer(DefaultBodyLimit::max(body_limit)),
-    )
+    // One layer (edge.rs): request id, span, metrics, JSON errors, rate-limit headers,
+    // compression for clients that ask, the request deadline (504) and the body limit (413).
+    router.layer(edge::EdgeLayer::new(request_timeout, body_limit))
 }
