@@ -33,3 +33,20 @@ CREATE TABLE IF NOT EXISTS cascade_stripe_events (
     event_created BIGINT NOT NULL,
     received_at   TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- Stripe's `created` is in whole seconds: two subscription events of one second are ordered
+-- by how far along a subscription's life their status is (a payment failing and the
+-- subscription going unpaid in one second ends unpaid, not past_due).
+CREATE OR REPLACE FUNCTION cascade_status_rank(status text) RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE status
+        WHEN 'incomplete' THEN 0
+        WHEN 'trialing' THEN 1
+        WHEN 'active' THEN 2
+        WHEN 'past_due' THEN 3
+        WHEN 'unpaid' THEN 4
+        WHEN 'incomplete_expired' THEN 5
+        WHEN 'canceled' THEN 6
+        ELSE 2
+    END
+$$;

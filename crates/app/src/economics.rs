@@ -22,9 +22,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::AppModuleState;
 
-/// The largest amount accepted (10^18), in either currency: far above any real investment,
-/// far below where an exact product of an amount and a rate could overflow.
-pub const MAX_AMOUNT: Decimal = Decimal::from_parts(2_808_348_672, 232_830_643, 0, false, 0);
+/// The largest amount accepted (10^12), in either currency: far above any real investment.
+/// With the rate bounded to [10^-6, 10^6], a converted amount stays below 10^18, inside the
+/// database's `NUMERIC(24, 2)` columns and their sums.
+pub const MAX_AMOUNT: Decimal = Decimal::from_parts(3_567_587_328, 232, 0, false, 0);
+
+/// The bounds of `DUCAT_TO_USD_RATE` (see [`MAX_AMOUNT`]).
+const RATE_MIN: Decimal = Decimal::from_parts(1, 0, 0, false, 6);
+const RATE_MAX: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
 
 /// Decimals an input amount may carry.
 const INPUT_DECIMALS: u32 = 2;
@@ -59,8 +64,8 @@ impl EconomyConfig {
             transaction_fee_percent: setting("TRANSACTION_FEE_PERCENT", fee, "2.5"),
             min_investment_usd: setting("MIN_INVESTMENT_USD", min, "100"),
         };
-        if config.ducat_to_usd_rate.is_zero() {
-            p.fail("DUCAT_TO_USD_RATE", "must be greater than zero");
+        if !(RATE_MIN..=RATE_MAX).contains(&config.ducat_to_usd_rate) {
+            p.fail("DUCAT_TO_USD_RATE", "must be between 0.000001 and 1000000");
         }
         if config.transaction_fee_percent >= Decimal::ONE_HUNDRED {
             p.fail("TRANSACTION_FEE_PERCENT", "must be below 100");
@@ -199,7 +204,7 @@ fn split(gross_exact: Decimal, fee_percent: Decimal) -> Split {
 pub fn quote(config: &EconomyConfig, from: Currency, amount: Decimal) -> Quote {
     let rate = config.ducat_to_usd_rate;
     let fee_percent = config.transaction_fee_percent;
-    // `amount` ≤ 10^18 with two decimals and rate ≤ 28 digits: the exact product can still
+    // `amount` ≤ 10^12 with two decimals and rate ≤ 28 digits: the exact product can still
     // exceed Decimal's 28 digits, whose arithmetic then rounds at the 28th significant digit,
     // far below the cent.
     let (usd_exact, ducats_exact) = match from {
@@ -232,7 +237,7 @@ pub struct QuoteParams {
 }
 
 /// The pattern of an amount in a query (the parser also refuses more than [`MAX_AMOUNT`]).
-pub const AMOUNT_PATTERN: &str = "^[0-9]{1,18}(\\.[0-9]{1,2})?$";
+pub const AMOUNT_PATTERN: &str = "^[0-9]{1,12}(\\.[0-9]{1,2})?$";
 
 /// The query described as one exploded object of exactly one property, so that the API
 /// document says "`ducats` or `usd`, not both" (two optional parameters cannot).
@@ -446,7 +451,7 @@ mod tests {
 
     #[test]
     fn amounts_are_plain_positive_decimals_with_two_decimals_at_most() {
-        for good in ["1", "0.01", "150.00", "1000000000000000000", "007"] {
+        for good in ["1", "0.01", "150.00", "1000000000000", "007"] {
             assert!(parse_amount("usd", good).is_ok(), "{good}");
         }
         for bad in [
@@ -490,6 +495,9 @@ mod tests {
         let c = parse("0.0733333333", "2.5", "100").unwrap();
         assert_eq!(c.ducat_to_usd_rate, d("0.0733333333"));
         assert!(parse("0", "2.5", "100").is_err());
+        assert!(parse("0.0000009", "2.5", "100").is_err());
+        assert!(parse("1000001", "2.5", "100").is_err());
+        assert!(parse("0.000001", "2.5", "100").is_ok());
         assert!(parse("0.10", "100", "100").is_err());
         assert!(parse("-0.1", "2.5", "100").is_err());
         assert!(parse("0.10", "2.5", "1e2").is_err());

@@ -163,12 +163,6 @@ pub async fn invest(
     let key = idempotency_key(&headers)?;
     let request = Request::parse(body)?;
     let quote = economics::quote(&state.config.economy, request.from, request.amount);
-    if !quote.meets_minimum {
-        return Err(ApiError::Unprocessable(format!(
-            "{} USD is below the minimum investment of {} USD",
-            quote.usd.gross, quote.min_investment_usd
-        )));
-    }
     let digest = request.digest();
     let task_state = state.clone();
     let user_id = me.user_id;
@@ -214,6 +208,11 @@ async fn record(
     let db_error = |err: tokio_postgres::Error| ApiError::from(DbError::from(err));
     let mut conn = state.app.db.conn().await?;
     let tx = conn.transaction().await.map_err(db_error)?;
+    // A key used before answers as it did then, whatever changed since (the caller's tier,
+    // the minimum, the rate): a client retrying a lost 201 must not be told it failed.
+    if let Some(replay) = stored(&tx, user_id, &key, &digest).await? {
+        return Ok(replay);
+    }
     // The tier as the account's row has it now (not the session's copy): a tier change
     // applies to the next request on every instance.
     let tier: String = tx
@@ -226,6 +225,12 @@ async fn record(
         .get(0);
     crate::tiers::check(crate::tiers::Feature::Invest, &tier)
         .map_err(|refused| ApiError::Forbidden(refused.to_string()))?;
+    if !quote.meets_minimum {
+        return Err(ApiError::Unprocessable(format!(
+            "{} USD is below the minimum investment of {} USD",
+            quote.usd.gross, quote.min_investment_usd
+        )));
+    }
     // Waits while another transaction holds the same key, until it commits or rolls back.
     let claimed = tx
         .execute(
@@ -236,22 +241,10 @@ async fn record(
         .await
         .map_err(db_error)?;
     if claimed == 0 {
-        let row = tx
-            .query_one(
-                "SELECT request_hash, status, body FROM app_idempotency_keys \
-                 WHERE user_id = $1 AND scope = $2 AND key = $3",
-                &[&user_id, &SCOPE, &key],
-            )
-            .await
-            .map_err(db_error)?;
-        let stored: Vec<u8> = row.get(0);
-        if stored != digest {
-            return Err(ApiError::Unprocessable(
-                "this Idempotency-Key was used with another request body".into(),
-            ));
-        }
-        let status: i16 = row.get(1);
-        return Ok((status as u16, row.get(2), true));
+        // The concurrent first use committed meanwhile: its answer.
+        return stored(&tx, user_id, &key, &digest)
+            .await?
+            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("a claimed key without a row")));
     }
     let space = tx
         .query_opt(
@@ -329,7 +322,50 @@ async fn record(
     let mut stale = Invalidations::new();
     stale.tags([space_tag(&request.space_id), investor_tag(user_id)]);
     state.app.cache.invalidate_batch(&stale).await;
+    // After the commit: the space's channel hears of it (the amounts as strings, as served).
+    let _ = state
+        .app
+        .events
+        .publish(
+            &format!("space:{}", request.space_id),
+            "investment.created",
+            json!({
+                "id": id,
+                "space_id": request.space_id,
+                "user_id": user_id,
+                "usd": split_json(&quote.usd),
+                "ducats": split_json(&quote.ducats),
+            }),
+        )
+        .await;
     Ok((201, body, false))
+}
+
+/// The stored answer of `key`, if it was used before: `(status, body, true)`; a 422 when it
+/// was used with another request.
+async fn stored(
+    tx: &tokio_postgres::Transaction<'_>,
+    user_id: i64,
+    key: &str,
+    digest: &[u8],
+) -> Result<Option<(u16, String, bool)>, ApiError> {
+    let row = tx
+        .query_opt(
+            "SELECT request_hash, status, body FROM app_idempotency_keys \
+             WHERE user_id = $1 AND scope = $2 AND key = $3",
+            &[&user_id, &SCOPE, &key],
+        )
+        .await
+        .map_err(|err| ApiError::from(DbError::from(err)))?;
+    let Some(row) = row else { return Ok(None) };
+    let hash: Vec<u8> = row.get(0);
+    if hash != digest {
+        return Err(ApiError::Unprocessable(
+            "this Idempotency-Key was used with another request body".into(),
+        ));
+    }
+    let status: i16 = row.get(1);
+    Ok(Some((status as u16, row.get(2), true)))
 }
 
 fn space_tag(space_id: &str) -> String {
@@ -467,12 +503,12 @@ pub async fn space_totals(
                 .query_opt(
                     "SELECT json_build_object('space_id', s.space_id, \
                          'investments', count(i.id), \
-                         'usd', json_build_object('gross', coalesce(sum(i.usd_gross), 0)::numeric(24,2)::text, \
-                                                  'fee', coalesce(sum(i.usd_fee), 0)::numeric(24,2)::text, \
-                                                  'net', coalesce(sum(i.usd_net), 0)::numeric(24,2)::text), \
-                         'ducats', json_build_object('gross', coalesce(sum(i.ducats_gross), 0)::numeric(24,2)::text, \
-                                                     'fee', coalesce(sum(i.ducats_fee), 0)::numeric(24,2)::text, \
-                                                     'net', coalesce(sum(i.ducats_net), 0)::numeric(24,2)::text))::text \
+                         'usd', json_build_object('gross', coalesce(sum(i.usd_gross), 0.00)::text, \
+                                                  'fee', coalesce(sum(i.usd_fee), 0.00)::text, \
+                                                  'net', coalesce(sum(i.usd_net), 0.00)::text), \
+                         'ducats', json_build_object('gross', coalesce(sum(i.ducats_gross), 0.00)::text, \
+                                                     'fee', coalesce(sum(i.ducats_fee), 0.00)::text, \
+                                                     'net', coalesce(sum(i.ducats_net), 0.00)::text))::text \
                      FROM collaboration_spaces s LEFT JOIN investments i ON i.space_id = s.space_id \
                      WHERE s.space_id = $1 GROUP BY s.space_id",
                     &[&id],

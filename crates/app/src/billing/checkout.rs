@@ -22,6 +22,7 @@ use cascade_core::upstream::{Connector, UpstreamError, UpstreamSettings};
 use cascade_http::{ApiError, CurrentUser, JsonBody};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use sha2::Digest;
 
 use super::{StripeConfig, not_configured};
 use crate::AppModuleState;
@@ -106,7 +107,10 @@ pub async fn checkout(
                     format!("must be 1 to {CLIENT_KEY_MAX} printable ASCII characters"),
                 )
             })?;
-            format!("c{key}")
+            // Hashed: Stripe's own key is at most 255 characters, and ours wraps the client's.
+            let digest = sha2::Sha256::digest(key.as_bytes());
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            format!("c{hex}")
         }
     };
     let customer = customer_of(&state, me.user_id).await?;

@@ -77,7 +77,7 @@ pub fn verify(
     let header = header.ok_or(SignatureError::Missing)?;
     let header = std::str::from_utf8(header).map_err(|_| SignatureError::Malformed)?;
     let (timestamp, signatures) = parse_header(header)?;
-    if (now - timestamp).abs() > TOLERANCE_SECS {
+    if now.abs_diff(timestamp) > TOLERANCE_SECS as u64 {
         return Err(SignatureError::OutsideTolerance);
     }
     for secret in secrets {

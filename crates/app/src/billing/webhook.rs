@@ -316,10 +316,19 @@ async fn checkout_completed(
     event: &Event,
     object: &Value,
 ) -> Result<Option<i64>, ProcessError> {
-    let customer = required(event, object, "customer")?;
+    // Another product's checkout on the same Stripe account (a payment link, a one-off
+    // payment) is acknowledged without effect: a 500 would have Stripe retry it for days.
     let Some(user_id) = text(object, "client_reference_id").and_then(|s| s.parse::<i64>().ok())
     else {
         tracing::warn!(event = %event.id, "checkout session without a Cascade account: no effect");
+        return Ok(None);
+    };
+    if text(object, "mode").is_some_and(|mode| mode != "subscription") {
+        tracing::warn!(event = %event.id, "checkout session not in subscription mode: no effect");
+        return Ok(None);
+    }
+    let Some(customer) = text(object, "customer") else {
+        tracing::warn!(event = %event.id, "checkout session without a customer: no effect");
         return Ok(None);
     };
     let Some(user_id) = lock_user(tx, user_id).await? else {
@@ -400,10 +409,11 @@ async fn subscription(
              current_period_end = CASE WHEN s.object_at <= EXCLUDED.object_at \
                  THEN EXCLUDED.current_period_end ELSE s.current_period_end END, \
              object_at = greatest(s.object_at, EXCLUDED.object_at), \
-             status = CASE WHEN s.status <> 'canceled' AND s.status_at <= EXCLUDED.status_at \
+             status = CASE WHEN s.status <> 'canceled' AND (s.status_at < EXCLUDED.status_at \
+                                OR (s.status_at = EXCLUDED.status_at \
+                                    AND cascade_status_rank(EXCLUDED.status) >= cascade_status_rank(s.status))) \
                            THEN EXCLUDED.status ELSE s.status END, \
-             status_at = CASE WHEN s.status <> 'canceled' AND s.status_at <= EXCLUDED.status_at \
-                              THEN EXCLUDED.status_at ELSE s.status_at END, \
+             status_at = greatest(s.status_at, EXCLUDED.status_at), \
              updated_at = now()",
         &[
             &user_id,
@@ -463,8 +473,13 @@ async fn invoice(
         None => None,
     };
     tx.execute(
+        // Strictly newer only: an invoice event in the same second as a subscription event
+        // (Stripe's `created` is in seconds) must not undo it (an `unpaid` back to `past_due`).
+        // A failed payment makes only a paying subscription `past_due`: a first payment that
+        // fails leaves an `incomplete` one without a tier.
         "UPDATE cascade_subscriptions SET status = $2, status_at = $3, updated_at = now() \
-         WHERE stripe_subscription_id = $1 AND status <> 'canceled' AND status_at <= $3",
+         WHERE stripe_subscription_id = $1 AND status <> 'canceled' AND status_at < $3 \
+           AND ($2 <> 'past_due' OR status IN ('active', 'trialing', 'past_due'))",
         &[&subscription, &status, &event.created],
     )
     .await?;

@@ -244,9 +244,10 @@ async fn a_failure_inside_processing_is_a_500_that_leaves_no_trace() {
             "created": 1_700_000_000,
             "data": {"object": {"id": "sub_x", "customer": "cus_x",
                                 "metadata": {"cascade_user_id": user.to_string()}}}}),
-        serde_json::json!({"id": "evt_broken_2", "type": "checkout.session.completed",
+        serde_json::json!({"id": "evt_broken_2", "type": "customer.subscription.created",
             "created": 1_700_000_001,
-            "data": {"object": {"id": "cs_x", "client_reference_id": user.to_string()}}}),
+            "data": {"object": {"id": "sub_y", "customer": "cus_y",
+                                "metadata": {"cascade_user_id": user.to_string()}}}}),
     ];
     for event in &broken {
         let (status, body) = world.post_signed(&event.to_string()).await;
@@ -254,9 +255,31 @@ async fn a_failure_inside_processing_is_a_500_that_leaves_no_trace() {
         assert_eq!(body["error"]["code"], "internal");
     }
     assert_eq!(world.state_of(user).await, before);
+    // A checkout that is not ours to act on (no customer: a one-off payment, another
+    // product's payment link) is acknowledged without effect, not retried by Stripe for days.
+    let foreign = serde_json::json!({"id": "evt_foreign", "type": "checkout.session.completed",
+        "created": 1_700_000_002,
+        "data": {"object": {"id": "cs_x", "client_reference_id": user.to_string(), "mode": "payment"}}});
+    let (status, body) = world.post_signed(&foreign.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    let bare = serde_json::json!({"id": "evt_no_customer", "type": "checkout.session.completed",
+        "created": 1_700_000_003,
+        "data": {"object": {"id": "cs_y", "client_reference_id": user.to_string()}}});
+    let (status, body) = world.post_signed(&bare.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    let after = world.state_of(user).await;
+    assert_eq!(
+        (after.0, after.1),
+        (before.0.clone(), before.1.clone()),
+        "no effect from a foreign checkout"
+    );
     // An unknown type is acknowledged and changes nothing either.
     let unknown = r#"{"id":"evt_other","type":"charge.refunded","created":1,"data":{"object":{}}}"#;
     let (status, body) = world.post_signed(unknown).await;
     assert_eq!((status, body["outcome"].as_str()), (200, Some("ignored")));
-    assert_eq!(world.state_of(user).await, before);
+    // Only the two acknowledged checkouts are recorded as processed.
+    assert_eq!(
+        world.state_of(user).await,
+        (before.0, before.1, before.2 + 2)
+    );
 }

@@ -79,6 +79,7 @@ async fn investor_with_a_space() -> (World, String) {
 async fn an_investment_happens_once_per_key() {
     let (world, token) = investor_with_a_space().await;
 
+    let mut events = world.server.events.subscribe();
     let body = json!({"space_id": SPACE, "usd": "150.00"}).to_string();
     let (status, replayed, first) = invest(&world, &token, Some("key-1"), &body).await;
     assert_eq!(status, 201, "{first}");
@@ -90,6 +91,19 @@ async fn an_investment_happens_once_per_key() {
     );
     assert_eq!(first_json["ducats"]["gross"], "1500.00");
 
+    let event = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let event = events.recv().await.expect("the bus");
+            if event.kind == "investment.created" {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("an investment.created event");
+    assert_eq!(event.channel, format!("space:{SPACE}"));
+    assert_eq!(event.data["usd"]["net"], "146.25");
+
     // A retry: the first response, byte for byte, and no second investment.
     let (status, replayed, again) = invest(&world, &token, Some("key-1"), &body).await;
     assert_eq!((status, replayed), (201, true));
@@ -97,6 +111,11 @@ async fn an_investment_happens_once_per_key() {
     // The same request spelled differently is the same request.
     let same = json!({"usd": "150", "space_id": SPACE}).to_string();
     assert_eq!(invest(&world, &token, Some("key-1"), &same).await.2, first);
+    // Replayed even after the caller's tier dropped to free: the investment was made.
+    set_tier(&world, "investor", "observer").await;
+    let (status, replayed, text) = invest(&world, &token, Some("key-1"), &body).await;
+    assert_eq!((status, replayed), (201, true), "{text}");
+    set_tier(&world, "investor", "architect").await;
     // Another body under the key: 422, nothing written.
     let other = json!({"space_id": SPACE, "usd": "200.00"}).to_string();
     let (status, _, text) = invest(&world, &token, Some("key-1"), &other).await;
