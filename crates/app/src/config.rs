@@ -115,6 +115,9 @@ pub struct RawAppConfig {
     /// Bound of a whole Stripe API call, retries included [default: 10s].
     #[arg(long, env = "STRIPE_REQUEST_TIMEOUT", global = true)]
     pub stripe_request_timeout: Option<String>,
+    /// How often Stripe's recent events are listed and applied (lost webhooks healed); 0 turns it off [default: 10m].
+    #[arg(long, env = "STRIPE_RECONCILE_INTERVAL", global = true)]
+    pub stripe_reconcile_interval: Option<String>,
 }
 
 /// An upstream HTTP API: its base URL and bearer key.

@@ -8,7 +8,8 @@
 //!   stale-if-error), the username type, the cache keys; the startup probe;
 //! - [`citizens`]: `GET /citizens/{username}`; [`openapi`]: its part of the API document;
 //! - [`billing`]: Stripe: `POST /webhooks/stripe` (signed, exactly once, in any order) moves
-//!   `cascade_subscriptions` and tiers; `GET /billing/subscription`;
+//!   `cascade_subscriptions` and tiers; `GET /billing/subscription`; the reconciliation task
+//!   that lists Stripe's recent events and applies the lost ones;
 //! - [`accounts`]: `POST /me/citizen` and `DELETE /me/citizen`, an account's link to a Venice
 //!   citizen, and its columns of `cascade_users` ([`MIGRATIONS`], its own version space);
 //! - [`patterns`]: consciousness patterns computed from Venice's lists, `GET /patterns/{type}`
@@ -87,6 +88,12 @@ pub const MIGRATIONS: &[Migration] = &[
         6,
         "billing",
         include_str!("../migrations/0006_billing.sql"),
+    ),
+    Migration::new(
+        "app",
+        7,
+        "billing_reconcile",
+        include_str!("../migrations/0007_billing_reconcile.sql"),
     ),
 ];
 
@@ -209,6 +216,15 @@ impl Module for AppModule {
 
     fn start_tasks(&self, state: &AppState, tasks: &mut Supervisor) {
         let shared = self.state(state);
+        if let (Some(every), Some(_)) = (
+            self.config.stripe.reconcile_interval,
+            &self.config.stripe.api_key,
+        ) {
+            let billing = shared.clone();
+            tasks.spawn("stripe-reconcile", move |stop| {
+                billing::reconcile::run(billing, every, stop)
+            });
+        }
         tasks.spawn("patterns-sync", |stop| patterns::sync::run(shared, stop));
         cascade_core::metrics::register_interaction_zeroes();
         let log = &self.config.interactions;

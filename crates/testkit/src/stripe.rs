@@ -1,6 +1,7 @@
 //! A stand-in for Stripe: a real HTTP server on a free loopback port that plays the parts of
 //! Stripe's API Cascade uses (form-encoded `POST /v1/customers`, `POST /v1/checkout/sessions`,
-//! `GET /v1/subscriptions/{id}`, bearer key, `Idempotency-Key` honoured as Stripe does: a
+//! `GET /v1/subscriptions/{id}`, `GET /v1/events` (newest first, `created[gte]`, `types[]`,
+//! `limit`, `starting_after`, `has_more`), bearer key, `Idempotency-Key` honoured as Stripe does: a
 //! replayed key returns the first answer and creates nothing), and the life of subscriptions
 //! driven by the test (complete a checkout, change the price, fail or pay an invoice, cancel).
 //!
@@ -147,6 +148,7 @@ impl StripeStandin {
             .route("/v1/checkout/sessions", post(create_session))
             .route("/v1/subscriptions/{id}", get(subscription))
             .route("/v1/billing_portal/sessions", post(create_portal_session))
+            .route("/v1/events", get(list_events))
             .with_state(shared.clone());
         let server = Some(tokio::spawn(crate::venice::accept_loop(listener, router)));
         // Plain HTTP to loopback, but reqwest's TLS layer wants a provider all the same.
@@ -631,6 +633,60 @@ async fn subscription(
         Some(sub) => axum::Json(sub.clone()).into_response(),
         None => stripe_error(StatusCode::NOT_FOUND, "No such subscription"),
     }
+}
+
+/// `GET /v1/events`: the recorded events, newest first as Stripe lists them, filtered by
+/// `created[gte]` and `types[]`, `limit` (1 to 100, default 10) after `starting_after`.
+async fn list_events(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    if let Err(answer) = admit(&shared, "/v1/events", &headers).await {
+        return answer;
+    }
+    let params: Vec<(String, String)> = uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            Some((percent_decode(k), percent_decode(v)))
+        })
+        .collect();
+    let one = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let since: i64 = one("created[gte]")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(i64::MIN);
+    let types: Vec<&str> = params
+        .iter()
+        .filter(|(k, _)| k == "types[]")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let limit = match one("limit").map(str::parse::<usize>) {
+        None => 10,
+        Some(Ok(limit @ 1..=100)) => limit,
+        Some(_) => return stripe_error(StatusCode::BAD_REQUEST, "limit must be 1 to 100"),
+    };
+    let books = lock(&shared.books);
+    let mut listed = books.events.iter().rev().filter(|event| {
+        event["created"].as_i64().unwrap_or(0) >= since
+            && (types.is_empty() || types.iter().any(|t| event["type"] == *t))
+    });
+    if let Some(after) = one("starting_after") {
+        if !listed.any(|event| event["id"] == after) {
+            return stripe_error(StatusCode::BAD_REQUEST, "No such event");
+        }
+    }
+    let data: Vec<Value> = listed.by_ref().take(limit).cloned().collect();
+    let has_more = listed.next().is_some();
+    axum::Json(json!({"object": "list", "url": "/v1/events", "data": data, "has_more": has_more}))
+        .into_response()
 }
 
 /// `application/x-www-form-urlencoded` as Stripe reads it (`a[b][0]=c` keys kept verbatim).

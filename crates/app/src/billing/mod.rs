@@ -4,12 +4,15 @@
 //! - [`signature`]: `Stripe-Signature` verification on the raw body;
 //! - [`webhook`]: `POST /webhooks/stripe`, each event applied exactly once and in any order;
 //! - [`checkout`]: `POST /billing/checkout`, through the `stripe` connector, idempotent;
+//! - [`reconcile`]: Stripe's recent events listed and applied as webhooks are, so a lost
+//!   delivery is healed (a background task, once cluster-wide per interval);
 //! - `GET /billing/subscription`: the caller's tier and subscription.
 //!
 //! Without `STRIPE_API_KEY` the billing routes answer 503 `billing_not_configured` (and without
 //! `STRIPE_WEBHOOK_SECRET` the webhook endpoint does); the rest of Cascade runs.
 
 pub mod checkout;
+pub mod reconcile;
 pub mod signature;
 pub mod webhook;
 
@@ -37,6 +40,7 @@ pub fn describe_metrics() {
         STRIPE_WEBHOOKS,
         "Stripe webhook deliveries by outcome (applied, duplicate, ignored, refused with a reason, failed, unknown_price)"
     );
+    reconcile::describe_metrics();
 }
 
 /// The tier of an account without an entitling subscription.
@@ -55,6 +59,8 @@ pub struct StripeConfig {
     pub cancel_url: String,
     /// Bound of a whole Stripe API call, retries included.
     pub request_timeout: std::time::Duration,
+    /// How often [`reconcile`] runs (`STRIPE_RECONCILE_INTERVAL`); `None`: never.
+    pub reconcile_interval: Option<std::time::Duration>,
 }
 
 impl StripeConfig {
@@ -92,6 +98,12 @@ impl StripeConfig {
                 &raw.stripe_request_timeout,
                 std::time::Duration::from_secs(10),
             ),
+            reconcile_interval: Some(p.duration(
+                "STRIPE_RECONCILE_INTERVAL",
+                &raw.stripe_reconcile_interval,
+                std::time::Duration::from_secs(600),
+            ))
+            .filter(|every| !every.is_zero()),
         }
     }
 
@@ -129,6 +141,13 @@ impl StripeConfig {
             (
                 "STRIPE_REQUEST_TIMEOUT",
                 format!("{}s", self.request_timeout.as_secs_f64()),
+            ),
+            (
+                "STRIPE_RECONCILE_INTERVAL",
+                match self.reconcile_interval {
+                    Some(every) => format!("{}s", every.as_secs_f64()),
+                    None => "0 (off)".to_string(),
+                },
             ),
         ]
     }

@@ -195,7 +195,7 @@ pub async fn handle(state: &AppModuleState, event: &Event) -> Result<Outcome, Ap
 /// `tier_changed` on channel `user:{id}` with [`tier_changed`]'s payload: logged here; the
 /// domain-event bus (`cascade_core::events`, on its way to main) publishes it with
 /// `state.app.events.publish(&channel, "tier_changed", payload)` once merged.
-async fn announce(state: &AppModuleState, change: &TierChange) {
+pub(crate) async fn announce(state: &AppModuleState, change: &TierChange) {
     state
         .app
         .cache

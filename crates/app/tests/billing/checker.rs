@@ -181,3 +181,108 @@ pub async fn add_accounts(db: &tokio_postgres::Client, count: i64) {
     .await
     .unwrap();
 }
+
+/// The checker's missing part: 5 % of the events are never delivered (and the rest shuffled,
+/// duplicated) to an instance that does not reconcile; the state is then wrong. A second
+/// instance on the same database reconciles (`STRIPE_RECONCILE_INTERVAL` of 300 ms): the state
+/// becomes that of in-order delivery, each event recorded once, and later runs change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_heals_dropped_deliveries_and_a_second_run_changes_nothing() {
+    let pg = PgServer::start().await;
+    let redis = RedisServer::start().await;
+    let stripe = StripeStandin::start().await;
+    let venice = VeniceStandin::start(sample_citizens()).await;
+    script(&stripe, SUBSCRIPTIONS);
+    let events = stripe.events();
+    let truth = expected(&stripe);
+    let url = pg.fresh_database().await;
+    let database = url.rsplit('/').next().unwrap().to_string();
+    let env = |interval: &str| {
+        let mut env = billing_env(url.clone(), &redis, &stripe, &venice);
+        env.push(("STRIPE_RECONCILE_INTERVAL", interval.to_string()));
+        env
+    };
+    let webhooks = TestApp::start(&env("0")).await;
+    let db = pg.client(&database).await;
+    add_accounts(&db, SUBSCRIPTIONS).await;
+    let plan = Delivery {
+        seed: 7,
+        shuffle: true,
+        duplicate: 0.2,
+        drop: 0.05,
+        concurrency: 4,
+        ..Delivery::default()
+    };
+    let delivered = stripe
+        .deliver(
+            &format!("{}/webhooks/stripe", webhooks.base),
+            SECRET,
+            &events,
+            plan,
+        )
+        .await;
+    assert!(delivered.dropped.len() > 20, "{:?}", delivered.dropped);
+    assert!(delivered.statuses.iter().all(|s| *s == 200));
+    assert_ne!(actual(&pg, &database).await, truth, "the drops matter");
+    let recorded = || async {
+        db.query_one(
+            "SELECT count(*), (SELECT finished_at::text FROM cascade_stripe_reconcile) \
+             FROM cascade_stripe_events",
+            &[],
+        )
+        .await
+        .map(|row| (row.get::<_, i64>(0), row.get::<_, Option<String>>(1)))
+        .unwrap()
+    };
+    assert_eq!(
+        recorded().await,
+        ((events.len() - delivered.dropped.len()) as i64, None),
+        "nothing reconciled yet"
+    );
+
+    let reconciler = TestApp::start(&env("300ms")).await;
+    let mut first_run = None;
+    for _ in 0..300 {
+        let (count, finished) = recorded().await;
+        if finished.is_some() {
+            assert_eq!(count as usize, events.len(), "each event once");
+            first_run = finished;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let first_run = first_run.expect("a reconciliation run within 30 s");
+    let healed = actual(&pg, &database).await;
+    let wrong: Vec<_> = truth
+        .iter()
+        .filter(|(user, want)| healed.get(user) != Some(want))
+        .map(|(user, want)| format!("{user}: want {want}, got {:?}", healed.get(user)))
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    let changed_at = || async {
+        db.query_one(
+            "SELECT (SELECT max(updated_at)::text FROM cascade_subscriptions), \
+                    (SELECT max(updated_at)::text FROM cascade_users)",
+            &[],
+        )
+        .await
+        .map(|row| (row.get::<_, Option<String>>(0), row.get::<_, Option<String>>(1)))
+        .unwrap()
+    };
+    let before = changed_at().await;
+    let mut later_run = false;
+    for _ in 0..300 {
+        let (count, finished) = recorded().await;
+        if finished.is_some_and(|at| at != first_run) {
+            assert_eq!(count as usize, events.len());
+            later_run = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(later_run, "a second run within 30 s");
+    assert_eq!(changed_at().await, before, "a second run changes nothing");
+    assert_eq!(actual(&pg, &database).await, healed);
+    drop(reconciler);
+    drop(webhooks);
+}

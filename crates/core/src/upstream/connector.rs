@@ -383,6 +383,38 @@ impl Connector {
         form: &[(&str, &str)],
         idempotency_key: &str,
     ) -> Result<(u16, serde_json::Value), UpstreamError> {
+        let url = url(&self.inner.settings.base_url, path, &[]);
+        let mut body = String::new();
+        for (i, (name, value)) in form.iter().enumerate() {
+            if i > 0 {
+                body.push('&');
+            }
+            encode_into(&mut body, name);
+            body.push('=');
+            encode_into(&mut body, value);
+        }
+        self.uncached(|| self.post_attempt(&url, &body, idempotency_key))
+            .await
+    }
+
+    /// `GET {base_url}{path}?{query}`, never cached (a listing that must be current, such as
+    /// Stripe's events): the status and JSON of any answer but 429 and 5xx, under the same
+    /// breaker, slots, deadline, retries and metrics as [`Connector::post_form`].
+    pub async fn get_uncached(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<(u16, serde_json::Value), UpstreamError> {
+        let url = url(&self.inner.settings.base_url, path, query);
+        self.uncached(|| self.get_attempt(&url)).await
+    }
+
+    /// One uncached call, retried, bounded by the deadline and reported to the breaker.
+    async fn uncached<F, Fut>(&self, attempt: F) -> Result<(u16, serde_json::Value), UpstreamError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(u16, serde_json::Value), CallError>>,
+    {
         let settings = &self.inner.settings;
         let breaker = &self.inner.breaker;
         let unavailable = |cause: CallError| UpstreamError::Unavailable {
@@ -397,17 +429,7 @@ impl Connector {
         if breaker.permit() == Permit::Skip {
             return Err(unavailable(CallError::BreakerOpen));
         }
-        let url = url(&settings.base_url, path, &[]);
-        let mut body = String::new();
-        for (i, (name, value)) in form.iter().enumerate() {
-            if i > 0 {
-                body.push('&');
-            }
-            encode_into(&mut body, name);
-            body.push('=');
-            encode_into(&mut body, value);
-        }
-        let calls = self.with_retries(|| self.post_attempt(&url, &body, idempotency_key));
+        let calls = self.with_retries(attempt);
         let result = tokio::time::timeout(settings.request_timeout, calls)
             .await
             .unwrap_or(Err(CallError::Timeout(settings.request_timeout)));
@@ -426,6 +448,10 @@ impl Connector {
         }
     }
 
+    async fn get_attempt(&self, url: &str) -> Result<(u16, serde_json::Value), CallError> {
+        self.answer(self.inner.client.get(url)).await
+    }
+
     async fn post_attempt(
         &self,
         url: &str,
@@ -439,6 +465,14 @@ impl Connector {
             .header("content-type", "application/x-www-form-urlencoded")
             .header("idempotency-key", idempotency_key)
             .body(body.to_string());
+        self.answer(request).await
+    }
+
+    /// Sends `request` in a slot: the status and JSON of any answer but 429 and 5xx.
+    async fn answer(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(u16, serde_json::Value), CallError> {
         let (_slot, response) = self.send_in_slot(request).await?;
         let status = response.status().as_u16();
         if matches!(status, 429 | 500..=599) {
