@@ -67,7 +67,8 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
             "app/3",
             "app/4",
             "app/5",
-            "app/6"
+            "app/6",
+            "app/7"
         ],
         "{report}"
     );
@@ -94,6 +95,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
             "app/4 spaces",
             "app/5 investments",
             "app/6 billing",
+            "app/7 billing_reconcile",
             "catalog/1 catalog",
             "catalog/2 catalog_owners",
             "catalog/3 lineage_pending",

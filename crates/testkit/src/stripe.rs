@@ -678,10 +678,10 @@ async fn list_events(
         event["created"].as_i64().unwrap_or(0) >= since
             && (types.is_empty() || types.iter().any(|t| event["type"] == *t))
     });
-    if let Some(after) = one("starting_after") {
-        if !listed.any(|event| event["id"] == after) {
-            return stripe_error(StatusCode::BAD_REQUEST, "No such event");
-        }
+    if let Some(after) = one("starting_after")
+        && !listed.any(|event| event["id"] == after)
+    {
+        return stripe_error(StatusCode::BAD_REQUEST, "No such event");
     }
     let data: Vec<Value> = listed.by_ref().take(limit).cloned().collect();
     let has_more = listed.next().is_some();

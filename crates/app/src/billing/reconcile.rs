@@ -123,7 +123,10 @@ fn log(result: &Result<Report, ReconcileError>) {
     match result {
         Ok(report) if !report.ran => {}
         Ok(report) if report.applied.is_empty() && report.failed.is_empty() => {
-            tracing::debug!(listed = report.listed, "Stripe reconciliation: nothing to repair")
+            tracing::debug!(
+                listed = report.listed,
+                "Stripe reconciliation: nothing to repair"
+            )
         }
         Ok(report) => tracing::warn!(
             listed = report.listed,

@@ -266,7 +266,12 @@ async fn reconciliation_heals_dropped_deliveries_and_a_second_run_changes_nothin
             &[],
         )
         .await
-        .map(|row| (row.get::<_, Option<String>>(0), row.get::<_, Option<String>>(1)))
+        .map(|row| {
+            (
+                row.get::<_, Option<String>>(0),
+                row.get::<_, Option<String>>(1),
+            )
+        })
         .unwrap()
     };
     let before = changed_at().await;
