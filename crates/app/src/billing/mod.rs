@@ -289,6 +289,24 @@ mod tests {
     }
 
     #[test]
+    fn reconciliation_runs_every_ten_minutes_unless_zero() {
+        let interval = |raw: Option<&str>| {
+            let raw = RawAppConfig {
+                stripe_reconcile_interval: raw.map(String::from),
+                ..RawAppConfig::default()
+            };
+            let mut p = Parser::new();
+            let config = StripeConfig::parse(&mut p, &raw);
+            p.finish(config.reconcile_interval).map_err(|_| ())
+        };
+        let minutes = |m: u64| Ok(Some(std::time::Duration::from_secs(m * 60)));
+        assert_eq!(interval(None), minutes(10));
+        assert_eq!(interval(Some("2m")), minutes(2));
+        assert_eq!(interval(Some("0")), Ok(None));
+        assert_eq!(interval(Some("soon")), Err(()));
+    }
+
+    #[test]
     fn webhook_secrets_are_comma_separated_and_redacted() {
         let raw = RawAppConfig {
             stripe_webhook_secret: Some("whsec_new, whsec_old,".into()),

@@ -291,3 +291,67 @@ async fn reconciliation_heals_dropped_deliveries_and_a_second_run_changes_nothin
     drop(reconciler);
     drop(webhooks);
 }
+
+/// The stand-in's `GET /v1/events`, which reconciliation reads: the bearer key, newest first,
+/// `created[gte]`, `types[]`, and pages that end with `has_more` false.
+#[tokio::test]
+async fn the_stand_in_lists_events_as_stripe_does() {
+    let stripe = StripeStandin::start().await;
+    script(&stripe, 5);
+    let events = stripe.events();
+    let list = |query: String, key: &'static str| {
+        let url = format!("{}/v1/events?{query}", stripe.url());
+        async move {
+            let response = crate::support::http()
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    assert_eq!(list("limit=3".into(), "sk_test_wrong").await.0, 401);
+    let mut seen = Vec::new();
+    let mut query = "limit=3".to_string();
+    for _ in 0..100 {
+        let (status, page) = list(query.clone(), cascade_testkit::stripe::TEST_KEY).await;
+        assert_eq!(status, 200);
+        let data = page["data"].as_array().unwrap();
+        seen.extend(data.iter().map(|e| e["id"].as_str().unwrap().to_string()));
+        if page["has_more"] == false {
+            break;
+        }
+        query = format!("limit=3&starting_after={}", seen.last().unwrap());
+    }
+    let newest_first: Vec<String> = events
+        .iter()
+        .rev()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(seen, newest_first);
+    let since = events[events.len() / 2]["created"].as_i64().unwrap();
+    let (_, page) = list(
+        format!("limit=100&created%5Bgte%5D={since}&types%5B%5D=invoice.paid"),
+        cascade_testkit::stripe::TEST_KEY,
+    )
+    .await;
+    let want: Vec<&serde_json::Value> = events
+        .iter()
+        .rev()
+        .filter(|e| e["created"].as_i64().unwrap() >= since && e["type"] == "invoice.paid")
+        .map(|e| &e["id"])
+        .collect();
+    let got: Vec<&serde_json::Value> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["id"])
+        .collect();
+    assert!(
+        !want.is_empty() && want.len() < events.len() / 2,
+        "{want:?}"
+    );
+    assert_eq!(got, want);
+}
