@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 use crate::AppModuleState;
 use crate::config::INVESTMENTS;
 use crate::economics::{self, Currency, Quote};
+use crate::spaces::model::SpaceId;
 
 /// The longest `Idempotency-Key` accepted (Stripe's limit).
 pub const KEY_MAX: usize = 255;
@@ -71,15 +72,8 @@ struct Request {
 
 impl Request {
     fn parse(body: InvestBody) -> Result<Request, ApiError> {
-        if body.space_id.is_empty()
-            || body.space_id.len() > 100
-            || body.space_id.chars().any(char::is_control)
-        {
-            return Err(ApiError::bad_request(
-                "space_id",
-                "space_id must be 1 to 100 characters without control characters",
-            ));
-        }
+        // A space id as spaces take it (the one parser): a bad one is a 400 naming the field.
+        let space_id = SpaceId::parse("space_id", &body.space_id)?;
         let (from, amount) = match (&body.usd, &body.ducats) {
             (Some(usd), None) => (Currency::Usd, economics::parse_amount("usd", usd)?),
             (None, Some(ducats)) => (Currency::Ducats, economics::parse_amount("ducats", ducats)?),
@@ -91,7 +85,7 @@ impl Request {
             }
         };
         Ok(Request {
-            space_id: body.space_id,
+            space_id: space_id.as_str().to_string(),
             from,
             amount,
         })
@@ -368,6 +362,11 @@ async fn stored(
     Ok(Some((status as u16, row.get(2), true)))
 }
 
+/// The cache key of a space's totals (namespace `investments`).
+pub fn totals_key(space_id: &str) -> String {
+    format!("space:{space_id}")
+}
+
 fn space_tag(space_id: &str) -> String {
     format!("investments:space:{space_id}")
 }
@@ -484,14 +483,9 @@ pub async fn space_totals(
     State(state): State<AppModuleState>,
     Path(space_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if space_id.is_empty() || space_id.len() > 100 || space_id.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(
-            "space_id",
-            "a space id is 1 to 100 characters without control characters",
-        ));
-    }
+    let space_id = SpaceId::parse("space_id", &space_id)?.as_str().to_string();
     let db = state.app.db.clone();
-    let key = format!("space:{space_id}");
+    let key = totals_key(&space_id);
     let tags = [space_tag(&space_id)];
     let id = space_id.clone();
     let (body, _) = state

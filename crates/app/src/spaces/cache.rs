@@ -52,5 +52,10 @@ pub fn listed(stale: &mut Invalidations, creator: &str, closed: bool) {
 pub fn space_changed(stale: &mut Invalidations, space_id: &str) {
     stale
         .keys(SPACES, &[space_id])
-        .keys(SPACE_PARTICIPANTS, &[space_id]);
+        .keys(SPACE_PARTICIPANTS, &[space_id])
+        // Its investment totals may hold a cached "no such space" from before the create.
+        .keys(
+            crate::config::INVESTMENTS,
+            &[&crate::investments::totals_key(space_id)],
+        );
 }

@@ -64,6 +64,9 @@ async fn investor_with_a_space() -> (World, String) {
     let world = World::start(&[]).await;
     let token = world.register("investor").await;
     set_tier(&world, "investor", "architect").await;
+    // Asked before the space exists: a "no such space" the create must not leave cached.
+    let path = format!("/spaces/{SPACE}/investments");
+    assert_eq!(get_json(&world, &path, None).await.0, 404);
     let created = http()
         .post(world.url("/spaces"))
         .bearer_auth(&token)
@@ -72,6 +75,12 @@ async fn investor_with_a_space() -> (World, String) {
         .await
         .unwrap();
     assert_eq!(created.status(), 201, "{}", created.text().await.unwrap());
+    let (status, totals) = get_json(&world, &path, None).await;
+    assert_eq!(
+        (status, totals["investments"].as_i64()),
+        (200, Some(0)),
+        "{totals}"
+    );
     (world, token)
 }
 
