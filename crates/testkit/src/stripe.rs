@@ -455,6 +455,40 @@ pub fn signature_header(secrets: &[&str], timestamp: i64, payload: &[u8]) -> Str
     header
 }
 
+/// What Cascade's billing wrote for account `user_id`, read from its database: the account's
+/// tier, its subscriptions (`id:status:tier`, sorted), and the number of Stripe events
+/// recorded (for every account).
+pub async fn billing_state(
+    db: &tokio_postgres::Client,
+    user_id: i64,
+) -> (String, Vec<String>, i64) {
+    let tier: String = db
+        .query_one(
+            "SELECT subscription_tier FROM cascade_users WHERE id = $1",
+            &[&user_id],
+        )
+        .await
+        .expect("the account")
+        .get(0);
+    let subs = db
+        .query(
+            "SELECT format('%s:%s:%s', stripe_subscription_id, status, tier) \
+             FROM cascade_subscriptions WHERE user_id = $1 ORDER BY 1",
+            &[&user_id],
+        )
+        .await
+        .expect("its subscriptions")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let events: i64 = db
+        .query_one("SELECT count(*) FROM cascade_stripe_events", &[])
+        .await
+        .expect("the events recorded")
+        .get(0);
+    (tier, subs, events)
+}
+
 pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

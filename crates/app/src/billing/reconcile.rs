@@ -21,11 +21,12 @@ use cascade_core::upstream::{Connector, UpstreamError};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::webhook::{Event, Outcome, ProcessError, TierChange, apply};
+use super::webhook::{Event, Outcome, ProcessError, TierChange, apply, subscription_of};
 use crate::AppModuleState;
 
 /// Events applied by reconciliation, by `outcome`: `applied` (a delivery had been lost),
-/// `duplicate` (already applied by its webhook), `ignored`, `failed` (malformed: logged).
+/// `duplicate` (already applied by its webhook), `older` (recorded, its subscription already
+/// newer), `ignored`, `failed` (malformed: logged).
 pub const STRIPE_RECONCILED: &str = "cascade_stripe_reconciled_total";
 
 /// Reconciliation runs by `result`: `ok`, `skipped` (another instance was running), `error`.
@@ -53,7 +54,7 @@ const MAX_PAGES: usize = 1000;
 pub fn describe_metrics() {
     metrics::describe_counter!(
         STRIPE_RECONCILED,
-        "Stripe events applied by reconciliation, by outcome (applied, duplicate, ignored, failed)"
+        "Stripe events applied by reconciliation, by outcome (applied, duplicate, older, ignored, failed)"
     );
     metrics::describe_counter!(
         STRIPE_RECONCILE_RUNS,
@@ -72,12 +73,28 @@ pub struct Report {
     pub applied: Vec<String>,
     /// Events already applied before.
     pub duplicates: usize,
+    /// Events recorded without effect: their subscription already held newer state.
+    pub older: usize,
     /// Malformed events (logged; a webhook delivery of them fails the same way).
     pub failed: Vec<String>,
     /// Accounts whose tier this run changed.
     pub tier_changes: Vec<TierChange>,
+    /// Subscriptions whose status or tier this run changed, in the order first touched.
+    pub repaired: Vec<Repair>,
     /// The cursor the next run starts from.
     pub cursor: i64,
+}
+
+/// A subscription's status and tier.
+pub type StatusTier = (String, String);
+
+/// A subscription a run changed: its status and tier before (`None`: unknown here) and after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    pub subscription: String,
+    pub user_id: Option<i64>,
+    pub before: Option<StatusTier>,
+    pub after: StatusTier,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,8 +172,7 @@ pub async fn reconcile_once(state: &AppModuleState) -> Result<Report, ReconcileE
 }
 
 async fn reconcile(state: &AppModuleState) -> Result<Report, ReconcileError> {
-    let config = &state.config.stripe;
-    if config.api_key.is_none() {
+    if state.config.stripe.api_key.is_none() {
         return Err(ReconcileError::NotConfigured);
     }
     let db: &Db = &state.app.db;
@@ -180,11 +196,24 @@ async fn reconcile(state: &AppModuleState) -> Result<Report, ReconcileError> {
         cursor: since,
         ..Report::default()
     };
+    // Status and tier of each subscription the events name, before its first event.
+    // (subscription, before, whether an applied event touched it)
+    let mut touched: Vec<(String, Option<StatusTier>, bool)> = Vec::new();
     for event in events.iter().rev() {
         report.cursor = report.cursor.max(event.created - OVERLAP);
-        let outcome = match apply(db, config, event).await {
+        let subject = subscription_of(event).map(str::to_string);
+        if let Some(id) = &subject
+            && !touched.iter().any(|(known, _, _)| known == id)
+        {
+            let before = snapshot(&tx, id).await?.map(|(_, state)| state);
+            touched.push((id.clone(), before, false));
+        }
+        let outcome = match apply(state, event).await {
             Ok(outcome) => outcome,
             Err(ProcessError::Db(err)) => return Err(err.into()),
+            Err(err @ ProcessError::Stripe { .. }) => {
+                return Err(ReconcileError::Stripe(err.to_string()));
+            }
             Err(err) => {
                 metrics::counter!(STRIPE_RECONCILED, "outcome" => "failed").increment(1);
                 tracing::error!(event = %event.id, error = %err, "Stripe reconciliation: event not applicable");
@@ -195,6 +224,12 @@ async fn reconcile(state: &AppModuleState) -> Result<Report, ReconcileError> {
         let label = match &outcome {
             Outcome::Applied(change) => {
                 report.applied.push(event.id.clone());
+                if let Some(entry) = touched
+                    .iter_mut()
+                    .find(|(id, _, _)| Some(id) == subject.as_ref())
+                {
+                    entry.2 = true;
+                }
                 if let Some(change) = change {
                     super::webhook::announce(state, change).await;
                     report.tier_changes.push(change.clone());
@@ -205,9 +240,28 @@ async fn reconcile(state: &AppModuleState) -> Result<Report, ReconcileError> {
                 report.duplicates += 1;
                 "duplicate"
             }
+            Outcome::Older => {
+                report.older += 1;
+                "older"
+            }
             Outcome::Ignored => "ignored",
         };
         metrics::counter!(STRIPE_RECONCILED, "outcome" => label).increment(1);
+    }
+    for (subscription, before, applied) in touched {
+        if !applied {
+            continue;
+        }
+        if let Some((user_id, after)) = snapshot(&tx, &subscription).await?
+            && before.as_ref() != Some(&after)
+        {
+            report.repaired.push(Repair {
+                subscription,
+                user_id,
+                before,
+                after,
+            });
+        }
     }
     tx.execute(
         "UPDATE cascade_stripe_reconcile SET cursor = $1, finished_at = now()",
@@ -216,6 +270,21 @@ async fn reconcile(state: &AppModuleState) -> Result<Report, ReconcileError> {
     .await?;
     tx.commit().await?;
     Ok(report)
+}
+
+/// The account, status and tier of subscription `id`, if this database has it.
+async fn snapshot(
+    tx: &tokio_postgres::Transaction<'_>,
+    id: &str,
+) -> Result<Option<(Option<i64>, StatusTier)>, ReconcileError> {
+    Ok(tx
+        .query_opt(
+            "SELECT user_id, status, tier FROM cascade_subscriptions \
+             WHERE stripe_subscription_id = $1",
+            &[&id],
+        )
+        .await?
+        .map(|row| (row.get(0), (row.get(1), row.get(2)))))
 }
 
 /// Every handled event created at or after `since`, newest first (Stripe's order).

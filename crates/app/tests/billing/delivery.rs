@@ -124,13 +124,13 @@ async fn an_older_event_after_a_newer_one_leaves_the_newer_state() {
 
     // The older update (architect, active) arrives now, first time: recorded, no effect.
     let (status, answer) = send(2).await;
-    assert_eq!((status, answer["outcome"].as_str()), (200, Some("applied")));
+    assert_eq!((status, answer["outcome"].as_str()), (200, Some("older")));
     assert_eq!(world.state_of(user).await.1, rows("unpaid", "explorer"));
     assert_eq!(world.state_of(user).await.0, "observer");
 
     // Deleted; the first invoice.paid, delayed until now, changes nothing.
     assert_eq!(send(7).await.0, 200);
-    assert_eq!(send(1).await.1["outcome"], "applied");
+    assert_eq!(send(1).await.1["outcome"], "older");
     assert_eq!(world.state_of(user).await.1, rows("canceled", "explorer"));
     let body: Value = world.subscription(0, &token).await.json().await.unwrap();
     assert_eq!(body["tier"], "observer");

@@ -194,7 +194,14 @@ impl Suite {
             ),
         ])
         .map_err(anyhow::Error::msg)?;
-        let app = Application::build(settings, BuildOptions { migrate: false }).await?;
+        let app = Application::build(
+            settings,
+            BuildOptions {
+                migrate: false,
+                ..BuildOptions::default()
+            },
+        )
+        .await?;
         let seeded = seed_catalog(&app, assets).await;
         let ids = match seeded {
             Ok(()) => versions(&app).await,
