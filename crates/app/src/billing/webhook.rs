@@ -211,9 +211,8 @@ pub async fn handle(state: &AppModuleState, event: &Event) -> Result<Outcome, Ap
 /// A committed tier change: every cached session of the account is dropped (acknowledged by
 /// every instance: `Principal.tier` is read from the session's cached copy), so the next
 /// request on any instance loads the new tier from `cascade_users`. Then it is announced as
-/// `tier_changed` on channel `user:{id}` with [`tier_changed`]'s payload: logged here; the
-/// domain-event bus (`cascade_core::events`, on its way to main) publishes it with
-/// `state.app.events.publish(&channel, "tier_changed", payload)` once merged.
+/// `tier_changed` on channel `user:{id}` with [`tier_changed`]'s payload, on the domain-event
+/// bus (`cascade_core::events`): every instance hears it.
 pub(crate) async fn announce(state: &AppModuleState, change: &TierChange) {
     state
         .app

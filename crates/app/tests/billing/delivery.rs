@@ -280,3 +280,45 @@ async fn a_failure_inside_processing_is_a_500_that_leaves_no_trace() {
         (before.0, before.1, before.2 + 2)
     );
 }
+
+/// A tier change is announced as `tier_changed` on `user:{id}`, heard by the other instance,
+/// in the order the changes were committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tier_change_is_published_as_tier_changed_to_every_instance() {
+    use std::time::Duration;
+
+    let world = World::start(2, &[]).await;
+    let (user, _) = world.register("flora").await;
+    let mut heard = world.servers[1].events.subscribe();
+    let sub = world
+        .stripe
+        .create_subscription(None, user, "price_explorer"); // created, invoice.paid
+    world.stripe.change_price(&sub, "price_architect"); // updated
+    let events = world.stripe.events();
+    // Created (a tier), invoice.paid (no tier change), updated (another tier), on instance 0.
+    for event in &events {
+        assert_eq!(world.post_signed(&event.to_string()).await.0, 200);
+    }
+    let channel = format!("user:{user}");
+    let mut changes = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while changes.len() < 2 {
+        let event = tokio::time::timeout_at(deadline, heard.recv())
+            .await
+            .expect("two tier_changed events within 10 s")
+            .expect("the subscription keeps up");
+        if event.channel == channel && event.kind == "tier_changed" {
+            // Published by instance 0, which processed the webhooks; heard on instance 1.
+            assert_eq!(event.origin, world.servers[0].events.instance_id());
+            changes.push(event.data.clone());
+        }
+    }
+    assert_eq!(
+        changes,
+        [
+            serde_json::json!({"user_id": user, "from": "observer", "to": "explorer"}),
+            serde_json::json!({"user_id": user, "from": "explorer", "to": "architect"}),
+        ]
+    );
+    assert_eq!(world.state_of(user).await.0, "architect");
+}
