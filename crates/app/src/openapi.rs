@@ -291,7 +291,8 @@ pub struct StripeEvent {
 #[derive(ToSchema)]
 pub struct WebhookAck {
     pub received: bool,
-    /// `applied`, `duplicate` (processed before: no effect) or `ignored` (a type not handled).
+    /// `applied`, `duplicate` (processed before: no effect), `older` (recorded; the
+    /// subscription already holds newer state: no effect) or `ignored` (a type not handled).
     pub outcome: String,
 }
 
