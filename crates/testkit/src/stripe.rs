@@ -46,6 +46,8 @@ struct Books {
     /// Requests per path, answered or not.
     calls: HashMap<String, u64>,
     delay: Duration,
+    /// An outage: every API request is answered with this status.
+    outage: Option<u16>,
 }
 
 impl Books {
@@ -192,6 +194,12 @@ impl StripeStandin {
     /// client time out on a call that succeeded).
     pub fn slow_down(&self, delay: Duration) {
         self.books().delay = delay;
+    }
+
+    /// Answers every API request with `status` (a Stripe error body) until `None`: an
+    /// outage at Stripe.
+    pub fn outage(&self, status: Option<u16>) {
+        self.books().outage = status;
     }
 
     /// Every event recorded so far, in order.
@@ -511,6 +519,13 @@ async fn admit(
         .calls
         .entry(path.to_string())
         .or_default() += 1;
+    if let Some(status) = lock(&shared.books).outage {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return Err(stripe_error(
+            status,
+            "Stripe is having an outage (stand-in)",
+        ));
+    }
     let bearer = format!("Bearer {}", shared.key);
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(bearer.as_str()) {
         return Err(stripe_error(

@@ -20,12 +20,19 @@
 //!   cannot order (another price or period; a status of the same rank), or when an invoice
 //!   names a subscription this database has never seen, the subscription is fetched from
 //!   Stripe (`GET /v1/subscriptions/{id}`, the `stripe` connector) and that object is applied
-//!   with the event's clock instead of the event's own: Stripe's present state wins the tie.
+//!   with the event's clock instead of the event's own: Stripe's present state wins the tie,
+//!   its status included (only `canceled` stays final).
 //!   The fetch happens outside the transaction (the event's transaction is rolled back and
 //!   redone with the fetched object); Stripe unreachable is a 503, and Stripe retries.
+//!   Stripe cannot be asked at all when `STRIPE_API_KEY` is not set (the webhook needs only
+//!   `STRIPE_WEBHOOK_SECRET`) or when Stripe refuses the key (401/403, a configuration error:
+//!   logged as an error): then the event is decided as if Stripe had no such subscription
+//!   (the clocks' rules; an invoice for an unknown subscription has no effect), counted as
+//!   `decided_without_stripe` with a `reason` (`no_api_key`, `api_key_refused`).
 //! - **The tier follows.** An account's `subscription_tier` is the tier of its most recent
-//!   subscription (by `object_at`) whose status entitles (`active`, `trialing`, `past_due`),
-//!   else `observer`: recomputed in the same transaction, under a lock on the account row.
+//!   subscription (by `object_at`) whose status entitles (`active`, `trialing`, `past_due`)
+//!   and whose price has a paid tier (an unknown price never hides a paid one), else
+//!   `observer`: recomputed in the same transaction, under a lock on the account row.
 //!   Grace: `past_due` (a failed payment Stripe is still retrying) keeps the tier; when Stripe's
 //!   retries are exhausted it moves the subscription to `unpaid` or `canceled`, and the tier
 //!   returns to `observer`. A changed tier drops the account's cached sessions on every
@@ -270,8 +277,15 @@ pub async fn apply(state: &AppModuleState, event: &Event) -> Result<Outcome, Pro
         Attempt::Done(outcome) => return Ok(outcome),
         Attempt::InDoubt(subscription) => subscription,
     };
-    let fetched = fetch_subscription(&state.stripe, event, &subscription).await?;
-    tracing::info!(event = %event.id, subscription, found = matches!(fetched, Fetched::Object(_)), "Stripe event in doubt: applied Stripe's copy of its subscription");
+    let fetched = if config.api_key.is_none() {
+        // The webhook route runs with only STRIPE_WEBHOOK_SECRET: Stripe cannot be asked, and
+        // a 503 would be retried for three days to the same end. Decided by the clocks alone.
+        undecided(event, &subscription, "no_api_key");
+        Fetched::Missing
+    } else {
+        fetch_subscription(&state.stripe, event, &subscription).await?
+    };
+    tracing::info!(event = %event.id, subscription, found = matches!(fetched, Fetched::Object(_)), "Stripe event in doubt: applied Stripe's copy of its subscription (if found)");
     match attempt(db, config, event, &fetched).await? {
         Attempt::Done(outcome) => Ok(outcome),
         Attempt::InDoubt(_) => Err(ProcessError::Shape {
@@ -304,6 +318,22 @@ async fn fetch_subscription(
             "an answer that is not the subscription asked for".into(),
         )),
         Ok((404, _)) => Ok(Fetched::Missing),
+        // Our key is refused: a configuration error no retry of Stripe's will cure. Said
+        // loudly, counted, and the event decided by the clocks alone.
+        Ok((status @ (401 | 403), body)) => {
+            let message = body
+                .pointer("/error/message")
+                .and_then(Value::as_str)
+                .unwrap_or("(no message)");
+            tracing::error!(
+                event = %event.id,
+                status,
+                message,
+                "Stripe refuses STRIPE_API_KEY: fix it; meanwhile events in doubt are decided without Stripe's copy"
+            );
+            undecided(event, id, "api_key_refused");
+            Ok(Fetched::Missing)
+        }
         Ok((status, body)) => Err(failed(format!(
             "HTTP {status}: {}",
             body.pointer("/error/message")
@@ -312,6 +342,14 @@ async fn fetch_subscription(
         ))),
         Err(cascade_core::upstream::UpstreamError::Unavailable { cause, .. }) => Err(failed(cause)),
     }
+}
+
+/// Counts an event in doubt decided without Stripe's copy (`reason`: `no_api_key`,
+/// `api_key_refused`): as if Stripe had no such subscription.
+fn undecided(event: &Event, subscription: &str, reason: &'static str) {
+    metrics::counter!(STRIPE_WEBHOOKS, "outcome" => "decided_without_stripe", "reason" => reason)
+        .increment(1);
+    tracing::warn!(event = %event.id, subscription, reason, "Stripe event in doubt decided by the clocks alone: Stripe cannot be asked");
 }
 
 async fn attempt(
@@ -574,7 +612,7 @@ async fn subscription(
              object_at = greatest(s.object_at, EXCLUDED.object_at), \
              status = CASE WHEN s.status <> 'canceled' AND (s.status_at < EXCLUDED.status_at \
                                 OR (s.status_at = EXCLUDED.status_at \
-                                    AND cascade_status_rank(EXCLUDED.status) >= cascade_status_rank(s.status))) \
+                                    AND ($10 OR cascade_status_rank(EXCLUDED.status) >= cascade_status_rank(s.status)))) \
                            THEN EXCLUDED.status ELSE s.status END, \
              status_at = greatest(s.status_at, EXCLUDED.status_at), \
              updated_at = now()",
@@ -588,6 +626,7 @@ async fn subscription(
             &start,
             &end,
             &event.created,
+            &from_stripe,
         ],
     )
     .await?;
@@ -633,10 +672,26 @@ async fn invoice(
         });
     };
     // The account first, then the row: the order every handler locks in.
-    let user_id = match row.get::<_, Option<i64>>(0) {
+    let seen: Option<i64> = row.get(0);
+    let mut user_id = match seen {
         Some(user_id) => lock_user(tx, user_id).await?,
         None => None,
     };
+    // Read again under the row's lock: a checkout committed meanwhile may have attributed it
+    // (`user_id` only ever goes from none to an account), and that account's tier must follow.
+    let now: Option<i64> = tx
+        .query_one(
+            "SELECT user_id FROM cascade_subscriptions WHERE stripe_subscription_id = $1 \
+             FOR UPDATE",
+            &[&subscription],
+        )
+        .await?
+        .get(0);
+    if now != seen
+        && let Some(attributed) = now
+    {
+        user_id = lock_user(tx, attributed).await?;
+    }
     let changed = tx
         .query_opt(
             // Strictly newer only: an invoice event in the same second as a subscription event
@@ -665,18 +720,20 @@ async fn invoice(
     Ok(Effect::Account(user_id))
 }
 
-/// Recomputes the account's tier from its subscriptions (the account row is locked).
+/// Recomputes the account's tier from its subscriptions (the account row is locked): the
+/// most recent entitling subscription with a paid tier; one whose price `STRIPE_PRICES_JSON`
+/// does not name gives no tier and never hides a paid one.
 async fn retier(tx: &Transaction<'_>, user_id: i64) -> Result<Option<TierChange>, ProcessError> {
     let row = tx
         .query_one(
             "SELECT u.subscription_tier, \
                     (SELECT s.tier FROM cascade_subscriptions s \
                      WHERE s.user_id = u.id AND s.status = ANY($2) \
-                     ORDER BY s.object_at DESC, s.id DESC LIMIT 1), \
+                     ORDER BY s.tier <> $3 DESC, s.object_at DESC, s.id DESC LIMIT 1), \
                     (SELECT s.status FROM cascade_subscriptions s WHERE s.user_id = u.id \
                      ORDER BY s.status_at DESC, s.id DESC LIMIT 1) \
              FROM cascade_users u WHERE u.id = $1",
-            &[&user_id, &ENTITLED],
+            &[&user_id, &ENTITLED, &FREE_TIER],
         )
         .await?;
     let from: String = row.get(0);

@@ -92,18 +92,107 @@ async fn an_invoice_for_a_subscription_never_seen_here_applies_stripes_copy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_stripe_cannot_be_asked_the_event_is_a_503_that_leaves_no_trace() {
-    // Stripe refuses our key: the fetch fails; Stripe will retry the delivery.
-    let world = World::start(1, &[("STRIPE_API_KEY", format!("{TEST_KEY}_revoked"))]).await;
+async fn when_stripe_is_unreachable_the_event_is_a_503_that_leaves_no_trace() {
+    let world = World::start(1, &[]).await;
     let (user, _) = world.register("ines").await;
     world
         .stripe
         .create_subscription(None, user, "price_architect");
     let invoice = world.stripe.events()[1].to_string();
+    // Stripe answers 500: the fetch fails; Stripe will retry the delivery.
+    world.stripe.outage(Some(500));
     let (status, body) = world.post_signed(&invoice).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(
         world.state_of(user).await,
         ("observer".to_string(), vec![], 0)
     );
+}
+
+/// Stripe cannot be asked at all (no key, or a key Stripe refuses): retrying would not help,
+/// so the event is decided by the clocks alone, as if Stripe had no such subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_usable_api_key_an_event_in_doubt_is_decided_by_the_clocks() {
+    for (key, reason, name) in [
+        (String::new(), "no_api_key", "jan"),
+        (format!("{TEST_KEY}_revoked"), "api_key_refused", "kim"),
+    ] {
+        let world = World::start(1, &[("STRIPE_API_KEY", key)]).await;
+        let (user, _) = world.register(name).await;
+        let sub = world
+            .stripe
+            .create_subscription(None, user, "price_architect");
+        let label = format!("outcome=\"decided_without_stripe\",reason=\"{reason}\"");
+        let counted = world.webhook_metric(&label).await;
+        // The invoice of a subscription never seen here: recorded, no effect (was a 503
+        // forever).
+        let invoice = world.stripe.events()[1].clone();
+        assert_eq!(world.send(&invoice).await, "applied", "{reason}");
+        assert_eq!(
+            world.state_of(user).await,
+            ("observer".to_string(), vec![], 1),
+            "{reason}"
+        );
+        assert_eq!(world.webhook_metric(&label).await, counted + 1, "{reason}");
+        // Two updates of the same second with different prices: the later arrival wins.
+        let created = world.stripe.events()[0].clone();
+        assert_eq!(world.send(&created).await, "applied", "{reason}");
+        let mut same_second = created.clone();
+        same_second["id"] = json!(format!("evt_same_second_{name}"));
+        same_second["type"] = json!("customer.subscription.updated");
+        same_second["data"]["object"]["items"]["data"][0]["price"]["id"] = json!("price_explorer");
+        assert_eq!(world.send(&same_second).await, "applied", "{reason}");
+        assert_eq!(world.webhook_metric(&label).await, counted + 2, "{reason}");
+        let (tier, subs, events) = world.state_of(user).await;
+        assert_eq!(
+            (tier.as_str(), subs, events),
+            ("explorer", vec![format!("{sub}:active:explorer")], 3),
+            "{reason}"
+        );
+    }
+}
+
+/// Stripe's copy wins a tie on the status too, not only on the price: a status further along
+/// (`unpaid`) of the same second does not outrank what Stripe says now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripes_copy_wins_the_tie_on_the_status_as_well() {
+    let world = World::start(1, &[]).await;
+    let (user, _) = world.register("lea").await;
+    let sub = world
+        .stripe
+        .create_subscription(None, user, "price_architect");
+    let truth = world.stripe.events()[0].clone();
+    let mut stale = truth.clone();
+    stale["id"] = json!("evt_stale_unpaid");
+    stale["type"] = json!("customer.subscription.updated");
+    stale["data"]["object"]["status"] = json!("unpaid");
+    stale["data"]["object"]["items"]["data"][0]["price"]["id"] = json!("price_explorer");
+    assert_eq!(world.send(&stale).await, "applied");
+    assert_eq!(world.state_of(user).await.0, "observer");
+    // Same second, another price: in doubt; Stripe says active, architect.
+    assert_eq!(world.send(&truth).await, "applied");
+    assert_eq!(world.stripe.calls("/v1/subscriptions"), 1);
+    let (tier, subs, _) = world.state_of(user).await;
+    assert_eq!(
+        (tier.as_str(), subs),
+        ("architect", vec![format!("{sub}:active:architect")])
+    );
+}
+
+/// A subscription to a price `STRIPE_PRICES_JSON` does not name, even the most recent one,
+/// does not hide the account's paid subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_to_an_unknown_price_does_not_hide_a_paid_one() {
+    let world = World::start(1, &[]).await;
+    let (user, _) = world.register("max").await;
+    world
+        .stripe
+        .create_subscription(None, user, "price_architect");
+    world
+        .stripe
+        .create_subscription(None, user, "price_not_in_the_table");
+    world.deliver_all().await;
+    let (tier, subs, _) = world.state_of(user).await;
+    assert_eq!(tier, "architect", "{subs:?}");
+    assert_eq!(subs.len(), 2, "{subs:?}");
 }
