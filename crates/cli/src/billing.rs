@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use cascade_app::AppModuleState;
-use cascade_app::billing::reconcile::{self, ReconcileError, Report};
+use cascade_app::billing::reconcile::{self, Interrupted, ReconcileError, Report};
 use cascade_app::billing::webhook::{self, Event, Outcome};
 use cascade_server::{Application, BuildOptions, Settings};
 use serde_json::Value;
@@ -38,7 +38,7 @@ where
 }
 
 /// `cascade billing reconcile`: one reconciliation run; a line per subscription it repaired,
-/// then a summary.
+/// a line per account whose tier it changed (net), then a summary.
 pub async fn reconcile(settings: Settings) -> anyhow::Result<ExitCode> {
     if let Err(code) = configured(&settings) {
         return Ok(code);
@@ -46,9 +46,17 @@ pub async fn reconcile(settings: Settings) -> anyhow::Result<ExitCode> {
     with_billing(settings, |state| async move {
         let report = match reconcile::reconcile_once(&state).await {
             Ok(report) => report,
-            Err(ReconcileError::NotConfigured) => return Ok(ExitCode::from(2)),
-            Err(err) => {
-                return Err(err)
+            Err(Interrupted {
+                error: ReconcileError::NotConfigured,
+                ..
+            }) => return Ok(ExitCode::from(2)),
+            Err(Interrupted { error, partial }) => {
+                // What was applied before the error is committed: say so.
+                if partial.ran {
+                    print!("{}", describe(&partial));
+                    println!("interrupted: the cursor did not move; the next run lists these events again");
+                }
+                return Err(error)
                     .context("reconciliation failed (nothing was skipped: run it again)");
             }
         };
@@ -59,7 +67,7 @@ pub async fn reconcile(settings: Settings) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
         print!("{}", describe(&report));
-        Ok(if report.failed.is_empty() {
+        Ok(if report.failed.is_empty() && report.unfetched.is_empty() {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
@@ -80,33 +88,54 @@ fn describe(report: &Report) -> String {
             Some(user) => format!("account {user}"),
             None => "no account".to_string(),
         };
-        let tier = repair
-            .user_id
-            .and_then(|user| report.tier_changes.iter().find(|c| c.user_id == user))
-            .map(|c| format!("; account tier {} -> {}", c.from, c.to))
-            .unwrap_or_default();
         out.push_str(&format!(
-            "repaired {} ({account}): {} -> {}{tier}\n",
+            "repaired {} ({account}): {} -> {}\n",
             repair.subscription,
             state(&repair.before),
             state(&Some(repair.after.clone())),
         ));
     }
+    let tiers = net_tier_changes(report);
+    for (user, from, to) in &tiers {
+        out.push_str(&format!("account {user}: tier {from} -> {to}\n"));
+    }
     for id in &report.failed {
         out.push_str(&format!("failed {id}: not applicable (see the log)\n"));
     }
+    for id in &report.unfetched {
+        out.push_str(&format!(
+            "not applied {id}: its subscription could not be fetched from Stripe (see the log; \
+             the next run retries it)\n"
+        ));
+    }
     out.push_str(&format!(
         "reconciled: {} events listed, {} applied (their webhooks were lost), {} already applied, \
-         {} older than the state here, {} failed; subscriptions repaired: {}, tiers changed: {}\n",
+         {} older than the state here, {} failed, {} not applied yet; subscriptions repaired: {}, \
+         tiers changed: {}\n",
         report.listed,
         report.applied.len(),
         report.duplicates,
         report.older,
         report.failed.len(),
+        report.unfetched.len(),
         report.repaired.len(),
-        report.tier_changes.len(),
+        tiers.len(),
     ));
     out
+}
+
+/// Per account, in the order first changed, its tier before the run's first change and after
+/// its last; accounts whose tier came back to where it was are left out.
+fn net_tier_changes(report: &Report) -> Vec<(i64, &str, &str)> {
+    let mut net: Vec<(i64, &str, &str)> = Vec::new();
+    for change in &report.tier_changes {
+        match net.iter_mut().find(|(user, _, _)| *user == change.user_id) {
+            Some(entry) => entry.2 = &change.to,
+            None => net.push((change.user_id, &change.from, &change.to)),
+        }
+    }
+    net.retain(|(_, from, to)| from != to);
+    net
 }
 
 /// The events of a saved file: one event object, a JSON array of events, events one per line
@@ -207,7 +236,59 @@ pub async fn replay(settings: Settings, file: &Path) -> anyhow::Result<ExitCode>
 
 #[cfg(test)]
 mod tests {
-    use super::read_events;
+    use super::{describe, read_events};
+    use cascade_app::billing::reconcile::{Repair, Report};
+    use cascade_app::billing::webhook::TierChange;
+
+    #[test]
+    fn an_accounts_tier_line_is_its_net_change_printed_once() {
+        let change = |user_id, from: &str, to: &str| TierChange {
+            user_id,
+            from: from.into(),
+            to: to.into(),
+        };
+        let repair = |subscription: &str, user_id| Repair {
+            subscription: subscription.into(),
+            user_id: Some(user_id),
+            before: None,
+            after: ("active".into(), "architect".into()),
+        };
+        let report = Report {
+            ran: true,
+            listed: 6,
+            applied: vec!["evt_1".into(), "evt_2".into(), "evt_3".into()],
+            repaired: vec![repair("sub_a", 7), repair("sub_b", 7)],
+            // 7: created explorer, then updated architect (and a second subscription);
+            // 8: up and back down; 9: through a checkout.session.completed (no repair line).
+            tier_changes: vec![
+                change(7, "observer", "explorer"),
+                change(8, "observer", "explorer"),
+                change(7, "explorer", "architect"),
+                change(9, "observer", "architect"),
+                change(8, "explorer", "observer"),
+            ],
+            unfetched: vec!["evt_4".into()],
+            ..Report::default()
+        };
+        let out = describe(&report);
+        let tier_lines: Vec<&str> = out.lines().filter(|l| l.contains(": tier ")).collect();
+        assert_eq!(
+            tier_lines,
+            [
+                "account 7: tier observer -> architect",
+                "account 9: tier observer -> architect"
+            ],
+            "{out}"
+        );
+        assert!(out.contains("repaired sub_a (account 7): unknown here -> active (architect)\n"));
+        assert!(out.contains("not applied evt_4: its subscription could not be fetched"));
+        assert!(
+            out.contains(
+                "0 failed, 1 not applied yet; subscriptions repaired: 2, tiers changed: 2"
+            ),
+            "{out}"
+        );
+    }
 
     const EVENT: &str = r#"{"id":"evt_1","type":"invoice.paid","created":1,"data":{"object":{}}}"#;
 

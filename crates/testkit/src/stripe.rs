@@ -48,6 +48,8 @@ struct Books {
     delay: Duration,
     /// An outage: every API request is answered with this status.
     outage: Option<u16>,
+    /// Subscriptions whose `GET /v1/subscriptions/{id}` answers 500.
+    broken: std::collections::HashSet<String>,
 }
 
 impl Books {
@@ -200,6 +202,23 @@ impl StripeStandin {
     /// outage at Stripe.
     pub fn outage(&self, status: Option<u16>) {
         self.books().outage = status;
+    }
+
+    /// `GET /v1/subscriptions/{id}` answers 500 (`broken`) or as usual for this one
+    /// subscription.
+    pub fn break_subscription(&self, id: &str, broken: bool) {
+        let mut books = self.books();
+        if broken {
+            books.broken.insert(id.to_string());
+        } else {
+            books.broken.remove(id);
+        }
+    }
+
+    /// Records an event of the test's own making (`kind`, `object`) with the next `created`,
+    /// as if Stripe had sent it: it is listed by `GET /v1/events`. The event.
+    pub fn record(&self, kind: &str, object: Value) -> Value {
+        self.books().emit(kind, object)
     }
 
     /// Every event recorded so far, in order.
@@ -678,7 +697,11 @@ async fn subscription(
     if let Err(answer) = admit(&shared, "/v1/subscriptions", &headers).await {
         return answer;
     }
-    match lock(&shared.books).subscriptions.get(&id) {
+    let books = lock(&shared.books);
+    if books.broken.contains(&id) {
+        return stripe_error(StatusCode::INTERNAL_SERVER_ERROR, "Something went wrong");
+    }
+    match books.subscriptions.get(&id) {
         Some(sub) => axum::Json(sub.clone()).into_response(),
         None => stripe_error(StatusCode::NOT_FOUND, "No such subscription"),
     }
