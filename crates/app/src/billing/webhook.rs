@@ -17,7 +17,8 @@
 //!   order, the row ends as the newest events say, as if delivered in order.
 //! - **When in doubt, Stripe decides.** Stripe's `created` is in whole seconds. When an event
 //!   has the same second as a part's clock and would change that part in a way the clocks
-//!   cannot order (another price or period; a status of the same rank), or when an invoice
+//!   cannot order (another price or period; another status: a recovery, `past_due` back to
+//!   `active`, can share the second of the failure), or when an invoice
 //!   names a subscription this database has never seen, the subscription is fetched from
 //!   Stripe (`GET /v1/subscriptions/{id}`, the `stripe` connector) and that object is applied
 //!   with the event's clock instead of the event's own: Stripe's present state wins the tie,
@@ -564,8 +565,7 @@ async fn subscription(
             "SELECT (object_at = $2 AND (stripe_price_id IS DISTINCT FROM $3::text \
                         OR extract(epoch FROM current_period_start)::bigint IS DISTINCT FROM $4::bigint \
                         OR extract(epoch FROM current_period_end)::bigint IS DISTINCT FROM $5::bigint)) \
-                    OR (status_at = $2 AND status <> 'canceled' AND status <> $6::text \
-                        AND cascade_status_rank(status) = cascade_status_rank($6::text)), \
+                    OR (status_at = $2 AND status <> 'canceled' AND status <> $6::text), \
                     object_at > $2 AND (status = 'canceled' OR status_at > $2 \
                         OR (status_at = $2 AND (status = $6::text \
                             OR cascade_status_rank($6::text) < cascade_status_rank(status)))) \

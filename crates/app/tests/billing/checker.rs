@@ -1,7 +1,10 @@
 //! The ordering checker: 200 subscriptions live scripted lives at the stand-in (created,
 //! upgraded, downgraded, payments failing and recovering, unpaid, canceled: about two thousand
 //! events). Delivered in order, and shuffled with 20 % duplicates, concurrently, for several
-//! seeds, they leave the same subscriptions and tiers: Stripe's final state.
+//! seeds, they leave the same subscriptions and tiers: Stripe's final state. Run three times:
+//! one second per event; Stripe's bursts (the events of one action share a second); and two
+//! actions a second (a failure and its recovery in one second), where only the fetch of
+//! Stripe's copy can settle the ties.
 
 use std::collections::BTreeMap;
 
@@ -106,12 +109,43 @@ pub async fn actual(pg: &PgServer, database: &str) -> BTreeMap<i64, String> {
 async fn shuffled_duplicated_deliveries_end_as_in_order_delivery_for_every_seed() {
     let pg = PgServer::start().await;
     let redis = RedisServer::start().await;
-    let stripe = StripeStandin::start().await;
     let venice = VeniceStandin::start(sample_citizens()).await;
-    script(&stripe, SUBSCRIPTIONS);
+    // One second per event; then Stripe's bursts, the events of one action sharing a second
+    // (the same-second tie rules and the fetch of Stripe's copy, at scale).
+    for bursts in [0, 1, 2] {
+        let stripe = StripeStandin::start().await;
+        stripe.bursts(bursts);
+        check_every_seed(&pg, &redis, &venice, &stripe).await;
+        let fetches = stripe.calls("/v1/subscriptions");
+        if bursts > 0 {
+            let events = stripe.events();
+            let shared = events
+                .windows(2)
+                .filter(|pair| pair[0]["created"] == pair[1]["created"])
+                .count();
+            // At least each signup's created and invoice.paid.
+            assert!(
+                shared >= SUBSCRIPTIONS as usize,
+                "{shared} events share their second with the next"
+            );
+            assert!(
+                fetches > 0,
+                "bursts: in doubt, Stripe was asked ({fetches})"
+            );
+        }
+    }
+}
+
+async fn check_every_seed(
+    pg: &PgServer,
+    redis: &RedisServer,
+    venice: &VeniceStandin,
+    stripe: &StripeStandin,
+) {
+    script(stripe, SUBSCRIPTIONS);
     let events = stripe.events();
     assert!(events.len() > 1000, "{} events", events.len());
-    let truth = expected(&stripe);
+    let truth = expected(stripe);
     assert_eq!(truth.len() as i64, SUBSCRIPTIONS);
     assert!(truth.values().any(|v| v.contains(":canceled:")));
     assert!(truth.values().any(|v| v.contains(":past_due:")));
@@ -127,7 +161,7 @@ async fn shuffled_duplicated_deliveries_end_as_in_order_delivery_for_every_seed(
     for plan in std::iter::once(in_order).chain(plans) {
         let url = pg.fresh_database().await;
         let database = url.rsplit('/').next().unwrap().to_string();
-        let app = TestApp::start(&billing_env(url, &redis, &stripe, &venice)).await;
+        let app = TestApp::start(&billing_env(url, redis, stripe, venice)).await;
         let db = pg.client(&database).await;
         add_accounts(&db, SUBSCRIPTIONS).await;
         let delivered = stripe
@@ -149,7 +183,7 @@ async fn shuffled_duplicated_deliveries_end_as_in_order_delivery_for_every_seed(
             "seed {}",
             plan.seed
         );
-        let state = actual(&pg, &database).await;
+        let state = actual(pg, &database).await;
         let wrong: Vec<_> = truth
             .iter()
             .filter(|(user, want)| state.get(user) != Some(want))
