@@ -9,19 +9,33 @@ use anyhow::Context;
 use cascade_app::AppModuleState;
 use cascade_app::billing::reconcile::{self, Interrupted, ReconcileError, Report};
 use cascade_app::billing::webhook::{self, Event, Outcome};
+use cascade_core::config::DatabaseSource;
 use cascade_server::{Application, BuildOptions, Settings};
 use serde_json::Value;
 
-/// Exit 2 with why, when `STRIPE_API_KEY` is not set.
+/// Exit 2 with why, when `STRIPE_API_KEY` is not set, or when no database is named and no
+/// embedded one exists yet: these commands act on the server's database, and an embedded
+/// PostgreSQL started afresh for them would be empty (they would report against nothing).
 fn configured(settings: &Settings) -> Result<(), ExitCode> {
-    if settings.app.stripe.api_key.is_some() {
-        return Ok(());
+    if settings.app.stripe.api_key.is_none() {
+        eprintln!(
+            "cascade: billing is not configured: STRIPE_API_KEY is not set (set it, with \
+             STRIPE_PRICES_JSON, as the server has them)"
+        );
+        return Err(ExitCode::from(2));
     }
-    eprintln!(
-        "cascade: billing is not configured: STRIPE_API_KEY is not set (set it, with \
-         STRIPE_PRICES_JSON, as the server has them)"
-    );
-    Err(ExitCode::from(2))
+    if let DatabaseSource::Embedded { data_dir } = &settings.core.database.source
+        && !data_dir.is_dir()
+    {
+        eprintln!(
+            "cascade: billing commands need the server's database: set DATABASE_URL (no \
+             embedded PostgreSQL is started for them: its data directory {} does not exist, \
+             so it would be empty)",
+            data_dir.display()
+        );
+        return Err(ExitCode::from(2));
+    }
+    Ok(())
 }
 
 /// Runs `work` on the billing state (migrations applied, no background task), then stops.

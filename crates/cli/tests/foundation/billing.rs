@@ -320,6 +320,29 @@ async fn billing_commands_without_stripe_or_with_a_bad_file_exit_2_and_say_why()
             text(&out.stderr)
         );
     }
+    // No database named and no embedded one yet: an embedded PostgreSQL started for them
+    // would be empty; they say so and start nothing.
+    for args in [vec!["reconcile"], vec!["replay", "bad.json"]] {
+        let mut command = cascade(&dir);
+        command
+            .arg("billing")
+            .args(&args)
+            .env("STRIPE_API_KEY", TEST_KEY);
+        let (out, _) = run_bounded(command, Duration::from_secs(30));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr)
+                .contains("billing commands need the server's database: set DATABASE_URL"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(!dir.join(".cascade").exists(), "{args:?}");
+    }
     let mut command = cascade(&dir);
     command
         .args(["billing", "replay", "bad.json"])
