@@ -18,6 +18,7 @@ use cascade_core::redis::Redis;
 use cascade_core::shutdown::ShutdownSignal;
 use cascade_core::tasks::Supervisor;
 use cascade_http::{AppState, Module};
+use cascade_realtime::{Realtime, RealtimeModule};
 use tokio::net::TcpListener;
 
 use crate::http::metrics::Metrics;
@@ -55,7 +56,9 @@ impl Database {
     }
 }
 
-/// The modules this server composes, built from their settings.
+/// The modules this server composes, built from their settings (the real-time module, which
+/// needs the running platform and the others' channel authorizers, is added by
+/// [`Application::build`]; it has no migrations).
 pub fn modules(settings: &Settings) -> Vec<Arc<dyn Module>> {
     vec![
         Arc::new(CatalogModule::new(settings.catalog.clone())),
@@ -95,6 +98,8 @@ impl Default for BuildOptions {
 /// The built application: its state, its modules and its running background tasks.
 pub struct Application {
     pub state: AppState,
+    /// Real-time channels: publish server-side messages with `realtime.publish`.
+    pub realtime: Realtime,
     pub settings: Arc<Settings>,
     modules: Vec<Arc<dyn Module>>,
     metrics: Metrics,
@@ -107,7 +112,7 @@ impl Application {
         let started = Instant::now();
         let config = &settings.core;
         let database = Database::open(config).await?;
-        let modules = modules(&settings);
+        let mut modules = modules(&settings);
         if options.migrate {
             migrate(&database.db, &modules).await?;
         }
@@ -127,6 +132,12 @@ impl Application {
             cache,
             started,
         );
+        let authorizers = modules
+            .iter()
+            .flat_map(|m| m.channel_authorizers())
+            .collect();
+        let realtime = Realtime::new(settings.realtime.clone(), &state, authorizers);
+        modules.push(Arc::new(RealtimeModule::new(realtime.clone())));
         let metrics = Metrics::install();
         let mut tasks = Supervisor::new();
         start_platform_tasks(&state, &metrics, &mut tasks);
@@ -135,6 +146,7 @@ impl Application {
         }
         Ok(Application {
             state,
+            realtime,
             settings: Arc::new(settings),
             modules,
             metrics,
@@ -154,6 +166,7 @@ impl Application {
         let server = ServerState {
             app: self.state.clone(),
             metrics: self.metrics.clone(),
+            realtime: self.realtime.clone(),
         };
         crate::http::app(&server, &self.modules, extra)
     }
