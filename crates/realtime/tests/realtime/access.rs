@@ -167,3 +167,48 @@ async fn past_the_per_account_cap_the_upgrade_is_a_503() {
         "the place of a closed connection was not given back"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_token_closes_the_socket_unless_a_fresh_one_is_sent() {
+    let world = World::start(1, &[("ACCESS_TOKEN_TTL", "4s".into())]).await;
+    let alice = world.register("alice").await;
+    let mut stale = world.connect(0, Some(&alice.token)).await;
+    let mut renewed = world.connect(0, Some(&alice.token)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refreshed: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/auth/refresh", world.base(0)))
+        .json(&json!({"refresh_token": alice.refresh_token}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = refreshed["access_token"].as_str().unwrap();
+    let (ack, _) = renewed
+        .request(json!({"type": "auth", "token": token}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(
+        stale.closed().await,
+        Some(4001),
+        "closed at the token's expiry"
+    );
+    let (pong, _) = renewed.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "pong", "the renewed connection lives on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_tells_clients_to_reconnect_then_closes_with_1001() {
+    let mut world = World::start(1, &[]).await;
+    let alice = world.register("alice").await;
+    let mut client = world.connect(0, Some(&alice.token)).await;
+    assert_eq!(client.subscribe("cascade-events").await["type"], "ack");
+    let server = world.servers.pop().unwrap();
+    tokio::task::spawn_blocking(move || drop(server))
+        .await
+        .unwrap();
+    let hint = client.json().await;
+    assert_eq!(hint["type"], "reconnect", "{hint}");
+    assert_eq!(client.closed().await, Some(1001));
+}

@@ -27,6 +27,7 @@ pub const ADMIN_TOKEN: &str = "realtime-tests-admin-token-0123456789";
 pub struct User {
     pub id: i64,
     pub token: String,
+    pub refresh_token: String,
 }
 
 impl World {
@@ -69,6 +70,7 @@ impl World {
         User {
             id: body["user"]["id"].as_i64().unwrap(),
             token: body["access_token"].as_str().unwrap().to_string(),
+            refresh_token: body["refresh_token"].as_str().unwrap().to_string(),
         }
     }
 
