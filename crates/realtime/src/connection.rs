@@ -29,6 +29,8 @@ use crate::{Place, Realtime, metrics};
 
 /// Messages read from the history per call.
 const PAGE: u64 = 200;
+/// Capacity the per-connection buffers keep between bursts.
+const IDLE_KEEP: usize = 4;
 /// Most queued items taken per writer round (one flush).
 const BATCH: usize = 256;
 /// A subscribe waits at most this long for its Redis shard to be listening.
@@ -109,7 +111,9 @@ impl Session {
         let end = loop {
             if !out.is_empty() {
                 match write(&mut ws, &mut out, &handle).await {
-                    Ok(()) => {}
+                    // An idle connection keeps no buffer a burst grew (memory per idle
+                    // connection is what bounds how many an instance holds).
+                    Ok(()) => out.shrink_to(IDLE_KEEP),
                     Err(end) => break end,
                 }
             }
@@ -141,9 +145,7 @@ impl Session {
                     for item in batch.drain(..) {
                         self.outbound(item, &mut out).await;
                     }
-                    if batch.capacity() > BATCH {
-                        batch.shrink_to(0);
-                    }
+                    batch.shrink_to(IDLE_KEEP);
                 }
                 frame = ws.next_frame() => {
                     let frame = match frame {
