@@ -135,3 +135,39 @@ async fn catalog_asset_changes_are_announced_on_cascade_events() {
         assert_eq!(message["payload"]["data"]["change"], change);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_does_not_answer_publishes_are_refused_and_connections_stay() {
+    let world = World::start(2, &[]).await;
+    let alice = world.register("alice").await;
+    let mut a = world.connect(0, Some(&alice.token)).await;
+    let mut b = world.connect(1, Some(&alice.token)).await;
+    for client in [&mut a, &mut b] {
+        assert_eq!(
+            client.subscribe("consciousness-stream").await["type"],
+            "ack"
+        );
+    }
+    world.redis.pause();
+    let refused = a.publish("consciousness-stream", json!({"n": 1})).await;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    let (pong, _) = b.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "pong", "connections outlive Redis");
+    world.redis.resume();
+    // Delivery across instances comes back by itself.
+    let mut acked = None;
+    for _ in 0..100 {
+        let answer = a.publish("consciousness-stream", json!({"n": 2})).await;
+        if answer["type"] == "ack" {
+            acked = Some(answer);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let acked = acked.expect("publishing resumed");
+    for client in [&mut a, &mut b] {
+        let message = client.json().await;
+        assert_eq!(message["payload"]["n"], 2, "{message}");
+        assert_eq!(message["offset"], acked["offset"]);
+    }
+}
