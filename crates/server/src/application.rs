@@ -18,6 +18,7 @@ use cascade_core::redis::Redis;
 use cascade_core::shutdown::ShutdownSignal;
 use cascade_core::tasks::Supervisor;
 use cascade_http::{AppState, Module};
+use cascade_realtime::{Realtime, RealtimeModule};
 use tokio::net::TcpListener;
 
 use crate::http::metrics::Metrics;
@@ -55,7 +56,9 @@ impl Database {
     }
 }
 
-/// The modules this server composes, built from their settings.
+/// The modules this server composes, built from their settings (the real-time module, which
+/// needs the running platform and the others' channel authorizers, is added by
+/// [`Application::build`]; it has no migrations).
 pub fn modules(settings: &Settings) -> Vec<Arc<dyn Module>> {
     vec![
         Arc::new(CatalogModule::new(settings.catalog.clone())),
@@ -111,6 +114,8 @@ impl BuildOptions {
 /// The built application: its state, its modules and its running background tasks.
 pub struct Application {
     pub state: AppState,
+    /// Real-time channels: publish server-side messages with `realtime.publish`.
+    pub realtime: Realtime,
     pub settings: Arc<Settings>,
     modules: Vec<Arc<dyn Module>>,
     metrics: Metrics,
@@ -123,7 +128,7 @@ impl Application {
         let started = Instant::now();
         let config = &settings.core;
         let database = Database::open(config).await?;
-        let modules = modules(&settings);
+        let mut modules = modules(&settings);
         if options.migrate {
             migrate(&database.db, &modules).await?;
         }
@@ -143,6 +148,12 @@ impl Application {
             cache,
             started,
         );
+        let authorizers = modules
+            .iter()
+            .flat_map(|m| m.channel_authorizers())
+            .collect();
+        let realtime = Realtime::new(settings.realtime.clone(), &state, authorizers);
+        modules.push(Arc::new(RealtimeModule::new(realtime.clone())));
         let metrics = Metrics::install();
         let mut tasks = Supervisor::new();
         if options.tasks {
@@ -153,6 +164,7 @@ impl Application {
         }
         Ok(Application {
             state,
+            realtime,
             settings: Arc::new(settings),
             modules,
             metrics,
@@ -172,6 +184,7 @@ impl Application {
         let server = ServerState {
             app: self.state.clone(),
             metrics: self.metrics.clone(),
+            realtime: self.realtime.clone(),
         };
         crate::http::app(&server, &self.modules, extra)
     }

@@ -2,6 +2,7 @@
 //! Prometheus handle, which only the server needs.
 
 use cascade_http::AppState;
+use cascade_realtime::Realtime;
 
 use crate::http::metrics::Metrics;
 
@@ -10,4 +11,6 @@ pub struct ServerState {
     pub app: AppState,
     /// The Prometheus recorder's handle, for `GET /metrics`.
     pub metrics: Metrics,
+    /// Real-time channels: `realtime.publish(channel, payload)` for server-side messages.
+    pub realtime: Realtime,
 }
