@@ -1,6 +1,7 @@
 //! Every setting of the composed application: the platform's and each module's, parsed
 //! together so that `cascade --help` lists them all and every problem is reported at once.
 
+use cascade_agents::{AgentsConfig, RawAgentsConfig};
 use cascade_app::{AppConfig, RawAppConfig};
 use cascade_catalog::{CatalogConfig, RawCatalogConfig};
 use cascade_core::config::{Config, ConfigError, Parser, RawConfig};
@@ -14,6 +15,8 @@ pub struct RawSettings {
     pub catalog: RawCatalogConfig,
     #[command(flatten)]
     pub app: RawAppConfig,
+    #[command(flatten)]
+    pub agents: RawAgentsConfig,
 }
 
 /// The validated settings of the platform and of each module.
@@ -22,6 +25,7 @@ pub struct Settings {
     pub core: Config,
     pub catalog: CatalogConfig,
     pub app: AppConfig,
+    pub agents: AgentsConfig,
 }
 
 /// Parses `RawSettings` from `--flag value` pairs only (tests build them from variables).
@@ -39,14 +43,20 @@ impl Settings {
         let mut modules = Parser::new();
         let catalog = CatalogConfig::parse(&mut modules, &raw.catalog);
         let app = AppConfig::parse(&mut modules, &raw.app);
-        let namespaces = [catalog.namespaces(), app.namespaces()].concat();
+        let agents = AgentsConfig::parse(&mut modules, &raw.agents);
+        let namespaces = [catalog.namespaces(), app.namespaces(), agents.namespaces()].concat();
         let mut p = Parser::new();
         let core = Config::parse(&mut p, &raw.core, &namespaces);
         p.absorb(modules);
         // CACHE_TTLS_JSON may override the patterns namespace: the app reads what the cache uses.
         let mut app = app;
         app.consciousness.cache_ttl = core.cache.ttl(cascade_app::config::PATTERNS);
-        p.finish(Settings { core, catalog, app })
+        p.finish(Settings {
+            core,
+            catalog,
+            app,
+            agents,
+        })
     }
 
     /// Settings from `(VARIABLE, value)` pairs alone: the process environment and `.env` are
@@ -78,6 +88,7 @@ impl Settings {
         let mut rows = self.core.describe();
         rows.extend(self.catalog.describe());
         rows.extend(self.app.describe());
+        rows.extend(self.agents.describe());
         rows
     }
 }
