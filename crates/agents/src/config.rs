@@ -19,6 +19,12 @@ pub struct RawAgentsConfig {
     /// Most agents one `POST /agents/bulk` may create [default: 100].
     #[arg(long, env = "AGENTS_BULK_MAX", global = true)]
     pub agents_bulk_max: Option<String>,
+    /// Largest memory snapshot, bytes of JSON [default: 262144].
+    #[arg(long, env = "AGENTS_MEMORY_MAX_BYTES", global = true)]
+    pub agents_memory_max_bytes: Option<String>,
+    /// Memory snapshots kept per agent; an append past it deletes the oldest [default: 100].
+    #[arg(long, env = "AGENTS_MEMORY_RETENTION", global = true)]
+    pub agents_memory_retention: Option<String>,
     /// Execution workers in this process; 0 runs none (an API-only instance) [default: 2].
     #[arg(long, env = "AGENTS_WORKERS", global = true)]
     pub agents_workers: Option<String>,
@@ -59,6 +65,8 @@ pub struct RawAgentsConfig {
 #[derive(Debug, Clone)]
 pub struct AgentsConfig {
     pub bulk_max: usize,
+    pub memory_max_bytes: usize,
+    pub memory_retention: i64,
     pub executions: ExecutionsConfig,
 }
 
@@ -164,8 +172,28 @@ impl AgentsConfig {
             retention: (!retention.is_zero()).then_some(retention),
             http_url,
         };
+        let memory_max_bytes = p.number(
+            "AGENTS_MEMORY_MAX_BYTES",
+            raw.agents_memory_max_bytes.as_deref(),
+            256 * 1024,
+            "a number of bytes",
+        );
+        if !(1..=16 * 1024 * 1024).contains(&memory_max_bytes) {
+            p.fail("AGENTS_MEMORY_MAX_BYTES", "must be between 1 and 16777216");
+        }
+        let memory_retention = p.number(
+            "AGENTS_MEMORY_RETENTION",
+            raw.agents_memory_retention.as_deref(),
+            100,
+            "a number of snapshots",
+        );
+        if !(1..=100_000).contains(&memory_retention) {
+            p.fail("AGENTS_MEMORY_RETENTION", "must be between 1 and 100000");
+        }
         AgentsConfig {
             bulk_max,
+            memory_max_bytes,
+            memory_retention,
             executions,
         }
     }
@@ -176,6 +204,8 @@ impl AgentsConfig {
         let secs = |d: Duration| format!("{}s", d.as_secs_f64());
         vec![
             ("AGENTS_BULK_MAX", self.bulk_max.to_string()),
+            ("AGENTS_MEMORY_MAX_BYTES", self.memory_max_bytes.to_string()),
+            ("AGENTS_MEMORY_RETENTION", self.memory_retention.to_string()),
             ("AGENTS_WORKERS", e.workers.to_string()),
             ("AGENTS_WORKER_BATCH", e.batch.to_string()),
             ("AGENTS_POLL_INTERVAL", secs(e.poll_interval)),

@@ -9,6 +9,7 @@
 //! - [`model`]: request input parsed into values that cannot be wrong (fields named);
 //! - [`queries`]: the agents' SQL, each write with its audit rows in the caller's transaction;
 //! - [`routes`]: the agents' handlers, the cache keys and what each write removes; `/audit`;
+//! - [`memory`]: memory snapshots per agent (append-only, latest first, bounded);
 //! - [`workflows`]: workflows and executions over HTTP; [`queue`]: the queue's SQL (enqueue
 //!   in a caller's transaction, claim, heartbeat, complete, rescue, prune);
 //!   [`worker`]: the workers, the maintenance task and the LISTEN wake-ups;
@@ -18,6 +19,7 @@
 pub mod config;
 pub mod error;
 pub mod executor;
+pub mod memory;
 pub mod model;
 pub mod openapi;
 pub mod queries;
@@ -31,8 +33,8 @@ use std::sync::{Arc, OnceLock};
 use axum::Router;
 use axum::extract::FromRef;
 use axum::routing::{get, post};
-use cascade_core::cache::Invalidations;
-use cascade_core::db::Migration;
+use cascade_core::cache::{Cache, Invalidations};
+use cascade_core::db::{Db, Migration};
 use cascade_core::tasks::Supervisor;
 use cascade_core::upstream::{Connector, UpstreamSettings};
 use cascade_http::{ApiError, AppState, Module};
@@ -56,6 +58,12 @@ pub const MIGRATIONS: &[Migration] = &[
         2,
         "workflows",
         include_str!("../migrations/0002_workflows.sql"),
+    ),
+    Migration::new(
+        "agents",
+        3,
+        "agent_memories",
+        include_str!("../migrations/0003_agent_memories.sql"),
     ),
 ];
 
@@ -113,40 +121,77 @@ impl AgentsModule {
         self
     }
 
+    /// The executors of this configuration: the built-in ones (`http` on a connector whose
+    /// namespaces live in `cache`, when `AGENTS_HTTP_URL` is set) and the added ones.
+    pub fn executors(&self, cache: &Cache) -> Executors {
+        let http = self.config.executions.http_url.as_ref().map(|url| {
+            let settings = UpstreamSettings {
+                name: "agents_http",
+                base_url: url.clone(),
+                api_key: None,
+                connect_timeout: std::time::Duration::from_secs(2),
+                request_timeout: self.config.executions.step_timeout,
+                pool_size: 32,
+                retries: 2,
+                breaker_threshold: 5,
+                breaker_cool_down: std::time::Duration::from_secs(5),
+                namespace: config::HTTP_EXECUTOR,
+                last_good_namespace: config::HTTP_EXECUTOR_LAST_GOOD,
+                stale_if_error: std::time::Duration::from_secs(1),
+            };
+            // Building a client fails only when TLS cannot be set up: a startup error.
+            Connector::new(settings, cache.clone()).expect("the HTTP executor's client (TLS setup)")
+        });
+        let mut executors = Executors::builtin(http);
+        for (capability, executor) in &self.extra {
+            executors.register(capability, executor.clone());
+        }
+        executors
+    }
+
     /// The module's state on `app` (built on first use).
     pub fn state(&self, app: &AppState) -> AgentsState {
         self.state
             .get_or_init(|| {
-                let http = self.config.executions.http_url.as_ref().map(|url| {
-                    let settings = UpstreamSettings {
-                        name: "agents_http",
-                        base_url: url.clone(),
-                        api_key: None,
-                        connect_timeout: std::time::Duration::from_secs(2),
-                        request_timeout: self.config.executions.step_timeout,
-                        pool_size: 32,
-                        retries: 2,
-                        breaker_threshold: 5,
-                        breaker_cool_down: std::time::Duration::from_secs(5),
-                        namespace: config::HTTP_EXECUTOR,
-                        last_good_namespace: config::HTTP_EXECUTOR_LAST_GOOD,
-                        stale_if_error: std::time::Duration::from_secs(1),
-                    };
-                    // Building a client fails only when TLS cannot be set up: a startup error.
-                    Connector::new(settings, app.cache.clone())
-                        .expect("the HTTP executor's client (TLS setup)")
-                });
-                let mut executors = Executors::builtin(http);
-                for (capability, executor) in &self.extra {
-                    executors.register(capability, executor.clone());
-                }
                 AgentsState(Arc::new(AgentsShared {
                     config: self.config.clone(),
-                    executors,
+                    executors: self.executors(&app.cache),
                     app: app.clone(),
                 }))
             })
             .clone()
+    }
+
+    /// Starts the execution machinery under `tasks`: the rescue and prune task, and (unless
+    /// `AGENTS_WORKERS` is 0) the listener and the workers. What `cascade serve` runs beside
+    /// the API, and `cascade worker` alone.
+    pub fn start_workers(&self, db: &Db, executors: Executors, tasks: &mut Supervisor) {
+        worker::describe_metrics();
+        let config = self.config.executions.clone();
+        let (maintenance_db, maintenance) = (db.clone(), config.clone());
+        tasks.spawn("executions-maintenance", move |stop| {
+            worker::maintain(maintenance_db, maintenance, stop)
+        });
+        if config.workers == 0 {
+            return;
+        }
+        let workers = worker::Workers {
+            db: db.clone(),
+            config: config.clone(),
+            executors,
+            wake: Arc::new(Notify::new()),
+        };
+        if config.listen {
+            let (db, wake) = (db.clone(), workers.wake.clone());
+            tasks.spawn("executions-listener", move |stop| {
+                worker::listen(db, wake, stop)
+            });
+        }
+        let instance = uuid::Uuid::new_v4().simple().to_string();
+        for n in 0..config.workers {
+            let (workers, name) = (workers.clone(), worker::worker_name(&instance[..12], n));
+            tasks.spawn("executions-worker", move |stop| workers.run(name, stop));
+        }
     }
 }
 
@@ -164,33 +209,8 @@ impl Module for AgentsModule {
     }
 
     fn start_tasks(&self, app: &AppState, tasks: &mut Supervisor) {
-        let state = self.state(app);
-        worker::describe_metrics();
-        let config = self.config.executions.clone();
-        let workers = worker::Workers {
-            db: app.db.clone(),
-            config: config.clone(),
-            executors: state.executors.clone(),
-            wake: Arc::new(Notify::new()),
-        };
-        let (db, maintenance) = (app.db.clone(), config.clone());
-        tasks.spawn("executions-maintenance", move |stop| {
-            worker::maintain(db, maintenance, stop)
-        });
-        if config.workers == 0 {
-            return;
-        }
-        if config.listen {
-            let (db, wake) = (app.db.clone(), workers.wake.clone());
-            tasks.spawn("executions-listener", move |stop| {
-                worker::listen(db, wake, stop)
-            });
-        }
-        let instance = uuid::Uuid::new_v4().simple().to_string();
-        for n in 0..config.workers {
-            let (workers, name) = (workers.clone(), worker::worker_name(&instance[..12], n));
-            tasks.spawn("executions-worker", move |stop| workers.run(name, stop));
-        }
+        let executors = self.state(app).executors.clone();
+        self.start_workers(&app.db, executors, tasks);
     }
 
     fn router(&self, state: &AppState) -> Router {
@@ -203,6 +223,10 @@ impl Module for AgentsModule {
                 get(routes::get)
                     .patch(routes::update)
                     .delete(routes::delete),
+            )
+            .route(
+                "/agents/{id}/memory",
+                post(memory::append_route).get(memory::latest_route),
             )
             .route("/workflows", post(workflows::create))
             .route("/workflows/{id}", get(workflows::get))

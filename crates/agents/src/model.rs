@@ -40,6 +40,13 @@ pub struct AgentPatch {
     pub status: Option<String>,
 }
 
+impl AgentPatch {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == AgentPatch::default()
+    }
+}
+
 const FIELDS: [&str; 5] = ["name", "type", "config", "capabilities", "status"];
 
 fn object<'a>(at: &str, value: &'a Value) -> Result<&'a Map<String, Value>, AgentError> {
@@ -122,15 +129,9 @@ impl NewAgent {
 }
 
 impl AgentPatch {
-    /// The body of `PATCH /agents/{id}`: at least one field.
+    /// The body of `PATCH /agents/{id}`: the fields present are replaced; `{}` changes nothing.
     pub fn parse(value: &Value) -> Result<AgentPatch, AgentError> {
         let object = object("", value)?;
-        if object.is_empty() {
-            return Err(AgentError::invalid(
-                "body",
-                format!("name at least one field to change: {}", FIELDS.join(", ")),
-            ));
-        }
         Ok(AgentPatch {
             name: object.get("name").map(|v| name("name", v)).transpose()?,
             kind: object.get("type").map(|v| word("type", v)).transpose()?,
@@ -480,7 +481,7 @@ mod tests {
 
     #[test]
     fn a_patch_needs_a_field_and_list_parameters_are_checked() {
-        assert_eq!(field_of(AgentPatch::parse(&json!({})).unwrap_err()), "body");
+        assert!(AgentPatch::parse(&json!({})).unwrap().is_empty());
         let patch = AgentPatch::parse(&json!({"status": "paused"})).unwrap();
         assert_eq!(patch.status.as_deref(), Some("paused"));
         let bad_limit = ListParams {

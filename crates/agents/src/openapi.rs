@@ -17,6 +17,8 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
         crate::routes::update,
         crate::routes::delete,
         crate::routes::audit,
+        crate::memory::append_route,
+        crate::memory::latest_route,
         crate::workflows::create,
         crate::workflows::get,
         crate::workflows::enqueue,
@@ -73,34 +75,43 @@ pub struct NewAgent {
     #[schema(rename = "type", pattern = "^[a-z0-9][a-z0-9_.-]{0,63}$")]
     pub kind: String,
     /// A JSON object of at most 64 KiB (default `{}`).
+    #[schema(nullable = false)]
     pub config: Option<JsonObject>,
     /// At most 32, each spelled as `type`; repeats count once.
-    #[schema(max_items = 32, inline)]
-    pub capabilities: Option<Vec<Capability>>,
+    #[schema(nullable = false, max_items = 32, inline)]
+    pub capabilities: Option<Vec<AgentCapability>>,
     /// Default `active`.
+    #[schema(nullable = false)]
     pub status: Option<Status>,
 }
 
-/// A capability: spelled as an agent's `type`.
+/// An agent's capability: spelled as its `type`.
 #[derive(ToSchema)]
 #[schema(pattern = "^[a-z0-9][a-z0-9_.-]{0,63}$")]
-pub struct Capability(String);
+pub struct AgentCapability(String);
 
-/// The body of `PATCH /agents/{id}`: the fields to replace, at least one.
+/// The body of `PATCH /agents/{id}`: the fields to replace (`{}` changes nothing and answers
+/// the agent as it is).
 #[derive(ToSchema)]
-#[schema(min_properties = 1)]
 pub struct AgentChange {
     #[schema(
         min_length = 1,
         max_length = 200,
         pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"
     )]
+    #[schema(nullable = false)]
     pub name: Option<String>,
-    #[schema(rename = "type", pattern = "^[a-z0-9][a-z0-9_.-]{0,63}$")]
+    #[schema(
+        nullable = false,
+        rename = "type",
+        pattern = "^[a-z0-9][a-z0-9_.-]{0,63}$"
+    )]
     pub kind: Option<String>,
+    #[schema(nullable = false)]
     pub config: Option<JsonObject>,
-    #[schema(max_items = 32, inline)]
-    pub capabilities: Option<Vec<Capability>>,
+    #[schema(nullable = false, max_items = 32, inline)]
+    pub capabilities: Option<Vec<AgentCapability>>,
+    #[schema(nullable = false)]
     pub status: Option<Status>,
 }
 
@@ -217,12 +228,22 @@ pub struct IdPath {
     id: String,
 }
 
+/// The step capabilities every server has: `echo` answers its input, `noop` answers `null`.
+/// A server may have more: `http` (with `AGENTS_HTTP_URL`: `{"method", "path", "query"|"form"}`
+/// → `{"status", "body"}`), and the executors its build registers; a capability the server has
+/// no executor for is a 400.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum Capability {
+    Echo,
+    Noop,
+}
+
 /// A workflow step.
 #[derive(ToSchema)]
 pub struct WorkflowStep {
-    /// Which executor runs it (`echo`, `noop`, `http`, or one the server registered).
-    #[schema(pattern = "^[a-z0-9][a-z0-9_.-]{0,63}$")]
-    pub capability: String,
+    /// Which executor runs it.
+    pub capability: Capability,
     /// What the executor receives (any JSON; `null` when absent).
     pub input: Option<serde_json::Value>,
 }
@@ -256,9 +277,10 @@ pub struct Workflow {
 #[derive(ToSchema)]
 pub struct NewExecution {
     /// The execution's input (default `{}`).
+    #[schema(nullable = false)]
     pub input: Option<JsonObject>,
     /// Attempts before it fails (default `AGENTS_MAX_ATTEMPTS`).
-    #[schema(minimum = 1, maximum = 100)]
+    #[schema(nullable = false, minimum = 1, maximum = 100)]
     pub max_attempts: Option<i32>,
 }
 
@@ -294,4 +316,43 @@ pub struct Execution {
     pub run_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+}
+
+/// The body of `POST /agents/{id}/memory`.
+#[derive(ToSchema)]
+pub struct NewMemory {
+    /// Any JSON of at most AGENTS_MEMORY_MAX_BYTES (default 256 KiB), no NUL in it.
+    pub data: serde_json::Value,
+}
+
+/// A memory snapshot.
+#[derive(ToSchema)]
+pub struct Memory {
+    #[schema(minimum = 1)]
+    pub id: i64,
+    pub agent_id: i64,
+    pub data: serde_json::Value,
+    pub size_bytes: i32,
+    /// RFC 3339, UTC, to the microsecond.
+    pub created_at: String,
+}
+
+/// A page of an agent's snapshots, latest first.
+#[derive(ToSchema)]
+pub struct MemoryPage {
+    pub items: Vec<Memory>,
+    /// The `cursor` of the next (older) page; null on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// Paging parameters.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageParams {
+    /// Items per page, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(pattern = "^[1-9][0-9]{0,17}$")]
+    cursor: Option<String>,
 }

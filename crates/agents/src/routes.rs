@@ -233,7 +233,7 @@ pub async fn list(
     params(crate::openapi::AgentPath),
     request_body = crate::openapi::AgentChange,
     responses(
-        (status = 200, description = "The agent after the change (its version one higher)", body = crate::openapi::Agent),
+        (status = 200, description = "The agent after the change (its version one higher; `{}` changes nothing)", body = crate::openapi::Agent),
         (status = 400, description = "Not an agent id, or a field is malformed (named in `field`); nothing is written"),
         (status = 401, description = "No valid access token"),
         (status = 404, description = "No such agent of the caller's"),
@@ -248,6 +248,14 @@ pub async fn update(
 ) -> Result<Response, ApiError> {
     let id = path_id(&id)?;
     let patch = AgentPatch::parse(&body)?;
+    if patch.is_empty() {
+        // Nothing to change: the agent as it is, no write, no audit row.
+        let conn = state.app.db.conn().await?;
+        let agent = queries::get(&**conn, me.user_id, id)
+            .await?
+            .ok_or_else(|| queries::not_found(id))?;
+        return Ok(Json(agent).into_response());
+    }
     let Done::Updated(agent) = write(&state, actor(&me, &headers), Op::Update(id, patch)).await?
     else {
         return Err(AgentError::Internal("an update that updated nothing".into()).into());

@@ -71,7 +71,8 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
             "app/6",
             "app/7",
             "agents/1",
-            "agents/2"
+            "agents/2",
+            "agents/3"
         ],
         "{report}"
     );
@@ -94,6 +95,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
         [
             "agents/1 agents",
             "agents/2 workflows",
+            "agents/3 agent_memories",
             "app/1 citizen_link",
             "app/2 patterns",
             "app/3 interactions",

@@ -6,3 +6,4 @@ mod support;
 mod agents;
 mod audit;
 mod executions;
+mod memory;

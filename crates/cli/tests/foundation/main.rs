@@ -17,3 +17,4 @@ mod prometheus;
 mod seed;
 mod shutdown;
 mod startup;
+mod workers;
