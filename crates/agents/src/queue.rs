@@ -401,3 +401,32 @@ pub async fn prune(db: &impl GenericClient, age: Duration, limit: i64) -> Result
         )
         .await?)
 }
+
+/// The live part of the queue.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Depth {
+    pub queued: i64,
+    pub running: i64,
+    /// How long the oldest due queued execution has waited; 0 when none is due.
+    pub oldest_queued_seconds: f64,
+}
+
+/// Counts the live states only (their partial indexes), never the finished rows: cheap at any
+/// size of history.
+pub async fn depth(db: &impl GenericClient) -> Result<Depth, AgentError> {
+    let row = db
+        .query_one(
+            "SELECT \
+               (SELECT count(*) FROM executions WHERE state = 'queued'), \
+               (SELECT count(*) FROM executions WHERE state = 'running'), \
+               coalesce(extract(epoch FROM now() - (SELECT min(run_at) FROM executions \
+                 WHERE state = 'queued' AND run_at <= now()))::float8, 0)",
+            &[],
+        )
+        .await?;
+    Ok(Depth {
+        queued: row.get(0),
+        running: row.get(1),
+        oldest_queued_seconds: row.get(2),
+    })
+}

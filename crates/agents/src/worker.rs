@@ -30,6 +30,12 @@ pub const COMPLETED: &str = "cascade_executions_completed_total";
 /// Claims taken back from a worker that stopped heartbeating.
 pub const RESCUED: &str = "cascade_executions_rescued_total";
 
+/// Executions waiting, being run, and how long the oldest due one has waited (seconds), as of
+/// the last maintenance tick of this instance (every `AGENTS_HEARTBEAT_INTERVAL`).
+pub const QUEUED: &str = "cascade_executions_queued";
+pub const RUNNING: &str = "cascade_executions_running";
+pub const OLDEST_QUEUED: &str = "cascade_executions_oldest_queued_seconds";
+
 /// Registers the workers' metrics' help texts, and zeroes so they are on `/metrics` at once.
 pub fn describe_metrics() {
     metrics::describe_counter!(
@@ -39,6 +45,15 @@ pub fn describe_metrics() {
     metrics::describe_counter!(
         RESCUED,
         "Executions taken back from a worker that stopped heartbeating (requeued, or failed at their last attempt)"
+    );
+    metrics::describe_gauge!(
+        QUEUED,
+        "Executions queued (due or waiting out a retry's backoff)"
+    );
+    metrics::describe_gauge!(RUNNING, "Executions claimed by a worker");
+    metrics::describe_gauge!(
+        OLDEST_QUEUED,
+        "How long the oldest due queued execution has waited, in seconds (0: none)"
     );
     metrics::counter!(COMPLETED).increment(0);
     metrics::counter!(RESCUED).increment(0);
@@ -304,6 +319,18 @@ pub async fn maintain(db: Db, config: ExecutionsConfig, mut stop: ShutdownSignal
             Err(err) => {
                 tracing::warn!(error = %err, "rescuing executions failed; the next tick retries")
             }
+        }
+        let depth = async {
+            let conn = db.conn().await?;
+            queue::depth(&**conn).await
+        };
+        match depth.await {
+            Ok(depth) => {
+                metrics::gauge!(QUEUED).set(depth.queued as f64);
+                metrics::gauge!(RUNNING).set(depth.running as f64);
+                metrics::gauge!(OLDEST_QUEUED).set(depth.oldest_queued_seconds);
+            }
+            Err(err) => tracing::debug!(error = %err, "reading the queue's depth failed"),
         }
         // Pruning is cheap to postpone: about once a minute.
         let every = (60_000 / config.heartbeat_interval.as_millis().max(1)).max(1) as u64;

@@ -18,10 +18,7 @@ const FAST: &[(&str, &str)] = &[
     ("AGENTS_POLL_INTERVAL", "250ms"),
 ];
 
-fn with(
-    base: &[(&'static str, &'static str)],
-    more: &[(&'static str, &'static str)],
-) -> Vec<(&'static str, &'static str)> {
+fn with<'a>(base: &[(&'a str, &'a str)], more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
     base.iter().chain(more).copied().collect()
 }
 
@@ -424,4 +421,137 @@ async fn pruning_deletes_only_executions_finished_long_enough_ago() {
             .await,
         0
     );
+}
+
+/// Polls an execution until it has finished (at most `bound`).
+async fn finished(user: &User, base: &str, id: &Value, bound: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let (status, execution) = user.get(base, &format!("/executions/{id}")).await;
+        assert_eq!(status, 200, "{execution}");
+        if execution["finished_at"].is_string() {
+            return execution;
+        }
+        assert!(started.elapsed() < bound, "not finished: {execution}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_step_calls_the_configured_service_through_the_connector() {
+    let venice = cascade_testkit::VeniceStandin::start(std::collections::HashMap::from([(
+        "ada".to_string(),
+        json!({"username": "ada", "ducats": 5}),
+    )]))
+    .await;
+    let url = venice.url();
+    let cluster = Cluster::start_with(
+        1,
+        &with(
+            FAST,
+            &[("AGENTS_WORKERS", "1"), ("AGENTS_HTTP_URL", url.as_str())],
+        ),
+    )
+    .await;
+    let base = cluster.base(0);
+    let alice = cluster.user("alice").await;
+    let steps = json!([
+        {"capability": "http",
+         "input": {"method": "GET", "path": "/get-ledger", "query": {"citizenUsername": "ada"}}},
+        {"capability": "echo", "input": "done"},
+    ]);
+    let (status, flow) = alice
+        .send(
+            base,
+            Method::POST,
+            "/workflows",
+            Some(json!({"name": "ledger", "steps": steps})),
+        )
+        .await;
+    assert_eq!(status, 201, "{flow}");
+    let path = format!("/workflows/{}/executions", flow["id"]);
+
+    let (_, queued) = alice
+        .send(base, Method::POST, &path, Some(json!({"max_attempts": 2})))
+        .await;
+    let done = finished(&alice, base, &queued["id"], Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["result"][0]["status"], 200);
+    assert_eq!(done["result"][0]["body"]["username"], "ada", "{done}");
+    assert_eq!(done["result"][1], "done");
+    assert_eq!(venice.ledger_calls(), 1);
+
+    // The service refuses: the step fails, is retried once, then the execution fails saying why.
+    venice.fail(404);
+    let (_, queued) = alice
+        .send(base, Method::POST, &path, Some(json!({"max_attempts": 2})))
+        .await;
+    let failed = finished(&alice, base, &queued["id"], Duration::from_secs(20)).await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert_eq!(failed["attempt"], 2);
+    assert!(
+        failed["error"].as_str().unwrap().contains("answered 404"),
+        "{failed}"
+    );
+    assert_eq!(venice.ledger_calls(), 3);
+
+    // A cancel while the slow first step runs is honoured before the second: the first step's
+    // call was made once, the second step never ran.
+    venice.recover();
+    venice.slow_down(Duration::from_millis(1500));
+    let (_, queued) = alice
+        .send(base, Method::POST, &path, Some(json!({"max_attempts": 2})))
+        .await;
+    let id = &queued["id"];
+    let started = Instant::now();
+    while venice.ledger_calls() < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the step never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, marked) = alice
+        .send(
+            base,
+            Method::POST,
+            &format!("/executions/{id}/cancel"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{marked}");
+    assert_eq!(marked["state"], "running", "{marked}");
+    let cancelled = finished(&alice, base, id, Duration::from_secs(20)).await;
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    assert_eq!(cancelled["error"], "cancelled between steps");
+    assert_eq!(cancelled["attempt"], 1);
+    assert_eq!(venice.ledger_calls(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_depth_counts_live_executions_and_the_oldest_wait() {
+    let cluster = Cluster::start_with(1, &[("AGENTS_WORKERS", "0")]).await;
+    let alice = cluster.user("alice").await;
+    let flow = workflow(&alice, cluster.base(0), 1).await;
+    let sql = cluster.sql().await;
+    let empty = queue::depth(&sql).await.unwrap();
+    assert_eq!(
+        (empty.queued, empty.running, empty.oldest_queued_seconds),
+        (0, 0, 0.0)
+    );
+    enqueue_in_one_transaction(&cluster, &alice, flow, 3).await;
+    sql.batch_execute("UPDATE executions SET run_at = now() - interval '90 seconds' WHERE id = 1")
+        .await
+        .unwrap();
+    let waiting = queue::depth(&sql).await.unwrap();
+    assert_eq!((waiting.queued, waiting.running), (3, 0));
+    assert!(
+        (90.0..120.0).contains(&waiting.oldest_queued_seconds),
+        "{waiting:?}"
+    );
+    queue::claim(&sql, "w", 1).await.unwrap();
+    let depth = queue::depth(&sql).await.unwrap();
+    assert_eq!((depth.queued, depth.running), (2, 1));
+    // The one that waited 90 s was claimed first; the others were enqueued just now.
+    assert!(depth.oldest_queued_seconds < 60.0, "{depth:?}");
 }
