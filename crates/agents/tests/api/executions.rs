@@ -555,3 +555,52 @@ async fn the_queue_depth_counts_live_executions_and_the_oldest_wait() {
     // The one that waited 90 s was claimed first; the others were enqueued just now.
     assert!(depth.oldest_queued_seconds < 60.0, "{depth:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_wakes_idle_workers_without_waiting_for_the_poll() {
+    // Workers that poll once a minute: only the NOTIFY of the enqueue's commit can wake them
+    // in time. Another instance polls only (`AGENTS_LISTEN=false`, as behind PgBouncer).
+    let cluster = Cluster::start_with(
+        1,
+        &[("AGENTS_WORKERS", "1"), ("AGENTS_POLL_INTERVAL", "60s")],
+    )
+    .await;
+    let base = cluster.base(0);
+    let alice = cluster.user("alice").await;
+    let flow = workflow(&alice, base, 1).await;
+    // Let the worker go idle (its first claim found nothing).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let path = format!("/workflows/{flow}/executions");
+    for _ in 0..3 {
+        let (_, queued) = alice.send(base, Method::POST, &path, Some(json!({}))).await;
+        let done = finished(&alice, base, &queued["id"], Duration::from_secs(20)).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+    }
+
+    let mut polling = Cluster::start_with(1, &[("AGENTS_WORKERS", "0")]).await;
+    polling
+        .add_server(&[
+            ("AGENTS_WORKERS", "1"),
+            ("AGENTS_LISTEN", "false"),
+            ("AGENTS_POLL_INTERVAL", "100ms"),
+        ])
+        .await;
+    let bob = polling.user("bob").await;
+    let flow = workflow(&bob, polling.base(0), 1).await;
+    let (_, queued) = bob
+        .send(
+            polling.base(0),
+            Method::POST,
+            &format!("/workflows/{flow}/executions"),
+            Some(json!({})),
+        )
+        .await;
+    let done = finished(
+        &bob,
+        polling.base(0),
+        &queued["id"],
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+}
