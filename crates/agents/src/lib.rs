@@ -234,6 +234,7 @@ impl Module for AgentsModule {
             .route("/executions/{id}", get(workflows::execution))
             .route("/executions/{id}/cancel", post(workflows::cancel))
             .route("/audit", get(routes::audit))
+            .route("/audit/all", get(routes::audit_all))
             // Account data: never stored by a browser or a shared cache.
             .layer(axum::middleware::map_response(no_store))
             .with_state(state)

@@ -379,10 +379,19 @@ pub struct AuditParams {
     pub cursor: Option<String>,
 }
 
-/// `GET /audit`, parsed; the caller's own rows only (the actor is set by the handler).
+/// `GET /audit/all`'s parameters: `GET /audit`'s and `actor`.
+#[derive(Debug, Default, Deserialize)]
+pub struct AllAuditParams {
+    pub actor: Option<String>,
+    #[serde(flatten)]
+    pub rest: AuditParams,
+}
+
+/// `GET /audit` and `GET /audit/all`, parsed: `actor` is the caller's own (an account's
+/// rows) or the operator's choice (`None`: every actor).
 pub fn audit_filter(
     params: &AuditParams,
-    actor: String,
+    actor: Option<String>,
 ) -> Result<cascade_core::audit::Filter, AgentError> {
     let text = |field: &str, value: &Option<String>| -> Result<Option<String>, AgentError> {
         match value {
@@ -405,8 +414,11 @@ pub fn audit_filter(
             })
             .transpose()
     };
+    if let Some(actor) = &actor {
+        text("actor", &Some(actor.clone()))?;
+    }
     Ok(cascade_core::audit::Filter {
-        actor: Some(actor),
+        actor,
         action: text("action", &params.action)?,
         entity_type: text("entity_type", &params.entity_type)?,
         entity_id: text("entity_id", &params.entity_id)?,

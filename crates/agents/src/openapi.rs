@@ -17,6 +17,7 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
         crate::routes::update,
         crate::routes::delete,
         crate::routes::audit,
+        crate::routes::audit_all,
         crate::memory::append_route,
         crate::memory::latest_route,
         crate::workflows::create,
@@ -355,4 +356,13 @@ pub struct PageParams {
     /// `next_cursor` of the previous page.
     #[param(pattern = "^[1-9][0-9]{0,17}$")]
     cursor: Option<String>,
+}
+
+/// `GET /audit/all`'s own filter.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AllAuditParams {
+    /// Only rows of this actor (`user:<id>`, `system:executions`).
+    #[param(min_length = 1, max_length = 200, pattern = "^[^\\u0000]+$")]
+    actor: Option<String>,
 }

@@ -300,7 +300,30 @@ pub async fn audit(
     CurrentUser(me): CurrentUser,
     Query(params): Query<AuditParams>,
 ) -> Result<Response, ApiError> {
-    let filter = model::audit_filter(&params, cascade_core::audit::user_actor(me.user_id))?;
+    let filter = model::audit_filter(&params, Some(cascade_core::audit::user_actor(me.user_id)))?;
+    let conn = state.app.db.conn().await?;
+    let page = cascade_core::audit::list(&**conn, &filter).await?;
+    Ok(Json(page).into_response())
+}
+
+/// `GET /audit/all?actor=&…`: every row, the server's own (`system:*`) included, for operators
+/// (`Authorization: Bearer <ADMIN_TOKEN>`, as `/health/db`).
+#[utoipa::path(get, path = "/audit/all", tag = "audit", security(("admin" = [])),
+    params(crate::openapi::AllAuditParams, crate::openapi::AuditParams),
+    responses(
+        (status = 200, description = "A page of every actor's audit rows, newest first", body = crate::openapi::AuditPage),
+        (status = 400, description = "A parameter is malformed (named in `field`)"),
+        (status = 401, description = "No or wrong operator token (ADMIN_TOKEN)"),
+        (status = 403, description = "Closed: ADMIN_TOKEN is not configured"),
+    )
+)]
+pub async fn audit_all(
+    State(state): State<AgentsState>,
+    headers: HeaderMap,
+    Query(params): Query<model::AllAuditParams>,
+) -> Result<Response, ApiError> {
+    cascade_http::auth::require_admin(&state.app, &headers)?;
+    let filter = model::audit_filter(&params.rest, params.actor.clone())?;
     let conn = state.app.db.conn().await?;
     let page = cascade_core::audit::list(&**conn, &filter).await?;
     Ok(Json(page).into_response())

@@ -261,3 +261,87 @@ async fn a_change_and_its_audit_row_commit_together_or_not_at_all() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_read_every_actors_rows_with_the_admin_token_only() {
+    let cluster = Cluster::start_with(1, &[("AGENTS_WORKERS", "1")]).await;
+    let base = cluster.base(0);
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    alice.agent(base, json!({"name": "A", "type": "t"})).await;
+    bob.agent(base, json!({"name": "B", "type": "t"})).await;
+    let (status, flow) = alice
+        .send(
+            base,
+            Method::POST,
+            "/workflows",
+            Some(json!({"name": "w", "steps": [{"capability": "noop"}]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{flow}");
+    let (status, _) = alice
+        .send(
+            base,
+            Method::POST,
+            &format!("/workflows/{}/executions", flow["id"]),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let started = std::time::Instant::now();
+    while cluster
+        .count("SELECT count(*) FROM audit_log WHERE actor = 'system:executions'")
+        .await
+        == 0
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the execution never finished"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let (status, page) = admin(base, "").await;
+    assert_eq!(status, 200, "{page}");
+    let mut actors: Vec<String> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["actor"].as_str().unwrap().to_string())
+        .collect();
+    actors.sort();
+    actors.dedup();
+    assert_eq!(
+        actors,
+        [
+            "system:executions".to_string(),
+            format!("user:{}", alice.id),
+            format!("user:{}", bob.id)
+        ]
+    );
+    let (_, page) = admin(base, &format!("?actor=user:{}", bob.id)).await;
+    assert_eq!(actions(&page), ["agent.create"]);
+    let (_, page) = admin(base, "?actor=system:executions").await;
+    assert_eq!(actions(&page), ["execution.succeeded"]);
+    let (status, body) = admin(base, "?actor=").await;
+    assert_bad_field(status, &body, "actor");
+
+    // An account's token is not the operators' token, and none is none.
+    let (status, body) = alice.get(base, "/audit/all").await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = crate::support::request(base, None, Method::GET, "/audit/all", None).await;
+    assert_eq!(status, 401);
+}
+
+/// `GET /audit/all{query}` with the operators' token.
+async fn admin(base: &str, query: &str) -> (u16, Value) {
+    let path = format!("/audit/all{query}");
+    crate::support::request(
+        base,
+        Some(crate::support::ADMIN_TOKEN),
+        Method::GET,
+        &path,
+        None,
+    )
+    .await
+}

@@ -17,6 +17,9 @@ pub struct Cluster {
     _redis: RedisServer,
 }
 
+/// The operators' token of every server (`/audit/all`).
+pub const ADMIN_TOKEN: &str = "agents-tests-admin-token-0123456789abcdef";
+
 /// Every server signs with it, so a token from one is good on the others.
 const JWT_SECRET: &str = "agents-tests-secret-agents-tests-secret";
 
@@ -52,6 +55,7 @@ impl Cluster {
             ("JWT_SECRET", JWT_SECRET.to_string()),
             ("RATE_LIMIT_API", "off".to_string()),
             ("AGENTS_BULK_MAX", "5".to_string()),
+            ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
         ];
         env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         self.servers.push(TestApp::start(&env).await);
