@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use cascade_core::db::Db;
 use cascade_core::shutdown::ShutdownSignal;
+use futures_util::FutureExt;
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -211,13 +212,21 @@ impl Workers {
                 execution_input: claimed.input.clone(),
                 previous: previous.clone(),
             };
-            match tokio::time::timeout(self.config.step_timeout, executor.run(&input)).await {
-                Ok(Ok(output)) => {
+            // A panicking executor fails its step, not the worker (which would leave the batch
+            // to the rescue and run one worker fewer from then on).
+            let run = std::panic::AssertUnwindSafe(executor.run(&input)).catch_unwind();
+            match tokio::time::timeout(self.config.step_timeout, run).await {
+                Ok(Ok(Ok(output))) => {
                     previous = output.clone();
                     outputs.push(output);
                 }
-                Ok(Err(reason)) => {
+                Ok(Ok(Err(reason))) => {
                     return finished(Outcome::Failed(format!("step {index}: {reason}")));
+                }
+                Ok(Err(_panic)) => {
+                    return finished(Outcome::Failed(format!(
+                        "step {index}: the {capability:?} executor panicked"
+                    )));
                 }
                 Err(_) => {
                     return finished(Outcome::Failed(format!(

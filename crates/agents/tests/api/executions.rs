@@ -604,3 +604,87 @@ async fn an_enqueue_wakes_idle_workers_without_waiting_for_the_poll() {
     .await;
     assert_eq!(done["state"], "succeeded", "{done}");
 }
+
+/// A custom executor that panics: what a buggy plug-in does.
+struct Panicking;
+
+impl cascade_agents::executor::Executor for Panicking {
+    fn run<'a>(
+        &'a self,
+        _step: &'a cascade_agents::executor::Step,
+    ) -> std::pin::Pin<Box<dyn Future<Output = cascade_agents::executor::StepResult> + Send + 'a>>
+    {
+        Box::pin(async { panic!("a plug-in bug") })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_executor_runs_its_steps_and_its_panic_fails_the_step_not_the_worker() {
+    let cluster = Cluster::start_with(1, &[("AGENTS_WORKERS", "0")]).await;
+    let alice = cluster.user("alice").await;
+    // A worker of the test's own, with an executor the server does not have.
+    let url = cluster.pg.url(&cluster.database);
+    let settings = cascade_server::Settings::from_vars(&[
+        ("DATABASE_URL", url),
+        ("AGENTS_POLL_INTERVAL", "100ms".to_string()),
+    ])
+    .unwrap();
+    let database = cascade_server::application::Database::open(&settings.core)
+        .await
+        .unwrap();
+    let module = cascade_agents::AgentsModule::new(settings.agents.clone())
+        .with_executor("boom", std::sync::Arc::new(Panicking));
+    let mut tasks = cascade_core::tasks::Supervisor::new();
+    module.start_workers(
+        &database.db,
+        module.executors(&memory_cache(&settings)),
+        &mut tasks,
+    );
+
+    // Workflows naming "boom" cannot be created on the server (it has no such executor): the
+    // test writes them as another module would, then enqueues.
+    let sql = cluster.sql().await;
+    let steps = |capability: &str| json!([{"capability": capability, "input": {"x": 1}}]);
+    let mut ids = Vec::new();
+    for capability in ["boom", "echo"] {
+        let flow: i64 = sql
+            .query_one(
+                "INSERT INTO workflows (owner_id, name, steps) VALUES ($1, 'w', $2) RETURNING id",
+                &[&alice.id, &steps(capability)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let (status, queued) = alice
+            .send(
+                cluster.base(0),
+                Method::POST,
+                &format!("/workflows/{flow}/executions"),
+                Some(json!({"max_attempts": 1})),
+            )
+            .await;
+        assert_eq!(status, 202, "{queued}");
+        ids.push(queued["id"].clone());
+    }
+    let boom = finished(&alice, cluster.base(0), &ids[0], Duration::from_secs(20)).await;
+    assert_eq!(boom["state"], "failed", "{boom}");
+    assert!(
+        boom["error"].as_str().unwrap().contains("panicked"),
+        "{boom}"
+    );
+    let echo = finished(&alice, cluster.base(0), &ids[1], Duration::from_secs(20)).await;
+    assert_eq!(echo["state"], "succeeded", "{echo}");
+    assert_eq!(echo["result"], json!([{"x": 1}]));
+    assert_eq!(tasks.failures(), 0, "no worker task died");
+    tasks.stop(Duration::from_secs(5)).await;
+    database.db.close();
+}
+
+/// An in-process cache, for the executors' connector (unused without AGENTS_HTTP_URL).
+fn memory_cache(settings: &cascade_server::Settings) -> cascade_core::cache::Cache {
+    cascade_core::cache::Cache::new(
+        settings.core.cache.clone(),
+        cascade_core::cache::Backend::Memory,
+        cascade_core::cache::EngineOptions::default(),
+    )
+}
