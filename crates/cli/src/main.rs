@@ -1,4 +1,4 @@
-//! The `cascade` command: `serve`, `migrate`, `check`, `config`, `cache`, `seed` and
+//! The `cascade` command: `serve`, `migrate`, `worker`, `check`, `config`, `cache`, `seed` and
 //! `billing`. The
 //! benchmarks are `cascade-bench` (crates/bench), outside the product.
 //!
@@ -38,6 +38,9 @@ enum Command {
     },
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Run the agents module's execution workers (AGENTS_WORKERS of them) without the HTTP
+    /// server, until SIGTERM/SIGINT; the schema must be migrated already.
+    Worker,
     /// Print the effective configuration and check PostgreSQL, Redis and the Venice API.
     Check,
     /// Print the effective configuration (secrets redacted) without connecting to anything.
@@ -146,6 +149,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve { no_migrate } => serve::run(settings, !no_migrate).await,
             Command::Migrate => serve::migrate_only(settings).await,
+            Command::Worker => serve::worker(settings).await,
             Command::Check => check::run(&settings).await,
             Command::Config => Ok(ExitCode::SUCCESS),
             Command::Cache(CacheCommand::Invalidate(target)) => {

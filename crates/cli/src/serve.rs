@@ -18,6 +18,41 @@ pub async fn migrate_only(settings: Settings) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `cascade worker`: the execution workers alone, on the configured PostgreSQL, until
+/// SIGTERM/SIGINT; then they stop within a bound (claims not completed by then are rescued by
+/// another worker after `AGENTS_HEARTBEAT_TIMEOUT`).
+pub async fn worker(settings: Settings) -> anyhow::Result<ExitCode> {
+    if settings.agents.executions.workers == 0 {
+        eprintln!(
+            "cascade: AGENTS_WORKERS is 0: a worker process with no workers has nothing to do"
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let database = Database::open(&settings.core).await?;
+    // Only the `http` executor's connector uses the cache (for its breaker's namespaces): an
+    // in-process one is enough.
+    let cache = Cache::new(
+        settings.core.cache.clone(),
+        Backend::Memory,
+        EngineOptions::default(),
+    );
+    let module = cascade_agents::AgentsModule::new(settings.agents.clone());
+    let mut tasks = cascade_core::tasks::Supervisor::new();
+    module.start_workers(&database.db, module.executors(&cache), &mut tasks);
+    tracing::info!(
+        workers = settings.agents.executions.workers,
+        "cascade worker is running executions"
+    );
+    println!(
+        "cascade worker running {} execution worker(s)",
+        settings.agents.executions.workers
+    );
+    cascade_server::process::termination().await;
+    tasks.stop(settings.core.http.shutdown_timeout).await;
+    database.db.close();
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn run(settings: Settings, migrate: bool) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let http = &settings.core.http;

@@ -12,6 +12,7 @@
 //! - [`tasks`]: the supervisor that owns background tasks and reports their failures;
 //! - [`upstream`]: the HTTP client used for third-party APIs.
 
+pub mod audit;
 pub mod cache;
 pub mod config;
 pub mod db;

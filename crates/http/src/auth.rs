@@ -12,6 +12,7 @@ use axum::response::Response;
 use cascade_core::config::RateLimit;
 use cascade_core::identity::ratelimit::client_network as network_of;
 use cascade_core::identity::{AuthError, ClientInfo, Decision, Principal, Username};
+use sha2::{Digest, Sha256};
 
 use crate::error::{ApiError, set_rate_headers};
 use crate::state::AppState;
@@ -239,4 +240,34 @@ pub async fn enforce(
         }
     }
     Ok(())
+}
+
+/// Lets the request through when it carries the configured admin token (`ADMIN_TOKEN`): the
+/// operators' routes (`/health/db`, `/audit/all`). 403 while no token is configured, 401 without it.
+pub fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &state.config.http.admin_token else {
+        return Err(ApiError::Forbidden(
+            "this endpoint is for operators: it is closed until ADMIN_TOKEN is configured".into(),
+        ));
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            // The scheme is case-insensitive (RFC 9110), as for account tokens.
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    // Digests are compared, not the tokens: how long the comparison takes says nothing about
+    // how much of the token a guess got right.
+    let matches = presented.is_some_and(|presented| {
+        Sha256::digest(presented.as_bytes()) == Sha256::digest(expected.expose().trim().as_bytes())
+    });
+    if matches {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized(
+            "send Authorization: Bearer <ADMIN_TOKEN>".into(),
+        ))
+    }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::Router;
+use cascade_agents::AgentsModule;
 use cascade_app::AppModule;
 use cascade_catalog::CatalogModule;
 use cascade_core::cache::{Backend, Cache, EngineOptions};
@@ -63,6 +64,7 @@ pub fn modules(settings: &Settings) -> Vec<Arc<dyn Module>> {
     vec![
         Arc::new(CatalogModule::new(settings.catalog.clone())),
         Arc::new(AppModule::new(settings.app.clone())),
+        Arc::new(AgentsModule::new(settings.agents.clone())),
     ]
 }
 

@@ -1,6 +1,7 @@
 //! Every setting of the composed application: the platform's and each module's, parsed
 //! together so that `cascade --help` lists them all and every problem is reported at once.
 
+use cascade_agents::{AgentsConfig, RawAgentsConfig};
 use cascade_app::{AppConfig, RawAppConfig};
 use cascade_catalog::{CatalogConfig, RawCatalogConfig};
 use cascade_core::config::{Config, ConfigError, Parser, RawConfig};
@@ -17,6 +18,7 @@ pub struct RawSettings {
     pub app: RawAppConfig,
     #[command(flatten)]
     pub realtime: RawRealtimeConfig,
+    pub agents: RawAgentsConfig,
 }
 
 /// The validated settings of the platform and of each module.
@@ -26,6 +28,7 @@ pub struct Settings {
     pub catalog: CatalogConfig,
     pub app: AppConfig,
     pub realtime: RealtimeConfig,
+    pub agents: AgentsConfig,
 }
 
 /// Parses `RawSettings` from `--flag value` pairs only (tests build them from variables).
@@ -44,7 +47,8 @@ impl Settings {
         let catalog = CatalogConfig::parse(&mut modules, &raw.catalog);
         let app = AppConfig::parse(&mut modules, &raw.app);
         let realtime = RealtimeConfig::parse(&mut modules, &raw.realtime);
-        let namespaces = [catalog.namespaces(), app.namespaces()].concat();
+        let agents = AgentsConfig::parse(&mut modules, &raw.agents);
+        let namespaces = [catalog.namespaces(), app.namespaces(), agents.namespaces()].concat();
         let mut p = Parser::new();
         let core = Config::parse(&mut p, &raw.core, &namespaces);
         p.absorb(modules);
@@ -56,6 +60,7 @@ impl Settings {
             catalog,
             app,
             realtime,
+            agents,
         })
     }
 
@@ -89,6 +94,7 @@ impl Settings {
         rows.extend(self.catalog.describe());
         rows.extend(self.app.describe());
         rows.extend(self.realtime.describe());
+        rows.extend(self.agents.describe());
         rows
     }
 }

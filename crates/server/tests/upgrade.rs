@@ -61,6 +61,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
     assert_eq!(
         applied,
         [
+            "core/4",
             "catalog/3",
             "app/1",
             "app/2",
@@ -68,7 +69,10 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
             "app/4",
             "app/5",
             "app/6",
-            "app/7"
+            "app/7",
+            "agents/1",
+            "agents/2",
+            "agents/3"
         ],
         "{report}"
     );
@@ -89,6 +93,9 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
     assert_eq!(
         recorded,
         [
+            "agents/1 agents",
+            "agents/2 workflows",
+            "agents/3 agent_memories",
             "app/1 citizen_link",
             "app/2 patterns",
             "app/3 interactions",
@@ -102,6 +109,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
             "core/1 cache_entries",
             "core/2 cache_leases",
             "core/3 identity",
+            "core/4 audit_log",
         ]
     );
     let after = rows(&client, FINGERPRINT).await;

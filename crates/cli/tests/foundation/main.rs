@@ -18,3 +18,4 @@ mod prometheus;
 mod seed;
 mod shutdown;
 mod startup;
+mod workers;

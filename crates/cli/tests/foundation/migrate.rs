@@ -31,7 +31,8 @@ async fn two_concurrent_migrations_both_succeed_and_apply_once() {
         .unwrap();
     let expected = cascade_core::db::CORE_MIGRATIONS.len()
         + cascade_catalog::MIGRATIONS.len()
-        + cascade_app::MIGRATIONS.len();
+        + cascade_app::MIGRATIONS.len()
+        + cascade_agents::MIGRATIONS.len();
     assert_eq!(rows.len(), expected);
     assert!(rows.iter().all(|r| r.get::<_, i64>(2) == 1));
     client

@@ -12,14 +12,13 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
-use cascade_http::{ApiError, AppState};
+use cascade_http::AppState;
 
 /// How long a health probe may take before the dependency counts as down.
 const PROBE_DEADLINE: Duration = Duration::from_secs(2);
@@ -71,41 +70,12 @@ async fn health(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// Lets the request through when it carries the configured admin token.
-fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &state.config.http.admin_token else {
-        return Err(ApiError::Forbidden(
-            "this endpoint is for operators: it is closed until ADMIN_TOKEN is configured".into(),
-        ));
-    };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            // The scheme is case-insensitive (RFC 9110), as for account tokens.
-            let (scheme, token) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
-    // Digests are compared, not the tokens: how long the comparison takes says nothing about
-    // how much of the token a guess got right.
-    let matches = presented.is_some_and(|presented| {
-        Sha256::digest(presented.as_bytes()) == Sha256::digest(expected.expose().trim().as_bytes())
-    });
-    if matches {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized(
-            "send Authorization: Bearer <ADMIN_TOKEN>".into(),
-        ))
-    }
-}
-
 #[tracing::instrument(skip_all)]
 #[utoipa::path(get, path = "/health/db", tag = "operations", security(("admin" = [])),
     responses((status = 200, description = "PostgreSQL, Redis and the cache engine in detail", body = Object), (status = 401, description = "No or wrong operator token (ADMIN_TOKEN)"), (status = 403, description = "Closed: ADMIN_TOKEN is not configured"), (status = 503, description = "PostgreSQL is down", body = Object))
 )]
 async fn health_db(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(refused) = require_admin(&state, &headers) {
+    if let Err(refused) = cascade_http::auth::require_admin(&state, &headers) {
         return refused.into_response();
     }
     let (pg, redis) = tokio::join!(state.db.health(PROBE_DEADLINE), redis_status(&state));
