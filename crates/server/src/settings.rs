@@ -18,6 +18,7 @@ pub struct RawSettings {
     pub app: RawAppConfig,
     #[command(flatten)]
     pub realtime: RawRealtimeConfig,
+    #[command(flatten)]
     pub agents: RawAgentsConfig,
 }
 
