@@ -76,8 +76,15 @@ async fn handle(rt: &Realtime, me: &str, event: &Event) {
     }
     let payload =
         json!({"event": event.kind, "data": event.data, "id": event.id, "at": event.at_ms});
-    if let Err(err) = rt.publish_text(&channel, &payload.to_string()).await {
-        tracing::warn!(channel = %channel, kind = %event.kind, error = %err, "realtime: a domain event was not published");
+    match rt.publish_text(&channel, &payload.to_string()).await {
+        Ok(crate::Published::Durable(_)) => {}
+        // Subscribers elsewhere are told with a `degraded` gap once Redis answers again.
+        Ok(crate::Published::LocalOnly) => {
+            tracing::debug!(channel = %channel, kind = %event.kind, "realtime: a domain event delivered on this instance only (Redis unavailable)");
+        }
+        Err(err) => {
+            tracing::warn!(channel = %channel, kind = %event.kind, error = %err, "realtime: a domain event was not published");
+        }
     }
 }
 

@@ -460,6 +460,7 @@ impl Session {
                 .and_then(|s| s.epoch.as_deref())
                 .map(Arc::from),
             last: since.as_ref().map_or(0, |s| s.offset),
+            degraded: false,
         };
         let mut history = Vec::new();
         let head = match since {
@@ -498,12 +499,18 @@ impl Session {
             .await?;
         let text = payload.to_string();
         match self.rt.publish_text(&channel, &text).await {
-            Ok(at) => Ok(json!({"channel": name, "epoch": &*at.epoch, "offset": at.offset})),
+            Ok(crate::Published::Durable(at)) => Ok(
+                json!({"channel": name, "epoch": &*at.epoch, "offset": at.offset, "durable": true}),
+            ),
+            // Delivered on this instance only: in no history, so no position.
+            Ok(crate::Published::LocalOnly) => {
+                Ok(json!({"channel": name, "epoch": null, "offset": null, "durable": false}))
+            }
             Err(crate::PublishError::TooLarge { max, .. }) => Err(ProtocolError::new(
                 Code::TooLarge,
                 format!("a payload has at most {max} bytes"),
             )),
-            Err(err) => Err(ProtocolError::new(Code::Unavailable, err.to_string())),
+            Err(err) => Err(ProtocolError::new(Code::BadChannel, err.to_string())),
         }
     }
 

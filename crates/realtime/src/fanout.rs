@@ -32,7 +32,10 @@ const SUBSCRIBE_DEADLINE: Duration = Duration::from_secs(2);
 /// never ends its stream by itself).
 const SILENCE: Duration = Duration::from_secs(5);
 
-/// Starts one listener per shard (nothing without Redis).
+/// How often a degraded instance tries to end its degraded period.
+const HEAL_EVERY: Duration = Duration::from_millis(200);
+
+/// Starts one listener per shard and the heal task (nothing without Redis).
 pub fn start(rt: &Realtime, tasks: &mut Supervisor) {
     if !matches!(rt.inner.store, Store::Redis(_)) {
         return;
@@ -40,6 +43,22 @@ pub fn start(rt: &Realtime, tasks: &mut Supervisor) {
     for shard in 0..rt.inner.listening.len() {
         let rt = rt.clone();
         tasks.spawn("realtime-shard", move |stop| listen(rt, shard, stop));
+    }
+    let rt = rt.clone();
+    tasks.spawn("realtime-heal", move |stop| heal(rt, stop));
+}
+
+/// While the instance is degraded (it delivered publishes only locally), tries every
+/// [`HEAL_EVERY`] to give those channels a new epoch ([`Realtime::heal`]).
+async fn heal(rt: Realtime, mut stop: ShutdownSignal) {
+    loop {
+        tokio::select! {
+            _ = stop.recv() => return,
+            () = tokio::time::sleep(HEAL_EVERY) => {}
+        }
+        if rt.degraded() {
+            rt.heal().await;
+        }
     }
 }
 
@@ -83,6 +102,16 @@ async fn listen(rt: Realtime, shard: usize, mut stop: ShutdownSignal) {
                 shard,
                 "realtime: shard subscription restored; resyncing its channels"
             );
+            // The command connection broke with it, and redis-rs fails the first command on a
+            // broken connection: have it answer before the subscribers read the history (a
+            // resync whose read fails would wait for the channel's next message).
+            for _ in 0..20 {
+                let ping = store.redis().query::<String>(&redis::cmd("PING")).await;
+                if ping.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             rt.inner
                 .hub
                 .resync(|channel| shard_of(channel, shards) == shard);

@@ -51,16 +51,30 @@ pub struct Offset {
     pub offset: u64,
 }
 
+/// What became of a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    /// In the channel's history and on its way to every instance's subscribers.
+    Durable(Offset),
+    /// Redis could not take it (an error or `REDIS_TIMEOUT`): delivered to this instance's
+    /// subscribers only (`"durable": false`, no offset), in no history. When Redis answers
+    /// again the channel gets a new epoch, so every other subscriber and every resuming
+    /// client is told with a `gap` (reason `degraded`) that it may have missed messages.
+    LocalOnly,
+}
+
+impl Published {
+    pub fn is_durable(&self) -> bool {
+        matches!(self, Published::Durable(_))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("{0}")]
     BadChannel(String),
     #[error("the payload is {size} bytes; at most {max}")]
     TooLarge { size: usize, max: usize },
-    /// Redis cannot be reached: nothing was published (no instance delivers a message that
-    /// the history does not hold).
-    #[error("not published: {0}")]
-    Unavailable(String),
 }
 
 /// The real-time module's handle: cheap to clone.
@@ -80,6 +94,11 @@ struct Inner {
     open: AtomicUsize,
     per_user: Mutex<HashMap<i64, usize>>,
     options: yawc::Options,
+    /// `Some` while this instance is degraded: from a publish Redis could not take until
+    /// every channel published on only locally meanwhile has a new epoch ([`Realtime::heal`]).
+    /// Per channel, how many local publishes (so a channel published on again while its
+    /// epoch was being ended is ended once more).
+    degraded: Mutex<Option<HashMap<Arc<str>, u64>>>,
 }
 
 impl Realtime {
@@ -132,6 +151,7 @@ impl Realtime {
                 open: AtomicUsize::new(0),
                 per_user: Mutex::new(HashMap::new()),
                 options,
+                degraded: Mutex::new(None),
             }),
         }
     }
@@ -142,12 +162,14 @@ impl Realtime {
 
     /// Publishes `payload` on `channel` from the server: any channel, including those no
     /// client may publish on (`cascade-events`, `user:{id}`, `admin:metrics`). Every
-    /// subscriber on every instance receives it once, and it is kept in the channel's history.
+    /// subscriber on every instance receives it once, and it is kept in the channel's history
+    /// ([`Published::Durable`]); while Redis cannot take it, only this instance's subscribers
+    /// receive it ([`Published::LocalOnly`]).
     pub async fn publish(
         &self,
         channel: &str,
         payload: serde_json::Value,
-    ) -> Result<Offset, PublishError> {
+    ) -> Result<Published, PublishError> {
         let channel = Channel::parse(channel).map_err(PublishError::BadChannel)?;
         let payload = payload.to_string();
         self.publish_text(&channel, &payload).await
@@ -157,7 +179,7 @@ impl Realtime {
         &self,
         channel: &Channel,
         payload: &str,
-    ) -> Result<Offset, PublishError> {
+    ) -> Result<Published, PublishError> {
         let max = self.inner.config.max_message_bytes;
         if payload.len() > max {
             return Err(PublishError::TooLarge {
@@ -166,13 +188,94 @@ impl Realtime {
             });
         }
         let limit = self.inner.config.history_of(channel.family());
-        let (epoch, offset) = self
-            .inner
-            .store
-            .publish(channel, payload, limit, &self.inner.hub)
-            .await
-            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
-        Ok(Offset { epoch, offset })
+        // While degraded, Redis is not tried per publish (each would wait REDIS_TIMEOUT):
+        // the heal task finds out when it answers again.
+        if !self.degraded() {
+            match self
+                .inner
+                .store
+                .publish(channel, payload, limit, &self.inner.hub)
+                .await
+            {
+                Ok((epoch, offset)) => return Ok(Published::Durable(Offset { epoch, offset })),
+                Err(err) => {
+                    tracing::warn!(channel = %channel, error = %err, "realtime: Redis cannot take publishes; delivering on this instance only until it answers again");
+                }
+            }
+        }
+        self.publish_local(channel, payload);
+        Ok(Published::LocalOnly)
+    }
+
+    fn degraded_state(&self) -> std::sync::MutexGuard<'_, Option<HashMap<Arc<str>, u64>>> {
+        self.inner
+            .degraded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True from a publish Redis could not take until [`heal`](Self::heal) has given every
+    /// channel published on meanwhile a new epoch.
+    pub fn degraded(&self) -> bool {
+        self.degraded_state().is_some()
+    }
+
+    /// Delivers to this instance's subscribers only, and remembers the channel for `heal`.
+    fn publish_local(&self, channel: &Channel, payload: &str) {
+        let frame = protocol::local_message(channel.name(), store::now_ms(), payload);
+        let delivery = Arc::new(store::Delivery {
+            channel: channel.shared_name(),
+            epoch: Arc::from(""),
+            offset: 0,
+            frame: bytes::Bytes::from(frame),
+            durable: false,
+        });
+        // Under the lock: local messages of a channel reach its subscribers in publish order.
+        let mut degraded = self.degraded_state();
+        *degraded
+            .get_or_insert_with(HashMap::new)
+            .entry(channel.shared_name())
+            .or_default() += 1;
+        self.inner.hub.deliver(delivery);
+    }
+
+    /// Ends the degraded period once Redis answers: each channel published on only locally
+    /// gets a new epoch (its subscribers everywhere, and clients resuming from before, get a
+    /// `gap` with reason `degraded`). Returns true when no channel is left (durable again).
+    pub async fn heal(&self) -> bool {
+        let Store::Redis(store) = &self.inner.store else {
+            return true;
+        };
+        let pending: Vec<(Arc<str>, u64)> = match &*self.degraded_state() {
+            None => return true,
+            Some(channels) => channels.iter().map(|(c, n)| (c.clone(), *n)).collect(),
+        };
+        let mut ended = Vec::new();
+        for (channel, n) in pending {
+            match store.rotate(&channel).await {
+                Ok(()) => ended.push((channel, n)),
+                Err(err) => {
+                    tracing::debug!(error = %err, "realtime: still degraded");
+                    break;
+                }
+            }
+        }
+        let mut degraded = self.degraded_state();
+        let Some(channels) = degraded.as_mut() else {
+            return true;
+        };
+        for (channel, n) in ended {
+            // Published on locally again meanwhile: that message is after the new epoch began.
+            if channels.get(&channel) == Some(&n) {
+                channels.remove(&channel);
+            }
+        }
+        if channels.is_empty() {
+            *degraded = None;
+            tracing::info!("realtime: Redis answers again; publishes are durable again");
+            return true;
+        }
+        false
     }
 
     /// Open WebSocket connections on this instance.

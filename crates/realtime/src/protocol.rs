@@ -195,6 +195,24 @@ pub fn gap(channel: &str, epoch: &str, from: u64, to: Option<u64>, reason: &str)
         .to_string()
 }
 
+/// The `gap` a subscriber gets when messages of `epoch` from `from` on may not reach it
+/// because Redis could not be used (this instance delivers only its own publishes, or
+/// another instance did while it was cut off): that epoch has ended for this subscription.
+/// `epoch` is null when the subscription had no epoch yet.
+pub fn degraded_gap(channel: &str, epoch: Option<&str>, from: u64) -> String {
+    json!({"type": "gap", "channel": channel, "epoch": epoch, "from": from, "to": null, "reason": "degraded"})
+        .to_string()
+}
+
+/// A `message` delivered only to this instance's subscribers while Redis cannot take it: no
+/// offset, no epoch (it is in no history), `"durable": false`.
+pub fn local_message(channel: &str, time_ms: i64, payload: &str) -> String {
+    format!(
+        "{{\"type\":\"message\",\"channel\":{},\"offset\":null,\"epoch\":null,\"durable\":false,\"time\":{time_ms},\"payload\":{payload}}}",
+        Value::from(channel),
+    )
+}
+
 /// `message`, as built once per publish and sent as is to every subscriber.
 pub fn message(channel: &str, epoch: &str, offset: u64, time_ms: i64, payload: &str) -> String {
     // The payload is JSON text already validated (it was a `serde_json::Value`).
@@ -234,5 +252,9 @@ mod tests {
         assert_eq!(v["channel"], "space:a\"b");
         assert_eq!(v["offset"], 7);
         assert_eq!(v["payload"]["n"], 1);
+        let local: Value = serde_json::from_str(&local_message("a", 5, "[1]")).unwrap();
+        assert_eq!(local["durable"], false);
+        assert!(local["offset"].is_null() && local["epoch"].is_null());
+        assert_eq!(local["payload"][0], 1);
     }
 }

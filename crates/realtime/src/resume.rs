@@ -5,6 +5,13 @@
 //! history ([`catch_up`]), which delivers what is missing or a `gap` naming exactly the offsets
 //! it cannot deliver. That one rule makes resume (`since`), offset jumps after a lost Redis
 //! subscription, and Redis restarts (a new epoch) the same code path.
+//!
+//! Degraded delivery (Redis could not take a publish): a local message (`durable: false`)
+//! is written as it comes, after a `gap` (reason `degraded`) that ends the subscription's
+//! epoch from its next offset on; until the channel's epoch changes (the publishing
+//! instance starts a new one when Redis answers again), messages of the ended epoch are
+//! dropped, as the `gap` already named them. The next epoch is then delivered from its
+//! start, without a second `gap`.
 
 use std::sync::Arc;
 
@@ -25,6 +32,8 @@ pub(crate) struct Sub {
     pub epoch: Option<Arc<str>>,
     /// The last offset delivered (or skipped over by a `gap`).
     pub last: u64,
+    /// A `degraded` gap ended `epoch` for this subscription (it received a local message).
+    pub degraded: bool,
 }
 
 /// Hands `delivery` to `sub`: written, dropped as a duplicate, or preceded by what the
@@ -35,6 +44,20 @@ pub(crate) async fn deliver(
     delivery: &Delivery,
     out: &mut Vec<Frame>,
 ) {
+    if !delivery.durable {
+        if !sub.degraded {
+            let gap =
+                protocol::degraded_gap(sub.channel.name(), sub.epoch.as_deref(), sub.last + 1);
+            out.push(Frame::text(gap));
+            sub.degraded = true;
+        }
+        out.push(Frame::text(delivery.frame.clone()));
+        return;
+    }
+    if sub.degraded && sub.epoch.as_deref() == Some(&*delivery.epoch) {
+        // Named by the `degraded` gap already.
+        return;
+    }
     if sub.epoch.as_deref() == Some(&*delivery.epoch) {
         if delivery.offset <= sub.last {
             return;
@@ -49,7 +72,10 @@ pub(crate) async fn deliver(
         // The history cannot be read: name what is missing, then go on live.
         let channel = sub.channel.name();
         let same = sub.epoch.as_deref() == Some(&*delivery.epoch);
-        if !same && let Some(old) = &sub.epoch {
+        if !same
+            && !std::mem::take(&mut sub.degraded)
+            && let Some(old) = &sub.epoch
+        {
             out.push(Frame::text(protocol::gap(
                 channel,
                 old,
@@ -68,7 +94,9 @@ pub(crate) async fn deliver(
                 "unavailable",
             )));
         }
-        out.push(Frame::text(delivery.frame.clone()));
+        if !delivery.frame.is_empty() {
+            out.push(Frame::text(delivery.frame.clone()));
+        }
         sub.epoch = Some(delivery.epoch.clone());
         sub.last = delivery.offset;
     }
@@ -88,13 +116,26 @@ pub(crate) async fn catch_up(
     // At most a few epoch changes while reading (each read is atomic).
     'epochs: for _ in 0..3 {
         let mut history = store.read(&name, sub.last, PAGE, limit).await?;
+        if sub.degraded {
+            if history.epoch.is_none() || history.epoch == sub.epoch {
+                // Still the epoch the `degraded` gap ended (or none yet): nothing of it is
+                // delivered; the next epoch will be, from its start.
+                sub.last = sub.last.max(history.head);
+                return Ok(history.head);
+            }
+            // A new epoch: from its start, with no second gap for the one that ended.
+            sub.degraded = false;
+            sub.epoch = history.epoch;
+            sub.last = 0;
+            continue;
+        }
         let Some(epoch) = history.epoch.clone() else {
             // The channel has no epoch: the one the subscriber had ended with no successor.
-            end_epoch(&name, sub, None, out);
+            end_epoch(&name, sub, None, false, out);
             return Ok(0);
         };
         if sub.epoch.as_deref() != Some(&*epoch) {
-            end_epoch(&name, sub, Some(epoch), out);
+            end_epoch(&name, sub, Some(epoch), history.degraded, out);
             continue;
         }
         // Pages until the head of the first read (later messages arrive live).
@@ -143,10 +184,33 @@ pub(crate) async fn catch_up(
 }
 
 /// Moves `sub` to `next` (from offset 0), with a `gap` for the rest of the epoch it leaves.
-fn end_epoch(name: &str, sub: &mut Sub, next: Option<Arc<str>>, out: &mut Vec<Frame>) {
-    if let Some(old) = std::mem::replace(&mut sub.epoch, next) {
-        let gap = protocol::gap(name, &old, sub.last + 1, None, "epoch_changed");
-        out.push(Frame::text(gap));
+/// `degraded`: `next` began after messages were delivered only locally somewhere, so even a
+/// subscription without an epoch gets a `gap` (reason `degraded`).
+fn end_epoch(
+    name: &str,
+    sub: &mut Sub,
+    next: Option<Arc<str>>,
+    degraded: bool,
+    out: &mut Vec<Frame>,
+) {
+    match std::mem::replace(&mut sub.epoch, next) {
+        Some(old) => {
+            let reason = if degraded {
+                "degraded"
+            } else {
+                "epoch_changed"
+            };
+            let gap = protocol::gap(name, &old, sub.last + 1, None, reason);
+            out.push(Frame::text(gap));
+        }
+        None if degraded => {
+            out.push(Frame::text(protocol::degraded_gap(
+                name,
+                None,
+                sub.last + 1,
+            )));
+        }
+        None => {}
     }
     sub.last = 0;
 }

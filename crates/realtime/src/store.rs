@@ -11,6 +11,8 @@
 //! One Lua script assigns the offset, appends, trims and publishes the frame on the channel's
 //! pub/sub shard, so offsets are in publish order and nothing is appended that is not also
 //! published (or the reverse). A subscriber that sees an offset jump reads the stream.
+//! Another ([`ROTATE`]) ends a channel's epoch after an instance delivered messages on it only
+//! locally while Redis could not take them (see `Realtime::heal`).
 //!
 //! **Without Redis** (embedded or unified mode: one instance), the same behaviour in process:
 //! a bounded log per channel under one lock and an epoch drawn when the process starts (a
@@ -38,8 +40,12 @@ pub struct Delivery {
     pub channel: Arc<str>,
     pub epoch: Arc<str>,
     pub offset: u64,
-    /// The `message` frame, encoded once.
+    /// The `message` frame, encoded once (empty for a rotation notice, offset 0: the
+    /// channel's epoch changed, read the history).
     pub frame: Bytes,
+    /// False for a message delivered only on this instance while Redis could not take it
+    /// (`offset: null`, `"durable": false` in its frame; `epoch` and `offset` unused).
+    pub durable: bool,
 }
 
 /// A channel's history after some offset, read atomically with its head.
@@ -52,6 +58,10 @@ pub struct History {
     /// Messages after the offset asked for, oldest first, at most the count asked for (the
     /// newest ones when more are held).
     pub items: Vec<Arc<Delivery>>,
+    /// The epoch began when an instance came back from a degraded period (messages delivered
+    /// only where they were published): a client from an earlier epoch gets a `gap` with
+    /// reason `degraded`.
+    pub degraded: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +108,7 @@ impl Store {
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -140,9 +150,10 @@ return {epoch, offset}
 
 /// KEYS: meta hash, stream. ARGV: after, count, limit. Reads at most `count` messages after
 /// `after`, or after `head - limit` when the client is further behind than `limit`. Returns
-/// nil without an epoch, else {epoch, head, {id, frame, id, frame, ...}}.
+/// nil without an epoch, else {epoch, head, {id, frame, id, frame, ...}, why} (`why`:
+/// `degraded` for an epoch begun by [`ROTATE`], else empty).
 const READ: &str = r#"
-local m = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'offset', 'why')
 if not m[1] then return false end
 local head = tonumber(m[2])
 local after = tonumber(ARGV[1])
@@ -159,7 +170,20 @@ if count > 0 and head > after then
     out[#out + 1] = e[2][4]
   end
 end
-return {m[1], m[2], out}
+return {m[1], m[2], out, m[3] or ''}
+"#;
+
+/// KEYS: meta hash, stream. ARGV: channel, a fresh epoch, meta ttl ms, the pub/sub channel.
+/// Ends the channel's epoch after a degraded period (messages some instance delivered only
+/// locally): a new epoch marked `why=degraded`, the history emptied, and a notice (offset 0,
+/// no frame) on the shard so every subscriber reads the history and gets its `gap` now.
+const ROTATE: &str = r#"
+redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'offset', 0, 'why', 'degraded')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[1] .. '\n' .. ARGV[2] .. '\n0\n')
+return 1
 "#;
 
 pub struct RedisStore {
@@ -168,6 +192,7 @@ pub struct RedisStore {
     shards: usize,
     publish: redis::Script,
     read: redis::Script,
+    rotate: redis::Script,
 }
 
 impl RedisStore {
@@ -178,6 +203,7 @@ impl RedisStore {
             shards,
             publish: redis::Script::new(PUBLISH),
             read: redis::Script::new(READ),
+            rotate: redis::Script::new(ROTATE),
         }
     }
 
@@ -247,12 +273,12 @@ impl RedisStore {
             .arg(after)
             .arg(count)
             .arg(limit);
-        let found: Option<(String, u64, Vec<String>)> = self
+        let found: Option<(String, u64, Vec<String>, String)> = self
             .redis
             .eval(&self.read, &cmd)
             .await
             .map_err(|e| StoreError::Redis(e.to_string()))?;
-        let Some((epoch, head, flat)) = found else {
+        let Some((epoch, head, flat, why)) = found else {
             return Ok(History::default());
         };
         let epoch: Arc<str> = epoch.into();
@@ -266,6 +292,7 @@ impl RedisStore {
                     epoch: epoch.clone(),
                     offset,
                     frame: Bytes::from(pair[1].clone()),
+                    durable: true,
                 }))
             })
             .collect();
@@ -273,7 +300,28 @@ impl RedisStore {
             epoch: Some(epoch),
             head,
             items,
+            degraded: why == "degraded",
         })
+    }
+
+    /// Starts a new epoch of `channel` after a degraded period (see [`ROTATE`]).
+    pub async fn rotate(&self, channel: &str) -> Result<(), StoreError> {
+        let (meta, stream) = self.keys(channel);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.rotate.get_hash())
+            .arg(2)
+            .arg(&meta)
+            .arg(&stream)
+            .arg(channel)
+            .arg(fresh_epoch())
+            .arg(META_TTL.as_millis() as u64)
+            .arg(self.shard_channel(self.shard_of(channel)));
+        let _: i64 = self
+            .redis
+            .eval(&self.rotate, &cmd)
+            .await
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        Ok(())
     }
 }
 
@@ -299,6 +347,7 @@ pub fn parse_envelope(payload: &[u8]) -> Option<Delivery> {
         epoch: epoch.into(),
         offset,
         frame: Bytes::copy_from_slice(frame),
+        durable: true,
     })
 }
 
@@ -348,6 +397,7 @@ impl MemoryStore {
             epoch: self.epoch.clone(),
             offset,
             frame: Bytes::from(frame),
+            durable: true,
         });
         log.items.push_back((now, delivery.clone()));
         let cutoff = now - limit.max_age.as_millis() as i64;
@@ -377,6 +427,7 @@ impl MemoryStore {
             epoch: Some(self.epoch.clone()),
             head: log.head,
             items,
+            degraded: false,
         }
     }
 }

@@ -64,6 +64,9 @@ async fn channels_refuse_who_may_not_read_or_publish_them() {
         .run(async move { rt.publish("admin:metrics", json!({"rps": 12})).await })
         .await
         .unwrap();
+    let cascade_realtime::Published::Durable(at) = at else {
+        panic!("Redis is up: {at:?}")
+    };
     let message = admin.json().await;
     assert_eq!(message["channel"], "admin:metrics");
     assert_eq!(message["payload"]["rps"], 12);

@@ -1,8 +1,9 @@
 //! A message published on one instance reaches subscribers on every instance, once.
 
-use serde_json::json;
+use cascade_realtime::Published;
+use serde_json::{Value, json};
 
-use crate::support::World;
+use crate::support::{Client, World};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_on_either_instance_reaches_subscribers_on_both() {
@@ -136,38 +137,179 @@ async fn catalog_asset_changes_are_announced_on_cascade_events() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn while_redis_does_not_answer_publishes_are_refused_and_connections_stay() {
-    let world = World::start(2, &[]).await;
-    let alice = world.register("alice").await;
-    let mut a = world.connect(0, Some(&alice.token)).await;
-    let mut b = world.connect(1, Some(&alice.token)).await;
-    for client in [&mut a, &mut b] {
-        assert_eq!(
-            client.subscribe("consciousness-stream").await["type"],
-            "ack"
-        );
-    }
-    world.redis.pause();
-    let refused = a.publish("consciousness-stream", json!({"n": 1})).await;
-    assert_eq!(refused["code"], "unavailable", "{refused}");
-    let (pong, _) = b.request(json!({"type": "ping"})).await;
-    assert_eq!(pong["type"], "pong", "connections outlive Redis");
-    world.redis.resume();
-    // Delivery across instances comes back by itself.
-    let mut acked = None;
-    for _ in 0..100 {
-        let answer = a.publish("consciousness-stream", json!({"n": 2})).await;
-        if answer["type"] == "ack" {
-            acked = Some(answer);
-            break;
+/// Waits (bounded) until instance `n` has ended its degraded period.
+async fn durable_again(world: &World, n: usize) {
+    for _ in 0..200 {
+        if !world.servers[n].realtime.degraded() {
+            return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let acked = acked.expect("publishing resumed");
-    for client in [&mut a, &mut b] {
+    panic!("instance {n} still degraded 10 s after Redis came back");
+}
+
+/// The next frame of `client` is a `degraded` gap ending `epoch` after `offset`.
+async fn expect_degraded_gap(client: &mut Client, epoch: &Value, offset: u64) {
+    check_degraded_gap(&client.json().await, epoch, offset);
+}
+
+fn check_degraded_gap(gap: &Value, epoch: &Value, offset: u64) {
+    assert_eq!(gap["type"], "gap", "{gap}");
+    assert_eq!(gap["reason"], "degraded", "{gap}");
+    assert_eq!(gap["epoch"], *epoch, "{gap}");
+    assert_eq!(gap["from"], offset + 1, "{gap}");
+    assert!(gap["to"].is_null(), "{gap}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_does_not_answer_an_instance_delivers_locally_and_the_others_get_a_gap() {
+    let world = World::start(2, &[]).await;
+    let alice = world.register("alice").await;
+    let channel = "consciousness-stream";
+    let mut a1 = world.connect(0, Some(&alice.token)).await;
+    let mut a2 = world.connect(0, Some(&alice.token)).await;
+    let mut b = world.connect(1, Some(&alice.token)).await;
+    let mut away = world.connect(1, Some(&alice.token)).await;
+    for client in [&mut a1, &mut a2, &mut b, &mut away] {
+        assert_eq!(client.subscribe(channel).await["type"], "ack");
+    }
+    let before = a1.publish(channel, json!({"n": 0})).await;
+    assert_eq!(before["durable"], true, "{before}");
+    let (epoch, offset) = (before["epoch"].clone(), before["offset"].as_u64().unwrap());
+    for client in [&mut a1, &mut a2, &mut b, &mut away] {
+        assert_eq!(client.json().await["payload"]["n"], 0);
+    }
+    // This client's last position is from before the outage; it comes back after it.
+    away.close().await;
+
+    world.redis.pause();
+    let local = a1.publish(channel, json!({"n": 1})).await;
+    assert_eq!(local["type"], "ack", "{local}");
+    assert_eq!(local["durable"], false, "{local}");
+    assert!(
+        local["offset"].is_null() && local["epoch"].is_null(),
+        "{local}"
+    );
+    // Both subscribers on the publishing instance get it, after a gap telling them that
+    // messages from elsewhere may not reach them from now on.
+    for client in [&mut a1, &mut a2] {
+        expect_degraded_gap(client, &epoch, offset).await;
         let message = client.json().await;
+        assert_eq!(message["type"], "message", "{message}");
+        assert_eq!(message["payload"]["n"], 1);
+        assert_eq!(message["durable"], false);
+        assert!(message["offset"].is_null() && message["epoch"].is_null());
+    }
+    // Not the subscriber on the other instance; its connection stays.
+    let (pong, extra) = b.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "pong", "connections outlive Redis");
+    assert!(
+        extra.is_empty(),
+        "crossed instances without Redis: {extra:?}"
+    );
+    world.redis.resume();
+
+    // Once Redis answers, the other instance's subscriber is told what it could not get.
+    // The publish that missed its deadline was still in Redis's socket: it may have been
+    // carried out when Redis woke up, then it is in the history and reaches B once (A's
+    // subscribers, which had it, drop that copy).
+    let mut next = b.json().await;
+    let mut last = offset;
+    if next["type"] == "message" {
+        assert_eq!(next["payload"]["n"], 1, "{next}");
+        assert_eq!(next["epoch"], epoch);
+        assert_eq!(next["offset"], offset + 1);
+        last += 1;
+        next = b.json().await;
+    }
+    check_degraded_gap(&next, &epoch, last);
+    durable_again(&world, 0).await;
+    // Cross-instance delivery is back, in a new epoch, with no second gap on A.
+    let after = a1.publish(channel, json!({"n": 2})).await;
+    assert_eq!(after["durable"], true, "{after}");
+    assert_ne!(after["epoch"], epoch, "the degraded period ended the epoch");
+    assert_eq!(after["offset"], 1);
+    for client in [&mut a1, &mut a2, &mut b] {
+        let message = client.json().await;
+        assert_eq!(message["type"], "message", "{message}");
+        assert_eq!(message["payload"]["n"], 2);
+        assert_eq!(message["epoch"], after["epoch"]);
+        assert_eq!(message["offset"], 1);
+    }
+    // A client resuming from before the outage gets the gap too, then what followed.
+    let mut back = world.connect(1, Some(&alice.token)).await;
+    let (ack, _) = back
+        .request(json!({"type": "subscribe", "channel": channel, "since": {"offset": offset, "epoch": epoch}}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    expect_degraded_gap(&mut back, &epoch, offset).await;
+    let message = back.json().await;
+    assert_eq!(message["payload"]["n"], 2, "{message}");
+    // Nothing more, nothing twice.
+    for client in [&mut a1, &mut a2, &mut b, &mut back] {
+        let (_, extra) = client.request(json!({"type": "ping"})).await;
+        assert!(extra.is_empty(), "more than expected: {extra:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_publishes_while_redis_is_down_are_local_and_durability_comes_back_after_a_restart()
+ {
+    let mut world = World::start(2, &[]).await;
+    let alice = world.register("alice").await;
+    let channel = "ai-collaborations";
+    let mut a = world.connect(0, Some(&alice.token)).await;
+    let mut b = world.connect(1, Some(&alice.token)).await;
+    for client in [&mut a, &mut b] {
+        assert_eq!(client.subscribe(channel).await["type"], "ack");
+    }
+    let rt = world.servers[0].realtime.clone();
+    let first = world.servers[0]
+        .run(async move { rt.publish(channel, json!({"n": 0})).await.unwrap() })
+        .await;
+    let Published::Durable(first) = first else {
+        panic!("Redis is up: {first:?}")
+    };
+    for client in [&mut a, &mut b] {
+        assert_eq!(client.json().await["offset"], first.offset);
+    }
+
+    world.redis.kill();
+    let rt = world.servers[0].realtime.clone();
+    let local = world.servers[0]
+        .run(async move { rt.publish(channel, json!({"n": 1})).await.unwrap() })
+        .await;
+    assert_eq!(local, Published::LocalOnly);
+    expect_degraded_gap(&mut a, &json!(&*first.epoch), first.offset).await;
+    let message = a.json().await;
+    assert_eq!(message["payload"]["n"], 1, "{message}");
+    assert_eq!(message["durable"], false);
+    world.redis.restart().await;
+
+    // The other instance's subscriber learns it missed something (the data is gone too).
+    let gap = b.json().await;
+    assert_eq!(gap["type"], "gap", "{gap}");
+    assert_eq!(gap["epoch"], &*first.epoch);
+    assert_eq!(gap["from"], first.offset + 1);
+    durable_again(&world, 0).await;
+    let rt = world.servers[0].realtime.clone();
+    let again = world.servers[0]
+        .run(async move { rt.publish(channel, json!({"n": 2})).await.unwrap() })
+        .await;
+    let Published::Durable(again) = again else {
+        panic!("Redis is back: {again:?}")
+    };
+    assert_ne!(again.epoch, first.epoch);
+    for client in [&mut a, &mut b] {
+        let mut message = client.json().await;
+        // Redis came back empty: the instance that noticed it before the new epoch began
+        // also says it had no epoch meanwhile (one more gap, never a message less).
+        while message["type"] == "gap" {
+            message = client.json().await;
+        }
         assert_eq!(message["payload"]["n"], 2, "{message}");
-        assert_eq!(message["offset"], acked["offset"]);
+        assert_eq!(message["epoch"], &*again.epoch);
+        let (_, extra) = client.request(json!({"type": "ping"})).await;
+        assert!(extra.is_empty(), "more than expected: {extra:?}");
     }
 }
