@@ -20,6 +20,7 @@ use cascade_core::tasks::Supervisor;
 use cascade_http::{AppState, Module};
 use tokio::net::TcpListener;
 
+use crate::http::live::Live;
 use crate::http::metrics::Metrics;
 use crate::settings::Settings;
 use crate::state::ServerState;
@@ -98,6 +99,8 @@ pub struct Application {
     pub settings: Arc<Settings>,
     modules: Vec<Arc<dyn Module>>,
     metrics: Metrics,
+    /// The dashboard's per-second samples (`GET /metrics/live`, the `admin:metrics` feed).
+    pub live: Live,
     tasks: Supervisor,
     database: Database,
 }
@@ -128,8 +131,16 @@ impl Application {
             started,
         );
         let metrics = Metrics::install();
+        let live = Live::new(state.events.instance_id());
         let mut tasks = Supervisor::new();
         start_platform_tasks(&state, &metrics, &mut tasks);
+        let server = ServerState {
+            app: state.clone(),
+            metrics: metrics.clone(),
+            live: live.clone(),
+        };
+        let sampler = live.clone();
+        tasks.spawn("live-samples", move |stop| sampler.run(server, stop));
         for module in &modules {
             module.start_tasks(&state, &mut tasks);
         }
@@ -138,6 +149,7 @@ impl Application {
             settings: Arc::new(settings),
             modules,
             metrics,
+            live,
             tasks,
             database,
         })
@@ -154,6 +166,7 @@ impl Application {
         let server = ServerState {
             app: self.state.clone(),
             metrics: self.metrics.clone(),
+            live: self.live.clone(),
         };
         crate::http::app(&server, &self.modules, extra)
     }
