@@ -214,6 +214,18 @@ impl Module for AppModule {
             .with_state(state)
     }
 
+    fn channel_authorizers(
+        &self,
+    ) -> Vec<(
+        &'static str,
+        std::sync::Arc<dyn cascade_http::ChannelAuthorizer>,
+    )> {
+        vec![(
+            "space",
+            std::sync::Arc::new(spaces::channel::SpaceParticipants),
+        )]
+    }
+
     fn start_tasks(&self, state: &AppState, tasks: &mut Supervisor) {
         let shared = self.state(state);
         if let (Some(every), Some(_)) = (

@@ -27,6 +27,13 @@ use crate::db::Db;
 use crate::redis::Redis;
 use crate::shutdown::ShutdownSignal;
 
+/// The channel of account events that are not for clients (the real-time module bridges
+/// only its own channel names).
+pub const AUTH_CHANNEL: &str = "auth";
+/// A login session ended (logout, revocation): `data` has `session_id` and `user_id`. Every
+/// instance closes that session's WebSocket connections.
+pub const SESSION_REVOKED: &str = "auth.session_revoked";
+
 /// One domain event as every subscriber sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {

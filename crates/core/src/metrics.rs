@@ -56,6 +56,10 @@ pub const REDIS_MEMORY_RATIO: &str = "cascade_redis_memory_used_ratio";
 
 pub const WS_CONNECTIONS: &str = "cascade_ws_connections";
 pub const WS_MESSAGES: &str = "cascade_ws_messages_total";
+pub const WS_QUEUE_DEPTH: &str = "cascade_ws_queue_depth";
+pub const WS_DROPPED: &str = "cascade_ws_dropped_total";
+pub const WS_CLOSES: &str = "cascade_ws_closes_total";
+pub const WS_REJECTED: &str = "cascade_ws_rejected_total";
 pub const BUS_BLIND_WAITS: &str = "cascade_cache_bus_blind_waits_total";
 
 pub const EVENTS_PUBLISHED: &str = "cascade_events_published_total";
@@ -247,6 +251,22 @@ pub fn describe() {
         WS_MESSAGES,
         "WebSocket messages, by direction (in = from clients, out = to clients)"
     );
+    describe_gauge!(
+        WS_QUEUE_DEPTH,
+        "messages waiting in WebSocket connections' send queues (each at most WS_QUEUE_SIZE)"
+    );
+    describe_counter!(
+        WS_DROPPED,
+        "messages not delivered to a WebSocket connection, by reason (queue_full: the connection is closed with 1013)"
+    );
+    describe_counter!(
+        WS_CLOSES,
+        "WebSocket connections closed, by reason (client, queue_full, unauthorized, auth_timeout, idle, shutdown, too_large, error)"
+    );
+    describe_counter!(
+        WS_REJECTED,
+        "WebSocket upgrades refused, by reason (instance_full, user_full, unauthorized)"
+    );
     describe_histogram!(
         UPSTREAM_REQUEST_DURATION,
         Unit::Seconds,
@@ -291,6 +311,7 @@ pub fn register_zeroes() {
         counter!(name).absolute(0);
     }
     gauge!(WS_CONNECTIONS).set(0.0);
+    gauge!(WS_QUEUE_DEPTH).set(0.0);
     for direction in [WsDirection::In, WsDirection::Out] {
         counter!(WS_MESSAGES, "direction" => direction.label()).absolute(0);
     }

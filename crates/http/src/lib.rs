@@ -7,10 +7,12 @@
 //! - [`auth`]: [`CurrentUser`], the authenticated caller, and the rate limits it enforces;
 //! - [`module`]: [`Module`], what an application module hands the server (migrations, router,
 //!   background tasks, its part of the OpenAPI document);
+//! - [`channels`]: [`ChannelAuthorizer`], how a module says who may use its real-time channels;
 //! - [`openapi`]: the platform's part of that document (the error shape, bearer auth, the
 //!   responses every route can give).
 
 pub mod auth;
+pub mod channels;
 pub mod error;
 pub mod extract;
 pub mod module;
@@ -18,6 +20,7 @@ pub mod openapi;
 pub mod state;
 
 pub use auth::CurrentUser;
+pub use channels::ChannelAuthorizer;
 pub use error::ApiError;
 pub use extract::JsonBody;
 pub use module::Module;

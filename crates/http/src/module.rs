@@ -6,10 +6,13 @@
 //! `cascade --help` lists every setting and `CACHE_TTLS_JSON` knows every namespace); what
 //! needs a connection is registered through this trait once the platform is up.
 
+use std::sync::Arc;
+
 use axum::Router;
 use cascade_core::db::Migration;
 use cascade_core::tasks::Supervisor;
 
+use crate::channels::ChannelAuthorizer;
 use crate::state::AppState;
 
 pub trait Module: Send + Sync + 'static {
@@ -33,4 +36,10 @@ pub trait Module: Send + Sync + 'static {
 
     /// Starts the module's background tasks under `tasks`, which stops them on shutdown.
     fn start_tasks(&self, _state: &AppState, _tasks: &mut Supervisor) {}
+
+    /// The real-time channel families this module decides access to, by family name (`space`
+    /// for `space:{id}`): see [`ChannelAuthorizer`].
+    fn channel_authorizers(&self) -> Vec<(&'static str, Arc<dyn ChannelAuthorizer>)> {
+        Vec::new()
+    }
 }

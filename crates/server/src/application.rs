@@ -18,6 +18,7 @@ use cascade_core::redis::Redis;
 use cascade_core::shutdown::ShutdownSignal;
 use cascade_core::tasks::Supervisor;
 use cascade_http::{AppState, Module};
+use cascade_realtime::{Realtime, RealtimeModule};
 use tokio::net::TcpListener;
 
 use crate::http::live::Live;
@@ -56,7 +57,9 @@ impl Database {
     }
 }
 
-/// The modules this server composes, built from their settings.
+/// The modules this server composes, built from their settings (the real-time module, which
+/// needs the running platform and the others' channel authorizers, is added by
+/// [`Application::build`]; it has no migrations).
 pub fn modules(settings: &Settings) -> Vec<Arc<dyn Module>> {
     vec![
         Arc::new(CatalogModule::new(settings.catalog.clone())),
@@ -96,6 +99,8 @@ impl Default for BuildOptions {
 /// The built application: its state, its modules and its running background tasks.
 pub struct Application {
     pub state: AppState,
+    /// Real-time channels: publish server-side messages with `realtime.publish`.
+    pub realtime: Realtime,
     pub settings: Arc<Settings>,
     modules: Vec<Arc<dyn Module>>,
     metrics: Metrics,
@@ -110,7 +115,7 @@ impl Application {
         let started = Instant::now();
         let config = &settings.core;
         let database = Database::open(config).await?;
-        let modules = modules(&settings);
+        let mut modules = modules(&settings);
         if options.migrate {
             migrate(&database.db, &modules).await?;
         }
@@ -130,6 +135,12 @@ impl Application {
             cache,
             started,
         );
+        let authorizers = modules
+            .iter()
+            .flat_map(|m| m.channel_authorizers())
+            .collect();
+        let realtime = Realtime::new(settings.realtime.clone(), &state, authorizers);
+        modules.push(Arc::new(RealtimeModule::new(realtime.clone())));
         let metrics = Metrics::install();
         let live = Live::new(state.events.instance_id());
         let mut tasks = Supervisor::new();
@@ -138,14 +149,20 @@ impl Application {
             app: state.clone(),
             metrics: metrics.clone(),
             live: live.clone(),
+            realtime: realtime.clone(),
         };
         let sampler = live.clone();
         tasks.spawn("live-samples", move |stop| sampler.run(server, stop));
+        let (feed, channel) = (live.subscribe(), realtime.clone());
+        tasks.spawn("live-publish", move |stop| {
+            crate::http::live::publish(feed, channel, stop)
+        });
         for module in &modules {
             module.start_tasks(&state, &mut tasks);
         }
         Ok(Application {
             state,
+            realtime,
             settings: Arc::new(settings),
             modules,
             metrics,
@@ -167,6 +184,7 @@ impl Application {
             app: self.state.clone(),
             metrics: self.metrics.clone(),
             live: self.live.clone(),
+            realtime: self.realtime.clone(),
         };
         crate::http::app(&server, &self.modules, extra)
     }

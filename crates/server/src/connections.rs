@@ -26,9 +26,13 @@
 //!
 //! The request's handler is bounded by `REQUEST_TIMEOUT` (the timeout layer), not here.
 //!
-//! HTTP/1 only, as before (axum's `http1` feature), and without upgrades: no route upgrades a
-//! connection, and a WebSocket would need the watchdog to stop counting its frames as a
-//! request head.
+//! HTTP/1 only, as before (axum's `http1` feature), with upgrades (`GET /ws`): once a
+//! connection is upgraded, hyper hands its socket to the WebSocket's own task and the
+//! connection's future ends here, so its watchdog stops and its `MAX_CONNECTIONS` place is
+//! freed; WebSockets are capped by `WS_MAX_CONNECTIONS` instead and have their own heartbeat,
+//! idle deadline and shutdown (the real-time module's). Because hyper-util's `GracefulShutdown`
+//! cannot watch an upgradeable connection, the drain is ours: each connection is told to shut
+//! down gracefully (idle ones close at once) and the drain waits for every place to be free.
 
 use std::future::Future;
 use std::io;
@@ -45,10 +49,9 @@ use cascade_core::config::HttpConfig;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
 
 /// The two deadlines of a connection.
@@ -73,7 +76,7 @@ pub async fn serve(
     };
     warn_if_above_open_file_limit(http.max_connections);
     let places = Arc::new(Semaphore::new(http.max_connections));
-    let graceful = GracefulShutdown::new();
+    let (draining, drain_signal) = watch::channel(false);
     let make_service = app.into_make_service_with_connect_info::<SocketAddr>();
     let mut builder = http1::Builder::new();
     // Explicitly off (our watchdog keeps the deadlines; see the module's doc). Left at its
@@ -123,15 +126,29 @@ pub async fn serve(
             inner: stream,
             activity: activity.clone(),
         });
-        let connection = graceful.watch(builder.serve_connection(socket, service));
+        let connection = builder.serve_connection(socket, service).with_upgrades();
+        let mut drain = drain_signal.clone();
         tokio::spawn(async move {
             let _place = place;
-            tokio::select! {
-                ended = connection => if let Err(err) = ended {
-                    tracing::debug!(%peer, error = %err, "connection ended with an error");
-                },
-                why = activity.watchdog(deadlines) => {
-                    tracing::debug!(%peer, why, "connection closed");
+            let watchdog = activity.watchdog(deadlines);
+            tokio::pin!(connection, watchdog);
+            let mut told = false;
+            loop {
+                tokio::select! {
+                    ended = connection.as_mut() => {
+                        if let Err(err) = ended {
+                            tracing::debug!(%peer, error = %err, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    why = &mut watchdog => {
+                        tracing::debug!(%peer, why, "connection closed");
+                        break;
+                    }
+                    _ = drain.wait_for(|d| *d), if !told => {
+                        told = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
                 }
             }
         });
@@ -140,7 +157,9 @@ pub async fn serve(
     tracing::info!("shutdown requested: draining in-flight requests");
     drop(listener);
     let drain_timeout = http.shutdown_timeout;
-    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+    let _ = draining.send(true);
+    let all = u32::try_from(http.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(drain_timeout, places.acquire_many(all))
         .await
         .is_err()
     {

@@ -4,6 +4,7 @@
 use cascade_app::{AppConfig, RawAppConfig};
 use cascade_catalog::{CatalogConfig, RawCatalogConfig};
 use cascade_core::config::{Config, ConfigError, Parser, RawConfig};
+use cascade_realtime::{RawRealtimeConfig, RealtimeConfig};
 
 /// What `cascade` reads from flags and the environment, as text.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -14,6 +15,8 @@ pub struct RawSettings {
     pub catalog: RawCatalogConfig,
     #[command(flatten)]
     pub app: RawAppConfig,
+    #[command(flatten)]
+    pub realtime: RawRealtimeConfig,
 }
 
 /// The validated settings of the platform and of each module.
@@ -22,6 +25,7 @@ pub struct Settings {
     pub core: Config,
     pub catalog: CatalogConfig,
     pub app: AppConfig,
+    pub realtime: RealtimeConfig,
 }
 
 /// Parses `RawSettings` from `--flag value` pairs only (tests build them from variables).
@@ -39,6 +43,7 @@ impl Settings {
         let mut modules = Parser::new();
         let catalog = CatalogConfig::parse(&mut modules, &raw.catalog);
         let app = AppConfig::parse(&mut modules, &raw.app);
+        let realtime = RealtimeConfig::parse(&mut modules, &raw.realtime);
         let namespaces = [catalog.namespaces(), app.namespaces()].concat();
         let mut p = Parser::new();
         let core = Config::parse(&mut p, &raw.core, &namespaces);
@@ -46,7 +51,12 @@ impl Settings {
         // CACHE_TTLS_JSON may override the patterns namespace: the app reads what the cache uses.
         let mut app = app;
         app.consciousness.cache_ttl = core.cache.ttl(cascade_app::config::PATTERNS);
-        p.finish(Settings { core, catalog, app })
+        p.finish(Settings {
+            core,
+            catalog,
+            app,
+            realtime,
+        })
     }
 
     /// Settings from `(VARIABLE, value)` pairs alone: the process environment and `.env` are
@@ -78,6 +88,7 @@ impl Settings {
         let mut rows = self.core.describe();
         rows.extend(self.catalog.describe());
         rows.extend(self.app.describe());
+        rows.extend(self.realtime.describe());
         rows
     }
 }

@@ -2,6 +2,7 @@
 //! Prometheus handle, which only the server needs.
 
 use cascade_http::AppState;
+use cascade_realtime::Realtime;
 
 use crate::http::live::Live;
 use crate::http::metrics::Metrics;
@@ -13,4 +14,6 @@ pub struct ServerState {
     pub metrics: Metrics,
     /// The dashboard's samples, for `GET /metrics/live`.
     pub live: Live,
+    /// Real-time channels: `realtime.publish(channel, payload)` for server-side messages.
+    pub realtime: Realtime,
 }

@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cascade_core::events::Events;
+use cascade_realtime::Realtime;
 use tokio::sync::oneshot;
 
 use crate::{Application, BuildOptions, Settings};
@@ -22,6 +23,9 @@ pub struct TestApp {
     /// The instance's domain events: a test subscribes here to see what it publishes and
     /// receives.
     pub events: Events,
+    /// The instance's real-time channels: a test publishes server-side through it (on the
+    /// instance's runtime, with [`run`](Self::run)).
+    pub realtime: Realtime,
     /// The instance's runtime, for work that must run where the application's connections do.
     runtime: tokio::runtime::Handle,
     stop: Option<oneshot::Sender<()>>,
@@ -38,7 +42,7 @@ impl TestApp {
             vars.push(("SHUTDOWN_TIMEOUT", "3s".into()));
         }
         let settings = Settings::from_vars(&vars).unwrap_or_else(|e| panic!("settings: {e}"));
-        type Ready = Result<(String, Events, tokio::runtime::Handle), String>;
+        type Ready = Result<(String, Events, Realtime, tokio::runtime::Handle), String>;
         let (ready_tx, ready_rx) = oneshot::channel::<Ready>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -64,7 +68,12 @@ impl TestApp {
                 match started.await {
                     Ok((listener, base, app)) => {
                         let handle = tokio::runtime::Handle::current();
-                        let _ = ready_tx.send(Ok((base, app.state.events.clone(), handle)));
+                        let _ = ready_tx.send(Ok((
+                            base,
+                            app.state.events.clone(),
+                            app.realtime.clone(),
+                            handle,
+                        )));
                         let stop = async {
                             let _ = stop_rx.await;
                         };
@@ -78,7 +87,7 @@ impl TestApp {
                 }
             });
         });
-        let (base, events, runtime) =
+        let (base, events, realtime, runtime) =
             match tokio::time::timeout(Duration::from_secs(90), ready_rx).await {
                 Ok(Ok(Ok(ready))) => ready,
                 Ok(Ok(Err(err))) => panic!("the application did not start: {err}"),
@@ -88,6 +97,7 @@ impl TestApp {
         TestApp {
             base,
             events,
+            realtime,
             runtime,
             stop: Some(stop_tx),
             thread: Some(thread),
@@ -108,17 +118,28 @@ impl TestApp {
             .expect("work on the application's runtime panicked")
     }
 
+    /// Waits, at most `bound`, until every real-time shard of the instance is subscribed in
+    /// Redis; false if not.
+    pub async fn realtime_listening(&self, bound: Duration) -> bool {
+        wait_until(bound, || self.realtime.listening()).await
+    }
+
     /// Waits, at most `bound`, until the instance hears other instances' events; false if not.
     pub async fn events_listening(&self, bound: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + bound;
-        while !self.events.listening() {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        true
+        wait_until(bound, || self.events.listening()).await
     }
+}
+
+/// Polls `ready` every 20 ms for at most `bound`.
+async fn wait_until(bound: Duration, ready: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + bound;
+    while !ready() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
 }
 
 impl Drop for TestApp {

@@ -22,6 +22,7 @@ macro_rules! utc {
 }
 
 pub mod cache;
+pub mod channel;
 pub mod error;
 pub mod events;
 pub mod idle;

@@ -494,7 +494,8 @@ async fn dashboard_charts_move_with_traffic_live_over_the_socket() {
             None => format!("{}/metrics/live", served.base),
         };
         async move {
-            let body: serde_json::Value = http().get(url).send().await.unwrap().json().await.unwrap();
+            let body: serde_json::Value =
+                http().get(url).send().await.unwrap().json().await.unwrap();
             body
         }
     };
@@ -544,7 +545,10 @@ async fn dashboard_charts_move_with_traffic_live_over_the_socket() {
         if peak > 20.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the traffic never showed: {busy}");
+        assert!(
+            Instant::now() < deadline,
+            "the traffic never showed: {busy}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -560,7 +564,10 @@ async fn dashboard_charts_move_with_traffic_live_over_the_socket() {
     let points: usize = polled.chart("requests", "data-points").parse().unwrap();
     assert!(points >= 4, "{points} points");
     let peak: f64 = polled.chart("requests", "data-peak").parse().unwrap();
-    assert!(peak > 20.0, "the requests chart moved with the traffic: peak {peak}");
+    assert!(
+        peak > 20.0,
+        "the requests chart moved with the traffic: peak {peak}"
+    );
     assert!(
         polled.0.contains("class=\"threshold\" data-value=\"500\""),
         "the p95 threshold is drawn on the latency chart"
@@ -580,13 +587,19 @@ async fn dashboard_charts_move_with_traffic_live_over_the_socket() {
         "{}",
         socket.0
     );
-    let received: u32 = socket.attribute("live-source", "data-received").parse().unwrap();
+    let received: u32 = socket
+        .attribute("live-source", "data-received")
+        .parse()
+        .unwrap();
     assert!(received >= 2, "samples pushed over the socket: {received}");
     let peak: f64 = socket.chart("requests", "data-peak").parse().unwrap();
     assert!(peak > 20.0, "peak {peak}");
     let path = artifacts_dir().join("dashboard-live.png");
     std::fs::write(&path, &png).expect("write the screenshot");
-    assert!(png.len() > 10_000 && png.starts_with(b"\x89PNG"), "no screenshot");
+    assert!(
+        png.len() > 10_000 && png.starts_with(b"\x89PNG"),
+        "no screenshot"
+    );
     println!("live dashboard screenshot: {}", path.display());
 }
 
@@ -606,7 +619,9 @@ async fn live_page(url: &str, real: Duration) -> (String, Vec<u8>) {
         .expect("chromedriver (scripts/test installs chromium-driver)");
     let group = driver.id();
     let _kill = Defer(move || {
-        let _ = Command::new("kill").args(["-KILL", &format!("-{group}")]).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &format!("-{group}")])
+            .status();
     });
     let base = format!("http://127.0.0.1:{port}");
     let client = http();
@@ -644,9 +659,17 @@ async fn live_page(url: &str, real: Duration) -> (String, Vec<u8>) {
         }
     };
     let session = call(reqwest::Method::POST, "/session".into(), Some(capabilities)).await;
-    let session = session["sessionId"].as_str().expect("a session").to_string();
+    let session = session["sessionId"]
+        .as_str()
+        .expect("a session")
+        .to_string();
     let at = |path: &str| format!("/session/{session}{path}");
-    call(reqwest::Method::POST, at("/url"), Some(serde_json::json!({ "url": url }))).await;
+    call(
+        reqwest::Method::POST,
+        at("/url"),
+        Some(serde_json::json!({ "url": url })),
+    )
+    .await;
     tokio::time::sleep(real).await;
     let html = call(reqwest::Method::GET, at("/source"), None).await;
     let png = call(reqwest::Method::GET, at("/screenshot"), None).await;

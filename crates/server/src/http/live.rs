@@ -127,10 +127,7 @@ impl Live {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Sample>>> {
-        self.inner
-            .window
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.inner.window.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes a sample every [`EVERY`] until `stop`.
@@ -157,6 +154,40 @@ impl Live {
                 ));
             }
             previous = Some((now, at));
+        }
+    }
+}
+
+/// The real-time channel that carries each new sample (readable with the ADMIN_TOKEN only).
+pub const CHANNEL: &str = "admin:metrics";
+
+/// Publishes every new sample on [`CHANNEL`] until `stop`. A sample that cannot be published
+/// (Redis down) is skipped: the next one follows a second later, and `/metrics/live` has them
+/// all.
+pub async fn publish(
+    mut feed: broadcast::Receiver<Arc<Sample>>,
+    realtime: cascade_realtime::Realtime,
+    mut stop: cascade_core::shutdown::ShutdownSignal,
+) {
+    loop {
+        let sample = tokio::select! {
+            _ = stop.recv() => return,
+            sample = feed.recv() => sample,
+        };
+        let sample = match sample {
+            Ok(sample) => sample,
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let payload = match serde_json::to_value(&*sample) {
+            Ok(payload) => payload,
+            Err(err) => {
+                tracing::warn!(error = %err, "a dashboard sample could not be encoded");
+                continue;
+            }
+        };
+        if let Err(err) = realtime.publish(CHANNEL, payload).await {
+            tracing::debug!(error = %err, "a dashboard sample was not published");
         }
     }
 }
@@ -548,10 +579,22 @@ cascade_label_escapes{path="a\"b\\c"} 1
     fn the_window_keeps_fifteen_minutes() {
         let live = Live::new("i");
         let mut feed = live.subscribe();
-        live.push(sample("i", 0, &Exposition::default(), &Exposition::default(), 1.0));
+        live.push(sample(
+            "i",
+            0,
+            &Exposition::default(),
+            &Exposition::default(),
+            1.0,
+        ));
         assert_eq!(feed.try_recv().unwrap().t, 0);
         for t in 1..(CAPACITY as i64 + 10) {
-            live.push(sample("i", t, &Exposition::default(), &Exposition::default(), 1.0));
+            live.push(sample(
+                "i",
+                t,
+                &Exposition::default(),
+                &Exposition::default(),
+                1.0,
+            ));
         }
         let all = live.since(None);
         assert_eq!(all.len(), CAPACITY);

@@ -1,0 +1,696 @@
+//! One WebSocket session: its task reads client frames, drains its queue into the socket
+//! (everything queued goes out in one flush), sends pings, and enforces its deadlines (the
+//! first `auth`, the access token's expiry, idleness).
+//!
+//! Per subscription it keeps the epoch and the last offset delivered. A message is written
+//! only if it is the next offset of that epoch; an older one is a duplicate and dropped; a
+//! jump or another epoch sends the subscription to the history ([`catch_up`]) which delivers
+//! what is missing, or a `gap` naming exactly the offsets it cannot deliver. That one rule
+//! makes resume, offset jumps after a lost Redis subscription, and Redis restarts (new epoch)
+//! the same code path.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cascade_core::identity::Principal;
+use futures_util::SinkExt;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use yawc::close::CloseCode;
+use yawc::{Frame, HttpWebSocket, OpCode};
+
+use crate::channel::{Channel, Rule, Who};
+use crate::hub::{CloseOrder, ConnHandle, Outbound};
+use crate::protocol::{self, ClientMessage, Code, ProtocolError, Since};
+use crate::store::StoreError;
+use crate::{Place, Realtime, metrics};
+
+/// Messages read from the history per call.
+const PAGE: u64 = 200;
+/// Most queued items taken per writer round (one flush).
+const BATCH: usize = 256;
+/// A subscribe waits at most this long for its Redis shard to be listening.
+const SHARD_WAIT: Duration = Duration::from_secs(2);
+/// Writing the final frames of a closing connection (a client that does not read cannot
+/// hold the task).
+const CLOSE_WRITE: Duration = Duration::from_secs(1);
+
+/// One subscription's position.
+struct Sub {
+    channel: Channel,
+    /// The epoch of `last`; `None` while the channel has no history at all.
+    epoch: Option<Arc<str>>,
+    /// The last offset delivered (or skipped over by a `gap`).
+    last: u64,
+}
+
+/// Why the session ended (the `reason` label of `cascade_ws_closes_total`).
+enum End {
+    Client,
+    Order(CloseOrder),
+    Close(u16, &'static str, &'static str),
+    /// Reading failed; the library may owe the client a close frame.
+    Read(&'static str),
+    Broken,
+}
+
+pub struct Session {
+    rt: Realtime,
+    place: Place,
+    who: Option<Who>,
+    session_id: Option<uuid::Uuid>,
+    /// When the access token expires (a fresh `auth` moves it).
+    expires: Option<Instant>,
+    subs: HashMap<Arc<str>, Sub>,
+}
+
+impl Session {
+    pub(crate) fn new(
+        rt: Realtime,
+        place: Place,
+        who: Option<Who>,
+        principal: Option<Principal>,
+    ) -> Session {
+        let mut session = Session {
+            rt,
+            place,
+            who,
+            session_id: None,
+            expires: None,
+            subs: HashMap::new(),
+        };
+        if let Some(principal) = principal {
+            session.adopt(&principal);
+        }
+        session
+    }
+
+    fn adopt(&mut self, principal: &Principal) {
+        self.session_id = Some(principal.session_id);
+        self.expires = Some(expiry(principal.token_exp));
+    }
+
+    pub(crate) async fn run(mut self, mut ws: HttpWebSocket) {
+        let config = self.rt.inner.config.clone();
+        let (handle, mut rx) = self.rt.inner.hub.connect(config.queue_size);
+        handle.set_session(self.session_id);
+        let auth_deadline = self
+            .who
+            .is_none()
+            .then(|| Instant::now() + config.auth_timeout);
+        let mut out: Vec<Frame> = vec![Frame::text(self.hello())];
+        let mut ping = tokio::time::interval(config.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        let mut heard = Instant::now();
+        let mut batch: Vec<Outbound> = Vec::new();
+        let end = loop {
+            if !out.is_empty() {
+                match write(&mut ws, &mut out, &handle).await {
+                    Ok(()) => {}
+                    Err(end) => break end,
+                }
+            }
+            let deadline = match (self.who.is_none(), auth_deadline, self.expires) {
+                (true, Some(at), _) => Some((at, "auth_timeout", "no auth message in time")),
+                (false, _, Some(at)) => Some((
+                    at,
+                    "expired",
+                    "the access token expired; send auth with a fresh one before it does",
+                )),
+                _ => None,
+            };
+            tokio::select! {
+                biased;
+                () = handle.wake.notified() => {
+                    if let Some(order) = handle.take_order() {
+                        break End::Order(order);
+                    }
+                }
+                () = sleep_until(deadline.map(|d| d.0)) => {
+                    let (_, label, reason) = deadline.unwrap_or((Instant::now(), "expired", ""));
+                    break End::Close(4001, label, reason);
+                }
+                n = rx.recv_many(&mut batch, BATCH) => {
+                    if n == 0 {
+                        break End::Broken;
+                    }
+                    metrics::dequeued(n);
+                    for item in batch.drain(..) {
+                        self.outbound(item, &mut out).await;
+                    }
+                    if batch.capacity() > BATCH {
+                        batch.shrink_to(0);
+                    }
+                }
+                frame = ws.next_frame() => {
+                    let frame = match frame {
+                        Ok(frame) => frame,
+                        // yawc queued the close it owes (1009 past WS_MAX_FRAME_BYTES, 1002
+                        // for a protocol error): flushed below.
+                        Err(yawc::WebSocketError::FrameTooLarge) => break End::Read("too_large"),
+                        Err(yawc::WebSocketError::ConnectionClosed) => break End::Client,
+                        Err(_) => break End::Read("error"),
+                    };
+                    heard = Instant::now();
+                    if let Some(end) = self.inbound(frame, &handle, &mut out).await {
+                        break end;
+                    }
+                }
+                _ = ping.tick() => {
+                    if heard.elapsed() >= config.idle_timeout {
+                        break End::Close(1001, "idle", "idle timeout: no frame (not even a pong) received");
+                    }
+                    out.push(Frame::ping(Bytes::new()));
+                }
+            }
+        };
+        // Whatever was answered before the end still goes out first.
+        let (label, close) = match end {
+            End::Client => ("client", None),
+            End::Broken => ("error", None),
+            End::Read(label) => {
+                let _ = tokio::time::timeout(CLOSE_WRITE, ws.flush()).await;
+                (label, None)
+            }
+            End::Order(order) => {
+                let label = match order.code {
+                    1013 => "queue_full",
+                    1001 => "shutdown",
+                    4001 => "unauthorized",
+                    _ => "server",
+                };
+                if order.reconnect {
+                    out.push(Frame::text(
+                        json!({"type": "reconnect", "reason": order.reason}).to_string(),
+                    ));
+                }
+                (label, Some((order.code, order.reason)))
+            }
+            End::Close(code, label, reason) => (label, Some((code, reason))),
+        };
+        metrics::closed(label);
+        if let Some((code, reason)) = close {
+            if label == "queue_full" {
+                // The queued messages are not written: the client resumes from history.
+                out.clear();
+            }
+            out.push(Frame::close(CloseCode::from(code), reason));
+            let _ = tokio::time::timeout(CLOSE_WRITE, async {
+                for frame in out.drain(..) {
+                    ws.feed(frame).await?;
+                }
+                ws.flush().await
+            })
+            .await;
+        }
+        let remaining = rx.len();
+        metrics::dequeued(remaining);
+        self.rt
+            .inner
+            .hub
+            .disconnect(&handle, self.subs.keys().cloned());
+        drop(self.place);
+    }
+
+    fn hello(&self) -> String {
+        let config = &self.rt.inner.config;
+        json!({
+            "type": "hello",
+            "version": protocol::VERSION,
+            "authenticated": self.who.is_some(),
+            "user_id": match &self.who { Some(Who::User { user_id }) => json!(user_id), _ => Value::Null },
+            "admin": matches!(self.who, Some(Who::Admin)),
+            "ping_interval_ms": config.ping_interval.as_millis() as u64,
+            "max_message_bytes": config.max_message_bytes,
+            "max_channels": config.max_channels,
+        })
+        .to_string()
+    }
+
+    /// One frame from the client; `Some` ends the session.
+    async fn inbound(
+        &mut self,
+        frame: Frame,
+        handle: &Arc<ConnHandle>,
+        out: &mut Vec<Frame>,
+    ) -> Option<End> {
+        match frame.opcode() {
+            OpCode::Text => {}
+            OpCode::Binary => {
+                metrics::received();
+                out.push(error(ProtocolError::new(
+                    Code::BinaryUnsupported,
+                    "binary frames are not part of the protocol: send JSON text",
+                )));
+                return None;
+            }
+            OpCode::Close => return Some(End::Client),
+            _ => return None,
+        }
+        metrics::received();
+        let max = self.rt.inner.config.max_message_bytes;
+        if frame.payload().len() > max {
+            out.push(error(ProtocolError::new(
+                Code::TooLarge,
+                format!("a message has at most {max} bytes (WS_MAX_MESSAGE_BYTES)"),
+            )));
+            return None;
+        }
+        let Ok(text) = std::str::from_utf8(frame.payload()) else {
+            out.push(error(ProtocolError::new(Code::BadJson, "not UTF-8")));
+            return None;
+        };
+        let message = match protocol::parse(text) {
+            Ok(message) => message,
+            Err(err) => {
+                out.push(error(err));
+                return None;
+            }
+        };
+        if let ClientMessage::Auth { token, id } = message {
+            return self.authenticate(&token, &id, handle, out).await;
+        }
+        let Some(who) = self.who.clone() else {
+            out.push(error(
+                ProtocolError::new(
+                    Code::Unauthorized,
+                    "authenticate first: {\"type\":\"auth\",\"token\":...}",
+                )
+                .with_id(message.id()),
+            ));
+            return None;
+        };
+        let answer = match message {
+            ClientMessage::Subscribe { channel, since, id } => {
+                match self
+                    .subscribe(&who, &channel, since, &id, handle, out)
+                    .await
+                {
+                    Ok(()) => return None,
+                    Err(err) => Err(err.with_id(&id)),
+                }
+            }
+            ClientMessage::Unsubscribe { channel, id } => {
+                match self.subs.remove(channel.as_str()) {
+                    Some(sub) => {
+                        self.rt.inner.hub.unsubscribe(sub.channel.name(), handle.id);
+                        Ok(protocol::ack(&id, json!({"channel": channel})))
+                    }
+                    None => Err(ProtocolError::new(
+                        Code::NotSubscribed,
+                        format!("not subscribed to {channel:?}"),
+                    )
+                    .with_id(&id)),
+                }
+            }
+            ClientMessage::Publish {
+                channel,
+                payload,
+                id,
+            } => self
+                .publish(&who, &channel, &payload)
+                .await
+                .map_err(|e| e.with_id(&id))
+                .map(|ack| protocol::ack(&id, ack)),
+            ClientMessage::Ping { id } => {
+                let mut pong = json!({"type": "pong"});
+                if let Some(id) = id {
+                    pong["id"] = id;
+                }
+                Ok(pong.to_string())
+            }
+            ClientMessage::Auth { .. } => return None,
+        };
+        out.push(match answer {
+            Ok(text) => Frame::text(text),
+            Err(err) => error(err),
+        });
+        None
+    }
+
+    async fn authenticate(
+        &mut self,
+        token: &str,
+        id: &Option<Value>,
+        handle: &Arc<ConnHandle>,
+        out: &mut Vec<Frame>,
+    ) -> Option<End> {
+        let (who, principal) = match self.rt.identify(token).await {
+            Ok(found) => found,
+            Err(_) => {
+                return Some(End::Close(4001, "unauthorized", "the token is not valid"));
+            }
+        };
+        if self.who.as_ref().is_some_and(|current| *current != who) {
+            out.push(error(
+                ProtocolError::new(
+                    Code::Forbidden,
+                    "a connection stays with the account it authenticated as",
+                )
+                .with_id(id),
+            ));
+            return None;
+        }
+        if let Who::User { user_id } = who
+            && !self.place.assign(user_id)
+        {
+            metrics::rejected("user_full");
+            return Some(End::Close(
+                1013,
+                "user_full",
+                "this account holds WS_MAX_CONNECTIONS_PER_USER connections on this instance",
+            ));
+        }
+        if let Some(principal) = &principal {
+            self.adopt(principal);
+        } else {
+            self.expires = None;
+        }
+        handle.set_session(self.session_id);
+        let ack = json!({
+            "user_id": principal.as_ref().map(|p| p.user_id),
+            "admin": who == Who::Admin,
+            "expires_at": principal.as_ref().map(|p| p.token_exp),
+        });
+        self.who = Some(who);
+        out.push(Frame::text(protocol::ack(id, ack)));
+        None
+    }
+
+    async fn authorize(
+        &self,
+        who: &Who,
+        channel: &Channel,
+        rule: Rule,
+    ) -> Result<(), ProtocolError> {
+        let forbidden = || {
+            ProtocolError::new(
+                Code::Forbidden,
+                format!("{channel} is not open to this connection for that"),
+            )
+        };
+        match rule {
+            Rule::Allow => Ok(()),
+            Rule::Deny => Err(forbidden()),
+            Rule::AskModule => {
+                let (Who::User { user_id }, Some(id)) = (who, channel.space_id()) else {
+                    return Err(forbidden());
+                };
+                let Some(authorizer) = self.rt.inner.authorizers.get(channel.family()) else {
+                    return Err(forbidden());
+                };
+                match authorizer.allows(&self.rt.inner.app, *user_id, id).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(ProtocolError::new(
+                        Code::Forbidden,
+                        format!("{channel} is for the space's participants"),
+                    )),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "realtime: channel authorization failed");
+                        Err(ProtocolError::new(
+                            Code::Unavailable,
+                            "cannot check the channel's participants right now; retry",
+                        ))
+                    }
+                }
+            }
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        who: &Who,
+        name: &str,
+        since: Option<Since>,
+        id: &Option<Value>,
+        handle: &Arc<ConnHandle>,
+        out: &mut Vec<Frame>,
+    ) -> Result<(), ProtocolError> {
+        let channel = Channel::parse(name).map_err(|e| ProtocolError::new(Code::BadChannel, e))?;
+        if let Some(sub) = self.subs.get(name) {
+            let ack = json!({"channel": name, "epoch": sub.epoch.as_deref(), "offset": sub.last, "already": true});
+            out.push(Frame::text(protocol::ack(id, ack)));
+            return Ok(());
+        }
+        if let Some(Since {
+            offset,
+            epoch: None,
+        }) = &since
+            && *offset > 0
+        {
+            return Err(ProtocolError::new(
+                Code::BadRequest,
+                "since: an offset belongs to an epoch (epoch null goes with offset 0)",
+            ));
+        }
+        let max = self.rt.inner.config.max_channels;
+        if self.subs.len() >= max {
+            return Err(ProtocolError::new(
+                Code::TooManyChannels,
+                format!("a connection subscribes to at most {max} channels (WS_MAX_CHANNELS)"),
+            ));
+        }
+        self.authorize(who, &channel, who.may_read(&channel))
+            .await?;
+        let unavailable = |_| {
+            ProtocolError::new(
+                Code::Unavailable,
+                "the channel's history cannot be reached right now; retry",
+            )
+        };
+        if !self.rt.shard_ready(name, SHARD_WAIT).await {
+            return Err(unavailable(()));
+        }
+        // Live delivery first (queued until this task reads it), then the history: nothing
+        // published in between is missed, and the offsets drop what arrives twice.
+        self.rt.inner.hub.subscribe(channel.shared_name(), handle);
+        let mut sub = Sub {
+            channel,
+            epoch: since
+                .as_ref()
+                .and_then(|s| s.epoch.as_deref())
+                .map(Arc::from),
+            last: since.as_ref().map_or(0, |s| s.offset),
+        };
+        let mut history = Vec::new();
+        let head = match since {
+            Some(_) => catch_up(&self.rt, &mut sub, &mut history).await,
+            None => self.rt.inner.store.read(name, 0, 0, 0).await.map(|h| {
+                sub.epoch = h.epoch;
+                sub.last = h.head;
+                h.head
+            }),
+        };
+        let head = match head {
+            Ok(head) => head,
+            Err(err) => {
+                self.rt.inner.hub.unsubscribe(name, handle.id);
+                tracing::debug!(error = %err, "realtime: subscribe without history");
+                return Err(unavailable(()));
+            }
+        };
+        out.push(Frame::text(protocol::ack(
+            id,
+            json!({"channel": name, "epoch": sub.epoch.as_deref(), "offset": head}),
+        )));
+        out.extend(history);
+        self.subs.insert(sub.channel.shared_name(), sub);
+        Ok(())
+    }
+
+    async fn publish(
+        &mut self,
+        who: &Who,
+        name: &str,
+        payload: &Value,
+    ) -> Result<Value, ProtocolError> {
+        let channel = Channel::parse(name).map_err(|e| ProtocolError::new(Code::BadChannel, e))?;
+        self.authorize(who, &channel, who.may_publish(&channel))
+            .await?;
+        let text = payload.to_string();
+        match self.rt.publish_text(&channel, &text).await {
+            Ok(at) => Ok(json!({"channel": name, "epoch": &*at.epoch, "offset": at.offset})),
+            Err(crate::PublishError::TooLarge { max, .. }) => Err(ProtocolError::new(
+                Code::TooLarge,
+                format!("a payload has at most {max} bytes"),
+            )),
+            Err(err) => Err(ProtocolError::new(Code::Unavailable, err.to_string())),
+        }
+    }
+
+    async fn outbound(&mut self, item: Outbound, out: &mut Vec<Frame>) {
+        match item {
+            Outbound::Message(delivery) => {
+                let Some(sub) = self.subs.get_mut(&delivery.channel) else {
+                    return;
+                };
+                if sub.epoch.as_deref() == Some(&*delivery.epoch) {
+                    if delivery.offset <= sub.last {
+                        return;
+                    }
+                    if delivery.offset == sub.last + 1 {
+                        out.push(Frame::text(delivery.frame.clone()));
+                        sub.last = delivery.offset;
+                        return;
+                    }
+                }
+                if catch_up(&self.rt, sub, out).await.is_err() {
+                    // The history cannot be read: name what is missing, then go on live.
+                    let channel = sub.channel.name();
+                    let same = sub.epoch.as_deref() == Some(&*delivery.epoch);
+                    if !same && let Some(old) = &sub.epoch {
+                        out.push(Frame::text(protocol::gap(
+                            channel,
+                            old,
+                            sub.last + 1,
+                            None,
+                            "epoch_changed",
+                        )));
+                    }
+                    let from = if same { sub.last + 1 } else { 1 };
+                    if delivery.offset > from {
+                        out.push(Frame::text(protocol::gap(
+                            channel,
+                            &delivery.epoch,
+                            from,
+                            Some(delivery.offset - 1),
+                            "unavailable",
+                        )));
+                    }
+                    out.push(Frame::text(delivery.frame.clone()));
+                    sub.epoch = Some(delivery.epoch.clone());
+                    sub.last = delivery.offset;
+                }
+            }
+            Outbound::Resync(channel) => {
+                if let Some(sub) = self.subs.get_mut(&channel) {
+                    let _ = catch_up(&self.rt, sub, out).await;
+                }
+            }
+        }
+    }
+}
+
+/// Brings `sub` up to its channel's head from the history: the missing messages, or a `gap`
+/// for each range the history no longer holds (or an epoch that ended). Returns the head.
+/// Read in pages of [`PAGE`] (one Lua call each stays short), at most `WS_REPLAY_MAX` in all.
+async fn catch_up(rt: &Realtime, sub: &mut Sub, out: &mut Vec<Frame>) -> Result<u64, StoreError> {
+    let store = &rt.inner.store;
+    let limit = rt.inner.config.replay_max;
+    let name = sub.channel.shared_name();
+    // At most a few epoch changes while reading (each read is atomic).
+    'epochs: for _ in 0..3 {
+        let mut history = store.read(&name, sub.last, PAGE, limit).await?;
+        let Some(epoch) = history.epoch.clone() else {
+            // The channel has no epoch: the one the subscriber had ended with no successor.
+            end_epoch(&name, sub, None, out);
+            return Ok(0);
+        };
+        if sub.epoch.as_deref() != Some(&*epoch) {
+            end_epoch(&name, sub, Some(epoch), out);
+            continue;
+        }
+        // Pages until the head of the first read (later messages arrive live).
+        let head = history.head;
+        let mut expected = sub.last + 1;
+        loop {
+            let empty = history.items.is_empty();
+            for item in std::mem::take(&mut history.items) {
+                if item.offset < expected {
+                    continue;
+                }
+                if item.offset > expected {
+                    out.push(Frame::text(protocol::gap(
+                        &name,
+                        &epoch,
+                        expected,
+                        Some(item.offset - 1),
+                        "history_trimmed",
+                    )));
+                }
+                out.push(Frame::text(item.frame.clone()));
+                expected = item.offset + 1;
+            }
+            sub.last = expected - 1;
+            if empty || expected > head {
+                break;
+            }
+            history = store.read(&name, sub.last, PAGE, limit).await?;
+            if history.epoch.as_deref() != Some(&*epoch) {
+                continue 'epochs;
+            }
+        }
+        if expected <= head {
+            out.push(Frame::text(protocol::gap(
+                &name,
+                &epoch,
+                expected,
+                Some(head),
+                "history_trimmed",
+            )));
+            sub.last = head;
+        }
+        return Ok(head);
+    }
+    Ok(sub.last)
+}
+
+/// Moves `sub` to `next` (from offset 0), with a `gap` for the rest of the epoch it leaves.
+fn end_epoch(name: &str, sub: &mut Sub, next: Option<Arc<str>>, out: &mut Vec<Frame>) {
+    if let Some(old) = std::mem::replace(&mut sub.epoch, next) {
+        let gap = protocol::gap(name, &old, sub.last + 1, None, "epoch_changed");
+        out.push(Frame::text(gap));
+    }
+    sub.last = 0;
+}
+
+/// Writes `out` in one flush, unless an order (overflow, logout, shutdown) arrives first.
+async fn write(
+    ws: &mut HttpWebSocket,
+    out: &mut Vec<Frame>,
+    handle: &ConnHandle,
+) -> Result<(), End> {
+    let n = out.len();
+    let written = async {
+        for frame in out.drain(..) {
+            ws.feed(frame).await?;
+        }
+        ws.flush().await
+    };
+    tokio::select! {
+        written = written => match written {
+            Ok(()) => {
+                metrics::sent(n);
+                Ok(())
+            }
+            Err(_) => Err(End::Broken),
+        },
+        () = handle.wake.notified() => match handle.take_order() {
+            Some(order) => Err(End::Order(order)),
+            None => Ok(()),
+        },
+    }
+}
+
+fn error(err: ProtocolError) -> Frame {
+    Frame::text(err.frame())
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The instant of a token's `exp` (seconds since the epoch).
+fn expiry(exp: u64) -> Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Instant::now() + Duration::from_secs(exp.saturating_sub(now))
+}

@@ -1,0 +1,189 @@
+//! This instance's subscribers: which connections listen to which channel, and the handle
+//! through which anything (a delivery, a revocation, shutdown) reaches a connection.
+//!
+//! Delivery never waits: a message is offered to each subscriber's bounded queue
+//! (`WS_QUEUE_SIZE`) with `try_send`; a full queue closes that connection (1013) and no
+//! other, so one slow client costs the others nothing and memory stays bounded.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::{Notify, mpsc};
+use uuid::Uuid;
+
+use crate::metrics;
+use crate::store::Delivery;
+
+/// What a connection's queue carries.
+#[derive(Debug)]
+pub enum Outbound {
+    Message(Arc<Delivery>),
+    /// The instance's subscription for this channel was re-established: messages may have
+    /// been missed meanwhile, read the history.
+    Resync(Arc<str>),
+}
+
+/// Why a connection is being closed from outside its task.
+#[derive(Debug, Clone)]
+pub struct CloseOrder {
+    pub code: u16,
+    pub reason: &'static str,
+    /// Send a `reconnect` message first (shutdown).
+    pub reconnect: bool,
+}
+
+/// One connection, as the hub and the rest of the instance see it.
+pub struct ConnHandle {
+    pub id: u64,
+    tx: mpsc::Sender<Outbound>,
+    order: Mutex<Option<CloseOrder>>,
+    /// Wakes the connection's task for an order (a stored permit if it is busy).
+    pub wake: Notify,
+    /// The login session it authenticated with (revoking the session closes it).
+    session: Mutex<Option<Uuid>>,
+}
+
+impl ConnHandle {
+    /// Closes the connection with `order` (the first order wins).
+    pub fn close(&self, order: CloseOrder) {
+        let mut slot = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(order);
+        }
+        drop(slot);
+        self.wake.notify_one();
+    }
+
+    pub fn take_order(&self) -> Option<CloseOrder> {
+        self.order.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_session(&self, session: Option<Uuid>) {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = session;
+    }
+
+    fn session(&self) -> Option<Uuid> {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Offers `item` to the queue; a full queue closes the connection.
+    fn offer(&self, item: Outbound) {
+        match self.tx.try_send(item) {
+            Ok(()) => metrics::queued(1),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::dropped("queue_full");
+                self.close(CloseOrder {
+                    code: 1013,
+                    reason: "send queue full: the client reads too slowly; resume with since",
+                    reconnect: false,
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Hub {
+    channels: RwLock<HashMap<Arc<str>, Vec<Arc<ConnHandle>>>>,
+    connections: Mutex<HashMap<u64, Arc<ConnHandle>>>,
+    next_id: AtomicU64,
+}
+
+impl Hub {
+    /// A new connection's handle and the receiving end of its queue.
+    pub fn connect(&self, queue_size: usize) -> (Arc<ConnHandle>, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(queue_size);
+        let handle = Arc::new(ConnHandle {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            tx,
+            order: Mutex::new(None),
+            wake: Notify::new(),
+            session: Mutex::new(None),
+        });
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(handle.id, handle.clone());
+        (handle, rx)
+    }
+
+    /// Forgets a connection and every subscription of it.
+    pub fn disconnect(&self, handle: &ConnHandle, channels: impl Iterator<Item = Arc<str>>) {
+        for channel in channels {
+            self.unsubscribe(&channel, handle.id);
+        }
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&handle.id);
+    }
+
+    pub fn subscribe(&self, channel: Arc<str>, handle: &Arc<ConnHandle>) {
+        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        let list = channels.entry(channel).or_default();
+        if !list.iter().any(|c| c.id == handle.id) {
+            list.push(handle.clone());
+        }
+    }
+
+    pub fn unsubscribe(&self, channel: &str, id: u64) {
+        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = channels.get_mut(channel) {
+            list.retain(|c| c.id != id);
+            if list.is_empty() {
+                channels.remove(channel);
+            }
+        }
+    }
+
+    /// Offers a message to every subscriber of its channel here.
+    pub fn deliver(&self, delivery: Arc<Delivery>) {
+        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = channels.get(&delivery.channel) {
+            for conn in list {
+                conn.offer(Outbound::Message(delivery.clone()));
+            }
+        }
+    }
+
+    /// Tells the subscribers of every channel `affected` says yes to that they may have
+    /// missed messages.
+    pub fn resync(&self, affected: impl Fn(&str) -> bool) {
+        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        for (channel, list) in channels.iter().filter(|(c, _)| affected(c)) {
+            for conn in list {
+                conn.offer(Outbound::Resync(channel.clone()));
+            }
+        }
+    }
+
+    /// Closes every connection authenticated with `session`.
+    pub fn close_session(&self, session: Uuid, order: &CloseOrder) -> usize {
+        let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = 0;
+        for conn in connections.values() {
+            if conn.session() == Some(session) {
+                conn.close(order.clone());
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Closes every connection (shutdown).
+    pub fn close_all(&self, order: &CloseOrder) {
+        let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        for conn in connections.values() {
+            conn.close(order.clone());
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}

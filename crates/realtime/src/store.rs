@@ -1,0 +1,406 @@
+//! Where each channel's messages get their offsets and are kept for resuming clients.
+//!
+//! **With Redis**, per channel (`{prefix}rt:{<channel>}:m` and `:h`, the name in a hash tag so
+//! both keys live in one cluster slot):
+//! - a hash `epoch`, `offset`: the epoch is created at random when the hash is missing (first
+//!   publish, Redis flushed or restarted without its data, or the channel idle for
+//!   [`META_TTL`]), and with it the offset counter restarts at 1 and the stream is emptied;
+//! - a stream whose entry ids are `<offset>-0`, holding the encoded `message` frame, trimmed
+//!   to the family's `max_len` (approximately, as `MAXLEN ~` does) and `max_age`.
+//!
+//! One Lua script assigns the offset, appends, trims and publishes the frame on the channel's
+//! pub/sub shard, so offsets are in publish order and nothing is appended that is not also
+//! published (or the reverse). A subscriber that sees an offset jump reads the stream.
+//!
+//! **Without Redis** (embedded or unified mode: one instance), the same behaviour in process:
+//! a bounded log per channel under one lock and an epoch drawn when the process starts (a
+//! restart is a new epoch: resuming clients get a `gap`, never a silent hole).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cascade_core::redis::Redis;
+
+use crate::channel::Channel;
+use crate::config::HistoryLimit;
+use crate::hub::Hub;
+
+/// A channel's epoch and offset counter outlive its history for this long after its last
+/// publish, so a client that was away longer than the history but shorter than this learns
+/// the exact range it missed rather than "everything of an ended epoch".
+const META_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// One published message, as every subscriber receives it.
+#[derive(Debug)]
+pub struct Delivery {
+    pub channel: Arc<str>,
+    pub epoch: Arc<str>,
+    pub offset: u64,
+    /// The `message` frame, encoded once.
+    pub frame: Bytes,
+}
+
+/// A channel's history after some offset, read atomically with its head.
+#[derive(Debug, Default)]
+pub struct History {
+    /// `None`: the channel has no epoch (nothing published since its data was lost).
+    pub epoch: Option<Arc<str>>,
+    /// The last offset assigned.
+    pub head: u64,
+    /// Messages after the offset asked for, oldest first, at most the count asked for (the
+    /// newest ones when more are held).
+    pub items: Vec<Arc<Delivery>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("Redis: {0}")]
+    Redis(String),
+}
+
+pub enum Store {
+    Redis(Box<RedisStore>),
+    Memory(MemoryStore),
+}
+
+impl Store {
+    /// Assigns the next offset of `channel` to `payload` (JSON text), keeps it in the history
+    /// and delivers it to every instance's subscribers.
+    pub async fn publish(
+        &self,
+        channel: &Channel,
+        payload: &str,
+        limit: HistoryLimit,
+        hub: &Hub,
+    ) -> Result<(Arc<str>, u64), StoreError> {
+        match self {
+            Store::Redis(store) => store.publish(channel, payload, limit, hub).await,
+            Store::Memory(store) => Ok(store.publish(channel, payload, limit, hub)),
+        }
+    }
+
+    /// The history of `channel` after `after` (or after `head - limit` when `after` is
+    /// further behind): at most `count` messages, oldest first; `count` 0 reads only the
+    /// epoch and head.
+    pub async fn read(
+        &self,
+        channel: &str,
+        after: u64,
+        count: u64,
+        limit: u64,
+    ) -> Result<History, StoreError> {
+        match self {
+            Store::Redis(store) => store.read(channel, after, count, limit).await,
+            Store::Memory(store) => Ok(store.read(channel, after, count, limit)),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn fresh_epoch() -> String {
+    format!("{:016x}", fastrand::u64(..))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+
+/// KEYS: meta hash, stream. ARGV: channel, payload, now ms, max len, max age ms, a fresh
+/// epoch, the pub/sub channel, meta ttl ms. Channel names need no JSON escaping (see
+/// `channel.rs`: `[A-Za-z0-9_:-]`), epochs are hex.
+const PUBLISH: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+local frame = '{"type":"message","channel":"' .. ARGV[1] .. '","offset":' .. offset ..
+  ',"epoch":"' .. epoch .. '","time":' .. ARGV[3] .. ',"payload":' .. ARGV[2] .. '}'
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], offset .. '-0', 't', ARGV[3], 'f', frame)
+local cutoff = tonumber(ARGV[3]) - tonumber(ARGV[5])
+for i = 1, 100 do
+  local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+  if #first == 0 or tonumber(first[1][2][2]) >= cutoff then break end
+  redis.call('XDEL', KEYS[2], first[1][1])
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[8])
+redis.call('PUBLISH', ARGV[7], ARGV[1] .. '\n' .. epoch .. '\n' .. offset .. '\n' .. frame)
+return {epoch, offset}
+"#;
+
+/// KEYS: meta hash, stream. ARGV: after, count, limit. Reads at most `count` messages after
+/// `after`, or after `head - limit` when the client is further behind than `limit`. Returns
+/// nil without an epoch, else {epoch, head, {id, frame, id, frame, ...}}.
+const READ: &str = r#"
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
+if not m[1] then return false end
+local head = tonumber(m[2])
+local after = tonumber(ARGV[1])
+local count = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local out = {}
+if count > 0 and head > after then
+  if head - after > limit then after = head - limit end
+  local start = '-'
+  if after > 0 then start = '(' .. after .. '-0' end
+  local items = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', count)
+  for _, e in ipairs(items) do
+    out[#out + 1] = e[1]
+    out[#out + 1] = e[2][4]
+  end
+end
+return {m[1], m[2], out}
+"#;
+
+pub struct RedisStore {
+    redis: Redis,
+    prefix: String,
+    shards: usize,
+    publish: redis::Script,
+    read: redis::Script,
+}
+
+impl RedisStore {
+    pub fn new(redis: Redis, key_prefix: &str, shards: usize) -> RedisStore {
+        RedisStore {
+            redis,
+            prefix: format!("{key_prefix}rt:"),
+            shards,
+            publish: redis::Script::new(PUBLISH),
+            read: redis::Script::new(READ),
+        }
+    }
+
+    pub fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
+    /// The pub/sub channel of shard `n`.
+    pub fn shard_channel(&self, n: usize) -> String {
+        format!("{}shard:{n}", self.prefix)
+    }
+
+    /// Which shard carries `channel`: the same on every instance (FNV-1a, not a seeded hash).
+    pub fn shard_of(&self, channel: &str) -> usize {
+        shard_of(channel, self.shards)
+    }
+
+    fn keys(&self, channel: &str) -> (String, String) {
+        (
+            format!("{}{{{channel}}}:m", self.prefix),
+            format!("{}{{{channel}}}:h", self.prefix),
+        )
+    }
+
+    async fn publish(
+        &self,
+        channel: &Channel,
+        payload: &str,
+        limit: HistoryLimit,
+        _hub: &Hub,
+    ) -> Result<(Arc<str>, u64), StoreError> {
+        let (meta, stream) = self.keys(channel.name());
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.publish.get_hash())
+            .arg(2)
+            .arg(&meta)
+            .arg(&stream)
+            .arg(channel.name())
+            .arg(payload)
+            .arg(now_ms())
+            .arg(limit.max_len)
+            .arg(limit.max_age.as_millis() as u64)
+            .arg(fresh_epoch())
+            .arg(self.shard_channel(self.shard_of(channel.name())))
+            .arg(META_TTL.max(limit.max_age).as_millis() as u64);
+        let (epoch, offset): (String, u64) = self
+            .redis
+            .eval(&self.publish, &cmd)
+            .await
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        Ok((epoch.into(), offset))
+    }
+
+    async fn read(
+        &self,
+        channel: &str,
+        after: u64,
+        count: u64,
+        limit: u64,
+    ) -> Result<History, StoreError> {
+        let (meta, stream) = self.keys(channel);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.read.get_hash())
+            .arg(2)
+            .arg(&meta)
+            .arg(&stream)
+            .arg(after)
+            .arg(count)
+            .arg(limit);
+        let found: Option<(String, u64, Vec<String>)> = self
+            .redis
+            .eval(&self.read, &cmd)
+            .await
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        let Some((epoch, head, flat)) = found else {
+            return Ok(History::default());
+        };
+        let epoch: Arc<str> = epoch.into();
+        let channel: Arc<str> = channel.into();
+        let items = flat
+            .chunks_exact(2)
+            .filter_map(|pair| {
+                let offset = pair[0].split_once('-')?.0.parse().ok()?;
+                Some(Arc::new(Delivery {
+                    channel: channel.clone(),
+                    epoch: epoch.clone(),
+                    offset,
+                    frame: Bytes::from(pair[1].clone()),
+                }))
+            })
+            .collect();
+        Ok(History {
+            epoch: Some(epoch),
+            head,
+            items,
+        })
+    }
+}
+
+/// FNV-1a of the name, modulo `shards`.
+pub fn shard_of(channel: &str, shards: usize) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in channel.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % shards.max(1) as u64) as usize
+}
+
+/// Parses what the publish script sends on a shard: `channel \n epoch \n offset \n frame`.
+pub fn parse_envelope(payload: &[u8]) -> Option<Delivery> {
+    let mut parts = payload.splitn(4, |b| *b == b'\n');
+    let channel = std::str::from_utf8(parts.next()?).ok()?;
+    let epoch = std::str::from_utf8(parts.next()?).ok()?;
+    let offset = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let frame = parts.next()?;
+    Some(Delivery {
+        channel: channel.into(),
+        epoch: epoch.into(),
+        offset,
+        frame: Bytes::copy_from_slice(frame),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// In process
+
+pub struct MemoryStore {
+    epoch: Arc<str>,
+    logs: Mutex<HashMap<Arc<str>, Log>>,
+}
+
+struct Log {
+    head: u64,
+    /// (publish time ms, message), oldest first.
+    items: VecDeque<(i64, Arc<Delivery>)>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            epoch: fresh_epoch().into(),
+            logs: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl MemoryStore {
+    /// Delivered under the lock, so subscribers see each channel's offsets in order.
+    fn publish(
+        &self,
+        channel: &Channel,
+        payload: &str,
+        limit: HistoryLimit,
+        hub: &Hub,
+    ) -> (Arc<str>, u64) {
+        let now = now_ms();
+        let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        let log = logs.entry(channel.shared_name()).or_insert_with(|| Log {
+            head: 0,
+            items: VecDeque::new(),
+        });
+        log.head += 1;
+        let offset = log.head;
+        let frame = crate::protocol::message(channel.name(), &self.epoch, offset, now, payload);
+        let delivery = Arc::new(Delivery {
+            channel: channel.shared_name(),
+            epoch: self.epoch.clone(),
+            offset,
+            frame: Bytes::from(frame),
+        });
+        log.items.push_back((now, delivery.clone()));
+        let cutoff = now - limit.max_age.as_millis() as i64;
+        while log.items.len() as u64 > limit.max_len
+            || log.items.front().is_some_and(|(t, _)| *t < cutoff)
+        {
+            log.items.pop_front();
+        }
+        hub.deliver(delivery);
+        (self.epoch.clone(), offset)
+    }
+
+    fn read(&self, channel: &str, after: u64, count: u64, limit: u64) -> History {
+        let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(log) = logs.get(channel) else {
+            return History::default();
+        };
+        let after = after.max(log.head.saturating_sub(limit));
+        let items = log
+            .items
+            .iter()
+            .filter(|(_, d)| d.offset > after)
+            .take(count as usize)
+            .map(|(_, d)| d.clone())
+            .collect();
+        History {
+            epoch: Some(self.epoch.clone()),
+            head: log.head,
+            items,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_split_on_the_first_three_newlines_only() {
+        let d = parse_envelope(b"space:a\nabc\n42\n{\"x\":\"a\\nb\"}\n").unwrap();
+        assert_eq!(&*d.channel, "space:a");
+        assert_eq!(&*d.epoch, "abc");
+        assert_eq!(d.offset, 42);
+        assert_eq!(&d.frame[..], b"{\"x\":\"a\\nb\"}\n");
+        assert!(parse_envelope(b"a\nb\nnot-a-number\n{}").is_none());
+    }
+
+    #[test]
+    fn shards_are_stable_and_spread() {
+        assert_eq!(shard_of("cascade-events", 4), shard_of("cascade-events", 4));
+        let used: std::collections::HashSet<usize> = (0..64)
+            .map(|n| shard_of(&format!("space:{n}"), 4))
+            .collect();
+        assert_eq!(used.len(), 4);
+    }
+}

@@ -1,0 +1,244 @@
+//! Real-time under test: PostgreSQL, Redis and instances of the real application sharing
+//! them, and a WebSocket client (yawc's, the server's own library) that speaks protocol v1.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use cascade_server::testing::TestApp;
+use cascade_testkit::{PgServer, RedisServer};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use yawc::close::CloseCode;
+use yawc::{Frame, HttpRequestBuilder, OpCode, TcpWebSocket, WebSocket};
+
+/// Fields drop in declaration order: the servers stop before what they use.
+#[allow(dead_code)]
+pub struct World {
+    pub servers: Vec<TestApp>,
+    pub pg: PgServer,
+    pub redis: RedisServer,
+}
+
+const JWT_SECRET: &str = "realtime-tests-secret-realtime-tests-secret";
+pub const ADMIN_TOKEN: &str = "realtime-tests-admin-token-0123456789";
+
+/// An account: its id and access token.
+#[derive(Clone)]
+pub struct User {
+    pub id: i64,
+    pub token: String,
+}
+
+impl World {
+    pub async fn start(instances: usize, extra: &[(&str, String)]) -> World {
+        let pg = PgServer::start().await;
+        let redis = RedisServer::start().await;
+        let url = pg.fresh_database().await;
+        let mut env = vec![
+            ("DATABASE_URL", url),
+            ("REDIS_URL", redis.url()),
+            ("JWT_SECRET", JWT_SECRET.to_string()),
+            ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
+            ("RATE_LIMIT_API", "off".to_string()),
+            ("RATE_LIMIT_AUTH", "off".to_string()),
+        ];
+        env.extend(extra.iter().cloned());
+        let mut servers = Vec::new();
+        for _ in 0..instances {
+            servers.push(TestApp::start(&env).await);
+        }
+        for server in &servers {
+            assert!(server.realtime_listening(Duration::from_secs(10)).await);
+        }
+        World { servers, pg, redis }
+    }
+
+    pub fn base(&self, n: usize) -> &str {
+        &self.servers[n % self.servers.len()].base
+    }
+
+    pub async fn register(&self, name: &str) -> User {
+        let response = reqwest::Client::new()
+            .post(format!("{}/auth/register", self.base(0)))
+            .json(&json!({"username": name, "password": "correct horse battery"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        let body: Value = response.json().await.unwrap();
+        User {
+            id: body["user"]["id"].as_i64().unwrap(),
+            token: body["access_token"].as_str().unwrap().to_string(),
+        }
+    }
+
+    /// A client on instance `n`, authenticated by header when `token` is given; past the hello.
+    pub async fn connect(&self, n: usize, token: Option<&str>) -> Client {
+        Client::connect(self.base(n), token)
+            .await
+            .expect("WebSocket upgrade")
+    }
+
+    /// `cascade_ws_*` and other series of instance `n`'s `/metrics`, summed over labels that
+    /// contain `labels`.
+    pub async fn metric(&self, n: usize, name: &str, labels: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.base(n)))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+/// What the client read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    Json(Value),
+    Close(Option<u16>),
+}
+
+pub struct Client {
+    ws: TcpWebSocket,
+    pub hello: Value,
+    next_id: u64,
+    /// Messages read while waiting for an answer, handed out next.
+    pending: VecDeque<Value>,
+}
+
+/// How long a test waits for one frame.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+impl Client {
+    /// Connects; an `Err` carries the HTTP status of a refused upgrade.
+    pub async fn connect(base: &str, token: Option<&str>) -> Result<Client, String> {
+        let url = format!("{}/ws", base.replacen("http", "ws", 1));
+        let mut request = HttpRequestBuilder::new();
+        if let Some(token) = token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let ws = WebSocket::connect(url.parse().unwrap())
+            .with_request(request)
+            .with_options(yawc::Options::default().with_max_payload_read(64 << 20))
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let mut client = Client {
+            ws,
+            hello: Value::Null,
+            next_id: 0,
+            pending: VecDeque::new(),
+        };
+        match client.next().await {
+            Some(Incoming::Json(hello)) if hello["type"] == "hello" => client.hello = hello,
+            other => return Err(format!("no hello: {other:?}")),
+        }
+        Ok(client)
+    }
+
+    pub async fn send(&mut self, message: Value) {
+        self.ws
+            .send(Frame::text(message.to_string()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_frame(&mut self, frame: Frame) {
+        self.ws.send(frame).await.unwrap();
+    }
+
+    /// The next JSON message or close (pings and pongs skipped); `None` when nothing came
+    /// within [`WAIT`] or the stream ended without a close frame.
+    pub async fn next(&mut self) -> Option<Incoming> {
+        self.next_within(WAIT).await
+    }
+
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Incoming> {
+        if let Some(value) = self.pending.pop_front() {
+            return Some(Incoming::Json(value));
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()??;
+            match frame.opcode() {
+                OpCode::Text => {
+                    let value: Value = serde_json::from_slice(frame.payload())
+                        .unwrap_or_else(|e| panic!("server sent non-JSON text: {e}"));
+                    return Some(Incoming::Json(value));
+                }
+                OpCode::Close => {
+                    return Some(Incoming::Close(frame.close_code().map(u16::from)));
+                }
+                OpCode::Binary => panic!("the server sent a binary frame"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next JSON message; panics on a close or silence.
+    pub async fn json(&mut self) -> Value {
+        match self.next().await {
+            Some(Incoming::Json(value)) => value,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    /// Reads until the connection closes; the close code (None: ended without a close frame).
+    pub async fn closed(&mut self) -> Option<u16> {
+        loop {
+            match self.next().await {
+                Some(Incoming::Json(_)) => continue,
+                Some(Incoming::Close(code)) => return code,
+                None => return None,
+            }
+        }
+    }
+
+    fn id(&mut self) -> String {
+        self.next_id += 1;
+        format!("r{}", self.next_id)
+    }
+
+    /// Sends `message` with a fresh id and returns the answer to it (`ack` or `error`), and
+    /// the messages read meanwhile (which [`next`](Self::next) hands out too).
+    pub async fn request(&mut self, mut message: Value) -> (Value, Vec<Value>) {
+        let id = self.id();
+        message["id"] = json!(id);
+        self.send(message).await;
+        let mut other = Vec::new();
+        let mut held = std::mem::take(&mut self.pending);
+        loop {
+            let value = self.json().await;
+            if value["id"] == json!(id) {
+                held.extend(other.iter().cloned());
+                self.pending = held;
+                return (value, other);
+            }
+            other.push(value);
+        }
+    }
+
+    pub async fn subscribe(&mut self, channel: &str) -> Value {
+        let (answer, _) = self
+            .request(json!({"type": "subscribe", "channel": channel}))
+            .await;
+        answer
+    }
+
+    pub async fn publish(&mut self, channel: &str, payload: Value) -> Value {
+        let (answer, _) = self
+            .request(json!({"type": "publish", "channel": channel, "payload": payload}))
+            .await;
+        answer
+    }
+
+    /// Closes politely.
+    pub async fn close(mut self) {
+        let _ = self.ws.send(Frame::close(CloseCode::Normal, "bye")).await;
+    }
+}
