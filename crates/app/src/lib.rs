@@ -121,19 +121,7 @@ impl AppModule {
     fn state(&self, app: &AppState) -> AppModuleState {
         self.state
             .get_or_init(|| {
-                // Building a client fails only when TLS cannot be set up: a startup error.
-                let venice = venice::connector(&self.config, app.cache.clone())
-                    .expect("the Venice HTTP client (TLS setup)");
-                billing::describe_metrics();
-                let stripe = billing::checkout::connector(&self.config.stripe, app.cache.clone())
-                    .expect("the Stripe HTTP client (TLS setup)");
-                AppModuleState(Arc::new(AppShared {
-                    config: self.config.clone(),
-                    venice,
-                    stripe,
-                    app: app.clone(),
-                    interactions: self.interactions.clone(),
-                }))
+                AppModuleState::with_interactions(&self.config, app, &self.interactions)
             })
             .clone()
     }
@@ -142,6 +130,35 @@ impl AppModule {
 /// What the application's handlers receive. One `Arc`: extracting it costs a reference count.
 #[derive(Clone)]
 pub struct AppModuleState(Arc<AppShared>);
+
+impl AppModuleState {
+    /// The module's state on `app` without its router or background tasks: what a one-shot
+    /// command (`cascade billing reconcile|replay`) needs to run billing's own code. Its
+    /// interaction log is never drained (such a command records none).
+    pub fn new(config: &AppConfig, app: &AppState) -> AppModuleState {
+        AppModuleState::with_interactions(config, app, &Interactions::new(&config.interactions))
+    }
+
+    fn with_interactions(
+        config: &AppConfig,
+        app: &AppState,
+        interactions: &Interactions,
+    ) -> AppModuleState {
+        // Building a client fails only when TLS cannot be set up: a startup error.
+        let venice = venice::connector(config, app.cache.clone())
+            .expect("the Venice HTTP client (TLS setup)");
+        billing::describe_metrics();
+        let stripe = billing::checkout::connector(&config.stripe, app.cache.clone())
+            .expect("the Stripe HTTP client (TLS setup)");
+        AppModuleState(Arc::new(AppShared {
+            config: config.clone(),
+            venice,
+            stripe,
+            app: app.clone(),
+            interactions: interactions.clone(),
+        }))
+    }
+}
 
 impl std::ops::Deref for AppModuleState {
     type Target = AppShared;

@@ -254,9 +254,9 @@ pub struct SessionPath {
 pub struct BillingSubscription {
     /// The account's tier: a paid tier of `STRIPE_PRICES_JSON`, or `observer`.
     pub tier: String,
-    /// The tier that tier gates apply to this request (the session's copy, refreshed on every
-    /// instance when the tier changes); a paid tier the platform's `Tier` does not know (such
-    /// as `explorer`) ranks as `observer` there.
+    /// The tier as this request's session has it (refreshed on every instance when the tier
+    /// changes): any tier of `STRIPE_PRICES_JSON` as it is named, which the application's tier
+    /// table treats as paid.
     pub gate_tier: String,
     #[schema(nullable = true)]
     pub subscription: Option<SubscriptionView>,
@@ -291,7 +291,8 @@ pub struct StripeEvent {
 #[derive(ToSchema)]
 pub struct WebhookAck {
     pub received: bool,
-    /// `applied`, `duplicate` (processed before: no effect) or `ignored` (a type not handled).
+    /// `applied`, `duplicate` (processed before: no effect), `older` (recorded; the
+    /// subscription already holds newer state: no effect) or `ignored` (a type not handled).
     pub outcome: String,
 }
 

@@ -106,7 +106,8 @@ mod tests {
         );
         assert!(check(Feature::Invest, "observer").is_err());
         assert!(check(Feature::CreateSpace, "").is_err());
-        for paid in ["participant", "architect", "consciousness_pro"] {
+        // Any tier STRIPE_PRICES_JSON names is paid, whatever its name (explorer too).
+        for paid in ["participant", "architect", "explorer", "consciousness_pro"] {
             assert!(check(Feature::CreateSpace, paid).is_ok(), "{paid}");
             assert!(check(Feature::Invest, paid).is_ok(), "{paid}");
         }

@@ -169,6 +169,24 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
             .contains("no space above its limit"),
         "{spaces}"
     );
+    // Stripe webhook ingestion: signed events with 10 % duplicates, all new, all duplicates
+    // (the dedupe path alone), and the dedupe insert alone; every answer the one expected.
+    for name in [
+        "stripe webhooks: signed events, 10 % duplicates",
+        "stripe webhooks: all new",
+        "stripe webhooks: all duplicates",
+        "stripe webhooks: the dedupe insert alone",
+    ] {
+        let r = row(name);
+        assert!(r["requests"].as_u64().unwrap() > 0, "{name}: {r}");
+        assert_eq!(r["errors"], 0, "{name}: {r}");
+        assert!(r["p99_ms"].as_f64().unwrap() > 0.0, "{name}: {r}");
+    }
+    let all_duplicates = row("stripe webhooks: all duplicates")["notes"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(all_duplicates.contains(" 0 applied, "), "{all_duplicates}");
     let outage = row("Redis killed");
     let notes = outage["notes"].as_str().unwrap();
     assert!(notes.starts_with("0 failed, 0 stale reads"), "{notes}");

@@ -1,9 +1,11 @@
-//! The `cascade` command: `serve`, `migrate`, `check`, `config`, `cache` and `seed`. The
+//! The `cascade` command: `serve`, `migrate`, `check`, `config`, `cache`, `seed` and
+//! `billing`. The
 //! benchmarks are `cascade-bench` (crates/bench), outside the product.
 //!
 //! Exit codes: 0 success, 1 a dependency failed (unreachable PostgreSQL, failed migration),
 //! 2 invalid configuration or usage.
 
+mod billing;
 mod check;
 mod seed;
 mod serve;
@@ -46,6 +48,24 @@ enum Command {
     /// Fill a module's tables with generated, realistic data.
     #[command(subcommand)]
     Seed(SeedCommand),
+    /// Stripe billing by hand: reconcile now, or replay saved events (needs STRIPE_API_KEY).
+    #[command(subcommand)]
+    Billing(BillingCommand),
+}
+
+#[derive(Subcommand)]
+enum BillingCommand {
+    /// Run one reconciliation pass now: list Stripe's recent events and apply those whose
+    /// webhooks were lost. Prints a line per subscription it repaired, then a summary.
+    Reconcile,
+    /// Feed saved Stripe events through the webhook's handler (exactly once still applies:
+    /// a second replay changes nothing). Prints per event: applied, duplicate, ignored-older
+    /// or unknown-type.
+    Replay {
+        /// The events: one event object, a JSON array of events, one event per line (JSON
+        /// lines), or a Stripe list object ({"object":"list","data":[...]}).
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -133,6 +153,10 @@ fn main() -> ExitCode {
             }
             Command::Cache(CacheCommand::Stats { url }) => {
                 check::cache_stats(&settings.core, url).await
+            }
+            Command::Billing(BillingCommand::Reconcile) => billing::reconcile(settings).await,
+            Command::Billing(BillingCommand::Replay { file }) => {
+                billing::replay(settings, &file).await
             }
             Command::Seed(SeedCommand::Catalog {
                 assets,

@@ -26,7 +26,14 @@ pub async fn run(settings: Settings, migrate: bool) -> anyhow::Result<ExitCode> 
         .await
         .with_context(|| format!("cannot listen on {}:{}", http.host, http.port))?;
     let local = listener.local_addr()?;
-    let app = Application::build(settings, BuildOptions { migrate }).await?;
+    let app = Application::build(
+        settings,
+        BuildOptions {
+            migrate,
+            ..BuildOptions::default()
+        },
+    )
+    .await?;
     tracing::info!(address = %local, startup_ms = started.elapsed().as_millis() as u64, "cascade is serving");
     println!("cascade listening on http://{local}");
     app.serve(listener, cascade_server::process::termination())

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use cascade_core::config::RateLimit;
 use cascade_core::identity::ratelimit::client_network as network_of;
-use cascade_core::identity::{AuthError, ClientInfo, Decision, Principal, Tier, Username};
+use cascade_core::identity::{AuthError, ClientInfo, Decision, Principal, Username};
 
 use crate::error::{ApiError, set_rate_headers};
 use crate::state::AppState;
@@ -27,7 +27,6 @@ impl From<AuthError> for ApiError {
             AuthError::BadCredentials | AuthError::Unauthorized(_) | AuthError::RefreshReuse => {
                 ApiError::Unauthorized(err.to_string())
             }
-            AuthError::TierTooLow { .. } => ApiError::Forbidden(err.to_string()),
             AuthError::NotFound => ApiError::NotFound("not found".into()),
             AuthError::Db(err) => err.into(),
             AuthError::Internal(message) => ApiError::Internal(anyhow::anyhow!(message)),
@@ -38,13 +37,6 @@ impl From<AuthError> for ApiError {
 /// The authenticated caller. Extracting it verifies the bearer token and its session (401
 /// otherwise) and counts the request against `RATE_LIMIT_API` for that user (429).
 pub struct CurrentUser(pub Principal);
-
-impl CurrentUser {
-    /// 403 unless the caller's subscription tier is `required` or above.
-    pub fn require_tier(&self, required: Tier) -> Result<(), ApiError> {
-        Ok(self.0.require_tier(required)?)
-    }
-}
 
 impl<S> FromRequestParts<S> for CurrentUser
 where

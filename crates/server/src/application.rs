@@ -88,11 +88,27 @@ pub async fn migrate(db: &Db, modules: &[Arc<dyn Module>]) -> anyhow::Result<Mig
 pub struct BuildOptions {
     /// Apply pending migrations (`cascade serve --no-migrate` turns it off).
     pub migrate: bool,
+    /// Start the platform's and the modules' background tasks. Off for one-shot commands
+    /// (`cascade billing reconcile|replay`) that use the state without serving.
+    pub tasks: bool,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
-        BuildOptions { migrate: true }
+        BuildOptions {
+            migrate: true,
+            tasks: true,
+        }
+    }
+}
+
+impl BuildOptions {
+    /// Migrations applied, no background task started: the state for a one-shot command.
+    pub fn without_tasks() -> BuildOptions {
+        BuildOptions {
+            migrate: true,
+            tasks: false,
+        }
     }
 }
 
@@ -144,21 +160,23 @@ impl Application {
         let metrics = Metrics::install();
         let live = Live::new(state.events.instance_id());
         let mut tasks = Supervisor::new();
-        start_platform_tasks(&state, &metrics, &mut tasks);
-        let server = ServerState {
-            app: state.clone(),
-            metrics: metrics.clone(),
-            live: live.clone(),
-            realtime: realtime.clone(),
-        };
-        let sampler = live.clone();
-        tasks.spawn("live-samples", move |stop| sampler.run(server, stop));
-        let (feed, channel) = (live.subscribe(), realtime.clone());
-        tasks.spawn("live-publish", move |stop| {
-            crate::http::live::publish(feed, channel, stop)
-        });
-        for module in &modules {
-            module.start_tasks(&state, &mut tasks);
+        if options.tasks {
+            start_platform_tasks(&state, &metrics, &mut tasks);
+            let server = ServerState {
+                app: state.clone(),
+                metrics: metrics.clone(),
+                live: live.clone(),
+                realtime: realtime.clone(),
+            };
+            let sampler = live.clone();
+            tasks.spawn("live-samples", move |stop| sampler.run(server, stop));
+            let (feed, channel) = (live.subscribe(), realtime.clone());
+            tasks.spawn("live-publish", move |stop| {
+                crate::http::live::publish(feed, channel, stop)
+            });
+            for module in &modules {
+                module.start_tasks(&state, &mut tasks);
+            }
         }
         Ok(Application {
             state,

@@ -6,7 +6,9 @@
 //! driven by the test (complete a checkout, change the price, fail or pay an invoice, cancel).
 //!
 //! Every change records the events Stripe would send, with Stripe's shape (`id`, `type`,
-//! `created`, `data.object`) and a `created` clock that advances one second per event. The
+//! `created`, `data.object`) and a `created` clock that advances one second per event, or,
+//! in burst mode ([`StripeStandin::bursts`]), one second per action (or per few actions),
+//! its events sharing that second as Stripe's do. The
 //! test then has them delivered, signed (`Stripe-Signature`, HMAC-SHA256 over `{t}.{body}`)
 //! with the secret it gives, to the URL it gives: in order, or shuffled, duplicated, dropped
 //! and delayed by a seeded [`Delivery`] plan. A delivery answered other than 2xx is retried,
@@ -46,6 +48,14 @@ struct Books {
     /// Requests per path, answered or not.
     calls: HashMap<String, u64>,
     delay: Duration,
+    /// An outage: every API request is answered with this status.
+    outage: Option<u16>,
+    /// 0: `clock` advances one second per event. `n`: one second per `n` actions (a test's
+    /// call that changes something), whose events all share it (see [`StripeStandin::bursts`]).
+    actions_per_second: u32,
+    actions: u32,
+    /// Subscriptions whose `GET /v1/subscriptions/{id}` answers 500.
+    broken: std::collections::HashSet<String>,
 }
 
 impl Books {
@@ -54,9 +64,21 @@ impl Books {
         format!("{prefix}_{:06}", self.next)
     }
 
+    /// An action begins (see `actions_per_second`).
+    fn step(&mut self) {
+        if self.actions_per_second > 0 {
+            if self.actions.is_multiple_of(self.actions_per_second) {
+                self.clock += 1;
+            }
+            self.actions += 1;
+        }
+    }
+
     fn emit(&mut self, kind: &str, object: Value) -> Value {
         let id = self.id("evt");
-        self.clock += 1;
+        if self.actions_per_second == 0 {
+            self.clock += 1;
+        }
         let event = json!({
             "id": id,
             "object": "event",
@@ -194,6 +216,45 @@ impl StripeStandin {
         self.books().delay = delay;
     }
 
+    /// Answers every API request with `status` (a Stripe error body) until `None`: an
+    /// outage at Stripe.
+    pub fn outage(&self, status: Option<u16>) {
+        self.books().outage = status;
+    }
+
+    /// Bursts, as Stripe sends them: from now on the events of `actions` consecutive actions
+    /// (1: of each action alone, as Stripe's `customer.subscription.created` and
+    /// `invoice.paid` of one signup, or an invoice and the status change it causes) share one
+    /// `created` second. 0: back to one second per event.
+    pub fn bursts(&self, actions: u32) {
+        let mut books = self.books();
+        books.actions_per_second = actions;
+        books.actions = 0;
+    }
+
+    fn step(&self) {
+        self.books().step();
+    }
+
+    /// `GET /v1/subscriptions/{id}` answers 500 (`broken`) or as usual for this one
+    /// subscription.
+    pub fn break_subscription(&self, id: &str, broken: bool) {
+        let mut books = self.books();
+        if broken {
+            books.broken.insert(id.to_string());
+        } else {
+            books.broken.remove(id);
+        }
+    }
+
+    /// Records an event of the test's own making (`kind`, `object`) as the next action, as if
+    /// Stripe had sent it: it is listed by `GET /v1/events`. The event.
+    pub fn record(&self, kind: &str, object: Value) -> Value {
+        let mut books = self.books();
+        books.step();
+        books.emit(kind, object)
+    }
+
     /// Every event recorded so far, in order.
     pub fn events(&self) -> Vec<Value> {
         self.books().events.clone()
@@ -209,6 +270,7 @@ impl StripeStandin {
     /// `customer.subscription.created` (active) and `invoice.paid`. Its id.
     pub fn create_subscription(&self, customer: Option<&str>, user_id: i64, price: &str) -> String {
         let mut books = self.books();
+        books.step();
         let customer = match customer {
             Some(customer) => customer.to_string(),
             None => {
@@ -227,6 +289,7 @@ impl StripeStandin {
     pub fn complete_checkout(&self, session: &str) -> Option<String> {
         let mut books = self.books();
         let mut object = books.sessions.get(session)?.clone();
+        books.step();
         let customer = object["customer"].as_str()?.to_string();
         let price = object["line_items"][0]["price"].as_str()?.to_string();
         let user_id = object["client_reference_id"]
@@ -247,6 +310,7 @@ impl StripeStandin {
 
     /// Moves subscription `id` to `price` (`customer.subscription.updated`).
     pub fn change_price(&self, id: &str, price: &str) {
+        self.step();
         self.update(id, |sub| {
             sub["items"]["data"][0]["price"] = json!({"id": price})
         });
@@ -254,24 +318,28 @@ impl StripeStandin {
 
     /// A renewal payment fails: `invoice.payment_failed`, then the subscription `past_due`.
     pub fn fail_payment(&self, id: &str) {
+        self.step();
         self.invoice(id, "invoice.payment_failed", "open");
         self.update(id, |sub| sub["status"] = json!("past_due"));
     }
 
     /// A payment succeeds: `invoice.paid`, then the subscription `active`.
     pub fn pay(&self, id: &str) {
+        self.step();
         self.invoice(id, "invoice.paid", "paid");
         self.update(id, |sub| sub["status"] = json!("active"));
     }
 
     /// Retries exhausted: the subscription becomes `unpaid`.
     pub fn mark_unpaid(&self, id: &str) {
+        self.step();
         self.update(id, |sub| sub["status"] = json!("unpaid"));
     }
 
     /// Cancels now: `customer.subscription.deleted`.
     pub fn cancel(&self, id: &str) {
         let mut books = self.books();
+        books.step();
         let Some(sub) = books.subscriptions.get_mut(id) else {
             return;
         };
@@ -455,6 +523,40 @@ pub fn signature_header(secrets: &[&str], timestamp: i64, payload: &[u8]) -> Str
     header
 }
 
+/// What Cascade's billing wrote for account `user_id`, read from its database: the account's
+/// tier, its subscriptions (`id:status:tier`, sorted), and the number of Stripe events
+/// recorded (for every account).
+pub async fn billing_state(
+    db: &tokio_postgres::Client,
+    user_id: i64,
+) -> (String, Vec<String>, i64) {
+    let tier: String = db
+        .query_one(
+            "SELECT subscription_tier FROM cascade_users WHERE id = $1",
+            &[&user_id],
+        )
+        .await
+        .expect("the account")
+        .get(0);
+    let subs = db
+        .query(
+            "SELECT format('%s:%s:%s', stripe_subscription_id, status, tier) \
+             FROM cascade_subscriptions WHERE user_id = $1 ORDER BY 1",
+            &[&user_id],
+        )
+        .await
+        .expect("its subscriptions")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let events: i64 = db
+        .query_one("SELECT count(*) FROM cascade_stripe_events", &[])
+        .await
+        .expect("the events recorded")
+        .get(0);
+    (tier, subs, events)
+}
+
 pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -477,6 +579,13 @@ async fn admit(
         .calls
         .entry(path.to_string())
         .or_default() += 1;
+    if let Some(status) = lock(&shared.books).outage {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return Err(stripe_error(
+            status,
+            "Stripe is having an outage (stand-in)",
+        ));
+    }
     let bearer = format!("Bearer {}", shared.key);
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(bearer.as_str()) {
         return Err(stripe_error(
@@ -629,7 +738,11 @@ async fn subscription(
     if let Err(answer) = admit(&shared, "/v1/subscriptions", &headers).await {
         return answer;
     }
-    match lock(&shared.books).subscriptions.get(&id) {
+    let books = lock(&shared.books);
+    if books.broken.contains(&id) {
+        return stripe_error(StatusCode::INTERNAL_SERVER_ERROR, "Something went wrong");
+    }
+    match books.subscriptions.get(&id) {
         Some(sub) => axum::Json(sub.clone()).into_response(),
         None => stripe_error(StatusCode::NOT_FOUND, "No such subscription"),
     }

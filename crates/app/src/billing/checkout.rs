@@ -33,7 +33,9 @@ pub const UPSTREAM: &str = "stripe";
 /// The longest client `Idempotency-Key` accepted (Stripe's own limit).
 const CLIENT_KEY_MAX: usize = 255;
 
-/// The Stripe connector. Billing only posts, so its cache namespaces are never used.
+/// The Stripe connector. Billing posts (customers, checkout and portal sessions) and reads
+/// uncached (`get_uncached`: a subscription in doubt, the events reconciliation lists), so
+/// its cache namespaces are never used.
 pub fn connector(
     config: &StripeConfig,
     cache: cascade_core::cache::Cache,

@@ -27,10 +27,11 @@ use serde_json::{Value, json};
 use crate::AppModuleState;
 use crate::config::RawAppConfig;
 
-/// Webhook deliveries by `outcome`: `applied`, `duplicate`, `ignored` (an event type we do not
-/// handle), `refused` (with a `reason`: a signature problem or a malformed body), `failed`;
+/// Webhook deliveries by `outcome`: `applied`, `duplicate`, `older` (recorded, its subscription
+/// already newer), `ignored` (an event type we do not handle), `refused` (with a `reason`: a signature problem or a malformed body), `failed`;
 /// and `unknown_price` for an applied subscription event whose price `STRIPE_PRICES_JSON`
-/// does not name (also counted as `applied`).
+/// does not name (also counted as `applied`), and `decided_without_stripe` (with a `reason`:
+/// `no_api_key`, `api_key_refused`) for an event in doubt decided without Stripe's copy.
 pub const STRIPE_WEBHOOKS: &str = "cascade_stripe_webhooks_total";
 
 /// Gives [`STRIPE_WEBHOOKS`] its `# HELP` line (the application calls it when it builds its
@@ -38,7 +39,7 @@ pub const STRIPE_WEBHOOKS: &str = "cascade_stripe_webhooks_total";
 pub fn describe_metrics() {
     metrics::describe_counter!(
         STRIPE_WEBHOOKS,
-        "Stripe webhook deliveries by outcome (applied, duplicate, ignored, refused with a reason, failed, unknown_price)"
+        "Stripe webhook deliveries by outcome (applied, duplicate, older, ignored, refused with a reason, failed, unknown_price, decided_without_stripe with a reason)"
     );
     reconcile::describe_metrics();
 }

@@ -15,9 +15,25 @@
 //!   that part's clock (ties: the later arrival wins), and `canceled` is final, as at Stripe.
 //!   Subscription events carry both parts; invoice events only the status. Delivered in any
 //!   order, the row ends as the newest events say, as if delivered in order.
+//! - **When in doubt, Stripe decides.** Stripe's `created` is in whole seconds. When an event
+//!   has the same second as a part's clock and would change that part in a way the clocks
+//!   cannot order (another price or period; another status: a recovery, `past_due` back to
+//!   `active`, can share the second of the failure), or when an invoice
+//!   names a subscription this database has never seen, the subscription is fetched from
+//!   Stripe (`GET /v1/subscriptions/{id}`, the `stripe` connector) and that object is applied
+//!   with the event's clock instead of the event's own: Stripe's present state wins the tie,
+//!   its status included (only `canceled` stays final).
+//!   The fetch happens outside the transaction (the event's transaction is rolled back and
+//!   redone with the fetched object); Stripe unreachable is a 503, and Stripe retries.
+//!   Stripe cannot be asked at all when `STRIPE_API_KEY` is not set (the webhook needs only
+//!   `STRIPE_WEBHOOK_SECRET`) or when Stripe refuses the key (401/403, a configuration error:
+//!   logged as an error): then the event is decided as if Stripe had no such subscription
+//!   (the clocks' rules; an invoice for an unknown subscription has no effect), counted as
+//!   `decided_without_stripe` with a `reason` (`no_api_key`, `api_key_refused`).
 //! - **The tier follows.** An account's `subscription_tier` is the tier of its most recent
-//!   subscription (by `object_at`) whose status entitles (`active`, `trialing`, `past_due`),
-//!   else `observer`: recomputed in the same transaction, under a lock on the account row.
+//!   subscription (by `object_at`) whose status entitles (`active`, `trialing`, `past_due`)
+//!   and whose price has a paid tier (an unknown price never hides a paid one), else
+//!   `observer`: recomputed in the same transaction, under a lock on the account row.
 //!   Grace: `past_due` (a failed payment Stripe is still retrying) keeps the tier; when Stripe's
 //!   retries are exhausted it moves the subscription to `unpaid` or `canceled`, and the tier
 //!   returns to `observer`. A changed tier drops the account's cached sessions on every
@@ -74,15 +90,19 @@ pub enum Outcome {
     Applied(Option<TierChange>),
     /// The event was processed before (or by a concurrent delivery): no effect.
     Duplicate,
+    /// Recorded, but the subscription already holds newer state (its clocks are past the
+    /// event's): no effect.
+    Older,
     /// A type we do not handle.
     Ignored,
 }
 
 impl Outcome {
-    fn label(&self) -> &'static str {
+    pub fn label(&self) -> &'static str {
         match self {
             Outcome::Applied(_) => "applied",
             Outcome::Duplicate => "duplicate",
+            Outcome::Older => "older",
             Outcome::Ignored => "ignored",
         }
     }
@@ -103,6 +123,9 @@ pub enum ProcessError {
     /// A handled event without a field its handling needs.
     #[error("event {event}: {message}")]
     Shape { event: String, message: String },
+    /// The event needed Stripe's copy of its subscription, and Stripe did not give it.
+    #[error("event {event}: fetching its subscription from Stripe: {message}")]
+    Stripe { event: String, message: String },
 }
 
 impl From<tokio_postgres::Error> for ProcessError {
@@ -171,13 +194,17 @@ fn refuse(reason: &'static str, field: &'static str, message: String) -> ApiErro
 
 /// Applies `event` and, once committed, makes a tier change visible everywhere.
 pub async fn handle(state: &AppModuleState, event: &Event) -> Result<Outcome, ApiError> {
-    let outcome = match apply(&state.app.db, &state.config.stripe, event).await {
+    let outcome = match apply(state, event).await {
         Ok(outcome) => outcome,
         Err(err) => {
             metrics::counter!(STRIPE_WEBHOOKS, "outcome" => "failed").increment(1);
             tracing::error!(event = %event.id, kind = %event.kind, error = %err, "Stripe event not processed; Stripe will retry");
             return Err(match err {
                 ProcessError::Db(err) => ApiError::from(err),
+                ProcessError::Stripe { .. } => ApiError::Unavailable {
+                    message: err.to_string(),
+                    retry_after: std::time::Duration::from_secs(1),
+                },
                 other => ApiError::Internal(anyhow::Error::new(other)),
             });
         }
@@ -192,9 +219,8 @@ pub async fn handle(state: &AppModuleState, event: &Event) -> Result<Outcome, Ap
 /// A committed tier change: every cached session of the account is dropped (acknowledged by
 /// every instance: `Principal.tier` is read from the session's cached copy), so the next
 /// request on any instance loads the new tier from `cascade_users`. Then it is announced as
-/// `tier_changed` on channel `user:{id}` with [`tier_changed`]'s payload: logged here; the
-/// domain-event bus (`cascade_core::events`, on its way to main) publishes it with
-/// `state.app.events.publish(&channel, "tier_changed", payload)` once merged.
+/// `tier_changed` on channel `user:{id}` with [`tier_changed`]'s payload, on the domain-event
+/// bus (`cascade_core::events`): every instance hears it.
 pub(crate) async fn announce(state: &AppModuleState, change: &TierChange) {
     state
         .app
@@ -223,15 +249,116 @@ pub(crate) fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// The event's effect and its dedupe row, in one transaction.
-pub async fn apply(
-    db: &cascade_core::db::Db,
-    config: &StripeConfig,
-    event: &Event,
-) -> Result<Outcome, ProcessError> {
+/// Stripe's copy of a subscription, asked for when an event cannot be ordered by its clocks.
+#[derive(Debug, Clone)]
+enum Fetched {
+    /// Not asked (yet): the event's own object is applied.
+    No,
+    /// Stripe has no such subscription: the event is applied as it is.
+    Missing,
+    /// Stripe's present object: applied with the event's clock, winning a tie.
+    Object(Value),
+}
+
+/// What one transaction did: done, or it found the event in doubt (see the module) and was
+/// rolled back so the subscription can be fetched without holding locks.
+enum Attempt {
+    Done(Outcome),
+    InDoubt(String),
+}
+
+/// The event's effect and its dedupe row, in one transaction (two, the first rolled back,
+/// when the subscription must be fetched from Stripe first).
+pub async fn apply(state: &AppModuleState, event: &Event) -> Result<Outcome, ProcessError> {
     if !HANDLED.contains(&event.kind.as_str()) {
         return Ok(Outcome::Ignored);
     }
+    let (db, config) = (&state.app.db, &state.config.stripe);
+    let subscription = match attempt(db, config, event, &Fetched::No).await? {
+        Attempt::Done(outcome) => return Ok(outcome),
+        Attempt::InDoubt(subscription) => subscription,
+    };
+    let fetched = if config.api_key.is_none() {
+        // The webhook route runs with only STRIPE_WEBHOOK_SECRET: Stripe cannot be asked, and
+        // a 503 would be retried for three days to the same end. Decided by the clocks alone.
+        undecided(event, &subscription, "no_api_key");
+        Fetched::Missing
+    } else {
+        fetch_subscription(&state.stripe, event, &subscription).await?
+    };
+    tracing::info!(event = %event.id, subscription, found = matches!(fetched, Fetched::Object(_)), "Stripe event in doubt: applied Stripe's copy of its subscription (if found)");
+    match attempt(db, config, event, &fetched).await? {
+        Attempt::Done(outcome) => Ok(outcome),
+        Attempt::InDoubt(_) => Err(ProcessError::Shape {
+            event: event.id.clone(),
+            message: "still in doubt after fetching its subscription".into(),
+        }),
+    }
+}
+
+/// `GET /v1/subscriptions/{id}` through the `stripe` connector.
+async fn fetch_subscription(
+    stripe: &cascade_core::upstream::Connector,
+    event: &Event,
+    id: &str,
+) -> Result<Fetched, ProcessError> {
+    let failed = |message: String| ProcessError::Stripe {
+        event: event.id.clone(),
+        message,
+    };
+    // Stripe's ids are `sub_` and letters and digits: nothing to escape, and nothing else sent.
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Ok(Fetched::Missing);
+    }
+    match stripe
+        .get_uncached(&format!("/v1/subscriptions/{id}"), &[])
+        .await
+    {
+        Ok((200, object)) if text(&object, "id") == Some(id) => Ok(Fetched::Object(object)),
+        Ok((200, _)) => Err(failed(
+            "an answer that is not the subscription asked for".into(),
+        )),
+        Ok((404, _)) => Ok(Fetched::Missing),
+        // Our key is refused: a configuration error no retry of Stripe's will cure. Said
+        // loudly, counted, and the event decided by the clocks alone.
+        Ok((status @ (401 | 403), body)) => {
+            let message = body
+                .pointer("/error/message")
+                .and_then(Value::as_str)
+                .unwrap_or("(no message)");
+            tracing::error!(
+                event = %event.id,
+                status,
+                message,
+                "Stripe refuses STRIPE_API_KEY: fix it; meanwhile events in doubt are decided without Stripe's copy"
+            );
+            undecided(event, id, "api_key_refused");
+            Ok(Fetched::Missing)
+        }
+        Ok((status, body)) => Err(failed(format!(
+            "HTTP {status}: {}",
+            body.pointer("/error/message")
+                .and_then(Value::as_str)
+                .unwrap_or("(no message)")
+        ))),
+        Err(cascade_core::upstream::UpstreamError::Unavailable { cause, .. }) => Err(failed(cause)),
+    }
+}
+
+/// Counts an event in doubt decided without Stripe's copy (`reason`: `no_api_key`,
+/// `api_key_refused`): as if Stripe had no such subscription.
+fn undecided(event: &Event, subscription: &str, reason: &'static str) {
+    metrics::counter!(STRIPE_WEBHOOKS, "outcome" => "decided_without_stripe", "reason" => reason)
+        .increment(1);
+    tracing::warn!(event = %event.id, subscription, reason, "Stripe event in doubt decided by the clocks alone: Stripe cannot be asked");
+}
+
+async fn attempt(
+    db: &cascade_core::db::Db,
+    config: &StripeConfig,
+    event: &Event,
+    fetched: &Fetched,
+) -> Result<Attempt, ProcessError> {
     let mut conn = db.conn().await?;
     let tx = conn.transaction().await?;
     // Blocks while a concurrent delivery of the same event holds the key.
@@ -243,21 +370,68 @@ pub async fn apply(
         )
         .await?;
     if fresh == 0 {
-        return Ok(Outcome::Duplicate);
+        return Ok(Attempt::Done(Outcome::Duplicate));
     }
     let object = &event.data.object;
-    let user = match event.kind.as_str() {
-        "checkout.session.completed" => checkout_completed(&tx, event, object).await?,
-        "invoice.paid" => invoice(&tx, event, object, "active").await?,
-        "invoice.payment_failed" => invoice(&tx, event, object, "past_due").await?,
-        _ => subscription(&tx, config, event, object).await?,
+    let effect = match (event.kind.as_str(), fetched) {
+        (_, Fetched::Object(stripes)) => {
+            subscription(&tx, config, event, stripes, true, true).await?
+        }
+        ("checkout.session.completed", _) => {
+            Effect::Account(checkout_completed(&tx, event, object).await?)
+        }
+        ("invoice.paid", _) => invoice(&tx, event, object, "active", fetched).await?,
+        ("invoice.payment_failed", _) => invoice(&tx, event, object, "past_due", fetched).await?,
+        _ => {
+            let decided = matches!(fetched, Fetched::Missing);
+            subscription(&tx, config, event, object, false, decided).await?
+        }
+    };
+    let user = match effect {
+        Effect::InDoubt(subscription) => return Ok(Attempt::InDoubt(subscription)),
+        Effect::Older => {
+            tx.commit().await?;
+            return Ok(Attempt::Done(Outcome::Older));
+        }
+        Effect::Account(user) => user,
     };
     let change = match user {
         Some(user_id) => retier(&tx, user_id).await?,
         None => None,
     };
     tx.commit().await?;
-    Ok(Outcome::Applied(change))
+    Ok(Attempt::Done(Outcome::Applied(change)))
+}
+
+/// What a handler did inside the transaction.
+enum Effect {
+    /// Applied; the account whose tier must be recomputed, if one.
+    Account(Option<i64>),
+    /// Recorded without effect: the row's clocks are past the event's.
+    Older,
+    /// The clocks cannot order the event: subscription `.0` must be fetched from Stripe.
+    InDoubt(String),
+}
+
+/// The subscription an event is about: the object of a subscription event, the invoice's
+/// subscription, the checkout session's subscription.
+pub fn subscription_of(event: &Event) -> Option<&str> {
+    let object = &event.data.object;
+    match event.kind.as_str() {
+        "checkout.session.completed" => text(object, "subscription"),
+        "invoice.paid" | "invoice.payment_failed" => invoice_subscription(object),
+        kind if kind.starts_with("customer.subscription.") => text(object, "id"),
+        _ => None,
+    }
+}
+
+/// `subscription` on an invoice (older API versions) or under `parent` (newer).
+fn invoice_subscription(object: &Value) -> Option<&str> {
+    text(object, "subscription").or_else(|| {
+        object
+            .pointer("/parent/subscription_details/subscription")
+            .and_then(Value::as_str)
+    })
 }
 
 fn text<'a>(object: &'a Value, field: &str) -> Option<&'a str> {
@@ -358,17 +532,20 @@ fn period(object: &Value, field: &str) -> Option<i64> {
         .or_else(|| object.pointer(&format!("/items/data/0/{field}"))?.as_i64())
 }
 
-/// `customer.subscription.*`: the subscription's object fields and status, each if this event
-/// is not older than what the row has (see the module's ordering rule).
+/// `customer.subscription.*` (or Stripe's own copy of the subscription, `from_stripe`): the
+/// subscription's object fields and status, each if this event is not older than what the row
+/// has (see the module's ordering rule). `decided`: do not ask Stripe even if in doubt.
 async fn subscription(
     tx: &Transaction<'_>,
     config: &StripeConfig,
     event: &Event,
     object: &Value,
-) -> Result<Option<i64>, ProcessError> {
+    from_stripe: bool,
+    decided: bool,
+) -> Result<Effect, ProcessError> {
     let id = required(event, object, "id")?;
     let customer = text(object, "customer");
-    let status = if event.kind == "customer.subscription.deleted" {
+    let status = if event.kind == "customer.subscription.deleted" && !from_stripe {
         "canceled"
     } else {
         required(event, object, "status")?
@@ -377,6 +554,35 @@ async fn subscription(
         .pointer("/items/data/0/price/id")
         .and_then(Value::as_str)
         .unwrap_or_default();
+    let user_id = owner(tx, object).await?;
+    let (start, end) = (
+        period(object, "current_period_start"),
+        period(object, "current_period_end"),
+    );
+    // The row as it is (the account is locked first: the order every handler locks in).
+    let known = tx
+        .query_opt(
+            "SELECT (object_at = $2 AND (stripe_price_id IS DISTINCT FROM $3::text \
+                        OR extract(epoch FROM current_period_start)::bigint IS DISTINCT FROM $4::bigint \
+                        OR extract(epoch FROM current_period_end)::bigint IS DISTINCT FROM $5::bigint)) \
+                    OR (status_at = $2 AND status <> 'canceled' AND status <> $6::text), \
+                    object_at > $2 AND (status = 'canceled' OR status_at > $2 \
+                        OR (status_at = $2 AND (status = $6::text \
+                            OR cascade_status_rank($6::text) < cascade_status_rank(status)))) \
+                    AND (user_id IS NOT NULL OR $7::bigint IS NULL) \
+             FROM cascade_subscriptions WHERE stripe_subscription_id = $1 FOR UPDATE",
+            &[&id, &event.created, &price, &start, &end, &status, &user_id],
+        )
+        .await?;
+    if let Some(row) = known {
+        let (in_doubt, older): (bool, bool) = (row.get(0), row.get(1));
+        if in_doubt && !decided {
+            return Ok(Effect::InDoubt(id.to_string()));
+        }
+        if older {
+            return Ok(Effect::Older);
+        }
+    }
     let tier = match config.tier_of_price(price) {
         Some(tier) => tier,
         None => {
@@ -385,11 +591,6 @@ async fn subscription(
             FREE_TIER
         }
     };
-    let user_id = owner(tx, object).await?;
-    let (start, end) = (
-        period(object, "current_period_start"),
-        period(object, "current_period_end"),
-    );
     tx.execute(
         "INSERT INTO cascade_subscriptions AS s \
              (user_id, stripe_subscription_id, stripe_customer_id, stripe_price_id, status, tier, \
@@ -411,7 +612,7 @@ async fn subscription(
              object_at = greatest(s.object_at, EXCLUDED.object_at), \
              status = CASE WHEN s.status <> 'canceled' AND (s.status_at < EXCLUDED.status_at \
                                 OR (s.status_at = EXCLUDED.status_at \
-                                    AND cascade_status_rank(EXCLUDED.status) >= cascade_status_rank(s.status))) \
+                                    AND ($10 OR cascade_status_rank(EXCLUDED.status) >= cascade_status_rank(s.status)))) \
                            THEN EXCLUDED.status ELSE s.status END, \
              status_at = greatest(s.status_at, EXCLUDED.status_at), \
              updated_at = now()",
@@ -425,6 +626,7 @@ async fn subscription(
             &start,
             &end,
             &event.created,
+            &from_stripe,
         ],
     )
     .await?;
@@ -436,29 +638,26 @@ async fn subscription(
         )
         .await?;
     let attributed: Option<i64> = row.get(0);
-    match (user_id, attributed) {
-        (Some(user_id), _) => Ok(Some(user_id)),
-        (None, Some(user_id)) => lock_user(tx, user_id).await,
-        (None, None) => Ok(None),
-    }
+    Ok(Effect::Account(match (user_id, attributed) {
+        (Some(user_id), _) => Some(user_id),
+        (None, Some(user_id)) => lock_user(tx, user_id).await?,
+        (None, None) => None,
+    }))
 }
 
-/// `invoice.paid` / `invoice.payment_failed`: the status of the invoice's subscription, if the
-/// row is known and this event is not older than its status. An invoice for a subscription not
-/// seen yet changes nothing: that subscription's own events carry its status too.
+/// `invoice.paid` / `invoice.payment_failed`: the status of the invoice's subscription, if
+/// this event is not older than the row's status. An invoice for a subscription this database
+/// has never seen is in doubt: Stripe's copy of the subscription is fetched and applied
+/// instead (none at Stripe: no effect).
 async fn invoice(
     tx: &Transaction<'_>,
     event: &Event,
     object: &Value,
     status: &str,
-) -> Result<Option<i64>, ProcessError> {
-    // `subscription` on the invoice (older API versions) or under `parent` (newer).
-    let Some(subscription) = text(object, "subscription").or_else(|| {
-        object
-            .pointer("/parent/subscription_details/subscription")
-            .and_then(Value::as_str)
-    }) else {
-        return Ok(None);
+    fetched: &Fetched,
+) -> Result<Effect, ProcessError> {
+    let Some(subscription) = invoice_subscription(object) else {
+        return Ok(Effect::Account(None));
     };
     let row = tx
         .query_opt(
@@ -466,38 +665,75 @@ async fn invoice(
             &[&subscription],
         )
         .await?;
-    let Some(row) = row else { return Ok(None) };
+    let Some(row) = row else {
+        return Ok(match fetched {
+            Fetched::No => Effect::InDoubt(subscription.to_string()),
+            _ => Effect::Account(None),
+        });
+    };
     // The account first, then the row: the order every handler locks in.
-    let user_id = match row.get::<_, Option<i64>>(0) {
+    let seen: Option<i64> = row.get(0);
+    let mut user_id = match seen {
         Some(user_id) => lock_user(tx, user_id).await?,
         None => None,
     };
-    tx.execute(
-        // Strictly newer only: an invoice event in the same second as a subscription event
-        // (Stripe's `created` is in seconds) must not undo it (an `unpaid` back to `past_due`).
-        // A failed payment makes only a paying subscription `past_due`: a first payment that
-        // fails leaves an `incomplete` one without a tier.
-        "UPDATE cascade_subscriptions SET status = $2, status_at = $3, updated_at = now() \
-         WHERE stripe_subscription_id = $1 AND status <> 'canceled' AND status_at < $3 \
-           AND ($2 <> 'past_due' OR status IN ('active', 'trialing', 'past_due'))",
-        &[&subscription, &status, &event.created],
-    )
-    .await?;
-    Ok(user_id)
+    // Read again under the row's lock: a checkout committed meanwhile may have attributed it
+    // (`user_id` only ever goes from none to an account), and that account's tier must follow.
+    let now: Option<i64> = tx
+        .query_one(
+            "SELECT user_id FROM cascade_subscriptions WHERE stripe_subscription_id = $1 \
+             FOR UPDATE",
+            &[&subscription],
+        )
+        .await?
+        .get(0);
+    if now != seen
+        && let Some(attributed) = now
+    {
+        user_id = lock_user(tx, attributed).await?;
+    }
+    let changed = tx
+        .query_opt(
+            // Strictly newer only: an invoice event in the same second as a subscription event
+            // (Stripe's `created` is in seconds) must not undo it (an `unpaid` back to
+            // `past_due`). A failed payment makes only a paying subscription `past_due`: a
+            // first payment that fails leaves an `incomplete` one without a tier.
+            "WITH row AS (SELECT status, status_at FROM cascade_subscriptions \
+                          WHERE stripe_subscription_id = $1 FOR UPDATE), \
+                  moved AS (UPDATE cascade_subscriptions \
+                            SET status = $2, status_at = $3, updated_at = now() \
+                            WHERE stripe_subscription_id = $1 AND status <> 'canceled' \
+                              AND status_at < $3 \
+                              AND ($2 <> 'past_due' OR status IN ('active', 'trialing', 'past_due')) \
+                            RETURNING 1) \
+             SELECT EXISTS (SELECT 1 FROM moved), \
+                    (SELECT status = 'canceled' OR status_at >= $3 FROM row)",
+            &[&subscription, &status, &event.created],
+        )
+        .await?;
+    let (moved, older) = changed
+        .map(|row| (row.get::<_, bool>(0), row.get::<_, Option<bool>>(1)))
+        .unwrap_or((false, None));
+    if !moved && older == Some(true) {
+        return Ok(Effect::Older);
+    }
+    Ok(Effect::Account(user_id))
 }
 
-/// Recomputes the account's tier from its subscriptions (the account row is locked).
+/// Recomputes the account's tier from its subscriptions (the account row is locked): the
+/// most recent entitling subscription with a paid tier; one whose price `STRIPE_PRICES_JSON`
+/// does not name gives no tier and never hides a paid one.
 async fn retier(tx: &Transaction<'_>, user_id: i64) -> Result<Option<TierChange>, ProcessError> {
     let row = tx
         .query_one(
             "SELECT u.subscription_tier, \
                     (SELECT s.tier FROM cascade_subscriptions s \
                      WHERE s.user_id = u.id AND s.status = ANY($2) \
-                     ORDER BY s.object_at DESC, s.id DESC LIMIT 1), \
+                     ORDER BY s.tier <> $3 DESC, s.object_at DESC, s.id DESC LIMIT 1), \
                     (SELECT s.status FROM cascade_subscriptions s WHERE s.user_id = u.id \
                      ORDER BY s.status_at DESC, s.id DESC LIMIT 1) \
              FROM cascade_users u WHERE u.id = $1",
-            &[&user_id, &ENTITLED],
+            &[&user_id, &ENTITLED, &FREE_TIER],
         )
         .await?;
     let from: String = row.get(0);

@@ -1,7 +1,10 @@
 //! The ordering checker: 200 subscriptions live scripted lives at the stand-in (created,
 //! upgraded, downgraded, payments failing and recovering, unpaid, canceled: about two thousand
 //! events). Delivered in order, and shuffled with 20 % duplicates, concurrently, for several
-//! seeds, they leave the same subscriptions and tiers: Stripe's final state.
+//! seeds, they leave the same subscriptions and tiers: Stripe's final state. Run three times:
+//! one second per event; Stripe's bursts (the events of one action share a second); and two
+//! actions a second (a failure and its recovery in one second), where only the fetch of
+//! Stripe's copy can settle the ties.
 
 use std::collections::BTreeMap;
 
@@ -106,12 +109,43 @@ pub async fn actual(pg: &PgServer, database: &str) -> BTreeMap<i64, String> {
 async fn shuffled_duplicated_deliveries_end_as_in_order_delivery_for_every_seed() {
     let pg = PgServer::start().await;
     let redis = RedisServer::start().await;
-    let stripe = StripeStandin::start().await;
     let venice = VeniceStandin::start(sample_citizens()).await;
-    script(&stripe, SUBSCRIPTIONS);
+    // One second per event; then Stripe's bursts, the events of one action sharing a second
+    // (the same-second tie rules and the fetch of Stripe's copy, at scale).
+    for bursts in [0, 1, 2] {
+        let stripe = StripeStandin::start().await;
+        stripe.bursts(bursts);
+        check_every_seed(&pg, &redis, &venice, &stripe).await;
+        let fetches = stripe.calls("/v1/subscriptions");
+        if bursts > 0 {
+            let events = stripe.events();
+            let shared = events
+                .windows(2)
+                .filter(|pair| pair[0]["created"] == pair[1]["created"])
+                .count();
+            // At least each signup's created and invoice.paid.
+            assert!(
+                shared >= SUBSCRIPTIONS as usize,
+                "{shared} events share their second with the next"
+            );
+            assert!(
+                fetches > 0,
+                "bursts: in doubt, Stripe was asked ({fetches})"
+            );
+        }
+    }
+}
+
+async fn check_every_seed(
+    pg: &PgServer,
+    redis: &RedisServer,
+    venice: &VeniceStandin,
+    stripe: &StripeStandin,
+) {
+    script(stripe, SUBSCRIPTIONS);
     let events = stripe.events();
     assert!(events.len() > 1000, "{} events", events.len());
-    let truth = expected(&stripe);
+    let truth = expected(stripe);
     assert_eq!(truth.len() as i64, SUBSCRIPTIONS);
     assert!(truth.values().any(|v| v.contains(":canceled:")));
     assert!(truth.values().any(|v| v.contains(":past_due:")));
@@ -127,7 +161,7 @@ async fn shuffled_duplicated_deliveries_end_as_in_order_delivery_for_every_seed(
     for plan in std::iter::once(in_order).chain(plans) {
         let url = pg.fresh_database().await;
         let database = url.rsplit('/').next().unwrap().to_string();
-        let app = TestApp::start(&billing_env(url, &redis, &stripe, &venice)).await;
+        let app = TestApp::start(&billing_env(url, redis, stripe, venice)).await;
         let db = pg.client(&database).await;
         add_accounts(&db, SUBSCRIPTIONS).await;
         let delivered = stripe
@@ -149,7 +183,7 @@ async fn shuffled_duplicated_deliveries_end_as_in_order_delivery_for_every_seed(
             "seed {}",
             plan.seed
         );
-        let state = actual(&pg, &database).await;
+        let state = actual(pg, &database).await;
         let wrong: Vec<_> = truth
             .iter()
             .filter(|(user, want)| state.get(user) != Some(want))
@@ -186,6 +220,7 @@ pub async fn add_accounts(db: &tokio_postgres::Client, count: i64) {
 /// duplicated) to an instance that does not reconcile; the state is then wrong. A second
 /// instance on the same database reconciles (`STRIPE_RECONCILE_INTERVAL` of 300 ms): the state
 /// becomes that of in-order delivery, each event recorded once, and later runs change nothing.
+/// For several seeds (each its own drops, order and duplicates, on a fresh database).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciliation_heals_dropped_deliveries_and_a_second_run_changes_nothing() {
     let pg = PgServer::start().await;
@@ -193,12 +228,24 @@ async fn reconciliation_heals_dropped_deliveries_and_a_second_run_changes_nothin
     let stripe = StripeStandin::start().await;
     let venice = VeniceStandin::start(sample_citizens()).await;
     script(&stripe, SUBSCRIPTIONS);
+    for seed in [7, 8, 9] {
+        heal_dropped(&pg, &redis, &stripe, &venice, seed).await;
+    }
+}
+
+async fn heal_dropped(
+    pg: &PgServer,
+    redis: &RedisServer,
+    stripe: &StripeStandin,
+    venice: &VeniceStandin,
+    seed: u64,
+) {
     let events = stripe.events();
-    let truth = expected(&stripe);
+    let truth = expected(stripe);
     let url = pg.fresh_database().await;
     let database = url.rsplit('/').next().unwrap().to_string();
     let env = |interval: &str| {
-        let mut env = billing_env(url.clone(), &redis, &stripe, &venice);
+        let mut env = billing_env(url.clone(), redis, stripe, venice);
         env.push(("STRIPE_RECONCILE_INTERVAL", interval.to_string()));
         env
     };
@@ -206,7 +253,7 @@ async fn reconciliation_heals_dropped_deliveries_and_a_second_run_changes_nothin
     let db = pg.client(&database).await;
     add_accounts(&db, SUBSCRIPTIONS).await;
     let plan = Delivery {
-        seed: 7,
+        seed,
         shuffle: true,
         duplicate: 0.2,
         drop: 0.05,
@@ -223,7 +270,11 @@ async fn reconciliation_heals_dropped_deliveries_and_a_second_run_changes_nothin
         .await;
     assert!(delivered.dropped.len() > 20, "{:?}", delivered.dropped);
     assert!(delivered.statuses.iter().all(|s| *s == 200));
-    assert_ne!(actual(&pg, &database).await, truth, "the drops matter");
+    assert_ne!(
+        actual(pg, &database).await,
+        truth,
+        "seed {seed}: the drops matter"
+    );
     let recorded = || async {
         db.query_one(
             "SELECT count(*), (SELECT finished_at::text FROM cascade_stripe_reconcile) \
@@ -252,13 +303,13 @@ async fn reconciliation_heals_dropped_deliveries_and_a_second_run_changes_nothin
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let first_run = first_run.expect("a reconciliation run within 30 s");
-    let healed = actual(&pg, &database).await;
+    let healed = actual(pg, &database).await;
     let wrong: Vec<_> = truth
         .iter()
         .filter(|(user, want)| healed.get(user) != Some(want))
         .map(|(user, want)| format!("{user}: want {want}, got {:?}", healed.get(user)))
         .collect();
-    assert!(wrong.is_empty(), "{wrong:#?}");
+    assert!(wrong.is_empty(), "seed {seed}: {wrong:#?}");
     let changed_at = || async {
         db.query_one(
             "SELECT (SELECT max(updated_at)::text FROM cascade_subscriptions), \
@@ -286,8 +337,12 @@ async fn reconciliation_heals_dropped_deliveries_and_a_second_run_changes_nothin
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(later_run, "a second run within 30 s");
-    assert_eq!(changed_at().await, before, "a second run changes nothing");
-    assert_eq!(actual(&pg, &database).await, healed);
+    assert_eq!(
+        changed_at().await,
+        before,
+        "seed {seed}: a second run changes nothing"
+    );
+    assert_eq!(actual(pg, &database).await, healed);
     drop(reconciler);
     drop(webhooks);
 }

@@ -5,5 +5,6 @@
 mod checker;
 mod checkout;
 mod delivery;
+mod doubt;
 mod signatures;
 mod support;

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use cascade_server::testing::TestApp;
-use cascade_testkit::stripe::{Delivered, Delivery, TEST_KEY, signature_header, unix_now};
+use cascade_testkit::stripe::{
+    Delivered, Delivery, TEST_KEY, billing_state, signature_header, unix_now,
+};
 use cascade_testkit::venice::sample_citizens;
 use cascade_testkit::{PgServer, RedisServer, StripeStandin, VeniceStandin};
 use serde_json::{Value, json};
@@ -149,32 +151,7 @@ impl World {
     /// What billing wrote: the account's tier and status, its subscriptions
     /// (`id:status:tier`), and the number of events recorded.
     pub async fn state_of(&self, user_id: i64) -> (String, Vec<String>, i64) {
-        let db = self.pg.client(&self.database).await;
-        let tier: String = db
-            .query_one(
-                "SELECT subscription_tier FROM cascade_users WHERE id = $1",
-                &[&user_id],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        let subs = db
-            .query(
-                "SELECT format('%s:%s:%s', stripe_subscription_id, status, tier) \
-                 FROM cascade_subscriptions WHERE user_id = $1 ORDER BY 1",
-                &[&user_id],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let events: i64 = db
-            .query_one("SELECT count(*) FROM cascade_stripe_events", &[])
-            .await
-            .unwrap()
-            .get(0);
-        (tier, subs, events)
+        billing_state(&self.pg.client(&self.database).await, user_id).await
     }
 
     /// The value of `cascade_stripe_webhooks_total` with these labels on instance 0 (0 if

@@ -17,6 +17,7 @@
 //! | citizens | `GET /citizens/{u}` hot (cached) and cold (Venice, played by a stand-in in this process, answering in 20 ms): upstream calls per 1000 requests |
 //! | stampede | 1000 concurrent requests for one cold key: PostgreSQL queries counted |
 //! | spaces | one client per connection joining and leaving spaces with fewer places than clients: throughput, p99, no space above its limit |
+//! | stripe webhooks | signed events posted to `POST /webhooks/stripe` (Stripe played by the test kit's stand-in in this process): events/s and p99 with 10 % duplicates, all new, all duplicates, and the dedupe insert alone |
 //! | Redis outage | Redis killed for 10 s under load: failed requests, stale reads, recovery |
 //! | PostgreSQL restart | PostgreSQL stopped for 10 s under load: how fast refusals come, no acknowledged write lost, recovery |
 //!
@@ -34,6 +35,7 @@ mod server;
 mod spaces;
 mod stampede;
 mod throughput;
+mod webhooks;
 mod wrk;
 
 use std::path::{Path, PathBuf};
@@ -43,7 +45,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use cascade_core::db::EmbeddedPostgres;
 use cascade_server::{Application, BuildOptions, Settings};
-use cascade_testkit::{RedisServer, VeniceStandin};
+use cascade_testkit::{RedisServer, StripeStandin, VeniceStandin};
 
 use self::client::Client;
 use self::report::Report;
@@ -77,6 +79,8 @@ struct Suite {
     statements: Option<Statements>,
     /// Venice, played in this process: it counts the server's calls.
     venice: VeniceStandin,
+    /// Stripe, played in this process (the server's `STRIPE_API_URL`).
+    _stripe: StripeStandin,
     redis: RedisServer,
     /// The embedded PostgreSQL (what `cascade serve` starts without DATABASE_URL: default
     /// settings, fsync on, a clean "fast" stop), which the restart scenario stops and starts
@@ -116,6 +120,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     rows.extend(throughput::with_ratios(&rows, citizens));
     rows.push(stampede::run(&suite).await?);
     rows.push(spaces::run(&suite).await?);
+    rows.extend(webhooks::run(&suite).await?);
     rows.push(redis_outage::run(&mut suite).await?);
     rows.push(pg_restart::run(&mut suite).await?);
 
@@ -155,7 +160,9 @@ impl Suite {
         }
         let redis = RedisServer::start().await;
         let venice = VeniceStandin::start(citizens::citizens(seconds)).await;
-        let mut server = ServerProc::start(work, &pg.url(), &redis.url(), &venice.url())?;
+        let stripe = StripeStandin::start().await;
+        let mut server =
+            ServerProc::start(work, &pg.url(), &redis.url(), &venice.url(), &stripe.url())?;
         server.wait_ready(Duration::from_secs(120)).await?;
         let mut client = Client::new(&server.base)?;
         client.register(BENCH_ACCOUNT).await?;
@@ -173,6 +180,7 @@ impl Suite {
             wrk,
             statements,
             venice,
+            _stripe: stripe,
             redis,
             pg,
             pg_dir,
@@ -194,7 +202,14 @@ impl Suite {
             ),
         ])
         .map_err(anyhow::Error::msg)?;
-        let app = Application::build(settings, BuildOptions { migrate: false }).await?;
+        let app = Application::build(
+            settings,
+            BuildOptions {
+                migrate: false,
+                ..BuildOptions::default()
+            },
+        )
+        .await?;
         let seeded = seed_catalog(&app, assets).await;
         let ids = match seeded {
             Ok(()) => versions(&app).await,

@@ -25,6 +25,7 @@ impl ServerProc {
         database_url: &str,
         redis_url: &str,
         venice_url: &str,
+        stripe_url: &str,
     ) -> anyhow::Result<Self> {
         let port = cascade_testkit::free_port();
         let log = work.join("server.log");
@@ -40,6 +41,12 @@ impl ServerProc {
             .env("PORT", port.to_string())
             .env("HOST", "127.0.0.1")
             .env("RATE_LIMIT_API", "off")
+            // The webhooks scenario: Stripe played by the suite's stand-in; no reconciliation.
+            .env("STRIPE_API_URL", stripe_url)
+            .env("STRIPE_API_KEY", cascade_testkit::stripe::TEST_KEY)
+            .env("STRIPE_WEBHOOK_SECRET", super::webhooks::SECRET)
+            .env("STRIPE_PRICES_JSON", super::webhooks::PRICES)
+            .env("STRIPE_RECONCILE_INTERVAL", "0")
             // The spaces scenario registers one account per client.
             .env("RATE_LIMIT_AUTH", "off")
             .env("ADMIN_TOKEN", super::client::ADMIN_TOKEN)

@@ -155,7 +155,7 @@ pub(super) async fn run(suite: &Suite) -> anyhow::Result<Row> {
     ))
 }
 
-async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+pub(super) async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .context("connecting to the suite's PostgreSQL")?;

@@ -1,6 +1,7 @@
 //! End-to-end tests of the `cascade` binary against real PostgreSQL and Redis servers.
 //! One test binary (modules below) so the suite links once.
 
+mod billing;
 mod cache_cli;
 mod common;
 mod config;

@@ -49,41 +49,6 @@ pub const PASSWORD_MAX: usize = 256;
 pub const EMAIL_MAX: usize = 254;
 pub const USER_AGENT_MAX: usize = 256;
 
-/// Subscription tiers, lowest first. Features are gated with [`Principal::require_tier`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Tier {
-    Observer,
-    Participant,
-    Architect,
-}
-
-impl Tier {
-    pub const ALL: [Tier; 3] = [Tier::Observer, Tier::Participant, Tier::Architect];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Observer => "observer",
-            Tier::Participant => "participant",
-            Tier::Architect => "architect",
-        }
-    }
-
-    /// Unknown names (a tier removed from the product) rank lowest.
-    pub fn parse(name: &str) -> Tier {
-        Tier::ALL
-            .into_iter()
-            .find(|t| t.as_str() == name)
-            .unwrap_or(Tier::Observer)
-    }
-}
-
-impl std::fmt::Display for Tier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// Bad input: a 400 naming the field.
@@ -102,8 +67,6 @@ pub enum AuthError {
     Unauthorized(String),
     #[error("refresh token reuse detected: the session has been revoked")]
     RefreshReuse,
-    #[error("this requires the {required} tier or above (yours: {actual})")]
-    TierTooLow { required: Tier, actual: Tier },
     #[error("not found")]
     NotFound,
     #[error(transparent)]
@@ -159,26 +122,14 @@ pub struct Tokens {
 pub struct Principal {
     pub user_id: i64,
     pub username: String,
-    /// The tier as of the session's cached copy (a tier change invalidates it).
-    pub tier: Tier,
+    /// The account's `subscription_tier` as of the session's cached copy (a tier change
+    /// invalidates it): a name the application gives meaning to (the core ranks no tiers; the
+    /// application's tier table says what each may do).
+    pub tier: String,
     pub session_id: Uuid,
     pub jti: Uuid,
     /// Expiry of the access token, in seconds since the epoch.
     pub token_exp: u64,
-}
-
-impl Principal {
-    /// `Ok` when the caller's tier is `required` or above.
-    pub fn require_tier(&self, required: Tier) -> Result<(), AuthError> {
-        if self.tier >= required {
-            Ok(())
-        } else {
-            Err(AuthError::TierTooLow {
-                required,
-                actual: self.tier,
-            })
-        }
-    }
 }
 
 /// A session, as listed to its owner.
@@ -584,7 +535,7 @@ impl Identity {
         Ok(Principal {
             user_id,
             username: record.username,
-            tier: Tier::parse(&record.tier),
+            tier: record.tier,
             session_id: claims.sid,
             jti: claims.jti,
             token_exp: claims.exp,
@@ -782,19 +733,19 @@ impl Identity {
 
     /// Changes a user's tier; every cached session of theirs is dropped so the new tier
     /// applies on the next request, on every instance.
-    pub async fn set_tier(&self, user_id: i64, tier: Tier) -> Result<(), AuthError> {
-        let this = self.clone();
+    pub async fn set_tier(&self, user_id: i64, tier: &str) -> Result<(), AuthError> {
+        let (this, tier) = (self.clone(), tier.to_string());
         self.inner
-            .to_completion(async move { this.change_tier(user_id, tier).await })
+            .to_completion(async move { this.change_tier(user_id, &tier).await })
             .await
     }
 
-    async fn change_tier(&self, user_id: i64, tier: Tier) -> Result<(), AuthError> {
+    async fn change_tier(&self, user_id: i64, tier: &str) -> Result<(), AuthError> {
         let conn = self.inner.db.conn().await?;
         let n = conn
             .execute(
                 "UPDATE cascade_users SET subscription_tier = $2 WHERE id = $1",
-                &[&user_id, &tier.as_str()],
+                &[&user_id, &tier],
             )
             .await?;
         drop(conn);
@@ -1002,24 +953,5 @@ mod tests {
         ] {
             assert!(validate_email(bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn tiers_are_ordered() {
-        let principal = Principal {
-            user_id: 1,
-            username: "a".into(),
-            tier: Tier::Participant,
-            session_id: Uuid::nil(),
-            jti: Uuid::nil(),
-            token_exp: 0,
-        };
-        assert!(principal.require_tier(Tier::Observer).is_ok());
-        assert!(principal.require_tier(Tier::Participant).is_ok());
-        assert!(matches!(
-            principal.require_tier(Tier::Architect),
-            Err(AuthError::TierTooLow { .. })
-        ));
-        assert_eq!(Tier::parse("gone"), Tier::Observer);
     }
 }
