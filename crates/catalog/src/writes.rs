@@ -17,6 +17,7 @@ use crate::invalidation::{self as inv, Reach};
 use crate::model::{AssetChange, Body, NewAsset, NewPolicy, NewProducer, NewReceipt, VersionId};
 use crate::openlineage::RunEvent;
 use crate::queries::{self, internal};
+use cascade_core::events::Events;
 use cascade_http::ApiError;
 use cascade_http::CurrentUser;
 use cascade_http::JsonBody;
@@ -107,6 +108,17 @@ macro_rules! in_statement {
     }};
 }
 
+/// Announces a committed asset change as the domain event `asset.changed` on
+/// `cascade-events` (`{"version_id", "change": created|updated|deleted}`), which the real-time
+/// channels forward. After the commit and its invalidations; a failed publish is the bus's to
+/// log and count, the write stands.
+async fn asset_changed(events: &Events, version: &str, change: &str) {
+    let data = serde_json::json!({ "version_id": version, "change": change });
+    let _ = events
+        .publish("cascade-events", "asset.changed", data)
+        .await;
+}
+
 /// `POST /producers` `{"producerId", "name"}`.
 #[utoipa::path(post, path = "/producers", tag = "catalog", security(("bearer" = [])), request_body = crate::openapi::NewProducer,
     responses((status = 201, body = crate::openapi::Producer), (status = 409, description = "The producer id is taken"))
@@ -136,6 +148,10 @@ pub async fn create_asset(
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let asset = NewAsset::parse(&Body::from_value(body)?)?;
+    let (events, id) = (
+        state.app.events.clone(),
+        asset.version_id.as_str().to_string(),
+    );
     // A new version can complete lineage that named it before it existed, and takes the
     // lineage its publisher recorded into it while it was pending.
     let created = in_transaction!(
@@ -152,6 +168,7 @@ pub async fn create_asset(
         )
         .await
     );
+    asset_changed(&events, &id, "created").await;
     Ok(json(StatusCode::CREATED, created))
 }
 
@@ -167,12 +184,14 @@ pub async fn update_asset(
 ) -> Result<Response, ApiError> {
     let version = VersionId::parse("versionId", &version)?;
     let change = AssetChange::parse(&Body::from_value(body)?)?;
+    let (events, id) = (state.app.events.clone(), version.as_str().to_string());
     let updated = in_statement!(
         state,
         |conn| queries::update_asset(conn, &version, user.user_id, &change).await?,
         |_updated, conn| inv::assets_changed(&state, conn, &[version.as_str()], Reach::Content)
             .await
     );
+    asset_changed(&events, &id, "updated").await;
     Ok(json(StatusCode::OK, updated))
 }
 
@@ -187,11 +206,13 @@ pub async fn delete_asset(
     Path(version): Path<String>,
 ) -> Result<Response, ApiError> {
     let version = VersionId::parse("versionId", &version)?;
+    let (events, id) = (state.app.events.clone(), version.as_str().to_string());
     in_transaction!(
         state,
         |tx| queries::delete_asset(&tx, &version, user.user_id).await?,
         |_done, conn| inv::assets_changed(&state, conn, &[version.as_str()], Reach::Presence).await
     );
+    asset_changed(&events, &id, "deleted").await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

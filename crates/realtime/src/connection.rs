@@ -2,12 +2,7 @@
 //! (everything queued goes out in one flush), sends pings, and enforces its deadlines (the
 //! first `auth`, the access token's expiry, idleness).
 //!
-//! Per subscription it keeps the epoch and the last offset delivered. A message is written
-//! only if it is the next offset of that epoch; an older one is a duplicate and dropped; a
-//! jump or another epoch sends the subscription to the history ([`catch_up`]) which delivers
-//! what is missing, or a `gap` naming exactly the offsets it cannot deliver. That one rule
-//! makes resume, offset jumps after a lost Redis subscription, and Redis restarts (new epoch)
-//! the same code path.
+//! What each subscription has been given, and what it gets next, is [`resume`](crate::resume).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,11 +19,11 @@ use yawc::{Frame, HttpWebSocket, OpCode};
 use crate::channel::{Channel, Rule, Who};
 use crate::hub::{CloseOrder, ConnHandle, Outbound};
 use crate::protocol::{self, ClientMessage, Code, ProtocolError, Since};
-use crate::store::StoreError;
+use crate::resume::{self, Sub};
 use crate::{Place, Realtime, metrics};
 
-/// Messages read from the history per call.
-const PAGE: u64 = 200;
+/// Capacity the per-connection buffers keep between bursts.
+const IDLE_KEEP: usize = 4;
 /// Most queued items taken per writer round (one flush).
 const BATCH: usize = 256;
 /// A subscribe waits at most this long for its Redis shard to be listening.
@@ -36,15 +31,6 @@ const SHARD_WAIT: Duration = Duration::from_secs(2);
 /// Writing the final frames of a closing connection (a client that does not read cannot
 /// hold the task).
 const CLOSE_WRITE: Duration = Duration::from_secs(1);
-
-/// One subscription's position.
-struct Sub {
-    channel: Channel,
-    /// The epoch of `last`; `None` while the channel has no history at all.
-    epoch: Option<Arc<str>>,
-    /// The last offset delivered (or skipped over by a `gap`).
-    last: u64,
-}
 
 /// Why the session ended (the `reason` label of `cascade_ws_closes_total`).
 enum End {
@@ -109,7 +95,9 @@ impl Session {
         let end = loop {
             if !out.is_empty() {
                 match write(&mut ws, &mut out, &handle).await {
-                    Ok(()) => {}
+                    // An idle connection keeps no buffer a burst grew (memory per idle
+                    // connection is what bounds how many an instance holds).
+                    Ok(()) => out.shrink_to(IDLE_KEEP),
                     Err(end) => break end,
                 }
             }
@@ -141,9 +129,7 @@ impl Session {
                     for item in batch.drain(..) {
                         self.outbound(item, &mut out).await;
                     }
-                    if batch.capacity() > BATCH {
-                        batch.shrink_to(0);
-                    }
+                    batch.shrink_to(IDLE_KEEP);
                 }
                 frame = ws.next_frame() => {
                     let frame = match frame {
@@ -477,7 +463,7 @@ impl Session {
         };
         let mut history = Vec::new();
         let head = match since {
-            Some(_) => catch_up(&self.rt, &mut sub, &mut history).await,
+            Some(_) => resume::catch_up(&self.rt, &mut sub, &mut history).await,
             None => self.rt.inner.store.read(name, 0, 0, 0).await.map(|h| {
                 sub.epoch = h.epoch;
                 sub.last = h.head;
@@ -524,127 +510,17 @@ impl Session {
     async fn outbound(&mut self, item: Outbound, out: &mut Vec<Frame>) {
         match item {
             Outbound::Message(delivery) => {
-                let Some(sub) = self.subs.get_mut(&delivery.channel) else {
-                    return;
-                };
-                if sub.epoch.as_deref() == Some(&*delivery.epoch) {
-                    if delivery.offset <= sub.last {
-                        return;
-                    }
-                    if delivery.offset == sub.last + 1 {
-                        out.push(Frame::text(delivery.frame.clone()));
-                        sub.last = delivery.offset;
-                        return;
-                    }
-                }
-                if catch_up(&self.rt, sub, out).await.is_err() {
-                    // The history cannot be read: name what is missing, then go on live.
-                    let channel = sub.channel.name();
-                    let same = sub.epoch.as_deref() == Some(&*delivery.epoch);
-                    if !same && let Some(old) = &sub.epoch {
-                        out.push(Frame::text(protocol::gap(
-                            channel,
-                            old,
-                            sub.last + 1,
-                            None,
-                            "epoch_changed",
-                        )));
-                    }
-                    let from = if same { sub.last + 1 } else { 1 };
-                    if delivery.offset > from {
-                        out.push(Frame::text(protocol::gap(
-                            channel,
-                            &delivery.epoch,
-                            from,
-                            Some(delivery.offset - 1),
-                            "unavailable",
-                        )));
-                    }
-                    out.push(Frame::text(delivery.frame.clone()));
-                    sub.epoch = Some(delivery.epoch.clone());
-                    sub.last = delivery.offset;
+                if let Some(sub) = self.subs.get_mut(&delivery.channel) {
+                    resume::deliver(&self.rt, sub, &delivery, out).await;
                 }
             }
             Outbound::Resync(channel) => {
                 if let Some(sub) = self.subs.get_mut(&channel) {
-                    let _ = catch_up(&self.rt, sub, out).await;
+                    let _ = resume::catch_up(&self.rt, sub, out).await;
                 }
             }
         }
     }
-}
-
-/// Brings `sub` up to its channel's head from the history: the missing messages, or a `gap`
-/// for each range the history no longer holds (or an epoch that ended). Returns the head.
-/// Read in pages of [`PAGE`] (one Lua call each stays short), at most `WS_REPLAY_MAX` in all.
-async fn catch_up(rt: &Realtime, sub: &mut Sub, out: &mut Vec<Frame>) -> Result<u64, StoreError> {
-    let store = &rt.inner.store;
-    let limit = rt.inner.config.replay_max;
-    let name = sub.channel.shared_name();
-    // At most a few epoch changes while reading (each read is atomic).
-    'epochs: for _ in 0..3 {
-        let mut history = store.read(&name, sub.last, PAGE, limit).await?;
-        let Some(epoch) = history.epoch.clone() else {
-            // The channel has no epoch: the one the subscriber had ended with no successor.
-            end_epoch(&name, sub, None, out);
-            return Ok(0);
-        };
-        if sub.epoch.as_deref() != Some(&*epoch) {
-            end_epoch(&name, sub, Some(epoch), out);
-            continue;
-        }
-        // Pages until the head of the first read (later messages arrive live).
-        let head = history.head;
-        let mut expected = sub.last + 1;
-        loop {
-            let empty = history.items.is_empty();
-            for item in std::mem::take(&mut history.items) {
-                if item.offset < expected {
-                    continue;
-                }
-                if item.offset > expected {
-                    out.push(Frame::text(protocol::gap(
-                        &name,
-                        &epoch,
-                        expected,
-                        Some(item.offset - 1),
-                        "history_trimmed",
-                    )));
-                }
-                out.push(Frame::text(item.frame.clone()));
-                expected = item.offset + 1;
-            }
-            sub.last = expected - 1;
-            if empty || expected > head {
-                break;
-            }
-            history = store.read(&name, sub.last, PAGE, limit).await?;
-            if history.epoch.as_deref() != Some(&*epoch) {
-                continue 'epochs;
-            }
-        }
-        if expected <= head {
-            out.push(Frame::text(protocol::gap(
-                &name,
-                &epoch,
-                expected,
-                Some(head),
-                "history_trimmed",
-            )));
-            sub.last = head;
-        }
-        return Ok(head);
-    }
-    Ok(sub.last)
-}
-
-/// Moves `sub` to `next` (from offset 0), with a `gap` for the rest of the epoch it leaves.
-fn end_epoch(name: &str, sub: &mut Sub, next: Option<Arc<str>>, out: &mut Vec<Frame>) {
-    if let Some(old) = std::mem::replace(&mut sub.epoch, next) {
-        let gap = protocol::gap(name, &old, sub.last + 1, None, "epoch_changed");
-        out.push(Frame::text(gap));
-    }
-    sub.last = 0;
 }
 
 /// Writes `out` in one flush, unless an order (overflow, logout, shutdown) arrives first.

@@ -7,7 +7,8 @@
 //! - [`store`]: offsets, history and publishing (Redis Lua + streams, or in process);
 //! - [`hub`]: this instance's subscribers and their bounded queues;
 //! - [`fanout`]: the Redis pub/sub shards every instance listens to;
-//! - [`connection`]: one WebSocket session (reading, the batched writer, resume, heartbeats);
+//! - [`connection`]: one WebSocket session (reading, the batched writer, heartbeats, deadlines);
+//!   `resume`: each subscription's position and the delivery rule (history, gaps);
 //! - [`bridge`]: the platform's domain events into channels, and logouts into closes.
 //!
 //! [`Realtime`] is the handle the rest of the server uses: [`Realtime::publish`] for
@@ -21,6 +22,7 @@ pub mod fanout;
 pub mod hub;
 mod metrics;
 pub mod protocol;
+mod resume;
 pub mod store;
 
 use std::collections::HashMap;

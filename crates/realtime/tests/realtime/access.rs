@@ -167,3 +167,129 @@ async fn past_the_per_account_cap_the_upgrade_is_a_503() {
         "the place of a closed connection was not given back"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_token_closes_the_socket_unless_a_fresh_one_is_sent() {
+    let world = World::start(1, &[("ACCESS_TOKEN_TTL", "4s".into())]).await;
+    let alice = world.register("alice").await;
+    let mut stale = world.connect(0, Some(&alice.token)).await;
+    let mut renewed = world.connect(0, Some(&alice.token)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refreshed: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/auth/refresh", world.base(0)))
+        .json(&json!({"refresh_token": alice.refresh_token}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = refreshed["access_token"].as_str().unwrap();
+    let (ack, _) = renewed
+        .request(json!({"type": "auth", "token": token}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(
+        stale.closed().await,
+        Some(4001),
+        "closed at the token's expiry"
+    );
+    let (pong, _) = renewed.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "pong", "the renewed connection lives on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_tells_clients_to_reconnect_then_closes_with_1001() {
+    let mut world = World::start(1, &[]).await;
+    let alice = world.register("alice").await;
+    let mut client = world.connect(0, Some(&alice.token)).await;
+    assert_eq!(client.subscribe("cascade-events").await["type"], "ack");
+    let server = world.servers.pop().unwrap();
+    tokio::task::spawn_blocking(move || drop(server))
+        .await
+        .unwrap();
+    let hint = client.json().await;
+    assert_eq!(hint["type"], "reconnect", "{hint}");
+    assert_eq!(client.closed().await, Some(1001));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_space_channel_is_for_the_spaces_participants() {
+    use reqwest::Method;
+    let world = World::start(2, &[]).await;
+    let alice = world.register("alice").await;
+    let bob = world.register("bob").await;
+    for user in [&alice, &bob] {
+        world.set_tier(user, "participant").await;
+    }
+    let space = json!({"space_id": "rt-room", "title": "Room", "max_participants": 5,
+                       "consciousness_threshold": "0.50"});
+    let (status, body) = world.call(Method::POST, "/spaces", &alice, space).await;
+    assert_eq!(status, 201, "{body}");
+    let level = json!({"consciousness_level": "0.90"});
+    let (status, body) = world
+        .call(Method::POST, "/consciousness/sessions", &alice, level)
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = world
+        .call(Method::POST, "/spaces/rt-room/join", &alice, json!({}))
+        .await;
+    assert!(status < 300, "{status} {body}");
+
+    let mut member = world.connect(1, Some(&alice.token)).await;
+    let mut outsider = world.connect(1, Some(&bob.token)).await;
+    assert_eq!(member.subscribe("space:rt-room").await["type"], "ack");
+    assert_eq!(
+        outsider.subscribe("space:rt-room").await["code"],
+        "forbidden"
+    );
+    assert_eq!(
+        outsider.publish("space:rt-room", json!("hi")).await["code"],
+        "forbidden"
+    );
+    let ack = member
+        .publish("space:rt-room", json!({"hello": "room"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(member.json().await["payload"]["hello"], "room");
+
+    // Leaving the space closes the channel to new subscriptions.
+    let (status, body) = world
+        .call(Method::POST, "/spaces/rt-room/leave", &alice, json!({}))
+        .await;
+    assert!(status < 300, "{status} {body}");
+    let mut later = world.connect(0, Some(&alice.token)).await;
+    assert_eq!(later.subscribe("space:rt-room").await["code"], "forbidden");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_answers_no_ping_is_closed_as_idle() {
+    let world = World::start(
+        1,
+        &[
+            ("WS_PING_INTERVAL", "200ms".into()),
+            ("WS_IDLE_TIMEOUT", "1s".into()),
+        ],
+    )
+    .await;
+    let alice = world.register("alice").await;
+    let mut answering = world.connect(0, Some(&alice.token)).await;
+    let mut silent = world.connect(0, Some(&alice.token)).await;
+    // Reading lets the client library answer the server's pings; not reading does not.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline {
+        assert_eq!(
+            answering.next_within(Duration::from_millis(100)).await,
+            None
+        );
+    }
+    assert_eq!(silent.closed().await, Some(1001));
+    let (pong, _) = answering.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "pong");
+    assert!(
+        world
+            .metric(0, "cascade_ws_closes_total", "reason=\"idle\"")
+            .await
+            >= 1.0
+    );
+}

@@ -96,3 +96,78 @@ async fn domain_events_reach_their_channels_once_from_any_instance() {
         assert!(extra.is_empty(), "an event bridged twice: {extra:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_asset_changes_are_announced_on_cascade_events() {
+    let world = World::start(2, &[]).await;
+    let alice = world.register("alice").await;
+    let mut listener = world.connect(1, Some(&alice.token)).await;
+    assert_eq!(listener.subscribe("cascade-events").await["type"], "ack");
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| {
+        http.post(format!("{}{path}", world.base(0)))
+            .bearer_auth(&alice.token)
+            .json(&body)
+            .send()
+    };
+    let producer = post("/producers", json!({"producerId": "p-rt", "name": "P"}))
+        .await
+        .unwrap();
+    assert_eq!(producer.status(), 201);
+    let asset = post(
+        "/assets",
+        json!({"versionId": "v-rt-1", "producerId": "p-rt", "name": "A"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(asset.status(), 201);
+    let deleted = http
+        .delete(format!("{}/listings/v-rt-1", world.base(0)))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    for change in ["created", "deleted"] {
+        let message = listener.json().await;
+        assert_eq!(message["payload"]["event"], "asset.changed", "{message}");
+        assert_eq!(message["payload"]["data"]["version_id"], "v-rt-1");
+        assert_eq!(message["payload"]["data"]["change"], change);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_does_not_answer_publishes_are_refused_and_connections_stay() {
+    let world = World::start(2, &[]).await;
+    let alice = world.register("alice").await;
+    let mut a = world.connect(0, Some(&alice.token)).await;
+    let mut b = world.connect(1, Some(&alice.token)).await;
+    for client in [&mut a, &mut b] {
+        assert_eq!(
+            client.subscribe("consciousness-stream").await["type"],
+            "ack"
+        );
+    }
+    world.redis.pause();
+    let refused = a.publish("consciousness-stream", json!({"n": 1})).await;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    let (pong, _) = b.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "pong", "connections outlive Redis");
+    world.redis.resume();
+    // Delivery across instances comes back by itself.
+    let mut acked = None;
+    for _ in 0..100 {
+        let answer = a.publish("consciousness-stream", json!({"n": 2})).await;
+        if answer["type"] == "ack" {
+            acked = Some(answer);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let acked = acked.expect("publishing resumed");
+    for client in [&mut a, &mut b] {
+        let message = client.json().await;
+        assert_eq!(message["payload"]["n"], 2, "{message}");
+        assert_eq!(message["offset"], acked["offset"]);
+    }
+}

@@ -1,6 +1,7 @@
 //! Bad frames get an error (or, past the frame limit, a 1009 close), never a panic: the
 //! connection and the server go on.
 
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use yawc::Frame;
 
@@ -73,4 +74,72 @@ async fn malformed_binary_unknown_and_oversized_messages_get_errors_and_the_sock
     );
     let (pong, _) = other.request(json!({"type": "ping"})).await;
     assert_eq!(pong["type"], "pong");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_handshake_negotiates_permessage_deflate_and_large_messages_arrive_whole() {
+    let world = World::start(1, &[("WS_COMPRESSION_THRESHOLD", "256".into())]).await;
+    let alice = world.register("alice").await;
+    // What a browser sends: an extension offer and Accept-Encoding (which must not make the
+    // edge layer compress the 101).
+    let response = reqwest::Client::new()
+        .get(format!("{}/ws", world.base(0)))
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header(
+            "Sec-WebSocket-Extensions",
+            "permessage-deflate; client_max_window_bits",
+        )
+        .header("Accept-Encoding", "gzip, deflate, br")
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 101);
+    let headers = response.headers();
+    assert_eq!(
+        headers["sec-websocket-accept"],
+        "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    );
+    let extensions = headers["sec-websocket-extensions"].to_str().unwrap();
+    assert!(extensions.starts_with("permessage-deflate"), "{extensions}");
+    assert!(
+        extensions.contains("server_no_context_takeover"),
+        "{extensions}"
+    );
+    assert!(!headers.contains_key("content-encoding"));
+
+    // A compressing client gets small and large messages intact.
+    let url = format!("{}/ws", world.base(0).replacen("http", "ws", 1));
+    let mut ws = yawc::WebSocket::connect(url.parse().unwrap())
+        .with_request(
+            yawc::HttpRequestBuilder::new()
+                .header("Authorization", format!("Bearer {}", alice.token)),
+        )
+        .with_options(yawc::Options::default().with_low_latency_compression())
+        .await
+        .unwrap();
+    let _hello = ws.next().await.unwrap();
+    let subscribe = json!({"type": "subscribe", "channel": "ai-collaborations"});
+    ws.send(Frame::text(subscribe.to_string())).await.unwrap();
+    let big = "abc".repeat(5000);
+    for payload in [json!("small"), json!(big)] {
+        let publish =
+            json!({"type": "publish", "channel": "ai-collaborations", "payload": payload});
+        ws.send(Frame::text(publish.to_string())).await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let value: serde_json::Value = serde_json::from_slice(frame.payload()).unwrap();
+        if value["type"] == "message" {
+            got.push(value["payload"].clone());
+        }
+    }
+    assert_eq!(got, vec![json!("small"), json!(big)]);
 }

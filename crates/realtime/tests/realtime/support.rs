@@ -15,6 +15,7 @@ use yawc::{Frame, HttpRequestBuilder, OpCode, TcpWebSocket, WebSocket};
 #[allow(dead_code)]
 pub struct World {
     pub servers: Vec<TestApp>,
+    pub database: String,
     pub pg: PgServer,
     pub redis: RedisServer,
 }
@@ -27,6 +28,7 @@ pub const ADMIN_TOKEN: &str = "realtime-tests-admin-token-0123456789";
 pub struct User {
     pub id: i64,
     pub token: String,
+    pub refresh_token: String,
 }
 
 impl World {
@@ -34,6 +36,7 @@ impl World {
         let pg = PgServer::start().await;
         let redis = RedisServer::start().await;
         let url = pg.fresh_database().await;
+        let database = url.rsplit('/').next().unwrap().to_string();
         let mut env = vec![
             ("DATABASE_URL", url),
             ("REDIS_URL", redis.url()),
@@ -50,7 +53,12 @@ impl World {
         for server in &servers {
             assert!(server.realtime_listening(Duration::from_secs(10)).await);
         }
-        World { servers, pg, redis }
+        World {
+            servers,
+            database,
+            pg,
+            redis,
+        }
     }
 
     pub fn base(&self, n: usize) -> &str {
@@ -69,7 +77,42 @@ impl World {
         User {
             id: body["user"]["id"].as_i64().unwrap(),
             token: body["access_token"].as_str().unwrap().to_string(),
+            refresh_token: body["refresh_token"].as_str().unwrap().to_string(),
         }
+    }
+
+    /// Gives `user` a paid tier (billing is another module's; set in SQL as its tests do).
+    pub async fn set_tier(&self, user: &User, tier: &str) {
+        let n = self
+            .pg
+            .client(&self.database)
+            .await
+            .execute(
+                "UPDATE cascade_users SET subscription_tier = $2 WHERE id = $1",
+                &[&user.id, &tier],
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+
+    /// An authenticated JSON request to instance 0; the status and body.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        user: &User,
+        body: Value,
+    ) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.base(0)))
+            .bearer_auth(&user.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
     }
 
     /// A client on instance `n`, authenticated by header when `token` is given; past the hello.
