@@ -191,7 +191,11 @@ async fn broadcast(
         let (base, token) = (servers[i % servers.len()].base.clone(), token.to_string());
         async move {
             let mut ws = connect(&base, &token).await?;
-            request(&mut ws, json!({"type": "subscribe", "channel": CHANNEL, "id": "s"})).await?;
+            request(
+                &mut ws,
+                json!({"type": "subscribe", "channel": CHANNEL, "id": "s"}),
+            )
+            .await?;
             anyhow::Ok(ws)
         }
     }))
