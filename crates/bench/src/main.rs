@@ -67,6 +67,10 @@ struct SuiteArgs {
     /// Where results.json and results.md are written [default: target/bench].
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Only this scenario (`realtime`: connections held, memory per idle one, broadcasts),
+    /// on a small catalog.
+    #[arg(long, value_parser = ["realtime"])]
+    only: Option<String>,
 }
 
 impl SuiteArgs {
@@ -76,6 +80,7 @@ impl SuiteArgs {
             || self.seconds.is_some()
             || self.connections.is_some()
             || self.out.is_some()
+            || self.only.is_some()
     }
 
     /// These options, each one not given taken from `outer` (given before `suite`).
@@ -85,6 +90,7 @@ impl SuiteArgs {
             assets: self.assets.or(outer.assets),
             seconds: self.seconds.or(outer.seconds),
             connections: self.connections.or(outer.connections),
+            only: self.only.or(outer.only),
             out: self.out.or(outer.out),
         }
     }
@@ -96,6 +102,7 @@ impl SuiteArgs {
             seconds: self.seconds,
             connections: self.connections.unwrap_or(64).max(1),
             out: self.out.unwrap_or_else(|| PathBuf::from("target/bench")),
+            only: self.only,
         }
     }
 }

@@ -187,6 +187,27 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
         .unwrap()
         .to_string();
     assert!(all_duplicates.contains(" 0 applied, "), "{all_duplicates}");
+    // Real time: every asked connection held (the server counts them), a memory figure per
+    // idle one, and broadcasts where every subscriber got every message, on one instance and
+    // through two.
+    let held = row("ws connections held");
+    assert_eq!(held["errors"], 0, "{held}");
+    assert_eq!(held["requests"], 500, "{held}");
+    assert!(
+        held["notes"]
+            .as_str()
+            .unwrap()
+            .contains("KB resident per idle connection"),
+        "{held}"
+    );
+    for name in ["ws broadcast, one instance", "ws broadcast, two instances"] {
+        let r = row(name);
+        // 100 subscribers × 400 messages, none missing.
+        assert_eq!(r["requests"], 40_000, "{name}: {r}");
+        assert_eq!(r["errors"], 0, "{name}: {r}");
+        assert!(r["p99_ms"].as_f64().unwrap() > 0.0, "{name}: {r}");
+    }
+
     let outage = row("Redis killed");
     let notes = outage["notes"].as_str().unwrap();
     assert!(notes.starts_with("0 failed, 0 stale reads"), "{notes}");

@@ -22,6 +22,7 @@ use cascade_http::{AppState, Module};
 use cascade_realtime::{Realtime, RealtimeModule};
 use tokio::net::TcpListener;
 
+use crate::http::live::Live;
 use crate::http::metrics::Metrics;
 use crate::settings::Settings;
 use crate::state::ServerState;
@@ -121,6 +122,8 @@ pub struct Application {
     pub settings: Arc<Settings>,
     modules: Vec<Arc<dyn Module>>,
     metrics: Metrics,
+    /// The dashboard's per-second samples (`GET /metrics/live`, the `admin:metrics` feed).
+    pub live: Live,
     tasks: Supervisor,
     database: Database,
 }
@@ -157,9 +160,22 @@ impl Application {
         let realtime = Realtime::new(settings.realtime.clone(), &state, authorizers);
         modules.push(Arc::new(RealtimeModule::new(realtime.clone())));
         let metrics = Metrics::install();
+        let live = Live::new(state.events.instance_id());
         let mut tasks = Supervisor::new();
         if options.tasks {
             start_platform_tasks(&state, &metrics, &mut tasks);
+            let server = ServerState {
+                app: state.clone(),
+                metrics: metrics.clone(),
+                live: live.clone(),
+                realtime: realtime.clone(),
+            };
+            let sampler = live.clone();
+            tasks.spawn("live-samples", move |stop| sampler.run(server, stop));
+            let (feed, channel) = (live.subscribe(), realtime.clone());
+            tasks.spawn("live-publish", move |stop| {
+                crate::http::live::publish(feed, channel, stop)
+            });
             for module in &modules {
                 module.start_tasks(&state, &mut tasks);
             }
@@ -170,6 +186,7 @@ impl Application {
             settings: Arc::new(settings),
             modules,
             metrics,
+            live,
             tasks,
             database,
         })
@@ -186,6 +203,7 @@ impl Application {
         let server = ServerState {
             app: self.state.clone(),
             metrics: self.metrics.clone(),
+            live: self.live.clone(),
             realtime: self.realtime.clone(),
         };
         crate::http::app(&server, &self.modules, extra)

@@ -18,6 +18,7 @@
 //! | stampede | 1000 concurrent requests for one cold key: PostgreSQL queries counted |
 //! | spaces | one client per connection joining and leaving spaces with fewer places than clients: throughput, p99, no space above its limit |
 //! | stripe webhooks | signed events posted to `POST /webhooks/stripe` (Stripe played by the test kit's stand-in in this process): events/s and p99 with 10 % duplicates, all new, all duplicates, and the dedupe insert alone |
+//! | real time | WebSocket connections held by one instance and the server's memory per idle one; a broadcast to many subscribers of one channel (delivered/s, publish-to-delivery p50/p99), on one instance and through two |
 //! | Redis outage | Redis killed for 10 s under load: failed requests, stale reads, recovery |
 //! | PostgreSQL restart | PostgreSQL stopped for 10 s under load: how fast refusals come, no acknowledged write lost, recovery |
 //!
@@ -29,6 +30,7 @@ mod ceiling;
 mod citizens;
 mod client;
 mod pg_restart;
+mod realtime;
 mod redis_outage;
 mod report;
 mod server;
@@ -61,6 +63,8 @@ pub struct Options {
     pub seconds: Option<u64>,
     pub connections: usize,
     pub out: PathBuf,
+    /// Only this scenario (`realtime`).
+    pub only: Option<String>,
 }
 
 /// The account that owns the seeded producers, so the suite's writes are authorised as a
@@ -71,7 +75,8 @@ const BENCH_ACCOUNT: &str = "bench";
 /// the server stops before the PostgreSQL and Redis it depends on.
 struct Suite {
     /// Held, not read: dropping it stops the server.
-    _server: ServerProc,
+    /// The server under test (dropping it stops it).
+    server: ServerProc,
     /// The suite's own requests, authorised as [`BENCH_ACCOUNT`].
     client: Client,
     wrk: Wrk,
@@ -81,6 +86,8 @@ struct Suite {
     venice: VeniceStandin,
     /// Stripe, played in this process (the server's `STRIPE_API_URL`).
     _stripe: StripeStandin,
+    /// The run's scratch directory (servers' logs).
+    work: PathBuf,
     redis: RedisServer,
     /// The embedded PostgreSQL (what `cascade serve` starts without DATABASE_URL: default
     /// settings, fsync on, a clean "fast" stop), which the restart scenario stops and starts
@@ -98,9 +105,10 @@ struct Suite {
 pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     let wrk = which("wrk")
         .context("wrk is not installed: run bench/run (it installs it), or apt-get install wrk")?;
+    let small = options.quick || options.only.is_some();
     let assets = options
         .assets
-        .unwrap_or(if options.quick { 2_000 } else { 100_000 });
+        .unwrap_or(if small { 2_000 } else { 100_000 });
     let seconds = options
         .seconds
         .unwrap_or(if options.quick { 2 } else { 10 });
@@ -115,14 +123,20 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     eprintln!("bench: seeding {assets} assets");
     suite.seed(assets).await?;
 
-    let mut rows = throughput::run(&suite).await?;
-    let citizens = citizens::run(&suite).await?;
-    rows.extend(throughput::with_ratios(&rows, citizens));
-    rows.push(stampede::run(&suite).await?);
-    rows.push(spaces::run(&suite).await?);
-    rows.extend(webhooks::run(&suite).await?);
-    rows.push(redis_outage::run(&mut suite).await?);
-    rows.push(pg_restart::run(&mut suite).await?);
+    let rows = if options.only.as_deref() == Some("realtime") {
+        realtime_rows(&suite).await?
+    } else {
+        let mut rows = throughput::run(&suite).await?;
+        let citizens = citizens::run(&suite).await?;
+        rows.extend(throughput::with_ratios(&rows, citizens));
+        rows.push(stampede::run(&suite).await?);
+        rows.push(spaces::run(&suite).await?);
+        rows.extend(webhooks::run(&suite).await?);
+        rows.extend(realtime_rows(&suite).await?);
+        rows.push(redis_outage::run(&mut suite).await?);
+        rows.push(pg_restart::run(&mut suite).await?);
+        rows
+    };
 
     let report = Report {
         assets,
@@ -137,6 +151,14 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     drop(suite);
     let _ = std::fs::remove_dir_all(&work);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The real-time rows, with a second instance on the same PostgreSQL and Redis for the
+/// fan-out through two (stopped afterwards).
+async fn realtime_rows(suite: &Suite) -> anyhow::Result<Vec<report::Row>> {
+    let mut second = suite.another_server("server-b")?;
+    second.wait_ready(Duration::from_secs(120)).await?;
+    realtime::run(suite, &second).await
 }
 
 impl Suite {
@@ -161,8 +183,14 @@ impl Suite {
         let redis = RedisServer::start().await;
         let venice = VeniceStandin::start(citizens::citizens(seconds)).await;
         let stripe = StripeStandin::start().await;
-        let mut server =
-            ServerProc::start(work, &pg.url(), &redis.url(), &venice.url(), &stripe.url())?;
+        let mut server = ServerProc::start(
+            work,
+            "server",
+            &pg.url(),
+            &redis.url(),
+            &venice.url(),
+            &stripe.url(),
+        )?;
         server.wait_ready(Duration::from_secs(120)).await?;
         let mut client = Client::new(&server.base)?;
         client.register(BENCH_ACCOUNT).await?;
@@ -175,12 +203,13 @@ impl Suite {
             token: client.token.clone(),
         };
         Ok(Suite {
-            _server: server,
+            server,
             client,
             wrk,
             statements,
             venice,
             _stripe: stripe,
+            work: work.to_path_buf(),
             redis,
             pg,
             pg_dir,
@@ -232,6 +261,18 @@ impl Suite {
                 .await?;
         }
         Ok(())
+    }
+
+    /// One more server process on the suite's PostgreSQL, Redis and stand-ins.
+    fn another_server(&self, name: &str) -> anyhow::Result<ServerProc> {
+        ServerProc::start(
+            &self.work,
+            name,
+            &self.pg.url(),
+            &self.redis.url(),
+            &self.venice.url(),
+            &self._stripe.url(),
+        )
     }
 
     /// How long the outage scenarios keep a server down.

@@ -22,13 +22,14 @@ impl ServerProc {
     /// Starts it on a free loopback port, on the suite's PostgreSQL, Redis and Venice.
     pub fn start(
         work: &Path,
+        name: &str,
         database_url: &str,
         redis_url: &str,
         venice_url: &str,
         stripe_url: &str,
     ) -> anyhow::Result<Self> {
         let port = cascade_testkit::free_port();
-        let log = work.join("server.log");
+        let log = work.join(format!("{name}.log"));
         let child = Command::new(std::env::current_exe()?)
             .arg("serve")
             .env("DATABASE_URL", database_url)
@@ -50,6 +51,11 @@ impl ServerProc {
             // The spaces scenario registers one account per client.
             .env("RATE_LIMIT_AUTH", "off")
             .env("ADMIN_TOKEN", super::client::ADMIN_TOKEN)
+            // One signing key for every server of the run: a token one issues, another takes.
+            .env("JWT_SECRET", jwt_secret())
+            // The real-time scenario holds every connection with the bench account's token.
+            .env("WS_MAX_CONNECTIONS_PER_USER", "100000")
+            .env("WS_MAX_CONNECTIONS", "100000")
             // The bench account's one token must outlive the longest run.
             .env("ACCESS_TOKEN_TTL", "24h")
             .env("SESSION_DEFAULT_TTL", "24h")
@@ -88,6 +94,19 @@ impl ServerProc {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(())
+    }
+}
+
+/// The run's JWT signing key: random, the same for each server process it starts.
+fn jwt_secret() -> &'static str {
+    static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| format!("{:032x}", fastrand::u128(..)).repeat(2))
+}
+
+impl ServerProc {
+    /// Its process id (the real-time scenario reads its resident memory).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

@@ -15,7 +15,7 @@ use crate::metrics::{get_n, register, serve_with_redis};
 use crate::prometheus::scrape;
 
 /// The dashboard's own polling is not application traffic (as in the page).
-const OWN_ROUTES: [&str; 2] = ["/metrics", "/dashboard"];
+const OWN_ROUTES: [&str; 3] = ["/metrics", "/metrics/live", "/dashboard"];
 
 #[tokio::test]
 async fn dashboard_in_headless_chromium_shows_the_numbers_of_metrics() {
@@ -432,6 +432,30 @@ impl Dom {
         })
     }
 
+    /// The attribute `name` of the element whose id is `id`.
+    fn attribute(&self, id: &str, name: &str) -> &str {
+        let at = self
+            .0
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no #{id} in the dashboard:\n{}", self.0));
+        let open = self.0[..at].rfind('<').unwrap();
+        let close = at + self.0[at..].find('>').unwrap();
+        attribute_of(&self.0[open..close], name)
+            .unwrap_or_else(|| panic!("#{id} has no {name}: {}", &self.0[open..close]))
+    }
+
+    /// The attribute `name` of the chart `chart` (its `data-chart` box).
+    fn chart(&self, chart: &str, name: &str) -> &str {
+        let at = self
+            .0
+            .find(&format!("data-chart=\"{chart}\""))
+            .unwrap_or_else(|| panic!("no chart {chart} in the dashboard:\n{}", self.0));
+        let open = self.0[..at].rfind('<').unwrap();
+        let close = at + self.0[at..].find('>').unwrap();
+        attribute_of(&self.0[open..close], name)
+            .unwrap_or_else(|| panic!("chart {chart} has no {name}: {}", &self.0[open..close]))
+    }
+
     /// Every `data-key` of the elements with `data-metric="metric"`.
     fn keys(&self, metric: &str) -> BTreeSet<String> {
         let needle = format!("data-metric=\"{metric}\"");
@@ -444,4 +468,231 @@ impl Dom {
             })
             .collect()
     }
+}
+
+/// The charts of the last 15 minutes: a chart moves with traffic, seed 003's thresholds are
+/// drawn on them, and samples arrive live over the WebSocket channel `admin:metrics` when the
+/// page has the ADMIN_TOKEN, by polling `/metrics/live` when it has not.
+#[tokio::test]
+async fn dashboard_charts_move_with_traffic_live_over_the_socket() {
+    let chromium = find_chromium().expect("chromium (scripts/test installs it)");
+    let pg = PgServer::start().await;
+    let redis = RedisServer::start().await;
+    let admin = "an-operator-token-of-at-least-32-bytes!";
+    let served = Served::start(&[
+        ("DATABASE_URL", pg.fresh_database().await),
+        ("REDIS_URL", redis.url()),
+        ("ADMIN_TOKEN", admin.into()),
+        ("RATE_LIMIT_API", "100000/1s".into()),
+    ])
+    .await;
+
+    // A quiet start: a few samples with no application traffic.
+    let live = |after: Option<i64>| {
+        let url = match after {
+            Some(t) => format!("{}/metrics/live?after={t}", served.base),
+            None => format!("{}/metrics/live", served.base),
+        };
+        async move {
+            let body: serde_json::Value =
+                http().get(url).send().await.unwrap().json().await.unwrap();
+            body
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while live(None).await["samples"].as_array().unwrap().len() < 3 {
+        assert!(Instant::now() < deadline, "no samples in /metrics/live");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let quiet = live(None).await;
+    assert_eq!(quiet["thresholds"]["p95_ms"], 500.0);
+    assert_eq!(quiet["every_ms"], 1000);
+    let quiet_peak = quiet["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["requests_per_s"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(quiet_peak < 5.0, "no traffic yet: {quiet_peak} requests/s");
+
+    // Traffic for the rest of the test: /health as fast as one client goes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, url) = (stop.clone(), format!("{}/health", served.base));
+        tokio::spawn(async move {
+            let client = http();
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+                sent += 1;
+            }
+            sent
+        })
+    };
+    // The server samples it: a point of the requests chart above the quiet ones.
+    let last_quiet = quiet["samples"].as_array().unwrap().last().unwrap()["t"]
+        .as_i64()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let busy = live(Some(last_quiet)).await;
+        let peak = busy["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["requests_per_s"].as_f64().unwrap())
+            .fold(0.0, f64::max);
+        if peak > 20.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the traffic never showed: {busy}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Polling only (no token): the charts are drawn from /metrics/live.
+    let url = format!("{}/dashboard", served.base);
+    let chromium_path = chromium.clone();
+    let polled = tokio::task::spawn_blocking(move || {
+        Dom(run_chromium(&chromium_path, &["--dump-dom", &url]))
+    })
+    .await
+    .unwrap();
+    assert_eq!(polled.attribute("live-source", "data-source"), "polling");
+    let points: usize = polled.chart("requests", "data-points").parse().unwrap();
+    assert!(points >= 4, "{points} points");
+    let peak: f64 = polled.chart("requests", "data-peak").parse().unwrap();
+    assert!(
+        peak > 20.0,
+        "the requests chart moved with the traffic: peak {peak}"
+    );
+    assert!(
+        polled.0.contains("class=\"threshold\" data-value=\"500\""),
+        "the p95 threshold is drawn on the latency chart"
+    );
+    assert!(polled.0.contains("class=\"threshold\" data-value=\"80\""));
+
+    // With the ADMIN_TOKEN: live over the socket, the charts still moving. Messages arrive in
+    // real time, so this page runs on the wall clock, driven through ChromeDriver.
+    let url = format!("{}/dashboard#admin_token={admin}", served.base);
+    let (html, png) = live_page(&url, Duration::from_secs(5)).await;
+    let socket = Dom(html);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(traffic.await.unwrap() > 0);
+    assert_eq!(
+        socket.attribute("live-source", "data-source"),
+        "websocket",
+        "{}",
+        socket.0
+    );
+    let received: u32 = socket
+        .attribute("live-source", "data-received")
+        .parse()
+        .unwrap();
+    assert!(received >= 2, "samples pushed over the socket: {received}");
+    let peak: f64 = socket.chart("requests", "data-peak").parse().unwrap();
+    assert!(peak > 20.0, "peak {peak}");
+    let path = artifacts_dir().join("dashboard-live.png");
+    std::fs::write(&path, &png).expect("write the screenshot");
+    assert!(
+        png.len() > 10_000 && png.starts_with(b"\x89PNG"),
+        "no screenshot"
+    );
+    println!("live dashboard screenshot: {}", path.display());
+}
+
+/// Opens `url` in headless Chromium through ChromeDriver (Debian's `chromium-driver`, the
+/// W3C WebDriver protocol over HTTP), lets it run for `real` on the wall clock, and returns its
+/// DOM and a PNG screenshot.
+async fn live_page(url: &str, real: Duration) -> (String, Vec<u8>) {
+    use base64::Engine as _;
+    let port = cascade_testkit::free_port();
+    let mut driver = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("chromedriver (scripts/test installs chromium-driver)");
+    let group = driver.id();
+    let _kill = Defer(move || {
+        let _ = Command::new("kill")
+            .args(["-KILL", &format!("-{group}")])
+            .status();
+    });
+    let base = format!("http://127.0.0.1:{port}");
+    let client = http();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.get(format!("{base}/status")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "chromedriver did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let profile = temp_dir("chromium");
+    let args = [
+        "--headless=new".to_string(),
+        "--no-sandbox".into(),
+        "--disable-gpu".into(),
+        "--disable-dev-shm-usage".into(),
+        "--no-first-run".into(),
+        "--hide-scrollbars".into(),
+        "--window-size=1280,1800".into(),
+        format!("--user-data-dir={}", profile.display()),
+    ];
+    let capabilities = serde_json::json!({ "capabilities": { "alwaysMatch": {
+        "goog:chromeOptions": { "binary": find_chromium().expect("chromium"), "args": args }
+    }}});
+    let call = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
+        let request = client.request(method, format!("{base}{path}"));
+        let request = match body {
+            Some(body) => request.json(&body),
+            None => request,
+        };
+        async move {
+            let response = request.send().await.expect("chromedriver answers");
+            let status = response.status();
+            let body: serde_json::Value = response.json().await.expect("chromedriver's JSON");
+            assert!(status.is_success(), "chromedriver: {status} {body}");
+            body["value"].clone()
+        }
+    };
+    let session = call(reqwest::Method::POST, "/session".into(), Some(capabilities)).await;
+    let session = session["sessionId"]
+        .as_str()
+        .expect("a session")
+        .to_string();
+    let at = |path: &str| format!("/session/{session}{path}");
+    call(
+        reqwest::Method::POST,
+        at("/url"),
+        Some(serde_json::json!({ "url": url })),
+    )
+    .await;
+    tokio::time::sleep(real).await;
+    let html = call(reqwest::Method::GET, at("/source"), None).await;
+    let png = call(reqwest::Method::GET, at("/screenshot"), None).await;
+    call(reqwest::Method::DELETE, at(""), None).await;
+    let _ = driver.kill();
+    let _ = driver.wait();
+    let _ = std::fs::remove_dir_all(&profile);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(png.as_str().expect("a base64 screenshot"))
+        .expect("base64");
+    (html.as_str().expect("the page source").to_string(), png)
+}
+
+/// Runs its closure when dropped (a test that panics still kills what it started).
+struct Defer<F: FnMut()>(F);
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// The value of attribute `name` in a start tag.
+fn attribute_of<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+    let (_, rest) = tag.split_once(&format!(" {name}=\""))?;
+    Some(&rest[..rest.find('"')?])
 }

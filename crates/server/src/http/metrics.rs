@@ -108,7 +108,9 @@ impl Metrics {
 }
 
 pub fn router() -> Router<ServerState> {
-    Router::new().route("/metrics", get(scrape))
+    Router::new()
+        .route("/metrics", get(scrape))
+        .route("/metrics/live", get(crate::http::live::live))
 }
 
 #[tracing::instrument(skip_all)]
@@ -116,6 +118,19 @@ pub fn router() -> Router<ServerState> {
     responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String))
 )]
 async fn scrape(State(state): State<ServerState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        refreshed(&state).await,
+    )
+        .into_response()
+}
+
+/// Copies the state that has an owner into the metrics (see the module's doc), then renders
+/// every metric: what a scrape answers, and what the dashboard's samples are taken from.
+pub(crate) async fn refreshed(state: &ServerState) -> String {
     let tables = async {
         if state.metrics.tables_due() {
             Some(state.app.db.table_stats(PROBE_DEADLINE).await)
@@ -135,14 +150,7 @@ async fn scrape(State(state): State<ServerState>) -> Response {
         None => {}
     }
     refresh_cache(&state.app.cache);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
-        .into_response()
+    state.metrics.render()
 }
 
 fn refresh_postgres(pg: &DbHealth) {

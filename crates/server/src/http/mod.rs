@@ -8,6 +8,7 @@ mod dashboard;
 mod docs;
 mod edge;
 mod health;
+pub mod live;
 pub mod metrics;
 pub mod middleware;
 pub mod openapi;

@@ -31,6 +31,7 @@ use utoipa::{OpenApi, ToSchema};
         super::health::health,
         super::health::health_db,
         super::metrics::scrape,
+        super::live::live,
         super::dashboard::dashboard,
         openapi_json,
         super::docs::docs,

@@ -1,0 +1,387 @@
+//! Real-time (`GET /ws`): how many connections one instance holds and what an idle one costs,
+//! and a broadcast to many subscribers of one channel: messages delivered per second and the
+//! delivery latency, on one instance and through two (subscribers split over both, the
+//! publisher on the first, so half the deliveries cross Redis).
+//!
+//! The clients are yawc's (the server's own WebSocket library) in this process: they share the
+//! machine's cores with the servers, as wrk does in the HTTP scenarios. Latency is from the
+//! publisher's send to a subscriber's read, both on this process's monotonic clock.
+//!
+//! Memory per idle connection is the server process's resident set growth (`VmRSS`) while
+//! the connections are opened, divided by their number (Centrifugo states 30–50 KB).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use yawc::{Frame, HttpRequestBuilder, OpCode, TcpWebSocket, WebSocket};
+
+use super::Suite;
+use super::report::Row;
+use super::server::ServerProc;
+use crate::measure::{ms, percentiles};
+
+/// The channel of the broadcast (any authenticated user reads and publishes it).
+const CHANNEL: &str = "consciousness-stream";
+/// Handshakes in flight at once while connections are opened.
+const OPENING: usize = 200;
+
+/// What the scenario does at each size.
+struct Sizes {
+    held: usize,
+    subscribers: usize,
+    /// Messages published per second.
+    rate: u64,
+    seconds: u64,
+}
+
+pub(super) async fn run(suite: &Suite, second: &ServerProc) -> anyhow::Result<Vec<Row>> {
+    let sizes = if suite.quick {
+        Sizes {
+            held: 500,
+            subscribers: 100,
+            rate: 200,
+            seconds: 2,
+        }
+    } else {
+        Sizes {
+            // The sandbox's hard limit on open files is 20,000 per process (`ulimit -Hn`); the
+            // server needs a few hundred of its own.
+            held: held_target(),
+            subscribers: 1_000,
+            rate: 1_000,
+            seconds: 10,
+        }
+    };
+    let token = suite.client.token.clone();
+    let first = &suite.server;
+    let mut rows = vec![held(first, &token, sizes.held).await?];
+    rows.push(
+        broadcast(
+            &[first],
+            &token,
+            &sizes,
+            "ws broadcast, one instance".into(),
+        )
+        .await?,
+    );
+    rows.push(
+        broadcast(
+            &[first, second],
+            &token,
+            &sizes,
+            "ws broadcast, two instances".into(),
+        )
+        .await?,
+    );
+    Ok(rows)
+}
+
+/// 19,000 where the open-file limit allows it, fewer where it is lower.
+fn held_target() -> usize {
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse::<usize>().ok())
+        })
+        .unwrap_or(20_000);
+    limit.saturating_sub(1_000).min(19_000)
+}
+
+/// Opens `n` idle connections (each authenticated, answering pings) and holds them while the
+/// server's resident memory is read.
+async fn held(server: &ServerProc, token: &str, n: usize) -> anyhow::Result<Row> {
+    let before = rss_bytes(server.pid())?;
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handshakes = Vec::with_capacity(n);
+    let mut readers = Vec::with_capacity(n);
+    let mut errors = 0u64;
+    let mut pending = futures_util::stream::iter((0..n).map(|_| {
+        let (base, token) = (server.base.clone(), token.to_string());
+        async move {
+            let at = Instant::now();
+            let ws = connect(&base, &token).await;
+            (at.elapsed(), ws)
+        }
+    }))
+    .buffer_unordered(OPENING);
+    while let Some((took, ws)) = pending.next().await {
+        match ws {
+            Ok(ws) => {
+                handshakes.push(took);
+                readers.push(tokio::spawn(idle(ws, stop.clone())));
+            }
+            Err(err) => {
+                errors += 1;
+                if errors == 1 {
+                    eprintln!("bench: ws connect failed: {err:#}");
+                }
+            }
+        }
+    }
+    let opened = started.elapsed();
+    // Every connection counted by the server, then its memory read.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let held = loop {
+        let count = server_connections(server).await?;
+        if count as usize >= readers.len() || Instant::now() > deadline {
+            break count;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_bytes(server.pid())?;
+    stop.store(true, Ordering::Relaxed);
+    for reader in &readers {
+        reader.abort();
+    }
+    let per_connection = after.saturating_sub(before) as f64 / readers.len().max(1) as f64;
+    let (p50, p99) = percentiles(&mut handshakes);
+    Ok(Row {
+        scenario: format!("ws connections held, one instance ({n} asked)"),
+        requests: held as u64,
+        req_per_sec: readers.len() as f64 / opened.as_secs_f64(),
+        p50_ms: ms(p50),
+        p99_ms: ms(p99),
+        errors,
+        ratio_to_baseline: None,
+        ratio_to_ceiling: None,
+        notes: format!(
+            "{held} held at once (the server's cascade_ws_connections); {:.1} KB resident per idle \
+             connection (server RSS {:.0} → {:.0} MB; Centrifugo states 30–50 KB); req/s = \
+             connections opened per second, latency = upgrade + auth + hello",
+            per_connection / 1024.0,
+            before as f64 / 1e6,
+            after as f64 / 1e6,
+        ),
+    })
+}
+
+/// Reads (and so answers pings) until told to stop.
+async fn idle(mut ws: TcpWebSocket, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        match ws.next().await {
+            Some(frame) if frame.opcode() == OpCode::Close => return,
+            Some(_) => {}
+            None => return,
+        }
+    }
+}
+
+/// One publisher on `servers[0]`, `sizes.subscribers` spread over `servers`, `sizes.rate`
+/// messages a second for `sizes.seconds`.
+async fn broadcast(
+    servers: &[&ServerProc],
+    token: &str,
+    sizes: &Sizes,
+    scenario: String,
+) -> anyhow::Result<Row> {
+    let clock = Instant::now();
+    let total = sizes.rate * sizes.seconds;
+    // Subscribed (acknowledged: sure to receive the next message) before anything is sent.
+    let mut subscribed = Vec::with_capacity(sizes.subscribers);
+    let mut opening = futures_util::stream::iter((0..sizes.subscribers).map(|i| {
+        let (base, token) = (servers[i % servers.len()].base.clone(), token.to_string());
+        async move {
+            let mut ws = connect(&base, &token).await?;
+            request(
+                &mut ws,
+                json!({"type": "subscribe", "channel": CHANNEL, "id": "s"}),
+            )
+            .await?;
+            anyhow::Ok(ws)
+        }
+    }))
+    .buffer_unordered(OPENING);
+    while let Some(ws) = opening.next().await {
+        subscribed.push(ws.context("a subscriber")?);
+    }
+    drop(opening);
+    let delivered = Arc::new(AtomicU64::new(0));
+    let subscribers: Vec<_> = subscribed
+        .into_iter()
+        .map(|ws| {
+            let delivered = delivered.clone();
+            tokio::spawn(subscriber(ws, total, clock, delivered))
+        })
+        .collect();
+
+    let mut publisher = connect(&servers[0].base, token).await?;
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / sizes.rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for n in 0..total {
+        tick.tick().await;
+        let sent = clock.elapsed().as_micros() as u64;
+        let message = json!({"type": "publish", "channel": CHANNEL,
+                             "payload": {"n": n, "sent_us": sent}});
+        publisher
+            .send(Frame::text(message.to_string()))
+            .await
+            .context("publishing")?;
+    }
+    let publishing = started.elapsed();
+    // Each subscriber stops at the last message or after a quiet spell.
+    let mut latencies = Vec::new();
+    let mut missing = 0u64;
+    let mut closed = 0u64;
+    for subscriber in subscribers {
+        let outcome = subscriber.await.context("a subscriber task")?;
+        missing += total - outcome.received;
+        closed += u64::from(outcome.closed);
+        latencies.extend(outcome.latencies);
+    }
+    let elapsed = started.elapsed();
+    let deliveries = latencies.len() as u64;
+    let (p50, p99) = percentiles(&mut latencies);
+    Ok(Row {
+        scenario,
+        requests: deliveries,
+        req_per_sec: deliveries as f64 / elapsed.as_secs_f64(),
+        p50_ms: ms(p50),
+        p99_ms: ms(p99),
+        errors: missing,
+        ratio_to_baseline: None,
+        ratio_to_ceiling: None,
+        notes: format!(
+            "{} subscribers of `{CHANNEL}` on {} instance(s); {total} messages published at \
+             {:.0}/s (asked {}/s); req/s = messages delivered per second, latency = publish to \
+             delivery; errors = deliveries missing ({closed} subscribers closed by the server)",
+            sizes.subscribers,
+            servers.len(),
+            total as f64 / publishing.as_secs_f64(),
+            sizes.rate,
+        ),
+    })
+}
+
+struct Received {
+    received: u64,
+    latencies: Vec<Duration>,
+    closed: bool,
+}
+
+/// Reads until `total` messages arrived, the server closed, or nothing came for 5 s.
+async fn subscriber(
+    mut ws: TcpWebSocket,
+    total: u64,
+    clock: Instant,
+    delivered: Arc<AtomicU64>,
+) -> Received {
+    let mut out = Received {
+        received: 0,
+        latencies: Vec::with_capacity(total as usize),
+        closed: false,
+    };
+    while out.received < total {
+        let frame = match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) | Err(_) => break,
+        };
+        match frame.opcode() {
+            OpCode::Text => {
+                let now = clock.elapsed().as_micros() as u64;
+                if let Some(sent) = sent_us(frame.payload()) {
+                    out.received += 1;
+                    out.latencies
+                        .push(Duration::from_micros(now.saturating_sub(sent)));
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            OpCode::Close => {
+                out.closed = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The `sent_us` of a `message` frame, read without parsing the whole JSON.
+fn sent_us(payload: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"sent_us\":";
+    let at = payload.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = payload[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    std::str::from_utf8(&payload[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// An authenticated connection, past the server's `hello`.
+async fn connect(base: &str, token: &str) -> anyhow::Result<TcpWebSocket> {
+    let url = format!("{}/ws", base.replacen("http", "ws", 1));
+    let request = HttpRequestBuilder::new().header("Authorization", format!("Bearer {token}"));
+    let mut ws = WebSocket::connect(url.parse().context("the /ws address")?)
+        .with_request(request)
+        .await
+        .map_err(|e| anyhow::anyhow!("WebSocket upgrade: {e:?}"))?;
+    let hello = next_json(&mut ws).await?;
+    ensure!(hello["type"] == "hello", "no hello: {hello}");
+    Ok(ws)
+}
+
+/// Sends `message` and waits for its `ack`.
+async fn request(ws: &mut TcpWebSocket, message: Value) -> anyhow::Result<()> {
+    ws.send(Frame::text(message.to_string())).await?;
+    let answer = next_json(ws).await?;
+    if answer["type"] != "ack" {
+        bail!("{message} was answered {answer}");
+    }
+    Ok(())
+}
+
+async fn next_json(ws: &mut TcpWebSocket) -> anyhow::Result<Value> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .context("no answer within 10 s")?
+            .context("the connection ended")?;
+        match frame.opcode() {
+            OpCode::Text => return Ok(serde_json::from_slice(frame.payload())?),
+            OpCode::Close => bail!("closed by the server"),
+            _ => {}
+        }
+    }
+}
+
+/// The resident set of process `pid`, in bytes.
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb * 1024)
+}
+
+/// The server's own count of open WebSocket connections.
+async fn server_connections(server: &ServerProc) -> anyhow::Result<f64> {
+    let client = super::client::Client::new(&server.base)?;
+    client.metric(cascade_core::metrics::WS_CONNECTIONS).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_send_time_is_read_from_the_frame() {
+        let frame = br#"{"type":"message","channel":"c","offset":3,"epoch":"e","time":1,"payload":{"n":2,"sent_us":12345}}"#;
+        assert_eq!(sent_us(frame), Some(12345));
+        assert_eq!(sent_us(br#"{"type":"ack"}"#), None);
+    }
+}
