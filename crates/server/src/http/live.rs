@@ -201,6 +201,7 @@ fn unix_ms() -> i64 {
 
 /// The query of `GET /metrics/live`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LiveQuery {
     /// Only samples taken after this Unix millisecond (the last one a poller has).
     after: Option<i64>,
