@@ -39,6 +39,8 @@ enum End {
     Close(u16, &'static str, &'static str),
     /// Reading failed; the library may owe the client a close frame.
     Read(&'static str),
+    /// A write did not finish within `WS_WRITE_TIMEOUT`: the client stopped reading.
+    Stalled,
     Broken,
 }
 
@@ -50,6 +52,20 @@ pub struct Session {
     /// When the access token expires (a fresh `auth` moves it).
     expires: Option<Instant>,
     subs: HashMap<Arc<str>, Sub>,
+    /// This connection in the hub, forgotten with every subscription when the session is
+    /// dropped (also when its task panics: nothing leaks in the hub).
+    handle: Option<Arc<ConnHandle>>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            self.rt
+                .inner
+                .hub
+                .disconnect(&handle, self.subs.keys().cloned());
+        }
+    }
 }
 
 impl Session {
@@ -66,6 +82,7 @@ impl Session {
             session_id: None,
             expires: None,
             subs: HashMap::new(),
+            handle: None,
         };
         if let Some(principal) = principal {
             session.adopt(&principal);
@@ -81,6 +98,7 @@ impl Session {
     pub(crate) async fn run(mut self, mut ws: HttpWebSocket) {
         let config = self.rt.inner.config.clone();
         let (handle, mut rx) = self.rt.inner.hub.connect(config.queue_size);
+        self.handle = Some(handle.clone());
         handle.set_session(self.session_id);
         let auth_deadline = self
             .who
@@ -94,7 +112,7 @@ impl Session {
         let mut batch: Vec<Outbound> = Vec::new();
         let end = loop {
             if !out.is_empty() {
-                match write(&mut ws, &mut out, &handle).await {
+                match write(&mut ws, &mut out, &handle, config.write_timeout).await {
                     // An idle connection keeps no buffer a burst grew (memory per idle
                     // connection is what bounds how many an instance holds).
                     Ok(()) => out.shrink_to(IDLE_KEEP),
@@ -157,6 +175,7 @@ impl Session {
         let (label, close) = match end {
             End::Client => ("client", None),
             End::Broken => ("error", None),
+            End::Stalled => ("write_timeout", None),
             End::Read(label) => {
                 let _ = tokio::time::timeout(CLOSE_WRITE, ws.flush()).await;
                 (label, None)
@@ -194,11 +213,7 @@ impl Session {
         }
         let remaining = rx.len();
         metrics::dequeued(remaining);
-        self.rt
-            .inner
-            .hub
-            .disconnect(&handle, self.subs.keys().cloned());
-        drop(self.place);
+        // Dropping `self` forgets the connection in the hub and frees its place.
     }
 
     fn hello(&self) -> String {
@@ -530,11 +545,13 @@ impl Session {
     }
 }
 
-/// Writes `out` in one flush, unless an order (overflow, logout, shutdown) arrives first.
+/// Writes `out` in one flush, unless an order (overflow, logout, shutdown) arrives first or
+/// the client does not take it within `timeout` (`WS_WRITE_TIMEOUT`).
 async fn write(
     ws: &mut HttpWebSocket,
     out: &mut Vec<Frame>,
     handle: &ConnHandle,
+    timeout: Duration,
 ) -> Result<(), End> {
     let n = out.len();
     let written = async {
@@ -544,12 +561,13 @@ async fn write(
         ws.flush().await
     };
     tokio::select! {
-        written = written => match written {
-            Ok(()) => {
+        written = tokio::time::timeout(timeout, written) => match written {
+            Ok(Ok(())) => {
                 metrics::sent(n);
                 Ok(())
             }
-            Err(_) => Err(End::Broken),
+            Ok(Err(_)) => Err(End::Broken),
+            Err(_) => Err(End::Stalled),
         },
         () = handle.wake.notified() => match handle.take_order() {
             Some(order) => Err(End::Order(order)),
