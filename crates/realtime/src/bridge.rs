@@ -65,6 +65,7 @@ async fn handle(rt: &Realtime, me: &str, event: &Event) {
         }
         return;
     }
+    revoke_space_access(rt, event);
     if event.origin != me {
         return;
     }
@@ -85,6 +86,27 @@ async fn handle(rt: &Realtime, me: &str, event: &Event) {
         Err(err) => {
             tracing::warn!(channel = %channel, kind = %event.kind, error = %err, "realtime: a domain event was not published");
         }
+    }
+}
+
+/// `space.left` (that account) and `space.closed` (everyone), raised on any instance, end
+/// the matching subscriptions to the space's channel here: authorization is checked at
+/// subscribe, so without this a former participant would go on reading.
+fn revoke_space_access(rt: &Realtime, event: &Event) {
+    let user = match event.kind.as_str() {
+        "space.left" => match event.data["user_id"].as_i64() {
+            Some(user) => Some(user),
+            None => return,
+        },
+        "space.closed" => None,
+        _ => return,
+    };
+    if !event.channel.starts_with("space:") {
+        return;
+    }
+    let ended = rt.inner.hub.revoke(&event.channel, user);
+    if ended > 0 {
+        tracing::debug!(channel = %event.channel, ended, "realtime: space subscriptions ended");
     }
 }
 

@@ -100,6 +100,7 @@ impl Session {
         let (handle, mut rx) = self.rt.inner.hub.connect(config.queue_size);
         self.handle = Some(handle.clone());
         handle.set_session(self.session_id);
+        handle.set_user(self.user_id());
         let auth_deadline = self
             .who
             .is_none()
@@ -214,6 +215,13 @@ impl Session {
         let remaining = rx.len();
         metrics::dequeued(remaining);
         // Dropping `self` forgets the connection in the hub and frees its place.
+    }
+
+    fn user_id(&self) -> Option<i64> {
+        match self.who {
+            Some(Who::User { user_id }) => Some(user_id),
+            _ => None,
+        }
     }
 
     fn hello(&self) -> String {
@@ -377,6 +385,7 @@ impl Session {
             "expires_at": principal.as_ref().map(|p| p.token_exp),
         });
         self.who = Some(who);
+        handle.set_user(self.user_id());
         out.push(Frame::text(protocol::ack(id, ack)));
         None
     }
@@ -534,6 +543,15 @@ impl Session {
             Outbound::Message(delivery) => {
                 if let Some(sub) = self.subs.get_mut(&delivery.channel) {
                     resume::deliver(&self.rt, sub, &delivery, out).await;
+                }
+            }
+            Outbound::Revoked(channel) => {
+                if let Some(sub) = self.subs.remove(&channel) {
+                    out.push(Frame::text(protocol::unsubscribed(
+                        sub.channel.name(),
+                        Code::Forbidden,
+                        "no longer a participant of this space (left, removed, or the space closed)",
+                    )));
                 }
             }
             Outbound::Resync(channel) => {

@@ -188,6 +188,13 @@ pub fn ack(id: &Option<Value>, extra: Value) -> String {
     body.to_string()
 }
 
+/// `unsubscribed`: the server ended a subscription (`code` says why, e.g. `forbidden` once
+/// the account may no longer read the channel); nothing more arrives on it.
+pub fn unsubscribed(channel: &str, code: Code, message: &str) -> String {
+    json!({"type": "unsubscribed", "channel": channel, "code": code.as_str(), "message": message})
+        .to_string()
+}
+
 /// `gap`: offsets `from..=to` of `epoch` cannot be delivered (`to` null: every offset from
 /// `from` on in that epoch, which ended). The client reloads from the source of truth.
 pub fn gap(channel: &str, epoch: &str, from: u64, to: Option<u64>, reason: &str) -> String {
