@@ -4,14 +4,15 @@
 //! An event whose channel is a real-time channel (`cascade-events`, `space:{id}`,
 //! `user:{id}`) is published on it, as `{"event": kind, "data": …, "id": …, "at": ms}`, by the
 //! instance that raised it only (`origin`): once in the history, and every instance's
-//! subscribers get it through the fan-out. `auth.session_revoked` (a logout, on any instance)
-//! closes the connections of that session with 4001.
+//! subscribers get it through the fan-out. `auth.session_revoked` (a logout, a revocation,
+//! refresh-token reuse, on any instance) closes the connections of that session with 4001,
+//! `auth.token_revoked` those authenticated with that access token.
 //!
 //! On shutdown every connection is told to `reconnect` and closed with 1001.
 
 use std::time::Duration;
 
-use cascade_core::events::{Event, SESSION_REVOKED};
+use cascade_core::events::{Event, SESSION_REVOKED, TOKEN_REVOKED};
 use cascade_core::shutdown::ShutdownSignal;
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
@@ -62,6 +63,22 @@ async fn handle(rt: &Realtime, me: &str, event: &Event) {
             if closed > 0 {
                 tracing::debug!(%session, closed, "realtime: connections of an ended session closed");
             }
+        }
+        return;
+    }
+    if event.kind == TOKEN_REVOKED {
+        let jti = event.data["jti"]
+            .as_str()
+            .and_then(|s| s.parse::<uuid::Uuid>().ok());
+        if let Some(jti) = jti {
+            rt.inner.hub.close_token(
+                jti,
+                &CloseOrder {
+                    code: 4001,
+                    reason: "the access token was revoked",
+                    reconnect: false,
+                },
+            );
         }
         return;
     }

@@ -49,6 +49,8 @@ pub struct Session {
     place: Place,
     who: Option<Who>,
     session_id: Option<uuid::Uuid>,
+    /// The access token's id (revoking that token closes the connection).
+    jti: Option<uuid::Uuid>,
     /// When the access token expires (a fresh `auth` moves it).
     expires: Option<Instant>,
     subs: HashMap<Arc<str>, Sub>,
@@ -80,6 +82,7 @@ impl Session {
             place,
             who,
             session_id: None,
+            jti: None,
             expires: None,
             subs: HashMap::new(),
             handle: None,
@@ -92,6 +95,7 @@ impl Session {
 
     fn adopt(&mut self, principal: &Principal) {
         self.session_id = Some(principal.session_id);
+        self.jti = Some(principal.jti);
         self.expires = Some(expiry(principal.token_exp));
     }
 
@@ -100,6 +104,7 @@ impl Session {
         let (handle, mut rx) = self.rt.inner.hub.connect(config.queue_size);
         self.handle = Some(handle.clone());
         handle.set_session(self.session_id);
+        handle.set_jti(self.jti);
         handle.set_user(self.user_id());
         let auth_deadline = self
             .who
@@ -379,6 +384,7 @@ impl Session {
             self.expires = None;
         }
         handle.set_session(self.session_id);
+        handle.set_jti(self.jti);
         let ack = json!({
             "user_id": principal.as_ref().map(|p| p.user_id),
             "admin": who == Who::Admin,

@@ -45,6 +45,8 @@ pub struct ConnHandle {
     pub wake: Notify,
     /// The login session it authenticated with (revoking the session closes it).
     session: Mutex<Option<Uuid>>,
+    /// The access token it authenticated with (its `jti`; revoking the token closes it).
+    jti: Mutex<Option<Uuid>>,
     /// The account it authenticated as (0: none, or the operator).
     user: AtomicI64,
 }
@@ -66,6 +68,14 @@ impl ConnHandle {
 
     pub fn set_session(&self, session: Option<Uuid>) {
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) = session;
+    }
+
+    pub fn set_jti(&self, jti: Option<Uuid>) {
+        *self.jti.lock().unwrap_or_else(|p| p.into_inner()) = jti;
+    }
+
+    fn jti(&self) -> Option<Uuid> {
+        *self.jti.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn set_user(&self, user: Option<i64>) {
@@ -110,6 +120,7 @@ impl Hub {
             order: Mutex::new(None),
             wake: Notify::new(),
             session: Mutex::new(None),
+            jti: Mutex::new(None),
             user: AtomicI64::new(0),
         });
         self.connections
@@ -201,6 +212,17 @@ impl Hub {
                 conn.close(order.clone());
                 closed += 1;
             }
+        }
+        closed
+    }
+
+    /// Closes every connection authenticated with the access token `jti`.
+    pub fn close_token(&self, jti: Uuid, order: &CloseOrder) -> usize {
+        let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = 0;
+        for conn in connections.values().filter(|c| c.jti() == Some(jti)) {
+            conn.close(order.clone());
+            closed += 1;
         }
         closed
     }

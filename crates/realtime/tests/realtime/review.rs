@@ -209,3 +209,49 @@ async fn a_replay_stops_at_its_byte_cap_with_an_exact_gap() {
         "{gap}"
     );
 }
+
+/// A fresh login of `name`: (access token, refresh token).
+async fn login(world: &World, name: &str) -> (String, String) {
+    let login = json!({"username": name, "password": "correct horse battery"});
+    let (status, body) = world.post("/auth/login", login).await;
+    assert_eq!(status, 200, "{body}");
+    let token = |field: &str| body[field].as_str().unwrap().to_string();
+    (token("access_token"), token("refresh_token"))
+}
+
+async fn post(world: &World, path: &str, body: Value) -> u16 {
+    world.post(path, body).await.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_token_or_reusing_a_refresh_token_closes_the_sockets_it_opened() {
+    let world = World::start(2, &[("REFRESH_GRACE", "0s".into())]).await;
+    let alice = world.register("alice").await;
+    let (second, second_refresh) = login(&world, "alice").await;
+    let (third, third_refresh) = login(&world, "alice").await;
+    let mut first_socket = world.connect(1, Some(&alice.token)).await;
+    let mut second_socket = world.connect(1, Some(&second)).await;
+    let mut third_socket = world.connect(1, Some(&third)).await;
+
+    // An access token (revoked on instance 0): only its socket (on instance 1) closes.
+    assert_eq!(
+        post(&world, "/auth/revoke", json!({"token": alice.token})).await,
+        200
+    );
+    assert_eq!(first_socket.closed().await, Some(4001));
+    let (pong, _) = second_socket.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "pong");
+
+    // A refresh token ends its session.
+    assert_eq!(
+        post(&world, "/auth/revoke", json!({"token": second_refresh})).await,
+        200
+    );
+    assert_eq!(second_socket.closed().await, Some(4001));
+
+    // A spent refresh token presented again: the session is revoked as stolen.
+    let refresh = json!({"refresh_token": third_refresh});
+    assert_eq!(post(&world, "/auth/refresh", refresh.clone()).await, 200);
+    assert_eq!(post(&world, "/auth/refresh", refresh).await, 401);
+    assert_eq!(third_socket.closed().await, Some(4001));
+}
