@@ -83,6 +83,10 @@ pub struct RawRealtimeConfig {
         global = true
     )]
     pub ws_replay_max_bytes: Option<String>,
+    /// Publishes per second one connection may send (a burst of as many is allowed); past
+    /// it a publish gets an error `rate_limited` [default: 100].
+    #[arg(long = "ws-publish-rate", env = "WS_PUBLISH_RATE", global = true)]
+    pub ws_publish_rate: Option<String>,
     /// Redis pub/sub connections per instance that channels are spread over by hash
     /// [default: 4].
     #[arg(long = "ws-redis-shards", env = "WS_REDIS_SHARDS", global = true)]
@@ -115,6 +119,7 @@ pub struct RealtimeConfig {
     pub history_by_family: HashMap<String, HistoryLimit>,
     pub replay_max: u64,
     pub replay_max_bytes: usize,
+    pub publish_rate: usize,
     pub redis_shards: usize,
 }
 
@@ -252,6 +257,7 @@ impl RealtimeConfig {
             "a whole number",
         );
         let replay_max_bytes = count(p, "WS_REPLAY_MAX_BYTES", &raw.ws_replay_max_bytes, 4 << 20);
+        let publish_rate = count(p, "WS_PUBLISH_RATE", &raw.ws_publish_rate, 100);
         let redis_shards = count(p, "WS_REDIS_SHARDS", &raw.ws_redis_shards, 4);
         RealtimeConfig {
             queue_size,
@@ -269,6 +275,7 @@ impl RealtimeConfig {
             history_by_family,
             replay_max,
             replay_max_bytes,
+            publish_rate,
             redis_shards,
         }
     }
@@ -303,6 +310,7 @@ impl RealtimeConfig {
             ("WS_HISTORY_MAX_AGE", format!("{:?}", self.history.max_age)),
             ("WS_REPLAY_MAX", self.replay_max.to_string()),
             ("WS_REPLAY_MAX_BYTES", self.replay_max_bytes.to_string()),
+            ("WS_PUBLISH_RATE", self.publish_rate.to_string()),
             ("WS_REDIS_SHARDS", self.redis_shards.to_string()),
         ]
     }

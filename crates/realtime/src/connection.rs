@@ -54,6 +54,9 @@ pub struct Session {
     /// When the access token expires (a fresh `auth` moves it).
     expires: Option<Instant>,
     subs: HashMap<Arc<str>, Sub>,
+    /// Publishes this connection may still send now (a token bucket refilled at
+    /// `WS_PUBLISH_RATE` per second, holding at most that many), and when it was refilled.
+    publish_tokens: (f64, Instant),
     /// This connection in the hub, forgotten with every subscription when the session is
     /// dropped (also when its task panics: nothing leaks in the hub).
     handle: Option<Arc<ConnHandle>>,
@@ -77,12 +80,14 @@ impl Session {
         who: Option<Who>,
         principal: Option<Principal>,
     ) -> Session {
+        let publish_tokens = (rt.inner.config.publish_rate as f64, Instant::now());
         let mut session = Session {
             rt,
             place,
             who,
             session_id: None,
             jti: None,
+            publish_tokens,
             expires: None,
             subs: HashMap::new(),
             handle: None,
@@ -524,6 +529,17 @@ impl Session {
         name: &str,
         payload: &Value,
     ) -> Result<Value, ProtocolError> {
+        let rate = self.rt.inner.config.publish_rate as f64;
+        let (tokens, at) = &mut self.publish_tokens;
+        *tokens = (*tokens + at.elapsed().as_secs_f64() * rate).min(rate);
+        *at = Instant::now();
+        if *tokens < 1.0 {
+            return Err(ProtocolError::new(
+                Code::RateLimited,
+                format!("at most {rate} publishes per second per connection (WS_PUBLISH_RATE)"),
+            ));
+        }
+        *tokens -= 1.0;
         let channel = Channel::parse(name).map_err(|e| ProtocolError::new(Code::BadChannel, e))?;
         self.authorize(who, &channel, who.may_publish(&channel))
             .await?;

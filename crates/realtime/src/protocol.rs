@@ -92,6 +92,8 @@ pub enum Code {
     NotSubscribed,
     /// Redis (or PostgreSQL, for a space's participants) cannot be reached: retry later.
     Unavailable,
+    /// Past `WS_PUBLISH_RATE` publishes per second on this connection: slow down.
+    RateLimited,
 }
 
 impl Code {
@@ -108,6 +110,7 @@ impl Code {
             Code::TooManyChannels => "too_many_channels",
             Code::NotSubscribed => "not_subscribed",
             Code::Unavailable => "unavailable",
+            Code::RateLimited => "rate_limited",
         }
     }
 }

@@ -255,3 +255,22 @@ async fn revoking_a_token_or_reusing_a_refresh_token_closes_the_sockets_it_opene
     assert_eq!(post(&world, "/auth/refresh", refresh).await, 401);
     assert_eq!(third_socket.closed().await, Some(4001));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_past_the_connection_rate_get_rate_limited_and_the_socket_lives() {
+    let world = World::start(1, &[("WS_PUBLISH_RATE", "5".into())]).await;
+    let alice = world.register("alice").await;
+    let mut client = world.connect(0, Some(&alice.token)).await;
+    let mut codes = Vec::new();
+    for n in 0..40 {
+        let answer = client.publish(CHANNEL, json!({"n": n})).await;
+        codes.push(answer["code"].as_str().unwrap_or("ack").to_string());
+    }
+    let acked = codes.iter().filter(|c| *c == "ack").count();
+    let limited = codes.iter().filter(|c| *c == "rate_limited").count();
+    assert_eq!(acked + limited, 40, "{codes:?}");
+    assert!(acked >= 5, "the burst passes: {codes:?}");
+    assert!(limited >= 1, "40 publishes at once exceed 5/s: {codes:?}");
+    let (pong, _) = client.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "pong");
+}
