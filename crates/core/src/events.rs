@@ -33,6 +33,9 @@ pub const AUTH_CHANNEL: &str = "auth";
 /// A login session ended (logout, revocation): `data` has `session_id` and `user_id`. Every
 /// instance closes that session's WebSocket connections.
 pub const SESSION_REVOKED: &str = "auth.session_revoked";
+/// One access token was revoked (`POST /auth/revoke`): `data` has `session_id` and `jti`.
+/// Every instance closes the WebSocket connections authenticated with that token.
+pub const TOKEN_REVOKED: &str = "auth.token_revoked";
 
 /// One domain event as every subscriber sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -52,6 +52,7 @@ impl AppState {
         let identity = Identity::new(&config, db.clone(), cache.clone(), detached.clone());
         let limiter = RateLimiter::new(redis.clone(), cache.clone(), &config.cache.key_prefix);
         let events = Events::new(redis.clone(), db.clone(), &config.cache.key_prefix);
+        identity.announce_revocations(events.clone());
         AppState {
             config,
             db,

@@ -4,14 +4,15 @@
 //! An event whose channel is a real-time channel (`cascade-events`, `space:{id}`,
 //! `user:{id}`) is published on it, as `{"event": kind, "data": …, "id": …, "at": ms}`, by the
 //! instance that raised it only (`origin`): once in the history, and every instance's
-//! subscribers get it through the fan-out. `auth.session_revoked` (a logout, on any instance)
-//! closes the connections of that session with 4001.
+//! subscribers get it through the fan-out. `auth.session_revoked` (a logout, a revocation,
+//! refresh-token reuse, on any instance) closes the connections of that session with 4001,
+//! `auth.token_revoked` those authenticated with that access token.
 //!
 //! On shutdown every connection is told to `reconnect` and closed with 1001.
 
 use std::time::Duration;
 
-use cascade_core::events::{Event, SESSION_REVOKED};
+use cascade_core::events::{Event, SESSION_REVOKED, TOKEN_REVOKED};
 use cascade_core::shutdown::ShutdownSignal;
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
@@ -65,6 +66,23 @@ async fn handle(rt: &Realtime, me: &str, event: &Event) {
         }
         return;
     }
+    if event.kind == TOKEN_REVOKED {
+        let jti = event.data["jti"]
+            .as_str()
+            .and_then(|s| s.parse::<uuid::Uuid>().ok());
+        if let Some(jti) = jti {
+            rt.inner.hub.close_token(
+                jti,
+                &CloseOrder {
+                    code: 4001,
+                    reason: "the access token was revoked",
+                    reconnect: false,
+                },
+            );
+        }
+        return;
+    }
+    revoke_space_access(rt, event);
     if event.origin != me {
         return;
     }
@@ -85,6 +103,27 @@ async fn handle(rt: &Realtime, me: &str, event: &Event) {
         Err(err) => {
             tracing::warn!(channel = %channel, kind = %event.kind, error = %err, "realtime: a domain event was not published");
         }
+    }
+}
+
+/// `space.left` (that account) and `space.closed` (everyone), raised on any instance, end
+/// the matching subscriptions to the space's channel here: authorization is checked at
+/// subscribe, so without this a former participant would go on reading.
+fn revoke_space_access(rt: &Realtime, event: &Event) {
+    let user = match event.kind.as_str() {
+        "space.left" => match event.data["user_id"].as_i64() {
+            Some(user) => Some(user),
+            None => return,
+        },
+        "space.closed" => None,
+        _ => return,
+    };
+    if !event.channel.starts_with("space:") {
+        return;
+    }
+    let ended = rt.inner.hub.revoke(&event.channel, user);
+    if ended > 0 {
+        tracing::debug!(channel = %event.channel, ended, "realtime: space subscriptions ended");
     }
 }
 

@@ -49,6 +49,10 @@ pub struct RawRealtimeConfig {
     /// [default: 60s].
     #[arg(long = "ws-idle-timeout", env = "WS_IDLE_TIMEOUT", global = true)]
     pub ws_idle_timeout: Option<String>,
+    /// A write the client does not take within this long (it stopped reading) closes the
+    /// connection [default: 10s].
+    #[arg(long = "ws-write-timeout", env = "WS_WRITE_TIMEOUT", global = true)]
+    pub ws_write_timeout: Option<String>,
     /// Messages smaller than this many bytes are sent uncompressed even when permessage-deflate
     /// was negotiated; `off` never negotiates it [default: 512].
     #[arg(
@@ -71,6 +75,18 @@ pub struct RawRealtimeConfig {
     /// [default: 1000].
     #[arg(long = "ws-replay-max", env = "WS_REPLAY_MAX", global = true)]
     pub ws_replay_max: Option<String>,
+    /// Most bytes of messages replayed to one resuming subscription at once (what one
+    /// subscribe may hold in memory); the rest is a `gap` [default: 4194304].
+    #[arg(
+        long = "ws-replay-max-bytes",
+        env = "WS_REPLAY_MAX_BYTES",
+        global = true
+    )]
+    pub ws_replay_max_bytes: Option<String>,
+    /// Publishes per second one connection may send (a burst of as many is allowed); past
+    /// it a publish gets an error `rate_limited` [default: 100].
+    #[arg(long = "ws-publish-rate", env = "WS_PUBLISH_RATE", global = true)]
+    pub ws_publish_rate: Option<String>,
     /// Redis pub/sub connections per instance that channels are spread over by hash
     /// [default: 4].
     #[arg(long = "ws-redis-shards", env = "WS_REDIS_SHARDS", global = true)]
@@ -96,11 +112,14 @@ pub struct RealtimeConfig {
     pub auth_timeout: Duration,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
+    pub write_timeout: Duration,
     /// `None`: permessage-deflate is not negotiated.
     pub compression_threshold: Option<usize>,
     pub history: HistoryLimit,
     pub history_by_family: HashMap<String, HistoryLimit>,
     pub replay_max: u64,
+    pub replay_max_bytes: usize,
+    pub publish_rate: usize,
     pub redis_shards: usize,
 }
 
@@ -167,6 +186,11 @@ impl RealtimeConfig {
         if idle_timeout <= ping_interval {
             p.fail("WS_IDLE_TIMEOUT", "must be longer than WS_PING_INTERVAL");
         }
+        let write_timeout = p.positive_duration(
+            "WS_WRITE_TIMEOUT",
+            &raw.ws_write_timeout,
+            Duration::from_secs(10),
+        );
         let compression_threshold = match raw.ws_compression_threshold.as_deref().map(str::trim) {
             Some("off") => None,
             other => Some(p.number(
@@ -232,6 +256,8 @@ impl RealtimeConfig {
             1000,
             "a whole number",
         );
+        let replay_max_bytes = count(p, "WS_REPLAY_MAX_BYTES", &raw.ws_replay_max_bytes, 4 << 20);
+        let publish_rate = count(p, "WS_PUBLISH_RATE", &raw.ws_publish_rate, 100);
         let redis_shards = count(p, "WS_REDIS_SHARDS", &raw.ws_redis_shards, 4);
         RealtimeConfig {
             queue_size,
@@ -243,10 +269,13 @@ impl RealtimeConfig {
             auth_timeout,
             ping_interval,
             idle_timeout,
+            write_timeout,
             compression_threshold,
             history,
             history_by_family,
             replay_max,
+            replay_max_bytes,
+            publish_rate,
             redis_shards,
         }
     }
@@ -271,6 +300,7 @@ impl RealtimeConfig {
             ("WS_AUTH_TIMEOUT", format!("{:?}", self.auth_timeout)),
             ("WS_PING_INTERVAL", format!("{:?}", self.ping_interval)),
             ("WS_IDLE_TIMEOUT", format!("{:?}", self.idle_timeout)),
+            ("WS_WRITE_TIMEOUT", format!("{:?}", self.write_timeout)),
             (
                 "WS_COMPRESSION_THRESHOLD",
                 self.compression_threshold
@@ -279,6 +309,8 @@ impl RealtimeConfig {
             ("WS_HISTORY_MAX_LEN", self.history.max_len.to_string()),
             ("WS_HISTORY_MAX_AGE", format!("{:?}", self.history.max_age)),
             ("WS_REPLAY_MAX", self.replay_max.to_string()),
+            ("WS_REPLAY_MAX_BYTES", self.replay_max_bytes.to_string()),
+            ("WS_PUBLISH_RATE", self.publish_rate.to_string()),
             ("WS_REDIS_SHARDS", self.redis_shards.to_string()),
         ]
     }

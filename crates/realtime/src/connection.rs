@@ -4,13 +4,13 @@
 //!
 //! What each subscription has been given, and what it gets next, is [`resume`](crate::resume).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use cascade_core::identity::Principal;
-use futures_util::SinkExt;
+use futures_util::{FutureExt, SinkExt};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use yawc::close::CloseCode;
@@ -26,6 +26,12 @@ use crate::{Place, Realtime, metrics};
 const IDLE_KEEP: usize = 4;
 /// Most queued items taken per writer round (one flush).
 const BATCH: usize = 256;
+/// Queue rounds in a row after which the socket is read first (a client's own frames are
+/// not starved by a busy channel).
+const FAIR_ROUNDS: u32 = 4;
+/// First and longest wait before reading a channel's history again after a failed resync.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 /// A subscribe waits at most this long for its Redis shard to be listening.
 const SHARD_WAIT: Duration = Duration::from_secs(2);
 /// Writing the final frames of a closing connection (a client that does not read cannot
@@ -39,6 +45,8 @@ enum End {
     Close(u16, &'static str, &'static str),
     /// Reading failed; the library may owe the client a close frame.
     Read(&'static str),
+    /// A write did not finish within `WS_WRITE_TIMEOUT`: the client stopped reading.
+    Stalled,
     Broken,
 }
 
@@ -47,9 +55,33 @@ pub struct Session {
     place: Place,
     who: Option<Who>,
     session_id: Option<uuid::Uuid>,
+    /// The access token's id (revoking that token closes the connection).
+    jti: Option<uuid::Uuid>,
     /// When the access token expires (a fresh `auth` moves it).
     expires: Option<Instant>,
     subs: HashMap<Arc<str>, Sub>,
+    /// Publishes this connection may still send now (a token bucket refilled at
+    /// `WS_PUBLISH_RATE` per second, holding at most that many), and when it was refilled.
+    publish_tokens: (f64, Instant),
+    /// Channels whose history could not be read after their Redis shard came back, retried
+    /// at `retry_at` ([`Session::retry_resyncs`]).
+    retry: HashSet<Arc<str>>,
+    retry_at: Option<Instant>,
+    retry_backoff: Duration,
+    /// This connection in the hub, forgotten with every subscription when the session is
+    /// dropped (also when its task panics: nothing leaks in the hub).
+    handle: Option<Arc<ConnHandle>>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            self.rt
+                .inner
+                .hub
+                .disconnect(&handle, self.subs.keys().cloned());
+        }
+    }
 }
 
 impl Session {
@@ -59,13 +91,20 @@ impl Session {
         who: Option<Who>,
         principal: Option<Principal>,
     ) -> Session {
+        let publish_tokens = (rt.inner.config.publish_rate as f64, Instant::now());
         let mut session = Session {
             rt,
             place,
             who,
             session_id: None,
+            jti: None,
+            publish_tokens,
+            retry: HashSet::new(),
+            retry_at: None,
+            retry_backoff: RETRY_FIRST,
             expires: None,
             subs: HashMap::new(),
+            handle: None,
         };
         if let Some(principal) = principal {
             session.adopt(&principal);
@@ -75,13 +114,17 @@ impl Session {
 
     fn adopt(&mut self, principal: &Principal) {
         self.session_id = Some(principal.session_id);
+        self.jti = Some(principal.jti);
         self.expires = Some(expiry(principal.token_exp));
     }
 
     pub(crate) async fn run(mut self, mut ws: HttpWebSocket) {
         let config = self.rt.inner.config.clone();
         let (handle, mut rx) = self.rt.inner.hub.connect(config.queue_size);
+        self.handle = Some(handle.clone());
         handle.set_session(self.session_id);
+        handle.set_jti(self.jti);
+        handle.set_user(self.user_id());
         let auth_deadline = self
             .who
             .is_none()
@@ -92,13 +135,26 @@ impl Session {
         ping.tick().await;
         let mut heard = Instant::now();
         let mut batch: Vec<Outbound> = Vec::new();
+        // Queue rounds in a row: the biased select takes the queue before the socket, so on
+        // a busy channel the client's own frames wait; every FAIR_ROUNDS, one is read first.
+        let mut queue_rounds = 0u32;
         let end = loop {
             if !out.is_empty() {
-                match write(&mut ws, &mut out, &handle).await {
+                match write(&mut ws, &mut out, &handle, config.write_timeout).await {
                     // An idle connection keeps no buffer a burst grew (memory per idle
                     // connection is what bounds how many an instance holds).
                     Ok(()) => out.shrink_to(IDLE_KEEP),
                     Err(end) => break end,
+                }
+            }
+            if queue_rounds >= FAIR_ROUNDS {
+                queue_rounds = 0;
+                if let Some(frame) = ws.next_frame().now_or_never() {
+                    heard = Instant::now();
+                    match self.on_frame(frame, &handle, &mut out).await {
+                        Some(end) => break end,
+                        None => continue,
+                    }
                 }
             }
             let deadline = match (self.who.is_none(), auth_deadline, self.expires) {
@@ -126,25 +182,20 @@ impl Session {
                         break End::Broken;
                     }
                     metrics::dequeued(n);
+                    queue_rounds += 1;
                     for item in batch.drain(..) {
                         self.outbound(item, &mut out).await;
                     }
                     batch.shrink_to(IDLE_KEEP);
                 }
                 frame = ws.next_frame() => {
-                    let frame = match frame {
-                        Ok(frame) => frame,
-                        // yawc queued the close it owes (1009 past WS_MAX_FRAME_BYTES, 1002
-                        // for a protocol error): flushed below.
-                        Err(yawc::WebSocketError::FrameTooLarge) => break End::Read("too_large"),
-                        Err(yawc::WebSocketError::ConnectionClosed) => break End::Client,
-                        Err(_) => break End::Read("error"),
-                    };
+                    queue_rounds = 0;
                     heard = Instant::now();
-                    if let Some(end) = self.inbound(frame, &handle, &mut out).await {
+                    if let Some(end) = self.on_frame(frame, &handle, &mut out).await {
                         break end;
                     }
                 }
+                () = sleep_until(self.retry_at) => self.retry_resyncs(&mut out).await,
                 _ = ping.tick() => {
                     if heard.elapsed() >= config.idle_timeout {
                         break End::Close(1001, "idle", "idle timeout: no frame (not even a pong) received");
@@ -157,6 +208,7 @@ impl Session {
         let (label, close) = match end {
             End::Client => ("client", None),
             End::Broken => ("error", None),
+            End::Stalled => ("write_timeout", None),
             End::Read(label) => {
                 let _ = tokio::time::timeout(CLOSE_WRITE, ws.flush()).await;
                 (label, None)
@@ -194,11 +246,14 @@ impl Session {
         }
         let remaining = rx.len();
         metrics::dequeued(remaining);
-        self.rt
-            .inner
-            .hub
-            .disconnect(&handle, self.subs.keys().cloned());
-        drop(self.place);
+        // Dropping `self` forgets the connection in the hub and frees its place.
+    }
+
+    fn user_id(&self) -> Option<i64> {
+        match self.who {
+            Some(Who::User { user_id }) => Some(user_id),
+            _ => None,
+        }
     }
 
     fn hello(&self) -> String {
@@ -214,6 +269,44 @@ impl Session {
             "max_channels": config.max_channels,
         })
         .to_string()
+    }
+
+    /// What reading the socket gave; `Some` ends the session.
+    async fn on_frame(
+        &mut self,
+        frame: Result<Frame, yawc::WebSocketError>,
+        handle: &Arc<ConnHandle>,
+        out: &mut Vec<Frame>,
+    ) -> Option<End> {
+        match frame {
+            Ok(frame) => self.inbound(frame, handle, out).await,
+            // yawc queued the close it owes (1009 past WS_MAX_FRAME_BYTES, 1002 for a
+            // protocol error): flushed at the end.
+            Err(yawc::WebSocketError::FrameTooLarge) => Some(End::Read("too_large")),
+            Err(yawc::WebSocketError::ConnectionClosed) => Some(End::Client),
+            Err(_) => Some(End::Read("error")),
+        }
+    }
+
+    /// Reads the history again for the channels whose resync could not (Redis did not
+    /// answer): those still failing are tried again later, backing off up to
+    /// [`RETRY_MAX`]. Nothing is lost meanwhile: the subscription's position stays, and a
+    /// live message after a hole reads the history too.
+    async fn retry_resyncs(&mut self, out: &mut Vec<Frame>) {
+        for channel in std::mem::take(&mut self.retry) {
+            if let Some(sub) = self.subs.get_mut(&channel)
+                && resume::catch_up(&self.rt, sub, out).await.is_err()
+            {
+                self.retry.insert(channel);
+            }
+        }
+        if self.retry.is_empty() {
+            self.retry_at = None;
+            self.retry_backoff = RETRY_FIRST;
+        } else {
+            self.retry_backoff = (self.retry_backoff * 2).min(RETRY_MAX);
+            self.retry_at = Some(Instant::now() + self.retry_backoff);
+        }
     }
 
     /// One frame from the client; `Some` ends the session.
@@ -356,12 +449,14 @@ impl Session {
             self.expires = None;
         }
         handle.set_session(self.session_id);
+        handle.set_jti(self.jti);
         let ack = json!({
             "user_id": principal.as_ref().map(|p| p.user_id),
             "admin": who == Who::Admin,
             "expires_at": principal.as_ref().map(|p| p.token_exp),
         });
         self.who = Some(who);
+        handle.set_user(self.user_id());
         out.push(Frame::text(protocol::ack(id, ack)));
         None
     }
@@ -494,6 +589,17 @@ impl Session {
         name: &str,
         payload: &Value,
     ) -> Result<Value, ProtocolError> {
+        let rate = self.rt.inner.config.publish_rate as f64;
+        let (tokens, at) = &mut self.publish_tokens;
+        *tokens = (*tokens + at.elapsed().as_secs_f64() * rate).min(rate);
+        *at = Instant::now();
+        if *tokens < 1.0 {
+            return Err(ProtocolError::new(
+                Code::RateLimited,
+                format!("at most {rate} publishes per second per connection (WS_PUBLISH_RATE)"),
+            ));
+        }
+        *tokens -= 1.0;
         let channel = Channel::parse(name).map_err(|e| ProtocolError::new(Code::BadChannel, e))?;
         self.authorize(who, &channel, who.may_publish(&channel))
             .await?;
@@ -521,20 +627,37 @@ impl Session {
                     resume::deliver(&self.rt, sub, &delivery, out).await;
                 }
             }
+            Outbound::Revoked(channel) => {
+                if let Some(sub) = self.subs.remove(&channel) {
+                    out.push(Frame::text(protocol::unsubscribed(
+                        sub.channel.name(),
+                        Code::Forbidden,
+                        "no longer a participant of this space (left, removed, or the space closed)",
+                    )));
+                }
+            }
             Outbound::Resync(channel) => {
-                if let Some(sub) = self.subs.get_mut(&channel) {
-                    let _ = resume::catch_up(&self.rt, sub, out).await;
+                if let Some(sub) = self.subs.get_mut(&channel)
+                    && let Err(err) = resume::catch_up(&self.rt, sub, out).await
+                {
+                    tracing::debug!(error = %err, %channel, "realtime: resync failed; retrying");
+                    self.retry.insert(channel);
+                    if self.retry_at.is_none() {
+                        self.retry_at = Some(Instant::now() + self.retry_backoff);
+                    }
                 }
             }
         }
     }
 }
 
-/// Writes `out` in one flush, unless an order (overflow, logout, shutdown) arrives first.
+/// Writes `out` in one flush, unless an order (overflow, logout, shutdown) arrives first or
+/// the client does not take it within `timeout` (`WS_WRITE_TIMEOUT`).
 async fn write(
     ws: &mut HttpWebSocket,
     out: &mut Vec<Frame>,
     handle: &ConnHandle,
+    timeout: Duration,
 ) -> Result<(), End> {
     let n = out.len();
     let written = async {
@@ -544,12 +667,13 @@ async fn write(
         ws.flush().await
     };
     tokio::select! {
-        written = written => match written {
-            Ok(()) => {
+        written = tokio::time::timeout(timeout, written) => match written {
+            Ok(Ok(())) => {
                 metrics::sent(n);
                 Ok(())
             }
-            Err(_) => Err(End::Broken),
+            Ok(Err(_)) => Err(End::Broken),
+            Err(_) => Err(End::Stalled),
         },
         () = handle.wake.notified() => match handle.take_order() {
             Some(order) => Err(End::Order(order)),

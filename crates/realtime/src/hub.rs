@@ -6,7 +6,7 @@
 //! other, so one slow client costs the others nothing and memory stays bounded.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{Notify, mpsc};
@@ -22,6 +22,9 @@ pub enum Outbound {
     /// The instance's subscription for this channel was re-established: messages may have
     /// been missed meanwhile, read the history.
     Resync(Arc<str>),
+    /// The connection may no longer read this channel (its account left the space, or the
+    /// space closed): its subscription ends, and the client is told.
+    Revoked(Arc<str>),
 }
 
 /// Why a connection is being closed from outside its task.
@@ -42,6 +45,10 @@ pub struct ConnHandle {
     pub wake: Notify,
     /// The login session it authenticated with (revoking the session closes it).
     session: Mutex<Option<Uuid>>,
+    /// The access token it authenticated with (its `jti`; revoking the token closes it).
+    jti: Mutex<Option<Uuid>>,
+    /// The account it authenticated as (0: none, or the operator).
+    user: AtomicI64,
 }
 
 impl ConnHandle {
@@ -61,6 +68,18 @@ impl ConnHandle {
 
     pub fn set_session(&self, session: Option<Uuid>) {
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) = session;
+    }
+
+    pub fn set_jti(&self, jti: Option<Uuid>) {
+        *self.jti.lock().unwrap_or_else(|p| p.into_inner()) = jti;
+    }
+
+    fn jti(&self) -> Option<Uuid> {
+        *self.jti.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_user(&self, user: Option<i64>) {
+        self.user.store(user.unwrap_or(0), Ordering::Relaxed);
     }
 
     fn session(&self) -> Option<Uuid> {
@@ -101,6 +120,8 @@ impl Hub {
             order: Mutex::new(None),
             wake: Notify::new(),
             session: Mutex::new(None),
+            jti: Mutex::new(None),
+            user: AtomicI64::new(0),
         });
         self.connections
             .lock()
@@ -159,6 +180,29 @@ impl Hub {
         }
     }
 
+    /// Ends the subscriptions to `channel` of the connections of `user` (every connection's
+    /// when `None`): no further message is queued for them, and each is told
+    /// ([`Outbound::Revoked`]).
+    pub fn revoke(&self, channel: &str, user: Option<i64>) -> usize {
+        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        let Some((name, list)) = channels.get_key_value(channel) else {
+            return 0;
+        };
+        let name = name.clone();
+        let matches = |c: &ConnHandle| user.is_none_or(|u| c.user.load(Ordering::Relaxed) == u);
+        let (gone, kept): (Vec<_>, Vec<_>) = list.iter().cloned().partition(|c| matches(c));
+        if kept.is_empty() {
+            channels.remove(channel);
+        } else {
+            channels.insert(name.clone(), kept);
+        }
+        drop(channels);
+        for conn in &gone {
+            conn.offer(Outbound::Revoked(name.clone()));
+        }
+        gone.len()
+    }
+
     /// Closes every connection authenticated with `session`.
     pub fn close_session(&self, session: Uuid, order: &CloseOrder) -> usize {
         let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
@@ -168,6 +212,17 @@ impl Hub {
                 conn.close(order.clone());
                 closed += 1;
             }
+        }
+        closed
+    }
+
+    /// Closes every connection authenticated with the access token `jti`.
+    pub fn close_token(&self, jti: Uuid, order: &CloseOrder) -> usize {
+        let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = 0;
+        for conn in connections.values().filter(|c| c.jti() == Some(jti)) {
+            conn.close(order.clone());
+            closed += 1;
         }
         closed
     }

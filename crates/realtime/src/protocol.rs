@@ -92,6 +92,8 @@ pub enum Code {
     NotSubscribed,
     /// Redis (or PostgreSQL, for a space's participants) cannot be reached: retry later.
     Unavailable,
+    /// Past `WS_PUBLISH_RATE` publishes per second on this connection: slow down.
+    RateLimited,
 }
 
 impl Code {
@@ -108,6 +110,7 @@ impl Code {
             Code::TooManyChannels => "too_many_channels",
             Code::NotSubscribed => "not_subscribed",
             Code::Unavailable => "unavailable",
+            Code::RateLimited => "rate_limited",
         }
     }
 }
@@ -186,6 +189,13 @@ pub fn ack(id: &Option<Value>, extra: Value) -> String {
         body.extend(extra);
     }
     body.to_string()
+}
+
+/// `unsubscribed`: the server ended a subscription (`code` says why, e.g. `forbidden` once
+/// the account may no longer read the channel); nothing more arrives on it.
+pub fn unsubscribed(channel: &str, code: Code, message: &str) -> String {
+    json!({"type": "unsubscribed", "channel": channel, "code": code.as_str(), "message": message})
+        .to_string()
 }
 
 /// `gap`: offsets `from..=to` of `epoch` cannot be delivered (`to` null: every offset from

@@ -25,6 +25,11 @@ use crate::store::{Delivery, StoreError};
 /// Messages read from the history per call.
 const PAGE: u64 = 200;
 
+/// The offset after `offset` (saturating: a client's `since` may be anything).
+fn after(offset: u64) -> u64 {
+    offset.saturating_add(1)
+}
+
 /// One subscription's position.
 pub(crate) struct Sub {
     pub channel: Channel,
@@ -47,7 +52,7 @@ pub(crate) async fn deliver(
     if !delivery.durable {
         if !sub.degraded {
             let gap =
-                protocol::degraded_gap(sub.channel.name(), sub.epoch.as_deref(), sub.last + 1);
+                protocol::degraded_gap(sub.channel.name(), sub.epoch.as_deref(), after(sub.last));
             out.push(Frame::text(gap));
             sub.degraded = true;
         }
@@ -62,7 +67,7 @@ pub(crate) async fn deliver(
         if delivery.offset <= sub.last {
             return;
         }
-        if delivery.offset == sub.last + 1 {
+        if delivery.offset == after(sub.last) {
             out.push(Frame::text(delivery.frame.clone()));
             sub.last = delivery.offset;
             return;
@@ -79,12 +84,12 @@ pub(crate) async fn deliver(
             out.push(Frame::text(protocol::gap(
                 channel,
                 old,
-                sub.last + 1,
+                after(sub.last),
                 None,
                 "epoch_changed",
             )));
         }
-        let from = if same { sub.last + 1 } else { 1 };
+        let from = if same { after(sub.last) } else { 1 };
         if delivery.offset > from {
             out.push(Frame::text(protocol::gap(
                 channel,
@@ -112,6 +117,10 @@ pub(crate) async fn catch_up(
 ) -> Result<u64, StoreError> {
     let store = &rt.inner.store;
     let limit = rt.inner.config.replay_max;
+    // Most bytes of history one catch-up puts in the connection's write buffer; the rest is
+    // a `gap` (`history_trimmed`), so a subscribe holds at most this much, not
+    // `WS_REPLAY_MAX` × `WS_MAX_MESSAGE_BYTES`.
+    let max_bytes = rt.inner.config.replay_max_bytes;
     let name = sub.channel.shared_name();
     // At most a few epoch changes while reading (each read is atomic).
     'epochs: for _ in 0..3 {
@@ -140,13 +149,28 @@ pub(crate) async fn catch_up(
         }
         // Pages until the head of the first read (later messages arrive live).
         let head = history.head;
-        let mut expected = sub.last + 1;
+        if sub.last > head {
+            // A position this epoch never reached (a client's made-up `since`, or offsets
+            // of a Redis process that is gone): the client reloads, then follows from the
+            // head.
+            let gap = protocol::gap(&name, &epoch, after(sub.last), None, "offset_ahead");
+            out.push(Frame::text(gap));
+            sub.last = head;
+            return Ok(head);
+        }
+        let mut expected = after(sub.last);
+        let mut bytes = 0usize;
         loop {
             let empty = history.items.is_empty();
             for item in std::mem::take(&mut history.items) {
                 if item.offset < expected {
                     continue;
                 }
+                if bytes >= max_bytes {
+                    // The rest is named by the `gap` below.
+                    break;
+                }
+                bytes += item.frame.len();
                 if item.offset > expected {
                     out.push(Frame::text(protocol::gap(
                         &name,
@@ -157,13 +181,15 @@ pub(crate) async fn catch_up(
                     )));
                 }
                 out.push(Frame::text(item.frame.clone()));
-                expected = item.offset + 1;
+                expected = after(item.offset);
             }
             sub.last = expected - 1;
-            if empty || expected > head {
+            if empty || expected > head || bytes >= max_bytes {
                 break;
             }
-            history = store.read(&name, sub.last, PAGE, limit).await?;
+            // `WS_REPLAY_MAX` applied to the first page only (it moved `sub.last` up): a
+            // later page applying it again would skip messages the history holds.
+            history = store.read(&name, sub.last, PAGE, u64::MAX).await?;
             if history.epoch.as_deref() != Some(&*epoch) {
                 continue 'epochs;
             }
@@ -200,14 +226,14 @@ fn end_epoch(
             } else {
                 "epoch_changed"
             };
-            let gap = protocol::gap(name, &old, sub.last + 1, None, reason);
+            let gap = protocol::gap(name, &old, after(sub.last), None, reason);
             out.push(Frame::text(gap));
         }
         None if degraded => {
             out.push(Frame::text(protocol::degraded_gap(
                 name,
                 None,
-                sub.last + 1,
+                after(sub.last),
             )));
         }
         None => {}

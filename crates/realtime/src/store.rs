@@ -2,9 +2,13 @@
 //!
 //! **With Redis**, per channel (`{prefix}rt:{<channel>}:m` and `:h`, the name in a hash tag so
 //! both keys live in one cluster slot):
-//! - a hash `epoch`, `offset`: the epoch is created at random when the hash is missing (first
-//!   publish, Redis flushed or restarted without its data, or the channel idle for
-//!   [`META_TTL`]), and with it the offset counter restarts at 1 and the stream is emptied;
+//! - a hash `epoch`, `offset`, `run`: the epoch is created at random when the hash is missing
+//!   (first publish, Redis flushed or restarted without its data, or the channel idle for
+//!   [`META_TTL`]) or was written by another Redis process (`run` is the server's `run_id`,
+//!   read by the scripts from `INFO server`: a restart that reloaded an RDB/AOF snapshot, or
+//!   a failover, brings back an older offset counter, so its offsets would be reused), and
+//!   with it the offset counter restarts at 1 and the stream is emptied; a read finds no
+//!   epoch in a hash of another process;
 //! - a stream whose entry ids are `<offset>-0`, holding the encoded `message` frame, trimmed
 //!   to the family's `max_len` (approximately, as `MAXLEN ~` does) and `max_age`.
 //!
@@ -126,11 +130,14 @@ fn fresh_epoch() -> String {
 /// epoch, the pub/sub channel, meta ttl ms. Channel names need no JSON escaping (see
 /// `channel.rs`: `[A-Za-z0-9_:-]`), epochs are hex.
 const PUBLISH: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'run')
+local epoch = m[1]
+if not epoch or m[2] ~= run then
   epoch = ARGV[6]
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'run', run)
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
 local frame = '{"type":"message","channel":"' .. ARGV[1] .. '","offset":' .. offset ..
@@ -153,8 +160,9 @@ return {epoch, offset}
 /// nil without an epoch, else {epoch, head, {id, frame, id, frame, ...}, why} (`why`:
 /// `degraded` for an epoch begun by [`ROTATE`], else empty).
 const READ: &str = r#"
-local m = redis.call('HMGET', KEYS[1], 'epoch', 'offset', 'why')
-if not m[1] then return false end
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'offset', 'why', 'run')
+if not m[1] or m[4] ~= run then return false end
 local head = tonumber(m[2])
 local after = tonumber(ARGV[1])
 local count = tonumber(ARGV[2])
@@ -178,9 +186,10 @@ return {m[1], m[2], out, m[3] or ''}
 /// locally): a new epoch marked `why=degraded`, the history emptied, and a notice (offset 0,
 /// no frame) on the shard so every subscriber reads the history and gets its `gap` now.
 const ROTATE: &str = r#"
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 redis.call('DEL', KEYS[2])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'offset', 0, 'why', 'degraded')
+redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'offset', 0, 'why', 'degraded', 'run', run)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PUBLISH', ARGV[4], ARGV[1] .. '\n' .. ARGV[2] .. '\n0\n')
 return 1

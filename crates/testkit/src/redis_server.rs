@@ -9,7 +9,8 @@ use nix::sys::signal::Signal;
 
 use crate::{free_port, signal_group, temp_dir};
 
-/// A private `redis-server` for one test; it keeps nothing on disk.
+/// A private `redis-server` for one test; it writes nothing to disk unless told to
+/// ([`save`](RedisServer::save)).
 pub struct RedisServer {
     dir: PathBuf,
     port: u16,
@@ -104,7 +105,22 @@ impl RedisServer {
         }
     }
 
-    /// Starts an empty server on the same port.
+    /// `SAVE`: the data as of now goes to `dump.rdb` in the server's directory, which the
+    /// next [`restart`](Self::restart) loads (a production Redis coming back from its last
+    /// snapshot, without what was written after it).
+    pub fn save(&self) {
+        let mut stream =
+            TcpStream::connect_timeout(&([127, 0, 0, 1], self.port).into(), Duration::from_secs(2))
+                .expect("connect to redis-server");
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+        let mut buf = [0u8; 5];
+        stream.write_all(b"SAVE\r\n").expect("send SAVE");
+        stream.read_exact(&mut buf).expect("SAVE answered");
+        assert_eq!(&buf, b"+OK\r\n", "SAVE failed");
+    }
+
+    /// Starts a server on the same port: empty, or with the data of the last
+    /// [`save`](Self::save).
     pub async fn restart(&mut self) {
         self.kill();
         self.spawn().await;

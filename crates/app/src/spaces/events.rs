@@ -6,7 +6,7 @@
 //! | `cascade-events` | `space.created` | `space_id`, `creator`, `title`, `max_participants`, `consciousness_threshold` |
 //! | `cascade-events`, `space:{space_id}` | `space.closed` | `space_id`, `participants_left` (how many) |
 //! | `space:{space_id}` | `space.joined` | `space_id`, `username`, `participant_count`, `max_participants` |
-//! | `space:{space_id}` | `space.left` | `space_id`, `username`, `reason` (`left`, `ended`, `idle`) |
+//! | `space:{space_id}` | `space.left` | `space_id`, `user_id`, `username`, `reason` (`left`, `ended`, `idle`) |
 //! | `user:{user_id}` | `session.started` | the session (`id`, `space_id`, `consciousness_level`, `verified`, …) |
 //! | `user:{user_id}` | `session.level_changed` | `session_id`, `from`, `to`, `verified` |
 //! | `user:{user_id}` | `session.verified` / `session.unverified` | `session_id`, `consciousness_level`: the level crossed `VERIFICATION_THRESHOLD` (a session that starts verified counts) |
@@ -91,11 +91,12 @@ pub fn space_joined(space: &Space, username: &str) -> DomainEvent {
     )
 }
 
-pub fn space_left(space_id: &str, username: &str, reason: &str) -> DomainEvent {
+/// `user_id`: whose subscriptions to the space's channel end (the real-time module).
+pub fn space_left(space_id: &str, user_id: i64, username: &str, reason: &str) -> DomainEvent {
     event(
         space_channel(space_id),
         "space.left",
-        json!({ "space_id": space_id, "username": username, "reason": reason }),
+        json!({ "space_id": space_id, "user_id": user_id, "username": username, "reason": reason }),
     )
 }
 
@@ -152,7 +153,7 @@ pub fn sessions_ended(ended: &[Ended], reason: &str) -> Vec<DomainEvent> {
     let mut events = Vec::new();
     for e in ended {
         for (space_id, username) in &e.left {
-            events.push(space_left(space_id, username, reason));
+            events.push(space_left(space_id, e.user_id, username, reason));
         }
         events.push(event(
             user_channel(e.user_id),

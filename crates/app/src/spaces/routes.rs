@@ -238,7 +238,7 @@ pub async fn leave(
                 cache::space_changed(&mut effects.stale, id.as_str());
                 effects
                     .events
-                    .push(events::space_left(id.as_str(), &username, "left"));
+                    .push(events::space_left(id.as_str(), user, &username, "left"));
             }
             effects
         },

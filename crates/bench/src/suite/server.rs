@@ -56,6 +56,8 @@ impl ServerProc {
             // The real-time scenario holds every connection with the bench account's token.
             .env("WS_MAX_CONNECTIONS_PER_USER", "100000")
             .env("WS_MAX_CONNECTIONS", "100000")
+            // The broadcast publishes up to 1,000 messages/s from one connection.
+            .env("WS_PUBLISH_RATE", "100000")
             // The bench account's one token must outlive the longest run.
             .env("ACCESS_TOKEN_TTL", "24h")
             .env("SESSION_DEFAULT_TTL", "24h")

@@ -186,6 +186,10 @@ struct Inner {
     session_ttl: Duration,
     slide_step: Duration,
     access_ttl: Duration,
+    /// Where revocations are announced (`auth.session_revoked`, `auth.token_revoked`), so
+    /// every instance closes the WebSocket connections of what was revoked
+    /// ([`Identity::announce_revocations`]).
+    events: std::sync::OnceLock<crate::events::Events>,
 }
 
 /// `timestamptz` as RFC 3339 text in UTC, in SQL.
@@ -248,8 +252,36 @@ impl Identity {
                 session_ttl: config.auth.session_default_ttl,
                 slide_step: SLIDE_STEP.min(config.auth.session_default_ttl / 10),
                 access_ttl: config.auth.access_token_ttl,
+                events: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Announces every revocation from now on on `events` (the first call wins).
+    pub fn announce_revocations(&self, events: crate::events::Events) {
+        let _ = self.inner.events.set(events);
+    }
+
+    /// Tells every instance that `session` ended (its connections close), or only the access
+    /// token `jti` of it. Best effort: the bus is at most once, and the token's expiry still
+    /// bounds a connection that misses it.
+    async fn announce(&self, session: Uuid, user_id: Option<i64>, jti: Option<Uuid>) {
+        let Some(events) = self.inner.events.get() else {
+            return;
+        };
+        let (kind, data) = match jti {
+            Some(jti) => (
+                crate::events::TOKEN_REVOKED,
+                serde_json::json!({ "session_id": session.to_string(), "jti": jti.to_string() }),
+            ),
+            None => (
+                crate::events::SESSION_REVOKED,
+                serde_json::json!({ "session_id": session.to_string(), "user_id": user_id }),
+            ),
+        };
+        let _ = events
+            .publish(crate::events::AUTH_CHANNEL, kind, data)
+            .await;
     }
 
     pub fn keys(&self) -> &TokenKeys {
@@ -464,6 +496,7 @@ impl Identity {
             tx.commit().await?;
             drop(conn);
             self.forget_session(session).await;
+            self.announce(session, Some(user_id), None).await;
             tracing::warn!(%session, user_id, "refresh token reused: session revoked");
             return Err(AuthError::RefreshReuse);
         }
@@ -646,6 +679,7 @@ impl Identity {
         drop(conn);
         if found {
             self.forget_session(session).await;
+            self.announce(session, Some(user_id), None).await;
         }
         Ok(found)
     }
@@ -670,6 +704,7 @@ impl Identity {
         .await?;
         drop(conn);
         self.forget_session(claims.sid).await;
+        self.announce(claims.sid, None, Some(claims.jti)).await;
         Ok(())
     }
 
@@ -693,13 +728,14 @@ impl Identity {
             .query_opt(
                 "UPDATE auth_sessions SET revoked_at = now(), revoked_reason = 'refresh token revoked' \
                  WHERE id = (SELECT session_id FROM auth_refresh_tokens WHERE token_hash = $1) \
-                   AND revoked_at IS NULL RETURNING id",
+                   AND revoked_at IS NULL RETURNING id, user_id",
                 &[&digest],
             )
             .await?;
         drop(conn);
         if let Some(row) = row {
             self.forget_session(row.get(0)).await;
+            self.announce(row.get(0), Some(row.get(1)), None).await;
         }
         Ok(())
     }

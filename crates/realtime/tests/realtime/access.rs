@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{ADMIN_TOKEN, Client, World};
+use crate::support::{ADMIN_TOKEN, Client, Incoming, World};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_refuse_who_may_not_read_or_publish_them() {
@@ -256,13 +256,68 @@ async fn a_space_channel_is_for_the_spaces_participants() {
     assert_eq!(ack["type"], "ack", "{ack}");
     assert_eq!(member.json().await["payload"]["hello"], "room");
 
-    // Leaving the space closes the channel to new subscriptions.
+    // Bob joins too, and follows the room on the other instance.
+    let level = json!({"consciousness_level": "0.90"});
+    let (status, body) = world
+        .call(Method::POST, "/consciousness/sessions", &bob, level)
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = world
+        .call(Method::POST, "/spaces/rt-room/join", &bob, json!({}))
+        .await;
+    assert!(status < 300, "{status} {body}");
+    let mut guest = world.connect(0, Some(&bob.token)).await;
+    assert_eq!(guest.subscribe("space:rt-room").await["type"], "ack");
+
+    // Leaving the space (on instance 0) ends the open subscription (on instance 1), and
+    // closes the channel to new ones.
     let (status, body) = world
         .call(Method::POST, "/spaces/rt-room/leave", &alice, json!({}))
         .await;
     assert!(status < 300, "{status} {body}");
+    let told = unsubscribed(&mut member).await;
+    assert_eq!(told["channel"], "space:rt-room", "{told}");
+    assert_eq!(told["code"], "forbidden", "{told}");
     let mut later = world.connect(0, Some(&alice.token)).await;
     assert_eq!(later.subscribe("space:rt-room").await["code"], "forbidden");
+    // What the room says next reaches the participant, not the one who left.
+    let ack = guest
+        .publish("space:rt-room", json!({"after": "leave"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    loop {
+        let m = guest.json().await;
+        if m["payload"]["after"] == "leave" {
+            break;
+        }
+    }
+    while let Some(Incoming::Json(m)) = member.next_within(Duration::from_secs(1)).await {
+        assert_ne!(
+            m["type"], "message",
+            "a former participant still reads: {m}"
+        );
+    }
+    let (pong, _) = member.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "pong", "the socket lives");
+
+    // Closing the space ends every subscription to it.
+    let (status, body) = world
+        .call(Method::POST, "/spaces/rt-room/close", &alice, json!({}))
+        .await;
+    assert!(status < 300, "{status} {body}");
+    let told = unsubscribed(&mut guest).await;
+    assert_eq!(told["code"], "forbidden", "{told}");
+}
+
+/// Reads until the server ends a subscription; that message.
+async fn unsubscribed(client: &mut crate::support::Client) -> serde_json::Value {
+    loop {
+        match client.next().await {
+            Some(Incoming::Json(m)) if m["type"] == "unsubscribed" => return m,
+            Some(Incoming::Json(m)) if m["type"] == "message" => continue,
+            other => panic!("expected unsubscribed, got {other:?}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,4 +6,5 @@ mod fanout;
 mod frames;
 mod overflow;
 mod resume;
+mod review;
 mod support;

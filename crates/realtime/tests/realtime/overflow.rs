@@ -17,6 +17,7 @@ async fn a_slow_consumer_is_closed_and_a_fast_one_loses_nothing() {
             ("WS_QUEUE_SIZE", "100".into()),
             ("WS_HISTORY_MAX_LEN", "5000".into()),
             ("WS_REPLAY_MAX", "5000".into()),
+            ("WS_REPLAY_MAX_BYTES", "67108864".into()),
         ],
     )
     .await;

@@ -104,13 +104,24 @@ impl World {
         user: &User,
         body: Value,
     ) -> (u16, Value) {
-        let response = reqwest::Client::new()
+        self.request(method, path, Some(&user.token), body).await
+    }
+
+    /// A JSON request to instance 0, with a bearer token when given; the status and body.
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Value,
+    ) -> (u16, Value) {
+        let mut request = reqwest::Client::new()
             .request(method, format!("{}{path}", self.base(0)))
-            .bearer_auth(&user.token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+            .json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -120,6 +131,11 @@ impl World {
         Client::connect(self.base(n), token)
             .await
             .expect("WebSocket upgrade")
+    }
+
+    /// An unauthenticated JSON `POST` to instance 0; the status and body.
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.request(reqwest::Method::POST, path, None, body).await
     }
 
     /// `cascade_ws_*` and other series of instance `n`'s `/metrics`, summed over labels that

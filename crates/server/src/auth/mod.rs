@@ -205,7 +205,6 @@ async fn logout(
         .identity
         .revoke_session(me.user_id, me.session_id, "logout")
         .await?;
-    session_ended(&state, me.user_id, me.session_id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -249,24 +248,8 @@ async fn end_my_session(
         .revoke_session(me.user_id, id, "revoked by owner")
         .await?
     {
-        session_ended(&state, me.user_id, id).await;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound("no such session".into()))
     }
-}
-
-/// Tells every instance that a session ended, so its WebSocket connections close (4001) now
-/// rather than at their token's expiry. Best effort: the events bus is at most once, and the
-/// token's expiry still bounds a connection that misses it.
-async fn session_ended(state: &AppState, user_id: i64, session: Uuid) {
-    let data = json!({ "user_id": user_id, "session_id": session.to_string() });
-    let _ = state
-        .events
-        .publish(
-            cascade_core::events::AUTH_CHANNEL,
-            cascade_core::events::SESSION_REVOKED,
-            data,
-        )
-        .await;
 }
