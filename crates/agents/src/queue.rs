@@ -11,7 +11,8 @@
 //! - [`complete`] finishes a batch in one statement, **only where the claim is still the
 //!   worker's** (same `claimed_by`, same `attempt`, still `running`): a worker whose claim
 //!   was rescued cannot complete it too, so each execution is completed once.
-//! - [`rescue`] requeues (or fails, at `max_attempts`) executions whose heartbeat lapsed.
+//! - [`rescue`] requeues (or fails, at `max_attempts`; or cancels, when asked to) executions
+//!   whose heartbeat lapsed.
 
 use std::time::Duration;
 
@@ -211,8 +212,12 @@ pub async fn heartbeat(
 ) -> Result<Vec<i64>, AgentError> {
     let rows = db
         .query(
-            "UPDATE executions SET heartbeat_at = now() \
-             WHERE id = ANY($2) AND claimed_by = $1 AND state = 'running' RETURNING id",
+            "WITH l AS ( \
+               SELECT id FROM executions \
+               WHERE id = ANY($2) AND claimed_by = $1 AND state = 'running' \
+               ORDER BY id FOR UPDATE) \
+             UPDATE executions e SET heartbeat_at = now() FROM l \
+             WHERE e.id = l.id AND e.claimed_by = $1 AND e.state = 'running' RETURNING e.id",
             &[&worker, &ids],
         )
         .await?;
@@ -257,7 +262,8 @@ pub struct Finished {
 
 /// Records `finished` attempts of `worker`'s claims in one statement, with an audit row each,
 /// in `tx`. Only claims that are still the worker's are changed; returns their ids.
-/// A failure with attempts left is requeued `backoff × 2^(attempt-1)` later (at most an hour).
+/// A failure with attempts left is requeued `backoff × 2^(attempt-1)` later (at most an hour),
+/// unless a cancel was asked for: then the execution is cancelled.
 pub async fn complete(
     tx: &Transaction<'_>,
     worker: &str,
@@ -292,6 +298,12 @@ pub async fn complete(
             Outcome::Succeeded(_) => None,
         })
         .collect();
+    // Rows are locked in id order, as the heartbeat locks them: no deadlock between the two.
+    tx.execute(
+        "SELECT 1 FROM executions WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        &[&ids],
+    )
+    .await?;
     let rows = tx
         .query(
             &format!(
@@ -300,12 +312,15 @@ pub async fn complete(
                      AS o(id, attempt, outcome, result, error)), \
                  e AS ( \
                    UPDATE executions e SET \
-                     state = CASE WHEN o.outcome = 'failed' AND e.attempt < e.max_attempts \
+                     state = CASE WHEN o.outcome = 'failed' AND e.cancel_requested THEN 'cancelled' \
+                                  WHEN o.outcome = 'failed' AND e.attempt < e.max_attempts \
                                   THEN 'queued' ELSE o.outcome END, \
-                     run_at = CASE WHEN o.outcome = 'failed' AND e.attempt < e.max_attempts \
+                     run_at = CASE WHEN o.outcome = 'failed' AND NOT e.cancel_requested \
+                                        AND e.attempt < e.max_attempts \
                                    THEN now() + make_interval(secs => least(3600, $7::float8 / 1000 * 2 ^ (e.attempt - 1))) \
                                    ELSE e.run_at END, \
-                     finished_at = CASE WHEN o.outcome = 'failed' AND e.attempt < e.max_attempts \
+                     finished_at = CASE WHEN o.outcome = 'failed' AND NOT e.cancel_requested \
+                                        AND e.attempt < e.max_attempts \
                                         THEN NULL ELSE now() END, \
                      result = o.result, error = o.error, claimed_by = NULL, heartbeat_at = NULL \
                    FROM o \
@@ -371,12 +386,13 @@ pub async fn rescue(
                    ORDER BY heartbeat_at LIMIT $3 FOR UPDATE SKIP LOCKED), \
                  e AS ( \
                    UPDATE executions e SET \
-                     state = CASE WHEN e.attempt >= e.max_attempts THEN 'failed' ELSE 'queued' END, \
+                     state = CASE WHEN e.cancel_requested THEN 'cancelled' \
+                                  WHEN e.attempt >= e.max_attempts THEN 'failed' ELSE 'queued' END, \
                      error = format('worker %s stopped heartbeating during attempt %s of %s', \
                                     e.claimed_by, e.attempt, e.max_attempts), \
-                     run_at = CASE WHEN e.attempt >= e.max_attempts THEN e.run_at \
+                     run_at = CASE WHEN e.cancel_requested OR e.attempt >= e.max_attempts THEN e.run_at \
                                    ELSE now() + make_interval(secs => least(3600, $2::float8 / 1000 * 2 ^ (e.attempt - 1))) END, \
-                     finished_at = CASE WHEN e.attempt >= e.max_attempts THEN now() END, \
+                     finished_at = CASE WHEN e.cancel_requested OR e.attempt >= e.max_attempts THEN now() END, \
                      claimed_by = NULL, heartbeat_at = NULL \
                    FROM r WHERE e.id = r.id RETURNING e.*) \
                  SELECT e.id, e.state, {EXECUTION_JSON} FROM e ORDER BY e.id"

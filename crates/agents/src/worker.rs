@@ -2,9 +2,12 @@
 //! claims a batch ([`queue::claim`]), runs each claimed execution's steps through the
 //! [`Executors`] while a heartbeat renews the claims, and completes the batch in one
 //! statement ([`queue::complete`]). A completion that cannot be written (PostgreSQL away) is
-//! retried, heartbeats going on meanwhile, so an outage delays executions but does not run
-//! them again; a worker that dies leaves claims whose heartbeat lapses, and the maintenance
-//! task requeues them ([`queue::rescue`]) for another attempt.
+//! retried, heartbeats going on meanwhile, for up to five minutes, so an outage delays
+//! executions but does not run them again; one PostgreSQL rejects (bad data) is written
+//! execution by execution, the offending one failed. Step outputs are checked before: one
+//! with a NUL character or over [`MAX_STEP_OUTPUT`] bytes (or a result over [`MAX_RESULT`])
+//! fails its execution. A worker that dies leaves claims whose heartbeat lapses, and the
+//! maintenance task requeues them ([`queue::rescue`]) for another attempt.
 //!
 //! Wake-ups: one listener per instance (`LISTEN cascade_executions` on a connection of its
 //! own) wakes the idle workers when an enqueue commits; without it (`AGENTS_LISTEN=false`,
@@ -173,7 +176,10 @@ impl Workers {
             Some(Finished {
                 id: claimed.id,
                 attempt: claimed.attempt,
-                outcome,
+                outcome: match outcome {
+                    Outcome::Failed(reason) => Outcome::Failed(clean_reason(&reason)),
+                    other => other,
+                },
             })
         };
         if claimed.cancel_requested {
@@ -182,6 +188,7 @@ impl Workers {
         let steps = claimed.steps.as_array().cloned().unwrap_or_default();
         let mut outputs = Vec::with_capacity(steps.len());
         let mut previous = Value::Null;
+        let mut total = 0usize;
         for (index, step) in steps.iter().enumerate() {
             if lost
                 .lock()
@@ -217,6 +224,15 @@ impl Workers {
             let run = std::panic::AssertUnwindSafe(executor.run(&input)).catch_unwind();
             match tokio::time::timeout(self.config.step_timeout, run).await {
                 Ok(Ok(Ok(output))) => {
+                    if let Err(reason) = storable(&output, MAX_STEP_OUTPUT) {
+                        return finished(Outcome::Failed(format!("step {index}: {reason}")));
+                    }
+                    total += serialized_len(&output);
+                    if total > MAX_RESULT {
+                        return finished(Outcome::Failed(format!(
+                            "step {index}: the execution's result exceeds {MAX_RESULT} bytes"
+                        )));
+                    }
                     previous = output.clone();
                     outputs.push(output);
                 }
@@ -265,12 +281,47 @@ impl Workers {
         }
     }
 
-    /// Writes the batch's outcomes, retrying while PostgreSQL cannot take them; gives up only
-    /// on shutdown (the claims are then rescued after the heartbeat timeout).
+    /// Writes the batch's outcomes. A batch PostgreSQL rejects for good (bad data: SQLSTATE
+    /// classes 22, 23, 54) is written execution by execution, and an execution whose outcome
+    /// is rejected is failed with the reason instead, so one bad result never holds up the
+    /// batch. A write that fails otherwise (PostgreSQL away) is retried, heartbeats going on,
+    /// for up to [`COMPLETE_PATIENCE`]; then, or on shutdown, it is given up (the claims are
+    /// rescued after the heartbeat timeout).
     async fn complete(&self, name: &str, finished: &[Finished], stop: &ShutdownSignal) {
         if finished.is_empty() {
             return;
         }
+        let Some(err) = self.write(name, finished, stop).await else {
+            return;
+        };
+        tracing::warn!(worker = %name, error = %err, "PostgreSQL rejected the batch's outcomes; writing them one by one");
+        for one in finished {
+            let Some(err) = self.write(name, std::slice::from_ref(one), stop).await else {
+                continue;
+            };
+            tracing::warn!(worker = %name, execution = one.id, error = %err, "PostgreSQL rejected an execution's outcome; failing it");
+            let failed = Finished {
+                id: one.id,
+                attempt: one.attempt,
+                outcome: Outcome::Failed(clean_reason(&format!(
+                    "its outcome could not be stored: {err}"
+                ))),
+            };
+            if let Some(err) = self.write(name, &[failed], stop).await {
+                tracing::error!(worker = %name, execution = one.id, error = %err, "cannot record an execution's failure; leaving it to the rescue");
+            }
+        }
+    }
+
+    /// Writes `finished` in one transaction, retrying transient failures (see
+    /// [`Workers::complete`]). `Some(error)` only when PostgreSQL rejected the data for good.
+    async fn write(
+        &self,
+        name: &str,
+        finished: &[Finished],
+        stop: &ShutdownSignal,
+    ) -> Option<crate::AgentError> {
+        let deadline = tokio::time::Instant::now() + COMPLETE_PATIENCE;
         let mut pause = Duration::from_millis(50);
         loop {
             let attempt = async {
@@ -283,19 +334,83 @@ impl Workers {
             match attempt.await {
                 Ok(done) => {
                     metrics::counter!(COMPLETED).increment(done.len() as u64);
-                    return;
+                    return None;
                 }
+                Err(err) if rejected_data(&err) => return Some(err),
                 Err(err) => {
-                    tracing::warn!(worker = %name, error = %err, "completing executions failed; retrying");
-                    if stop.is_triggered() {
-                        return;
+                    if stop.is_triggered() || tokio::time::Instant::now() + pause > deadline {
+                        tracing::error!(worker = %name, error = %err, "completing executions failed; giving them up to the rescue");
+                        return None;
                     }
+                    tracing::warn!(worker = %name, error = %err, "completing executions failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
             }
         }
     }
+}
+
+/// The most a step's output may take, serialized: a larger one fails the step.
+pub const MAX_STEP_OUTPUT: usize = 1024 * 1024;
+/// The most an execution's result (all its steps' outputs) may take, serialized.
+pub const MAX_RESULT: usize = 4 * 1024 * 1024;
+/// The most of a failure's reason that is stored.
+const MAX_REASON: usize = 8 * 1024;
+/// How long a completion is retried while PostgreSQL cannot take it.
+const COMPLETE_PATIENCE: Duration = Duration::from_secs(300);
+
+fn serialized_len(value: &Value) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX, |bytes| bytes.len())
+}
+
+fn has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+/// Whether PostgreSQL can store `output` (no NUL character, which JSONB rejects) within `max`
+/// bytes; else why not.
+fn storable(output: &Value, max: usize) -> Result<(), String> {
+    if has_nul(output) {
+        return Err("the output contains a NUL character (\\u0000), which cannot be stored".into());
+    }
+    let len = serialized_len(output);
+    if len > max {
+        return Err(format!(
+            "the output takes {len} bytes, more than the {max} allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// A failure's reason as it can be stored: NUL characters shown as `\u0000`, at most
+/// [`MAX_REASON`] bytes.
+fn clean_reason(reason: &str) -> String {
+    let mut clean = reason.replace('\0', "\\u0000");
+    if clean.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !clean.is_char_boundary(end) {
+            end -= 1;
+        }
+        clean.truncate(end);
+        clean.push_str("… (truncated)");
+    }
+    clean
+}
+
+/// Whether PostgreSQL rejected the data itself (SQLSTATE classes 22 data exception, 23
+/// integrity constraint violation, 54 program limit exceeded): writing it again cannot help.
+fn rejected_data(err: &crate::AgentError) -> bool {
+    let crate::AgentError::Db(cascade_core::db::DbError::Query(err)) = err else {
+        return false;
+    };
+    err.code()
+        .is_some_and(|code| matches!(&code.code()[..2], "22" | "23" | "54"))
 }
 
 /// Rescues lapsed claims and prunes old executions every `AGENTS_HEARTBEAT_INTERVAL`, until

@@ -511,16 +511,7 @@ async fn the_http_step_calls_the_configured_service_through_the_connector() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (status, marked) = alice
-        .send(
-            base,
-            Method::POST,
-            &format!("/executions/{id}/cancel"),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{marked}");
-    assert_eq!(marked["state"], "running", "{marked}");
+    cancel_running(&alice, base, id).await;
     let cancelled = finished(&alice, base, id, Duration::from_secs(20)).await;
     assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
     assert_eq!(cancelled["error"], "cancelled between steps");
@@ -623,48 +614,14 @@ async fn a_custom_executor_runs_its_steps_and_its_panic_fails_the_step_not_the_w
     let cluster = Cluster::start_with(1, &[("AGENTS_WORKERS", "0")]).await;
     let alice = cluster.user("alice").await;
     // A worker of the test's own, with an executor the server does not have.
-    let url = cluster.pg.url(&cluster.database);
-    let settings = cascade_server::Settings::from_vars(&[
-        ("DATABASE_URL", url),
-        ("AGENTS_POLL_INTERVAL", "100ms".to_string()),
-    ])
-    .unwrap();
-    let database = cascade_server::application::Database::open(&settings.core)
-        .await
-        .unwrap();
-    let module = cascade_agents::AgentsModule::new(settings.agents.clone())
-        .with_executor("boom", std::sync::Arc::new(Panicking));
-    let mut tasks = cascade_core::tasks::Supervisor::new();
-    module.start_workers(
-        &database.db,
-        module.executors(&memory_cache(&settings)),
-        &mut tasks,
-    );
+    let (tasks, database) = own_worker(&cluster, "boom", std::sync::Arc::new(Panicking)).await;
 
     // Workflows naming "boom" cannot be created on the server (it has no such executor): the
     // test writes them as another module would, then enqueues.
-    let sql = cluster.sql().await;
-    let steps = |capability: &str| json!([{"capability": capability, "input": {"x": 1}}]);
     let mut ids = Vec::new();
     for capability in ["boom", "echo"] {
-        let flow: i64 = sql
-            .query_one(
-                "INSERT INTO workflows (owner_id, name, steps) VALUES ($1, 'w', $2) RETURNING id",
-                &[&alice.id, &steps(capability)],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        let (status, queued) = alice
-            .send(
-                cluster.base(0),
-                Method::POST,
-                &format!("/workflows/{flow}/executions"),
-                Some(json!({"max_attempts": 1})),
-            )
-            .await;
-        assert_eq!(status, 202, "{queued}");
-        ids.push(queued["id"].clone());
+        let steps = json!([{"capability": capability, "input": {"x": 1}}]);
+        ids.push(written_and_enqueued(&cluster, &alice, &steps).await.1);
     }
     let boom = finished(&alice, cluster.base(0), &ids[0], Duration::from_secs(20)).await;
     assert_eq!(boom["state"], "failed", "{boom}");
@@ -680,6 +637,71 @@ async fn a_custom_executor_runs_its_steps_and_its_panic_fails_the_step_not_the_w
     database.db.close();
 }
 
+/// Asks to cancel the running execution `id`: it stays running, marked.
+async fn cancel_running(user: &User, base: &str, id: &Value) {
+    let path = format!("/executions/{id}/cancel");
+    let (status, marked) = user.send(base, Method::POST, &path, None).await;
+    assert_eq!(status, 200, "{marked}");
+    assert_eq!(marked["state"], "running", "{marked}");
+    assert_eq!(marked["cancel_requested"], true, "{marked}");
+}
+
+/// Writes a workflow of `steps` as another module would (the server may have no executor for
+/// them), enqueues it once with one attempt; returns the workflow's and execution's ids.
+async fn written_and_enqueued(cluster: &Cluster, user: &User, steps: &Value) -> (i64, Value) {
+    let flow: i64 = cluster
+        .sql()
+        .await
+        .query_one(
+            "INSERT INTO workflows (owner_id, name, steps) VALUES ($1, 'w', $2) RETURNING id",
+            &[&user.id, steps],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (status, queued) = user
+        .send(
+            cluster.base(0),
+            Method::POST,
+            &format!("/workflows/{flow}/executions"),
+            Some(json!({"max_attempts": 1})),
+        )
+        .await;
+    assert_eq!(status, 202, "{queued}");
+    (flow, queued["id"].clone())
+}
+
+/// Starts one worker of the test's own on the cluster's database, with `executor` for
+/// `capability` (which the server does not have); stop its tasks, then close the pool.
+async fn own_worker(
+    cluster: &Cluster,
+    capability: &str,
+    executor: std::sync::Arc<dyn cascade_agents::executor::Executor>,
+) -> (
+    cascade_core::tasks::Supervisor,
+    cascade_server::application::Database,
+) {
+    let url = cluster.pg.url(&cluster.database);
+    let settings = cascade_server::Settings::from_vars(&[
+        ("DATABASE_URL", url),
+        ("AGENTS_WORKERS", "1".to_string()),
+        ("AGENTS_POLL_INTERVAL", "100ms".to_string()),
+    ])
+    .unwrap();
+    let database = cascade_server::application::Database::open(&settings.core)
+        .await
+        .unwrap();
+    let module = cascade_agents::AgentsModule::new(settings.agents.clone())
+        .with_executor(capability, executor);
+    let mut tasks = cascade_core::tasks::Supervisor::new();
+    module.start_workers(
+        &database.db,
+        module.executors(&memory_cache(&settings)),
+        &mut tasks,
+    );
+    (tasks, database)
+}
+
 /// An in-process cache, for the executors' connector (unused without AGENTS_HTTP_URL).
 fn memory_cache(settings: &cascade_server::Settings) -> cascade_core::cache::Cache {
     cascade_core::cache::Cache::new(
@@ -687,4 +709,164 @@ fn memory_cache(settings: &cascade_server::Settings) -> cascade_core::cache::Cac
         cascade_core::cache::Backend::Memory,
         cascade_core::cache::EngineOptions::default(),
     )
+}
+
+/// A custom executor answering what a hostile upstream could: by its step's input `kind`, an
+/// output with a NUL character, an oversized output, a failure whose text holds a NUL, an
+/// output the database refuses (see the test's constraint), or its input.
+struct Hostile;
+
+impl cascade_agents::executor::Executor for Hostile {
+    fn run<'a>(
+        &'a self,
+        step: &'a cascade_agents::executor::Step,
+    ) -> std::pin::Pin<Box<dyn Future<Output = cascade_agents::executor::StepResult> + Send + 'a>>
+    {
+        Box::pin(async move {
+            match step.input["kind"].as_str() {
+                Some("nul") => Ok(json!({"x": "a\u{0}b"})),
+                Some("big") => Ok(json!({"x": "y".repeat(2 * 1024 * 1024)})),
+                Some("nul-error") => Err("upstream said \u{0} here".to_string()),
+                Some("forbidden") => Ok(json!({"x": "forbidden"})),
+                _ => Ok(step.input.clone()),
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstorable_outputs_fail_their_execution_not_the_batch_or_the_worker() {
+    let cluster = Cluster::start_with(1, &[("AGENTS_WORKERS", "0")]).await;
+    let alice = cluster.user("alice").await;
+    let sql = cluster.sql().await;
+    let mut flows = Vec::new();
+    // A rule of the database's that the workers do not know: PostgreSQL rejects the batch
+    // holding such a result (SQLSTATE 23514), as it would any data it cannot store.
+    sql.batch_execute(
+        "ALTER TABLE executions ADD CONSTRAINT no_forbidden \
+         CHECK (result IS NULL OR result::text NOT LIKE '%forbidden%')",
+    )
+    .await
+    .unwrap();
+    // All are queued before the worker starts: it claims them as one batch.
+    let mut ids = Vec::new();
+    for kind in ["nul", "big", "nul-error", "forbidden", "fine"] {
+        let steps = json!([{"capability": "hostile", "input": {"kind": kind}}]);
+        let (flow, id) = written_and_enqueued(&cluster, &alice, &steps).await;
+        flows.push(flow);
+        ids.push(id);
+    }
+    let (tasks, database) = own_worker(&cluster, "hostile", std::sync::Arc::new(Hostile)).await;
+
+    let bound = Duration::from_secs(20);
+    let nul = finished(&alice, cluster.base(0), &ids[0], bound).await;
+    assert_eq!(nul["state"], "failed", "{nul}");
+    assert!(nul["error"].as_str().unwrap().contains("NUL"), "{nul}");
+    let big = finished(&alice, cluster.base(0), &ids[1], bound).await;
+    assert_eq!(big["state"], "failed");
+    assert!(
+        big["error"].as_str().unwrap().contains("more than the"),
+        "{}",
+        big["error"]
+    );
+    assert_eq!(big["result"], Value::Null);
+    let nul_error = finished(&alice, cluster.base(0), &ids[2], bound).await;
+    assert_eq!(nul_error["state"], "failed", "{nul_error}");
+    assert_eq!(
+        nul_error["error"], "step 0: upstream said \\u0000 here",
+        "the reason is kept, its NUL shown escaped"
+    );
+    let forbidden = finished(&alice, cluster.base(0), &ids[3], bound).await;
+    assert_eq!(forbidden["state"], "failed", "{forbidden}");
+    assert!(
+        forbidden["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("its outcome could not be stored"),
+        "{forbidden}"
+    );
+    let fine = finished(&alice, cluster.base(0), &ids[4], bound).await;
+    assert_eq!(fine["state"], "succeeded", "{fine}");
+    assert_eq!(fine["result"], json!([{"kind": "fine"}]));
+
+    // The worker goes on with later executions.
+    let (status, later) = alice
+        .send(
+            cluster.base(0),
+            Method::POST,
+            &format!("/workflows/{}/executions", flows[4]),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 202, "{later}");
+    let later = finished(&alice, cluster.base(0), &later["id"], bound).await;
+    assert_eq!(later["state"], "succeeded", "{later}");
+    assert_eq!(tasks.failures(), 0, "no worker task died");
+    tasks.stop(Duration::from_secs(5)).await;
+    database.db.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_execution_whose_attempt_fails_or_lapses_is_cancelled_not_retried() {
+    let cluster = Cluster::start_with(1, &with(FAST, &[("AGENTS_WORKERS", "0")])).await;
+    let alice = cluster.user("alice").await;
+    let base = cluster.base(0);
+    let flow = workflow(&alice, base, 2).await;
+    let path = format!("/workflows/{flow}/executions");
+    let body = Some(json!({"max_attempts": 3}));
+    let (_, failing) = alice.send(base, Method::POST, &path, body.clone()).await;
+    let (_, lapsing) = alice.send(base, Method::POST, &path, body).await;
+
+    let mut sql = cluster.sql().await;
+    let claimed = queue::claim(&sql, "worker-x", 10).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    for id in [&failing["id"], &lapsing["id"]] {
+        cancel_running(&alice, base, id).await;
+    }
+
+    // The running step fails after the cancel: cancelled at once, not requeued for attempt 2.
+    let failing_claim = claimed
+        .iter()
+        .find(|c| json!(c.id) == failing["id"])
+        .unwrap();
+    let tx = sql.transaction().await.unwrap();
+    let done = queue::complete(
+        &tx,
+        "worker-x",
+        &[Finished {
+            id: failing_claim.id,
+            attempt: failing_claim.attempt,
+            outcome: Outcome::Failed("step 0: upstream down".into()),
+        }],
+        Duration::from_millis(100),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(done, vec![failing_claim.id]);
+    let (_, after) = alice
+        .get(base, &format!("/executions/{}", failing["id"]))
+        .await;
+    assert_eq!(after["state"], "cancelled", "{after}");
+    assert_eq!(after["attempt"], 1);
+    assert!(after["finished_at"].is_string(), "{after}");
+
+    // The other's worker stops heartbeating: the rescue cancels it rather than requeue it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let tx = sql.transaction().await.unwrap();
+    let rescued = queue::rescue(
+        &tx,
+        Duration::from_millis(1),
+        Duration::from_millis(100),
+        100,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(rescued, 1);
+    let (_, after) = alice
+        .get(base, &format!("/executions/{}", lapsing["id"]))
+        .await;
+    assert_eq!(after["state"], "cancelled", "{after}");
+    assert_eq!(after["attempt"], 1);
 }
