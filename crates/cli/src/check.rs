@@ -11,10 +11,17 @@ use cascade_core::db::{Db, cluster_dir, error_chain, find_server_binaries};
 use cascade_core::redis::Redis;
 use cascade_server::Settings;
 
+use crate::production::{self, Finding};
+
 const DEADLINE: Duration = Duration::from_secs(5);
 
-/// One pool connection and `SELECT version()`, all under a deadline.
-async fn probe_postgres(config: &DatabaseConfig, deadline: Duration) -> Result<String, String> {
+/// One pool connection, `SELECT version()` and the production review of its settings, all
+/// under a deadline.
+async fn probe_postgres(
+    config: &DatabaseConfig,
+    deadline: Duration,
+    instances: u32,
+) -> Result<(String, Vec<Finding>), String> {
     let DatabaseSource::External { config: pg, .. } = &config.source else {
         return Err("not an external database".into());
     };
@@ -35,8 +42,12 @@ async fn probe_postgres(config: &DatabaseConfig, deadline: Duration) -> Result<S
             .query_one("SELECT version()", &[])
             .await
             .map_err(|e| e.to_string())?;
+        let findings = production::postgres(&conn, config.pool_max, instances)
+            .await
+            .map_err(|e| e.to_string())?;
+        drop(conn);
         db.close();
-        Ok(row.get::<_, String>(0))
+        Ok((row.get::<_, String>(0), findings))
     };
     tokio::time::timeout(deadline * 2, work)
         .await
@@ -49,29 +60,35 @@ fn line(ok: bool, required: bool, name: &str, detail: &str) {
         (false, true) => "FAIL",
         (false, false) => "warn",
     };
-    println!("  [{mark}] {name:<12} {detail}");
+    println!("  [{mark}] {name:<20} {detail}");
 }
 
-pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
+/// `instances`: how many instances will share the database (their pools must fit in its
+/// `max_connections`).
+pub async fn run(settings: &Settings, instances: u32) -> anyhow::Result<ExitCode> {
     crate::print_config(settings);
     let config = &settings.core;
     println!();
     println!("checks:");
     let mut healthy = true;
+    let mut review = production::tls(&config.database, config.redis.as_ref());
 
     match &config.database.source {
         DatabaseSource::External { address, .. } => {
             let started = Instant::now();
-            match probe_postgres(&config.database, DEADLINE).await {
-                Ok(version) => line(
-                    true,
-                    true,
-                    "postgresql",
-                    &format!(
-                        "{address} answered in {} ms: {version}",
-                        started.elapsed().as_millis()
-                    ),
-                ),
+            match probe_postgres(&config.database, DEADLINE, instances).await {
+                Ok((version, findings)) => {
+                    line(
+                        true,
+                        true,
+                        "postgresql",
+                        &format!(
+                            "{address} answered in {} ms: {version}",
+                            started.elapsed().as_millis()
+                        ),
+                    );
+                    review.extend(findings);
+                }
                 Err(err) => {
                     healthy = false;
                     line(false, true, "postgresql", &format!("{address}: {err}"));
@@ -114,16 +131,19 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
             let redis = Redis::new(redis_config)?;
             let health = tokio::time::timeout(DEADLINE, redis.health()).await;
             match health {
-                Ok(h) if h.up => line(
-                    true,
-                    true,
-                    "redis",
-                    &format!(
-                        "{} answered PING in {:.1} ms",
-                        redis.display(),
-                        h.latency_ms
-                    ),
-                ),
+                Ok(h) if h.up => {
+                    line(
+                        true,
+                        true,
+                        "redis",
+                        &format!(
+                            "{} answered PING in {:.1} ms",
+                            redis.display(),
+                            h.latency_ms
+                        ),
+                    );
+                    review.extend(production::redis(&redis).await);
+                }
                 Ok(h) => {
                     healthy = false;
                     line(
@@ -155,6 +175,12 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     match cascade_app::probe_venice(&settings.app, DEADLINE).await {
         Ok(answer) => line(true, false, "venice", &answer),
         Err(why) => line(false, false, "venice", &format!("{why} (optional)")),
+    }
+
+    println!();
+    println!("production review (warnings do not fail the check):");
+    for finding in &review {
+        line(finding.ok, false, finding.name, &finding.detail);
     }
 
     println!();

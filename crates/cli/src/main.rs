@@ -7,6 +7,7 @@
 
 mod billing;
 mod check;
+mod production;
 mod seed;
 mod serve;
 
@@ -41,8 +42,14 @@ enum Command {
     /// Run the agents module's execution workers (AGENTS_WORKERS of them) without the HTTP
     /// server, until SIGTERM/SIGINT; the schema must be migrated already.
     Worker,
-    /// Print the effective configuration and check PostgreSQL, Redis and the Venice API.
-    Check,
+    /// Print the effective configuration, check PostgreSQL, Redis and the Venice API, and
+    /// review their settings for production (warnings only).
+    Check {
+        /// How many instances will share the database: their pools must fit in its
+        /// max_connections.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        instances: u32,
+    },
     /// Print the effective configuration (secrets redacted) without connecting to anything.
     Config,
     /// Inspect or invalidate the shared cache tier.
@@ -150,7 +157,7 @@ fn main() -> ExitCode {
             Command::Serve { no_migrate } => serve::run(settings, !no_migrate).await,
             Command::Migrate => serve::migrate_only(settings).await,
             Command::Worker => serve::worker(settings).await,
-            Command::Check => check::run(&settings).await,
+            Command::Check { instances } => check::run(&settings, instances).await,
             Command::Config => Ok(ExitCode::SUCCESS),
             Command::Cache(CacheCommand::Invalidate(target)) => {
                 serve::cache_invalidate(settings, target).await

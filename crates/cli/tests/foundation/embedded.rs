@@ -7,6 +7,31 @@ use cascade_testkit::temp_dir;
 
 use crate::common::Served;
 
+/// The new cluster, reached on its socket in `socket_dir`, runs with seed 002's settings (its
+/// memory figures are scaled to the machine and not checked here).
+async fn assert_seed_002_settings(socket_dir: &Path) {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host_path(socket_dir)
+        .port(5432)
+        .user("postgres")
+        .dbname("cascade");
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.expect("socket");
+    tokio::spawn(connection);
+    for (setting, value) in [
+        ("random_page_cost", "1.1"),
+        ("work_mem", "16MB"),
+        ("max_connections", "100"),
+        ("checkpoint_completion_target", "0.9"),
+    ] {
+        let row = client
+            .query_one(&format!("SHOW {setting}"), &[])
+            .await
+            .expect("SHOW");
+        assert_eq!(row.get::<_, String>(0), value, "{setting}");
+    }
+}
+
 #[tokio::test]
 async fn embedded_default_starts_from_nothing_serves_and_is_reused() {
     let data = temp_dir("embedded");
@@ -26,6 +51,9 @@ async fn embedded_default_starts_from_nothing_serves_and_is_reused() {
             pid_file.exists(),
             "the embedded PostgreSQL runs from the data dir"
         );
+        if run == 0 {
+            assert_seed_002_settings(&data.join("pg/run")).await;
+        }
         if run == 1 {
             assert!(
                 !served.log().contains("initialising"),
@@ -71,6 +99,9 @@ async fn serve_twice_from(project: &Path, cluster: &Path) -> String {
             cluster.display(),
             served.log()
         );
+        if run == 0 {
+            assert_seed_002_settings(&cluster.join("run")).await;
+        }
         if run == 1 {
             assert!(
                 !served.log().contains("initialising"),

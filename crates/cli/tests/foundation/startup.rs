@@ -81,3 +81,150 @@ async fn check_passes_with_reachable_dependencies_and_fails_without() {
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("[FAIL] redis"), "{stdout}");
 }
+
+fn check_output(env: &[(&str, String)], args: &[&str]) -> (Option<i32>, String) {
+    let mut command = cascade(&empty_dir());
+    command
+        .arg("check")
+        .args(args)
+        .env("VENICE_API_URL", "http://127.0.0.1:1");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let (out, _) = run_bounded(command, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.code(), stdout)
+}
+
+/// The line of `name` in the production review, e.g. `[warn] maxmemory …`.
+fn finding<'a>(stdout: &'a str, name: &str) -> &'a str {
+    let review = stdout
+        .split("production review")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no production review in:\n{stdout}"));
+    review
+        .lines()
+        .find(|l| {
+            l.get(9..)
+                .is_some_and(|rest| rest.starts_with(&format!("{name} ")))
+        })
+        .unwrap_or_else(|| panic!("no finding {name} in:\n{stdout}"))
+}
+
+#[tokio::test]
+async fn check_reviews_postgres_and_redis_settings_for_production() {
+    let pg = cascade_testkit::PgServer::start().await;
+    let redis = cascade_testkit::RedisServer::start().await;
+    let url = pg.fresh_database().await;
+    let env = [
+        ("DATABASE_URL", url.clone()),
+        ("REDIS_URL", redis.url()),
+        ("PG_POOL_MAX", "10".to_string()),
+    ];
+
+    // The test kit's servers run with laptop settings: no Redis memory limit, `noeviction`,
+    // 16 MB of shared buffers, PostgreSQL's default planner costs and work_mem; 20 instances
+    // of 13 connections do not fit in max_connections 200.
+    let (code, stdout) = check_output(&env, &["--instances", "20"]);
+    assert_eq!(code, Some(0), "warnings do not fail the check:\n{stdout}");
+    for (name, says) in [
+        ("maxmemory", "no limit"),
+        ("eviction", "noeviction"),
+        ("shared_buffers", "16 MB, below seed 002's 256 MB"),
+        ("work_mem", "4 MB, below seed 002's 16 MB"),
+        ("random_page_cost", "set 1.1"),
+        (
+            "connections",
+            "20 instance(s) × (PG_POOL_MAX 10 + 3 listeners) = 260",
+        ),
+    ] {
+        let line = finding(&stdout, name);
+        assert!(
+            line.contains("[warn]") && line.contains(says),
+            "{line}\n{stdout}"
+        );
+    }
+    assert!(finding(&stdout, "pg tls").contains("[ok  ]"), "{stdout}");
+    assert!(finding(&stdout, "redis tls").contains("[ok  ]"), "{stdout}");
+
+    // Set as advised, the same findings pass.
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    for (name, value) in [("maxmemory", "64mb"), ("maxmemory-policy", "allkeys-lru")] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .expect("CONFIG SET");
+    }
+    let admin = pg.client("postgres").await;
+    // One statement per call: several in one string are one transaction, which ALTER SYSTEM
+    // refuses.
+    for statement in [
+        "ALTER SYSTEM SET work_mem = '16MB'",
+        "ALTER SYSTEM SET random_page_cost = 1.1",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(statement).await.expect(statement);
+    }
+    // The reload is a signal: wait until a new session sees it.
+    for attempt in 0.. {
+        let fresh = pg.client("postgres").await;
+        let row = fresh.query_one("SHOW work_mem", &[]).await.expect("SHOW");
+        if row.get::<_, String>(0) == "16MB" {
+            break;
+        }
+        assert!(attempt < 100, "the reload did not apply in 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, stdout) = check_output(&env, &["--instances", "2"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    for (name, says) in [
+        ("maxmemory", "64 MB"),
+        ("eviction", "allkeys-lru"),
+        ("work_mem", "16 MB"),
+        ("random_page_cost", "1.1"),
+        ("connections", "= 26"),
+    ] {
+        let line = finding(&stdout, name);
+        assert!(
+            line.contains("[ok  ]") && line.contains(says),
+            "{line}\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn check_warns_about_plain_text_connections_to_other_machines() {
+    // 192.0.2.1 is TEST-NET-1: never a real host. Both probes fail (exit 1) and the review
+    // still says why plain text to another machine is a problem.
+    let env = [
+        (
+            "DATABASE_URL",
+            "postgresql://cascade:pw@192.0.2.1:5432/cascade".to_string(),
+        ),
+        ("REDIS_URL", "redis://192.0.2.1:6379".to_string()),
+        ("REDIS_TIMEOUT", "200ms".to_string()),
+    ];
+    let (code, stdout) = check_output(&env, &[]);
+    assert_eq!(code, Some(1), "{stdout}");
+    let pg = finding(&stdout, "pg tls");
+    assert!(
+        pg.contains("[warn]") && pg.contains("without TLS"),
+        "{stdout}"
+    );
+    let redis = finding(&stdout, "redis tls");
+    assert!(
+        redis.contains("[warn]") && redis.contains("redis://"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(":pw@"),
+        "the password is redacted:\n{stdout}"
+    );
+}

@@ -143,6 +143,61 @@ fn reachable_by((uid, gid): (u32, u32), path: &Path) -> bool {
         .map_or(true, |status| status.success())
 }
 
+/// Seed 002's PostgreSQL settings, written once into a new cluster (`cascade.conf`, included
+/// from `postgresql.conf`; an existing cluster keeps what its owner set). Seed 002's memory
+/// figures are those of a 4 GiB machine and scale with the memory this one has.
+fn tuning(memory: u64) -> String {
+    const MB: u64 = 1 << 20;
+    let shared_buffers = (memory / 16).clamp(128 * MB, 2048 * MB);
+    let effective_cache_size = (memory / 4).max(512 * MB);
+    format!(
+        "# Written by Cascade at initdb: seed 002's settings, memory figures scaled to this\n\
+         # machine's {} MB (seed 002 states them for 4 GiB). Edit freely: Cascade never rewrites it.\n\
+         shared_buffers = '{}MB'\n\
+         effective_cache_size = '{}MB'\n\
+         work_mem = '16MB'\n\
+         wal_buffers = '16MB'\n\
+         checkpoint_completion_target = 0.9\n\
+         max_wal_size = '1GB'\n\
+         random_page_cost = 1.1\n\
+         effective_io_concurrency = 200\n\
+         max_connections = 100\n",
+        memory / MB,
+        shared_buffers / MB,
+        effective_cache_size / MB,
+    )
+}
+
+/// The machine's memory (`MemTotal`), or 4 GiB when `/proc/meminfo` cannot say.
+fn machine_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        })
+        .unwrap_or(4 << 30)
+}
+
+fn write_tuning(data: &Path, owner: Option<(u32, u32)>) -> Result<(), DbError> {
+    let failed = |path: &Path, e: std::io::Error| {
+        DbError::Embedded(format!("cannot write {}: {e}", path.display()))
+    };
+    let conf = data.join("cascade.conf");
+    std::fs::write(&conf, tuning(machine_memory())).map_err(|e| failed(&conf, e))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(&conf, Some(uid), Some(gid)).map_err(|e| failed(&conf, e))?;
+    }
+    let main = data.join("postgresql.conf");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&main)
+        .map_err(|e| failed(&main, e))?;
+    std::io::Write::write_all(&mut file, b"\ninclude_if_exists = 'cascade.conf'\n")
+        .map_err(|e| failed(&main, e))
+}
+
 /// Creates `dir` and its missing parents, each with mode 755 whatever the umask (under a
 /// umask of 077 they would be closed to the `postgres` user), hands `dir` to `owner` when
 /// there is one, and makes it mode 700 when `private`.
@@ -237,6 +292,7 @@ impl EmbeddedPostgres {
                     "--no-instructions",
                 ],
             )?;
+            write_tuning(&pg.data, run_as)?;
         }
 
         if pg
@@ -359,5 +415,30 @@ impl EmbeddedPostgres {
 impl Drop for EmbeddedPostgres {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tuning;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn seed_002_settings_at_4_gib_and_scaled_on_other_machines() {
+        let at_4 = tuning(4 * GIB);
+        assert!(at_4.contains("shared_buffers = '256MB'"), "{at_4}");
+        assert!(at_4.contains("effective_cache_size = '1024MB'"), "{at_4}");
+        assert!(at_4.contains("random_page_cost = 1.1"), "{at_4}");
+        assert!(at_4.contains("max_connections = 100"), "{at_4}");
+
+        let at_24 = tuning(24 * GIB);
+        assert!(at_24.contains("shared_buffers = '1536MB'"), "{at_24}");
+        assert!(at_24.contains("effective_cache_size = '6144MB'"), "{at_24}");
+
+        // A small machine keeps PostgreSQL's own default rather than starving it.
+        let at_1 = tuning(GIB);
+        assert!(at_1.contains("shared_buffers = '128MB'"), "{at_1}");
+        assert!(at_1.contains("effective_cache_size = '512MB'"), "{at_1}");
     }
 }

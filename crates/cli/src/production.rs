@@ -1,0 +1,331 @@
+//! `cascade check`'s production review: settings that work on a laptop and hurt in production.
+//! Each finding is `ok` or `warn`; warnings never fail the check (the server runs with them),
+//! they say what will go wrong and what to set instead. The figures are seed 002's
+//! ("PostgreSQL Optimizations") and the cache's needs of Redis.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use cascade_core::config::{DatabaseConfig, DatabaseSource, RedisConfig};
+use cascade_core::redis::Redis;
+use redis::IntoConnectionInfo;
+use tokio_postgres::config::Host;
+
+pub struct Finding {
+    pub ok: bool,
+    pub name: &'static str,
+    pub detail: String,
+}
+
+fn ok(name: &'static str, detail: impl Into<String>) -> Finding {
+    Finding {
+        ok: true,
+        name,
+        detail: detail.into(),
+    }
+}
+
+fn warn(name: &'static str, detail: impl Into<String>) -> Finding {
+    Finding {
+        ok: false,
+        name,
+        detail: detail.into(),
+    }
+}
+
+const MB: u64 = 1 << 20;
+
+/// Connections an instance may hold beyond its pool: the bus's and the domain events'
+/// listeners (unified mode) and the queue's wake-up listener.
+const LISTENERS_PER_INSTANCE: u64 = 3;
+
+/// Whether `host` is this machine: traffic to it never crosses a network.
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Plain-text connections to another machine: passwords and data cross the network readable.
+pub fn tls(database: &DatabaseConfig, redis: Option<&RedisConfig>) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    if let DatabaseSource::External {
+        config, address, ..
+    } = &database.source
+    {
+        let remote: Vec<&str> = config
+            .get_hosts()
+            .iter()
+            .filter_map(|host| match host {
+                Host::Tcp(name) if !is_loopback(name) => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        findings.push(if remote.is_empty() {
+            ok(
+                "pg tls",
+                format!("{address} is this machine: no network to cross"),
+            )
+        } else {
+            warn(
+                "pg tls",
+                format!(
+                    "{address} is another machine and Cascade connects to PostgreSQL without \
+                     TLS: the password and every row cross the network readable; keep the \
+                     database on a private network until TLS is configured"
+                ),
+            )
+        });
+    }
+    if let Some(redis) = redis {
+        let addr = redis
+            .url
+            .expose()
+            .into_connection_info()
+            .map(|info| info.addr().clone());
+        findings.push(match addr {
+            Ok(redis::ConnectionAddr::Tcp(host, _)) if !is_loopback(&host) => warn(
+                "redis tls",
+                format!(
+                    "{} is another machine over redis:// (plain text): AUTH passwords and \
+                     cached data cross the network readable; use rediss:// or a private network",
+                    redis.display
+                ),
+            ),
+            Ok(redis::ConnectionAddr::TcpTls { .. }) => ok("redis tls", "rediss:// (TLS)"),
+            _ => ok("redis tls", format!("{} is this machine", redis.display)),
+        });
+    }
+    findings
+}
+
+/// `pg_settings` in bytes (memory) or as written (the rest).
+struct PgSettings(HashMap<String, (String, Option<String>)>);
+
+impl PgSettings {
+    fn bytes(&self, name: &str) -> Option<u64> {
+        let (value, unit) = self.0.get(name)?;
+        let value: u64 = value.parse().ok()?;
+        let unit = match unit.as_deref()? {
+            "B" => 1,
+            "kB" => 1 << 10,
+            "8kB" => 8 << 10,
+            "MB" => MB,
+            "GB" => 1 << 30,
+            _ => return None,
+        };
+        Some(value * unit)
+    }
+
+    fn number(&self, name: &str) -> Option<f64> {
+        self.0.get(name)?.0.parse().ok()
+    }
+}
+
+fn megabytes(bytes: u64) -> String {
+    format!("{} MB", bytes / MB)
+}
+
+/// PostgreSQL's settings against seed 002's, and its connection limit against the pools of
+/// `instances` instances.
+pub async fn postgres(
+    client: &tokio_postgres::Client,
+    pool_max: usize,
+    instances: u32,
+) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT name, setting, unit FROM pg_settings WHERE name = ANY($1)",
+            &[&vec![
+                "shared_buffers",
+                "effective_cache_size",
+                "work_mem",
+                "random_page_cost",
+                "max_connections",
+                "superuser_reserved_connections",
+            ]],
+        )
+        .await?;
+    let settings = PgSettings(
+        rows.iter()
+            .map(|row| (row.get(0), (row.get(1), row.get(2))))
+            .collect(),
+    );
+    let mut findings = Vec::new();
+    let mut memory = |name: &'static str, want: u64, why: &str| {
+        if let Some(have) = settings.bytes(name) {
+            findings.push(if have >= want {
+                ok(
+                    name,
+                    format!("{} (seed 002: {})", megabytes(have), megabytes(want)),
+                )
+            } else {
+                warn(
+                    name,
+                    format!(
+                        "{}, below seed 002's {}: {why}",
+                        megabytes(have),
+                        megabytes(want)
+                    ),
+                )
+            });
+        }
+    };
+    memory(
+        "shared_buffers",
+        256 * MB,
+        "fewer rows stay in PostgreSQL's own memory (a quarter of the machine's memory is \
+         the usual figure for a dedicated server)",
+    );
+    memory(
+        "effective_cache_size",
+        1024 * MB,
+        "the planner assumes little is cached and prefers sequential scans (set it to the \
+         memory the operating system caches files in)",
+    );
+    memory(
+        "work_mem",
+        16 * MB,
+        "sorts and hashes (search ranking, listing pages) spill to disk sooner",
+    );
+    if let Some(cost) = settings.number("random_page_cost") {
+        findings.push(if cost <= 2.0 {
+            ok("random_page_cost", format!("{cost} (seed 002: 1.1)"))
+        } else {
+            warn(
+                "random_page_cost",
+                format!(
+                    "{cost}: a spinning disk's figure; on SSDs set 1.1 (seed 002) or the \
+                     planner avoids index scans it should use"
+                ),
+            )
+        });
+    }
+    if let Some(max) = settings.number("max_connections") {
+        let max = max as u64;
+        let reserved = settings
+            .number("superuser_reserved_connections")
+            .unwrap_or(3.0) as u64;
+        let per_instance = pool_max as u64 + LISTENERS_PER_INSTANCE;
+        let needed = per_instance * u64::from(instances);
+        let usable = max.saturating_sub(reserved);
+        let sum = format!(
+            "{instances} instance(s) × (PG_POOL_MAX {pool_max} + {LISTENERS_PER_INSTANCE} \
+             listeners) = {needed}, of max_connections {max} less {reserved} reserved = {usable}"
+        );
+        findings.push(if needed <= usable {
+            ok("connections", sum)
+        } else {
+            warn(
+                "connections",
+                format!(
+                    "{sum}: the last instances to start wait for connections and time out; \
+                     raise max_connections, lower PG_POOL_MAX, or put PgBouncer in front"
+                ),
+            )
+        });
+    }
+    Ok(findings)
+}
+
+/// Redis's memory limit, eviction policy and persistence against what the cache needs.
+pub async fn redis(redis: &Redis) -> Vec<Finding> {
+    let mut cmd = redis::cmd("CONFIG");
+    cmd.arg("GET")
+        .arg("maxmemory")
+        .arg("maxmemory-policy")
+        .arg("appendonly")
+        .arg("appendfsync")
+        .arg("save");
+    let settings: HashMap<String, String> = match redis.query(&cmd).await {
+        Ok(settings) => settings,
+        Err(err) => {
+            return vec![warn(
+                "redis config",
+                format!(
+                    "cannot read its settings ({err}; CONFIG may be renamed or not granted to \
+                     this user): check maxmemory and maxmemory-policy by hand"
+                ),
+            )];
+        }
+    };
+    let get = |name: &str| settings.get(name).map(String::as_str).unwrap_or("");
+    let mut findings = Vec::new();
+    let limit: u64 = get("maxmemory").parse().unwrap_or(0);
+    let policy = get("maxmemory-policy");
+    findings.push(if limit == 0 {
+        warn(
+            "maxmemory",
+            "0 (no limit): the cache grows until the machine runs out of memory and the \
+             kernel kills Redis; set maxmemory to the memory Redis may use",
+        )
+    } else {
+        ok("maxmemory", megabytes(limit))
+    });
+    findings.push(match policy {
+        "allkeys-lru" | "allkeys-lfu" => ok(
+            "eviction",
+            format!("{policy}: the least used entries make room for new ones"),
+        ),
+        "noeviction" => warn(
+            "eviction",
+            "noeviction: at the limit Redis refuses writes, so cache fills fail (reads fall \
+             through to PostgreSQL) and real-time history stops growing; set allkeys-lru or \
+             allkeys-lfu",
+        ),
+        other => ok(
+            "eviction",
+            format!(
+                "{other}: evicts under pressure (keys without an expiry are never evicted by \
+                 volatile-* policies; Cascade's cache entries all have one)"
+            ),
+        ),
+    });
+    let aof = get("appendonly") == "yes";
+    findings.push(if aof && get("appendfsync") == "always" {
+        warn(
+            "persistence",
+            "appendonly with appendfsync always: every cache fill and invalidation waits for a \
+             disk flush, and nothing Cascade keeps in Redis needs it (accounts, sessions and \
+             data live in PostgreSQL); use appendfsync everysec or no persistence",
+        )
+    } else {
+        ok(
+            "persistence",
+            format!(
+                "appendonly {}, save {:?}: Cascade keeps nothing in Redis that PostgreSQL \
+                 cannot rebuild; persistence only shortens the refill after a restart",
+                if aof { "yes" } else { "no" },
+                get("save")
+            ),
+        )
+    });
+    findings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback;
+
+    #[test]
+    fn loopback_hosts_are_this_machine_and_others_are_not() {
+        for host in [
+            "localhost",
+            "LOCALHOST",
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "[::1]",
+        ] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in [
+            "10.0.0.5",
+            "db.example.com",
+            "192.168.1.1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_loopback(host), "{host}");
+        }
+    }
+}
