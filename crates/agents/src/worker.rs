@@ -23,7 +23,7 @@ use cascade_core::shutdown::ShutdownSignal;
 use futures_util::FutureExt;
 use serde_json::Value;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use crate::config::ExecutionsConfig;
 use crate::executor::{Executors, Step};
@@ -483,7 +483,7 @@ pub async fn listen(db: Db, wake: Arc<Notify>, mut stop: ShutdownSignal) {
     let mut pause = Duration::from_millis(200);
     loop {
         let ended = async {
-            let (client, mut connection) = db.maintenance_config().connect(NoTls).await?;
+            let (client, mut connection) = db.maintenance_config().connect(db.tls()).await?;
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
             let driver = tokio::spawn(async move {
                 while let Some(message) =

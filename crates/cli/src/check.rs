@@ -22,7 +22,12 @@ async fn probe_postgres(
     deadline: Duration,
     instances: u32,
 ) -> Result<(String, Vec<Finding>), String> {
-    let DatabaseSource::External { config: pg, .. } = &config.source else {
+    let DatabaseSource::External {
+        config: pg,
+        address,
+        ..
+    } = &config.source
+    else {
         return Err("not an external database".into());
     };
     let mut pg = (**pg).clone();
@@ -34,7 +39,7 @@ async fn probe_postgres(
         ..config.clone()
     };
     let work = async {
-        let db = Db::connect(&settings, pg, String::new())
+        let db = Db::connect(&settings, pg, address.clone())
             .await
             .map_err(|e| e.to_string())?;
         let conn = db.conn().await.map_err(|e| e.to_string())?;

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use cascade_core::config::{DatabaseConfig, DatabaseSource, RedisConfig};
+use cascade_core::db::tls::SslMode;
 use cascade_core::redis::Redis;
 use redis::IntoConnectionInfo;
 use tokio_postgres::config::Host;
@@ -46,11 +47,14 @@ fn is_loopback(host: &str) -> bool {
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Plain-text connections to another machine: passwords and data cross the network readable.
+/// Connections to another machine that are plain text, or encrypted to a server not verified.
 pub fn tls(database: &DatabaseConfig, redis: Option<&RedisConfig>) -> Vec<Finding> {
     let mut findings = Vec::new();
     if let DatabaseSource::External {
-        config, address, ..
+        config,
+        address,
+        tls,
+        ..
     } = &database.source
     {
         let remote: Vec<&str> = config
@@ -61,18 +65,33 @@ pub fn tls(database: &DatabaseConfig, redis: Option<&RedisConfig>) -> Vec<Findin
                 _ => None,
             })
             .collect();
+        let mode = tls.mode.as_str();
         findings.push(if remote.is_empty() {
             ok(
                 "pg tls",
-                format!("{address} is this machine: no network to cross"),
+                format!("{address} is this machine: no network to cross (sslmode={mode})"),
+            )
+        } else if tls.verifies_host() {
+            ok(
+                "pg tls",
+                "sslmode=verify-full: encrypted, and the server's name is checked",
+            )
+        } else if matches!(tls.mode, SslMode::Disable | SslMode::Prefer) {
+            warn(
+                "pg tls",
+                format!(
+                    "{address} is another machine and sslmode={mode} allows plain text: the \
+                     password and every row may cross the network readable; set \
+                     sslmode=verify-full (with sslrootcert=<CA file> for a private CA)"
+                ),
             )
         } else {
             warn(
                 "pg tls",
                 format!(
-                    "{address} is another machine and Cascade connects to PostgreSQL without \
-                     TLS: the password and every row cross the network readable; keep the \
-                     database on a private network until TLS is configured"
+                    "{address} is another machine and sslmode={mode} encrypts without checking \
+                     whose certificate it is: a machine in the middle can pose as the server; \
+                     set sslmode=verify-full"
                 ),
             )
         });

@@ -74,7 +74,7 @@ pub async fn migrate(db: &Db, modules: &[Arc<dyn Module>]) -> anyhow::Result<Mig
     let sets: Vec<&[Migration]> = std::iter::once(CORE_MIGRATIONS)
         .chain(modules.iter().map(|m| m.migrations()))
         .collect();
-    let report = db::migrate(db.maintenance_config(), &sets)
+    let report = db::migrate_with(db.maintenance_config(), db.tls(), &sets)
         .await
         .context("applying migrations")?;
     tracing::info!(

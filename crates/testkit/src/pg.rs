@@ -17,6 +17,8 @@ pub struct PgServer {
     child: Option<Child>,
     bin: PathBuf,
     run_as: Option<(u32, u32)>,
+    /// `-c name=value` settings beyond the test kit's own (TLS).
+    settings: Vec<String>,
 }
 
 fn server_binaries() -> PathBuf {
@@ -123,6 +125,28 @@ fn template(bin: &Path, run_as: Option<(u32, u32)>) -> PathBuf {
 impl PgServer {
     /// Starts a fresh server and waits until it accepts connections.
     pub async fn start() -> PgServer {
+        PgServer::start_with(&[], Vec::new()).await
+    }
+
+    /// Starts a server that speaks TLS (`ssl=on`) with this certificate chain and key (PEM),
+    /// plain connections still allowed.
+    pub async fn start_tls(cert_pem: &[u8], key_pem: &[u8]) -> PgServer {
+        let settings = [
+            "ssl=on",
+            "ssl_cert_file=server.crt",
+            "ssl_key_file=server.key",
+        ];
+        PgServer::start_with(
+            &[("server.crt", cert_pem), ("server.key", key_pem)],
+            settings.iter().map(|s| s.to_string()).collect(),
+        )
+        .await
+    }
+
+    /// `files` are written into the data directory (private to the server's user: PostgreSQL
+    /// refuses a key others can read), `settings` passed as `-c` options.
+    async fn start_with(files: &[(&str, &[u8])], settings: Vec<String>) -> PgServer {
+        use std::os::unix::fs::PermissionsExt;
         let bin = server_binaries();
         let run_as = postgres_user();
         let template = template(&bin, run_as);
@@ -134,6 +158,12 @@ impl PgServer {
             .status()
             .expect("cp");
         assert!(status.success(), "copy the template cluster");
+        for (name, contents) in files {
+            let path = dir.join("data").join(name);
+            std::fs::write(&path, contents).expect("write a server file");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod a server file");
+        }
         if let Some((uid, gid)) = run_as {
             chown_tree(&dir, uid, gid);
         }
@@ -143,6 +173,7 @@ impl PgServer {
             child: None,
             bin,
             run_as,
+            settings,
         };
         server.spawn().await;
         server
@@ -163,6 +194,7 @@ impl PgServer {
                 "-c",
                 "shared_buffers=16MB",
             ])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(

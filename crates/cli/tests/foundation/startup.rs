@@ -215,7 +215,7 @@ fn check_warns_about_plain_text_connections_to_other_machines() {
     assert_eq!(code, Some(1), "{stdout}");
     let pg = finding(&stdout, "pg tls");
     assert!(
-        pg.contains("[warn]") && pg.contains("without TLS"),
+        pg.contains("[warn]") && pg.contains("sslmode=prefer allows plain text"),
         "{stdout}"
     );
     let redis = finding(&stdout, "redis tls");

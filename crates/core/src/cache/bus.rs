@@ -64,7 +64,7 @@ impl Transport {
             }
             Transport::Postgres(db) => {
                 let config = db.maintenance_config().clone();
-                let connect = config.connect(tokio_postgres::NoTls);
+                let connect = config.connect(db.tls());
                 let (client, mut connection) =
                     tokio::time::timeout(Duration::from_secs(5), connect)
                         .await

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::parser::{Parser, SECOND};
 use super::values::redact_url;
+use crate::db::tls::PgTls;
 
 /// `DATABASE_URL` and its aliases, the pool's sizes and deadlines.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -71,6 +72,8 @@ pub enum DatabaseSource {
         display: String,
         /// `host:port` as the user wrote it, for errors that must name the address.
         address: String,
+        /// `sslmode` and `sslrootcert` of the URL (libpq's meanings: [`PgTls`]).
+        tls: PgTls,
     },
     /// A private PostgreSQL started from the installed binaries in this directory.
     Embedded { data_dir: PathBuf },
@@ -125,6 +128,7 @@ impl DatabaseConfig {
                 ),
                 address: format!("{host}:{port}"),
                 config: Box::new(config),
+                tls: PgTls::default(),
             }
         } else {
             DatabaseSource::Embedded {
@@ -202,35 +206,40 @@ impl DatabaseConfig {
     }
 
     fn url(p: &mut Parser, var: &'static str, url: &str) -> DatabaseSource {
+        DatabaseSource::from_url(url).unwrap_or_else(|why| {
+            p.fail(var, why);
+            DatabaseSource::Embedded {
+                data_dir: PathBuf::new(),
+            }
+        })
+    }
+}
+
+impl DatabaseSource {
+    /// The server at `url` (`postgresql://user:password@host:port/db`, with libpq's `sslmode`
+    /// and `sslrootcert`: [`PgTls`]), or why the URL is not one.
+    pub fn from_url(url: &str) -> Result<DatabaseSource, String> {
         let expected = "expected postgresql://user:password@host:port/database";
-        let bad = || DatabaseSource::Embedded {
-            data_dir: PathBuf::new(),
-        };
         if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) {
-            p.fail(var, format!("{expected}, got {:?}", redact_url(url)));
-            return bad();
+            return Err(format!("{expected}, got {:?}", redact_url(url)));
         }
-        match tokio_postgres::Config::from_str(url) {
-            Ok(config) if !config.get_hosts().is_empty() => {
-                let host = match &config.get_hosts()[0] {
-                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
-                    tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-                };
-                let port = config.get_ports().first().copied().unwrap_or(5432);
-                DatabaseSource::External {
-                    display: redact_url(url),
-                    address: format!("{host}:{port}"),
-                    config: Box::new(config),
-                }
-            }
-            Ok(_) => {
-                p.fail(var, format!("{expected}: the URL names no host"));
-                bad()
-            }
-            Err(err) => {
-                p.fail(var, format!("{expected}: {err}"));
-                bad()
-            }
-        }
+        let (rest, tls) = PgTls::split_url(url)?;
+        let mut config =
+            tokio_postgres::Config::from_str(&rest).map_err(|err| format!("{expected}: {err}"))?;
+        let Some(first) = config.get_hosts().first() else {
+            return Err(format!("{expected}: the URL names no host"));
+        };
+        let host = match first {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        config.ssl_mode(tls.tokio_mode());
+        Ok(DatabaseSource::External {
+            display: redact_url(url),
+            address: format!("{host}:{port}"),
+            config: Box::new(config),
+            tls,
+        })
     }
 }

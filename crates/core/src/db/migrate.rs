@@ -24,7 +24,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use tokio_postgres::{Client, NoTls, Transaction};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{Client, NoTls, Socket, Transaction};
 
 use super::DbError;
 
@@ -209,8 +210,24 @@ pub async fn migrate(
     config: &tokio_postgres::Config,
     lists: &[&[Migration]],
 ) -> Result<MigrationReport, DbError> {
+    migrate_with(config, NoTls, lists).await
+}
+
+/// [`migrate`] over TLS: `migrate_with(db.maintenance_config(), db.tls(), lists)` connects as
+/// the pool does.
+pub async fn migrate_with<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+    lists: &[&[Migration]],
+) -> Result<MigrationReport, DbError>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+    T::TlsConnect: Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
     let plan = Plan::parse(lists)?;
-    let (mut client, connection) = config.connect(NoTls).await?;
+    let (mut client, connection) = config.connect(tls).await?;
     let driver = tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::warn!(error = %err, "migration connection ended with an error");

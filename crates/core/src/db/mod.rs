@@ -3,12 +3,14 @@
 mod embedded;
 mod migrate;
 mod pool;
+pub mod tls;
 
 use std::time::Duration;
 
 pub use embedded::{EmbeddedPostgres, RELOCATED_ROOT, cluster_dir, find_server_binaries};
 pub use migrate::{
     CORE_MIGRATIONS, Migration, MigrationId, MigrationReport, check_migrations, migrate,
+    migrate_with,
 };
 pub use pool::{Conn, Db, DbHealth, PoolStats, Recycler, TableStats, error_chain};
 

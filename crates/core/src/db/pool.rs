@@ -15,10 +15,11 @@ use deadpool_postgres::{
     ClientWrapper, Manager, ManagerConfig, PoolError, RecyclingMethod, Runtime,
 };
 use serde::Serialize;
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::DbError;
-use crate::config::DatabaseConfig;
+use super::tls::{PgTls, SslMode};
+use crate::config::{DatabaseConfig, DatabaseSource};
 use crate::retry::{Attempt, Backoff, retry};
 
 /// A pooled connection (a `tokio_postgres` client with its statement cache).
@@ -76,6 +77,8 @@ struct Inner {
     stats: AcquireStats,
     /// The connection settings without `statement_timeout`, for migrations.
     base_config: tokio_postgres::Config,
+    /// The TLS every connection to this server uses (`sslmode` of the URL).
+    tls: MakeRustlsConnect,
 }
 
 /// Running totals of pool acquisitions, kept with atomics so reading them never blocks.
@@ -148,7 +151,18 @@ impl Db {
             base_config.application_name("cascade");
         }
 
-        wait_until_reachable(&base_config, &address, settings).await?;
+        // TLS as the URL's sslmode asks; a private server (embedded, on a socket) needs none.
+        let tls_settings = match &settings.source {
+            DatabaseSource::External { tls, .. } => tls.clone(),
+            DatabaseSource::Embedded { .. } => PgTls {
+                mode: SslMode::Disable,
+                roots: None,
+            },
+        };
+        base_config.ssl_mode(tls_settings.tokio_mode());
+        let tls = tls_settings.connector().map_err(DbError::Config)?;
+
+        wait_until_reachable(&base_config, &tls, &address, settings).await?;
 
         let mut request_config = base_config.clone();
         let options = format!(
@@ -159,7 +173,7 @@ impl Db {
         request_config.options(options.trim());
         let manager = Manager::from_config(
             request_config,
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Verified,
             },
@@ -181,6 +195,7 @@ impl Db {
                 acquire_timeout: settings.acquire_timeout,
                 stats: AcquireStats::default(),
                 base_config,
+                tls,
             }),
         };
         db.top_up().await;
@@ -317,6 +332,12 @@ impl Db {
         &self.inner.base_config
     }
 
+    /// The TLS connector of the pool's connections, for connections of its own (a `LISTEN`
+    /// connection, migrations): `db.maintenance_config().connect(db.tls())`.
+    pub fn tls(&self) -> MakeRustlsConnect {
+        self.inner.tls.clone()
+    }
+
     /// Closes every connection; callers waiting on the pool get an error.
     pub fn close(&self) {
         self.inner.pool.close();
@@ -326,12 +347,13 @@ impl Db {
 /// Connects once to prove the server is there, retrying within the startup bound.
 async fn wait_until_reachable(
     config: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
     address: &str,
     settings: &DatabaseConfig,
 ) -> Result<(), DbError> {
     let outcome = retry(Backoff::within(settings.startup_timeout), |attempt| async move {
         let result = tokio::time::timeout(settings.connect_timeout, async {
-            let (client, connection) = config.connect(NoTls).await?;
+            let (client, connection) = config.connect(tls.clone()).await?;
             let driver = tokio::spawn(connection);
             let answer = client.simple_query("SELECT 1").await;
             drop(client);
@@ -364,6 +386,11 @@ async fn wait_until_reachable(
 /// Errors that waiting will not fix: the server answered and said no.
 fn is_fatal(err: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
+    // A refused certificate, or a server without TLS when the URL requires it: retrying
+    // changes nothing, and the message says which.
+    if tls_refused(err) {
+        return true;
+    }
     // 3D000: the database named in the URL does not exist.
     let no_database = SqlState::from_code("3D000");
     err.code().is_some_and(|code| {
@@ -374,6 +401,27 @@ fn is_fatal(err: &tokio_postgres::Error) -> bool {
         ]
         .contains(code)
     })
+}
+
+/// Whether the TLS handshake failed (rustls refused the server) or the server offers no TLS
+/// where the URL requires it.
+fn tls_refused(err: &tokio_postgres::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = source {
+        // tokio-rustls hands rustls's error inside an io::Error, whose `source` skips it.
+        let in_io = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .is_some_and(|inner| inner.is::<rustls::Error>());
+        if in_io
+            || cause.is::<rustls::Error>()
+            || cause.to_string().contains("server does not support TLS")
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// The error and its sources on one line ("error connecting to server: Connection refused").
