@@ -299,6 +299,21 @@ fn owned(owner: Option<i64>, user: i64, what: &str) -> Result<(), CatalogError> 
     }
 }
 
+/// Most characters of an audit row's `entity_id` (core migration 4's bound).
+const AUDIT_ID_MAX: usize = 200;
+
+/// `id` as an audit row's `entity_id`: itself when it fits, else its first 160 characters, `~`
+/// and 32 hex digits of its SHA-256. Catalog ids may be 256 characters (an edge's
+/// `parent>child` 513), the column holds 200; the full id is in the row's `before`/`after`.
+pub fn audit_id(id: &str) -> std::borrow::Cow<'_, str> {
+    if id.chars().count() <= AUDIT_ID_MAX {
+        return id.into();
+    }
+    let head: String = id.chars().take(160).collect();
+    let digest = cascade_core::cache::etag(id.as_bytes());
+    format!("{head}~{}", digest.trim_matches('"')).into()
+}
+
 /// Who changes the catalog and under which request: what each audit row carries
 /// (`cascade_core::audit`).
 #[derive(Debug, Clone)]
@@ -332,7 +347,7 @@ impl Author {
                 actor: &self.actor,
                 action,
                 entity_type: entity.0,
-                entity_id: entity.1,
+                entity_id: &audit_id(entity.1),
                 before: before.as_ref(),
                 after: after.as_ref(),
                 request_id: self.request_id.as_deref(),
@@ -370,11 +385,12 @@ pub async fn update_asset(
             " AS after), \
              logged AS ( \
                INSERT INTO audit_log (actor, action, entity_type, entity_id, before, after, request_id) \
-               SELECT $5, 'asset.update', 'asset', $1, before, after::jsonb, $6 FROM changed) \
+               SELECT $5, 'asset.update', 'asset', $7, before, after::jsonb, $6 FROM changed) \
              SELECT after::text FROM changed"
         ))
         .await
         .map_err(internal)?;
+    let entity_id = audit_id(version.as_str());
     let row = conn
         .query_opt(
             &statement,
@@ -385,6 +401,7 @@ pub async fn update_asset(
                 &author.user_id,
                 &author.actor,
                 &author.request_id,
+                &entity_id.as_ref(),
             ],
         )
         .await
@@ -855,7 +872,19 @@ pub async fn search(
 
 #[cfg(test)]
 mod tests {
-    use super::compact;
+    use super::{audit_id, compact};
+
+    #[test]
+    fn audit_ids_fit_the_column_and_stay_distinct() {
+        assert_eq!(audit_id("ds-1@v1"), "ds-1@v1");
+        let fits = "a".repeat(200);
+        assert_eq!(audit_id(&fits), fits);
+        let (long, other) = ("a".repeat(256), format!("{}b", "a".repeat(255)));
+        let (short, short_other) = (audit_id(&long), audit_id(&other));
+        assert!(short.starts_with(&"a".repeat(160)) && short.chars().count() <= 200);
+        assert_ne!(short, short_other);
+        assert_eq!(short, audit_id(&long), "stable");
+    }
 
     #[test]
     fn compact_drops_white_space_between_tokens_and_keeps_strings() {

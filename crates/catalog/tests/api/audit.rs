@@ -120,6 +120,45 @@ async fn each_catalog_write_leaves_one_row_with_before_and_after() {
     );
 }
 
+/// Ids may be longer than the audit log's `entity_id` (200 characters): recorded shortened
+/// (a fuzz finding: the write was a 500).
+#[tokio::test]
+async fn writes_of_the_longest_ids_are_audited_under_a_shortened_id() {
+    let catalog = Catalog::start(1).await;
+    let base = catalog.base();
+    let long = "p".repeat(256);
+    catalog.producer(&long).await;
+    let version = "v".repeat(256);
+    catalog.asset(&version, &long, "Long").await;
+    let (status, body) = send(
+        base,
+        Method::PATCH,
+        &format!("/listings/{version}"),
+        Some(json!({"name": "Longer"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let client = catalog.pg.client(&catalog.database).await;
+    let found: Vec<(String, String)> = client
+        .query(
+            "SELECT action, after ->> 'versionId' FROM audit_log \
+             WHERE entity_type = 'asset' AND entity_id LIKE $1 ORDER BY id",
+            &[&format!("{}~%", "v".repeat(160))],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("asset.create".to_string(), version.clone()),
+            ("asset.update".to_string(), version.clone()),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn a_refused_catalog_write_leaves_no_row() {
     let catalog = Catalog::start(1).await;
