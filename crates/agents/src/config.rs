@@ -8,6 +8,11 @@ use cascade_core::config::{Namespace, Parser};
 pub const AGENTS: &str = "agents";
 /// A page of an owner's list: `<owner id>:<canonical query>`, tagged with the owner.
 pub const AGENT_LISTS: &str = "agent_lists";
+/// `GET /search`'s answers of an owner's agents: `<owner id>:<limit>:<text>`, tagged with the
+/// owner as the list pages are (every agent write removes them).
+pub const AGENT_SEARCH: &str = "agent_search";
+/// The same of an owner's workflows, tagged `workflows-of:<owner>`.
+pub const WORKFLOW_SEARCH: &str = "workflow_search";
 /// The `http` executor's connector: answers are never cached (its calls are uncached), but a
 /// connector names its namespaces.
 pub const HTTP_EXECUTOR: &str = "agents_http";
@@ -233,6 +238,9 @@ impl AgentsConfig {
         vec![
             Namespace::new(AGENTS, s(300)).keyed("cache:agent"),
             Namespace::new(AGENT_LISTS, s(120)).keyed("cache:agents"),
+            // Brief: a search is cheap to redo, and the space of texts is large.
+            Namespace::new(AGENT_SEARCH, s(30)),
+            Namespace::new(WORKFLOW_SEARCH, s(30)),
             Namespace::new(HTTP_EXECUTOR, s(1)),
             Namespace::new(HTTP_EXECUTOR_LAST_GOOD, s(1)),
         ]

@@ -2,7 +2,7 @@
 //! audit trail of every change.
 //!
 //! It owns the tables `agents`, `workflows`, `executions` ([`MIGRATIONS`], version space
-//! `agents`), the cache namespaces `agents` and `agent_lists` ([`config`]), the routes
+//! `agents`), the cache namespaces `agents`, `agent_lists`, `agent_search` and `workflow_search` ([`config`]), the routes
 //! `/agents…`, `/workflows…`, `/executions…` and `/audit`, the execution workers, and their
 //! tests (`tests/api`). The audit log itself is a core facility (`cascade_core::audit`).
 //!
@@ -14,6 +14,7 @@
 //!   in a caller's transaction, claim, heartbeat, complete, rescue, prune);
 //!   [`worker`]: the workers, the maintenance task and the LISTEN wake-ups;
 //!   [`executor`]: the pluggable step executors (`echo`, `noop`, `http`);
+//! - [`search`]: what `GET /search` finds here (the caller's agents and workflows);
 //! - [`openapi`]: its part of the API document.
 
 pub mod config;
@@ -25,6 +26,7 @@ pub mod openapi;
 pub mod queries;
 pub mod queue;
 pub mod routes;
+pub mod search;
 pub mod worker;
 pub mod workflows;
 
@@ -64,6 +66,12 @@ pub const MIGRATIONS: &[Migration] = &[
         3,
         "agent_memories",
         include_str!("../migrations/0003_agent_memories.sql"),
+    ),
+    Migration::new(
+        "agents",
+        4,
+        "search",
+        include_str!("../migrations/0004_search.sql"),
     ),
 ];
 
@@ -206,6 +214,10 @@ impl Module for AgentsModule {
 
     fn openapi(&self) -> utoipa::openapi::OpenApi {
         <openapi::AgentsApi as utoipa::OpenApi>::openapi()
+    }
+
+    fn search_providers(&self) -> Vec<Arc<dyn cascade_http::SearchProvider>> {
+        search::OwnedSearch::providers()
     }
 
     fn start_tasks(&self, app: &AppState, tasks: &mut Supervisor) {

@@ -17,7 +17,7 @@ use crate::model::{AgentPatch, ListQuery, NewAgent};
 pub const ENTITY: &str = "agent";
 
 /// An agent as every answer shows it, from `agents a`.
-const AGENT_JSON: &str = "jsonb_build_object(\
+pub(crate) const AGENT_JSON: &str = "jsonb_build_object(\
     'id', a.id, 'name', a.name, 'type', a.type, 'config', a.config, \
     'capabilities', to_jsonb(a.capabilities), 'status', a.status, 'version', a.version, \
     'created_at', to_char(a.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \

@@ -3,7 +3,8 @@
 //! through the queue (`queue.rs`) and the workers (`worker.rs`).
 //!
 //! Not cached: an execution's state changes under the reader (a worker moves it), and a
-//! workflow is read when it is enqueued, in the enqueue's own statement.
+//! workflow is read when it is enqueued, in the enqueue's own statement. Only searches of
+//! workflows are (`search.rs`); a create removes the owner's.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -28,7 +29,7 @@ pub const MAX_STEPS: usize = 50;
 pub const MAX_JSON_BYTES: usize = 64 * 1024;
 
 /// A workflow as every answer shows it, from `workflows w`.
-const WORKFLOW_JSON: &str = "jsonb_build_object(\
+pub(crate) const WORKFLOW_JSON: &str = "jsonb_build_object(\
     'id', w.id, 'name', w.name, 'steps', w.steps, 'version', w.version, \
     'created_at', to_char(w.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'))";
 
@@ -220,10 +221,16 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let workflow = NewWorkflow::parse(&body, &state.executors)?;
     let actor = crate::routes::actor(&me, &headers);
+    let owner = me.user_id;
     let created = crate::transaction(
         &state,
         move |tx| Box::pin(async move { insert(tx, &actor, &workflow).await }),
-        |_| Invalidations::new(),
+        // Searches of the owner's workflows (`search.rs`) are the only cached reads of them.
+        move |_| {
+            let mut stale = Invalidations::new();
+            stale.tags([crate::search::workflows_tag(owner)]);
+            stale
+        },
     )
     .await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())

@@ -8,6 +8,9 @@ pub const ASSETS: &str = "assets";
 pub const LISTINGS: &str = "listings";
 pub const BUNDLES: &str = "bundles";
 pub const READY: &str = "ready";
+/// `GET /search`'s answers of assets: `all:<limit>:<text>`; every asset write removes the
+/// namespace, as it does `listings`.
+pub const ASSET_SEARCH: &str = "asset_search";
 
 /// The catalog's settings, as text.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -50,6 +53,8 @@ impl CatalogConfig {
             Namespace::new("policies", s(600)),
             Namespace::new("prices", s(120)),
             Namespace::default_ttl(READY),
+            // Brief: a search is cheap to redo, and the space of texts is large.
+            Namespace::new(ASSET_SEARCH, s(30)),
         ]
     }
 }

@@ -22,6 +22,9 @@ pub enum CatalogError {
     Conflict(String),
     #[error(transparent)]
     Db(#[from] DbError),
+    /// A bug or corrupt data: a 500, logged.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl CatalogError {
@@ -46,6 +49,9 @@ impl From<CatalogError> for ApiError {
             CatalogError::Forbidden(message) => ApiError::Forbidden(message),
             CatalogError::Conflict(message) => ApiError::Conflict(message),
             CatalogError::Db(err) => err.into(),
+            CatalogError::Internal(message) => {
+                ApiError::Internal(std::io::Error::other(message).into())
+            }
         }
     }
 }

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | asset details | `assets:<versionId>` (`cache:asset:<versionId>`) | — (removed by key) |
 //! | a listings page | `listings:<canonical query>` (`cache:listings:<params>`) | — (namespace) |
+//! | a search of assets | `asset_search:<limit>:<text>` (`GET /search`) | — (namespace) |
 //! | a bundle | `bundles:<versionId>:<depth>` (`bundle:<versionId>:<depth>`) | `tree:<versionId>` |
 //! | readiness | `ready:<versionId>` | `tree:<versionId>` |
 //!
@@ -30,7 +31,7 @@ use cascade_core::db::Conn as Object;
 use crate::CatalogState;
 use crate::queries::{self, BUNDLE_MAX_DEPTH, READY_MAX_DEPTH};
 
-pub use crate::config::{ASSETS, BUNDLES, LISTINGS, READY};
+pub use crate::config::{ASSET_SEARCH, ASSETS, BUNDLES, LISTINGS, READY};
 
 /// Most descendants invalidated one by one; beyond, whole namespaces are.
 pub const MAX_EXACT: usize = 256;
@@ -62,7 +63,7 @@ impl Reach {
     }
 }
 
-/// After asset rows changed: their details, every listing page, and the bundles (and, when
+/// After asset rows changed: their details, every listing page and search, and the bundles (and, when
 /// they were created or deleted, the readiness) of them and their descendants.
 pub async fn assets_changed(
     state: &CatalogState,
@@ -71,7 +72,10 @@ pub async fn assets_changed(
     reach: Reach,
 ) -> Invalidations {
     let mut stale = Invalidations::new();
-    stale.keys(ASSETS, versions).namespace(LISTINGS);
+    stale
+        .keys(ASSETS, versions)
+        .namespace(LISTINGS)
+        .namespace(ASSET_SEARCH);
     tree_changed(state, conn, &mut stale, versions, reach).await;
     stale
 }

@@ -10,6 +10,7 @@
 //! - [`queries`]: the SQL, returning [`CatalogError`] (mapped to HTTP in one `From`);
 //! - [`invalidation`]: cache keys, tags, and which entries each write removes;
 //! - [`reads`] and [`writes`]: the HTTP handlers; [`http_cache`]: ETags and `Cache-Control`;
+//! - [`search`]: what `GET /search` finds here (assets, public as `/listings` is);
 //! - [`seed`]: a realistic generated catalog for benchmarks (`cascade seed catalog`).
 
 pub mod config;
@@ -22,6 +23,7 @@ pub mod openapi;
 pub mod openlineage;
 pub mod queries;
 pub mod reads;
+pub mod search;
 pub mod seed;
 pub mod writes;
 
@@ -62,6 +64,12 @@ pub const MIGRATIONS: &[Migration] = &[
         3,
         "lineage_pending",
         include_str!("../migrations/0003_lineage_pending.sql"),
+    ),
+    Migration::new(
+        "catalog",
+        4,
+        "search",
+        include_str!("../migrations/0004_search.sql"),
     ),
 ];
 
@@ -125,6 +133,10 @@ impl Module for CatalogModule {
 
     fn openapi(&self) -> utoipa::openapi::OpenApi {
         <openapi::CatalogApi as utoipa::OpenApi>::openapi()
+    }
+
+    fn search_providers(&self) -> Vec<Arc<dyn cascade_http::SearchProvider>> {
+        vec![Arc::new(search::AssetSearch)]
     }
 
     fn router(&self, state: &AppState) -> Router {

@@ -455,7 +455,9 @@ pub struct VersionPath {
 #[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 pub struct ListingParams {
-    /// Full-text search over names and metadata (`websearch_to_tsquery` syntax), at most 200 bytes.
+    /// Search of names and descriptions (`websearch_to_tsquery` syntax, English stems: `price`
+    /// finds `Prices`) and of names by prefix (`mach`) or with typos (`machne lerning`), at most
+    /// 200 bytes. The order stays newest first.
     #[param(max_length = 200, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     q: Option<String>,
     /// Only this producer's assets.

@@ -7,6 +7,7 @@
 //! (`"key" : value`, `[a, b]`); [`compact`] removes them once, when the body is loaded, so
 //! every body is compact and the same bytes keep the same ETag.
 
+use cascade_core::audit::{self, Change};
 use cascade_core::db::Conn as Object;
 use tokio_postgres::Transaction;
 use tokio_postgres::error::SqlState;
@@ -298,30 +299,110 @@ fn owned(owner: Option<i64>, user: i64, what: &str) -> Result<(), CatalogError> 
     }
 }
 
-/// The updated asset, if it is one of `user`'s (404 or 403 otherwise).
+/// Most characters of an audit row's `entity_id` (core migration 4's bound).
+const AUDIT_ID_MAX: usize = 200;
+
+/// `id` as an audit row's `entity_id`: itself when it fits, else its first 160 characters, `~`
+/// and 32 hex digits of its SHA-256. Catalog ids may be 256 characters (an edge's
+/// `parent>child` 513), the column holds 200; the full id is in the row's `before`/`after`.
+pub fn audit_id(id: &str) -> std::borrow::Cow<'_, str> {
+    if id.chars().count() <= AUDIT_ID_MAX {
+        return id.into();
+    }
+    let head: String = id.chars().take(160).collect();
+    let digest = cascade_core::cache::etag(id.as_bytes());
+    format!("{head}~{}", digest.trim_matches('"')).into()
+}
+
+/// Who changes the catalog and under which request: what each audit row carries
+/// (`cascade_core::audit`).
+#[derive(Debug, Clone)]
+pub struct Author {
+    /// `user:<id>`.
+    pub actor: String,
+    pub user_id: i64,
+    pub request_id: Option<String>,
+}
+
+impl Author {
+    /// Records one change of a catalog entity in `tx`, `before` and `after` being the entity's
+    /// JSON as its answers show it.
+    pub async fn record(
+        &self,
+        tx: &Transaction<'_>,
+        action: &str,
+        entity: (&str, &str),
+        before: Option<&[u8]>,
+        after: Option<&[u8]>,
+    ) -> Result<(), CatalogError> {
+        let parse = |json: Option<&[u8]>| {
+            json.map(serde_json::from_slice::<serde_json::Value>)
+                .transpose()
+                .map_err(|err| CatalogError::Internal(format!("audit JSON: {err}")))
+        };
+        let (before, after) = (parse(before)?, parse(after)?);
+        audit::record(
+            tx,
+            &Change {
+                actor: &self.actor,
+                action,
+                entity_type: entity.0,
+                entity_id: &audit_id(entity.1),
+                before: before.as_ref(),
+                after: after.as_ref(),
+                request_id: self.request_id.as_deref(),
+            },
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// The updated asset, if it is one of `author`'s (404 or 403 otherwise), with its audit row.
 pub async fn update_asset(
     conn: &Object,
     version: &VersionId,
-    user: i64,
+    author: &Author,
     change: &AssetChange,
 ) -> Result<Vec<u8>, CatalogError> {
     // One statement, prepared once per connection, run alone (no transaction around it): a
-    // write's PostgreSQL cost is its round trips, and 64 writers share two cores with it.
+    // write's PostgreSQL cost is its round trips, and 64 writers share two cores with it. The
+    // audit row is written by the same statement (so with the change, or not at all): `old`
+    // locks the row and shows it before the change (a concurrent writer's committed version,
+    // if one got there first), `changed` updates it.
     let statement = conn
         .prepare_cached(concat!(
-            "UPDATE assets AS a SET name = coalesce($2, a.name), \
-             metadata = coalesce($3, a.metadata), updated_at = now() \
-             WHERE a.version_id = $1 AND a.producer_id IN \
-               (SELECT producer_id FROM producers WHERE owner_id = $4) RETURNING ",
+            "WITH changed AS ( \
+               UPDATE assets AS a SET name = coalesce($2, a.name), \
+               metadata = coalesce($3, a.metadata), updated_at = now() \
+               FROM (SELECT a.version_id, ",
             asset_json!(),
-            "::text"
+            "::jsonb AS before FROM assets a WHERE a.version_id = $1 AND a.producer_id IN \
+                      (SELECT producer_id FROM producers WHERE owner_id = $4) FOR UPDATE) AS old \
+               WHERE a.version_id = old.version_id \
+               RETURNING old.before, ",
+            asset_json!(),
+            " AS after), \
+             logged AS ( \
+               INSERT INTO audit_log (actor, action, entity_type, entity_id, before, after, request_id) \
+               SELECT $5, 'asset.update', 'asset', $7, before, after::jsonb, $6 FROM changed) \
+             SELECT after::text FROM changed"
         ))
         .await
         .map_err(internal)?;
+    let entity_id = audit_id(version.as_str());
     let row = conn
         .query_opt(
             &statement,
-            &[&version.as_str(), &change.name, &change.metadata, &user],
+            &[
+                &version.as_str(),
+                &change.name,
+                &change.metadata,
+                &author.user_id,
+                &author.actor,
+                &author.request_id,
+                &entity_id.as_ref(),
+            ],
         )
         .await
         .map_err(internal)?;
@@ -329,29 +410,32 @@ pub async fn update_asset(
         Some(row) => Ok(text(&row)),
         None => {
             let client: &tokio_postgres::Client = conn;
-            Err(refusal(client, version, user).await)
+            Err(refusal(client, version, author.user_id).await)
         }
     }
 }
 
-/// Deletes `version`, if it is one of `user`'s (404 or 403 otherwise).
+/// Deletes `version`, if it is one of `user`'s (404 or 403 otherwise); returns it as it was.
 pub async fn delete_asset(
     tx: &Transaction<'_>,
     version: &VersionId,
     user: i64,
-) -> Result<(), CatalogError> {
+) -> Result<Vec<u8>, CatalogError> {
     let deleted = tx
-        .execute(
-            "DELETE FROM assets WHERE version_id = $1 AND producer_id IN \
-               (SELECT producer_id FROM producers WHERE owner_id = $2)",
+        .query_opt(
+            concat!(
+                "DELETE FROM assets AS a WHERE a.version_id = $1 AND a.producer_id IN \
+                   (SELECT producer_id FROM producers WHERE owner_id = $2) RETURNING ",
+                asset_json!(),
+                "::text"
+            ),
             &[&version.as_str(), &user],
         )
         .await
         .map_err(internal)?;
-    if deleted == 1 {
-        Ok(())
-    } else {
-        Err(refusal(tx, version, user).await)
+    match deleted {
+        Some(row) => Ok(text(&row)),
+        None => Err(refusal(tx, version, user).await),
     }
 }
 
@@ -599,7 +683,9 @@ pub async fn listings(conn: &Object, query: &ListingQuery) -> Result<Vec<u8>, Ca
             asset_json!(),
             "::text, (extract(epoch FROM a.created_at) * 1000000)::bigint, a.version_id \
              FROM assets a \
-             WHERE ($1::text IS NULL OR a.search @@ websearch_to_tsquery('simple', $1)) \
+             WHERE ($1::text IS NULL OR ",
+            cascade_http::search_matches!("a"),
+            ") \
                AND ($2::text IS NULL OR a.producer_id = $2) \
                AND ($3::text IS NULL OR a.created_at >= $3::timestamptz) \
                AND ($4::text IS NULL OR a.created_at < $4::timestamptz) \
@@ -756,9 +842,49 @@ pub async fn readiness(conn: &Object, version: &str) -> Result<Option<Vec<u8>>, 
     Ok(row.as_ref().map(text))
 }
 
+/// `GET /search`'s assets: those `$1` matches, best first (`cascade_http::search`).
+pub async fn search(
+    conn: &Object,
+    text: &str,
+    limit: i64,
+) -> Result<Vec<cascade_http::search::SearchHit>, CatalogError> {
+    let statement = conn
+        .prepare_cached(concat!(
+            "/* catalog:search */ SELECT a.version_id, a.name, ",
+            cascade_http::search_score!("a"),
+            " AS score, ",
+            asset_json!(),
+            " FROM assets a WHERE ",
+            cascade_http::search_matches!("a"),
+            " ORDER BY score DESC, a.created_at DESC, a.version_id DESC LIMIT $2"
+        ))
+        .await
+        .map_err(internal)?;
+    let rows = conn
+        .query(&statement, &[&text, &limit])
+        .await
+        .map_err(internal)?;
+    Ok(rows
+        .iter()
+        .map(cascade_http::search::SearchHit::from_row)
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::compact;
+    use super::{audit_id, compact};
+
+    #[test]
+    fn audit_ids_fit_the_column_and_stay_distinct() {
+        assert_eq!(audit_id("ds-1@v1"), "ds-1@v1");
+        let fits = "a".repeat(200);
+        assert_eq!(audit_id(&fits), fits);
+        let (long, other) = ("a".repeat(256), format!("{}b", "a".repeat(255)));
+        let (short, short_other) = (audit_id(&long), audit_id(&other));
+        assert!(short.starts_with(&"a".repeat(160)) && short.chars().count() <= 200);
+        assert_ne!(short, short_other);
+        assert_eq!(short, audit_id(&long), "stable");
+    }
 
     #[test]
     fn compact_drops_white_space_between_tokens_and_keeps_strings() {

@@ -4,9 +4,14 @@
 //! the commit removes exactly the cache entries it made stale (see `invalidation.rs`) before
 //! it answers: the next read anywhere sees the write. Bodies must be JSON (`Content-Type:
 //! application/json` or `…+json`; 415 otherwise).
+//!
+//! Every write that changes something records it in the audit log (`cascade_core::audit`) in
+//! the same transaction (the one statement of `PATCH /listings/{id}` writes its row too): the
+//! account, the request id, the entity before and after. A refused write (400, 403, 404, 409)
+//! leaves no row.
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use cascade_core::cache::Invalidations;
@@ -16,7 +21,7 @@ use crate::http_cache::json;
 use crate::invalidation::{self as inv, Reach};
 use crate::model::{AssetChange, Body, NewAsset, NewPolicy, NewProducer, NewReceipt, VersionId};
 use crate::openlineage::RunEvent;
-use crate::queries::{self, internal};
+use crate::queries::{self, Author, internal};
 use cascade_core::events::Events;
 use cascade_http::ApiError;
 use cascade_http::CurrentUser;
@@ -108,6 +113,27 @@ macro_rules! in_statement {
     }};
 }
 
+/// The caller of a write and its request (`x-request-id`), for the audit rows.
+fn author(user: &cascade_core::identity::Principal, headers: &HeaderMap) -> Author {
+    Author {
+        actor: cascade_core::audit::user_actor(user.user_id),
+        user_id: user.user_id,
+        request_id: headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    }
+}
+
+/// The id field `key` of a write's JSON answer, as text (`policyId`: a number).
+fn id_in(body: &[u8], key: &str) -> Result<String, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::Internal(e.into()))?;
+    Ok(match &value[key] {
+        Value::String(id) => id.clone(),
+        other => other.to_string(),
+    })
+}
+
 /// Announces a committed asset change as the domain event `asset.changed` on
 /// `cascade-events` (`{"version_id", "change": created|updated|deleted}`), which the real-time
 /// channels forward. After the commit and its invalidations; a failed publish is the bus's to
@@ -126,15 +152,19 @@ async fn asset_changed(events: &Events, version: &str, change: &str) {
 pub async fn create_producer(
     State(state): State<CatalogState>,
     CurrentUser(user): CurrentUser,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let producer = NewProducer::parse(&Body::from_value(body)?)?;
-    let created = in_transaction!(state, |tx| queries::insert_producer(
-        &tx,
-        &producer,
-        user.user_id
-    )
-    .await?);
+    let author = author(&user, &headers);
+    let created = in_transaction!(state, |tx| {
+        let created = queries::insert_producer(&tx, &producer, user.user_id).await?;
+        let id = ("producer", producer.producer_id.as_str());
+        author
+            .record(&tx, "producer.create", id, None, Some(&created))
+            .await?;
+        created
+    });
     Ok(json(StatusCode::CREATED, created))
 }
 
@@ -145,9 +175,11 @@ pub async fn create_producer(
 pub async fn create_asset(
     State(state): State<CatalogState>,
     CurrentUser(user): CurrentUser,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let asset = NewAsset::parse(&Body::from_value(body)?)?;
+    let author = author(&user, &headers);
     let (events, id) = (
         state.app.events.clone(),
         asset.version_id.as_str().to_string(),
@@ -158,7 +190,12 @@ pub async fn create_asset(
         state,
         |tx| {
             queries::authorize_producer(&tx, asset.producer_id.as_str(), user.user_id).await?;
-            queries::insert_asset(&tx, &asset, user.user_id).await?
+            let created = queries::insert_asset(&tx, &asset, user.user_id).await?;
+            let id = ("asset", asset.version_id.as_str());
+            author
+                .record(&tx, "asset.create", id, None, Some(&created))
+                .await?;
+            created
         },
         |_created, conn| inv::assets_changed(
             &state,
@@ -180,14 +217,16 @@ pub async fn update_asset(
     State(state): State<CatalogState>,
     CurrentUser(user): CurrentUser,
     Path(version): Path<String>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let version = VersionId::parse("versionId", &version)?;
     let change = AssetChange::parse(&Body::from_value(body)?)?;
+    let author = author(&user, &headers);
     let (events, id) = (state.app.events.clone(), version.as_str().to_string());
     let updated = in_statement!(
         state,
-        |conn| queries::update_asset(conn, &version, user.user_id, &change).await?,
+        |conn| queries::update_asset(conn, &version, &author, &change).await?,
         |_updated, conn| inv::assets_changed(&state, conn, &[version.as_str()], Reach::Content)
             .await
     );
@@ -204,12 +243,20 @@ pub async fn delete_asset(
     State(state): State<CatalogState>,
     CurrentUser(user): CurrentUser,
     Path(version): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let version = VersionId::parse("versionId", &version)?;
     let (events, id) = (state.app.events.clone(), version.as_str().to_string());
+    let author = author(&user, &headers);
     in_transaction!(
         state,
-        |tx| queries::delete_asset(&tx, &version, user.user_id).await?,
+        |tx| {
+            let before = queries::delete_asset(&tx, &version, user.user_id).await?;
+            let id = ("asset", version.as_str());
+            author
+                .record(&tx, "asset.delete", id, Some(&before), None)
+                .await?;
+        },
         |_done, conn| inv::assets_changed(&state, conn, &[version.as_str()], Reach::Presence).await
     );
     asset_changed(&events, &id, "deleted").await;
@@ -223,12 +270,21 @@ pub async fn delete_asset(
 pub async fn create_policy(
     State(state): State<CatalogState>,
     CurrentUser(user): CurrentUser,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let policy = NewPolicy::parse(&Body::from_value(body)?)?;
+    let author = author(&user, &headers);
     let created = in_transaction!(
         state,
-        |tx| queries::insert_policy(&tx, &policy, user.user_id).await?,
+        |tx| {
+            let created = queries::insert_policy(&tx, &policy, user.user_id).await?;
+            let id = id_in(&created, "policyId")?;
+            author
+                .record(&tx, "policy.create", ("policy", &id), None, Some(&created))
+                .await?;
+            created
+        },
         |_created, conn| inv::rights_changed(&state, conn, policy.version_id.as_str()).await
     );
     Ok(json(StatusCode::CREATED, created))
@@ -241,12 +297,27 @@ pub async fn create_policy(
 pub async fn create_receipt(
     State(state): State<CatalogState>,
     CurrentUser(user): CurrentUser,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let receipt = NewReceipt::parse(&Body::from_value(body)?)?;
+    let author = author(&user, &headers);
     let created = in_transaction!(
         state,
-        |tx| queries::insert_receipt(&tx, &receipt, user.user_id).await?,
+        |tx| {
+            let created = queries::insert_receipt(&tx, &receipt, user.user_id).await?;
+            let id = id_in(&created, "receiptId")?;
+            author
+                .record(
+                    &tx,
+                    "receipt.create",
+                    ("receipt", &id),
+                    None,
+                    Some(&created),
+                )
+                .await?;
+            created
+        },
         |_created, conn| inv::rights_changed(&state, conn, receipt.version_id.as_str()).await
     );
     Ok(json(StatusCode::CREATED, created))
@@ -264,9 +335,11 @@ pub async fn create_receipt(
 pub async fn record_lineage(
     State(state): State<CatalogState>,
     CurrentUser(user): CurrentUser,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let event = RunEvent::parse(Body::from_value(body)?.value())?;
+    let author = author(&user, &headers);
     let mut outputs: Vec<String> = event
         .edges
         .iter()
@@ -274,36 +347,40 @@ pub async fn record_lineage(
         .collect();
     outputs.sort_unstable();
     outputs.dedup();
-    let (event_id, recorded) = in_transaction!(
-        state,
-        |tx| {
-            let outputs: Vec<&str> = outputs.iter().map(String::as_str).collect();
-            let published = queries::published_outputs(&tx, &outputs, user.user_id).await?;
-            queries::insert_event(&tx, &event, user.user_id, &published).await?
-        },
-        |recorded, conn| {
-            // Pending edges change no answer until their child is published (which
-            // invalidates it then).
-            let mut changed: Vec<&str> = recorded.1.added.iter().map(|(_, c)| c.as_str()).collect();
-            changed.sort_unstable();
-            changed.dedup();
-            inv::lineage_changed(&state, conn, &changed).await
-        }
-    );
     let edges = |list: &[(String, String)]| -> Vec<Value> {
         list.iter()
             .map(|(p, c)| serde_json::json!({"parent": p, "child": c}))
             .collect()
     };
-    let body = serde_json::json!({
-        "eventId": event_id,
-        "edgesAdded": edges(&recorded.added),
-        "edgesPending": edges(&recorded.pending),
-    });
-    Ok(json(
-        StatusCode::CREATED,
-        serde_json::to_vec(&body).map_err(|e| ApiError::Internal(e.into()))?,
-    ))
+    let (body, _recorded) = in_transaction!(
+        state,
+        |tx| {
+            let outputs: Vec<&str> = outputs.iter().map(String::as_str).collect();
+            let published = queries::published_outputs(&tx, &outputs, user.user_id).await?;
+            let (event_id, recorded) =
+                queries::insert_event(&tx, &event, user.user_id, &published).await?;
+            let body = serde_json::to_vec(&serde_json::json!({
+                "eventId": event_id,
+                "edgesAdded": edges(&recorded.added),
+                "edgesPending": edges(&recorded.pending),
+            }))
+            .map_err(|e| ApiError::Internal(e.into()))?;
+            let id = ("lineage_event", &*event_id.to_string());
+            author
+                .record(&tx, "lineage.record", id, None, Some(&body))
+                .await?;
+            (body, recorded)
+        },
+        |done, conn| {
+            // Pending edges change no answer until their child is published (which
+            // invalidates it then).
+            let mut changed: Vec<&str> = done.1.added.iter().map(|(_, c)| c.as_str()).collect();
+            changed.sort_unstable();
+            changed.dedup();
+            inv::lineage_changed(&state, conn, &changed).await
+        }
+    );
+    Ok(json(StatusCode::CREATED, body))
 }
 
 /// `DELETE /lineage?child=&parent=` query.
@@ -324,6 +401,7 @@ pub async fn remove_lineage(
     State(state): State<CatalogState>,
     CurrentUser(user): CurrentUser,
     Query(params): Query<EdgeParams>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = |field: &'static str, raw: &Option<String>| {
         let raw = raw.as_deref().ok_or_else(|| {
@@ -335,9 +413,24 @@ pub async fn remove_lineage(
         Ok::<_, ApiError>(VersionId::parse(field, raw)?)
     };
     let (child, parent) = (id("child", &params.child)?, id("parent", &params.parent)?);
+    let author = author(&user, &headers);
     in_transaction!(
         state,
-        |tx| queries::delete_edge(&tx, &child, &parent, user.user_id).await?,
+        |tx| {
+            queries::delete_edge(&tx, &child, &parent, user.user_id).await?;
+            let edge = serde_json::json!({"parent": parent.as_str(), "child": child.as_str()});
+            let edge = serde_json::to_vec(&edge).map_err(|e| ApiError::Internal(e.into()))?;
+            let id = format!("{}>{}", parent.as_str(), child.as_str());
+            author
+                .record(
+                    &tx,
+                    "lineage.delete",
+                    ("lineage_edge", &id),
+                    Some(&edge),
+                    None,
+                )
+                .await?;
+        },
         |_done, conn| inv::lineage_changed(&state, conn, &[child.as_str()]).await
     );
     Ok(StatusCode::NO_CONTENT.into_response())

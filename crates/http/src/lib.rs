@@ -8,6 +8,7 @@
 //! - [`module`]: [`Module`], what an application module hands the server (migrations, router,
 //!   background tasks, its part of the OpenAPI document);
 //! - [`channels`]: [`ChannelAuthorizer`], how a module says who may use its real-time channels;
+//! - [`search`]: [`SearchProvider`], how a module lets `GET /search` find its types;
 //! - [`openapi`]: the platform's part of that document (the error shape, bearer auth, the
 //!   responses every route can give).
 
@@ -17,6 +18,7 @@ pub mod error;
 pub mod extract;
 pub mod module;
 pub mod openapi;
+pub mod search;
 pub mod state;
 
 pub use auth::CurrentUser;
@@ -24,4 +26,5 @@ pub use channels::ChannelAuthorizer;
 pub use error::ApiError;
 pub use extract::JsonBody;
 pub use module::Module;
+pub use search::SearchProvider;
 pub use state::AppState;

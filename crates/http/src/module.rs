@@ -13,6 +13,7 @@ use cascade_core::db::Migration;
 use cascade_core::tasks::Supervisor;
 
 use crate::channels::ChannelAuthorizer;
+use crate::search::SearchProvider;
 use crate::state::AppState;
 
 pub trait Module: Send + Sync + 'static {
@@ -40,6 +41,12 @@ pub trait Module: Send + Sync + 'static {
     /// The real-time channel families this module decides access to, by family name (`space`
     /// for `space:{id}`): see [`ChannelAuthorizer`].
     fn channel_authorizers(&self) -> Vec<(&'static str, Arc<dyn ChannelAuthorizer>)> {
+        Vec::new()
+    }
+
+    /// The types this module lets `GET /search` find, one provider each: see
+    /// [`SearchProvider`].
+    fn search_providers(&self) -> Vec<Arc<dyn SearchProvider>> {
         Vec::new()
     }
 }

@@ -31,6 +31,10 @@ async fn old_database(pg: &PgServer) -> (String, String) {
     (url, name)
 }
 
+async fn get_json(http: &reqwest::Client, url: String) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 async fn rows(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
     client
         .query(sql, &[])
@@ -63,6 +67,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
         [
             "core/4",
             "catalog/3",
+            "catalog/4",
             "app/1",
             "app/2",
             "app/3",
@@ -72,7 +77,8 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
             "app/7",
             "agents/1",
             "agents/2",
-            "agents/3"
+            "agents/3",
+            "agents/4"
         ],
         "{report}"
     );
@@ -96,6 +102,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
             "agents/1 agents",
             "agents/2 workflows",
             "agents/3 agent_memories",
+            "agents/4 search",
             "app/1 citizen_link",
             "app/2 patterns",
             "app/3 interactions",
@@ -106,6 +113,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
             "catalog/1 catalog",
             "catalog/2 catalog_owners",
             "catalog/3 lineage_pending",
+            "catalog/4 search",
             "core/1 cache_entries",
             "core/2 cache_leases",
             "core/3 identity",
@@ -127,14 +135,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
     let app = TestApp::start(&[("DATABASE_URL", url), ("RATE_LIMIT_API", "off".to_string())]).await;
     let http = cascade_core::upstream::http_client(Duration::from_secs(2), Duration::from_secs(10))
         .unwrap();
-    let asset: Value = http
-        .get(format!("{}/listings/clean-1", app.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let asset = get_json(&http, format!("{}/listings/clean-1", app.base)).await;
     assert_eq!(asset["name"], "Clean data");
     let login: Value = http
         .post(format!("{}/auth/login", app.base))
@@ -156,15 +157,13 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
         .await
         .unwrap();
     assert_eq!(renamed.status(), 200, "the old owner still owns acme");
-    let ready: Value = http
-        .get(format!("{}/ready?versionId=clean-1", app.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = get_json(&http, format!("{}/ready?versionId=clean-1", app.base)).await;
     assert_eq!(ready["checked"], 2, "the old lineage is walked: {ready}");
+    // Catalog migration 4 rebuilt the search column of the old rows: a prefix finds one.
+    let found = get_json(&http, format!("{}/listings?q=clea", app.base)).await;
+    let items = found["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "{found}");
+    assert_eq!(items[0]["versionId"], "clean-1", "{found}");
 }
 
 #[tokio::test]

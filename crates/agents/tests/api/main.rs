@@ -7,3 +7,4 @@ mod agents;
 mod audit;
 mod executions;
 mod memory;
+mod search;

@@ -231,3 +231,46 @@ async fn catalog_bodies_are_compact_json() {
         serde_json::from_str::<serde_json::Value>(&body).expect("JSON");
     }
 }
+
+/// `q=` finds English stems, name prefixes and names with typos, newest first as always.
+#[tokio::test]
+async fn listings_q_finds_stems_prefixes_and_typos() {
+    let catalog = Catalog::start(1).await;
+    let base = catalog.base();
+    catalog.producer("acme").await;
+    catalog.asset("ds-prices", "acme", "Prices").await;
+    catalog
+        .asset("ds-ml", "acme", "Machine learning models")
+        .await;
+    catalog.asset("ds-run", "acme", "Run log").await;
+    let (status, body) = send(
+        base,
+        Method::POST,
+        "/assets",
+        Some(
+            json!({"versionId": "ds-weather", "producerId": "acme", "name": "Weather",
+                    "metadata": {"description": "a daily forecast"}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+
+    for (q, expected) in [
+        ("price", vec!["ds-prices"]),
+        ("running", vec!["ds-run"]),
+        ("machne%20lerning", vec!["ds-ml"]),
+        ("mach", vec!["ds-ml"]),
+        ("forecasts", vec!["ds-weather"]),
+        ("zebra", vec![]),
+    ] {
+        let (status, page) = get(base, &format!("/listings?q={q}")).await;
+        assert_eq!(status, 200, "{page}");
+        let found: Vec<&str> = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["versionId"].as_str().unwrap())
+            .collect();
+        assert_eq!(found, expected, "q={q}: {page}");
+    }
+}

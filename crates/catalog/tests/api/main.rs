@@ -3,6 +3,7 @@
 
 mod support;
 
+mod audit;
 mod bounds;
 mod bundle;
 mod concurrent_writes;

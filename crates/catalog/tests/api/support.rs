@@ -37,7 +37,8 @@ pub const ADMIN_TOKEN: &str = "catalog-tests-admin-token-0123456789";
 /// The publisher token of each catalog server, by base URL: what [`send`] writes with.
 static PUBLISHERS: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
 
-fn publisher_token(base: &str) -> Option<String> {
+/// The publisher's token on `base`.
+pub fn publisher_token(base: &str) -> Option<String> {
     PUBLISHERS.lock().unwrap().as_ref()?.get(base).cloned()
 }
 

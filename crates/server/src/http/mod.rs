@@ -1,6 +1,7 @@
 //! The HTTP surface: composes the module routers and wraps them in the shared middleware.
 //! Each module hands over its router with its state applied ([`Module::router`]); the
-//! server's own routes (health, metrics, dashboard, identity, `/openapi.json`, `/docs`) are
+//! server's own routes (health, metrics, dashboard, identity, `/openapi.json`, `/docs`, and
+//! `/search` over every module's search providers) are
 //! added here. Nothing here
 //! imports a module: the [`Application`](crate::Application) passes them in.
 
@@ -12,14 +13,20 @@ pub mod live;
 pub mod metrics;
 pub mod middleware;
 pub mod openapi;
+mod search;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use cascade_http::Module;
+use cascade_http::{Module, SearchProvider};
 
 use crate::state::ServerState;
+
+/// Every module's search providers, in module order (`GET /search`'s `types`).
+pub fn search_providers(modules: &[Arc<dyn Module>]) -> Vec<Arc<dyn SearchProvider>> {
+    modules.iter().flat_map(|m| m.search_providers()).collect()
+}
 
 /// The whole application as a `Router`, ready for `axum::serve` or for `oneshot` in tests.
 /// `extra` routes go behind the same middleware: only `cascade-bench` passes any (its
@@ -36,6 +43,7 @@ pub fn app(state: &ServerState, modules: &[Arc<dyn Module>], extra: Router) -> R
         .merge(crate::auth::router().with_state(state.app.clone()))
         .merge(openapi::router(&openapi::document(modules)))
         .merge(docs::router())
+        .merge(search::router(state.app.clone(), search_providers(modules)))
         .merge(extra);
     for module in modules {
         router = router.merge(module.router(&state.app));

@@ -20,8 +20,9 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use cascade_http::Module;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::{InfoBuilder, OpenApi as Document};
-use utoipa::{OpenApi, ToSchema};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 /// The server's own operations and the identity bodies. `core` knows nothing of OpenAPI, so
 /// its `User`, `Tokens` and `SessionInfo` are described here, beside the routes that send them.
@@ -43,9 +44,11 @@ use utoipa::{OpenApi, ToSchema};
         crate::auth::me,
         crate::auth::my_sessions,
         crate::auth::end_my_session,
+        super::search::search,
     ),
     tags(
         (name = "operations", description = "Health, metrics, the dashboard and this description."),
+        (name = "search", description = "Search across types at once: the caller's agents and workflows, and assets, ranked together."),
         (name = "identity", description = "Accounts, sessions and tokens. Access tokens are short-lived JWTs sent as `Authorization: Bearer`; refresh tokens rotate on use."),
     )
 )]
@@ -137,9 +140,78 @@ pub struct Health {
     redis: String,
 }
 
+/// `GET /search` parameters. `types`'s pattern is set by [`document`] to the registered types.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SearchParams {
+    /// The text to find: English stems of names and descriptions (`price` finds `Prices`),
+    /// prefixes of names (`mach`) and names with typos (`machne lerning`).
+    #[param(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]*$"
+    )]
+    q: String,
+    /// The types to search, comma-separated (default: all of them).
+    types: Option<String>,
+    /// Most hits, 1 to 50 (default 20).
+    #[param(minimum = 1, maximum = 50)]
+    limit: Option<i64>,
+}
+
+/// `GET /search`.
+#[derive(ToSchema)]
+pub struct SearchAnswer {
+    q: String,
+    /// The types searched.
+    types: Vec<String>,
+    /// Best first.
+    items: Vec<SearchItem>,
+}
+
+/// One hit.
+#[derive(ToSchema)]
+pub struct SearchItem {
+    /// `agents`, `workflows` or `assets`.
+    #[schema(rename = "type")]
+    kind: String,
+    /// The entity's id (an agent's number as text, an asset's version id).
+    id: String,
+    name: String,
+    /// Higher is better; comparable across types.
+    score: f64,
+    /// The entity, as its own `GET` shows it.
+    #[schema(value_type = cascade_http::openapi::JsonObject)]
+    item: serde_json::Value,
+}
+
+/// `types` accepts the registered type names only (a list, repeats allowed).
+fn constrain_types(doc: &mut Document, kinds: &[&str]) {
+    let one = format!("({})", kinds.join("|"));
+    let pattern = format!("^{one}(,{one})*$");
+    let Some(item) = doc.paths.paths.get_mut("/search") else {
+        return;
+    };
+    let Some(get) = item.get.as_mut() else {
+        return;
+    };
+    for parameter in get.parameters.iter_mut().flatten() {
+        if parameter.name == "types" {
+            parameter.schema = Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(pattern.clone()))
+                    .into(),
+            );
+        }
+    }
+}
+
 /// The whole document: the server's part, every module's, and the platform's responses.
 pub fn document(modules: &[Arc<dyn Module>]) -> Document {
     let mut doc = ServerApi::openapi();
+    let providers = super::search_providers(modules);
+    constrain_types(&mut doc, &super::search::kinds(&providers));
     for module in modules {
         doc.merge(module.openapi());
     }
