@@ -1,6 +1,6 @@
 //! The HTTP surface: composes the module routers and wraps them in the shared middleware.
 //! Each module hands over its router with its state applied ([`Module::router`]); the
-//! server's own routes (health, metrics, dashboard, identity, `/openapi.json`, `/docs`) are
+//! server's own routes (health, metrics, dashboard and its statements, identity, `/openapi.json`, `/docs`) are
 //! added here. Nothing here
 //! imports a module: the [`Application`](crate::Application) passes them in.
 
@@ -12,6 +12,7 @@ pub mod live;
 pub mod metrics;
 pub mod middleware;
 pub mod openapi;
+mod statements;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +34,7 @@ pub fn app(state: &ServerState, modules: &[Arc<dyn Module>], extra: Router) -> R
         .merge(health::router().with_state(state.app.clone()))
         .merge(metrics::router().with_state(state.clone()))
         .merge(dashboard::router())
+        .merge(statements::router().with_state(state.app.clone()))
         .merge(crate::auth::router().with_state(state.app.clone()))
         .merge(openapi::router(&openapi::document(modules)))
         .merge(docs::router())
