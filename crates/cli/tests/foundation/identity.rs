@@ -870,6 +870,46 @@ pub(crate) async fn attempt(
     (response.status().as_u16(), response.headers().clone())
 }
 
+/// Unified mode: two instances share each budget through PostgreSQL, exactly. A client that
+/// always reaches one instance gets the whole budget there (not half of it), and the other
+/// instance then refuses it too.
+#[tokio::test]
+async fn in_unified_mode_instances_share_one_api_budget_through_postgres() {
+    let pg = PgServer::start().await;
+    let db = pg.fresh_database().await;
+    let limit = [("RATE_LIMIT_API", "4/1m")];
+    let a = serve_shared(&db, None, &limit).await;
+    let b = serve_shared(&db, None, &limit).await;
+    let token = access(&register(&a, "grace", "grace's password").await);
+    // Long enough for both to hear each other's heartbeats on the bus (50 ms apart): the
+    // local fallback would then give each instance half the budget.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for remaining in ["3", "2", "1", "0"] {
+        let reply = call(&a, "GET", "/me", Some(&token), None).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reply.header("ratelimit-remaining"), Some(remaining));
+        assert_eq!(reply.header("ratelimit-policy"), Some("4;w=60"));
+    }
+    for server in [&b, &a] {
+        let limited = call(server, "GET", "/me", Some(&token), None).await;
+        assert_eq!(limited.status, 429, "{}", limited.body);
+        let retry: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+        assert!(
+            (1..=15).contains(&retry),
+            "one request back every 15 s: {retry}"
+        );
+    }
+    assert_eq!(
+        count(
+            &pg,
+            &db,
+            "SELECT count(*) FROM rate_limits WHERE key LIKE '%api:%'"
+        )
+        .await,
+        1
+    );
+}
+
 #[tokio::test]
 async fn api_limit_and_headers_on_authenticated_routes() {
     let pg = PgServer::start().await;
