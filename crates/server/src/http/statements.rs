@@ -29,11 +29,15 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/dashboard/statements", get(statements))
 }
 
+/// Read as text, so that a bad value gets this endpoint's 400 naming the field.
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StatementsQuery {
     /// How many statements, 1 to 100 (default 10).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 100)]
     limit: Option<String>,
     /// `mean` (default: the slowest per call) or `total` (the most time overall).
+    #[param(pattern = "^(mean|total)$")]
     order: Option<String>,
 }
 
@@ -69,7 +73,9 @@ async fn statements(
     };
     let conn = state.db.conn().await?;
     let sql = format!(
-        "SELECT left(query, $2), length(query) > $2, calls, total_exec_time, mean_exec_time, rows
+        // The text is NULL when PostgreSQL could not read its query-text file.
+        "SELECT coalesce(left(query, $2), ''), coalesce(length(query) > $2, false), calls,
+                total_exec_time, mean_exec_time, rows
          FROM pg_stat_statements
          WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
          ORDER BY {column} DESC LIMIT $1"
