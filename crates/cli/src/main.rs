@@ -1,5 +1,5 @@
-//! The `cascade` command: `serve`, `migrate`, `worker`, `check`, `config`, `cache`, `seed` and
-//! `billing`. The
+//! The `cascade` command: `serve`, `migrate`, `worker`, `check`, `config`, `cache`, `seed`,
+//! `billing` and `migrate-to-unified`. The
 //! benchmarks are `cascade-bench` (crates/bench), outside the product.
 //!
 //! Exit codes: 0 success, 1 a dependency failed (unreachable PostgreSQL, failed migration),
@@ -10,6 +10,7 @@ mod check;
 mod production;
 mod seed;
 mod serve;
+mod unified;
 
 use std::process::ExitCode;
 
@@ -61,6 +62,19 @@ enum Command {
     /// Stripe billing by hand: reconcile now, or replay saved events (needs STRIPE_API_KEY).
     #[command(subcommand)]
     Billing(BillingCommand),
+    /// Switch to unified mode (CACHE_BACKEND=postgres): copy the live cache entries of the
+    /// Redis at REDIS_URL into PostgreSQL (remaining TTLs and tags kept), read them back and
+    /// print a validation report. Sessions need no copy (their truth is PostgreSQL). Run it
+    /// with the servers stopped. Exit 1 if an entry did not read back as written.
+    MigrateToUnified {
+        /// Print what would be copied; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Before writing, save the rows the copy replaces to FILE (JSON lines, one per key;
+        /// `before` is null for a key that had no row).
+        #[arg(long, value_name = "FILE")]
+        backup: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -168,6 +182,9 @@ fn main() -> ExitCode {
             Command::Billing(BillingCommand::Reconcile) => billing::reconcile(settings).await,
             Command::Billing(BillingCommand::Replay { file }) => {
                 billing::replay(settings, &file).await
+            }
+            Command::MigrateToUnified { dry_run, backup } => {
+                unified::run(settings, unified::Options { dry_run, backup }).await
             }
             Command::Seed(SeedCommand::Catalog {
                 assets,

@@ -1,5 +1,8 @@
 //! The cache engine against real Redis and PostgreSQL: stampedes, the stale-set race,
 //! cross-instance reads after writes, Redis killed and paused, TTLs, tags, negative caching.
+//! Unified mode (`CACHE_BACKEND=postgres`, no Redis) runs the same bodies on the PostgreSQL
+//! tier: stampede and stale sets, reads after writes across instances, TTLs, tags and cleanup,
+//! early refresh, and invalidations over the LISTEN/NOTIFY bus.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -705,6 +708,12 @@ async fn hot_keys_refresh_before_expiry_with_redis() {
     hot_keys_refresh_before_expiry(redis_engine(&server, "e:")).await;
 }
 
+#[tokio::test]
+async fn hot_keys_refresh_before_expiry_on_postgres() {
+    let pg = PgServer::start().await;
+    hot_keys_refresh_before_expiry(pg_engine(&pg).await.0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_redis_never_serves_a_value_invalidated_by_another_instance_while_it_was_away() {
     let pg = PgServer::start().await;
@@ -823,6 +832,20 @@ async fn after_a_partition_entries_from_before_it_are_revalidated() {
 async fn tag_and_namespace_invalidations_reach_the_other_instances_in_process_tier() {
     let server = RedisServer::start().await;
     let (a, b) = (redis_engine(&server, "g:"), redis_engine(&server, "g:"));
+    invalidations_reach_the_other_in_process_tier(a, b).await;
+}
+
+/// Unified mode: the bus is PostgreSQL's LISTEN/NOTIFY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_and_namespace_invalidations_reach_the_other_instance_on_postgres() {
+    let pg = PgServer::start().await;
+    let (a, db) = pg_engine(&pg).await;
+    let b = Cache::new(config("pg:"), Backend::Postgres(db), pg_options());
+    invalidations_reach_the_other_in_process_tier(a, b).await;
+}
+
+/// A tag and a namespace invalidation through A: B's in-process copy is dropped at once.
+async fn invalidations_reach_the_other_in_process_tier(a: Cache, b: Cache) {
     let loads = Arc::new(AtomicUsize::new(0));
     let read = |engine: &Cache| {
         let (engine, loads) = (engine.clone(), loads.clone());

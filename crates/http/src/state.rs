@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cascade_core::cache::Cache;
-use cascade_core::config::Config;
+use cascade_core::config::{CacheBackend, Config};
 use cascade_core::db::Db;
 use cascade_core::events::Events;
 use cascade_core::identity::{Identity, RateLimiter};
@@ -50,7 +50,14 @@ impl AppState {
     ) -> Self {
         let detached = Detached::new(DETACHED_MAX);
         let identity = Identity::new(&config, db.clone(), cache.clone(), detached.clone());
-        let limiter = RateLimiter::new(redis.clone(), cache.clone(), &config.cache.key_prefix);
+        let prefix = &config.cache.key_prefix;
+        // Unified mode: PostgreSQL is the only shared store the limits can use.
+        let limiter = match (&redis, config.cache.backend) {
+            (None, CacheBackend::Postgres) => {
+                RateLimiter::on_postgres(db.clone(), cache.clone(), prefix)
+            }
+            _ => RateLimiter::new(redis.clone(), cache.clone(), prefix),
+        };
         let events = Events::new(redis.clone(), db.clone(), &config.cache.key_prefix);
         identity.announce_revocations(events.clone());
         AppState {

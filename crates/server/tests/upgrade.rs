@@ -66,6 +66,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
         applied,
         [
             "core/4",
+            "core/5",
             "catalog/3",
             "catalog/4",
             "app/1",
@@ -118,6 +119,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
             "core/2 cache_leases",
             "core/3 identity",
             "core/4 audit_log",
+            "core/5 rate_limits",
         ]
     );
     let after = rows(&client, FINGERPRINT).await;

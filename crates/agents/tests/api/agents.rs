@@ -4,7 +4,7 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::support::{Cluster, assert_bad_field};
+use crate::support::{Cluster, UNIFIED, assert_bad_field};
 
 fn ids(page: &Value) -> Vec<i64> {
     page["items"]
@@ -17,7 +17,17 @@ fn ids(page: &Value) -> Vec<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agents_life_is_seen_at_once_on_every_instance() {
-    let cluster = Cluster::start(2).await;
+    an_agents_life_across_instances(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_life_is_seen_at_once_on_every_instance_in_unified_mode() {
+    an_agents_life_across_instances(&[UNIFIED]).await;
+}
+
+/// Two instances with `settings`: every change on one is what the next read on the other sees.
+async fn an_agents_life_across_instances(settings: &[(&str, &str)]) {
+    let cluster = Cluster::start_with(2, settings).await;
     let (a, b) = (cluster.base(0), cluster.base(1));
     let alice = cluster.user("alice").await;
 

@@ -8,7 +8,7 @@ use cascade_agents::queue::{self, Finished, Outcome};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::support::{Cluster, User, assert_bad_field};
+use crate::support::{Cluster, UNIFIED, User, assert_bad_field};
 
 /// Fast heartbeats and retries, so rescues happen within a test's patience.
 const FAST: &[(&str, &str)] = &[
@@ -93,10 +93,18 @@ async fn not_completed_once(cluster: &Cluster) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_execution_runs_once_across_two_instances_and_four_workers() {
-    let settings = with(
-        FAST,
-        &[("AGENTS_WORKERS", "2"), ("AGENTS_WORKER_BATCH", "8")],
-    );
+    executions_run_once_on_two_instances(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_execution_runs_once_across_two_instances_in_unified_mode() {
+    executions_run_once_on_two_instances(&[UNIFIED]).await;
+}
+
+/// Two instances of two workers each, with `extra` settings.
+async fn executions_run_once_on_two_instances(extra: &[(&str, &str)]) {
+    let workers = [("AGENTS_WORKERS", "2"), ("AGENTS_WORKER_BATCH", "8")];
+    let settings = with(&with(FAST, &workers), extra);
     let cluster = Cluster::start_with(2, &settings).await;
     let alice = cluster.user("alice").await;
     let flow = workflow(&alice, cluster.base(0), 2).await;

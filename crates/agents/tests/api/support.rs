@@ -1,4 +1,5 @@
-//! Servers sharing one fresh database and one Redis, accounts on them, and requests.
+//! Servers sharing one fresh database and one Redis (none in unified mode), accounts on
+//! them, and requests.
 
 use std::time::Duration;
 
@@ -13,9 +14,12 @@ pub struct Cluster {
     pub pg: PgServer,
     pub database: String,
     url: String,
-    // Held for its lifetime: the servers use it.
-    _redis: RedisServer,
+    /// The servers' Redis; `None` in unified mode (`CACHE_BACKEND=postgres`).
+    redis: Option<RedisServer>,
 }
+
+/// The setting that runs a cluster in unified mode: PostgreSQL alone, no Redis started.
+pub const UNIFIED: (&str, &str) = ("CACHE_BACKEND", "postgres");
 
 /// The operators' token of every server (`/audit/all`).
 pub const ADMIN_TOKEN: &str = "agents-tests-admin-token-0123456789abcdef";
@@ -28,10 +32,15 @@ impl Cluster {
         Cluster::start_with(instances, &[]).await
     }
 
-    /// `instances` servers with the settings `extra` on top of the common ones.
+    /// `instances` servers with the settings `extra` on top of the common ones; with
+    /// [`UNIFIED`] among them, no Redis.
     pub async fn start_with(instances: usize, extra: &[(&str, &str)]) -> Cluster {
         let pg = PgServer::start().await;
-        let redis = RedisServer::start().await;
+        let redis = if extra.contains(&UNIFIED) {
+            None
+        } else {
+            Some(RedisServer::start().await)
+        };
         let url = pg.fresh_database().await;
         let database = url.rsplit('/').next().unwrap_or_default().to_string();
         let mut cluster = Cluster {
@@ -39,7 +48,7 @@ impl Cluster {
             pg,
             database,
             url,
-            _redis: redis,
+            redis,
         };
         for _ in 0..instances {
             cluster.add_server(extra).await;
@@ -47,16 +56,16 @@ impl Cluster {
         cluster
     }
 
-    /// One more server on the same database and Redis, with `extra` settings.
+    /// One more server on the same database and Redis (if any), with `extra` settings.
     pub async fn add_server(&mut self, extra: &[(&str, &str)]) {
         let mut env = vec![
             ("DATABASE_URL", self.url.clone()),
-            ("REDIS_URL", self._redis.url()),
             ("JWT_SECRET", JWT_SECRET.to_string()),
             ("RATE_LIMIT_API", "off".to_string()),
             ("AGENTS_BULK_MAX", "5".to_string()),
             ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
         ];
+        env.extend(self.redis.as_ref().map(|r| ("REDIS_URL", r.url())));
         env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         self.servers.push(TestApp::start(&env).await);
     }

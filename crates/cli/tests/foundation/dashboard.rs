@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use cascade_testkit::{PgServer, RedisServer, temp_dir};
 
-use crate::common::{Served, http};
+use crate::common::{ADMIN_TOKEN, Served, http};
+use crate::identity::call;
 use crate::metrics::{get_n, register, serve_with_redis};
 use crate::prometheus::scrape;
 
@@ -695,4 +696,174 @@ impl<F: FnMut()> Drop for Defer<F> {
 fn attribute_of<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
     let (_, rest) = tag.split_once(&format!(" {name}=\""))?;
     Some(&rest[..rest.find('"')?])
+}
+
+/// Makes `pg` preload pg_stat_statements (one restart), as `crates/bench` does for its
+/// embedded server; returns a fresh database with the extension created in it.
+async fn with_pg_stat_statements(pg: &mut PgServer) -> String {
+    pg.client("postgres")
+        .await
+        .batch_execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        .await
+        .unwrap();
+    pg.restart().await;
+    let db = pg.fresh_database().await;
+    let name = db.rsplit('/').next().unwrap();
+    pg.client(name)
+        .await
+        .batch_execute("CREATE EXTENSION pg_stat_statements")
+        .await
+        .unwrap();
+    db
+}
+
+async fn statements(served: &Served, query: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+    let mut request = http().get(format!("{}/dashboard/statements{query}", served.base));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    (
+        response.status().as_u16(),
+        response.json().await.unwrap_or_default(),
+    )
+}
+
+/// The agents module's queue on the dashboard: the numbers of `/metrics`, and PostgreSQL's
+/// slowest statements listed for an operator when pg_stat_statements is loaded.
+#[tokio::test]
+async fn dashboard_shows_the_agents_queue_and_the_slowest_statements() {
+    let chromium = find_chromium().expect("chromium (scripts/test installs it)");
+    let mut pg = PgServer::start().await;
+    let db = with_pg_stat_statements(&mut pg).await;
+    // No workers: what is enqueued stays queued, and the maintenance tick reports it.
+    let served = Served::start(&[
+        ("DATABASE_URL", db.clone()),
+        (
+            "JWT_SECRET",
+            "test-secret-test-secret-test-secret-0123".into(),
+        ),
+        ("AGENTS_WORKERS", "0".into()),
+        ("AGENTS_HEARTBEAT_INTERVAL", "200ms".into()),
+        ("AGENTS_HEARTBEAT_TIMEOUT", "2s".into()),
+    ])
+    .await;
+    let token = register(&served, "operator").await;
+    let steps = serde_json::json!({"name": "w", "steps": [{"capability": "echo"}]});
+    let workflow = call(&served, "POST", "/workflows", Some(&token), Some(steps)).await;
+    assert_eq!(workflow.status, 201, "{}", workflow.body);
+    let path = format!("/workflows/{}/executions", workflow.body["id"]);
+    for _ in 0..3 {
+        let input = serde_json::json!({"input": {}});
+        let enqueued = call(&served, "POST", &path, Some(&token), Some(input)).await;
+        assert_eq!(enqueued.status, 202, "{}", enqueued.body);
+    }
+    // Until the queue gauge and the audit table's row estimate have caught up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = scrape(&served).await;
+        let queued = metrics.one("cascade_executions_queued", &[]);
+        let audit = metrics
+            .matching("cascade_pg_table_rows", &[("table", "audit_log")])
+            .map(|s| s.value)
+            .next()
+            .unwrap_or(0.0);
+        if queued == 3.0 && audit >= 4.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queued {queued}, audit rows {audit}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // The endpoint itself: operators only, bad input named, slowest first.
+    assert_eq!(statements(&served, "", None).await.0, 401);
+    assert_eq!(statements(&served, "", Some("wrong")).await.0, 401);
+    for (query, field) in [("?limit=0", "limit"), ("?order=fastest", "order")] {
+        let (status, body) = statements(&served, query, Some(ADMIN_TOKEN)).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(field),
+            "{body}"
+        );
+    }
+    let (status, body) = statements(&served, "?limit=5&order=total", Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "available", "{body}");
+    let listed = body["statements"].as_array().unwrap();
+    assert!(!listed.is_empty() && listed.len() <= 5, "{body}");
+    let totals: Vec<f64> = listed
+        .iter()
+        .map(|s| s["total_ms"].as_f64().unwrap())
+        .collect();
+    assert!(totals.windows(2).all(|w| w[0] >= w[1]), "{totals:?}");
+    for statement in listed {
+        assert!(statement["query"].as_str().unwrap().chars().count() <= 300);
+        assert!(statement["calls"].as_i64().unwrap() >= 1);
+    }
+    let (_, by_mean) = statements(&served, "", Some(ADMIN_TOKEN)).await;
+    let texts: Vec<&str> = by_mean["statements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["query"].as_str().unwrap())
+        .collect();
+    assert!(!texts.is_empty(), "{by_mean}");
+
+    // The page, given the token in its address's fragment.
+    let url = format!("{}/dashboard#admin_token={ADMIN_TOKEN}", served.base);
+    let chromium_path = chromium.clone();
+    let dom = tokio::task::spawn_blocking(move || {
+        Dom(run_chromium(&chromium_path, &["--dump-dom", &url]))
+    })
+    .await
+    .unwrap();
+    let metrics = scrape(&served).await;
+    assert_eq!(dom.value("agents-queued", None).1, Some(3.0));
+    assert_eq!(
+        dom.value("agents-running", None).1,
+        Some(metrics.one("cascade_executions_running", &[]))
+    );
+    let oldest = dom.value("agents-oldest", None).1.unwrap();
+    assert!(oldest > 0.0, "{oldest}");
+    assert_eq!(
+        dom.value("agents-rescued", None).1,
+        Some(metrics.one("cascade_executions_rescued_total", &[]))
+    );
+    assert_eq!(
+        dom.value("agents-audit-rows", None).1,
+        Some(metrics.one("cascade_pg_table_rows", &[("table", "audit_log")]))
+    );
+    assert_eq!(
+        dom.attribute("statements-status", "data-status"),
+        "available"
+    );
+    assert!(!dom.keys("statement-query").is_empty(), "{}", dom.0);
+}
+
+/// Without pg_stat_statements the endpoint says it is unavailable, and why.
+#[tokio::test]
+async fn slowest_statements_are_unavailable_without_pg_stat_statements() {
+    let pg = PgServer::start().await;
+    let served = Served::start(&[
+        ("DATABASE_URL", pg.fresh_database().await),
+        (
+            "JWT_SECRET",
+            "test-secret-test-secret-test-secret-0123".into(),
+        ),
+    ])
+    .await;
+    let (status, body) = statements(&served, "", Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "unavailable", "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("pg_stat_statements"),
+        "{body}"
+    );
+    assert_eq!(statements(&served, "", None).await.0, 401);
 }

@@ -32,6 +32,16 @@ pub(crate) async fn serve(db: &str, redis: Option<&RedisServer>, extra: &[(&str,
     Served::start(&env).await
 }
 
+/// Instances sharing one cache tier: Redis when given, else PostgreSQL alone (unified mode,
+/// `CACHE_BACKEND=postgres`, no Redis at all). The session tests run both ways.
+async fn serve_shared(db: &str, redis: Option<&RedisServer>, extra: &[(&str, &str)]) -> Served {
+    let mut settings = extra.to_vec();
+    if redis.is_none() {
+        settings.push(("CACHE_BACKEND", "postgres"));
+    }
+    serve(db, redis, &settings).await
+}
+
 pub(crate) struct Reply {
     pub status: u16,
     pub headers: reqwest::header::HeaderMap,
@@ -417,9 +427,21 @@ async fn accounts_tokens_and_every_kind_of_bad_token() {
 
 #[tokio::test]
 async fn refresh_rotates_and_a_reused_refresh_token_revokes_the_session() {
+    refresh_rotation_and_reuse(None).await;
+}
+
+#[tokio::test]
+async fn refresh_rotates_and_a_reused_refresh_token_revokes_the_session_in_unified_mode() {
+    refresh_rotation_and_reuse(Some("postgres")).await;
+}
+
+/// `backend`: `CACHE_BACKEND`, when not the default (no Redis: in-process).
+async fn refresh_rotation_and_reuse(backend: Option<&str>) {
     let pg = PgServer::start().await;
     let db = pg.fresh_database().await;
-    let server = serve(&db, None, &[("REFRESH_GRACE", "1s")]).await;
+    let mut settings = vec![("REFRESH_GRACE", "1s")];
+    settings.extend(backend.map(|b| ("CACHE_BACKEND", b)));
+    let server = serve(&db, None, &settings).await;
     let first = register(&server, "carol", "carol's password").await;
     let r1 = first["refresh_token"].as_str().unwrap().to_string();
 
@@ -478,12 +500,21 @@ async fn refresh_rotates_and_a_reused_refresh_token_revokes_the_session() {
 
 #[tokio::test]
 async fn a_refresh_retried_within_the_grace_window_gets_the_same_pair_instead_of_revoking() {
-    let pg = PgServer::start().await;
     let redis = RedisServer::start().await;
+    refresh_retried_within_grace(Some(&redis)).await;
+}
+
+#[tokio::test]
+async fn a_refresh_retried_within_the_grace_window_gets_the_same_pair_in_unified_mode() {
+    refresh_retried_within_grace(None).await;
+}
+
+async fn refresh_retried_within_grace(redis: Option<&RedisServer>) {
+    let pg = PgServer::start().await;
     let db = pg.fresh_database().await;
     // Two instances: the retry may land on another one than the lost answer came from.
-    let a = serve(&db, Some(&redis), &[]).await;
-    let b = serve(&db, Some(&redis), &[]).await;
+    let a = serve_shared(&db, redis, &[]).await;
+    let b = serve_shared(&db, redis, &[]).await;
     let first = register(&a, "walt", "walt's password").await;
     let r1 = first["refresh_token"].clone();
 
@@ -520,11 +551,20 @@ async fn a_refresh_retried_within_the_grace_window_gets_the_same_pair_instead_of
 
 #[tokio::test]
 async fn logout_and_revocation_on_one_instance_are_refused_on_another_at_once() {
-    let pg = PgServer::start().await;
     let redis = RedisServer::start().await;
+    logout_and_revocation_across_instances(Some(&redis)).await;
+}
+
+#[tokio::test]
+async fn logout_and_revocation_on_one_instance_are_refused_on_another_in_unified_mode() {
+    logout_and_revocation_across_instances(None).await;
+}
+
+async fn logout_and_revocation_across_instances(redis: Option<&RedisServer>) {
+    let pg = PgServer::start().await;
     let db = pg.fresh_database().await;
-    let a = serve(&db, Some(&redis), &[]).await;
-    let b = serve(&db, Some(&redis), &[]).await;
+    let a = serve_shared(&db, redis, &[]).await;
+    let b = serve_shared(&db, redis, &[]).await;
     register(&a, "dave", "dave's password").await;
 
     for round in 0..3 {
@@ -830,6 +870,46 @@ pub(crate) async fn attempt(
     (response.status().as_u16(), response.headers().clone())
 }
 
+/// Unified mode: two instances share each budget through PostgreSQL, exactly. A client that
+/// always reaches one instance gets the whole budget there (not half of it), and the other
+/// instance then refuses it too.
+#[tokio::test]
+async fn in_unified_mode_instances_share_one_api_budget_through_postgres() {
+    let pg = PgServer::start().await;
+    let db = pg.fresh_database().await;
+    let limit = [("RATE_LIMIT_API", "4/1m")];
+    let a = serve_shared(&db, None, &limit).await;
+    let b = serve_shared(&db, None, &limit).await;
+    let token = access(&register(&a, "grace", "grace's password").await);
+    // Long enough for both to hear each other's heartbeats on the bus (50 ms apart): the
+    // local fallback would then give each instance half the budget.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for remaining in ["3", "2", "1", "0"] {
+        let reply = call(&a, "GET", "/me", Some(&token), None).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reply.header("ratelimit-remaining"), Some(remaining));
+        assert_eq!(reply.header("ratelimit-policy"), Some("4;w=60"));
+    }
+    for server in [&b, &a] {
+        let limited = call(server, "GET", "/me", Some(&token), None).await;
+        assert_eq!(limited.status, 429, "{}", limited.body);
+        let retry: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+        assert!(
+            (1..=15).contains(&retry),
+            "one request back every 15 s: {retry}"
+        );
+    }
+    assert_eq!(
+        count(
+            &pg,
+            &db,
+            "SELECT count(*) FROM rate_limits WHERE key LIKE '%api:%'"
+        )
+        .await,
+        1
+    );
+}
+
 #[tokio::test]
 async fn api_limit_and_headers_on_authenticated_routes() {
     let pg = PgServer::start().await;
@@ -853,17 +933,49 @@ async fn api_limit_and_headers_on_authenticated_routes() {
 
 #[tokio::test]
 async fn sessions_slide_while_used_expire_when_idle_and_are_cleaned_up() {
+    let _ = sessions_slide_expire_and_are_cleaned_up(&[]).await;
+}
+
+/// Unified mode: sessions slide and are cleaned up with no Redis, and so are expired cache
+/// rows (`CACHE_CLEANUP_INTERVAL`): a session's cached copy leaves `cache_entries` once its
+/// TTL is over.
+#[tokio::test]
+async fn sessions_and_cache_rows_expire_and_are_cleaned_up_in_unified_mode() {
+    let unified = [
+        ("CACHE_BACKEND", "postgres"),
+        ("CACHE_CLEANUP_INTERVAL", "1s"),
+        ("CACHE_TTLS_JSON", r#"{"sessions":5000}"#),
+    ];
+    let (pg, db, server) = sessions_slide_expire_and_are_cleaned_up(&unified).await;
+    let sql = "SELECT count(*) FROM cache_entries WHERE key LIKE 'session:%'";
+    let token = access(&login(&server, "judy", "judy's password").await);
+    assert_eq!(me_status(&server, &token).await, 200);
+    assert!(
+        count(&pg, &db, sql).await >= 1,
+        "the session is cached in PostgreSQL"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while count(&pg, &db, sql).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "an expired cache row was not cleaned up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// With `extra` settings; returns the server and its database.
+async fn sessions_slide_expire_and_are_cleaned_up(
+    extra: &[(&str, &str)],
+) -> (PgServer, String, Served) {
     let pg = PgServer::start().await;
     let db = pg.fresh_database().await;
-    let server = serve(
-        &db,
-        None,
-        &[
-            ("SESSION_DEFAULT_TTL", "4s"),
-            ("SESSION_CLEANUP_INTERVAL", "1s"),
-        ],
-    )
-    .await;
+    let mut settings = vec![
+        ("SESSION_DEFAULT_TTL", "4s"),
+        ("SESSION_CLEANUP_INTERVAL", "1s"),
+    ];
+    settings.extend_from_slice(extra);
+    let server = serve(&db, None, &settings).await;
     let tokens = register(&server, "judy", "judy's password").await;
     let token = access(&tokens);
     // Used every half second for 7 s: well past the first expiry, still valid.
@@ -886,6 +998,7 @@ async fn sessions_slide_while_used_expire_when_idle_and_are_cleaned_up() {
         assert!(Instant::now() < deadline, "expired session not cleaned up");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    (pg, db, server)
 }
 
 #[tokio::test]

@@ -18,4 +18,5 @@ mod prometheus;
 mod seed;
 mod shutdown;
 mod startup;
+mod unified;
 mod workers;

@@ -29,6 +29,7 @@
 //! | `bus.rs` | keeping the instances' in-process tiers coherent |
 //! | `tag_index.rs`, `marks.rs` | which keys carry a tag; what was invalidated when |
 //! | `breaker.rs`, `stats.rs` | the shared tier's circuit breaker; per-namespace counters |
+//! | `unified.rs` | copying Redis's entries into PostgreSQL (`cascade migrate-to-unified`) |
 
 mod batcher;
 mod breaker;
@@ -43,6 +44,7 @@ mod redis_tier;
 mod stats;
 mod tag_index;
 mod tier;
+pub mod unified;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};

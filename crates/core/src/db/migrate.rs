@@ -142,6 +142,12 @@ pub const CORE_MIGRATIONS: &[Migration] = &[
         "audit_log",
         include_str!("../../migrations/0004_audit_log.sql"),
     ),
+    Migration::new(
+        CORE_MODULE,
+        5,
+        "rate_limits",
+        include_str!("../../migrations/0005_rate_limits.sql"),
+    ),
 ];
 
 /// The core's module name. Its list, when given, comes first: modules build on its tables.

@@ -848,6 +848,9 @@ impl Identity {
             &[],
         )
         .await?;
+        // Unified mode's rate limits (`ratelimit.rs`); empty in the other modes.
+        conn.execute("DELETE FROM rate_limits WHERE expires_at < now()", &[])
+            .await?;
         Ok(sessions)
     }
 

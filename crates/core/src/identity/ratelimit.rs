@@ -5,11 +5,15 @@
 //! updated by one Lua script, atomically, against Redis's own clock, so every instance shares
 //! one budget per key (`<prefix>ratelimit:<class>:<key>`).
 //!
-//! When Redis is unreachable (or not configured) each instance limits locally with the same
-//! algorithm and `1/n` of the budget, `n` being the number of live instances last heard on the
-//! cache bus: together they admit about what Redis would have, so the cluster neither fails
-//! open nor locks everyone out. After a Redis error the local limiter is used for
-//! [`REDIS_RETRY`] before Redis is tried again.
+//! In unified mode (`CACHE_BACKEND=postgres`, no Redis) the TAT lives in PostgreSQL's UNLOGGED
+//! table `rate_limits`, updated by one statement against PostgreSQL's clock: the instances
+//! share one budget per key exactly as on Redis, whichever instance a client reaches.
+//!
+//! When Redis (or, in unified mode, PostgreSQL) is unreachable, or neither is configured, each
+//! instance limits locally with the same algorithm and `1/n` of the budget, `n` being the
+//! number of live instances last heard on the cache bus: together they admit about what the
+//! shared store would have, so the cluster neither fails open nor locks everyone out. After a
+//! shared-store error the local limiter is used for [`REDIS_RETRY`] before it is tried again.
 //!
 //! Per-address keys name a client's network, not its address ([`client_network`]): an IPv6
 //! client picks any of the 2^64 addresses of its /64 at will.
@@ -23,6 +27,7 @@ use redis::Script;
 
 use crate::cache::Cache;
 use crate::config::RateLimit;
+use crate::db::Db;
 use crate::redis::Redis;
 
 use super::local_table::LocalTable;
@@ -47,6 +52,25 @@ redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil(ahead /
 return {1, math.floor((tau - ahead) / interval), ahead, 0}
 ";
 
+/// [`GCRA`] on PostgreSQL (unified mode), one statement: `$1` the key, `$2` the interval and
+/// `$3` tau (interval × burst), in microseconds. The upsert takes the key's row lock and its
+/// `WHERE` sees the latest TAT, so concurrent checks on any instance are serialised as the
+/// Lua script is. Returns the new TAT when admitted (NULL when not), the TAT before (for the
+/// headers of a refusal), and now.
+const GCRA_SQL: &str = "
+WITH now AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS us),
+prev AS (SELECT tat_us FROM rate_limits WHERE key = $1),
+up AS (
+  INSERT INTO rate_limits AS r (key, tat_us, expires_at)
+  SELECT $1, us + $2, to_timestamp((us + $2) / 1000000.0::float8) FROM now
+  ON CONFLICT (key) DO UPDATE
+    SET tat_us = greatest(r.tat_us + $2, EXCLUDED.tat_us),
+        expires_at = to_timestamp(greatest(r.tat_us + $2, EXCLUDED.tat_us) / 1000000.0::float8)
+    WHERE greatest(r.tat_us + $2, EXCLUDED.tat_us) - (EXCLUDED.tat_us - $2) <= $3
+  RETURNING tat_us
+)
+SELECT (SELECT tat_us FROM up), (SELECT tat_us FROM prev), (SELECT us FROM now)";
+
 /// The verdict on one request, with what the `RateLimit-*` headers need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
@@ -69,6 +93,8 @@ pub struct RateLimiter {
 
 struct Inner {
     redis: Option<Redis>,
+    /// Unified mode's shared store, when there is no Redis.
+    postgres: Option<Db>,
     cache: Cache,
     prefix: String,
     script: Script,
@@ -84,9 +110,20 @@ struct Inner {
 
 impl RateLimiter {
     pub fn new(redis: Option<Redis>, cache: Cache, prefix: &str) -> Self {
+        Self::build(redis, None, cache, prefix)
+    }
+
+    /// Unified mode: the budgets are shared through PostgreSQL's `rate_limits` (the login
+    /// backoff stays per instance, with `1/n` of the free failures).
+    pub fn on_postgres(db: Db, cache: Cache, prefix: &str) -> Self {
+        Self::build(None, Some(db), cache, prefix)
+    }
+
+    fn build(redis: Option<Redis>, postgres: Option<Db>, cache: Cache, prefix: &str) -> Self {
         RateLimiter {
             inner: Arc::new(Inner {
                 redis,
+                postgres,
                 cache,
                 prefix: prefix.to_string(),
                 script: Script::new(GCRA),
@@ -162,7 +199,43 @@ impl RateLimiter {
             }
             self.redis_failed();
         }
+        if let Some(db) = self.postgres() {
+            let tau = interval.saturating_mul(u64::from(limit.count));
+            match self.check_postgres(db, &full, interval, tau).await {
+                Ok((admitted, before, now)) => {
+                    return postgres_decision(admitted, before, now, interval, tau, limit.count);
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "PostgreSQL unavailable for rate limiting; limiting locally");
+                    self.redis_failed();
+                }
+            }
+        }
         self.check_local(&full, interval, limit.count)
+    }
+
+    /// PostgreSQL (unified mode), unless it failed within the last [`REDIS_RETRY`].
+    fn postgres(&self) -> Option<&Db> {
+        self.inner
+            .postgres
+            .as_ref()
+            .filter(|_| self.micros() >= self.inner.skip_redis_until.load(Ordering::Relaxed))
+    }
+
+    /// Runs [`GCRA_SQL`]: (the new TAT if admitted, the TAT before, now), microseconds.
+    async fn check_postgres(
+        &self,
+        db: &Db,
+        key: &str,
+        interval: u64,
+        tau: u64,
+    ) -> Result<(Option<i64>, Option<i64>, i64), crate::db::DbError> {
+        let conn = db.conn().await?;
+        let statement = conn.prepare_cached(GCRA_SQL).await?;
+        let row = conn
+            .query_one(&statement, &[&key, &(interval as i64), &(tau as i64)])
+            .await?;
+        Ok((row.get(0), row.get(1), row.get(2)))
     }
 
     /// GCRA in process with `1/n` of the budget: `n` times the interval, `1/n` of the burst.
@@ -195,6 +268,43 @@ impl RateLimiter {
             reset: Duration::from_micros(ahead),
             retry_after: Duration::ZERO,
             local: true,
+        }
+    }
+}
+
+/// The verdict from [`GCRA_SQL`]'s answer, as the Lua script's reply would have given it.
+fn postgres_decision(
+    admitted: Option<i64>,
+    before: Option<i64>,
+    now: i64,
+    interval: u64,
+    tau: u64,
+    count: u32,
+) -> Decision {
+    let micros = |v: i64| Duration::from_micros(v.max(0) as u64);
+    let (interval, tau) = (interval as i64, tau as i64);
+    match admitted {
+        Some(tat) => {
+            let ahead = tat - now;
+            Decision {
+                allowed: true,
+                limit: count,
+                remaining: ((tau - ahead).max(0) / interval.max(1)) as u32,
+                reset: micros(ahead),
+                retry_after: Duration::ZERO,
+                local: false,
+            }
+        }
+        None => {
+            let tat = before.unwrap_or(now).max(now);
+            Decision {
+                allowed: false,
+                limit: count,
+                remaining: 0,
+                reset: micros(tat - now),
+                retry_after: micros(tat + interval - now - tau),
+                local: false,
+            }
         }
     }
 }

@@ -73,6 +73,14 @@ pub struct Sample {
     pub ws_connections: Option<f64>,
     pub ws_in_per_s: f64,
     pub ws_out_per_s: f64,
+    /// The agents module's queue (absent when the module reports nothing): executions
+    /// queued and running, how long the oldest due one has waited, attempts completed per
+    /// second by this instance, and claims rescued from silent workers in the interval.
+    pub executions_queued: Option<f64>,
+    pub executions_running: Option<f64>,
+    pub executions_oldest_queued_s: Option<f64>,
+    pub executions_completed_per_s: f64,
+    pub executions_rescued: f64,
 }
 
 /// The window of samples and the feed of new ones. Cheap to clone.
@@ -442,6 +450,7 @@ pub fn sample(
     before: &Exposition,
     seconds: f64,
 ) -> Sample {
+    use cascade_agents::worker as agents;
     use cascade_core::metrics as m;
     let rate = |name: &str, keep: &dyn Fn(&Labels) -> bool| {
         ((now.sum(name, keep) - before.sum(name, keep)) / seconds.max(1e-3)).max(0.0)
@@ -486,6 +495,13 @@ pub fn sample(
         ws_connections: now.one(m::WS_CONNECTIONS),
         ws_in_per_s: rate(m::WS_MESSAGES, &direction("in")),
         ws_out_per_s: rate(m::WS_MESSAGES, &direction("out")),
+        executions_queued: now.one(agents::QUEUED),
+        executions_running: now.one(agents::RUNNING),
+        executions_oldest_queued_s: now.one(agents::OLDEST_QUEUED),
+        executions_completed_per_s: rate(agents::COMPLETED, &|_| true),
+        executions_rescued: (now.sum(agents::RESCUED, |_| true)
+            - before.sum(agents::RESCUED, |_| true))
+        .max(0.0),
     }
 }
 
@@ -507,6 +523,8 @@ cascade_pg_pool_in_use 3
 cascade_pg_pool_max_size 16
 cascade_redis_used_memory_bytes NaN
 cascade_ws_messages_total{direction="in"} 0
+cascade_executions_completed_total 1000
+cascade_executions_rescued_total 2
 "#;
 
     const NOW: &str = r#"cascade_http_requests_total{method="GET",route="/listings/{id}",status="200"} 300
@@ -527,6 +545,11 @@ cascade_pg_pool_max_size 16
 cascade_redis_used_memory_bytes NaN
 cascade_ws_messages_total{direction="in"} 40
 cascade_label_escapes{path="a\"b\\c"} 1
+cascade_executions_queued 42
+cascade_executions_running 4
+cascade_executions_oldest_queued_seconds 1.5
+cascade_executions_completed_total 1600
+cascade_executions_rescued_total 5
 "#;
 
     #[test]
@@ -555,6 +578,12 @@ cascade_label_escapes{path="a\"b\\c"} 1
         // NaN (Redis unreadable) is no value, not a zero on the chart.
         assert_eq!(s.redis_used_bytes, None);
         assert_eq!(s.ws_in_per_s, 20.0);
+        // The agents module's queue: gauges as they are, counters over the interval.
+        assert_eq!(s.executions_queued, Some(42.0));
+        assert_eq!(s.executions_running, Some(4.0));
+        assert_eq!(s.executions_oldest_queued_s, Some(1.5));
+        assert_eq!(s.executions_completed_per_s, 300.0);
+        assert_eq!(s.executions_rescued, 3.0);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The HTTP surface: composes the module routers and wraps them in the shared middleware.
 //! Each module hands over its router with its state applied ([`Module::router`]); the
-//! server's own routes (health, metrics, dashboard, identity, `/openapi.json`, `/docs`, and
-//! `/search` over every module's search providers) are
+//! server's own routes (health, metrics, dashboard and its statements, identity,
+//! `/openapi.json`, `/docs`, and `/search` over every module's search providers) are
 //! added here. Nothing here
 //! imports a module: the [`Application`](crate::Application) passes them in.
 
@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod openapi;
 mod search;
+mod statements;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +41,7 @@ pub fn app(state: &ServerState, modules: &[Arc<dyn Module>], extra: Router) -> R
         .merge(health::router().with_state(state.app.clone()))
         .merge(metrics::router().with_state(state.clone()))
         .merge(dashboard::router())
+        .merge(statements::router().with_state(state.app.clone()))
         .merge(crate::auth::router().with_state(state.app.clone()))
         .merge(openapi::router(&openapi::document(modules)))
         .merge(docs::router())

@@ -34,6 +34,7 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
         super::metrics::scrape,
         super::live::live,
         super::dashboard::dashboard,
+        super::statements::statements,
         openapi_json,
         super::docs::docs,
         crate::auth::register,
