@@ -39,6 +39,7 @@ fn redis_engine_at(url: &str, prefix: &str) -> Cache {
         url: Secret::new(url.to_string()),
         display: url.to_string(),
         timeout: Duration::from_millis(200),
+        ca_cert: None,
     })
     .unwrap();
     Cache::new(
@@ -768,6 +769,7 @@ async fn after_a_partition_entries_from_before_it_are_revalidated() {
             url: Secret::new(url.clone()),
             display: url,
             timeout: Duration::from_millis(200),
+            ca_cert: None,
         })
         .unwrap();
         Cache::new(
