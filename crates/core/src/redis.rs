@@ -16,7 +16,8 @@ use crate::config::RedisConfig;
 /// A cheap-to-clone handle; clones share one multiplexed, self-healing connection.
 #[derive(Clone)]
 pub struct Redis {
-    client: redis::Client,
+    /// Boxed: with TLS settings the client is ~300 bytes, and `Redis` is moved around in enums.
+    client: std::sync::Arc<redis::Client>,
     manager: ConnectionManager,
     display: String,
     timeout: Duration,
@@ -78,13 +79,30 @@ pub enum RedisError {
     Timeout(Duration),
     #[error("Redis: {0}")]
     Command(#[from] redis::RedisError),
+    #[error("Redis configuration: {0}")]
+    Config(String),
 }
 
 impl Redis {
     /// Prepares the client without connecting: the first command connects, and every later
     /// one reconnects if the connection broke.
     pub fn new(config: &RedisConfig) -> Result<Self, RedisError> {
-        let client = redis::Client::open(config.url.expose())?;
+        let client = match &config.ca_cert {
+            None => redis::Client::open(config.url.expose())?,
+            Some(path) => {
+                let root_cert = std::fs::read(path).map_err(|err| {
+                    RedisError::Config(format!("REDIS_CA_CERT {}: {err}", path.display()))
+                })?;
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                redis::Client::build_with_tls(
+                    config.url.expose(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )?
+            }
+        };
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))
@@ -93,7 +111,7 @@ impl Redis {
             .set_max_delay(Duration::from_millis(100));
         let manager = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
         Ok(Redis {
-            client,
+            client: std::sync::Arc::new(client),
             manager,
             display: config.display.clone(),
             timeout: config.timeout,

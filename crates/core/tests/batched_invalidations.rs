@@ -22,6 +22,7 @@ fn engine(server: &RedisServer, prefix: &str) -> Cache {
         url: Secret::new(server.url()),
         display: server.url(),
         timeout: REDIS_TIMEOUT,
+        ca_cert: None,
     })
     .unwrap();
     let config = CacheConfig {

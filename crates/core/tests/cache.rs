@@ -42,6 +42,7 @@ fn redis_engine_at(url: &str, prefix: &str) -> Cache {
         url: Secret::new(url.to_string()),
         display: url.to_string(),
         timeout: Duration::from_millis(200),
+        ca_cert: None,
     })
     .unwrap();
     Cache::new(
@@ -777,6 +778,7 @@ async fn after_a_partition_entries_from_before_it_are_revalidated() {
             url: Secret::new(url.clone()),
             display: url,
             timeout: Duration::from_millis(200),
+            ca_cert: None,
         })
         .unwrap();
         Cache::new(

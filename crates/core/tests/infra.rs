@@ -155,6 +155,7 @@ fn redis_client(server: &RedisServer) -> Redis {
         url: Secret::new(server.url()),
         display: server.url(),
         timeout: Duration::from_millis(250),
+        ca_cert: None,
     })
     .unwrap()
 }

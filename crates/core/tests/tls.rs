@@ -265,3 +265,93 @@ fn bad_ssl_parameters_are_refused_naming_them() {
         .unwrap();
     assert!(err.contains("sslkey"), "{err}");
 }
+
+fn redis_config(url: String, ca_cert: Option<String>) -> cascade_core::config::RedisConfig {
+    cascade_core::config::RedisConfig {
+        display: url.clone(),
+        url: cascade_core::config::Secret::new(url),
+        timeout: Duration::from_secs(2),
+        ca_cert: ca_cert.map(PathBuf::from),
+    }
+}
+
+/// `PING` through Cascade's Redis client.
+async fn redis_ping(config: &cascade_core::config::RedisConfig) -> Result<String, String> {
+    let redis = cascade_core::redis::Redis::new(config).map_err(|e| e.to_string())?;
+    redis
+        .query::<String>(&redis::cmd("PING"))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn rediss_checks_the_server_against_redis_ca_cert() {
+    let pki = Pki::new();
+    let (cert, key) = pki.server("localhost");
+    let server = cascade_testkit::RedisServer::start_tls(&cert, &key).await;
+
+    let answer = redis_ping(&redis_config(server.tls_url(), Some(pki.ca())))
+        .await
+        .expect("rediss:// with the CA that signed the server");
+    assert_eq!(answer, "PONG");
+
+    // The system's roots do not know the test CA: refused, not silently accepted.
+    let err = redis_ping(&redis_config(server.tls_url(), None))
+        .await
+        .expect_err("an unknown issuer");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+
+    // Another CA: refused as well.
+    let err = redis_ping(&redis_config(server.tls_url(), Some(pki.other_ca())))
+        .await
+        .expect_err("signed by another CA");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+}
+
+#[tokio::test]
+async fn rediss_refuses_a_certificate_for_another_name() {
+    let pki = Pki::new();
+    let (cert, key) = pki.server("wrong.example");
+    let server = cascade_testkit::RedisServer::start_tls(&cert, &key).await;
+    let err = redis_ping(&redis_config(server.tls_url(), Some(pki.ca())))
+        .await
+        .expect_err("the name does not match");
+    assert!(err.contains("not valid for name \"localhost\""), "{err}");
+}
+
+#[tokio::test]
+async fn an_acl_user_and_password_in_the_url_authenticate() {
+    let server = cascade_testkit::RedisServer::start_with_args(&[
+        "--user",
+        "default",
+        "off",
+        "--user",
+        "cascade",
+        "on",
+        ">s3cret-pw",
+        "~*",
+        "&*",
+        "+@all",
+    ])
+    .await;
+    let port = server.port();
+    let answer = redis_ping(&redis_config(
+        format!("redis://cascade:s3cret-pw@127.0.0.1:{port}"),
+        None,
+    ))
+    .await
+    .expect("the ACL user's password");
+    assert_eq!(answer, "PONG");
+
+    let err = redis_ping(&redis_config(
+        format!("redis://cascade:wrong@127.0.0.1:{port}"),
+        None,
+    ))
+    .await
+    .expect_err("a wrong password");
+    assert!(err.contains("authentication failed"), "{err}");
+    let err = redis_ping(&redis_config(format!("redis://127.0.0.1:{port}"), None))
+        .await
+        .expect_err("no user: the default user is off");
+    assert!(err.contains("NOAUTH"), "{err}");
+}

@@ -15,15 +15,56 @@ pub struct RedisServer {
     dir: PathBuf,
     port: u16,
     child: Option<Child>,
+    /// The TLS port, when started with [`start_tls`](RedisServer::start_tls).
+    tls_port: Option<u16>,
+    /// Arguments beyond the test kit's own (TLS files, ACL users).
+    args: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts a server and waits until it answers `PING`.
     pub async fn start() -> RedisServer {
+        RedisServer::start_with(Vec::new(), None).await
+    }
+
+    /// Starts a server with extra command-line arguments, e.g. an ACL user:
+    /// `["--user", "app", "on", ">secret", "~*", "&*", "+@all"]`.
+    pub async fn start_with_args(args: &[&str]) -> RedisServer {
+        RedisServer::start_with(args.iter().map(|a| a.to_string()).collect(), None).await
+    }
+
+    /// Starts a server that also speaks TLS ([`tls_url`](Self::tls_url)) with this
+    /// certificate and key (PEM); clients need not present certificates.
+    pub async fn start_tls(cert_pem: &[u8], key_pem: &[u8]) -> RedisServer {
+        let dir = temp_dir("redis");
+        std::fs::write(dir.join("server.crt"), cert_pem).expect("write the certificate");
+        std::fs::write(dir.join("server.key"), key_pem).expect("write the key");
+        let tls_port = free_port();
+        let path = |name: &str| dir.join(name).display().to_string();
+        let args = vec![
+            "--tls-port".to_string(),
+            tls_port.to_string(),
+            "--tls-cert-file".to_string(),
+            path("server.crt"),
+            "--tls-key-file".to_string(),
+            path("server.key"),
+            "--tls-auth-clients".to_string(),
+            "no".to_string(),
+        ];
+        RedisServer::start_in(dir, args, Some(tls_port)).await
+    }
+
+    async fn start_with(args: Vec<String>, tls_port: Option<u16>) -> RedisServer {
+        RedisServer::start_in(temp_dir("redis"), args, tls_port).await
+    }
+
+    async fn start_in(dir: PathBuf, args: Vec<String>, tls_port: Option<u16>) -> RedisServer {
         let mut server = RedisServer {
-            dir: temp_dir("redis"),
+            dir,
             port: free_port(),
             child: None,
+            tls_port,
+            args,
         };
         server.spawn().await;
         server
@@ -41,6 +82,7 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
+            .args(&self.args)
             .arg("--dir")
             .arg(&self.dir)
             .args(["--logfile", "redis.log"])
@@ -69,10 +111,11 @@ impl RedisServer {
             return false;
         };
         let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        // A server that requires a password answers -NOAUTH: up all the same.
         let mut buf = [0u8; 7];
         stream.write_all(b"PING\r\n").is_ok()
             && stream.read_exact(&mut buf).is_ok()
-            && &buf == b"+PONG\r\n"
+            && (&buf == b"+PONG\r\n" || &buf == b"-NOAUTH")
     }
 
     pub fn port(&self) -> u16 {
@@ -81,6 +124,12 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://localhost:<tls port>` of a server started with [`start_tls`](Self::start_tls).
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("a server started with start_tls");
+        format!("rediss://localhost:{port}")
     }
 
     /// SIGKILL: every key is gone, connections drop.

@@ -30,6 +30,7 @@ impl From<crate::redis::RedisError> for TierError {
             timed_out: match &err {
                 crate::redis::RedisError::Timeout(_) => true,
                 crate::redis::RedisError::Command(err) => err.is_timeout(),
+                crate::redis::RedisError::Config(_) => false,
             },
             message: err.to_string(),
         }

@@ -164,6 +164,9 @@ impl Config {
             Some(r) => {
                 rows.push(("REDIS_URL", r.display.clone()));
                 rows.push(("REDIS_TIMEOUT", secs(r.timeout)));
+                if let Some(ca) = &r.ca_cert {
+                    rows.push(("REDIS_CA_CERT", ca.display().to_string()));
+                }
             }
             None => rows.push(("REDIS_URL", "(not set: in-process cache only)".into())),
         }
@@ -388,5 +391,25 @@ mod tests {
         );
         let c = parse(|r| r.cache.cache_backend = Some("postgres".into())).unwrap();
         assert_eq!(c.cache.backend, CacheBackend::Postgres);
+    }
+
+    #[test]
+    fn redis_ca_cert_needs_rediss_and_a_file_that_exists() {
+        let with = |url: &str, path: &str| {
+            let (url, path) = (url.to_string(), path.to_string());
+            issue_vars(move |r| {
+                r.redis.redis_url = Some(url);
+                r.redis.redis_ca_cert = Some(path.into());
+            })
+        };
+        assert_eq!(
+            with("redis://localhost", "/etc/hostname"),
+            vec!["REDIS_CA_CERT"]
+        );
+        assert_eq!(
+            with("rediss://localhost", "/nonexistent/ca.pem"),
+            vec!["REDIS_CA_CERT"]
+        );
+        assert!(with("rediss://localhost", "/etc/hostname").is_empty());
     }
 }

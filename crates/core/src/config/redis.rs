@@ -1,5 +1,6 @@
 //! Redis: where it is and how long each call may take.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::parser::Parser;
@@ -16,6 +17,10 @@ pub struct RawRedis {
     /// Deadline of every Redis call [default: 250ms].
     #[arg(long, env = "REDIS_TIMEOUT", global = true)]
     pub redis_timeout: Option<String>,
+    /// PEM file of the CA that signed a rediss:// server's certificate, when it is not one
+    /// the system trusts [default: the system's roots].
+    #[arg(long, env = "REDIS_CA_CERT", global = true)]
+    pub redis_ca_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -23,6 +28,9 @@ pub struct RedisConfig {
     pub url: Secret,
     pub display: String,
     pub timeout: Duration,
+    /// `REDIS_CA_CERT`: the roots a `rediss://` server is checked against instead of the
+    /// system's.
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl RedisConfig {
@@ -37,16 +45,28 @@ impl RedisConfig {
             p.fail(
                 "REDIS_URL",
                 format!(
-                    "expected redis://[:password@]host[:port][/db], got {:?}",
+                    "expected redis[s]://[[user]:password@]host[:port][/db], got {:?}",
                     redact_url(url)
                 ),
             );
             return None;
         }
+        let ca_cert = raw.redis_ca_cert.clone();
+        if let Some(path) = &ca_cert {
+            if !url.starts_with("rediss://") {
+                p.fail(
+                    "REDIS_CA_CERT",
+                    "is for TLS: REDIS_URL must start with rediss://",
+                );
+            } else if let Err(err) = std::fs::metadata(path) {
+                p.fail("REDIS_CA_CERT", format!("{}: {err}", path.display()));
+            }
+        }
         Some(RedisConfig {
             url: Secret::new(url),
             display: redact_url(url),
             timeout,
+            ca_cert,
         })
     }
 }

@@ -246,6 +246,7 @@ mod tests {
             url: Secret::new(server.url()),
             display: "test".into(),
             timeout: Duration::from_secs(5),
+            ca_cert: None,
         })
         .unwrap();
         let one = RateLimiter::new(Some(redis.clone()), memory_cache(), "test:");
