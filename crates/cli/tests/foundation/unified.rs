@@ -33,6 +33,7 @@ fn redis_engine(redis: &RedisServer) -> Cache {
         url: Secret::new(redis.url()),
         display: redis.url(),
         timeout: Duration::from_secs(2),
+        ca_cert: None,
     })
     .unwrap();
     Cache::new(
