@@ -62,6 +62,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
         applied,
         [
             "core/4",
+            "core/5",
             "catalog/3",
             "app/1",
             "app/2",
@@ -110,6 +111,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
             "core/2 cache_leases",
             "core/3 identity",
             "core/4 audit_log",
+            "core/5 audit_log_owner",
         ]
     );
     let after = rows(&client, FINGERPRINT).await;

@@ -141,6 +141,12 @@ pub const CORE_MIGRATIONS: &[Migration] = &[
         "audit_log",
         include_str!("../../migrations/0004_audit_log.sql"),
     ),
+    Migration::new(
+        CORE_MODULE,
+        5,
+        "audit_log_owner",
+        include_str!("../../migrations/0005_audit_log_owner.sql"),
+    ),
 ];
 
 /// The core's module name. Its list, when given, comes first: modules build on its tables.
