@@ -3,8 +3,9 @@
 //! An execution moves `queued → running → succeeded | failed | cancelled`; a failed attempt
 //! with attempts left goes back to `queued` with a later `run_at` (exponential backoff).
 //!
-//! - [`enqueue`] runs in the caller's transaction (with its audit row and a `NOTIFY` that
-//!   PostgreSQL delivers at commit): an execution exists exactly when the caller's write does.
+//! - [`enqueue`] (and [`enqueue_many`], many in three statements) runs in the caller's
+//!   transaction (with its audit row and a `NOTIFY` that PostgreSQL delivers at commit): an
+//!   execution exists exactly when the caller's write does.
 //! - [`claim`] takes up to a batch of due executions with `FOR UPDATE SKIP LOCKED` and marks
 //!   them as this worker's (`claimed_by`, `attempt + 1`), in one statement.
 //! - [`heartbeat`] renews the worker's claims and says which are still its own.
@@ -54,38 +55,73 @@ pub async fn enqueue(
     input: &Value,
     max_attempts: i32,
 ) -> Result<Option<Value>, AgentError> {
-    let row = tx
-        .query_opt(
+    Ok(enqueue_many(
+        tx,
+        actor,
+        workflow_id,
+        std::slice::from_ref(input),
+        max_attempts,
+    )
+    .await?
+    .map(|mut executions| executions.swap_remove(0)))
+}
+
+/// Enqueues one execution of `owner`'s workflow `workflow_id` per input, in the caller's
+/// transaction, in three statements whatever their number: the rows (with the wake-up, a
+/// `NOTIFY` PostgreSQL delivers at commit, once per transaction), and their audit rows. The
+/// executions in the order of `inputs`; `None`: no such workflow of the owner's.
+pub async fn enqueue_many(
+    tx: &Transaction<'_>,
+    actor: &Actor,
+    workflow_id: i64,
+    inputs: &[Value],
+    max_attempts: i32,
+) -> Result<Option<Vec<Value>>, AgentError> {
+    if inputs.is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    let rows = tx
+        .query(
             &format!(
                 "WITH e AS ( \
                    INSERT INTO executions (workflow_id, owner_id, steps, input, max_attempts) \
-                   SELECT w.id, w.owner_id, w.steps, $3, $4 FROM workflows w \
+                   SELECT w.id, w.owner_id, w.steps, i.input, $4 \
+                   FROM workflows w, UNNEST($3::jsonb[]) WITH ORDINALITY AS i(input, n) \
                    WHERE w.id = $1 AND w.owner_id = $2 AND w.deleted_at IS NULL \
+                   ORDER BY i.n \
                    RETURNING *) \
-                 SELECT {EXECUTION_JSON} FROM e"
+                 SELECT {EXECUTION_JSON}, (SELECT pg_notify($5, '')) IS NULL FROM e ORDER BY e.id"
             ),
-            &[&workflow_id, &actor.user_id, input, &max_attempts],
+            &[
+                &workflow_id,
+                &actor.user_id,
+                &inputs,
+                &max_attempts,
+                &CHANNEL,
+            ],
         )
         .await?;
-    let Some(row) = row else {
+    if rows.is_empty() {
         return Ok(None);
-    };
-    let execution: Value = row.get(0);
-    tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
-    audit::record(
-        tx,
-        &Change {
-            actor: &audit::user_actor(actor.user_id),
+    }
+    let executions: Vec<Value> = rows.iter().map(|row| row.get(0)).collect();
+    let ids: Vec<String> = executions.iter().map(|e| e["id"].to_string()).collect();
+    let user = audit::user_actor(actor.user_id);
+    let changes: Vec<Change<'_>> = executions
+        .iter()
+        .zip(&ids)
+        .map(|(execution, id)| Change {
+            actor: &user,
             action: "execution.enqueue",
             entity_type: ENTITY,
-            entity_id: &execution["id"].to_string(),
+            entity_id: id,
             before: None,
-            after: Some(&execution),
+            after: Some(execution),
             request_id: actor.request_id.as_deref(),
-        },
-    )
-    .await?;
-    Ok(Some(execution))
+        })
+        .collect();
+    audit::record_many(tx, &changes).await?;
+    Ok(Some(executions))
 }
 
 /// One of the owner's executions, or `None`.
