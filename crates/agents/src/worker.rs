@@ -1,7 +1,8 @@
 //! The workers: `AGENTS_WORKERS` per instance (inside `cascade serve`), each a loop that
-//! claims a batch ([`queue::claim`]), runs each claimed execution's steps through the
-//! [`Executors`] while a heartbeat renews the claims, and completes the batch in one
-//! statement ([`queue::complete`]). A completion that cannot be written (PostgreSQL away) is
+//! claims a batch of what its [`Executors`] can run ([`queue::claim`]), runs the claimed
+//! executions' steps concurrently while a heartbeat renews the claims, and completes each as
+//! it finishes, those finishing within 5 ms of each other in one statement
+//! ([`queue::complete`]). A completion that cannot be written (PostgreSQL away) is
 //! retried, heartbeats going on meanwhile, for up to five minutes, so an outage delays
 //! executions but does not run them again; one PostgreSQL rejects (bad data) is written
 //! execution by execution, the offending one failed. Step outputs are checked before: one

@@ -86,6 +86,10 @@ pub(super) async fn run(suite: &Suite) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Worker processes the kill run SIGKILLs even after the enqueues are over, if work is
+/// still in flight.
+const MIN_KILLS: usize = 2;
+
 /// How often the kill run SIGKILLs a worker process.
 fn kill_every(quick: bool) -> Duration {
     Duration::from_millis(if quick { 700 } else { 2_000 })
@@ -394,13 +398,20 @@ impl Queue {
         let deadline = Instant::now() + Duration::from_secs(600);
         let mut enqueued = false;
         loop {
+            // The first kill as soon as there is work in flight (a quick run's enqueues are
+            // over in a second), the others every `every`.
+            let pause = if kills == 0 {
+                Duration::from_millis(50)
+            } else {
+                every
+            };
             if !enqueued {
                 tokio::select! {
                     done = &mut enqueue => { done?; enqueued = true; }
-                    () = tokio::time::sleep(every) => {}
+                    () = tokio::time::sleep(pause) => {}
                 }
             } else {
-                tokio::time::sleep(every).await;
+                tokio::time::sleep(pause).await;
             }
             let live: i64 = sql
                 .query_one(
@@ -415,9 +426,10 @@ impl Queue {
             if Instant::now() > deadline {
                 bail!("{live} executions still queued or running after 10 minutes of kills");
             }
-            // Kill while there is work in flight; stop killing once the enqueues are over,
-            // so the run ends.
-            if !enqueued && live > 0 {
+            // Kill while there is work in flight: while the enqueues go on (so the run
+            // ends), and up to MIN_KILLS times in all (a kill usually leaves claims to rescue,
+            // work in flight for the next).
+            if live > 0 && (!enqueued || kills < MIN_KILLS) {
                 let victim = kills % 2;
                 processes[victim].kill();
                 kills += 1;
