@@ -186,6 +186,7 @@ impl AgentsModule {
         let workers = worker::Workers {
             db: db.clone(),
             config: config.clone(),
+            capabilities: executors.capabilities().into(),
             executors,
             wake: Arc::new(Notify::new()),
         };

@@ -109,7 +109,13 @@ pub async fn append(
     Ok(Some(snapshot))
 }
 
-/// The newest snapshots of the caller's agent, latest first; `None`: no such agent.
+/// The most bytes of snapshots (their `size_bytes`) one page holds: a page stops before the
+/// snapshot that would pass it, so `limit` snapshots of up to `AGENTS_MEMORY_MAX_BYTES` each
+/// never make a page of gigabytes. A page always holds at least one snapshot.
+pub const PAGE_MAX_BYTES: i64 = 4 * 1024 * 1024;
+
+/// The newest snapshots of the caller's agent, latest first, at most `limit` of them and
+/// [`PAGE_MAX_BYTES`] (see there); `None`: no such agent.
 pub async fn latest(
     db: &impl GenericClient,
     owner: i64,
@@ -121,18 +127,27 @@ pub async fn latest(
         return Ok(None);
     }
     let fetch = limit + 1;
+    // The sizes are summed first, newest first, and only the snapshots within the bound are
+    // read: the data of those beyond it never leaves PostgreSQL.
     let rows = db
         .query(
             &format!(
-                "SELECT m.id, {MEMORY_JSON} FROM agent_memories m \
-                 WHERE m.agent_id = $1 AND ($2::int8 IS NULL OR m.id < $2) \
-                 ORDER BY m.id DESC LIMIT $3"
+                "WITH p AS ( \
+                   SELECT m.id, m.size_bytes, \
+                          sum(m.size_bytes) OVER (ORDER BY m.id DESC) AS upto \
+                   FROM agent_memories m \
+                   WHERE m.agent_id = $1 AND ($2::int8 IS NULL OR m.id < $2) \
+                   ORDER BY m.id DESC LIMIT $3) \
+                 SELECT m.id, {MEMORY_JSON}, (SELECT count(*) FROM p) \
+                 FROM p JOIN agent_memories m ON m.id = p.id \
+                 WHERE p.upto <= $4 OR p.upto = p.size_bytes \
+                 ORDER BY m.id DESC LIMIT $5"
             ),
-            &[&agent, &before, &fetch],
+            &[&agent, &before, &fetch, &PAGE_MAX_BYTES, &limit],
         )
         .await?;
-    let more = rows.len() as i64 > limit;
-    let rows = &rows[..rows.len().min(limit as usize)];
+    let found: i64 = rows.first().map_or(0, |row| row.get(2));
+    let more = found > rows.len() as i64;
     let next_cursor = more
         .then(|| rows.last().map(|row| row.get::<_, i64>(0).to_string()))
         .flatten();

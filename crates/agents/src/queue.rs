@@ -3,8 +3,9 @@
 //! An execution moves `queued → running → succeeded | failed | cancelled`; a failed attempt
 //! with attempts left goes back to `queued` with a later `run_at` (exponential backoff).
 //!
-//! - [`enqueue`] runs in the caller's transaction (with its audit row and a `NOTIFY` that
-//!   PostgreSQL delivers at commit): an execution exists exactly when the caller's write does.
+//! - [`enqueue`] (and [`enqueue_many`], many in three statements) runs in the caller's
+//!   transaction (with its audit row and a `NOTIFY` that PostgreSQL delivers at commit): an
+//!   execution exists exactly when the caller's write does.
 //! - [`claim`] takes up to a batch of due executions with `FOR UPDATE SKIP LOCKED` and marks
 //!   them as this worker's (`claimed_by`, `attempt + 1`), in one statement.
 //! - [`heartbeat`] renews the worker's claims and says which are still its own.
@@ -54,38 +55,73 @@ pub async fn enqueue(
     input: &Value,
     max_attempts: i32,
 ) -> Result<Option<Value>, AgentError> {
-    let row = tx
-        .query_opt(
+    Ok(enqueue_many(
+        tx,
+        actor,
+        workflow_id,
+        std::slice::from_ref(input),
+        max_attempts,
+    )
+    .await?
+    .map(|mut executions| executions.swap_remove(0)))
+}
+
+/// Enqueues one execution of `owner`'s workflow `workflow_id` per input, in the caller's
+/// transaction, in three statements whatever their number: the rows (with the wake-up, a
+/// `NOTIFY` PostgreSQL delivers at commit, once per transaction), and their audit rows. The
+/// executions in the order of `inputs`; `None`: no such workflow of the owner's.
+pub async fn enqueue_many(
+    tx: &Transaction<'_>,
+    actor: &Actor,
+    workflow_id: i64,
+    inputs: &[Value],
+    max_attempts: i32,
+) -> Result<Option<Vec<Value>>, AgentError> {
+    if inputs.is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    let rows = tx
+        .query(
             &format!(
                 "WITH e AS ( \
                    INSERT INTO executions (workflow_id, owner_id, steps, input, max_attempts) \
-                   SELECT w.id, w.owner_id, w.steps, $3, $4 FROM workflows w \
+                   SELECT w.id, w.owner_id, w.steps, i.input, $4 \
+                   FROM workflows w, UNNEST($3::jsonb[]) WITH ORDINALITY AS i(input, n) \
                    WHERE w.id = $1 AND w.owner_id = $2 AND w.deleted_at IS NULL \
+                   ORDER BY i.n \
                    RETURNING *) \
-                 SELECT {EXECUTION_JSON} FROM e"
+                 SELECT {EXECUTION_JSON}, (SELECT pg_notify($5, '')) IS NULL FROM e ORDER BY e.id"
             ),
-            &[&workflow_id, &actor.user_id, input, &max_attempts],
+            &[
+                &workflow_id,
+                &actor.user_id,
+                &inputs,
+                &max_attempts,
+                &CHANNEL,
+            ],
         )
         .await?;
-    let Some(row) = row else {
+    if rows.is_empty() {
         return Ok(None);
-    };
-    let execution: Value = row.get(0);
-    tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
-    audit::record(
-        tx,
-        &Change {
-            actor: &audit::user_actor(actor.user_id),
+    }
+    let executions: Vec<Value> = rows.iter().map(|row| row.get(0)).collect();
+    let ids: Vec<String> = executions.iter().map(|e| e["id"].to_string()).collect();
+    let user = audit::user_actor(actor.user_id);
+    let changes: Vec<Change<'_>> = executions
+        .iter()
+        .zip(&ids)
+        .map(|(execution, id)| Change {
+            actor: &user,
             action: "execution.enqueue",
             entity_type: ENTITY,
-            entity_id: &execution["id"].to_string(),
+            entity_id: id,
             before: None,
-            after: Some(&execution),
+            after: Some(execution),
             request_id: actor.request_id.as_deref(),
-        },
-    )
-    .await?;
-    Ok(Some(execution))
+        })
+        .collect();
+    audit::record_many(tx, &changes).await?;
+    Ok(Some(executions))
 }
 
 /// One of the owner's executions, or `None`.
@@ -174,22 +210,30 @@ pub struct Claimed {
     pub cancel_requested: bool,
 }
 
-/// Claims up to `batch` due executions for `worker`.
+/// Claims up to `batch` due executions for `worker`, among those whose every step names one
+/// of `capabilities` (the worker's executors): a worker never claims what it cannot run, so an
+/// instance without, say, the `http` executor leaves those executions to one that has it. An
+/// execution no running worker can run stays queued (the `oldest queued` gauge shows it)
+/// rather than failing on whichever instance saw it first.
 pub async fn claim(
     db: &impl GenericClient,
     worker: &str,
     batch: i64,
+    capabilities: &[String],
 ) -> Result<Vec<Claimed>, AgentError> {
     let rows = db
         .query(
             "WITH c AS ( \
                SELECT id FROM executions WHERE state = 'queued' AND run_at <= now() \
+                 AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(steps) s \
+                                 WHERE (s->>'capability') <> ALL ($3::text[]) \
+                                    OR s->>'capability' IS NULL) \
                ORDER BY run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
              UPDATE executions e SET state = 'running', claimed_by = $1, heartbeat_at = now(), \
                attempt = e.attempt + 1, started_at = coalesce(e.started_at, now()) \
              FROM c WHERE e.id = c.id \
              RETURNING e.id, e.attempt, e.steps, e.input, e.cancel_requested",
-            &[&worker, &batch],
+            &[&worker, &batch, &capabilities],
         )
         .await?;
     Ok(rows
@@ -418,31 +462,84 @@ pub async fn prune(db: &impl GenericClient, age: Duration, limit: i64) -> Result
         .await?)
 }
 
+/// Deletes executions that finished more than `age` ago, `batch` rows per statement (short
+/// locks, short transactions), until one statement finds fewer (caught up) or `budget` is
+/// spent; returns how many. Run every maintenance tick, it keeps up with any churn up to
+/// `batch` rows per statement for as many statements as fit in `budget`.
+pub async fn prune_due(
+    db: &impl GenericClient,
+    age: Duration,
+    batch: i64,
+    budget: Duration,
+) -> Result<u64, AgentError> {
+    let deadline = std::time::Instant::now() + budget;
+    let mut total = 0;
+    loop {
+        let n = prune(db, age, batch).await?;
+        total += n;
+        if n < batch as u64 || std::time::Instant::now() >= deadline {
+            return Ok(total);
+        }
+    }
+}
+
 /// The live part of the queue.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Depth {
+    /// Exact up to [`DEPTH_EXACT_MAX`]; beyond, PostgreSQL's planner's estimate.
     pub queued: i64,
+    /// Exact up to [`DEPTH_EXACT_MAX`]; beyond, PostgreSQL's planner's estimate.
     pub running: i64,
     /// How long the oldest due queued execution has waited; 0 when none is due.
     pub oldest_queued_seconds: f64,
 }
 
-/// Counts the live states only (their partial indexes), never the finished rows: cheap at any
-/// size of history.
+/// Up to this many live executions of a state are counted exactly (an index-only walk of the
+/// partial index, a few milliseconds); past it, the planner's estimate stands in, so reading
+/// the depth never walks millions of index entries (`count(*)` at millions of rows is what
+/// makes PostgreSQL queues' dashboards slow).
+pub const DEPTH_EXACT_MAX: i64 = 100_000;
+
+/// Counts the live states only (their partial indexes), bounded by [`DEPTH_EXACT_MAX`] each,
+/// never the finished rows: cheap at any size of table or backlog.
 pub async fn depth(db: &impl GenericClient) -> Result<Depth, AgentError> {
     let row = db
         .query_one(
             "SELECT \
-               (SELECT count(*) FROM executions WHERE state = 'queued'), \
-               (SELECT count(*) FROM executions WHERE state = 'running'), \
+               (SELECT count(*) FROM (SELECT 1 FROM executions WHERE state = 'queued' LIMIT $1) q), \
+               (SELECT count(*) FROM (SELECT 1 FROM executions WHERE state = 'running' LIMIT $1) r), \
                coalesce(extract(epoch FROM now() - (SELECT min(run_at) FROM executions \
                  WHERE state = 'queued' AND run_at <= now()))::float8, 0)",
-            &[],
+            &[&DEPTH_EXACT_MAX],
         )
         .await?;
+    let mut queued: i64 = row.get(0);
+    let mut running: i64 = row.get(1);
+    if queued >= DEPTH_EXACT_MAX {
+        queued = estimate(db, "queued").await?.max(DEPTH_EXACT_MAX);
+    }
+    if running >= DEPTH_EXACT_MAX {
+        running = estimate(db, "running").await?.max(DEPTH_EXACT_MAX);
+    }
     Ok(Depth {
-        queued: row.get(0),
-        running: row.get(1),
+        queued,
+        running,
         oldest_queued_seconds: row.get(2),
     })
+}
+
+/// The planner's estimate of the executions in `state` (from the table's statistics, which
+/// autovacuum's frequent ANALYZE of this table keeps recent).
+async fn estimate(db: &impl GenericClient, state: &str) -> Result<i64, AgentError> {
+    let plan: Value = db
+        .query_one(
+            &format!(
+                "EXPLAIN (FORMAT JSON) SELECT 1 FROM executions WHERE state = '{}'",
+                state.replace('\'', "")
+            ),
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(plan[0]["Plan"]["Plan Rows"].as_f64().unwrap_or(0.0) as i64)
 }

@@ -1,7 +1,8 @@
 //! The workers: `AGENTS_WORKERS` per instance (inside `cascade serve`), each a loop that
-//! claims a batch ([`queue::claim`]), runs each claimed execution's steps through the
-//! [`Executors`] while a heartbeat renews the claims, and completes the batch in one
-//! statement ([`queue::complete`]). A completion that cannot be written (PostgreSQL away) is
+//! claims a batch of what its [`Executors`] can run ([`queue::claim`]), runs the claimed
+//! executions' steps concurrently while a heartbeat renews the claims, and completes each as
+//! it finishes, those finishing within 5 ms of each other in one statement
+//! ([`queue::complete`]). A completion that cannot be written (PostgreSQL away) is
 //! retried, heartbeats going on meanwhile, for up to five minutes, so an outage delays
 //! executions but does not run them again; one PostgreSQL rejects (bad data) is written
 //! execution by execution, the offending one failed. Step outputs are checked before: one
@@ -20,7 +21,8 @@ use std::time::Duration;
 
 use cascade_core::db::Db;
 use cascade_core::shutdown::ShutdownSignal;
-use futures_util::FutureExt;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_postgres::AsyncMessage;
@@ -71,6 +73,8 @@ pub struct Workers {
     pub executors: Executors,
     /// Woken by the listener when an enqueue committed.
     pub wake: Arc<Notify>,
+    /// The capabilities of `executors`: what the workers claim ([`queue::claim`]).
+    pub capabilities: Arc<[String]>,
 }
 
 /// A worker's name in `claimed_by`: the instance's prefix and the worker's number.
@@ -120,25 +124,44 @@ impl Workers {
 
     async fn claim(&self, name: &str) -> Result<Vec<Claimed>, crate::AgentError> {
         let conn = self.db.conn().await?;
-        queue::claim(&**conn, name, self.config.batch).await
+        queue::claim(&**conn, name, self.config.batch, &self.capabilities).await
     }
 
-    /// Runs a claimed batch and completes it, heartbeating the claims meanwhile.
+    /// Runs a claimed batch, heartbeating the claims meanwhile. Executions are completed as
+    /// they finish, not when the batch's slowest does: what finishes within
+    /// [`COMPLETE_WINDOW`] of the first unwritten outcome is written in one statement, while
+    /// the rest keep running.
     async fn work(&self, name: &str, claimed: Vec<Claimed>, stop: &ShutdownSignal) {
         let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
         let lost: Arc<Mutex<HashSet<i64>>> = Arc::default();
         let heartbeat = self.heartbeat(name, &ids, &lost);
+        let (done, mut outcomes) = tokio::sync::mpsc::unbounded_channel::<Finished>();
         let run = async {
-            let runs = claimed.iter().map(|c| self.execute(name, c, &lost));
-            let finished: Vec<Finished> = futures_util::future::join_all(runs)
-                .await
-                .into_iter()
-                .flatten()
+            // Moved in: the channel closes when the last execution has finished.
+            let done = done;
+            let mut runs: FuturesUnordered<_> = claimed
+                .iter()
+                .map(|c| self.execute(name, c, &lost))
                 .collect();
-            self.complete(name, &finished, stop).await;
+            while let Some(finished) = runs.next().await {
+                if let Some(finished) = finished {
+                    // The receiver lives until every sender is gone.
+                    let _ = done.send(finished);
+                }
+            }
+        };
+        let write = async {
+            while let Some(first) = outcomes.recv().await {
+                let mut batch = vec![first];
+                let window = tokio::time::Instant::now() + COMPLETE_WINDOW;
+                while let Ok(Some(more)) = tokio::time::timeout_at(window, outcomes.recv()).await {
+                    batch.push(more);
+                }
+                self.complete(name, &batch, stop).await;
+            }
         };
         tokio::select! {
-            () = run => {}
+            ((), ()) = async { tokio::join!(run, write) } => {}
             () = heartbeat => {}
         }
     }
@@ -357,6 +380,12 @@ pub const MAX_STEP_OUTPUT: usize = 1024 * 1024;
 pub const MAX_RESULT: usize = 4 * 1024 * 1024;
 /// The most of a failure's reason that is stored.
 const MAX_REASON: usize = 8 * 1024;
+/// How long a finished execution may wait for others of its batch to be written with it: a
+/// few milliseconds turn hundreds of completions into a handful of statements without holding
+/// any of them up noticeably.
+const COMPLETE_WINDOW: Duration = Duration::from_millis(5);
+/// Finished executions deleted per statement by the pruning.
+const PRUNE_BATCH: i64 = 5000;
 /// How long a completion is retried while PostgreSQL cannot take it.
 const COMPLETE_PATIENCE: Duration = Duration::from_secs(300);
 
@@ -416,13 +445,11 @@ fn rejected_data(err: &crate::AgentError) -> bool {
 /// Rescues lapsed claims and prunes old executions every `AGENTS_HEARTBEAT_INTERVAL`, until
 /// `stop`. Every instance runs it; `SKIP LOCKED` keeps two from taking the same rows.
 pub async fn maintain(db: Db, config: ExecutionsConfig, mut stop: ShutdownSignal) {
-    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             () = tokio::time::sleep(config.heartbeat_interval) => {}
             () = stop.recv() => return,
         }
-        ticks += 1;
         let rescued = async {
             let mut conn = db.conn().await?;
             let tx = conn.transaction().await.map_err(crate::AgentError::from)?;
@@ -456,18 +483,17 @@ pub async fn maintain(db: Db, config: ExecutionsConfig, mut stop: ShutdownSignal
             }
             Err(err) => tracing::debug!(error = %err, "reading the queue's depth failed"),
         }
-        // Pruning is cheap to postpone: about once a minute.
-        let every = (60_000 / config.heartbeat_interval.as_millis().max(1)).max(1) as u64;
-        if let Some(age) = config.retention
-            && ticks.is_multiple_of(every)
-        {
+        // Pruning runs every tick, in statements of PRUNE_BATCH rows, until it has caught up
+        // or spent half the tick: it keeps up with churn of up to PRUNE_BATCH rows per
+        // statement for as many statements as fit, and one statement's locks stay short.
+        if let Some(age) = config.retention {
             let pruned = async {
                 let conn = db.conn().await?;
-                queue::prune(&**conn, age, 5000).await
+                queue::prune_due(&**conn, age, PRUNE_BATCH, config.heartbeat_interval / 2).await
             };
             match pruned.await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(
+                Ok(n) => tracing::debug!(
                     pruned = n,
                     "deleted finished executions past AGENTS_EXECUTIONS_RETENTION"
                 ),

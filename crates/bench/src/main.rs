@@ -8,7 +8,8 @@
 //! - no subcommand, or `suite`: the whole suite (a private PostgreSQL, Redis and server; wrk);
 //! - `cache`: the cache engine next to a raw Redis GET;
 //! - `catalog`: the catalog's reads over HTTP with the cache, next to the same SQL direct;
-//! - `serve`: the server with the bench routes, which the suite runs as its own process.
+//! - `serve`: the server with the bench routes, which the suite runs as its own process;
+//! - `worker`: execution workers alone, which the executions scenario runs (and kills).
 //!
 //! Exit codes: 0 success, 1 a run failed, 2 invalid configuration or usage.
 
@@ -20,6 +21,7 @@ mod measure;
 mod serve;
 mod statements;
 mod suite;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,9 +69,9 @@ struct SuiteArgs {
     /// Where results.json and results.md are written [default: target/bench].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Only this scenario (`realtime`: connections held, memory per idle one, broadcasts),
-    /// on a small catalog.
-    #[arg(long, value_parser = ["realtime"])]
+    /// Only this scenario (`realtime`: connections held, memory per idle one, broadcasts;
+    /// `executions`: the agents module's queue), on a small catalog.
+    #[arg(long, value_parser = ["realtime", "executions"])]
     only: Option<String>,
 }
 
@@ -145,6 +147,9 @@ enum Command {
         #[arg(long, default_value_t = 1190)]
         bytes: usize,
     },
+    /// Run the agents module's execution workers alone, as `cascade worker` does (the
+    /// executions scenario's worker processes).
+    Worker,
     /// Run the HTTP server with the `/bench/*` routes (the suite's server process).
     Serve {
         /// Do not apply pending migrations at start.
@@ -225,6 +230,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             catalog::run(settings, options).await
         }
         Command::Serve { no_migrate } => serve::run(settings, !no_migrate).await,
+        Command::Worker => worker::run(settings).await,
         Command::Bare { bytes } => {
             let http = &settings.core.http;
             bare::run(&http.host, http.port, bytes).await

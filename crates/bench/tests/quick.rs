@@ -208,6 +208,28 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
         assert!(r["p99_ms"].as_f64().unwrap() > 0.0, "{name}: {r}");
     }
 
+    // The executions queue: every execution of every run succeeded, each completed once (the
+    // scenario fails the suite otherwise), and the kill run killed.
+    for name in [
+        "executions end to end, 1 worker(s)",
+        "executions end to end, 4 worker(s)",
+        "executions pickup latency, 4 workers",
+        "executions with workers SIGKILLed",
+    ] {
+        let r = row(name);
+        assert!(r["requests"].as_u64().unwrap() > 0, "{name}: {r}");
+        assert!(r["req_per_sec"].as_f64().unwrap() > 0.0, "{name}: {r}");
+        assert!(r["p99_ms"].as_f64().unwrap() > 0.0, "{name}: {r}");
+    }
+    let kills = row("executions with workers SIGKILLed")["notes"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        kills.contains("every execution succeeded, each completed once"),
+        "{kills}"
+    );
+
     let outage = row("Redis killed");
     let notes = outage["notes"].as_str().unwrap();
     assert!(notes.starts_with("0 failed, 0 stale reads"), "{notes}");

@@ -3,8 +3,12 @@
 //!
 //! A row is written by [`record`] or [`record_many`] **inside the caller's transaction**: a
 //! change that rolls back leaves no row, and a row that cannot be written fails the change.
-//! The table is append-only in PostgreSQL itself (a trigger refuses `UPDATE`, `DELETE` and
-//! `TRUNCATE` for every role, its owner included), not only in this code.
+//! The table is append-only in PostgreSQL itself, not only in this code: a trigger refuses
+//! `UPDATE`, `DELETE` and `TRUNCATE` for every role (core migration 4), and the table belongs
+//! to `cascade_audit_owner`, a role nobody logs in as or is a member of, in the schema
+//! `cascade_audit` (core migration 5), so the application's role, which keeps `INSERT` and
+//! `SELECT` (through the view `audit_log`), can neither disable the trigger nor drop the
+//! table. A superuser still can (see the migration for what else it cannot stop).
 //!
 //! [`list`] reads it newest first with filters and a cursor (the id of the last row seen).
 

@@ -158,37 +158,30 @@ async fn the_log_filters_and_pages_with_a_cursor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rows_cannot_be_changed_or_removed_even_by_the_owner_of_the_table() {
+async fn rows_cannot_be_changed_or_removed_even_by_a_superuser_without_disabling_the_trigger() {
     let cluster = Cluster::start(1).await;
     let base = cluster.base(0);
     let alice = cluster.user("alice").await;
     alice
         .agent(base, json!({"name": "Witness", "type": "t"}))
         .await;
+    // The cluster migrated as the superuser: the table went to its own owner all the same.
     let sql = cluster.sql().await;
     let owner: String = sql
         .query_one(
-            "SELECT tableowner::text FROM pg_tables WHERE tablename = 'audit_log'",
+            "SELECT schemaname || '.' || tableowner FROM pg_tables WHERE tablename = 'audit_log'",
             &[],
         )
         .await
         .unwrap()
         .get(0);
-    let me: String = sql
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        owner, me,
-        "the test speaks as the table's owner, the module's own role"
-    );
+    assert_eq!(owner, "cascade_audit.cascade_audit_owner");
 
     for statement in [
         "UPDATE audit_log SET actor = 'user:0'",
-        "UPDATE audit_log SET after = NULL WHERE action = 'agent.create'",
+        "UPDATE cascade_audit.audit_log SET after = NULL WHERE action = 'agent.create'",
         "DELETE FROM audit_log",
-        "TRUNCATE audit_log",
+        "TRUNCATE cascade_audit.audit_log",
     ] {
         let err = sql.batch_execute(statement).await.expect_err(statement);
         let message = err
@@ -203,6 +196,118 @@ async fn rows_cannot_be_changed_or_removed_even_by_the_owner_of_the_table() {
         .map(|r| (r.get(0), r.get(1)))
         .unwrap();
     assert_eq!(row, (format!("user:{}", alice.id), 1));
+}
+
+/// The test: the module's own database role (not a superuser; the owner of the
+/// database and of every other table, since it ran the migrations) can add audit rows and read
+/// them, but not change, remove, unprotect or drop them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_cannot_be_changed_even_with_the_modules_own_database_role() {
+    let pg = cascade_testkit::PgServer::start().await;
+    let admin = pg.client("postgres").await;
+    // CREATEROLE for the migration that hands the table over; taken back afterwards, as the
+    // deployment notes say (a role with CREATEROLE can grant itself any role).
+    for statement in [
+        "CREATE ROLE cascade_app LOGIN CREATEROLE",
+        "CREATE DATABASE app_db OWNER cascade_app",
+    ] {
+        admin.batch_execute(statement).await.unwrap();
+    }
+    let url = format!("postgresql://cascade_app@127.0.0.1:{}/app_db", pg.port());
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    cascade_core::db::migrate(
+        &config,
+        &[
+            cascade_core::db::CORE_MIGRATIONS,
+            cascade_agents::MIGRATIONS,
+        ],
+    )
+    .await
+    .unwrap();
+    admin
+        .batch_execute("ALTER ROLE cascade_app NOCREATEROLE")
+        .await
+        .unwrap();
+
+    let (mut app, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let superuser: bool = app
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!superuser);
+    let user_id: i64 = app
+        .query_one(
+            "INSERT INTO cascade_users (username, password_hash) VALUES ('alice', 'x') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // The module writes its audit rows as this role.
+    let actor = cascade_agents::queries::Actor {
+        user_id,
+        request_id: None,
+    };
+    let agent =
+        cascade_agents::model::NewAgent::parse("", &json!({"name": "Kept", "type": "t"})).unwrap();
+    let tx = app.transaction().await.unwrap();
+    cascade_agents::queries::create(&tx, &actor, &[agent])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let before = audit_rows(&app).await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert!(before[0].contains("agent.create"), "{before:?}");
+
+    for statement in [
+        "UPDATE audit_log SET actor = 'user:0'",
+        "DELETE FROM audit_log",
+        "UPDATE cascade_audit.audit_log SET actor = 'user:0'",
+        "DELETE FROM cascade_audit.audit_log",
+        "TRUNCATE cascade_audit.audit_log",
+        "ALTER TABLE cascade_audit.audit_log DISABLE TRIGGER audit_log_no_update_or_delete",
+        "ALTER TABLE cascade_audit.audit_log DISABLE TRIGGER ALL",
+        "DROP TABLE cascade_audit.audit_log",
+        "DROP SCHEMA cascade_audit CASCADE",
+        "ALTER TABLE cascade_audit.audit_log OWNER TO cascade_app",
+        "DROP FUNCTION cascade_audit.audit_log_is_append_only() CASCADE",
+        "GRANT cascade_audit_owner TO cascade_app",
+        "SET ROLE cascade_audit_owner",
+        "REASSIGN OWNED BY cascade_audit_owner TO cascade_app",
+    ] {
+        let err = app.batch_execute(statement).await.expect_err(statement);
+        let code = err.code().map(|c| c.code().to_string()).unwrap_or_default();
+        assert_eq!(
+            code, "42501",
+            "refused for want of privilege: {statement}: {err}"
+        );
+    }
+    // The view that keeps the old name is the role's own; without it no row is gone either.
+    for statement in ["TRUNCATE audit_log", "DROP TABLE audit_log"] {
+        app.batch_execute(statement).await.expect_err(statement);
+    }
+    app.batch_execute("DROP VIEW audit_log").await.unwrap();
+    assert_eq!(audit_rows(&app).await, before);
+    assert_eq!(audit_rows(&pg.client("app_db").await).await, before);
+}
+
+/// Every audit row, as JSON text, in order.
+async fn audit_rows(client: &tokio_postgres::Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT row_to_json(a)::text FROM cascade_audit.audit_log a ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

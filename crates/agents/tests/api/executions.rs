@@ -180,7 +180,7 @@ async fn a_dead_workers_claims_are_rescued_and_completed_once() {
         .await;
 
     let sql = cluster.sql().await;
-    let claimed = queue::claim(&sql, "ghost", 10).await.unwrap();
+    let claimed = queue::claim(&sql, "ghost", 10, &builtin()).await.unwrap();
     assert_eq!(claimed.len(), 2);
     assert!(claimed.iter().all(|c| c.attempt == 1));
 
@@ -323,7 +323,9 @@ async fn cancel_stops_a_queued_execution_and_marks_a_running_one() {
 
     // A worker holds the other one; the cancel is seen before its next step.
     let sql = cluster.sql().await;
-    let claimed = queue::claim(&sql, "worker-x", 10).await.unwrap();
+    let claimed = queue::claim(&sql, "worker-x", 10, &builtin())
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 1, "a cancelled execution is never claimed");
     let (status, marked) = alice
         .send(base, Method::POST, &cancel(&running["id"]), None)
@@ -548,7 +550,7 @@ async fn the_queue_depth_counts_live_executions_and_the_oldest_wait() {
         (90.0..120.0).contains(&waiting.oldest_queued_seconds),
         "{waiting:?}"
     );
-    queue::claim(&sql, "w", 1).await.unwrap();
+    queue::claim(&sql, "w", 1, &builtin()).await.unwrap();
     let depth = queue::depth(&sql).await.unwrap();
     assert_eq!((depth.queued, depth.running), (2, 1));
     // The one that waited 90 s was claimed first; the others were enqueued just now.
@@ -826,7 +828,9 @@ async fn a_cancelled_execution_whose_attempt_fails_or_lapses_is_cancelled_not_re
     let (_, lapsing) = alice.send(base, Method::POST, &path, body).await;
 
     let mut sql = cluster.sql().await;
-    let claimed = queue::claim(&sql, "worker-x", 10).await.unwrap();
+    let claimed = queue::claim(&sql, "worker-x", 10, &builtin())
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 2);
     for id in [&failing["id"], &lapsing["id"]] {
         cancel_running(&alice, base, id).await;
@@ -877,4 +881,108 @@ async fn a_cancelled_execution_whose_attempt_fails_or_lapses_is_cancelled_not_re
         .await;
     assert_eq!(after["state"], "cancelled", "{after}");
     assert_eq!(after["attempt"], 1);
+}
+
+/// An executor that takes its time: `secs` seconds per step.
+struct Slow(u64);
+
+impl cascade_agents::executor::Executor for Slow {
+    fn run<'a>(
+        &'a self,
+        step: &'a cascade_agents::executor::Step,
+    ) -> std::pin::Pin<Box<dyn Future<Output = cascade_agents::executor::StepResult> + Send + 'a>>
+    {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_secs(self.0)).await;
+            Ok(step.input.clone())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execution_is_completed_when_it_finishes_not_when_its_batchs_slowest_does() {
+    let cluster = Cluster::start_with(1, &[("AGENTS_WORKERS", "0")]).await;
+    let alice = cluster.user("alice").await;
+    // Both queued before the worker starts: it claims them in one batch.
+    let slow = written_and_enqueued(&cluster, &alice, &json!([{"capability": "slow"}])).await;
+    let quick = written_and_enqueued(&cluster, &alice, &json!([{"capability": "echo"}])).await;
+    let (tasks, database) = own_worker(&cluster, "slow", std::sync::Arc::new(Slow(20))).await;
+
+    let done = finished(&alice, cluster.base(0), &quick.1, Duration::from_secs(15)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let (_, waiting) = alice
+        .get(cluster.base(0), &format!("/executions/{}", slow.1))
+        .await;
+    assert_eq!(waiting["state"], "running", "{waiting}");
+    assert_eq!(
+        cluster
+            .count("SELECT count(DISTINCT claimed_by) FROM executions WHERE started_at IS NOT NULL")
+            .await,
+        1,
+        "one worker claimed both"
+    );
+    tasks.stop(Duration::from_secs(5)).await;
+    database.db.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_leaves_executions_it_has_no_executor_for_to_one_that_has() {
+    let cluster = Cluster::start_with(1, &with(FAST, &[("AGENTS_WORKERS", "1")])).await;
+    let alice = cluster.user("alice").await;
+    // The server's worker has no "rare" executor: it runs the echo enqueued after, and leaves
+    // the "rare" one queued, unclaimed and not failed.
+    let rare = written_and_enqueued(
+        &cluster,
+        &alice,
+        &json!([{"capability": "echo"}, {"capability": "rare"}]),
+    )
+    .await;
+    let echo = written_and_enqueued(&cluster, &alice, &json!([{"capability": "echo"}])).await;
+    let done = finished(&alice, cluster.base(0), &echo.1, Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (_, waiting) = alice
+        .get(cluster.base(0), &format!("/executions/{}", rare.1))
+        .await;
+    assert_eq!(waiting["state"], "queued", "{waiting}");
+    assert_eq!(waiting["attempt"], 0, "never claimed: {waiting}");
+
+    // A worker that has it runs it.
+    let (tasks, database) = own_worker(&cluster, "rare", std::sync::Arc::new(Slow(0))).await;
+    let done = finished(&alice, cluster.base(0), &rare.1, Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    tasks.stop(Duration::from_secs(5)).await;
+    database.db.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_keeps_up_with_more_than_one_statements_worth_of_rows() {
+    let cluster = Cluster::start_with(1, &[("AGENTS_WORKERS", "0")]).await;
+    let alice = cluster.user("alice").await;
+    let flow = workflow(&alice, cluster.base(0), 1).await;
+    let sql = cluster.sql().await;
+    sql.execute(
+        "INSERT INTO executions (workflow_id, owner_id, steps, max_attempts, state, finished_at) \
+         SELECT w.id, w.owner_id, w.steps, 1, 'succeeded', now() - interval '2 days' \
+         FROM workflows w, generate_series(1, 12001) WHERE w.id = $1",
+        &[&flow],
+    )
+    .await
+    .unwrap();
+    enqueue_in_one_transaction(&cluster, &alice, flow, 2).await;
+    let pruned = queue::prune_due(
+        &sql,
+        Duration::from_secs(3600),
+        5000,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pruned, 12001, "every due row, in statements of 5000");
+    assert_eq!(cluster.count("SELECT count(*) FROM executions").await, 2);
+}
+
+/// The capabilities of a server's built-in executors (no `http` without AGENTS_HTTP_URL).
+fn builtin() -> Vec<String> {
+    vec!["echo".to_string(), "noop".to_string()]
 }

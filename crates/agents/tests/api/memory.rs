@@ -110,3 +110,55 @@ async fn snapshots_are_read_latest_first_and_the_oldest_past_retention_go() {
     );
     assert_eq!(alice.get(base, &path).await.0, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_large_snapshots_is_bounded_in_bytes_and_the_cursor_walks_them_all() {
+    let cluster = Cluster::start_with(1, &[("AGENTS_WORKERS", "0")]).await;
+    let base = cluster.base(0);
+    let alice = cluster.user("alice").await;
+    let agent = alice
+        .agent(base, json!({"name": "Hoarder", "type": "chat"}))
+        .await;
+    // Five snapshots of 1.5 MB each (written straight to the table: a request body that large
+    // is not the point here), then a small one, the newest.
+    cluster
+        .sql()
+        .await
+        .execute(
+            "INSERT INTO agent_memories (agent_id, data, size_bytes) \
+             SELECT $1, to_jsonb(n || repeat('x', 1500000)), 1500003 FROM generate_series(1, 5) n",
+            &[&agent["id"].as_i64().unwrap()],
+        )
+        .await
+        .unwrap();
+    let path = format!("/agents/{}/memory", agent["id"]);
+    let (status, _) = alice
+        .send(base, Method::POST, &path, Some(json!({"data": "small"})))
+        .await;
+    assert_eq!(status, 201);
+
+    let mut pages = Vec::new();
+    let mut next = format!("{path}?limit=100");
+    loop {
+        let (status, page) = alice.get(base, &next).await;
+        assert_eq!(status, 200, "{page}");
+        let items = page["items"].as_array().unwrap();
+        let bytes: i64 = items
+            .iter()
+            .map(|m| m["size_bytes"].as_i64().unwrap())
+            .sum();
+        assert!(!items.is_empty());
+        assert!(
+            bytes <= cascade_agents::memory::PAGE_MAX_BYTES,
+            "a page of {bytes} bytes"
+        );
+        pages.push(items.len());
+        match page["next_cursor"].as_str() {
+            Some(cursor) => next = format!("{path}?limit=100&cursor={cursor}"),
+            None => break,
+        }
+        assert!(pages.len() <= 6, "the cursor does not end: {pages:?}");
+    }
+    // 4 MiB holds the small one and two large ones, then two, then the last.
+    assert_eq!(pages, [3, 2, 1]);
+}

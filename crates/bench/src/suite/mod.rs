@@ -19,6 +19,7 @@
 //! | spaces | one client per connection joining and leaving spaces with fewer places than clients: throughput, p99, no space above its limit |
 //! | stripe webhooks | signed events posted to `POST /webhooks/stripe` (Stripe played by the test kit's stand-in in this process): events/s and p99 with 10 % duplicates, all new, all duplicates, and the dedupe insert alone |
 //! | real time | WebSocket connections held by one instance and the server's memory per idle one; a broadcast to many subscribers of one channel (delivered/s, publish-to-delivery p50/p99), on one instance and through two |
+//! | executions | the agents module's queue end to end (enqueue → claim → echo step → complete) by `cascade-bench worker` processes: executions/s with 1 and 4 workers, pickup latency at a steady rate, and the throughput run with worker processes SIGKILLed and restarted (every execution succeeded, each completed once) |
 //! | Redis outage | Redis killed for 10 s under load: failed requests, stale reads, recovery |
 //! | PostgreSQL restart | PostgreSQL stopped for 10 s under load: how fast refusals come, no acknowledged write lost, recovery |
 //!
@@ -29,6 +30,7 @@
 mod ceiling;
 mod citizens;
 mod client;
+mod executions;
 mod pg_restart;
 mod realtime;
 mod redis_outage;
@@ -63,7 +65,7 @@ pub struct Options {
     pub seconds: Option<u64>,
     pub connections: usize,
     pub out: PathBuf,
-    /// Only this scenario (`realtime`).
+    /// Only this scenario (`realtime`, `executions`).
     pub only: Option<String>,
 }
 
@@ -125,6 +127,8 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
 
     let rows = if options.only.as_deref() == Some("realtime") {
         realtime_rows(&suite).await?
+    } else if options.only.as_deref() == Some("executions") {
+        executions::run(&suite).await?
     } else {
         let mut rows = throughput::run(&suite).await?;
         let citizens = citizens::run(&suite).await?;
@@ -133,6 +137,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         rows.push(spaces::run(&suite).await?);
         rows.extend(webhooks::run(&suite).await?);
         rows.extend(realtime_rows(&suite).await?);
+        rows.extend(executions::run(&suite).await?);
         rows.push(redis_outage::run(&mut suite).await?);
         rows.push(pg_restart::run(&mut suite).await?);
         rows

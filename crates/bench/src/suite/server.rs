@@ -62,6 +62,9 @@ impl ServerProc {
             .env("ACCESS_TOKEN_TTL", "24h")
             .env("SESSION_DEFAULT_TTL", "24h")
             .env("PG_POOL_MAX", "32")
+            // The executions scenario runs workers of its own (`cascade-bench worker`), and
+            // counts them: none in the server.
+            .env("AGENTS_WORKERS", "0")
             .env("REDIS_TIMEOUT", "250ms")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

@@ -148,6 +148,12 @@ pub const CORE_MIGRATIONS: &[Migration] = &[
         "rate_limits",
         include_str!("../../migrations/0005_rate_limits.sql"),
     ),
+    Migration::new(
+        CORE_MODULE,
+        6,
+        "audit_log_owner",
+        include_str!("../../migrations/0006_audit_log_owner.sql"),
+    ),
 ];
 
 /// The core's module name. Its list, when given, comes first: modules build on its tables.
