@@ -32,7 +32,7 @@ fn each_invalid_value_is_refused_naming_its_variable() {
         ("PG_POOL_MAX", "-3", "whole number"),
         ("POSTGRES_POOL_MAX_SIZE", "lots", "whole number"),
         ("PORT", "eighty", "port"),
-        ("REDIS_URL", "http://localhost:6379", "redis://"),
+        ("REDIS_URL", "http://localhost:6379", "redis[s]://"),
         ("CACHE_TTLS_JSON", "{assets: 5}", "not valid JSON"),
         ("CACHE_TTLS_JSON", "{\"assets\": \"soon\"}", "milliseconds"),
         ("CACHE_DEFAULT_TTL", "forever", "duration"),
