@@ -377,6 +377,15 @@ pub async fn complete(
         )
         .await?;
     record_transitions(tx, &rows).await?;
+    for row in &rows {
+        let state = match row.get::<_, &str>(1) {
+            "queued" => "retried",
+            "succeeded" => "succeeded",
+            "cancelled" => "cancelled",
+            _ => "failed",
+        };
+        metrics::counter!(crate::worker::FINISHED, "state" => state).increment(1);
+    }
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 

@@ -41,6 +41,10 @@ pub const RESCUED: &str = "cascade_executions_rescued_total";
 pub const QUEUED: &str = "cascade_executions_queued";
 pub const RUNNING: &str = "cascade_executions_running";
 pub const OLDEST_QUEUED: &str = "cascade_executions_oldest_queued_seconds";
+/// Completed attempts by the state they left the execution in (label `state`).
+pub const FINISHED: &str = "cascade_executions_finished_total";
+/// The values of [`FINISHED`]'s `state` label (`retried`: a failed attempt requeued).
+pub const FINISHED_STATES: [&str; 4] = ["succeeded", "failed", "cancelled", "retried"];
 
 /// Registers the workers' metrics' help texts, and zeroes so they are on `/metrics` at once.
 pub fn describe_metrics() {
@@ -61,8 +65,15 @@ pub fn describe_metrics() {
         OLDEST_QUEUED,
         "How long the oldest due queued execution has waited, in seconds (0: none)"
     );
+    metrics::describe_counter!(
+        FINISHED,
+        "Execution attempts completed by this instance's workers, by the state they left the execution in (retried: requeued after a failure)"
+    );
     metrics::counter!(COMPLETED).increment(0);
     metrics::counter!(RESCUED).increment(0);
+    for state in FINISHED_STATES {
+        metrics::counter!(FINISHED, "state" => state).increment(0);
+    }
 }
 
 /// What every worker of an instance shares.

@@ -81,6 +81,28 @@ async fn settle(cluster: &Cluster, bound: Duration) -> Vec<(String, i64)> {
 }
 
 /// Executions whose number of `execution.succeeded` audit rows is not exactly one.
+/// `cascade_executions_finished_total{state}` on `base`'s `/metrics`.
+async fn finished_metric(base: &str, state: &str) -> f64 {
+    let client =
+        cascade_core::upstream::http_client(Duration::from_secs(2), Duration::from_secs(10))
+            .expect("client");
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("/metrics")
+        .text()
+        .await
+        .expect("/metrics body");
+    let series = format!("cascade_executions_finished_total{{state=\"{state}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        .trim()
+        .parse()
+        .expect("a number")
+}
+
 async fn not_completed_once(cluster: &Cluster) -> i64 {
     cluster
         .count(
@@ -129,6 +151,13 @@ async fn executions_run_once_on_two_instances(extra: &[(&str, &str)]) {
     let states = settle(&cluster, Duration::from_secs(90)).await;
     assert_eq!(states, [("succeeded".to_string(), 440)]);
     assert_eq!(not_completed_once(&cluster).await, 0);
+    // The workers counted the completions by the state they left. The test's instances share
+    // the process's metrics registry with the other tests running beside it: at least these.
+    let counted = finished_metric(cluster.base(0), "succeeded").await;
+    assert!(
+        counted >= 440.0,
+        "cascade_executions_finished_total{{state=succeeded}} {counted}"
+    );
     // Claimed once each: `attempt` counts claims.
     assert_eq!(
         cluster
