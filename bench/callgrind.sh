@@ -6,7 +6,10 @@
 #
 # Rows: the bare axum ceiling (`cascade-bench bare`, everything it runs), `/bench/fixed/N`
 # through Cascade's middleware and a hot `GET /listings/{id}` (in-process cache hits) — for
-# Cascade, what its connection tasks run (`--toggle-collect`), so startup is not counted.
+# Cascade, what its connections run (`--toggle-collect` on hyper's connection future, which
+# the accept loop polls: reading, parsing, the service, writing), so startup is not counted.
+# (Until issue 13's third round the toggle named hyper-util's `GracefulConnectionFuture`, which
+# the accept loop stopped using with issue 17: the script counted nothing since.)
 # Each row is counted after a 2-second warm-up (callgrind_control --zero): the steady state.
 # Usage: bench/callgrind.sh [seconds per row, default 8]
 # CASCADE_BENCH=/path/to/an/older/cascade-bench measures that build instead (the "before" column).
@@ -84,10 +87,12 @@ request = function()
 end
 EOF
 
+# Exactly this name: a pattern that also matched a wrapper's `poll` would toggle twice.
+connection='<hyper::server::conn::http1::UpgradeableConnection<I,S> as core::future::future::Future>::poll'
 echo "| row ($size-byte bodies) | requests | instructions per request |"
 echo "|---|---|---|"
 count "ceiling: bare axum (whole process)" /fixed "$bench_bin" bare --bytes "$size"
 count "/bench/fixed/$size through the middleware" "/bench/fixed/$size" \
-    --toggle-collect='*GracefulConnectionFuture*poll*' --collect-atstart=no "$bench_bin" serve
+    --toggle-collect="$connection" --collect-atstart=no "$bench_bin" serve
 count "hot GET /listings/{id} (100 ids, in-process hits)" "$work/hot.lua" \
-    --toggle-collect='*GracefulConnectionFuture*poll*' --collect-atstart=no "$bench_bin" serve
+    --toggle-collect="$connection" --collect-atstart=no "$bench_bin" serve

@@ -16,8 +16,11 @@ use cascade_http::ApiError;
 /// Bodies above this are refused: the route exists to mirror an API answer, not to stream.
 const FIXED_MAX: usize = 1 << 20;
 
+/// The route's path template.
+pub const PATH: &str = "/bench/fixed/{bytes}";
+
 pub fn router() -> Router {
-    Router::new().route("/bench/fixed/{bytes}", get(fixed))
+    Router::new().route(PATH, get(fixed))
 }
 
 /// `bytes` bytes of JSON (a string of `x`).

@@ -35,7 +35,18 @@ pub async fn run(settings: Settings, migrate: bool) -> anyhow::Result<ExitCode> 
     println!("cascade-bench listening on http://{local}");
     let catalog = CatalogModule::new(app.settings.catalog.clone()).state(&app.state);
     let bench = crate::fixed::router().merge(bench_routes::router().with_state(catalog));
-    app.serve_with(listener, bench, cascade_server::process::termination())
-        .await?;
+    // Their path templates, the metrics' route labels.
+    let paths = [
+        crate::fixed::PATH,
+        bench_routes::LISTINGS,
+        bench_routes::BUNDLE,
+    ];
+    app.serve_with(
+        listener,
+        bench,
+        &paths,
+        cascade_server::process::termination(),
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -14,10 +14,14 @@ use crate::CatalogState;
 use crate::http_cache::{self, IfNoneMatch, respond_uncached};
 use crate::queries;
 
+/// The routes' path templates.
+pub const LISTINGS: &str = "/bench/pg/listings/{version}";
+pub const BUNDLE: &str = "/bench/pg/bundle";
+
 pub fn router() -> Router<CatalogState> {
     Router::new()
-        .route("/bench/pg/listings/{version}", get(pg_asset))
-        .route("/bench/pg/bundle", get(pg_bundle))
+        .route(LISTINGS, get(pg_asset))
+        .route(BUNDLE, get(pg_bundle))
 }
 
 /// `GET /listings/{version}` without the cache: the same statement, the same ETag work.

@@ -25,6 +25,13 @@ impl VersionId {
         parse_id(field, raw).map(VersionId)
     }
 
+    /// [`parse`](Self::parse) of a string the caller owns (a path parameter), kept without a
+    /// copy.
+    pub fn parse_owned(field: &'static str, raw: String) -> Result<VersionId, CatalogError> {
+        check_id(field, &raw)?;
+        Ok(VersionId(raw))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -57,6 +64,11 @@ pub const ID_PUNCTUATION: &str = "-_.:@/+=~";
 pub const ID_CHARACTERS: &str = "ASCII letters, digits and - _ . : @ / + = ~";
 
 fn parse_id(field: &'static str, raw: &str) -> Result<String, CatalogError> {
+    check_id(field, raw)?;
+    Ok(raw.to_string())
+}
+
+fn check_id(field: &'static str, raw: &str) -> Result<(), CatalogError> {
     if raw.is_empty() || raw.len() > MAX_ID_BYTES {
         return Err(CatalogError::bad_request(
             field,
@@ -72,7 +84,7 @@ fn parse_id(field: &'static str, raw: &str) -> Result<String, CatalogError> {
             format!("{field}: may contain only {ID_CHARACTERS}"),
         ));
     }
-    Ok(raw.to_string())
+    Ok(())
 }
 
 /// A non-empty display name of at most 1,000 bytes, trimmed, without control characters
@@ -651,6 +663,11 @@ mod tests {
     #[test]
     fn ids_refuse_empty_long_and_white_space() {
         assert!(VersionId::parse("versionId", "ds-1@v2").is_ok());
+        assert_eq!(
+            VersionId::parse_owned("versionId", "ds-1@v2".into()).unwrap(),
+            VersionId::parse("versionId", "ds-1@v2").unwrap()
+        );
+        assert!(VersionId::parse_owned("versionId", "a b".into()).is_err());
         assert!(VersionId::parse("versionId", "").is_err());
         assert!(VersionId::parse("versionId", "a b").is_err());
         assert!(VersionId::parse("versionId", &"x".repeat(257)).is_err());

@@ -53,7 +53,7 @@ pub async fn asset(
     Path(version): Path<String>,
     if_none_match: IfNoneMatch,
 ) -> Result<Response, ApiError> {
-    let version = VersionId::parse("versionId", &version)?;
+    let version = VersionId::parse_owned("versionId", version)?;
     let body = cached(&state, ASSETS, version.as_str(), &[], |state| {
         let version = version.clone();
         async move { queries::asset(&state.db.conn().await?, version.as_str()).await }

@@ -22,6 +22,7 @@ use cascade_http::{AppState, Module};
 use cascade_realtime::{Realtime, RealtimeModule};
 use tokio::net::TcpListener;
 
+use crate::http::App;
 use crate::http::live::Live;
 use crate::http::metrics::Metrics;
 use crate::settings::Settings;
@@ -193,20 +194,21 @@ impl Application {
     }
 
     /// The whole HTTP application, every module's routes behind the shared middleware.
-    pub fn router(&self) -> Router {
-        self.router_with(Router::new())
+    pub fn router(&self) -> App {
+        self.router_with(Router::new(), &[])
     }
 
     /// [`router`](Self::router) plus `extra` routes behind the same middleware (the
-    /// benchmark's `/bench/*`, which only `cascade-bench` adds).
-    pub fn router_with(&self, extra: Router) -> Router {
+    /// benchmark's `/bench/*`, which only `cascade-bench` adds), `extra_paths` their path
+    /// templates (the metrics' route labels).
+    pub fn router_with(&self, extra: Router, extra_paths: &[&str]) -> App {
         let server = ServerState {
             app: self.state.clone(),
             metrics: self.metrics.clone(),
             live: self.live.clone(),
             realtime: self.realtime.clone(),
         };
-        crate::http::app(&server, &self.modules, extra)
+        crate::http::app(&server, &self.modules, extra, extra_paths)
     }
 
     /// Serves on `listener` until `shutdown` resolves, drains in-flight requests for at most
@@ -216,7 +218,8 @@ impl Application {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        self.serve_with(listener, Router::new(), shutdown).await
+        self.serve_with(listener, Router::new(), &[], shutdown)
+            .await
     }
 
     /// [`serve`](Self::serve) with `extra` routes (see [`router_with`](Self::router_with)).
@@ -224,10 +227,11 @@ impl Application {
         self,
         listener: TcpListener,
         extra: Router,
+        extra_paths: &[&str],
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let http = self.state.config.http.clone();
-        let router = self.router_with(extra);
+        let router = self.router_with(extra, extra_paths);
         let served = crate::serve(listener, router, shutdown, &http).await;
         // Writes whose clients hung up may still be running: let them finish (and invalidate)
         // before the pool closes.

@@ -36,14 +36,12 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::body::Body;
 use cascade_core::config::HttpConfig;
 use hyper::body::Incoming;
@@ -53,6 +51,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
+
+use crate::http::App;
 
 /// The two deadlines of a connection.
 #[derive(Debug, Clone, Copy)]
@@ -66,7 +66,7 @@ struct Deadlines {
 /// `SHUTDOWN_TIMEOUT` (idle connections close at once), and returns.
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
     http: &HttpConfig,
 ) -> io::Result<()> {
@@ -77,7 +77,6 @@ pub async fn serve(
     warn_if_above_open_file_limit(http.max_connections);
     let places = Arc::new(Semaphore::new(http.max_connections));
     let (draining, drain_signal) = watch::channel(false);
-    let make_service = app.into_make_service_with_connect_info::<SocketAddr>();
     let mut builder = http1::Builder::new();
     // Explicitly off (our watchdog keeps the deadlines; see the module's doc). Left at its
     // default, hyper would warn on every connection that it has no timer.
@@ -103,12 +102,8 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        // The router with the peer's address (`ConnectInfo`, which the rate limiter reads).
-        let router = make_service
-            .clone()
-            .oneshot(peer)
-            .await
-            .unwrap_or_else(|never| match never {});
+        // The application with the peer's address (`ConnectInfo`, which the rate limiter reads).
+        let router = app.for_peer(peer);
         let activity = Arc::new(Activity::default());
         let service = hyper::service::service_fn({
             let activity = activity.clone();

@@ -6,7 +6,8 @@
 //! - [`auth`]: accounts, sessions and tokens over HTTP;
 //! - [`process`]: logging set-up and the termination signals of the binaries;
 //! - [`testing`]: the real application in-process on a free port, for the modules' tests;
-//! - [`serve`]: run a router on a listener until a shutdown signal, draining in-flight requests;
+//! - [`serve`]: run the application ([`http::App`]) on a listener until a shutdown signal,
+//!   draining in-flight requests;
 //!   every connection under a header and an idle deadline, their number capped
 //!   (`connections`).
 //!

@@ -121,6 +121,7 @@ impl Inner {
         self.bump(&[]);
         if let Some(memory) = &self.memory {
             self.tag_index.invalidate_all(memory);
+            self.front.changed();
         }
     }
 
@@ -137,6 +138,7 @@ impl Inner {
                 memory.invalidate(key);
             }
             self.tag_index.invalidate(memory, tags);
+            self.front.changed();
         }
     }
 }
@@ -170,6 +172,7 @@ impl Cache {
                     delta_ms: 0,
                 },
             );
+            self.inner.front.changed();
         }
         if let Some(shared) = self.shared_tier().await {
             let counters = self.inner.stats.ns(namespace);
@@ -283,6 +286,7 @@ impl Cache {
             if !tags.is_empty() {
                 self.inner.tag_index.invalidate(memory, tags);
             }
+            self.inner.front.changed();
         }
     }
 

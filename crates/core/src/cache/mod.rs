@@ -28,6 +28,7 @@
 //! | `tier.rs`, `redis_tier.rs`, `pg_tier.rs` | the shared tier and its two backends |
 //! | `bus.rs` | keeping the instances' in-process tiers coherent |
 //! | `tag_index.rs`, `marks.rs` | which keys carry a tag; what was invalidated when |
+//! | `front.rs` | each worker thread's copies of the in-process entries it read last |
 //! | `breaker.rs`, `stats.rs` | the shared tier's circuit breaker; per-namespace counters |
 //! | `unified.rs` | copying Redis's entries into PostgreSQL (`cascade migrate-to-unified`) |
 
@@ -35,6 +36,7 @@ mod batcher;
 mod breaker;
 pub(crate) mod bus;
 mod codec;
+mod front;
 mod invalidate;
 mod lease;
 mod marks;
@@ -237,6 +239,9 @@ pub(crate) struct Inner {
     bus_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     options: EngineOptions,
     memory: Option<Moka<String, MemEntry>>,
+    /// Each worker thread's copies of the entries it read last (`front.rs`); told of every
+    /// change to `memory`.
+    front: front::Front,
     /// Which in-process keys carry each tag (`tag_index.rs`).
     tag_index: TagIndex,
     shared: Option<SharedTier>,
@@ -303,6 +308,7 @@ impl Cache {
                 config,
                 options,
                 memory,
+                front: front::Front::default(),
                 tag_index: TagIndex::default(),
                 shared,
                 flights: Mutex::default(),

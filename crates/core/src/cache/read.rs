@@ -166,7 +166,7 @@ impl Cache {
         if self.inner.bus.as_ref().is_some_and(|bus| !bus.trusted()) {
             return None;
         }
-        let entry = self.inner.memory.as_ref()?.get(full)?;
+        let entry = self.inner.front.get(self.inner.memory.as_ref()?, full)?;
         add(&counters.near_hits, 1);
         if entry.bytes.is_none() {
             add(&counters.negative_hits, 1);
@@ -349,6 +349,7 @@ impl<'a> ReadCtx<'a> {
         if self.invalidated_since(started_epoch) {
             memory.invalidate(&self.full);
         }
+        inner.front.changed();
     }
 
     fn invalidated_since(&self, epoch: u64) -> bool {

@@ -13,7 +13,15 @@
 //! - an error response not already JSON is rebuilt in the JSON error shape on the way out.
 //!
 //! The rate-limit headers' slot is inserted only where a limit can apply: requests with
-//! credentials and every method but `GET`/`HEAD`/`OPTIONS` (`cascade_http::auth::enforce`).
+//! credentials and every method but `GET`/`HEAD`/`OPTIONS` (`cascade_http::auth::enforce`);
+//! so is the peer's address (`ConnectInfo`), which only the limits and the sessions read.
+//!
+//! The edge wraps the whole router once ([`App`]), not each route: `Router::layer` layers
+//! every route's service, and axum then clones that layered service and boxes its future
+//! per request, on top of the route's own. The route label of the metrics, which the router
+//! would give as `MatchedPath`, comes from the edge's own table of the router's path
+//! templates ([`RouteTable`]): the OpenAPI document's paths, which a test keeps equal to the
+//! router's, and the benchmark's extra routes.
 //!
 //! The edge also holds what the layers below it used to do for every request, and pays for
 //! each only where it can matter (issue 13; `bench/callgrind.sh` counted each):
@@ -31,15 +39,17 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::hash::BuildHasherDefault;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::BoxError;
+use axum::Router;
 use axum::body::{Body, Bytes, HttpBody};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request};
 use axum::http::{HeaderValue, Method, Response, StatusCode, header};
 use cascade_core::metrics as m;
 use cascade_http::auth::RateSlot;
@@ -57,19 +67,44 @@ const MAX_CLIENT_REQUEST_ID: usize = 128;
 /// per path.
 const UNMATCHED: &str = "unmatched";
 
+/// The router's path templates (`/listings/{version_id}`), each one `Arc` the metrics'
+/// per-thread handles are keyed by (see [`record`]).
+#[derive(Default)]
+pub struct RouteTable(matchit::Router<Arc<str>>);
+
+impl RouteTable {
+    pub fn new<'a>(templates: impl IntoIterator<Item = &'a str>) -> RouteTable {
+        let mut table = matchit::Router::new();
+        for template in templates {
+            // The router refused conflicting routes already; a template twice is harmless.
+            if let Err(err) = table.insert(template, Arc::from(template)) {
+                tracing::debug!(template, error = %err, "route template not added to the table");
+            }
+        }
+        RouteTable(table)
+    }
+
+    /// The template `path` matches, as the router would match it.
+    fn at(&self, path: &str) -> Option<Arc<str>> {
+        self.0.at(path).ok().map(|m| m.value.clone())
+    }
+}
+
 /// The edge, with the request deadline (`REQUEST_TIMEOUT`) and body limit
-/// (`BODY_LIMIT_BYTES`) it enforces.
-#[derive(Debug, Clone, Copy)]
+/// (`BODY_LIMIT_BYTES`) it enforces and the route table it labels metrics by.
+#[derive(Clone)]
 pub struct EdgeLayer {
     timeout: Duration,
     body_limit: DefaultBodyLimit,
+    routes: Arc<RouteTable>,
 }
 
 impl EdgeLayer {
-    pub fn new(timeout: Duration, body_limit_bytes: usize) -> EdgeLayer {
+    pub fn new(timeout: Duration, body_limit_bytes: usize, routes: RouteTable) -> EdgeLayer {
         EdgeLayer {
             timeout,
             body_limit: DefaultBodyLimit::max(body_limit_bytes),
+            routes: Arc::new(routes),
         }
     }
 }
@@ -84,7 +119,29 @@ impl<S> Layer<S> for EdgeLayer {
                 .layer(inner),
             timeout: self.timeout,
             body_limit: self.body_limit,
+            routes: self.routes.clone(),
+            peer: None,
         }
+    }
+}
+
+/// The whole application: the router behind the edge. Cloned per request (two `Arc`s).
+pub type App = Edge<Router>;
+
+impl App {
+    /// This application for the connection from `peer`, which requests a limit can apply to
+    /// are given as `ConnectInfo`.
+    pub fn for_peer(&self, peer: SocketAddr) -> App {
+        let mut app = self.clone();
+        app.peer = Some(peer);
+        app
+    }
+}
+
+/// The router's own rendering: its route table (the OpenAPI test reads the paths from it).
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.get_ref().fmt(f)
     }
 }
 
@@ -95,6 +152,8 @@ pub struct Edge<S> {
     inner: Compression<S, Compressible>,
     timeout: Duration,
     body_limit: DefaultBodyLimit,
+    routes: Arc<RouteTable>,
+    peer: Option<SocketAddr>,
 }
 
 impl<S, B> Service<Request> for Edge<S>
@@ -122,10 +181,14 @@ where
                 id
             }
         };
-        let rate_slot =
-            may_be_limited(&request).then(|| RateSlot::attach(request.extensions_mut()));
+        let rate_slot = may_be_limited(&request).then(|| {
+            if let Some(peer) = self.peer {
+                request.extensions_mut().insert(ConnectInfo(peer));
+            }
+            RateSlot::attach(request.extensions_mut())
+        });
         let method = method_label(request.method());
-        let route = request.extensions().get::<MatchedPath>().cloned();
+        let route = self.routes.at(request.uri().path());
         let span = tracing::info_span!(
             "request",
             method = %request.method(),
@@ -224,7 +287,7 @@ pin_project_lite::pin_project! {
         id: Option<HeaderValue>,
         rate_slot: Option<RateSlot>,
         method: &'static str,
-        route: Option<MatchedPath>,
+        route: Option<Arc<str>>,
     }
 }
 
@@ -267,7 +330,7 @@ where
         }
         let status = response.status();
         let elapsed = this.started.elapsed();
-        let route = this.route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
+        let route = this.route.as_deref().unwrap_or(UNMATCHED);
         record(this.method, route, status.as_u16(), elapsed.as_secs_f64());
         if status.is_server_error() {
             tracing::error!(status = status.as_u16(), latency = ?elapsed, "response failed");
@@ -399,10 +462,10 @@ struct Handles {
     duration: Histogram,
 }
 
-/// Hashes the address of a route's text: axum hands every request of a route a clone of the
-/// same `Arc<str>`, so its address names the route without hashing the text. An address
-/// reused by another router's route after the first was dropped is told apart by the text
-/// each entry keeps.
+/// Hashes the address of a route's text: the route table hands every request of a route a
+/// clone of the same `Arc<str>`, so its address names the route without hashing the text. An
+/// address reused by another table's route after the first was dropped is told apart by the
+/// text each entry keeps.
 #[derive(Default)]
 struct AddressHasher(u64);
 
@@ -496,7 +559,8 @@ mod tests {
             .route("/json", get(json))
             .route("/slow", get(slow))
             .route("/echo", post(|body: Bytes| async move { body }));
-        EdgeLayer::new(Duration::from_millis(200), 64).layer(router)
+        let routes = RouteTable::new(["/json", "/slow", "/echo"]);
+        EdgeLayer::new(Duration::from_millis(200), 64, routes).layer(router)
     }
 
     async fn send(request: Request) -> Response<Body> {
@@ -565,14 +629,13 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_handler_answers_500_in_the_json_shape_with_a_request_id() {
         use tower::ServiceExt;
-        let service = EdgeLayer::new(Duration::from_secs(30), 1 << 20).layer(tower::service_fn(
-            |_: Request| async {
+        let service = EdgeLayer::new(Duration::from_secs(30), 1 << 20, RouteTable::default())
+            .layer(tower::service_fn(|_: Request| async {
                 if true {
                     panic!("boom");
                 }
                 Ok::<_, Infallible>(Response::new(Body::empty()))
-            },
-        ));
+            }));
         let response = service.oneshot(Request::new(Body::empty())).await.unwrap();
         assert_eq!(response.status(), 500);
         assert!(response.headers().contains_key(&REQUEST_ID));
@@ -587,9 +650,11 @@ mod tests {
     async fn a_clients_request_id_is_kept_unless_it_is_too_long() {
         use tower::ServiceExt;
         let echo = || {
-            EdgeLayer::new(Duration::from_secs(30), 1 << 20).layer(tower::service_fn(
-                |_: Request| async { Ok::<_, Infallible>(Response::new(Body::empty())) },
-            ))
+            EdgeLayer::new(Duration::from_secs(30), 1 << 20, RouteTable::default()).layer(
+                tower::service_fn(|_: Request| async {
+                    Ok::<_, Infallible>(Response::new(Body::empty()))
+                }),
+            )
         };
         for (sent, kept) in [("abc-123".to_string(), true), ("x".repeat(4096), false)] {
             let mut request = Request::new(Body::empty());
@@ -600,6 +665,58 @@ mod tests {
             let answered = response.headers()[&REQUEST_ID].to_str().unwrap();
             assert_eq!(answered == sent, kept, "{} bytes", sent.len());
             assert!(answered.len() <= MAX_CLIENT_REQUEST_ID);
+        }
+    }
+
+    #[test]
+    fn the_route_table_labels_paths_by_template_and_unknown_paths_not_at_all() {
+        let table = RouteTable::new(["/listings", "/listings/{version_id}", "/health"]);
+        let label = |path: &str| table.at(path).map(|t| t.to_string());
+        assert_eq!(
+            label("/listings/abc").as_deref(),
+            Some("/listings/{version_id}")
+        );
+        assert_eq!(label("/listings").as_deref(), Some("/listings"));
+        assert_eq!(label("/listings/abc/more"), None);
+        assert_eq!(label("/no/such/route"), None);
+        let (a, b) = (
+            table.at("/listings/a").unwrap(),
+            table.at("/listings/b").unwrap(),
+        );
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "one Arc per template: metric handles are keyed by it"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_peer_address_reaches_the_requests_a_limit_can_apply_to() {
+        use tower::ServiceExt;
+        let peer = |request: Request| async move {
+            let info = request.extensions().get::<ConnectInfo<SocketAddr>>();
+            info.map_or("none".to_string(), |ConnectInfo(addr)| addr.to_string())
+        };
+        let router = axum::Router::new().route("/peer", axum::routing::any(peer));
+        let edge = EdgeLayer::new(Duration::from_secs(30), 1 << 20, RouteTable::new(["/peer"]))
+            .layer(router)
+            .for_peer("10.1.2.3:4567".parse().unwrap());
+        let ask = |method: Method, token: bool| {
+            let mut request = Request::builder().method(method).uri("/peer");
+            if token {
+                request = request.header(header::AUTHORIZATION, "Bearer x");
+            }
+            edge.clone().oneshot(request.body(Body::empty()).unwrap())
+        };
+        for (method, token, seen) in [
+            (Method::GET, false, "none"),
+            (Method::GET, true, "10.1.2.3:4567"),
+            (Method::POST, false, "10.1.2.3:4567"),
+        ] {
+            let response = ask(method.clone(), token).await.unwrap();
+            let body = axum::body::to_bytes(response.into_body(), 1024)
+                .await
+                .unwrap();
+            assert_eq!(body, seen.as_bytes(), "{method} with a token: {token}");
         }
     }
 

@@ -21,36 +21,50 @@ use std::time::Duration;
 
 use axum::Router;
 use cascade_http::{Module, SearchProvider};
+use tower::Layer;
 
 use crate::state::ServerState;
+
+pub use edge::App;
 
 /// Every module's search providers, in module order (`GET /search`'s `types`).
 pub fn search_providers(modules: &[Arc<dyn Module>]) -> Vec<Arc<dyn SearchProvider>> {
     modules.iter().flat_map(|m| m.search_providers()).collect()
 }
 
-/// The whole application as a `Router`, ready for `axum::serve` or for `oneshot` in tests.
-/// `extra` routes go behind the same middleware: only `cascade-bench` passes any (its
+/// The whole application, the router behind the edge, ready for [`serve`](crate::serve) or
+/// for `oneshot` in tests. `extra` routes (with their path templates, `extra_paths`, which
+/// label their metrics) go behind the same middleware: only `cascade-bench` passes any (its
 /// `/bench/*` routes), so the product's router never has them, whatever cargo features a
 /// workspace build merges.
-pub fn app(state: &ServerState, modules: &[Arc<dyn Module>], extra: Router) -> Router {
+pub fn app(
+    state: &ServerState,
+    modules: &[Arc<dyn Module>],
+    extra: Router,
+    extra_paths: &[&str],
+) -> App {
     let http = &state.app.config.http;
     let request_timeout: Duration = http.request_timeout;
     let body_limit = http.body_limit_bytes;
+    let document = openapi::document(modules);
     let mut router = Router::new()
         .merge(health::router().with_state(state.app.clone()))
         .merge(metrics::router().with_state(state.clone()))
         .merge(dashboard::router())
         .merge(statements::router().with_state(state.app.clone()))
         .merge(crate::auth::router().with_state(state.app.clone()))
-        .merge(openapi::router(&openapi::document(modules)))
+        .merge(openapi::router(&document))
         .merge(docs::router())
         .merge(search::router(state.app.clone(), search_providers(modules)))
         .merge(extra);
     for module in modules {
         router = router.merge(module.router(&state.app));
     }
-    // One layer (edge.rs): request id, span, metrics, JSON errors, rate-limit headers,
-    // compression for clients that ask, the request deadline (504) and the body limit (413).
-    router.layer(edge::EdgeLayer::new(request_timeout, body_limit))
+    // One layer around the whole router (edge.rs): request id, span, metrics, JSON errors,
+    // rate-limit headers, compression for clients that ask, the request deadline (504) and
+    // the body limit (413). Its route labels are the documented paths (the OpenAPI test keeps
+    // them equal to the router's) and the extra routes'.
+    let templates = document.paths.paths.keys().map(String::as_str);
+    let routes = edge::RouteTable::new(templates.chain(extra_paths.iter().copied()));
+    edge::EdgeLayer::new(request_timeout, body_limit, routes).layer(router)
 }

@@ -1,0 +1,229 @@
+//! A per-thread front of the in-process tier: the entries a worker thread read last, checked
+//! before moka.
+//!
+//! moka's `get` hashes the key with SipHash, pins an epoch, reads its clock, asks the expiry
+//! policy and queues the read for its eviction policy: about 1,400 instructions a hit, more
+//! than the rest of a cached read's handler (issue 13, `bench/callgrind.sh`). A front hit is
+//! one hash-map probe, one atomic load and one clock read.
+//!
+//! It answers exactly what moka would, because it never outlives what could change moka's
+//! answer:
+//!
+//! - every change to the tier (insert, key or tag invalidation, flush) is followed by a bump of
+//!   the engine's front generation ([`Front::changed`]), and a front entry is served only under
+//!   the generation read *before* the moka read that filled it: a read that raced with a
+//!   change sees the bump on its next lookup, and an invalidation returns only after its bump;
+//! - an entry is served only before its own expiry (the TTL moka gives it) and while the clock
+//!   has not gone back since it was copied;
+//! - the bus's trust is checked before the front, as before moka.
+//!
+//! What moka evicts for room can still be answered here (it is not stale: nothing invalidated
+//! it), so the front is bounded on its own: at most [`FRONT_ENTRIES`] entries and
+//! [`FRONT_BYTES`] of bodies per thread (emptied when either is reached), bodies above
+//! [`FRONT_MAX_BODY`] are not kept. Its bodies are the same allocations as moka's while moka
+//! keeps them.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use moka::sync::Cache as Moka;
+
+use super::MemEntry;
+use super::codec::now_ms;
+
+/// Entries per thread before the front is emptied.
+pub(crate) const FRONT_ENTRIES: usize = 4096;
+/// Bytes of bodies per thread before the front is emptied.
+pub(crate) const FRONT_BYTES: usize = 4 << 20;
+/// Bodies larger than this are read from moka each time.
+pub(crate) const FRONT_MAX_BODY: usize = 16 << 10;
+
+/// One engine's side of the front: its identity (threads' fronts are shared by every engine of
+/// the process; tests run several) and its generation.
+pub(crate) struct Front {
+    engine: u64,
+    generation: AtomicU64,
+}
+
+struct Slot {
+    engine: u64,
+    generation: u64,
+    /// Wall-clock ms when copied, and the entry's expiry.
+    copied_ms: u64,
+    entry: MemEntry,
+}
+
+#[derive(Default)]
+struct Entries {
+    map: HashMap<String, Slot, BuildHasherDefault<KeyHasher>>,
+    bytes: usize,
+}
+
+thread_local! {
+    static ENTRIES: RefCell<Entries> = RefCell::default();
+}
+
+impl Default for Front {
+    fn default() -> Front {
+        static ENGINES: AtomicU64 = AtomicU64::new(0);
+        Front {
+            engine: ENGINES.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Front {
+    /// After any change to the tier: every thread's copies taken before it are dropped on
+    /// their next lookup.
+    pub(crate) fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// `memory`'s entry for `full`, from this thread's front when it holds a current copy.
+    pub(crate) fn get(&self, memory: &Moka<String, MemEntry>, full: &str) -> Option<MemEntry> {
+        // Read before moka: a change after this read bumps past it.
+        let generation = self.generation.load(Ordering::SeqCst);
+        let now = now_ms();
+        let held = ENTRIES.with_borrow(|entries| {
+            let slot = entries.map.get(full)?;
+            (slot.engine == self.engine
+                && slot.generation == generation
+                && slot.copied_ms <= now
+                && now < slot.entry.expires_at_ms)
+                .then(|| slot.entry.clone())
+        });
+        if held.is_some() {
+            return held;
+        }
+        let entry = memory.get(full)?;
+        let size = entry.bytes.as_ref().map_or(0, |b| b.len());
+        if size <= FRONT_MAX_BODY {
+            ENTRIES.with_borrow_mut(|entries| {
+                if entries.map.len() >= FRONT_ENTRIES || entries.bytes + size > FRONT_BYTES {
+                    entries.map.clear();
+                    entries.bytes = 0;
+                }
+                let slot = Slot {
+                    engine: self.engine,
+                    generation,
+                    copied_ms: now,
+                    entry: entry.clone(),
+                };
+                entries.bytes += size;
+                if let Some(old) = entries.map.insert(full.to_string(), slot) {
+                    entries.bytes -= old.entry.bytes.as_ref().map_or(0, |b| b.len());
+                }
+            });
+        }
+        Some(entry)
+    }
+}
+
+/// FxHash-style: eight bytes per multiply. A key's spelling is client-chosen, but a collision
+/// here costs only a longer probe in one thread's small map.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let word = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(K);
+        }
+        let mut tail = [0u8; 8];
+        let rest = chunks.remainder();
+        tail[..rest.len()].copy_from_slice(rest);
+        self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(tail) ^ (bytes.len() as u64))
+            .wrapping_mul(K);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn entry(body: &str, ttl: Duration) -> MemEntry {
+        MemEntry {
+            bytes: Some(Arc::from(body.as_bytes())),
+            etag: Arc::default(),
+            tags: Arc::from(Vec::<String>::new()),
+            ttl,
+            expires_at_ms: now_ms() + ttl.as_millis() as u64,
+            delta_ms: 0,
+        }
+    }
+
+    fn memory() -> Moka<String, MemEntry> {
+        Moka::builder().max_capacity(1000).build()
+    }
+
+    fn body(entry: Option<MemEntry>) -> Option<String> {
+        entry.and_then(|e| e.bytes.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    #[test]
+    fn a_change_announced_after_it_is_seen_by_the_next_read() {
+        let (front, memory) = (Front::default(), memory());
+        memory.insert("k".into(), entry("old", Duration::from_secs(60)));
+        assert_eq!(body(front.get(&memory, "k")).as_deref(), Some("old"));
+        memory.insert("k".into(), entry("new", Duration::from_secs(60)));
+        front.changed();
+        assert_eq!(body(front.get(&memory, "k")).as_deref(), Some("new"));
+        memory.invalidate("k");
+        front.changed();
+        assert_eq!(body(front.get(&memory, "k")), None);
+    }
+
+    #[test]
+    fn engines_do_not_answer_from_each_others_copies() {
+        let (a, b) = (Front::default(), Front::default());
+        let (memory_a, memory_b) = (memory(), memory());
+        memory_a.insert("k".into(), entry("a", Duration::from_secs(60)));
+        assert_eq!(body(a.get(&memory_a, "k")).as_deref(), Some("a"));
+        assert_eq!(body(b.get(&memory_b, "k")), None);
+    }
+
+    #[test]
+    fn a_copy_is_not_served_past_its_entrys_expiry() {
+        let (front, memory) = (Front::default(), memory());
+        let mut short = entry("short", Duration::from_secs(60));
+        short.expires_at_ms = now_ms() + 50;
+        memory.insert("k".into(), short);
+        assert_eq!(body(front.get(&memory, "k")).as_deref(), Some("short"));
+        // moka still holds it (its own TTL is 60 s): the copy's expiry alone decides.
+        std::thread::sleep(Duration::from_millis(80));
+        memory.invalidate("k");
+        assert_eq!(
+            body(front.get(&memory, "k")),
+            None,
+            "served an expired copy"
+        );
+    }
+
+    #[test]
+    fn the_front_stays_within_its_bounds() {
+        let (front, memory) = (Front::default(), memory());
+        for i in 0..FRONT_ENTRIES + 10 {
+            let key = format!("k{i}");
+            memory.insert(key.clone(), entry("x", Duration::from_secs(60)));
+            front.get(&memory, &key);
+        }
+        ENTRIES.with_borrow(|e| assert!(e.map.len() <= FRONT_ENTRIES));
+        let big = "y".repeat(FRONT_MAX_BODY + 1);
+        memory.insert("big".into(), entry(&big, Duration::from_secs(60)));
+        front.get(&memory, "big");
+        ENTRIES.with_borrow(|e| assert!(!e.map.contains_key("big")));
+    }
+}
