@@ -111,6 +111,12 @@ pub fn tls(database: &DatabaseConfig, redis: Option<&RedisConfig>) -> Vec<Findin
                     redis.display
                 ),
             ),
+            Ok(redis::ConnectionAddr::TcpTls { insecure: true, .. }) => warn(
+                "redis tls",
+                "rediss://…#insecure encrypts without checking whose certificate it is: a \
+                 machine in the middle can pose as Redis; drop #insecure (REDIS_CA_CERT for a \
+                 private CA)",
+            ),
             Ok(redis::ConnectionAddr::TcpTls { .. }) => ok("redis tls", "rediss:// (TLS)"),
             _ => ok("redis tls", format!("{} is this machine", redis.display)),
         });
@@ -249,25 +255,36 @@ pub async fn postgres(
 
 /// Redis's memory limit, eviction policy and persistence against what the cache needs.
 pub async fn redis(redis: &Redis) -> Vec<Finding> {
-    let mut cmd = redis::cmd("CONFIG");
-    cmd.arg("GET")
-        .arg("maxmemory")
-        .arg("maxmemory-policy")
-        .arg("appendonly")
-        .arg("appendfsync")
-        .arg("save");
-    let settings: HashMap<String, String> = match redis.query(&cmd).await {
-        Ok(settings) => settings,
-        Err(err) => {
-            return vec![warn(
-                "redis config",
-                format!(
-                    "cannot read its settings ({err}; CONFIG may be renamed or not granted to \
-                     this user): check maxmemory and maxmemory-policy by hand"
-                ),
-            )];
+    // One name per CONFIG GET: several in one call need Redis 7.
+    let mut settings: HashMap<String, String> = HashMap::new();
+    let mut refused = None;
+    for name in [
+        "maxmemory",
+        "maxmemory-policy",
+        "appendonly",
+        "appendfsync",
+        "save",
+    ] {
+        match redis
+            .query::<HashMap<String, String>>(redis::cmd("CONFIG").arg("GET").arg(name))
+            .await
+        {
+            Ok(pair) => settings.extend(pair),
+            Err(err) => {
+                refused = Some(err);
+                break;
+            }
         }
-    };
+    }
+    if let Some(err) = refused {
+        return vec![warn(
+            "redis config",
+            format!(
+                "cannot read its settings ({err}; CONFIG may be renamed or not granted to \
+                 this user): check maxmemory and maxmemory-policy by hand"
+            ),
+        )];
+    }
     let get = |name: &str| settings.get(name).map(String::as_str).unwrap_or("");
     let mut findings = Vec::new();
     let limit: u64 = get("maxmemory").parse().unwrap_or(0);

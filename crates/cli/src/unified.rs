@@ -153,8 +153,10 @@ async fn migrate(
 /// there was none. Synced before anything is written, so a crash leaves the backup whole.
 fn write_backup(path: &Path, keys: &[String], before: &[Row]) -> std::io::Result<()> {
     let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let by_key: std::collections::HashMap<&str, &Row> =
+        before.iter().map(|r| (r.key.as_str(), r)).collect();
     for key in keys {
-        let row = before.iter().find(|r| &r.key == key).map(|r| {
+        let row = by_key.get(key.as_str()).map(|r| {
             json!({
                 "value_hex": hex(&r.value),
                 "tags": r.tags,

@@ -99,8 +99,17 @@ where
 
 /// The cache key of a query: the limit and the text (its own key: a query's text is never
 /// rewritten, so two spellings are two entries, and the answer is what that text finds).
+/// The text is keyed as the matching reads it (case and runs of spaces do not change an
+/// answer: full-text search and pg_trgm both fold case), so spellings of one query share one
+/// entry instead of each paying the ranking.
 pub fn cache_key(scope: &str, query: &SearchQuery) -> String {
-    format!("{scope}:{}:{}", query.limit, query.text)
+    let text = query
+        .text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase();
+    format!("{scope}:{}:{text}", query.limit)
 }
 
 /// The condition every provider's statement selects by, on the row alias `$alias` (a table
@@ -139,4 +148,26 @@ macro_rules! search_score {
             ".name))::float8"
         )
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SearchQuery, cache_key};
+
+    #[test]
+    fn spellings_of_one_query_share_a_cache_entry() {
+        let key = |text: &str, limit| {
+            cache_key(
+                "agents:7",
+                &SearchQuery {
+                    text: text.into(),
+                    limit,
+                },
+            )
+        };
+        assert_eq!(key("Machine  Learning", 20), key(" machine learning ", 20));
+        assert_eq!(key("A", 20), key("a", 20));
+        assert_ne!(key("machine", 20), key("machine", 10));
+        assert_ne!(key("machine learning", 20), key("machinelearning", 20));
+    }
 }

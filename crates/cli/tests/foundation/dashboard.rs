@@ -762,9 +762,17 @@ async fn dashboard_shows_the_agents_queue_and_the_slowest_statements() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let metrics = scrape(&served).await;
-        let queued = metrics.one("cascade_executions_queued", &[]);
+        // The gauge appears at the first maintenance tick: absent before it.
+        let queued = metrics
+            .matching("cascade_executions_queued", &[])
+            .map(|s| s.value)
+            .next()
+            .unwrap_or(0.0);
         let audit = metrics
-            .matching("cascade_pg_table_rows", &[("table", "audit_log")])
+            .matching(
+                "cascade_pg_table_rows",
+                &[("table", "cascade_audit.audit_log")],
+            )
             .map(|s| s.value)
             .next()
             .unwrap_or(0.0);
@@ -834,7 +842,10 @@ async fn dashboard_shows_the_agents_queue_and_the_slowest_statements() {
     );
     assert_eq!(
         dom.value("agents-audit-rows", None).1,
-        Some(metrics.one("cascade_pg_table_rows", &[("table", "audit_log")]))
+        Some(metrics.one(
+            "cascade_pg_table_rows",
+            &[("table", "cascade_audit.audit_log")]
+        ))
     );
     assert_eq!(
         dom.attribute("statements-status", "data-status"),

@@ -59,6 +59,11 @@ struct Slot {
 struct Entries {
     map: HashMap<String, Slot, BuildHasherDefault<KeyHasher>>,
     bytes: usize,
+    /// The engine and generation of the newest copy: a copy of another generation can never
+    /// be served again, so the map is emptied (its bodies freed, not held past moka's
+    /// eviction) before the first copy of a new generation goes in.
+    engine: u64,
+    generation: u64,
 }
 
 thread_local! {
@@ -102,9 +107,15 @@ impl Front {
         let size = entry.bytes.as_ref().map_or(0, |b| b.len());
         if size <= FRONT_MAX_BODY {
             ENTRIES.with_borrow_mut(|entries| {
-                if entries.map.len() >= FRONT_ENTRIES || entries.bytes + size > FRONT_BYTES {
+                let outdated = entries.engine != self.engine || entries.generation != generation;
+                if outdated
+                    || entries.map.len() >= FRONT_ENTRIES
+                    || entries.bytes + size > FRONT_BYTES
+                {
                     entries.map.clear();
                     entries.bytes = 0;
+                    entries.engine = self.engine;
+                    entries.generation = generation;
                 }
                 let slot = Slot {
                     engine: self.engine,
@@ -210,6 +221,25 @@ mod tests {
             None,
             "served an expired copy"
         );
+    }
+
+    #[test]
+    fn copies_of_an_old_generation_are_freed_not_kept_until_the_map_fills() {
+        let (front, memory) = (Front::default(), memory());
+        for key in ["a", "b", "c"] {
+            memory.insert(key.into(), entry(key, Duration::from_secs(60)));
+            front.get(&memory, key);
+        }
+        ENTRIES.with_borrow(|e| assert_eq!(e.map.len(), 3));
+        // A flush: moka lets go of the bodies, and so must this thread at its next copy.
+        memory.invalidate_all();
+        front.changed();
+        memory.insert("d".into(), entry("d", Duration::from_secs(60)));
+        front.get(&memory, "d");
+        ENTRIES.with_borrow(|e| {
+            assert_eq!(e.map.len(), 1, "old copies still held");
+            assert_eq!(e.bytes, 1);
+        });
     }
 
     #[test]

@@ -159,10 +159,31 @@ impl Db {
                 roots: None,
             },
         };
-        base_config.ssl_mode(tls_settings.tokio_mode());
+        // libpq ignores sslmode on Unix sockets: PostgreSQL never offers TLS there.
+        let sockets_only = base_config
+            .get_hosts()
+            .iter()
+            .all(|host| matches!(host, tokio_postgres::config::Host::Unix(_)));
+        base_config.ssl_mode(if sockets_only {
+            tokio_postgres::config::SslMode::Disable
+        } else {
+            tls_settings.tokio_mode()
+        });
         let tls = tls_settings.connector().map_err(DbError::Config)?;
 
-        wait_until_reachable(&base_config, &tls, &address, settings).await?;
+        match wait_until_reachable(&base_config, &tls, &address, settings).await {
+            // libpq's prefer: a TLS handshake that fails (a server offering only old TLS
+            // versions, a key rustls refuses) is retried in plain text, as before TLS support.
+            Err(DbError::Unreachable { last, .. })
+                if tls_settings.mode == SslMode::Prefer
+                    && last.contains("error performing TLS handshake") =>
+            {
+                tracing::warn!(address, error = %last, "the TLS handshake failed and sslmode is prefer: connecting without TLS (set sslmode=verify-full to require it)");
+                base_config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                wait_until_reachable(&base_config, &tls, &address, settings).await?;
+            }
+            other => other?,
+        }
 
         let mut request_config = base_config.clone();
         let options = format!(

@@ -83,12 +83,14 @@ impl PgTls {
             return Ok((url.to_string(), PgTls::default()));
         };
         let mut tls = PgTls::default();
+        let mut mode_given = false;
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let value = percent_decode(value);
             match key {
                 "sslmode" => {
+                    mode_given = true;
                     tls.mode = SslMode::parse(&value).ok_or_else(|| {
                         format!(
                             "sslmode {value:?} is not one of disable, allow, prefer, require, \
@@ -110,6 +112,19 @@ impl PgTls {
         // libpq: require with a root certificate verifies the chain, as verify-ca.
         if tls.mode == SslMode::Require && matches!(tls.roots, Some(Roots::File(_))) {
             tls.mode = SslMode::VerifyCa;
+        }
+        // libpq 16: sslrootcert=system means verify-full unless said otherwise, and refuses
+        // any mode that would not check the certificate against the system's roots.
+        if tls.roots == Some(Roots::System) {
+            if !mode_given {
+                tls.mode = SslMode::VerifyFull;
+            } else if tls.mode != SslMode::VerifyFull {
+                return Err(format!(
+                    "sslrootcert=system needs sslmode=verify-full (got sslmode={}): the \
+                     system's roots only mean something when the server's name is checked",
+                    tls.mode.as_str()
+                ));
+            }
         }
         let url = if kept.is_empty() {
             base.to_string()
@@ -321,6 +336,12 @@ mod tests {
             PgTls::split_url("postgresql://u@db/app?sslmode=verify-full&sslrootcert=system")
                 .unwrap();
         assert_eq!(tls.roots, Some(Roots::System));
+        // As libpq 16: system alone means verify-full; a weaker mode beside it is refused.
+        let (_, tls) = PgTls::split_url("postgresql://u@db/app?sslrootcert=system").unwrap();
+        assert_eq!(tls.mode, SslMode::VerifyFull);
+        let err = PgTls::split_url("postgresql://u@db/app?sslmode=require&sslrootcert=system")
+            .unwrap_err();
+        assert!(err.contains("verify-full"), "{err}");
     }
 
     #[test]
