@@ -4,7 +4,8 @@
 //!
 //! Each type's answers are cached briefly (`agent_search`, `workflow_search`) under the owner's
 //! tag that the type's writes already remove (`agents-of:<owner>`, `workflows-of:<owner>`): the
-//! next search after a create or rename sees it.
+//! next search after a create or rename sees it. The statement may run on a read replica
+//! (`Db::read`), never one behind a write acknowledged before the search began.
 
 use std::sync::Arc;
 
@@ -86,20 +87,15 @@ impl SearchProvider for OwnedSearch {
     fn search<'a>(&'a self, state: &'a AppState, owner: i64, query: &'a SearchQuery) -> Hits<'a> {
         Box::pin(async move {
             let key = cache_key(&owner.to_string(), query);
-            cached(
-                state,
-                self.namespace,
-                &key,
-                &[(self.tag)(owner)],
-                || async {
-                    let conn = state.db.conn().await?;
+            cached(state, self.namespace, &key, &[(self.tag)(owner)], || {
+                state.db.read(|conn| async move {
                     let rows = conn
                         .query(&self.statement, &[&query.text, &owner, &query.limit])
                         .await
                         .map_err(AgentError::from)?;
                     Ok::<_, AgentError>(rows.iter().map(SearchHit::from_row).collect())
-                },
-            )
+                })
+            })
             .await
         })
     }

@@ -1,4 +1,6 @@
 //! The catalog's reads, each cache-aside in its namespace (keys and tags: `invalidation.rs`).
+//! Loads of assets and listings may read from a replica (`Db::read`: never one behind a
+//! write acknowledged before the load began); bundles and readiness read the primary.
 
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
@@ -56,7 +58,12 @@ pub async fn asset(
     let version = VersionId::parse_owned("versionId", version)?;
     let body = cached(&state, ASSETS, version.as_str(), &[], |state| {
         let version = version.clone();
-        async move { queries::asset(&state.db.conn().await?, version.as_str()).await }
+        async move {
+            let version = &version;
+            (state.db)
+                .read(|conn| async move { queries::asset(&conn, version.as_str()).await })
+                .await
+        }
     })
     .await?
     .ok_or_else(|| not_found(&version))?;
@@ -76,7 +83,9 @@ pub async fn listings(
     let body = cached(&state, LISTINGS, &query.key(), &[], |state| {
         let query = query.clone();
         async move {
-            queries::listings(&state.db.conn().await?, &query)
+            let query = &query;
+            (state.db)
+                .read(|conn| async move { queries::listings(&conn, query).await })
                 .await
                 .map(Some)
         }

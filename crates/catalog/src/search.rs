@@ -18,16 +18,11 @@ impl SearchProvider for AssetSearch {
 
     fn search<'a>(&'a self, state: &'a AppState, _user: i64, query: &'a SearchQuery) -> Hits<'a> {
         Box::pin(async move {
-            cached(
-                state,
-                ASSET_SEARCH,
-                &cache_key("all", query),
-                &[],
-                || async {
-                    let conn = state.db.conn().await?;
+            cached(state, ASSET_SEARCH, &cache_key("all", query), &[], || {
+                state.db.read(|conn| async move {
                     queries::search(&conn, &query.text, query.limit).await
-                },
-            )
+                })
+            })
             .await
         })
     }

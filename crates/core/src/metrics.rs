@@ -33,6 +33,14 @@ pub const PG_UP: &str = "cascade_pg_up";
 pub const PG_LATENCY: &str = "cascade_pg_latency_seconds";
 pub const PG_TABLE_ROWS: &str = "cascade_pg_table_rows";
 pub const PG_TABLE_SIZE: &str = "cascade_pg_table_size_bytes";
+/// Read replicas (`DATABASE_REPLICA_URLS`), by `replica` (its `host:port`).
+pub const PG_REPLICA_IN_ROTATION: &str = "cascade_pg_replica_in_rotation";
+pub const PG_REPLICA_UP: &str = "cascade_pg_replica_up";
+pub const PG_REPLICA_LAG_BYTES: &str = "cascade_pg_replica_lag_bytes";
+pub const PG_REPLICA_LAG_SECONDS: &str = "cascade_pg_replica_lag_seconds";
+pub const PG_REPLICA_READS: &str = "cascade_pg_replica_reads_total";
+/// Reads that could have gone to a replica and went to the primary, by `reason`.
+pub const PG_REPLICA_FALLBACKS: &str = "cascade_pg_replica_fallbacks_total";
 
 pub const CACHE_HITS: &str = "cascade_cache_hits_total";
 pub const CACHE_MISSES: &str = "cascade_cache_misses_total";
@@ -148,6 +156,33 @@ pub fn describe() {
         PG_TABLE_SIZE,
         Unit::Bytes,
         "table size with indexes and TOAST (pg_total_relation_size), refreshed at most every 10 s"
+    );
+
+    describe_gauge!(
+        PG_REPLICA_IN_ROTATION,
+        "read replica: 1 when lag-tolerant reads may go to it (answering, in recovery, within DATABASE_REPLICA_MAX_LAG)"
+    );
+    describe_gauge!(
+        PG_REPLICA_UP,
+        "read replica: 1 when its last health probe answered"
+    );
+    describe_gauge!(
+        PG_REPLICA_LAG_BYTES,
+        Unit::Bytes,
+        "read replica: WAL the primary had written and the replica had not replayed, at the last probe"
+    );
+    describe_gauge!(
+        PG_REPLICA_LAG_SECONDS,
+        Unit::Seconds,
+        "read replica: age of the newest primary state it had replayed, at the last probe"
+    );
+    describe_counter!(
+        PG_REPLICA_READS,
+        "lag-tolerant reads (cache loads, search) a replica answered"
+    );
+    describe_counter!(
+        PG_REPLICA_FALLBACKS,
+        "lag-tolerant reads sent to the primary instead, by reason (none_in_rotation, no_fence, behind, timeout)"
     );
 
     describe_counter!(

@@ -14,7 +14,9 @@ use cascade_app::AppModule;
 use cascade_catalog::CatalogModule;
 use cascade_core::cache::{Backend, Cache, EngineOptions};
 use cascade_core::config::{CacheBackend, Config, DatabaseSource};
-use cascade_core::db::{self, CORE_MIGRATIONS, Db, EmbeddedPostgres, Migration, MigrationReport};
+use cascade_core::db::{
+    self, CORE_MIGRATIONS, Db, EmbeddedPostgres, Migration, MigrationReport, ReplicaSet,
+};
 use cascade_core::redis::Redis;
 use cascade_core::shutdown::ShutdownSignal;
 use cascade_core::tasks::Supervisor;
@@ -52,6 +54,13 @@ impl Database {
             }
         };
         let db = Db::connect(&config.database, pg_config, address).await?;
+        if !config.replicas.sources.is_empty() {
+            db.attach_replicas(ReplicaSet::new(&config.replicas, &config.database)?)?;
+            tracing::info!(
+                replicas = config.replicas.sources.len(),
+                "read replicas configured: each joins rotation once its health probe finds it within DATABASE_REPLICA_MAX_LAG"
+            );
+        }
         Ok(Database {
             db,
             _embedded: embedded,
@@ -281,6 +290,12 @@ fn start_platform_tasks(state: &AppState, metrics: &Metrics, tasks: &mut Supervi
     tasks.spawn("events", move |stop| events.run(stop));
     let db = state.db.clone();
     tasks.spawn("pool-maintenance", |stop| pool_maintenance(db, stop));
+    if let Some(replicas) = state.db.replicas() {
+        let (replicas, primary) = (replicas.clone(), state.db.clone());
+        tasks.spawn("replica-health", move |stop| {
+            replicas.run_health(primary, stop)
+        });
+    }
     // Redis and the in-process tier expire entries themselves; PostgreSQL's table needs a sweep.
     if state.config.cache.backend == CacheBackend::Postgres {
         let cache = state.cache.clone();

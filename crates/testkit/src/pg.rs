@@ -128,6 +128,89 @@ impl PgServer {
         PgServer::start_with(&[], Vec::new()).await
     }
 
+    /// Starts a server that streaming replicas can follow ([`start_replica`]): `wal_level=replica`
+    /// and WAL senders. The template cluster's `pg_hba.conf` (initdb `-A trust`) already lets
+    /// `replication` connections in over loopback.
+    ///
+    /// [`start_replica`]: Self::start_replica
+    pub async fn start_primary() -> PgServer {
+        let settings = ["wal_level=replica", "max_wal_senders=10"];
+        PgServer::start_with(&[], settings.iter().map(|s| s.to_string()).collect()).await
+    }
+
+    /// A streaming replica of this server: `pg_basebackup -R -X stream` (as the `postgres`
+    /// user, into a directory it owns), started on its own free port, returned once it accepts
+    /// read-only queries. [`pause`](Self::pause), [`resume`](Self::resume) and
+    /// [`kill`](Self::kill) act on the replica alone; it is killed when dropped.
+    pub async fn start_replica(&self) -> PgServer {
+        let dir = temp_dir("pg-replica");
+        if let Some((uid, gid)) = self.run_as {
+            chown_tree(&dir, uid, gid);
+        }
+        let mut backup = Command::new(self.tool("pg_basebackup"));
+        backup
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .current_dir("/");
+        if let Some((uid, gid)) = self.run_as {
+            backup.uid(uid).gid(gid);
+        }
+        let out = backup.output().expect("run pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed: {}\nprimary log: {}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        let mut replica = PgServer {
+            dir,
+            port: free_port(),
+            child: None,
+            bin: self.bin.clone(),
+            run_as: self.run_as,
+            settings: self.settings.clone(),
+        };
+        replica.spawn().await;
+        let in_recovery: bool = replica
+            .client("postgres")
+            .await
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .expect("ask the replica whether it is in recovery")
+            .get(0);
+        assert!(
+            in_recovery,
+            "the replica is not in recovery: {}",
+            replica.log()
+        );
+        replica
+    }
+
+    /// A client program of the same installation as `postgres` (`bin` may be a directory of
+    /// links to the server alone, as `/usr/local/bin` is here), else the one on `PATH`.
+    fn tool(&self, name: &str) -> PathBuf {
+        let beside_server = std::fs::canonicalize(self.bin.join("postgres"))
+            .ok()
+            .and_then(|server| server.parent().map(|dir| dir.join(name)));
+        [Some(self.bin.join(name)), beside_server]
+            .into_iter()
+            .flatten()
+            .find(|path| path.is_file())
+            .unwrap_or_else(|| PathBuf::from(name))
+    }
+
     /// Starts a server that speaks TLS (`ssl=on`) with this certificate chain and key (PEM),
     /// plain connections still allowed.
     pub async fn start_tls(cert_pem: &[u8], key_pem: &[u8]) -> PgServer {

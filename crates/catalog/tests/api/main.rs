@@ -14,4 +14,5 @@ mod lineage;
 mod listings;
 mod paused_redis;
 mod ready;
+mod replica;
 mod writes;

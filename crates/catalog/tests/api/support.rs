@@ -50,8 +50,19 @@ impl Catalog {
 
     pub async fn start_with(instances: usize, extra: &[(&str, String)]) -> Catalog {
         let pg = PgServer::start().await;
-        let redis = RedisServer::start().await;
         let url = pg.fresh_database().await;
+        Self::start_on(pg, url, instances, extra).await
+    }
+
+    /// `instances` servers on database `url` of `pg` (made by the caller: a replica's URL in
+    /// `extra` names it too) and a fresh Redis.
+    pub async fn start_on(
+        pg: PgServer,
+        url: String,
+        instances: usize,
+        extra: &[(&str, String)],
+    ) -> Catalog {
+        let redis = RedisServer::start().await;
         let database = url.rsplit('/').next().unwrap_or_default().to_string();
         let mut env = vec![
             ("DATABASE_URL", url),

@@ -12,6 +12,7 @@ mod http;
 mod identity;
 mod parser;
 mod redis;
+mod replica;
 mod values;
 
 use std::time::Duration;
@@ -22,6 +23,7 @@ pub use http::{HttpConfig, LogFormat, RawHttp};
 pub use identity::{AuthConfig, LoginBackoff, RateLimit, RawIdentity};
 pub use parser::Parser;
 pub use redis::{RawRedis, RedisConfig};
+pub use replica::{RawReplicas, ReplicaConfig};
 pub use values::{Decimal6, Secret, parse_duration, redact_url};
 
 /// Everything the platform reads from flags and the environment, as text.
@@ -29,6 +31,8 @@ pub use values::{Decimal6, Secret, parse_duration, redact_url};
 pub struct RawConfig {
     #[command(flatten)]
     pub database: RawDatabase,
+    #[command(flatten)]
+    pub replicas: RawReplicas,
     #[command(flatten)]
     pub redis: RawRedis,
     #[command(flatten)]
@@ -58,6 +62,8 @@ pub struct Config {
     pub http: HttpConfig,
     pub log_format: LogFormat,
     pub database: DatabaseConfig,
+    /// Read replicas of the primary (`DATABASE_REPLICA_URLS`): none by default.
+    pub replicas: ReplicaConfig,
     pub redis: Option<RedisConfig>,
     pub cache: CacheConfig,
     pub auth: AuthConfig,
@@ -96,6 +102,7 @@ impl Config {
             .chain(module_namespaces.iter().cloned())
             .collect();
         let database = DatabaseConfig::parse(p, &raw.database);
+        let replicas = ReplicaConfig::parse(p, &raw.replicas, &database.source);
         let redis = RedisConfig::parse(p, &raw.redis);
         let cache = CacheConfig::parse(
             p,
@@ -110,6 +117,7 @@ impl Config {
             http,
             log_format,
             database,
+            replicas,
             redis,
             cache,
             auth,
@@ -160,6 +168,7 @@ impl Config {
             ("PG_CONNECT_TIMEOUT", secs(db.connect_timeout)),
             ("PG_STARTUP_TIMEOUT", secs(db.startup_timeout)),
         ]);
+        rows.extend(self.replicas.describe());
         match &self.redis {
             Some(r) => {
                 rows.push(("REDIS_URL", r.display.clone()));
@@ -340,6 +349,42 @@ mod tests {
         assert_eq!(
             issue_vars(|r| r.database.database_url = Some("postgresql://u@h:notaport/db".into())),
             vec!["DATABASE_URL"]
+        );
+    }
+
+    #[test]
+    fn replica_urls_are_parsed_like_database_url() {
+        let c = parse(|r| {
+            r.database.database_url = Some("postgresql://u:pw@primary:5432/db".into());
+            r.replicas.database_replica_urls = Some(
+                "postgresql://u:secret1@r1:5432/db, postgres://u@r2:6000/db?sslmode=require".into(),
+            );
+            r.replicas.database_replica_max_lag = Some("500ms".into());
+        })
+        .unwrap();
+        let addresses: Vec<_> = c
+            .replicas
+            .sources
+            .iter()
+            .map(|s| match s {
+                DatabaseSource::External { address, .. } => address.clone(),
+                DatabaseSource::Embedded { .. } => String::new(),
+            })
+            .collect();
+        assert_eq!(addresses, vec!["r1:5432", "r2:6000"]);
+        assert_eq!(c.replicas.max_lag, Duration::from_millis(500));
+        assert!(!format!("{:?}", c.describe()).contains("secret1"));
+        assert_eq!(
+            issue_vars(|r| {
+                r.database.database_url = Some("postgresql://u@primary/db".into());
+                r.replicas.database_replica_urls = Some("postgresql://u@r1/db,mysql://x".into());
+                r.replicas.database_replica_max_lag = Some("soon".into());
+            }),
+            vec!["DATABASE_REPLICA_URLS", "DATABASE_REPLICA_MAX_LAG"]
+        );
+        assert_eq!(
+            issue_vars(|r| r.replicas.database_replica_urls = Some("postgresql://u@r1/db".into())),
+            vec!["DATABASE_REPLICA_URLS"]
         );
     }
 

@@ -1,8 +1,10 @@
-//! PostgreSQL: the shared pool, embedded migrations, and the private embedded server.
+//! PostgreSQL: the shared pool, its read replicas, embedded migrations, and the private
+//! embedded server.
 
 mod embedded;
 mod migrate;
 mod pool;
+mod replica;
 pub mod tls;
 
 use std::time::Duration;
@@ -13,6 +15,7 @@ pub use migrate::{
     migrate_with,
 };
 pub use pool::{Conn, Db, DbHealth, PoolStats, Recycler, TableStats, error_chain};
+pub use replica::{ReplicaHealth, ReplicaSet, probe_interval};
 
 /// What went wrong talking to PostgreSQL.
 #[derive(Debug, thiserror::Error)]

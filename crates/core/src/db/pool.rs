@@ -6,8 +6,8 @@
 //! the pool; [`Recycler`] says when the check is skipped), and request connections carry a
 //! server-side `statement_timeout` so one stuck query cannot hold a slot hostage.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use deadpool::managed::{Metrics, RecycleResult};
@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::DbError;
+use super::replica::ReplicaSet;
 use super::tls::{PgTls, SslMode};
 use crate::config::{DatabaseConfig, DatabaseSource};
 use crate::retry::{Attempt, Backoff, retry};
@@ -79,6 +80,8 @@ struct Inner {
     base_config: tokio_postgres::Config,
     /// The TLS every connection to this server uses (`sslmode` of the URL).
     tls: MakeRustlsConnect,
+    /// Read replicas of this server, attached once after connecting (none by default).
+    replicas: OnceLock<ReplicaSet>,
 }
 
 /// Running totals of pool acquisitions, kept with atomics so reading them never blocks.
@@ -143,34 +146,7 @@ impl Db {
         pg: tokio_postgres::Config,
         address: String,
     ) -> Result<Db, DbError> {
-        let mut base_config = pg;
-        base_config.connect_timeout(settings.connect_timeout);
-        base_config.keepalives(true);
-        base_config.keepalives_idle(Duration::from_secs(30));
-        if base_config.get_application_name().is_none() {
-            base_config.application_name("cascade");
-        }
-
-        // TLS as the URL's sslmode asks; a private server (embedded, on a socket) needs none.
-        let tls_settings = match &settings.source {
-            DatabaseSource::External { tls, .. } => tls.clone(),
-            DatabaseSource::Embedded { .. } => PgTls {
-                mode: SslMode::Disable,
-                roots: None,
-            },
-        };
-        // libpq ignores sslmode on Unix sockets: PostgreSQL never offers TLS there.
-        let sockets_only = base_config
-            .get_hosts()
-            .iter()
-            .all(|host| matches!(host, tokio_postgres::config::Host::Unix(_)));
-        base_config.ssl_mode(if sockets_only {
-            tokio_postgres::config::SslMode::Disable
-        } else {
-            tls_settings.tokio_mode()
-        });
-        let tls = tls_settings.connector().map_err(DbError::Config)?;
-
+        let (mut base_config, tls_settings, tls) = prepare(settings, pg)?;
         match wait_until_reachable(&base_config, &tls, &address, settings).await {
             // libpq's prefer: a TLS handshake that fails (a server offering only old TLS
             // versions, a key rustls refuses) is retried in plain text, as before TLS support.
@@ -184,7 +160,28 @@ impl Db {
             }
             other => other?,
         }
+        let db = Db::open(settings, base_config, tls, address)?;
+        db.top_up().await;
+        Ok(db)
+    }
 
+    /// A pool that connects on first use only: a server that is down now does not hold
+    /// anything up (a read replica: its health loop says when it answers).
+    pub fn connect_lazy(
+        settings: &DatabaseConfig,
+        pg: tokio_postgres::Config,
+        address: String,
+    ) -> Result<Db, DbError> {
+        let (base_config, _, tls) = prepare(settings, pg)?;
+        Db::open(settings, base_config, tls, address)
+    }
+
+    fn open(
+        settings: &DatabaseConfig,
+        base_config: tokio_postgres::Config,
+        tls: MakeRustlsConnect,
+        address: String,
+    ) -> Result<Db, DbError> {
         let mut request_config = base_config.clone();
         let options = format!(
             "{} -c statement_timeout={}",
@@ -207,8 +204,7 @@ impl Db {
             .recycle_timeout(Some(settings.connect_timeout))
             .build()
             .map_err(|e| DbError::Config(e.to_string()))?;
-
-        let db = Db {
+        Ok(Db {
             inner: Arc::new(Inner {
                 pool,
                 address,
@@ -217,10 +213,48 @@ impl Db {
                 stats: AcquireStats::default(),
                 base_config,
                 tls,
+                replicas: OnceLock::new(),
             }),
-        };
-        db.top_up().await;
-        Ok(db)
+        })
+    }
+
+    /// Routes lag-tolerant reads ([`read`](Self::read)) to these replicas from now on. Once
+    /// per pool: a second set is refused.
+    pub fn attach_replicas(&self, replicas: ReplicaSet) -> Result<(), DbError> {
+        self.inner
+            .replicas
+            .set(replicas)
+            .map_err(|_| DbError::Config("replicas are already attached".into()))
+    }
+
+    /// The read replicas, when `DATABASE_REPLICA_URLS` names some.
+    pub fn replicas(&self) -> Option<&ReplicaSet> {
+        self.inner.replicas.get()
+    }
+
+    /// Runs `query` for a read that tolerates replication lag (a cache load, a search) on a
+    /// read replica that has replayed every write acknowledged before this call, or on the
+    /// primary when none has (or none is configured, or one does not answer within
+    /// `DATABASE_REPLICA_TIMEOUT`: the read is then run again on the primary). `query` may
+    /// so run twice, and must only read. The rule and its reasons: [`ReplicaSet`].
+    pub async fn read<T, E, F, Fut>(&self, mut query: F) -> Result<T, E>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: From<DbError>,
+    {
+        if let Some(replicas) = self.replicas()
+            && let Some((replica, conn)) = replicas.route(self).await
+        {
+            match tokio::time::timeout(replicas.timeout(), query(conn)).await {
+                Ok(result) => {
+                    replica.served();
+                    return result;
+                }
+                Err(_) => replicas.abandoned(&replica),
+            }
+        }
+        query(self.conn().await?).await
     }
 
     /// Opens connections until the pool holds at least `PG_POOL_MIN` of them. Called at
@@ -362,7 +396,46 @@ impl Db {
     /// Closes every connection; callers waiting on the pool get an error.
     pub fn close(&self) {
         self.inner.pool.close();
+        if let Some(replicas) = self.replicas() {
+            replicas.close();
+        }
     }
+}
+
+/// The connection settings every pool connection starts from (deadlines, keepalives, the
+/// URL's TLS), the URL's TLS settings, and the TLS connector.
+fn prepare(
+    settings: &DatabaseConfig,
+    pg: tokio_postgres::Config,
+) -> Result<(tokio_postgres::Config, PgTls, MakeRustlsConnect), DbError> {
+    let mut base_config = pg;
+    base_config.connect_timeout(settings.connect_timeout);
+    base_config.keepalives(true);
+    base_config.keepalives_idle(Duration::from_secs(30));
+    if base_config.get_application_name().is_none() {
+        base_config.application_name("cascade");
+    }
+
+    // TLS as the URL's sslmode asks; a private server (embedded, on a socket) needs none.
+    let tls_settings = match &settings.source {
+        DatabaseSource::External { tls, .. } => tls.clone(),
+        DatabaseSource::Embedded { .. } => PgTls {
+            mode: SslMode::Disable,
+            roots: None,
+        },
+    };
+    // libpq ignores sslmode on Unix sockets: PostgreSQL never offers TLS there.
+    let sockets_only = base_config
+        .get_hosts()
+        .iter()
+        .all(|host| matches!(host, tokio_postgres::config::Host::Unix(_)));
+    base_config.ssl_mode(if sockets_only {
+        tokio_postgres::config::SslMode::Disable
+    } else {
+        tls_settings.tokio_mode()
+    });
+    let tls = tls_settings.connector().map_err(DbError::Config)?;
+    Ok((base_config, tls_settings, tls))
 }
 
 /// Connects once to prove the server is there, retrying within the startup bound.

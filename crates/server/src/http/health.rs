@@ -45,6 +45,21 @@ async fn redis_status(state: &AppState) -> Value {
     }
 }
 
+/// The read replicas (`DATABASE_REPLICA_URLS`): each one's rotation, lag and pool. A replica
+/// out of rotation does not make Cascade unhealthy: its reads go to the primary.
+fn replicas_status(state: &AppState) -> Value {
+    match state.db.replicas() {
+        None => json!({ "configured": false }),
+        Some(replicas) => json!({
+            "configured": true,
+            "max_lag_s": replicas.max_lag().as_secs_f64(),
+            "timeout_s": replicas.timeout().as_secs_f64(),
+            "in_rotation": replicas.health().iter().filter(|r| r.in_rotation).count(),
+            "replicas": replicas.health(),
+        }),
+    }
+}
+
 fn overall(pg_up: bool, redis: &Value) -> (StatusCode, &'static str) {
     match (pg_up, redis["status"].as_str()) {
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "down"),
@@ -89,6 +104,7 @@ async fn health_db(State(state): State<AppState>, headers: HeaderMap) -> Respons
             "error": pg.error,
             "pool": pg.pool,
         },
+        "replicas": replicas_status(&state),
         "redis": redis,
         "upstreams": cascade_core::metrics::upstream_breakers()
             .into_iter()

@@ -15,7 +15,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use cascade_core::cache::{BreakerState, Cache};
-use cascade_core::db::{DbHealth, TableStats};
+use cascade_core::db::{DbHealth, ReplicaHealth, TableStats};
 use cascade_core::metrics as m;
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -144,6 +144,9 @@ pub(crate) async fn refreshed(state: &ServerState) -> String {
         refresh_redis(&state.app)
     );
     refresh_postgres(&pg);
+    if let Some(replicas) = state.app.db.replicas() {
+        refresh_replicas(&replicas.health());
+    }
     match tables {
         Some(Ok(tables)) => refresh_tables(&tables),
         Some(Err(err)) => tracing::debug!(error = %err, "table statistics unavailable"),
@@ -165,6 +168,18 @@ fn refresh_postgres(pg: &DbHealth) {
     gauge!(m::PG_POOL_WAITING).set(pool.waiting as f64);
     counter!(m::PG_POOL_ACQUIRE_TIMEOUTS).absolute(pool.acquire_timeouts);
     counter!(m::PG_POOL_ACQUIRE_ERRORS).absolute(pool.acquire_errors);
+}
+
+/// The health loop's view of each replica (it probes on its own schedule; a scrape reads it).
+fn refresh_replicas(replicas: &[ReplicaHealth]) {
+    for replica in replicas {
+        let label = [("replica", replica.address.clone())];
+        let flag = |on: bool| if on { 1.0 } else { 0.0 };
+        gauge!(m::PG_REPLICA_IN_ROTATION, &label).set(flag(replica.in_rotation));
+        gauge!(m::PG_REPLICA_UP, &label).set(flag(replica.up));
+        gauge!(m::PG_REPLICA_LAG_BYTES, &label).set(replica.lag_bytes as f64);
+        gauge!(m::PG_REPLICA_LAG_SECONDS, &label).set(replica.lag_seconds);
+    }
 }
 
 fn refresh_tables(tables: &[TableStats]) {

@@ -1,0 +1,542 @@
+//! Read replicas: which reads may go to one, which replica is fresh enough, and the health
+//! loop that takes a lagging or silent replica out of rotation.
+//!
+//! # The rule: a read fence, taken after the read began
+//!
+//! A read that tolerates lag ([`Db::read`]: the catalog's cache loads of assets and listings,
+//! search) first learns the primary's WAL position, `pg_current_wal_lsn()`, from a query sent
+//! *after* the read began: the *fence*. It then goes to a replica only if that replica's
+//! `pg_last_wal_replay_lsn()` is at or past the fence, and to the primary otherwise.
+//!
+//! Every write acknowledged before the read began has its commit record at or before the
+//! fence (with `synchronous_commit` on or `local`, the default, a commit is acknowledged after
+//! its WAL is flushed, and flushed ≤ written = `pg_current_wal_lsn`; with `off` the walwriter
+//! writes it within `wal_writer_delay`, so set `synchronous_commit` to on or local where
+//! replicas are used). So a replica past the fence shows every such write, whoever made it:
+//! - **read-your-writes**, for the writing session, every session of this instance, and every
+//!   other instance too (stronger than keeping the highest LSN each instance wrote, which
+//!   only covers its own writes, and needs no hook in any write path);
+//! - **the cache never fills from a replica behind the invalidation it serves**: a write
+//!   invalidates after it commits, so an invalidation applied or heard before a load began
+//!   belongs to a write at or before the load's fence, which the replica has replayed. An
+//!   invalidation that arrives while the load runs is the cache engine's business, as with
+//!   the primary (its lease refuses the fill).
+//!
+//! Replay positions only grow, so a replay position read at any time before the read (by the
+//! health loop, by an earlier read) is a sound lower bound: when it already passes the fence
+//! no extra query is needed; otherwise the replica is asked once, on the read's connection.
+//!
+//! The fence costs one tiny statement on the primary, shared by every read that arrived
+//! before it was sent ([`Fence`]): a burst of cache misses pays one round trip, and the heavy
+//! statements run on the replicas.
+//!
+//! # Rotation
+//!
+//! The health loop asks the primary for its WAL position and every replica for its replay
+//! position each [`probe_interval`], each under `DATABASE_REPLICA_TIMEOUT`. A replica leaves
+//! rotation when it does not answer, is no longer in recovery (promoted), or is further
+//! behind than `DATABASE_REPLICA_MAX_LAG`; it comes back when a probe finds it within the
+//! bound. A read on a replica that does not answer within the timeout is abandoned, the
+//! replica taken out of rotation at once, and the read run again on the primary: a paused
+//! (SIGSTOP) or partitioned replica costs a read at most one timeout, and only until the
+//! first such read or probe.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use metrics::counter;
+use serde::Serialize;
+use tokio_postgres::types::PgLsn;
+
+use super::DbError;
+use super::pool::{Conn, Db, PoolStats};
+use crate::config::{DatabaseConfig, DatabaseSource, ReplicaConfig};
+use crate::shutdown::ShutdownSignal;
+
+/// How often the health loop probes: a quarter of the lag bound, between 50 ms and 1 s, so a
+/// replica past the bound leaves rotation within about a quarter of the bound plus a timeout.
+pub fn probe_interval(max_lag: Duration) -> Duration {
+    (max_lag / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// The read replicas of one primary: a cheap-to-clone handle.
+#[derive(Clone)]
+pub struct ReplicaSet {
+    inner: Arc<SetInner>,
+}
+
+struct SetInner {
+    replicas: Vec<Arc<Replica>>,
+    max_lag: Duration,
+    timeout: Duration,
+    fence: Fence,
+    /// Where the next read starts looking, so reads spread over the replicas.
+    next: AtomicUsize,
+    /// `(when, primary WAL position)` of the health loop's recent probes, oldest first: what
+    /// turns a replay position into a lag in time ([`SetInner::lag_since`]).
+    history: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+/// One replica: its pool and what the last probes and reads learnt of it.
+pub struct Replica {
+    db: Db,
+    /// The URL, password redacted.
+    display: String,
+    in_rotation: AtomicBool,
+    /// The highest replay position seen (by a probe or a read); replay positions only grow.
+    replay_lsn: AtomicU64,
+    /// Bytes of WAL the primary had written that this replica had not replayed, at the last
+    /// probe.
+    lag_bytes: AtomicU64,
+    /// How old the primary state the replica shows was at the last probe, in microseconds.
+    lag_micros: AtomicU64,
+    up: AtomicBool,
+    error: Mutex<Option<String>>,
+    reads: AtomicU64,
+}
+
+/// Why a read that could have gone to a replica went to the primary.
+#[derive(Debug, Clone, Copy)]
+enum Fallback {
+    /// No replica is in rotation.
+    NoneInRotation,
+    /// The primary's position could not be read in time: no replica can be proven fresh.
+    NoFence,
+    /// Every replica in rotation is behind the fence.
+    Behind,
+    /// The replica did not answer within the timeout (the read was run again).
+    Timeout,
+}
+
+impl Fallback {
+    fn label(self) -> &'static str {
+        match self {
+            Fallback::NoneInRotation => "none_in_rotation",
+            Fallback::NoFence => "no_fence",
+            Fallback::Behind => "behind",
+            Fallback::Timeout => "timeout",
+        }
+    }
+}
+
+fn fell_back(reason: Fallback) {
+    counter!(crate::metrics::PG_REPLICA_FALLBACKS, "reason" => reason.label()).increment(1);
+}
+
+/// One replica as `/health/db` and `/metrics` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaHealth {
+    /// The URL, password redacted.
+    pub url: String,
+    pub address: String,
+    pub up: bool,
+    pub in_rotation: bool,
+    /// `pg_last_wal_replay_lsn()` as PostgreSQL prints it (`0/3000148`).
+    pub replay_lsn: String,
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
+    /// Reads this replica answered.
+    pub reads: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub pool: PoolStats,
+}
+
+impl ReplicaSet {
+    /// One lazy pool per replica (nothing connects before the health loop's first probe):
+    /// the primary's pool settings, with waits bounded by `DATABASE_REPLICA_TIMEOUT`. Every
+    /// replica starts out of rotation until a probe finds it within the lag bound.
+    pub fn new(config: &ReplicaConfig, primary: &DatabaseConfig) -> Result<ReplicaSet, DbError> {
+        let mut replicas = Vec::with_capacity(config.sources.len());
+        for source in &config.sources {
+            let DatabaseSource::External {
+                config: pg,
+                display,
+                address,
+                ..
+            } = source
+            else {
+                return Err(DbError::Config(
+                    "a replica must be given by URL (DATABASE_REPLICA_URLS)".into(),
+                ));
+            };
+            let settings = DatabaseConfig {
+                source: source.clone(),
+                pool_min: 0,
+                acquire_timeout: config.timeout,
+                connect_timeout: primary.connect_timeout.min(config.timeout),
+                ..primary.clone()
+            };
+            let mut pg = (**pg).clone();
+            if pg.get_application_name().is_none() {
+                pg.application_name("cascade-replica-reads");
+            }
+            replicas.push(Arc::new(Replica {
+                db: Db::connect_lazy(&settings, pg, address.clone())?,
+                display: display.clone(),
+                in_rotation: AtomicBool::new(false),
+                replay_lsn: AtomicU64::new(0),
+                lag_bytes: AtomicU64::new(0),
+                lag_micros: AtomicU64::new(0),
+                up: AtomicBool::new(false),
+                error: Mutex::new(Some("not probed yet".into())),
+                reads: AtomicU64::new(0),
+            }));
+        }
+        Ok(ReplicaSet {
+            inner: Arc::new(SetInner {
+                replicas,
+                max_lag: config.max_lag,
+                timeout: config.timeout,
+                fence: Fence::default(),
+                next: AtomicUsize::new(0),
+                history: Mutex::new(VecDeque::new()),
+            }),
+        })
+    }
+
+    /// `DATABASE_REPLICA_TIMEOUT`.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// `DATABASE_REPLICA_MAX_LAG`.
+    pub fn max_lag(&self) -> Duration {
+        self.inner.max_lag
+    }
+
+    /// A replica in rotation that has replayed past a fence taken now, with a connection to
+    /// it; `None` sends the read to the primary (the reason is counted).
+    pub(super) async fn route(&self, primary: &Db) -> Option<(Arc<Replica>, Conn)> {
+        let inner = &self.inner;
+        let count = inner.replicas.len();
+        let start = inner.next.fetch_add(1, Ordering::Relaxed);
+        let candidates: Vec<&Arc<Replica>> = (0..count)
+            .map(|i| &inner.replicas[(start + i) % count])
+            .filter(|r| r.in_rotation.load(Ordering::Acquire))
+            .collect();
+        if candidates.is_empty() {
+            fell_back(Fallback::NoneInRotation);
+            return None;
+        }
+        let Ok(fence) = inner.fence.take(primary, inner.timeout).await else {
+            fell_back(Fallback::NoFence);
+            return None;
+        };
+        for replica in candidates {
+            let fresh = async {
+                let conn = replica.db.conn().await?;
+                if replica.replay_lsn.load(Ordering::Acquire) < fence {
+                    let row = conn
+                        .query_one("SELECT pg_last_wal_replay_lsn()", &[])
+                        .await?;
+                    let replay = row.get::<_, Option<PgLsn>>(0).map_or(0, u64::from);
+                    replica.replay_lsn.fetch_max(replay, Ordering::AcqRel);
+                }
+                Ok::<_, DbError>(conn)
+            };
+            match tokio::time::timeout(inner.timeout, fresh).await {
+                Ok(Ok(conn)) if replica.replay_lsn.load(Ordering::Acquire) >= fence => {
+                    return Some((replica.clone(), conn));
+                }
+                Ok(Ok(_behind)) => {}
+                Ok(Err(err)) => replica.leave(&format!("{err}")),
+                Err(_) => replica.leave(&format!("no answer within {:?}", inner.timeout)),
+            }
+        }
+        fell_back(Fallback::Behind);
+        None
+    }
+
+    /// A read on `replica` got no answer in time: out of rotation until a probe answers.
+    pub(super) fn abandoned(&self, replica: &Replica) {
+        fell_back(Fallback::Timeout);
+        replica.leave(&format!(
+            "a read got no answer within {:?}",
+            self.inner.timeout
+        ));
+    }
+
+    /// Probes the primary and every replica each [`probe_interval`] until `stop`.
+    pub async fn run_health(self, primary: Db, mut stop: ShutdownSignal) {
+        let every = probe_interval(self.inner.max_lag);
+        loop {
+            self.probe(&primary).await;
+            tokio::select! {
+                _ = stop.recv() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// One round of the health loop: the primary's position first, then each replica's
+    /// replay position (all replicas at once, each bounded), and the rotation they decide.
+    pub async fn probe(&self, primary: &Db) {
+        let inner = &self.inner;
+        match primary_lsn(primary, inner.timeout).await {
+            Ok(lsn) => inner.remember(Instant::now(), lsn),
+            // Without the primary's position no lag can be measured; reads go to the
+            // primary's fence anyway, which fails the same way, so rotation stays as is.
+            Err(err) => {
+                tracing::debug!(error = %err, "replica health: the primary's WAL position is unknown")
+            }
+        }
+        let probes = inner.replicas.iter().map(|replica| async move {
+            let answer = tokio::time::timeout(inner.timeout, async {
+                let conn = replica.db.conn().await?;
+                let row = conn
+                    .query_one("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()", &[])
+                    .await?;
+                Ok::<_, DbError>((
+                    row.get::<_, bool>(0),
+                    row.get::<_, Option<PgLsn>>(1).map_or(0, u64::from),
+                ))
+            })
+            .await;
+            match answer {
+                Ok(Ok((true, replay))) => {
+                    replica.replay_lsn.fetch_max(replay, Ordering::AcqRel);
+                    let replay = replica.replay_lsn.load(Ordering::Acquire);
+                    let (bytes, lag) = inner.lag_of(replay, Instant::now());
+                    replica.lag_bytes.store(bytes, Ordering::Relaxed);
+                    replica
+                        .lag_micros
+                        .store(lag.as_micros() as u64, Ordering::Relaxed);
+                    replica.up.store(true, Ordering::Relaxed);
+                    if lag > inner.max_lag {
+                        replica.leave(&format!(
+                            "{:.1}s behind the primary (DATABASE_REPLICA_MAX_LAG is {:?})",
+                            lag.as_secs_f64(),
+                            inner.max_lag
+                        ));
+                    } else {
+                        replica.join();
+                    }
+                }
+                Ok(Ok((false, _))) => {
+                    replica.up.store(true, Ordering::Relaxed);
+                    replica.leave("not in recovery: promoted, or not a replica")
+                }
+                Ok(Err(err)) => {
+                    replica.up.store(false, Ordering::Relaxed);
+                    replica.leave(&err.to_string())
+                }
+                Err(_) => {
+                    replica.up.store(false, Ordering::Relaxed);
+                    replica.leave(&format!("no answer within {:?}", inner.timeout))
+                }
+            }
+        });
+        futures_util::future::join_all(probes).await;
+    }
+
+    /// Every replica's state, for `/health/db` and `/metrics`.
+    pub fn health(&self) -> Vec<ReplicaHealth> {
+        self.inner
+            .replicas
+            .iter()
+            .map(|r| ReplicaHealth {
+                url: r.display.clone(),
+                address: r.db.address().to_string(),
+                up: r.up.load(Ordering::Relaxed),
+                in_rotation: r.in_rotation.load(Ordering::Acquire),
+                replay_lsn: PgLsn::from(r.replay_lsn.load(Ordering::Acquire)).to_string(),
+                lag_bytes: r.lag_bytes.load(Ordering::Relaxed),
+                lag_seconds: r.lag_micros.load(Ordering::Relaxed) as f64 / 1e6,
+                reads: r.reads.load(Ordering::Relaxed),
+                error: r.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                pool: r.db.stats(),
+            })
+            .collect()
+    }
+
+    /// Closes every replica's pool.
+    pub fn close(&self) {
+        for replica in &self.inner.replicas {
+            replica.db.close();
+        }
+    }
+}
+
+impl SetInner {
+    /// Records a primary position; keeps enough history to measure lags a little past the
+    /// bound (anything older says "more than the bound" just as well).
+    fn remember(&self, at: Instant, lsn: u64) {
+        let keep = self.max_lag * 2 + probe_interval(self.max_lag) * 4;
+        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        history.push_back((at, lsn));
+        while history
+            .front()
+            .is_some_and(|(first, _)| at.duration_since(*first) > keep)
+            && history.len() > 1
+        {
+            history.pop_front();
+        }
+    }
+
+    /// The lag of a replica that replayed up to `replay`: in bytes behind the latest primary
+    /// position, and in time since the latest probe whose primary position it has replayed
+    /// (it shows the primary as of then, or later). Caught up to the latest probe: zero.
+    /// Behind every remembered probe: at least as old as the oldest.
+    fn lag_of(&self, replay: u64, now: Instant) -> (u64, Duration) {
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(&(_, latest)) = history.back() else {
+            return (0, Duration::ZERO);
+        };
+        let bytes = latest.saturating_sub(replay);
+        let since = match history.iter().rev().find(|(_, lsn)| *lsn <= replay) {
+            Some(_) if bytes == 0 => return (0, Duration::ZERO),
+            Some(&(at, _)) => at,
+            None => history.front().map_or(now, |(at, _)| *at),
+        };
+        (bytes, now.saturating_duration_since(since))
+    }
+}
+
+impl Replica {
+    pub(super) fn served(&self) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        counter!(crate::metrics::PG_REPLICA_READS, "replica" => self.db.address().to_string())
+            .increment(1);
+    }
+
+    /// Out of rotation, saying why (logged once per change).
+    fn leave(&self, why: &str) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
+        if self.in_rotation.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                replica = self.db.address(),
+                reason = why,
+                "read replica out of rotation"
+            );
+        }
+    }
+
+    fn join(&self) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if !self.in_rotation.swap(true, Ordering::AcqRel) {
+            tracing::info!(replica = self.db.address(), "read replica in rotation");
+        }
+    }
+}
+
+/// The primary's WAL position now, under `deadline`.
+async fn primary_lsn(primary: &Db, deadline: Duration) -> Result<u64, DbError> {
+    tokio::time::timeout(deadline, async {
+        let conn = primary.conn().await?;
+        let row = conn.query_one("SELECT pg_current_wal_lsn()", &[]).await?;
+        Ok(u64::from(row.get::<_, PgLsn>(0)))
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(DbError::Unavailable(format!(
+            "the primary's WAL position: no answer within {deadline:?}"
+        )))
+    })
+}
+
+/// The primary's WAL position, read by a statement sent after the caller arrived, one
+/// statement for every caller that arrived before it was sent (as Raft's ReadIndex batches
+/// reads behind one leader check).
+///
+/// Each caller takes a ticket. A leader, holding `leader`, reads how many tickets were taken
+/// (`covers`) *before* sending its statement, then publishes `(covers, lsn)`: every ticket up
+/// to `covers` arrived before the statement was sent, so that position is a valid fence for
+/// it. Callers that arrived during a statement wait for the lock and find themselves covered
+/// by the next one.
+#[derive(Default)]
+struct Fence {
+    tickets: AtomicU64,
+    /// The highest ticket covered so far and the position that covers it.
+    published: Mutex<(u64, u64)>,
+    leader: tokio::sync::Mutex<()>,
+}
+
+impl Fence {
+    async fn take(&self, primary: &Db, deadline: Duration) -> Result<u64, DbError> {
+        let ticket = self.tickets.fetch_add(1, Ordering::AcqRel) + 1;
+        let fence = async {
+            if let Some(lsn) = self.covered(ticket) {
+                return Ok(lsn);
+            }
+            let _turn = self.leader.lock().await;
+            if let Some(lsn) = self.covered(ticket) {
+                return Ok(lsn);
+            }
+            let covers = self.tickets.load(Ordering::Acquire);
+            let lsn = primary_lsn(primary, deadline).await?;
+            let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+            *published = (published.0.max(covers), published.1.max(lsn));
+            Ok(lsn)
+        };
+        tokio::time::timeout(deadline, fence)
+            .await
+            .unwrap_or_else(|_| {
+                Err(DbError::Unavailable(format!(
+                    "read fence: no answer within {deadline:?}"
+                )))
+            })
+    }
+
+    fn covered(&self, ticket: u64) -> Option<u64> {
+        let (covers, lsn) = *self.published.lock().unwrap_or_else(|p| p.into_inner());
+        (covers >= ticket).then_some(lsn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(max_lag: Duration) -> SetInner {
+        SetInner {
+            replicas: Vec::new(),
+            max_lag,
+            timeout: Duration::from_secs(1),
+            fence: Fence::default(),
+            next: AtomicUsize::new(0),
+            history: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    #[test]
+    fn lag_is_the_age_of_the_newest_primary_position_the_replica_has_replayed() {
+        let s = set(Duration::from_secs(1));
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        s.remember(t0, 100);
+        s.remember(t0 + ms(250), 200);
+        s.remember(t0 + ms(500), 300);
+        let now = t0 + ms(600);
+        assert_eq!(s.lag_of(300, now), (0, Duration::ZERO));
+        assert_eq!(s.lag_of(350, now), (0, Duration::ZERO));
+        assert_eq!(s.lag_of(250, now), (50, ms(350)));
+        assert_eq!(s.lag_of(50, now), (250, ms(600)));
+    }
+
+    #[test]
+    fn an_idle_primary_shows_no_lag_however_old_its_last_write() {
+        let s = set(Duration::from_secs(1));
+        let t0 = Instant::now();
+        for i in 0..20 {
+            s.remember(t0 + Duration::from_millis(250 * i), 500);
+        }
+        assert_eq!(
+            s.lag_of(500, t0 + Duration::from_secs(6)),
+            (0, Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn history_is_bounded_by_the_lag_it_must_measure() {
+        let s = set(Duration::from_secs(1));
+        let t0 = Instant::now();
+        for i in 0..1000u64 {
+            s.remember(t0 + Duration::from_millis(250 * i), i);
+        }
+        let kept = s.history.lock().unwrap().len();
+        assert!(kept <= 20, "{kept} positions kept");
+    }
+}
