@@ -175,17 +175,26 @@ async fn read_your_writes_holds_while_the_replica_is_paused() {
     pair.read_from_replica("one").await;
     pair.replica.pause();
     write(&pair.db, "two").await;
+    let started = Instant::now();
     let (in_recovery, seen) = bounded_read(&pair.db).await;
+    let first = started.elapsed();
     assert_eq!(seen.as_deref(), Some("two"));
     assert!(!in_recovery, "a paused replica cannot have answered");
     // Reads that find the replica silent do not hang either, written to or not.
+    let started = Instant::now();
     for _ in 0..5 {
         let (_, seen) = bounded_read(&pair.db).await;
         assert_eq!(seen.as_deref(), Some("two"));
     }
+    eprintln!(
+        "paused replica: first read after the write {first:?}, the next 5 {:?}",
+        started.elapsed()
+    );
     pair.replica.resume();
+    let resumed = Instant::now();
     pair.wait_for("the resumed replica to rejoin", |r| r.in_rotation)
         .await;
+    eprintln!("back in rotation {:?} after SIGCONT", resumed.elapsed());
     pair.read_from_replica("two").await;
 }
 
@@ -199,6 +208,7 @@ async fn a_replica_past_the_lag_bound_leaves_rotation_and_returns_when_it_catche
         .await
         .unwrap();
     let mut n = 0;
+    let paused = Instant::now();
     let out = loop {
         n += 1;
         write(&pair.db, &format!("w{n}")).await;
@@ -219,6 +229,12 @@ async fn a_replica_past_the_lag_bound_leaves_rotation_and_returns_when_it_catche
         assert!(n < 200, "still in rotation after {n} writes: {health:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    eprintln!(
+        "replay paused: out of rotation after {:?} and {n} writes (lag {:.2}s, {} bytes)",
+        paused.elapsed(),
+        out.lag_seconds,
+        out.lag_bytes
+    );
     assert!(out.up, "{out:?}");
     assert!(out.lag_seconds > MAX_LAG.as_secs_f64(), "{out:?}");
     assert!(out.lag_bytes > 0, "{out:?}");
@@ -230,9 +246,14 @@ async fn a_replica_past_the_lag_bound_leaves_rotation_and_returns_when_it_catche
         .batch_execute("SELECT pg_wal_replay_resume()")
         .await
         .unwrap();
+    let resumed = Instant::now();
     let back = pair
         .wait_for("the replica to catch up and rejoin", |r| r.in_rotation)
         .await;
+    eprintln!(
+        "replay resumed: back in rotation after {:?}",
+        resumed.elapsed()
+    );
     assert!(back.lag_seconds <= MAX_LAG.as_secs_f64(), "{back:?}");
     pair.read_from_replica(&format!("w{n}")).await;
 }
@@ -244,9 +265,14 @@ async fn a_paused_replica_leaves_rotation_and_returns_after_sigcont() {
     for n in 0..5 {
         write(&pair.db, &format!("p{n}")).await;
     }
+    let paused = Instant::now();
     let out = pair
         .wait_for("the paused replica to leave rotation", |r| !r.in_rotation)
         .await;
+    eprintln!(
+        "SIGSTOP: out of rotation {:?} after 5 writes",
+        paused.elapsed()
+    );
     assert!(!out.up, "{out:?}");
     let (in_recovery, seen) = bounded_read(&pair.db).await;
     assert_eq!((in_recovery, seen.as_deref()), (false, Some("p4")));

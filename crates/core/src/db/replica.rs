@@ -92,6 +92,7 @@ pub struct Replica {
     lag_bytes: AtomicU64,
     /// How old the primary state the replica shows was at the last probe, in microseconds.
     lag_micros: AtomicU64,
+    /// Whether the last probe or read that asked it got an answer.
     up: AtomicBool,
     error: Mutex<Option<String>>,
     reads: AtomicU64,
@@ -131,6 +132,7 @@ pub struct ReplicaHealth {
     /// The URL, password redacted.
     pub url: String,
     pub address: String,
+    /// The last probe or read that asked it got an answer.
     pub up: bool,
     pub in_rotation: bool,
     /// `pg_last_wal_replay_lsn()` as PostgreSQL prints it (`0/3000148`).
@@ -243,7 +245,7 @@ impl ReplicaSet {
                 }
                 Ok(Ok(_behind)) => {}
                 Ok(Err(err)) => replica.leave(&format!("{err}")),
-                Err(_) => replica.leave(&format!("no answer within {:?}", inner.timeout)),
+                Err(_) => replica.silent(inner.timeout),
             }
         }
         fell_back(Fallback::Behind);
@@ -253,10 +255,7 @@ impl ReplicaSet {
     /// A read on `replica` got no answer in time: out of rotation until a probe answers.
     pub(super) fn abandoned(&self, replica: &Replica) {
         fell_back(Fallback::Timeout);
-        replica.leave(&format!(
-            "a read got no answer within {:?}",
-            self.inner.timeout
-        ));
+        replica.silent(self.inner.timeout);
     }
 
     /// Probes the primary and every replica each [`probe_interval`] until `stop`.
@@ -323,10 +322,7 @@ impl ReplicaSet {
                     replica.up.store(false, Ordering::Relaxed);
                     replica.leave(&err.to_string())
                 }
-                Err(_) => {
-                    replica.up.store(false, Ordering::Relaxed);
-                    replica.leave(&format!("no answer within {:?}", inner.timeout))
-                }
+                Err(_) => replica.silent(inner.timeout),
             }
         });
         futures_util::future::join_all(probes).await;
@@ -412,6 +408,12 @@ impl Replica {
                 "read replica out of rotation"
             );
         }
+    }
+
+    /// A probe or a read got no answer in time: down, and out of rotation.
+    fn silent(&self, timeout: Duration) {
+        self.up.store(false, Ordering::Relaxed);
+        self.leave(&format!("no answer within {timeout:?}"));
     }
 
     fn join(&self) {
