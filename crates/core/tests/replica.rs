@@ -283,6 +283,32 @@ async fn a_paused_replica_leaves_rotation_and_returns_after_sigcont() {
     let _ = &pair.primary;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_under_a_read_leaves_the_read_to_the_primary() {
+    let mut pair = pair().await;
+    pair.read_from_replica("one").await;
+    let slow_read = pair.db.read(|conn| async move {
+        let row = conn
+            .query_one(
+                "SELECT pg_is_in_recovery(), (SELECT v FROM kv WHERE k = 1) FROM pg_sleep(0.3)",
+                &[],
+            )
+            .await?;
+        Ok::<_, DbError>((row.get::<_, bool>(0), row.get::<_, Option<String>>(1)))
+    });
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pair.replica.kill();
+    };
+    let (answer, ()) = tokio::join!(slow_read, kill);
+    let (in_recovery, seen) = answer.expect("the primary answers the read the replica dropped");
+    assert_eq!((in_recovery, seen.as_deref()), (false, Some("one")));
+    pair.wait_for("the killed replica to leave rotation", |r| !r.in_rotation)
+        .await;
+    let (in_recovery, seen) = bounded_read(&pair.db).await;
+    assert_eq!((in_recovery, seen.as_deref()), (false, Some("one")));
+}
+
 impl Pair {
     fn db_name(&self) -> String {
         self.db

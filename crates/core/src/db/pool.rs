@@ -235,8 +235,8 @@ impl Db {
     /// Runs `query` for a read that tolerates replication lag (a cache load, a search) on a
     /// read replica that has replayed every write acknowledged before this call, or on the
     /// primary when none has (or none is configured, or one does not answer within
-    /// `DATABASE_REPLICA_TIMEOUT`: the read is then run again on the primary). `query` may
-    /// so run twice, and must only read. The rule and its reasons: [`ReplicaSet`].
+    /// `DATABASE_REPLICA_TIMEOUT` or fails there: the read is then run again on the primary).
+    /// `query` may so run twice, and must only read. The rule and its reasons: [`ReplicaSet`].
     pub async fn read<T, E, F, Fut>(&self, mut query: F) -> Result<T, E>
     where
         F: FnMut(Conn) -> Fut,
@@ -247,10 +247,13 @@ impl Db {
             && let Some((replica, conn)) = replicas.route(self).await
         {
             match tokio::time::timeout(replicas.timeout(), query(conn)).await {
-                Ok(result) => {
+                Ok(Ok(answer)) => {
                     replica.served();
-                    return result;
+                    return Ok(answer);
                 }
+                // The replica may have died under the read (its connection closed): a read
+                // may run twice, so the primary answers rather than the error.
+                Ok(Err(_)) => replicas.failed(),
                 Err(_) => replicas.abandoned(&replica),
             }
         }

@@ -109,6 +109,8 @@ enum Fallback {
     Behind,
     /// The replica did not answer within the timeout (the read was run again).
     Timeout,
+    /// The read failed on the replica (it was run again).
+    Error,
 }
 
 impl Fallback {
@@ -118,6 +120,7 @@ impl Fallback {
             Fallback::NoFence => "no_fence",
             Fallback::Behind => "behind",
             Fallback::Timeout => "timeout",
+            Fallback::Error => "error",
         }
     }
 }
@@ -256,6 +259,12 @@ impl ReplicaSet {
     pub(super) fn abandoned(&self, replica: &Replica) {
         fell_back(Fallback::Timeout);
         replica.silent(self.inner.timeout);
+    }
+
+    /// A read failed on a replica: counted, and run again on the primary. Rotation is the
+    /// health loop's call (a dead replica also fails its next connection, in `route`).
+    pub(super) fn failed(&self) {
+        fell_back(Fallback::Error);
     }
 
     /// Probes the primary and every replica each [`probe_interval`] until `stop`.
