@@ -200,7 +200,11 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
             .contains("KB resident per idle connection"),
         "{held}"
     );
-    for name in ["ws broadcast, one instance", "ws broadcast, two instances"] {
+    for name in [
+        "ws broadcast, one instance",
+        "ws broadcast, one instance, WS_WRITE_DELAY=0",
+        "ws broadcast, two instances",
+    ] {
         let r = row(name);
         // 100 subscribers × 400 messages, none missing.
         assert_eq!(r["requests"], 40_000, "{name}: {r}");

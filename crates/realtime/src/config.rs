@@ -53,6 +53,11 @@ pub struct RawRealtimeConfig {
     /// connection [default: 10s].
     #[arg(long = "ws-write-timeout", env = "WS_WRITE_TIMEOUT", global = true)]
     pub ws_write_timeout: Option<String>,
+    /// Writes to one connection at most this often: messages queued meanwhile go out together,
+    /// in one system call. The first message after a quiet spell is written at once; a bare
+    /// number is milliseconds; `0` writes every message at once [default: 5ms].
+    #[arg(long = "ws-write-delay", env = "WS_WRITE_DELAY", global = true)]
+    pub ws_write_delay: Option<String>,
     /// Messages smaller than this many bytes are sent uncompressed even when permessage-deflate
     /// was negotiated; `off` never negotiates it [default: 512].
     #[arg(
@@ -113,6 +118,8 @@ pub struct RealtimeConfig {
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub write_timeout: Duration,
+    /// Least time between two writes to one connection (zero: none).
+    pub write_delay: Duration,
     /// `None`: permessage-deflate is not negotiated.
     pub compression_threshold: Option<usize>,
     pub history: HistoryLimit,
@@ -191,6 +198,18 @@ impl RealtimeConfig {
             &raw.ws_write_timeout,
             Duration::from_secs(10),
         );
+        let write_delay = p.duration_in(
+            "WS_WRITE_DELAY",
+            &raw.ws_write_delay,
+            Duration::from_millis(5),
+            Duration::from_millis(1),
+        );
+        if write_delay > Duration::from_secs(1) {
+            p.fail(
+                "WS_WRITE_DELAY",
+                "at most 1s (it is added to a message's delivery time under load)",
+            );
+        }
         let compression_threshold = match raw.ws_compression_threshold.as_deref().map(str::trim) {
             Some("off") => None,
             other => Some(p.number(
@@ -270,6 +289,7 @@ impl RealtimeConfig {
             ping_interval,
             idle_timeout,
             write_timeout,
+            write_delay,
             compression_threshold,
             history,
             history_by_family,
@@ -301,6 +321,7 @@ impl RealtimeConfig {
             ("WS_PING_INTERVAL", format!("{:?}", self.ping_interval)),
             ("WS_IDLE_TIMEOUT", format!("{:?}", self.idle_timeout)),
             ("WS_WRITE_TIMEOUT", format!("{:?}", self.write_timeout)),
+            ("WS_WRITE_DELAY", format!("{:?}", self.write_delay)),
             (
                 "WS_COMPRESSION_THRESHOLD",
                 self.compression_threshold
@@ -313,5 +334,38 @@ impl RealtimeConfig {
             ("WS_PUBLISH_RATE", self.publish_rate.to_string()),
             ("WS_REDIS_SHARDS", self.redis_shards.to_string()),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(delay: &str) -> Result<RealtimeConfig, String> {
+        let mut p = Parser::new();
+        let raw = RawRealtimeConfig {
+            ws_write_delay: Some(delay.to_string()),
+            ..RawRealtimeConfig::default()
+        };
+        let config = RealtimeConfig::parse(&mut p, &raw);
+        p.finish(config).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_write_delay_takes_milliseconds_zero_and_refuses_more_than_a_second() {
+        assert_eq!(
+            RealtimeConfig::default().write_delay,
+            Duration::from_millis(5)
+        );
+        assert_eq!(parse("20").unwrap().write_delay, Duration::from_millis(20));
+        assert_eq!(parse("0").unwrap().write_delay, Duration::ZERO);
+        assert_eq!(parse("1s").unwrap().write_delay, Duration::from_secs(1));
+        let err = parse("2s").unwrap_err();
+        assert!(
+            err.contains("WS_WRITE_DELAY") && err.contains("at most 1s"),
+            "{err}"
+        );
+        let err = parse("soon").unwrap_err();
+        assert!(err.contains("WS_WRITE_DELAY"), "{err}");
     }
 }

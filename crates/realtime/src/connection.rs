@@ -138,13 +138,38 @@ impl Session {
         // Queue rounds in a row: the biased select takes the queue before the socket, so on
         // a busy channel the client's own frames wait; every FAIR_ROUNDS, one is read first.
         let mut queue_rounds = 0u32;
+        // When the last write went out: the next waits until `WS_WRITE_DELAY` after it, and
+        // the queue is not read meanwhile (no wake-up per message), so what a busy channel
+        // queues in that time leaves in one flush, one system call, instead of one each.
+        let mut last_write: Option<Instant> = None;
         let end = loop {
+            let mut flush_at = None;
             if !out.is_empty() {
-                match write(&mut ws, &mut out, &handle, config.write_timeout).await {
-                    // An idle connection keeps no buffer a burst grew (memory per idle
-                    // connection is what bounds how many an instance holds).
-                    Ok(()) => out.shrink_to(IDLE_KEEP),
-                    Err(end) => break end,
+                match last_write.map(|at| at + config.write_delay) {
+                    Some(at) if at > Instant::now() => flush_at = Some(at),
+                    _ => {
+                        if last_write.is_some() {
+                            // What queued while the write waited goes out with it.
+                            if let Some(n) = rx.recv_many(&mut batch, BATCH).now_or_never()
+                                && n > 0
+                            {
+                                metrics::dequeued(n);
+                                for item in batch.drain(..) {
+                                    self.outbound(item, &mut out).await;
+                                }
+                                batch.shrink_to(IDLE_KEEP);
+                            }
+                        }
+                        match write(&mut ws, &mut out, &handle, config.write_timeout).await {
+                            // An idle connection keeps no buffer a burst grew (memory per
+                            // idle connection is what bounds how many an instance holds).
+                            Ok(()) => out.shrink_to(IDLE_KEEP),
+                            Err(end) => break end,
+                        }
+                        if !config.write_delay.is_zero() {
+                            last_write = Some(Instant::now());
+                        }
+                    }
                 }
             }
             if queue_rounds >= FAIR_ROUNDS {
@@ -177,7 +202,8 @@ impl Session {
                     let (_, label, reason) = deadline.unwrap_or((Instant::now(), "expired", ""));
                     break End::Close(4001, label, reason);
                 }
-                n = rx.recv_many(&mut batch, BATCH) => {
+                () = sleep_until(flush_at) => {}
+                n = rx.recv_many(&mut batch, BATCH), if flush_at.is_none() => {
                     if n == 0 {
                         break End::Broken;
                     }

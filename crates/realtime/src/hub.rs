@@ -86,10 +86,10 @@ impl ConnHandle {
         *self.session.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Offers `item` to the queue; a full queue closes the connection.
-    fn offer(&self, item: Outbound) {
+    /// Offers `item` to the queue; a full queue closes the connection. True if queued.
+    fn offer(&self, item: Outbound) -> bool {
         match self.tx.try_send(item) {
-            Ok(()) => metrics::queued(1),
+            Ok(()) => return true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::dropped("queue_full");
                 self.close(CloseOrder {
@@ -99,6 +99,14 @@ impl ConnHandle {
                 });
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+        false
+    }
+
+    /// [`ConnHandle::offer`], counted in the queue-depth gauge.
+    fn offer_one(&self, item: Outbound) {
+        if self.offer(item) {
+            metrics::queued(1);
         }
     }
 }
@@ -163,9 +171,12 @@ impl Hub {
     pub fn deliver(&self, delivery: Arc<Delivery>) {
         let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = channels.get(&delivery.channel) {
-            for conn in list {
-                conn.offer(Outbound::Message(delivery.clone()));
-            }
+            // One gauge update per message, not one per subscriber.
+            let queued = list
+                .iter()
+                .filter(|conn| conn.offer(Outbound::Message(delivery.clone())))
+                .count();
+            metrics::queued(queued);
         }
     }
 
@@ -175,7 +186,7 @@ impl Hub {
         let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
         for (channel, list) in channels.iter().filter(|(c, _)| affected(c)) {
             for conn in list {
-                conn.offer(Outbound::Resync(channel.clone()));
+                conn.offer_one(Outbound::Resync(channel.clone()));
             }
         }
     }
@@ -198,7 +209,7 @@ impl Hub {
         }
         drop(channels);
         for conn in &gone {
-            conn.offer(Outbound::Revoked(name.clone()));
+            conn.offer_one(Outbound::Revoked(name.clone()));
         }
         gone.len()
     }

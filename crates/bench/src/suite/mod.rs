@@ -161,9 +161,12 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
 /// The real-time rows, with a second instance on the same PostgreSQL and Redis for the
 /// fan-out through two (stopped afterwards).
 async fn realtime_rows(suite: &Suite) -> anyhow::Result<Vec<report::Row>> {
-    let mut second = suite.another_server("server-b")?;
+    let mut second = suite.another_server("server-b", &[])?;
     second.wait_ready(Duration::from_secs(120)).await?;
-    realtime::run(suite, &second).await
+    // The same broadcast with every message written at once, for the write delay's effect.
+    let mut undelayed = suite.another_server("server-c", &[("WS_WRITE_DELAY", "0")])?;
+    undelayed.wait_ready(Duration::from_secs(120)).await?;
+    realtime::run(suite, &second, &undelayed).await
 }
 
 impl Suite {
@@ -195,6 +198,7 @@ impl Suite {
             &redis.url(),
             &venice.url(),
             &stripe.url(),
+            &[],
         )?;
         server.wait_ready(Duration::from_secs(120)).await?;
         let mut client = Client::new(&server.base)?;
@@ -269,7 +273,7 @@ impl Suite {
     }
 
     /// One more server process on the suite's PostgreSQL, Redis and stand-ins.
-    fn another_server(&self, name: &str) -> anyhow::Result<ServerProc> {
+    fn another_server(&self, name: &str, extra: &[(&str, &str)]) -> anyhow::Result<ServerProc> {
         ServerProc::start(
             &self.work,
             name,
@@ -277,6 +281,7 @@ impl Suite {
             &self.redis.url(),
             &self.venice.url(),
             &self._stripe.url(),
+            extra,
         )
     }
 

@@ -27,11 +27,13 @@ impl ServerProc {
         redis_url: &str,
         venice_url: &str,
         stripe_url: &str,
+        extra: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let port = cascade_testkit::free_port();
         let log = work.join(format!("{name}.log"));
         let child = Command::new(std::env::current_exe()?)
             .arg("serve")
+            .envs(extra.iter().copied())
             .env("DATABASE_URL", database_url)
             .env("REDIS_URL", redis_url)
             .env("VENICE_API_URL", venice_url)

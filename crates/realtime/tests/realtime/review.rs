@@ -171,6 +171,38 @@ async fn a_client_that_stops_reading_is_closed_within_the_write_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_queued_within_the_write_delay_go_out_together_in_order() {
+    let world = World::start(1, &[("WS_WRITE_DELAY", "400ms".into())]).await;
+    let alice = world.register("alice").await;
+    let mut reader = world.connect(0, Some(&alice.token)).await;
+    assert_eq!(reader.subscribe(CHANNEL).await["type"], "ack");
+    // Past the delay after the ack: the first message finds the connection quiet.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    publish(&world, 0).await;
+    assert_eq!(next(&mut reader).await["payload"]["n"], 0);
+    let first = std::time::Instant::now();
+    // Written within the delay of the first: they wait for the next write, all of them.
+    for n in 1..=5 {
+        publish(&world, n).await;
+    }
+    for n in 1..=5 {
+        let message = next(&mut reader).await;
+        assert_eq!(message["type"], "message", "{message}");
+        assert_eq!(message["payload"]["n"], n, "{message}");
+        if n == 1 {
+            // 400 ms after the write of message 0, which came before its arrival; the
+            // margin is for that arrival's own lag.
+            let waited = first.elapsed();
+            assert!(
+                waited >= Duration::from_millis(250),
+                "the second write came {waited:?} after the first"
+            );
+        }
+    }
+    assert!(drain(&mut reader).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_stops_at_its_byte_cap_with_an_exact_gap() {
     let world = World::start(1, &[("WS_REPLAY_MAX_BYTES", "50000".into())]).await;
     let alice = world.register("alice").await;
