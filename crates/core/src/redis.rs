@@ -177,7 +177,10 @@ impl Redis {
     pub async fn connection(&self) -> Result<ConnectionManager, RedisError> {
         match &self.target {
             Target::Direct { manager, .. } => Ok(manager.clone()),
-            Target::Sentinel(sentinels) => Ok(sentinels.master().await?.manager.clone()),
+            Target::Sentinel(sentinels) => {
+                sentinels.watch();
+                Ok(sentinels.master().await?.manager.clone())
+            }
         }
     }
 
@@ -227,6 +230,7 @@ impl Redis {
             match &self.target {
                 Target::Direct { client, .. } => Ok(client.get_async_pubsub().await?),
                 Target::Sentinel(sentinels) => {
+                    sentinels.watch();
                     let master = sentinels.resolve(Instant::now()).await?;
                     Ok(master.client.get_async_pubsub().await?)
                 }

@@ -88,6 +88,46 @@ async fn commands_reach_the_promoted_replica_after_the_primary_is_killed() {
     assert_eq!(after.as_deref(), Some("2"));
 }
 
+/// `SENTINEL FAILOVER` leaves the old primary running, a master until the sentinels demote
+/// it seconds later: Cascade must move on the sentinels' announcement, not on a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_that_leaves_the_old_primary_running_is_followed_at_once() {
+    let group = RedisSentinels::start().await;
+    let redis = sentinel_redis(&group);
+    let _: () = redis
+        .query(redis::cmd("SET").arg("k").arg("0"))
+        .await
+        .unwrap();
+    // The announcement listener subscribes in the background.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let replica = format!("127.0.0.1:{}", group.replica.port());
+    group.failover();
+    let started = Instant::now();
+    let mut old_primary_still_master = false;
+    for i in 1.. {
+        assert!(
+            started.elapsed() < FAILOVER_BOUND,
+            "Cascade still writes to {:?} {FAILOVER_BOUND:?} after SENTINEL FAILOVER",
+            redis.sentinel_master()
+        );
+        let written: Result<(), _> = redis.query(redis::cmd("SET").arg("k").arg(i)).await;
+        if written.is_ok() && redis.sentinel_master().as_ref() == Some(&replica) {
+            old_primary_still_master = group.primary_is_master();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "SENTINEL FAILOVER followed {:?} after it (old primary still a master then: \
+         {old_primary_still_master})",
+        started.elapsed()
+    );
+    assert!(
+        old_primary_still_master,
+        "Cascade moved only once the old primary was demoted: writes went to it meanwhile"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_pubsub_connection_subscribes_on_the_promoted_replica() {
     let mut group = RedisSentinels::start().await;

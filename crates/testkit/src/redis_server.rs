@@ -269,6 +269,22 @@ impl RedisSentinels {
         self.primary.kill();
     }
 
+    /// `SENTINEL FAILOVER`: the sentinels promote the replica while the primary still runs
+    /// (it is demoted to a replica some seconds later).
+    pub fn failover(&self) {
+        let mut conn = connect(self.sentinels[0].port).expect("a sentinel answers");
+        let _: () = redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg(Self::MASTER)
+            .query(&mut conn)
+            .expect("SENTINEL FAILOVER");
+    }
+
+    /// Whether the (first) primary still says it is a master.
+    pub fn primary_is_master(&self) -> bool {
+        info(self.primary.port(), "replication").contains("role:master")
+    }
+
     /// The master's port as the first answering sentinel names it.
     pub fn master_port(&self) -> Option<u16> {
         self.sentinels.iter().find_map(|s| {

@@ -8,11 +8,13 @@
 //! or demoted one). The found master gets a lazily connecting `ConnectionManager`, replaced
 //! when a later lookup finds another address.
 //!
-//! When to look again: after any failure that may mean the master moved (connection refused or
-//! dropped, no answer within the deadline, `READONLY`, `MASTERDOWN`), in the background, at
-//! most once per [`SPACING`]; and before every new pub/sub connection, so the bus and the
-//! real-time fan-out, which reopen their subscription whenever it breaks (a sentinel's
-//! `CLIENT KILL` after a failover, a dead master), subscribe on the master of now.
+//! When to look again: when a sentinel announces `+switch-master` (a listener per client,
+//! [`Sentinels::watch`]: a failover that leaves the old master running is followed at once);
+//! after any failure that may mean the master moved (connection refused or dropped, no answer
+//! within the deadline, `READONLY`, `MASTERDOWN`), in the background, at most once per
+//! [`SPACING`]; and before every new pub/sub connection, so the bus and the real-time fan-out,
+//! which reopen their subscription whenever it breaks (a sentinel's `CLIENT KILL` after a
+//! failover, a dead master), subscribe on the master of now.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,6 +65,7 @@ pub(super) struct Sentinels {
     current: Mutex<Option<Arc<Master>>>,
     lookup: tokio::sync::Mutex<Lookup>,
     refreshing: AtomicBool,
+    watching: AtomicBool,
 }
 
 impl Sentinels {
@@ -85,6 +88,7 @@ impl Sentinels {
             current: Mutex::new(None),
             lookup: tokio::sync::Mutex::new(Lookup::default()),
             refreshing: AtomicBool::new(false),
+            watching: AtomicBool::new(false),
         }
     }
 
@@ -141,6 +145,60 @@ impl Sentinels {
             let _ = tokio::time::timeout(bound, this.resolve(since)).await;
             tokio::time::sleep(SPACING).await;
             this.refreshing.store(false, Ordering::SeqCst);
+        });
+    }
+
+    /// Listens (once per client) for the sentinels' `+switch-master` announcements, so a
+    /// failover that leaves the old master running (`SENTINEL FAILOVER`, a partition) is
+    /// followed at once, not when a command fails there (the sentinels demote it only some
+    /// seconds after the promotion; until then it would accept writes that are then lost).
+    pub(super) fn watch(self: &Arc<Self>) {
+        if self.watching.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut turn = 0usize;
+            loop {
+                let Some(this) = weak.upgrade() else {
+                    return;
+                };
+                let node = &this.nodes[turn % this.nodes.len()];
+                turn += 1;
+                let subscribe = async {
+                    let mut pubsub = Client::open(node.info.clone())?.get_async_pubsub().await?;
+                    pubsub.subscribe("+switch-master").await?;
+                    Ok::<_, redis::RedisError>(pubsub)
+                };
+                let bound = this.timeout * 4;
+                let Ok(Ok(pubsub)) = tokio::time::timeout(bound, subscribe).await else {
+                    drop(this);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                };
+                drop(this);
+                let mut messages = Box::pin(pubsub.into_on_message());
+                loop {
+                    let next = futures_util::StreamExt::next(&mut messages);
+                    match tokio::time::timeout(Duration::from_secs(1), next).await {
+                        Ok(Some(message)) => {
+                            let Some(this) = weak.upgrade() else {
+                                return;
+                            };
+                            let payload: String = message.get_payload().unwrap_or_default();
+                            if payload.split(' ').next() == Some(this.master_name.as_str()) {
+                                let bound = this.timeout * (2 * this.nodes.len() as u32 + 2);
+                                let _ =
+                                    tokio::time::timeout(bound, this.resolve(Instant::now())).await;
+                            }
+                        }
+                        // That sentinel is gone: listen to the next one.
+                        Ok(None) => break,
+                        Err(_) if weak.strong_count() == 0 => return,
+                        Err(_) => {}
+                    }
+                }
+            }
         });
     }
 
