@@ -142,8 +142,12 @@ pub async fn run(settings: &Settings, instances: u32) -> anyhow::Result<ExitCode
                         true,
                         "redis",
                         &format!(
-                            "{} answered PING in {:.1} ms",
+                            "{}{} answered PING in {:.1} ms",
                             redis.display(),
+                            redis
+                                .sentinel_master()
+                                .map(|at| format!(" (resolved: {at})"))
+                                .unwrap_or_default(),
                             h.latency_ms
                         ),
                     );

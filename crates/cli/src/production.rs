@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use cascade_core::config::{DatabaseConfig, DatabaseSource, RedisConfig};
+use cascade_core::config::{DatabaseConfig, DatabaseSource, RedisConfig, redact_url};
 use cascade_core::db::tls::SslMode;
 use cascade_core::redis::Redis;
 use redis::IntoConnectionInfo;
@@ -97,29 +97,52 @@ pub fn tls(database: &DatabaseConfig, redis: Option<&RedisConfig>) -> Vec<Findin
         });
     }
     if let Some(redis) = redis {
-        let addr = redis
-            .url
-            .expose()
-            .into_connection_info()
-            .map(|info| info.addr().clone());
-        findings.push(match addr {
-            Ok(redis::ConnectionAddr::Tcp(host, _)) if !is_loopback(&host) => warn(
-                "redis tls",
-                format!(
-                    "{} is another machine over redis:// (plain text): AUTH passwords and \
-                     cached data cross the network readable; use rediss:// or a private network",
-                    redis.display
+        let judge = |display: &str, url: &str| {
+            let addr = url.into_connection_info().map(|info| info.addr().clone());
+            match addr {
+                Ok(redis::ConnectionAddr::Tcp(host, _)) if !is_loopback(&host) => warn(
+                    "redis tls",
+                    format!(
+                        "{display} is another machine over redis:// (plain text): AUTH \
+                         passwords and cached data cross the network readable; use rediss:// \
+                         or a private network"
+                    ),
                 ),
-            ),
-            Ok(redis::ConnectionAddr::TcpTls { insecure: true, .. }) => warn(
-                "redis tls",
-                "rediss://…#insecure encrypts without checking whose certificate it is: a \
-                 machine in the middle can pose as Redis; drop #insecure (REDIS_CA_CERT for a \
-                 private CA)",
-            ),
-            Ok(redis::ConnectionAddr::TcpTls { .. }) => ok("redis tls", "rediss:// (TLS)"),
-            _ => ok("redis tls", format!("{} is this machine", redis.display)),
-        });
+                Ok(redis::ConnectionAddr::TcpTls { insecure: true, .. }) => warn(
+                    "redis tls",
+                    "rediss://…#insecure encrypts without checking whose certificate it is: a \
+                     machine in the middle can pose as Redis; drop #insecure (REDIS_CA_CERT for \
+                     a private CA)",
+                ),
+                Ok(redis::ConnectionAddr::TcpTls { .. }) => {
+                    ok("redis tls", format!("{display}: rediss:// (TLS)"))
+                }
+                _ => ok("redis tls", format!("{display} is this machine")),
+            }
+        };
+        match &redis.sentinel {
+            None => findings.push(judge(&redis.display, redis.url.expose())),
+            Some(sentinel) => {
+                // The sentinels, each; the master (its host known only once resolved) is
+                // judged as if it were where the first sentinel is, with REDIS_URL's scheme.
+                for url in &sentinel.urls {
+                    findings.push(judge(&redact_url(url.expose()), url.expose()));
+                }
+                let near = sentinel.urls[0]
+                    .expose()
+                    .into_connection_info()
+                    .ok()
+                    .and_then(|info| match info.addr() {
+                        redis::ConnectionAddr::Tcp(host, _)
+                        | redis::ConnectionAddr::TcpTls { host, .. } => Some(host.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| "localhost".into());
+                let scheme = redis.url.expose().split("://").next().unwrap_or("redis");
+                let master = format!("{scheme}://{near}");
+                findings.push(judge(&format!("master {}", sentinel.master), &master));
+            }
+        }
     }
     findings
 }
@@ -342,6 +365,38 @@ pub async fn redis(redis: &Redis) -> Vec<Finding> {
 #[cfg(test)]
 mod tests {
     use super::is_loopback;
+
+    #[test]
+    fn sentinels_and_their_master_over_plain_text_to_another_machine_are_flagged() {
+        use cascade_core::config::{Config, Parser, RawConfig};
+        let findings = |sentinels: &str, master_url: Option<&str>| {
+            let mut raw = RawConfig::default();
+            raw.redis.redis_sentinel_urls = Some(sentinels.into());
+            raw.redis.redis_url = master_url.map(Into::into);
+            let config = Config::parse(&mut Parser::new(), &raw, &[]);
+            super::tls(&config.database, config.redis.as_ref())
+                .into_iter()
+                .filter(|f| f.name == "redis tls")
+                .map(|f| (f.ok, f.detail))
+                .collect::<Vec<_>>()
+        };
+        let remote = findings("redis://:pw@10.0.0.21:26379,rediss://10.0.0.22:26379", None);
+        assert_eq!(remote.len(), 3, "{remote:?}");
+        assert!(
+            !remote[0].0 && remote[0].1.contains("10.0.0.21"),
+            "{remote:?}"
+        );
+        assert!(!remote[0].1.contains("pw@"), "{remote:?}");
+        assert!(remote[1].0, "{remote:?}");
+        assert!(
+            !remote[2].0 && remote[2].1.contains("master mymaster"),
+            "{remote:?}"
+        );
+        let tls = findings("rediss://10.0.0.21:26379", Some("rediss://app:pw@x"));
+        assert!(tls.iter().all(|(ok, _)| *ok), "{tls:?}");
+        let local = findings("redis://127.0.0.1:26379", None);
+        assert!(local.iter().all(|(ok, _)| *ok), "{local:?}");
+    }
 
     #[test]
     fn loopback_hosts_are_this_machine_and_others_are_not() {

@@ -5,7 +5,14 @@
 //! so Cascade starts (and serves, from PostgreSQL) while Redis is still down, and give every
 //! command a response deadline, so a stopped or unreachable Redis costs a request at most
 //! `REDIS_TIMEOUT`, never a hang. Callers treat failures as "Redis is down right now".
+//!
+//! With Redis Sentinel (`REDIS_SENTINEL_URLS`), the manager is the current master's, and a
+//! failure that may mean the master moved has the sentinels asked again ([`sentinel`]): after
+//! a failover, commands fail (as when Redis is down) until the promoted replica is found.
 
+mod sentinel;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -13,14 +20,27 @@ use serde::Serialize;
 
 use crate::config::RedisConfig;
 
+use self::sentinel::Sentinels;
+
 /// A cheap-to-clone handle; clones share one multiplexed, self-healing connection.
 #[derive(Clone)]
 pub struct Redis {
-    /// Boxed: with TLS settings the client is ~300 bytes, and `Redis` is moved around in enums.
-    client: std::sync::Arc<redis::Client>,
-    manager: ConnectionManager,
+    target: Target,
     display: String,
     timeout: Duration,
+}
+
+#[derive(Clone)]
+enum Target {
+    /// One server, at `REDIS_URL`.
+    Direct {
+        /// Boxed: with TLS settings the client is ~300 bytes, and `Redis` is moved around in
+        /// enums.
+        client: Arc<redis::Client>,
+        manager: ConnectionManager,
+    },
+    /// Whichever server the sentinels name master.
+    Sentinel(Arc<Sentinels>),
 }
 
 /// Redis's memory use, from `INFO memory`.
@@ -87,21 +107,27 @@ impl Redis {
     /// Prepares the client without connecting: the first command connects, and every later
     /// one reconnects if the connection broke.
     pub fn new(config: &RedisConfig) -> Result<Self, RedisError> {
-        let client = match &config.ca_cert {
-            None => redis::Client::open(config.url.expose())?,
+        let root_cert = match &config.ca_cert {
+            None => None,
             Some(path) => {
-                let root_cert = std::fs::read(path).map_err(|err| {
+                let pem = std::fs::read(path).map_err(|err| {
                     RedisError::Config(format!("REDIS_CA_CERT {}: {err}", path.display()))
                 })?;
                 let _ = rustls::crypto::ring::default_provider().install_default();
-                redis::Client::build_with_tls(
-                    config.url.expose(),
+                Some(pem)
+            }
+        };
+        let client = |url: &str| -> Result<redis::Client, RedisError> {
+            Ok(match &root_cert {
+                Some(pem) if url.starts_with("rediss://") => redis::Client::build_with_tls(
+                    url,
                     redis::TlsCertificates {
                         client_tls: None,
-                        root_cert: Some(root_cert),
+                        root_cert: Some(pem.clone()),
                     },
-                )?
-            }
+                )?,
+                _ => redis::Client::open(url)?,
+            })
         };
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
@@ -109,27 +135,113 @@ impl Redis {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(100));
-        let manager = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
+        let target = match &config.sentinel {
+            None => {
+                let client = client(config.url.expose())?;
+                let manager =
+                    ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
+                Target::Direct {
+                    client: Arc::new(client),
+                    manager,
+                }
+            }
+            Some(sentinel) => {
+                let nodes = sentinel
+                    .urls
+                    .iter()
+                    .map(|url| {
+                        let info = client(url.expose())?.get_connection_info().clone();
+                        Ok((info, crate::config::redact_url(url.expose())))
+                    })
+                    .collect::<Result<Vec<_>, RedisError>>()?;
+                let template = client(config.url.expose())?.get_connection_info().clone();
+                Target::Sentinel(Arc::new(Sentinels::new(
+                    nodes,
+                    sentinel.master.clone(),
+                    template,
+                    manager_config,
+                    config.timeout,
+                )))
+            }
+        };
         Ok(Redis {
-            client: std::sync::Arc::new(client),
-            manager,
+            target,
             display: config.display.clone(),
             timeout: config.timeout,
         })
     }
 
-    /// The connection, for commands. Clone it per call; it is a handle.
-    pub fn connection(&self) -> ConnectionManager {
-        self.manager.clone()
+    /// The connection, for commands (a pipeline, say), under the caller's own deadline.
+    /// Clone it per call; it is a handle. With Sentinel it is the current master's, found
+    /// first if none is known yet.
+    pub async fn connection(&self) -> Result<ConnectionManager, RedisError> {
+        match &self.target {
+            Target::Direct { manager, .. } => Ok(manager.clone()),
+            Target::Sentinel(sentinels) => {
+                sentinels.watch();
+                Ok(sentinels.master().await?.manager.clone())
+            }
+        }
+    }
+
+    /// The connection, unless the master is still to be found.
+    fn known_connection(&self) -> Option<ConnectionManager> {
+        match &self.target {
+            Target::Direct { manager, .. } => Some(manager.clone()),
+            Target::Sentinel(sentinels) => sentinels.current().map(|m| m.manager.clone()),
+        }
+    }
+
+    /// A command's connection and its deadline, `REDIS_TIMEOUT` from now (finding the
+    /// master first, with Sentinel, counts against it).
+    async fn start(&self) -> Result<(ConnectionManager, tokio::time::Instant), RedisError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        if let Some(conn) = self.known_connection() {
+            return Ok((conn, deadline));
+        }
+        let result = match tokio::time::timeout_at(deadline, self.connection()).await {
+            Ok(result) => result.map(|conn| (conn, deadline)),
+            Err(_) => Err(RedisError::Timeout(self.timeout)),
+        };
+        self.observe(&result);
+        result
+    }
+
+    /// A command's outcome under its deadline; with Sentinel, a failure that may mean the
+    /// master moved has it looked up again.
+    fn finish<T>(
+        &self,
+        outcome: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, RedisError> {
+        let result = match outcome {
+            Ok(result) => result.map_err(RedisError::from),
+            Err(_) => Err(RedisError::Timeout(self.timeout)),
+        };
+        self.observe(&result);
+        result
     }
 
     /// A dedicated pub/sub connection (the bus), opened under the deadline. It does not
     /// reconnect by itself: its owner notices the end of its stream and opens a new one.
+    /// With Sentinel, the sentinels are asked where the master is first.
     pub async fn pubsub(&self) -> Result<redis::aio::PubSub, RedisError> {
-        match tokio::time::timeout(self.timeout * 4, self.client.get_async_pubsub()).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(RedisError::Timeout(self.timeout * 4)),
-        }
+        let bound = self.timeout * 4;
+        let open = async {
+            match &self.target {
+                Target::Direct { client, .. } => Ok(client.get_async_pubsub().await?),
+                Target::Sentinel(sentinels) => {
+                    sentinels.watch();
+                    let master = sentinels.resolve(Instant::now()).await?;
+                    Ok(master.client.get_async_pubsub().await?)
+                }
+            }
+        };
+        let result = match tokio::time::timeout(bound, open).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisError::Timeout(bound)),
+        };
+        self.observe(&result);
+        result
     }
 
     /// The deadline every command must answer within.
@@ -137,18 +249,34 @@ impl Redis {
         self.timeout
     }
 
-    /// The URL with its password redacted.
+    /// The URL with its password redacted (with Sentinel: the master's name and the
+    /// sentinels' URLs).
     pub fn display(&self) -> &str {
         &self.display
     }
 
+    /// With Sentinel, the master's `host:port` as last found; None before the first lookup
+    /// and without Sentinel.
+    pub fn sentinel_master(&self) -> Option<String> {
+        match &self.target {
+            Target::Direct { .. } => None,
+            Target::Sentinel(sentinels) => sentinels.current().map(|m| m.addr.clone()),
+        }
+    }
+
+    /// With Sentinel, a failure that may mean the master moved has it looked up again.
+    fn observe<T>(&self, result: &Result<T, RedisError>) {
+        if let (Target::Sentinel(sentinels), Err(err)) = (&self.target, result)
+            && sentinel::may_have_moved(err)
+        {
+            sentinels.suspect();
+        }
+    }
+
     /// Runs one command under the deadline.
     pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RedisError> {
-        let mut conn = self.manager.clone();
-        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(RedisError::Timeout(self.timeout)),
-        }
+        let (mut conn, deadline) = self.start().await?;
+        self.finish(tokio::time::timeout_at(deadline, cmd.query_async(&mut conn)).await)
     }
 
     /// Runs one Lua script invocation under the deadline.
@@ -156,22 +284,20 @@ impl Redis {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, RedisError> {
-        let mut conn = self.manager.clone();
-        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(RedisError::Timeout(self.timeout)),
-        }
+        let (mut conn, deadline) = self.start().await?;
+        self.finish(tokio::time::timeout_at(deadline, invocation.invoke_async(&mut conn)).await)
     }
 
     /// Runs `evalsha`, an `EVALSHA` of `script` built by the caller, under the deadline
     /// (one command buffer, where a `ScriptInvocation` copies its keys and arguments into a
-    /// second). A Redis that does not know the script (restarted, flushed) is sent it once.
+    /// second). A Redis that does not know the script (restarted, flushed, a replica just
+    /// promoted) is sent it once.
     pub async fn eval<T: redis::FromRedisValue>(
         &self,
         script: &redis::Script,
         evalsha: &redis::Cmd,
     ) -> Result<T, RedisError> {
-        let mut conn = self.manager.clone();
+        let (mut conn, deadline) = self.start().await?;
         let run = async {
             match evalsha.query_async(&mut conn).await {
                 Err(err)
@@ -183,10 +309,7 @@ impl Redis {
                 result => result,
             }
         };
-        match tokio::time::timeout(self.timeout, run).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(RedisError::Timeout(self.timeout)),
-        }
+        self.finish(tokio::time::timeout_at(deadline, run).await)
     }
 
     /// `INFO memory` under the deadline.

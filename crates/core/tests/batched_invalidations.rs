@@ -23,6 +23,7 @@ fn engine(server: &RedisServer, prefix: &str) -> Cache {
         display: server.url(),
         timeout: REDIS_TIMEOUT,
         ca_cert: None,
+        sentinel: None,
     })
     .unwrap();
     let config = CacheConfig {

@@ -43,6 +43,7 @@ fn redis_engine_at(url: &str, prefix: &str) -> Cache {
         display: url.to_string(),
         timeout: Duration::from_millis(200),
         ca_cert: None,
+        sentinel: None,
     })
     .unwrap();
     Cache::new(
@@ -782,6 +783,7 @@ async fn after_a_partition_entries_from_before_it_are_revalidated() {
             display: url,
             timeout: Duration::from_millis(200),
             ca_cert: None,
+            sentinel: None,
         })
         .unwrap();
         Cache::new(

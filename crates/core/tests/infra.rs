@@ -156,6 +156,7 @@ fn redis_client(server: &RedisServer) -> Redis {
         display: server.url(),
         timeout: Duration::from_millis(250),
         ca_cert: None,
+        sentinel: None,
     })
     .unwrap()
 }

@@ -17,7 +17,7 @@ pub mod venice;
 
 pub use pg::PgServer;
 pub use proxy::Proxy;
-pub use redis_server::RedisServer;
+pub use redis_server::{RedisSentinels, RedisServer};
 pub use stall_proxy::StallProxy;
 pub use stripe::StripeStandin;
 pub use venice::VeniceStandin;

@@ -183,3 +183,197 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A primary, one replica (`--replicaof`) and three `redis-server --sentinel` processes
+/// watching them (quorum 2, a master unanswering for 1 s is down), for failover tests. Every
+/// process has its own temp dir and free port, and is killed on drop.
+pub struct RedisSentinels {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    sentinels: Vec<SentinelProcess>,
+}
+
+struct SentinelProcess {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Drop for SentinelProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal_group(child.id(), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl RedisSentinels {
+    /// The name the sentinels monitor the primary under.
+    pub const MASTER: &'static str = "cascade";
+
+    /// Starts the primary, its replica (synced), and the sentinels, and waits until every
+    /// sentinel knows the replica and the two other sentinels (so a failover can be voted).
+    pub async fn start() -> RedisSentinels {
+        let primary = RedisServer::start().await;
+        let replica = RedisServer::start_with_args(&[
+            "--replicaof",
+            "127.0.0.1",
+            &primary.port().to_string(),
+        ])
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !info(replica.port(), "replication").contains("master_link_status:up") {
+            assert!(Instant::now() < deadline, "the replica did not sync in 20s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let sentinels = (0..3)
+            .map(|_| spawn_sentinel(primary.port()))
+            .collect::<Vec<_>>();
+        let group = RedisSentinels {
+            primary,
+            replica,
+            sentinels,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = group.sentinels.iter().all(|s| {
+                sentinel_master(s.port).is_some_and(|m| {
+                    m.get("num-slaves").is_some_and(|n| n == "1")
+                        && m.get("num-other-sentinels").is_some_and(|n| n == "2")
+                })
+            });
+            if ready {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinels did not find the replica and each other in 30s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        group
+    }
+
+    /// `redis://127.0.0.1:<port>` of each sentinel.
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|s| format!("redis://127.0.0.1:{}", s.port))
+            .collect()
+    }
+
+    /// SIGKILL of the primary: the sentinels see it down after 1 s and promote the replica.
+    pub fn kill_primary(&mut self) {
+        self.primary.kill();
+    }
+
+    /// `SENTINEL FAILOVER`: the sentinels promote the replica while the primary still runs
+    /// (it is demoted to a replica some seconds later).
+    pub fn failover(&self) {
+        let mut conn = connect(self.sentinels[0].port).expect("a sentinel answers");
+        let _: () = redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg(Self::MASTER)
+            .query(&mut conn)
+            .expect("SENTINEL FAILOVER");
+    }
+
+    /// Whether the (first) primary still says it is a master.
+    pub fn primary_is_master(&self) -> bool {
+        info(self.primary.port(), "replication").contains("role:master")
+    }
+
+    /// The master's port as the first answering sentinel names it.
+    pub fn master_port(&self) -> Option<u16> {
+        self.sentinels.iter().find_map(|s| {
+            let mut conn = connect(s.port)?;
+            let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(Self::MASTER)
+                .query(&mut conn)
+                .ok()?;
+            addr.map(|(_, port)| port)
+        })
+    }
+
+    /// Waits until every sentinel names the replica master and the replica says it is one;
+    /// panics after `bound`.
+    pub async fn wait_for_promotion(&self, bound: Duration) {
+        let deadline = Instant::now() + bound;
+        loop {
+            let named = self.sentinels.iter().all(|s| {
+                sentinel_master(s.port).is_some_and(|m| {
+                    m.get("port") == Some(&self.replica.port().to_string())
+                        && m.get("flags").is_some_and(|f| f == "master")
+                })
+            });
+            if named && info(self.replica.port(), "replication").contains("role:master") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinels did not promote the replica within {bound:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn spawn_sentinel(primary_port: u16) -> SentinelProcess {
+    let dir = temp_dir("sentinel");
+    let port = free_port();
+    let master = RedisSentinels::MASTER;
+    // Sentinel rewrites its configuration file (what it learns): it must be its own and
+    // writable.
+    let conf = format!(
+        "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile sentinel.log\n\
+         sentinel monitor {master} 127.0.0.1 {primary_port} 2\n\
+         sentinel down-after-milliseconds {master} 1000\n\
+         sentinel failover-timeout {master} 5000\n\
+         sentinel parallel-syncs {master} 1\n",
+        dir = dir.display()
+    );
+    let path = dir.join("sentinel.conf");
+    std::fs::write(&path, conf).expect("write sentinel.conf");
+    let child = Command::new("redis-server")
+        .arg(&path)
+        .arg("--sentinel")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("spawn redis-server --sentinel (apt-get install -y redis-server)");
+    SentinelProcess {
+        dir,
+        port,
+        child: Some(child),
+    }
+}
+
+fn connect(port: u16) -> Option<redis::Connection> {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .ok()?
+        .get_connection_with_timeout(Duration::from_millis(500))
+        .ok()
+        .filter(|conn| conn.set_read_timeout(Some(Duration::from_secs(1))).is_ok())
+}
+
+/// `INFO <section>` of the server at `port`; empty if it does not answer.
+fn info(port: u16, section: &str) -> String {
+    connect(port)
+        .and_then(|mut conn| redis::cmd("INFO").arg(section).query(&mut conn).ok())
+        .unwrap_or_default()
+}
+
+/// `SENTINEL MASTER <name>` of the sentinel at `port`, as field → value.
+fn sentinel_master(port: u16) -> Option<std::collections::HashMap<String, String>> {
+    let mut conn = connect(port)?;
+    redis::cmd("SENTINEL")
+        .arg("MASTER")
+        .arg(RedisSentinels::MASTER)
+        .query(&mut conn)
+        .ok()
+}

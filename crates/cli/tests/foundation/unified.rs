@@ -34,6 +34,7 @@ fn redis_engine(redis: &RedisServer) -> Cache {
         display: redis.url(),
         timeout: Duration::from_secs(2),
         ca_cert: None,
+        sentinel: None,
     })
     .unwrap();
     Cache::new(

@@ -106,11 +106,14 @@ async fn pipeline<T: redis::FromRedisValue>(
     redis: &Redis,
     pipe: &redis::Pipeline,
 ) -> Result<T, MigrateError> {
-    let mut conn = redis.connection();
     // A batch carries many commands: give it several times one command's deadline.
     let bound = redis.timeout() * 10;
-    match tokio::time::timeout(bound, pipe.query_async(&mut conn)).await {
-        Ok(result) => Ok(result?),
+    let run = async {
+        let mut conn = redis.connection().await?;
+        Ok::<T, MigrateError>(pipe.query_async(&mut conn).await?)
+    };
+    match tokio::time::timeout(bound, run).await {
+        Ok(result) => result,
         Err(_) => Err(RedisError::Timeout(bound).into()),
     }
 }

@@ -22,7 +22,7 @@ pub use database::{DatabaseConfig, DatabaseSource, RawDatabase};
 pub use http::{HttpConfig, LogFormat, RawHttp};
 pub use identity::{AuthConfig, LoginBackoff, RateLimit, RawIdentity};
 pub use parser::Parser;
-pub use redis::{RawRedis, RedisConfig};
+pub use redis::{RawRedis, RedisConfig, SentinelConfig};
 pub use replica::{RawReplicas, ReplicaConfig};
 pub use values::{Decimal6, Secret, parse_duration, redact_url};
 
@@ -171,7 +171,13 @@ impl Config {
         rows.extend(self.replicas.describe());
         match &self.redis {
             Some(r) => {
-                rows.push(("REDIS_URL", r.display.clone()));
+                match &r.sentinel {
+                    Some(s) => {
+                        rows.push(("REDIS_SENTINEL_URLS", s.display.clone()));
+                        rows.push(("REDIS_SENTINEL_MASTER", s.master.clone()));
+                    }
+                    None => rows.push(("REDIS_URL", r.display.clone())),
+                }
                 rows.push(("REDIS_TIMEOUT", secs(r.timeout)));
                 if let Some(ca) = &r.ca_cert {
                     rows.push(("REDIS_CA_CERT", ca.display().to_string()));
@@ -456,5 +462,44 @@ mod tests {
             vec!["REDIS_CA_CERT"]
         );
         assert!(with("rediss://localhost", "/etc/hostname").is_empty());
+    }
+
+    #[test]
+    fn redis_sentinel_urls_and_master() {
+        let c = parse(|r| {
+            r.redis.redis_sentinel_urls =
+                Some("redis://:pw@10.0.0.1:26379, redis://10.0.0.2:26379".into());
+            r.redis.redis_sentinel_master = Some("cache".into());
+        })
+        .unwrap();
+        assert_eq!(c.cache.backend, CacheBackend::Redis);
+        let redis = c.redis.as_ref().unwrap();
+        let sentinel = redis.sentinel.as_ref().unwrap();
+        assert_eq!(sentinel.urls.len(), 2);
+        assert_eq!(sentinel.master, "cache");
+        let rows = format!("{:?}", c.describe());
+        assert!(!rows.contains("pw@"), "{rows}");
+        assert!(rows.contains("REDIS_SENTINEL_MASTER"), "{rows}");
+        let c = parse(|r| r.redis.redis_sentinel_urls = Some("redis://h:26379".into())).unwrap();
+        assert_eq!(c.redis.unwrap().sentinel.unwrap().master, "mymaster");
+        assert_eq!(
+            issue_vars(|r| r.redis.redis_sentinel_urls = Some("redis://h:26379,http://x".into())),
+            vec!["REDIS_SENTINEL_URLS"]
+        );
+        assert_eq!(
+            issue_vars(|r| {
+                r.redis.redis_sentinel_urls = Some("redis://h:26379".into());
+                r.redis.redis_sentinel_master = Some("my master".into());
+            }),
+            vec!["REDIS_SENTINEL_MASTER"]
+        );
+        // A CA certificate for TLS sentinels, the master in plain text.
+        assert!(
+            issue_vars(|r| {
+                r.redis.redis_sentinel_urls = Some("rediss://h:26379".into());
+                r.redis.redis_ca_cert = Some("/etc/hostname".into());
+            })
+            .is_empty()
+        );
     }
 }

@@ -247,6 +247,7 @@ mod tests {
             display: "test".into(),
             timeout: Duration::from_secs(5),
             ca_cert: None,
+            sentinel: None,
         })
         .unwrap();
         let one = RateLimiter::new(Some(redis.clone()), memory_cache(), "test:");
