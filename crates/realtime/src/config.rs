@@ -204,10 +204,11 @@ impl RealtimeConfig {
             Duration::from_millis(5),
             Duration::from_millis(1),
         );
-        if write_delay > Duration::from_secs(1) {
+        if write_delay > Duration::from_millis(100) {
             p.fail(
                 "WS_WRITE_DELAY",
-                "at most 1s (it is added to a message's delivery time under load)",
+                "at most 100ms (it is added to a message's delivery time under load, and a \
+                 connection's queue must hold what arrives meanwhile)",
             );
         }
         let compression_threshold = match raw.ws_compression_threshold.as_deref().map(str::trim) {
@@ -352,17 +353,20 @@ mod tests {
     }
 
     #[test]
-    fn the_write_delay_takes_milliseconds_zero_and_refuses_more_than_a_second() {
+    fn the_write_delay_takes_milliseconds_and_zero_and_refuses_more_than_100ms() {
         assert_eq!(
             RealtimeConfig::default().write_delay,
             Duration::from_millis(5)
         );
         assert_eq!(parse("20").unwrap().write_delay, Duration::from_millis(20));
         assert_eq!(parse("0").unwrap().write_delay, Duration::ZERO);
-        assert_eq!(parse("1s").unwrap().write_delay, Duration::from_secs(1));
-        let err = parse("2s").unwrap_err();
+        assert_eq!(
+            parse("100ms").unwrap().write_delay,
+            Duration::from_millis(100)
+        );
+        let err = parse("101ms").unwrap_err();
         assert!(
-            err.contains("WS_WRITE_DELAY") && err.contains("at most 1s"),
+            err.contains("WS_WRITE_DELAY") && err.contains("at most 100ms"),
             "{err}"
         );
         let err = parse("soon").unwrap_err();

@@ -149,16 +149,20 @@ impl Session {
                     Some(at) if at > Instant::now() => flush_at = Some(at),
                     _ => {
                         if last_write.is_some() {
-                            // What queued while the write waited goes out with it.
-                            if let Some(n) = rx.recv_many(&mut batch, BATCH).now_or_never()
+                            // Everything that queued while the write waited goes out with it
+                            // (not one batch: the queue was not read for a whole delay).
+                            let mut taken = 0;
+                            while taken < config.queue_size
+                                && let Some(n) = rx.recv_many(&mut batch, BATCH).now_or_never()
                                 && n > 0
                             {
+                                taken += n;
                                 metrics::dequeued(n);
                                 for item in batch.drain(..) {
                                     self.outbound(item, &mut out).await;
                                 }
-                                batch.shrink_to(IDLE_KEEP);
                             }
+                            batch.shrink_to(IDLE_KEEP);
                         }
                         match write(&mut ws, &mut out, &handle, config.write_timeout).await {
                             // An idle connection keeps no buffer a burst grew (memory per

@@ -171,12 +171,14 @@ impl Hub {
     pub fn deliver(&self, delivery: Arc<Delivery>) {
         let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = channels.get(&delivery.channel) {
-            // One gauge update per message, not one per subscriber.
-            let queued = list
+            // One gauge update per message, not one per subscriber; counted before the
+            // offers (a subscriber may take its copy at once), the refused ones after.
+            metrics::queued(list.len());
+            let refused = list
                 .iter()
-                .filter(|conn| conn.offer(Outbound::Message(delivery.clone())))
+                .filter(|conn| !conn.offer(Outbound::Message(delivery.clone())))
                 .count();
-            metrics::queued(queued);
+            metrics::dequeued(refused);
         }
     }
 
