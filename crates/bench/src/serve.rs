@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use cascade_catalog::{CatalogModule, bench_routes};
+use cascade_server::http::ExtraRoutes;
 use cascade_server::{Application, BuildOptions, Settings};
 
 /// Serves until SIGTERM or SIGINT, then drains and stops as `cascade serve` does.
@@ -34,19 +35,18 @@ pub async fn run(settings: Settings, migrate: bool) -> anyhow::Result<ExitCode> 
     );
     println!("cascade-bench listening on http://{local}");
     let catalog = CatalogModule::new(app.settings.catalog.clone()).state(&app.state);
-    let bench = crate::fixed::router().merge(bench_routes::router().with_state(catalog));
-    // Their path templates, the metrics' route labels.
-    let paths = [
-        crate::fixed::PATH,
-        bench_routes::LISTINGS,
-        bench_routes::BUNDLE,
-    ];
-    app.serve_with(
-        listener,
-        bench,
-        &paths,
-        cascade_server::process::termination(),
-    )
-    .await?;
+    let bench = ExtraRoutes {
+        router: crate::fixed::router().merge(bench_routes::router().with_state(catalog)),
+        // Their path templates, the metrics' route labels.
+        templates: vec![
+            crate::fixed::PATH,
+            bench_routes::LISTINGS,
+            bench_routes::BUNDLE,
+        ],
+        // The baseline is served past the router, as the hot read is.
+        fast: vec![crate::fixed::fast_route()],
+    };
+    app.serve_with(listener, bench, cascade_server::process::termination())
+        .await?;
     Ok(ExitCode::SUCCESS)
 }

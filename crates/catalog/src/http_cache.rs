@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use axum::body::{Body, Bytes};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use cascade_core::cache::CachedBody;
 
@@ -34,8 +34,15 @@ impl<S: Send + Sync> FromRequestParts<S> for IfNoneMatch {
     type Rejection = Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let values = parts.headers.get_all(header::IF_NONE_MATCH).iter();
-        Ok(IfNoneMatch(values.cloned().collect()))
+        Ok(IfNoneMatch::from_headers(&parts.headers))
+    }
+}
+
+impl IfNoneMatch {
+    /// The values in `headers` (a route the edge serves past the router reads them here).
+    pub fn from_headers(headers: &HeaderMap) -> IfNoneMatch {
+        let values = headers.get_all(header::IF_NONE_MATCH).iter();
+        IfNoneMatch(values.cloned().collect())
     }
 }
 

@@ -135,6 +135,11 @@ impl Module for CatalogModule {
         <openapi::CatalogApi as utoipa::OpenApi>::openapi()
     }
 
+    /// The hot read, `GET /listings/{version_id}`: past the router (issue 13).
+    fn fast_routes(&self, state: &AppState) -> Vec<cascade_http::FastRoute> {
+        vec![reads::asset_fast(self.state(state))]
+    }
+
     fn search_providers(&self) -> Vec<Arc<dyn cascade_http::SearchProvider>> {
         vec![Arc::new(search::AssetSearch)]
     }
@@ -151,7 +156,7 @@ impl Module for CatalogModule {
             )
             .route("/listings", get(reads::listings))
             .route(
-                "/listings/{version_id}",
+                reads::ASSET_PATH,
                 get(reads::asset)
                     .patch(writes::update_asset)
                     .delete(writes::delete_asset),

@@ -9,6 +9,7 @@
 //!   background tasks, its part of the OpenAPI document);
 //! - [`channels`]: [`ChannelAuthorizer`], how a module says who may use its real-time channels;
 //! - [`search`]: [`SearchProvider`], how a module lets `GET /search` find its types;
+//! - [`fast`]: [`FastRoute`], a hot `GET` route the edge serves past the router;
 //! - [`openapi`]: the platform's part of that document (the error shape, bearer auth, the
 //!   responses every route can give).
 
@@ -16,6 +17,7 @@ pub mod auth;
 pub mod channels;
 pub mod error;
 pub mod extract;
+pub mod fast;
 pub mod module;
 pub mod openapi;
 pub mod search;
@@ -25,6 +27,7 @@ pub use auth::CurrentUser;
 pub use channels::ChannelAuthorizer;
 pub use error::ApiError;
 pub use extract::JsonBody;
+pub use fast::FastRoute;
 pub use module::Module;
 pub use search::SearchProvider;
 pub use state::AppState;

@@ -13,6 +13,7 @@ use cascade_core::db::Migration;
 use cascade_core::tasks::Supervisor;
 
 use crate::channels::ChannelAuthorizer;
+use crate::fast::FastRoute;
 use crate::search::SearchProvider;
 use crate::state::AppState;
 
@@ -27,6 +28,12 @@ pub trait Module: Send + Sync + 'static {
 
     /// The module's routes, with its own state applied.
     fn router(&self, state: &AppState) -> Router;
+
+    /// Routes of [`Module::router`] the edge serves past the router, for their `GET`s (see
+    /// [`FastRoute`]): the hottest reads only. Each must answer as its router route does.
+    fn fast_routes(&self, _state: &AppState) -> Vec<FastRoute> {
+        Vec::new()
+    }
 
     /// The module's part of the OpenAPI document: every route of [`Module::router`], with
     /// its schemas (usually `#[derive(utoipa::OpenApi)]` over its `#[utoipa::path]` handlers).

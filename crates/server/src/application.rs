@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::Router;
 use cascade_agents::AgentsModule;
 use cascade_app::AppModule;
 use cascade_catalog::CatalogModule;
@@ -24,9 +23,9 @@ use cascade_http::{AppState, Module};
 use cascade_realtime::{Realtime, RealtimeModule};
 use tokio::net::TcpListener;
 
-use crate::http::App;
 use crate::http::live::Live;
 use crate::http::metrics::Metrics;
+use crate::http::{App, ExtraRoutes};
 use crate::settings::Settings;
 use crate::state::ServerState;
 
@@ -204,20 +203,19 @@ impl Application {
 
     /// The whole HTTP application, every module's routes behind the shared middleware.
     pub fn router(&self) -> App {
-        self.router_with(Router::new(), &[])
+        self.router_with(ExtraRoutes::default())
     }
 
     /// [`router`](Self::router) plus `extra` routes behind the same middleware (the
-    /// benchmark's `/bench/*`, which only `cascade-bench` adds), `extra_paths` their path
-    /// templates (the metrics' route labels).
-    pub fn router_with(&self, extra: Router, extra_paths: &[&str]) -> App {
+    /// benchmark's `/bench/*`, which only `cascade-bench` adds).
+    pub fn router_with(&self, extra: ExtraRoutes) -> App {
         let server = ServerState {
             app: self.state.clone(),
             metrics: self.metrics.clone(),
             live: self.live.clone(),
             realtime: self.realtime.clone(),
         };
-        crate::http::app(&server, &self.modules, extra, extra_paths)
+        crate::http::app(&server, &self.modules, extra)
     }
 
     /// Serves on `listener` until `shutdown` resolves, drains in-flight requests for at most
@@ -227,7 +225,7 @@ impl Application {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        self.serve_with(listener, Router::new(), &[], shutdown)
+        self.serve_with(listener, ExtraRoutes::default(), shutdown)
             .await
     }
 
@@ -235,12 +233,11 @@ impl Application {
     pub async fn serve_with(
         self,
         listener: TcpListener,
-        extra: Router,
-        extra_paths: &[&str],
+        extra: ExtraRoutes,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let http = self.state.config.http.clone();
-        let router = self.router_with(extra, extra_paths);
+        let router = self.router_with(extra);
         let served = crate::serve(listener, router, shutdown, &http).await;
         // Writes whose clients hung up may still be running: let them finish (and invalidate)
         // before the pool closes.

@@ -11,10 +11,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use cascade_server::{Application, BuildOptions, Settings};
-use cascade_testkit::PgServer;
 use serde_json::Value;
 use tower::ServiceExt;
+
+mod common;
+use common::application;
 
 /// Path templates in the router's `Debug` text: its route table prints as
 /// `RouteId(n): "/path"` in its `path_router`. Axum's internal routes (a nest's tail) are left out.
@@ -49,16 +50,6 @@ fn concrete(template: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("/")
-}
-
-async fn application() -> (PgServer, Application) {
-    let pg = PgServer::start().await;
-    let url = pg.fresh_database().await;
-    let settings = Settings::from_vars(&[("DATABASE_URL", url)]).expect("settings");
-    let app = Application::build(settings, BuildOptions::default())
-        .await
-        .expect("the application builds");
-    (pg, app)
 }
 
 fn documented(doc: &Value) -> BTreeMap<String, BTreeSet<String>> {

@@ -23,6 +23,18 @@
 //! templates ([`RouteTable`]): the OpenAPI document's paths, which a test keeps equal to the
 //! router's, and the benchmark's extra routes.
 //!
+//! The hottest `GET` routes go past the router altogether ([`FastRoute`], declared by their
+//! module): the walk of that table that labels the metrics also finds the route's handler and
+//! its path parameter, and the edge calls it with the parameter as a `&str`. Axum's routing
+//! (a second walk, the parameter percent-decoded into `Arc<str>`s, its `Vec`, an extension
+//! box and map) and its two boxed futures are skipped; the edge sets the `Content-Length`
+//! axum's route would. Everything else goes through the router: other methods (`HEAD`'s
+//! bodiless answer and 405 stay axum's), a parameter with a `%` (decoding is axum's), a request
+//! with a body or credentials (the body limit, the rate-limit slot), and whatever the handler
+//! hands back. A fast handler sees the request's headers as the client sent them (no
+//! `x-request-id` of ours: it reads none). `tests/fast_routes.rs` compares its answers with
+//! the router's.
+//!
 //! The edge also holds what the layers below it used to do for every request, and pays for
 //! each only where it can matter (issue 13; `bench/callgrind.sh` counted each):
 //!
@@ -53,6 +65,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Request};
 use axum::http::{HeaderValue, Method, Response, StatusCode, header};
 use cascade_core::metrics as m;
 use cascade_http::auth::RateSlot;
+use cascade_http::fast::{FastFuture, FastHandler, FastRoute};
 use metrics::{Counter, Histogram};
 use tower::{Layer, Service};
 use tower_http::compression::{Compression, CompressionLayer, Predicate};
@@ -68,25 +81,78 @@ const MAX_CLIENT_REQUEST_ID: usize = 128;
 const UNMATCHED: &str = "unmatched";
 
 /// The router's path templates (`/listings/{version_id}`), each one `Arc` the metrics'
-/// per-thread handles are keyed by (see [`record`]).
+/// per-thread handles are keyed by (see [`record`]), and the routes the edge serves itself
+/// ([`FastRoute`]).
 #[derive(Default)]
-pub struct RouteTable(matchit::Router<Arc<str>>);
+pub struct RouteTable {
+    table: matchit::Router<RouteEntry>,
+    /// The templates, in the order given (for [`RouteTable::routed_only`]).
+    templates: Vec<Arc<str>>,
+    /// Those served past the router.
+    fast: Vec<Arc<str>>,
+}
+
+struct RouteEntry {
+    template: Arc<str>,
+    fast: Option<FastHandler>,
+}
 
 impl RouteTable {
-    pub fn new<'a>(templates: impl IntoIterator<Item = &'a str>) -> RouteTable {
+    /// The table of `templates`, with the handlers of `fast` routes among them. A fast route
+    /// whose template is not one of the router's is left out: the router would not answer
+    /// its other methods.
+    pub fn new<'a>(
+        templates: impl IntoIterator<Item = &'a str>,
+        fast: impl IntoIterator<Item = FastRoute>,
+    ) -> RouteTable {
+        let mut fast: Vec<FastRoute> = fast.into_iter().collect();
         let mut table = matchit::Router::new();
+        let (mut kept, mut served) = (Vec::new(), Vec::new());
         for template in templates {
+            let handler = fast
+                .iter()
+                .position(|f| f.template == template)
+                .map(|i| fast.swap_remove(i).handler);
+            let entry = RouteEntry {
+                template: Arc::from(template),
+                fast: handler,
+            };
+            let (name, is_fast) = (entry.template.clone(), entry.fast.is_some());
             // The router refused conflicting routes already; a template twice is harmless.
-            if let Err(err) = table.insert(template, Arc::from(template)) {
-                tracing::debug!(template, error = %err, "route template not added to the table");
+            match table.insert(template, entry) {
+                Ok(()) => {
+                    if is_fast {
+                        served.push(name.clone());
+                    }
+                    kept.push(name)
+                }
+                Err(err) => {
+                    tracing::debug!(template, error = %err, "route template not added to the table")
+                }
             }
         }
-        RouteTable(table)
+        for route in fast {
+            tracing::warn!(
+                template = route.template,
+                "a fast route that is not one of the router's is not served"
+            );
+        }
+        RouteTable {
+            table,
+            templates: kept,
+            fast: served,
+        }
+    }
+
+    /// The same templates, every request left to the router.
+    fn routed_only(&self) -> RouteTable {
+        RouteTable::new(self.templates.iter().map(|t| &**t), [])
     }
 
     /// The template `path` matches, as the router would match it.
+    #[cfg(test)]
     fn at(&self, path: &str) -> Option<Arc<str>> {
-        self.0.at(path).ok().map(|m| m.value.clone())
+        self.table.at(path).ok().map(|m| m.value.template.clone())
     }
 }
 
@@ -129,6 +195,19 @@ impl<S> Layer<S> for EdgeLayer {
 pub type App = Edge<Router>;
 
 impl App {
+    /// The same application with every request left to the router: what the fast routes'
+    /// answers are compared with (tests).
+    pub fn routed_only(&self) -> App {
+        let mut app = self.clone();
+        app.routes = Arc::new(self.routes.routed_only());
+        app
+    }
+
+    /// The templates of the routes whose `GET`s this application serves past the router.
+    pub fn fast_routes(&self) -> impl Iterator<Item = &str> {
+        self.routes.fast.iter().map(|t| &**t)
+    }
+
     /// This application for the connection from `peer`, which requests a limit can apply to
     /// are given as `ConnectInfo`.
     pub fn for_peer(&self, peer: SocketAddr) -> App {
@@ -172,43 +251,74 @@ where
 
     fn call(&mut self, mut request: Request) -> Self::Future {
         let started = Instant::now();
-        let id = match request.headers().get(&REQUEST_ID) {
-            // A client's own id is kept, when it is short enough to log with every line.
-            Some(id) if id.len() <= MAX_CLIENT_REQUEST_ID => id.clone(),
-            _ => {
-                let id = next_request_id();
-                request.headers_mut().insert(REQUEST_ID, id.clone());
-                id
-            }
+        // A client's own id is kept, when it is short enough to log with every line.
+        let client_id = request
+            .headers()
+            .get(&REQUEST_ID)
+            .filter(|id| id.len() <= MAX_CLIENT_REQUEST_ID);
+        let (id, ours) = match client_id {
+            Some(id) => (id.clone(), false),
+            None => (next_request_id(), true),
         };
-        let rate_slot = may_be_limited(&request).then(|| {
-            if let Some(peer) = self.peer {
-                request.extensions_mut().insert(ConnectInfo(peer));
-            }
-            RateSlot::attach(request.extensions_mut())
-        });
+        let limited = may_be_limited(&request);
         let method = method_label(request.method());
-        let route = self.routes.at(request.uri().path());
         let span = tracing::info_span!(
             "request",
             method = %request.method(),
             path = %request.uri().path(),
             request_id = %id.to_str().unwrap_or("-"),
         );
-        if !request.body().is_end_stream() {
-            self.body_limit.apply(&mut request);
-        }
-        let inner = span.in_scope(|| {
+        let matched = self.routes.table.at(request.uri().path()).ok();
+        let route = matched.as_ref().map(|m| m.value.template.clone());
+        // A fast route's `GET` is answered from this walk of the templates, past the router
+        // (http/fast.rs in cascade-http); the handler can hand it back (`None`).
+        let fast = matched
+            .and_then(|m| Some((m.value.fast.as_ref()?, m.params.iter().next()?.1)))
+            .filter(|(_, param)| {
+                request.method() == Method::GET
+                    && !limited
+                    && !param.contains('%')
+                    && request.body().is_end_stream()
+            })
+            .and_then(|(handler, param)| span.in_scope(|| handler(param, request.headers())));
+        let (inner, rate_slot) = if let Some(answer) = fast {
+            // Not given the request id: a fast handler reads no header of ours.
             if request.headers().contains_key(header::ACCEPT_ENCODING) {
-                Inner::Compressed {
-                    future: self.inner.call(request),
-                }
+                let mut compression = CompressionLayer::new()
+                    .compress_when(Compressible)
+                    .layer(Answer(Some(answer)));
+                let future = compression.call(request);
+                (Inner::FastCompressed { future }, None)
             } else {
-                Inner::Plain {
-                    future: self.inner.get_mut().call(request),
-                }
+                let future = Answered(Some(answer));
+                (Inner::FastPlain { future }, None)
             }
-        });
+        } else {
+            if ours {
+                request.headers_mut().insert(REQUEST_ID, id.clone());
+            }
+            let rate_slot = limited.then(|| {
+                if let Some(peer) = self.peer {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                }
+                RateSlot::attach(request.extensions_mut())
+            });
+            if !request.body().is_end_stream() {
+                self.body_limit.apply(&mut request);
+            }
+            let inner = span.in_scope(|| {
+                if request.headers().contains_key(header::ACCEPT_ENCODING) {
+                    Inner::Compressed {
+                        future: self.inner.call(request),
+                    }
+                } else {
+                    Inner::Plain {
+                        future: self.inner.get_mut().call(request),
+                    }
+                }
+            });
+            (inner, rate_slot)
+        };
         EdgeFuture {
             inner,
             span,
@@ -236,11 +346,13 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// The handler's future, through compression or not.
+    /// The handler's future, through compression or not, behind the router or not.
     #[project = InnerProj]
     pub enum Inner<P, C> {
         Plain { #[pin] future: P },
         Compressed { #[pin] future: C },
+        FastPlain { future: Answered },
+        FastCompressed { #[pin] future: CompressedFuture<Answered> },
     }
 }
 
@@ -254,14 +366,74 @@ where
     /// The response in the JSON error shape when it is an error.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
         match self.project() {
-            InnerProj::Plain { future } => future.poll(cx).map(|Ok(mut response)| {
-                vary_as_compression_would(&mut response);
-                json_errors(response)
-            }),
+            InnerProj::Plain { future } => future.poll(cx).map(|Ok(response)| plain(response)),
             InnerProj::Compressed { future } => {
                 future.poll(cx).map(|Ok(response)| json_errors(response))
             }
+            InnerProj::FastPlain { future } => Pin::new(future)
+                .poll(cx)
+                .map(|Ok(response)| plain(response)),
+            InnerProj::FastCompressed { future } => {
+                future.poll(cx).map(|Ok(response)| json_errors(response))
+            }
         }
+    }
+}
+
+/// A response to a client that did not ask for compression, as the edge sends it.
+fn plain<B: EdgeBody>(mut response: Response<B>) -> Response<Body> {
+    vary_as_compression_would(&mut response);
+    json_errors(response)
+}
+
+/// A fast route's answer as a service, for compression to wrap: called once.
+struct Answer(Option<FastFuture>);
+
+impl Service<Request> for Answer {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Answered;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request) -> Answered {
+        Answered(self.0.take())
+    }
+}
+
+/// A fast route's answer as the router would have given it: with the `Content-Length` axum
+/// sets on every response whose body's length is known.
+pub struct Answered(Option<FastFuture>);
+
+impl Future for Answered {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(future) = self.0.as_mut() else {
+            // `Answer` is called once; a second call has nothing to answer with.
+            let mut response = Response::new(Body::empty());
+            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            return Poll::Ready(Ok(response));
+        };
+        future.as_mut().poll(cx).map(|mut response| {
+            set_content_length(&mut response);
+            Ok(response)
+        })
+    }
+}
+
+/// What axum's route does to every response (`set_content_length` in axum's `route.rs`):
+/// `Content-Length` from the body's exact size, unless the handler set one.
+fn set_content_length(response: &mut Response<Body>) {
+    if response.headers().contains_key(header::CONTENT_LENGTH) {
+        return;
+    }
+    if let Some(size) = response.body().size_hint().exact() {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     }
 }
 
@@ -559,7 +731,7 @@ mod tests {
             .route("/json", get(json))
             .route("/slow", get(slow))
             .route("/echo", post(|body: Bytes| async move { body }));
-        let routes = RouteTable::new(["/json", "/slow", "/echo"]);
+        let routes = RouteTable::new(["/json", "/slow", "/echo"], []);
         EdgeLayer::new(Duration::from_millis(200), 64, routes).layer(router)
     }
 
@@ -670,7 +842,7 @@ mod tests {
 
     #[test]
     fn the_route_table_labels_paths_by_template_and_unknown_paths_not_at_all() {
-        let table = RouteTable::new(["/listings", "/listings/{version_id}", "/health"]);
+        let table = RouteTable::new(["/listings", "/listings/{version_id}", "/health"], []);
         let label = |path: &str| table.at(path).map(|t| t.to_string());
         assert_eq!(
             label("/listings/abc").as_deref(),
@@ -697,9 +869,13 @@ mod tests {
             info.map_or("none".to_string(), |ConnectInfo(addr)| addr.to_string())
         };
         let router = axum::Router::new().route("/peer", axum::routing::any(peer));
-        let edge = EdgeLayer::new(Duration::from_secs(30), 1 << 20, RouteTable::new(["/peer"]))
-            .layer(router)
-            .for_peer("10.1.2.3:4567".parse().unwrap());
+        let edge = EdgeLayer::new(
+            Duration::from_secs(30),
+            1 << 20,
+            RouteTable::new(["/peer"], []),
+        )
+        .layer(router)
+        .for_peer("10.1.2.3:4567".parse().unwrap());
         let ask = |method: Method, token: bool| {
             let mut request = Request::builder().method(method).uri("/peer");
             if token {
@@ -718,6 +894,87 @@ mod tests {
                 .unwrap();
             assert_eq!(body, seen.as_bytes(), "{method} with a token: {token}");
         }
+    }
+
+    /// An edge in front of a router whose `/item/{id}` answers `router:{id}` padded to 40
+    /// bytes of JSON, with `/item/{id}` also a fast route answering `fast:{id}` the same way,
+    /// except for the id `pass`, which it hands back to the router.
+    fn edge_with_a_fast_route() -> App {
+        use axum::extract::Path;
+        fn answer(by: &str, id: &str) -> Response<Body> {
+            let body = format!("\"{:<38}\"", format!("{by}:{id}"));
+            let mut response = Response::new(Body::from(body));
+            let json = HeaderValue::from_static("application/json");
+            response.headers_mut().insert(header::CONTENT_TYPE, json);
+            response
+        }
+        let router = axum::Router::new().route(
+            "/item/{id}",
+            axum::routing::get(|Path(id): Path<String>| async move { answer("router", &id) }),
+        );
+        let fast = FastRoute::new("/item/{id}", |id, _| {
+            let id = id.to_owned();
+            (id != "pass").then(|| -> FastFuture { Box::pin(async move { answer("fast", &id) }) })
+        });
+        let routes = RouteTable::new(["/item/{id}"], [fast]);
+        EdgeLayer::new(Duration::from_secs(30), 1 << 20, routes).layer(router)
+    }
+
+    #[tokio::test]
+    async fn a_fast_routes_plain_gets_are_served_past_the_router_and_the_rest_through_it() {
+        use tower::ServiceExt;
+        let ask = |request: axum::http::request::Builder, body: Body| async move {
+            let response = edge_with_a_fast_route()
+                .oneshot(request.body(body).unwrap())
+                .await
+                .unwrap();
+            let (parts, body) = response.into_parts();
+            let body = axum::body::to_bytes(body, 1024).await.unwrap();
+            (parts, String::from_utf8_lossy(&body).into_owned())
+        };
+        let get = |uri: &str| Request::get(uri);
+
+        let (parts, body) = ask(get("/item/a"), Body::empty()).await;
+        assert!(body.starts_with("\"fast:a "), "{body}");
+        assert_eq!(
+            parts.headers[header::CONTENT_LENGTH],
+            "40",
+            "as axum sets it"
+        );
+        assert_eq!(parts.headers[header::VARY], "accept-encoding");
+        assert!(parts.headers.contains_key(&REQUEST_ID));
+
+        let gzip = get("/item/a").header(header::ACCEPT_ENCODING, "gzip");
+        let (parts, _) = ask(gzip, Body::empty()).await;
+        assert_eq!(parts.headers[header::CONTENT_ENCODING], "gzip");
+
+        for (request, body, why) in [
+            (get("/item/%61"), Body::empty(), "a % in the path"),
+            (get("/item/pass"), Body::empty(), "handed back"),
+            (
+                get("/item/a").header(header::AUTHORIZATION, "Bearer x"),
+                Body::empty(),
+                "credentials",
+            ),
+            (get("/item/a"), Body::from("x"), "a body"),
+        ] {
+            let (parts, body) = ask(request, body).await;
+            assert_eq!(parts.status, StatusCode::OK, "{why}");
+            assert!(body.starts_with("\"router:"), "{why}: {body}");
+        }
+
+        let (parts, body) = ask(Request::head("/item/a"), Body::empty()).await;
+        assert_eq!((parts.status, body.as_str()), (StatusCode::OK, ""));
+        assert_eq!(parts.headers[header::CONTENT_LENGTH], "40");
+
+        let (parts, body) = ask(Request::post("/item/a"), Body::empty()).await;
+        assert_eq!(parts.status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+        assert!(
+            body.contains("\"error\""),
+            "axum's 405 in the JSON shape: {body}"
+        );
+        let (parts, _) = ask(get("/item/a/"), Body::empty()).await;
+        assert_eq!(parts.status, StatusCode::NOT_FOUND);
     }
 
     #[test]
