@@ -54,12 +54,15 @@ pub async fn asset(
     if_none_match: IfNoneMatch,
 ) -> Result<Response, ApiError> {
     let version = VersionId::parse_owned("versionId", version)?;
-    let body = cached(&state, ASSETS, version.as_str(), &[], |state| {
-        let version = version.clone();
-        async move { queries::asset(&state.db.conn().await?, version.as_str()).await }
-    })
-    .await?
-    .ok_or_else(|| not_found(&version))?;
+    // Concurrent misses share one statement (`queries::assets`) and one fill round trip.
+    let db = &state.db;
+    let (body, _) = state
+        .cache
+        .get_or_load_body_batched(ASSETS, version.as_str(), &[], |versions| async move {
+            queries::assets(&db.conn().await?, &versions).await
+        })
+        .await?;
+    let body = body.ok_or_else(|| not_found(&version))?;
     Ok(respond(&if_none_match, &body, http_cache::ASSET))
 }
 
