@@ -675,6 +675,28 @@ pub async fn asset(conn: &Object, version: &str) -> Result<Option<Vec<u8>>, Cata
     Ok(row.as_ref().map(text))
 }
 
+/// `GET /listings/:versionId` of many versions in one statement (concurrent misses batched by
+/// the cache, `get_or_load_body_batched`): each version found, with its body as
+/// [`asset`] gives it. A version not among them does not exist.
+pub async fn assets(
+    conn: &Object,
+    versions: &[String],
+) -> Result<Vec<(String, Vec<u8>)>, CatalogError> {
+    let statement = conn
+        .prepare_cached(concat!(
+            "/* catalog:assets */ SELECT ",
+            asset_json!(),
+            "::text, a.version_id FROM assets a WHERE a.version_id = ANY($1)"
+        ))
+        .await
+        .map_err(internal)?;
+    let rows = conn
+        .query(&statement, &[&versions])
+        .await
+        .map_err(internal)?;
+    Ok(rows.iter().map(|row| (row.get(1), text(row))).collect())
+}
+
 /// `GET /listings`: newest first, `{"items": [...], "nextCursor": "..." | null}`.
 pub async fn listings(conn: &Object, query: &ListingQuery) -> Result<Vec<u8>, CatalogError> {
     let statement = conn

@@ -81,17 +81,18 @@ async fn asset_answer(
     if_none_match: IfNoneMatch,
 ) -> Result<Response, ApiError> {
     let version = VersionId::parse_owned("versionId", version)?;
-    let body = cached(&state, ASSETS, version.as_str(), &[], |state| {
-        let version = version.clone();
-        async move {
-            let version = &version;
-            (state.db)
-                .read(|conn| async move { queries::asset(&conn, version.as_str()).await })
+    // Concurrent misses share one statement (`queries::assets`) and one fill round trip; the
+    // statement may run on a replica that has replayed every acknowledged write (`Db::read`).
+    let db = &state.db;
+    let (body, _) = state
+        .cache
+        .get_or_load_body_batched(ASSETS, version.as_str(), &[], |versions| async move {
+            let versions = &versions;
+            db.read(|conn| async move { queries::assets(&conn, versions).await })
                 .await
-        }
-    })
-    .await?
-    .ok_or_else(|| not_found(&version))?;
+        })
+        .await?;
+    let body = body.ok_or_else(|| not_found(&version))?;
     Ok(respond(&if_none_match, &body, http_cache::ASSET))
 }
 

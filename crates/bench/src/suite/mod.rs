@@ -65,7 +65,7 @@ pub struct Options {
     pub seconds: Option<u64>,
     pub connections: usize,
     pub out: PathBuf,
-    /// Only this scenario (`realtime`, `executions`).
+    /// Only this scenario (`realtime`, `executions`, `miss`).
     pub only: Option<String>,
 }
 
@@ -107,7 +107,7 @@ struct Suite {
 pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     let wrk = which("wrk")
         .context("wrk is not installed: run bench/run (it installs it), or apt-get install wrk")?;
-    let small = options.quick || options.only.is_some();
+    let small = options.quick || options.only.as_deref().is_some_and(|only| only != "miss");
     let assets = options
         .assets
         .unwrap_or(if small { 2_000 } else { 100_000 });
@@ -129,6 +129,8 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         realtime_rows(&suite).await?
     } else if options.only.as_deref() == Some("executions") {
         executions::run(&suite).await?
+    } else if options.only.as_deref() == Some("miss") {
+        throughput::run_miss(&suite).await?
     } else {
         let mut rows = throughput::run(&suite).await?;
         let citizens = citizens::run(&suite).await?;

@@ -35,6 +35,21 @@ struct Scenario {
 
 /// Every throughput scenario, the baseline first, with throughput relative to it.
 pub(super) async fn run(suite: &Suite) -> anyhow::Result<Vec<Row>> {
+    run_some(suite, |_| true).await
+}
+
+/// `--only miss`: the ceiling, the baseline, the direct PostgreSQL read and the miss-heavy
+/// walk, as in the whole suite.
+pub(super) async fn run_miss(suite: &Suite) -> anyhow::Result<Vec<Row>> {
+    run_some(suite, |scenario| {
+        scenario.once || [BASELINE, DIRECT].contains(&scenario.name)
+    })
+    .await
+}
+
+/// The throughput scenarios `wanted` picks (the baseline must be among them), with the
+/// ceiling first.
+async fn run_some(suite: &Suite, wanted: fn(&Scenario) -> bool) -> anyhow::Result<Vec<Row>> {
     let body_size = suite
         .client
         .get_ok(&format!("/listings/{}", suite.hot[0]))
@@ -49,7 +64,7 @@ pub(super) async fn run(suite: &Suite) -> anyhow::Result<Vec<Row>> {
             .await?
     };
     let mut rows: Vec<Row> = Vec::new();
-    for mut scenario in scenarios(suite, body_size) {
+    for mut scenario in scenarios(suite, body_size).into_iter().filter(wanted) {
         if scenario.once {
             // A miss-heavy walk must not come back to a path: that would be a hit. Its time
             // is cut so that even at the rate of the direct PostgreSQL row (a miss costs that

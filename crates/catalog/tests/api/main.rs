@@ -4,6 +4,7 @@
 mod support;
 
 mod audit;
+mod batched_reads;
 mod bounds;
 mod bundle;
 mod concurrent_writes;

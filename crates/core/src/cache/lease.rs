@@ -6,7 +6,6 @@
 //! (caching nothing) if it does not come. A lease is honoured only while nothing invalidated
 //! the key: an invalidation deletes the lease, and the holder's fill is refused (no stale set).
 
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -14,7 +13,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
 use super::Source;
-use super::codec::{decode, due_for_refresh, encode};
+use super::codec::{decode, due_for_refresh};
+use super::load_batch::{FillOutcome, KeyLoader, LeaseFill};
 use super::read::{Answer, Fill, ReadCtx};
 use super::redis_tier::Lookup;
 use super::stats::add;
@@ -30,15 +30,11 @@ impl ReadCtx<'_> {
     /// cluster-wide; the local flight lock only keeps this instance's waiters from polling
     /// the shared tier all at once. The lease holder never takes it (a poller holding it
     /// waits for that holder).
-    pub(super) async fn through_shared<E, F, Fut>(
+    pub(super) async fn through_shared<E, L: KeyLoader<E>>(
         &self,
         shared: &SharedTier,
-        loader: F,
-    ) -> Result<Answer, E>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
-    {
+        loader: L,
+    ) -> Result<Answer, E> {
         let read = SharedRead::begin(self, shared);
         // Lives until the read returns: a poller that queued on the flight lock keeps it
         // through its own load, if it ends up loading.
@@ -58,8 +54,8 @@ impl ReadCtx<'_> {
         }
         // The shared tier failed or the other loader took too long: load, cache nothing.
         add(&self.counters.misses, 1);
-        let (loaded, _) = self.timed_load(loader).await?;
-        Ok((loaded.map(Arc::from), Source::Loaded))
+        let loaded = loader.load(self, None).await?;
+        Ok((loaded.value, Source::Loaded))
     }
 }
 
@@ -197,33 +193,34 @@ impl<'a> SharedRead<'a> {
     /// a copy in the in-process tier. The shared tier counts the value's TTL from the lease's
     /// grant (when its tag entries end); the stored header and the copy here count it from
     /// `asked`, just before, so neither outlives the shared value.
-    async fn load_and_fill<E, F, Fut>(&self, loader: F, asked: Instant) -> Result<Answer, E>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
-    {
+    /// A batched loader fills in its batch's round (`load_batch.rs`); either way the fill is
+    /// conditional on this read's token.
+    async fn load_and_fill<E, L: KeyLoader<E>>(
+        &self,
+        loader: L,
+        asked: Instant,
+    ) -> Result<Answer, E> {
         let read = self.read;
-        let (loaded, delta) = read.timed_load(loader).await?;
-        let ttl = read.value_ttl(loaded.is_some());
-        let left = ttl.saturating_sub(asked.elapsed());
-        let encoded = encode(loaded.as_deref(), left, delta);
-        let stored = self
-            .shared
-            .store(
-                &read.full,
-                Some((&self.token, self.lease_ttl)),
-                &encoded,
-                ttl,
-                &read.all_tags,
-            )
-            .await;
-        let value: Option<Arc<[u8]>> = loaded.map(Arc::from);
-        match stored {
-            Ok(true) => read.install(self.started_epoch, Fill::fresh(value.clone(), left, delta)),
-            Ok(false) => add(&read.counters.stale_sets_refused, 1),
-            Err(err) => read.cache.shared_failed(&read.counters, &err),
+        let fill = LeaseFill {
+            full: read.full.clone(),
+            tags: read.all_tags.clone(),
+            token: self.token.clone(),
+            lease_ttl: self.lease_ttl,
+            ttl_found: read.value_ttl(true),
+            ttl_missing: read.value_ttl(false),
+            asked,
+        };
+        let loaded = loader.load(read, Some(fill)).await?;
+        match loaded.fill {
+            FillOutcome::Stored => read.install(
+                self.started_epoch,
+                Fill::fresh(loaded.value.clone(), loaded.left, loaded.delta),
+            ),
+            FillOutcome::Refused => add(&read.counters.stale_sets_refused, 1),
+            // Counted against the breaker where it failed; nothing to fill without a lease.
+            FillOutcome::Failed | FillOutcome::NotAsked => {}
         }
-        Ok((value, Source::Loaded))
+        Ok((loaded.value, Source::Loaded))
     }
 }
 

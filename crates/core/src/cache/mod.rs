@@ -24,6 +24,7 @@
 //! | `lease.rs` | its shared-tier step: lookup with lease, polling with backoff, fill |
 //! | `invalidate.rs` | `set`, invalidations, their marks, and their replay after an outage |
 //! | `batcher.rs` | concurrent invalidations merged into one shared-tier round and bus message |
+//! | `load_batch.rs` | concurrent loads of one namespace merged into one loader call and one fill round |
 //! | `codec.rs` | the stored form of a value (header, XFetch early-refresh test) |
 //! | `tier.rs`, `redis_tier.rs`, `pg_tier.rs` | the shared tier and its two backends |
 //! | `bus.rs` | keeping the instances' in-process tiers coherent |
@@ -39,6 +40,7 @@ mod codec;
 mod front;
 mod invalidate;
 mod lease;
+mod load_batch;
 mod marks;
 mod pg_tier;
 mod read;
@@ -64,6 +66,7 @@ use self::batcher::Batcher;
 use self::breaker::Breaker;
 use self::bus::Bus;
 use self::invalidate::Pending;
+use self::load_batch::LoadGroups;
 use self::marks::Marks;
 use self::pg_tier::PgTier;
 use self::redis_tier::RedisTier;
@@ -262,6 +265,8 @@ pub(crate) struct Inner {
     replay: tokio::sync::Mutex<()>,
     /// Concurrent invalidations, merged into shared rounds (`batcher.rs`).
     batcher: Batcher,
+    /// Concurrent batched loads of each namespace (`load_batch.rs`).
+    load_groups: LoadGroups,
     stats: Stats,
 }
 
@@ -319,6 +324,7 @@ impl Cache {
                 distrust_before_ms: AtomicU64::new(0),
                 replay: tokio::sync::Mutex::new(()),
                 batcher: Batcher::default(),
+                load_groups: LoadGroups::default(),
                 stats: Stats::default(),
             }),
         };

@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::codec::{Stored, decode, due_for_refresh, now_ms};
+use super::load_batch::{Alone, Batched, KeyLoader, Loaded};
 use super::stats::{NsCounters, add};
 use super::{Cache, CacheError, CachedBody, MemEntry, Source};
 
@@ -93,6 +94,38 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
     {
+        self.read_body(namespace, key, tags, Alone(loader)).await
+    }
+
+    /// [`get_or_load_body`](Self::get_or_load_body) whose load joins the concurrent loads of
+    /// other keys of `namespace` (`load_batch.rs`): they share one call of `load_many` and
+    /// one round trip for their fills. `load_many` is given keys and returns the values found,
+    /// each with its key; a key not among them is "not found" (cached briefly, as a `None` of
+    /// `get_or_load`). Every caller of a namespace passes the same loader: a batch runs its
+    /// first caller's.
+    pub async fn get_or_load_body_batched<E, B, Fut>(
+        &self,
+        namespace: &str,
+        key: &str,
+        tags: &[String],
+        load_many: B,
+    ) -> Result<(Option<CachedBody>, Source), E>
+    where
+        B: FnOnce(Vec<String>) -> Fut,
+        Fut: Future<Output = Result<Vec<(String, Vec<u8>)>, E>>,
+    {
+        self.read_body(namespace, key, tags, Batched(load_many))
+            .await
+    }
+
+    /// The read path of both: near hit, shared tier, load here.
+    async fn read_body<E, L: KeyLoader<E>>(
+        &self,
+        namespace: &str,
+        key: &str,
+        tags: &[String],
+        loader: L,
+    ) -> Result<(Option<CachedBody>, Source), E> {
         let counters = self.inner.stats.ns(namespace);
         let early = self.inner.config.early_refresh.contains(namespace);
         // 1. An in-process hit returns before anything below: no lock, no allocation (the key
@@ -115,7 +148,7 @@ impl Cache {
         // future (and the handler's around it) as large as the whole miss path.
         let (bytes, source) = Box::pin(async move {
             let full = self.full_key(namespace, key);
-            let read = ReadCtx::new(self, full, namespace, tags, counters, early);
+            let read = ReadCtx::new(self, full, key, namespace, tags, counters, early);
             // 2. The shared tier, when there is one and it may be used now.
             if let Some(shared) = self.shared_tier().await {
                 read.through_shared(shared, loader).await
@@ -191,6 +224,8 @@ pub(super) struct ReadCtx<'a> {
     pub(super) cache: &'a Cache,
     /// The key as every tier and the bus name it (see [`Cache::full_key`]).
     pub(super) full: String,
+    /// The key as the caller named it (what a batched loader is given).
+    pub(super) key: &'a str,
     pub(super) namespace: &'a str,
     /// The caller's tags: with the key and namespace, what an invalidation may name.
     pub(super) tags: &'a [String],
@@ -241,6 +276,7 @@ impl<'a> ReadCtx<'a> {
     fn new(
         cache: &'a Cache,
         full: String,
+        key: &'a str,
         namespace: &'a str,
         tags: &'a [String],
         counters: Arc<NsCounters>,
@@ -252,6 +288,7 @@ impl<'a> ReadCtx<'a> {
         ReadCtx {
             cache,
             full,
+            key,
             namespace,
             tags,
             all_tags,
@@ -264,15 +301,11 @@ impl<'a> ReadCtx<'a> {
 
     /// Step 3: no shared tier to ask. One load per key in this instance; the near entry (if
     /// any) was due for early refresh.
-    async fn load_in_process<E, F, Fut>(
+    async fn load_in_process<E, L: KeyLoader<E>>(
         &self,
         near: Option<MemEntry>,
-        loader: F,
-    ) -> Result<Answer, E>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
-    {
+        loader: L,
+    ) -> Result<Answer, E> {
         // A near entry due for early refresh. With a shared tier (kept away by its breaker
         // now), refreshes go through its lease once it is back; memory only, one caller
         // refreshes, the others keep the current value.
@@ -296,14 +329,9 @@ impl<'a> ReadCtx<'a> {
 
     /// Memory only: loads, and keeps the value in the in-process tier unless an invalidation
     /// overtook the load.
-    async fn load_into_memory<E, F, Fut>(&self, loader: F) -> Result<Answer, E>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
-    {
+    async fn load_into_memory<E, L: KeyLoader<E>>(&self, loader: L) -> Result<Answer, E> {
         let started_epoch = self.cache.inner.epoch.load(Ordering::SeqCst);
-        let (loaded, delta) = self.timed_load(loader).await?;
-        let value: Option<Arc<[u8]>> = loaded.map(Arc::from);
+        let Loaded { value, delta, .. } = loader.load(self, None).await?;
         self.install_loaded(started_epoch, value.clone(), delta);
         Ok((value, Source::Loaded))
     }
@@ -379,8 +407,7 @@ impl<'a> ReadCtx<'a> {
         let started = Instant::now();
         let result = loader().await;
         let elapsed = started.elapsed();
-        add(&self.counters.loads, 1);
-        add(&self.counters.load_micros, elapsed.as_micros() as u64);
+        self.count_loads(1, elapsed);
         result.map(|loaded| (loaded, elapsed))
     }
 }

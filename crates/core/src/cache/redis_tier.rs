@@ -14,7 +14,8 @@
 //! therefore cannot install it after the write's invalidation.
 //!
 //! A miss costs two scripts: the lookup (reads or leases, one round trip; a namespace whose
-//! lookups mostly hit sends a plain `GET` first instead) and the fill (three commands). The
+//! lookups mostly hit sends a plain `GET` first instead) and the fill (three commands; the
+//! lease holders of one batch of loads, `load_batch.rs`, fill in one script). The
 //! lease enters the key in its tag sets until the value would expire, and the value's TTL
 //! counts from the lease's grant, so the fill has no tag set to touch.
 //!
@@ -39,6 +40,7 @@ use std::time::Duration;
 
 use redis::{Cmd, Script};
 
+use super::tier::LeasedStore;
 use crate::redis::{Redis, RedisError};
 
 /// Most expired members one script removes from each tag set it enters a key into.
@@ -63,6 +65,7 @@ pub(crate) struct RedisTier {
     get_or_lease: Script,
     try_lease: Script,
     fill: Script,
+    fill_many: Script,
     set: Script,
     invalidate: Script,
     drain: Script,
@@ -146,6 +149,26 @@ redis.call('DEL', KEYS[2])
 if left < 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', left)
 return 1
+";
+
+/// [`FILL`] for many keys at once: `KEYS` are (value key, lease key) pairs, `ARGV` (token,
+/// TTL, value, lease TTL) quadruples in the same order. Returns 1 or 0 for each pair.
+const FILL_MANY: &str = r"
+local out = {}
+for i = 1, #KEYS / 2 do
+  local value_key, lease_key, a = KEYS[2 * i - 1], KEYS[2 * i], 4 * (i - 1)
+  local stored = 0
+  if redis.call('GET', lease_key) == ARGV[a + 1] then
+    local left = tonumber(ARGV[a + 2]) - (tonumber(ARGV[a + 4]) - redis.call('PTTL', lease_key)) - 1
+    redis.call('DEL', lease_key)
+    if left >= 1 then
+      redis.call('SET', value_key, ARGV[a + 3], 'PX', left)
+      stored = 1
+    end
+  end
+  out[i] = stored
+end
+return out
 ";
 
 /// An unconditional store (no lease): indexes the tags exactly.
@@ -253,6 +276,7 @@ impl RedisTier {
             get_or_lease: Script::new(&format!("{index_tags}{GET_OR_LEASE}")),
             try_lease: Script::new(&format!("{index_tags}{TRY_LEASE}")),
             fill: Script::new(FILL),
+            fill_many: Script::new(FILL_MANY),
             set: Script::new(&format!("{index_tags}{SET}")),
             invalidate: Script::new(&format!("{DRAIN_FN}{INVALIDATE}")),
             drain: Script::new(&format!("{DRAIN_FN}{DRAIN}")),
@@ -420,6 +444,39 @@ impl RedisTier {
         };
         let stored: i64 = self.redis.eval(script, &cmd).await?;
         Ok(stored == 1)
+    }
+
+    /// [`store`](Self::store) under a lease for each of `stores`, in one script: a batch of
+    /// loads fills in one round trip. Whether each was stored, in order.
+    pub async fn store_leased(&self, stores: &[LeasedStore<'_>]) -> Result<Vec<bool>, RedisError> {
+        let prefix = &self.prefix;
+        let size = 64
+            + stores
+                .iter()
+                .map(|s| 3 * (prefix.len() + s.full_key.len()) + 64 + s.bytes.len())
+                .sum::<usize>();
+        let mut cmd = Cmd::with_capacity(3 + 6 * stores.len(), size);
+        cmd.arg("EVALSHA")
+            .arg(self.fill_many.get_hash())
+            .arg(2 * stores.len());
+        let mut name = String::new();
+        for s in stores {
+            name.clear();
+            name.push_str(prefix);
+            name.push_str(s.full_key);
+            cmd.arg(&name);
+            name.insert_str(0, "lease:");
+            name.insert_str(0, prefix);
+            cmd.arg(&name);
+        }
+        for s in stores {
+            cmd.arg(s.token)
+                .arg(millis(s.ttl))
+                .arg(&s.bytes[..])
+                .arg(millis(s.lease_ttl));
+        }
+        let stored: Vec<i64> = self.redis.eval(&self.fill_many, &cmd).await?;
+        Ok(stored.into_iter().map(|s| s == 1).collect())
     }
 
     /// Deletes the values and leases of `full_keys` and every value carrying any of `tags`,

@@ -12,7 +12,11 @@ pub(crate) struct NsCounters {
     pub near_hits: AtomicU64,
     pub shared_hits: AtomicU64,
     pub misses: AtomicU64,
+    /// Keys loaded.
     pub loads: AtomicU64,
+    /// Loader calls that loaded them: a batch (`load_batch.rs`) loads many keys in one.
+    pub loader_calls: AtomicU64,
+    /// Time each key's caller waited for its load, summed.
     pub load_micros: AtomicU64,
     pub lease_waits: AtomicU64,
     pub invalidations: AtomicU64,
@@ -54,7 +58,10 @@ pub struct NamespaceStats {
     pub near_hits: u64,
     pub shared_hits: u64,
     pub misses: u64,
+    /// Keys loaded.
     pub loads: u64,
+    /// Loader calls that loaded them (fewer than `loads` when loads were batched).
+    pub loader_calls: u64,
     pub load_micros_total: u64,
     pub lease_waits: u64,
     pub invalidations: u64,
@@ -107,6 +114,7 @@ impl Stats {
                 shared_hits: c.shared_hits.load(Ordering::Relaxed),
                 misses: c.misses.load(Ordering::Relaxed),
                 loads: c.loads.load(Ordering::Relaxed),
+                loader_calls: c.loader_calls.load(Ordering::Relaxed),
                 load_micros_total: c.load_micros.load(Ordering::Relaxed),
                 lease_waits: c.lease_waits.load(Ordering::Relaxed),
                 invalidations: c.invalidations.load(Ordering::Relaxed),

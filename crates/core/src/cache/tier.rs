@@ -46,6 +46,21 @@ impl From<crate::db::DbError> for TierError {
     }
 }
 
+/// One lease holder's store in [`SharedTier::store_leased`].
+pub(crate) struct LeasedStore<'a> {
+    pub full_key: &'a str,
+    /// What the value carries (the PostgreSQL tier stores them; Redis indexed them with the
+    /// lease).
+    pub tags: &'a [String],
+    pub token: &'a str,
+    /// The TTL the lease was taken with.
+    pub lease_ttl: Duration,
+    /// The stored form of the value.
+    pub bytes: Vec<u8>,
+    /// The value's TTL, counted from the lease's grant.
+    pub ttl: Duration,
+}
+
 pub(crate) enum SharedTier {
     /// Boxed: the scripts make it much larger than the PostgreSQL variant.
     Redis(Box<RedisTier>),
@@ -112,6 +127,25 @@ impl SharedTier {
             SharedTier::Postgres(t) => {
                 let token = lease.map(|(token, _)| token);
                 t.store(full_key, token, bytes, ttl, tags).await?
+            }
+        })
+    }
+
+    /// Stores each of `stores` if its lease is still its token (as [`store`](Self::store)
+    /// with a lease), in one round trip on Redis: a batch of loads fills at once. Whether
+    /// each was stored, in order.
+    pub async fn store_leased(&self, stores: &[LeasedStore<'_>]) -> Result<Vec<bool>, TierError> {
+        Ok(match self {
+            SharedTier::Redis(t) => t.store_leased(stores).await?,
+            SharedTier::Postgres(t) => {
+                let mut stored = Vec::with_capacity(stores.len());
+                for s in stores {
+                    stored.push(
+                        t.store(s.full_key, Some(s.token), &s.bytes, s.ttl, s.tags)
+                            .await?,
+                    );
+                }
+                stored
             }
         })
     }

@@ -1,0 +1,502 @@
+//! Batched loads: reads of different keys of one namespace that must load at the same time
+//! share one loader call (for the catalog, one PostgreSQL statement, `WHERE id = ANY($1)`),
+//! and the lease holders among them share one shared-tier round trip for their fills.
+//!
+//! Each namespace has a [`LoadGroup`]. A read that must load joins its group: while fewer
+//! than [`MAX_IN_FLIGHT`] batches run, it leads a batch at once (its key and whatever is
+//! queued); otherwise it queues, and the next batch to finish loading hands the lead to the
+//! first caller queued, which takes up to [`MAX_BATCH`] keys. A caller alone therefore waits
+//! for nobody; under load, batches grow with the load (DataLoader's idea, without a timer).
+//!
+//! The leader loads, hands the lead on (the next batch loads while this one fills), fills the
+//! shared tier for every lease holder of its batch in one round trip, each fill still
+//! conditional on its own lease token (an invalidation during the load refuses that key's
+//! fill and no other), then hands each caller its value. Each caller installs its value in
+//! the in-process tier itself, under its own epoch and tags (`read.rs`). A batch so changes
+//! none of a single read's guarantees: one load per cold key (only lease holders load), no
+//! stale set (the token, the epoch), read-after-write.
+//!
+//! A failed loader call is the leader's error; every other caller of the batch then loads its
+//! key alone, so it gets its own answer or error. A leader whose future is dropped (its client
+//! went away) hands the lead on; the callers of its batch load alone.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::codec::encode;
+use super::read::ReadCtx;
+use super::stats::add;
+use super::tier::LeasedStore;
+
+/// Most keys one loader call is given.
+pub(super) const MAX_BATCH: usize = 64;
+
+/// Batches of one namespace loading at once: two let PostgreSQL run one batch while the
+/// server parses the previous one's rows and fills them, on a 2-core machine.
+pub(super) const MAX_IN_FLIGHT: usize = 2;
+
+/// How a read loads its key: [`Alone`] (`get_or_load*`) or [`Batched`]
+/// (`get_or_load_body_batched`). With `fill`, the loaded value is also stored in the shared
+/// tier under the read's lease.
+pub(super) trait KeyLoader<E> {
+    async fn load(self, read: &ReadCtx<'_>, fill: Option<LeaseFill>) -> Result<Loaded, E>;
+}
+
+/// A loader of one key: `None` is "not found".
+pub(super) struct Alone<F>(pub F);
+
+impl<E, F, Fut> KeyLoader<E> for Alone<F>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
+{
+    async fn load(self, read: &ReadCtx<'_>, fill: Option<LeaseFill>) -> Result<Loaded, E> {
+        let (loaded, delta) = read.timed_load(self.0).await?;
+        Ok(read.fill_one(loaded.map(Arc::from), delta, fill).await)
+    }
+}
+
+/// A loader of many keys of one namespace: given keys, it returns the values found, each
+/// with its key; a key not among them is not found. Every caller of a namespace passes the
+/// same one: a batch runs its leader's.
+pub(super) struct Batched<B>(pub B);
+
+impl<E, B: LoadMany<E>> KeyLoader<E> for Batched<B> {
+    async fn load(self, read: &ReadCtx<'_>, fill: Option<LeaseFill>) -> Result<Loaded, E> {
+        read.load_batched(fill, self.0).await
+    }
+}
+
+/// A loader of many keys (see [`Batched`]): a closure `|keys| async { ... }`.
+pub(super) trait LoadMany<E> {
+    fn call(self, keys: Vec<String>) -> impl Future<Output = Result<Vec<(String, Vec<u8>)>, E>>;
+}
+
+impl<E, B, Fut> LoadMany<E> for B
+where
+    B: FnOnce(Vec<String>) -> Fut,
+    Fut: Future<Output = Result<Vec<(String, Vec<u8>)>, E>>,
+{
+    fn call(self, keys: Vec<String>) -> impl Future<Output = Result<Vec<(String, Vec<u8>)>, E>> {
+        self(keys)
+    }
+}
+
+/// What the lease holder's fill needs beside the value: its lease and the TTLs it may store.
+#[derive(Clone)]
+pub(super) struct LeaseFill {
+    /// The key as the shared tier names it.
+    pub full: String,
+    /// What the stored value carries (the PostgreSQL tier stores them with it).
+    pub tags: Vec<String>,
+    pub token: String,
+    pub lease_ttl: Duration,
+    /// The TTL of a found value and of a cached not-found.
+    pub ttl_found: Duration,
+    pub ttl_missing: Duration,
+    /// When the lookup that granted the lease was sent: the value's time counts from then.
+    pub asked: Instant,
+}
+
+/// What became of a lease holder's fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FillOutcome {
+    /// No fill was asked for (no lease).
+    NotAsked,
+    Stored,
+    /// The lease was gone: an invalidation came during the load (or it expired).
+    Refused,
+    /// The shared tier failed; already counted against the breaker.
+    Failed,
+}
+
+/// One key's load, as its caller receives it.
+pub(super) struct Loaded {
+    pub value: Option<Arc<[u8]>>,
+    /// How long the load took (for early refresh).
+    pub delta: Duration,
+    /// With a fill: the time the value has left, counted from the lease's grant.
+    pub left: Duration,
+    pub fill: FillOutcome,
+}
+
+impl LeaseFill {
+    /// The stored form of `value` and the TTL to store it with; also what is left of that TTL
+    /// now, counted from `asked`.
+    pub fn encode(&self, value: Option<&[u8]>, delta: Duration) -> (Vec<u8>, Duration, Duration) {
+        let ttl = if value.is_some() {
+            self.ttl_found
+        } else {
+            self.ttl_missing
+        };
+        let left = ttl.saturating_sub(self.asked.elapsed());
+        (encode(value, left, delta), ttl, left)
+    }
+}
+
+/// The load groups of every namespace loaded through a batch so far.
+#[derive(Default)]
+pub(super) struct LoadGroups {
+    groups: RwLock<HashMap<String, Arc<LoadGroup>>>,
+}
+
+impl LoadGroups {
+    fn get(&self, namespace: &str) -> Arc<LoadGroup> {
+        if let Some(group) = self
+            .groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(namespace)
+        {
+            return group.clone();
+        }
+        let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
+        groups.entry(namespace.to_string()).or_default().clone()
+    }
+}
+
+/// Callers waiting to load, and how many batches are loading.
+#[derive(Default)]
+pub(super) struct LoadGroup {
+    state: Mutex<GroupState>,
+}
+
+#[derive(Default)]
+struct GroupState {
+    queue: VecDeque<Queued>,
+    /// Batches leading now (loading, or handed the lead and about to). Not below
+    /// [`MAX_IN_FLIGHT`] while anyone is queued.
+    running: usize,
+}
+
+/// A caller's key in a batch.
+struct Item {
+    key: String,
+    fill: Option<LeaseFill>,
+}
+
+struct Queued {
+    item: Item,
+    reply: oneshot::Sender<Turn>,
+}
+
+enum Turn {
+    /// Lead a batch: the receiver's own item, and the callers it loads for.
+    Lead(Item, Vec<Queued>),
+    /// The batch that took the caller's key is done: its load, or `None` if it failed.
+    Done(Option<Loaded>),
+}
+
+impl LoadGroup {
+    fn lock(&self) -> MutexGuard<'_, GroupState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts `requeue` back at the head of the queue, then passes the lead to the first queued
+    /// caller still waiting, with up to [`MAX_BATCH`] keys; or gives the lead up.
+    fn hand_off(&self, requeue: Vec<Queued>) {
+        let mut state = self.lock();
+        for queued in requeue.into_iter().rev() {
+            state.queue.push_front(queued);
+        }
+        while let Some(first) = state.queue.pop_front() {
+            if first.reply.is_closed() {
+                continue;
+            }
+            let rest = take_batch(&mut state.queue, MAX_BATCH - 1);
+            match first.reply.send(Turn::Lead(first.item, rest)) {
+                Ok(()) => return,
+                // Gone since: its batch goes back to the queue, the next caller leads.
+                Err(Turn::Lead(_, rest)) => {
+                    for queued in rest.into_iter().rev() {
+                        state.queue.push_front(queued);
+                    }
+                }
+                Err(Turn::Done(_)) => {}
+            }
+        }
+        state.running = state.running.saturating_sub(1);
+    }
+}
+
+/// How a caller joins its group.
+enum Start {
+    /// Lead a batch now: the caller's own item and the callers queued.
+    Lead(Item, Vec<Queued>),
+    /// Queued: wait for a turn; with what to fill, should it have to load alone.
+    Queued(oneshot::Receiver<Turn>, Option<LeaseFill>),
+}
+
+/// Up to `n` callers from the head of `queue` that still wait.
+fn take_batch(queue: &mut VecDeque<Queued>, n: usize) -> Vec<Queued> {
+    let mut batch = Vec::with_capacity(n.min(queue.len()));
+    while batch.len() < n {
+        let Some(queued) = queue.pop_front() else {
+            break;
+        };
+        if !queued.reply.is_closed() {
+            batch.push(queued);
+        }
+    }
+    batch
+}
+
+/// Held while leading: dropped (the load done, or the leader's future dropped), it hands the
+/// lead on.
+struct Lead<'a>(&'a LoadGroup);
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        self.0.hand_off(Vec::new());
+    }
+}
+
+/// A queued caller's wait. Dropped after the lead reached it but before it took it, it puts
+/// the batch back and hands the lead on, so the queue is never left without a leader.
+struct Waiting<'a> {
+    group: &'a LoadGroup,
+    turn: oneshot::Receiver<Turn>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Ok(Turn::Lead(_, rest)) = self.turn.try_recv() {
+            self.group.hand_off(rest);
+        }
+    }
+}
+
+impl ReadCtx<'_> {
+    /// Loads this read's key in a batch with the concurrent loads of its namespace (see the
+    /// module's doc); with `fill`, the value is also stored in the shared tier under the lease.
+    /// `load_many` is given keys and returns the values found, each with its key; a key not
+    /// among them is not found.
+    pub(super) async fn load_batched<E, B: LoadMany<E>>(
+        &self,
+        fill: Option<LeaseFill>,
+        load_many: B,
+    ) -> Result<Loaded, E> {
+        let group = self.cache.inner.load_groups.get(self.namespace);
+        let item = Item {
+            key: self.key.to_string(),
+            fill,
+        };
+        let start = {
+            let mut state = group.lock();
+            if state.running < MAX_IN_FLIGHT {
+                state.running += 1;
+                Start::Lead(item, take_batch(&mut state.queue, MAX_BATCH - 1))
+            } else {
+                // Kept to load alone, should the batch fail or its leader go away.
+                let fill = item.fill.clone();
+                let (reply, turn) = oneshot::channel();
+                state.queue.push_back(Queued { item, reply });
+                Start::Queued(turn, fill)
+            }
+        };
+        let (own, rest) = match start {
+            Start::Lead(own, rest) => (own, rest),
+            Start::Queued(turn, fill) => {
+                let mut waiting = Waiting {
+                    group: &group,
+                    turn,
+                };
+                match (&mut waiting.turn).await {
+                    Ok(Turn::Done(Some(loaded))) => return Ok(loaded),
+                    Ok(Turn::Lead(own, rest)) => (own, rest),
+                    // The batch failed or its leader went away: load alone.
+                    Ok(Turn::Done(None)) | Err(_) => {
+                        drop(waiting);
+                        return self.load_alone(fill, load_many).await;
+                    }
+                }
+            }
+        };
+        self.lead(&group, own, rest, load_many).await
+    }
+
+    /// Loads this read's key alone (and fills it, holding the lease): a caller whose batch
+    /// failed, so that it gets its own answer, or whose leader went away.
+    async fn load_alone<E, B: LoadMany<E>>(
+        &self,
+        fill: Option<LeaseFill>,
+        load_many: B,
+    ) -> Result<Loaded, E> {
+        let started = Instant::now();
+        let found = load_many.call(vec![self.key.to_string()]).await;
+        let delta = started.elapsed();
+        self.count_loads(1, delta);
+        let value = found?
+            .into_iter()
+            .find(|(key, _)| key == self.key)
+            .map(|(_, value)| Arc::from(value));
+        Ok(self.fill_one(value, delta, fill).await)
+    }
+
+    /// `value`, loaded in `delta`, stored in the shared tier under `fill`'s lease if given.
+    pub(super) async fn fill_one(
+        &self,
+        value: Option<Arc<[u8]>>,
+        delta: Duration,
+        fill: Option<LeaseFill>,
+    ) -> Loaded {
+        let mut loaded = Loaded {
+            value,
+            delta,
+            left: Duration::ZERO,
+            fill: FillOutcome::NotAsked,
+        };
+        let (Some(fill), Some(shared)) = (fill, self.cache.inner.shared.as_ref()) else {
+            return loaded;
+        };
+        let (bytes, ttl, left) = fill.encode(loaded.value.as_deref(), delta);
+        loaded.left = left;
+        let stored = shared
+            .store(
+                &fill.full,
+                Some((&fill.token, fill.lease_ttl)),
+                &bytes,
+                ttl,
+                &fill.tags,
+            )
+            .await;
+        loaded.fill = match stored {
+            Ok(true) => FillOutcome::Stored,
+            Ok(false) => FillOutcome::Refused,
+            Err(err) => {
+                self.cache.shared_failed(&self.counters, &err);
+                FillOutcome::Failed
+            }
+        };
+        loaded
+    }
+
+    /// The leader's work: one loader call for `own` and `rest`, the lead handed on, one fill
+    /// round for the lease holders, each caller told its value.
+    async fn lead<E, B: LoadMany<E>>(
+        &self,
+        group: &LoadGroup,
+        own: Item,
+        rest: Vec<Queued>,
+        load_many: B,
+    ) -> Result<Loaded, E> {
+        let lead = Lead(group);
+        let mut keys: Vec<String> = Vec::with_capacity(1 + rest.len());
+        keys.push(own.key.clone());
+        for queued in &rest {
+            if !keys.contains(&queued.item.key) {
+                keys.push(queued.item.key.clone());
+            }
+        }
+        let n = keys.len() as u64;
+        let started = Instant::now();
+        let found = load_many.call(keys).await;
+        let delta = started.elapsed();
+        // The next batch loads while this one fills.
+        drop(lead);
+        self.count_loads(n, delta);
+        let found: HashMap<String, Arc<[u8]>> = match found {
+            Ok(found) => found
+                .into_iter()
+                .map(|(key, value)| (key, Arc::from(value)))
+                .collect(),
+            Err(err) => {
+                for queued in rest {
+                    let _ = queued.reply.send(Turn::Done(None));
+                }
+                return Err(err);
+            }
+        };
+        let (items, replies): (Vec<Item>, Vec<Option<oneshot::Sender<Turn>>>) =
+            std::iter::once((own, None))
+                .chain(rest.into_iter().map(|q| (q.item, Some(q.reply))))
+                .unzip();
+        let mut loaded = self.fill_all(&items, &found, delta).await.into_iter();
+        let own = loaded.next();
+        for (reply, loaded) in replies.into_iter().skip(1).zip(loaded) {
+            if let Some(reply) = reply {
+                let _ = reply.send(Turn::Done(Some(loaded)));
+            }
+        }
+        Ok(own.unwrap_or(Loaded {
+            value: None,
+            delta,
+            left: Duration::ZERO,
+            fill: FillOutcome::NotAsked,
+        }))
+    }
+
+    /// Each item's load, the lease holders' values stored in the shared tier in one round.
+    async fn fill_all(
+        &self,
+        items: &[Item],
+        found: &HashMap<String, Arc<[u8]>>,
+        delta: Duration,
+    ) -> Vec<Loaded> {
+        let mut loaded: Vec<Loaded> = Vec::with_capacity(items.len());
+        let mut stores: Vec<LeasedStore<'_>> = Vec::new();
+        let mut filled: Vec<usize> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let value = found.get(&item.key).cloned();
+            let mut left = Duration::ZERO;
+            if let Some(fill) = &item.fill {
+                let (bytes, ttl, value_left) = fill.encode(value.as_deref(), delta);
+                left = value_left;
+                stores.push(LeasedStore {
+                    full_key: &fill.full,
+                    tags: &fill.tags,
+                    token: &fill.token,
+                    lease_ttl: fill.lease_ttl,
+                    bytes,
+                    ttl,
+                });
+                filled.push(i);
+            }
+            loaded.push(Loaded {
+                value,
+                delta,
+                left,
+                fill: FillOutcome::NotAsked,
+            });
+        }
+        let shared = self.cache.inner.shared.as_ref();
+        let (Some(shared), false) = (shared, stores.is_empty()) else {
+            return loaded;
+        };
+        let outcomes = match shared.store_leased(&stores).await {
+            Ok(stored) => stored
+                .into_iter()
+                .map(|s| {
+                    if s {
+                        FillOutcome::Stored
+                    } else {
+                        FillOutcome::Refused
+                    }
+                })
+                .collect(),
+            Err(err) => {
+                self.cache.shared_failed(&self.counters, &err);
+                vec![FillOutcome::Failed; filled.len()]
+            }
+        };
+        for (i, outcome) in filled.into_iter().zip(outcomes) {
+            loaded[i].fill = outcome;
+        }
+        loaded
+    }
+
+    /// Counts `n` keys loaded in one loader call that took `delta` (each key's caller waited
+    /// that long).
+    pub(super) fn count_loads(&self, n: u64, delta: Duration) {
+        add(&self.counters.loads, n);
+        add(&self.counters.loader_calls, 1);
+        add(
+            &self.counters.load_micros,
+            n.saturating_mul(delta.as_micros() as u64),
+        );
+    }
+}

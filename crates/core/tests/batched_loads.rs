@@ -1,0 +1,212 @@
+//! `get_or_load_body_batched` against a real Redis: misses of distinct keys of one namespace
+//! that arrive while loads run share one loader call; each caller gets its own value or
+//! not-found; an invalidation during the batch's load refuses that key's fill and no other.
+//!
+//! Each test runs on one thread (`#[tokio::test]`), and the loader waits at a gate until the
+//! test opens it: when the test sees every caller counted as a miss, every caller is parked in
+//! the load group (a caller joins it in the same poll in which its lease is counted), so which
+//! batches form does not depend on timing.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cascade_core::cache::{Backend, Cache, EngineOptions, Source};
+use cascade_core::config::{CacheBackend, CacheConfig, RedisConfig, Secret};
+use cascade_core::redis::Redis;
+use cascade_testkit::RedisServer;
+use tokio::sync::Semaphore;
+
+fn engine(server: &RedisServer) -> Cache {
+    let redis = Redis::new(&RedisConfig {
+        url: Secret::new(server.url()),
+        display: server.url(),
+        timeout: Duration::from_millis(500),
+        ca_cert: None,
+        sentinel: None,
+    })
+    .unwrap();
+    let config = CacheConfig {
+        backend: CacheBackend::Redis,
+        ttls: BTreeMap::new(),
+        key_names: Default::default(),
+        default_ttl: Duration::from_secs(60),
+        cleanup_interval: Duration::from_secs(60),
+        key_prefix: "batch:".to_string(),
+        early_refresh: Default::default(),
+    };
+    Cache::new(config, Backend::Redis(redis), EngineOptions::default())
+}
+
+/// A loader of many keys that waits at `gate`, records each call's keys, and finds every
+/// key but `absent`, as `"<value of key>"` (a JSON string).
+#[derive(Clone)]
+struct Rows {
+    gate: Arc<Semaphore>,
+    calls: Arc<Mutex<Vec<Vec<String>>>>,
+    absent: &'static str,
+    /// What each key's value is, read at load time.
+    version: Arc<Mutex<u32>>,
+}
+
+impl Rows {
+    fn new(absent: &'static str) -> Self {
+        Rows {
+            gate: Arc::new(Semaphore::new(0)),
+            calls: Arc::default(),
+            absent,
+            version: Arc::new(Mutex::new(1)),
+        }
+    }
+
+    async fn load(self, keys: Vec<String>) -> Result<Vec<(String, Vec<u8>)>, std::io::Error> {
+        let version = *self.version.lock().unwrap();
+        self.calls.lock().unwrap().push(keys.clone());
+        self.gate.acquire().await.unwrap().forget();
+        Ok(keys
+            .into_iter()
+            .filter(|k| k != self.absent)
+            .map(|k| {
+                let body = format!("\"{k}-v{version}\"").into_bytes();
+                (k, body)
+            })
+            .collect())
+    }
+
+    fn calls(&self) -> Vec<Vec<String>> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn open(&self) {
+        self.gate.add_permits(10_000);
+    }
+}
+
+type Answer = (String, Option<String>, Source);
+
+/// `keys` read concurrently through `engine`, each a task.
+fn spawn_reads(
+    engine: &Cache,
+    source: &Rows,
+    keys: &[String],
+) -> Vec<tokio::task::JoinHandle<Answer>> {
+    keys.iter()
+        .map(|key| {
+            let (engine, source, key) = (engine.clone(), source.clone(), key.clone());
+            tokio::spawn(async move {
+                let (body, from) = engine
+                    .get_or_load_body_batched("assets", &key, &[], |keys| source.load(keys))
+                    .await
+                    .unwrap();
+                let body = body.map(|b| String::from_utf8(b.bytes().to_vec()).unwrap());
+                (key, body, from)
+            })
+        })
+        .collect()
+}
+
+/// Waits (bounded) until the engine has counted `n` misses in `assets`.
+async fn until_misses(engine: &Cache, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let misses = engine
+            .stats()
+            .iter()
+            .find(|ns| ns.namespace == "assets")
+            .map_or(0, |ns| ns.misses);
+        if misses >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{misses} of {n} misses after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn keys(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("k{i:02}")).collect()
+}
+
+#[tokio::test]
+async fn concurrent_misses_share_loader_calls_and_each_gets_its_own_value() {
+    let redis = RedisServer::start().await;
+    let engine = engine(&redis);
+    let source = Rows::new("k07");
+    let keys = keys(20);
+    let reads = spawn_reads(&engine, &source, &keys);
+    until_misses(&engine, keys.len() as u64).await;
+    source.open();
+    let mut answers = Vec::new();
+    for read in reads {
+        answers.push(read.await.unwrap());
+    }
+
+    for (key, body, from) in &answers {
+        assert_eq!(*from, Source::Loaded, "{key}");
+        if key == "k07" {
+            assert_eq!(body, &None, "the absent key is not found, alone");
+        } else {
+            assert_eq!(body.as_deref(), Some(format!("\"{key}-v1\"").as_str()));
+        }
+    }
+    // Two loads start at once (each alone: nothing was queued yet); the 18 callers that queued
+    // behind them are one batch.
+    let calls = source.calls();
+    let mut sizes: Vec<usize> = calls.iter().map(Vec::len).collect();
+    sizes.sort();
+    assert_eq!(sizes, vec![1, 1, 18], "{calls:?}");
+    let stats = engine.stats();
+    let assets = stats.iter().find(|ns| ns.namespace == "assets").unwrap();
+    assert_eq!((assets.loads, assets.loader_calls), (20, 3));
+
+    // Every key's fill was stored, the not-found too: read again, nothing loads.
+    for key in &keys {
+        let (body, _) = engine
+            .get_or_load_body_batched("assets", key, &[], |keys| source.clone().load(keys))
+            .await
+            .unwrap();
+        assert_eq!(body.is_none(), key == "k07", "{key}");
+    }
+    assert_eq!(source.calls().len(), 3);
+}
+
+#[tokio::test]
+async fn an_invalidation_during_a_batch_refuses_that_keys_fill_only() {
+    let redis = RedisServer::start().await;
+    let engine = engine(&redis);
+    let source = Rows::new("none");
+    let keys = keys(6);
+    let reads = spawn_reads(&engine, &source, &keys);
+    until_misses(&engine, keys.len() as u64).await;
+    // The row of k03 changes while every load is parked (a write, then its invalidation).
+    *source.version.lock().unwrap() = 2;
+    engine.invalidate("assets", "k03").await;
+    source.open();
+    for read in reads {
+        let (key, body, _) = read.await.unwrap();
+        // What each caller read is what the source held when its load began.
+        assert!(body.is_some_and(|b| b.starts_with(&format!("\"{key}-v"))));
+    }
+    let loads_before = source.calls().iter().map(Vec::len).sum::<usize>();
+
+    // k03's fill was refused (its lease was deleted): read again, it loads the new row. The
+    // others' fills were stored: read again, nothing loads.
+    for key in &keys {
+        let (body, _) = engine
+            .get_or_load_body_batched("assets", key, &[], |keys| source.clone().load(keys))
+            .await
+            .unwrap();
+        let body = String::from_utf8(body.unwrap().bytes().to_vec()).unwrap();
+        if key == "k03" {
+            assert_eq!(body, "\"k03-v2\"");
+        }
+    }
+    let calls = source.calls();
+    let reloaded: Vec<String> = calls.iter().flatten().skip(loads_before).cloned().collect();
+    assert_eq!(reloaded, vec!["k03".to_string()], "{calls:?}");
+    let stats = engine.stats();
+    let assets = stats.iter().find(|ns| ns.namespace == "assets").unwrap();
+    assert_eq!(assets.stale_sets_refused, 1);
+}
