@@ -182,7 +182,7 @@ pub fn describe() {
     );
     describe_counter!(
         PG_REPLICA_FALLBACKS,
-        "lag-tolerant reads sent to the primary instead, by reason (none_in_rotation, no_fence, behind, timeout, error)"
+        "lag-tolerant reads sent to the primary instead, by reason (none_in_rotation, no_fence, behind, pool_busy, timeout, error)"
     );
 
     describe_counter!(

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use cascade_core::config::{DatabaseConfig, DatabaseSource, ReplicaConfig};
-use cascade_core::db::{Db, DbError, ReplicaHealth, ReplicaSet};
+use cascade_core::db::{Conn, Db, DbError, ReplicaHealth, ReplicaSet};
 use cascade_core::shutdown::Shutdown;
 use cascade_testkit::PgServer;
 
@@ -207,6 +207,21 @@ async fn a_replica_past_the_lag_bound_leaves_rotation_and_returns_when_it_catche
         .batch_execute("SELECT pg_wal_replay_pause()")
         .await
         .unwrap();
+    // pg_wal_replay_pause() only requests the pause: wait until recovery has stopped.
+    let mut polls = 0;
+    loop {
+        let state: String = replica_client
+            .query_one("SELECT pg_get_wal_replay_pause_state()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if state == "paused" {
+            break;
+        }
+        polls += 1;
+        assert!(polls < 100, "replay still {state:?} after 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut n = 0;
     let paused = Instant::now();
     let out = loop {
@@ -287,15 +302,7 @@ async fn a_paused_replica_leaves_rotation_and_returns_after_sigcont() {
 async fn a_replica_killed_under_a_read_leaves_the_read_to_the_primary() {
     let mut pair = pair().await;
     pair.read_from_replica("one").await;
-    let slow_read = pair.db.read(|conn| async move {
-        let row = conn
-            .query_one(
-                "SELECT pg_is_in_recovery(), (SELECT v FROM kv WHERE k = 1) FROM pg_sleep(0.3)",
-                &[],
-            )
-            .await?;
-        Ok::<_, DbError>((row.get::<_, bool>(0), row.get::<_, Option<String>>(1)))
-    });
+    let slow_read = pair.db.read(|conn| answer(conn, SLOW_READ));
     let kill = async {
         tokio::time::sleep(Duration::from_millis(100)).await;
         pair.replica.kill();
@@ -309,6 +316,16 @@ async fn a_replica_killed_under_a_read_leaves_the_read_to_the_primary() {
     assert_eq!((in_recovery, seen.as_deref()), (false, Some("one")));
 }
 
+/// A read of kv that takes 0.3 s: shorter than the replica timeout.
+const SLOW_READ: &str =
+    "SELECT pg_is_in_recovery(), (SELECT v FROM kv WHERE k = 1) FROM pg_sleep(0.3)";
+
+/// `(answered by a server in recovery, kv's value)` of `sql` on `conn`.
+async fn answer(conn: Conn, sql: &'static str) -> Result<(bool, Option<String>), DbError> {
+    let row = conn.query_one(sql, &[]).await?;
+    Ok((row.get(0), row.get(1)))
+}
+
 impl Pair {
     fn db_name(&self) -> String {
         self.db
@@ -316,5 +333,91 @@ impl Pair {
             .get_dbname()
             .unwrap()
             .to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_every_connection_busy_stays_in_rotation() {
+    let pair = pair().await;
+    pair.read_from_replica("one").await;
+    // Three waves' worth of reads for the replica's 8 connections, each read shorter than
+    // the replica timeout but the third wave's wait longer: the replica is busy, not dead.
+    let reads = (0..24).map(|_| pair.db.read(|conn| answer(conn, SLOW_READ)));
+    let all = futures_util::future::join_all(reads);
+    tokio::pin!(all);
+    // Watched while they run: a busy replica must never leave rotation.
+    let mut taken_out = None;
+    let answers = loop {
+        tokio::select! {
+            answers = &mut all => break answers,
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {
+                let health = pair.health();
+                if !(health.in_rotation && health.up) {
+                    taken_out.get_or_insert(health);
+                }
+            }
+        }
+    };
+    assert!(
+        taken_out.is_none(),
+        "a busy replica was taken out: {taken_out:?}"
+    );
+    let mut by_replica = 0;
+    for answer in answers {
+        let (in_recovery, seen) = answer.expect("read");
+        assert_eq!(seen.as_deref(), Some("one"));
+        by_replica += usize::from(in_recovery);
+    }
+    assert!(
+        (1..24).contains(&by_replica),
+        "{by_replica} of 24 reads answered by the replica"
+    );
+    // The health loop has probed since (its own connection, not the busy pool).
+    tokio::time::sleep(MAX_LAG).await;
+    let health = pair.health();
+    assert!(health.in_rotation && health.up, "{health:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_abandoned_on_the_replica_is_cancelled_there() {
+    let pair = pair().await;
+    pair.read_from_replica("one").await;
+    let mut calls = 0;
+    let (in_recovery, seen) = pair
+        .db
+        .read(|conn| {
+            calls += 1;
+            // Longer than the replica timeout on the replica, instant on the primary.
+            let sql = if calls == 1 {
+                "SELECT pg_is_in_recovery(), (SELECT v FROM kv WHERE k = 1) FROM pg_sleep(4)"
+            } else {
+                "SELECT pg_is_in_recovery(), (SELECT v FROM kv WHERE k = 1)"
+            };
+            answer(conn, sql)
+        })
+        .await
+        .expect("read");
+    assert_eq!((in_recovery, seen.as_deref()), (false, Some("one")));
+    let replica = pair.replica.client(&pair.db_name()).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let running: i64 = replica
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query LIKE '%FROM pg_sleep(4)' AND state = 'active' \
+                 AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned statement still runs on the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -221,7 +221,15 @@ impl DatabaseSource {
     pub fn from_url(url: &str) -> Result<DatabaseSource, String> {
         let expected = "expected postgresql://user:password@host:port/database";
         if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) {
-            return Err(format!("{expected}, got {:?}", redact_url(url)));
+            // Not echoed: text without a scheme may be the tail of a password that held a
+            // comma (DATABASE_REPLICA_URLS is split on commas).
+            let got = match url.split_once("://") {
+                Some((scheme, _)) => format!("a {scheme:?} URL"),
+                None => "text that is not a URL (not shown: it may be part of a password; \
+                         write a comma in a password as %2C)"
+                    .to_string(),
+            };
+            return Err(format!("{expected}, got {got}"));
         }
         let (rest, tls) = PgTls::split_url(url)?;
         let mut config =
@@ -241,5 +249,19 @@ impl DatabaseSource {
             config: Box::new(config),
             tls,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_fragment_is_never_echoed() {
+        // `postgresql://u:se,cret@h/db` split on the comma leaves `cret@h/db`.
+        let Err(why) = DatabaseSource::from_url("cret@h/db") else {
+            panic!("a fragment parsed as a URL");
+        };
+        assert!(!why.contains("cret"), "{why}");
     }
 }

@@ -26,8 +26,9 @@ pub struct RawReplicas {
     /// it comes back once it is within the bound again [default: 1s].
     #[arg(long, env = "DATABASE_REPLICA_MAX_LAG", global = true)]
     pub database_replica_max_lag: Option<String>,
-    /// Deadline of a read or a health probe on a replica: past it the read is retried on
-    /// the primary and the replica leaves rotation until a probe answers [default: 1s].
+    /// Deadline of a read or a health probe on a replica: past it the read is cancelled
+    /// there and retried on the primary, and the replica leaves rotation until a probe
+    /// answers; so it must exceed the slowest read routed to replicas [default: 1s].
     #[arg(long, env = "DATABASE_REPLICA_TIMEOUT", global = true)]
     pub database_replica_timeout: Option<String>,
 }

@@ -128,8 +128,25 @@ impl fmt::Display for Decimal6 {
     }
 }
 
-/// Replaces the password of a `scheme://user:password@host/...` URL with `***`.
+/// Replaces the password of a `scheme://user:password@host/...` URL, and the value of every
+/// `password=` query parameter (libpq accepts one there), with `***`.
 pub fn redact_url(url: &str) -> String {
+    let url = redact_userinfo(url);
+    let Some((head, query)) = url.split_once('?') else {
+        return url;
+    };
+    let query = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("{head}?{query}")
+}
+
+fn redact_userinfo(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
@@ -205,6 +222,18 @@ mod tests {
         assert_eq!(
             redact_url("postgres://u:p@ss@h/db"),
             "postgres://u:***@h/db"
+        );
+    }
+
+    #[test]
+    fn password_query_parameters_lose_their_values() {
+        assert_eq!(
+            redact_url("postgresql://u@h/db?sslmode=require&password=hunter2&x=1"),
+            "postgresql://u@h/db?sslmode=require&password=***&x=1"
+        );
+        assert_eq!(
+            redact_url("postgresql://u:a@h/db?PASSWORD=b"),
+            "postgresql://u:***@h/db?PASSWORD=***"
         );
     }
 

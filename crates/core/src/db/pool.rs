@@ -6,11 +6,12 @@
 //! the pool; [`Recycler`] says when the check is skipped), and request connections carry a
 //! server-side `statement_timeout` so one stuck query cannot hold a slot hostage.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use deadpool::managed::{Metrics, RecycleResult};
+use deadpool::managed::{Metrics, RecycleError, RecycleResult, TimeoutType, Timeouts};
 use deadpool_postgres::{
     ClientWrapper, Manager, ManagerConfig, PoolError, RecyclingMethod, Runtime,
 };
@@ -37,7 +38,28 @@ const CHECKED_RECENTLY: Duration = Duration::from_secs(1);
 /// the server closed (a restart or a crash: the server ends its connections) is still refused
 /// at once, by `is_closed`: the connection's task saw it end. A server that vanished without
 /// closing (a network partition) is noticed by the query itself, bounded by `REQUEST_TIMEOUT`.
-pub struct Recycler(Manager);
+/// A connection [`doom`](Recycler::doom)ed (a statement abandoned on it) is refused and closed.
+pub struct Recycler(Manager, Mutex<HashSet<usize>>);
+
+impl Recycler {
+    /// Refuses `client` when it is next recycled: it may still run a statement whose answer
+    /// nobody reads, so it must never serve another caller.
+    fn doom(&self, key: usize) {
+        self.1.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
+    }
+
+    fn doomed(&self, client: &ClientWrapper) -> bool {
+        self.1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&client_key(client))
+    }
+}
+
+/// A connection's identity that survives moves in and out of the pool: its statement cache.
+fn client_key(client: &ClientWrapper) -> usize {
+    Arc::as_ptr(&client.statement_cache) as usize
+}
 
 impl deadpool::managed::Manager for Recycler {
     type Type = ClientWrapper;
@@ -52,6 +74,9 @@ impl deadpool::managed::Manager for Recycler {
         client: &mut ClientWrapper,
         metrics: &Metrics,
     ) -> RecycleResult<tokio_postgres::Error> {
+        if self.doomed(client) {
+            return Err(RecycleError::message("a statement was abandoned on it"));
+        }
         if !client.is_closed() && metrics.last_used() < CHECKED_RECENTLY {
             return Ok(());
         }
@@ -59,6 +84,7 @@ impl deadpool::managed::Manager for Recycler {
     }
 
     fn detach(&self, client: &mut ClientWrapper) {
+        self.doomed(client);
         self.0.detach(client);
     }
 }
@@ -75,6 +101,7 @@ struct Inner {
     address: String,
     min_size: usize,
     acquire_timeout: Duration,
+    connect_timeout: Duration,
     stats: AcquireStats,
     /// The connection settings without `statement_timeout`, for migrations.
     base_config: tokio_postgres::Config,
@@ -92,6 +119,14 @@ struct AcquireStats {
     max_micros: AtomicU64,
     timeouts: AtomicU64,
     errors: AtomicU64,
+}
+
+/// Why [`Db::conn_within`] gave no connection.
+pub(super) enum Acquire {
+    /// None was free within the wait: the pool is busy, the server may be fine.
+    Busy,
+    /// The server could not be reached (connect failed or timed out, or the pool is closed).
+    Failed(DbError),
 }
 
 /// A snapshot of the pool, as `/health/db` and the metrics endpoint show it.
@@ -196,7 +231,7 @@ impl Db {
                 recycling_method: RecyclingMethod::Verified,
             },
         );
-        let pool = Pool::builder(Recycler(manager))
+        let pool = Pool::builder(Recycler(manager, Mutex::default()))
             .max_size(settings.pool_max)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(settings.acquire_timeout))
@@ -210,6 +245,7 @@ impl Db {
                 address,
                 min_size: settings.pool_min,
                 acquire_timeout: settings.acquire_timeout,
+                connect_timeout: settings.connect_timeout,
                 stats: AcquireStats::default(),
                 base_config,
                 tls,
@@ -236,6 +272,8 @@ impl Db {
     /// read replica that has replayed every write acknowledged before this call, or on the
     /// primary when none has (or none is configured, or one does not answer within
     /// `DATABASE_REPLICA_TIMEOUT` or fails there: the read is then run again on the primary).
+    /// `DATABASE_REPLICA_TIMEOUT` bounds the whole read on a replica: a read slower than
+    /// that is cancelled there, its connection closed, and run again on the primary.
     /// `query` may so run twice, and must only read. The rule and its reasons: [`ReplicaSet`].
     pub async fn read<T, E, F, Fut>(&self, mut query: F) -> Result<T, E>
     where
@@ -246,7 +284,11 @@ impl Db {
         if let Some(replicas) = self.replicas()
             && let Some((replica, conn)) = replicas.route(self).await
         {
-            match tokio::time::timeout(replicas.timeout(), query(conn)).await {
+            let cancel = conn.cancel_token();
+            let key = client_key(&conn);
+            let on = replica.db();
+            let mut read = Box::pin(query(conn));
+            match tokio::time::timeout(replicas.timeout(), &mut read).await {
                 Ok(Ok(answer)) => {
                     replica.served();
                     return Ok(answer);
@@ -254,7 +296,18 @@ impl Db {
                 // The replica may have died under the read (its connection closed): a read
                 // may run twice, so the primary answers rather than the error.
                 Ok(Err(_)) => replicas.failed(),
-                Err(_) => replicas.abandoned(&replica),
+                Err(_) => {
+                    // The statement may still run there: cancel it, and never hand out its
+                    // connection again (doomed before the read lets go of it).
+                    on.inner.pool.manager().doom(key);
+                    drop(read);
+                    let tls = on.tls();
+                    let bound = on.inner.connect_timeout;
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(bound, cancel.cancel_query(tls)).await;
+                    });
+                    replicas.abandoned(&replica);
+                }
             }
         }
         query(self.conn().await?).await
@@ -308,6 +361,61 @@ impl Db {
                 )))
             }
         }
+    }
+
+    /// A connection if one is free or can be opened, waiting at most `wait` for a busy
+    /// pool to free one: [`Acquire::Busy`] says none came (the server may be fine), and
+    /// [`Acquire::Failed`] that the server could not be reached. Counted in this pool's
+    /// stats only (not the primary's acquire histogram): for replica routing.
+    pub(super) async fn conn_within(&self, wait: Duration) -> Result<Conn, Acquire> {
+        let started = Instant::now();
+        let timeouts = Timeouts {
+            wait: Some(wait),
+            create: Some(self.inner.connect_timeout),
+            recycle: Some(self.inner.connect_timeout),
+        };
+        let result = self.inner.pool.timeout_get(&timeouts).await;
+        let stats = &self.inner.stats;
+        match result {
+            Ok(conn) => {
+                let micros = started.elapsed().as_micros() as u64;
+                stats.count.fetch_add(1, Ordering::Relaxed);
+                stats.total_micros.fetch_add(micros, Ordering::Relaxed);
+                stats.max_micros.fetch_max(micros, Ordering::Relaxed);
+                Ok(conn)
+            }
+            Err(PoolError::Timeout(TimeoutType::Wait)) => {
+                stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(Acquire::Busy)
+            }
+            Err(err) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                Err(Acquire::Failed(DbError::Unavailable(format!(
+                    "PostgreSQL at {}: {err}",
+                    self.inner.address
+                ))))
+            }
+        }
+    }
+
+    /// Closes `conn` instead of returning it to the pool (a statement was abandoned on it).
+    pub(super) fn discard(conn: Conn) {
+        drop(deadpool::managed::Object::take(conn));
+    }
+
+    /// One connection of its own, outside the pool (for probes that must not wait behind
+    /// busy pool connections), with the pool's `statement_timeout`. The caller bounds it.
+    pub(super) async fn single(&self) -> Result<tokio_postgres::Client, DbError> {
+        let mut config = self.inner.base_config.clone();
+        let options = format!(
+            "{} -c statement_timeout={}",
+            config.get_options().unwrap_or(""),
+            self.inner.connect_timeout.as_millis()
+        );
+        config.options(options.trim());
+        let (client, connection) = config.connect(self.inner.tls.clone()).await?;
+        tokio::spawn(connection);
+        Ok(client)
     }
 
     /// `SELECT 1` through the pool, bounded by `deadline`.

@@ -33,13 +33,27 @@
 //! # Rotation
 //!
 //! The health loop asks the primary for its WAL position and every replica for its replay
-//! position each [`probe_interval`], each under `DATABASE_REPLICA_TIMEOUT`. A replica leaves
-//! rotation when it does not answer, is no longer in recovery (promoted), or is further
-//! behind than `DATABASE_REPLICA_MAX_LAG`; it comes back when a probe finds it within the
-//! bound. A read on a replica that does not answer within the timeout is abandoned, the
-//! replica taken out of rotation at once, and the read run again on the primary: a paused
-//! (SIGSTOP) or partitioned replica costs a read at most one timeout, and only until the
-//! first such read or probe.
+//! position each [`probe_interval`], each under `DATABASE_REPLICA_TIMEOUT`, on a connection
+//! of its own outside the pools (a busy pool does not make a replica look dead; the fence
+//! shares the primary's). A replica leaves rotation when it does not answer, is no longer
+//! in recovery (promoted), or is further behind than `DATABASE_REPLICA_MAX_LAG`; it comes
+//! back when a probe finds it within the bound.
+//!
+//! A replica whose pool has no free connection within [`BUSY_WAIT`] is skipped for that read
+//! (`pool_busy`), not taken out: only a statement on a held connection that gets no answer
+//! (for half a timeout or more, or a probe's whole one) marks a replica down. Choosing a
+//! replica (the fence and every replica tried) is bounded by one `DATABASE_REPLICA_TIMEOUT`
+//! in all, and the read on the chosen replica by another: a read that runs longer there is
+//! cancelled, its connection closed, the replica taken out of rotation, and the read run
+//! again on the primary. A replica showing another cluster's `system_identifier` than the
+//! primary's never joins rotation. So a paused (SIGSTOP) or partitioned
+//! replica costs a read at most two timeouts before it runs on the primary, and only until
+//! the first such read or probe; and `DATABASE_REPLICA_TIMEOUT` must exceed the slowest
+//! read routed to replicas.
+//!
+//! Each replica URL must name one server: its replay position is remembered per URL, so a
+//! load balancer or reader endpoint in front of several would let one server's position
+//! vouch for another's.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -51,7 +65,7 @@ use serde::Serialize;
 use tokio_postgres::types::PgLsn;
 
 use super::DbError;
-use super::pool::{Conn, Db, PoolStats};
+use super::pool::{Acquire, Conn, Db, PoolStats};
 use crate::config::{DatabaseConfig, DatabaseSource, ReplicaConfig};
 use crate::shutdown::ShutdownSignal;
 
@@ -60,6 +74,10 @@ use crate::shutdown::ShutdownSignal;
 pub fn probe_interval(max_lag: Duration) -> Duration {
     (max_lag / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
+
+/// How long a read waits for a free connection of a replica's pool before trying the next
+/// replica (or the primary): a busy replica is not a dead one.
+pub const BUSY_WAIT: Duration = Duration::from_millis(50);
 
 /// The read replicas of one primary: a cheap-to-clone handle.
 #[derive(Clone)]
@@ -72,6 +90,11 @@ struct SetInner {
     max_lag: Duration,
     timeout: Duration,
     fence: Fence,
+    /// The primary connection the fence and the health loop ask for the WAL position.
+    primary_probe: Single,
+    /// The primary's `system_identifier` (0 until the health loop has read it): a replica
+    /// showing another is a copy of another cluster and never joins rotation.
+    primary_id: AtomicU64,
     /// Where the next read starts looking, so reads spread over the replicas.
     next: AtomicUsize,
     /// `(when, primary WAL position)` of the health loop's recent probes, oldest first: what
@@ -82,6 +105,8 @@ struct SetInner {
 /// One replica: its pool and what the last probes and reads learnt of it.
 pub struct Replica {
     db: Db,
+    /// The health loop's connection, outside the pool.
+    probe: Single,
     /// The URL, password redacted.
     display: String,
     in_rotation: AtomicBool,
@@ -107,6 +132,8 @@ enum Fallback {
     NoFence,
     /// Every replica in rotation is behind the fence.
     Behind,
+    /// No replica's pool had a free connection within [`BUSY_WAIT`].
+    PoolBusy,
     /// The replica did not answer within the timeout (the read was run again).
     Timeout,
     /// The read failed on the replica (it was run again).
@@ -119,6 +146,7 @@ impl Fallback {
             Fallback::NoneInRotation => "none_in_rotation",
             Fallback::NoFence => "no_fence",
             Fallback::Behind => "behind",
+            Fallback::PoolBusy => "pool_busy",
             Fallback::Timeout => "timeout",
             Fallback::Error => "error",
         }
@@ -180,6 +208,7 @@ impl ReplicaSet {
             }
             replicas.push(Arc::new(Replica {
                 db: Db::connect_lazy(&settings, pg, address.clone())?,
+                probe: Single::default(),
                 display: display.clone(),
                 in_rotation: AtomicBool::new(false),
                 replay_lsn: AtomicU64::new(0),
@@ -196,6 +225,8 @@ impl ReplicaSet {
                 max_lag: config.max_lag,
                 timeout: config.timeout,
                 fence: Fence::default(),
+                primary_probe: Single::default(),
+                primary_id: AtomicU64::new(0),
                 next: AtomicUsize::new(0),
                 history: Mutex::new(VecDeque::new()),
             }),
@@ -226,32 +257,81 @@ impl ReplicaSet {
             fell_back(Fallback::NoneInRotation);
             return None;
         }
-        let Ok(fence) = inner.fence.take(primary, inner.timeout).await else {
+        // Choosing a replica, fence included, takes one timeout at most in all.
+        let deadline = tokio::time::Instant::now() + inner.timeout;
+        let Ok(fence) = inner
+            .fence
+            .take(primary, &inner.primary_probe, inner.timeout)
+            .await
+        else {
             fell_back(Fallback::NoFence);
             return None;
         };
+        // Why the read goes to the primary, if it does: the last replica's reason.
+        let mut reason = Fallback::Behind;
         for replica in candidates {
-            let fresh = async {
-                let conn = replica.db.conn().await?;
-                if replica.replay_lsn.load(Ordering::Acquire) < fence {
-                    let row = conn
-                        .query_one("SELECT pg_last_wal_replay_lsn()", &[])
-                        .await?;
-                    let replay = row.get::<_, Option<PgLsn>>(0).map_or(0, u64::from);
-                    replica.replay_lsn.fetch_max(replay, Ordering::AcqRel);
-                }
-                Ok::<_, DbError>(conn)
-            };
-            match tokio::time::timeout(inner.timeout, fresh).await {
-                Ok(Ok(conn)) if replica.replay_lsn.load(Ordering::Acquire) >= fence => {
-                    return Some((replica.clone(), conn));
-                }
-                Ok(Ok(_behind)) => {}
-                Ok(Err(err)) => replica.leave(&format!("{err}")),
-                Err(_) => replica.silent(inner.timeout),
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                reason = Fallback::Timeout;
+                break;
             }
+            let acquired =
+                tokio::time::timeout_at(deadline, replica.db.conn_within(left.min(BUSY_WAIT)))
+                    .await;
+            let Ok(acquired) = acquired else {
+                // Out of time while connecting: the health loop judges this replica.
+                reason = Fallback::Timeout;
+                break;
+            };
+            let conn = match acquired {
+                Ok(conn) => conn,
+                Err(Acquire::Busy) => {
+                    reason = Fallback::PoolBusy;
+                    continue;
+                }
+                Err(Acquire::Failed(err)) => {
+                    reason = Fallback::Error;
+                    replica.up.store(false, Ordering::Relaxed);
+                    replica.leave(&err.to_string());
+                    continue;
+                }
+            };
+            if replica.replay_lsn.load(Ordering::Acquire) < fence {
+                let asked = tokio::time::timeout_at(
+                    deadline,
+                    conn.query_one("SELECT pg_last_wal_replay_lsn()", &[]),
+                )
+                .await;
+                match asked {
+                    Ok(Ok(row)) => {
+                        let replay = row.get::<_, Option<PgLsn>>(0).map_or(0, u64::from);
+                        replica.replay_lsn.fetch_max(replay, Ordering::AcqRel);
+                    }
+                    Ok(Err(err)) => {
+                        reason = Fallback::Error;
+                        replica.leave(&DbError::from(err).to_string());
+                        continue;
+                    }
+                    Err(_) => {
+                        // Its statement may still be pending: the connection goes too. No
+                        // answer in at least half a timeout (the first replica tried gets
+                        // nearly a whole one) marks the replica down; less, the health loop
+                        // judges it.
+                        Db::discard(conn);
+                        reason = Fallback::Timeout;
+                        if left >= inner.timeout / 2 {
+                            replica.silent(inner.timeout);
+                        }
+                        continue;
+                    }
+                }
+            }
+            if replica.replay_lsn.load(Ordering::Acquire) >= fence {
+                return Some((replica.clone(), conn));
+            }
+            reason = Fallback::Behind;
         }
-        fell_back(Fallback::Behind);
+        fell_back(reason);
         None
     }
 
@@ -283,7 +363,7 @@ impl ReplicaSet {
     /// replay position (all replicas at once, each bounded), and the rotation they decide.
     pub async fn probe(&self, primary: &Db) {
         let inner = &self.inner;
-        match primary_lsn(primary, inner.timeout).await {
+        match primary_lsn(primary, &inner.primary_probe, inner.timeout).await {
             Ok(lsn) => inner.remember(Instant::now(), lsn),
             // Without the primary's position no lag can be measured; reads go to the
             // primary's fence anyway, which fails the same way, so rotation stays as is.
@@ -291,20 +371,52 @@ impl ReplicaSet {
                 tracing::debug!(error = %err, "replica health: the primary's WAL position is unknown")
             }
         }
+        if inner.primary_id.load(Ordering::Acquire) == 0 {
+            match inner
+                .primary_probe
+                .query_one(primary, SYSTEM_ID, inner.timeout)
+                .await
+            {
+                Ok(row) => inner
+                    .primary_id
+                    .store(row.get::<_, i64>(0) as u64, Ordering::Release),
+                Err(err) => {
+                    tracing::debug!(error = ?err, "replica health: the primary's system_identifier is unknown")
+                }
+            }
+        }
+        let primary_id = inner.primary_id.load(Ordering::Acquire);
         let probes = inner.replicas.iter().map(|replica| async move {
-            let answer = tokio::time::timeout(inner.timeout, async {
-                let conn = replica.db.conn().await?;
-                let row = conn
-                    .query_one("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()", &[])
-                    .await?;
-                Ok::<_, DbError>((
-                    row.get::<_, bool>(0),
-                    row.get::<_, Option<PgLsn>>(1).map_or(0, u64::from),
-                ))
-            })
-            .await;
+            let answer = replica
+                .probe
+                .query_one(
+                    &replica.db,
+                    "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn(), \
+                     (SELECT system_identifier FROM pg_control_system())",
+                    inner.timeout,
+                )
+                .await
+                .map(|row| {
+                    (
+                        row.get::<_, bool>(0),
+                        row.get::<_, Option<PgLsn>>(1).map_or(0, u64::from),
+                        row.get::<_, i64>(2) as u64,
+                    )
+                });
             match answer {
-                Ok(Ok((true, replay))) => {
+                Ok((_, _, id)) if primary_id != 0 && id != primary_id => {
+                    replica.up.store(true, Ordering::Relaxed);
+                    let why = format!(
+                        "a copy of another cluster: system_identifier {id}, the primary's is {primary_id}"
+                    );
+                    let known = replica.error.lock().unwrap_or_else(|p| p.into_inner()).as_deref()
+                        == Some(why.as_str());
+                    if !known {
+                        tracing::error!(replica = replica.db.address(), reason = why, "read replica refused");
+                    }
+                    replica.leave(&why);
+                }
+                Ok((true, replay, _)) => {
                     replica.replay_lsn.fetch_max(replay, Ordering::AcqRel);
                     let replay = replica.replay_lsn.load(Ordering::Acquire);
                     let (bytes, lag) = inner.lag_of(replay, Instant::now());
@@ -323,15 +435,15 @@ impl ReplicaSet {
                         replica.join();
                     }
                 }
-                Ok(Ok((false, _))) => {
+                Ok((false, _, _)) => {
                     replica.up.store(true, Ordering::Relaxed);
                     replica.leave("not in recovery: promoted, or not a replica")
                 }
-                Ok(Err(err)) => {
+                Err(ProbeError::Timeout(_)) => replica.silent(inner.timeout),
+                Err(ProbeError::Db(err)) => {
                     replica.up.store(false, Ordering::Relaxed);
                     replica.leave(&err.to_string())
                 }
-                Err(_) => replica.silent(inner.timeout),
             }
         });
         futures_util::future::join_all(probes).await;
@@ -401,6 +513,11 @@ impl SetInner {
 }
 
 impl Replica {
+    /// The replica's pool.
+    pub(super) fn db(&self) -> &Db {
+        &self.db
+    }
+
     pub(super) fn served(&self) {
         self.reads.fetch_add(1, Ordering::Relaxed);
         counter!(crate::metrics::PG_REPLICA_READS, "replica" => self.db.address().to_string())
@@ -433,19 +550,64 @@ impl Replica {
     }
 }
 
-/// The primary's WAL position now, under `deadline`.
-async fn primary_lsn(primary: &Db, deadline: Duration) -> Result<u64, DbError> {
-    tokio::time::timeout(deadline, async {
-        let conn = primary.conn().await?;
-        let row = conn.query_one("SELECT pg_current_wal_lsn()", &[]).await?;
-        Ok(u64::from(row.get::<_, PgLsn>(0)))
-    })
-    .await
-    .unwrap_or_else(|_| {
-        Err(DbError::Unavailable(format!(
-            "the primary's WAL position: no answer within {deadline:?}"
-        )))
-    })
+/// Which cluster a server belongs to: a replica shares its primary's.
+const SYSTEM_ID: &str = "SELECT system_identifier FROM pg_control_system()";
+
+/// The primary's WAL position now, under `deadline`, on the dedicated connection `on`.
+async fn primary_lsn(primary: &Db, on: &Single, deadline: Duration) -> Result<u64, DbError> {
+    let row = on
+        .query_one(primary, "SELECT pg_current_wal_lsn()", deadline)
+        .await
+        .map_err(|err| match err {
+            ProbeError::Timeout(d) => DbError::Unavailable(format!(
+                "the primary's WAL position: no answer within {d:?}"
+            )),
+            ProbeError::Db(err) => err,
+        })?;
+    Ok(u64::from(row.get::<_, PgLsn>(0)))
+}
+
+/// Why a [`Single`] statement gave no row.
+#[derive(Debug)]
+enum ProbeError {
+    /// No answer within the deadline (connecting included).
+    Timeout(Duration),
+    Db(DbError),
+}
+
+/// One connection outside any pool, for the tiny statements of the fence and the health
+/// loop: opened on first use, closed after an error or a missed deadline, opened again on
+/// the next use (each use bounded by its deadline, connecting included).
+#[derive(Default)]
+struct Single {
+    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+impl Single {
+    async fn query_one(
+        &self,
+        db: &Db,
+        sql: &str,
+        deadline: Duration,
+    ) -> Result<tokio_postgres::Row, ProbeError> {
+        let asked = tokio::time::timeout(deadline, async {
+            let mut slot = self.client.lock().await;
+            let client = match slot.take() {
+                Some(client) if !client.is_closed() => client,
+                _ => db.single().await.map_err(ProbeError::Db)?,
+            };
+            let row = client
+                .query_one(sql, &[])
+                .await
+                .map_err(|e| ProbeError::Db(e.into()))?;
+            *slot = Some(client);
+            Ok(row)
+        })
+        .await;
+        // A missed deadline dropped the client with its unanswered statement: the next use
+        // connects afresh.
+        asked.unwrap_or(Err(ProbeError::Timeout(deadline)))
+    }
 }
 
 /// The primary's WAL position, read by a statement sent after the caller arrived, one
@@ -466,7 +628,7 @@ struct Fence {
 }
 
 impl Fence {
-    async fn take(&self, primary: &Db, deadline: Duration) -> Result<u64, DbError> {
+    async fn take(&self, primary: &Db, on: &Single, deadline: Duration) -> Result<u64, DbError> {
         let ticket = self.tickets.fetch_add(1, Ordering::AcqRel) + 1;
         let fence = async {
             if let Some(lsn) = self.covered(ticket) {
@@ -477,7 +639,7 @@ impl Fence {
                 return Ok(lsn);
             }
             let covers = self.tickets.load(Ordering::Acquire);
-            let lsn = primary_lsn(primary, deadline).await?;
+            let lsn = primary_lsn(primary, on, deadline).await?;
             let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
             *published = (published.0.max(covers), published.1.max(lsn));
             Ok(lsn)
@@ -507,6 +669,8 @@ mod tests {
             max_lag,
             timeout: Duration::from_secs(1),
             fence: Fence::default(),
+            primary_probe: Single::default(),
+            primary_id: AtomicU64::new(0),
             next: AtomicUsize::new(0),
             history: Mutex::new(VecDeque::new()),
         }
