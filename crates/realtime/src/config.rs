@@ -55,7 +55,7 @@ pub struct RawRealtimeConfig {
     pub ws_write_timeout: Option<String>,
     /// Writes to one connection at most this often: messages queued meanwhile go out together,
     /// in one system call. The first message after a quiet spell is written at once; a bare
-    /// number is milliseconds; `0` writes every message at once [default: 5ms].
+    /// number is milliseconds; `0` writes every message at once [default: 0].
     #[arg(long = "ws-write-delay", env = "WS_WRITE_DELAY", global = true)]
     pub ws_write_delay: Option<String>,
     /// Messages smaller than this many bytes are sent uncompressed even when permessage-deflate
@@ -201,7 +201,7 @@ impl RealtimeConfig {
         let write_delay = p.duration_in(
             "WS_WRITE_DELAY",
             &raw.ws_write_delay,
-            Duration::from_millis(5),
+            Duration::ZERO,
             Duration::from_millis(1),
         );
         if write_delay > Duration::from_millis(100) {
@@ -354,10 +354,7 @@ mod tests {
 
     #[test]
     fn the_write_delay_takes_milliseconds_and_zero_and_refuses_more_than_100ms() {
-        assert_eq!(
-            RealtimeConfig::default().write_delay,
-            Duration::from_millis(5)
-        );
+        assert_eq!(RealtimeConfig::default().write_delay, Duration::ZERO);
         assert_eq!(parse("20").unwrap().write_delay, Duration::from_millis(20));
         assert_eq!(parse("0").unwrap().write_delay, Duration::ZERO);
         assert_eq!(

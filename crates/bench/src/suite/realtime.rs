@@ -38,11 +38,11 @@ struct Sizes {
     seconds: u64,
 }
 
-/// `second` is a second instance; `undelayed` one started with `WS_WRITE_DELAY=0`.
+/// `second` is a second instance; `delayed` one started with `WS_WRITE_DELAY=5ms`.
 pub(super) async fn run(
     suite: &Suite,
     second: &ServerProc,
-    undelayed: &ServerProc,
+    delayed: &ServerProc,
 ) -> anyhow::Result<Vec<Row>> {
     let sizes = if suite.quick {
         Sizes {
@@ -75,10 +75,10 @@ pub(super) async fn run(
     );
     rows.push(
         broadcast(
-            &[undelayed],
+            &[delayed],
             &token,
             &sizes,
-            "ws broadcast, one instance, WS_WRITE_DELAY=0".into(),
+            "ws broadcast, one instance, WS_WRITE_DELAY=5ms".into(),
         )
         .await?,
     );
