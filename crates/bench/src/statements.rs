@@ -14,8 +14,10 @@ use std::time::Duration;
 use anyhow::Context;
 use cascade_core::db::EmbeddedPostgres;
 
-/// `GET /listings/{version}`'s statement.
+/// One asset's statement (the direct PostgreSQL read of the benchmark).
 pub const ASSET: &str = "/* catalog:asset */";
+/// `GET /listings/{version}`'s loader statement: concurrent misses share it (`= ANY($1)`).
+pub const ASSETS: &str = "/* catalog:assets */";
 /// `GET /bundle`'s statement.
 pub const BUNDLE: &str = "/* catalog:bundle */";
 /// Any of the catalog's tagged reads.
@@ -126,6 +128,7 @@ mod tests {
         let sql = include_str!("../../catalog/src/queries.rs");
         for tag in [
             ASSET,
+            ASSETS,
             BUNDLE,
             "/* catalog:listings */",
             "/* catalog:readiness */",

@@ -16,7 +16,7 @@ pub(super) async fn run(suite: &Suite) -> anyhow::Result<Row> {
     let id = suite.ids.last().expect("seeded ids").clone();
     client.invalidate_asset(&id).await?;
     let loads_before = client.cache_counter("assets", "loads").await?;
-    let lookups_before = suite.calls(statements::ASSET).await?;
+    let lookups_before = suite.calls(statements::ASSETS).await?;
     let started = Instant::now();
     let (mut latencies, errors) = concurrent_gets(suite, &format!("/listings/{id}"), n).await?;
     let elapsed = started.elapsed();
@@ -24,7 +24,7 @@ pub(super) async fn run(suite: &Suite) -> anyhow::Result<Row> {
         .cache_counter("assets", "loads")
         .await?
         .saturating_sub(loads_before);
-    let lookups = suite.calls(statements::ASSET).await?;
+    let lookups = suite.calls(statements::ASSETS).await?;
     let notes = match lookups_before.zip(lookups) {
         Some((before, after)) => {
             let queries = after.saturating_sub(before);
