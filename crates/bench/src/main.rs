@@ -72,8 +72,9 @@ struct SuiteArgs {
     /// Only this scenario (`realtime`: connections held, memory per idle one, broadcasts;
     /// `executions`: the agents module's queue), on a small catalog; or `miss`: the
     /// miss-heavy walk with the ceiling and the direct PostgreSQL read beside it, on the full
-    /// catalog.
-    #[arg(long, value_parser = ["realtime", "executions", "miss"])]
+    /// catalog; or `throughput`: the wrk rows (ceiling, baseline, hot, miss-heavy, bundles,
+    /// writes) on the full catalog, a few minutes.
+    #[arg(long, value_parser = ["realtime", "executions", "miss", "throughput"])]
     only: Option<String>,
 }
 

@@ -631,31 +631,38 @@ pub async fn descendants(
     depth: i32,
     limit: usize,
 ) -> Result<Option<Vec<String>>, CatalogError> {
-    let statement = conn
-        .prepare_cached(
-            "WITH RECURSIVE d(version_id, depth) AS ( \
-                 SELECT unnest($1::text[]), 0 \
-                 UNION \
-                 SELECT e.child_version_id, d.depth + 1 \
-                 FROM d JOIN lineage_edges e ON e.parent_version_id = d.version_id \
-                 WHERE d.depth < $2 \
-             ) SELECT version_id FROM d LIMIT $3",
-        )
-        .await
-        .map_err(internal)?;
     // Rows are (version, depth) pairs: allow for repeats before concluding there are too many.
     let row_cap = (limit * 8) as i64;
-    let rows = conn
-        .query(&statement, &[&roots, &depth, &row_cap])
-        .await
-        .map_err(internal)?;
-    if rows.len() as i64 >= row_cap {
-        return Ok(None);
+    // The depth and the cap are written into the statement (a few fixed values, one cached
+    // statement each), and a single root (every `PATCH`) is a `text` parameter rather than an
+    // array: then PostgreSQL's generic plan is as cheap as a custom one and it stops planning
+    // the recursive walk on every execution (with `unnest($1)` or `LIMIT $3` it planned each
+    // time, ~0.5 ms, more than the walk itself).
+    let seed = if roots.len() == 1 {
+        "SELECT $1::text, 0"
+    } else {
+        "SELECT unnest($1::text[]), 0"
+    };
+    // One row: the distinct versions found (PostgreSQL drops the repeats) and how many pairs
+    // the walk gave, to tell whether it was cut at the cap.
+    let sql = format!(
+        "WITH RECURSIVE d(version_id, depth) AS ( \
+             {seed} \
+             UNION \
+             SELECT e.child_version_id, d.depth + 1 \
+             FROM d JOIN lineage_edges e ON e.parent_version_id = d.version_id \
+             WHERE d.depth < {depth} \
+         ) SELECT coalesce(array_agg(DISTINCT version_id), '{{}}'), count(*) \
+           FROM (SELECT version_id FROM d LIMIT {row_cap}) AS walked"
+    );
+    let statement = conn.prepare_cached(&sql).await.map_err(internal)?;
+    let row = match roots {
+        [root] => conn.query_one(&statement, &[root]).await,
+        _ => conn.query_one(&statement, &[&roots]).await,
     }
-    let mut versions: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    versions.sort();
-    versions.dedup();
-    Ok((versions.len() <= limit).then_some(versions))
+    .map_err(internal)?;
+    let (versions, pairs): (Vec<String>, i64) = (row.get(0), row.get(1));
+    Ok((pairs < row_cap && versions.len() <= limit).then_some(versions))
 }
 
 /// `GET /listings/:versionId`.

@@ -107,7 +107,11 @@ struct Suite {
 pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     let wrk = which("wrk")
         .context("wrk is not installed: run bench/run (it installs it), or apt-get install wrk")?;
-    let small = options.quick || options.only.as_deref().is_some_and(|only| only != "miss");
+    let small = options.quick
+        || options
+            .only
+            .as_deref()
+            .is_some_and(|only| only != "miss" && only != "throughput");
     let assets = options
         .assets
         .unwrap_or(if small { 2_000 } else { 100_000 });
@@ -131,6 +135,8 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         executions::run(&suite).await?
     } else if options.only.as_deref() == Some("miss") {
         throughput::run_miss(&suite).await?
+    } else if options.only.as_deref() == Some("throughput") {
+        throughput::run(&suite).await?
     } else {
         let mut rows = throughput::run(&suite).await?;
         let citizens = citizens::run(&suite).await?;

@@ -19,6 +19,7 @@ use serde::Serialize;
 use super::batcher::Round;
 use super::breaker::Permit;
 use super::codec::{encode, now_ms};
+use super::marks::Mark;
 use super::stats::{NsCounters, add};
 use super::tier::{SharedTier, TierError};
 use super::{Cache, Inner, MemEntry};
@@ -111,7 +112,17 @@ impl Inner {
         self.outage.store(true, Ordering::SeqCst);
     }
 
-    fn bump(&self, marks: &[String]) {
+    /// The marks of `keys` and `tags`, and `extra`.
+    fn marks_of(&self, keys: &[String], tags: &[String], extra: &[Mark]) -> Vec<Mark> {
+        let marks = &self.invalidated;
+        keys.iter()
+            .map(|k| marks.key(k))
+            .chain(tags.iter().map(|t| marks.tag(t)))
+            .chain(extra.iter().copied())
+            .collect()
+    }
+
+    fn bump(&self, marks: &[Mark]) {
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         self.invalidated.record(marks, epoch);
     }
@@ -127,11 +138,7 @@ impl Inner {
 
     /// Applies an invalidation heard on the bus from another instance.
     pub(crate) fn apply_invalidation(&self, keys: &[String], tags: &[String]) {
-        let marks: Vec<String> = keys
-            .iter()
-            .map(|k| format!("k:{k}"))
-            .chain(tags.iter().map(|t| format!("t:{t}")))
-            .collect();
+        let marks = self.marks_of(keys, tags, &[]);
         self.bump(&marks);
         if let Some(memory) = &self.memory {
             for key in keys {
@@ -158,7 +165,7 @@ impl Cache {
         all_tags.push(format!("ns:{namespace}"));
         let ttl = self.ttl(namespace);
         // A set also overtakes loads in flight: they must not install what they read before.
-        self.bump(&[format!("k:{full}")]);
+        self.bump(&[self.inner.invalidated.key(&full)]);
         if let Some(memory) = &self.inner.memory {
             self.inner.tag_index.insert(
                 memory,
@@ -248,7 +255,11 @@ impl Cache {
             (Some((namespace, _)), _) | (None, Some(namespace)) => namespace.clone(),
             (None, None) => "tags".to_string(),
         };
-        let namespaces: Vec<String> = what.namespaces.iter().map(|n| format!("n:{n}")).collect();
+        let namespaces: Vec<Mark> = what
+            .namespaces
+            .iter()
+            .map(|n| self.inner.invalidated.namespace(n))
+            .collect();
         self.forget(&round.keys, &round.tags, &namespaces);
         if self.inner.shared.is_none() && self.inner.bus.is_none() {
             return;
@@ -271,13 +282,8 @@ impl Cache {
 
     /// Removes `keys` and values carrying `tags` from this instance's in-process tier, and
     /// marks them (and `extra` marks) invalidated: one epoch bump for all.
-    fn forget(&self, keys: &[String], tags: &[String], extra: &[String]) {
-        let marks: Vec<String> = keys
-            .iter()
-            .map(|k| format!("k:{k}"))
-            .chain(tags.iter().map(|t| format!("t:{t}")))
-            .chain(extra.iter().cloned())
-            .collect();
+    fn forget(&self, keys: &[String], tags: &[String], extra: &[Mark]) {
+        let marks = self.inner.marks_of(keys, tags, extra);
         self.bump(&marks);
         if let Some(memory) = &self.inner.memory {
             for key in keys {
@@ -308,7 +314,7 @@ impl Cache {
         }
     }
 
-    fn bump(&self, marks: &[String]) {
+    fn bump(&self, marks: &[Mark]) {
         self.inner.bump(marks);
     }
 
@@ -324,16 +330,15 @@ impl Cache {
         if self.inner.epoch.load(Ordering::SeqCst) == epoch {
             return false;
         }
-        let marks = [
-            format!("k:{full}"),
-            format!("n:{namespace}"),
-            format!("t:ns:{namespace}"),
+        let marks = &self.inner.invalidated;
+        let own = [
+            marks.key(full),
+            marks.namespace(namespace),
+            marks.tag(&format!("ns:{namespace}")),
         ];
-        self.inner.invalidated.any_after(
+        marks.any_after(
             epoch,
-            marks
-                .into_iter()
-                .chain(tags.iter().map(|t| format!("t:{t}"))),
+            own.into_iter().chain(tags.iter().map(|t| marks.tag(t))),
         )
     }
 
