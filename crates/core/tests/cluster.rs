@@ -76,6 +76,11 @@ async fn the_cache_suite_passes_on_a_redis_cluster() {
         "{per_master:?}"
     );
 
+    // Health and memory: every master answers; the fullest master's INFO memory.
+    let redis = cluster_redis(&cluster);
+    assert!(redis.health().await.up);
+    assert!(redis.memory().await.unwrap().used_memory > 0);
+
     // Stampede: 1000 concurrent requests of a cold key on two instances, one load.
     let engines = [
         cluster_engine(&cluster, "s:", true),
