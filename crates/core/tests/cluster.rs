@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::time::{Duration, Instant};
 
 use cascade_core::cache::buckets::{self, Buckets};
-use cascade_core::cache::{Backend, Cache, EngineOptions};
-use cascade_core::config::{ClusterNodes, RedisConfig, Secret};
+use cascade_core::cache::{Backend, Cache, EngineOptions, Source};
+use cascade_core::config::{ClusterNodes, LoginBackoff, RateLimit, RedisConfig, Secret};
+use cascade_core::identity::{RateLimiter, Username};
 use cascade_core::redis::Redis;
 use cascade_testkit::{PgServer, RedisCluster};
 
@@ -120,6 +121,54 @@ async fn the_cache_suite_passes_on_a_redis_cluster() {
         cluster_engine(&cluster, "b:", false),
     )
     .await;
+
+    limits_are_shared_by_the_instances(&cluster).await;
+}
+
+/// Two instances' rate limiters share one budget per key on the cluster (decided by Redis,
+/// not locally), and the login backoff's scripts (two keys under `login:{user}`) run there.
+async fn limits_are_shared_by_the_instances(cluster: &RedisCluster) {
+    let limiter = || {
+        RateLimiter::new(
+            Some(cluster_redis(cluster)),
+            cluster_engine(cluster, "l:", true),
+            "l:",
+        )
+    };
+    let (one, two) = (limiter(), limiter());
+    let limit = RateLimit {
+        count: 3,
+        period: Duration::from_secs(3600),
+    };
+    for (i, limiter) in [&one, &two, &one].into_iter().enumerate() {
+        let decision = limiter.check("api", "alice", limit).await;
+        assert!(
+            decision.allowed && !decision.local,
+            "request {i}: {decision:?}"
+        );
+    }
+    let denied = two.check("api", "alice", limit).await;
+    assert!(!denied.allowed && !denied.local, "{denied:?}");
+
+    let policy = LoginBackoff {
+        free: 2,
+        base: Duration::from_secs(10),
+        cap: Duration::from_secs(60),
+        forget: Duration::from_secs(3600),
+    };
+    let alice = Username::parse("alice").unwrap();
+    // Guesses from many networks through either instance: the free ones, and the one that
+    // reserved the first wait, are admitted (the same count as on one server).
+    let mut admitted = 0;
+    for i in 0..10 {
+        let limiter = if i % 2 == 0 { &one } else { &two };
+        let decision = limiter
+            .login_admit(&alice, &format!("198.51.100.{i}"), policy)
+            .await;
+        assert!(!decision.local, "{decision:?}");
+        admitted += u32::from(decision.allowed);
+    }
+    assert_eq!(admitted, policy.free + 1);
 }
 
 /// Keys of every bucket carry one tag: a tag (and a namespace) invalidation through one
@@ -198,6 +247,11 @@ async fn read_row(client: &tokio_postgres::Client, key: &str) -> Result<Option<i
         .await
         .map(|row| row.map(|r| r.get(0)))
         .map_err(|e| e.to_string())
+}
+
+/// The port of a `redis://host:port` URL.
+fn cluster_port(url: &str) -> u16 {
+    url.rsplit(':').next().unwrap().parse().unwrap()
 }
 
 /// Counters of the load run.
@@ -303,6 +357,36 @@ async fn a_master_killed_under_load_fails_no_read_serves_nothing_stale_and_write
     assert!(tally.reads.load(Ordering::Relaxed) > 1000, "the run read");
     assert!(tally.writes.load(Ordering::Relaxed) > 100, "the run wrote");
     assert!(errors > 0, "the engines never felt the master go");
+
+    // The killed master was the first seed, where both instances' buses subscribed: they
+    // subscribe on another node, and the in-process tier is trusted (serves) again.
+    assert_eq!(
+        old,
+        cluster_port(&cluster.urls()[0]),
+        "the bus's node was killed"
+    );
+    let (reader, deadline) = (
+        pg.client(&db).await,
+        Instant::now() + Duration::from_secs(10),
+    );
+    loop {
+        let (_, source) = b
+            .get_or_load_bytes("assets", "k1", &[], || async {
+                read_row(&reader, "k1")
+                    .await
+                    .map(|v| v.map(|v| v.to_string().into_bytes()))
+            })
+            .await
+            .unwrap();
+        if source == Source::Memory {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the in-process tier was never trusted again: the bus did not resubscribe"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Writes to the failed master's slots succeed again: a value stored in bucket 0 through
     // one instance is read from Redis through another (no in-process tier), within a bound.
