@@ -9,7 +9,13 @@
 //! With Redis Sentinel (`REDIS_SENTINEL_URLS`), the manager is the current master's, and a
 //! failure that may mean the master moved has the sentinels asked again ([`sentinel`]): after
 //! a failover, commands fail (as when Redis is down) until the promoted replica is found.
+//!
+//! With Redis Cluster (`REDIS_CLUSTER_URLS`), commands go through the `redis` crate's async
+//! cluster client ([`cluster`]), which routes each by its key's slot, follows `MOVED`/`ASK`
+//! and refreshes the slot map after a failover; a script's keys must share one slot (the
+//! cache tier's layout sees to it, `cache/redis_tier.rs`).
 
+mod cluster;
 mod sentinel;
 
 use std::sync::Arc;
@@ -20,6 +26,7 @@ use serde::Serialize;
 
 use crate::config::RedisConfig;
 
+use self::cluster::Cluster;
 use self::sentinel::Sentinels;
 
 /// A cheap-to-clone handle; clones share one multiplexed, self-healing connection.
@@ -41,6 +48,46 @@ enum Target {
     },
     /// Whichever server the sentinels name master.
     Sentinel(Arc<Sentinels>),
+    /// A Redis Cluster, through its seed nodes.
+    Cluster(Arc<Cluster>),
+}
+
+/// A command's connection: one server's, or the cluster client (which routes each command
+/// to its slot's master).
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+        }
+    }
 }
 
 /// Redis's memory use, from `INFO memory`.
@@ -135,8 +182,21 @@ impl Redis {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(100));
-        let target = match &config.sentinel {
-            None => {
+        let target = match (&config.sentinel, &config.cluster) {
+            (None, Some(nodes)) => {
+                let urls: Vec<&str> = nodes.urls.iter().map(|url| url.expose()).collect();
+                let clients = urls
+                    .iter()
+                    .map(|url| client(url))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Target::Cluster(Arc::new(Cluster::new(
+                    &urls,
+                    clients,
+                    root_cert.clone(),
+                    config.timeout,
+                )?))
+            }
+            (None, None) => {
                 let client = client(config.url.expose())?;
                 let manager =
                     ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
@@ -145,7 +205,7 @@ impl Redis {
                     manager,
                 }
             }
-            Some(sentinel) => {
+            (Some(sentinel), _) => {
                 let nodes = sentinel
                     .urls
                     .iter()
@@ -171,9 +231,10 @@ impl Redis {
         })
     }
 
-    /// The connection, for commands (a pipeline, say), under the caller's own deadline.
-    /// Clone it per call; it is a handle. With Sentinel it is the current master's, found
-    /// first if none is known yet.
+    /// The connection of one server, for commands (a pipeline, say), under the caller's own
+    /// deadline. Clone it per call; it is a handle. With Sentinel it is the current master's,
+    /// found first if none is known yet. A Redis Cluster has no one server: an error names the
+    /// limitation (what needs this, the tier migration, reads one server).
     pub async fn connection(&self) -> Result<ConnectionManager, RedisError> {
         match &self.target {
             Target::Direct { manager, .. } => Ok(manager.clone()),
@@ -181,25 +242,44 @@ impl Redis {
                 sentinels.watch();
                 Ok(sentinels.master().await?.manager.clone())
             }
+            Target::Cluster(_) => Err(RedisError::Config(
+                "this needs one Redis server and REDIS_CLUSTER_URLS names a Redis Cluster".into(),
+            )),
         }
     }
 
-    /// The connection, unless the master is still to be found.
-    fn known_connection(&self) -> Option<ConnectionManager> {
+    /// Whether this is a Redis Cluster (`REDIS_CLUSTER_URLS`): scripts must keep their keys in
+    /// one slot.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster(_))
+    }
+
+    /// The connection, unless the master is still to be found (Sentinel) or the cluster
+    /// client still to be connected.
+    fn known_connection(&self) -> Option<Conn> {
         match &self.target {
-            Target::Direct { manager, .. } => Some(manager.clone()),
-            Target::Sentinel(sentinels) => sentinels.current().map(|m| m.manager.clone()),
+            Target::Direct { manager, .. } => Some(Conn::Single(manager.clone())),
+            Target::Sentinel(sentinels) => {
+                sentinels.current().map(|m| Conn::Single(m.manager.clone()))
+            }
+            Target::Cluster(cluster) => cluster.current().map(Conn::Cluster),
         }
     }
 
     /// A command's connection and its deadline, `REDIS_TIMEOUT` from now (finding the
-    /// master first, with Sentinel, counts against it).
-    async fn start(&self) -> Result<(ConnectionManager, tokio::time::Instant), RedisError> {
+    /// master first, with Sentinel, or connecting the cluster client, counts against it).
+    async fn start(&self) -> Result<(Conn, tokio::time::Instant), RedisError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         if let Some(conn) = self.known_connection() {
             return Ok((conn, deadline));
         }
-        let result = match tokio::time::timeout_at(deadline, self.connection()).await {
+        let find = async {
+            match &self.target {
+                Target::Cluster(cluster) => cluster.connect().await.map(Conn::Cluster),
+                _ => self.connection().await.map(Conn::Single),
+            }
+        };
+        let result = match tokio::time::timeout_at(deadline, find).await {
             Ok(result) => result.map(|conn| (conn, deadline)),
             Err(_) => Err(RedisError::Timeout(self.timeout)),
         };
@@ -223,7 +303,9 @@ impl Redis {
 
     /// A dedicated pub/sub connection (the bus), opened under the deadline. It does not
     /// reconnect by itself: its owner notices the end of its stream and opens a new one.
-    /// With Sentinel, the sentinels are asked where the master is first.
+    /// With Sentinel, the sentinels are asked where the master is first. With Redis Cluster it
+    /// is one node's, the next seed node that answers after the last one used: a classic
+    /// `PUBLISH` reaches every node of a cluster, so any node hears every message.
     pub async fn pubsub(&self) -> Result<redis::aio::PubSub, RedisError> {
         let bound = self.timeout * 4;
         let open = async {
@@ -234,6 +316,7 @@ impl Redis {
                     let master = sentinels.resolve(Instant::now()).await?;
                     Ok(master.client.get_async_pubsub().await?)
                 }
+                Target::Cluster(cluster) => cluster.pubsub().await,
             }
         };
         let result = match tokio::time::timeout(bound, open).await {
@@ -259,7 +342,7 @@ impl Redis {
     /// and without Sentinel.
     pub fn sentinel_master(&self) -> Option<String> {
         match &self.target {
-            Target::Direct { .. } => None,
+            Target::Direct { .. } | Target::Cluster(_) => None,
             Target::Sentinel(sentinels) => sentinels.current().map(|m| m.addr.clone()),
         }
     }
@@ -312,10 +395,11 @@ impl Redis {
         self.finish(tokio::time::timeout_at(deadline, run).await)
     }
 
-    /// `INFO memory` under the deadline.
+    /// `INFO memory` under the deadline. On a Redis Cluster, the fullest master's (by
+    /// [`used_ratio`](RedisMemory::used_ratio)): the one that evicts or refuses writes first.
     pub async fn memory(&self) -> Result<RedisMemory, RedisError> {
-        let info: String = self.query(redis::cmd("INFO").arg("memory")).await?;
-        RedisMemory::parse(&info).ok_or_else(|| {
+        let reply: redis::Value = self.query(redis::cmd("INFO").arg("memory")).await?;
+        cluster::fullest(reply).ok_or_else(|| {
             RedisError::Command(redis::RedisError::from((
                 redis::ErrorKind::Parse,
                 "INFO memory without used_memory",

@@ -24,6 +24,7 @@ fn engine(server: &RedisServer, prefix: &str) -> Cache {
         timeout: REDIS_TIMEOUT,
         ca_cert: None,
         sentinel: None,
+        cluster: None,
     })
     .unwrap();
     let config = CacheConfig {

@@ -24,6 +24,7 @@ fn engine(server: &RedisServer) -> Cache {
         timeout: Duration::from_millis(500),
         ca_cert: None,
         sentinel: None,
+        cluster: None,
     })
     .unwrap();
     let config = CacheConfig {

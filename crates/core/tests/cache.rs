@@ -4,33 +4,21 @@
 //! tier: stampede and stale sets, reads after writes across instances, TTLs, tags and cleanup,
 //! early refresh, and invalidations over the LISTEN/NOTIFY bus.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cascade_core::cache::{Backend, Cache, EngineOptions, Source};
 use cascade_core::config::DatabaseConfig;
-use cascade_core::config::{CacheBackend, CacheConfig, RedisConfig, Secret};
+use cascade_core::config::{RedisConfig, Secret};
 use cascade_core::db::Db;
 use cascade_core::redis::Redis;
 use cascade_core::shutdown::Shutdown;
 use cascade_testkit::{PgServer, RedisServer};
 
-fn config(prefix: &str) -> CacheConfig {
-    let mut ttls = BTreeMap::new();
-    ttls.insert("short".to_string(), Duration::from_millis(300));
-    ttls.insert("early".to_string(), Duration::from_millis(800));
-    CacheConfig {
-        backend: CacheBackend::Redis,
-        ttls,
-        key_names: Default::default(),
-        default_ttl: Duration::from_secs(60),
-        cleanup_interval: Duration::from_secs(60),
-        key_prefix: prefix.to_string(),
-        early_refresh: ["early".to_string()].into_iter().collect(),
-    }
-}
+mod scenarios;
+
+use scenarios::*;
 
 fn redis_engine(server: &RedisServer, prefix: &str) -> Cache {
     redis_engine_at(&server.url(), prefix)
@@ -44,6 +32,7 @@ fn redis_engine_at(url: &str, prefix: &str) -> Cache {
         timeout: Duration::from_millis(200),
         ca_cert: None,
         sentinel: None,
+        cluster: None,
     })
     .unwrap();
     Cache::new(
@@ -68,38 +57,6 @@ fn memory_engine() -> Cache {
     )
 }
 
-/// A loader that counts its calls and returns `value`.
-async fn counted(
-    calls: &AtomicUsize,
-    value: &str,
-) -> Result<Option<String>, std::convert::Infallible> {
-    calls.fetch_add(1, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    Ok(Some(value.to_string()))
-}
-
-/// `requests` concurrent `get_or_load` of one cold key, spread over `engines`; returns how
-/// many times the loader ran.
-async fn concurrent_cold_loads(engines: &[Cache], requests: usize) -> usize {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let tasks: Vec<_> = (0..requests)
-        .map(|i| {
-            let engine = engines[i % engines.len()].clone();
-            let calls = calls.clone();
-            tokio::spawn(async move {
-                engine
-                    .get_or_load("assets", "cold", &[], || counted(&calls, "v1"))
-                    .await
-                    .unwrap()
-            })
-        })
-        .collect();
-    for task in tasks {
-        assert_eq!(task.await.unwrap().as_deref(), Some("v1"));
-    }
-    calls.load(Ordering::SeqCst)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_key_under_1000_concurrent_requests_on_two_instances_loads_once() {
     let server = RedisServer::start().await;
@@ -114,85 +71,6 @@ async fn a_cold_key_under_1000_concurrent_requests_on_two_instances_loads_once()
 #[tokio::test]
 async fn a_cold_key_in_memory_mode_loads_once() {
     assert_eq!(concurrent_cold_loads(&[memory_engine()], 1000).await, 1);
-}
-
-/// The cache-aside race: a loader reads the old row, a write commits and invalidates, then the
-/// loader tries to install what it read. It must be refused.
-#[derive(Clone, Copy)]
-enum By {
-    Key,
-    Tag,
-    Namespace,
-}
-
-/// With `plain_gets`, also checks that the racing read's lookup sent Redis no plain `GET`
-/// (its namespace leans to misses: one script reads or leases).
-async fn stale_set_is_refused(
-    engine: Cache,
-    other: Cache,
-    by: By,
-    plain_gets: Option<&mut redis::aio::MultiplexedConnection>,
-) {
-    let tags = vec!["producer:9".to_string()];
-    let mut plain_gets = plain_gets;
-    let gets_before = match plain_gets.as_deref_mut() {
-        Some(conn) => Some(plain_get_calls(conn).await),
-        None => None,
-    };
-    let refused_before: u64 = engine.stats().iter().map(|s| s.stale_sets_refused).sum();
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let slow = {
-        let engine = engine.clone();
-        tokio::spawn(async move {
-            engine
-                .get_or_load("assets", "race", &tags, || async move {
-                    let old = "old".to_string(); // read before the write commits
-                    let _ = started_tx.send(());
-                    let _ = release_rx.await;
-                    Ok::<_, std::convert::Infallible>(Some(old))
-                })
-                .await
-                .unwrap()
-        })
-    };
-    started_rx.await.unwrap();
-    if let (Some(conn), Some(before)) = (plain_gets, gets_before) {
-        let gets = plain_get_calls(conn).await - before;
-        assert_eq!(gets, 0, "the lookup sent a plain GET before its script");
-    }
-    // The write commits, then invalidates (through the other instance when there is one).
-    match by {
-        By::Key => other.invalidate("assets", "race").await,
-        By::Tag => other.invalidate_tag("producer:9").await,
-        By::Namespace => other.invalidate_namespace("assets").await,
-    }
-    release_tx.send(()).unwrap();
-    assert_eq!(
-        slow.await.unwrap().as_deref(),
-        Some("old"),
-        "the slow reader itself saw the old row"
-    );
-
-    for engine in [&engine, &other] {
-        let cached = engine.get::<String>("assets", "race").await.unwrap();
-        assert_eq!(
-            cached, None,
-            "the old value was installed (by {})",
-            by as u8
-        );
-    }
-    for engine in [&engine, &other] {
-        let fresh = engine
-            .get_or_load("assets", "race", &[], || async {
-                Ok::<_, std::convert::Infallible>(Some("new".to_string()))
-            })
-            .await
-            .unwrap();
-        assert_eq!(fresh.as_deref(), Some("new"));
-    }
-    let refused: u64 = engine.stats().iter().map(|s| s.stale_sets_refused).sum();
-    assert_eq!(refused - refused_before, 1);
 }
 
 #[tokio::test]
@@ -232,45 +110,12 @@ async fn the_stale_set_race_never_installs_the_old_value_when_lookups_lean_to_mi
     }
 }
 
-/// `GET`s minus scripts run, from `INFO commandstats` (which counts the commands a script runs
-/// too): across a lookup, the plain `GET`s it sent, as its script runs exactly one.
-async fn plain_get_calls(conn: &mut redis::aio::MultiplexedConnection) -> i64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .unwrap();
-    let calls = |command: &str| {
-        let field = format!("cmdstat_{command}:calls=");
-        info.lines()
-            .find_map(|line| line.strip_prefix(&field))
-            .and_then(|rest| rest.split(',').next())
-            .map_or(0, |calls| calls.parse::<i64>().unwrap())
-    };
-    calls("get") - calls("evalsha")
-}
-
 #[tokio::test]
 async fn the_stale_set_race_never_installs_the_old_value_in_memory() {
     for by in [By::Key, By::Tag, By::Namespace] {
         let engine = memory_engine();
         stale_set_is_refused(engine.clone(), engine, by, None).await;
     }
-}
-
-async fn kv(pg: &PgServer) -> (Arc<tokio_postgres::Client>, String) {
-    let url = pg.fresh_database().await;
-    let db = url.rsplit('/').next().unwrap().to_string();
-    let client = pg.client(&db).await;
-    client.batch_execute("CREATE TABLE kv (k TEXT PRIMARY KEY, v BIGINT NOT NULL); INSERT INTO kv VALUES ('hot', 0)").await.unwrap();
-    (Arc::new(client), db)
-}
-
-async fn read_kv(client: &tokio_postgres::Client) -> Result<Option<i64>, tokio_postgres::Error> {
-    Ok(client
-        .query_opt("SELECT v FROM kv WHERE k = 'hot'", &[])
-        .await?
-        .map(|r| r.get(0)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,53 +136,6 @@ async fn a_write_on_one_instance_is_seen_by_the_other_with_the_postgres_backend(
         EngineOptions::default(),
     );
     write_on_a_read_on_b(&pg, a, b).await;
-}
-
-/// A write acknowledged through A is seen by the very next read through B, hundreds of times,
-/// while other tasks keep the key hot in both instances' in-process tiers.
-async fn write_on_a_read_on_b(pg: &PgServer, a: Cache, b: Cache) {
-    let (client, db) = kv(pg).await;
-
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut hot = Vec::new();
-    for engine in [a.clone(), b.clone(), a.clone(), b.clone()] {
-        let (stop, reader) = (stop.clone(), pg.client(&db).await);
-        hot.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                engine
-                    .get_or_load("assets", "hot", &[], || read_kv(&reader))
-                    .await
-                    .unwrap();
-                tokio::task::yield_now().await;
-            }
-        }));
-    }
-
-    for value in 1..=300i64 {
-        client
-            .execute("UPDATE kv SET v = $1 WHERE k = 'hot'", &[&value])
-            .await
-            .unwrap();
-        a.invalidate("assets", "hot").await;
-        let seen = b
-            .get_or_load("assets", "hot", &[], || read_kv(&client))
-            .await
-            .unwrap();
-        assert_eq!(
-            seen,
-            Some(value),
-            "instance B served a stale value after A's acknowledged write"
-        );
-    }
-    stop.store(true, Ordering::Relaxed);
-    for task in hot {
-        task.await.unwrap();
-    }
-    let stats = b.stats();
-    assert!(
-        stats.iter().any(|s| s.near_hits > 0),
-        "the hot readers should have hit the cache: {stats:?}"
-    );
 }
 
 #[tokio::test]
@@ -426,135 +224,6 @@ async fn a_paused_redis_never_serves_a_value_invalidated_while_it_was_away() {
     }
     // And Redis is trusted again: the fresh value is cached there.
     assert_eq!(engine.get::<i64>("assets", "hot").await.unwrap(), Some(1));
-}
-
-async fn ttl_tags_and_negative(engine: Cache) {
-    let calls = AtomicUsize::new(0);
-    let load = |ns: &'static str, key: &'static str, tags: Vec<String>| {
-        let engine = engine.clone();
-        let calls = &calls;
-        async move {
-            engine
-                .get_or_load(ns, key, &tags, || counted(calls, key))
-                .await
-                .unwrap()
-        }
-    };
-
-    // TTL: the `short` namespace lives 300 ms.
-    load("short", "a", vec![]).await;
-    load("short", "a", vec![]).await;
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
-    tokio::time::sleep(Duration::from_millis(450)).await;
-    load("short", "a", vec![]).await;
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        2,
-        "expired values are loaded again"
-    );
-
-    // Tags and namespaces.
-    calls.store(0, Ordering::SeqCst);
-    let t = vec!["producer:1".to_string()];
-    load("assets", "x", t.clone()).await;
-    load("assets", "y", t.clone()).await;
-    load("listings", "z", vec![]).await;
-    assert_eq!(calls.load(Ordering::SeqCst), 3);
-    engine.invalidate_tag("producer:1").await;
-    load("assets", "x", t.clone()).await;
-    load("assets", "y", t.clone()).await;
-    load("listings", "z", vec![]).await;
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        5,
-        "tagged values reload, the untagged one is a hit"
-    );
-    engine.invalidate_namespace("assets").await;
-    load("assets", "x", t.clone()).await;
-    load("listings", "z", vec![]).await;
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        6,
-        "the namespace reloads, the other namespace does not"
-    );
-
-    // Batches: several tags, or several keys, in one call each.
-    calls.store(0, Ordering::SeqCst);
-    let tagged = |t: &str| vec![format!("batch:{t}")];
-    load("assets", "ba", tagged("a")).await;
-    load("assets", "bb", tagged("b")).await;
-    load("assets", "bc", tagged("c")).await;
-    assert_eq!(calls.load(Ordering::SeqCst), 3);
-    engine
-        .invalidate_tags(&["batch:a".to_string(), "batch:b".to_string()])
-        .await;
-    for (key, tag) in [("ba", "a"), ("bb", "b"), ("bc", "c")] {
-        load("assets", key, tagged(tag)).await;
-    }
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        5,
-        "values of either tag reload, the third is a hit"
-    );
-    engine.invalidate_keys("assets", &["bb", "bc"]).await;
-    for (key, tag) in [("ba", "a"), ("bb", "b"), ("bc", "c")] {
-        load("assets", key, tagged(tag)).await;
-    }
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        7,
-        "both keys reload, the other is a hit"
-    );
-
-    // Negative caching: a not-found is remembered briefly.
-    let misses = AtomicUsize::new(0);
-    let absent = || async {
-        misses.fetch_add(1, Ordering::SeqCst);
-        Ok::<Option<String>, std::convert::Infallible>(None)
-    };
-    assert_eq!(
-        engine
-            .get_or_load("assets", "missing", &[], absent)
-            .await
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        engine
-            .get_or_load("assets", "missing", &[], absent)
-            .await
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        misses.load(Ordering::SeqCst),
-        1,
-        "the second lookup hit the negative entry"
-    );
-    tokio::time::sleep(Duration::from_millis(450)).await;
-    engine
-        .get_or_load("assets", "missing", &[], absent)
-        .await
-        .unwrap();
-    assert_eq!(
-        misses.load(Ordering::SeqCst),
-        2,
-        "negative entries expire quickly"
-    );
-
-    // An explicit set replaces the value.
-    engine
-        .set("assets", "x", &"written".to_string(), &[])
-        .await
-        .unwrap();
-    assert_eq!(
-        engine
-            .get::<String>("assets", "x")
-            .await
-            .unwrap()
-            .as_deref(),
-        Some("written")
-    );
 }
 
 #[tokio::test]
@@ -784,6 +453,7 @@ async fn after_a_partition_entries_from_before_it_are_revalidated() {
             timeout: Duration::from_millis(200),
             ca_cert: None,
             sentinel: None,
+            cluster: None,
         })
         .unwrap();
         Cache::new(

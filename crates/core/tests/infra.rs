@@ -157,6 +157,7 @@ fn redis_client(server: &RedisServer) -> Redis {
         timeout: Duration::from_millis(250),
         ca_cert: None,
         sentinel: None,
+        cluster: None,
     })
     .unwrap()
 }

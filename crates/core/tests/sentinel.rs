@@ -31,6 +31,7 @@ fn sentinel_redis(group: &RedisSentinels) -> Redis {
             urls: urls.into_iter().map(Secret::new).collect(),
             master: RedisSentinels::MASTER.to_string(),
         }),
+        cluster: None,
     })
     .unwrap()
 }

@@ -273,6 +273,7 @@ fn redis_config(url: String, ca_cert: Option<String>) -> cascade_core::config::R
         timeout: Duration::from_secs(2),
         ca_cert: ca_cert.map(PathBuf::from),
         sentinel: None,
+        cluster: None,
     }
 }
 

@@ -10,6 +10,7 @@
 
 mod pg;
 mod proxy;
+mod redis_cluster;
 mod redis_server;
 mod stall_proxy;
 pub mod stripe;
@@ -17,6 +18,7 @@ pub mod venice;
 
 pub use pg::PgServer;
 pub use proxy::Proxy;
+pub use redis_cluster::RedisCluster;
 pub use redis_server::{RedisSentinels, RedisServer};
 pub use stall_proxy::StallProxy;
 pub use stripe::StripeStandin;

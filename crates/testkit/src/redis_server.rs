@@ -122,6 +122,11 @@ impl RedisServer {
         self.port
     }
 
+    /// Whether the server was started and not [killed](Self::kill) since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
@@ -353,7 +358,7 @@ fn spawn_sentinel(primary_port: u16) -> SentinelProcess {
     }
 }
 
-fn connect(port: u16) -> Option<redis::Connection> {
+pub(crate) fn connect(port: u16) -> Option<redis::Connection> {
     redis::Client::open(format!("redis://127.0.0.1:{port}"))
         .ok()?
         .get_connection_with_timeout(Duration::from_millis(500))
@@ -362,7 +367,7 @@ fn connect(port: u16) -> Option<redis::Connection> {
 }
 
 /// `INFO <section>` of the server at `port`; empty if it does not answer.
-fn info(port: u16, section: &str) -> String {
+pub(crate) fn info(port: u16, section: &str) -> String {
     connect(port)
         .and_then(|mut conn| redis::cmd("INFO").arg(section).query(&mut conn).ok())
         .unwrap_or_default()

@@ -35,6 +35,7 @@ fn redis_engine(redis: &RedisServer) -> Cache {
         timeout: Duration::from_secs(2),
         ca_cert: None,
         sentinel: None,
+        cluster: None,
     })
     .unwrap();
     Cache::new(

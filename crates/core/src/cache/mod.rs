@@ -35,6 +35,7 @@
 
 mod batcher;
 mod breaker;
+pub mod buckets;
 pub(crate) mod bus;
 mod codec;
 mod front;

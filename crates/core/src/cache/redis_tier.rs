@@ -35,11 +35,18 @@
 //! or after (its lease is gone: refused). A draining set left behind by an interrupted
 //! invalidation stays registered, and the next invalidation of the tag (the engine's replay)
 //! finishes it.
+//!
+//! On a Redis Cluster every name above also carries its key's bucket hash tag right after
+//! the prefix (`P{b}ns:key`, `Please:P{b}ns:key`, `P{b}tag:T`, …; `buckets.rs`), so each
+//! script's keys share one slot; a tag's set is then one per bucket, and an invalidation by
+//! tag or namespace runs its script once per bucket, concurrently. On one server (or with
+//! Sentinel) the names and the cost are as above.
 
 use std::time::Duration;
 
 use redis::{Cmd, Script};
 
+use super::buckets::{BUCKETS, Buckets};
 use super::tier::LeasedStore;
 use crate::redis::{Redis, RedisError};
 
@@ -62,6 +69,8 @@ pub(crate) enum Lookup {
 pub(crate) struct RedisTier {
     redis: Redis,
     prefix: String,
+    /// On a Redis Cluster, the buckets whose hash tags follow the prefix; None on one server.
+    buckets: Option<Buckets>,
     get_or_lease: Script,
     try_lease: Script,
     fill: Script,
@@ -260,19 +269,28 @@ return {deleted, left}
 
 impl RedisTier {
     pub fn new(redis: Redis, prefix: String) -> Self {
+        let buckets = redis.is_cluster().then(Buckets::new);
         // The names `retire` needs, fixed per prefix: constants of the script text rather
-        // than arguments every call would send.
-        let names = format!(
-            "local RETIRED, TAG, DRAINING_SEQ, DRAINING = {}, {}, {}, {}\n",
-            lua_string(&format!("{prefix}tag-retired:")),
-            lua_string(&format!("{prefix}tag:")),
-            lua_string(&format!("{prefix}tag-draining-seq")),
-            lua_string(&format!("{prefix}tag-draining:")),
-        );
+        // than arguments every call would send. On a cluster they depend on the bucket too:
+        // the value key `KEYS[1]` starts with the prefix and the bucket's tag, up to its `}`.
+        let names = match buckets {
+            None => format!(
+                "local RETIRED, TAG, DRAINING_SEQ, DRAINING = {}, {}, {}, {}\n",
+                lua_string(&format!("{prefix}tag-retired:")),
+                lua_string(&format!("{prefix}tag:")),
+                lua_string(&format!("{prefix}tag-draining-seq")),
+                lua_string(&format!("{prefix}tag-draining:")),
+            ),
+            Some(_) => "local B = string.sub(KEYS[1], 1, string.find(KEYS[1], '}', 1, true))\n\
+                 local RETIRED, TAG, DRAINING_SEQ, DRAINING = \
+                 B .. 'tag-retired:', B .. 'tag:', B .. 'tag-draining-seq', B .. 'tag-draining:'\n"
+                .to_string(),
+        };
         let index_tags = format!("{names}{}", INDEX_TAGS.replace("TRIM", &TRIM.to_string()));
         RedisTier {
             redis,
             prefix,
+            buckets,
             get_or_lease: Script::new(&format!("{index_tags}{GET_OR_LEASE}")),
             try_lease: Script::new(&format!("{index_tags}{TRY_LEASE}")),
             fill: Script::new(FILL),
@@ -283,17 +301,30 @@ impl RedisTier {
         }
     }
 
+    /// The bucket of `full_key` on a cluster; None on one server.
+    fn bucket(&self, full_key: &str) -> Option<usize> {
+        self.buckets.as_ref().map(|b| b.of(full_key))
+    }
+
+    /// Appends what every name of `bucket` starts with: the prefix, then (on a cluster) the
+    /// bucket's hash tag.
+    fn push_base(&self, name: &mut String, bucket: Option<usize>) {
+        name.push_str(&self.prefix);
+        if let (Some(buckets), Some(bucket)) = (&self.buckets, bucket) {
+            name.push_str(buckets.tag(bucket));
+        }
+    }
+
+    /// `name` under the base of `bucket`.
+    fn named(&self, bucket: Option<usize>, name: &str) -> String {
+        let mut out = String::with_capacity(self.prefix.len() + 8 + name.len());
+        self.push_base(&mut out, bucket);
+        out.push_str(name);
+        out
+    }
+
     pub fn value_key(&self, full_key: &str) -> String {
-        format!("{}{full_key}", self.prefix)
-    }
-
-    fn tag_key(&self, tag: &str) -> String {
-        format!("{}tag:{tag}", self.prefix)
-    }
-
-    /// Where a tag's draining sets are registered.
-    fn retired_key(&self, tag: &str) -> String {
-        format!("{}tag-retired:{tag}", self.prefix)
+        self.named(self.bucket(full_key), full_key)
     }
 
     /// An `EVALSHA` of `script` on the value key of `full_key`, its lease and the tag sets
@@ -301,19 +332,20 @@ impl RedisTier {
     /// names are written through one scratch string, not allocated one by one.
     fn keyed(&self, script: &Script, full_key: &str, tags: &[String], args: &[&[u8]]) -> Cmd {
         let prefix = &self.prefix;
+        let bucket = self.bucket(full_key);
         let size = 64
-            + 3 * (prefix.len() + full_key.len())
+            + 3 * (prefix.len() + 8 + full_key.len())
             + args.iter().map(|a| a.len()).sum::<usize>()
             + tags
                 .iter()
-                .map(|t| prefix.len() + 4 + t.len())
+                .map(|t| prefix.len() + 12 + t.len())
                 .sum::<usize>();
         let mut cmd = Cmd::with_capacity(5 + tags.len() + args.len(), size);
         cmd.arg("EVALSHA")
             .arg(script.get_hash())
             .arg(2 + tags.len());
-        let mut name = String::with_capacity(2 * prefix.len() + 6 + full_key.len());
-        name.push_str(prefix);
+        let mut name = String::with_capacity(2 * prefix.len() + 14 + full_key.len());
+        self.push_base(&mut name, bucket);
         name.push_str(full_key);
         cmd.arg(&name);
         // The lease key: `<prefix>lease:<value key>`.
@@ -322,7 +354,7 @@ impl RedisTier {
         cmd.arg(&name);
         for tag in tags {
             name.clear();
-            name.push_str(prefix);
+            self.push_base(&mut name, bucket);
             name.push_str("tag:");
             name.push_str(tag);
             cmd.arg(&name);
@@ -331,13 +363,6 @@ impl RedisTier {
             cmd.arg(*arg);
         }
         cmd
-    }
-
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        invocation: redis::ScriptInvocation<'_>,
-    ) -> Result<T, RedisError> {
-        self.redis.invoke(&invocation).await
     }
 
     /// The value of `full_key`, or the lease on it (for `lease_ttl`), or word that another
@@ -448,21 +473,49 @@ impl RedisTier {
 
     /// [`store`](Self::store) under a lease for each of `stores`, in one script: a batch of
     /// loads fills in one round trip. Whether each was stored, in order.
+    /// On a cluster, one script per bucket the keys fall in, sent concurrently.
     pub async fn store_leased(&self, stores: &[LeasedStore<'_>]) -> Result<Vec<bool>, RedisError> {
+        let Some(buckets) = &self.buckets else {
+            return self.fill_group(stores.iter()).await;
+        };
+        let mut groups: Vec<Vec<usize>> = vec![Vec::new(); BUCKETS];
+        for (i, s) in stores.iter().enumerate() {
+            groups[buckets.of(s.full_key)].push(i);
+        }
+        let groups: Vec<Vec<usize>> = groups.into_iter().filter(|g| !g.is_empty()).collect();
+        let fills = groups
+            .iter()
+            .map(|group| self.fill_group(group.iter().map(|&i| &stores[i])));
+        let filled = futures_util::future::try_join_all(fills).await?;
+        let mut stored = vec![false; stores.len()];
+        for (group, filled) in groups.iter().zip(filled) {
+            for (&i, ok) in group.iter().zip(filled) {
+                stored[i] = ok;
+            }
+        }
+        Ok(stored)
+    }
+
+    /// One [`FILL_MANY`] of `stores` (all of one bucket on a cluster).
+    async fn fill_group<'s, 'k: 's>(
+        &self,
+        stores: impl Iterator<Item = &'s LeasedStore<'k>> + Clone,
+    ) -> Result<Vec<bool>, RedisError> {
         let prefix = &self.prefix;
-        let size = 64
-            + stores
-                .iter()
-                .map(|s| 3 * (prefix.len() + s.full_key.len()) + 64 + s.bytes.len())
-                .sum::<usize>();
-        let mut cmd = Cmd::with_capacity(3 + 6 * stores.len(), size);
+        let (count, size) = stores.clone().fold((0, 64), |(n, size), s| {
+            (
+                n + 1,
+                size + 3 * (prefix.len() + 8 + s.full_key.len()) + 64 + s.bytes.len(),
+            )
+        });
+        let mut cmd = Cmd::with_capacity(3 + 6 * count, size);
         cmd.arg("EVALSHA")
             .arg(self.fill_many.get_hash())
-            .arg(2 * stores.len());
+            .arg(2 * count);
         let mut name = String::new();
-        for s in stores {
+        for s in stores.clone() {
             name.clear();
-            name.push_str(prefix);
+            self.push_base(&mut name, self.bucket(s.full_key));
             name.push_str(s.full_key);
             cmd.arg(&name);
             name.insert_str(0, "lease:");
@@ -482,6 +535,10 @@ impl RedisTier {
     /// Deletes the values and leases of `full_keys` and every value carrying any of `tags`,
     /// in one script when the tags list few keys (see the module's doc): a write's whole
     /// invalidation is one round trip. Returns how many keys the tags listed.
+    ///
+    /// On a cluster: one script per bucket holding one of the keys, or per bucket when there
+    /// are tags (each bucket has its own set of each tag), sent concurrently; every one runs
+    /// even if another fails, and the first error is returned.
     pub async fn invalidate(
         &self,
         full_keys: &[String],
@@ -490,21 +547,50 @@ impl RedisTier {
         let mut tags: Vec<&String> = tags.iter().collect();
         tags.sort_unstable();
         tags.dedup();
-        let mut script = self.invalidate.prepare_invoke();
-        script.key(format!("{}tag-draining-seq", self.prefix));
+        let Some(buckets) = &self.buckets else {
+            return self.invalidate_in(None, full_keys, &tags).await;
+        };
+        let mut keys: Vec<Vec<&String>> = vec![Vec::new(); BUCKETS];
         for full_key in full_keys {
-            script.key(self.value_key(full_key));
+            keys[buckets.of(full_key)].push(full_key);
+        }
+        let runs = keys
+            .iter()
+            .enumerate()
+            .filter(|(_, keys)| !keys.is_empty() || !tags.is_empty())
+            .map(|(bucket, keys)| self.invalidate_in(Some(bucket), keys, &tags));
+        let mut listed = 0;
+        for result in futures_util::future::join_all(runs).await {
+            listed += result?;
+        }
+        Ok(listed)
+    }
+
+    /// [`invalidate`](Self::invalidate) of keys and tag sets of one bucket (`None`: one
+    /// server's names).
+    async fn invalidate_in(
+        &self,
+        bucket: Option<usize>,
+        full_keys: &[impl AsRef<str>],
+        tags: &[&String],
+    ) -> Result<u64, RedisError> {
+        let mut script = self.invalidate.prepare_invoke();
+        script.key(self.named(bucket, "tag-draining-seq"));
+        for full_key in full_keys {
+            script.key(self.named(bucket, full_key.as_ref()));
         }
         for tag in tags {
-            script.key(self.tag_key(tag)).key(self.retired_key(tag));
+            script
+                .key(self.named(bucket, &format!("tag:{tag}")))
+                .key(self.named(bucket, &format!("tag-retired:{tag}")));
         }
         script
-            .arg(format!("{}tag-draining:", self.prefix))
+            .arg(self.named(bucket, "tag-draining:"))
             .arg(format!("{}lease:", self.prefix))
             .arg(full_keys.len())
             .arg(DRAIN_BATCH);
         // Flat pairs: (draining set, the registry it is listed in), each with members left.
-        let (mut listed, draining): (u64, Vec<String>) = self.run(script).await?;
+        let (mut listed, draining): (u64, Vec<String>) = self.redis.invoke(&script).await?;
         for pair in draining.chunks_exact(2) {
             let mut drain = self.drain.prepare_invoke();
             drain.key(&pair[0]).key(&pair[1]);

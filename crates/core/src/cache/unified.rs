@@ -174,6 +174,14 @@ async fn listed_keys(
 
 /// Reads every live cache value under `prefix` (`CACHE_KEY_PREFIX`) with its remaining TTL.
 pub async fn read_redis(redis: &Redis, prefix: &str) -> Result<Snapshot, MigrateError> {
+    if redis.is_cluster() {
+        // SCAN on a cluster client reaches one node: the migration would copy a part silently.
+        return Err(RedisError::Config(
+            "migrate-to-unified reads one Redis server; REDIS_CLUSTER_URLS names a Redis Cluster"
+                .into(),
+        )
+        .into());
+    }
     let listed = listed_keys(redis, prefix).await?;
     let mut snapshot = Snapshot {
         read_at: Some(Instant::now()),

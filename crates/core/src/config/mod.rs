@@ -22,7 +22,7 @@ pub use database::{DatabaseConfig, DatabaseSource, RawDatabase};
 pub use http::{HttpConfig, LogFormat, RawHttp};
 pub use identity::{AuthConfig, LoginBackoff, RateLimit, RawIdentity};
 pub use parser::Parser;
-pub use redis::{RawRedis, RedisConfig, SentinelConfig};
+pub use redis::{ClusterNodes, RawRedis, RedisConfig, SentinelConfig};
 pub use replica::{RawReplicas, ReplicaConfig};
 pub use values::{Decimal6, Secret, parse_duration, redact_url};
 
@@ -111,6 +111,16 @@ impl Config {
             raw.redis.redis_url.is_some(),
             &namespaces,
         );
+        if redis.as_ref().is_some_and(|r| r.cluster.is_some())
+            && cache.key_prefix.contains(['{', '}'])
+        {
+            // The cache puts a hash tag right after the prefix (its slot bucket): a brace
+            // in the prefix would make Redis hash something else.
+            p.fail(
+                "CACHE_KEY_PREFIX",
+                "must not contain { or } with REDIS_CLUSTER_URLS (the cache adds its own hash tags)",
+            );
+        }
         let (http, log_format) = HttpConfig::parse(p, &raw.http);
         let auth = AuthConfig::parse(p, &raw.identity);
         Config {
@@ -171,12 +181,13 @@ impl Config {
         rows.extend(self.replicas.describe());
         match &self.redis {
             Some(r) => {
-                match &r.sentinel {
-                    Some(s) => {
+                match (&r.sentinel, &r.cluster) {
+                    (Some(s), _) => {
                         rows.push(("REDIS_SENTINEL_URLS", s.display.clone()));
                         rows.push(("REDIS_SENTINEL_MASTER", s.master.clone()));
                     }
-                    None => rows.push(("REDIS_URL", r.display.clone())),
+                    (None, Some(c)) => rows.push(("REDIS_CLUSTER_URLS", c.display.clone())),
+                    (None, None) => rows.push(("REDIS_URL", r.display.clone())),
                 }
                 rows.push(("REDIS_TIMEOUT", secs(r.timeout)));
                 if let Some(ca) = &r.ca_cert {
@@ -500,6 +511,48 @@ mod tests {
                 r.redis.redis_ca_cert = Some("/etc/hostname".into());
             })
             .is_empty()
+        );
+    }
+
+    #[test]
+    fn redis_cluster_urls_or_a_redis_url_of_several_nodes() {
+        let c = parse(|r| {
+            r.redis.redis_cluster_urls =
+                Some("redis://:pw@10.0.0.1:7000, redis://10.0.0.2:7000".into());
+        })
+        .unwrap();
+        let redis = c.redis.as_ref().unwrap();
+        assert_eq!(redis.cluster.as_ref().unwrap().urls.len(), 2);
+        let rows = format!("{:?}", c.describe());
+        assert!(!rows.contains("pw@"), "{rows}");
+        assert!(rows.contains("REDIS_CLUSTER_URLS"), "{rows}");
+        let c = parse(|r| r.redis.redis_url = Some("redis://a:1,redis://b:2,redis://c:3".into()))
+            .unwrap();
+        assert_eq!(c.redis.unwrap().cluster.unwrap().urls.len(), 3);
+        assert_eq!(
+            issue_vars(|r| {
+                r.redis.redis_cluster_urls = Some("redis://a:1".into());
+                r.redis.redis_sentinel_urls = Some("redis://h:26379".into());
+            }),
+            vec!["REDIS_CLUSTER_URLS"]
+        );
+        assert_eq!(
+            issue_vars(|r| r.redis.redis_cluster_urls = Some("redis://a:1,http://b".into())),
+            vec!["REDIS_CLUSTER_URLS"]
+        );
+        assert_eq!(
+            issue_vars(|r| {
+                r.redis.redis_cluster_urls = Some("redis://a:1".into());
+                r.redis.redis_url = Some("redis://b:2".into());
+            }),
+            vec!["REDIS_URL"]
+        );
+        assert_eq!(
+            issue_vars(|r| {
+                r.redis.redis_cluster_urls = Some("redis://a:1".into());
+                r.cache.cache_key_prefix = Some("{app}:".into());
+            }),
+            vec!["CACHE_KEY_PREFIX"]
         );
     }
 }

@@ -1,5 +1,5 @@
-//! Redis: where it is (one server, or the master Redis Sentinel names) and how long each call
-//! may take.
+//! Redis: where it is (one server, the master Redis Sentinel names, or a Redis Cluster) and
+//! how long each call may take.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,7 +14,8 @@ const MILLI: Duration = Duration::from_millis(1);
 pub struct RawRedis {
     /// Redis URL. Unset: no Redis, the cache tier is in-process only. With
     /// REDIS_SENTINEL_URLS: the master's scheme (rediss:// for TLS), user, password and
-    /// database; its host and port are not used (the sentinels name the master).
+    /// database; its host and port are not used (the sentinels name the master). Several
+    /// comma-separated URLs: a Redis Cluster, as REDIS_CLUSTER_URLS.
     #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Deadline of every Redis call [default: 250ms].
@@ -36,6 +37,16 @@ pub struct RawRedis {
     /// The master's name in the sentinels' `sentinel monitor` line [default: mymaster].
     #[arg(long, env = "REDIS_SENTINEL_MASTER", global = true)]
     pub redis_sentinel_master: Option<String>,
+    /// Redis Cluster: comma-separated URLs of some of its nodes (seeds),
+    /// redis[s]://[[user]:password@]host:port; Cascade learns the others and the slot map
+    /// from them and follows failovers and resharding. Not with REDIS_SENTINEL_URLS.
+    #[arg(
+        long,
+        env = "REDIS_CLUSTER_URLS",
+        global = true,
+        hide_env_values = true
+    )]
+    pub redis_cluster_urls: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +61,16 @@ pub struct RedisConfig {
     pub ca_cert: Option<PathBuf>,
     /// Redis Sentinel, when `REDIS_SENTINEL_URLS` is set.
     pub sentinel: Option<SentinelConfig>,
+    /// Redis Cluster, when `REDIS_CLUSTER_URLS` (or a `REDIS_URL` of several nodes) is set.
+    pub cluster: Option<ClusterNodes>,
+}
+
+/// `REDIS_CLUSTER_URLS`: the seed nodes of a Redis Cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterNodes {
+    pub urls: Vec<Secret>,
+    /// The URLs, passwords redacted, comma-separated.
+    pub display: String,
 }
 
 /// `REDIS_SENTINEL_URLS` and `REDIS_SENTINEL_MASTER`.
@@ -64,16 +85,29 @@ pub struct SentinelConfig {
 const URL_SHAPE: &str = "redis[s]://[[user]:password@]host[:port][/db]";
 
 impl RedisConfig {
-    /// None when neither `REDIS_URL` nor `REDIS_SENTINEL_URLS` is set.
+    /// None when none of `REDIS_URL`, `REDIS_SENTINEL_URLS` and `REDIS_CLUSTER_URLS` is set.
     pub(super) fn parse(p: &mut Parser, raw: &RawRedis) -> Option<RedisConfig> {
-        let url = raw.redis_url.as_deref().filter(|u| !u.trim().is_empty());
+        let mut url = raw.redis_url.as_deref().filter(|u| !u.trim().is_empty());
         let sentinel = SentinelConfig::parse(p, raw);
-        if url.is_none() && sentinel.is_none() {
+        let cluster = ClusterNodes::parse(p, raw);
+        if cluster.is_some() {
+            if sentinel.is_some() {
+                p.fail(
+                    "REDIS_CLUSTER_URLS",
+                    "cannot be combined with REDIS_SENTINEL_URLS: a Redis Cluster fails over by itself",
+                );
+                return None;
+            }
+            // The first node stands for the cluster where one URL is needed (its scheme).
+            url = None;
+        }
+        if url.is_none() && sentinel.is_none() && cluster.is_none() {
             return None;
         }
         let timeout = p.positive_duration("REDIS_TIMEOUT", &raw.redis_timeout, 250 * MILLI);
         // With sentinels and no REDIS_URL, the master takes no password and no TLS.
-        let url = url.unwrap_or("redis://localhost");
+        let first_node = cluster.as_ref().map(|c| c.urls[0].expose().to_string());
+        let url = url.or(first_node.as_deref()).unwrap_or("redis://localhost");
         let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
             .iter()
             .any(|s| url.starts_with(s));
@@ -86,11 +120,10 @@ impl RedisConfig {
         }
         let ca_cert = raw.redis_ca_cert.clone();
         if let Some(path) = &ca_cert {
-            let sentinel_tls = sentinel.as_ref().is_some_and(|s| {
-                s.urls
-                    .iter()
-                    .any(|url| url.expose().starts_with("rediss://"))
-            });
+            let any_tls =
+                |urls: &[Secret]| urls.iter().any(|url| url.expose().starts_with("rediss://"));
+            let sentinel_tls = sentinel.as_ref().is_some_and(|s| any_tls(&s.urls))
+                || cluster.as_ref().is_some_and(|c| any_tls(&c.urls));
             if !url.starts_with("rediss://") && !sentinel_tls {
                 p.fail(
                     "REDIS_CA_CERT",
@@ -100,9 +133,10 @@ impl RedisConfig {
                 p.fail("REDIS_CA_CERT", format!("{}: {err}", path.display()));
             }
         }
-        let display = match &sentinel {
-            Some(s) => format!("master {} via sentinels {}", s.master, s.display),
-            None => redact_url(url),
+        let display = match (&sentinel, &cluster) {
+            (Some(s), _) => format!("master {} via sentinels {}", s.master, s.display),
+            (None, Some(c)) => format!("cluster via {}", c.display),
+            (None, None) => redact_url(url),
         };
         Some(RedisConfig {
             url: Secret::new(url),
@@ -110,6 +144,69 @@ impl RedisConfig {
             timeout,
             ca_cert,
             sentinel,
+            cluster,
+        })
+    }
+}
+
+/// Comma-separated `redis[s]://` URLs, each checked; None (after reporting it) if one is not
+/// a URL or none is given.
+fn url_list<'a>(p: &mut Parser, var: &'static str, list: &'a str) -> Option<Vec<&'a str>> {
+    let mut urls = Vec::new();
+    for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let tcp = url.starts_with("redis://") || url.starts_with("rediss://");
+        if !tcp || redis::Client::open(url).is_err() {
+            p.fail(
+                var,
+                format!(
+                    "expected {URL_SHAPE}, comma-separated, got {:?}",
+                    redact_url(url)
+                ),
+            );
+            return None;
+        }
+        urls.push(url);
+    }
+    if urls.is_empty() {
+        p.fail(var, "names no server");
+        return None;
+    }
+    Some(urls)
+}
+
+/// The URLs, passwords redacted, comma-separated.
+fn display_list(urls: &[&str]) -> String {
+    urls.iter()
+        .map(|u| redact_url(u))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl ClusterNodes {
+    /// `REDIS_CLUSTER_URLS`, or a `REDIS_URL` naming several nodes.
+    fn parse(p: &mut Parser, raw: &RawRedis) -> Option<ClusterNodes> {
+        let listed = raw
+            .redis_cluster_urls
+            .as_deref()
+            .filter(|u| !u.trim().is_empty());
+        let url = raw.redis_url.as_deref().filter(|u| !u.trim().is_empty());
+        let (var, list) = match (listed, url) {
+            (Some(_), Some(_)) => {
+                p.fail(
+                    "REDIS_URL",
+                    "is not used with REDIS_CLUSTER_URLS (each node's URL carries its \
+                     credentials): unset one of them",
+                );
+                return None;
+            }
+            (Some(list), None) => ("REDIS_CLUSTER_URLS", list),
+            (None, Some(list)) if list.contains(',') => ("REDIS_URL", list),
+            (None, _) => return None,
+        };
+        let urls = url_list(p, var, list)?;
+        Some(ClusterNodes {
+            display: display_list(&urls),
+            urls: urls.into_iter().map(Secret::new).collect(),
         })
     }
 }
@@ -120,25 +217,7 @@ impl SentinelConfig {
             .redis_sentinel_urls
             .as_deref()
             .filter(|u| !u.trim().is_empty())?;
-        let mut urls = Vec::new();
-        for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-            let tcp = url.starts_with("redis://") || url.starts_with("rediss://");
-            if !tcp || redis::Client::open(url).is_err() {
-                p.fail(
-                    "REDIS_SENTINEL_URLS",
-                    format!(
-                        "expected {URL_SHAPE}, comma-separated, got {:?}",
-                        redact_url(url)
-                    ),
-                );
-                return None;
-            }
-            urls.push(url);
-        }
-        if urls.is_empty() {
-            p.fail("REDIS_SENTINEL_URLS", "names no sentinel");
-            return None;
-        }
+        let urls = url_list(p, "REDIS_SENTINEL_URLS", list)?;
         let master = raw
             .redis_sentinel_master
             .as_deref()
@@ -151,11 +230,7 @@ impl SentinelConfig {
             );
         }
         Some(SentinelConfig {
-            display: urls
-                .iter()
-                .map(|u| redact_url(u))
-                .collect::<Vec<_>>()
-                .join(","),
+            display: display_list(&urls),
             urls: urls.into_iter().map(Secret::new).collect(),
             master: master.to_string(),
         })

@@ -248,6 +248,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             ca_cert: None,
             sentinel: None,
+            cluster: None,
         })
         .unwrap();
         let one = RateLimiter::new(Some(redis.clone()), memory_cache(), "test:");

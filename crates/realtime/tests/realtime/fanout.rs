@@ -7,7 +7,17 @@ use crate::support::{Client, World};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_on_either_instance_reaches_subscribers_on_both() {
-    let world = World::start(2, &[]).await;
+    publish_on_either_instance_reaches_both(&World::start(2, &[]).await).await;
+}
+
+/// The same on a Redis Cluster (3 masters, 3 replicas): a channel's keys share its hash tag,
+/// and the shards' classic pub/sub reaches every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_on_either_instance_reaches_subscribers_on_both_over_a_redis_cluster() {
+    publish_on_either_instance_reaches_both(&World::start_on_cluster(2).await).await;
+}
+
+async fn publish_on_either_instance_reaches_both(world: &World) {
     let alice = world.register("alice").await;
     let bob = world.register("bob").await;
     let mut a = world.connect(0, Some(&alice.token)).await;
@@ -163,7 +173,7 @@ fn check_degraded_gap(gap: &Value, epoch: &Value, offset: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_redis_does_not_answer_an_instance_delivers_locally_and_the_others_get_a_gap() {
-    let world = World::start(2, &[]).await;
+    let mut world = World::start(2, &[]).await;
     let alice = world.register("alice").await;
     let channel = "consciousness-stream";
     let mut a1 = world.connect(0, Some(&alice.token)).await;
@@ -182,7 +192,7 @@ async fn while_redis_does_not_answer_an_instance_delivers_locally_and_the_others
     // This client's last position is from before the outage; it comes back after it.
     away.close().await;
 
-    world.redis.pause();
+    world.redis.server().pause();
     let local = a1.publish(channel, json!({"n": 1})).await;
     assert_eq!(local["type"], "ack", "{local}");
     assert_eq!(local["durable"], false, "{local}");
@@ -207,7 +217,7 @@ async fn while_redis_does_not_answer_an_instance_delivers_locally_and_the_others
         extra.is_empty(),
         "crossed instances without Redis: {extra:?}"
     );
-    world.redis.resume();
+    world.redis.server().resume();
 
     // Once Redis answers, the other instance's subscriber is told what it could not get.
     // The publish that missed its deadline was still in Redis's socket: it may have been
@@ -274,7 +284,7 @@ async fn server_side_publishes_while_redis_is_down_are_local_and_durability_come
         assert_eq!(client.json().await["offset"], first.offset);
     }
 
-    world.redis.kill();
+    world.redis.server().kill();
     let rt = world.servers[0].realtime.clone();
     let local = world.servers[0]
         .run(async move { rt.publish(channel, json!({"n": 1})).await.unwrap() })
@@ -284,7 +294,7 @@ async fn server_side_publishes_while_redis_is_down_are_local_and_durability_come
     let message = a.json().await;
     assert_eq!(message["payload"]["n"], 1, "{message}");
     assert_eq!(message["durable"], false);
-    world.redis.restart().await;
+    world.redis.server().restart().await;
 
     // The other instance's subscriber learns it missed something (the data is gone too).
     let gap = b.json().await;

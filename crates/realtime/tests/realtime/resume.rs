@@ -91,7 +91,7 @@ async fn run(restart_redis: bool) {
         }
     });
     // Redis restarted (empty) halfway through, while the publisher goes on.
-    let redis = &mut world.redis;
+    let redis = world.redis.server();
     let halfway = published.clone();
     let restart = async move {
         if restart_redis {

@@ -69,14 +69,14 @@ async fn a_redis_restarted_from_an_older_snapshot_is_a_new_epoch_never_reused_of
     for n in 1..=3 {
         publish(&world, n).await;
     }
-    world.redis.save();
+    world.redis.server().save();
     let mut last = (String::new(), 0);
     for n in 4..=5 {
         last = publish(&world, n).await;
     }
     assert_eq!(last.1, 5);
     // Back from the snapshot: offsets 4 and 5 are gone, the counter says 3.
-    world.redis.restart().await;
+    world.redis.server().restart().await;
 
     let mut client = world.connect(0, Some(&alice.token)).await;
     let (ack, before) = resume(&mut client, json!({"offset": 5, "epoch": last.0})).await;

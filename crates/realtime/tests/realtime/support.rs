@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use cascade_server::testing::TestApp;
-use cascade_testkit::{PgServer, RedisServer};
+use cascade_testkit::{PgServer, RedisCluster, RedisServer};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use yawc::close::CloseCode;
@@ -17,7 +17,23 @@ pub struct World {
     pub servers: Vec<TestApp>,
     pub database: String,
     pub pg: PgServer,
-    pub redis: RedisServer,
+    pub redis: Shared,
+}
+
+/// What the instances share as Redis.
+pub enum Shared {
+    One(RedisServer),
+    Cluster(#[allow(dead_code)] RedisCluster),
+}
+
+impl Shared {
+    /// The one Redis server (not in a world on a cluster).
+    pub fn server(&mut self) -> &mut RedisServer {
+        match self {
+            Shared::One(server) => server,
+            Shared::Cluster(_) => panic!("this world runs on a Redis Cluster"),
+        }
+    }
 }
 
 const JWT_SECRET: &str = "realtime-tests-secret-realtime-tests-secret";
@@ -33,18 +49,35 @@ pub struct User {
 
 impl World {
     pub async fn start(instances: usize, extra: &[(&str, String)]) -> World {
-        let pg = PgServer::start().await;
         let redis = RedisServer::start().await;
+        let env = [("REDIS_URL", redis.url())];
+        World::start_on(Shared::One(redis), &env, instances, extra).await
+    }
+
+    /// Instances on a Redis Cluster of 3 masters and 3 replicas.
+    pub async fn start_on_cluster(instances: usize) -> World {
+        let cluster = RedisCluster::start(3, 1).await;
+        let env = [("REDIS_CLUSTER_URLS", cluster.urls().join(","))];
+        World::start_on(Shared::Cluster(cluster), &env, instances, &[]).await
+    }
+
+    async fn start_on(
+        redis: Shared,
+        redis_env: &[(&'static str, String)],
+        instances: usize,
+        extra: &[(&str, String)],
+    ) -> World {
+        let pg = PgServer::start().await;
         let url = pg.fresh_database().await;
         let database = url.rsplit('/').next().unwrap().to_string();
         let mut env = vec![
             ("DATABASE_URL", url),
-            ("REDIS_URL", redis.url()),
             ("JWT_SECRET", JWT_SECRET.to_string()),
             ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
             ("RATE_LIMIT_API", "off".to_string()),
             ("RATE_LIMIT_AUTH", "off".to_string()),
         ];
+        env.extend(redis_env.iter().cloned());
         env.extend(extra.iter().cloned());
         let mut servers = Vec::new();
         for _ in 0..instances {
