@@ -16,9 +16,10 @@
 //! yet that could record it.) The writer keeps the row's id with what it remembered, and its
 //! own replay marks the row delivered.
 //!
-//! Consulting. Every instance with the Redis tier runs [`run`]: it reads the undelivered rows
-//! of its key prefix (one statement on a partial index) on each notification (a `LISTEN` on a
-//! dedicated connection, the bus's PostgreSQL listener), after any doubt (its own return to
+//! Consulting. Every instance with the Redis tier runs a watcher (`log_reader.rs`): it reads
+//! the undelivered rows of its key prefix (one statement on a partial index) on each
+//! notification (a `LISTEN` on a dedicated connection, the bus's PostgreSQL listener), after
+//! any doubt (its own return to
 //! Redis after an outage, a new bus subscription, a peer that stopped being heard), when the
 //! `LISTEN` connection is opened again, and every `invalidation_log_poll` as a fallback. Rows
 //! it has not seen yet are dropped from its in-process tier (marked first, so a load in flight
@@ -35,59 +36,49 @@
 //! processed its announcement or stopped trusting its tier within the bus's window (300 ms).
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Notify;
 
-use super::breaker::BreakerState;
-use super::bus::{self, Payloads, Transport};
 use super::tier::SharedTier;
 use super::{Cache, Inner};
 use crate::config::CacheConfig;
 use crate::db::{Db, DbError};
 
 /// The notification channel, one for every deployment: the payload is the key prefix.
-const CHANNEL: &str = "cascade_cache_invalidation_log";
+pub(super) const CHANNEL: &str = "cascade_cache_invalidation_log";
 /// Most rows one consultation reads; a full batch is followed by another at once.
-const BATCH: i64 = 1000;
+pub(super) const BATCH: i64 = 1000;
 /// Bound of each statement on the log, on top of the pool's own deadlines.
 const DEADLINE: Duration = Duration::from_secs(5);
-/// How often the peers' silence is looked at (in memory, nothing is sent).
-const SILENCE_CHECK: Duration = Duration::from_millis(100);
-/// A peer unheard for longer than this stops being a reason to look: it was looked for when
-/// it went silent.
-const FORGET_PEER: Duration = Duration::from_secs(600);
-/// How often an instance prunes the log (every instance does; a second prune finds nothing).
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Undelivered rows are pruned this long after the longest TTL: no entry stored before them
 /// can still be cached anywhere.
 const AGE_MARGIN: Duration = Duration::from_secs(60);
 
 /// One instance's side of the log.
 pub(crate) struct InvalidationLog {
-    db: Db,
+    pub(super) db: Db,
     /// `CACHE_KEY_PREFIX`: the rows of this deployment, and the notifications' payload.
-    prefix: String,
+    pub(super) prefix: String,
     /// This instance's bus id: who wrote or delivered a row.
     instance: String,
-    poll: Duration,
+    pub(super) poll: Duration,
     /// Undelivered rows whose invalidation this instance already applied to its in-process
     /// tier (a set, not a high-water mark: ids are taken in one order and committed in
     /// another, so a lower id can appear after a higher one).
-    seen: Mutex<HashSet<i64>>,
+    pub(super) seen: Mutex<HashSet<i64>>,
     /// Raised on a doubt; a permit is kept when the watcher is busy, so none is lost.
-    doubt: Arc<Notify>,
+    pub(super) doubt: Arc<Notify>,
     /// Rows older than this cannot name anything still cached.
     max_age: Duration,
 }
 
 /// One undelivered row.
-struct Entry {
-    id: i64,
-    keys: Vec<String>,
-    tags: Vec<String>,
+pub(super) struct Entry {
+    pub id: i64,
+    pub keys: Vec<String>,
+    pub tags: Vec<String>,
 }
 
 impl InvalidationLog {
@@ -108,7 +99,7 @@ impl InvalidationLog {
         }
     }
 
-    fn seen(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+    pub(super) fn seen(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -142,7 +133,7 @@ impl InvalidationLog {
     }
 
     /// The oldest undelivered rows of this deployment but `except`, at most [`BATCH`].
-    async fn undelivered(&self, except: &[i64]) -> Result<Vec<Entry>, DbError> {
+    pub(super) async fn undelivered(&self, except: &[i64]) -> Result<Vec<Entry>, DbError> {
         let run = async {
             let conn = self.db.conn().await?;
             let statement = conn
@@ -169,7 +160,7 @@ impl InvalidationLog {
 
     /// Marks `ids` delivered by this instance; rows another instance marked first are left
     /// as they are (and not counted again).
-    async fn mark_delivered(&self, ids: &[i64]) -> Result<(), DbError> {
+    pub(super) async fn mark_delivered(&self, ids: &[i64]) -> Result<(), DbError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -197,7 +188,7 @@ impl InvalidationLog {
 
     /// Removes delivered rows after an hour, and undelivered ones once nothing they name can
     /// still be cached.
-    async fn prune(&self) -> Result<u64, DbError> {
+    pub(super) async fn prune(&self) -> Result<u64, DbError> {
         let run = async {
             let conn = self.db.conn().await?;
             let statement = conn
@@ -257,7 +248,7 @@ impl Cache {
         if self.inner.log.set(log).is_err() {
             return;
         }
-        let task = tokio::spawn(run(Arc::downgrade(&self.inner)));
+        let task = tokio::spawn(super::log_reader::run(Arc::downgrade(&self.inner)));
         self.inner
             .tasks
             .lock()
@@ -303,226 +294,5 @@ impl Cache {
                 tracing::debug!(error = %err, "delivered invalidations not marked yet");
             }
         });
-    }
-
-    /// Reads the undelivered rows (`all`), or only those this instance has not seen yet (a
-    /// notification: the others were delivered or remembered when they were seen, and a
-    /// writer kept from Redis for long must not make every instance read its whole backlog
-    /// on each write), and applies them (see the module's doc). Returns whether the batch
-    /// was full: more rows may wait.
-    async fn consult(&self, log: &InvalidationLog, all: bool) -> Result<bool, DbError> {
-        let except: Vec<i64> = if all {
-            Vec::new()
-        } else {
-            log.seen().iter().copied().collect()
-        };
-        let entries = log.undelivered(&except).await?;
-        if entries.is_empty() {
-            if all {
-                log.seen().clear();
-            }
-            return Ok(false);
-        }
-        let full = entries.len() as i64 >= BATCH;
-        let (mut keys, mut tags) = (HashSet::new(), HashSet::new());
-        let (mut new_keys, mut new_tags) = (HashSet::new(), HashSet::new());
-        {
-            let mut seen = log.seen();
-            if all && !full {
-                // What is not listed any more was delivered: forget it.
-                let listed: HashSet<i64> = entries.iter().map(|e| e.id).collect();
-                seen.retain(|id| listed.contains(id));
-            }
-            for entry in &entries {
-                if seen.insert(entry.id) {
-                    new_keys.extend(entry.keys.iter().cloned());
-                    new_tags.extend(entry.tags.iter().cloned());
-                }
-                keys.extend(entry.keys.iter().cloned());
-                tags.extend(entry.tags.iter().cloned());
-            }
-        }
-        if !new_keys.is_empty() || !new_tags.is_empty() {
-            let (new_keys, new_tags): (Vec<String>, Vec<String>) = (
-                new_keys.into_iter().collect(),
-                new_tags.into_iter().collect(),
-            );
-            self.forget(&new_keys, &new_tags, &[]);
-        }
-        let ids: Vec<i64> = entries.iter().map(|e| e.id).collect();
-        let keys: Vec<String> = keys.into_iter().collect();
-        let tags: Vec<String> = tags.into_iter().collect();
-        if self.deliver_logged(keys, tags, &ids).await {
-            log.mark_delivered(&ids).await?;
-        }
-        Ok(full)
-    }
-
-    /// Delivers logged invalidations to Redis and announces them: true when both were done.
-    /// When the breaker keeps this instance off Redis, or the delivery fails, they are
-    /// remembered instead: replayed (and their rows marked) before Redis is read again.
-    async fn deliver_logged(&self, keys: Vec<String>, tags: Vec<String>, ids: &[i64]) -> bool {
-        let Some(shared) = self.inner.shared.as_ref() else {
-            return false;
-        };
-        let keep = |cache: &Cache, keys: &[String], tags: &[String]| {
-            cache.remember(|p| {
-                p.record(keys, tags);
-                p.logged.extend(ids.iter().copied());
-            });
-        };
-        if self.inner.breaker.state() != BreakerState::Closed || self.unresponsive() {
-            keep(self, &keys, &tags);
-            return false;
-        }
-        if let Err(err) = shared.invalidate(&keys, &tags).await {
-            tracing::debug!(error = %err, "logged invalidations not delivered yet");
-            keep(self, &keys, &tags);
-            self.inner.note_outage();
-            self.inner.breaker.trip();
-            return false;
-        }
-        // Again, after Redis's delete: a local reader may have read the old value in between.
-        self.forget(&keys, &tags, &[]);
-        match &self.inner.bus {
-            Some(bus) => bus.announce(keys, tags).await,
-            None => true,
-        }
-    }
-
-    /// Reads and applies the log until a batch is not full (or a few batches were); batches
-    /// after the first read only rows not seen yet (the first one's rows are seen now).
-    async fn consult_all(&self, log: &InvalidationLog, mut all: bool) {
-        for _ in 0..16 {
-            match self.consult(log, all).await {
-                Ok(true) => all = false,
-                Ok(false) => return,
-                Err(err) => {
-                    tracing::warn!(error = %err, "cache invalidation log unreadable");
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// What woke the watcher.
-enum Wake {
-    Subscribe,
-    Message(Option<Vec<u8>>),
-    Doubt,
-    Poll,
-    SilenceCheck,
-}
-
-/// Listens for, polls and applies the log until the engine is dropped (see the module's doc).
-pub(super) async fn run(engine: Weak<Inner>) {
-    let Some((transport, prefix, poll, doubt)) = engine.upgrade().and_then(|inner| {
-        let log = inner.log.get()?;
-        Some((
-            Transport::Postgres(log.db.clone()),
-            log.prefix.clone(),
-            log.poll,
-            log.doubt.clone(),
-        ))
-    }) else {
-        return;
-    };
-    let mut stream: Option<Payloads> = None;
-    let mut backoff = Duration::from_millis(100);
-    let retry = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(retry);
-    let mut polls = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
-    polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut silence = tokio::time::interval(SILENCE_CHECK);
-    silence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut silent: HashSet<String> = HashSet::new();
-    let mut last_prune: Option<tokio::time::Instant> = None;
-    loop {
-        let wake = tokio::select! {
-            () = &mut retry, if stream.is_none() => Wake::Subscribe,
-            message = next_payload(&mut stream) => Wake::Message(message),
-            () = doubt.notified() => Wake::Doubt,
-            _ = polls.tick() => Wake::Poll,
-            _ = silence.tick() => Wake::SilenceCheck,
-        };
-        let Some(inner) = engine.upgrade() else {
-            return;
-        };
-        let Some(log) = inner.log.get() else {
-            return;
-        };
-        let cache = Cache {
-            inner: inner.clone(),
-        };
-        match wake {
-            Wake::Subscribe => {
-                let subscribed =
-                    tokio::time::timeout(bus::SUBSCRIBE_DEADLINE, transport.subscribe(CHANNEL))
-                        .await
-                        .unwrap_or_else(|_| Err("LISTEN timed out".to_string()));
-                match subscribed {
-                    Ok(payloads) => {
-                        stream = Some(payloads);
-                        backoff = Duration::from_millis(100);
-                        // Listening again: what was written meanwhile was not heard.
-                        cache.consult_all(log, true).await;
-                    }
-                    Err(err) => {
-                        // The poll goes on meanwhile.
-                        tracing::debug!(error = %err, "cache invalidation log: cannot LISTEN yet");
-                        retry.as_mut().reset(tokio::time::Instant::now() + backoff);
-                        backoff = (backoff * 2).min(poll);
-                    }
-                }
-            }
-            Wake::Message(None) => {
-                tracing::warn!("cache invalidation log: LISTEN connection lost");
-                stream = None;
-                retry.as_mut().reset(tokio::time::Instant::now());
-            }
-            Wake::Message(Some(payload)) => {
-                // A burst of notifications is one reading of the log.
-                let mut ours = payload == prefix.as_bytes();
-                while let Some(Some(more)) = stream.as_mut().and_then(|s| s.next().now_or_never()) {
-                    ours |= more == prefix.as_bytes();
-                }
-                if ours {
-                    cache.consult_all(log, false).await;
-                }
-            }
-            Wake::Doubt => cache.consult_all(log, true).await,
-            Wake::Poll => {
-                cache.consult_all(log, true).await;
-                if last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
-                    last_prune = Some(tokio::time::Instant::now());
-                    match log.prune().await {
-                        Ok(0) => {}
-                        Ok(removed) => tracing::debug!(removed, "invalidation log pruned"),
-                        Err(err) => tracing::debug!(error = %err, "invalidation log not pruned"),
-                    }
-                }
-            }
-            Wake::SilenceCheck => {
-                let Some(bus) = inner.bus.as_ref() else {
-                    return;
-                };
-                let now_silent = bus.silent_peers(FORGET_PEER);
-                let newly = now_silent.iter().any(|peer| !silent.contains(peer));
-                silent = now_silent;
-                if newly {
-                    // A peer that stopped being heard may have logged what it could not send.
-                    cache.consult_all(log, true).await;
-                }
-            }
-        }
-    }
-}
-
-/// The next notification, or never while there is no `LISTEN` connection.
-async fn next_payload(stream: &mut Option<Payloads>) -> Option<Vec<u8>> {
-    match stream {
-        Some(stream) => stream.next().await,
-        None => std::future::pending().await,
     }
 }

@@ -25,7 +25,7 @@
 //! | `read.rs` | the read path's three steps (near hit, shared tier, load here); installing |
 //! | `lease.rs` | its shared-tier step: lookup with lease, polling with backoff, fill |
 //! | `invalidate.rs` | `set`, invalidations, their marks, and their replay after an outage |
-//! | `log.rs` | the durable log of what could not be delivered, read by every instance |
+//! | `log.rs`, `log_reader.rs` | the durable log of what could not be delivered; every instance's reading of it |
 //! | `batcher.rs` | concurrent invalidations merged into one shared-tier round and bus message |
 //! | `load_batch.rs` | concurrent loads of one namespace merged into one loader call and one fill round |
 //! | `codec.rs` | the stored form of a value (header, XFetch early-refresh test) |
@@ -45,6 +45,7 @@ mod invalidate;
 mod lease;
 mod load_batch;
 mod log;
+mod log_reader;
 mod marks;
 mod pg_tier;
 mod read;
