@@ -1,8 +1,8 @@
 //! The durable invalidation log (`cache/log.rs`) against real PostgreSQL and Redis: an
 //! instance cut off from Redis alone that acknowledges a write and dies leaves no instance
-//! serving the old value for longer than the stated bound; the log is read on its
-//! notification, on the fallback poll, when a peer falls silent and when an instance gets
-//! Redis back; connected invalidations and unified mode write nothing to it.
+//! serving the old value for longer than the stated bound (nor after a `set`); the log is
+//! read on its notification, on the fallback poll, when a peer falls silent and when an
+//! instance gets Redis back; connected invalidations and unified mode write nothing to it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -181,18 +181,48 @@ async fn log_without_notification(client: &tokio_postgres::Client, prefix: &str)
         .unwrap();
 }
 
+/// Real servers and two instances with the log: A reaches Redis through a proxy the test can
+/// cut, B directly.
+struct Pair {
+    _pg: PgServer,
+    server: RedisServer,
+    proxy: Proxy,
+    client: Arc<tokio_postgres::Client>,
+    a: Cache,
+    b: Cache,
+}
+
+async fn pair(prefix: &str) -> Pair {
+    let pg = PgServer::start().await;
+    let server = RedisServer::start().await;
+    let proxy = Proxy::start(server.port()).await;
+    let (db, client) = database(&pg).await;
+    let a = engine(proxy.port(), prefix, Some(&db), NO_POLL);
+    let b = engine(server.port(), prefix, Some(&db), NO_POLL);
+    Pair {
+        _pg: pg,
+        server,
+        proxy,
+        client,
+        a,
+        b,
+    }
+}
+
 /// The hole the log closes: A loses Redis alone (B reads it fine), acknowledges a write and
 /// is killed before it can replay its invalidation. B serves the new value within
 /// [`NOTIFIED_WITHIN`] (the poll is off: only the notification can tell it), deletes the old
 /// one from Redis for everybody and marks the row delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_cut_off_from_redis_that_dies_after_a_write_leaves_no_stale_value_behind() {
-    let pg = PgServer::start().await;
-    let server = RedisServer::start().await;
-    let proxy = Proxy::start(server.port()).await;
-    let (db, client) = database(&pg).await;
-    let a = engine(proxy.port(), "il:", Some(&db), NO_POLL);
-    let b = engine(server.port(), "il:", Some(&db), NO_POLL);
+    let Pair {
+        _pg,
+        server,
+        proxy,
+        client,
+        a,
+        b,
+    } = pair("il:").await;
     warm(&a, &client, 0).await;
     warm(&b, &client, 0).await;
 
@@ -226,6 +256,25 @@ async fn an_instance_cut_off_from_redis_that_dies_after_a_write_leaves_no_stale_
     // tier, reading Redis first) does not get it.
     let c = engine(server.port(), "il:", None, NO_POLL);
     assert_eq!(read(&c, &client).await.0, 1);
+}
+
+/// A write-through (`set`) that cannot reach Redis is logged like an invalidation: the other
+/// instance stops serving the old value it holds in process and in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_that_cannot_reach_redis_is_logged_too() {
+    let p = pair("st:").await;
+    warm(&p.b, &p.client, 0).await;
+
+    p.proxy.cut();
+    write(&p.client, 1).await;
+    p.a.set("assets", "hot", &1i64, &[]).await.unwrap();
+    // Stopped right after (no bus loop, so no replay: it reads nothing).
+    p.a.stop_bus();
+    serves_within(&p.b, &p.client, 1, NOTIFIED_WITHIN).await;
+    assert_eq!(
+        all_delivered(&p.client, Duration::from_secs(2)).await.len(),
+        1
+    );
 }
 
 /// A write acknowledged while the instance reaches Redis logs nothing.
