@@ -69,6 +69,12 @@ pub const WS_DROPPED: &str = "cascade_ws_dropped_total";
 pub const WS_CLOSES: &str = "cascade_ws_closes_total";
 pub const WS_REJECTED: &str = "cascade_ws_rejected_total";
 pub const BUS_BLIND_WAITS: &str = "cascade_cache_bus_blind_waits_total";
+/// The durable invalidation log (`cache/log.rs`): rows written, rows that could not be
+/// written, rows marked delivered, by `by` (`self`: the writer's own replay; `peer`: another
+/// instance that read the log).
+pub const CACHE_LOG_WRITTEN: &str = "cascade_cache_invalidation_log_written_total";
+pub const CACHE_LOG_WRITE_ERRORS: &str = "cascade_cache_invalidation_log_write_errors_total";
+pub const CACHE_LOG_DELIVERED: &str = "cascade_cache_invalidation_log_delivered_total";
 
 pub const EVENTS_PUBLISHED: &str = "cascade_events_published_total";
 pub const EVENTS_PUBLISH_ERRORS: &str = "cascade_events_publish_errors_total";
@@ -268,6 +274,18 @@ pub fn describe() {
         BUS_BLIND_WAITS,
         "invalidations that waited the bus's whole trust window because this instance did not hear the bus at that moment (instead of counting acknowledgements)"
     );
+    describe_counter!(
+        CACHE_LOG_WRITTEN,
+        "invalidations this instance could not deliver to Redis or announce on the bus, written to the PostgreSQL invalidation log for the other instances"
+    );
+    describe_counter!(
+        CACHE_LOG_WRITE_ERRORS,
+        "undelivered invalidations that could not be written to the invalidation log either: other instances may serve the old value until its TTL"
+    );
+    describe_counter!(
+        CACHE_LOG_DELIVERED,
+        "invalidation log rows this instance delivered to Redis and announced, by by (self: rows it wrote, delivered by its replay or its reading of the log; peer: rows another instance wrote)"
+    );
     describe_counter!(EVENTS_PUBLISHED, "domain events published by this instance");
     describe_counter!(
         EVENTS_PUBLISH_ERRORS,
@@ -337,6 +355,11 @@ pub fn describe() {
 /// alerts see `0`, not an absent series.
 pub fn register_zeroes() {
     counter!(BUS_BLIND_WAITS).absolute(0);
+    counter!(CACHE_LOG_WRITTEN).absolute(0);
+    counter!(CACHE_LOG_WRITE_ERRORS).absolute(0);
+    for by in ["self", "peer"] {
+        counter!(CACHE_LOG_DELIVERED, "by" => by).absolute(0);
+    }
     for name in [
         EVENTS_PUBLISHED,
         EVENTS_PUBLISH_ERRORS,

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cascade_core::cache::{Backend, Cache, EngineOptions, Source};
-use cascade_core::config::DatabaseConfig;
 use cascade_core::config::{RedisConfig, Secret};
 use cascade_core::db::Db;
 use cascade_core::redis::Redis;
@@ -17,6 +16,7 @@ use cascade_core::shutdown::Shutdown;
 use cascade_testkit::{PgServer, RedisServer};
 
 mod scenarios;
+mod support;
 
 use scenarios::*;
 
@@ -26,15 +26,7 @@ fn redis_engine(server: &RedisServer, prefix: &str) -> Cache {
 
 /// An engine on the Redis at `url` (a proxy in front of a test server, say).
 fn redis_engine_at(url: &str, prefix: &str) -> Cache {
-    let redis = Redis::new(&RedisConfig {
-        url: Secret::new(url.to_string()),
-        display: url.to_string(),
-        timeout: Duration::from_millis(200),
-        ca_cert: None,
-        sentinel: None,
-        cluster: None,
-    })
-    .unwrap();
+    let redis = support::redis(url);
     Cache::new(
         config(prefix),
         Backend::Redis(redis),
@@ -250,27 +242,7 @@ fn pg_options() -> EngineOptions {
 
 /// An engine on the PostgreSQL tier of a fresh, migrated database.
 async fn pg_engine(pg: &PgServer) -> (Cache, Db) {
-    let url = pg.fresh_database().await;
-    let settings = DatabaseConfig {
-        source: cascade_core::config::DatabaseSource::Embedded {
-            data_dir: Default::default(),
-        },
-        pool_min: 1,
-        pool_max: 8,
-        acquire_timeout: Duration::from_secs(2),
-        statement_timeout: Duration::from_secs(5),
-        connect_timeout: Duration::from_secs(2),
-        startup_timeout: Duration::from_secs(10),
-    };
-    let db = Db::connect(&settings, url.parse().unwrap(), "test".into())
-        .await
-        .unwrap();
-    cascade_core::db::migrate(
-        db.maintenance_config(),
-        &[cascade_core::db::CORE_MIGRATIONS],
-    )
-    .await
-    .unwrap();
+    let (db, _) = support::migrated_db(pg).await;
     let engine = Cache::new(config("pg:"), Backend::Postgres(db.clone()), pg_options());
     (engine, db)
 }

@@ -4,10 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use cascade_core::config::{DatabaseConfig, DatabaseSource, ReplicaConfig};
+use cascade_core::config::{DatabaseSource, ReplicaConfig};
 use cascade_core::db::{Conn, Db, DbError, ReplicaHealth, ReplicaSet};
 use cascade_core::shutdown::Shutdown;
 use cascade_testkit::PgServer;
+
+mod support;
 
 const REPLICA_TIMEOUT: Duration = Duration::from_millis(500);
 const MAX_LAG: Duration = Duration::from_secs(1);
@@ -27,26 +29,12 @@ impl Drop for Pair {
     }
 }
 
-fn settings() -> DatabaseConfig {
-    DatabaseConfig {
-        source: DatabaseSource::Embedded {
-            data_dir: Default::default(),
-        },
-        pool_min: 1,
-        pool_max: 8,
-        acquire_timeout: Duration::from_secs(2),
-        statement_timeout: Duration::from_secs(5),
-        connect_timeout: Duration::from_secs(2),
-        startup_timeout: Duration::from_secs(10),
-    }
-}
-
 async fn pair() -> Pair {
     let primary = PgServer::start_primary().await;
     let url = primary.fresh_database().await;
     let name = url.rsplit('/').next().unwrap().to_string();
     let replica = primary.start_replica().await;
-    let settings = settings();
+    let settings = support::db_settings();
     let db = Db::connect(
         &settings,
         url.parse().unwrap(),

@@ -155,6 +155,8 @@ impl Application {
         let backend = Backend::choose(&config.cache, redis.as_ref(), &database.db);
         tracing::info!(backend = ?config.cache.backend, "cache engine ready");
         let cache = Cache::new(config.cache.clone(), backend, EngineOptions::default());
+        // With Redis: what this instance cannot deliver there goes to PostgreSQL for the others.
+        cache.log_invalidations(database.db.clone());
         let state = AppState::new(
             Arc::new(config.clone()),
             database.db.clone(),

@@ -68,6 +68,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
             "core/4",
             "core/5",
             "core/6",
+            "core/7",
             "catalog/3",
             "catalog/4",
             "app/1",
@@ -122,6 +123,7 @@ async fn a_database_of_the_previous_release_upgrades_in_place_and_loses_nothing(
             "core/4 audit_log",
             "core/5 rate_limits",
             "core/6 audit_log_owner",
+            "core/7 cache_invalidation_log",
         ]
     );
     let after = rows(&client, FINGERPRINT).await;

@@ -3,7 +3,8 @@
 //!
 //! A round *delivers* (the shared tier's deletes: one script on Redis), removes again from the
 //! in-process tier, then *announces* (one bus message, and every instance's acknowledgement,
-//! `bus.rs`). Deliveries run one at a time: invalidations that arrive while one runs queue up,
+//! `bus.rs`); a round not delivered or not announced is written to the invalidation log
+//! (`log.rs`) before its callers are woken. Deliveries run one at a time: invalidations that arrive while one runs queue up,
 //! and the next round takes them all. The batcher has no task of its own: the caller that
 //! finds no delivery running leads a round; when its delivery is done it hands the lead to
 //! the first queued caller, then announces, beside that next delivery. Every caller returns
@@ -145,8 +146,8 @@ impl Cache {
                 Ok(Turn::Lead) => {}
                 // The leader of the round that took it was dropped midway.
                 Err(_) => {
-                    self.deliver_and_forget(&round).await;
-                    self.tell_instances(round.keys, round.tags).await;
+                    let delivered = self.deliver_and_forget(&round).await;
+                    self.announce_round(round, delivered).await;
                     return;
                 }
             }
@@ -166,9 +167,9 @@ impl Cache {
                 queued.into_iter().map(|q| (q.round, q.wake)).unzip();
             (Round::merge(rounds), wakes)
         };
-        self.deliver_and_forget(&round).await;
+        let delivered = self.deliver_and_forget(&round).await;
         drop(lead);
-        self.tell_instances(round.keys, round.tags).await;
+        self.announce_round(round, delivered).await;
         for wake in wakes.into_iter().flatten() {
             let _ = wake.send(Turn::Done);
         }

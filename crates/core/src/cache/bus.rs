@@ -111,7 +111,7 @@ const SILENCE: Duration = Duration::from_millis(500);
 /// Opening a subscription (connect, `SUBSCRIBE` or `LISTEN`, its reply) must finish within
 /// this; a server that accepts the connection and then answers nothing would hold the bus
 /// forever otherwise.
-const SUBSCRIBE_DEADLINE: Duration = Duration::from_secs(2);
+pub(crate) const SUBSCRIBE_DEADLINE: Duration = Duration::from_secs(2);
 /// Instances heard within this window are expected to acknowledge.
 const LIVE: Duration = Duration::from_secs(1);
 
@@ -209,9 +209,21 @@ impl Bus {
         self.transport.publish(&self.channel, payload).await
     }
 
+    /// Other instances heard before and not within [`LIVE`] (for at most `forget`): each
+    /// may have logged invalidations it could not send (`log.rs`).
+    pub fn silent_peers(&self, forget: Duration) -> HashSet<String> {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers
+            .iter()
+            .filter(|(id, seen)| **id != self.id && (LIVE..forget).contains(&seen.elapsed()))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// Tells every instance to drop `keys` and `tags` from its in-process tier, and waits until
-    /// each live one acknowledged or can no longer be trusting its tier.
-    pub async fn broadcast(&self, keys: Vec<String>, tags: Vec<String>) {
+    /// each live one acknowledged or can no longer be trusting its tier. False when the
+    /// message could not be published: nobody heard it.
+    pub async fn broadcast(&self, keys: Vec<String>, tags: Vec<String>) -> bool {
         // An instance that does not hear the bus (yet) cannot know who is listening: it waits
         // the full window instead of counting acknowledgements.
         let know_peers = self.trusted();
@@ -272,12 +284,13 @@ impl Bus {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
+        published.is_ok()
     }
 
-    /// Publishes an invalidation without waiting for acknowledgements.
-    pub async fn announce(&self, keys: Vec<String>, tags: Vec<String>) {
+    /// Publishes an invalidation without waiting for acknowledgements; whether it was.
+    pub async fn announce(&self, keys: Vec<String>, tags: Vec<String>) -> bool {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let _ = self.publish_inv(id, keys, tags).await;
+        self.publish_inv(id, keys, tags).await.is_ok()
     }
 
     async fn publish_inv(
@@ -379,6 +392,8 @@ pub(crate) async fn run(engine: Weak<Inner>) {
             bus.warm_until.store(warm, Ordering::SeqCst);
             bus.trusted_until.store(0, Ordering::SeqCst);
             inner.flush_memory();
+            // Messages missed while unsubscribed may have gone to the invalidation log.
+            inner.doubt();
         }
         tracing::info!("cache bus subscribed");
         if listen(&engine, stream).await.is_break() {

@@ -4,7 +4,9 @@
 //! tag, `n:` namespace), then removes: a load that started before can tell it was overtaken
 //! and refuses to install what it read (see `install` in `read.rs`). Invalidations the shared
 //! tier cannot take are remembered ([`Pending`]) and replayed before the shared tier is read
-//! again, so a Redis that was only paused never serves a value invalidated meanwhile.
+//! again, so a Redis that was only paused never serves a value invalidated meanwhile; and
+//! written to the invalidation log (`log.rs`) before the caller returns, so that the other
+//! instances, which may still be reading that Redis, apply them too.
 //!
 //! Whatever one call names (keys of several namespaces, tags, whole namespaces: an
 //! [`Invalidations`]) is removed in one round, and concurrent callers share rounds
@@ -74,19 +76,31 @@ impl Invalidations {
     }
 }
 
+/// What became of a round's announcement on the bus ([`Cache::tell_instances`]).
+pub(super) enum Told {
+    Announced,
+    /// Redis does not answer us: remembered, announced by the replay.
+    Remembered,
+    /// The publish failed: nobody heard it.
+    Lost,
+}
+
 /// Invalidations not yet delivered to Redis.
 #[derive(Default)]
 pub(super) struct Pending {
     keys: HashSet<String>,
     tags: HashSet<String>,
+    /// Rows of the invalidation log (`log.rs`) these keys and tags cover: the replay that
+    /// delivers them marks the rows delivered.
+    pub logged: HashSet<i64>,
 }
 
 impl Pending {
     fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.tags.is_empty()
+        self.keys.is_empty() && self.tags.is_empty() && self.logged.is_empty()
     }
 
-    fn record(&mut self, keys: &[String], tags: &[String]) {
+    pub fn record(&mut self, keys: &[String], tags: &[String]) {
         self.keys.extend(keys.iter().cloned());
         self.tags.extend(tags.iter().cloned());
     }
@@ -104,6 +118,8 @@ impl Inner {
             tracing::info!(
                 "shared cache tier back: entries stored before now are revalidated on read"
             );
+            // Others may have logged what they could not deliver while we were away.
+            self.doubt();
         }
     }
 
@@ -181,24 +197,41 @@ impl Cache {
             );
             self.inner.front.changed();
         }
-        if let Some(shared) = self.shared_tier().await {
-            let counters = self.inner.stats.ns(namespace);
-            if let Err(err) = shared
-                .store(
-                    &full,
-                    None,
-                    &encode(Some(&bytes), ttl, Duration::ZERO),
-                    ttl,
-                    &all_tags,
-                )
-                .await
-            {
-                self.shared_failed(&counters, &err);
-                self.remember(|p| p.record(std::slice::from_ref(&full), &[]));
-                self.inner.breaker.trip();
+        let mut delivered = true;
+        match self.shared_tier().await {
+            Some(shared) => {
+                let counters = self.inner.stats.ns(namespace);
+                if let Err(err) = shared
+                    .store(
+                        &full,
+                        None,
+                        &encode(Some(&bytes), ttl, Duration::ZERO),
+                        ttl,
+                        &all_tags,
+                    )
+                    .await
+                {
+                    self.shared_failed(&counters, &err);
+                    self.remember(|p| p.record(std::slice::from_ref(&full), &[]));
+                    self.inner.breaker.trip();
+                    delivered = false;
+                }
             }
+            // The breaker keeps Redis away: its old value is deleted by the replay.
+            None if self.inner.shared.is_some() => {
+                self.remember(|p| p.record(std::slice::from_ref(&full), &[]));
+                delivered = false;
+            }
+            None => {}
         }
-        self.tell_instances(vec![full], Vec::new()).await;
+        self.announce_round(
+            Round {
+                keys: vec![full],
+                ..Round::default()
+            },
+            delivered,
+        )
+        .await;
         Ok(())
     }
 
@@ -267,22 +300,46 @@ impl Cache {
         self.commit(round).await;
     }
 
-    /// One round for `round` alone (no other caller's invalidations): delivery, the second
-    /// removal, announcement.
-    pub(super) async fn deliver_and_forget(&self, round: &Round) {
+    /// Delivery to the shared tier and the second removal of a round; whether the shared
+    /// tier took it (true without one).
+    pub(super) async fn deliver_and_forget(&self, round: &Round) -> bool {
         if self.inner.shared.is_none() {
-            return;
+            return true;
         }
-        self.deliver(&round.label, &round.keys, &round.tags).await;
+        let delivered = self.deliver(&round.label, &round.keys, &round.tags).await;
         // Again, after the shared tier's delete: a reader that started after the first bump
         // may have read the old value from the shared tier before the delete; the second bump
         // refuses its install, the second removal drops it if it got in.
         self.forget(&round.keys, &round.tags, &[]);
+        delivered
+    }
+
+    /// The announcement of a round on the bus; what was not delivered (`delivered` false) or
+    /// cannot be announced goes to the invalidation log first (`log.rs`), before the round's
+    /// callers return.
+    pub(super) async fn announce_round(&self, round: Round, delivered: bool) {
+        if !delivered {
+            // Logged before the bus wait: the others learn of it at once.
+            self.log_undelivered(&round.keys, &round.tags, true).await;
+            self.tell_instances(round.keys, round.tags).await;
+            return;
+        }
+        let logged = self.inner.log.get().is_some();
+        let (keys, tags) = if logged {
+            (round.keys.clone(), round.tags.clone())
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        match self.tell_instances(round.keys, round.tags).await {
+            Told::Announced => {}
+            Told::Remembered => self.log_undelivered(&keys, &tags, true).await,
+            Told::Lost => self.log_undelivered(&keys, &tags, false).await,
+        }
     }
 
     /// Removes `keys` and values carrying `tags` from this instance's in-process tier, and
     /// marks them (and `extra` marks) invalidated: one epoch bump for all.
-    fn forget(&self, keys: &[String], tags: &[String], extra: &[Mark]) {
+    pub(super) fn forget(&self, keys: &[String], tags: &[String], extra: &[Mark]) {
         let marks = self.inner.marks_of(keys, tags, extra);
         self.bump(&marks);
         if let Some(memory) = &self.inner.memory {
@@ -342,7 +399,7 @@ impl Cache {
         )
     }
 
-    fn remember(&self, f: impl FnOnce(&mut Pending)) {
+    pub(super) fn remember(&self, f: impl FnOnce(&mut Pending)) {
         let mut pending = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut pending);
     }
@@ -364,7 +421,7 @@ impl Cache {
     /// last success, and none of our own heartbeats came back for longer than any instance
     /// trusts its in-process tier without hearing the bus. Not a single failed call: a
     /// connection found broken once fails one command while Redis is fine.
-    fn unresponsive(&self) -> bool {
+    pub(super) fn unresponsive(&self) -> bool {
         self.inner.outage.load(Ordering::SeqCst)
             && self.inner.bus.as_ref().is_some_and(|bus| bus.unheard())
     }
@@ -373,18 +430,22 @@ impl Cache {
     /// answering: then nothing can carry the message now, and every instance cut off as we
     /// are has stopped trusting its tier already. The invalidation is remembered instead;
     /// the replay announces it on the bus once Redis answers.
-    pub(super) async fn tell_instances(&self, keys: Vec<String>, tags: Vec<String>) {
+    pub(super) async fn tell_instances(&self, keys: Vec<String>, tags: Vec<String>) -> Told {
         let Some(bus) = &self.inner.bus else {
-            return;
+            return Told::Announced;
         };
         if self.unresponsive() {
             self.remember(|p| {
                 p.keys.extend(keys);
                 p.tags.extend(tags);
             });
-            return;
+            return Told::Remembered;
         }
-        bus.broadcast(keys, tags).await;
+        if bus.broadcast(keys, tags).await {
+            Told::Announced
+        } else {
+            Told::Lost
+        }
     }
 
     /// Sends an invalidation to Redis, or remembers it (and keeps Redis out of reads) when
@@ -397,14 +458,14 @@ impl Cache {
     /// before this instance reads Redis again. A round is always tried while Redis is not
     /// established as unresponsive, even right after another round's call timed out: only
     /// remembering it would let the bus announce it while Redis still holds the old values.
-    async fn deliver(&self, namespace: &str, keys: &[String], tags: &[String]) {
+    async fn deliver(&self, namespace: &str, keys: &[String], tags: &[String]) -> bool {
         let Some(shared) = self.inner.shared.as_ref() else {
-            return;
+            return true;
         };
         if self.unresponsive() {
             self.remember(|p| p.record(keys, tags));
             self.inner.breaker.trip();
-            return;
+            return false;
         }
         // An invalidation matters more than a read: it goes to the shared tier even while the
         // breaker keeps reads away (other instances may be reading it), and a call that
@@ -412,7 +473,7 @@ impl Cache {
         let mut last = None;
         for attempt in 0..DELIVERY_ATTEMPTS {
             match shared.invalidate(keys, tags).await {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(err) => {
                     tracing::debug!(attempt, error = %err, "invalidation not delivered yet");
                     let timed_out = err.timed_out();
@@ -430,6 +491,7 @@ impl Cache {
         }
         // Until it is delivered, the shared tier may hold the old value: stop reading it.
         self.inner.breaker.trip();
+        false
     }
 
     /// The Redis tier if it may be used now. Undelivered invalidations are replayed first;
@@ -456,11 +518,17 @@ impl Cache {
 
     async fn replay_pending(&self, shared: &SharedTier) -> bool {
         let _one = self.inner.replay.lock().await;
-        let (keys, tags) = {
+        let (keys, tags, logged) = {
             let mut p = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
-            (std::mem::take(&mut p.keys), std::mem::take(&mut p.tags))
+            (
+                std::mem::take(&mut p.keys),
+                std::mem::take(&mut p.tags),
+                std::mem::take(&mut p.logged),
+            )
         };
         if keys.is_empty() && tags.is_empty() {
+            // Their keys and tags went with an earlier replay (the rows were written after).
+            self.mark_logged_delivered(logged.into_iter().collect());
             return true;
         }
         let keys: Vec<String> = keys.into_iter().collect();
@@ -472,13 +540,19 @@ impl Cache {
             self.remember(|p| {
                 p.keys.extend(keys);
                 p.tags.extend(tags);
+                p.logged.extend(logged);
             });
             return false;
         }
-        if let Some(bus) = &self.inner.bus {
-            // Instances that missed them while the bus was down flushed their tiers when it
-            // came back; this reaches the ones whose bus never dropped.
-            bus.announce(keys, tags).await;
+        // Instances that missed them while the bus was down flushed their tiers when it came
+        // back; this reaches the ones whose bus never dropped. Logged rows count as delivered
+        // once announced (else another instance's reading of the log announces them).
+        let announced = match &self.inner.bus {
+            Some(bus) => bus.announce(keys, tags).await,
+            None => true,
+        };
+        if announced {
+            self.mark_logged_delivered(logged.into_iter().collect());
         }
         tracing::info!("Redis cache tier back: undelivered invalidations replayed");
         self.inner.shared_ok();

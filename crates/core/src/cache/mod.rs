@@ -14,6 +14,8 @@
 //! was only paused (SIGSTOP, keeping its old data) never serves a value invalidated meanwhile.
 //! While Redis does not answer, a write spends at most `REDIS_TIMEOUT` + max(`REDIS_TIMEOUT`,
 //! the bus's 300 ms window) on its invalidations, however many it makes (`invalidate.rs`).
+//! What an instance could not deliver or announce is also written to PostgreSQL before the
+//! write returns, so the other instances apply it even if this one dies (`log.rs`).
 //!
 //! Where things are:
 //!
@@ -23,6 +25,7 @@
 //! | `read.rs` | the read path's three steps (near hit, shared tier, load here); installing |
 //! | `lease.rs` | its shared-tier step: lookup with lease, polling with backoff, fill |
 //! | `invalidate.rs` | `set`, invalidations, their marks, and their replay after an outage |
+//! | `log.rs`, `log_reader.rs` | the durable log of what could not be delivered; every instance's reading of it |
 //! | `batcher.rs` | concurrent invalidations merged into one shared-tier round and bus message |
 //! | `load_batch.rs` | concurrent loads of one namespace merged into one loader call and one fill round |
 //! | `codec.rs` | the stored form of a value (header, XFetch early-refresh test) |
@@ -42,6 +45,8 @@ mod front;
 mod invalidate;
 mod lease;
 mod load_batch;
+mod log;
+mod log_reader;
 mod marks;
 mod pg_tier;
 mod read;
@@ -116,6 +121,10 @@ pub struct EngineOptions {
     /// Consecutive Redis failures that open the breaker, and how long it stays open.
     pub breaker_threshold: u32,
     pub breaker_cool_down: Duration,
+    /// How often the invalidation log is read when nothing else prompted it (`log.rs`): the
+    /// bound on how long an instance may miss an invalidation another one could not deliver,
+    /// when its `LISTEN` connection was down.
+    pub invalidation_log_poll: Duration,
 }
 
 impl Default for EngineOptions {
@@ -127,6 +136,7 @@ impl Default for EngineOptions {
             memory_bytes: 64 * 1024 * 1024,
             breaker_threshold: 3,
             breaker_cool_down: Duration::from_millis(500),
+            invalidation_log_poll: Duration::from_secs(5),
         }
     }
 }
@@ -238,9 +248,12 @@ pub(crate) struct Inner {
     config: CacheConfig,
     /// Keeps the in-process tiers of all instances coherent (Redis backend only).
     bus: Option<Bus>,
-    /// The bus's task, so the application can stop it when it stops (it would otherwise run,
-    /// heartbeating as a live instance, for as long as any clone of this handle exists).
-    bus_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The bus's task and the log's watcher, so the application can stop them when it stops
+    /// (the bus would otherwise run, heartbeating as a live instance, for as long as any clone
+    /// of this handle exists).
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The durable log of undelivered invalidations (Redis tier, once attached: `log.rs`).
+    log: OnceLock<log::InvalidationLog>,
     options: EngineOptions,
     memory: Option<Moka<String, MemEntry>>,
     /// Each worker thread's copies of the entries it read last (`front.rs`); told of every
@@ -309,7 +322,8 @@ impl Cache {
         let cache = Cache {
             inner: Arc::new(Inner {
                 bus,
-                bus_task: Mutex::default(),
+                tasks: Mutex::default(),
+                log: OnceLock::new(),
                 breaker: Breaker::new(options.breaker_threshold, options.breaker_cool_down),
                 config,
                 options,
@@ -331,25 +345,23 @@ impl Cache {
         };
         if cache.inner.bus.is_some() {
             let task = tokio::spawn(bus::run(Arc::downgrade(&cache.inner)));
-            *cache
+            cache
                 .inner
-                .bus_task
+                .tasks
                 .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(task);
+                .unwrap_or_else(|p| p.into_inner())
+                .push(task);
         }
         cache
     }
 
-    /// Stops the bus (an application that stops): this instance no longer heartbeats,
-    /// acknowledges or hears invalidations, so its in-process tier is no longer trusted.
+    /// Stops the bus and the invalidation log's watcher (an application that stops): this
+    /// instance no longer heartbeats, acknowledges or hears invalidations, so its in-process
+    /// tier is no longer trusted.
     pub fn stop_bus(&self) {
-        if let Some(task) = self
-            .inner
-            .bus_task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        let tasks =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
             task.abort();
         }
     }

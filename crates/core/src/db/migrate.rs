@@ -154,6 +154,12 @@ pub const CORE_MIGRATIONS: &[Migration] = &[
         "audit_log_owner",
         include_str!("../../migrations/0006_audit_log_owner.sql"),
     ),
+    Migration::new(
+        CORE_MODULE,
+        7,
+        "cache_invalidation_log",
+        include_str!("../../migrations/0007_cache_invalidation_log.sql"),
+    ),
 ];
 
 /// The core's module name. Its list, when given, comes first: modules build on its tables.
