@@ -54,7 +54,9 @@ struct Cli {
 /// The suite's options, accepted with or without the `suite` subcommand.
 #[derive(clap::Args, Default)]
 struct SuiteArgs {
-    /// A few seconds in all (small catalog, short runs), as CI runs it.
+    /// Short runs on a small catalog, as CI runs it; without the primary + replica rows
+    /// (they add a PostgreSQL pair, a catalog and a server: `--quick --only replica` runs
+    /// them).
     #[arg(long)]
     quick: bool,
     /// Assets to seed [default: 100000, quick: 2000].
@@ -70,11 +72,13 @@ struct SuiteArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Only this scenario (`realtime`: connections held, memory per idle one, broadcasts;
-    /// `executions`: the agents module's queue), on a small catalog; or `miss`: the
-    /// miss-heavy walk with the ceiling and the direct PostgreSQL read beside it, on the full
-    /// catalog; or `throughput`: the wrk rows (ceiling, baseline, hot, miss-heavy, bundles,
-    /// writes) on the full catalog, a few minutes.
-    #[arg(long, value_parser = ["realtime", "executions", "miss", "throughput"])]
+    /// `executions`: the agents module's queue), on a small catalog; or, on the full
+    /// catalog, `miss`: the miss-heavy walk with the ceiling and the direct PostgreSQL read
+    /// beside it; `throughput`: the wrk rows (ceiling, baseline, hot, miss-heavy, bundles,
+    /// writes), a few minutes; `replica`: hot reads, the miss-heavy walk and writes on one
+    /// server, then on a primary with a streaming replica (which server ran each read, stale
+    /// reads).
+    #[arg(long, value_parser = ["realtime", "executions", "miss", "throughput", "replica"])]
     only: Option<String>,
 }
 

@@ -22,6 +22,12 @@ pub const ASSETS: &str = "/* catalog:assets */";
 pub const BUNDLE: &str = "/* catalog:bundle */";
 /// Any of the catalog's tagged reads.
 pub const CATALOG: &str = "/* catalog:";
+/// The primary's WAL position, as a replica read's fence and the replica health loop ask it
+/// (`crates/core/src/db/replica.rs`): counted on the primary by the replica rows.
+pub const WAL_POSITION: &str = "SELECT pg_current_wal_lsn()";
+/// A replica's replay position, asked on the read's connection when what is known of it is
+/// behind the read's fence: counted on the replica by the replica rows.
+pub const REPLAY_POSITION: &str = "SELECT pg_last_wal_replay_lsn()";
 
 /// How long one read of the counters may take.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -77,19 +83,16 @@ impl Statements {
         Ok(Some(Statements { db, driver }))
     }
 
-    /// Calls so far of the statements whose text starts with `tag`, in this database.
-    pub async fn calls(&self, tag: &str) -> anyhow::Result<u64> {
-        debug_assert!(
-            !tag.contains(['%', '_', '\\']),
-            "a tag is matched with LIKE: {tag}"
-        );
+    /// Calls so far of the statements whose text starts with `prefix`, in this database.
+    pub async fn calls(&self, prefix: &str) -> anyhow::Result<u64> {
+        let pattern = like_prefix(prefix);
         let row = tokio::time::timeout(
             DEADLINE,
             self.db.query_one(
                 "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements \
                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                   AND query LIKE ($1 || '%')",
-                &[&tag],
+                   AND query LIKE $1",
+                &[&pattern],
             ),
         )
         .await
@@ -98,13 +101,28 @@ impl Statements {
     }
 }
 
+/// A `LIKE` pattern matching the texts that start with `prefix` (its `%`, `_` and `\\` taken
+/// literally: `pg_current_wal_lsn` has underscores).
+fn like_prefix(prefix: &str) -> String {
+    let mut pattern = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
 impl Drop for Statements {
     fn drop(&mut self) {
         self.driver.abort();
     }
 }
 
-async fn connect(
+/// One connection of its own (5 s to connect), driven by a task the caller aborts.
+pub async fn connect(
     config: &tokio_postgres::Config,
 ) -> anyhow::Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
     let mut config = config.clone();
@@ -119,6 +137,26 @@ async fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_is_matched_literally() {
+        assert_eq!(like_prefix(CATALOG), "/* catalog:%");
+        assert_eq!(
+            like_prefix(WAL_POSITION),
+            "SELECT pg\\_current\\_wal\\_lsn()%"
+        );
+        assert_eq!(like_prefix("100%\\"), "100\\%\\\\%");
+    }
+
+    /// The replica rows count the read path's own statements by their text: each must be
+    /// sent exactly so by the replica set, or its count would silently be zero.
+    #[test]
+    fn the_replica_statements_counted_are_those_the_read_path_sends() {
+        let sql = include_str!("../../core/src/db/replica.rs");
+        for text in [WAL_POSITION, REPLAY_POSITION] {
+            assert!(sql.contains(&format!("\"{text}\"")), "{text}");
+        }
+    }
 
     /// The tags are counted here and written in the catalog's SQL: each must open exactly
     /// one statement there, or its count would silently be zero. (`GET /listings` and

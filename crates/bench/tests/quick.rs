@@ -3,7 +3,7 @@
 //! asserted (this is a shared 2-core machine); what the suite reports about correctness is.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -61,24 +61,43 @@ fn run_bounded(mut command: Command, bound: Duration) -> Output {
     }
 }
 
-#[test]
-fn quick_bench_runs_every_scenario_and_writes_the_table() {
+/// `cascade-bench --quick --connections 16` with `args`, which must succeed: its
+/// results.json, and the directory it wrote it to.
+fn quick_suite(args: &[&str]) -> (Value, PathBuf) {
     let dir = cascade_testkit::temp_dir("bench");
     let out = dir.join("bench");
     let mut command = cascade_bench(&dir);
     command
-        .args(["--quick", "--connections", "16", "--out"])
+        .args(["--quick", "--connections", "16"])
+        .args(args)
+        .arg("--out")
         .arg(&out);
     let output = run_bounded(command, Duration::from_secs(600));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "cascade-bench --quick failed:\n{stderr}"
+        "cascade-bench --quick {args:?} failed:\n{stderr}"
     );
-
-    let results: Value =
+    let results =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).expect("results.json"))
             .expect("results.json parses");
+    (results, out)
+}
+
+/// A wrk row that measured something, without an error, with both its ratios.
+fn assert_measured(name: &str, r: &Value) {
+    assert!(r["requests"].as_u64().unwrap() > 0, "{name}: {r}");
+    assert_eq!(r["errors"], 0, "{name}: {r}");
+    assert!(
+        r["ratio_to_baseline"].as_f64().unwrap() > 0.0,
+        "{name}: {r}"
+    );
+    assert!(r["ratio_to_ceiling"].as_f64().unwrap() > 0.0, "{name}: {r}");
+}
+
+#[test]
+fn quick_bench_runs_every_scenario_and_writes_the_table() {
+    let (results, out) = quick_suite(&[]);
     let rows = results["rows"].as_array().expect("rows");
     let row = |prefix: &str| -> &Value {
         rows.iter()
@@ -94,14 +113,7 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
         "bundle depth 3, straight",
         "writes",
     ] {
-        let r = row(name);
-        assert!(r["requests"].as_u64().unwrap() > 0, "{name}: {r}");
-        assert_eq!(r["errors"], 0, "{name}: {r}");
-        assert!(
-            r["ratio_to_baseline"].as_f64().unwrap() > 0.0,
-            "{name}: {r}"
-        );
-        assert!(r["ratio_to_ceiling"].as_f64().unwrap() > 0.0, "{name}: {r}");
+        assert_measured(name, row(name));
     }
     assert_eq!(row("baseline")["ratio_to_baseline"], 1.0);
     // The outside reference: a bare axum server in its own process, measured in the same run.
@@ -122,6 +134,19 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
     assert!(
         !misses.contains(", 0.0 PostgreSQL statements"),
         "misses reach PostgreSQL, counted there: {misses}"
+    );
+    // Beside wrk's writes, a writer and two readers of one asset: no read older than the
+    // write acknowledged before it was sent.
+    let writes = row("writes PATCH")["notes"].as_str().unwrap().to_string();
+    assert!(writes.starts_with("0 stale reads of "), "{writes}");
+    assert!(count_before(&writes, " checked") > 0, "{writes}");
+    // The primary + replica rows are `--only replica`'s (a quick run leaves them out).
+    assert!(
+        rows.iter().all(|r| !r["scenario"]
+            .as_str()
+            .unwrap()
+            .contains("primary + replica")),
+        "{results}"
     );
 
     // Venice, played by a stand-in that counts its calls: none for cached citizens, one per
@@ -263,6 +288,58 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
         rows.len() + 1,
         "{markdown}"
     );
+}
+
+/// The number just before `suffix` in `notes` (`"12 on the replica"` → 12).
+fn count_before(notes: &str, suffix: &str) -> u64 {
+    let end = notes
+        .find(suffix)
+        .unwrap_or_else(|| panic!("no {suffix:?} in {notes:?}"));
+    let start = notes[..end].rfind([' ', ':']).map_or(0, |i| i + 1);
+    notes[start..end]
+        .parse()
+        .unwrap_or_else(|_| panic!("no count before {suffix:?} in {notes:?}"))
+}
+
+#[test]
+fn quick_replica_rows_read_from_the_replica_and_none_is_stale() {
+    let (results, _) = quick_suite(&["--only", "replica"]);
+    let rows = results["rows"].as_array().expect("rows");
+    let row = |name: &str| -> &Value {
+        rows.iter()
+            .find(|r| r["scenario"] == name)
+            .unwrap_or_else(|| panic!("no row {name:?} in {results}"))
+    };
+    // The single-node rows of the same run, and the same scenarios on the pair.
+    for name in [
+        "hot reads GET /listings/{id}",
+        "miss-heavy reads GET /listings/{id}",
+        "writes PATCH /listings/{id}",
+        "hot reads, primary + replica",
+        "miss-heavy reads, primary + replica",
+        "writes, primary + replica",
+    ] {
+        assert_measured(name, row(name));
+    }
+    let notes = |name: &str| row(name)["notes"].as_str().unwrap().to_string();
+    let hot = notes("hot reads, primary + replica");
+    assert!(
+        hot.starts_with("catalog reads: 0 on the replica, 0 on the primary;")
+            && hot.contains("hit ratio 100.0 %"),
+        "a warm hot set reads neither server: {hot}"
+    );
+    let misses = notes("miss-heavy reads, primary + replica");
+    assert!(
+        count_before(&misses, " on the replica") > 0,
+        "misses are loaded from the replica: {misses}"
+    );
+    assert!(
+        count_before(&misses, " pg_current_wal_lsn()") > 0,
+        "each behind a fence taken on the primary: {misses}"
+    );
+    let writes = notes("writes, primary + replica");
+    assert!(writes.contains("; 0 stale reads of "), "{writes}");
+    assert!(count_before(&writes, " checked") > 0, "{writes}");
 }
 
 #[tokio::test]

@@ -1,17 +1,20 @@
 //! `cascade check`: the configuration doctor. Prints the effective configuration, then checks
 //! each dependency under a deadline. Exit 0 only when the required ones answer: PostgreSQL
-//! always, Redis when REDIS_URL is set. The Venice API is reported but optional: Cascade
-//! serves stale or degraded upstream data when it is down.
+//! always, Redis when REDIS_URL is set, and each replica of DATABASE_REPLICA_URLS (which
+//! must also be a streaming replica of the primary's cluster; one too far behind is a
+//! warning: `replicas.rs`). The Venice API is reported but optional: Cascade serves stale or
+//! degraded upstream data when it is down.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use cascade_core::config::{Config, DatabaseConfig, DatabaseSource};
-use cascade_core::db::{Db, cluster_dir, error_chain, find_server_binaries};
+use cascade_core::db::{Conn, Db, cluster_dir, error_chain, find_server_binaries};
 use cascade_core::redis::Redis;
 use cascade_server::Settings;
 
 use crate::production::{self, Finding};
+use crate::replicas;
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
@@ -22,27 +25,8 @@ async fn probe_postgres(
     deadline: Duration,
     instances: u32,
 ) -> Result<(String, Vec<Finding>), String> {
-    let DatabaseSource::External {
-        config: pg,
-        address,
-        ..
-    } = &config.source
-    else {
-        return Err("not an external database".into());
-    };
-    let mut pg = (**pg).clone();
-    pg.connect_timeout(deadline);
-    let settings = DatabaseConfig {
-        pool_min: 0,
-        pool_max: 1,
-        startup_timeout: deadline,
-        ..config.clone()
-    };
+    let (db, conn) = connect(config, &config.source, deadline).await?;
     let work = async {
-        let db = Db::connect(&settings, pg, address.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        let conn = db.conn().await.map_err(|e| e.to_string())?;
         let row = conn
             .query_one("SELECT version()", &[])
             .await
@@ -50,11 +34,48 @@ async fn probe_postgres(
         let findings = production::postgres(&conn, config.pool_max, instances)
             .await
             .map_err(|e| e.to_string())?;
-        drop(conn);
-        db.close();
         Ok((row.get::<_, String>(0), findings))
     };
-    tokio::time::timeout(deadline * 2, work)
+    let probed = tokio::time::timeout(deadline, work)
+        .await
+        .map_err(|_| format!("no answer within {deadline:?}"))
+        .and_then(|r| r);
+    drop(conn);
+    db.close();
+    probed
+}
+
+/// Opens one connection to `source` with `database`'s pool settings, within `deadline`.
+pub(crate) async fn connect(
+    database: &DatabaseConfig,
+    source: &DatabaseSource,
+    deadline: Duration,
+) -> Result<(Db, Conn), String> {
+    let DatabaseSource::External {
+        config: pg,
+        address,
+        ..
+    } = source
+    else {
+        return Err("not an external database".into());
+    };
+    let mut pg = (**pg).clone();
+    pg.connect_timeout(deadline);
+    let settings = DatabaseConfig {
+        source: source.clone(),
+        pool_min: 0,
+        pool_max: 1,
+        startup_timeout: deadline,
+        ..database.clone()
+    };
+    let connected = async {
+        let db = Db::connect(&settings, pg, address.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let conn = db.conn().await.map_err(|e| e.to_string())?;
+        Ok((db, conn))
+    };
+    tokio::time::timeout(deadline * 2, connected)
         .await
         .map_err(|_| format!("no answer within {deadline:?}"))?
 }
@@ -129,6 +150,13 @@ pub async fn run(settings: &Settings, instances: u32) -> anyhow::Result<ExitCode
                 );
             }
         },
+    }
+
+    if matches!(config.database.source, DatabaseSource::External { .. }) {
+        for verdict in replicas::check(&config.database, &config.replicas, DEADLINE).await {
+            healthy &= !verdict.fails;
+            line(verdict.ok, verdict.fails, &verdict.name, &verdict.detail);
+        }
     }
 
     match &config.redis {

@@ -134,8 +134,20 @@ impl PgServer {
     ///
     /// [`start_replica`]: Self::start_replica
     pub async fn start_primary() -> PgServer {
-        let settings = ["wal_level=replica", "max_wal_senders=10"];
-        PgServer::start_with(&[], settings.iter().map(|s| s.to_string()).collect()).await
+        PgServer::start_primary_with(&[]).await
+    }
+
+    /// [`start_primary`](Self::start_primary) with more `name=value` settings, which its
+    /// replicas share (a benchmark's `shared_preload_libraries`, or the settings of the server
+    /// it is compared with). They come after the kit's own (`fsync=off`, `shared_buffers=16MB`),
+    /// so they override them.
+    pub async fn start_primary_with(settings: &[&str]) -> PgServer {
+        let settings = ["wal_level=replica", "max_wal_senders=10"]
+            .iter()
+            .chain(settings)
+            .map(|s| s.to_string())
+            .collect();
+        PgServer::start_with(&[], settings).await
     }
 
     /// A streaming replica of this server: `pg_basebackup -R -X stream` (as the `postgres`

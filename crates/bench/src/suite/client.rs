@@ -104,6 +104,16 @@ impl Client {
 
     /// The cache counters of `namespace` from `/health/db` (`{}` when it has none yet).
     pub async fn cache_stats(&self, namespace: &str) -> anyhow::Result<Value> {
+        let body = self.health_db().await?;
+        Ok(body["cache"]["namespaces"]
+            .as_array()
+            .and_then(|all| all.iter().find(|ns| ns["namespace"] == namespace))
+            .cloned()
+            .unwrap_or_else(|| json!({})))
+    }
+
+    /// `/health/db`, as the operator reads it (with [`ADMIN_TOKEN`]).
+    pub async fn health_db(&self) -> anyhow::Result<Value> {
         let response = self
             .http
             .get(format!("{}/health/db", self.base))
@@ -118,12 +128,7 @@ impl Client {
                 String::from_utf8_lossy(&bytes)
             );
         }
-        let body: Value = serde_json::from_slice(&bytes)?;
-        Ok(body["cache"]["namespaces"]
-            .as_array()
-            .and_then(|all| all.iter().find(|ns| ns["namespace"] == namespace))
-            .cloned()
-            .unwrap_or_else(|| json!({})))
+        Ok(serde_json::from_slice(&bytes)?)
     }
 
     /// One counter of [`cache_stats`](Self::cache_stats) (0 when absent).

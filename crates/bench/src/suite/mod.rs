@@ -13,7 +13,8 @@
 //! | miss-heavy reads | `GET /listings/{id}` walking every asset |
 //! | PostgreSQL reads | the same query as `GET /listings/{id}`, straight to PostgreSQL, no cache |
 //! | bundle depth 3 | `GET /bundle?versionId=…&depth=3` over a warm set, and straight to PostgreSQL |
-//! | writes | `PATCH /listings/{id}`: a write plus its invalidations |
+//! | writes | `PATCH /listings/{id}`: a write plus its invalidations, with a staleness probe beside wrk |
+//! | primary + replica | hot reads, the miss-heavy walk and writes again, against a server on a primary and a streaming replica (`DATABASE_REPLICA_URLS`): which server ran the catalog's reads, no stale read |
 //! | citizens | `GET /citizens/{u}` hot (cached) and cold (Venice, played by a stand-in in this process, answering in 20 ms): upstream calls per 1000 requests |
 //! | stampede | 1000 concurrent requests for one cold key: PostgreSQL queries counted |
 //! | spaces | one client per connection joining and leaving spaces with fewer places than clients: throughput, p99, no space above its limit |
@@ -31,9 +32,11 @@ mod ceiling;
 mod citizens;
 mod client;
 mod executions;
+mod freshness;
 mod pg_restart;
 mod realtime;
 mod redis_outage;
+mod replica;
 mod report;
 mod server;
 mod spaces;
@@ -65,7 +68,7 @@ pub struct Options {
     pub seconds: Option<u64>,
     pub connections: usize,
     pub out: PathBuf,
-    /// Only this scenario (`realtime`, `executions`, `miss`).
+    /// Only this scenario (`realtime`, `executions`, `miss`, `replica`).
     pub only: Option<String>,
 }
 
@@ -107,11 +110,13 @@ struct Suite {
 pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     let wrk = which("wrk")
         .context("wrk is not installed: run bench/run (it installs it), or apt-get install wrk")?;
+    // The miss-heavy walk needs the full catalog to be a walk, with or without a replica.
+    let full_catalog = ["miss", "throughput", "replica"];
     let small = options.quick
         || options
             .only
             .as_deref()
-            .is_some_and(|only| only != "miss" && only != "throughput");
+            .is_some_and(|only| !full_catalog.contains(&only));
     let assets = options
         .assets
         .unwrap_or(if small { 2_000 } else { 100_000 });
@@ -137,8 +142,17 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         throughput::run_miss(&suite).await?
     } else if options.only.as_deref() == Some("throughput") {
         throughput::run(&suite).await?
+    } else if options.only.as_deref() == Some("replica") {
+        let mut rows = throughput::run_single_node(&suite).await?;
+        rows.extend(replica::run(&suite, &rows, assets).await?);
+        rows
     } else {
         let mut rows = throughput::run(&suite).await?;
+        // A second PostgreSQL, its replica, a catalog and a server: longer than a quick
+        // run's rows together, so `--only replica` runs them there.
+        if !options.quick {
+            rows.extend(replica::run(&suite, &rows, assets).await?);
+        }
         let citizens = citizens::run(&suite).await?;
         rows.extend(throughput::with_ratios(&rows, citizens));
         rows.push(stampede::run(&suite).await?);
@@ -236,57 +250,42 @@ impl Suite {
         })
     }
 
-    /// Seeds `assets` owned by the bench account (through the application `cascade seed`
-    /// builds, in this process), then reads the hot set once so it is cached.
+    /// Seeds `assets` owned by the bench account, then reads the hot set once so it is
+    /// cached.
     async fn seed(&mut self, assets: usize) -> anyhow::Result<()> {
-        let settings = Settings::from_vars(&[
-            ("DATABASE_URL", self.pg.url()),
-            // Signs nothing (the seed issues no token); set so the application does not warn.
-            (
-                "JWT_SECRET",
-                format!("{:032x}", fastrand::u128(..)).repeat(2),
-            ),
-        ])
-        .map_err(anyhow::Error::msg)?;
-        let app = Application::build(
-            settings,
-            BuildOptions {
-                migrate: false,
-                ..BuildOptions::default()
-            },
-        )
-        .await?;
-        let seeded = seed_catalog(&app, assets).await;
-        let ids = match seeded {
-            Ok(()) => versions(&app).await,
-            Err(err) => Err(err),
-        };
-        app.stop().await;
-        self.ids = ids?;
-        if self.ids.len() < 100 {
-            bail!(
-                "the seed produced {} assets; expected {assets}",
-                self.ids.len()
-            );
+        self.ids = seed_database(self.pg.url(), assets).await?;
+        self.hot = hot_set(&self.ids);
+        warm(&self.client, &self.hot).await
+    }
+
+    /// The suite's server as the throughput scenarios measure it.
+    fn target(&self) -> throughput::Target<'_> {
+        throughput::Target {
+            wrk: &self.wrk,
+            client: &self.client,
+            statements: self.statements.iter().collect(),
         }
-        let step = self.ids.len() / 100;
-        self.hot = self.ids.iter().step_by(step).take(100).cloned().collect();
-        for id in &self.hot {
-            self.client.get_ok(&format!("/listings/{id}")).await?;
-            self.client
-                .get_ok(&format!("/bundle?versionId={id}&depth=3"))
-                .await?;
-        }
-        Ok(())
     }
 
     /// One more server process on the suite's PostgreSQL, Redis and stand-ins.
     fn another_server(&self, name: &str, extra: &[(&str, &str)]) -> anyhow::Result<ServerProc> {
+        self.server_on(name, &self.pg.url(), &self.redis.url(), extra)
+    }
+
+    /// One more server process on the suite's stand-ins, with a PostgreSQL and a Redis of
+    /// its own.
+    fn server_on(
+        &self,
+        name: &str,
+        database_url: &str,
+        redis_url: &str,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<ServerProc> {
         ServerProc::start(
             &self.work,
             name,
-            &self.pg.url(),
-            &self.redis.url(),
+            database_url,
+            redis_url,
             &self.venice.url(),
             &self._stripe.url(),
             extra,
@@ -305,6 +304,56 @@ impl Suite {
             None => Ok(None),
         }
     }
+}
+
+/// Seeds `assets` owned by the bench account in the database at `database_url` (through
+/// the application `cascade seed` builds, in this process); every version, in order.
+async fn seed_database(database_url: String, assets: usize) -> anyhow::Result<Vec<String>> {
+    let settings = Settings::from_vars(&[
+        ("DATABASE_URL", database_url),
+        // Signs nothing (the seed issues no token); set so the application does not warn.
+        (
+            "JWT_SECRET",
+            format!("{:032x}", fastrand::u128(..)).repeat(2),
+        ),
+    ])
+    .map_err(anyhow::Error::msg)?;
+    let app = Application::build(
+        settings,
+        BuildOptions {
+            migrate: false,
+            ..BuildOptions::default()
+        },
+    )
+    .await?;
+    let seeded = seed_catalog(&app, assets).await;
+    let ids = match seeded {
+        Ok(()) => versions(&app).await,
+        Err(err) => Err(err),
+    };
+    app.stop().await;
+    let ids = ids?;
+    if ids.len() < 100 {
+        bail!("the seed produced {} assets; expected {assets}", ids.len());
+    }
+    Ok(ids)
+}
+
+/// 100 versions spread over the catalog.
+fn hot_set(ids: &[String]) -> Vec<String> {
+    let step = (ids.len() / 100).max(1);
+    ids.iter().step_by(step).take(100).cloned().collect()
+}
+
+/// Reads the hot set once through `client`'s server, so it is cached.
+async fn warm(client: &Client, hot: &[String]) -> anyhow::Result<()> {
+    for id in hot {
+        client.get_ok(&format!("/listings/{id}")).await?;
+        client
+            .get_ok(&format!("/bundle?versionId={id}&depth=3"))
+            .await?;
+    }
+    Ok(())
 }
 
 async fn seed_catalog(app: &Application, assets: usize) -> anyhow::Result<()> {

@@ -7,22 +7,66 @@ use serde_json::Value;
 
 use super::Suite;
 use super::ceiling::Ceiling;
+use super::client::Client;
+use super::freshness::Probe;
 use super::report::Row;
+use super::wrk::Wrk;
+use crate::statements::{self, Statements};
 
 /// The name of the ceiling's row.
 pub const CEILING: &str = "ceiling: bare axum, fixed body, own process";
-use crate::statements;
 
 /// The name of the same-stack baseline's row.
 const BASELINE: &str = "baseline (fixed body, same stack)";
 
 /// The name of the row that reads straight from PostgreSQL.
-const DIRECT: &str = "PostgreSQL reads, same query, no cache";
+pub(super) const DIRECT: &str = "PostgreSQL reads, same query, no cache";
+
+/// The rows the replica rows stand beside: the same scenarios on the suite's single server.
+pub(super) const HOT: &str = "hot reads GET /listings/{id}";
+pub(super) const MISS: &str = "miss-heavy reads GET /listings/{id}";
+pub(super) const WRITES: &str = "writes PATCH /listings/{id}";
+
+/// Readers of the writes' staleness probe (beside wrk's connections, with one writer).
+const PROBE_READERS: usize = 2;
+
+/// What a throughput scenario measures: a server, through its wrk and its client, and the
+/// PostgreSQL servers its catalog statements run on.
+pub(super) struct Target<'a> {
+    pub wrk: &'a Wrk,
+    pub client: &'a Client,
+    /// Each counts the statements it ran (pg_stat_statements); empty when none can, and the
+    /// cache's loads are counted instead.
+    pub statements: Vec<&'a Statements>,
+}
+
+impl Target<'_> {
+    /// Calls so far of the statements starting with `prefix`, summed over the servers;
+    /// `None` when none counts.
+    pub(super) async fn calls(&self, prefix: &str) -> anyhow::Result<Option<u64>> {
+        if self.statements.is_empty() {
+            return Ok(None);
+        }
+        let mut calls = 0;
+        for statements in &self.statements {
+            calls += statements.calls(prefix).await?;
+        }
+        Ok(Some(calls))
+    }
+}
+
+/// The versions a catalog's scenarios read and write.
+pub(super) struct Catalog<'a> {
+    /// Versions spread over the catalog, read warm by the hot scenarios.
+    pub hot: &'a [String],
+    /// Every version, in order.
+    pub ids: &'a [String],
+}
 
 /// One wrk run: `paths` cycled through by every connection; with `namespace`, the cache
 /// counters of that namespace and the catalog statements PostgreSQL ran go into the notes.
-struct Scenario {
-    name: &'static str,
+pub(super) struct Scenario {
+    name: String,
     namespace: Option<&'static str>,
     paths: Vec<String>,
     /// `None` for GET.
@@ -31,6 +75,9 @@ struct Scenario {
     once: bool,
     /// How long wrk runs, if not the suite's time.
     seconds: Option<u64>,
+    /// Writes: the asset the staleness probe writes and reads beside wrk (not among
+    /// `paths`), and the hot set its readers read.
+    probe: Option<(String, Vec<String>)>,
 }
 
 /// Every throughput scenario, the baseline first, with throughput relative to it.
@@ -42,7 +89,16 @@ pub(super) async fn run(suite: &Suite) -> anyhow::Result<Vec<Row>> {
 /// walk, as in the whole suite.
 pub(super) async fn run_miss(suite: &Suite) -> anyhow::Result<Vec<Row>> {
     run_some(suite, |scenario| {
-        scenario.once || [BASELINE, DIRECT].contains(&scenario.name)
+        [BASELINE, DIRECT, MISS].contains(&scenario.name.as_str())
+    })
+    .await
+}
+
+/// `--only replica`: the ceiling, the baseline, the direct PostgreSQL read, and the hot
+/// reads, the miss-heavy walk and the writes the replica rows stand beside.
+pub(super) async fn run_single_node(suite: &Suite) -> anyhow::Result<Vec<Row>> {
+    run_some(suite, |scenario| {
+        [BASELINE, DIRECT, HOT, MISS, WRITES].contains(&scenario.name.as_str())
     })
     .await
 }
@@ -63,22 +119,16 @@ async fn run_some(suite: &Suite, wanted: fn(&Scenario) -> bool) -> anyhow::Resul
             .run_against(&bare.base, CEILING, &paths, None)
             .await?
     };
+    let catalog = Catalog {
+        hot: &suite.hot,
+        ids: &suite.ids,
+    };
     let mut rows: Vec<Row> = Vec::new();
-    for mut scenario in scenarios(suite, body_size).into_iter().filter(wanted) {
+    for mut scenario in scenarios(&catalog, body_size).into_iter().filter(wanted) {
         if scenario.once {
-            // A miss-heavy walk must not come back to a path: that would be a hit. Its time
-            // is cut so that even at the rate of the direct PostgreSQL row (a miss costs that
-            // query and more) the walk reads at most 90 % of the paths.
-            let direct = rows
-                .iter()
-                .find(|r| r.scenario == DIRECT)
-                .map_or(0.0, |r| r.req_per_sec);
-            if direct > 0.0 {
-                let fits = (0.9 * scenario.paths.len() as f64 / direct).floor() as u64;
-                scenario.seconds = Some(fits.clamp(1, suite.wrk.seconds));
-            }
+            scenario.fit_walk(rate_of(&rows, DIRECT), suite.wrk.seconds);
         }
-        rows.push(scenario.run(suite).await?);
+        rows.push(scenario.run(&suite.target()).await?);
     }
     // Ratios compare like with like: wrk on the same machine, same run. The ceiling is the
     // outside reference; the baseline (row 0, the same stack) shows the middleware's share.
@@ -92,15 +142,37 @@ async fn run_some(suite: &Suite, wanted: fn(&Scenario) -> bool) -> anyhow::Resul
     Ok(rows)
 }
 
+/// The hot reads, the miss-heavy walk and the writes of `catalog`, named `names` (in that
+/// order), exactly as the suite measures them on its own server; to be run against another
+/// [`Target`]. `rows` are those measured so far: the walk is cut by their direct PostgreSQL
+/// read's rate, to at most `seconds`.
+pub(super) fn reads_and_writes(
+    catalog: &Catalog<'_>,
+    rows: &[Row],
+    names: [&str; 3],
+    seconds: u64,
+) -> [Scenario; 3] {
+    let [hot, miss, writes] = names;
+    let mut walk = miss_heavy(miss, catalog.ids);
+    walk.fit_walk(rate_of(rows, DIRECT), seconds);
+    [
+        hot_reads(hot, catalog.hot),
+        walk,
+        writes_of(writes, catalog),
+    ]
+}
+
+/// The req/s of the row named `name` (0 when there is none).
+fn rate_of(rows: &[Row], name: &str) -> f64 {
+    rows.iter()
+        .find(|r| r.scenario == name)
+        .map_or(0.0, |r| r.req_per_sec)
+}
+
 /// `extra` rows (measured by wrk in the same run) with their ratios to the ceiling and the
 /// baseline in `rows`.
 pub(super) fn with_ratios(rows: &[Row], mut extra: Vec<Row>) -> Vec<Row> {
-    let rate = |name: &str| {
-        rows.iter()
-            .find(|r| r.scenario == name)
-            .map_or(0.0, |r| r.req_per_sec)
-    };
-    let (ceiling, baseline) = (rate(CEILING), rate(BASELINE));
+    let (ceiling, baseline) = (rate_of(rows, CEILING), rate_of(rows, BASELINE));
     for row in &mut extra {
         set_ratios(row, ceiling, baseline);
     }
@@ -116,32 +188,54 @@ fn set_ratios(row: &mut Row, ceiling: f64, baseline: f64) {
     }
 }
 
-fn scenarios(suite: &Suite, body_size: usize) -> Vec<Scenario> {
-    let (hot, ids) = (&suite.hot, &suite.ids);
-    let get = |name, namespace, paths| Scenario {
-        name,
+fn get(name: &str, namespace: Option<&'static str>, paths: Vec<String>) -> Scenario {
+    Scenario {
+        name: name.to_string(),
         namespace,
         paths,
         method: None,
         once: false,
         seconds: None,
-    };
+        probe: None,
+    }
+}
+
+/// `GET /listings/{id}` over the warm hot set: all hits.
+fn hot_reads(name: &str, hot: &[String]) -> Scenario {
+    get(name, Some("assets"), paths("/listings/", hot))
+}
+
+/// `GET /listings/{id}` walking every version, each at most once.
+fn miss_heavy(name: &str, ids: &[String]) -> Scenario {
+    Scenario {
+        once: true,
+        ..get(name, Some("assets"), paths("/listings/", ids))
+    }
+}
+
+/// `PATCH /listings/{id}` over every version but the one the staleness probe writes.
+fn writes_of(name: &str, catalog: &Catalog<'_>) -> Scenario {
+    let written = catalog.hot[2 % catalog.hot.len()].clone();
+    let others: Vec<String> = catalog
+        .ids
+        .iter()
+        .filter(|id| **id != written)
+        .cloned()
+        .collect();
+    Scenario {
+        method: Some("PATCH"),
+        probe: Some((written, catalog.hot.to_vec())),
+        ..get(name, None, paths("/listings/", &others))
+    }
+}
+
+fn scenarios(catalog: &Catalog<'_>, body_size: usize) -> Vec<Scenario> {
+    let hot = catalog.hot;
     vec![
         get(BASELINE, None, vec![format!("/bench/fixed/{body_size}")]),
-        get(
-            "hot reads GET /listings/{id}",
-            Some("assets"),
-            paths("/listings/", hot),
-        ),
+        hot_reads(HOT, hot),
         get(DIRECT, None, paths("/bench/pg/listings/", hot)),
-        Scenario {
-            once: true,
-            ..get(
-                "miss-heavy reads GET /listings/{id}",
-                Some("assets"),
-                paths("/listings/", ids),
-            )
-        },
+        miss_heavy(MISS, catalog.ids),
         get(
             "bundle depth 3 GET /bundle",
             Some("bundles"),
@@ -152,35 +246,45 @@ fn scenarios(suite: &Suite, body_size: usize) -> Vec<Scenario> {
             None,
             bundle_paths("/bench/pg/bundle", hot),
         ),
-        Scenario {
-            name: "writes PATCH /listings/{id}",
-            namespace: None,
-            paths: paths("/listings/", ids),
-            method: Some("PATCH"),
-            once: false,
-            seconds: None,
-        },
+        writes_of(WRITES, catalog),
     ]
 }
 
 impl Scenario {
-    async fn wrk(&self, suite: &Suite) -> anyhow::Result<Row> {
-        let seconds = self.seconds.unwrap_or(suite.wrk.seconds);
-        let mut row = suite
-            .wrk
-            .run_for(self.name, &self.paths, self.method, seconds)
+    /// A miss-heavy walk must not come back to a path: that would be a hit. Its time is cut
+    /// so that even at the rate of the direct PostgreSQL row, `direct` (a miss costs that
+    /// query and more), the walk reads at most 90 % of the paths; at most `most` seconds.
+    fn fit_walk(&mut self, direct: f64, most: u64) {
+        if direct > 0.0 {
+            let fits = (0.9 * self.paths.len() as f64 / direct).floor() as u64;
+            self.seconds = Some(fits.clamp(1, most));
+        }
+    }
+
+    async fn wrk(&self, wrk: &Wrk) -> anyhow::Result<Row> {
+        let seconds = self.seconds.unwrap_or(wrk.seconds);
+        let mut row = wrk
+            .run_for(&self.name, &self.paths, self.method, seconds)
             .await?;
-        if seconds != suite.wrk.seconds {
+        if seconds != wrk.seconds {
             row.notes = format!("{seconds} s, so that no path is read twice");
         }
         Ok(row)
     }
 
-    async fn run(&self, suite: &Suite) -> anyhow::Result<Row> {
-        let client = &suite.client;
+    pub(super) async fn run(&self, target: &Target<'_>) -> anyhow::Result<Row> {
+        let client = target.client;
         let blind_before = client.metric(metrics::BUS_BLIND_WAITS).await?;
         let Some(namespace) = self.namespace else {
-            let mut row = self.wrk(suite).await?;
+            let probe = self
+                .probe
+                .as_ref()
+                .map(|(written, hot)| Probe::start(client, hot, written, PROBE_READERS));
+            let mut row = self.wrk(target.wrk).await?;
+            let seen = match probe {
+                Some(probe) => Some(probe.stop().await?),
+                None => None,
+            };
             if self.method.is_some() {
                 // Writes wait for the bus: say how often it could not count acknowledgements.
                 let blind = client.metric(metrics::BUS_BLIND_WAITS).await? - blind_before;
@@ -188,12 +292,18 @@ impl Scenario {
                     "{blind:.0} invalidations waited the bus's whole trust window (this instance did not hear the bus)"
                 );
             }
+            if let Some(seen) = seen {
+                row.notes = format!(
+                    "{} stale reads of {} checked, {} failed (beside wrk: one asset written every 20 ms, {PROBE_READERS} readers); {}",
+                    seen.stale, seen.checked, seen.failed, row.notes
+                );
+            }
             return Ok(row);
         };
         let before = client.cache_stats(namespace).await?;
-        let ran_before = suite.calls(statements::CATALOG).await?;
-        let mut row = self.wrk(suite).await?;
-        let ran_after = suite.calls(statements::CATALOG).await?;
+        let ran_before = target.calls(statements::CATALOG).await?;
+        let mut row = self.wrk(target.wrk).await?;
+        let ran_after = target.calls(statements::CATALOG).await?;
         let after = client.cache_stats(namespace).await?;
         let ran = ran_before.zip(ran_after).map(|(b, a)| a - b);
         annotate_cache(&mut row, &before, &after, ran);

@@ -45,6 +45,31 @@ pub fn run_bounded(mut command: Command, bound: Duration) -> (Output, Duration) 
     }
 }
 
+/// `cascade check` with `args` and `env` (Venice unreachable): its exit code and stdout.
+pub fn check_output(env: &[(&str, String)], args: &[&str]) -> (Option<i32>, String) {
+    let mut command = cascade(&empty_dir());
+    command
+        .arg("check")
+        .args(args)
+        .env("VENICE_API_URL", "http://127.0.0.1:1");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let (out, _) = run_bounded(command, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.code(), stdout)
+}
+
+/// The line of `cascade check`'s `text` named `name`, e.g. `  [warn] maxmemory …`.
+pub fn check_line<'a>(text: &'a str, name: &str) -> &'a str {
+    text.lines()
+        .find(|l| {
+            l.get(9..)
+                .is_some_and(|rest| rest.starts_with(&format!("{name} ")))
+        })
+        .unwrap_or_else(|| panic!("no line {name} in:\n{text}"))
+}
+
 /// The `ADMIN_TOKEN` every [`Served`] server is started with (unless a test sets its own), and
 /// that [`Served::get_json`] sends to the operator endpoints (`/health/db`).
 pub const ADMIN_TOKEN: &str = "foundation-tests-admin-token-0123456789";

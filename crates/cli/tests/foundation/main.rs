@@ -15,6 +15,7 @@ mod metrics;
 mod migrate;
 mod paused_instance;
 mod prometheus;
+mod replicas;
 mod seed;
 mod shutdown;
 mod startup;

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use crate::common::{cascade, empty_dir, run_bounded};
+use crate::common::{cascade, check_line, check_output, empty_dir, run_bounded};
 
 #[test]
 fn closed_port_exits_within_the_bound_naming_the_address() {
@@ -82,33 +82,13 @@ async fn check_passes_with_reachable_dependencies_and_fails_without() {
     assert!(stdout.contains("[FAIL] redis"), "{stdout}");
 }
 
-fn check_output(env: &[(&str, String)], args: &[&str]) -> (Option<i32>, String) {
-    let mut command = cascade(&empty_dir());
-    command
-        .arg("check")
-        .args(args)
-        .env("VENICE_API_URL", "http://127.0.0.1:1");
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let (out, _) = run_bounded(command, Duration::from_secs(60));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    (out.status.code(), stdout)
-}
-
 /// The line of `name` in the production review, e.g. `[warn] maxmemory …`.
 fn finding<'a>(stdout: &'a str, name: &str) -> &'a str {
     let review = stdout
         .split("production review")
         .nth(1)
         .unwrap_or_else(|| panic!("no production review in:\n{stdout}"));
-    review
-        .lines()
-        .find(|l| {
-            l.get(9..)
-                .is_some_and(|rest| rest.starts_with(&format!("{name} ")))
-        })
-        .unwrap_or_else(|| panic!("no finding {name} in:\n{stdout}"))
+    check_line(review, name)
 }
 
 #[tokio::test]
