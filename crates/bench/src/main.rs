@@ -70,10 +70,10 @@ struct SuiteArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Only this scenario (`realtime`: connections held, memory per idle one, broadcasts;
-    /// `executions`: the agents module's queue), on a small catalog; or `miss`: the
-    /// miss-heavy walk with the ceiling and the direct PostgreSQL read beside it, on the full
-    /// catalog.
-    #[arg(long, value_parser = ["realtime", "executions", "miss"])]
+    /// `ws-memory`: the connections held alone; `executions`: the agents module's queue), on a
+    /// small catalog; or `miss`: the miss-heavy walk with the ceiling and the direct
+    /// PostgreSQL read beside it, on the full catalog.
+    #[arg(long, value_parser = ["realtime", "ws-memory", "executions", "miss"])]
     only: Option<String>,
 }
 

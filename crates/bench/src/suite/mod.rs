@@ -65,7 +65,7 @@ pub struct Options {
     pub seconds: Option<u64>,
     pub connections: usize,
     pub out: PathBuf,
-    /// Only this scenario (`realtime`, `executions`, `miss`).
+    /// Only this scenario (`realtime`, `ws-memory`, `executions`, `miss`).
     pub only: Option<String>,
 }
 
@@ -127,6 +127,8 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
 
     let rows = if options.only.as_deref() == Some("realtime") {
         realtime_rows(&suite).await?
+    } else if options.only.as_deref() == Some("ws-memory") {
+        vec![realtime::memory(&suite).await?]
     } else if options.only.as_deref() == Some("executions") {
         executions::run(&suite).await?
     } else if options.only.as_deref() == Some("miss") {
