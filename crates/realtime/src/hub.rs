@@ -2,7 +2,7 @@
 //! through which anything (a delivery, a revocation, shutdown) reaches a connection.
 //!
 //! Delivery never waits: a message is offered to each subscriber's bounded queue
-//! (`WS_QUEUE_SIZE`) with `try_send`; a full queue closes that connection (1013) and no
+//! (`WS_QUEUE_SIZE`, `queue.rs`); a full queue closes that connection (1013) and no
 //! other, so one slow client costs the others nothing and memory stays bounded.
 
 use std::collections::HashMap;
