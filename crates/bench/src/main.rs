@@ -72,13 +72,13 @@ struct SuiteArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Only this scenario (`realtime`: connections held, memory per idle one, broadcasts;
-    /// `executions`: the agents module's queue), on a small catalog; or, on the full
-    /// catalog, `miss`: the miss-heavy walk with the ceiling and the direct PostgreSQL read
-    /// beside it; `throughput`: the wrk rows (ceiling, baseline, hot, miss-heavy, bundles,
-    /// writes), a few minutes; `replica`: hot reads, the miss-heavy walk and writes on one
-    /// server, then on a primary with a streaming replica (which server ran each read, stale
-    /// reads).
-    #[arg(long, value_parser = ["realtime", "executions", "miss", "throughput", "replica"])]
+    /// `ws-memory`: the connections held alone; `executions`: the agents module's queue), on a
+    /// small catalog; or, on the full catalog, `miss`: the miss-heavy walk with the ceiling
+    /// and the direct PostgreSQL read beside it; `throughput`: the wrk rows (ceiling,
+    /// baseline, hot, miss-heavy, bundles, writes), a few minutes; `replica`: hot reads, the
+    /// miss-heavy walk and writes on one server, then on a primary with a streaming replica
+    /// (which server ran each read, stale reads).
+    #[arg(long, value_parser = ["realtime", "ws-memory", "executions", "miss", "throughput", "replica"])]
     only: Option<String>,
 }
 

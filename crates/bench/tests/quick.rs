@@ -225,16 +225,24 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
             .contains("KB resident per idle connection"),
         "{held}"
     );
-    for name in [
-        "ws broadcast, one instance",
-        "ws broadcast, one instance, WS_WRITE_DELAY=5ms",
-        "ws broadcast, two instances",
+    for (name, batches) in [
+        ("ws broadcast, one instance", true),
+        ("ws broadcast, one instance, no batching", false),
+        ("ws broadcast, one instance, WS_WRITE_DELAY=5ms", true),
+        ("ws broadcast, two instances", true),
     ] {
         let r = row(name);
-        // 100 subscribers × 400 messages, none missing.
+        // 100 subscribers × 400 messages, none missing (with batches too: each counted once).
         assert_eq!(r["requests"], 40_000, "{name}: {r}");
         assert_eq!(r["errors"], 0, "{name}: {r}");
         assert!(r["p99_ms"].as_f64().unwrap() > 0.0, "{name}: {r}");
+        let notes = r["notes"].as_str().unwrap();
+        let expected = if batches {
+            "messages per frame"
+        } else {
+            "one message per frame"
+        };
+        assert!(notes.contains(expected), "{name}: {notes}");
     }
 
     // The executions queue: every execution of every run succeeded, each completed once (the

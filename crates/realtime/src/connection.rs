@@ -5,6 +5,7 @@
 //! What each subscription has been given, and what it gets next, is [`resume`](crate::resume).
 
 use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,11 +19,12 @@ use yawc::{Frame, HttpWebSocket, OpCode};
 
 use crate::channel::{Channel, Rule, Who};
 use crate::hub::{CloseOrder, ConnHandle, Outbound};
+use crate::outbox::Outbox;
 use crate::protocol::{self, ClientMessage, Code, ProtocolError, Since};
 use crate::resume::{self, Sub};
 use crate::{Place, Realtime, metrics};
 
-/// Capacity the per-connection buffers keep between bursts.
+/// Capacity the list of taken queue items keeps between bursts.
 const IDLE_KEEP: usize = 4;
 /// Most queued items taken per writer round (one flush).
 const BATCH: usize = 256;
@@ -71,6 +73,9 @@ pub struct Session {
     /// This connection in the hub, forgotten with every subscription when the session is
     /// dropped (also when its task panics: nothing leaks in the hub).
     handle: Option<Arc<ConnHandle>>,
+    /// The client asked for batches (`GET /ws?batch=1`): the most bytes of one batch frame
+    /// (`WS_MAX_MESSAGE_BYTES`, announced in `hello`). `None`: one message per frame.
+    batch: Option<usize>,
 }
 
 impl Drop for Session {
@@ -90,7 +95,9 @@ impl Session {
         place: Place,
         who: Option<Who>,
         principal: Option<Principal>,
+        batch: bool,
     ) -> Session {
+        let batch = batch.then_some(rt.inner.config.max_message_bytes);
         let publish_tokens = (rt.inner.config.publish_rate as f64, Instant::now());
         let mut session = Session {
             rt,
@@ -105,6 +112,7 @@ impl Session {
             expires: None,
             subs: HashMap::new(),
             handle: None,
+            batch,
         };
         if let Some(principal) = principal {
             session.adopt(&principal);
@@ -118,9 +126,23 @@ impl Session {
         self.expires = Some(expiry(principal.token_exp));
     }
 
-    pub(crate) async fn run(mut self, mut ws: HttpWebSocket) {
-        let config = self.rt.inner.config.clone();
-        let (handle, mut rx) = self.rt.inner.hub.connect(config.queue_size);
+    /// The session, from the end of the upgrade to the close. One function (not the upgrade
+    /// awaited by a wrapper that then calls it): a future keeps the storage of what it moved
+    /// out, so a wrapper would hold the session twice for the connection's life.
+    ///
+    /// The upgrade comes boxed for the same reason: what it holds is freed once it is done,
+    /// where a future parameter would keep its bytes in the task for the connection's life.
+    pub(crate) async fn run(mut self, socket: Pin<Box<yawc::UpgradeFut>>) {
+        let mut ws = match socket.await {
+            Ok(ws) => ws,
+            Err(err) => {
+                tracing::debug!(error = %err, "WebSocket upgrade did not complete");
+                return;
+            }
+        };
+        let rt = self.rt.clone();
+        let config = &rt.inner.config;
+        let handle = self.rt.inner.hub.connect(config.queue_size);
         self.handle = Some(handle.clone());
         handle.set_session(self.session_id);
         handle.set_jti(self.jti);
@@ -129,10 +151,12 @@ impl Session {
             .who
             .is_none()
             .then(|| Instant::now() + config.auth_timeout);
-        let mut out: Vec<Frame> = vec![Frame::text(self.hello())];
-        let mut ping = tokio::time::interval(config.ping_interval);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ping.tick().await;
+        let mut out = Outbox::default();
+        out.text(self.hello());
+        // One timer for every deadline (a `Sleep` is ~100 bytes of the task, an `Interval` one
+        // more on the heap): the next ping, the auth or token deadline, a delayed write, a
+        // resync retry; whichever is due is handled when it fires.
+        let mut next_ping = Instant::now() + config.ping_interval;
         let mut heard = Instant::now();
         let mut batch: Vec<Outbound> = Vec::new();
         // Queue rounds in a row: the biased select takes the queue before the socket, so on
@@ -152,10 +176,11 @@ impl Session {
                             // Everything that queued while the write waited goes out with it
                             // (not one batch: the queue was not read for a whole delay).
                             let mut taken = 0;
-                            while taken < config.queue_size
-                                && let Some(n) = rx.recv_many(&mut batch, BATCH).now_or_never()
-                                && n > 0
-                            {
+                            while taken < config.queue_size {
+                                let n = handle.queue.take(&mut batch, BATCH);
+                                if n == 0 {
+                                    break;
+                                }
                                 taken += n;
                                 metrics::dequeued(n);
                                 for item in batch.drain(..) {
@@ -164,10 +189,13 @@ impl Session {
                             }
                             batch.shrink_to(IDLE_KEEP);
                         }
-                        match write(&mut ws, &mut out, &handle, config.write_timeout).await {
-                            // An idle connection keeps no buffer a burst grew (memory per
-                            // idle connection is what bounds how many an instance holds).
-                            Ok(()) => out.shrink_to(IDLE_KEEP),
+                        match write(&mut ws, &mut out, self.batch, &handle, config.write_timeout)
+                            .await
+                        {
+                            // An idle connection keeps no list of what it wrote (memory per
+                            // idle connection is what bounds how many an instance holds; an
+                            // allocation per write is cheap beside the write).
+                            Ok(()) => out.reset(0),
                             Err(end) => break end,
                         }
                         if !config.write_delay.is_zero() {
@@ -180,7 +208,7 @@ impl Session {
                 queue_rounds = 0;
                 if let Some(frame) = ws.next_frame().now_or_never() {
                     heard = Instant::now();
-                    match self.on_frame(frame, &handle, &mut out).await {
+                    match Box::pin(self.on_frame(frame, &handle, &mut out)).await {
                         Some(end) => break end,
                         None => continue,
                     }
@@ -195,6 +223,10 @@ impl Session {
                 )),
                 _ => None,
             };
+            let timer = [deadline.map(|d| d.0), flush_at, self.retry_at]
+                .into_iter()
+                .flatten()
+                .fold(next_ping, Instant::min);
             tokio::select! {
                 biased;
                 () = handle.wake.notified() => {
@@ -202,15 +234,26 @@ impl Session {
                         break End::Order(order);
                     }
                 }
-                () = sleep_until(deadline.map(|d| d.0)) => {
-                    let (_, label, reason) = deadline.unwrap_or((Instant::now(), "expired", ""));
-                    break End::Close(4001, label, reason);
-                }
-                () = sleep_until(flush_at) => {}
-                n = rx.recv_many(&mut batch, BATCH), if flush_at.is_none() => {
-                    if n == 0 {
-                        break End::Broken;
+                () = tokio::time::sleep_until(timer) => {
+                    let now = Instant::now();
+                    if let Some((at, label, reason)) = deadline
+                        && at <= now
+                    {
+                        break End::Close(4001, label, reason);
                     }
+                    if self.retry_at.is_some_and(|at| at <= now) {
+                        self.retry_resyncs(&mut out).await;
+                    }
+                    if next_ping <= now {
+                        if heard.elapsed() >= config.idle_timeout {
+                            break End::Close(1001, "idle", "idle timeout: no frame (not even a pong) received");
+                        }
+                        out.push(Frame::ping(Bytes::new()));
+                        next_ping = now + config.ping_interval;
+                    }
+                    // A delayed write is made at the top of the loop once `flush_at` passed.
+                }
+                n = handle.queue.recv_many(&mut batch, BATCH), if flush_at.is_none() => {
                     metrics::dequeued(n);
                     queue_rounds += 1;
                     for item in batch.drain(..) {
@@ -221,16 +264,9 @@ impl Session {
                 frame = ws.next_frame() => {
                     queue_rounds = 0;
                     heard = Instant::now();
-                    if let Some(end) = self.on_frame(frame, &handle, &mut out).await {
+                    if let Some(end) = Box::pin(self.on_frame(frame, &handle, &mut out)).await {
                         break end;
                     }
-                }
-                () = sleep_until(self.retry_at) => self.retry_resyncs(&mut out).await,
-                _ = ping.tick() => {
-                    if heard.elapsed() >= config.idle_timeout {
-                        break End::Close(1001, "idle", "idle timeout: no frame (not even a pong) received");
-                    }
-                    out.push(Frame::ping(Bytes::new()));
                 }
             }
         };
@@ -251,9 +287,7 @@ impl Session {
                     _ => "server",
                 };
                 if order.reconnect {
-                    out.push(Frame::text(
-                        json!({"type": "reconnect", "reason": order.reason}).to_string(),
-                    ));
+                    out.text(json!({"type": "reconnect", "reason": order.reason}).to_string());
                 }
                 (label, Some((order.code, order.reason)))
             }
@@ -266,16 +300,10 @@ impl Session {
                 out.clear();
             }
             out.push(Frame::close(CloseCode::from(code), reason));
-            let _ = tokio::time::timeout(CLOSE_WRITE, async {
-                for frame in out.drain(..) {
-                    ws.feed(frame).await?;
-                }
-                ws.flush().await
-            })
-            .await;
+            let _ = tokio::time::timeout(CLOSE_WRITE, feed_all(&mut ws, &out, self.batch)).await;
         }
-        let remaining = rx.len();
-        metrics::dequeued(remaining);
+        // Nothing is queued for it any more; what was is not written.
+        metrics::dequeued(handle.queue.close());
         // Dropping `self` forgets the connection in the hub and frees its place.
     }
 
@@ -288,7 +316,7 @@ impl Session {
 
     fn hello(&self) -> String {
         let config = &self.rt.inner.config;
-        json!({
+        let mut hello = json!({
             "type": "hello",
             "version": protocol::VERSION,
             "authenticated": self.who.is_some(),
@@ -297,8 +325,12 @@ impl Session {
             "ping_interval_ms": config.ping_interval.as_millis() as u64,
             "max_message_bytes": config.max_message_bytes,
             "max_channels": config.max_channels,
-        })
-        .to_string()
+        });
+        // Only for a client that asked: the others see the hello they always did.
+        if self.batch.is_some() {
+            hello["batch"] = json!(true);
+        }
+        hello.to_string()
     }
 
     /// What reading the socket gave; `Some` ends the session.
@@ -306,7 +338,7 @@ impl Session {
         &mut self,
         frame: Result<Frame, yawc::WebSocketError>,
         handle: &Arc<ConnHandle>,
-        out: &mut Vec<Frame>,
+        out: &mut Outbox,
     ) -> Option<End> {
         match frame {
             Ok(frame) => self.inbound(frame, handle, out).await,
@@ -322,7 +354,7 @@ impl Session {
     /// answer): those still failing are tried again later, backing off up to
     /// [`RETRY_MAX`]. Nothing is lost meanwhile: the subscription's position stays, and a
     /// live message after a hole reads the history too.
-    async fn retry_resyncs(&mut self, out: &mut Vec<Frame>) {
+    async fn retry_resyncs(&mut self, out: &mut Outbox) {
         for channel in std::mem::take(&mut self.retry) {
             if let Some(sub) = self.subs.get_mut(&channel)
                 && resume::catch_up(&self.rt, sub, out).await.is_err()
@@ -344,7 +376,7 @@ impl Session {
         &mut self,
         frame: Frame,
         handle: &Arc<ConnHandle>,
-        out: &mut Vec<Frame>,
+        out: &mut Outbox,
     ) -> Option<End> {
         match frame.opcode() {
             OpCode::Text => {}
@@ -445,7 +477,7 @@ impl Session {
         token: &str,
         id: &Option<Value>,
         handle: &Arc<ConnHandle>,
-        out: &mut Vec<Frame>,
+        out: &mut Outbox,
     ) -> Option<End> {
         let (who, principal) = match self.rt.identify(token).await {
             Ok(found) => found,
@@ -487,7 +519,7 @@ impl Session {
         });
         self.who = Some(who);
         handle.set_user(self.user_id());
-        out.push(Frame::text(protocol::ack(id, ack)));
+        out.text(protocol::ack(id, ack));
         None
     }
 
@@ -538,12 +570,12 @@ impl Session {
         since: Option<Since>,
         id: &Option<Value>,
         handle: &Arc<ConnHandle>,
-        out: &mut Vec<Frame>,
+        out: &mut Outbox,
     ) -> Result<(), ProtocolError> {
         let channel = Channel::parse(name).map_err(|e| ProtocolError::new(Code::BadChannel, e))?;
         if let Some(sub) = self.subs.get(name) {
             let ack = json!({"channel": name, "epoch": sub.epoch.as_deref(), "offset": sub.last, "already": true});
-            out.push(Frame::text(protocol::ack(id, ack)));
+            out.text(protocol::ack(id, ack));
             return Ok(());
         }
         if let Some(Since {
@@ -587,7 +619,7 @@ impl Session {
             last: since.as_ref().map_or(0, |s| s.offset),
             degraded: false,
         };
-        let mut history = Vec::new();
+        let mut history = Outbox::default();
         let head = match since {
             Some(_) => resume::catch_up(&self.rt, &mut sub, &mut history).await,
             None => self.rt.inner.store.read(name, 0, 0, 0).await.map(|h| {
@@ -604,11 +636,11 @@ impl Session {
                 return Err(unavailable(()));
             }
         };
-        out.push(Frame::text(protocol::ack(
+        out.text(protocol::ack(
             id,
             json!({"channel": name, "epoch": sub.epoch.as_deref(), "offset": head}),
-        )));
-        out.extend(history);
+        ));
+        out.append(&mut history);
         self.subs.insert(sub.channel.shared_name(), sub);
         Ok(())
     }
@@ -650,7 +682,7 @@ impl Session {
         }
     }
 
-    async fn outbound(&mut self, item: Outbound, out: &mut Vec<Frame>) {
+    async fn outbound(&mut self, item: Outbound, out: &mut Outbox) {
         match item {
             Outbound::Message(delivery) => {
                 if let Some(sub) = self.subs.get_mut(&delivery.channel) {
@@ -659,11 +691,11 @@ impl Session {
             }
             Outbound::Revoked(channel) => {
                 if let Some(sub) = self.subs.remove(&channel) {
-                    out.push(Frame::text(protocol::unsubscribed(
+                    out.text(protocol::unsubscribed(
                         sub.channel.name(),
                         Code::Forbidden,
                         "no longer a participant of this space (left, removed, or the space closed)",
-                    )));
+                    ));
                 }
             }
             Outbound::Resync(channel) => {
@@ -685,18 +717,14 @@ impl Session {
 /// the client does not take it within `timeout` (`WS_WRITE_TIMEOUT`).
 async fn write(
     ws: &mut HttpWebSocket,
-    out: &mut Vec<Frame>,
+    out: &mut Outbox,
+    batch: Option<usize>,
     handle: &ConnHandle,
     timeout: Duration,
 ) -> Result<(), End> {
     let n = out.len();
-    let written = async {
-        for frame in out.drain(..) {
-            ws.feed(frame).await?;
-        }
-        ws.flush().await
-    };
-    tokio::select! {
+    let written = feed_all(ws, out, batch);
+    let result = tokio::select! {
         written = tokio::time::timeout(timeout, written) => match written {
             Ok(Ok(())) => {
                 metrics::sent(n);
@@ -709,18 +737,26 @@ async fn write(
             Some(order) => Err(End::Order(order)),
             None => Ok(()),
         },
+    };
+    out.clear();
+    result
+}
+
+/// Writes every frame of `out` (its messages in batch frames when `batch` is set) and flushes.
+async fn feed_all(
+    ws: &mut HttpWebSocket,
+    out: &Outbox,
+    batch: Option<usize>,
+) -> Result<(), yawc::WebSocketError> {
+    let mut at = 0;
+    while let Some(frame) = out.frame_at(&mut at, batch) {
+        ws.feed(frame).await?;
     }
+    ws.flush().await
 }
 
 fn error(err: ProtocolError) -> Frame {
     Frame::text(err.frame())
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// The instant of a token's `exp` (seconds since the epoch).
@@ -730,4 +766,23 @@ fn expiry(exp: u64) -> Instant {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     Instant::now() + Duration::from_secs(exp.saturating_sub(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<A, B, F: std::future::Future>(_: impl FnOnce(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A connection's task is allocated whole for its life, so what only a request or a
+    /// history read needs (their Redis futures) is boxed while it runs, not carried by every
+    /// idle connection.
+    #[test]
+    fn a_connection_task_is_small() {
+        let size = future_size(Session::run);
+        assert!(size <= 2048, "Session::run is a future of {size} bytes");
+    }
 }

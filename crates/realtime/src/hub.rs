@@ -2,17 +2,18 @@
 //! through which anything (a delivery, a revocation, shutdown) reaches a connection.
 //!
 //! Delivery never waits: a message is offered to each subscriber's bounded queue
-//! (`WS_QUEUE_SIZE`) with `try_send`; a full queue closes that connection (1013) and no
+//! (`WS_QUEUE_SIZE`, `queue.rs`); a full queue closes that connection (1013) and no
 //! other, so one slow client costs the others nothing and memory stays bounded.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::metrics;
+use crate::queue::{Offer, Queue};
 use crate::store::Delivery;
 
 /// What a connection's queue carries.
@@ -39,7 +40,8 @@ pub struct CloseOrder {
 /// One connection, as the hub and the rest of the instance see it.
 pub struct ConnHandle {
     pub id: u64,
-    tx: mpsc::Sender<Outbound>,
+    /// What its task has yet to write (`WS_QUEUE_SIZE` at most).
+    pub(crate) queue: Queue,
     order: Mutex<Option<CloseOrder>>,
     /// Wakes the connection's task for an order (a stored permit if it is busy).
     pub wake: Notify,
@@ -88,9 +90,9 @@ impl ConnHandle {
 
     /// Offers `item` to the queue; a full queue closes the connection. True if queued.
     fn offer(&self, item: Outbound) -> bool {
-        match self.tx.try_send(item) {
-            Ok(()) => return true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        match self.queue.offer(item) {
+            Offer::Queued => return true,
+            Offer::Full => {
                 metrics::dropped("queue_full");
                 self.close(CloseOrder {
                     code: 1013,
@@ -98,7 +100,7 @@ impl ConnHandle {
                     reconnect: false,
                 });
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Offer::Closed => {}
         }
         false
     }
@@ -119,12 +121,11 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// A new connection's handle and the receiving end of its queue.
-    pub fn connect(&self, queue_size: usize) -> (Arc<ConnHandle>, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(queue_size);
+    /// A new connection's handle, with its queue of at most `queue_size` items.
+    pub fn connect(&self, queue_size: usize) -> Arc<ConnHandle> {
         let handle = Arc::new(ConnHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            tx,
+            queue: Queue::new(queue_size),
             order: Mutex::new(None),
             wake: Notify::new(),
             session: Mutex::new(None),
@@ -135,7 +136,7 @@ impl Hub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(handle.id, handle.clone());
-        (handle, rx)
+        handle
     }
 
     /// Forgets a connection and every subscription of it.

@@ -8,7 +8,8 @@
 //! - [`hub`]: this instance's subscribers and their bounded queues;
 //! - [`fanout`]: the Redis pub/sub shards every instance listens to;
 //! - [`connection`]: one WebSocket session (reading, the batched writer, heartbeats, deadlines);
-//!   `resume`: each subscription's position and the delivery rule (history, gaps);
+//!   `resume`: each subscription's position and the delivery rule (history, gaps); `outbox`:
+//!   what a session writes next (and the batch frames of clients that opted in);
 //! - [`bridge`]: the platform's domain events into channels, and logouts into closes.
 //!
 //! [`Realtime`] is the handle the rest of the server uses: [`Realtime::publish`] for
@@ -21,7 +22,9 @@ pub mod connection;
 pub mod fanout;
 pub mod hub;
 mod metrics;
+mod outbox;
 pub mod protocol;
+mod queue;
 mod resume;
 pub mod store;
 
@@ -31,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -418,9 +421,10 @@ fn unavailable(message: &str) -> Response {
 /// ADMIN_TOKEN>` or, without the header, by a first `auth` message within `WS_AUTH_TIMEOUT`.
 /// The protocol is in README.md, "Real-time protocol".
 #[utoipa::path(get, path = "/ws", tag = "realtime", security((), ("bearer" = [])),
+    params(("batch" = Option<bool>, Query, description = "1 (or true): messages queued together arrive as one `batch` frame; default one message per frame")),
     responses(
         (status = 101, description = "Switching to the WebSocket protocol v1"),
-        (status = 400, description = "Not a WebSocket upgrade request"),
+        (status = 400, description = "Not a WebSocket upgrade request, or `batch` is neither 0/false nor 1/true"),
         (status = 401, description = "The bearer token is not valid"),
         (status = 503, description = "This instance (WS_MAX_CONNECTIONS) or this account (WS_MAX_CONNECTIONS_PER_USER) has no connection left; retry after Retry-After")
     )
@@ -428,9 +432,14 @@ fn unavailable(message: &str) -> Response {
 async fn upgrade(
     State(rt): State<Realtime>,
     headers: HeaderMap,
+    RawQuery(query): RawQuery,
     incoming: Result<yawc::IncomingUpgrade, StatusCode>,
 ) -> Response {
     let inner = &rt.inner;
+    let batch = match batch_param(query.as_deref()) {
+        Ok(batch) => batch,
+        Err(err) => return err.into_response(),
+    };
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -485,14 +494,33 @@ async fn upgrade(
             .into_response();
         }
     };
-    let session = connection::Session::new(rt.clone(), place, who, principal);
-    tokio::spawn(async move {
-        match socket.await {
-            Ok(ws) => session.run(ws).await,
-            Err(err) => tracing::debug!(error = %err, "WebSocket upgrade did not complete"),
-        }
-    });
+    let session = connection::Session::new(rt.clone(), place, who, principal, batch);
+    tokio::spawn(session.run(Box::pin(socket)));
     response.map(axum::body::Body::new)
+}
+
+/// `?batch=1` (or `true`): the client takes messages queued together as one `batch` frame
+/// (README, "Real-time protocol"). Other parameters are ignored; a `batch` that is neither
+/// on nor off is a 400 naming it.
+fn batch_param(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut batch = false;
+    for pair in query.unwrap_or("").split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if name != "batch" {
+            continue;
+        }
+        batch = match value {
+            "1" | "true" => true,
+            "0" | "false" => false,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "batch",
+                    "batch is 1 (or true) to receive messages queued together in one frame, 0 (or false) for one message per frame",
+                ));
+            }
+        };
+    }
+    Ok(batch)
 }
 
 #[derive(utoipa::OpenApi)]

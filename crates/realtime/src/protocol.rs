@@ -1,7 +1,10 @@
-//! Protocol v1: JSON text frames, one message per frame (README, "Real-time protocol").
+//! Protocol v1: JSON text frames, one message per frame (README, "Real-time protocol"); a
+//! client that connects with `?batch=1` also gets `batch` frames of several `message`s
+//! (`outbox.rs`).
 //!
 //! Client → server: `auth`, `subscribe`, `unsubscribe`, `publish`, `ping`.
-//! Server → client: `hello`, `ack`, `message`, `gap`, `error`, `pong`, `reconnect`.
+//! Server → client: `hello`, `ack`, `message`, `batch` (opted in), `gap`, `unsubscribed`,
+//! `error`, `pong`, `reconnect`.
 
 use serde::Deserialize;
 use serde_json::{Value, json};

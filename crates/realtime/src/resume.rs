@@ -15,10 +15,12 @@
 
 use std::sync::Arc;
 
-use yawc::Frame;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 
 use crate::Realtime;
 use crate::channel::Channel;
+use crate::outbox::Outbox;
 use crate::protocol;
 use crate::store::{Delivery, StoreError};
 
@@ -43,20 +45,15 @@ pub(crate) struct Sub {
 
 /// Hands `delivery` to `sub`: written, dropped as a duplicate, or preceded by what the
 /// history says is missing before it.
-pub(crate) async fn deliver(
-    rt: &Realtime,
-    sub: &mut Sub,
-    delivery: &Delivery,
-    out: &mut Vec<Frame>,
-) {
+pub(crate) async fn deliver(rt: &Realtime, sub: &mut Sub, delivery: &Delivery, out: &mut Outbox) {
     if !delivery.durable {
         if !sub.degraded {
             let gap =
                 protocol::degraded_gap(sub.channel.name(), sub.epoch.as_deref(), after(sub.last));
-            out.push(Frame::text(gap));
+            out.text(gap);
             sub.degraded = true;
         }
-        out.push(Frame::text(delivery.frame.clone()));
+        out.message(delivery.frame.clone());
         return;
     }
     if sub.degraded && sub.epoch.as_deref() == Some(&*delivery.epoch) {
@@ -68,7 +65,7 @@ pub(crate) async fn deliver(
             return;
         }
         if delivery.offset == after(sub.last) {
-            out.push(Frame::text(delivery.frame.clone()));
+            out.message(delivery.frame.clone());
             sub.last = delivery.offset;
             return;
         }
@@ -81,26 +78,26 @@ pub(crate) async fn deliver(
             && !std::mem::take(&mut sub.degraded)
             && let Some(old) = &sub.epoch
         {
-            out.push(Frame::text(protocol::gap(
+            out.text(protocol::gap(
                 channel,
                 old,
                 after(sub.last),
                 None,
                 "epoch_changed",
-            )));
+            ));
         }
         let from = if same { after(sub.last) } else { 1 };
         if delivery.offset > from {
-            out.push(Frame::text(protocol::gap(
+            out.text(protocol::gap(
                 channel,
                 &delivery.epoch,
                 from,
                 Some(delivery.offset - 1),
                 "unavailable",
-            )));
+            ));
         }
         if !delivery.frame.is_empty() {
-            out.push(Frame::text(delivery.frame.clone()));
+            out.message(delivery.frame.clone());
         }
         sub.epoch = Some(delivery.epoch.clone());
         sub.last = delivery.offset;
@@ -110,10 +107,21 @@ pub(crate) async fn deliver(
 /// Brings `sub` up to its channel's head from the history: the missing messages, or a `gap`
 /// for each range the history no longer holds (or an epoch that ended). Returns the head.
 /// Read in pages of [`PAGE`] (one Lua call each stays short), at most `WS_REPLAY_MAX` in all.
-pub(crate) async fn catch_up(
+///
+/// Boxed: its Redis reads make a future of kilobytes, which would otherwise be part of every
+/// connection's task, idle ones included, though few ever read the history.
+pub(crate) fn catch_up<'a>(
+    rt: &'a Realtime,
+    sub: &'a mut Sub,
+    out: &'a mut Outbox,
+) -> BoxFuture<'a, Result<u64, StoreError>> {
+    catch_up_unboxed(rt, sub, out).boxed()
+}
+
+async fn catch_up_unboxed(
     rt: &Realtime,
     sub: &mut Sub,
-    out: &mut Vec<Frame>,
+    out: &mut Outbox,
 ) -> Result<u64, StoreError> {
     let store = &rt.inner.store;
     let limit = rt.inner.config.replay_max;
@@ -154,7 +162,7 @@ pub(crate) async fn catch_up(
             // of a Redis process that is gone): the client reloads, then follows from the
             // head.
             let gap = protocol::gap(&name, &epoch, after(sub.last), None, "offset_ahead");
-            out.push(Frame::text(gap));
+            out.text(gap);
             sub.last = head;
             return Ok(head);
         }
@@ -172,15 +180,15 @@ pub(crate) async fn catch_up(
                 }
                 bytes += item.frame.len();
                 if item.offset > expected {
-                    out.push(Frame::text(protocol::gap(
+                    out.text(protocol::gap(
                         &name,
                         &epoch,
                         expected,
                         Some(item.offset - 1),
                         "history_trimmed",
-                    )));
+                    ));
                 }
-                out.push(Frame::text(item.frame.clone()));
+                out.message(item.frame.clone());
                 expected = after(item.offset);
             }
             sub.last = expected - 1;
@@ -195,13 +203,13 @@ pub(crate) async fn catch_up(
             }
         }
         if expected <= head {
-            out.push(Frame::text(protocol::gap(
+            out.text(protocol::gap(
                 &name,
                 &epoch,
                 expected,
                 Some(head),
                 "history_trimmed",
-            )));
+            ));
             sub.last = head;
         }
         return Ok(head);
@@ -212,13 +220,7 @@ pub(crate) async fn catch_up(
 /// Moves `sub` to `next` (from offset 0), with a `gap` for the rest of the epoch it leaves.
 /// `degraded`: `next` began after messages were delivered only locally somewhere, so even a
 /// subscription without an epoch gets a `gap` (reason `degraded`).
-fn end_epoch(
-    name: &str,
-    sub: &mut Sub,
-    next: Option<Arc<str>>,
-    degraded: bool,
-    out: &mut Vec<Frame>,
-) {
+fn end_epoch(name: &str, sub: &mut Sub, next: Option<Arc<str>>, degraded: bool, out: &mut Outbox) {
     match std::mem::replace(&mut sub.epoch, next) {
         Some(old) => {
             let reason = if degraded {
@@ -227,14 +229,10 @@ fn end_epoch(
                 "epoch_changed"
             };
             let gap = protocol::gap(name, &old, after(sub.last), None, reason);
-            out.push(Frame::text(gap));
+            out.text(gap);
         }
         None if degraded => {
-            out.push(Frame::text(protocol::degraded_gap(
-                name,
-                None,
-                after(sub.last),
-            )));
+            out.text(protocol::degraded_gap(name, None, after(sub.last)));
         }
         None => {}
     }

@@ -68,7 +68,8 @@ pub struct Options {
     pub seconds: Option<u64>,
     pub connections: usize,
     pub out: PathBuf,
-    /// Only this scenario (`realtime`, `executions`, `miss`, `replica`).
+    /// Only this scenario (`realtime`, `ws-memory`, `executions`, `miss`, `throughput`,
+    /// `replica`).
     pub only: Option<String>,
 }
 
@@ -136,6 +137,8 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
 
     let rows = if options.only.as_deref() == Some("realtime") {
         realtime_rows(&suite).await?
+    } else if options.only.as_deref() == Some("ws-memory") {
+        vec![realtime::memory(&suite).await?]
     } else if options.only.as_deref() == Some("executions") {
         executions::run(&suite).await?
     } else if options.only.as_deref() == Some("miss") {

@@ -9,6 +9,10 @@
 //!
 //! Memory per idle connection is the server process's resident set growth (`VmRSS`) while
 //! the connections are opened, divided by their number (Centrifugo states 30–50 KB).
+//!
+//! The broadcast's subscribers ask for batches (`/ws?batch=1`: messages queued together
+//! arrive as one frame), as a client that follows a busy channel would; one row keeps one
+//! message per frame for comparison.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -64,34 +68,26 @@ pub(super) async fn run(
     let token = suite.client.token.clone();
     let first = &suite.server;
     let mut rows = vec![held(first, &token, sizes.held).await?];
-    rows.push(
-        broadcast(
-            &[first],
-            &token,
-            &sizes,
-            "ws broadcast, one instance".into(),
-        )
-        .await?,
-    );
-    rows.push(
-        broadcast(
+    let runs: [(&[&ServerProc], bool, &str); 4] = [
+        (&[first], true, "ws broadcast, one instance"),
+        (&[first], false, "ws broadcast, one instance, no batching"),
+        (
             &[delayed],
-            &token,
-            &sizes,
-            "ws broadcast, one instance, WS_WRITE_DELAY=5ms".into(),
-        )
-        .await?,
-    );
-    rows.push(
-        broadcast(
-            &[first, second],
-            &token,
-            &sizes,
-            "ws broadcast, two instances".into(),
-        )
-        .await?,
-    );
+            true,
+            "ws broadcast, one instance, WS_WRITE_DELAY=5ms",
+        ),
+        (&[first, second], true, "ws broadcast, two instances"),
+    ];
+    for (servers, batch, scenario) in runs {
+        rows.push(broadcast(servers, &token, &sizes, batch, scenario.into()).await?);
+    }
     Ok(rows)
+}
+
+/// The connections-held row alone (`--only ws-memory`): memory per idle connection.
+pub(super) async fn memory(suite: &Suite) -> anyhow::Result<Row> {
+    let n = if suite.quick { 500 } else { held_target() };
+    held(&suite.server, &suite.client.token, n).await
 }
 
 /// 19,000 where the open-file limit allows it, fewer where it is lower.
@@ -121,7 +117,7 @@ async fn held(server: &ServerProc, token: &str, n: usize) -> anyhow::Result<Row>
         let (base, token) = (server.base.clone(), token.to_string());
         async move {
             let at = Instant::now();
-            let ws = connect(&base, &token).await;
+            let ws = connect(&base, &token, false).await;
             (at.elapsed(), ws)
         }
     }))
@@ -189,12 +185,13 @@ async fn idle(mut ws: TcpWebSocket, stop: Arc<AtomicBool>) {
     }
 }
 
-/// One publisher on `servers[0]`, `sizes.subscribers` spread over `servers`, `sizes.rate`
-/// messages a second for `sizes.seconds`.
+/// One publisher on `servers[0]`, `sizes.subscribers` spread over `servers` (asking for
+/// batches when `batch`), `sizes.rate` messages a second for `sizes.seconds`.
 async fn broadcast(
     servers: &[&ServerProc],
     token: &str,
     sizes: &Sizes,
+    batch: bool,
     scenario: String,
 ) -> anyhow::Result<Row> {
     let clock = Instant::now();
@@ -204,7 +201,7 @@ async fn broadcast(
     let mut opening = futures_util::stream::iter((0..sizes.subscribers).map(|i| {
         let (base, token) = (servers[i % servers.len()].base.clone(), token.to_string());
         async move {
-            let mut ws = connect(&base, &token).await?;
+            let mut ws = connect(&base, &token, batch).await?;
             request(
                 &mut ws,
                 json!({"type": "subscribe", "channel": CHANNEL, "id": "s"}),
@@ -227,7 +224,7 @@ async fn broadcast(
         })
         .collect();
 
-    let mut publisher = connect(&servers[0].base, token).await?;
+    let mut publisher = connect(&servers[0].base, token, false).await?;
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / sizes.rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -246,9 +243,11 @@ async fn broadcast(
     let mut latencies = Vec::new();
     let mut missing = 0u64;
     let mut closed = 0u64;
+    let mut frames = 0u64;
     for subscriber in subscribers {
         let outcome = subscriber.await.context("a subscriber task")?;
-        missing += total - outcome.received;
+        missing += total.saturating_sub(outcome.received);
+        frames += outcome.frames;
         closed += u64::from(outcome.closed);
         latencies.extend(outcome.latencies);
     }
@@ -266,18 +265,29 @@ async fn broadcast(
         ratio_to_ceiling: None,
         notes: format!(
             "{} subscribers of `{CHANNEL}` on {} instance(s); {total} messages published at \
-             {:.0}/s (asked {}/s); req/s = messages delivered per second, latency = publish to \
-             delivery; errors = deliveries missing ({closed} subscribers closed by the server)",
+             {:.0}/s (asked {}/s); {}; req/s = messages delivered per second, latency = \
+             publish to delivery; errors = deliveries missing ({closed} subscribers closed by \
+             the server)",
             sizes.subscribers,
             servers.len(),
             total as f64 / publishing.as_secs_f64(),
             sizes.rate,
+            if batch {
+                format!(
+                    "batches asked: {:.1} messages per frame",
+                    deliveries as f64 / frames.max(1) as f64
+                )
+            } else {
+                "one message per frame".to_string()
+            },
         ),
     })
 }
 
 struct Received {
     received: u64,
+    /// Text frames that carried messages (fewer than `received` with batches).
+    frames: u64,
     latencies: Vec<Duration>,
     closed: bool,
 }
@@ -291,6 +301,7 @@ async fn subscriber(
 ) -> Received {
     let mut out = Received {
         received: 0,
+        frames: 0,
         latencies: Vec::with_capacity(total as usize),
         closed: false,
     };
@@ -302,11 +313,16 @@ async fn subscriber(
         match frame.opcode() {
             OpCode::Text => {
                 let now = clock.elapsed().as_micros() as u64;
-                if let Some(sent) = sent_us(frame.payload()) {
+                // A `message`, or a `batch` of them: each carries its send time.
+                let before = out.received;
+                for sent in sent_us(frame.payload()) {
                     out.received += 1;
                     out.latencies
                         .push(Duration::from_micros(now.saturating_sub(sent)));
-                    delivered.fetch_add(1, Ordering::Relaxed);
+                }
+                if out.received > before {
+                    out.frames += 1;
+                    delivered.fetch_add(out.received - before, Ordering::Relaxed);
                 }
             }
             OpCode::Close => {
@@ -319,23 +335,26 @@ async fn subscriber(
     out
 }
 
-/// The `sent_us` of a `message` frame, read without parsing the whole JSON.
-fn sent_us(payload: &[u8]) -> Option<u64> {
+/// The `sent_us` of each message of a `message` or `batch` frame, in order, read without
+/// parsing the whole JSON (the payloads are the publisher's, so the key appears once per
+/// message).
+fn sent_us(payload: &[u8]) -> impl Iterator<Item = u64> + '_ {
     const KEY: &[u8] = b"\"sent_us\":";
-    let at = payload.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
-    let digits = payload[at..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .count();
-    std::str::from_utf8(&payload[at..at + digits])
-        .ok()?
-        .parse()
-        .ok()
+    let mut rest = payload;
+    std::iter::from_fn(move || {
+        let at = rest.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+        rest = &rest[at..];
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let sent = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok();
+        rest = &rest[digits..];
+        sent
+    })
 }
 
-/// An authenticated connection, past the server's `hello`.
-async fn connect(base: &str, token: &str) -> anyhow::Result<TcpWebSocket> {
-    let url = format!("{}/ws", base.replacen("http", "ws", 1));
+/// An authenticated connection (asking for batches when `batch`), past the server's `hello`.
+async fn connect(base: &str, token: &str, batch: bool) -> anyhow::Result<TcpWebSocket> {
+    let query = if batch { "?batch=1" } else { "" };
+    let url = format!("{}/ws{query}", base.replacen("http", "ws", 1));
     let request = HttpRequestBuilder::new().header("Authorization", format!("Bearer {token}"));
     let mut ws = WebSocket::connect(url.parse().context("the /ws address")?)
         .with_request(request)
@@ -343,6 +362,10 @@ async fn connect(base: &str, token: &str) -> anyhow::Result<TcpWebSocket> {
         .map_err(|e| anyhow::anyhow!("WebSocket upgrade: {e:?}"))?;
     let hello = next_json(&mut ws).await?;
     ensure!(hello["type"] == "hello", "no hello: {hello}");
+    ensure!(
+        !batch || hello["batch"] == true,
+        "the server did not take ?batch=1: {hello}"
+    );
     Ok(ws)
 }
 
@@ -400,9 +423,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_send_time_is_read_from_the_frame() {
+    fn the_send_times_are_read_from_a_message_or_a_batch() {
         let frame = br#"{"type":"message","channel":"c","offset":3,"epoch":"e","time":1,"payload":{"n":2,"sent_us":12345}}"#;
-        assert_eq!(sent_us(frame), Some(12345));
-        assert_eq!(sent_us(br#"{"type":"ack"}"#), None);
+        assert_eq!(sent_us(frame).collect::<Vec<_>>(), [12345]);
+        assert_eq!(sent_us(br#"{"type":"ack"}"#).count(), 0);
+        let batch = br#"{"type":"batch","messages":[{"type":"message","payload":{"n":1,"sent_us":7}},{"type":"message","payload":{"n":2,"sent_us":9}}]}"#;
+        assert_eq!(sent_us(batch).collect::<Vec<_>>(), [7, 9]);
     }
 }

@@ -2,6 +2,7 @@
 //! PostgreSQL and one Redis) and WebSocket clients over loopback.
 
 mod access;
+mod batch;
 mod fanout;
 mod frames;
 mod overflow;

@@ -5,7 +5,8 @@
 //! epoch changes and the messages of the lost one are reported, never silently missing.
 //! While Redis is away the publisher's instance delivers locally (`durable: false`, no
 //! offset): those messages are outside the history, so the publisher publishes the same
-//! number again until it is durable, and the clients set them aside.
+//! number again until it is durable, and the clients set them aside. Half the clients take
+//! batches (`?batch=1`, several messages per frame) and are held to the same checks.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -58,7 +59,7 @@ async fn run(restart_redis: bool) {
         let base = world.base(n).to_string();
         let token = alice.token.clone();
         let (published, done) = (published.clone(), done.clone());
-        let mut client = Client::connect(&base, Some(&token)).await.unwrap();
+        let mut client = connect(n as u64, &base, &token).await.unwrap();
         let ack = client.subscribe(CHANNEL).await;
         assert_eq!(ack["type"], "ack", "{ack}");
         let start = (
@@ -137,6 +138,15 @@ async fn run(restart_redis: bool) {
     }
 }
 
+/// Client `n`: the odd ones take batches.
+async fn connect(n: u64, base: &str, token: &str) -> Result<Client, String> {
+    if n % 2 == 1 {
+        Client::connect_batched(base, Some(token)).await
+    } else {
+        Client::connect(base, Some(token)).await
+    }
+}
+
 /// Reads, drops the connection at random points, resumes with `since`, until the client has
 /// the last published message (after the publisher is done).
 async fn follow(
@@ -175,7 +185,7 @@ async fn follow(
         drop(client);
         tokio::time::sleep(Duration::from_millis(rng.u64(0..80))).await;
         client = loop {
-            match Client::connect(base, Some(token)).await {
+            match connect(seed, base, token).await {
                 Ok(client) => break client,
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }

@@ -198,8 +198,11 @@ pub struct Client {
     ws: TcpWebSocket,
     pub hello: Value,
     next_id: u64,
-    /// Messages read while waiting for an answer, handed out next.
+    /// Messages read while waiting for an answer, or the rest of a batch, handed out next.
     pending: VecDeque<Value>,
+    /// Each `batch` frame read: how many messages it held and its size in bytes (its
+    /// messages are handed out one by one, as if they had come alone).
+    pub batches: Vec<(usize, usize)>,
 }
 
 /// How long a test waits for one frame.
@@ -208,7 +211,17 @@ pub const WAIT: Duration = Duration::from_secs(10);
 impl Client {
     /// Connects; an `Err` carries the HTTP status of a refused upgrade.
     pub async fn connect(base: &str, token: Option<&str>) -> Result<Client, String> {
-        let url = format!("{}/ws", base.replacen("http", "ws", 1));
+        Client::connect_to(base, "/ws", token).await
+    }
+
+    /// Connects asking for batches (`/ws?batch=1`).
+    pub async fn connect_batched(base: &str, token: Option<&str>) -> Result<Client, String> {
+        Client::connect_to(base, "/ws?batch=1", token).await
+    }
+
+    /// Connects to `path` (`/ws` with a query).
+    pub async fn connect_to(base: &str, path: &str, token: Option<&str>) -> Result<Client, String> {
+        let url = format!("{}{path}", base.replacen("http", "ws", 1));
         let mut request = HttpRequestBuilder::new();
         if let Some(token) = token {
             request = request.header("Authorization", format!("Bearer {token}"));
@@ -223,6 +236,7 @@ impl Client {
             hello: Value::Null,
             next_id: 0,
             pending: VecDeque::new(),
+            batches: Vec::new(),
         };
         match client.next().await {
             Some(Incoming::Json(hello)) if hello["type"] == "hello" => client.hello = hello,
@@ -259,8 +273,17 @@ impl Client {
                 .ok()??;
             match frame.opcode() {
                 OpCode::Text => {
-                    let value: Value = serde_json::from_slice(frame.payload())
+                    let mut value: Value = serde_json::from_slice(frame.payload())
                         .unwrap_or_else(|e| panic!("server sent non-JSON text: {e}"));
+                    if value["type"] == "batch" {
+                        let Value::Array(messages) = value["messages"].take() else {
+                            panic!("a batch without messages: {value}");
+                        };
+                        assert!(messages.len() >= 2, "a batch of {}", messages.len());
+                        self.batches.push((messages.len(), frame.payload().len()));
+                        self.pending.extend(messages);
+                        return self.pending.pop_front().map(Incoming::Json);
+                    }
                     return Some(Incoming::Json(value));
                 }
                 OpCode::Close => {
@@ -308,6 +331,7 @@ impl Client {
             let value = self.json().await;
             if value["id"] == json!(id) {
                 held.extend(other.iter().cloned());
+                held.append(&mut self.pending);
                 self.pending = held;
                 return (value, other);
             }
