@@ -140,7 +140,7 @@ pub struct RedisHealth {
     pub error: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RedisError {
     #[error("Redis did not answer within {0:?}")]
     Timeout(Duration),
@@ -250,6 +250,20 @@ impl Redis {
 
     /// Whether this is a Redis Cluster (`REDIS_CLUSTER_URLS`): scripts must keep their keys in
     /// one slot.
+    /// A client of the test server at `url` with a generous deadline (unit tests).
+    #[cfg(test)]
+    pub(crate) fn for_test(url: String) -> Redis {
+        Redis::new(&RedisConfig {
+            url: crate::config::Secret::new(url),
+            display: "test".into(),
+            timeout: Duration::from_secs(5),
+            ca_cert: None,
+            sentinel: None,
+            cluster: None,
+        })
+        .expect("a valid test URL")
+    }
+
     pub fn is_cluster(&self) -> bool {
         matches!(self.target, Target::Cluster(_))
     }

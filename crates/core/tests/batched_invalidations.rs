@@ -70,22 +70,6 @@ async fn until_near_hits(engines: &[&Cache], source: &AtomicUsize) {
     }
 }
 
-/// Calls Redis executed of `command` (`INFO commandstats`), through a connection of its own.
-async fn calls_of(server: &RedisServer, command: &str) -> u64 {
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().unwrap())
-}
-
 /// 64 writers, each its own keys, on two instances: every write (a key, a tag and a whole
 /// namespace in one call) followed by a read on the other instance sees what it wrote, while
 /// the keys stay hot in both in-process tiers; and the writes cost Redis far fewer scripts and
@@ -99,8 +83,8 @@ async fn concurrent_writes_on_two_instances_are_each_seen_by_the_next_read_on_th
     let (writers, rounds) = (64usize, 8usize);
     let sources: Arc<Vec<AtomicUsize>> = Arc::new((0..writers).map(|_| 0.into()).collect());
     let (scripts_before, publishes_before) = (
-        calls_of(&server, "evalsha").await,
-        calls_of(&server, "publish").await,
+        server.command_calls("evalsha").await,
+        server.command_calls("publish").await,
     );
 
     let tasks: Vec<_> = (0..writers)
@@ -142,8 +126,8 @@ async fn concurrent_writes_on_two_instances_are_each_seen_by_the_next_read_on_th
 
     // Reads run scripts too (leases, fills), so count what writes alone would have needed.
     let writes = (writers * rounds) as u64;
-    let scripts = calls_of(&server, "evalsha").await - scripts_before;
-    let publishes = calls_of(&server, "publish").await - publishes_before;
+    let scripts = server.command_calls("evalsha").await - scripts_before;
+    let publishes = server.command_calls("publish").await - publishes_before;
     eprintln!(
         "{writes} writes: {scripts} scripts, {publishes} publishes (heartbeats and acks included)"
     );

@@ -1,6 +1,8 @@
 //! `get_or_load_body_batched` against a real Redis: misses of distinct keys of one namespace
-//! that arrive while loads run share one loader call; each caller gets its own value or
-//! not-found; an invalidation during the batch's load refuses that key's fill and no other.
+//! that arrive while loads run share one loader call, and their lookups that arrive while one
+//! is in flight share one lookup script; each caller gets its own value or not-found (or, in a
+//! lookup batch, its own hit, lease or wait for another loader); an invalidation during the
+//! batch's load refuses that key's fill and no other.
 //!
 //! Each test runs on one thread (`#[tokio::test]`), and the loader waits at a gate until the
 //! test opens it: when the test sees every caller counted as a miss, every caller is parked in
@@ -11,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cascade_core::cache::{Backend, Cache, EngineOptions, Source};
+use cascade_core::cache::{Backend, Cache, EngineOptions, NamespaceStats, Source};
 use cascade_core::config::{CacheBackend, CacheConfig, RedisConfig, Secret};
 use cascade_core::redis::Redis;
 use cascade_testkit::RedisServer;
@@ -108,22 +110,37 @@ fn spawn_reads(
 
 /// Waits (bounded) until the engine has counted `n` misses in `assets`.
 async fn until_misses(engine: &Cache, n: u64) {
+    until_counted(engine, "misses", n, |ns| ns.misses).await;
+}
+
+/// Waits (bounded) until `counter` of `assets` reaches `n`.
+async fn until_counted(
+    engine: &Cache,
+    name: &str,
+    n: u64,
+    counter: impl Fn(&NamespaceStats) -> u64,
+) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let misses = engine
+        let counted = engine
             .stats()
             .iter()
             .find(|ns| ns.namespace == "assets")
-            .map_or(0, |ns| ns.misses);
-        if misses >= n {
+            .map_or(0, &counter);
+        if counted >= n {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{misses} of {n} misses after 10 s"
+            "{counted} of {n} {name} after 10 s"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Lookup scripts of the keys' leases, when no fill ran yet: each script is one `EVALSHA`.
+async fn lookup_scripts_since(redis: &RedisServer, before: u64) -> u64 {
+    redis.command_calls("evalsha").await - before
 }
 
 fn keys(n: usize) -> Vec<String> {
@@ -136,8 +153,18 @@ async fn concurrent_misses_share_loader_calls_and_each_gets_its_own_value() {
     let engine = engine(&redis);
     let source = Rows::new("k07");
     let keys = keys(20);
+    let scripts_before = redis.command_calls("evalsha").await;
     let reads = spawn_reads(&engine, &source, &keys);
     until_misses(&engine, keys.len() as u64).await;
+    // Every key is leased and no load finished: the scripts so far are the lookups. The first
+    // is sent alone; those that arrived while it was in flight share the next (4 scripts
+    // here, as the plain GETs each sends first come back; one each without batching).
+    let lookups = lookup_scripts_since(&redis, scripts_before).await;
+    assert!(
+        (1..=keys.len() as u64 / 2).contains(&lookups),
+        "{lookups} lookup scripts for {} concurrent misses",
+        keys.len()
+    );
     source.open();
     let mut answers = Vec::new();
     for read in reads {
@@ -179,8 +206,12 @@ async fn an_invalidation_during_a_batch_refuses_that_keys_fill_only() {
     let engine = engine(&redis);
     let source = Rows::new("none");
     let keys = keys(6);
+    let scripts_before = redis.command_calls("evalsha").await;
     let reads = spawn_reads(&engine, &source, &keys);
     until_misses(&engine, keys.len() as u64).await;
+    // The leases were granted by batched lookups.
+    let lookups = lookup_scripts_since(&redis, scripts_before).await;
+    assert!(lookups < keys.len() as u64, "{lookups} lookup scripts");
     // The row of k03 changes while every load is parked (a write, then its invalidation).
     *source.version.lock().unwrap() = 2;
     engine.invalidate("assets", "k03").await;
@@ -210,4 +241,63 @@ async fn an_invalidation_during_a_batch_refuses_that_keys_fill_only() {
     let stats = engine.stats();
     let assets = stats.iter().find(|ns| ns.namespace == "assets").unwrap();
     assert_eq!(assets.stale_sets_refused, 1);
+}
+
+/// A namespace whose lookups lean to misses (its lookups go straight to the script): one
+/// cold key read through `engine`.
+async fn lean_to_misses(engine: &Cache) {
+    let source = Rows::new("none");
+    source.open();
+    engine
+        .get_or_load_body_batched("assets", "warm", &[], |keys| source.load(keys))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_lookup_batch_gives_each_key_its_hit_lease_or_wait_for_another_loader() {
+    let redis = RedisServer::start().await;
+    let (a, b) = (engine(&redis), engine(&redis));
+    lean_to_misses(&a).await;
+    // Through B: `hit` is stored; `held` is leased to B's loader, parked at its gate.
+    let b_rows = Rows::new("none");
+    *b_rows.version.lock().unwrap() = 7;
+    let b_hit = Rows::new("none");
+    *b_hit.version.lock().unwrap() = 7;
+    b_hit.open();
+    b.get_or_load_body_batched("assets", "hit", &[], |keys| b_hit.load(keys))
+        .await
+        .unwrap();
+    let b_held = spawn_reads(&b, &b_rows, &["held".to_string()]);
+    until_misses(&b, 2).await;
+
+    // Through A, at once: `first` is sent alone, the other four share the next script.
+    let a_rows = Rows::new("none");
+    let names = ["first", "hit", "new1", "held", "new2"].map(String::from);
+    // (How many scripts that took is not asserted: `held`'s polls for B's value are lookups
+    // too, as many as time allows.)
+    let reads = spawn_reads(&a, &a_rows, &names);
+    // `warm`, `first`, `new1` and `new2` leased; `held` found B's lease.
+    until_misses(&a, 4).await;
+    until_counted(&a, "lease waits", 1, |ns| ns.lease_waits).await;
+    b_rows.open();
+    a_rows.open();
+    let mut answers = BTreeMap::new();
+    for read in reads {
+        let (key, body, from) = read.await.unwrap();
+        answers.insert(key, (body.unwrap(), from));
+    }
+    b_held.into_iter().next().unwrap().await.unwrap();
+
+    let expect = |body: &str, from: Source| (body.to_string(), from);
+    assert_eq!(answers["first"], expect("\"first-v1\"", Source::Loaded));
+    assert_eq!(answers["new1"], expect("\"new1-v1\"", Source::Loaded));
+    assert_eq!(answers["new2"], expect("\"new2-v1\"", Source::Loaded));
+    assert_eq!(answers["hit"], expect("\"hit-v7\"", Source::Shared));
+    // A waited for B's loader and was served its value.
+    assert_eq!(answers["held"], expect("\"held-v7\"", Source::Shared));
+    let mut loaded_by_a: Vec<String> = a_rows.calls().into_iter().flatten().collect();
+    loaded_by_a.sort();
+    assert_eq!(loaded_by_a, ["first", "new1", "new2"]);
+    assert_eq!(b_rows.calls(), [["held".to_string()]]);
 }

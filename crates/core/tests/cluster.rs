@@ -1,7 +1,7 @@
 //! The cache engine on a real Redis Cluster (3 masters, 3 replicas: 6 `redis-server`
 //! processes): the bucket hash tags spread over the masters, the cache suite's stampede,
 //! stale-set, read-after-write, TTL/tag/namespace scenarios, invalidations that reach every
-//! bucket, and a master killed under load.
+//! bucket, batched reads (lookups and fills grouped by bucket), and a master killed under load.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -122,7 +122,73 @@ async fn the_cache_suite_passes_on_a_redis_cluster() {
     )
     .await;
 
+    batched_reads_across_buckets(cluster_engine(&cluster, "bl:", false)).await;
+
     limits_are_shared_by_the_instances(&cluster).await;
+}
+
+/// 48 concurrent batched reads of distinct keys, spread over the buckets (their lookups and
+/// fills merged per bucket, since a script's keys must share a slot): each gets its own value;
+/// an invalidation during their load refuses that key's fill only; read again, the others are
+/// served from Redis.
+async fn batched_reads_across_buckets(engine: Cache) {
+    let keys: Vec<String> = (0..48).map(|i| format!("b{i}")).collect();
+    let spread: BTreeSet<usize> = keys
+        .iter()
+        .map(|k| Buckets::new().of(&format!("assets:{k}")))
+        .collect();
+    assert!(spread.len() >= 8, "{spread:?}");
+    let version = Arc::new(AtomicI64::new(1));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let read = |key: String| {
+        let (engine, version, gate) = (engine.clone(), version.clone(), gate.clone());
+        async move {
+            // The row as it was when the read began: a batch loads what its leader read.
+            let v = version.load(Ordering::SeqCst);
+            let load = |keys: Vec<String>| async move {
+                gate.acquire().await.unwrap().forget();
+                let rows = keys.into_iter().map(|k| {
+                    let body = format!("\"{k}-v{v}\"").into_bytes();
+                    (k, body)
+                });
+                Ok::<_, std::convert::Infallible>(rows.collect())
+            };
+            let (body, from) = engine
+                .get_or_load_body_batched("assets", &key, &[], load)
+                .await
+                .unwrap();
+            (
+                String::from_utf8(body.unwrap().bytes().to_vec()).unwrap(),
+                from,
+            )
+        }
+    };
+    let reads: Vec<_> = keys.iter().map(|k| tokio::spawn(read(k.clone()))).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.stats().iter().map(|s| s.misses).sum::<u64>() < keys.len() as u64 {
+        assert!(Instant::now() < deadline, "the reads were not all leased");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The row of b5 changes while every load is parked (a write, then its invalidation).
+    version.store(2, Ordering::SeqCst);
+    engine.invalidate("assets", "b5").await;
+    gate.add_permits(10_000);
+    for (key, read) in keys.iter().zip(reads) {
+        assert_eq!(
+            read.await.unwrap(),
+            (format!("\"{key}-v1\""), Source::Loaded)
+        );
+    }
+    for key in &keys {
+        let (body, from) = read(key.clone()).await;
+        if key == "b5" {
+            assert_eq!((body, from), ("\"b5-v2\"".to_string(), Source::Loaded));
+        } else {
+            assert_eq!((body, from), (format!("\"{key}-v1\""), Source::Shared));
+        }
+    }
+    let refused: u64 = engine.stats().iter().map(|s| s.stale_sets_refused).sum();
+    assert_eq!(refused, 1);
 }
 
 /// Two instances' rate limiters share one budget per key on the cluster (decided by Redis,

@@ -131,6 +131,26 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// How many times the server ran `command` (`INFO commandstats`; a script's own commands
+    /// count too), asked through a connection of its own.
+    pub async fn command_calls(&self, command: &str) -> u64 {
+        let client = redis::Client::open(self.url()).expect("a valid URL");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the test server answers");
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .expect("INFO commandstats");
+        let field = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|line| line.strip_prefix(&field))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().expect("a count"))
+    }
+
     /// `rediss://localhost:<tls port>` of a server started with [`start_tls`](Self::start_tls).
     pub fn tls_url(&self) -> String {
         let port = self.tls_port.expect("a server started with start_tls");

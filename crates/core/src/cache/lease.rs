@@ -35,7 +35,7 @@ impl ReadCtx<'_> {
         shared: &SharedTier,
         loader: L,
     ) -> Result<Answer, E> {
-        let read = SharedRead::begin(self, shared);
+        let read = SharedRead::begin(self, shared, L::BATCHED);
         // Lives until the read returns: a poller that queued on the flight lock keeps it
         // through its own load, if it ends up loading.
         let mut backoff = Backoff::new(self.cache.inner.options.lease_wait);
@@ -84,22 +84,26 @@ struct SharedRead<'a> {
     /// the lease is still this token (an invalidation deletes it: no stale set).
     token: String,
     lease_ttl: Duration,
+    /// A batched read: its lookups share scripts with the concurrent ones (`lookup_batch.rs`).
+    batched: bool,
 }
 
 impl<'a> SharedRead<'a> {
-    fn begin(read: &'a ReadCtx<'a>, shared: &'a SharedTier) -> Self {
+    fn begin(read: &'a ReadCtx<'a>, shared: &'a SharedTier, batched: bool) -> Self {
         SharedRead {
             read,
             shared,
             started_epoch: read.cache.inner.epoch.load(Ordering::SeqCst),
             token: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
             lease_ttl: read.cache.inner.options.lease_ttl,
+            batched,
         }
     }
 
     /// One round trip to the shared tier when the namespace's recent lookups mostly missed
     /// (the lookup script reads or leases); a plain read first while they mostly hit (a hit
-    /// then costs Redis a `GET`, not a script).
+    /// then costs Redis a `GET`, not a script). A batched read's script is shared with the
+    /// lookups of concurrent batched reads (`lookup_batch.rs`).
     async fn lookup(&self) -> Step {
         let read = self.read;
         let asked = Instant::now();
@@ -112,6 +116,7 @@ impl<'a> SharedRead<'a> {
                 self.lease_ttl,
                 read.ttl,
                 !read.counters.mostly_missing(),
+                self.batched,
             )
             .await;
         match found {

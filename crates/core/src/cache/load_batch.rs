@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::codec::encode;
+use super::lead_queue::{self, HandOff, Waiting, pass_lead, take_batch};
 use super::read::ReadCtx;
 use super::stats::add;
 use super::tier::LeasedStore;
@@ -43,6 +44,9 @@ pub(super) const MAX_IN_FLIGHT: usize = 2;
 /// (`get_or_load_body_batched`). With `fill`, the loaded value is also stored in the shared
 /// tier under the read's lease.
 pub(super) trait KeyLoader<E> {
+    /// The read's shared-tier lookups join the concurrent ones (`lookup_batch.rs`).
+    const BATCHED: bool = false;
+
     async fn load(self, read: &ReadCtx<'_>, fill: Option<LeaseFill>) -> Result<Loaded, E>;
 }
 
@@ -66,6 +70,8 @@ where
 pub(super) struct Batched<B>(pub B);
 
 impl<E, B: LoadMany<E>> KeyLoader<E> for Batched<B> {
+    const BATCHED: bool = true;
+
     async fn load(self, read: &ReadCtx<'_>, fill: Option<LeaseFill>) -> Result<Loaded, E> {
         read.load_batched(fill, self.0).await
     }
@@ -179,47 +185,24 @@ struct Item {
     fill: Option<LeaseFill>,
 }
 
-struct Queued {
-    item: Item,
-    reply: oneshot::Sender<Turn>,
-}
-
-enum Turn {
-    /// Lead a batch: the receiver's own item, and the callers it loads for.
-    Lead(Item, Vec<Queued>),
-    /// The batch that took the caller's key is done: its load, or `None` if it failed.
-    Done(Option<Loaded>),
-}
+/// A queued caller, told the lead or its batch's load (`None` if it failed).
+type Queued = lead_queue::Queued<Item, Option<Loaded>>;
+type Turn = lead_queue::Turn<Item, Option<Loaded>>;
 
 impl LoadGroup {
     fn lock(&self) -> MutexGuard<'_, GroupState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
+impl HandOff<Item, Option<Loaded>> for LoadGroup {
     /// Puts `requeue` back at the head of the queue, then passes the lead to the first queued
     /// caller still waiting, with up to [`MAX_BATCH`] keys; or gives the lead up.
     fn hand_off(&self, requeue: Vec<Queued>) {
         let mut state = self.lock();
-        for queued in requeue.into_iter().rev() {
-            state.queue.push_front(queued);
+        if !pass_lead(&mut state.queue, requeue, MAX_BATCH) {
+            state.running = state.running.saturating_sub(1);
         }
-        while let Some(first) = state.queue.pop_front() {
-            if first.reply.is_closed() {
-                continue;
-            }
-            let rest = take_batch(&mut state.queue, MAX_BATCH - 1);
-            match first.reply.send(Turn::Lead(first.item, rest)) {
-                Ok(()) => return,
-                // Gone since: its batch goes back to the queue, the next caller leads.
-                Err(Turn::Lead(_, rest)) => {
-                    for queued in rest.into_iter().rev() {
-                        state.queue.push_front(queued);
-                    }
-                }
-                Err(Turn::Done(_)) => {}
-            }
-        }
-        state.running = state.running.saturating_sub(1);
     }
 }
 
@@ -231,20 +214,6 @@ enum Start {
     Queued(oneshot::Receiver<Turn>, Option<LeaseFill>),
 }
 
-/// Up to `n` callers from the head of `queue` that still wait.
-fn take_batch(queue: &mut VecDeque<Queued>, n: usize) -> Vec<Queued> {
-    let mut batch = Vec::with_capacity(n.min(queue.len()));
-    while batch.len() < n {
-        let Some(queued) = queue.pop_front() else {
-            break;
-        };
-        if !queued.reply.is_closed() {
-            batch.push(queued);
-        }
-    }
-    batch
-}
-
 /// Held while leading: dropped (the load done, or the leader's future dropped), it hands the
 /// lead on.
 struct Lead<'a>(&'a LoadGroup);
@@ -252,21 +221,6 @@ struct Lead<'a>(&'a LoadGroup);
 impl Drop for Lead<'_> {
     fn drop(&mut self) {
         self.0.hand_off(Vec::new());
-    }
-}
-
-/// A queued caller's wait. Dropped after the lead reached it but before it took it, it puts
-/// the batch back and hands the lead on, so the queue is never left without a leader.
-struct Waiting<'a> {
-    group: &'a LoadGroup,
-    turn: oneshot::Receiver<Turn>,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        if let Ok(Turn::Lead(_, rest)) = self.turn.try_recv() {
-            self.group.hand_off(rest);
-        }
     }
 }
 
@@ -302,7 +256,7 @@ impl ReadCtx<'_> {
             Start::Lead(own, rest) => (own, rest),
             Start::Queued(turn, fill) => {
                 let mut waiting = Waiting {
-                    group: &group,
+                    group: &*group,
                     turn,
                 };
                 match (&mut waiting.turn).await {

@@ -28,6 +28,8 @@
 //! | `log.rs`, `log_reader.rs` | the durable log of what could not be delivered; every instance's reading of it |
 //! | `batcher.rs` | concurrent invalidations merged into one shared-tier round and bus message |
 //! | `load_batch.rs` | concurrent loads of one namespace merged into one loader call and one fill round |
+//! | `lookup_batch.rs` | concurrent lookups of batched reads merged into one lookup script |
+//! | `lead_queue.rs` | the queue and lead hand-off both read batchers share |
 //! | `codec.rs` | the stored form of a value (header, XFetch early-refresh test) |
 //! | `tier.rs`, `redis_tier.rs`, `pg_tier.rs` | the shared tier and its two backends |
 //! | `bus.rs` | keeping the instances' in-process tiers coherent |
@@ -43,10 +45,12 @@ pub(crate) mod bus;
 mod codec;
 mod front;
 mod invalidate;
+mod lead_queue;
 mod lease;
 mod load_batch;
 mod log;
 mod log_reader;
+mod lookup_batch;
 mod marks;
 mod pg_tier;
 mod read;

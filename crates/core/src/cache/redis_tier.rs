@@ -15,7 +15,9 @@
 //!
 //! A miss costs two scripts: the lookup (reads or leases, one round trip; a namespace whose
 //! lookups mostly hit sends a plain `GET` first instead) and the fill (three commands; the
-//! lease holders of one batch of loads, `load_batch.rs`, fill in one script). The
+//! lease holders of one batch of loads, `load_batch.rs`, fill in one script, and the lookups
+//! of batched reads that arrive while one is in flight share one script,
+//! `lookup_batch.rs`). The
 //! lease enters the key in its tag sets until the value would expire, and the value's TTL
 //! counts from the lease's grant, so the fill has no tag set to touch.
 //!
@@ -47,6 +49,7 @@ use std::time::Duration;
 use redis::{Cmd, Script};
 
 use super::buckets::{BUCKETS, Buckets};
+use super::lookup_batch::{LookupGroups, LookupKey};
 use super::tier::LeasedStore;
 use crate::redis::{Redis, RedisError};
 
@@ -57,6 +60,7 @@ const TRIM: usize = 64;
 const DRAIN_BATCH: usize = 512;
 
 /// What a lookup found.
+#[derive(Debug)]
 pub(crate) enum Lookup {
     /// The stored bytes (with their header).
     Hit(Vec<u8>),
@@ -72,6 +76,10 @@ pub(crate) struct RedisTier {
     /// On a Redis Cluster, the buckets whose hash tags follow the prefix; None on one server.
     buckets: Option<Buckets>,
     get_or_lease: Script,
+    get_or_lease_many: Script,
+    /// Concurrent lookups of batched reads, merged into [`GET_OR_LEASE_MANY`] scripts: one
+    /// group on one server, one per bucket on a cluster (`lookup_batch.rs`).
+    lookups: LookupGroups,
     try_lease: Script,
     fill: Script,
     fill_many: Script,
@@ -80,7 +88,8 @@ pub(crate) struct RedisTier {
     drain: Script,
 }
 
-/// Enters `KEYS[1]` in the tag sets `KEYS[3..]` until `ttl` ms from now by Redis's clock:
+/// Enters `KEYS[1]` in the tag sets `KEYS[3..]` until `ttl` ms from now by Redis's clock
+/// (`index_key`: any key in the tag sets `KEYS[first..=last]`, for the many-key lookup):
 /// exactly (`exact`: the value expires then) or at least (`ZADD GT`, a lease: the key may hold
 /// a value that lives longer). A new member trims up to [`TRIM`] expired ones (a member whose
 /// expiry only moves adds nothing to trim for), and each set lives as long as its longest-lived
@@ -97,18 +106,18 @@ local function retire(tag)
   local ttl = redis.call('PTTL', dead)
   if ttl > 0 and redis.call('PTTL', registry) < ttl then redis.call('PEXPIRE', registry, ttl) end
 end
-local function index_tags(ttl, exact)
+local function index_key(key, first, last, ttl, exact)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local expiry = now + ttl
-  for i = 3, #KEYS do
+  for i = first, last do
     local tag = KEYS[i]
     if redis.call('TYPE', tag).ok == 'set' then retire(tag) end
     local added
     if exact then
-      added = redis.call('ZADD', tag, expiry, KEYS[1])
+      added = redis.call('ZADD', tag, expiry, key)
     else
-      added = redis.call('ZADD', tag, 'GT', expiry, KEYS[1])
+      added = redis.call('ZADD', tag, 'GT', expiry, key)
     end
     if added == 1 then
       local stale = redis.call('ZRANGEBYSCORE', tag, '-inf', '(' .. now, 'LIMIT', 0, TRIM)
@@ -116,6 +125,9 @@ local function index_tags(ttl, exact)
     end
     if redis.call('PTTL', tag) < ttl then redis.call('PEXPIRE', tag, ttl) end
   end
+end
+local function index_tags(ttl, exact)
+  index_key(KEYS[1], 3, #KEYS, ttl, exact)
 end
 ";
 
@@ -132,6 +144,30 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return 'L'
 end
 return 'W'
+";
+
+/// [`GET_OR_LEASE`] for several keys of one bucket, in order, one round trip: `KEYS` hold
+/// each key's value key, lease key and tag sets in turn, `ARGV` a (token, lease TTL, value
+/// TTL, number of tag sets) quadruple per key. Returns, per key, what [`GET_OR_LEASE`] would:
+/// the value, `L` or `W`; a key asked twice is leased to the first and `W` to the second.
+const GET_OR_LEASE_MANY: &str = r"
+local out = {}
+local k = 1
+for i = 1, #ARGV / 4 do
+  local a = 4 * (i - 1)
+  local value_key, lease_key, tags = KEYS[k], KEYS[k + 1], tonumber(ARGV[a + 4])
+  local v = redis.call('GET', value_key)
+  if v then
+    out[i] = v
+  elseif redis.call('SET', lease_key, ARGV[a + 1], 'NX', 'PX', ARGV[a + 2]) then
+    index_key(value_key, k + 2, k + 1 + tags, tonumber(ARGV[a + 3]), false)
+    out[i] = 'L'
+  else
+    out[i] = 'W'
+  end
+  k = k + 2 + tags
+end
+return out
 ";
 
 /// A lease on a key that still has a value: early refresh and revalidation. Indexed as in
@@ -292,6 +328,8 @@ impl RedisTier {
             prefix,
             buckets,
             get_or_lease: Script::new(&format!("{index_tags}{GET_OR_LEASE}")),
+            get_or_lease_many: Script::new(&format!("{index_tags}{GET_OR_LEASE_MANY}")),
+            lookups: LookupGroups::new(if buckets.is_some() { BUCKETS } else { 1 }),
             try_lease: Script::new(&format!("{index_tags}{TRY_LEASE}")),
             fill: Script::new(FILL),
             fill_many: Script::new(FILL_MANY),
@@ -345,29 +383,46 @@ impl RedisTier {
             .arg(script.get_hash())
             .arg(2 + tags.len());
         let mut name = String::with_capacity(2 * prefix.len() + 14 + full_key.len());
-        self.push_base(&mut name, bucket);
-        name.push_str(full_key);
-        cmd.arg(&name);
-        // The lease key: `<prefix>lease:<value key>`.
-        name.insert_str(0, "lease:");
-        name.insert_str(0, prefix);
-        cmd.arg(&name);
-        for tag in tags {
-            name.clear();
-            self.push_base(&mut name, bucket);
-            name.push_str("tag:");
-            name.push_str(tag);
-            cmd.arg(&name);
-        }
+        self.push_names(&mut cmd, &mut name, bucket, full_key, tags);
         for arg in args {
             cmd.arg(*arg);
         }
         cmd
     }
 
+    /// Appends to `cmd` the value key of `full_key` (in `bucket`), its lease and the tag sets
+    /// of `tags`, each spelled in the scratch string `name`.
+    fn push_names(
+        &self,
+        cmd: &mut Cmd,
+        name: &mut String,
+        bucket: Option<usize>,
+        full_key: &str,
+        tags: &[String],
+    ) {
+        name.clear();
+        self.push_base(name, bucket);
+        name.push_str(full_key);
+        cmd.arg(&*name);
+        // The lease key: `<prefix>lease:<value key>`.
+        name.insert_str(0, "lease:");
+        name.insert_str(0, &self.prefix);
+        cmd.arg(&*name);
+        for tag in tags {
+            name.clear();
+            self.push_base(name, bucket);
+            name.push_str("tag:");
+            name.push_str(tag);
+            cmd.arg(&*name);
+        }
+    }
+
     /// The value of `full_key`, or the lease on it (for `lease_ttl`), or word that another
     /// caller holds it: one script, one round trip. `value_ttl`: the longest TTL the lease
     /// holder's fill may store. `probe_first`: try a plain `GET` before the script.
+    /// `batched`: the script is shared with the concurrent batched lookups of the key's
+    /// bucket (`lookup_batch.rs`; a lookup alone is still sent at once).
+    #[allow(clippy::too_many_arguments)]
     pub async fn lookup(
         &self,
         full_key: &str,
@@ -376,6 +431,7 @@ impl RedisTier {
         lease_ttl: Duration,
         value_ttl: Duration,
         probe_first: bool,
+        batched: bool,
     ) -> Result<Lookup, RedisError> {
         if probe_first {
             // Most lookups of this namespace hit lately: a plain GET is cheaper than the
@@ -388,23 +444,64 @@ impl RedisTier {
                 return Ok(Lookup::Hit(bytes));
             }
         }
+        let key = LookupKey {
+            full_key: full_key.to_string(),
+            tags: tags.to_vec(),
+            token: token.to_string(),
+            lease_ttl,
+            value_ttl,
+        };
+        if batched {
+            let group = self.lookups.group(self.bucket(full_key).unwrap_or(0));
+            return self.lookup_batched(group, key).await;
+        }
+        self.lookup_one(&key).await
+    }
+
+    /// One [`GET_OR_LEASE`].
+    pub(super) async fn lookup_one(&self, key: &LookupKey) -> Result<Lookup, RedisError> {
         let cmd = self.keyed(
             &self.get_or_lease,
-            full_key,
-            tags,
+            &key.full_key,
+            &key.tags,
             &[
-                token.as_bytes(),
-                millis(lease_ttl).as_bytes(),
-                millis(value_ttl).as_bytes(),
+                key.token.as_bytes(),
+                millis(key.lease_ttl).as_bytes(),
+                millis(key.value_ttl).as_bytes(),
             ],
         );
         let bytes: Vec<u8> = self.redis.eval(&self.get_or_lease, &cmd).await?;
-        // A stored value is at least a codec header long: never `L` or `W`.
-        Ok(match bytes.as_slice() {
-            b"L" => Lookup::Lease,
-            b"W" => Lookup::Wait,
-            _ => Lookup::Hit(bytes),
-        })
+        Ok(Lookup::from_reply(bytes))
+    }
+
+    /// One [`GET_OR_LEASE_MANY`] of `keys`, all of one bucket on a cluster: what each found,
+    /// in order.
+    pub(super) async fn lookup_many(&self, keys: &[&LookupKey]) -> Result<Vec<Lookup>, RedisError> {
+        let prefix = &self.prefix;
+        let (names, size) = keys.iter().fold((0, 64), |(names, size), k| {
+            let tags: usize = k.tags.iter().map(|t| prefix.len() + 12 + t.len()).sum();
+            (
+                names + 2 + k.tags.len(),
+                size + 3 * (prefix.len() + 8 + k.full_key.len()) + 64 + tags,
+            )
+        });
+        let mut cmd = Cmd::with_capacity(3 + names + 4 * keys.len(), size);
+        cmd.arg("EVALSHA")
+            .arg(self.get_or_lease_many.get_hash())
+            .arg(names);
+        let mut name = String::new();
+        for k in keys {
+            let bucket = self.bucket(&k.full_key);
+            self.push_names(&mut cmd, &mut name, bucket, &k.full_key, &k.tags);
+        }
+        for k in keys {
+            cmd.arg(&k.token)
+                .arg(millis(k.lease_ttl))
+                .arg(millis(k.value_ttl))
+                .arg(k.tags.len());
+        }
+        let replies: Vec<Vec<u8>> = self.redis.eval(&self.get_or_lease_many, &cmd).await?;
+        Ok(replies.into_iter().map(Lookup::from_reply).collect())
     }
 
     /// Takes the lease of a key whatever its value (early refresh); false if someone holds it.
@@ -605,6 +702,18 @@ impl RedisTier {
             }
         }
         Ok(listed)
+    }
+}
+
+impl Lookup {
+    /// A lookup script's reply for one key. A stored value is at least a codec header long:
+    /// never `L` or `W`.
+    fn from_reply(bytes: Vec<u8>) -> Lookup {
+        match bytes.as_slice() {
+            b"L" => Lookup::Lease,
+            b"W" => Lookup::Wait,
+            _ => Lookup::Hit(bytes),
+        }
     }
 }
 

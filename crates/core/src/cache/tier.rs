@@ -70,7 +70,9 @@ pub(crate) enum SharedTier {
 impl SharedTier {
     /// `value_ttl`: the longest TTL the lease holder's fill may store. `probe_first`: hits are
     /// likely, a plain read first may save work (the PostgreSQL tier's lookup is one statement
-    /// either way).
+    /// either way). `batched`: a batched read's, sent in one script with the concurrent ones
+    /// on Redis (`lookup_batch.rs`).
+    #[allow(clippy::too_many_arguments)]
     pub async fn lookup(
         &self,
         full_key: &str,
@@ -79,11 +81,20 @@ impl SharedTier {
         lease_ttl: Duration,
         value_ttl: Duration,
         probe_first: bool,
+        batched: bool,
     ) -> Result<Lookup, TierError> {
         Ok(match self {
             SharedTier::Redis(t) => {
-                t.lookup(full_key, tags, token, lease_ttl, value_ttl, probe_first)
-                    .await?
+                t.lookup(
+                    full_key,
+                    tags,
+                    token,
+                    lease_ttl,
+                    value_ttl,
+                    probe_first,
+                    batched,
+                )
+                .await?
             }
             SharedTier::Postgres(t) => t.lookup(full_key, tags, token, lease_ttl).await?,
         })

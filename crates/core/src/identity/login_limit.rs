@@ -238,19 +238,8 @@ mod tests {
 
     #[tokio::test]
     async fn in_redis_the_wait_doubles_per_failure_is_shared_and_a_success_resets_it() {
-        use crate::config::{RedisConfig, Secret};
-        use crate::redis::Redis;
-
         let server = cascade_testkit::RedisServer::start().await;
-        let redis = Redis::new(&RedisConfig {
-            url: Secret::new(server.url()),
-            display: "test".into(),
-            timeout: Duration::from_secs(5),
-            ca_cert: None,
-            sentinel: None,
-            cluster: None,
-        })
-        .unwrap();
+        let redis = crate::redis::Redis::for_test(server.url());
         let one = RateLimiter::new(Some(redis.clone()), memory_cache(), "test:");
         let two = RateLimiter::new(Some(redis.clone()), memory_cache(), "test:");
         let alice = Username::parse("alice").unwrap();
