@@ -56,7 +56,8 @@ struct Cli {
 struct SuiteArgs {
     /// Short runs on a small catalog, as CI runs it; without the primary + replica rows
     /// (they add a PostgreSQL pair, a catalog and a server: `--quick --only replica` runs
-    /// them).
+    /// them) and the Redis Cluster rows (six redis-server processes, a server and four rows,
+    /// ~17 s: `--quick --only cluster` runs them).
     #[arg(long)]
     quick: bool,
     /// Assets to seed [default: 100000, quick: 2000].
@@ -77,8 +78,10 @@ struct SuiteArgs {
     /// and the direct PostgreSQL read beside it; `throughput`: the wrk rows (ceiling,
     /// baseline, hot, miss-heavy, bundles, writes), a few minutes; `replica`: hot reads, the
     /// miss-heavy walk and writes on one server, then on a primary with a streaming replica
-    /// (which server ran each read, stale reads).
-    #[arg(long, value_parser = ["realtime", "ws-memory", "executions", "miss", "throughput", "replica"])]
+    /// (which server ran each read, stale reads); `cluster`: the same on one server, then on a
+    /// server whose cache is on a Redis Cluster of 3 masters and 3 replicas (hits from the
+    /// cluster, Redis errors, stale reads), and a master killed under load.
+    #[arg(long, value_parser = ["realtime", "ws-memory", "executions", "miss", "throughput", "replica", "cluster"])]
     only: Option<String>,
 }
 

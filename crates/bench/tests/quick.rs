@@ -1,4 +1,4 @@
-//! `cascade-bench --quick` end to end, so the suite cannot rot: it starts its own PostgreSQL,
+//! `cascade-bench --quick` (and `--quick --only replica`, `--quick --only cluster`) end to end, so the suite cannot rot: it starts its own PostgreSQL,
 //! Redis and server, runs every scenario, and writes the table. The figures themselves are not
 //! asserted (this is a shared 2-core machine); what the suite reports about correctness is.
 
@@ -140,12 +140,13 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
     let writes = row("writes PATCH")["notes"].as_str().unwrap().to_string();
     assert!(writes.starts_with("0 stale reads of "), "{writes}");
     assert!(count_before(&writes, " checked") > 0, "{writes}");
-    // The primary + replica rows are `--only replica`'s (a quick run leaves them out).
+    // The primary + replica and Redis Cluster rows are `--only replica`'s and `--only
+    // cluster`'s (a quick run leaves them out).
     assert!(
-        rows.iter().all(|r| !r["scenario"]
-            .as_str()
-            .unwrap()
-            .contains("primary + replica")),
+        rows.iter().all(|r| {
+            let name = r["scenario"].as_str().unwrap();
+            !name.contains("primary + replica") && !name.contains("Redis Cluster")
+        }),
         "{results}"
     );
 
@@ -309,27 +310,52 @@ fn count_before(notes: &str, suffix: &str) -> u64 {
         .unwrap_or_else(|_| panic!("no count before {suffix:?} in {notes:?}"))
 }
 
+/// The single-node rows the replica and cluster rows stand beside.
+const SINGLE_NODE: [&str; 3] = [
+    "hot reads GET /listings/{id}",
+    "miss-heavy reads GET /listings/{id}",
+    "writes PATCH /listings/{id}",
+];
+
+/// `--quick --only <only>`: the single-node rows of [`SINGLE_NODE`] and the same scenarios on
+/// another topology (`names`), each measured without an error; its results.json.
+fn quick_beside(only: &str, names: [&str; 3]) -> Value {
+    let (results, _) = quick_suite(&["--only", only]);
+    for name in SINGLE_NODE.iter().chain(&names) {
+        assert_measured(name, row_named(&results, name));
+    }
+    results
+}
+
+/// The row named `name` of `results`.
+fn row_named<'a>(results: &'a Value, name: &str) -> &'a Value {
+    results["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["scenario"] == name)
+        .unwrap_or_else(|| panic!("no row {name:?} in {results}"))
+}
+
+/// The notes of the row named `name` of `results`.
+fn notes_of(results: &Value, name: &str) -> String {
+    row_named(results, name)["notes"]
+        .as_str()
+        .expect("notes")
+        .to_string()
+}
+
 #[test]
 fn quick_replica_rows_read_from_the_replica_and_none_is_stale() {
-    let (results, _) = quick_suite(&["--only", "replica"]);
-    let rows = results["rows"].as_array().expect("rows");
-    let row = |name: &str| -> &Value {
-        rows.iter()
-            .find(|r| r["scenario"] == name)
-            .unwrap_or_else(|| panic!("no row {name:?} in {results}"))
-    };
-    // The single-node rows of the same run, and the same scenarios on the pair.
-    for name in [
-        "hot reads GET /listings/{id}",
-        "miss-heavy reads GET /listings/{id}",
-        "writes PATCH /listings/{id}",
-        "hot reads, primary + replica",
-        "miss-heavy reads, primary + replica",
-        "writes, primary + replica",
-    ] {
-        assert_measured(name, row(name));
-    }
-    let notes = |name: &str| row(name)["notes"].as_str().unwrap().to_string();
+    let results = quick_beside(
+        "replica",
+        [
+            "hot reads, primary + replica",
+            "miss-heavy reads, primary + replica",
+            "writes, primary + replica",
+        ],
+    );
+    let notes = |name: &str| notes_of(&results, name);
     let hot = notes("hot reads, primary + replica");
     assert!(
         hot.starts_with("catalog reads: 0 on the replica, 0 on the primary;")
@@ -348,6 +374,60 @@ fn quick_replica_rows_read_from_the_replica_and_none_is_stale() {
     let writes = notes("writes, primary + replica");
     assert!(writes.contains("; 0 stale reads of "), "{writes}");
     assert!(count_before(&writes, " checked") > 0, "{writes}");
+}
+
+#[test]
+fn quick_cluster_rows_are_served_by_the_cluster_and_none_is_stale() {
+    // The same scenarios with the cache on a Redis Cluster of 3 masters and 3 replicas.
+    let cluster = [
+        "hot reads, Redis Cluster 3+3",
+        "miss-heavy reads, Redis Cluster 3+3",
+        "writes, Redis Cluster 3+3",
+    ];
+    let results = quick_beside("cluster", cluster);
+    let notes = |name: &str| notes_of(&results, name);
+    for name in cluster {
+        let notes = notes(name);
+        assert!(
+            notes.contains(" hits from the cluster (shared tier), 0 Redis errors;"),
+            "{name}: {notes}"
+        );
+    }
+    let hot = notes("hot reads, Redis Cluster 3+3");
+    assert!(
+        hot.contains("hit ratio 100.0 %")
+            && hot.contains(", 0.0 PostgreSQL statements per 1000 requests"),
+        "a warm hot set reads no catalog statement: {hot}"
+    );
+    let misses = notes("miss-heavy reads, Redis Cluster 3+3");
+    assert!(
+        !misses.contains(", 0.0 PostgreSQL statements"),
+        "misses reach PostgreSQL, counted there: {misses}"
+    );
+    // Beside wrk's writes, a writer and two readers of one asset through the cluster
+    // server: no read older than the write acknowledged before it was sent.
+    let writes = notes("writes, Redis Cluster 3+3");
+    assert!(writes.contains("; 0 stale reads of "), "{writes}");
+    assert!(count_before(&writes, " checked") > 0, "{writes}");
+
+    // The master of the written asset's bucket SIGKILLed under reads and writes through
+    // HTTP: no request failed, no read was stale, and the server felt the kill (Redis
+    // errors, absorbed) until the cluster promoted the replica.
+    let failover = row_named(&results, "Redis Cluster: a master killed under load");
+    assert!(failover["requests"].as_u64().unwrap() > 0, "{failover}");
+    assert_eq!(failover["errors"], 0, "{failover}");
+    let failover = notes("Redis Cluster: a master killed under load");
+    assert!(
+        failover.starts_with("0 failed reads, 0 stale reads of ")
+            && failover.contains("; 0 failed writes of "),
+        "{failover}"
+    );
+    assert!(count_before(&failover, " checked") > 0, "{failover}");
+    assert!(failover.contains("the replica promoted "), "{failover}");
+    assert!(
+        count_before(&failover, " Redis errors") > 0,
+        "the killed master held the written asset's key: {failover}"
+    );
 }
 
 #[tokio::test]

@@ -31,7 +31,14 @@ struct Shared {
 pub(super) struct Probe {
     shared: Arc<Shared>,
     readers: Vec<JoinHandle<Vec<Duration>>>,
-    writer: JoinHandle<()>,
+    writer: JoinHandle<Vec<Write>>,
+}
+
+/// One of the writer's writes.
+pub(super) struct Write {
+    pub begun: Instant,
+    pub took: Duration,
+    pub ok: bool,
 }
 
 /// What the probe saw.
@@ -42,6 +49,8 @@ pub(super) struct Outcome {
     /// Reads of the written asset, each checked against the acknowledged version.
     pub checked: u64,
     pub stale: u64,
+    /// The writer's writes, in order (their failures are among `failed` too).
+    pub writes: Vec<Write>,
 }
 
 impl Probe {
@@ -69,8 +78,9 @@ impl Probe {
         for reader in self.readers {
             latencies.extend(reader.await?);
         }
-        self.writer.await?;
+        let writes = self.writer.await?;
         Ok(Outcome {
+            writes,
             latencies,
             failed: self.shared.failed.load(Ordering::Relaxed),
             checked: self.shared.checked.load(Ordering::Relaxed),
@@ -117,20 +127,32 @@ async fn read(
 }
 
 /// Writes increasing versions of `written` every 20 ms until told to stop, publishing each
-/// acknowledged one.
-async fn write(client: Client, written: String, shared: Arc<Shared>) {
+/// acknowledged one; returns every write.
+async fn write(client: Client, written: String, shared: Arc<Shared>) -> Vec<Write> {
+    let mut writes = Vec::new();
     let mut version = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
         version += 1;
         let body = json!({ "metadata": { "bench_version": version } });
-        match client.patch(&format!("/listings/{written}"), &body).await {
-            Ok(()) => shared.acknowledged.store(version, Ordering::SeqCst),
+        let begun = Instant::now();
+        let ok = match client.patch(&format!("/listings/{written}"), &body).await {
+            Ok(()) => {
+                shared.acknowledged.store(version, Ordering::SeqCst);
+                true
+            }
             Err(_) => {
                 shared.failed.fetch_add(1, Ordering::Relaxed);
+                false
             }
-        }
+        };
+        writes.push(Write {
+            begun,
+            took: begun.elapsed(),
+            ok,
+        });
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    writes
 }
 
 /// The `bench_version` the writer put in an asset's metadata (0 before any).

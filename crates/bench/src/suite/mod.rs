@@ -15,6 +15,7 @@
 //! | bundle depth 3 | `GET /bundle?versionId=…&depth=3` over a warm set, and straight to PostgreSQL |
 //! | writes | `PATCH /listings/{id}`: a write plus its invalidations, with a staleness probe beside wrk |
 //! | primary + replica | hot reads, the miss-heavy walk and writes again, against a server on a primary and a streaming replica (`DATABASE_REPLICA_URLS`): which server ran the catalog's reads, no stale read |
+//! | Redis Cluster | hot reads, the miss-heavy walk and writes again, against a server on the same PostgreSQL with its cache and bus on a Redis Cluster of 3 masters and 3 replicas (`REDIS_CLUSTER_URLS`): hits from the cluster, Redis errors, no stale read; then a master SIGKILLed under reads and writes (failed and stale reads, failed and slowest writes, time to promotion) |
 //! | citizens | `GET /citizens/{u}` hot (cached) and cold (Venice, played by a stand-in in this process, answering in 20 ms): upstream calls per 1000 requests |
 //! | stampede | 1000 concurrent requests for one cold key: PostgreSQL queries counted |
 //! | spaces | one client per connection joining and leaving spaces with fewer places than clients: throughput, p99, no space above its limit |
@@ -31,6 +32,7 @@
 mod ceiling;
 mod citizens;
 mod client;
+mod cluster;
 mod executions;
 mod freshness;
 mod pg_restart;
@@ -56,7 +58,7 @@ use cascade_testkit::{RedisServer, StripeStandin, VeniceStandin};
 
 use self::client::Client;
 use self::report::Report;
-use self::server::ServerProc;
+use self::server::{RedisAt, ServerProc};
 use self::wrk::Wrk;
 use crate::statements::{self, Statements};
 
@@ -69,7 +71,7 @@ pub struct Options {
     pub connections: usize,
     pub out: PathBuf,
     /// Only this scenario (`realtime`, `ws-memory`, `executions`, `miss`, `throughput`,
-    /// `replica`).
+    /// `replica`, `cluster`).
     pub only: Option<String>,
 }
 
@@ -111,8 +113,8 @@ struct Suite {
 pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     let wrk = which("wrk")
         .context("wrk is not installed: run bench/run (it installs it), or apt-get install wrk")?;
-    // The miss-heavy walk needs the full catalog to be a walk, with or without a replica.
-    let full_catalog = ["miss", "throughput", "replica"];
+    // The miss-heavy walk needs the full catalog to be a walk, whatever the topology.
+    let full_catalog = ["miss", "throughput", "replica", "cluster"];
     let small = options.quick
         || options
             .only
@@ -149,12 +151,19 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         let mut rows = throughput::run_single_node(&suite).await?;
         rows.extend(replica::run(&suite, &rows, assets).await?);
         rows
+    } else if options.only.as_deref() == Some("cluster") {
+        let mut rows = throughput::run_single_node(&suite).await?;
+        rows.extend(cluster::run(&suite, &rows).await?);
+        rows
     } else {
         let mut rows = throughput::run(&suite).await?;
         // A second PostgreSQL, its replica, a catalog and a server: longer than a quick
-        // run's rows together, so `--only replica` runs them there.
+        // run's rows together, so `--only replica` runs them there. The cluster's six
+        // processes, its server and its four rows add ~17 s to a quick run (debug build):
+        // `--only cluster` runs them there too.
         if !options.quick {
             rows.extend(replica::run(&suite, &rows, assets).await?);
+            rows.extend(cluster::run(&suite, &rows).await?);
         }
         let citizens = citizens::run(&suite).await?;
         rows.extend(throughput::with_ratios(&rows, citizens));
@@ -220,7 +229,7 @@ impl Suite {
             work,
             "server",
             &pg.url(),
-            &redis.url(),
+            RedisAt::Server(&redis.url()),
             &venice.url(),
             &stripe.url(),
             &[],
@@ -272,23 +281,27 @@ impl Suite {
 
     /// One more server process on the suite's PostgreSQL, Redis and stand-ins.
     fn another_server(&self, name: &str, extra: &[(&str, &str)]) -> anyhow::Result<ServerProc> {
-        self.server_on(name, &self.pg.url(), &self.redis.url(), extra)
+        self.server_on(
+            name,
+            &self.pg.url(),
+            RedisAt::Server(&self.redis.url()),
+            extra,
+        )
     }
 
-    /// One more server process on the suite's stand-ins, with a PostgreSQL and a Redis of
-    /// its own.
+    /// One more server process on the suite's stand-ins, on the given PostgreSQL and Redis.
     fn server_on(
         &self,
         name: &str,
         database_url: &str,
-        redis_url: &str,
+        redis: RedisAt<'_>,
         extra: &[(&str, &str)],
     ) -> anyhow::Result<ServerProc> {
         ServerProc::start(
             &self.work,
             name,
             database_url,
-            redis_url,
+            redis,
             &self.venice.url(),
             &self._stripe.url(),
             extra,

@@ -18,8 +18,8 @@ use cascade_testkit::{PgServer, RedisServer};
 
 use super::client::Client;
 use super::report::Row;
+use super::server::RedisAt;
 use super::throughput::{self, Catalog, Target};
-use super::wrk::Wrk;
 use super::{BENCH_ACCOUNT, Suite, hot_set, seed_database, warm};
 use crate::statements::{self, Statements};
 
@@ -82,7 +82,7 @@ pub(super) async fn run(suite: &Suite, rows: &[Row], assets: usize) -> anyhow::R
     let mut server = suite.server_on(
         "server-replica",
         &database_url,
-        &redis.url(),
+        RedisAt::Server(&redis.url()),
         &[("DATABASE_REPLICA_URLS", &replica_url)],
     )?;
     server.wait_ready(Duration::from_secs(120)).await?;
@@ -97,14 +97,7 @@ pub(super) async fn run(suite: &Suite, rows: &[Row], assets: usize) -> anyhow::R
     let primary_statements = Statements::open(&database_url.parse()?).await?;
     let replica_statements = Statements::open(&replica_url.parse()?).await?;
     let counters = primary_statements.as_ref().zip(replica_statements.as_ref());
-    let wrk = Wrk {
-        bin: suite.wrk.bin.clone(),
-        base: server.base.clone(),
-        work: suite.wrk.work.clone(),
-        seconds: suite.wrk.seconds,
-        connections: suite.wrk.connections,
-        token: client.token.clone(),
-    };
+    let wrk = suite.wrk.against(&server.base, &client.token);
     let target = Target {
         wrk: &wrk,
         client: &client,
@@ -114,15 +107,15 @@ pub(super) async fn run(suite: &Suite, rows: &[Row], assets: usize) -> anyhow::R
         hot: &hot,
         ids: &ids,
     };
-    let mut measured = Vec::new();
-    for scenario in throughput::reads_and_writes(&catalog, rows, NAMES, wrk.seconds) {
-        let before = Split::read(counters, &client).await?;
-        let mut row = scenario.run(&target).await?;
-        let after = Split::read(counters, &client).await?;
-        row.notes = format!("{}; {}", after.since(&before), row.notes);
-        measured.push(row);
-    }
-    Ok(throughput::with_ratios(rows, measured))
+    throughput::run_beside(
+        &target,
+        &catalog,
+        rows,
+        NAMES,
+        async || Split::read(counters, &client).await,
+        |before, after| after.since(before),
+    )
+    .await
 }
 
 /// The suite's PostgreSQL's values of [`COMPARED`], as `name=value`.

@@ -10,6 +10,15 @@ use anyhow::{Context, bail};
 
 use super::client::Client;
 
+/// The Redis a server is started on.
+#[derive(Clone, Copy)]
+pub enum RedisAt<'a> {
+    /// One server: `REDIS_URL`.
+    Server(&'a str),
+    /// A Redis Cluster's seed nodes, comma-separated: `REDIS_CLUSTER_URLS`.
+    Cluster(&'a str),
+}
+
 /// The running server; stopped (SIGTERM, then SIGKILL after 20 s) on drop.
 pub struct ServerProc {
     pub base: String,
@@ -19,23 +28,27 @@ pub struct ServerProc {
 }
 
 impl ServerProc {
-    /// Starts it on a free loopback port, on the suite's PostgreSQL, Redis and Venice.
+    /// Starts it on a free loopback port, on the given PostgreSQL, Redis and stand-ins.
     pub fn start(
         work: &Path,
         name: &str,
         database_url: &str,
-        redis_url: &str,
+        redis: RedisAt<'_>,
         venice_url: &str,
         stripe_url: &str,
         extra: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let port = cascade_testkit::free_port();
         let log = work.join(format!("{name}.log"));
+        let redis = match redis {
+            RedisAt::Server(url) => ("REDIS_URL", url),
+            RedisAt::Cluster(urls) => ("REDIS_CLUSTER_URLS", urls),
+        };
         let child = Command::new(std::env::current_exe()?)
             .arg("serve")
             .envs(extra.iter().copied())
             .env("DATABASE_URL", database_url)
-            .env("REDIS_URL", redis_url)
+            .env(redis.0, redis.1)
             .env("VENICE_API_URL", venice_url)
             .env(
                 "VENICE_POOL_SIZE",

@@ -22,7 +22,7 @@ const BASELINE: &str = "baseline (fixed body, same stack)";
 /// The name of the row that reads straight from PostgreSQL.
 pub(super) const DIRECT: &str = "PostgreSQL reads, same query, no cache";
 
-/// The rows the replica rows stand beside: the same scenarios on the suite's single server.
+/// The rows the replica and cluster rows stand beside: the same scenarios on the suite's single server.
 pub(super) const HOT: &str = "hot reads GET /listings/{id}";
 pub(super) const MISS: &str = "miss-heavy reads GET /listings/{id}";
 pub(super) const WRITES: &str = "writes PATCH /listings/{id}";
@@ -94,8 +94,9 @@ pub(super) async fn run_miss(suite: &Suite) -> anyhow::Result<Vec<Row>> {
     .await
 }
 
-/// `--only replica`: the ceiling, the baseline, the direct PostgreSQL read, and the hot
-/// reads, the miss-heavy walk and the writes the replica rows stand beside.
+/// `--only replica` and `--only cluster`: the ceiling, the baseline, the direct PostgreSQL
+/// read, and the hot reads, the miss-heavy walk and the writes the rows of the other
+/// topology stand beside.
 pub(super) async fn run_single_node(suite: &Suite) -> anyhow::Result<Vec<Row>> {
     run_some(suite, |scenario| {
         [BASELINE, DIRECT, HOT, MISS, WRITES].contains(&scenario.name.as_str())
@@ -143,23 +144,34 @@ async fn run_some(suite: &Suite, wanted: fn(&Scenario) -> bool) -> anyhow::Resul
 }
 
 /// The hot reads, the miss-heavy walk and the writes of `catalog`, named `names` (in that
-/// order), exactly as the suite measures them on its own server; to be run against another
-/// [`Target`]. `rows` are those measured so far: the walk is cut by their direct PostgreSQL
-/// read's rate, to at most `seconds`.
-pub(super) fn reads_and_writes(
+/// order), exactly as the suite measures them on its own server, against another server
+/// (`target`); with their ratios to `rows`' ceiling and baseline. `rows` are those measured
+/// so far: the walk is cut by their direct PostgreSQL read's rate. `read` is called before
+/// and after each row, and `note` of the two readings leads the row's notes.
+pub(super) async fn run_beside<R>(
+    target: &Target<'_>,
     catalog: &Catalog<'_>,
     rows: &[Row],
     names: [&str; 3],
-    seconds: u64,
-) -> [Scenario; 3] {
+    read: impl AsyncFn() -> anyhow::Result<R>,
+    note: impl Fn(&R, &R) -> String,
+) -> anyhow::Result<Vec<Row>> {
     let [hot, miss, writes] = names;
     let mut walk = miss_heavy(miss, catalog.ids);
-    walk.fit_walk(rate_of(rows, DIRECT), seconds);
-    [
+    walk.fit_walk(rate_of(rows, DIRECT), target.wrk.seconds);
+    let mut measured = Vec::new();
+    for scenario in [
         hot_reads(hot, catalog.hot),
         walk,
         writes_of(writes, catalog),
-    ]
+    ] {
+        let before = read().await?;
+        let mut row = scenario.run(target).await?;
+        let after = read().await?;
+        row.notes = format!("{}; {}", note(&before, &after), row.notes);
+        measured.push(row);
+    }
+    Ok(with_ratios(rows, measured))
 }
 
 /// The req/s of the row named `name` (0 when there is none).

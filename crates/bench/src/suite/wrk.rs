@@ -62,6 +62,19 @@ end
 "#;
 
 impl Wrk {
+    /// The same wrk (binary, time, connections) against another server of the run, its
+    /// writes carrying `token`.
+    pub fn against(&self, base: &str, token: &str) -> Wrk {
+        Wrk {
+            bin: self.bin.clone(),
+            base: base.to_string(),
+            work: self.work.clone(),
+            seconds: self.seconds,
+            connections: self.connections,
+            token: token.to_string(),
+        }
+    }
+
     /// Runs wrk for `seconds` over `paths` (GET, or `method`) and reads its result.
     pub async fn run_for(
         &self,
