@@ -6,7 +6,8 @@
 //! While Redis is away the publisher's instance delivers locally (`durable: false`, no
 //! offset): those messages are outside the history, so the publisher publishes the same
 //! number again until it is durable, and the clients set them aside. Half the clients take
-//! batches (`?batch=1`, several messages per frame) and are held to the same checks.
+//! batches (`?batch=1`, several messages per frame), on both instances, and are held to the
+//! same checks.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -138,9 +139,10 @@ async fn run(restart_redis: bool) {
     }
 }
 
-/// Client `n`: the odd ones take batches.
+/// Client `n`: those with `n / 2` odd take batches, so each instance has clients of both
+/// kinds (`World::base` alternates instances with `n`).
 async fn connect(n: u64, base: &str, token: &str) -> Result<Client, String> {
-    if n % 2 == 1 {
+    if (n / 2) % 2 == 1 {
         Client::connect_batched(base, Some(token)).await
     } else {
         Client::connect(base, Some(token)).await

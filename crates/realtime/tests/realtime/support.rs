@@ -166,6 +166,18 @@ impl World {
             .expect("WebSocket upgrade")
     }
 
+    /// `POST /auth/logout` on instance `n` with `user`'s access token; the status.
+    pub async fn logout(&self, n: usize, user: &User) -> u16 {
+        reqwest::Client::new()
+            .post(format!("{}/auth/logout", self.base(n)))
+            .bearer_auth(&user.token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     /// An unauthenticated JSON `POST` to instance 0; the status and body.
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         self.request(reqwest::Method::POST, path, None, body).await
