@@ -23,7 +23,7 @@ pub struct World {
 /// What the instances share as Redis.
 pub enum Shared {
     One(RedisServer),
-    Cluster(#[allow(dead_code)] RedisCluster),
+    Cluster(RedisCluster),
 }
 
 impl Shared {
