@@ -121,6 +121,10 @@ async fn run(disruption: Disruption) {
         clients.push((mode, tokio::spawn(reader.follow(client, start))));
     }
 
+    if let Shared::Cluster(cluster) = &world.redis {
+        listen_on_the_master(&world, cluster).await;
+    }
+
     // The publisher, on instance 0, retrying what was only delivered locally while Redis
     // was away.
     let rt = world.servers[0].realtime.clone();
@@ -170,6 +174,18 @@ async fn run(disruption: Disruption) {
             server.realtime_listening(Duration::from_secs(10)).await,
             "instance {i} does not hear every shard again"
         );
+    }
+    if let Shared::Cluster(cluster) = &world.redis {
+        // Both moved the channel's shard to a live node.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while listeners(cluster).iter().map(|(_, n)| n).sum::<i64>() != 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the channel's shard is not subscribed by both instances on live nodes: {:?}",
+                listeners(cluster)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     let published = published.lock().unwrap().clone();
@@ -224,6 +240,72 @@ async fn run(disruption: Disruption) {
             );
         }
     }
+}
+
+/// The Redis channel of the channel's fan-out shard (`WS_REDIS_SHARDS` 4, the default).
+fn shard_channel() -> String {
+    format!(
+        "cascade:rt:shard:{}",
+        cascade_realtime::store::shard_of(CHANNEL, 4)
+    )
+}
+
+/// Each live node's count of subscribers of the channel's shard (by port): on a cluster
+/// `PUBSUB NUMSUB` answers for the node asked.
+fn listeners(cluster: &cascade_testkit::RedisCluster) -> Vec<(u16, i64)> {
+    cluster
+        .urls()
+        .iter()
+        .filter_map(|url| {
+            let port = url.rsplit(':').next()?.parse().ok()?;
+            let mut conn = redis::Client::open(url.as_str())
+                .ok()?
+                .get_connection_with_timeout(Duration::from_millis(500))
+                .ok()?;
+            let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(shard_channel())
+                .query(&mut conn)
+                .ok()?;
+            Some((port, n))
+        })
+        .collect()
+}
+
+/// Brings both instances' subscription of the channel's shard onto the master of the
+/// channel's slot, so that killing it cuts the channel's fan-out on both: pub/sub clients
+/// on the other nodes are disconnected (`CLIENT KILL TYPE pubsub`) until they land there
+/// (each reconnects on the next seed node).
+async fn listen_on_the_master(world: &World, cluster: &cascade_testkit::RedisCluster) {
+    let master = cluster
+        .master_of_slot(cluster.slot_of(CHANNEL))
+        .expect("the slot has a master");
+    for _ in 0..40 {
+        let found = listeners(cluster);
+        if found.contains(&(master, 2)) {
+            return;
+        }
+        for (port, n) in found {
+            if port != master && n > 0 {
+                let url = format!("redis://127.0.0.1:{port}");
+                let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+                let _: i64 = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("pubsub")
+                    .query(&mut conn)
+                    .unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for server in &world.servers {
+            assert!(server.realtime_listening(Duration::from_secs(10)).await);
+        }
+    }
+    panic!(
+        "the shard's subscriptions never both reached {master}: {:?}",
+        listeners(cluster)
+    );
 }
 
 /// Kills the master of the channel's slot, waits for its replica to take over, and for a
