@@ -245,6 +245,20 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
         };
         assert!(notes.contains(expected), "{name}: {notes}");
     }
+    // The server batches: where the write waits WS_WRITE_DELAY (5 ms, the quick run's
+    // publish interval) after the last one, the messages outpace the writes (the delay is
+    // counted from the end of a write, and tokio's timer rounds it up to the next
+    // millisecond), so some frames carry two or more. The other rows may take one message
+    // per frame at the quick run's 200 messages a second.
+    let delayed = row("ws broadcast, one instance, WS_WRITE_DELAY=5ms");
+    let notes = delayed["notes"].as_str().unwrap();
+    let per_frame: f64 = notes
+        .split("batches asked: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no messages per frame in {notes}"));
+    assert!(per_frame > 1.0, "the server never batched: {notes}");
 
     // The executions queue: every execution of every run succeeded, each completed once (the
     // scenario fails the suite otherwise), and the kill run killed.

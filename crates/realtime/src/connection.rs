@@ -294,6 +294,10 @@ impl Session {
             End::Close(code, label, reason) => (label, Some((code, reason))),
         };
         metrics::closed(label);
+        // Nothing is queued for it any more, and what was is not written. Before the final
+        // write, which may take CLOSE_WRITE: a busy channel would otherwise fill the queue of
+        // a closing connection meanwhile and count its messages as dropped (`queue_full`).
+        metrics::dequeued(handle.queue.close());
         if let Some((code, reason)) = close {
             if label == "queue_full" {
                 // The queued messages are not written: the client resumes from history.
@@ -302,8 +306,6 @@ impl Session {
             out.push(Frame::close(CloseCode::from(code), reason));
             let _ = tokio::time::timeout(CLOSE_WRITE, feed_all(&mut ws, &out, self.batch)).await;
         }
-        // Nothing is queued for it any more; what was is not written.
-        metrics::dequeued(handle.queue.close());
         // Dropping `self` forgets the connection in the hub and frees its place.
     }
 

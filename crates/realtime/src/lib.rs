@@ -34,7 +34,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{RawQuery, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -432,11 +433,14 @@ fn unavailable(message: &str) -> Response {
 async fn upgrade(
     State(rt): State<Realtime>,
     headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    query: Result<Query<WsParams>, QueryRejection>,
     incoming: Result<yawc::IncomingUpgrade, StatusCode>,
 ) -> Response {
     let inner = &rt.inner;
-    let batch = match batch_param(query.as_deref()) {
+    let batch = match query
+        .map_err(|_| batch_error())
+        .and_then(|q| parse_batch(q.0.batch.as_deref()))
+    {
         Ok(batch) => batch,
         Err(err) => return err.into_response(),
     };
@@ -499,28 +503,30 @@ async fn upgrade(
     response.map(axum::body::Body::new)
 }
 
-/// `?batch=1` (or `true`): the client takes messages queued together as one `batch` frame
-/// (README, "Real-time protocol"). Other parameters are ignored; a `batch` that is neither
-/// on nor off is a 400 naming it.
-fn batch_param(query: Option<&str>) -> Result<bool, ApiError> {
-    let mut batch = false;
-    for pair in query.unwrap_or("").split('&') {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if name != "batch" {
-            continue;
-        }
-        batch = match value {
-            "1" | "true" => true,
-            "0" | "false" => false,
-            _ => {
-                return Err(ApiError::bad_request(
-                    "batch",
-                    "batch is 1 (or true) to receive messages queued together in one frame, 0 (or false) for one message per frame",
-                ));
-            }
-        };
+/// The query of `GET /ws` (other parameters are ignored).
+#[derive(serde::Deserialize)]
+struct WsParams {
+    batch: Option<String>,
+}
+
+/// `?batch=1` (or `true`, any case, percent-encoded or not): the client takes messages
+/// queued together as one `batch` frame (README, "Real-time protocol"); `0` or `false`, or
+/// no `batch`, one message per frame. Anything else (an empty value, `batch` twice) is a 400
+/// naming it.
+fn parse_batch(value: Option<&str>) -> Result<bool, ApiError> {
+    match value {
+        None => Ok(false),
+        Some(v) if v == "1" || v.eq_ignore_ascii_case("true") => Ok(true),
+        Some(v) if v == "0" || v.eq_ignore_ascii_case("false") => Ok(false),
+        Some(_) => Err(batch_error()),
     }
-    Ok(batch)
+}
+
+fn batch_error() -> ApiError {
+    ApiError::bad_request(
+        "batch",
+        "batch is 1 (or true) to receive messages queued together in one frame, 0 (or false) for one message per frame",
+    )
 }
 
 #[derive(utoipa::OpenApi)]

@@ -157,6 +157,50 @@ mod tests {
         assert!(plain.iter().all(|v| v["type"] != "batch"));
     }
 
+    /// Messages of exactly `size` bytes each.
+    fn sized(count: usize, size: usize) -> Outbox {
+        let mut outbox = Outbox::default();
+        for n in 1..=count {
+            let bare = message(n, 0).len();
+            let sized = message(n, size - bare);
+            assert_eq!(sized.len(), size);
+            outbox.message(sized);
+        }
+        outbox
+    }
+
+    /// The messages per frame and the bytes of each frame.
+    fn shape(outbox: &Outbox, limit: usize) -> Vec<(usize, usize)> {
+        let mut at = 0;
+        std::iter::from_fn(|| outbox.frame_at(&mut at, Some(limit)))
+            .map(|frame| {
+                let value: Value = serde_json::from_slice(frame.payload()).unwrap();
+                let n = value["messages"].as_array().map_or(1, Vec::len);
+                (n, frame.payload().len())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn messages_that_fill_the_limit_to_the_byte_share_a_frame_and_one_byte_more_does_not() {
+        // A batch of k messages of s bytes: the 28-byte head, the 2-byte tail, k - 1 commas.
+        let wrapper = BATCH_HEAD.len() + BATCH_TAIL.len();
+        assert_eq!(wrapper, 30);
+        let (limit, size) = (2_029, 499);
+        assert_eq!(wrapper + 4 * size + 3, limit);
+        // To the exact byte: four a frame, each frame the limit exactly.
+        assert_eq!(shape(&sized(12, size), limit), [(4, limit); 3]);
+        // One byte more per message (the four would be 4 bytes over): three a frame.
+        let three = wrapper + 3 * (size + 1) + 2;
+        assert_eq!(shape(&sized(12, size + 1), limit), [(3, three); 4]);
+        // Two messages that fill the limit with the wrapper, then one byte less of limit:
+        // a size that forgot the wrapper would still put them together.
+        let pair = (limit - wrapper - 1) / 2;
+        assert_eq!(wrapper + 2 * pair + 1, limit);
+        assert_eq!(shape(&sized(2, pair), limit), [(2, limit)]);
+        assert_eq!(shape(&sized(2, pair), limit - 1), [(1, pair), (1, pair)]);
+    }
+
     #[test]
     fn a_batch_never_passes_the_limit_and_a_message_too_big_for_one_goes_alone() {
         let mut outbox = Outbox::default();

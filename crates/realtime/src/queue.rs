@@ -76,13 +76,22 @@ impl Queue {
     }
 
     /// Moves up to `max` items into `into`; 0 when none is waiting.
+    ///
+    /// A drained queue gives back what a burst grew it to, but not under the lock: the hub
+    /// offers under it while it holds the channel map's read lock for a whole fan-out, so
+    /// freeing a big buffer there would hold up every subscriber of the channel (and every
+    /// subscribe waiting for the write lock). The burst's buffer is swapped out for a small
+    /// one and freed after unlocking.
     pub fn take(&self, into: &mut Vec<Outbound>, max: usize) -> usize {
         let mut state = self.state();
         let n = state.items.len().min(max);
-        into.extend(state.items.drain(..n));
-        if state.items.is_empty() {
-            state.items.shrink_to(IDLE_KEEP);
+        if n == state.items.len() && state.items.capacity() > IDLE_KEEP {
+            let burst = std::mem::replace(&mut state.items, VecDeque::with_capacity(IDLE_KEEP));
+            drop(state);
+            into.extend(burst);
+            return n;
         }
+        into.extend(state.items.drain(..n));
         n
     }
 
@@ -98,13 +107,21 @@ impl Queue {
         }
     }
 
-    /// Refuses every later offer and drops what is waiting; how many items that was.
+    /// Refuses every later offer and drops what is waiting; how many items that was. The
+    /// items (up to `WS_QUEUE_SIZE` of them) are dropped after unlocking, as in
+    /// [`take`](Self::take).
     pub fn close(&self) -> usize {
         let mut state = self.state();
         state.open = false;
-        let n = state.items.len();
-        state.items = VecDeque::new();
-        n
+        let items = std::mem::take(&mut state.items);
+        drop(state);
+        items.len()
+    }
+
+    /// Runs `f` on the locked state (tests look at the buffer).
+    #[cfg(test)]
+    fn locked<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.state())
     }
 }
 
@@ -144,6 +161,28 @@ mod tests {
         assert_eq!(queue.close(), 1);
         assert_eq!(queue.offer(item(5)), Offer::Closed);
         assert_eq!(queue.take(&mut got, 10), 0);
+    }
+
+    #[test]
+    fn a_drained_queue_gives_back_what_a_burst_grew_it_to() {
+        let queue = Queue::new(1_000);
+        for n in 0..1_000 {
+            assert_eq!(queue.offer(item(n)), Offer::Queued);
+        }
+        let mut got = Vec::new();
+        assert_eq!(queue.take(&mut got, 600), 600);
+        assert!(queue.locked(|s| s.items.capacity()) >= 400);
+        assert_eq!(queue.take(&mut got, 600), 400);
+        assert_eq!(
+            names(&got),
+            (0..1_000).map(|n| n.to_string()).collect::<Vec<_>>()
+        );
+        assert!(queue.locked(|s| s.items.capacity()) <= IDLE_KEEP);
+        // Still a queue: the next offer is taken, in order.
+        assert_eq!(queue.offer(item(7)), Offer::Queued);
+        got.clear();
+        assert_eq!(queue.take(&mut got, 10), 1);
+        assert_eq!(names(&got), ["7"]);
     }
 
     #[tokio::test]

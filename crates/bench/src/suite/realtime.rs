@@ -241,12 +241,13 @@ async fn broadcast(
     let publishing = started.elapsed();
     // Each subscriber stops at the last message or after a quiet spell.
     let mut latencies = Vec::new();
-    let mut missing = 0u64;
+    let (mut missing, mut surplus) = (0u64, 0u64);
     let mut closed = 0u64;
     let mut frames = 0u64;
     for subscriber in subscribers {
         let outcome = subscriber.await.context("a subscriber task")?;
-        missing += total.saturating_sub(outcome.received);
+        missing += outcome.tally.missing();
+        surplus += outcome.tally.surplus;
         frames += outcome.frames;
         closed += u64::from(outcome.closed);
         latencies.extend(outcome.latencies);
@@ -260,21 +261,22 @@ async fn broadcast(
         req_per_sec: deliveries as f64 / elapsed.as_secs_f64(),
         p50_ms: ms(p50),
         p99_ms: ms(p99),
-        errors: missing,
+        errors: missing + surplus,
         ratio_to_baseline: None,
         ratio_to_ceiling: None,
         notes: format!(
             "{} subscribers of `{CHANNEL}` on {} instance(s); {total} messages published at \
              {:.0}/s (asked {}/s); {}; req/s = messages delivered per second, latency = \
-             publish to delivery; errors = deliveries missing ({closed} subscribers closed by \
-             the server)",
+             publish to delivery; errors = deliveries missing ({missing}) or surplus ({surplus}: \
+             a message twice, or one never published) ({closed} subscribers closed by the \
+             server)",
             sizes.subscribers,
             servers.len(),
             total as f64 / publishing.as_secs_f64(),
             sizes.rate,
             if batch {
                 format!(
-                    "batches asked: {:.1} messages per frame",
+                    "batches asked: {:.2} messages per frame",
                     deliveries as f64 / frames.max(1) as f64
                 )
             } else {
@@ -285,14 +287,54 @@ async fn broadcast(
 }
 
 struct Received {
-    received: u64,
-    /// Text frames that carried messages (fewer than `received` with batches).
+    tally: Tally,
+    /// Text frames that carried messages (fewer than the messages with batches).
     frames: u64,
+    /// Publish to delivery, of each message's first delivery.
     latencies: Vec<Duration>,
     closed: bool,
 }
 
-/// Reads until `total` messages arrived, the server closed, or nothing came for 5 s.
+/// Which of the `total` messages (numbered from 0) a subscriber got: each counts once, and
+/// one received again (or numbered past the last) is a surplus, an error as much as a
+/// missing one (a count of deliveries alone would let duplicates make up for losses).
+struct Tally {
+    seen: Vec<bool>,
+    /// Distinct messages received.
+    received: u64,
+    surplus: u64,
+}
+
+impl Tally {
+    fn new(total: u64) -> Tally {
+        Tally {
+            seen: vec![false; total as usize],
+            received: 0,
+            surplus: 0,
+        }
+    }
+
+    /// Counts message `n`; true the first time.
+    fn count(&mut self, n: u64) -> bool {
+        match self.seen.get_mut(n as usize) {
+            Some(seen) if !*seen => {
+                *seen = true;
+                self.received += 1;
+                true
+            }
+            _ => {
+                self.surplus += 1;
+                false
+            }
+        }
+    }
+
+    fn missing(&self) -> u64 {
+        self.seen.len() as u64 - self.received
+    }
+}
+
+/// Reads until all `total` messages arrived, the server closed, or nothing came for 5 s.
 async fn subscriber(
     mut ws: TcpWebSocket,
     total: u64,
@@ -300,12 +342,12 @@ async fn subscriber(
     delivered: Arc<AtomicU64>,
 ) -> Received {
     let mut out = Received {
-        received: 0,
+        tally: Tally::new(total),
         frames: 0,
         latencies: Vec::with_capacity(total as usize),
         closed: false,
     };
-    while out.received < total {
+    while out.tally.received < total {
         let frame = match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
             Ok(Some(frame)) => frame,
             Ok(None) | Err(_) => break,
@@ -313,16 +355,18 @@ async fn subscriber(
         match frame.opcode() {
             OpCode::Text => {
                 let now = clock.elapsed().as_micros() as u64;
-                // A `message`, or a `batch` of them: each carries its send time.
-                let before = out.received;
-                for sent in sent_us(frame.payload()) {
-                    out.received += 1;
-                    out.latencies
-                        .push(Duration::from_micros(now.saturating_sub(sent)));
+                // A `message`, or a `batch` of them: each carries its number and send time.
+                let mut messages = 0;
+                for (n, sent) in numbered(frame.payload()) {
+                    messages += 1;
+                    if out.tally.count(n) {
+                        out.latencies
+                            .push(Duration::from_micros(now.saturating_sub(sent)));
+                    }
                 }
-                if out.received > before {
+                if messages > 0 {
                     out.frames += 1;
-                    delivered.fetch_add(out.received - before, Ordering::Relaxed);
+                    delivered.fetch_add(messages, Ordering::Relaxed);
                 }
             }
             OpCode::Close => {
@@ -335,20 +379,26 @@ async fn subscriber(
     out
 }
 
-/// The `sent_us` of each message of a `message` or `batch` frame, in order, read without
-/// parsing the whole JSON (the payloads are the publisher's, so the key appears once per
-/// message).
-fn sent_us(payload: &[u8]) -> impl Iterator<Item = u64> + '_ {
-    const KEY: &[u8] = b"\"sent_us\":";
+/// The `n` and `sent_us` of each message of a `message` or `batch` frame, in order, read
+/// without parsing the whole JSON (the payloads are the publisher's, `{"n":…,"sent_us":…}`,
+/// so each key appears once per message, `n` first).
+fn numbered(payload: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
     let mut rest = payload;
     std::iter::from_fn(move || {
-        let at = rest.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
-        rest = &rest[at..];
-        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-        let sent = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok();
-        rest = &rest[digits..];
-        sent
+        let n = number_after(&mut rest, b"\"n\":")?;
+        let sent = number_after(&mut rest, b"\"sent_us\":")?;
+        Some((n, sent))
     })
+}
+
+/// The number after the next `key` in `rest`, moving `rest` past it.
+fn number_after(rest: &mut &[u8], key: &[u8]) -> Option<u64> {
+    let at = rest.windows(key.len()).position(|w| w == key)? + key.len();
+    *rest = &rest[at..];
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let number = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok();
+    *rest = &rest[digits..];
+    number
 }
 
 /// An authenticated connection (asking for batches when `batch`), past the server's `hello`.
@@ -423,11 +473,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_send_times_are_read_from_a_message_or_a_batch() {
+    fn numbers_and_send_times_are_read_from_a_message_or_a_batch() {
         let frame = br#"{"type":"message","channel":"c","offset":3,"epoch":"e","time":1,"payload":{"n":2,"sent_us":12345}}"#;
-        assert_eq!(sent_us(frame).collect::<Vec<_>>(), [12345]);
-        assert_eq!(sent_us(br#"{"type":"ack"}"#).count(), 0);
+        assert_eq!(numbered(frame).collect::<Vec<_>>(), [(2, 12345)]);
+        assert_eq!(numbered(br#"{"type":"ack"}"#).count(), 0);
         let batch = br#"{"type":"batch","messages":[{"type":"message","payload":{"n":1,"sent_us":7}},{"type":"message","payload":{"n":2,"sent_us":9}}]}"#;
-        assert_eq!(sent_us(batch).collect::<Vec<_>>(), [7, 9]);
+        assert_eq!(numbered(batch).collect::<Vec<_>>(), [(1, 7), (2, 9)]);
+    }
+
+    #[test]
+    fn a_message_twice_does_not_make_up_for_a_missing_one() {
+        let mut tally = Tally::new(3);
+        for n in [0, 1, 1, 7] {
+            tally.count(n);
+        }
+        assert_eq!(tally.received, 2);
+        assert_eq!(tally.missing(), 1);
+        assert_eq!(tally.surplus, 2);
     }
 }

@@ -118,13 +118,7 @@ async fn logout_on_one_instance_closes_the_sessions_sockets_on_every_instance() 
     let mut on_b = world.connect(1, Some(&alice.token)).await;
     let mut bystander = world.connect(1, Some(&bob.token)).await;
     assert_eq!(on_b.subscribe("cascade-events").await["type"], "ack");
-    let response = reqwest::Client::new()
-        .post(format!("{}/auth/logout", world.base(0)))
-        .bearer_auth(&alice.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 204);
+    assert_eq!(world.logout(0, &alice).await, 204);
     assert_eq!(on_b.closed().await, Some(4001));
     // Another account's socket lives on, and the ended token cannot open a new one.
     let (pong, _) = bystander.request(json!({"type": "ping"})).await;

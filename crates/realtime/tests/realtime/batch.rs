@@ -75,8 +75,15 @@ async fn a_burst_reaches_an_opted_in_client_in_batches_once_and_in_order_and_oth
         !batched.batches.is_empty(),
         "300 messages within a few write delays came one per frame"
     );
+    // A burst that takes a few write delays leaves in a few writes: the frames (batches and
+    // the messages that came alone) are far fewer than the messages.
     let in_batches: usize = batched.batches.iter().map(|(n, _)| n).sum();
-    assert!(in_batches <= 300);
+    let frames = batched.batches.len() + (300 - in_batches);
+    assert!(
+        frames <= 60,
+        "300 messages in {frames} frames: {:?}",
+        batched.batches
+    );
     for client in [&mut plain, &mut off] {
         assert_eq!(offsets(client, 300).await, range(head + 1, last));
         assert!(client.batches.is_empty(), "{:?}", client.batches);
@@ -112,31 +119,66 @@ async fn resuming_with_since_replays_in_batches_then_follows_live() {
     assert!(extra.is_empty(), "{extra:?}");
 }
 
+/// The `message` object of `offset` in `epoch` with a `pad` of `pad` bytes, as the server
+/// encodes it (its `time`, milliseconds since 1970, has 13 digits until 2286).
+fn encoded(epoch: &str, offset: u64, pad: usize) -> String {
+    let payload = json!({"n": offset, "pad": "x".repeat(pad)}).to_string();
+    cascade_realtime::protocol::message(CHANNEL, epoch, offset, 1_764_000_000_000, &payload)
+}
+
+/// Publishes `count` messages after `head` (the channel's last offset in `epoch`), each a
+/// `message` object of exactly `size` bytes; the last offset.
+async fn publish_sized(world: &World, epoch: &str, head: u64, count: u64, size: usize) -> u64 {
+    let rt = world.servers[0].realtime.clone();
+    let epoch = epoch.to_string();
+    world.servers[0]
+        .run(async move {
+            for offset in head + 1..=head + count {
+                let pad = size - encoded(&epoch, offset, 0).len();
+                assert_eq!(encoded(&epoch, offset, pad).len(), size);
+                let payload = json!({"n": offset, "pad": "x".repeat(pad)});
+                match rt.publish(CHANNEL, payload).await.unwrap() {
+                    Published::Durable(at) => {
+                        assert_eq!((&*at.epoch, at.offset), (epoch.as_str(), offset));
+                    }
+                    Published::LocalOnly => panic!("Redis is up: every publish is durable"),
+                }
+            }
+            head + count
+        })
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_stay_within_the_message_size_limit() {
-    let limit = 2048;
+async fn batches_fill_the_size_limit_to_the_byte_and_never_pass_it() {
+    // A batch frame of k messages of s bytes is `{"type":"batch","messages":[` (28 bytes),
+    // the messages, k - 1 commas and `]}`: four of 499 bytes are 2,029 bytes exactly.
+    let limit = 2_029;
     let world = World::start(1, &[("WS_MAX_MESSAGE_BYTES", limit.to_string())]).await;
     let alice = world.register("alice").await;
-    // About 400 bytes each: four or five to a batch.
-    let (epoch, last) = burst(&world, 40, 300).await;
+    let (epoch, head) = burst(&world, 1, 0).await;
+    let exact = publish_sized(&world, &epoch, head, 12, 499).await;
+    // One byte more each: four would pass the limit by 4 bytes, so three to a frame.
+    let over = publish_sized(&world, &epoch, exact, 12, 500).await;
     let mut client = Client::connect_batched(world.base(0), Some(&alice.token))
         .await
         .unwrap();
     assert_eq!(client.hello["max_message_bytes"], limit);
     let (ack, _) = client
         .request(json!({"type": "subscribe", "channel": CHANNEL,
-                        "since": {"offset": last - 40, "epoch": epoch}}))
+                        "since": {"offset": head, "epoch": epoch}}))
         .await;
     assert_eq!(ack["type"], "ack", "{ack}");
-    assert_eq!(offsets(&mut client, 40).await, range(last - 39, last));
-    assert!(client.batches.len() >= 8, "{:?}", client.batches);
-    for (messages, bytes) in &client.batches {
-        assert!(*bytes <= limit, "a batch of {messages} in {bytes} bytes");
-    }
+    // The replay is written in one go: the batches are as full as the limit lets them be.
+    assert_eq!(offsets(&mut client, 24).await, range(head + 1, over));
+    let three = 28 + 3 * 500 + 2 + 2;
+    let mut expected = vec![(4, limit); 3];
+    expected.extend([(3, three); 4]);
+    assert_eq!(client.batches, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_parameter_that_is_neither_on_nor_off_is_a_400_naming_it() {
+async fn a_batch_parameter_is_on_or_off_in_any_case_and_anything_else_is_a_400_naming_it() {
     let world = World::start(1, &[]).await;
     let response = reqwest::get(format!("{}/ws?batch=maybe", world.base(0)))
         .await
@@ -144,4 +186,34 @@ async fn a_batch_parameter_that_is_neither_on_nor_off_is_a_400_naming_it() {
     assert_eq!(response.status(), 400);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["field"], "batch", "{body}");
+    for query in ["batch=", "batch=yes", "batch=1&batch=0"] {
+        let response = reqwest::get(format!("{}/ws?{query}", world.base(0)))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{query}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["field"], "batch", "{query}: {body}");
+    }
+    // Any case, percent-encoded or not (`%74rue` is `true`, `%31` is `1`).
+    let alice = world.register("alice").await;
+    for (query, batch) in [
+        ("batch=TRUE", true),
+        ("batch=True", true),
+        ("batch=%74rue", true),
+        ("batch=%31", true),
+        ("batch=FALSE", false),
+        ("batch=%30", false),
+        ("other=1", false),
+    ] {
+        let client = Client::connect_to(world.base(0), &format!("/ws?{query}"), Some(&alice.token))
+            .await
+            .unwrap_or_else(|e| panic!("{query}: {e}"));
+        assert_eq!(
+            client.hello.get("batch").is_some(),
+            batch,
+            "{query}: {}",
+            client.hello
+        );
+        client.close().await;
+    }
 }

@@ -6,18 +6,22 @@
 //! While Redis is away the publisher's instance delivers locally (`durable: false`, no
 //! offset): those messages are outside the history, so the publisher publishes the same
 //! number again until it is durable, and the clients set them aside. Half the clients take
-//! batches (`?batch=1`, several messages per frame) and are held to the same checks.
+//! batches (`?batch=1`, several messages per frame), on both instances, and are held to the
+//! same checks. And on a Redis Cluster whose channel's master is killed mid-run: the
+//! failover drill.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Client, Incoming, World};
+use crate::support::{Client, Incoming, Shared, World};
 
 const CHANNEL: &str = "ai-collaborations";
 const MESSAGES: u64 = 400;
+/// Clients that drop and resume at random points, on both instances.
 const CLIENTS: usize = 4;
 
 /// What one client saw, in order.
@@ -37,25 +41,65 @@ enum Seen {
 /// Acknowledged publishes, in order: (epoch, offset).
 type Published = Arc<Mutex<Vec<(String, u64)>>>;
 
+/// What happens to Redis halfway through the run.
+#[derive(Clone, Copy, PartialEq)]
+enum Disruption {
+    None,
+    /// The one Redis server restarts without its data.
+    Restart,
+    /// On a cluster of 3 masters and 3 replicas, the master of the channel's slot is killed
+    /// (SIGKILL) and its replica promoted.
+    Failover,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resuming_clients_get_every_message_once_in_order_or_an_exact_gap() {
-    run(false).await;
+    run(Disruption::None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resuming_across_a_redis_restart_reports_the_lost_epoch_as_a_gap() {
-    run(true).await;
+    run(Disruption::Restart).await;
 }
 
-async fn run(restart_redis: bool) {
-    let mut world = World::start(2, &[]).await;
+/// The failover drill (docs/deploy.md, "Redis Cluster"): while the channel's master is down
+/// the publisher's instance delivers locally; once a replica took over, publishes are
+/// durable again (a new epoch: the new master is another Redis process), both instances'
+/// fan-out resumes without help, and every client has every message once or a `gap`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_across_a_redis_cluster_failover_reports_the_lost_epoch_as_a_gap() {
+    run(Disruption::Failover).await;
+}
+
+/// How a client reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    /// Drops its connection at random points and resumes with `since`.
+    Drops,
+    /// Never drops its connection: what it gets after a disruption, live delivery brought.
+    Steady,
+    /// Reads a few messages, drops its connection before the disruption and resumes with
+    /// `since` once the publisher is done (after it).
+    Late,
+}
+
+async fn run(disruption: Disruption) {
+    let mut world = match disruption {
+        Disruption::Failover => World::start_on_cluster(2).await,
+        _ => World::start(2, &[]).await,
+    };
     let alice = world.register("alice").await;
     let published: Published = Arc::default();
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
 
-    // The clients start first (subscribed before the first message), alternating instances.
+    // The clients start first (subscribed before the first message), on both instances:
+    // those that drop alternate instances, one steady client on each, the late one on the
+    // instance without the publisher.
+    let mut readers: Vec<(usize, Mode)> = (0..CLIENTS).map(|n| (n, Mode::Drops)).collect();
+    readers.extend([(CLIENTS, Mode::Steady), (CLIENTS + 1, Mode::Steady)]);
+    readers.push((CLIENTS + 3, Mode::Late));
     let mut clients = Vec::new();
-    for n in 0..CLIENTS {
+    for (n, mode) in readers {
         let base = world.base(n).to_string();
         let token = alice.token.clone();
         let (published, done) = (published.clone(), done.clone());
@@ -66,9 +110,19 @@ async fn run(restart_redis: bool) {
             ack["epoch"].as_str().map(str::to_string),
             ack["offset"].as_u64().unwrap(),
         );
-        clients.push(tokio::spawn(async move {
-            follow(n as u64, &base, &token, client, start, published, done).await
-        }));
+        let reader = Reader {
+            seed: n as u64,
+            base,
+            token,
+            mode,
+            published,
+            done,
+        };
+        clients.push((mode, tokio::spawn(reader.follow(client, start))));
+    }
+
+    if let Shared::Cluster(cluster) = &world.redis {
+        listen_on_the_master(&world, cluster).await;
     }
 
     // The publisher, on instance 0, retrying what was only delivered locally while Redis
@@ -91,23 +145,48 @@ async fn run(restart_redis: bool) {
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
     });
-    // Redis restarted (empty) halfway through, while the publisher goes on.
-    let redis = world.redis.server();
+    // Redis restarted (empty), or the channel's master killed, halfway through, while the
+    // publisher goes on.
     let halfway = published.clone();
-    let restart = async move {
-        if restart_redis {
-            while halfway.lock().unwrap().len() < (MESSAGES / 2) as usize {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            redis.restart().await;
+    let redis = &mut world.redis;
+    let disrupt = async move {
+        if disruption == Disruption::None {
+            return;
+        }
+        while halfway.lock().unwrap().len() < (MESSAGES / 2) as usize {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        match redis {
+            Shared::One(server) => server.restart().await,
+            Shared::Cluster(cluster) => failover(cluster, &halfway).await,
         }
     };
     let (finished, ()) = tokio::join!(
-        tokio::time::timeout(Duration::from_secs(60), publisher),
-        restart
+        tokio::time::timeout(Duration::from_secs(90), publisher),
+        disrupt
     );
     finished.expect("the publisher finished");
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    done.store(true, Ordering::SeqCst);
+    // Each instance's shard subscriptions (those on the killed node or the restarted
+    // server too) are open again, without help.
+    for (i, server) in world.servers.iter().enumerate() {
+        assert!(
+            server.realtime_listening(Duration::from_secs(10)).await,
+            "instance {i} does not hear every shard again"
+        );
+    }
+    if let Shared::Cluster(cluster) = &world.redis {
+        // Both moved the channel's shard to a live node.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while listeners(cluster).iter().map(|(_, n)| n).sum::<i64>() != 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the channel's shard is not subscribed by both instances on live nodes: {:?}",
+                listeners(cluster)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 
     let published = published.lock().unwrap().clone();
     assert_eq!(published.len() as u64, MESSAGES);
@@ -120,94 +199,243 @@ async fn run(restart_redis: bool) {
         }
         seen
     };
-    if restart_redis {
-        assert_eq!(
+    match disruption {
+        Disruption::None => assert_eq!(epochs.len(), 1),
+        Disruption::Restart => assert_eq!(
             epochs.len(),
             2,
             "a Redis without its data starts a new epoch"
-        );
-    } else {
-        assert_eq!(epochs.len(), 1);
+        ),
+        // The new master is another process (its run id differs): a new epoch, whether the
+        // publisher's instance rotated it after its local deliveries or the first durable
+        // publish found the old master's run in the channel's hash.
+        Disruption::Failover => assert_eq!(
+            epochs.len(),
+            2,
+            "a promoted replica starts a new epoch: {epochs:?}"
+        ),
     }
-    for client in clients {
-        let seen = tokio::time::timeout(Duration::from_secs(60), client)
+    for (mode, client) in clients {
+        // Live delivery on both instances came back by itself: the steady clients, which
+        // never reconnect, reach the last message soon after the publisher is done.
+        let bound = if mode == Mode::Steady { 20 } else { 60 };
+        let seen = tokio::time::timeout(Duration::from_secs(bound), client)
             .await
-            .expect("a client caught up in time")
+            .unwrap_or_else(|_| panic!("a {mode:?} client did not catch up within {bound} s"))
             .unwrap();
         check(&published, &epochs, &seen);
+        if mode == Mode::Late && disruption != Disruption::None {
+            // It left in the first epoch and came back in the second: told of the rest of
+            // the first as a gap, then given the second from its start.
+            assert!(
+                seen.iter()
+                    .any(|s| matches!(s, Seen::Gap { epoch, to: None, .. } if *epoch == epochs[0])),
+                "the late client was not told its epoch ended: {seen:?}"
+            );
+            assert!(
+                seen.iter().any(
+                    |s| matches!(s, Seen::Message { epoch, offset: 1 } if *epoch == epochs[1])
+                ),
+                "the late client did not get the new epoch from its start: {seen:?}"
+            );
+        }
     }
 }
 
-/// Client `n`: the odd ones take batches.
+/// The Redis channel of the channel's fan-out shard (`WS_REDIS_SHARDS` 4, the default).
+fn shard_channel() -> String {
+    format!(
+        "cascade:rt:shard:{}",
+        cascade_realtime::store::shard_of(CHANNEL, 4)
+    )
+}
+
+/// Each live node's count of subscribers of the channel's shard (by port): on a cluster
+/// `PUBSUB NUMSUB` answers for the node asked.
+fn listeners(cluster: &cascade_testkit::RedisCluster) -> Vec<(u16, i64)> {
+    cluster
+        .urls()
+        .iter()
+        .filter_map(|url| {
+            let port = url.rsplit(':').next()?.parse().ok()?;
+            let mut conn = redis::Client::open(url.as_str())
+                .ok()?
+                .get_connection_with_timeout(Duration::from_millis(500))
+                .ok()?;
+            let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(shard_channel())
+                .query(&mut conn)
+                .ok()?;
+            Some((port, n))
+        })
+        .collect()
+}
+
+/// Brings both instances' subscription of the channel's shard onto the master of the
+/// channel's slot, so that killing it cuts the channel's fan-out on both: pub/sub clients
+/// on the other nodes are disconnected (`CLIENT KILL TYPE pubsub`) until they land there
+/// (each reconnects on the next seed node).
+async fn listen_on_the_master(world: &World, cluster: &cascade_testkit::RedisCluster) {
+    let master = cluster
+        .master_of_slot(cluster.slot_of(CHANNEL))
+        .expect("the slot has a master");
+    for _ in 0..40 {
+        let found = listeners(cluster);
+        if found.contains(&(master, 2)) {
+            return;
+        }
+        for (port, n) in found {
+            if port != master && n > 0 {
+                let url = format!("redis://127.0.0.1:{port}");
+                let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+                let _: i64 = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("pubsub")
+                    .query(&mut conn)
+                    .unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for server in &world.servers {
+            assert!(server.realtime_listening(Duration::from_secs(10)).await);
+        }
+    }
+    panic!(
+        "the shard's subscriptions never both reached {master}: {:?}",
+        listeners(cluster)
+    );
+}
+
+/// Kills the master of the channel's slot, waits for its replica to take over, and for a
+/// publish to be durable again (within bounds: the drill's recovery times).
+async fn failover(cluster: &mut cascade_testkit::RedisCluster, published: &Published) {
+    let slot = cluster.slot_of(CHANNEL);
+    let before = published.lock().unwrap().len();
+    let killed_at = Instant::now();
+    let old = cluster.kill_master_of(slot);
+    // cluster-node-timeout is 1 s: a replica is promoted within a few.
+    cluster
+        .wait_for_master(slot, old, Duration::from_secs(20))
+        .await;
+    let promoted = killed_at.elapsed();
+    // Publishing works again by itself: a durable publish in a new epoch.
+    let first_epoch = published.lock().unwrap()[0].0.clone();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        {
+            let log = published.lock().unwrap();
+            if log.len() > before && log.last().is_some_and(|(e, _)| *e != first_epoch) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no durable publish within 15 s of the promotion"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "failover drill: replica promoted {:.1} s after the kill, publishes durable again {:.1} s after it",
+        promoted.as_secs_f64(),
+        killed_at.elapsed().as_secs_f64()
+    );
+}
+
+/// Client `n`: those with `n / 2` odd take batches, so each instance has clients of both
+/// kinds (`World::base` alternates instances with `n`).
 async fn connect(n: u64, base: &str, token: &str) -> Result<Client, String> {
-    if n % 2 == 1 {
+    if (n / 2) % 2 == 1 {
         Client::connect_batched(base, Some(token)).await
     } else {
         Client::connect(base, Some(token)).await
     }
 }
 
-/// Reads, drops the connection at random points, resumes with `since`, until the client has
-/// the last published message (after the publisher is done).
-async fn follow(
+/// One client's way of reading.
+struct Reader {
     seed: u64,
-    base: &str,
-    token: &str,
-    mut client: Client,
-    start: (Option<String>, u64),
+    base: String,
+    token: String,
+    mode: Mode,
     published: Published,
-    done: Arc<std::sync::atomic::AtomicBool>,
-) -> Vec<Seen> {
-    let mut rng = fastrand::Rng::with_seed(seed * 7919 + 1);
-    let mut seen = Vec::new();
-    let (mut epoch, mut last) = start;
-    loop {
-        // Read a random number of messages (or until a pause), then drop the connection.
-        let budget = rng.u64(5..60);
-        let mut read = 0;
-        while read < budget {
-            let finished = done.load(std::sync::atomic::Ordering::SeqCst)
-                && published
-                    .lock()
-                    .unwrap()
-                    .last()
-                    .is_some_and(|(e, o)| epoch.as_deref() == Some(e.as_str()) && last >= *o);
-            if finished {
-                return seen;
-            }
-            match client.next_within(Duration::from_millis(500)).await {
-                Some(Incoming::Json(m)) => record(&m, &mut seen, &mut epoch, &mut last),
-                Some(Incoming::Close(code)) => panic!("closed by the server: {code:?}"),
-                None => break,
-            }
-            read += 1;
-        }
-        drop(client);
-        tokio::time::sleep(Duration::from_millis(rng.u64(0..80))).await;
-        client = loop {
-            match connect(seed, base, token).await {
-                Ok(client) => break client,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
-        let mut subscribe = json!({"type": "subscribe", "channel": CHANNEL, "id": "resume"});
-        if let Some(e) = &epoch {
-            subscribe["since"] = json!({"offset": last, "epoch": e});
-        }
-        client.send(subscribe.clone()).await;
+    done: Arc<AtomicBool>,
+}
+
+impl Reader {
+    /// The publisher is done and the client has its last message.
+    fn finished(&self, epoch: &Option<String>, last: u64) -> bool {
+        self.done.load(Ordering::SeqCst)
+            && self
+                .published
+                .lock()
+                .unwrap()
+                .last()
+                .is_some_and(|(e, o)| epoch.as_deref() == Some(e.as_str()) && last >= *o)
+    }
+
+    /// Reads (dropping the connection and resuming with `since` as its mode says) until the
+    /// client has the last published message, after the publisher is done.
+    async fn follow(self, mut client: Client, start: (Option<String>, u64)) -> Vec<Seen> {
+        let mut rng = fastrand::Rng::with_seed(self.seed * 7919 + 1);
+        let mut seen = Vec::new();
+        let (mut epoch, mut last) = start;
+        let mut round = 0;
         loop {
-            match client.next().await {
-                Some(Incoming::Json(m)) if m["id"] == "resume" => {
-                    if m["type"] == "ack" {
-                        break;
-                    }
-                    // Redis is away: try again shortly.
-                    assert_eq!(m["code"], "unavailable", "{m}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    client.send(subscribe.clone()).await;
+            // Read a number of messages (or until a pause), then drop the connection.
+            let budget = match (self.mode, round) {
+                (Mode::Drops, _) => rng.u64(5..60),
+                (Mode::Late, 0) => 20,
+                _ => u64::MAX,
+            };
+            round += 1;
+            let mut read = 0;
+            while read < budget {
+                if self.finished(&epoch, last) {
+                    return seen;
                 }
-                Some(Incoming::Json(m)) => record(&m, &mut seen, &mut epoch, &mut last),
-                other => panic!("no answer to the resume: {other:?}"),
+                match client.next_within(Duration::from_millis(500)).await {
+                    Some(Incoming::Json(m)) => record(&m, &mut seen, &mut epoch, &mut last),
+                    Some(Incoming::Close(code)) => panic!("closed by the server: {code:?}"),
+                    None if self.mode == Mode::Drops => break,
+                    None => continue,
+                }
+                read += 1;
+            }
+            drop(client);
+            if self.mode == Mode::Late {
+                while !self.done.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(rng.u64(0..80))).await;
+            }
+            client = loop {
+                match connect(self.seed, &self.base, &self.token).await {
+                    Ok(client) => break client,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            };
+            let mut subscribe = json!({"type": "subscribe", "channel": CHANNEL, "id": "resume"});
+            if let Some(e) = &epoch {
+                subscribe["since"] = json!({"offset": last, "epoch": e});
+            }
+            client.send(subscribe.clone()).await;
+            loop {
+                match client.next().await {
+                    Some(Incoming::Json(m)) if m["id"] == "resume" => {
+                        if m["type"] == "ack" {
+                            break;
+                        }
+                        // Redis is away: try again shortly.
+                        assert_eq!(m["code"], "unavailable", "{m}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        client.send(subscribe.clone()).await;
+                    }
+                    Some(Incoming::Json(m)) => record(&m, &mut seen, &mut epoch, &mut last),
+                    other => panic!("no answer to the resume: {other:?}"),
+                }
             }
         }
     }

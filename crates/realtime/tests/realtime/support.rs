@@ -23,7 +23,7 @@ pub struct World {
 /// What the instances share as Redis.
 pub enum Shared {
     One(RedisServer),
-    Cluster(#[allow(dead_code)] RedisCluster),
+    Cluster(RedisCluster),
 }
 
 impl Shared {
@@ -164,6 +164,18 @@ impl World {
         Client::connect(self.base(n), token)
             .await
             .expect("WebSocket upgrade")
+    }
+
+    /// `POST /auth/logout` on instance `n` with `user`'s access token; the status.
+    pub async fn logout(&self, n: usize, user: &User) -> u16 {
+        reqwest::Client::new()
+            .post(format!("{}/auth/logout", self.base(n)))
+            .bearer_auth(&user.token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
     }
 
     /// An unauthenticated JSON `POST` to instance 0; the status and body.
