@@ -79,6 +79,11 @@ pub(super) struct Waiting<'a, G: HandOff<I, D>, I, D> {
 
 impl<G: HandOff<I, D>, I, D> Drop for Waiting<'_, G, I, D> {
     fn drop(&mut self) {
+        // Closed first: a lead sent after this fails to reach us and goes to the next caller;
+        // one sent before is taken here and handed on. (Without the close, a lead sent
+        // between `try_recv` and the receiver's drop was dropped with it, and the group was
+        // left leading with no leader: every later caller waited forever.)
+        self.turn.close();
         if let Ok(Turn::Lead(_, rest)) = self.turn.try_recv() {
             self.group.hand_off(rest);
         }

@@ -14,9 +14,12 @@
 //! changes none of a lookup's guarantees: one lease per key (a key asked twice in one batch is
 //! leased to the first, `W` to the second), each fill conditional on its own token.
 //!
-//! A lookup that timed out fails the callers queued behind it too, at once: each waits at
-//! most one `REDIS_TIMEOUT`, as alone. A caller whose batch's sender went away (its future
-//! dropped) sends its lookup alone.
+//! A lookup that timed out fails the callers queued behind it too, at once, so a stalled
+//! Redis costs a queued caller the batch in flight's timeout, not one per batch ahead of it.
+//! A queued caller otherwise waits for the batch in flight and then its own (two round
+//! trips; more when over 64 lookups queue in one group). A caller whose batch's sender went
+//! away (its future dropped) sends its lookup alone, with the same token: if the lost batch
+//! had already leased its key, the script answers `L` again for the lease it holds.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -305,6 +308,15 @@ mod tests {
         // other loader's lease on `held` is untouched.
         assert!(indexed(&redis, "ns:assets", "t:assets:fresh").await);
         assert!(indexed(&redis, "row:fresh", "t:assets:fresh").await);
+        // A caller whose batch's answer was lost asks again alone, with its token: the lease
+        // it already holds is `L`, alone or in a batch; another token still waits.
+        let alone = tier.lookup_one(&fresh).await.unwrap();
+        assert!(matches!(alone, Lookup::Lease), "{alone:?}");
+        let found = tier.lookup_many(&[&fresh, &again]).await.unwrap();
+        assert!(
+            matches!(found.as_slice(), [Lookup::Lease, Lookup::Wait]),
+            "{found:?}"
+        );
         assert!(!fill(&tier, &again, &again.token).await);
         assert!(!fill(&tier, &asked, &asked.token).await);
         assert!(fill(&tier, &fresh, &fresh.token).await);

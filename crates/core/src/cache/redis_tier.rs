@@ -131,11 +131,13 @@ local function index_tags(ttl, exact)
 end
 ";
 
-/// The whole lookup, one round trip: the value if there is one, else the lease (`L`) or
-/// another loader's (`W`). Granting the lease enters the key in its tag sets until its value
-/// would expire if stored now (`ARGV[3]`, the longest TTL its fill may use): a tag or
-/// namespace invalidation during the load deletes the lease (the fill is refused), and the
-/// fill has no tag set to touch.
+/// The whole lookup, one round trip: the value if there is one, else the lease (`L`) or another
+/// loader's (`W`). A lease that is already this token's is `L` again: a caller whose batched
+/// lookup was sent for it but whose answer was lost (the batch's sender dropped) asks alone
+/// with the same token. Granting the lease enters the key in its tag sets until its value would
+/// expire if stored now (`ARGV[3]`, the longest TTL its fill may use): a tag or namespace
+/// invalidation during the load deletes the lease (the fill is refused), and the fill has no
+/// tag set to touch.
 const GET_OR_LEASE: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then return v end
@@ -143,6 +145,7 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   index_tags(tonumber(ARGV[3]), false)
   return 'L'
 end
+if redis.call('GET', KEYS[2]) == ARGV[1] then return 'L' end
 return 'W'
 ";
 
@@ -161,6 +164,8 @@ for i = 1, #ARGV / 4 do
     out[i] = v
   elseif redis.call('SET', lease_key, ARGV[a + 1], 'NX', 'PX', ARGV[a + 2]) then
     index_key(value_key, k + 2, k + 1 + tags, tonumber(ARGV[a + 3]), false)
+    out[i] = 'L'
+  elseif redis.call('GET', lease_key) == ARGV[a + 1] then
     out[i] = 'L'
   else
     out[i] = 'W'
