@@ -67,8 +67,6 @@ async fn resuming_across_a_redis_restart_reports_the_lost_epoch_as_a_gap() {
 /// durable again (a new epoch: the new master is another Redis process), both instances'
 /// fan-out resumes without help, and every client has every message once or a `gap`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "failed once in CI (2026-12-05): a silent hole at the new epoch's first message \
-            after the failover; seven runs passed before. Open: run with --ignored"]
 async fn resuming_across_a_redis_cluster_failover_reports_the_lost_epoch_as_a_gap() {
     run(Disruption::Failover).await;
 }
