@@ -6,7 +6,7 @@
 //! | a listings page | `listings:<canonical query>` (`cache:listings:<params>`) | — (namespace) |
 //! | a search of assets | `asset_search:<limit>:<text>` (`GET /search`) | — (namespace) |
 //! | a bundle's versions | `bundle_members:<versionId>:<depth>` | `tree:<versionId>` |
-//! | a bundle | `bundles:<versionId>:<depth>` (`bundle:<versionId>:<depth>`) | `tree:<versionId>`, and `shows:<v>` for each version `v` it shows (or `shows:*` past [`MAX_SHOWN`]) |
+//! | a bundle | `bundles:<versionId>:<depth>:<hash of the versions it shows>` (`bundle:…`) | `tree:<versionId>`, and `shows:<v>` for each version `v` it shows (or `shows:*` past [`MAX_SHOWN`]) |
 //! | readiness | `ready:<versionId>` | `tree:<versionId>` |
 //!
 //! Tags must be known before the load: the engine enters a key in its tag sets when it grants
@@ -31,6 +31,10 @@
 //! `x` removes `shows:x`: no walk. The load reads the versions again with the bundle, in the
 //! same statement; if they differ from the ones its tags came from (its lineage changed
 //! meanwhile), the bundle is answered but not cached, since a tag it needs may be missing.
+//! The versions' hash is part of the bundle's key ([`shown_bundle_key`]): an instance copies
+//! an entry it finds in the shared tier into its own under the tags *it* derived, so two
+//! readers with different versions (one read before a lineage change reached its instance)
+//! must not share an entry.
 //!
 //! Each function here says what a write made stale (the descendants looked up after the commit,
 //! on the write's connection); the write removes all of it in one `invalidate_batch` call: one
@@ -49,8 +53,9 @@ pub use crate::config::{ASSET_SEARCH, ASSETS, BUNDLE_MEMBERS, BUNDLES, LISTINGS,
 pub const MAX_EXACT: usize = 256;
 
 /// Most versions a cached bundle is tagged with one by one; a bundle showing more is tagged
-/// `shows:*`, which every `PATCH` removes.
-pub const MAX_SHOWN: usize = 256;
+/// `shows:*`, which every `PATCH` removes. (Each tag costs a bundle's lease script a few
+/// commands, and its entry a place in the tag's set.)
+pub const MAX_SHOWN: usize = 64;
 
 pub fn tree_tag(version: &str) -> String {
     format!("tree:{version}")
@@ -59,6 +64,22 @@ pub fn tree_tag(version: &str) -> String {
 /// The tag of the bundles that show `version`'s content.
 pub fn shows_tag(version: &str) -> String {
     format!("shows:{version}")
+}
+
+/// The key of a bundle of `version` to `depth` that shows `members`: the versions are part of
+/// it (a stable 64-bit FNV-1a hash of them), so an entry is only ever found by a reader that
+/// derived the same tags from the same versions. A reader whose `bundle_members` was read
+/// before a lineage change reached its instance asks for the old key (removed with `tree:`) or
+/// misses; it never takes an entry cached under another reader's tags into its own tier.
+pub fn shown_bundle_key(version: &str, depth: i32, members: &[String]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for member in members {
+        for byte in member.bytes().chain([0]) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{version}:{depth}:{hash:016x}")
 }
 
 /// The tags of a bundle of `version` that shows `members` (sorted, `version` among them).

@@ -199,6 +199,7 @@ pub async fn bundle(
         })?
         .unwrap_or_default();
     let tags = inv::bundle_tags(version.as_str(), &members);
+    let key = inv::shown_bundle_key(version.as_str(), depth, &members);
     let loaded = state
         .cache
         .get_or_load_body(BUNDLES, &key, &tags, || {

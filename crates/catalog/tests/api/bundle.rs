@@ -105,16 +105,16 @@ async fn cache_entries_carry_the_seeds_key_names() {
         assert_eq!(get(base, path).await.0, 200, "{path}");
     }
     // Seed 003's keyspace (`cache:asset:<versionId>`, `cache:listings:<params>`,
-    // `bundle:<versionId>:<depth>`) under the configured prefix.
+    // `bundle:<versionId>:<depth>`, followed here by the hash of the versions the bundle
+    // shows) under the configured prefix.
     assert_eq!(
         catalog.redis_keys("cascade:cache:asset:*"),
         ["cascade:cache:asset:b"]
     );
     assert_eq!(catalog.redis_keys("cascade:cache:listings:*").len(), 1);
-    assert_eq!(
-        catalog.redis_keys("cascade:bundle:*"),
-        ["cascade:bundle:b:2"]
-    );
+    let bundles = catalog.redis_keys("cascade:bundle:*");
+    assert_eq!(bundles.len(), 1, "{bundles:?}");
+    assert!(bundles[0].starts_with("cascade:bundle:b:2:"), "{bundles:?}");
     assert_eq!(catalog.redis_keys("cascade:ready:*"), ["cascade:ready:b"]);
 }
 
@@ -170,8 +170,10 @@ fn name_in(bundle: &Value, version: &str) -> Option<Value> {
 
 #[tokio::test]
 async fn a_rename_reaches_a_bundle_through_lineage_added_after_it_was_cached() {
-    let catalog = Catalog::start(1).await;
-    let base = catalog.base();
+    // Two instances: each keeps its own copy of the bundle (and of the versions it shows),
+    // written and read on alternate instances.
+    let catalog = Catalog::start(2).await;
+    let (a, b) = (&catalog.servers[0].base, &catalog.servers[1].base);
     catalog.producer("acme").await;
     for version in ["a", "b", "c", "late"] {
         catalog.asset(version, "acme", version).await;
@@ -179,34 +181,42 @@ async fn a_rename_reaches_a_bundle_through_lineage_added_after_it_was_cached() {
     catalog.lineage(&["a"], &["b"]).await;
     catalog.lineage(&["b"], &["c"]).await;
     let path = "/bundle?versionId=c&depth=3";
-    let (_, bundle) = get(base, path).await;
-    assert_eq!(name_in(&bundle, "late"), None, "{bundle}");
-    // A new parent of `a`: the cached bundle of `c` (and the versions it shows) must go, and
-    // the next one, cached again, must follow renames of the new ancestor too.
+    for base in [a, b] {
+        let (_, bundle) = get(base, path).await;
+        assert_eq!(name_in(&bundle, "late"), None, "{bundle}");
+    }
+    let before = catalog.redis_keys("cascade:bundle:c:3:*");
+    assert_eq!(before.len(), 1, "{before:?}");
+    // A new parent of `a`: the cached bundle of `c` (and the versions it shows) must go on
+    // both instances, and the next one, cached again under the versions it shows now, must
+    // follow renames of the new ancestor too.
     catalog.lineage(&["late"], &["a"]).await;
-    let (_, bundle) = get(base, path).await;
-    assert_eq!(name_in(&bundle, "late"), Some(json!("late")), "{bundle}");
-    // Cached again, under the versions it shows now (a bundle whose versions changed
-    // between their read and its load is answered uncached).
-    assert_eq!(
-        catalog.redis_keys("cascade:bundle:*"),
-        ["cascade:bundle:c:3"]
-    );
+    for base in [b, a] {
+        let (_, bundle) = get(base, path).await;
+        assert_eq!(name_in(&bundle, "late"), Some(json!("late")), "{bundle}");
+    }
+    let after = catalog.redis_keys("cascade:bundle:c:3:*");
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(after, before, "cached again, under its new versions");
     for (version, name) in [
         ("late", "late-renamed"),
         ("a", "a-renamed"),
         ("c", "c-renamed"),
     ] {
         let (status, _) = send(
-            base,
+            a,
             Method::PATCH,
             &format!("/listings/{version}"),
             Some(json!({"name": name})),
         )
         .await;
         assert_eq!(status, 200);
-        let (_, bundle) = get(base, path).await;
-        assert_eq!(name_in(&bundle, version), Some(json!(name)), "{bundle}");
+        for base in [b, a] {
+            let (_, bundle) = get(base, path).await;
+            assert_eq!(name_in(&bundle, version), Some(json!(name)), "{bundle}");
+        }
+        // Each rename's reload is cached again.
+        assert_eq!(catalog.redis_keys("cascade:bundle:c:3:*"), after);
     }
 }
 
@@ -215,8 +225,8 @@ async fn a_rename_reaches_a_bundle_that_shows_more_versions_than_are_tagged_one_
     let catalog = Catalog::start(1).await;
     let base = catalog.base();
     catalog.producer("acme").await;
-    // 300 parents of `child`: its depth-1 bundle shows 301 versions, past the 256 it is
-    // tagged with one by one.
+    // 300 parents of `child`: its depth-1 bundle shows 301 versions, past the 64 it is
+    // tagged with one by one (it is tagged `shows:*`).
     let parents: Vec<String> = (0..300).map(|i| format!("parent-{i:03}")).collect();
     let inputs: Vec<&str> = parents.iter().map(String::as_str).collect();
     for parent in &inputs {
@@ -227,6 +237,8 @@ async fn a_rename_reaches_a_bundle_that_shows_more_versions_than_are_tagged_one_
     let path = "/bundle?versionId=child&depth=1";
     let (_, bundle) = get(base, path).await;
     assert_eq!(bundle["ancestors"].as_array().unwrap().len(), 300);
+    let cached = catalog.redis_keys("cascade:bundle:child:1:*");
+    assert_eq!(cached.len(), 1, "the bundle was cached: {cached:?}");
     let (status, _) = send(
         base,
         Method::PATCH,
