@@ -208,3 +208,23 @@ fn check_warns_about_plain_text_connections_to_other_machines() {
         "the password is redacted:\n{stdout}"
     );
 }
+
+/// Behind PgBouncer in transaction mode a `LISTEN` hears nothing once its transaction ends:
+/// PgBouncer is recognised (`PG_POOLER=auto`) and the start refused until PostgreSQL itself is
+/// named for it.
+#[tokio::test]
+async fn behind_pgbouncer_without_a_direct_url_the_start_is_refused_naming_it() {
+    let pg = cascade_testkit::PgServer::start().await;
+    let bouncer = cascade_testkit::PgBouncer::start(&pg).await;
+    let dir = empty_dir();
+    let mut command = cascade(&dir);
+    command
+        .arg("serve")
+        .env("DATABASE_URL", bouncer.url("postgres"))
+        .env("PORT", "0");
+    let (out, _) = run_bounded(command, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("PgBouncer"), "{stderr}");
+    assert!(stderr.contains("DATABASE_DIRECT_URL"), "{stderr}");
+}
