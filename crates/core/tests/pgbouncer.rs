@@ -51,6 +51,16 @@ async fn the_pool_detects_pgbouncer_and_its_statements_survive_shared_server_con
     .await
     .unwrap();
     assert_eq!(direct.pooler(), Pooler::None);
+    // Also when PgBouncer's admin console lets the user in (it then says its version).
+    let admin = PgBouncer::start_with_admin(&pg).await;
+    let through_admin = Db::connect(
+        &support::db_settings(),
+        admin.url("shared").parse().unwrap(),
+        "pgbouncer-admin".into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(through_admin.pooler(), Pooler::PgBouncer);
 
     let setup = db.conn().await.unwrap();
     setup

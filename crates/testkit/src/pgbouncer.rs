@@ -26,9 +26,19 @@ pub struct PgBouncer {
 pub const SERVER_POOL_SIZE: usize = 2;
 
 impl PgBouncer {
-    /// Starts PgBouncer in front of `postgres` (every database, user `postgres`, trust) and
-    /// waits until it answers.
+    /// Starts PgBouncer in front of `postgres` (every database, user `postgres`, trust; its
+    /// admin console refuses that user, as it does an application's) and waits until it
+    /// answers.
     pub async fn start(postgres: &PgServer) -> PgBouncer {
+        PgBouncer::launch(postgres, "").await
+    }
+
+    /// [`start`](Self::start) with `postgres` in `admin_users` (its admin console answers).
+    pub async fn start_with_admin(postgres: &PgServer) -> PgBouncer {
+        PgBouncer::launch(postgres, "admin_users = postgres\n").await
+    }
+
+    async fn launch(postgres: &PgServer, extra: &str) -> PgBouncer {
         let binary = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
             .into_iter()
             .find(|p| std::path::Path::new(p).is_file())
@@ -45,13 +55,13 @@ impl PgBouncer {
              unix_socket_dir =\n\
              auth_type = trust\n\
              auth_file = {dir}/userlist.txt\n\
-             admin_users = postgres\n\
              pool_mode = transaction\n\
              default_pool_size = {SERVER_POOL_SIZE}\n\
              max_client_conn = 1000\n\
              max_db_connections = 0\n\
              query_wait_timeout = 30\n\
-             logfile = {dir}/pgbouncer.log\n",
+             logfile = {dir}/pgbouncer.log\n\
+             {extra}",
             pg = postgres.port(),
             dir = dir.display(),
         );

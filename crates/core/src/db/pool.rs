@@ -614,8 +614,9 @@ fn with_statement_timeout(config: &mut tokio_postgres::Config, timeout: Duration
 /// `PG_POOLER=auto`: whether `config`'s server is PgBouncer. PgBouncer serves a virtual
 /// database `pgbouncer` (its admin console) on every listener and answers `SHOW VERSION`
 /// there with its name; PostgreSQL has no such database (3D000), or one whose `SHOW VERSION`
-/// fails. A PgBouncer that refuses this user its console says so with its own error, which
-/// PostgreSQL never sends at startup ("not allowed", SQLSTATE 08P01). One connection, at
+/// fails. A PgBouncer that refuses this user its console (a user in neither `admin_users` nor
+/// `stats_users`) says so with its own error, `FATAL: not allowed`, which PostgreSQL never
+/// sends. One connection, at
 /// start, bounded by `timeout`; no answer means a direct connection.
 async fn detect_pooler(
     config: &tokio_postgres::Config,
@@ -648,10 +649,9 @@ async fn detect_pooler(
             }
         }
         Ok(Err(err)) => {
-            let refused_by_pgbouncer = err.as_db_error().is_some_and(|db| {
-                *db.code() == tokio_postgres::error::SqlState::PROTOCOL_VIOLATION
-                    && db.message().contains("not allowed")
-            });
+            let refused_by_pgbouncer = err
+                .as_db_error()
+                .is_some_and(|db| db.message() == "not allowed");
             if refused_by_pgbouncer {
                 Pooler::PgBouncer
             } else {
