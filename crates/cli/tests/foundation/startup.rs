@@ -228,3 +228,38 @@ async fn behind_pgbouncer_without_a_direct_url_the_start_is_refused_naming_it() 
     assert!(stderr.contains("PgBouncer"), "{stderr}");
     assert!(stderr.contains("DATABASE_DIRECT_URL"), "{stderr}");
 }
+
+/// Behind PgBouncer `statement_timeout` cannot be set at connect: `cascade check` says when the
+/// role leaves it at 0, and is satisfied once the role sets it.
+#[tokio::test]
+async fn check_warns_when_statement_timeout_is_unset_behind_pgbouncer() {
+    let pg = cascade_testkit::PgServer::start().await;
+    let bouncer = cascade_testkit::PgBouncer::start(&pg).await;
+    let env = [
+        ("DATABASE_URL", bouncer.url("postgres")),
+        ("DATABASE_DIRECT_URL", pg.url("postgres")),
+    ];
+    let (_, stdout) = check_output(&env, &[]);
+    let line = finding(&stdout, "statement_timeout");
+    assert!(line.starts_with("  [warn]"), "{stdout}");
+    assert!(line.contains("ALTER ROLE"), "{stdout}");
+
+    // A new database: PgBouncer's server connections to the first keep the old setting.
+    let admin = pg.client("postgres").await;
+    for sql in [
+        "ALTER ROLE postgres SET statement_timeout = '7s'",
+        "CREATE DATABASE later",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let env = [
+        ("DATABASE_URL", bouncer.url("later")),
+        ("DATABASE_DIRECT_URL", pg.url("later")),
+    ];
+    let (_, stdout) = check_output(&env, &[]);
+    let line = finding(&stdout, "statement_timeout");
+    assert!(
+        line.starts_with("  [ok  ]") && line.contains("7s"),
+        "{stdout}"
+    );
+}
