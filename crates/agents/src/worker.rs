@@ -11,8 +11,8 @@
 //! maintenance task requeues them ([`queue::rescue`]) for another attempt.
 //!
 //! Wake-ups: one listener per instance (`LISTEN cascade_executions` on a connection of its
-//! own) wakes the idle workers when an enqueue commits; without it (`AGENTS_LISTEN=false`,
-//! e.g. behind PgBouncer in transaction mode) or while it is reconnecting, workers poll every
+//! own, to `DATABASE_DIRECT_URL` behind PgBouncer) wakes the idle workers when an enqueue
+//! commits; without it (`AGENTS_LISTEN=false`) or while it is reconnecting, workers poll every
 //! `AGENTS_POLL_INTERVAL`.
 
 use std::collections::HashSet;
