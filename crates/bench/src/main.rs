@@ -81,7 +81,7 @@ struct SuiteArgs {
     /// (which server ran each read, stale reads); `cluster`: the same on one server, then on a
     /// server whose cache is on a Redis Cluster of 3 masters and 3 replicas (hits from the
     /// cluster, Redis errors, stale reads), and a master killed under load.
-    #[arg(long, value_parser = ["realtime", "ws-memory", "executions", "miss", "throughput", "replica", "cluster"])]
+    #[arg(long, value_parser = ["realtime", "ws-memory", "executions", "miss", "throughput", "writes", "replica", "cluster"])]
     only: Option<String>,
 }
 

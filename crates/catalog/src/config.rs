@@ -7,6 +7,8 @@ use cascade_core::config::{Namespace, Parser};
 pub const ASSETS: &str = "assets";
 pub const LISTINGS: &str = "listings";
 pub const BUNDLES: &str = "bundles";
+/// The versions each cached bundle shows (`invalidation.rs`).
+pub const BUNDLE_MEMBERS: &str = "bundle_members";
 pub const READY: &str = "ready";
 /// `GET /search`'s answers of assets: `all:<limit>:<text>`; every asset write removes the
 /// namespace, as it does `listings`.
@@ -48,6 +50,7 @@ impl CatalogConfig {
             Namespace::new(ASSETS, s(300)).keyed("cache:asset"),
             Namespace::new(LISTINGS, s(180)).keyed("cache:listings"),
             Namespace::new(BUNDLES, s(60)).keyed("bundle"),
+            Namespace::new(BUNDLE_MEMBERS, s(60)),
             Namespace::new("lineage", s(120)).keyed("ol:cache:lineage"),
             Namespace::new("headers", s(60)),
             Namespace::new("policies", s(600)),

@@ -776,6 +776,41 @@ pub async fn bundle(
     version: &str,
     depth: i32,
 ) -> Result<Option<Vec<u8>>, CatalogError> {
+    Ok(bundle_with_members(conn, version, depth)
+        .await?
+        .map(|(body, _)| body))
+}
+
+/// The versions a bundle of `version` to `depth` shows (itself and its ancestry, whether in
+/// the catalog or not), sorted: what its cache entry is tagged with before it is loaded
+/// (`invalidation.rs`).
+pub async fn bundle_members(
+    conn: &Object,
+    version: &str,
+    depth: i32,
+) -> Result<Vec<String>, CatalogError> {
+    let statement = conn
+        .prepare_cached(concat!(
+            "/* catalog:bundle_members */ ",
+            ancestry_cte!(),
+            "SELECT array_agg(version_id ORDER BY version_id) FROM members"
+        ))
+        .await
+        .map_err(internal)?;
+    let row = conn
+        .query_one(&statement, &[&version, &depth])
+        .await
+        .map_err(internal)?;
+    Ok(row.get::<_, Option<Vec<String>>>(0).unwrap_or_default())
+}
+
+/// [`bundle`], with the versions it shows as [`bundle_members`] gives them, read by the same
+/// statement.
+pub async fn bundle_with_members(
+    conn: &Object,
+    version: &str,
+    depth: i32,
+) -> Result<Option<(Vec<u8>, Vec<String>)>, CatalogError> {
     let statement = conn
         .prepare_cached(concat!(
             "/* catalog:bundle */ ",
@@ -798,7 +833,8 @@ pub async fn bundle(
                   FROM members c \
                   JOIN lineage_edges e ON e.child_version_id = c.version_id AND c.depth < $2 \
                   JOIN members p ON p.version_id = e.parent_version_id) \
-             )::text WHERE EXISTS (SELECT 1 FROM assets WHERE version_id = $1)"
+             )::text, (SELECT array_agg(version_id ORDER BY version_id) FROM members) \
+             WHERE EXISTS (SELECT 1 FROM assets WHERE version_id = $1)"
         ))
         .await
         .map_err(internal)?;
@@ -806,7 +842,10 @@ pub async fn bundle(
         .query_opt(&statement, &[&version, &depth])
         .await
         .map_err(internal)?;
-    Ok(row.as_ref().map(text))
+    Ok(row.map(|row| {
+        let members: Option<Vec<String>> = row.get(1);
+        (text(&row), members.unwrap_or_default())
+    }))
 }
 
 /// `GET /ready`: whether the asset and every ancestor (to `READY_MAX_DEPTH`) is in the catalog

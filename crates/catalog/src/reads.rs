@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::CatalogState;
 use crate::error::CatalogError;
 use crate::http_cache::{self, IfNoneMatch, respond};
-use crate::invalidation::{self as inv, ASSETS, BUNDLES, LISTINGS, READY};
+use crate::invalidation::{self as inv, ASSETS, BUNDLE_MEMBERS, BUNDLES, LISTINGS, READY};
 use crate::listing::{ListingParams, ListingQuery};
 use crate::model::VersionId;
 use crate::queries::{self, BUNDLE_MAX_DEPTH};
@@ -179,11 +179,73 @@ pub async fn bundle(
         ));
     }
     let key = inv::bundle_key(version.as_str(), depth);
-    let tags = [inv::tree_tag(version.as_str())];
-    let body = cached(&state, BUNDLES, &key, &tags, load)
-        .await?
-        .ok_or_else(|| not_found(&version))?;
-    Ok(respond(&if_none_match, &body, http_cache::REVALIDATE))
+    // The versions it shows first: they are its tags (`invalidation.rs`, "Content").
+    let tree = [inv::tree_tag(version.as_str())];
+    let members: Vec<String> = state
+        .cache
+        .get_or_load(BUNDLE_MEMBERS, &key, &tree, || {
+            let (state, version) = (state.clone(), version.clone());
+            async move {
+                let conn = state.db.conn().await?;
+                queries::bundle_members(&conn, version.as_str(), depth)
+                    .await
+                    .map(Some)
+            }
+        })
+        .await
+        .map_err(|err| match err {
+            cascade_core::cache::CacheError::Load(err) => ApiError::from(err),
+            other => ApiError::Internal(other.into()),
+        })?
+        .unwrap_or_default();
+    let tags = inv::bundle_tags(version.as_str(), &members);
+    let loaded = state
+        .cache
+        .get_or_load_body(BUNDLES, &key, &tags, || {
+            let (state, version) = (state.clone(), version.clone());
+            async move {
+                let conn = state.db.conn().await?;
+                match queries::bundle_with_members(&conn, version.as_str(), depth).await? {
+                    None => Ok(None),
+                    Some((body, shown)) if shown == members => Ok(Some(body)),
+                    // Its lineage changed since its versions were read: a tag it needs may
+                    // be missing, so it is answered but not cached.
+                    Some((body, _)) => Err(BundleLoad::Moved(body)),
+                }
+            }
+        })
+        .await;
+    match loaded {
+        Ok((body, _)) => {
+            let body = body.ok_or_else(|| not_found(&version))?;
+            Ok(respond(&if_none_match, &body, http_cache::REVALIDATE))
+        }
+        Err(BundleLoad::Moved(body)) => Ok(http_cache::respond_uncached(
+            &if_none_match,
+            body,
+            http_cache::REVALIDATE,
+        )),
+        Err(BundleLoad::Failed(err)) => Err(err.into()),
+    }
+}
+
+/// How a bundle's load fails to give an entry to cache.
+enum BundleLoad {
+    /// The bundle, whose versions are not the ones its tags were made from.
+    Moved(Vec<u8>),
+    Failed(CatalogError),
+}
+
+impl From<CatalogError> for BundleLoad {
+    fn from(err: CatalogError) -> Self {
+        BundleLoad::Failed(err)
+    }
+}
+
+impl From<cascade_core::db::DbError> for BundleLoad {
+    fn from(err: cascade_core::db::DbError) -> Self {
+        BundleLoad::Failed(err.into())
+    }
 }
 
 /// The part of a readiness answer that says how long it holds.

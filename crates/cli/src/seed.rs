@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use cascade_catalog::config::{ASSETS, BUNDLES, LISTINGS, READY};
+use cascade_catalog::config::{ASSETS, BUNDLE_MEMBERS, BUNDLES, LISTINGS, READY};
 use cascade_catalog::seed::{SeedOptions, SeedReport, seed};
 use cascade_server::{Application, BuildOptions, Settings};
 
@@ -37,7 +37,7 @@ pub async fn catalog(
         let report = seed(&app.state.db, &options)
             .await
             .context("seeding the catalog")?;
-        for namespace in [ASSETS, LISTINGS, BUNDLES, READY] {
+        for namespace in [ASSETS, LISTINGS, BUNDLE_MEMBERS, BUNDLES, READY] {
             app.state.cache.invalidate_namespace(namespace).await;
         }
         print_seed(&report);

@@ -610,7 +610,8 @@ impl Session {
             return Err(unavailable(()));
         }
         // Live delivery first (queued until this task reads it), then the history: nothing
-        // published in between is missed, and the offsets drop what arrives twice.
+        // published in between is missed, the offsets drop what arrives twice, and a local
+        // message queued meanwhile does not end the epoch the read finds (`Sub::local_floor`).
         self.rt.inner.hub.subscribe(channel.shared_name(), handle);
         let mut sub = Sub {
             channel,
@@ -620,6 +621,7 @@ impl Session {
                 .map(Arc::from),
             last: since.as_ref().map_or(0, |s| s.offset),
             degraded: false,
+            local_floor: 0,
         };
         let mut history = Outbox::default();
         let head = match since {
@@ -627,6 +629,7 @@ impl Session {
             None => self.rt.inner.store.read(name, 0, 0, 0).await.map(|h| {
                 sub.epoch = h.epoch;
                 sub.last = h.head;
+                sub.local_floor = self.rt.local_published();
                 h.head
             }),
         };

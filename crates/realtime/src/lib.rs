@@ -29,7 +29,7 @@ mod resume;
 pub mod store;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -103,6 +103,11 @@ struct Inner {
     /// Per channel, how many local publishes (so a channel published on again while its
     /// epoch was being ended is ended once more).
     degraded: Mutex<Option<HashMap<Arc<str>, u64>>>,
+    /// Messages this instance has delivered only locally, ever; each local delivery carries
+    /// its number, and a subscription notes the count after each history read it makes
+    /// (`resume::Sub::local_floor`): a local message at or below it is older than the
+    /// epoch that read found.
+    local_published: AtomicU64,
 }
 
 impl Realtime {
@@ -156,6 +161,7 @@ impl Realtime {
                 per_user: Mutex::new(HashMap::new()),
                 options,
                 degraded: Mutex::new(None),
+                local_published: AtomicU64::new(0),
             }),
         }
     }
@@ -218,6 +224,11 @@ impl Realtime {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How many messages this instance has delivered only locally (see `local_published`).
+    pub(crate) fn local_published(&self) -> u64 {
+        self.inner.local_published.load(Ordering::SeqCst)
+    }
+
     /// True from a publish Redis could not take until [`heal`](Self::heal) has given every
     /// channel published on meanwhile a new epoch.
     pub fn degraded(&self) -> bool {
@@ -227,15 +238,16 @@ impl Realtime {
     /// Delivers to this instance's subscribers only, and remembers the channel for `heal`.
     fn publish_local(&self, channel: &Channel, payload: &str) {
         let frame = protocol::local_message(channel.name(), store::now_ms(), payload);
+        // Under the lock: local messages of a channel reach its subscribers in publish order,
+        // numbered in that order.
+        let mut degraded = self.degraded_state();
         let delivery = Arc::new(store::Delivery {
             channel: channel.shared_name(),
             epoch: Arc::from(""),
-            offset: 0,
+            offset: self.inner.local_published.fetch_add(1, Ordering::SeqCst) + 1,
             frame: bytes::Bytes::from(frame),
             durable: false,
         });
-        // Under the lock: local messages of a channel reach its subscribers in publish order.
-        let mut degraded = self.degraded_state();
         *degraded
             .get_or_insert_with(HashMap::new)
             .entry(channel.shared_name())

@@ -11,7 +11,8 @@
 //! epoch from its next offset on; until the channel's epoch changes (the publishing
 //! instance starts a new one when Redis answers again), messages of the ended epoch are
 //! dropped, as the `gap` already named them. The next epoch is then delivered from its
-//! start, without a second `gap`.
+//! start, without a second `gap`. A local message published before the subscription's last
+//! history read is dropped, with no `gap` ([`Sub::local_floor`]).
 
 use std::sync::Arc;
 
@@ -41,12 +42,25 @@ pub(crate) struct Sub {
     pub last: u64,
     /// A `degraded` gap ended `epoch` for this subscription (it received a local message).
     pub degraded: bool,
+    /// How many local messages this instance had delivered when the subscription's history
+    /// was last read (`Realtime::local_published`, taken after the read answered). A local
+    /// message at or below it was queued before that read and handed over after it (a
+    /// subscribe subscribes, then reads; its `ack` comes after the read) and is dropped: the
+    /// read found the epoch begun after it (the degraded period's rotation), or the one it
+    /// belongs to, which the rotation still to come ends with a `degraded` gap. A `degraded`
+    /// gap for the epoch the read found would name messages this subscription then receives,
+    /// and a publish that missed its deadline but reached Redis would arrive twice.
+    pub local_floor: u64,
 }
 
 /// Hands `delivery` to `sub`: written, dropped as a duplicate, or preceded by what the
 /// history says is missing before it.
 pub(crate) async fn deliver(rt: &Realtime, sub: &mut Sub, delivery: &Delivery, out: &mut Outbox) {
     if !delivery.durable {
+        if delivery.offset <= sub.local_floor {
+            // Older than the history the subscription last read (see `local_floor`).
+            return;
+        }
         if !sub.degraded {
             let gap =
                 protocol::degraded_gap(sub.channel.name(), sub.epoch.as_deref(), after(sub.last));
@@ -133,6 +147,7 @@ async fn catch_up_unboxed(
     // At most a few epoch changes while reading (each read is atomic).
     'epochs: for _ in 0..3 {
         let mut history = store.read(&name, sub.last, PAGE, limit).await?;
+        sub.local_floor = rt.local_published();
         if sub.degraded {
             if history.epoch.is_none() || history.epoch == sub.epoch {
                 // Still the epoch the `degraded` gap ended (or none yet): nothing of it is
@@ -198,6 +213,7 @@ async fn catch_up_unboxed(
             // `WS_REPLAY_MAX` applied to the first page only (it moved `sub.last` up): a
             // later page applying it again would skip messages the history holds.
             history = store.read(&name, sub.last, PAGE, u64::MAX).await?;
+            sub.local_floor = rt.local_published();
             if history.epoch.as_deref() != Some(&*epoch) {
                 continue 'epochs;
             }

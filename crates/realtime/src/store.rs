@@ -43,12 +43,14 @@ const META_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 pub struct Delivery {
     pub channel: Arc<str>,
     pub epoch: Arc<str>,
+    /// The message's offset in `epoch`; for a local message (`durable` false), its number
+    /// among this instance's local publishes (see `resume::Sub::local_floor`).
     pub offset: u64,
     /// The `message` frame, encoded once (empty for a rotation notice, offset 0: the
     /// channel's epoch changed, read the history).
     pub frame: Bytes,
     /// False for a message delivered only on this instance while Redis could not take it
-    /// (`offset: null`, `"durable": false` in its frame; `epoch` and `offset` unused).
+    /// (`offset: null`, `"durable": false` in its frame; `epoch` unused).
     pub durable: bool,
 }
 

@@ -71,7 +71,7 @@ pub struct Options {
     pub connections: usize,
     pub out: PathBuf,
     /// Only this scenario (`realtime`, `ws-memory`, `executions`, `miss`, `throughput`,
-    /// `replica`, `cluster`).
+    /// `writes`, `replica`, `cluster`).
     pub only: Option<String>,
 }
 
@@ -114,7 +114,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     let wrk = which("wrk")
         .context("wrk is not installed: run bench/run (it installs it), or apt-get install wrk")?;
     // The miss-heavy walk needs the full catalog to be a walk, whatever the topology.
-    let full_catalog = ["miss", "throughput", "replica", "cluster"];
+    let full_catalog = ["miss", "throughput", "writes", "replica", "cluster"];
     let small = options.quick
         || options
             .only
@@ -147,6 +147,8 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         throughput::run_miss(&suite).await?
     } else if options.only.as_deref() == Some("throughput") {
         throughput::run(&suite).await?
+    } else if options.only.as_deref() == Some("writes") {
+        throughput::run_writes(&suite).await?
     } else if options.only.as_deref() == Some("replica") {
         let mut rows = throughput::run_single_node(&suite).await?;
         rows.extend(replica::run(&suite, &rows, assets).await?);

@@ -94,6 +94,15 @@ pub(super) async fn run_miss(suite: &Suite) -> anyhow::Result<Vec<Row>> {
     .await
 }
 
+/// `--only writes`: the ceiling, the baseline and the writes (64 `PATCH` connections with the
+/// staleness probe beside them).
+pub(super) async fn run_writes(suite: &Suite) -> anyhow::Result<Vec<Row>> {
+    run_some(suite, |scenario| {
+        [BASELINE, WRITES].contains(&scenario.name.as_str())
+    })
+    .await
+}
+
 /// `--only replica` and `--only cluster`: the ceiling, the baseline, the direct PostgreSQL
 /// read, and the hot reads, the miss-heavy walk and the writes the rows of the other
 /// topology stand beside.

@@ -155,3 +155,86 @@ async fn a_rename_reaches_the_deepest_bundle_that_shows_it() {
     let (_, bundle) = get(base, path).await;
     assert_eq!(name_of_v0(&bundle), Some(json!("renamed")), "{bundle}");
 }
+
+/// The name `bundle` shows for `version`, wherever it is in it.
+fn name_in(bundle: &Value, version: &str) -> Option<Value> {
+    if bundle["versionId"] == version {
+        return Some(bundle["asset"]["name"].clone());
+    }
+    bundle["ancestors"]
+        .as_array()?
+        .iter()
+        .find(|a| a["versionId"] == version)
+        .map(|a| a["asset"]["name"].clone())
+}
+
+#[tokio::test]
+async fn a_rename_reaches_a_bundle_through_lineage_added_after_it_was_cached() {
+    let catalog = Catalog::start(1).await;
+    let base = catalog.base();
+    catalog.producer("acme").await;
+    for version in ["a", "b", "c", "late"] {
+        catalog.asset(version, "acme", version).await;
+    }
+    catalog.lineage(&["a"], &["b"]).await;
+    catalog.lineage(&["b"], &["c"]).await;
+    let path = "/bundle?versionId=c&depth=3";
+    let (_, bundle) = get(base, path).await;
+    assert_eq!(name_in(&bundle, "late"), None, "{bundle}");
+    // A new parent of `a`: the cached bundle of `c` (and the versions it shows) must go, and
+    // the next one, cached again, must follow renames of the new ancestor too.
+    catalog.lineage(&["late"], &["a"]).await;
+    let (_, bundle) = get(base, path).await;
+    assert_eq!(name_in(&bundle, "late"), Some(json!("late")), "{bundle}");
+    // Cached again, under the versions it shows now (a bundle whose versions changed
+    // between their read and its load is answered uncached).
+    assert_eq!(
+        catalog.redis_keys("cascade:bundle:*"),
+        ["cascade:bundle:c:3"]
+    );
+    for (version, name) in [
+        ("late", "late-renamed"),
+        ("a", "a-renamed"),
+        ("c", "c-renamed"),
+    ] {
+        let (status, _) = send(
+            base,
+            Method::PATCH,
+            &format!("/listings/{version}"),
+            Some(json!({"name": name})),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let (_, bundle) = get(base, path).await;
+        assert_eq!(name_in(&bundle, version), Some(json!(name)), "{bundle}");
+    }
+}
+
+#[tokio::test]
+async fn a_rename_reaches_a_bundle_that_shows_more_versions_than_are_tagged_one_by_one() {
+    let catalog = Catalog::start(1).await;
+    let base = catalog.base();
+    catalog.producer("acme").await;
+    // 300 parents of `child`: its depth-1 bundle shows 301 versions, past the 256 it is
+    // tagged with one by one.
+    let parents: Vec<String> = (0..300).map(|i| format!("parent-{i:03}")).collect();
+    let inputs: Vec<&str> = parents.iter().map(String::as_str).collect();
+    for parent in &inputs {
+        catalog.asset(parent, "acme", parent).await;
+    }
+    catalog.asset("child", "acme", "child").await;
+    catalog.lineage(&inputs, &["child"]).await;
+    let path = "/bundle?versionId=child&depth=1";
+    let (_, bundle) = get(base, path).await;
+    assert_eq!(bundle["ancestors"].as_array().unwrap().len(), 300);
+    let (status, _) = send(
+        base,
+        Method::PATCH,
+        "/listings/parent-150",
+        Some(json!({"name": "renamed"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, bundle) = get(base, path).await;
+    assert_eq!(name_in(&bundle, "parent-150"), Some(json!("renamed")));
+}

@@ -38,9 +38,9 @@ async fn a_stopping_server_finishes_a_write_whose_client_left_before_it_stops() 
     held_write_then(true).await;
 }
 
-/// A PATCH on instance A whose after-commit work is held (a table lock), whose client then
+/// A DELETE on instance A whose after-commit work is held (a table lock), whose client then
 /// hangs up; with `stop_a`, A is also told to stop while the work is still held. Either way,
-/// once the lock goes, the work finishes and B serves the new value.
+/// once the lock goes, the work finishes and B serves the bundle without the deleted asset.
 async fn held_write_then(stop_a: bool) {
     let mut catalog = Catalog::start(2).await;
     let (a, b) = (
@@ -75,20 +75,18 @@ async fn held_write_then(stop_a: bool) {
     }
 
     // Hold the write's after-commit work at a known point: the descendant lookup that picks
-    // the bundles to invalidate reads lineage_edges, which this transaction locks. The PATCH
-    // itself does not touch lineage_edges, so it commits.
+    // the bundles to invalidate reads lineage_edges, which this transaction locks. The DELETE
+    // itself does not touch lineage_edges (lineage naming a deleted version stays), so it
+    // commits. (A PATCH looks up nothing after its commit: `invalidation.rs`, "Content".)
     let mut pg = catalog.pg.client(&catalog.database).await;
     let lock = pg.transaction().await.unwrap();
     lock.batch_execute("LOCK TABLE lineage_edges IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
 
-    let body = json!({"name": "after"}).to_string();
     let request = format!(
-        "PATCH /listings/parent HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n{body}",
+        "DELETE /listings/parent HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n",
         host = a.trim_start_matches("http://"),
-        len = body.len(),
     );
     let mut client = TcpStream::connect(a.trim_start_matches("http://"))
         .await
@@ -99,15 +97,18 @@ async fn held_write_then(stop_a: bool) {
     let observer = catalog.pg.client(&catalog.database).await;
     let observer = &observer;
     let committed = within(Duration::from_secs(10), || async move {
-        let name: String = observer
-            .query_one("SELECT name FROM assets WHERE version_id = 'parent'", &[])
+        let left: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM assets WHERE version_id = 'parent'",
+                &[],
+            )
             .await
             .unwrap()
             .get(0);
-        name == "after"
+        left == 0
     })
     .await;
-    assert!(committed, "the PATCH committed");
+    assert!(committed, "the DELETE committed");
     let waiting = within(Duration::from_secs(10), || async move {
         let n: i64 = observer
             .query_one(
@@ -149,11 +150,11 @@ async fn held_write_then(stop_a: bool) {
             .unwrap();
     }
 
-    // B serves the new name within a bound far below the bundle's 60 s TTL.
+    // B serves the parent as missing within a bound far below the bundle's 60 s TTL.
     let b = &b;
     let fresh = within(Duration::from_secs(5), || async move {
         let (_, bundle) = get(b, bundle_path).await;
-        parent_name(&bundle) == json!("after")
+        parent_name(&bundle) == Value::Null
     })
     .await;
     assert!(fresh, "B still serves the bundle from before the write");

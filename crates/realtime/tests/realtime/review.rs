@@ -130,6 +130,44 @@ async fn an_offset_past_the_head_gets_a_gap_and_the_socket_lives() {
     assert_eq!(pong["type"], "pong");
 }
 
+/// A client subscribed before a channel's first message stands at `epoch` null, offset 0
+/// (its `ack`). Resuming from there with `since` gives it the channel from its first message;
+/// a subscribe without `since` starts at the head, so a client that resumed that way while
+/// the first publish went out silently lost it (the failover drill's checker did, under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_left_before_the_first_message_resumes_from_it_with_since_offset_0() {
+    let world = World::start(1, &[]).await;
+    let alice = world.register("alice").await;
+    let mut early = world.connect(0, Some(&alice.token)).await;
+    let ack = early.subscribe(CHANNEL).await;
+    assert_eq!(
+        (&ack["epoch"], &ack["offset"]),
+        (&Value::Null, &json!(0)),
+        "{ack}"
+    );
+    drop(early);
+    let (epoch, _) = publish(&world, 1).await;
+    publish(&world, 2).await;
+
+    let mut resumed = world.connect(0, Some(&alice.token)).await;
+    let (_, mut seen) = resume(&mut resumed, json!({"offset": 0, "epoch": null})).await;
+    seen.extend(drain(&mut resumed).await);
+    let got: Vec<(&Value, &Value)> = seen.iter().map(|m| (&m["epoch"], &m["offset"])).collect();
+    assert_eq!(
+        got,
+        [(&json!(epoch), &json!(1)), (&json!(epoch), &json!(2))],
+        "{seen:?}"
+    );
+
+    // Without `since`: from the head on, what was published before is not replayed.
+    let mut fresh = world.connect(0, Some(&alice.token)).await;
+    let ack = fresh.subscribe(CHANNEL).await;
+    assert_eq!(ack["offset"], 2, "{ack}");
+    publish(&world, 3).await;
+    let message = next(&mut fresh).await;
+    assert_eq!(message["offset"], 3, "{message}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_closed_within_the_write_timeout() {
     let world = World::start(
