@@ -39,8 +39,8 @@ pub struct RawAgentsConfig {
     /// How often an idle worker looks for executions without a wake-up [default: 1s].
     #[arg(long, env = "AGENTS_POLL_INTERVAL", global = true)]
     pub agents_poll_interval: Option<String>,
-    /// Wake idle workers with LISTEN/NOTIFY; false polls only (PgBouncer in transaction mode)
-    /// [default: true].
+    /// Wake idle workers with LISTEN/NOTIFY (behind PgBouncer on DATABASE_DIRECT_URL); false
+    /// polls only [default: true].
     #[arg(long, env = "AGENTS_LISTEN", global = true)]
     pub agents_listen: Option<String>,
     /// How often a worker renews its claims, and how often lapsed claims are looked for

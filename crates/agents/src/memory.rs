@@ -8,10 +8,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cascade_core::audit::{self, Change};
 use cascade_core::cache::Invalidations;
+use cascade_core::db::Sql;
 use cascade_http::{ApiError, CurrentUser, JsonBody};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio_postgres::{GenericClient, Transaction};
+use tokio_postgres::Transaction;
 
 use crate::AgentsState;
 use crate::error::AgentError;
@@ -117,7 +118,7 @@ pub const PAGE_MAX_BYTES: i64 = 4 * 1024 * 1024;
 /// The newest snapshots of the caller's agent, latest first, at most `limit` of them and
 /// [`PAGE_MAX_BYTES`] (see there); `None`: no such agent.
 pub async fn latest(
-    db: &impl GenericClient,
+    db: &impl Sql,
     owner: i64,
     agent: i64,
     limit: i64,
@@ -214,7 +215,7 @@ pub async fn latest_route(
     let limit = model::parse_limit(params.limit.as_deref())?;
     let before = model::parse_cursor(params.cursor.as_deref())?;
     let conn = state.app.db.conn().await?;
-    let page = latest(&**conn, me.user_id, agent, limit, before)
+    let page = latest(&conn, me.user_id, agent, limit, before)
         .await?
         .ok_or_else(|| queries::not_found(agent))?;
     Ok(Json(page).into_response())

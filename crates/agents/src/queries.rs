@@ -6,9 +6,10 @@
 //! ([`cascade_core::audit`]): the change and its record commit together or not at all.
 
 use cascade_core::audit::{self, Change};
+use cascade_core::db::Sql;
 use serde::Serialize;
 use serde_json::Value;
-use tokio_postgres::{GenericClient, Transaction};
+use tokio_postgres::Transaction;
 
 use crate::error::AgentError;
 use crate::model::{AgentPatch, ListQuery, NewAgent};
@@ -92,11 +93,7 @@ pub async fn create(
 }
 
 /// One live agent of `owner`, or `None`.
-pub async fn get(
-    db: &impl GenericClient,
-    owner: i64,
-    id: i64,
-) -> Result<Option<Value>, AgentError> {
+pub async fn get(db: &impl Sql, owner: i64, id: i64) -> Result<Option<Value>, AgentError> {
     Ok(db
         .query_opt(
             &format!(
@@ -202,11 +199,7 @@ pub struct AgentPage {
 }
 
 /// The page of `owner`'s live agents that `query` selects.
-pub async fn list(
-    db: &impl GenericClient,
-    owner: i64,
-    query: &ListQuery,
-) -> Result<AgentPage, AgentError> {
+pub async fn list(db: &impl Sql, owner: i64, query: &ListQuery) -> Result<AgentPage, AgentError> {
     let fetch = query.limit + 1;
     let rows = db
         .query(

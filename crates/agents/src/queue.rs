@@ -18,8 +18,9 @@
 use std::time::Duration;
 
 use cascade_core::audit::{self, Change};
+use cascade_core::db::Sql;
 use serde_json::Value;
-use tokio_postgres::{GenericClient, Transaction};
+use tokio_postgres::Transaction;
 
 use crate::error::AgentError;
 use crate::queries::Actor;
@@ -125,11 +126,7 @@ pub async fn enqueue_many(
 }
 
 /// One of the owner's executions, or `None`.
-pub async fn get(
-    db: &impl GenericClient,
-    owner: i64,
-    id: i64,
-) -> Result<Option<Value>, AgentError> {
+pub async fn get(db: &impl Sql, owner: i64, id: i64) -> Result<Option<Value>, AgentError> {
     Ok(db
         .query_opt(
             &format!(
@@ -216,7 +213,7 @@ pub struct Claimed {
 /// execution no running worker can run stays queued (the `oldest queued` gauge shows it)
 /// rather than failing on whichever instance saw it first.
 pub async fn claim(
-    db: &impl GenericClient,
+    db: &impl Sql,
     worker: &str,
     batch: i64,
     capabilities: &[String],
@@ -249,11 +246,7 @@ pub async fn claim(
 }
 
 /// Renews `worker`'s claims on `ids`; returns the ids that are still its own.
-pub async fn heartbeat(
-    db: &impl GenericClient,
-    worker: &str,
-    ids: &[i64],
-) -> Result<Vec<i64>, AgentError> {
+pub async fn heartbeat(db: &impl Sql, worker: &str, ids: &[i64]) -> Result<Vec<i64>, AgentError> {
     let rows = db
         .query(
             "WITH l AS ( \
@@ -271,7 +264,7 @@ pub async fn heartbeat(
 /// Whether the worker may run the next step of its claim: `None` when the claim is no longer
 /// its own; `Some(true)` when a cancel was asked for.
 pub async fn cancel_requested(
-    db: &impl GenericClient,
+    db: &impl Sql,
     worker: &str,
     id: i64,
     attempt: i32,
@@ -458,7 +451,7 @@ pub async fn rescue(
 }
 
 /// Deletes up to `limit` executions that finished more than `age` ago; returns how many.
-pub async fn prune(db: &impl GenericClient, age: Duration, limit: i64) -> Result<u64, AgentError> {
+pub async fn prune(db: &impl Sql, age: Duration, limit: i64) -> Result<u64, AgentError> {
     Ok(db
         .execute(
             "DELETE FROM executions WHERE id IN ( \
@@ -476,7 +469,7 @@ pub async fn prune(db: &impl GenericClient, age: Duration, limit: i64) -> Result
 /// spent; returns how many. Run every maintenance tick, it keeps up with any churn up to
 /// `batch` rows per statement for as many statements as fit in `budget`.
 pub async fn prune_due(
-    db: &impl GenericClient,
+    db: &impl Sql,
     age: Duration,
     batch: i64,
     budget: Duration,
@@ -511,7 +504,7 @@ pub const DEPTH_EXACT_MAX: i64 = 100_000;
 
 /// Counts the live states only (their partial indexes), bounded by [`DEPTH_EXACT_MAX`] each,
 /// never the finished rows: cheap at any size of table or backlog.
-pub async fn depth(db: &impl GenericClient) -> Result<Depth, AgentError> {
+pub async fn depth(db: &impl Sql) -> Result<Depth, AgentError> {
     let row = db
         .query_one(
             "SELECT \
@@ -539,7 +532,7 @@ pub async fn depth(db: &impl GenericClient) -> Result<Depth, AgentError> {
 
 /// The planner's estimate of the executions in `state` (from the table's statistics, which
 /// autovacuum's frequent ANALYZE of this table keeps recent).
-async fn estimate(db: &impl GenericClient, state: &str) -> Result<i64, AgentError> {
+async fn estimate(db: &impl Sql, state: &str) -> Result<i64, AgentError> {
     let plan: Value = db
         .query_one(
             &format!(

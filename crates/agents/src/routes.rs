@@ -187,7 +187,7 @@ pub async fn get(
         .cache
         .get_or_load_body(AGENTS, &agent_key(owner, id), &[], move || async move {
             let conn = db.conn().await?;
-            queries::get(&**conn, owner, id)
+            queries::get(&conn, owner, id)
                 .await?
                 .map(|agent| to_json(&agent))
                 .transpose()
@@ -220,7 +220,7 @@ pub async fn list(
         .cache
         .get_or_load_body(AGENT_LISTS, &key, &[owner_tag(owner)], move || async move {
             let conn = db.conn().await?;
-            let page = queries::list(&**conn, owner, &query).await?;
+            let page = queries::list(&conn, owner, &query).await?;
             to_json(&page).map(Some)
         })
         .await?;
@@ -251,7 +251,7 @@ pub async fn update(
     if patch.is_empty() {
         // Nothing to change: the agent as it is, no write, no audit row.
         let conn = state.app.db.conn().await?;
-        let agent = queries::get(&**conn, me.user_id, id)
+        let agent = queries::get(&conn, me.user_id, id)
             .await?
             .ok_or_else(|| queries::not_found(id))?;
         return Ok(Json(agent).into_response());
@@ -302,7 +302,7 @@ pub async fn audit(
 ) -> Result<Response, ApiError> {
     let filter = model::audit_filter(&params, Some(cascade_core::audit::user_actor(me.user_id)))?;
     let conn = state.app.db.conn().await?;
-    let page = cascade_core::audit::list(&**conn, &filter).await?;
+    let page = cascade_core::audit::list(&conn, &filter).await?;
     Ok(Json(page).into_response())
 }
 
@@ -325,6 +325,6 @@ pub async fn audit_all(
     cascade_http::auth::require_admin(&state.app, &headers)?;
     let filter = model::audit_filter(&params.rest, params.actor.clone())?;
     let conn = state.app.db.conn().await?;
-    let page = cascade_core::audit::list(&**conn, &filter).await?;
+    let page = cascade_core::audit::list(&conn, &filter).await?;
     Ok(Json(page).into_response())
 }

@@ -11,8 +11,8 @@
 //! maintenance task requeues them ([`queue::rescue`]) for another attempt.
 //!
 //! Wake-ups: one listener per instance (`LISTEN cascade_executions` on a connection of its
-//! own) wakes the idle workers when an enqueue commits; without it (`AGENTS_LISTEN=false`,
-//! e.g. behind PgBouncer in transaction mode) or while it is reconnecting, workers poll every
+//! own, to `DATABASE_DIRECT_URL` behind PgBouncer) wakes the idle workers when an enqueue
+//! commits; without it (`AGENTS_LISTEN=false`) or while it is reconnecting, workers poll every
 //! `AGENTS_POLL_INTERVAL`.
 
 use std::collections::HashSet;
@@ -135,7 +135,7 @@ impl Workers {
 
     async fn claim(&self, name: &str) -> Result<Vec<Claimed>, crate::AgentError> {
         let conn = self.db.conn().await?;
-        queue::claim(&**conn, name, self.config.batch, &self.capabilities).await
+        queue::claim(&conn, name, self.config.batch, &self.capabilities).await
     }
 
     /// Runs a claimed batch, heartbeating the claims meanwhile. Executions are completed as
@@ -184,7 +184,7 @@ impl Workers {
             tokio::time::sleep(self.config.heartbeat_interval).await;
             let renewed = async {
                 let conn = self.db.conn().await?;
-                queue::heartbeat(&**conn, name, ids).await
+                queue::heartbeat(&conn, name, ids).await
             };
             match renewed.await {
                 Ok(mine) => {
@@ -298,7 +298,7 @@ impl Workers {
         loop {
             let asked = async {
                 let conn = self.db.conn().await?;
-                queue::cancel_requested(&**conn, name, claimed.id, claimed.attempt).await
+                queue::cancel_requested(&conn, name, claimed.id, claimed.attempt).await
             };
             match asked.await {
                 Ok(answer) => return answer,
@@ -484,7 +484,7 @@ pub async fn maintain(db: Db, config: ExecutionsConfig, mut stop: ShutdownSignal
         }
         let depth = async {
             let conn = db.conn().await?;
-            queue::depth(&**conn).await
+            queue::depth(&conn).await
         };
         match depth.await {
             Ok(depth) => {
@@ -500,7 +500,7 @@ pub async fn maintain(db: Db, config: ExecutionsConfig, mut stop: ShutdownSignal
         if let Some(age) = config.retention {
             let pruned = async {
                 let conn = db.conn().await?;
-                queue::prune_due(&**conn, age, PRUNE_BATCH, config.heartbeat_interval / 2).await
+                queue::prune_due(&conn, age, PRUNE_BATCH, config.heartbeat_interval / 2).await
             };
             match pruned.await {
                 Ok(0) => {}

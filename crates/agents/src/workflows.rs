@@ -12,9 +12,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cascade_core::audit::{self, Change};
 use cascade_core::cache::Invalidations;
+use cascade_core::db::Sql;
 use cascade_http::{ApiError, CurrentUser, JsonBody};
 use serde_json::{Map, Value};
-use tokio_postgres::{GenericClient, Transaction};
+use tokio_postgres::Transaction;
 
 use crate::AgentsState;
 use crate::error::AgentError;
@@ -187,11 +188,7 @@ pub async fn insert(
 }
 
 /// One live workflow of `owner`'s.
-pub async fn get_workflow(
-    db: &impl GenericClient,
-    owner: i64,
-    id: i64,
-) -> Result<Option<Value>, AgentError> {
+pub async fn get_workflow(db: &impl Sql, owner: i64, id: i64) -> Result<Option<Value>, AgentError> {
     Ok(db
         .query_opt(
             &format!(
@@ -253,7 +250,7 @@ pub async fn get(
 ) -> Result<Response, ApiError> {
     let id = crate::routes::path_id(&id)?;
     let conn = state.app.db.conn().await?;
-    let workflow = get_workflow(&**conn, me.user_id, id)
+    let workflow = get_workflow(&conn, me.user_id, id)
         .await?
         .ok_or_else(|| AgentError::NotFound(format!("no workflow {id}")))?;
     Ok(Json(workflow).into_response())
@@ -309,7 +306,7 @@ pub async fn execution(
 ) -> Result<Response, ApiError> {
     let id = crate::routes::path_id(&id)?;
     let conn = state.app.db.conn().await?;
-    let execution = queue::get(&**conn, me.user_id, id)
+    let execution = queue::get(&conn, me.user_id, id)
         .await?
         .ok_or_else(|| AgentError::NotFound(format!("no execution {id}")))?;
     Ok(Json(execution).into_response())

@@ -232,11 +232,7 @@ pub async fn authorize_producer(
 /// such asset, 403 when it is another account's. (The writes carry the ownership condition
 /// themselves, so the successful path costs no extra query and cannot race a change of the
 /// asset between a check and the write.)
-async fn refusal(
-    tx: &impl tokio_postgres::GenericClient,
-    version: &VersionId,
-    user: i64,
-) -> CatalogError {
+async fn refusal(tx: &impl cascade_core::db::Sql, version: &VersionId, user: i64) -> CatalogError {
     let row = tx
         .query_opt(
             "SELECT p.owner_id FROM assets a JOIN producers p USING (producer_id) \
@@ -408,10 +404,7 @@ pub async fn update_asset(
         .map_err(internal)?;
     match row {
         Some(row) => Ok(text(&row)),
-        None => {
-            let client: &tokio_postgres::Client = conn;
-            Err(refusal(client, version, author.user_id).await)
-        }
+        None => Err(refusal(conn, version, author.user_id).await),
     }
 }
 

@@ -31,9 +31,17 @@ async fn probe_postgres(
             .query_one("SELECT version()", &[])
             .await
             .map_err(|e| e.to_string())?;
-        let findings = production::postgres(&conn, config.pool_max, instances)
+        let mut findings = production::postgres(&conn, config.pool_max, instances)
             .await
             .map_err(|e| e.to_string())?;
+        if db.pooler() == cascade_core::db::Pooler::PgBouncer {
+            let timeout: String = conn
+                .query_one("SELECT current_setting('statement_timeout')", &[])
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            findings.push(production::pooled_statement_timeout(&timeout));
+        }
         Ok((row.get::<_, String>(0), findings))
     };
     let probed = tokio::time::timeout(deadline, work)

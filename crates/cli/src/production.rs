@@ -177,7 +177,7 @@ fn megabytes(bytes: u64) -> String {
 /// PostgreSQL's settings against seed 002's, and its connection limit against the pools of
 /// `instances` instances.
 pub async fn postgres(
-    client: &tokio_postgres::Client,
+    client: &impl cascade_core::db::Sql,
     pool_max: usize,
     instances: u32,
 ) -> Result<Vec<Finding>, tokio_postgres::Error> {
@@ -274,6 +274,25 @@ pub async fn postgres(
         });
     }
     Ok(findings)
+}
+
+/// Behind PgBouncer the pool cannot set `statement_timeout` at connect (PgBouncer refuses the
+/// `options` startup parameter): the role's or database's setting, `setting` as the server
+/// reports it, is what bounds a stuck request statement.
+pub fn pooled_statement_timeout(setting: &str) -> Finding {
+    if setting == "0" {
+        warn(
+            "statement_timeout",
+            "0 behind PgBouncer: a stuck statement holds its server connection forever \
+             (ALTER ROLE <user> SET statement_timeout = '10s'; Cascade cannot set it at \
+             connect through PgBouncer)",
+        )
+    } else {
+        ok(
+            "statement_timeout",
+            format!("{setting} (the role's, behind PgBouncer)"),
+        )
+    }
 }
 
 /// Redis's memory limit, eviction policy and persistence against what the cache needs.

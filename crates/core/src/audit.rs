@@ -12,10 +12,11 @@
 //!
 //! [`list`] reads it newest first with filters and a cursor (the id of the last row seen).
 
+use crate::db::Sql;
 use serde::Serialize;
 use serde_json::Value;
+use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{GenericClient, Transaction};
 
 use crate::db::DbError;
 
@@ -129,7 +130,7 @@ pub struct Page {
 
 /// The rows `filter` selects, newest first (by id: ids grow with commit order closely enough
 /// for reading, and exactly as a cursor needs).
-pub async fn list(db: &impl GenericClient, filter: &Filter) -> Result<Page, DbError> {
+pub async fn list(db: &impl Sql, filter: &Filter) -> Result<Page, DbError> {
     let mut conditions: Vec<String> = Vec::new();
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
     // Each condition names its parameter by position; built in one place so they match.

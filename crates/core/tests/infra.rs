@@ -19,6 +19,8 @@ fn settings(pool_max: usize) -> DatabaseConfig {
         statement_timeout: Duration::from_millis(300),
         connect_timeout: Duration::from_secs(1),
         startup_timeout: Duration::from_secs(10),
+        pooler: cascade_core::db::Pooler::Auto,
+        direct: None,
     }
 }
 

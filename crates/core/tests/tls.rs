@@ -119,6 +119,8 @@ fn settings(source: DatabaseSource) -> DatabaseConfig {
         statement_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(2),
         startup_timeout: Duration::from_secs(20),
+        pooler: cascade_core::db::Pooler::Auto,
+        direct: None,
     }
 }
 

@@ -53,6 +53,14 @@ impl Database {
             }
         };
         let db = Db::connect(&config.database, pg_config, address).await?;
+        if !db.can_listen() {
+            anyhow::bail!(
+                "DATABASE_URL goes through PgBouncer (PG_POOLER={}): set DATABASE_DIRECT_URL to \
+                 PostgreSQL itself, for LISTEN (cache invalidation log, unified-mode bus, queue \
+                 wake-ups), which PgBouncer in transaction mode cannot carry, and for migrations",
+                config.database.pooler.name()
+            );
+        }
         if !config.replicas.sources.is_empty() {
             db.attach_replicas(ReplicaSet::new(&config.replicas, &config.database)?)?;
             tracing::info!(

@@ -9,6 +9,7 @@
 //! backends) with it and a restart finds no orphan holding the shared memory.
 
 mod pg;
+mod pgbouncer;
 mod proxy;
 mod redis_cluster;
 mod redis_server;
@@ -17,6 +18,7 @@ pub mod stripe;
 pub mod venice;
 
 pub use pg::PgServer;
+pub use pgbouncer::{PgBouncer, SERVER_POOL_SIZE, direct_url, through_pgbouncer};
 pub use proxy::Proxy;
 pub use redis_cluster::RedisCluster;
 pub use redis_server::{RedisSentinels, RedisServer};

@@ -19,6 +19,9 @@ pub struct PgServer {
     run_as: Option<(u32, u32)>,
     /// `-c name=value` settings beyond the test kit's own (TLS).
     settings: Vec<String>,
+    /// The PgBouncer [`fresh_database`](Self::fresh_database) hands out URLs through, under
+    /// `CASCADE_TEST_POOLER=pgbouncer`; started on first use.
+    bouncer: tokio::sync::OnceCell<crate::PgBouncer>,
 }
 
 fn server_binaries() -> PathBuf {
@@ -122,6 +125,53 @@ fn template(bin: &Path, run_as: Option<(u32, u32)>) -> PathBuf {
     template
 }
 
+/// A client of database `db` as `postgres` on 127.0.0.1:`port` (PostgreSQL or PgBouncer).
+pub(crate) async fn connect_local(
+    port: u16,
+    db: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user("postgres")
+        .dbname(db)
+        .connect_timeout(Duration::from_secs(2));
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// Waits up to 30 s until `name`, started as `child`, answers a query on `port`; panics with
+/// its log when it exits or never does.
+pub(crate) async fn wait_until_accepting(
+    name: &str,
+    port: u16,
+    child: &mut Option<Child>,
+    log: &Path,
+) {
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(client) = connect_local(port, "postgres").await
+            && client.simple_query("SELECT 1").await.is_ok()
+        {
+            return;
+        }
+        if let Some(child) = child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            panic!("{name} exited with {status}: {}", log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not start in 30s: {}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 impl PgServer {
     /// Starts a fresh server and waits until it accepts connections.
     pub async fn start() -> PgServer {
@@ -193,6 +243,7 @@ impl PgServer {
             bin: self.bin.clone(),
             run_as: self.run_as,
             settings: self.settings.clone(),
+            bouncer: tokio::sync::OnceCell::new(),
         };
         replica.spawn().await;
         let in_recovery: bool = replica
@@ -269,6 +320,7 @@ impl PgServer {
             bin,
             run_as,
             settings,
+            bouncer: tokio::sync::OnceCell::new(),
         };
         server.spawn().await;
         server
@@ -305,36 +357,17 @@ impl PgServer {
             command.uid(uid).gid(gid);
         }
         self.child = Some(command.spawn().expect("spawn postgres"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.try_connect("postgres").await.is_ok() {
-                return;
-            }
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                panic!("postgres exited with {status}: {}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "postgres did not start in 30s: {}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_accepting(
+            "postgres",
+            self.port,
+            &mut self.child,
+            &self.dir.join("postgres.log"),
+        )
+        .await;
     }
 
     async fn try_connect(&self, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("127.0.0.1")
-            .port(self.port)
-            .user("postgres")
-            .dbname(db)
-            .connect_timeout(Duration::from_secs(2));
-        let (client, connection) = config.connect(NoTls).await?;
-        tokio::spawn(connection);
-        Ok(client)
+        connect_local(self.port, db).await
     }
 
     /// The server's log so far, for assertion messages.
@@ -358,7 +391,9 @@ impl PgServer {
             .expect("connect to the test PostgreSQL")
     }
 
-    /// Creates a new, empty database and returns its URL.
+    /// Creates a new, empty database and returns its URL: through a PgBouncer in transaction
+    /// mode in front of this server under `CASCADE_TEST_POOLER=pgbouncer`
+    /// ([`direct_url`](crate::direct_url) then gives the direct one).
     pub async fn fresh_database(&self) -> String {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -371,7 +406,21 @@ impl PgServer {
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create database");
-        self.url(&name)
+        if !crate::pgbouncer::through_pgbouncer() {
+            return self.url(&name);
+        }
+        let bouncer = self
+            .bouncer
+            .get_or_init(|| crate::PgBouncer::start(self))
+            .await;
+        let through = bouncer.url(&name);
+        crate::pgbouncer::remember_direct(&through, self.url(&name));
+        through
+    }
+
+    /// The user and group the server runs as (`postgres`, when the tests run as root).
+    pub(crate) fn run_as(&self) -> Option<(u32, u32)> {
+        self.run_as
     }
 
     /// SIGKILL to the server and all its backends: a crash, not a shutdown.

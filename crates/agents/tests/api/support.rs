@@ -66,6 +66,8 @@ impl Cluster {
             ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
         ];
         env.extend(self.redis.as_ref().map(|r| ("REDIS_URL", r.url())));
+        // Under CASCADE_TEST_POOLER=pgbouncer: LISTEN and migrations bypass PgBouncer.
+        env.extend(cascade_testkit::direct_url(&self.url).map(|d| ("DATABASE_DIRECT_URL", d)));
         env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         self.servers.push(TestApp::start(&env).await);
     }

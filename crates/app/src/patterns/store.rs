@@ -133,7 +133,7 @@ pub async fn upsert(
 
 /// Pattern types whose row expires within `horizon` (soonest first).
 pub async fn expiring(
-    conn: &impl tokio_postgres::GenericClient,
+    conn: &impl cascade_core::db::Sql,
     horizon: Duration,
 ) -> Result<Vec<String>, DbError> {
     let rows = conn

@@ -7,8 +7,8 @@
 //! trigger updates the spaces it already holds); a leave or a close locks the space before it
 //! deletes participants. So no two of them wait for each other in a cycle.
 
+use cascade_core::db::Sql;
 use serde::Serialize;
-use tokio_postgres::GenericClient;
 use tokio_postgres::error::SqlState;
 
 use super::error::SpaceError;
@@ -72,7 +72,7 @@ pub(super) fn level(hundredths: i32) -> Result<Level, SpaceError> {
 
 /// The caller's subscription tier, read from the row (not from the login session's cached
 /// copy): a tier change applies to the next request on every instance.
-pub async fn tier(db: &impl GenericClient, user_id: i64) -> Result<String, SpaceError> {
+pub async fn tier(db: &impl Sql, user_id: i64) -> Result<String, SpaceError> {
     let row = db
         .query_opt(
             "SELECT subscription_tier FROM cascade_users WHERE id = $1",
@@ -85,7 +85,7 @@ pub async fn tier(db: &impl GenericClient, user_id: i64) -> Result<String, Space
 
 /// Creates `space`, owned by `creator`; 409 when its id is taken.
 pub async fn insert_space(
-    db: &impl GenericClient,
+    db: &impl Sql,
     creator: i64,
     space: &NewSpace,
 ) -> Result<Space, SpaceError> {
@@ -120,7 +120,7 @@ pub async fn insert_space(
 }
 
 /// One space, or `None`.
-pub async fn space(db: &impl GenericClient, id: &SpaceId) -> Result<Option<Space>, SpaceError> {
+pub async fn space(db: &impl Sql, id: &SpaceId) -> Result<Option<Space>, SpaceError> {
     db.query_opt(
         &format!(
             "SELECT {SPACE_COLUMNS} FROM collaboration_spaces s \
@@ -141,7 +141,7 @@ pub struct SpacePage {
     pub next_cursor: Option<String>,
 }
 
-pub async fn list(db: &impl GenericClient, query: &ListQuery) -> Result<SpacePage, SpaceError> {
+pub async fn list(db: &impl Sql, query: &ListQuery) -> Result<SpacePage, SpaceError> {
     let rows = db
         .query(
             &format!(
@@ -191,10 +191,7 @@ pub struct Participant {
 }
 
 /// One statement, so the count and the list agree.
-pub async fn participants(
-    db: &impl GenericClient,
-    id: &SpaceId,
-) -> Result<Option<Participants>, SpaceError> {
+pub async fn participants(db: &impl Sql, id: &SpaceId) -> Result<Option<Participants>, SpaceError> {
     let rows = db
         .query(
             concat!(
@@ -238,7 +235,7 @@ pub struct Joined {
 
 /// Joins `user` to the space through their active session for it (bound to this space, else
 /// one bound to no space), under the limit. See the module's lock order.
-pub async fn join(db: &impl GenericClient, user: i64, id: &SpaceId) -> Result<Joined, SpaceError> {
+pub async fn join(db: &impl Sql, user: i64, id: &SpaceId) -> Result<Joined, SpaceError> {
     // The threshold never changes: read without a lock, to answer 404 before anything else.
     let space = space(db, id).await?.ok_or_else(|| unknown(id))?;
     // Closing is final, so a closed space read without the lock is closed for good.
@@ -326,7 +323,7 @@ pub(super) fn closed(id: &SpaceId) -> SpaceError {
 }
 
 /// Takes `user` out of the space. True when they were in it.
-pub async fn leave(db: &impl GenericClient, user: i64, id: &SpaceId) -> Result<bool, SpaceError> {
+pub async fn leave(db: &impl Sql, user: i64, id: &SpaceId) -> Result<bool, SpaceError> {
     let pk: i32 = db
         .query_opt(
             "SELECT id FROM collaboration_spaces WHERE space_id = $1 FOR UPDATE",
@@ -355,7 +352,7 @@ pub struct Closed {
 }
 
 /// Closes a space (its creator only: 403 for anyone else) and takes everyone out of it.
-pub async fn close(db: &impl GenericClient, user: i64, id: &SpaceId) -> Result<Closed, SpaceError> {
+pub async fn close(db: &impl Sql, user: i64, id: &SpaceId) -> Result<Closed, SpaceError> {
     let row = db
         .query_opt(
             "SELECT id, creator_id, is_active FROM collaboration_spaces \

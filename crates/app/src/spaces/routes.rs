@@ -107,7 +107,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     by_space(&state, SPACES, &id, |conn, id| async move {
-        queries::space(&**conn, &id)
+        queries::space(&conn, &id)
             .await?
             .map(|space| to_json(&space))
             .transpose()
@@ -136,7 +136,7 @@ pub async fn list(
         .cache
         .get_or_load_body(SPACE_LISTS, &key, &tags, move || async move {
             let conn = db.conn().await?;
-            let page = queries::list(&**conn, &query).await?;
+            let page = queries::list(&conn, &query).await?;
             to_json(&page).map(Some)
         })
         .await?;
@@ -158,7 +158,7 @@ pub async fn participants(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     by_space(&state, SPACE_PARTICIPANTS, &id, |conn, id| async move {
-        queries::participants(&**conn, &id)
+        queries::participants(&conn, &id)
             .await?
             .map(|list| to_json(&list))
             .transpose()

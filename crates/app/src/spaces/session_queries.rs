@@ -2,8 +2,8 @@
 //! `migrations/0004_spaces.sql`), and of the participations that end with them. The lock
 //! order is the one `queries.rs` states: sessions, then spaces by id, then participants.
 
+use cascade_core::db::Sql;
 use serde::Serialize;
-use tokio_postgres::GenericClient;
 use tokio_postgres::error::SqlState;
 
 use super::error::SpaceError;
@@ -61,7 +61,7 @@ impl Session {
 /// Starts a session; 404 for an unknown space, 409 for a closed one or when the user has an
 /// active session for that space already (the partial unique index decides races).
 pub async fn start_session(
-    db: &impl GenericClient,
+    db: &impl Sql,
     user: i64,
     new: &NewSession,
 ) -> Result<Session, SpaceError> {
@@ -115,7 +115,7 @@ pub struct LevelChange {
 
 /// Sets the level of the user's active session (which counts as activity).
 pub async fn set_level(
-    db: &impl GenericClient,
+    db: &impl Sql,
     user: i64,
     id: i32,
     to: Level,
@@ -146,7 +146,7 @@ pub async fn set_level(
 }
 
 /// Records activity on the user's active session.
-pub async fn heartbeat(db: &impl GenericClient, user: i64, id: i32) -> Result<Session, SpaceError> {
+pub async fn heartbeat(db: &impl Sql, user: i64, id: i32) -> Result<Session, SpaceError> {
     let row = db
         .query_opt(
             &format!(
@@ -165,7 +165,7 @@ pub async fn heartbeat(db: &impl GenericClient, user: i64, id: i32) -> Result<Se
 
 /// Why an update of the user's session `id` touched nothing: it is not theirs (or does not
 /// exist: 404 either way), or it has ended (409).
-async fn inactive_or_missing(db: &impl GenericClient, user: i64, id: i32) -> SpaceError {
+async fn inactive_or_missing(db: &impl Sql, user: i64, id: i32) -> SpaceError {
     let found = db
         .query_opt(
             "SELECT end_reason FROM consciousness_sessions WHERE id = $1 AND user_id = $2",
@@ -196,11 +196,7 @@ pub struct Ended {
 }
 
 /// Ends the user's session `id` (DELETE). `Ok(None)` when it had ended already.
-pub async fn end_session(
-    db: &impl GenericClient,
-    user: i64,
-    id: i32,
-) -> Result<Option<Ended>, SpaceError> {
+pub async fn end_session(db: &impl Sql, user: i64, id: i32) -> Result<Option<Ended>, SpaceError> {
     let ended = db
         .query_opt(
             "UPDATE consciousness_sessions \
@@ -221,11 +217,7 @@ pub async fn end_session(
 /// Ends up to `batch` sessions idle for longer than `idle_ms`. Each is ended by exactly one
 /// caller cluster-wide: rows another instance's sweep holds are skipped (`SKIP LOCKED`), and
 /// the `is_active` condition is checked again on the locked row.
-pub async fn end_idle(
-    db: &impl GenericClient,
-    idle_ms: i64,
-    batch: i64,
-) -> Result<Vec<Ended>, SpaceError> {
+pub async fn end_idle(db: &impl Sql, idle_ms: i64, batch: i64) -> Result<Vec<Ended>, SpaceError> {
     let rows = db
         .query(
             "UPDATE consciousness_sessions \
@@ -248,10 +240,7 @@ pub async fn end_idle(
 
 /// Takes the participants of the ended `sessions` out of their spaces: locks those spaces by
 /// id first (the module's lock order), then deletes.
-async fn leave_ended(
-    db: &impl GenericClient,
-    sessions: &[(i32, i64)],
-) -> Result<Vec<Ended>, SpaceError> {
+async fn leave_ended(db: &impl Sql, sessions: &[(i32, i64)]) -> Result<Vec<Ended>, SpaceError> {
     let ids: Vec<i32> = sessions.iter().map(|(id, _)| *id).collect();
     db.execute(
         "SELECT 1 FROM collaboration_spaces WHERE id IN \

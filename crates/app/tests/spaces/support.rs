@@ -37,6 +37,8 @@ impl World {
         let venice = VeniceStandin::start(sample_citizens()).await;
         let url = pg.fresh_database().await;
         let database = url.rsplit('/').next().unwrap().to_string();
+        // Under CASCADE_TEST_POOLER=pgbouncer: LISTEN and migrations bypass PgBouncer.
+        let direct = cascade_testkit::direct_url(&url);
         let mut env = vec![
             ("DATABASE_URL", url),
             ("REDIS_URL", redis.url()),
@@ -45,6 +47,7 @@ impl World {
             ("RATE_LIMIT_AUTH", "off".to_string()),
             ("VENICE_API_URL", venice.url()),
         ];
+        env.extend(direct.map(|d| ("DATABASE_DIRECT_URL", d)));
         env.extend(extra.iter().cloned());
         let mut servers = Vec::new();
         for _ in 0..instances {

@@ -64,6 +64,7 @@ impl Catalog {
     ) -> Catalog {
         let redis = RedisServer::start().await;
         let database = url.rsplit('/').next().unwrap_or_default().to_string();
+        let direct = cascade_testkit::direct_url(&url);
         let mut env = vec![
             ("DATABASE_URL", url),
             ("REDIS_URL", redis.url()),
@@ -71,10 +72,29 @@ impl Catalog {
             ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
             ("RATE_LIMIT_API", "off".to_string()),
         ];
+        // Under CASCADE_TEST_POOLER=pgbouncer the URL goes through PgBouncer: LISTEN and
+        // migrations take the direct one, as a deployment's DATABASE_DIRECT_URL.
+        let through_pgbouncer = direct.is_some();
+        env.extend(direct.map(|d| ("DATABASE_DIRECT_URL", d)));
         env.extend(extra.iter().cloned());
         let mut servers = Vec::new();
         for _ in 0..instances {
             servers.push(TestApp::start(&env).await);
+        }
+        if through_pgbouncer {
+            let health = http()
+                .get(format!("{}/health/db", servers[0].base))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .expect("/health/db")
+                .text()
+                .await
+                .expect("/health/db body");
+            assert!(
+                health.contains(r#""pooler":"pgbouncer""#),
+                "PgBouncer was not detected: {health}"
+            );
         }
         let token = register(&servers[0].base, "publisher").await;
         let mut publishers = PUBLISHERS.lock().unwrap();

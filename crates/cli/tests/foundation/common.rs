@@ -104,6 +104,14 @@ impl Served {
             .env("ADMIN_TOKEN", ADMIN_TOKEN);
         for (key, value) in env {
             command.env(key, value);
+            // Under CASCADE_TEST_POOLER=pgbouncer the URL goes through PgBouncer: LISTEN and
+            // migrations take the direct one, as a deployment's DATABASE_DIRECT_URL.
+            if *key == "DATABASE_URL"
+                && let Some(direct) = cascade_testkit::direct_url(value)
+                && !env.iter().any(|(k, _)| *k == "DATABASE_DIRECT_URL")
+            {
+                command.env("DATABASE_DIRECT_URL", direct);
+            }
         }
         let child = command
             .stdout(Stdio::null())
@@ -126,6 +134,14 @@ impl Served {
                 .await
                 .is_ok()
             {
+                let through_pgbouncer = env
+                    .iter()
+                    .any(|(k, v)| *k == "DATABASE_URL" && cascade_testkit::direct_url(v).is_some());
+                assert!(
+                    !through_pgbouncer || served.log().contains("through PgBouncer"),
+                    "PgBouncer was not detected:\n{}",
+                    served.log()
+                );
                 return served;
             }
             assert!(

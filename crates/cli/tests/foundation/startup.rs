@@ -208,3 +208,58 @@ fn check_warns_about_plain_text_connections_to_other_machines() {
         "the password is redacted:\n{stdout}"
     );
 }
+
+/// Behind PgBouncer in transaction mode a `LISTEN` hears nothing once its transaction ends:
+/// PgBouncer is recognised (`PG_POOLER=auto`) and the start refused until PostgreSQL itself is
+/// named for it.
+#[tokio::test]
+async fn behind_pgbouncer_without_a_direct_url_the_start_is_refused_naming_it() {
+    let pg = cascade_testkit::PgServer::start().await;
+    let bouncer = cascade_testkit::PgBouncer::start(&pg).await;
+    let dir = empty_dir();
+    let mut command = cascade(&dir);
+    command
+        .arg("serve")
+        .env("DATABASE_URL", bouncer.url("postgres"))
+        .env("PORT", "0");
+    let (out, _) = run_bounded(command, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("PgBouncer"), "{stderr}");
+    assert!(stderr.contains("DATABASE_DIRECT_URL"), "{stderr}");
+}
+
+/// Behind PgBouncer `statement_timeout` cannot be set at connect: `cascade check` says when the
+/// role leaves it at 0, and is satisfied once the role sets it.
+#[tokio::test]
+async fn check_warns_when_statement_timeout_is_unset_behind_pgbouncer() {
+    let pg = cascade_testkit::PgServer::start().await;
+    let bouncer = cascade_testkit::PgBouncer::start(&pg).await;
+    let env = [
+        ("DATABASE_URL", bouncer.url("postgres")),
+        ("DATABASE_DIRECT_URL", pg.url("postgres")),
+    ];
+    let (_, stdout) = check_output(&env, &[]);
+    let line = finding(&stdout, "statement_timeout");
+    assert!(line.starts_with("  [warn]"), "{stdout}");
+    assert!(line.contains("ALTER ROLE"), "{stdout}");
+
+    // A new database: PgBouncer's server connections to the first keep the old setting.
+    let admin = pg.client("postgres").await;
+    for sql in [
+        "ALTER ROLE postgres SET statement_timeout = '7s'",
+        "CREATE DATABASE later",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let env = [
+        ("DATABASE_URL", bouncer.url("later")),
+        ("DATABASE_DIRECT_URL", pg.url("later")),
+    ];
+    let (_, stdout) = check_output(&env, &[]);
+    let line = finding(&stdout, "statement_timeout");
+    assert!(
+        line.starts_with("  [ok  ]") && line.contains("7s"),
+        "{stdout}"
+    );
+}

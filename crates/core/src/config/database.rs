@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::parser::{Parser, SECOND};
 use super::values::redact_url;
+use crate::db::Pooler;
 use crate::db::tls::PgTls;
 
 /// `DATABASE_URL` and its aliases, the pool's sizes and deadlines.
@@ -57,6 +58,20 @@ pub struct RawDatabase {
     /// Total time startup keeps retrying PostgreSQL before exiting [default: 30s].
     #[arg(long, env = "PG_STARTUP_TIMEOUT", global = true)]
     pub pg_startup_timeout: Option<String>,
+    /// What stands between Cascade and PostgreSQL: pgbouncer (a transaction-mode pooler:
+    /// unnamed statements, no session state), none, or auto (ask the server at start)
+    /// [default: auto].
+    #[arg(long, env = "PG_POOLER", global = true)]
+    pub pg_pooler: Option<String>,
+    /// PostgreSQL itself, bypassing PgBouncer, for migrations and LISTEN (same form as
+    /// DATABASE_URL). Unset: they use DATABASE_URL.
+    #[arg(
+        long,
+        env = "DATABASE_DIRECT_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub database_direct_url: Option<String>,
     /// Data directory of the embedded PostgreSQL [default: ./.cascade].
     #[arg(long, env = "CASCADE_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
@@ -88,6 +103,10 @@ pub struct DatabaseConfig {
     pub statement_timeout: Duration,
     pub connect_timeout: Duration,
     pub startup_timeout: Duration,
+    /// `PG_POOLER`: `Auto` is resolved when the pool connects.
+    pub pooler: Pooler,
+    /// `DATABASE_DIRECT_URL`: where migrations and `LISTEN` connect, bypassing a pooler.
+    pub direct: Option<DatabaseSource>,
 }
 
 impl DatabaseConfig {
@@ -178,8 +197,34 @@ impl DatabaseConfig {
             );
         }
 
+        let pooler = match raw.pg_pooler.as_deref().map(str::trim) {
+            None | Some("auto") => Pooler::Auto,
+            Some("pgbouncer") => Pooler::PgBouncer,
+            Some("none") => Pooler::None,
+            Some(other) => {
+                p.fail(
+                    "PG_POOLER",
+                    format!("expected pgbouncer, none or auto, got {other:?}"),
+                );
+                Pooler::Auto
+            }
+        };
+        let direct = raw
+            .database_direct_url
+            .as_ref()
+            .filter(|url| !url.trim().is_empty())
+            .map(|url| Self::url(p, "DATABASE_DIRECT_URL", url));
+        if direct.is_some() && matches!(source, DatabaseSource::Embedded { .. }) {
+            p.fail(
+                "DATABASE_DIRECT_URL",
+                "needs DATABASE_URL (the embedded PostgreSQL has no pooler in front)",
+            );
+        }
+
         DatabaseConfig {
             source,
+            pooler,
+            direct,
             pool_min,
             pool_max,
             acquire_timeout: p.positive_duration(

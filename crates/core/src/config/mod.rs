@@ -177,7 +177,11 @@ impl Config {
             ("PG_STATEMENT_TIMEOUT", secs(db.statement_timeout)),
             ("PG_CONNECT_TIMEOUT", secs(db.connect_timeout)),
             ("PG_STARTUP_TIMEOUT", secs(db.startup_timeout)),
+            ("PG_POOLER", db.pooler.name().to_string()),
         ]);
+        if let Some(DatabaseSource::External { display, .. }) = &db.direct {
+            rows.push(("DATABASE_DIRECT_URL", display.clone()));
+        }
         rows.extend(self.replicas.describe());
         match &self.redis {
             Some(r) => {
@@ -402,6 +406,34 @@ mod tests {
         assert_eq!(
             issue_vars(|r| r.replicas.database_replica_urls = Some("postgresql://u@r1/db".into())),
             vec!["DATABASE_REPLICA_URLS"]
+        );
+    }
+
+    #[test]
+    fn pg_pooler_and_the_direct_url_are_checked_and_described_without_secrets() {
+        let c = parse(|r| {
+            r.database.database_url = Some("postgresql://u:pw1@bouncer:6432/db".into());
+            r.database.pg_pooler = Some("pgbouncer".into());
+            r.database.database_direct_url = Some("postgresql://u:secret2@db:5432/db".into());
+        })
+        .unwrap();
+        assert_eq!(c.database.pooler, crate::db::Pooler::PgBouncer);
+        assert!(matches!(
+            &c.database.direct,
+            Some(DatabaseSource::External { address, .. }) if address == "db:5432"
+        ));
+        let described = format!("{:?}", c.describe());
+        assert!(described.contains("pgbouncer") && !described.contains("secret2"));
+        assert_eq!(
+            parse(|_| {}).unwrap().database.pooler,
+            crate::db::Pooler::Auto
+        );
+        assert_eq!(
+            issue_vars(|r| {
+                r.database.pg_pooler = Some("pgcat".into());
+                r.database.database_direct_url = Some("postgresql://u@db/x".into());
+            }),
+            vec!["PG_POOLER", "DATABASE_DIRECT_URL"]
         );
     }
 

@@ -1,6 +1,7 @@
 //! PostgreSQL: the shared pool, its read replicas, embedded migrations, and the private
 //! embedded server.
 
+mod conn;
 mod embedded;
 mod migrate;
 mod pool;
@@ -9,12 +10,13 @@ pub mod tls;
 
 use std::time::Duration;
 
+pub use conn::{Conn, Pooler, Prepared, Sql, Statement, param_type};
 pub use embedded::{EmbeddedPostgres, RELOCATED_ROOT, cluster_dir, find_server_binaries};
 pub use migrate::{
     CORE_MIGRATIONS, Migration, MigrationId, MigrationReport, check_migrations, migrate,
     migrate_with,
 };
-pub use pool::{Conn, Db, DbHealth, PoolStats, Recycler, TableStats, error_chain};
+pub use pool::{Db, DbHealth, PoolStats, Recycler, TableStats, error_chain};
 pub use replica::{ReplicaHealth, ReplicaSet, probe_interval};
 
 /// What went wrong talking to PostgreSQL.

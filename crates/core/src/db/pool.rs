@@ -19,13 +19,11 @@ use serde::Serialize;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::DbError;
+use super::conn::{Conn, Pooler};
 use super::replica::ReplicaSet;
 use super::tls::{PgTls, SslMode};
 use crate::config::{DatabaseConfig, DatabaseSource};
 use crate::retry::{Attempt, Backoff, retry};
-
-/// A pooled connection (a `tokio_postgres` client with its statement cache).
-pub type Conn = deadpool::managed::Object<Recycler>;
 
 type Pool = deadpool::managed::Pool<Recycler>;
 
@@ -103,10 +101,17 @@ struct Inner {
     acquire_timeout: Duration,
     connect_timeout: Duration,
     stats: AcquireStats,
-    /// The connection settings without `statement_timeout`, for migrations.
+    /// The connection settings without `statement_timeout`, for probes.
     base_config: tokio_postgres::Config,
     /// The TLS every connection to this server uses (`sslmode` of the URL).
     tls: MakeRustlsConnect,
+    /// Where connections of their own go (migrations, `LISTEN`) and their TLS: PostgreSQL
+    /// itself (`DATABASE_DIRECT_URL`) when given, else as the pool.
+    maintenance: (tokio_postgres::Config, MakeRustlsConnect),
+    /// Whether `maintenance` is `DATABASE_DIRECT_URL`.
+    has_direct: bool,
+    /// `PgBouncer` when the pool goes through a transaction-mode pooler (resolved, never `Auto`).
+    pooler: Pooler,
     /// Read replicas of this server, attached once after connecting (none by default).
     replicas: OnceLock<ReplicaSet>,
 }
@@ -171,6 +176,8 @@ pub struct DbHealth {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub pool: PoolStats,
+    /// `pgbouncer` when the pool goes through PgBouncer (`PG_POOLER`), else `none`.
+    pub pooler: &'static str,
 }
 
 impl Db {
@@ -195,7 +202,17 @@ impl Db {
             }
             other => other?,
         }
-        let db = Db::open(settings, base_config, tls, address)?;
+        let pooler = match settings.pooler {
+            Pooler::Auto => detect_pooler(&base_config, &tls, settings.connect_timeout).await,
+            chosen => chosen,
+        };
+        if pooler == Pooler::PgBouncer {
+            tracing::info!(
+                address,
+                "PostgreSQL is reached through PgBouncer: unnamed statements, no session state"
+            );
+        }
+        let db = Db::open(settings, base_config, tls, address, pooler)?;
         db.top_up().await;
         Ok(db)
     }
@@ -208,7 +225,13 @@ impl Db {
         address: String,
     ) -> Result<Db, DbError> {
         let (base_config, _, tls) = prepare(settings, pg)?;
-        Db::open(settings, base_config, tls, address)
+        // Nothing to probe yet: `auto` is a direct connection here (set PG_POOLER=pgbouncer
+        // when the replicas too are behind PgBouncer).
+        let pooler = match settings.pooler {
+            Pooler::Auto => Pooler::None,
+            chosen => chosen,
+        };
+        Db::open(settings, base_config, tls, address, pooler)
     }
 
     fn open(
@@ -216,14 +239,25 @@ impl Db {
         base_config: tokio_postgres::Config,
         tls: MakeRustlsConnect,
         address: String,
+        pooler: Pooler,
     ) -> Result<Db, DbError> {
         let mut request_config = base_config.clone();
-        let options = format!(
-            "{} -c statement_timeout={}",
-            request_config.get_options().unwrap_or(""),
-            settings.statement_timeout.as_millis()
-        );
-        request_config.options(options.trim());
+        // PgBouncer refuses the `options` startup parameter (unless told to ignore it, and then
+        // it is lost): behind it `statement_timeout` is the role's or database's setting.
+        if pooler != Pooler::PgBouncer {
+            with_statement_timeout(&mut request_config, settings.statement_timeout);
+        }
+        let maintenance = match &settings.direct {
+            Some(direct @ DatabaseSource::External { config, .. }) => {
+                let direct_settings = DatabaseConfig {
+                    source: direct.clone(),
+                    ..settings.clone()
+                };
+                let (config, _, connector) = prepare(&direct_settings, (**config).clone())?;
+                (config, connector)
+            }
+            _ => (base_config.clone(), tls.clone()),
+        };
         let manager = Manager::from_config(
             request_config,
             tls.clone(),
@@ -249,6 +283,9 @@ impl Db {
                 stats: AcquireStats::default(),
                 base_config,
                 tls,
+                maintenance,
+                has_direct: settings.direct.is_some(),
+                pooler,
                 replicas: OnceLock::new(),
             }),
         })
@@ -301,7 +338,7 @@ impl Db {
                     // connection again (doomed before the read lets go of it).
                     on.inner.pool.manager().doom(key);
                     drop(read);
-                    let tls = on.tls();
+                    let tls = on.inner.tls.clone();
                     let bound = on.inner.connect_timeout;
                     tokio::spawn(async move {
                         let _ = tokio::time::timeout(bound, cancel.cancel_query(tls)).await;
@@ -339,7 +376,8 @@ impl Db {
         let stats = &self.inner.stats;
         let micros = started.elapsed().as_micros() as u64;
         match result {
-            Ok(conn) => {
+            Ok(object) => {
+                let conn = Conn::new(object, self.inner.pooler);
                 stats.count.fetch_add(1, Ordering::Relaxed);
                 stats.total_micros.fetch_add(micros, Ordering::Relaxed);
                 stats.max_micros.fetch_max(micros, Ordering::Relaxed);
@@ -377,7 +415,8 @@ impl Db {
         let result = self.inner.pool.timeout_get(&timeouts).await;
         let stats = &self.inner.stats;
         match result {
-            Ok(conn) => {
+            Ok(object) => {
+                let conn = Conn::new(object, self.inner.pooler);
                 let micros = started.elapsed().as_micros() as u64;
                 stats.count.fetch_add(1, Ordering::Relaxed);
                 stats.total_micros.fetch_add(micros, Ordering::Relaxed);
@@ -400,19 +439,16 @@ impl Db {
 
     /// Closes `conn` instead of returning it to the pool (a statement was abandoned on it).
     pub(super) fn discard(conn: Conn) {
-        drop(deadpool::managed::Object::take(conn));
+        drop(deadpool::managed::Object::take(conn.into_object()));
     }
 
     /// One connection of its own, outside the pool (for probes that must not wait behind
     /// busy pool connections), with the pool's `statement_timeout`. The caller bounds it.
     pub(super) async fn single(&self) -> Result<tokio_postgres::Client, DbError> {
         let mut config = self.inner.base_config.clone();
-        let options = format!(
-            "{} -c statement_timeout={}",
-            config.get_options().unwrap_or(""),
-            self.inner.connect_timeout.as_millis()
-        );
-        config.options(options.trim());
+        if self.inner.pooler != Pooler::PgBouncer {
+            with_statement_timeout(&mut config, self.inner.connect_timeout);
+        }
         let (client, connection) = config.connect(self.inner.tls.clone()).await?;
         tokio::spawn(connection);
         Ok(client)
@@ -436,6 +472,7 @@ impl Db {
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             error,
             pool: self.stats(),
+            pooler: self.inner.pooler.name(),
         }
     }
 
@@ -493,15 +530,30 @@ impl Db {
     }
 
     /// Connection settings without the request `statement_timeout`: for migrations and
-    /// other maintenance that may legitimately run long.
+    /// other maintenance that may legitimately run long, and for `LISTEN`. PostgreSQL itself
+    /// (`DATABASE_DIRECT_URL`) when given: behind PgBouncer in transaction mode a `LISTEN`
+    /// would hear nothing once its transaction ended.
     pub fn maintenance_config(&self) -> &tokio_postgres::Config {
-        &self.inner.base_config
+        &self.inner.maintenance.0
     }
 
-    /// The TLS connector of the pool's connections, for connections of its own (a `LISTEN`
-    /// connection, migrations): `db.maintenance_config().connect(db.tls())`.
+    /// The TLS connector of [`maintenance_config`](Self::maintenance_config)'s connections
+    /// (a `LISTEN` connection, migrations): `db.maintenance_config().connect(db.tls())`.
     pub fn tls(&self) -> MakeRustlsConnect {
-        self.inner.tls.clone()
+        self.inner.maintenance.1.clone()
+    }
+
+    /// What the pool connects through: `PgBouncer` (unnamed statements, no session state) or
+    /// `None` (PostgreSQL itself).
+    pub fn pooler(&self) -> Pooler {
+        self.inner.pooler
+    }
+
+    /// Whether connections of their own ([`maintenance_config`](Self::maintenance_config))
+    /// reach PostgreSQL itself, so `LISTEN` hears notifications: not behind PgBouncer without
+    /// `DATABASE_DIRECT_URL`.
+    pub fn can_listen(&self) -> bool {
+        self.inner.pooler != Pooler::PgBouncer || self.inner.has_direct
     }
 
     /// Closes every connection; callers waiting on the pool get an error.
@@ -547,6 +599,67 @@ fn prepare(
     });
     let tls = tls_settings.connector().map_err(DbError::Config)?;
     Ok((base_config, tls_settings, tls))
+}
+
+/// Adds `-c statement_timeout=…` to the startup `options`.
+fn with_statement_timeout(config: &mut tokio_postgres::Config, timeout: Duration) {
+    let options = format!(
+        "{} -c statement_timeout={}",
+        config.get_options().unwrap_or(""),
+        timeout.as_millis()
+    );
+    config.options(options.trim());
+}
+
+/// `PG_POOLER=auto`: whether `config`'s server is PgBouncer. PgBouncer serves a virtual
+/// database `pgbouncer` (its admin console) on every listener and answers `SHOW VERSION`
+/// there with its name; PostgreSQL has no such database (3D000), or one whose `SHOW VERSION`
+/// fails. A PgBouncer that refuses this user its console (a user in neither `admin_users` nor
+/// `stats_users`) says so with its own error, `FATAL: not allowed`, which PostgreSQL never
+/// sends. One connection, at
+/// start, bounded by `timeout`; no answer means a direct connection.
+async fn detect_pooler(
+    config: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
+    timeout: Duration,
+) -> Pooler {
+    let mut probe = config.clone();
+    probe.dbname("pgbouncer");
+    let answer = tokio::time::timeout(timeout, async {
+        let (client, connection) = probe.connect(tls.clone()).await?;
+        let driver = tokio::spawn(connection);
+        let version = client.simple_query("SHOW VERSION").await;
+        drop(client);
+        let _ = driver.await;
+        version
+    })
+    .await;
+    match answer {
+        Ok(Ok(messages)) => {
+            let pgbouncer = messages.iter().any(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => {
+                    row.get(0).is_some_and(|v| v.contains("PgBouncer"))
+                }
+                _ => false,
+            });
+            if pgbouncer {
+                Pooler::PgBouncer
+            } else {
+                Pooler::None
+            }
+        }
+        Ok(Err(err)) => {
+            let refused_by_pgbouncer = err
+                .as_db_error()
+                .is_some_and(|db| db.message() == "not allowed");
+            if refused_by_pgbouncer {
+                Pooler::PgBouncer
+            } else {
+                Pooler::None
+            }
+        }
+        Err(_) => Pooler::None,
+    }
 }
 
 /// Connects once to prove the server is there, retrying within the startup bound.

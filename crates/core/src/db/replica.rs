@@ -65,7 +65,8 @@ use serde::Serialize;
 use tokio_postgres::types::PgLsn;
 
 use super::DbError;
-use super::pool::{Acquire, Conn, Db, PoolStats};
+use super::conn::Conn;
+use super::pool::{Acquire, Db, PoolStats};
 use crate::config::{DatabaseConfig, DatabaseSource, ReplicaConfig};
 use crate::shutdown::ShutdownSignal;
 
@@ -200,6 +201,7 @@ impl ReplicaSet {
                 pool_min: 0,
                 acquire_timeout: config.timeout,
                 connect_timeout: primary.connect_timeout.min(config.timeout),
+                direct: None,
                 ..primary.clone()
             };
             let mut pg = (**pg).clone();
@@ -596,8 +598,10 @@ impl Single {
                 Some(client) if !client.is_closed() => client,
                 _ => db.single().await.map_err(ProbeError::Db)?,
             };
+            // Unnamed (one round trip, and nothing left on a server connection behind
+            // PgBouncer).
             let row = client
-                .query_one(sql, &[])
+                .query_typed_one(sql, &[])
                 .await
                 .map_err(|e| ProbeError::Db(e.into()))?;
             *slot = Some(client);

@@ -20,6 +20,8 @@ pub fn db_settings() -> DatabaseConfig {
         statement_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(2),
         startup_timeout: Duration::from_secs(10),
+        pooler: cascade_core::db::Pooler::Auto,
+        direct: None,
     }
 }
 

@@ -107,6 +107,7 @@ async fn health_db(State(state): State<AppState>, headers: HeaderMap) -> Respons
             "latency_ms": pg.latency_ms,
             "error": pg.error,
             "pool": pg.pool,
+            "pooler": pg.pooler,
         },
         "replicas": replicas_status(&state),
         "redis": redis,
