@@ -287,7 +287,7 @@ pub const REDIS_SETTINGS: [&str; 5] = [
 ];
 
 /// The finding when a server does not let us read its settings.
-pub fn redis_config_refused(err: impl std::fmt::Display) -> Finding {
+fn redis_config_refused(err: impl std::fmt::Display) -> Finding {
     warn(
         "redis config",
         format!(

@@ -99,22 +99,25 @@ fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-/// The client of each seed URL (with `REDIS_CA_CERT` for `rediss://` ones).
-fn clients(config: &RedisConfig, urls: &[&str]) -> Result<Vec<redis::Client>, String> {
-    let root_cert = match &config.ca_cert {
-        Some(path) => Some(
-            std::fs::read(path)
-                .map_err(|err| format!("REDIS_CA_CERT {}: {err}", path.display()))?,
-        ),
-        None => None,
-    };
+/// `REDIS_CA_CERT`'s roots, if set.
+fn root_cert(config: &RedisConfig) -> Result<Option<Vec<u8>>, String> {
+    config
+        .ca_cert
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path).map_err(|err| format!("REDIS_CA_CERT {}: {err}", path.display()))
+        })
+        .transpose()
+}
+
+/// The client of each seed URL (with `root_cert` for `rediss://` ones).
+fn clients(urls: &[&str], root_cert: Option<&[u8]>) -> Result<Vec<redis::Client>, String> {
     urls.iter()
         .map(|url| {
             let info = url
                 .into_connection_info()
                 .map_err(|err| format!("{}: {err}", redact_url(url)))?;
-            node_client(info, root_cert.as_deref())
-                .map_err(|err| format!("{}: {err}", redact_url(url)))
+            node_client(info, root_cert).map_err(|err| format!("{}: {err}", redact_url(url)))
         })
         .collect()
 }
@@ -191,11 +194,8 @@ struct View {
 async fn discover(config: &RedisConfig, deadline: Duration) -> Result<View, String> {
     let cluster = config.cluster.as_ref().ok_or("not a Redis Cluster")?;
     let urls: Vec<&str> = cluster.urls.iter().map(|url| url.expose()).collect();
-    let clients = clients(config, &urls)?;
-    let root_cert = match &config.ca_cert {
-        Some(path) => std::fs::read(path).ok(),
-        None => None,
-    };
+    let root_cert = root_cert(config)?;
+    let clients = clients(&urls, root_cert.as_deref())?;
     let mut asks = JoinSet::new();
     for (client, url) in clients.into_iter().zip(&urls) {
         let shown = redact_url(url);
