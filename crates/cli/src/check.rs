@@ -2,7 +2,8 @@
 //! each dependency under a deadline. Exit 0 only when the required ones answer: PostgreSQL
 //! always, Redis when REDIS_URL is set, and each replica of DATABASE_REPLICA_URLS (which
 //! must also be a streaming replica of the primary's cluster; one too far behind is a
-//! warning: `replicas.rs`). The Venice API is reported but optional: Cascade serves stale or
+//! warning: `replicas.rs`). On a Redis Cluster every node is reviewed, and the cluster's
+//! health too (`redis_cluster.rs`). The Venice API is reported but optional: Cascade serves stale or
 //! degraded upstream data when it is down.
 
 use std::process::ExitCode;
@@ -14,6 +15,7 @@ use cascade_core::redis::Redis;
 use cascade_server::Settings;
 
 use crate::production::{self, Finding};
+use crate::redis_cluster;
 use crate::replicas;
 
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -187,7 +189,9 @@ pub async fn run(settings: &Settings, instances: u32) -> anyhow::Result<ExitCode
                             h.latency_ms
                         ),
                     );
-                    review.extend(production::redis(&redis).await);
+                    if redis_config.cluster.is_none() {
+                        review.extend(production::redis(&redis).await);
+                    }
                 }
                 Ok(h) => {
                     healthy = false;
@@ -207,6 +211,11 @@ pub async fn run(settings: &Settings, instances: u32) -> anyhow::Result<ExitCode
                         &format!("{}: no answer within {DEADLINE:?}", redis.display()),
                     );
                 }
+            }
+            // A cluster's nodes are reviewed each, whether or not the cluster answered as a
+            // whole: a down cluster's findings say which node and which slots.
+            if redis_config.cluster.is_some() {
+                review.extend(redis_cluster::review(redis_config, DEADLINE).await);
             }
         }
         None => line(

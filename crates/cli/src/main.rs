@@ -8,6 +8,7 @@
 mod billing;
 mod check;
 mod production;
+mod redis_cluster;
 mod replicas;
 mod seed;
 mod serve;

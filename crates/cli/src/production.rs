@@ -18,7 +18,7 @@ pub struct Finding {
     pub detail: String,
 }
 
-fn ok(name: &'static str, detail: impl Into<String>) -> Finding {
+pub fn ok(name: &'static str, detail: impl Into<String>) -> Finding {
     Finding {
         ok: true,
         name,
@@ -26,7 +26,7 @@ fn ok(name: &'static str, detail: impl Into<String>) -> Finding {
     }
 }
 
-fn warn(name: &'static str, detail: impl Into<String>) -> Finding {
+pub fn warn(name: &'static str, detail: impl Into<String>) -> Finding {
     Finding {
         ok: false,
         name,
@@ -295,38 +295,46 @@ pub fn pooled_statement_timeout(setting: &str) -> Finding {
     }
 }
 
-/// Redis's memory limit, eviction policy and persistence against what the cache needs.
+/// The settings [`redis_settings`] judges, read one name per `CONFIG GET` (several names in
+/// one call need Redis 7).
+pub const REDIS_SETTINGS: [&str; 5] = [
+    "maxmemory",
+    "maxmemory-policy",
+    "appendonly",
+    "appendfsync",
+    "save",
+];
+
+/// The finding when a server does not let us read its settings.
+fn redis_config_refused(err: impl std::fmt::Display) -> Finding {
+    warn(
+        "redis config",
+        format!(
+            "cannot read its settings ({err}; CONFIG may be renamed or not granted to this \
+             user): check maxmemory and maxmemory-policy by hand"
+        ),
+    )
+}
+
+/// Redis's memory limit, eviction policy and persistence against what the cache needs. On a
+/// Redis Cluster this reaches one node only: `cascade check` reviews each node instead
+/// (`redis_cluster.rs`).
 pub async fn redis(redis: &Redis) -> Vec<Finding> {
-    // One name per CONFIG GET: several in one call need Redis 7.
     let mut settings: HashMap<String, String> = HashMap::new();
-    let mut refused = None;
-    for name in [
-        "maxmemory",
-        "maxmemory-policy",
-        "appendonly",
-        "appendfsync",
-        "save",
-    ] {
+    for name in REDIS_SETTINGS {
         match redis
             .query::<HashMap<String, String>>(redis::cmd("CONFIG").arg("GET").arg(name))
             .await
         {
             Ok(pair) => settings.extend(pair),
-            Err(err) => {
-                refused = Some(err);
-                break;
-            }
+            Err(err) => return vec![redis_config_refused(err)],
         }
     }
-    if let Some(err) = refused {
-        return vec![warn(
-            "redis config",
-            format!(
-                "cannot read its settings ({err}; CONFIG may be renamed or not granted to \
-                 this user): check maxmemory and maxmemory-policy by hand"
-            ),
-        )];
-    }
+    redis_settings(&settings)
+}
+
+/// [`REDIS_SETTINGS`] of one server, as read by `CONFIG GET`, against what the cache needs.
+pub fn redis_settings(settings: &HashMap<String, String>) -> Vec<Finding> {
     let get = |name: &str| settings.get(name).map(String::as_str).unwrap_or("");
     let mut findings = Vec::new();
     let limit: u64 = get("maxmemory").parse().unwrap_or(0);

@@ -92,6 +92,15 @@ impl RedisCluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 
+    /// The node listening on `port`, to [pause](RedisServer::pause) or
+    /// [kill](RedisServer::kill) one by name rather than by the slots it serves.
+    pub fn node_mut(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port() == port)
+            .expect("a node of this cluster")
+    }
+
     /// The ports of the nodes still running.
     fn live_ports(&self) -> impl Iterator<Item = u16> + '_ {
         self.nodes

@@ -60,6 +60,24 @@ pub fn check_output(env: &[(&str, String)], args: &[&str]) -> (Option<i32>, Stri
     (out.status.code(), stdout)
 }
 
+/// `CONFIG SET` of each pair on the Redis at `url`.
+pub async fn config_set(url: &str, pairs: &[(&str, &str)]) {
+    let client = redis::Client::open(url).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis answers");
+    for (name, value) in pairs {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .expect("CONFIG SET");
+    }
+}
+
 /// The line of `cascade check`'s `text` named `name`, e.g. `  [warn] maxmemory …`.
 pub fn check_line<'a>(text: &'a str, name: &str) -> &'a str {
     text.lines()

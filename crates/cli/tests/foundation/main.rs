@@ -3,6 +3,7 @@
 
 mod billing;
 mod cache_cli;
+mod cluster_check;
 mod common;
 mod config;
 mod connections;

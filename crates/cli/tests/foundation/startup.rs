@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use crate::common::{cascade, check_line, check_output, empty_dir, run_bounded};
+use crate::common::{cascade, check_line, check_output, config_set, empty_dir, run_bounded};
 
 #[test]
 fn closed_port_exits_within_the_bound_naming_the_address() {
@@ -128,20 +128,11 @@ async fn check_reviews_postgres_and_redis_settings_for_production() {
     assert!(finding(&stdout, "redis tls").contains("[ok  ]"), "{stdout}");
 
     // Set as advised, the same findings pass.
-    let client = redis::Client::open(redis.url()).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    for (name, value) in [("maxmemory", "64mb"), ("maxmemory-policy", "allkeys-lru")] {
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg(name)
-            .arg(value)
-            .query_async(&mut conn)
-            .await
-            .expect("CONFIG SET");
-    }
+    config_set(
+        &redis.url(),
+        &[("maxmemory", "64mb"), ("maxmemory-policy", "allkeys-lru")],
+    )
+    .await;
     let admin = pg.client("postgres").await;
     // One statement per call: several in one string are one transaction, which ALTER SYSTEM
     // refuses.
