@@ -71,10 +71,11 @@ impl Read {
         }
     }
 
-    fn tag(self) -> &'static str {
+    /// The statements a cached read's miss runs.
+    fn tags(self) -> &'static [&'static str] {
         match self {
-            Read::Asset => statements::ASSET,
-            Read::Bundle3 => statements::BUNDLE,
+            Read::Asset => &[statements::ASSET],
+            Read::Bundle3 => &[statements::BUNDLE_MEMBERS, statements::BUNDLE],
         }
     }
 
@@ -334,10 +335,16 @@ impl Bench {
         })
     }
 
-    /// Calls so far of `read`'s statement, when PostgreSQL counts them.
+    /// Calls so far of `read`'s statements, when PostgreSQL counts them.
     async fn calls(&self, read: Read) -> anyhow::Result<Option<u64>> {
         match &self.statements {
-            Some(statements) => Ok(Some(statements.calls(read.tag()).await?)),
+            Some(statements) => {
+                let mut calls = 0;
+                for tag in read.tags() {
+                    calls += statements.calls(tag).await?;
+                }
+                Ok(Some(calls))
+            }
             None => Ok(None),
         }
     }

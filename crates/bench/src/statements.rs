@@ -20,6 +20,8 @@ pub const ASSET: &str = "/* catalog:asset */";
 pub const ASSETS: &str = "/* catalog:assets */";
 /// `GET /bundle`'s statement.
 pub const BUNDLE: &str = "/* catalog:bundle */";
+/// The versions a bundle shows, read before its load (a bundle miss runs both).
+pub const BUNDLE_MEMBERS: &str = "/* catalog:bundle_members */";
 /// Any of the catalog's tagged reads.
 pub const CATALOG: &str = "/* catalog:";
 /// The primary's WAL position, as a replica read's fence and the replica health loop ask it
@@ -168,6 +170,7 @@ mod tests {
             ASSET,
             ASSETS,
             BUNDLE,
+            BUNDLE_MEMBERS,
             "/* catalog:listings */",
             "/* catalog:readiness */",
         ] {
