@@ -224,6 +224,36 @@ async fn ttl_tags_namespaces_and_negative_caching_with_redis() {
     ttl_tags_and_negative(redis_engine(&server, "n:")).await;
 }
 
+/// Engines that wait for and hold a lease for 60 s: far past the test's bound.
+fn patient(engine: impl Fn(EngineOptions) -> Cache) -> Cache {
+    engine(EngineOptions {
+        lease_ttl: Duration::from_secs(60),
+        lease_wait: Duration::from_secs(60),
+        ..EngineOptions::default()
+    })
+}
+
+#[tokio::test]
+async fn a_failed_load_gives_its_lease_back_with_redis() {
+    let server = RedisServer::start().await;
+    let on_redis = |options| {
+        Cache::new(
+            config("rel:"),
+            Backend::Redis(support::redis(&server.url())),
+            options,
+        )
+    };
+    a_failed_load_gives_its_lease_back(patient(on_redis), patient(on_redis)).await;
+}
+
+#[tokio::test]
+async fn a_failed_load_gives_its_lease_back_on_postgres() {
+    let pg = PgServer::start().await;
+    let (db, _) = support::migrated_db(&pg).await;
+    let on_pg = |options| Cache::new(config("pg:"), Backend::Postgres(db.clone()), options);
+    a_failed_load_gives_its_lease_back(patient(on_pg), patient(on_pg)).await;
+}
+
 #[tokio::test]
 async fn ttl_tags_namespaces_and_negative_caching_in_memory() {
     ttl_tags_and_negative(memory_engine()).await;

@@ -215,7 +215,18 @@ impl<'a> SharedRead<'a> {
             ttl_missing: read.value_ttl(false),
             asked,
         };
-        let loaded = loader.load(read, Some(fill)).await?;
+        let loaded = match loader.load(read, Some(fill)).await {
+            Ok(loaded) => loaded,
+            Err(err) => {
+                // Nothing will fill the key: the lease goes now, so that a waiter loads at
+                // once instead of polling until the lease's TTL. Best effort: a failed
+                // release leaves the lease to expire, as before.
+                if let Err(failed) = self.shared.release(&read.full, &self.token).await {
+                    tracing::debug!(key = read.full, error = %failed, "lease not released");
+                }
+                return Err(err);
+            }
+        };
         match loaded.fill {
             FillOutcome::Stored => read.install(
                 self.started_epoch,

@@ -85,6 +85,15 @@ impl PgTier {
         Ok(row.is_some())
     }
 
+    /// Gives back the lease `token` holds on `full_key`, if it still does.
+    pub async fn release(&self, full_key: &str, token: &str) -> Result<bool, DbError> {
+        let conn = self.db.conn().await?;
+        let statement = conn
+            .prepare_cached("DELETE FROM cache_leases WHERE key = $1 AND token = $2")
+            .await?;
+        Ok(conn.execute(&statement, &[&full_key, &token]).await? == 1)
+    }
+
     pub async fn get(&self, full_key: &str) -> Result<Option<Vec<u8>>, DbError> {
         let conn = self.db.conn().await?;
         let statement = conn

@@ -81,6 +81,7 @@ pub(crate) struct RedisTier {
     /// group on one server, one per bucket on a cluster (`lookup_batch.rs`).
     lookups: LookupGroups,
     try_lease: Script,
+    release: Script,
     fill: Script,
     fill_many: Script,
     set: Script,
@@ -173,6 +174,13 @@ for i = 1, #ARGV / 4 do
   k = k + 2 + tags
 end
 return out
+";
+
+/// Gives the lease `KEYS[2]` back if it is still the token `ARGV[1]` (its load failed: a
+/// waiter may load at once instead of waiting the lease out). 1 if it was released.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[2]) == ARGV[1] then return redis.call('DEL', KEYS[2]) end
+return 0
 ";
 
 /// A lease on a key that still has a value: early refresh and revalidation. Indexed as in
@@ -336,6 +344,7 @@ impl RedisTier {
             get_or_lease_many: Script::new(&format!("{index_tags}{GET_OR_LEASE_MANY}")),
             lookups: LookupGroups::new(if buckets.is_some() { BUCKETS } else { 1 }),
             try_lease: Script::new(&format!("{index_tags}{TRY_LEASE}")),
+            release: Script::new(RELEASE),
             fill: Script::new(FILL),
             fill_many: Script::new(FILL_MANY),
             set: Script::new(&format!("{index_tags}{SET}")),
@@ -531,6 +540,13 @@ impl RedisTier {
         );
         let granted: i64 = self.redis.eval(&self.try_lease, &cmd).await?;
         Ok(granted == 1)
+    }
+
+    /// Gives back the lease `token` holds on `full_key`, if it still does.
+    pub async fn release(&self, full_key: &str, token: &str) -> Result<bool, RedisError> {
+        let cmd = self.keyed(&self.release, full_key, &[], &[token.as_bytes()]);
+        let released: i64 = self.redis.eval(&self.release, &cmd).await?;
+        Ok(released == 1)
     }
 
     /// Plain read, no lease (for waiters).

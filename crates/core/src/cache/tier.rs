@@ -117,6 +117,14 @@ impl SharedTier {
         })
     }
 
+    /// Gives back the lease `token` holds on `full_key` (its load failed); whether it did.
+    pub async fn release(&self, full_key: &str, token: &str) -> Result<bool, TierError> {
+        Ok(match self {
+            SharedTier::Redis(t) => t.release(full_key, token).await?,
+            SharedTier::Postgres(t) => t.release(full_key, token).await?,
+        })
+    }
+
     pub async fn get(&self, full_key: &str) -> Result<Option<Vec<u8>>, TierError> {
         Ok(match self {
             SharedTier::Redis(t) => t.get(full_key).await?,

@@ -349,3 +349,54 @@ pub async fn ttl_tags_and_negative(engine: Cache) {
         Some("written")
     );
 }
+
+/// A lease holder whose load fails gives the lease back: a caller of another instance waiting
+/// for its value gets the lease and loads (and fills) at once, instead of polling until the
+/// lease's TTL and then loading without caching. `a` and `b` must wait and lease for far
+/// longer than this test's bound.
+pub async fn a_failed_load_gives_its_lease_back(a: Cache, b: Cache) {
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (fail_tx, fail_rx) = tokio::sync::oneshot::channel::<()>();
+    let holder = tokio::spawn(async move {
+        a.get_or_load_bytes("assets", "failing", &[], || async move {
+            let _ = started_tx.send(());
+            let _ = fail_rx.await;
+            Err::<Option<Vec<u8>>, String>("the source failed".into())
+        })
+        .await
+        .map(|_| ())
+    });
+    started_rx.await.expect("the first caller loads");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let waiter = {
+        let (b, calls) = (b.clone(), calls.clone());
+        tokio::spawn(async move {
+            b.get_or_load_bytes("assets", "failing", &[], || async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::convert::Infallible>(Some(b"fresh".to_vec()))
+            })
+            .await
+            .unwrap()
+        })
+    };
+    // Let the second caller find the lease taken and start polling.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    fail_tx.send(()).unwrap();
+    assert_eq!(holder.await.unwrap(), Err("the source failed".to_string()));
+    let (value, source) = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter loads once the failed load gives its lease back")
+        .unwrap();
+    assert_eq!(value.as_deref(), Some(&b"fresh"[..]));
+    assert_eq!(source, cascade_core::cache::Source::Loaded);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // It held the lease, so its value was stored: another instance's read is a hit.
+    let (again, source) = b
+        .get_or_load_bytes("assets", "failing", &[], || async {
+            Err::<Option<Vec<u8>>, String>("a hit must not load".into())
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.as_deref(), Some(&b"fresh"[..]));
+    assert_ne!(source, cascade_core::cache::Source::Loaded);
+}
