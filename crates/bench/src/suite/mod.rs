@@ -36,6 +36,7 @@ mod cluster;
 mod executions;
 mod freshness;
 mod pg_restart;
+mod pgbench;
 mod realtime;
 mod redis_outage;
 mod replica;

@@ -9,6 +9,7 @@ use super::Suite;
 use super::ceiling::Ceiling;
 use super::client::Client;
 use super::freshness::Probe;
+use super::pgbench;
 use super::report::Row;
 use super::wrk::Wrk;
 use crate::statements::{self, Statements};
@@ -138,12 +139,36 @@ async fn run_some(suite: &Suite, wanted: fn(&Scenario) -> bool) -> anyhow::Resul
         if scenario.once {
             scenario.fit_walk(rate_of(&rows, DIRECT), suite.wrk.seconds);
         }
-        rows.push(scenario.run(&suite.target()).await?);
+        if scenario.name != WRITES {
+            rows.push(scenario.run(&suite.target()).await?);
+            continue;
+        }
+        // Writes start from PostgreSQL's steady state, and pgbench's own write path on the
+        // same server follows them.
+        let warmed = pgbench::warm_wal(&suite.pg, if suite.quick { 64 } else { 512 }).await?;
+        let mut writes = scenario.run(&suite.target()).await?;
+        let scale = if suite.quick { 1 } else { 10 };
+        let reference = pgbench::reference(
+            &suite.pg,
+            &suite.work,
+            suite.wrk.connections,
+            suite.wrk.seconds,
+            scale,
+        )
+        .await?;
+        writes.notes = format!(
+            "{warmed}; {:.2}× pgbench -N's transactions/s; {}",
+            writes.req_per_sec / reference.req_per_sec,
+            writes.notes
+        );
+        rows.push(writes);
+        rows.push(reference);
     }
     // Ratios compare like with like: wrk on the same machine, same run. The ceiling is the
     // outside reference; the baseline (row 0, the same stack) shows the middleware's share.
+    // pgbench's row is transactions, not HTTP requests: its ratio is in the writes' notes.
     let baseline = rows[0].req_per_sec;
-    for row in &mut rows {
+    for row in rows.iter_mut().filter(|r| r.scenario != pgbench::PGBENCH) {
         set_ratios(row, ceiling.req_per_sec, baseline);
     }
     let mut ceiling = ceiling;
