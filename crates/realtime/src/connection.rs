@@ -65,8 +65,9 @@ pub struct Session {
     /// Publishes this connection may still send now (a token bucket refilled at
     /// `WS_PUBLISH_RATE` per second, holding at most that many), and when it was refilled.
     publish_tokens: (f64, Instant),
-    /// Channels whose history could not be read after their Redis shard came back, retried
-    /// at `retry_at` ([`Session::retry_resyncs`]).
+    /// Channels whose history could not be read after their Redis shard came back, or after
+    /// a message of another epoch (`Sub::unread`), retried at `retry_at`
+    /// ([`Session::retry_resyncs`]).
     retry: HashSet<Arc<str>>,
     retry_at: Option<Instant>,
     retry_backoff: Duration,
@@ -352,10 +353,18 @@ impl Session {
         }
     }
 
-    /// Reads the history again for the channels whose resync could not (Redis did not
-    /// answer): those still failing are tried again later, backing off up to
-    /// [`RETRY_MAX`]. Nothing is lost meanwhile: the subscription's position stays, and a
-    /// live message after a hole reads the history too.
+    /// Reads `channel`'s history again at the next retry ([`Session::retry_resyncs`]).
+    fn retry_later(&mut self, channel: Arc<str>) {
+        self.retry.insert(channel);
+        if self.retry_at.is_none() {
+            self.retry_at = Some(Instant::now() + self.retry_backoff);
+        }
+    }
+
+    /// Reads the history again for the channels whose resync, or read for a message of
+    /// another epoch, could not (Redis did not answer): those still failing are tried again
+    /// later, backing off up to [`RETRY_MAX`]. Nothing is lost meanwhile: the subscription's
+    /// position stays, and a live message after a hole reads the history too.
     async fn retry_resyncs(&mut self, out: &mut Outbox) {
         for channel in std::mem::take(&mut self.retry) {
             if let Some(sub) = self.subs.get_mut(&channel)
@@ -622,6 +631,7 @@ impl Session {
             last: since.as_ref().map_or(0, |s| s.offset),
             degraded: false,
             local_floor: 0,
+            unread: false,
         };
         let mut history = Outbox::default();
         let head = match since {
@@ -690,8 +700,11 @@ impl Session {
     async fn outbound(&mut self, item: Outbound, out: &mut Outbox) {
         match item {
             Outbound::Message(delivery) => {
-                if let Some(sub) = self.subs.get_mut(&delivery.channel) {
-                    resume::deliver(&self.rt, sub, &delivery, out).await;
+                if let Some(sub) = self.subs.get_mut(&delivery.channel)
+                    && let Err(err) = resume::deliver(&self.rt, sub, &delivery, out).await
+                {
+                    tracing::debug!(error = %err, channel = %delivery.channel, "realtime: history read for another epoch failed; retrying");
+                    self.retry_later(delivery.channel.clone());
                 }
             }
             Outbound::Revoked(channel) => {
@@ -708,10 +721,7 @@ impl Session {
                     && let Err(err) = resume::catch_up(&self.rt, sub, out).await
                 {
                     tracing::debug!(error = %err, %channel, "realtime: resync failed; retrying");
-                    self.retry.insert(channel);
-                    if self.retry_at.is_none() {
-                        self.retry_at = Some(Instant::now() + self.retry_backoff);
-                    }
+                    self.retry_later(channel);
                 }
             }
         }

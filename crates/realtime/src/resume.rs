@@ -6,6 +6,14 @@
 //! it cannot deliver. That one rule makes resume (`since`), offset jumps after a lost Redis
 //! subscription, and Redis restarts (a new epoch) the same code path.
 //!
+//! A subscription takes its epoch from the history only, never from a live message: epochs
+//! are random, so a message of another epoch may be of a newer one or a late one of an older
+//! one (delayed in pub/sub, or published where the new epoch was not known yet), and only
+//! the history tells which. Its epoch never moves back. When the read fails, a jump in the
+//! subscription's own epoch is named by a `gap` (`unavailable`) and live delivery goes on; a
+//! message of another epoch is dropped and the subscription keeps its position until a read
+//! succeeds ([`Sub::unread`]), which delivers what is missing or the `gap` for it.
+//!
 //! Degraded delivery (Redis could not take a publish): a local message (`durable: false`)
 //! is written as it comes, after a `gap` (reason `degraded`) that ends the subscription's
 //! epoch from its next offset on; until the channel's epoch changes (the publishing
@@ -51,15 +59,51 @@ pub(crate) struct Sub {
     /// gap for the epoch the read found would name messages this subscription then receives,
     /// and a publish that missed its deadline but reached Redis would arrive twice.
     pub local_floor: u64,
+    /// A history read failed after a message of another epoch ([`after_failed_read`]): the
+    /// session reads again until one succeeds ([`catch_up`] clears it). Meanwhile messages of
+    /// another epoch are dropped without a read each (that read delivers them or names them
+    /// in a `gap`), so a Redis that times out does not hold the connection for each.
+    pub unread: bool,
 }
 
-/// Hands `delivery` to `sub`: written, dropped as a duplicate, or preceded by what the
-/// history says is missing before it.
-pub(crate) async fn deliver(rt: &Realtime, sub: &mut Sub, delivery: &Delivery, out: &mut Outbox) {
+/// What a durable message does to a subscription, from its position alone.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Delivered already, named by a `degraded` gap, or left to the pending read.
+    Drop,
+    /// The next offset of the subscription's epoch.
+    Write,
+    /// A jump, or another epoch: only the history says what is missing.
+    Read,
+}
+
+fn step(sub: &Sub, delivery: &Delivery) -> Step {
+    if sub.epoch.as_deref() != Some(&*delivery.epoch) {
+        return if sub.unread { Step::Drop } else { Step::Read };
+    }
+    if sub.degraded || delivery.offset <= sub.last {
+        Step::Drop
+    } else if delivery.offset == after(sub.last) {
+        Step::Write
+    } else {
+        Step::Read
+    }
+}
+
+/// Hands `delivery` to `sub`: written, dropped, or preceded by what the history says is
+/// missing before it. `Err`: the history could not be read for a message of another epoch,
+/// which is dropped meanwhile ([`Sub::unread`]); the caller reads it again later
+/// ([`catch_up`]).
+pub(crate) async fn deliver(
+    rt: &Realtime,
+    sub: &mut Sub,
+    delivery: &Delivery,
+    out: &mut Outbox,
+) -> Result<(), StoreError> {
     if !delivery.durable {
         if delivery.offset <= sub.local_floor {
             // Older than the history the subscription last read (see `local_floor`).
-            return;
+            return Ok(());
         }
         if !sub.degraded {
             let gap =
@@ -68,54 +112,54 @@ pub(crate) async fn deliver(rt: &Realtime, sub: &mut Sub, delivery: &Delivery, o
             sub.degraded = true;
         }
         out.message(delivery.frame.clone());
-        return;
+        return Ok(());
     }
-    if sub.degraded && sub.epoch.as_deref() == Some(&*delivery.epoch) {
-        // Named by the `degraded` gap already.
-        return;
-    }
-    if sub.epoch.as_deref() == Some(&*delivery.epoch) {
-        if delivery.offset <= sub.last {
-            return;
-        }
-        if delivery.offset == after(sub.last) {
+    match step(sub, delivery) {
+        Step::Drop => Ok(()),
+        Step::Write => {
             out.message(delivery.frame.clone());
             sub.last = delivery.offset;
-            return;
+            Ok(())
         }
+        Step::Read => match catch_up(rt, sub, out).await {
+            Ok(_) => Ok(()),
+            Err(err) => after_failed_read(sub, delivery, out, err),
+        },
     }
-    if catch_up(rt, sub, out).await.is_err() {
-        // The history cannot be read: name what is missing, then go on live.
-        let channel = sub.channel.name();
-        let same = sub.epoch.as_deref() == Some(&*delivery.epoch);
-        if !same
-            && !std::mem::take(&mut sub.degraded)
-            && let Some(old) = &sub.epoch
-        {
-            out.text(protocol::gap(
-                channel,
-                old,
-                after(sub.last),
-                None,
-                "epoch_changed",
-            ));
-        }
-        let from = if same { after(sub.last) } else { 1 };
-        if delivery.offset > from {
-            out.text(protocol::gap(
-                channel,
-                &delivery.epoch,
-                from,
-                Some(delivery.offset - 1),
-                "unavailable",
-            ));
-        }
-        if !delivery.frame.is_empty() {
-            out.message(delivery.frame.clone());
-        }
-        sub.epoch = Some(delivery.epoch.clone());
-        sub.last = delivery.offset;
+}
+
+/// What `sub` is told of `delivery` when the history read it called for failed (`err`), as
+/// far as that read left `sub`. A message of its epoch: the offsets before it are named by a
+/// `gap` (`unavailable`) and it is written, so live delivery goes on. Of another epoch:
+/// nothing says whether that epoch is newer or older than the subscription's, so the
+/// subscription keeps its epoch and offset, and `err` has the caller read again later.
+fn after_failed_read(
+    sub: &mut Sub,
+    delivery: &Delivery,
+    out: &mut Outbox,
+    err: StoreError,
+) -> Result<(), StoreError> {
+    if sub.epoch.as_deref() != Some(&*delivery.epoch) {
+        sub.unread = true;
+        return Err(err);
     }
+    if step(sub, delivery) == Step::Drop {
+        // Named by a `degraded` gap, or delivered by the read before it failed.
+        return Ok(());
+    }
+    let from = after(sub.last);
+    if delivery.offset > from {
+        out.text(protocol::gap(
+            sub.channel.name(),
+            &delivery.epoch,
+            from,
+            Some(delivery.offset - 1),
+            "unavailable",
+        ));
+    }
+    out.message(delivery.frame.clone());
+    sub.last = delivery.offset;
+    Ok(())
 }
 
 /// Brings `sub` up to its channel's head from the history: the missing messages, or a `gap`
@@ -129,7 +173,13 @@ pub(crate) fn catch_up<'a>(
     sub: &'a mut Sub,
     out: &'a mut Outbox,
 ) -> BoxFuture<'a, Result<u64, StoreError>> {
-    catch_up_unboxed(rt, sub, out).boxed()
+    async move {
+        let head = catch_up_unboxed(rt, sub, out).await?;
+        // Up to the head: no read is pending any more.
+        sub.unread = false;
+        Ok(head)
+    }
+    .boxed()
 }
 
 async fn catch_up_unboxed(
@@ -253,4 +303,113 @@ fn end_epoch(name: &str, sub: &mut Sub, next: Option<Arc<str>>, degraded: bool, 
         None => {}
     }
     sub.last = 0;
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    const CHANNEL: &str = "ai-collaborations";
+
+    fn sub(epoch: Option<&str>, last: u64) -> Sub {
+        Sub {
+            channel: Channel::parse(CHANNEL).unwrap(),
+            epoch: epoch.map(Arc::from),
+            last,
+            degraded: false,
+            local_floor: 0,
+            unread: false,
+        }
+    }
+
+    fn live(epoch: &str, offset: u64) -> Delivery {
+        Delivery {
+            channel: CHANNEL.into(),
+            epoch: epoch.into(),
+            offset,
+            frame: Bytes::from(protocol::message(CHANNEL, epoch, offset, 0, "{}")),
+            durable: true,
+        }
+    }
+
+    fn timed_out() -> StoreError {
+        StoreError::Redis("timed out".into())
+    }
+
+    /// What the client would read: (type, epoch, offset or from, to).
+    fn sent(out: &Outbox) -> Vec<(Value, Value, Value, Value)> {
+        let mut at = 0;
+        std::iter::from_fn(|| out.frame_at(&mut at, None))
+            .map(|frame| serde_json::from_slice::<Value>(frame.payload()).unwrap())
+            .map(|m| {
+                let position = if m["type"] == "gap" {
+                    m["from"].clone()
+                } else {
+                    m["offset"].clone()
+                };
+                (
+                    m["type"].clone(),
+                    m["epoch"].clone(),
+                    position,
+                    m["to"].clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Epochs are random: without the history nothing tells a late message of an older epoch
+    /// from the first of a newer one, so neither moves the subscription.
+    #[test]
+    fn another_epochs_message_whose_read_fails_leaves_the_position_and_writes_nothing() {
+        for (epoch, last) in [(Some("current"), 5), (None, 0)] {
+            let mut sub = sub(epoch, last);
+            let mut out = Outbox::default();
+            let result = after_failed_read(&mut sub, &live("other", 7), &mut out, timed_out());
+            assert!(result.is_err(), "the caller is not asked to read again");
+            assert_eq!((sub.epoch.as_deref(), sub.last), (epoch, last));
+            assert!(sub.unread);
+            assert!(out.is_empty(), "{:?}", sent(&out));
+        }
+    }
+
+    #[test]
+    fn while_a_read_is_pending_its_own_epoch_goes_on_live_and_others_wait_for_the_read() {
+        let mut sub = sub(Some("current"), 5);
+        sub.unread = true;
+        assert_eq!(step(&sub, &live("current", 6)), Step::Write);
+        assert_eq!(step(&sub, &live("current", 5)), Step::Drop);
+        assert_eq!(step(&sub, &live("current", 9)), Step::Read);
+        assert_eq!(step(&sub, &live("older", 8)), Step::Drop);
+        assert_eq!(step(&sub, &live("newer", 1)), Step::Drop);
+        sub.unread = false;
+        assert_eq!(step(&sub, &live("newer", 1)), Step::Read);
+    }
+
+    #[test]
+    fn a_jump_in_its_own_epoch_whose_read_fails_is_named_by_a_gap_and_delivery_goes_on() {
+        let mut sub = sub(Some("current"), 5);
+        let mut out = Outbox::default();
+        after_failed_read(&mut sub, &live("current", 9), &mut out, timed_out()).unwrap();
+        assert_eq!(
+            sent(&out),
+            [
+                (json!("gap"), json!("current"), json!(6), json!(8)),
+                (json!("message"), json!("current"), json!(9), Value::Null),
+            ]
+        );
+        assert_eq!((sub.last, sub.unread), (9, false));
+    }
+
+    #[test]
+    fn a_message_the_failed_read_delivered_already_is_not_written_again() {
+        // The read's first pages reached offset 12 before a later page failed.
+        let mut sub = sub(Some("current"), 12);
+        let mut out = Outbox::default();
+        after_failed_read(&mut sub, &live("current", 9), &mut out, timed_out()).unwrap();
+        assert!(out.is_empty(), "{:?}", sent(&out));
+        assert_eq!(sub.last, 12);
+    }
 }

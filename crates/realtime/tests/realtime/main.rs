@@ -3,6 +3,7 @@
 
 mod access;
 mod batch;
+mod epochs;
 mod fanout;
 mod frames;
 mod overflow;

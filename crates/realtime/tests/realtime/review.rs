@@ -9,24 +9,9 @@ use crate::support::{Client, Incoming, World};
 
 const CHANNEL: &str = "ai-collaborations";
 
-/// Publishes `n` on instance 0 until Redis takes it; its (epoch, offset).
+/// Publishes `{"n": n}` on instance 0 until Redis takes it; its (epoch, offset).
 async fn publish(world: &World, n: u64) -> (String, u64) {
-    let rt = world.servers[0].realtime.clone();
-    world.servers[0]
-        .run(async move {
-            for _ in 0..500 {
-                match rt.publish(CHANNEL, json!({"n": n})).await.unwrap() {
-                    cascade_realtime::Published::Durable(at) => {
-                        return (at.epoch.to_string(), at.offset);
-                    }
-                    cascade_realtime::Published::LocalOnly => {
-                        tokio::time::sleep(Duration::from_millis(20)).await
-                    }
-                }
-            }
-            panic!("Redis never took the publish");
-        })
-        .await
+    world.publish_durable(CHANNEL, json!({"n": n})).await
 }
 
 /// Subscribes with `since`, retrying while the instance has no Redis yet; the answer and
@@ -43,15 +28,6 @@ async fn resume(client: &mut Client, since: Value) -> (Value, Vec<Value>) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("the subscription never succeeded");
-}
-
-/// What arrives until nothing more comes for a second.
-async fn drain(client: &mut Client) -> Vec<Value> {
-    let mut seen = Vec::new();
-    while let Some(Incoming::Json(value)) = client.next_within(Duration::from_secs(1)).await {
-        seen.push(value);
-    }
-    seen
 }
 
 /// The next message or gap, skipping nothing else.
@@ -81,7 +57,7 @@ async fn a_redis_restarted_from_an_older_snapshot_is_a_new_epoch_never_reused_of
     let mut client = world.connect(0, Some(&alice.token)).await;
     let (ack, before) = resume(&mut client, json!({"offset": 5, "epoch": last.0})).await;
     let mut seen = before;
-    seen.extend(drain(&mut client).await);
+    seen.extend(client.drain().await);
     let gap = seen
         .iter()
         .find(|m| m["type"] == "gap")
@@ -114,7 +90,7 @@ async fn an_offset_past_the_head_gets_a_gap_and_the_socket_lives() {
         json!({"offset": u64::MAX, "epoch": epoch.clone()}),
     )
     .await;
-    seen.extend(drain(&mut client).await);
+    seen.extend(client.drain().await);
     assert_eq!(ack["offset"], head, "{ack}");
     let gap = seen
         .iter()
@@ -151,7 +127,7 @@ async fn a_client_that_left_before_the_first_message_resumes_from_it_with_since_
 
     let mut resumed = world.connect(0, Some(&alice.token)).await;
     let (_, mut seen) = resume(&mut resumed, json!({"offset": 0, "epoch": null})).await;
-    seen.extend(drain(&mut resumed).await);
+    seen.extend(resumed.drain().await);
     let got: Vec<(&Value, &Value)> = seen.iter().map(|m| (&m["epoch"], &m["offset"])).collect();
     assert_eq!(
         got,
@@ -236,7 +212,7 @@ async fn messages_queued_within_the_write_delay_go_out_together_in_order() {
             );
         }
     }
-    assert!(drain(&mut reader).await.is_empty());
+    assert!(reader.drain().await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,7 +239,7 @@ async fn a_replay_stops_at_its_byte_cap_with_an_exact_gap() {
     let mut client = world.connect(0, Some(&alice.token)).await;
     let (ack, mut seen) = resume(&mut client, json!({"offset": 1, "epoch": epoch})).await;
     assert_eq!(ack["offset"], 20, "{ack}");
-    seen.extend(drain(&mut client).await);
+    seen.extend(client.drain().await);
     let offsets: Vec<u64> = seen
         .iter()
         .filter(|m| m["type"] == "message")

@@ -183,6 +183,27 @@ impl World {
         self.request(reqwest::Method::POST, path, None, body).await
     }
 
+    /// Publishes `payload` on `channel` from instance 0 until Redis takes it (it delivers
+    /// locally while Redis does not answer yet); its (epoch, offset).
+    pub async fn publish_durable(&self, channel: &'static str, payload: Value) -> (String, u64) {
+        let rt = self.servers[0].realtime.clone();
+        self.servers[0]
+            .run(async move {
+                for _ in 0..500 {
+                    match rt.publish(channel, payload.clone()).await.unwrap() {
+                        cascade_realtime::Published::Durable(at) => {
+                            return (at.epoch.to_string(), at.offset);
+                        }
+                        cascade_realtime::Published::LocalOnly => {
+                            tokio::time::sleep(Duration::from_millis(20)).await
+                        }
+                    }
+                }
+                panic!("Redis never took the publish");
+            })
+            .await
+    }
+
     /// `cascade_ws_*` and other series of instance `n`'s `/metrics`, summed over labels that
     /// contain `labels`.
     pub async fn metric(&self, n: usize, name: &str, labels: &str) -> f64 {
@@ -305,6 +326,15 @@ impl Client {
                 _ => continue,
             }
         }
+    }
+
+    /// What arrives until nothing more comes for a second.
+    pub async fn drain(&mut self) -> Vec<Value> {
+        let mut seen = Vec::new();
+        while let Some(Incoming::Json(value)) = self.next_within(Duration::from_secs(1)).await {
+            seen.push(value);
+        }
+        seen
     }
 
     /// The next JSON message; panics on a close or silence.
