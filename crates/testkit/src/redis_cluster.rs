@@ -150,6 +150,25 @@ impl RedisCluster {
             .expect("CLUSTER KEYSLOT")
     }
 
+    /// Each live node's count of subscribers of `channel` (by port), as the node itself counts
+    /// them: `PUBSUB SHARDNUMSUB` (`sharded`: `SSUBSCRIBE`rs, on the master, and replicas, of
+    /// the channel's slot) or `PUBSUB NUMSUB` (classic subscribers of that node). Nodes that do
+    /// not answer are left out.
+    pub fn subscribers(&self, channel: &str, sharded: bool) -> Vec<(u16, i64)> {
+        let which = if sharded { "SHARDNUMSUB" } else { "NUMSUB" };
+        self.live_ports()
+            .filter_map(|port| {
+                let mut conn = connect(port)?;
+                let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                    .arg(which)
+                    .arg(channel)
+                    .query(&mut conn)
+                    .ok()?;
+                Some((port, n))
+            })
+            .collect()
+    }
+
     /// SIGKILL of the master of `slot`; returns its port. Its replica is promoted once the
     /// others have missed it for `cluster-node-timeout` ([`wait_for_master`](Self::wait_for_master)).
     pub fn kill_master_of(&mut self, slot: u16) -> u16 {
