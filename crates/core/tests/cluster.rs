@@ -478,6 +478,19 @@ async fn a_master_killed_under_load_fails_no_read_serves_nothing_stale_and_write
     }
 }
 
+/// Waits (at most 15 s) until `node` counts `n` sharded subscribers of `channel`.
+async fn wait_for_subscribers(cluster: &RedisCluster, channel: &str, node: u16, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cluster.subscribers(channel, true).contains(&(node, n)) {
+        assert!(
+            Instant::now() < deadline,
+            "{channel}: not {n} sharded subscribers on {node}: {:?}",
+            cluster.subscribers(channel, true)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The next events of `subscription` until `done` says so (or `bound` passes: a panic naming
 /// what came).
 async fn events_until(
@@ -514,6 +527,21 @@ async fn sharded_subscriptions_spread_over_the_masters_and_come_back_after_a_fai
         .map(|i| format!("t:shard:{i}{}", buckets::spread_tag(i, 3)))
         .collect();
     let mut subscription = redis.sharded_subscribe(channels.clone()).await.unwrap();
+    // Two cache engines' bus, `sd:bus:cache` (slot 4307), on the same master as the first
+    // channel (slot 2730), is sharded too.
+    let bus = "sd:bus:cache";
+    let _engines = [
+        cluster_engine(&cluster, "sd:", true),
+        cluster_engine(&cluster, "sd:", true),
+    ];
+    let bus_master = cluster.master_of_slot(cluster.slot_of(bus)).unwrap();
+    assert_eq!(
+        cluster.master_of_slot(cluster.slot_of(&channels[0])),
+        Some(bus_master)
+    );
+    wait_for_subscribers(&cluster, bus, bus_master, 2).await;
+    let classic = cluster.subscribers(bus, false);
+    assert!(classic.iter().all(|(_, n)| *n == 0), "{classic:?}");
     let mut confirmed = BTreeSet::new();
     events_until(&mut subscription, Duration::from_secs(10), |event| {
         match event {
@@ -581,6 +609,8 @@ async fn sharded_subscriptions_spread_over_the_masters_and_come_back_after_a_fai
         .await;
     let on_promoted = cluster.subscribers(first, true);
     assert!(on_promoted.contains(&(promoted, 1)), "{on_promoted:?}");
+    // Both buses subscribed again there, by themselves.
+    wait_for_subscribers(&cluster, bus, promoted, 2).await;
     // Messages flow again (the command client finds the new master by itself too).
     let deadline = Instant::now() + Duration::from_secs(10);
     while redis.publish(first, "after").await.ok() != Some(1) {
