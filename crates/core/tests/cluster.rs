@@ -478,6 +478,28 @@ async fn a_master_killed_under_load_fails_no_read_serves_nothing_stale_and_write
     }
 }
 
+/// Waits for `channel` to be reported lost, then subscribed again (`again`).
+async fn lost_then_subscribed_again(
+    subscription: &mut ShardedSubscription,
+    channel: &str,
+    bound: Duration,
+) {
+    let mut lost = false;
+    let seen = events_until(subscription, bound, |event| match event {
+        ShardEvent::Lost { channel: c } if c == channel => {
+            lost = true;
+            false
+        }
+        ShardEvent::Subscribed { channel: c, again } if c == channel => {
+            assert!(again, "a resubscription after a loss is reported as such");
+            lost
+        }
+        _ => false,
+    })
+    .await;
+    assert!(lost, "{seen:?}");
+}
+
 /// Waits (at most 15 s) until `node` counts `n` sharded subscribers of `channel`.
 async fn wait_for_subscribers(cluster: &RedisCluster, channel: &str, node: u16, n: i64) {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -516,9 +538,10 @@ async fn events_until(
 
 /// Sharded pub/sub on the cluster: three channels tagged by `spread_tag` are subscribed on
 /// three different masters (`PUBSUB SHARDNUMSUB`), none as a classic subscription (`PUBSUB
-/// NUMSUB`), and `SPUBLISH` reaches each. When a master is killed, its channel is reported
-/// lost, then subscribed again (`again`: messages may have been missed) on the promoted
-/// replica, without help, and messages flow again.
+/// NUMSUB`), and `SPUBLISH` reaches each. When a channel's slot moves to another master
+/// (resharding), or its master is killed, the channel is reported lost, then subscribed
+/// again (`again`: messages may have been missed) on the new owner, without help, and
+/// messages flow again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sharded_subscriptions_spread_over_the_masters_and_come_back_after_a_failover() {
     let mut cluster = RedisCluster::start(3, 1).await;
@@ -564,14 +587,24 @@ async fn sharded_subscriptions_spread_over_the_masters_and_come_back_after_a_fai
         let master = cluster.master_of_slot(cluster.slot_of(channel)).unwrap();
         let sharded = cluster.subscribers(channel, true);
         assert!(sharded.contains(&(master, 1)), "{channel}: {sharded:?}");
-        assert_eq!(sharded.iter().map(|(_, n)| n).sum::<i64>(), 1, "{sharded:?}");
+        assert_eq!(
+            sharded.iter().map(|(_, n)| n).sum::<i64>(),
+            1,
+            "{sharded:?}"
+        );
         let classic = cluster.subscribers(channel, false);
-        assert!(classic.iter().all(|(_, n)| *n == 0), "{channel}: {classic:?}");
+        assert!(
+            classic.iter().all(|(_, n)| *n == 0),
+            "{channel}: {classic:?}"
+        );
     }
 
     // SPUBLISH: each channel's one subscriber hears it.
     for channel in &channels {
-        let heard: i64 = redis.publish(channel, format!("hello {channel}")).await.unwrap();
+        let heard: i64 = redis
+            .publish(channel, format!("hello {channel}"))
+            .await
+            .unwrap();
         assert_eq!(heard, 1, "{channel}");
     }
     let mut messages = BTreeMap::new();
@@ -586,24 +619,28 @@ async fn sharded_subscriptions_spread_over_the_masters_and_come_back_after_a_fai
         assert_eq!(messages[channel], format!("hello {channel}"));
     }
 
+    // Resharding: the second channel's slot moves to the third channel's master. The old
+    // owner drops the subscription (`sunsubscribe`, which redis-rs forgets): lost, then
+    // subscribed again on the new owner, and messages flow there.
+    let second = &channels[1];
+    let to = cluster
+        .master_of_slot(cluster.slot_of(&channels[2]))
+        .unwrap();
+    cluster.move_empty_slot(cluster.slot_of(second), to);
+    lost_then_subscribed_again(&mut subscription, second, Duration::from_secs(15)).await;
+    wait_for_subscribers(&cluster, second, to, 1).await;
+    let heard: i64 = redis.publish(second, "moved").await.unwrap();
+    assert_eq!(heard, 1);
+    events_until(&mut subscription, Duration::from_secs(5), |event| {
+        matches!(event, ShardEvent::Message { channel, payload } if channel == second && payload == b"moved")
+    })
+    .await;
+
     // The first channel's master dies: lost, then subscribed again on its promoted replica.
     let first = &channels[0];
     let slot = cluster.slot_of(first);
     let old = cluster.kill_master_of(slot);
-    let mut lost = false;
-    let seen = events_until(&mut subscription, Duration::from_secs(30), |event| match event {
-        ShardEvent::Lost { channel } if channel == first => {
-            lost = true;
-            false
-        }
-        ShardEvent::Subscribed { channel, again } if channel == first => {
-            assert!(again, "a resubscription after a loss is reported as such");
-            lost
-        }
-        _ => false,
-    })
-    .await;
-    assert!(lost, "{seen:?}");
+    lost_then_subscribed_again(&mut subscription, first, Duration::from_secs(30)).await;
     let promoted = cluster
         .wait_for_master(slot, old, Duration::from_secs(20))
         .await;
@@ -614,7 +651,10 @@ async fn sharded_subscriptions_spread_over_the_masters_and_come_back_after_a_fai
     // Messages flow again (the command client finds the new master by itself too).
     let deadline = Instant::now() + Duration::from_secs(10);
     while redis.publish(first, "after").await.ok() != Some(1) {
-        assert!(Instant::now() < deadline, "no SPUBLISH heard after the failover");
+        assert!(
+            Instant::now() < deadline,
+            "no SPUBLISH heard after the failover"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     events_until(&mut subscription, Duration::from_secs(5), |event| {

@@ -143,10 +143,7 @@ mod tests {
     }
 
     /// Each master gets its share of `tags`, ±1.
-    fn assert_even_over_masters(
-        tags: &[impl AsRef<str>],
-        masters: std::ops::RangeInclusive<u32>,
-    ) {
+    fn assert_even_over_masters(tags: &[impl AsRef<str>], masters: std::ops::RangeInclusive<u32>) {
         for masters in masters {
             let mut counts = vec![0u32; masters as usize];
             for tag in tags {
@@ -164,7 +161,10 @@ mod tests {
             for (i, tag) in tags.iter().enumerate() {
                 let slot = usize::from(slot(tag.as_bytes()));
                 let share = i * usize::from(SLOTS) / n..(i + 1) * usize::from(SLOTS) / n;
-                assert!(share.contains(&slot), "part {i} of {n}: {tag} in slot {slot}");
+                assert!(
+                    share.contains(&slot),
+                    "part {i} of {n}: {tag} in slot {slot}"
+                );
                 // Found by search, not the fallback.
                 let number: u32 = tag[1..tag.len() - 1].parse().unwrap();
                 assert_eq!(

@@ -145,8 +145,7 @@ impl ShardedSubscription {
         let attempts = self.channels.iter().map(|channel| {
             let mut conn = self.conn.clone();
             async move {
-                let result = match tokio::time::timeout(timeout, conn.ssubscribe(channel)).await
-                {
+                let result = match tokio::time::timeout(timeout, conn.ssubscribe(channel)).await {
                     Ok(result) => result.map_err(RedisError::from),
                     Err(_) => Err(RedisError::Timeout(timeout)),
                 };
@@ -178,20 +177,27 @@ impl ShardedSubscription {
                     });
                 }
             }
-            (PushKind::SSubscribe, Some(channel)) if self.channels.contains(&channel) => {
-                if self.live.insert(channel.clone()) {
-                    let again = !self.confirmed.insert(channel.clone());
-                    self.events
-                        .push_back(ShardEvent::Subscribed { channel, again });
-                }
-            }
+            (PushKind::SSubscribe, Some(channel)) => self.confirm(channel),
             (PushKind::SUnsubscribe, Some(channel)) => {
-                tracing::info!(channel, "redis: the server ended a sharded subscription (its slot moved)");
+                tracing::info!(
+                    channel,
+                    "redis: the server ended a sharded subscription (its slot moved)"
+                );
                 self.lose(&channel);
             }
             (PushKind::Disconnection, _) => self.lose_all(),
             _ => {}
         }
+    }
+
+    /// A confirmation: news only for a channel of ours not known to be live.
+    fn confirm(&mut self, channel: String) {
+        if !self.channels.contains(&channel) || !self.live.insert(channel.clone()) {
+            return;
+        }
+        let again = !self.confirmed.insert(channel.clone());
+        self.events
+            .push_back(ShardEvent::Subscribed { channel, again });
     }
 
     fn lose(&mut self, channel: &str) {

@@ -36,7 +36,10 @@ async fn a_publish_on_either_instance_reaches_subscribers_on_both_over_a_redis_c
         let sharded = cluster.subscribers(&channel, true);
         assert!(sharded.contains(&(master, 2)), "{channel}: {sharded:?}");
         let classic = cluster.subscribers(&channel, false);
-        assert!(classic.iter().all(|(_, n)| *n == 0), "{channel}: {classic:?}");
+        assert!(
+            classic.iter().all(|(_, n)| *n == 0),
+            "{channel}: {classic:?}"
+        );
         // Nor under the old, untagged name.
         let old = cluster.subscribers(&format!("cascade:rt:shard:{shard}"), false);
         assert!(old.iter().all(|(_, n)| *n == 0), "{old:?}");
