@@ -13,10 +13,12 @@
 //! With Redis Cluster (`REDIS_CLUSTER_URLS`), commands go through the `redis` crate's async
 //! cluster client ([`cluster`]), which routes each by its key's slot, follows `MOVED`/`ASK`
 //! and refreshes the slot map after a failover; a script's keys must share one slot (the
-//! cache tier's layout sees to it, `cache/redis_tier.rs`).
+//! cache tier's layout sees to it, `cache/redis_tier.rs`). Pub/sub on a cluster is sharded
+//! ([`Redis::sharded_subscribe`], [`Redis::publish`]: `SSUBSCRIBE`/`SPUBLISH`, [`sharded`]).
 
 mod cluster;
 mod sentinel;
+mod sharded;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +30,7 @@ use crate::config::RedisConfig;
 
 use self::cluster::Cluster;
 use self::sentinel::Sentinels;
+pub use self::sharded::{ShardEvent, ShardedSubscription};
 
 /// A cheap-to-clone handle; clones share one multiplexed, self-healing connection.
 #[derive(Clone)]
@@ -315,11 +318,12 @@ impl Redis {
         result
     }
 
-    /// A dedicated pub/sub connection (the bus), opened under the deadline. It does not
+    /// A dedicated classic pub/sub connection, opened under the deadline. It does not
     /// reconnect by itself: its owner notices the end of its stream and opens a new one.
     /// With Sentinel, the sentinels are asked where the master is first. With Redis Cluster it
     /// is one node's, the next seed node that answers after the last one used: a classic
-    /// `PUBLISH` reaches every node of a cluster, so any node hears every message.
+    /// `PUBLISH` reaches every node of a cluster, so any node hears every message (Cascade's
+    /// own channels use [`sharded_subscribe`](Self::sharded_subscribe) there).
     pub async fn pubsub(&self) -> Result<redis::aio::PubSub, RedisError> {
         let bound = self.timeout * 4;
         let open = async {
@@ -339,6 +343,38 @@ impl Redis {
         };
         self.observe(&result);
         result
+    }
+
+    /// A sharded subscription to `channels` (`SSUBSCRIBE`), on a Redis Cluster only (elsewhere
+    /// an error names the limitation: use [`pubsub`](Self::pubsub)). It has its own cluster
+    /// client, connected under the deadline, and heals itself ([`ShardedSubscription`]).
+    pub async fn sharded_subscribe(
+        &self,
+        channels: Vec<String>,
+    ) -> Result<ShardedSubscription, RedisError> {
+        match &self.target {
+            Target::Cluster(cluster) => cluster.sharded(channels).await,
+            _ => Err(RedisError::Config(
+                "sharded pub/sub is for a Redis Cluster (REDIS_CLUSTER_URLS)".into(),
+            )),
+        }
+    }
+
+    /// Publishes `payload` on `channel` under the deadline: `SPUBLISH` on a Redis Cluster
+    /// (heard by [`sharded_subscribe`](Self::sharded_subscribe)), `PUBLISH` elsewhere (heard
+    /// by [`pubsub`](Self::pubsub) subscribers). Returns how many subscribers received it.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        payload: impl redis::ToRedisArgs,
+    ) -> Result<i64, RedisError> {
+        let command = if self.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        self.query(redis::cmd(command).arg(channel).arg(payload))
+            .await
     }
 
     /// The deadline every command must answer within.

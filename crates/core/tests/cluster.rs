@@ -12,7 +12,7 @@ use cascade_core::cache::buckets::{self, Buckets};
 use cascade_core::cache::{Backend, Cache, EngineOptions, Source};
 use cascade_core::config::{ClusterNodes, LoginBackoff, RateLimit, RedisConfig, Secret};
 use cascade_core::identity::{RateLimiter, Username};
-use cascade_core::redis::Redis;
+use cascade_core::redis::{Redis, ShardEvent, ShardedSubscription};
 use cascade_testkit::{PgServer, RedisCluster};
 
 mod scenarios;
@@ -476,4 +476,189 @@ async fn a_master_killed_under_load_fails_no_read_serves_nothing_stale_and_write
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits for `channel` to be reported lost, then subscribed again (`again`).
+async fn lost_then_subscribed_again(
+    subscription: &mut ShardedSubscription,
+    channel: &str,
+    bound: Duration,
+) {
+    let mut lost = false;
+    let seen = events_until(subscription, bound, |event| match event {
+        ShardEvent::Lost { channel: c } if c == channel => {
+            lost = true;
+            false
+        }
+        ShardEvent::Subscribed { channel: c, again } if c == channel => {
+            assert!(again, "a resubscription after a loss is reported as such");
+            lost
+        }
+        _ => false,
+    })
+    .await;
+    assert!(lost, "{seen:?}");
+}
+
+/// Waits (at most 15 s) until `node` counts `n` sharded subscribers of `channel`.
+async fn wait_for_subscribers(cluster: &RedisCluster, channel: &str, node: u16, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cluster.subscribers(channel, true).contains(&(node, n)) {
+        assert!(
+            Instant::now() < deadline,
+            "{channel}: not {n} sharded subscribers on {node}: {:?}",
+            cluster.subscribers(channel, true)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The next events of `subscription` until `done` says so (or `bound` passes: a panic naming
+/// what came).
+async fn events_until(
+    subscription: &mut ShardedSubscription,
+    bound: Duration,
+    mut done: impl FnMut(&ShardEvent) -> bool,
+) -> Vec<ShardEvent> {
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, subscription.next()).await {
+            Ok(event) => {
+                let last = done(&event);
+                seen.push(event);
+                if last {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("not within {bound:?}; got {seen:?}"),
+        }
+    }
+}
+
+/// Sharded pub/sub on the cluster: three channels tagged by `spread_tag` are subscribed on
+/// three different masters (`PUBSUB SHARDNUMSUB`), none as a classic subscription (`PUBSUB
+/// NUMSUB`), and `SPUBLISH` reaches each. When a channel's slot moves to another master
+/// (resharding), or its master is killed, the channel is reported lost, then subscribed
+/// again (`again`: messages may have been missed) on the new owner, without help, and
+/// messages flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_subscriptions_spread_over_the_masters_and_come_back_after_a_failover() {
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let redis = cluster_redis(&cluster);
+    let channels: Vec<String> = (0..3)
+        .map(|i| format!("t:shard:{i}{}", buckets::spread_tag(i, 3)))
+        .collect();
+    let mut subscription = redis.sharded_subscribe(channels.clone()).await.unwrap();
+    // Two cache engines' bus, `sd:bus:cache` (slot 4307), on the same master as the first
+    // channel (slot 2730), is sharded too.
+    let bus = "sd:bus:cache";
+    let _engines = [
+        cluster_engine(&cluster, "sd:", true),
+        cluster_engine(&cluster, "sd:", true),
+    ];
+    let bus_master = cluster.master_of_slot(cluster.slot_of(bus)).unwrap();
+    assert_eq!(
+        cluster.master_of_slot(cluster.slot_of(&channels[0])),
+        Some(bus_master)
+    );
+    wait_for_subscribers(&cluster, bus, bus_master, 2).await;
+    let classic = cluster.subscribers(bus, false);
+    assert!(classic.iter().all(|(_, n)| *n == 0), "{classic:?}");
+    let mut confirmed = BTreeSet::new();
+    events_until(&mut subscription, Duration::from_secs(10), |event| {
+        match event {
+            ShardEvent::Subscribed { channel, again } => {
+                assert!(!again, "{channel} confirmed twice");
+                confirmed.insert(channel.clone());
+            }
+            other => panic!("before any subscription: {other:?}"),
+        }
+        confirmed.len() == channels.len()
+    })
+    .await;
+
+    let masters: BTreeSet<u16> = channels
+        .iter()
+        .map(|channel| cluster.master_of_slot(cluster.slot_of(channel)).unwrap())
+        .collect();
+    assert_eq!(masters.len(), 3, "one channel per master");
+    for channel in &channels {
+        let master = cluster.master_of_slot(cluster.slot_of(channel)).unwrap();
+        let sharded = cluster.subscribers(channel, true);
+        assert!(sharded.contains(&(master, 1)), "{channel}: {sharded:?}");
+        assert_eq!(
+            sharded.iter().map(|(_, n)| n).sum::<i64>(),
+            1,
+            "{sharded:?}"
+        );
+        let classic = cluster.subscribers(channel, false);
+        assert!(
+            classic.iter().all(|(_, n)| *n == 0),
+            "{channel}: {classic:?}"
+        );
+    }
+
+    // SPUBLISH: each channel's one subscriber hears it.
+    for channel in &channels {
+        let heard: i64 = redis
+            .publish(channel, format!("hello {channel}"))
+            .await
+            .unwrap();
+        assert_eq!(heard, 1, "{channel}");
+    }
+    let mut messages = BTreeMap::new();
+    events_until(&mut subscription, Duration::from_secs(5), |event| {
+        if let ShardEvent::Message { channel, payload } = event {
+            messages.insert(channel.clone(), String::from_utf8(payload.clone()).unwrap());
+        }
+        messages.len() == channels.len()
+    })
+    .await;
+    for channel in &channels {
+        assert_eq!(messages[channel], format!("hello {channel}"));
+    }
+
+    // Resharding: the second channel's slot moves to the third channel's master. The old
+    // owner drops the subscription (`sunsubscribe`, which redis-rs forgets): lost, then
+    // subscribed again on the new owner, and messages flow there.
+    let second = &channels[1];
+    let to = cluster
+        .master_of_slot(cluster.slot_of(&channels[2]))
+        .unwrap();
+    cluster.move_empty_slot(cluster.slot_of(second), to);
+    lost_then_subscribed_again(&mut subscription, second, Duration::from_secs(15)).await;
+    wait_for_subscribers(&cluster, second, to, 1).await;
+    let heard: i64 = redis.publish(second, "moved").await.unwrap();
+    assert_eq!(heard, 1);
+    events_until(&mut subscription, Duration::from_secs(5), |event| {
+        matches!(event, ShardEvent::Message { channel, payload } if channel == second && payload == b"moved")
+    })
+    .await;
+
+    // The first channel's master dies: lost, then subscribed again on its promoted replica.
+    let first = &channels[0];
+    let slot = cluster.slot_of(first);
+    let old = cluster.kill_master_of(slot);
+    lost_then_subscribed_again(&mut subscription, first, Duration::from_secs(30)).await;
+    let promoted = cluster
+        .wait_for_master(slot, old, Duration::from_secs(20))
+        .await;
+    let on_promoted = cluster.subscribers(first, true);
+    assert!(on_promoted.contains(&(promoted, 1)), "{on_promoted:?}");
+    // Both buses subscribed again there, by themselves.
+    wait_for_subscribers(&cluster, bus, promoted, 2).await;
+    // Messages flow again (the command client finds the new master by itself too).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.publish(first, "after").await.ok() != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "no SPUBLISH heard after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    events_until(&mut subscription, Duration::from_secs(5), |event| {
+        matches!(event, ShardEvent::Message { channel, payload } if channel == first && payload == b"after")
+    })
+    .await;
 }

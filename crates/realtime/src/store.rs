@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use cascade_core::cache::buckets;
 use cascade_core::redis::Redis;
 
 use crate::channel::Channel;
@@ -129,7 +130,8 @@ fn fresh_epoch() -> String {
 // Redis
 
 /// KEYS: meta hash, stream. ARGV: channel, payload, now ms, max len, max age ms, a fresh
-/// epoch, the pub/sub channel, meta ttl ms. Channel names need no JSON escaping (see
+/// epoch, the pub/sub channel (empty on a Redis Cluster: see [`RedisStore::publish`]), meta
+/// ttl ms. Channel names need no JSON escaping (see
 /// `channel.rs`: `[A-Za-z0-9_:-]`), epochs are hex.
 const PUBLISH: &str = r#"
 local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
@@ -153,7 +155,9 @@ for i = 1, 100 do
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
-redis.call('PUBLISH', ARGV[7], ARGV[1] .. '\n' .. epoch .. '\n' .. offset .. '\n' .. frame)
+if ARGV[7] ~= '' then
+  redis.call('PUBLISH', ARGV[7], ARGV[1] .. '\n' .. epoch .. '\n' .. offset .. '\n' .. frame)
+end
 return {epoch, offset}
 "#;
 
@@ -183,7 +187,8 @@ end
 return {m[1], m[2], out, m[3] or ''}
 "#;
 
-/// KEYS: meta hash, stream. ARGV: channel, a fresh epoch, meta ttl ms, the pub/sub channel.
+/// KEYS: meta hash, stream. ARGV: channel, a fresh epoch, meta ttl ms, the pub/sub channel
+/// (empty on a Redis Cluster, as for [`PUBLISH`]).
 /// Ends the channel's epoch after a degraded period (messages some instance delivered only
 /// locally): a new epoch marked `why=degraded`, the history emptied, and a notice (offset 0,
 /// no frame) on the shard so every subscriber reads the history and gets its `gap` now.
@@ -193,7 +198,9 @@ redis.call('DEL', KEYS[2])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'offset', 0, 'why', 'degraded', 'run', run)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PUBLISH', ARGV[4], ARGV[1] .. '\n' .. ARGV[2] .. '\n0\n')
+if ARGV[4] ~= '' then
+  redis.call('PUBLISH', ARGV[4], ARGV[1] .. '\n' .. ARGV[2] .. '\n0\n')
+end
 return 1
 "#;
 
@@ -201,6 +208,8 @@ pub struct RedisStore {
     redis: Redis,
     prefix: String,
     shards: usize,
+    /// Each shard's pub/sub channel (see [`RedisStore::shard_channel`]).
+    channels: Vec<String>,
     publish: redis::Script,
     read: redis::Script,
     rotate: redis::Script,
@@ -208,10 +217,18 @@ pub struct RedisStore {
 
 impl RedisStore {
     pub fn new(redis: Redis, key_prefix: &str, shards: usize) -> RedisStore {
+        let prefix = format!("{key_prefix}rt:");
+        let channels = (0..shards)
+            .map(|n| match redis.is_cluster() {
+                true => format!("{prefix}shard:{n}{}", buckets::spread_tag(n, shards)),
+                false => format!("{prefix}shard:{n}"),
+            })
+            .collect();
         RedisStore {
             redis,
-            prefix: format!("{key_prefix}rt:"),
+            prefix,
             shards,
+            channels,
             publish: redis::Script::new(PUBLISH),
             read: redis::Script::new(READ),
             rotate: redis::Script::new(ROTATE),
@@ -222,9 +239,41 @@ impl RedisStore {
         &self.redis
     }
 
-    /// The pub/sub channel of shard `n`.
-    pub fn shard_channel(&self, n: usize) -> String {
-        format!("{}shard:{n}", self.prefix)
+    /// The pub/sub channel of shard `n`: `{prefix}rt:shard:{n}`. On a Redis Cluster, where
+    /// pub/sub is sharded (a channel lives on its slot's master), followed by a hash tag that
+    /// puts shard `n` of `WS_REDIS_SHARDS` in the `n`-th share of the slots, so the shards
+    /// spread over the masters ([`buckets::spread_tag`]).
+    pub fn shard_channel(&self, n: usize) -> &str {
+        &self.channels[n]
+    }
+
+    /// Every shard's pub/sub channel, shard 0 first.
+    pub fn shard_channels(&self) -> &[String] {
+        &self.channels
+    }
+
+    /// The pub/sub channel the scripts publish on: none on a Redis Cluster, where a script
+    /// may only touch its keys' slot and the shard channel is elsewhere; the publish is then
+    /// an `SPUBLISH` of its own ([`Self::spublish`]).
+    fn script_channel(&self, shard: usize) -> &str {
+        match self.redis.is_cluster() {
+            true => "",
+            false => self.shard_channel(shard),
+        }
+    }
+
+    /// On a Redis Cluster, `SPUBLISH`es what the script stored. Should it fail (the message is
+    /// kept but not announced), the error makes the publisher deliver it locally and end the
+    /// channel's epoch once Redis answers (`Realtime::heal`): other instances' subscribers get
+    /// a `gap`, never a silent hole.
+    async fn spublish(&self, shard: usize, envelope: String) -> Result<(), StoreError> {
+        if self.redis.is_cluster() {
+            self.redis
+                .publish(self.shard_channel(shard), envelope)
+                .await
+                .map_err(|e| StoreError::Redis(format!("SPUBLISH: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Which shard carries `channel`: the same on every instance (FNV-1a, not a seeded hash).
@@ -247,6 +296,8 @@ impl RedisStore {
         _hub: &Hub,
     ) -> Result<(Arc<str>, u64), StoreError> {
         let (meta, stream) = self.keys(channel.name());
+        let shard = self.shard_of(channel.name());
+        let now = now_ms();
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.publish.get_hash())
             .arg(2)
@@ -254,17 +305,23 @@ impl RedisStore {
             .arg(&stream)
             .arg(channel.name())
             .arg(payload)
-            .arg(now_ms())
+            .arg(now)
             .arg(limit.max_len)
             .arg(limit.max_age.as_millis() as u64)
             .arg(fresh_epoch())
-            .arg(self.shard_channel(self.shard_of(channel.name())))
+            .arg(self.script_channel(shard))
             .arg(META_TTL.max(limit.max_age).as_millis() as u64);
         let (epoch, offset): (String, u64) = self
             .redis
             .eval(&self.publish, &cmd)
             .await
             .map_err(|e| StoreError::Redis(e.to_string()))?;
+        if self.redis.is_cluster() {
+            // The frame the script stored: channel names and epochs need no JSON escaping.
+            let frame = crate::protocol::message(channel.name(), &epoch, offset, now, payload);
+            let envelope = format!("{}\n{epoch}\n{offset}\n{frame}", channel.name());
+            self.spublish(shard, envelope).await?;
+        }
         Ok((epoch.into(), offset))
     }
 
@@ -318,21 +375,25 @@ impl RedisStore {
     /// Starts a new epoch of `channel` after a degraded period (see [`ROTATE`]).
     pub async fn rotate(&self, channel: &str) -> Result<(), StoreError> {
         let (meta, stream) = self.keys(channel);
+        let shard = self.shard_of(channel);
+        let epoch = fresh_epoch();
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.rotate.get_hash())
             .arg(2)
             .arg(&meta)
             .arg(&stream)
             .arg(channel)
-            .arg(fresh_epoch())
+            .arg(&epoch)
             .arg(META_TTL.as_millis() as u64)
-            .arg(self.shard_channel(self.shard_of(channel)));
+            .arg(self.script_channel(shard));
         let _: i64 = self
             .redis
             .eval(&self.rotate, &cmd)
             .await
             .map_err(|e| StoreError::Redis(e.to_string()))?;
-        Ok(())
+        // A failed notice fails the rotation: the heal task rotates again.
+        self.spublish(shard, format!("{channel}\n{epoch}\n0\n"))
+            .await
     }
 }
 

@@ -150,6 +150,59 @@ impl RedisCluster {
             .expect("CLUSTER KEYSLOT")
     }
 
+    /// Each live node's count of subscribers of `channel` (by port), as the node itself counts
+    /// them: `PUBSUB SHARDNUMSUB` (`sharded`: `SSUBSCRIBE`rs, on the master, and replicas, of
+    /// the channel's slot) or `PUBSUB NUMSUB` (classic subscribers of that node). Nodes that do
+    /// not answer are left out.
+    pub fn subscribers(&self, channel: &str, sharded: bool) -> Vec<(u16, i64)> {
+        let which = if sharded { "SHARDNUMSUB" } else { "NUMSUB" };
+        self.live_ports()
+            .filter_map(|port| {
+                let mut conn = connect(port)?;
+                let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                    .arg(which)
+                    .arg(channel)
+                    .query(&mut conn)
+                    .ok()?;
+                Some((port, n))
+            })
+            .collect()
+    }
+
+    /// Moves `slot`, which must hold no keys, to the master at `to` (what `redis-cli --cluster
+    /// reshard` does for an empty slot: importing, migrating, then the new owner on every
+    /// master). The old owner drops its shard channels of the slot (`sunsubscribe`).
+    pub fn move_empty_slot(&self, slot: u16, to: u16) {
+        let from = self.master_of_slot(slot).expect("the slot has a master");
+        let id = |port: u16| -> String {
+            let mut conn = connect(port).expect("a node answers");
+            redis::cmd("CLUSTER")
+                .arg("MYID")
+                .query(&mut conn)
+                .expect("CLUSTER MYID")
+        };
+        let setslot = |port: u16, how: &[&str]| {
+            let mut conn = connect(port).expect("a node answers");
+            let _: () = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(how)
+                .query(&mut conn)
+                .unwrap_or_else(|e| panic!("CLUSTER SETSLOT {slot} {how:?} on {port}: {e}"));
+        };
+        let (from_id, to_id) = (id(from), id(to));
+        setslot(to, &["IMPORTING", &from_id]);
+        setslot(from, &["MIGRATING", &to_id]);
+        setslot(to, &["NODE", &to_id]);
+        setslot(from, &["NODE", &to_id]);
+        for port in self.live_ports().filter(|p| ![from, to].contains(p)) {
+            let master = info(port, "replication").contains("role:master");
+            if master {
+                setslot(port, &["NODE", &to_id]);
+            }
+        }
+    }
+
     /// SIGKILL of the master of `slot`; returns its port. Its replica is promoted once the
     /// others have missed it for `cluster-node-timeout` ([`wait_for_master`](Self::wait_for_master)).
     pub fn kill_master_of(&mut self, slot: u16) -> u16 {

@@ -26,8 +26,9 @@ pub const BUCKETS: usize = 16;
 /// Redis Cluster's slot count.
 pub const SLOTS: u16 = 16384;
 
-/// Bucket `i`'s hash tag: the smallest number whose slot is 512 + 1024 `i` (found once by
-/// search; the tests below check them). Part of the stored layout: never change them.
+/// Bucket `i`'s hash tag: `spread_tag(i, BUCKETS)`, the smallest number whose slot is
+/// 512 + 1024 `i` (found once by search; the tests below check them). Part of the stored
+/// layout: never change them.
 const TAGS: [&str; BUCKETS] = [
     "{1768}", "{20261}", "{18360}", "{41271}", "{3453}", "{11199}", "{29098}", "{8591}", "{265}",
     "{45842}", "{13409}", "{17891}", "{46093}", "{3635}", "{2912}", "{48623}",
@@ -62,6 +63,23 @@ impl Buckets {
     pub fn tags(&self) -> &'static [&'static str] {
         &TAGS
     }
+}
+
+/// The hash tag (braces included) of part `i` of `n` spread evenly over a cluster's slots:
+/// the smallest number whose slot is the middle of the `i`-th of `n` equal shares of the slot
+/// range. Any split of the slots into equal contiguous shares (what `redis-cli --cluster
+/// create` makes) then gives each master its share of the parts, ±1; consecutive small
+/// numbers would not (`{0}`…`{31}` collide). The cache's buckets use it (`n` = [`BUCKETS`]),
+/// and so do the real-time fan-out's shard channels.
+pub fn spread_tag(i: usize, n: usize) -> String {
+    let n = n.max(1) as u64;
+    let target = ((i as u64 % n) * u64::from(SLOTS) + u64::from(SLOTS) / 2) / n;
+    // Every slot is reached by a number below 10^6 (the tests check the parts of up to 64);
+    // the fallback keeps the function total.
+    let number = (0u32..1_000_000)
+        .find(|k| u64::from(slot(k.to_string().as_bytes())) == target)
+        .unwrap_or(i as u32);
+    format!("{{{number}}}")
 }
 
 /// CRC16-CCITT (XMODEM), the checksum Redis Cluster takes modulo 16384 for a key's slot.
@@ -109,33 +127,65 @@ mod tests {
         let buckets = Buckets::new();
         let share = SLOTS / BUCKETS as u16;
         for (i, tag) in buckets.tags().iter().enumerate() {
-            let number = &tag[1..tag.len() - 1];
-            assert_eq!(
-                slot(number.as_bytes()),
-                i as u16 * share + share / 2,
-                "{tag}"
-            );
-            // The smallest such number.
-            let smallest = (0u32..)
-                .find(|n| slot(n.to_string().as_bytes()) == slot(number.as_bytes()))
-                .unwrap();
-            assert_eq!(smallest.to_string(), number);
+            assert_eq!(slot(tag.as_bytes()), i as u16 * share + share / 2, "{tag}");
+            assert_eq!(*tag, spread_tag(i, BUCKETS));
         }
-        // An even split of the slots over 3 to 16 masters gives each master its share of
-        // buckets, ±1.
-        for masters in 3..=16u32 {
+        assert_even_over_masters(buckets.tags(), 3..=16);
+    }
+
+    /// The master serving `tag` when `masters` split the slots as redis-cli does: master m
+    /// serves [m * 16384 / n, (m + 1) * 16384 / n).
+    fn master_of(tag: &str, masters: u32) -> u32 {
+        let slot = u32::from(slot(tag.as_bytes()));
+        (0..masters)
+            .find(|&m| slot < (m + 1) * u32::from(SLOTS) / masters)
+            .unwrap()
+    }
+
+    /// Each master gets its share of `tags`, ±1.
+    fn assert_even_over_masters(tags: &[impl AsRef<str>], masters: std::ops::RangeInclusive<u32>) {
+        for masters in masters {
             let mut counts = vec![0u32; masters as usize];
-            for tag in buckets.tags() {
-                let slot = u32::from(slot(tag.as_bytes()));
-                // redis-cli's split: master m serves [m * 16384 / n, (m + 1) * 16384 / n).
-                let m = (0..masters)
-                    .find(|&m| slot < (m + 1) * u32::from(SLOTS) / masters)
-                    .unwrap();
-                counts[m as usize] += 1;
+            for tag in tags {
+                counts[master_of(tag.as_ref(), masters) as usize] += 1;
             }
             let (low, high) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
             assert!(high - low <= 1, "{masters} masters: {counts:?}");
         }
+    }
+
+    #[test]
+    fn spread_tags_put_part_i_of_n_in_slot_share_i() {
+        for n in (1..=16usize).chain([31, 64]) {
+            let tags: Vec<String> = (0..n).map(|i| spread_tag(i, n)).collect();
+            for (i, tag) in tags.iter().enumerate() {
+                let slot = usize::from(slot(tag.as_bytes()));
+                let share = i * usize::from(SLOTS) / n..(i + 1) * usize::from(SLOTS) / n;
+                assert!(
+                    share.contains(&slot),
+                    "part {i} of {n}: {tag} in slot {slot}"
+                );
+                // Found by search, not the fallback.
+                let number: u32 = tag[1..tag.len() - 1].parse().unwrap();
+                assert_eq!(
+                    u64::from(slot as u16),
+                    (i as u64 * 16384 + 8192) / n as u64,
+                    "{tag} ({number})"
+                );
+            }
+            if n >= 3 {
+                assert_even_over_masters(&tags, 3..=(n as u32).min(16));
+            }
+        }
+        // What this avoids: `{0}`, `{1}`, `{2}` (slots 13907, 9842, 5649) leave one master of
+        // 3 idle; the spread tags use all three.
+        let masters = |tags: &[String]| -> std::collections::HashSet<u32> {
+            tags.iter().map(|t| master_of(t, 3)).collect()
+        };
+        let naive: Vec<String> = (0..3).map(|i| format!("{{{i}}}")).collect();
+        let spread: Vec<String> = (0..3).map(|i| spread_tag(i, 3)).collect();
+        assert_eq!(masters(&naive).len(), 2, "{naive:?}");
+        assert_eq!(masters(&spread).len(), 3, "{spread:?}");
     }
 
     #[test]

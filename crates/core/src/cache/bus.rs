@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 
 use super::Inner;
 use crate::db::Db;
-use crate::redis::Redis;
+use crate::redis::{Redis, ShardEvent};
 
 /// What carries the bus (and domain events, `events.rs`): Redis pub/sub, or PostgreSQL
 /// LISTEN/NOTIFY in unified mode. Both deliver a channel's messages to each listener in the
@@ -37,8 +37,9 @@ impl Transport {
     pub(crate) async fn publish(&self, channel: &str, payload: String) -> Result<(), String> {
         match self {
             Transport::Redis(redis) => redis
-                .query(redis::cmd("PUBLISH").arg(channel).arg(payload))
+                .publish(channel, payload)
                 .await
+                .map(|_| ())
                 .map_err(|e| e.to_string()),
             Transport::Postgres(db) => {
                 let conn = db.conn().await.map_err(|e| e.to_string())?;
@@ -50,9 +51,33 @@ impl Transport {
         }
     }
 
-    /// A new subscription to `channel`, as a stream of payloads that ends when it breaks.
+    /// A new subscription to `channel`, as a stream of payloads that ends when it breaks. On
+    /// a Redis Cluster it is sharded (the channel's slot's master only), and it ends at the
+    /// first sign that messages may have been missed (a node lost, the slot moved, a
+    /// resubscription), as a broken subscription does elsewhere.
     pub(crate) async fn subscribe(&self, channel: &str) -> Result<Payloads, String> {
         match self {
+            Transport::Redis(redis) if redis.is_cluster() => {
+                let subscription = redis
+                    .sharded_subscribe(vec![channel.to_string()])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(Box::pin(futures_util::stream::unfold(
+                    subscription,
+                    |mut subscription| async move {
+                        loop {
+                            match subscription.next().await {
+                                ShardEvent::Message { payload, .. } => {
+                                    return Some((payload, subscription));
+                                }
+                                ShardEvent::Subscribed { again: false, .. } => {}
+                                ShardEvent::Subscribed { again: true, .. }
+                                | ShardEvent::Lost { .. } => return None,
+                            }
+                        }
+                    },
+                )))
+            }
             Transport::Redis(redis) => {
                 let mut pubsub = redis.pubsub().await.map_err(|e| e.to_string())?;
                 pubsub.subscribe(channel).await.map_err(|e| e.to_string())?;

@@ -23,7 +23,11 @@ pub(super) struct Cluster {
     /// One connection attempt at a time: concurrent first commands wait for it rather than
     /// each opening connections to every node.
     connecting: tokio::sync::Mutex<()>,
-    /// A client per seed node, for pub/sub.
+    /// The seed nodes' URLs and the CA certificate, for the sharded subscriptions' clients
+    /// ([`Cluster::sharded`]).
+    urls: Vec<String>,
+    root_cert: Option<Vec<u8>>,
+    /// A client per seed node, for classic pub/sub.
     seeds: Vec<redis::Client>,
     /// The seed the next pub/sub connection tries first: the one after the last used, so a
     /// subscriber whose node failed moves on to another.
@@ -40,22 +44,11 @@ impl Cluster {
         root_cert: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<Cluster, RedisError> {
-        let mut builder = ClusterClientBuilder::new(urls.to_vec())
-            .connection_timeout(timeout)
-            .response_timeout(timeout)
-            // Each command is bounded by REDIS_TIMEOUT anyway ([`super::Redis::query`]); a few
-            // quick retries ride out a MOVED after resharding or a refreshed slot map.
-            .retries(3)
-            .min_retry_wait(10)
-            .max_retry_wait(100);
-        if let Some(pem) = root_cert {
-            builder = builder.certs(redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem),
-            });
-        }
+        let urls: Vec<String> = urls.iter().map(|url| url.to_string()).collect();
         Ok(Cluster {
-            client: builder.build()?,
+            client: builder(&urls, root_cert.clone(), timeout).build()?,
+            urls,
+            root_cert,
             connection: OnceLock::new(),
             connecting: tokio::sync::Mutex::new(()),
             seeds,
@@ -80,6 +73,26 @@ impl Cluster {
         Ok(self.connection.get_or_init(|| conn).clone())
     }
 
+    /// A sharded subscription to `channels`: its own cluster client, in RESP3 with a push
+    /// sender (what redis-rs needs to deliver `SSUBSCRIBE` messages and resubscribe after a
+    /// reconnection or a slot-map change), connected under the timeout.
+    pub(super) async fn sharded(
+        &self,
+        channels: Vec<String>,
+    ) -> Result<super::sharded::ShardedSubscription, RedisError> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = builder(&self.urls, self.root_cert.clone(), self.timeout)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(tx)
+            .build()?;
+        let connect = client.get_async_connection();
+        let conn = match tokio::time::timeout(self.timeout * 2, connect).await {
+            Ok(conn) => conn?,
+            Err(_) => return Err(RedisError::Timeout(self.timeout * 2)),
+        };
+        super::sharded::ShardedSubscription::start(conn, rx, channels, self.timeout).await
+    }
+
     /// A pub/sub connection to the first seed node that answers, starting after the last one
     /// used; each attempt bounded by the timeout.
     pub(super) async fn pubsub(&self) -> Result<redis::aio::PubSub, RedisError> {
@@ -99,6 +112,25 @@ impl Cluster {
         self.next_seed.store(start + 1, Ordering::Relaxed);
         Err(last)
     }
+}
+
+/// The cluster client's settings: every connection and response bounded by `timeout`.
+fn builder(urls: &[String], root_cert: Option<Vec<u8>>, timeout: Duration) -> ClusterClientBuilder {
+    let mut builder = ClusterClientBuilder::new(urls.to_vec())
+        .connection_timeout(timeout)
+        .response_timeout(timeout)
+        // Each command is bounded by REDIS_TIMEOUT anyway ([`super::Redis::query`]); a few
+        // quick retries ride out a MOVED after resharding or a refreshed slot map.
+        .retries(3)
+        .min_retry_wait(10)
+        .max_retry_wait(100);
+    if let Some(pem) = root_cert {
+        builder = builder.certs(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        });
+    }
+    builder
 }
 
 /// The memory of the fullest server in an `INFO memory` reply: one server's text, or a

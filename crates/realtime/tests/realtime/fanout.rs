@@ -1,9 +1,12 @@
 //! A message published on one instance reaches subscribers on every instance, once.
 
+use std::time::Duration;
+
+use cascade_core::cache::buckets;
 use cascade_realtime::Published;
 use serde_json::{Value, json};
 
-use crate::support::{Client, World};
+use crate::support::{Client, Shared, World};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_on_either_instance_reaches_subscribers_on_both() {
@@ -11,10 +14,38 @@ async fn a_publish_on_either_instance_reaches_subscribers_on_both() {
 }
 
 /// The same on a Redis Cluster (3 masters, 3 replicas): a channel's keys share its hash tag,
-/// and the shards' classic pub/sub reaches every node.
+/// and the fan-out is sharded pub/sub: each of the 4 shard channels is subscribed by both
+/// instances (`SSUBSCRIBE`) on the master of its slot, the 4 spread over the 3 masters, and
+/// none is a classic subscription (which every node would be sent every message of).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_on_either_instance_reaches_subscribers_on_both_over_a_redis_cluster() {
-    publish_on_either_instance_reaches_both(&World::start_on_cluster(2).await).await;
+    let world = World::start_on_cluster(2).await;
+    for server in &world.servers {
+        assert!(server.realtime_listening(Duration::from_secs(10)).await);
+    }
+    let Shared::Cluster(cluster) = &world.redis else {
+        unreachable!("a world on a cluster")
+    };
+    let mut masters = std::collections::BTreeSet::new();
+    for shard in 0..4 {
+        let channel = format!("cascade:rt:shard:{shard}{}", buckets::spread_tag(shard, 4));
+        let master = cluster
+            .master_of_slot(cluster.slot_of(&channel))
+            .expect("a master");
+        masters.insert(master);
+        let sharded = cluster.subscribers(&channel, true);
+        assert!(sharded.contains(&(master, 2)), "{channel}: {sharded:?}");
+        let classic = cluster.subscribers(&channel, false);
+        assert!(
+            classic.iter().all(|(_, n)| *n == 0),
+            "{channel}: {classic:?}"
+        );
+        // Nor under the old, untagged name.
+        let old = cluster.subscribers(&format!("cascade:rt:shard:{shard}"), false);
+        assert!(old.iter().all(|(_, n)| *n == 0), "{old:?}");
+    }
+    assert_eq!(masters.len(), 3, "the shards spread over every master");
+    publish_on_either_instance_reaches_both(&world).await;
 }
 
 async fn publish_on_either_instance_reaches_both(world: &World) {

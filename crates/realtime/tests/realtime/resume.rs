@@ -242,70 +242,46 @@ async fn run(disruption: Disruption) {
     }
 }
 
-/// The Redis channel of the channel's fan-out shard (`WS_REDIS_SHARDS` 4, the default).
+/// The Redis channel of the channel's fan-out shard on a cluster (`WS_REDIS_SHARDS` 4, the
+/// default): tagged into the shard's quarter of the slots.
 fn shard_channel() -> String {
+    let shard = cascade_realtime::store::shard_of(CHANNEL, 4);
     format!(
-        "cascade:rt:shard:{}",
-        cascade_realtime::store::shard_of(CHANNEL, 4)
+        "cascade:rt:shard:{shard}{}",
+        cascade_core::cache::buckets::spread_tag(shard, 4)
     )
 }
 
-/// Each live node's count of subscribers of the channel's shard (by port): on a cluster
-/// `PUBSUB NUMSUB` answers for the node asked.
+/// Each live node's count of sharded subscribers of the channel's shard (by port).
 fn listeners(cluster: &cascade_testkit::RedisCluster) -> Vec<(u16, i64)> {
-    cluster
-        .urls()
-        .iter()
-        .filter_map(|url| {
-            let port = url.rsplit(':').next()?.parse().ok()?;
-            let mut conn = redis::Client::open(url.as_str())
-                .ok()?
-                .get_connection_with_timeout(Duration::from_millis(500))
-                .ok()?;
-            let (_, n): (String, i64) = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg(shard_channel())
-                .query(&mut conn)
-                .ok()?;
-            Some((port, n))
-        })
-        .collect()
+    cluster.subscribers(&shard_channel(), true)
 }
 
-/// Brings both instances' subscription of the channel's shard onto the master of the
-/// channel's slot, so that killing it cuts the channel's fan-out on both: pub/sub clients
-/// on the other nodes are disconnected (`CLIENT KILL TYPE pubsub`) until they land there
-/// (each reconnects on the next seed node).
+/// Waits for both instances' sharded subscription of the channel's shard, on the master of
+/// its slot, which also serves the channel's keys (`ai-collaborations` is in slot 603, its
+/// shard channel in 2048: the first master of three), so killing it cuts both the channel's
+/// history and its fan-out.
 async fn listen_on_the_master(world: &World, cluster: &cascade_testkit::RedisCluster) {
     let master = cluster
         .master_of_slot(cluster.slot_of(CHANNEL))
         .expect("the slot has a master");
-    for _ in 0..40 {
-        let found = listeners(cluster);
-        if found.contains(&(master, 2)) {
-            return;
-        }
-        for (port, n) in found {
-            if port != master && n > 0 {
-                let url = format!("redis://127.0.0.1:{port}");
-                let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
-                let _: i64 = redis::cmd("CLIENT")
-                    .arg("KILL")
-                    .arg("TYPE")
-                    .arg("pubsub")
-                    .query(&mut conn)
-                    .unwrap();
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        for server in &world.servers {
-            assert!(server.realtime_listening(Duration::from_secs(10)).await);
-        }
-    }
-    panic!(
-        "the shard's subscriptions never both reached {master}: {:?}",
-        listeners(cluster)
+    assert_eq!(
+        cluster.master_of_slot(cluster.slot_of(&shard_channel())),
+        Some(master),
+        "the drill needs the channel's keys and its shard on one master"
     );
+    for server in &world.servers {
+        assert!(server.realtime_listening(Duration::from_secs(10)).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !listeners(cluster).contains(&(master, 2)) {
+        assert!(
+            Instant::now() < deadline,
+            "the shard's subscriptions never both reached {master}: {:?}",
+            listeners(cluster)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Kills the master of the channel's slot, waits for its replica to take over, and for a
