@@ -57,7 +57,8 @@ struct SuiteArgs {
     /// Short runs on a small catalog, as CI runs it; without the primary + replica rows
     /// (they add a PostgreSQL pair, a catalog and a server: `--quick --only replica` runs
     /// them) and the Redis Cluster rows (six redis-server processes, a server and four rows,
-    /// ~17 s: `--quick --only cluster` runs them).
+    /// ~17 s: `--quick --only cluster` runs them) and the three-instance drills (`--quick
+    /// --only instances`).
     #[arg(long)]
     quick: bool,
     /// Assets to seed [default: 100000, quick: 2000].
@@ -80,8 +81,11 @@ struct SuiteArgs {
     /// miss-heavy walk and writes on one server, then on a primary with a streaming replica
     /// (which server ran each read, stale reads); `cluster`: the same on one server, then on a
     /// server whose cache is on a Redis Cluster of 3 masters and 3 replicas (hits from the
-    /// cluster, Redis errors, stale reads), and a master killed under load.
-    #[arg(long, value_parser = ["realtime", "ws-memory", "executions", "miss", "throughput", "writes", "replica", "cluster"])]
+    /// cluster, Redis errors, stale reads), and a master killed under load; or, on a small
+    /// catalog, `instances`: three servers on one PostgreSQL and one Redis, reads round-robin
+    /// over them (stale reads across instances), then Redis killed and one instance
+    /// SIGKILLed and started again under that traffic.
+    #[arg(long, value_parser = ["realtime", "ws-memory", "executions", "miss", "throughput", "writes", "replica", "cluster", "instances"])]
     only: Option<String>,
 }
 

@@ -1,4 +1,5 @@
-//! `cascade-bench --quick` (and `--quick --only replica`, `--quick --only cluster`) end to end, so the suite cannot rot: it starts its own PostgreSQL,
+//! `cascade-bench --quick` (and `--quick --only replica`, `--quick --only cluster`,
+//! `--quick --only instances`) end to end, so the suite cannot rot: it starts its own PostgreSQL,
 //! Redis and server, runs every scenario, and writes the table. The figures themselves are not
 //! asserted (this is a shared 2-core machine); what the suite reports about correctness is.
 
@@ -140,12 +141,14 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
     let writes = row("writes PATCH")["notes"].as_str().unwrap().to_string();
     assert!(writes.starts_with("0 stale reads of "), "{writes}");
     assert!(count_before(&writes, " checked") > 0, "{writes}");
-    // The primary + replica and Redis Cluster rows are `--only replica`'s and `--only
-    // cluster`'s (a quick run leaves them out).
+    // The primary + replica, Redis Cluster and three-instance rows are `--only replica`'s,
+    // `--only cluster`'s and `--only instances`' (a quick run leaves them out).
     assert!(
         rows.iter().all(|r| {
             let name = r["scenario"].as_str().unwrap();
-            !name.contains("primary + replica") && !name.contains("Redis Cluster")
+            !name.contains("primary + replica")
+                && !name.contains("Redis Cluster")
+                && !name.starts_with("three instances")
         }),
         "{results}"
     );
@@ -442,6 +445,62 @@ fn quick_cluster_rows_are_served_by_the_cluster_and_none_is_stale() {
         count_before(&failover, " Redis errors") > 0,
         "the killed master held the written asset's key: {failover}"
     );
+}
+
+/// What a three-instance row says of instance `name`'s reads: (reads, failed, stale, checked).
+fn instance_reads(notes: &str, name: &str) -> (u64, u64, u64, u64) {
+    let part = notes
+        .split("; ")
+        .find(|part| part.starts_with(&format!("{name}: ")))
+        .unwrap_or_else(|| panic!("no {name:?} in {notes:?}"));
+    (
+        count_before(part, " reads,"),
+        count_before(part, " failed,"),
+        count_before(part, " stale of"),
+        count_before(part, " checked"),
+    )
+}
+
+#[test]
+fn quick_instances_drills_fail_nothing_and_none_is_stale() {
+    // Three servers on one PostgreSQL and one Redis, reads round-robin, writes through A:
+    // every instance answered every read, and none served a version older than one A had
+    // acknowledged before the read was sent.
+    let (results, _) = quick_suite(&["--only", "instances"]);
+    let steady = "three instances: reads round-robin, writes through A";
+    let redis = "three instances, Redis killed for 2s under load";
+    for name in [steady, redis] {
+        assert_eq!(row_named(&results, name)["errors"], 0, "{results}");
+        let notes = notes_of(&results, name);
+        for instance in ["A", "B", "C"] {
+            let (reads, failed, stale, checked) = instance_reads(&notes, instance);
+            assert!(reads > 0 && checked > 0, "{name}: {notes}");
+            assert_eq!((failed, stale), (0, 0), "{name}, {instance}: {notes}");
+        }
+        assert!(notes.contains("; 0 failed writes of "), "{name}: {notes}");
+    }
+    let notes = notes_of(&results, redis);
+    assert!(
+        notes.contains("every instance back to shared-tier hits ") && !notes.contains("not within"),
+        "{notes}"
+    );
+    // C SIGKILLed, out of rotation, started again: A and B saw nothing of it, and C's first
+    // reads, from an empty in-process tier, were fresh.
+    let name = "three instances, C SIGKILLed for 2s";
+    let notes = notes_of(&results, name);
+    for instance in ["A", "B"] {
+        let (reads, failed, stale, checked) = instance_reads(&notes, instance);
+        assert!(reads > 0 && checked > 0, "{notes}");
+        assert_eq!((failed, stale), (0, 0), "{instance}: {notes}");
+    }
+    let back = notes
+        .split_once("back in rotation ")
+        .unwrap_or_else(|| panic!("C never came back: {notes}"))
+        .1;
+    assert!(count_before(back, " reads,") > 0, "{notes}");
+    assert!(back.contains(" reads, 0 failed, 0 stale of "), "{notes}");
+    assert!(count_before(back, " checked") > 0, "{notes}");
+    assert!(notes.contains("; 0 failed writes of "), "{notes}");
 }
 
 #[tokio::test]

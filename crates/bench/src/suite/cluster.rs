@@ -25,7 +25,7 @@ use cascade_testkit::RedisCluster;
 use serde_json::Value;
 
 use super::client::Client;
-use super::freshness::{Probe, Write};
+use super::freshness::{Probe, writes_note};
 use super::report::Row;
 use super::server::RedisAt;
 use super::throughput::{self, Catalog, Target};
@@ -126,7 +126,7 @@ async fn master_killed(
         seen.failed.saturating_sub(failed_writes),
         seen.stale,
         seen.checked,
-        writes_note(&seen.writes, killed),
+        writes_note(&seen.writes, killed, "after the kill"),
         promoted.as_millis(),
         after.since(&before),
     );
@@ -137,25 +137,6 @@ async fn master_killed(
         seen.failed,
         notes,
     ))
-}
-
-/// The writer's failures and its slowest write, as the failover row says them.
-fn writes_note(writes: &[Write], killed: Instant) -> String {
-    let slowest = writes.iter().map(|w| w.took).max().unwrap_or_default();
-    let failed: Vec<&Write> = writes.iter().filter(|w| !w.ok).collect();
-    let failures = match failed.last() {
-        None => "0 failed writes".to_string(),
-        Some(last) => format!(
-            "{} failed writes, the last begun {} ms after the kill",
-            failed.len(),
-            last.begun.saturating_duration_since(killed).as_millis()
-        ),
-    };
-    format!(
-        "{failures} of {}, the slowest {} ms",
-        writes.len(),
-        slowest.as_millis()
-    )
 }
 
 /// The cache's shared-tier counters over every namespace: what the cluster served, and the

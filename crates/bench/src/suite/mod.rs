@@ -22,6 +22,7 @@
 //! | stripe webhooks | signed events posted to `POST /webhooks/stripe` (Stripe played by the test kit's stand-in in this process): events/s and p99 with 10 % duplicates, all new, all duplicates, and the dedupe insert alone |
 //! | real time | WebSocket connections held by one instance and the server's memory per idle one; a broadcast to many subscribers of one channel (delivered/s, publish-to-delivery p50/p99), on one instance and through two |
 //! | executions | the agents module's queue end to end (enqueue → claim → echo step → complete) by `cascade-bench worker` processes: executions/s with 1 and 4 workers, pickup latency at a steady rate, and the throughput run with worker processes SIGKILLed and restarted (every execution succeeded, each completed once) |
+//! | three instances | three servers on one PostgreSQL and one Redis (docs/deploy.md's topology A), the suite's client reading round-robin over them while one writer writes through the first, each read checked against the writes acknowledged before it (read-your-writes across instances); then Redis killed under that traffic (failed and stale reads, time until every instance serves shared-tier hits again), and one instance SIGKILLed, skipped while down, started again (the other two's failed and stale reads, its own stale reads once back) |
 //! | Redis outage | Redis killed for 10 s under load: failed requests, stale reads, recovery |
 //! | PostgreSQL restart | PostgreSQL stopped for 10 s under load: how fast refusals come, no acknowledged write lost, recovery |
 //!
@@ -35,6 +36,7 @@ mod client;
 mod cluster;
 mod executions;
 mod freshness;
+mod instances;
 mod pg_restart;
 mod pgbench;
 mod realtime;
@@ -72,7 +74,7 @@ pub struct Options {
     pub connections: usize,
     pub out: PathBuf,
     /// Only this scenario (`realtime`, `ws-memory`, `executions`, `miss`, `throughput`,
-    /// `writes`, `replica`, `cluster`).
+    /// `writes`, `replica`, `cluster`, `instances`).
     pub only: Option<String>,
 }
 
@@ -154,6 +156,8 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         let mut rows = throughput::run_single_node(&suite).await?;
         rows.extend(replica::run(&suite, &rows, assets).await?);
         rows
+    } else if options.only.as_deref() == Some("instances") {
+        instances::run(&mut suite).await?
     } else if options.only.as_deref() == Some("cluster") {
         let mut rows = throughput::run_single_node(&suite).await?;
         rows.extend(cluster::run(&suite, &rows).await?);
@@ -175,6 +179,11 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         rows.extend(webhooks::run(&suite).await?);
         rows.extend(realtime_rows(&suite).await?);
         rows.extend(executions::run(&suite).await?);
+        // Two more servers and three drills of a few outage times each: `--only instances`
+        // runs them in a quick run.
+        if !options.quick {
+            rows.extend(instances::run(&mut suite).await?);
+        }
         rows.push(redis_outage::run(&mut suite).await?);
         rows.push(pg_restart::run(&mut suite).await?);
         rows

@@ -25,7 +25,11 @@ pub(super) async fn run(suite: &mut Suite) -> anyhow::Result<Row> {
     suite.redis.kill();
     tokio::time::sleep(outage).await;
     suite.redis.restart().await;
-    let recovered = back_to_shared_hits(&suite.client).await?;
+    let recovered = back_to_shared_hits(std::slice::from_ref(&suite.client))
+        .await?
+        .into_iter()
+        .next()
+        .flatten();
     tokio::time::sleep(lead).await;
     let mut seen = probe.stop().await?;
 
@@ -33,10 +37,7 @@ pub(super) async fn run(suite: &mut Suite) -> anyhow::Result<Row> {
         "{} failed, {} stale reads; back to shared-tier hits {} after Redis returned",
         seen.failed,
         seen.stale,
-        match recovered {
-            Some(t) => format!("{} ms", t.as_millis()),
-            None => format!("not within {} s", RECOVERY_BOUND.as_secs()),
-        }
+        recovery_note(recovered)
     );
     Ok(Row::from_latencies(
         format!("Redis killed for {}s under load", outage.as_secs()),
@@ -47,16 +48,32 @@ pub(super) async fn run(suite: &mut Suite) -> anyhow::Result<Row> {
     ))
 }
 
-/// How long after Redis returned the server's shared-tier hits moved again; `None` when
-/// they did not within [`RECOVERY_BOUND`].
-async fn back_to_shared_hits(client: &Client) -> anyhow::Result<Option<Duration>> {
+/// How long after Redis returned each client's server's shared-tier hits moved again; `None`
+/// for one whose did not within [`RECOVERY_BOUND`].
+pub(super) async fn back_to_shared_hits(
+    clients: &[Client],
+) -> anyhow::Result<Vec<Option<Duration>>> {
     let restarted = Instant::now();
-    let base = client.cache_counter("assets", "shared_hits").await?;
-    while restarted.elapsed() < RECOVERY_BOUND {
-        if client.cache_counter("assets", "shared_hits").await? > base {
-            return Ok(Some(restarted.elapsed()));
+    let mut base = Vec::with_capacity(clients.len());
+    for client in clients {
+        base.push(client.cache_counter("assets", "shared_hits").await?);
+    }
+    let mut back = vec![None; clients.len()];
+    while restarted.elapsed() < RECOVERY_BOUND && back.contains(&None) {
+        for ((client, base), back) in clients.iter().zip(&base).zip(&mut back) {
+            if back.is_none() && client.cache_counter("assets", "shared_hits").await? > *base {
+                *back = Some(restarted.elapsed());
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(None)
+    Ok(back)
+}
+
+/// A recovery time as a row says it.
+pub(super) fn recovery_note(recovered: Option<Duration>) -> String {
+    match recovered {
+        Some(t) => format!("{} ms", t.as_millis()),
+        None => format!("not within {} s", RECOVERY_BOUND.as_secs()),
+    }
 }

@@ -128,10 +128,20 @@ impl ServerProc {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// SIGKILL, as a crashed host or the OOM killer would stop it; returns once it is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for ServerProc {
     fn drop(&mut self) {
+        // Already gone (killed): its pid may be another process's by now.
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
         // SIGTERM lets it drain and stop its tasks, as in production.
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
