@@ -141,6 +141,11 @@ fn quick_bench_runs_every_scenario_and_writes_the_table() {
     let writes = row("writes PATCH")["notes"].as_str().unwrap().to_string();
     assert!(writes.starts_with("0 stale reads of "), "{writes}");
     assert!(count_before(&writes, " checked") > 0, "{writes}");
+    // PostgreSQL's own write path beside it, on the same server: pgbench -N ran and logged.
+    assert!(writes.contains("× pgbench -N's transactions/s"), "{writes}");
+    let pgbench = row("reference: pgbench -N");
+    assert!(pgbench["requests"].as_u64().unwrap() > 0, "{pgbench}");
+    assert!(pgbench["p99_ms"].as_f64().unwrap() > 0.0, "{pgbench}");
     // The primary + replica, Redis Cluster and three-instance rows are `--only replica`'s,
     // `--only cluster`'s and `--only instances`' (a quick run leaves them out).
     assert!(
@@ -391,6 +396,11 @@ fn quick_replica_rows_read_from_the_replica_and_none_is_stale() {
     let writes = notes("writes, primary + replica");
     assert!(writes.contains("; 0 stale reads of "), "{writes}");
     assert!(count_before(&writes, " checked") > 0, "{writes}");
+    // PostgreSQL's own write path beside it, on the same server: pgbench -N ran and logged.
+    assert!(writes.contains("× pgbench -N's transactions/s"), "{writes}");
+    let pgbench = row("reference: pgbench -N");
+    assert!(pgbench["requests"].as_u64().unwrap() > 0, "{pgbench}");
+    assert!(pgbench["p99_ms"].as_f64().unwrap() > 0.0, "{pgbench}");
 }
 
 #[test]
@@ -426,6 +436,11 @@ fn quick_cluster_rows_are_served_by_the_cluster_and_none_is_stale() {
     let writes = notes("writes, Redis Cluster 3+3");
     assert!(writes.contains("; 0 stale reads of "), "{writes}");
     assert!(count_before(&writes, " checked") > 0, "{writes}");
+    // PostgreSQL's own write path beside it, on the same server: pgbench -N ran and logged.
+    assert!(writes.contains("× pgbench -N's transactions/s"), "{writes}");
+    let pgbench = row("reference: pgbench -N");
+    assert!(pgbench["requests"].as_u64().unwrap() > 0, "{pgbench}");
+    assert!(pgbench["p99_ms"].as_f64().unwrap() > 0.0, "{pgbench}");
 
     // The master of the written asset's bucket SIGKILLed under reads and writes through
     // HTTP: no request failed, no read was stale, and the server felt the kill (Redis

@@ -97,6 +97,8 @@ pub(super) async fn reference(
     base(&mut init);
     init.args(["-i", "-q", "-s", &scale.to_string(), DATABASE]);
     run(init, "pgbench -i").await?;
+    // Like the writes row, right after a checkpoint (the full-page images start again).
+    db.batch_execute("CHECKPOINT").await?;
 
     let logs = work.join("pgbench");
     let _ = std::fs::remove_dir_all(&logs);

@@ -76,7 +76,11 @@ impl ServerProc {
             // The bench account's one token must outlive the longest run.
             .env("ACCESS_TOKEN_TTL", "24h")
             .env("SESSION_DEFAULT_TTL", "24h")
-            .env("PG_POOL_MAX", "32")
+            // 32 connections, or BENCH_PG_POOL_MAX's (to measure the pool's size).
+            .env(
+                "PG_POOL_MAX",
+                std::env::var("BENCH_PG_POOL_MAX").unwrap_or_else(|_| "32".to_string()),
+            )
             // The executions scenario runs workers of its own (`cascade-bench worker`), and
             // counts them: none in the server.
             .env("AGENTS_WORKERS", "0")

@@ -157,9 +157,9 @@ async fn run_some(suite: &Suite, wanted: fn(&Scenario) -> bool) -> anyhow::Resul
         )
         .await?;
         writes.notes = format!(
-            "{warmed}; {:.2}× pgbench -N's transactions/s; {}",
+            "{}; {warmed}; {:.2}× pgbench -N's transactions/s",
+            writes.notes,
             writes.req_per_sec / reference.req_per_sec,
-            writes.notes
         );
         rows.push(writes);
         rows.push(reference);

@@ -69,8 +69,14 @@ pub struct ShardedSubscription {
     /// When every channel is next subscribed again ([`CHECK`] when all are live, [`RETRY`]
     /// otherwise).
     next_check: Instant,
+    /// The round of `SSUBSCRIBE`s under way, if any: its failures. It runs beside the
+    /// reading of pushes, so a node that hangs delays no other node's messages.
+    round: Option<tokio::task::JoinHandle<Failures>>,
     timeout: Duration,
 }
+
+/// The channels a round of `SSUBSCRIBE`s failed to subscribe, with why.
+type Failures = Vec<(String, Result<(), RedisError>)>;
 
 impl ShardedSubscription {
     /// Subscribes `channels` on `conn`, whose pushes arrive on `pushes`; a channel that cannot
@@ -89,9 +95,10 @@ impl ShardedSubscription {
             confirmed: HashSet::new(),
             events: VecDeque::new(),
             next_check: Instant::now(),
+            round: None,
             timeout,
         };
-        let failed = subscription.subscribe_all().await;
+        let failed = subscription.round().await;
         if failed.len() == subscription.channels.len()
             && let Some((_, Err(err))) = failed.into_iter().next()
         {
@@ -111,10 +118,27 @@ impl ShardedSubscription {
             if let Some(event) = self.events.pop_front() {
                 return event;
             }
+            if self.round.is_none() && Instant::now() >= self.next_check {
+                self.round = Some(tokio::spawn(subscribe_all(
+                    self.conn.clone(),
+                    self.channels.clone(),
+                    self.timeout,
+                )));
+            }
+            let (pushes, round, next_check) = (&mut self.pushes, &mut self.round, self.next_check);
             let push = async {
-                match self.pushes.as_mut() {
+                match pushes.as_mut() {
                     Some(pushes) => pushes.recv().await,
                     None => std::future::pending().await,
+                }
+            };
+            let ended = async {
+                match round.as_mut() {
+                    Some(round) => round.await.unwrap_or_default(),
+                    None => {
+                        tokio::time::sleep_until(next_check).await;
+                        Vec::new()
+                    }
                 }
             };
             tokio::select! {
@@ -125,45 +149,36 @@ impl ShardedSubscription {
                         self.lose_all();
                     }
                 },
-                () = tokio::time::sleep_until(self.next_check) => {
-                    for (channel, result) in self.subscribe_all().await {
-                        if let Err(err) = result {
-                            tracing::debug!(channel, error = %err, "redis: SSUBSCRIBE failed");
-                            self.lose(&channel);
-                        }
+                failed = ended => {
+                    if self.round.take().is_some() {
+                        self.after_round(&failed);
                     }
                 }
             }
         }
     }
 
-    /// Sends `SSUBSCRIBE` for each channel (one each: channels of different slots cannot
-    /// share one), concurrently, each under the deadline; returns the failures. Schedules the
-    /// next round.
-    async fn subscribe_all(&mut self) -> Vec<(String, Result<(), RedisError>)> {
-        let timeout = self.timeout;
-        let attempts = self.channels.iter().map(|channel| {
-            let mut conn = self.conn.clone();
-            async move {
-                let result = match tokio::time::timeout(timeout, conn.ssubscribe(channel)).await {
-                    Ok(result) => result.map_err(RedisError::from),
-                    Err(_) => Err(RedisError::Timeout(timeout)),
-                };
-                (channel.clone(), result)
+    /// One round of `SSUBSCRIBE`s, waited for (at the start); its failures.
+    async fn round(&mut self) -> Failures {
+        let failed = subscribe_all(self.conn.clone(), self.channels.clone(), self.timeout).await;
+        self.after_round(&failed);
+        failed
+    }
+
+    /// A round ended: its failures are lost channels; the next round is scheduled.
+    fn after_round(&mut self, failed: &Failures) {
+        for (channel, result) in failed {
+            if let Err(err) = result {
+                tracing::debug!(channel, error = %err, "redis: SSUBSCRIBE failed");
+                self.lose(channel);
             }
-        });
-        let failed: Vec<_> = futures_util::future::join_all(attempts)
-            .await
-            .into_iter()
-            .filter(|(_, result)| result.is_err())
-            .collect();
+        }
         let every = if failed.is_empty() && self.live.len() == self.channels.len() {
             CHECK
         } else {
             RETRY
         };
         self.next_check = Instant::now() + every;
-        failed
     }
 
     fn on_push(&mut self, push: PushInfo) {
@@ -213,6 +228,38 @@ impl ShardedSubscription {
     fn lose_all(&mut self) {
         for channel in self.channels.clone() {
             self.lose(&channel);
+        }
+    }
+}
+
+/// Sends `SSUBSCRIBE` for each channel (one each: channels of different slots cannot share
+/// one), concurrently, each under the deadline; returns the failures.
+async fn subscribe_all(
+    conn: ClusterConnection,
+    channels: Vec<String>,
+    timeout: Duration,
+) -> Failures {
+    let attempts = channels.into_iter().map(|channel| {
+        let mut conn = conn.clone();
+        async move {
+            let result = match tokio::time::timeout(timeout, conn.ssubscribe(&channel)).await {
+                Ok(result) => result.map_err(RedisError::from),
+                Err(_) => Err(RedisError::Timeout(timeout)),
+            };
+            (channel, result)
+        }
+    });
+    futures_util::future::join_all(attempts)
+        .await
+        .into_iter()
+        .filter(|(_, result)| result.is_err())
+        .collect()
+}
+
+impl Drop for ShardedSubscription {
+    fn drop(&mut self) {
+        if let Some(round) = self.round.take() {
+            round.abort();
         }
     }
 }
