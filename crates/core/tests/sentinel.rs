@@ -85,11 +85,11 @@ async fn over_tls_as_an_acl_user_commands_reach_the_master_and_follow_a_failover
     let mut group = tls_group(&pki).await;
     let redis = tls_redis(&group, TLS_PASSWORD, pki.ca());
     // The servers have no plain-text port: the sentinels and the master answered over TLS.
-    let whoami: String = redis.query(&redis::cmd("ACL").arg("WHOAMI")).await.unwrap();
+    let whoami: String = redis.query(redis::cmd("ACL").arg("WHOAMI")).await.unwrap();
     assert_eq!(whoami, TLS_USER);
     write_before_the_kill(&group, &redis).await;
     kill_and_follow(&mut group, &redis, TLS_TIMEOUT).await;
-    let whoami: String = redis.query(&redis::cmd("ACL").arg("WHOAMI")).await.unwrap();
+    let whoami: String = redis.query(redis::cmd("ACL").arg("WHOAMI")).await.unwrap();
     assert_eq!(
         whoami, TLS_USER,
         "the promoted replica is not reached as the ACL user"
