@@ -3,14 +3,16 @@
 //! sentinels promote the replica, commands succeed again by themselves, none of them waiting
 //! past `REDIS_TIMEOUT` meanwhile; the cache serves every read through the failover (from
 //! PostgreSQL while Redis is away), never a stale one, and its bus resubscribes on the new
-//! master.
+//! master. Over TLS with an ACL user as well, with every server speaking only TLS.
 
 use std::time::{Duration, Instant};
 
 use cascade_core::cache::{Backend, Cache, EngineOptions, Source};
-use cascade_core::config::{CacheBackend, CacheConfig, RedisConfig, Secret, SentinelConfig};
+use cascade_core::config::{
+    CacheBackend, CacheConfig, Config, RawConfig, RawRedis, RedisConfig, Secret, SentinelConfig,
+};
 use cascade_core::redis::Redis;
-use cascade_testkit::{PgServer, RedisSentinels};
+use cascade_testkit::{PgServer, Pki, RedisSentinels};
 
 const TIMEOUT: Duration = Duration::from_millis(250);
 /// Down after 1 s, a vote, the promotion: a few seconds; 30 s is a hang.
@@ -40,6 +42,91 @@ fn sentinel_redis(group: &RedisSentinels) -> Redis {
 async fn commands_reach_the_promoted_replica_after_the_primary_is_killed() {
     let mut group = RedisSentinels::start().await;
     let redis = sentinel_redis(&group);
+    write_before_the_kill(&group, &redis).await;
+    let timeout = TIMEOUT;
+    kill_and_follow(&mut group, &redis, timeout).await;
+}
+
+const TLS_USER: &str = "cascade";
+const TLS_PASSWORD: &str = "s3cret-pw";
+/// A TLS handshake (and an ACL `AUTH`) on every connection: more than plain text's deadline.
+const TLS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Every process speaks only TLS with a certificate for 127.0.0.1 (the address the
+/// sentinels name), signed by `pki`'s CA; the data nodes know only the ACL user.
+async fn tls_group(pki: &Pki) -> RedisSentinels {
+    let (cert, key) = pki.server("127.0.0.1");
+    let ca = std::fs::read(pki.ca()).unwrap();
+    RedisSentinels::start_tls((&cert, &key, &ca), TLS_USER, TLS_PASSWORD).await
+}
+
+/// Cascade's Redis as `cascade serve` configures it from `REDIS_SENTINEL_URLS` (rediss://),
+/// `REDIS_SENTINEL_MASTER`, `REDIS_URL` (the master's user and password) and `REDIS_CA_CERT`.
+fn tls_redis(group: &RedisSentinels, password: &str, ca_cert: String) -> Redis {
+    let raw = RawConfig {
+        redis: RawRedis {
+            redis_sentinel_urls: Some(group.sentinel_urls().join(",")),
+            redis_sentinel_master: Some(RedisSentinels::MASTER.to_string()),
+            redis_url: Some(format!("rediss://{TLS_USER}:{password}@master")),
+            redis_ca_cert: Some(ca_cert.into()),
+            redis_timeout: Some(format!("{}ms", TLS_TIMEOUT.as_millis())),
+            ..RawRedis::default()
+        },
+        ..RawConfig::default()
+    };
+    let config = Config::from_raw(&raw).unwrap().redis.unwrap();
+    assert!(config.sentinel.is_some(), "{config:?}");
+    Redis::new(&config).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_as_an_acl_user_commands_reach_the_master_and_follow_a_failover() {
+    let pki = Pki::new();
+    let mut group = tls_group(&pki).await;
+    let redis = tls_redis(&group, TLS_PASSWORD, pki.ca());
+    // The servers have no plain-text port: the sentinels and the master answered over TLS.
+    let whoami: String = redis.query(redis::cmd("ACL").arg("WHOAMI")).await.unwrap();
+    assert_eq!(whoami, TLS_USER);
+    write_before_the_kill(&group, &redis).await;
+    kill_and_follow(&mut group, &redis, TLS_TIMEOUT).await;
+    let whoami: String = redis.query(redis::cmd("ACL").arg("WHOAMI")).await.unwrap();
+    assert_eq!(
+        whoami, TLS_USER,
+        "the promoted replica is not reached as the ACL user"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_wrong_password_or_an_untrusted_ca_fails_naming_the_problem() {
+    let pki = Pki::new();
+    let group = tls_group(&pki).await;
+    let ping = |redis: Redis| async move {
+        redis
+            .query::<String>(&redis::cmd("PING"))
+            .await
+            .expect_err("PING must fail")
+            .to_string()
+    };
+
+    let wrong = "not-the-password";
+    let err = ping(tls_redis(&group, wrong, pki.ca())).await;
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(
+        !err.contains(wrong),
+        "the password is in the message: {err}"
+    );
+
+    // The sentinels' certificate is not signed by the CA we trust.
+    let err = ping(tls_redis(&group, TLS_PASSWORD, pki.other_ca())).await;
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    assert!(
+        !err.contains(TLS_PASSWORD),
+        "the password is in the message: {err}"
+    );
+}
+
+/// `SET before 1`, replicated; the master is the primary.
+async fn write_before_the_kill(group: &RedisSentinels, redis: &Redis) {
     let _: () = redis
         .query(redis::cmd("SET").arg("before").arg("1"))
         .await
@@ -51,9 +138,13 @@ async fn commands_reach_the_promoted_replica_after_the_primary_is_killed() {
         .unwrap();
     assert_eq!(acked, 1);
     let primary = format!("127.0.0.1:{}", group.primary.port());
-    let replica = format!("127.0.0.1:{}", group.replica.port());
     assert_eq!(redis.sentinel_master(), Some(primary));
+}
 
+/// SIGKILL of the primary, then `SET after 2` until it succeeds: each attempt within a few
+/// `timeout`s, the last on the promoted replica, which has the write made before the kill.
+async fn kill_and_follow(group: &mut RedisSentinels, redis: &Redis, timeout: Duration) {
+    let replica = format!("127.0.0.1:{}", group.replica.port());
     group.kill_primary();
     let killed = Instant::now();
     let mut failed = 0;
@@ -61,8 +152,8 @@ async fn commands_reach_the_promoted_replica_after_the_primary_is_killed() {
         let started = Instant::now();
         let result: Result<(), _> = redis.query(redis::cmd("SET").arg("after").arg("2")).await;
         assert!(
-            started.elapsed() < TIMEOUT * 3,
-            "a command took {:?} with REDIS_TIMEOUT {TIMEOUT:?}",
+            started.elapsed() < timeout * 3,
+            "a command took {:?} with REDIS_TIMEOUT {timeout:?}",
             started.elapsed()
         );
         if result.is_ok() {

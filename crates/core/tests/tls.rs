@@ -1,114 +1,13 @@
 //! TLS to PostgreSQL as `sslmode` asks, against a real server started with certificates made
-//! here by `openssl`: a private CA, a server certificate for `localhost` and one for another
+//! by the test kit's `openssl`: a private CA, a server certificate for `localhost` and one for another
 //! name.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cascade_core::config::{DatabaseConfig, DatabaseSource};
 use cascade_core::db::{Db, DbError};
-use cascade_testkit::{PgServer, temp_dir};
-
-/// A CA and server certificates it signed, as PEM files in one directory.
-struct Pki {
-    dir: PathBuf,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl (apt-get install -y openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = temp_dir("pki");
-        for ca in ["ca", "other-ca"] {
-            openssl(
-                &dir,
-                &[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                    "-keyout",
-                    &format!("{ca}.key"),
-                    "-out",
-                    &format!("{ca}.pem"),
-                    "-days",
-                    "2",
-                    "-subj",
-                    &format!("/CN=Cascade test {ca}"),
-                ],
-            );
-        }
-        Pki { dir }
-    }
-
-    /// A server certificate for `name` signed by the CA: (certificate, key) in PEM.
-    fn server(&self, name: &str) -> (Vec<u8>, Vec<u8>) {
-        let ext = self.dir.join(format!("{name}.ext"));
-        std::fs::write(&ext, format!("subjectAltName=DNS:{name}\n")).unwrap();
-        openssl(
-            &self.dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={name}"),
-            ],
-        );
-        openssl(
-            &self.dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-out",
-                &format!("{name}.pem"),
-                "-extfile",
-                &format!("{name}.ext"),
-            ],
-        );
-        let read = |file: String| std::fs::read(self.dir.join(file)).unwrap();
-        (read(format!("{name}.pem")), read(format!("{name}.key")))
-    }
-
-    fn ca(&self) -> String {
-        self.dir.join("ca.pem").display().to_string()
-    }
-
-    fn other_ca(&self) -> String {
-        self.dir.join("other-ca.pem").display().to_string()
-    }
-}
+use cascade_testkit::{PgServer, Pki};
 
 fn settings(source: DatabaseSource) -> DatabaseConfig {
     DatabaseConfig {

@@ -10,6 +10,7 @@
 
 mod pg;
 mod pgbouncer;
+mod pki;
 mod proxy;
 mod redis_cluster;
 mod redis_server;
@@ -19,6 +20,7 @@ pub mod venice;
 
 pub use pg::PgServer;
 pub use pgbouncer::{PgBouncer, SERVER_POOL_SIZE, direct_url, through_pgbouncer};
+pub use pki::Pki;
 pub use proxy::Proxy;
 pub use redis_cluster::RedisCluster;
 pub use redis_server::{RedisSentinels, RedisServer};

@@ -1,7 +1,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,53 @@ pub struct RedisServer {
     tls_port: Option<u16>,
     /// Arguments beyond the test kit's own (TLS files, ACL users).
     args: Vec<String>,
+    /// How the test kit itself reaches the server.
+    access: Access,
+}
+
+/// How the test kit reaches a server: plain text, or (a server that speaks only TLS) TLS
+/// checked against a CA, as an ACL user if one is given.
+#[derive(Clone, Default)]
+pub(crate) struct Access {
+    /// The CA's certificate (PEM).
+    ca: Option<Vec<u8>>,
+    /// ACL user and password.
+    user: Option<(String, String)>,
+}
+
+impl Access {
+    fn connect(&self, port: u16) -> Option<redis::Connection> {
+        let client = match &self.ca {
+            None => redis::Client::open(format!("redis://127.0.0.1:{port}")),
+            Some(pem) => {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let user = self
+                    .user
+                    .as_ref()
+                    .map(|(user, password)| format!("{user}:{password}@"))
+                    .unwrap_or_default();
+                redis::Client::build_with_tls(
+                    format!("rediss://{user}127.0.0.1:{port}"),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem.clone()),
+                    },
+                )
+            }
+        };
+        client
+            .ok()?
+            .get_connection_with_timeout(Duration::from_millis(500))
+            .ok()
+            .filter(|conn| conn.set_read_timeout(Some(Duration::from_secs(1))).is_ok())
+    }
+
+    /// `INFO <section>` of the server at `port`; empty if it does not answer.
+    fn info(&self, port: u16, section: &str) -> String {
+        self.connect(port)
+            .and_then(|mut conn| redis::cmd("INFO").arg(section).query(&mut conn).ok())
+            .unwrap_or_default()
+    }
 }
 
 impl RedisServer {
@@ -51,37 +98,62 @@ impl RedisServer {
             "--tls-auth-clients".to_string(),
             "no".to_string(),
         ];
-        RedisServer::start_in(dir, args, Some(tls_port)).await
+        RedisServer::start_in(dir, args, Some(tls_port), Access::default()).await
+    }
+
+    /// Starts a server that speaks only TLS (`port 0`; [`port`](Self::port) is its TLS port),
+    /// also to its primary (`tls-replication yes`), with this certificate and key and
+    /// `ca_pem` as the CA it trusts, and extra arguments (`--user`, `--replicaof`, ...). The
+    /// test kit reaches it as `user`, if given.
+    async fn start_tls_only(
+        (cert_pem, key_pem, ca_pem): (&[u8], &[u8], &[u8]),
+        user: Option<(String, String)>,
+        extra: &[&str],
+    ) -> RedisServer {
+        let dir = temp_dir("redis");
+        let mut args = tls_files(&dir, cert_pem, key_pem, ca_pem)
+            .into_iter()
+            .flat_map(|(name, value)| [format!("--{name}"), value])
+            .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let access = Access {
+            ca: Some(ca_pem.to_vec()),
+            user,
+        };
+        RedisServer::start_in(dir, args, None, access).await
     }
 
     async fn start_with(args: Vec<String>, tls_port: Option<u16>) -> RedisServer {
-        RedisServer::start_in(temp_dir("redis"), args, tls_port).await
+        RedisServer::start_in(temp_dir("redis"), args, tls_port, Access::default()).await
     }
 
-    async fn start_in(dir: PathBuf, args: Vec<String>, tls_port: Option<u16>) -> RedisServer {
+    async fn start_in(
+        dir: PathBuf,
+        args: Vec<String>,
+        tls_port: Option<u16>,
+        access: Access,
+    ) -> RedisServer {
         let mut server = RedisServer {
             dir,
             port: free_port(),
             child: None,
             tls_port,
             args,
+            access,
         };
         server.spawn().await;
         server
     }
 
     async fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let ports = match self.access.ca {
+            None => vec!["--port", &port],
+            Some(_) => vec!["--port", "0", "--tls-port", &port],
+        };
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(ports)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(&self.args)
             .arg("--dir")
             .arg(&self.dir)
@@ -104,6 +176,12 @@ impl RedisServer {
     }
 
     fn answers_ping(&self) -> bool {
+        if self.access.ca.is_some() {
+            return self
+                .access
+                .connect(self.port)
+                .is_some_and(|mut conn| redis::cmd("PING").query::<String>(&mut conn).is_ok());
+        }
         let Ok(mut stream) = TcpStream::connect_timeout(
             &([127, 0, 0, 1], self.port).into(),
             Duration::from_millis(200),
@@ -216,6 +294,8 @@ pub struct RedisSentinels {
     pub primary: RedisServer,
     pub replica: RedisServer,
     sentinels: Vec<SentinelProcess>,
+    /// How the test kit reaches the sentinels (the data nodes' own is theirs).
+    access: Access,
 }
 
 struct SentinelProcess {
@@ -248,23 +328,84 @@ impl RedisSentinels {
             &primary.port().to_string(),
         ])
         .await;
+        RedisSentinels::watch(primary, replica, None).await
+    }
+
+    /// As [`start`](Self::start), but every process speaks only TLS (`port 0`, `tls-port`,
+    /// `tls-replication yes`), with this certificate and key (for `127.0.0.1`) signed by the
+    /// CA `ca_pem`; clients need not present certificates. The data nodes know one ACL user,
+    /// `user` with `password` (the default user is off): the replica replicates as it
+    /// (`masteruser`/`masterauth`), the sentinels monitor as it (`sentinel auth-user`/`auth-pass`).
+    pub async fn start_tls(
+        (cert_pem, key_pem, ca_pem): (&[u8], &[u8], &[u8]),
+        user: &str,
+        password: &str,
+    ) -> RedisSentinels {
+        let tls = (cert_pem, key_pem, ca_pem);
+        let credentials = Some((user.to_string(), password.to_string()));
+        let pass = format!(">{password}");
+        let acl = [
+            "--user", "default", "off", "--user", user, "on", &pass, "~*", "&*", "+@all",
+        ];
+        let primary = RedisServer::start_tls_only(tls, credentials.clone(), &acl).await;
+        let primary_port = primary.port().to_string();
+        let replica_args = [
+            &acl[..],
+            &[
+                "--replicaof",
+                "127.0.0.1",
+                &primary_port,
+                "--masteruser",
+                user,
+                "--masterauth",
+                password,
+            ],
+        ]
+        .concat();
+        let replica = RedisServer::start_tls_only(tls, credentials, &replica_args).await;
+        let sentinel = SentinelTls {
+            cert: cert_pem,
+            key: key_pem,
+            ca: ca_pem,
+            user,
+            password,
+        };
+        RedisSentinels::watch(primary, replica, Some(sentinel)).await
+    }
+
+    /// Waits for `replica` to sync, starts the sentinels on `primary`, and waits until each
+    /// knows the replica and the two others.
+    async fn watch(
+        primary: RedisServer,
+        replica: RedisServer,
+        tls: Option<SentinelTls<'_>>,
+    ) -> RedisSentinels {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !info(replica.port(), "replication").contains("master_link_status:up") {
+        while !replica
+            .access
+            .info(replica.port(), "replication")
+            .contains("master_link_status:up")
+        {
             assert!(Instant::now() < deadline, "the replica did not sync in 20s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let sentinels = (0..3)
-            .map(|_| spawn_sentinel(primary.port()))
+            .map(|_| spawn_sentinel(primary.port(), tls.as_ref()))
             .collect::<Vec<_>>();
+        let access = Access {
+            ca: tls.map(|tls| tls.ca.to_vec()),
+            user: None,
+        };
         let group = RedisSentinels {
             primary,
             replica,
             sentinels,
+            access,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let ready = group.sentinels.iter().all(|s| {
-                sentinel_master(s.port).is_some_and(|m| {
+                group.sentinel_master(s.port).is_some_and(|m| {
                     m.get("num-slaves").is_some_and(|n| n == "1")
                         && m.get("num-other-sentinels").is_some_and(|n| n == "2")
                 })
@@ -281,11 +422,17 @@ impl RedisSentinels {
         group
     }
 
-    /// `redis://127.0.0.1:<port>` of each sentinel.
+    /// `redis://127.0.0.1:<port>` of each sentinel (`rediss://` when started with
+    /// [`start_tls`](Self::start_tls)).
     pub fn sentinel_urls(&self) -> Vec<String> {
+        let scheme = if self.access.ca.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         self.sentinels
             .iter()
-            .map(|s| format!("redis://127.0.0.1:{}", s.port))
+            .map(|s| format!("{scheme}://127.0.0.1:{}", s.port))
             .collect()
     }
 
@@ -297,7 +444,10 @@ impl RedisSentinels {
     /// `SENTINEL FAILOVER`: the sentinels promote the replica while the primary still runs
     /// (it is demoted to a replica some seconds later).
     pub fn failover(&self) {
-        let mut conn = connect(self.sentinels[0].port).expect("a sentinel answers");
+        let mut conn = self
+            .access
+            .connect(self.sentinels[0].port)
+            .expect("a sentinel answers");
         let _: () = redis::cmd("SENTINEL")
             .arg("FAILOVER")
             .arg(Self::MASTER)
@@ -307,13 +457,17 @@ impl RedisSentinels {
 
     /// Whether the (first) primary still says it is a master.
     pub fn primary_is_master(&self) -> bool {
-        info(self.primary.port(), "replication").contains("role:master")
+        let primary = &self.primary;
+        primary
+            .access
+            .info(primary.port(), "replication")
+            .contains("role:master")
     }
 
     /// The master's port as the first answering sentinel names it.
     pub fn master_port(&self) -> Option<u16> {
         self.sentinels.iter().find_map(|s| {
-            let mut conn = connect(s.port)?;
+            let mut conn = self.access.connect(s.port)?;
             let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
                 .arg("GET-MASTER-ADDR-BY-NAME")
                 .arg(Self::MASTER)
@@ -329,12 +483,14 @@ impl RedisSentinels {
         let deadline = Instant::now() + bound;
         loop {
             let named = self.sentinels.iter().all(|s| {
-                sentinel_master(s.port).is_some_and(|m| {
+                self.sentinel_master(s.port).is_some_and(|m| {
                     m.get("port") == Some(&self.replica.port().to_string())
                         && m.get("flags").is_some_and(|f| f == "master")
                 })
             });
-            if named && info(self.replica.port(), "replication").contains("role:master") {
+            let replica = &self.replica;
+            let role = replica.access.info(replica.port(), "replication");
+            if named && role.contains("role:master") {
                 return;
             }
             assert!(
@@ -346,18 +502,59 @@ impl RedisSentinels {
     }
 }
 
-fn spawn_sentinel(primary_port: u16) -> SentinelProcess {
+/// A sentinel's TLS files and the data nodes' ACL user.
+struct SentinelTls<'a> {
+    cert: &'a [u8],
+    key: &'a [u8],
+    ca: &'a [u8],
+    user: &'a str,
+    password: &'a str,
+}
+
+/// Writes the certificate, key and CA into `dir`: the TLS settings (name, value) of a
+/// server that speaks only TLS, to its peers too, and asks clients for no certificate.
+fn tls_files(dir: &Path, cert: &[u8], key: &[u8], ca: &[u8]) -> Vec<(&'static str, String)> {
+    let mut settings = vec![
+        ("tls-replication", "yes".to_string()),
+        ("tls-auth-clients", "no".to_string()),
+    ];
+    for (name, file, pem) in [
+        ("tls-cert-file", "server.crt", cert),
+        ("tls-key-file", "server.key", key),
+        ("tls-ca-cert-file", "ca.crt", ca),
+    ] {
+        std::fs::write(dir.join(file), pem).expect("write a TLS file");
+        settings.push((name, dir.join(file).display().to_string()));
+    }
+    settings
+}
+
+fn spawn_sentinel(primary_port: u16, tls: Option<&SentinelTls>) -> SentinelProcess {
     let dir = temp_dir("sentinel");
     let port = free_port();
     let master = RedisSentinels::MASTER;
+    let (ports, secure) = match tls {
+        None => (format!("port {port}\n"), String::new()),
+        Some(tls) => {
+            let files = tls_files(&dir, tls.cert, tls.key, tls.ca)
+                .into_iter()
+                .map(|(name, value)| format!("{name} {value}\n"))
+                .collect::<String>();
+            let auth = format!(
+                "sentinel auth-user {master} {}\nsentinel auth-pass {master} {}\n",
+                tls.user, tls.password
+            );
+            (format!("port 0\ntls-port {port}\n{files}"), auth)
+        }
+    };
     // Sentinel rewrites its configuration file (what it learns): it must be its own and
     // writable.
     let conf = format!(
-        "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile sentinel.log\n\
+        "{ports}bind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile sentinel.log\n\
          sentinel monitor {master} 127.0.0.1 {primary_port} 2\n\
          sentinel down-after-milliseconds {master} 1000\n\
          sentinel failover-timeout {master} 5000\n\
-         sentinel parallel-syncs {master} 1\n",
+         sentinel parallel-syncs {master} 1\n{secure}",
         dir = dir.display()
     );
     let path = dir.join("sentinel.conf");
@@ -379,26 +576,22 @@ fn spawn_sentinel(primary_port: u16) -> SentinelProcess {
 }
 
 pub(crate) fn connect(port: u16) -> Option<redis::Connection> {
-    redis::Client::open(format!("redis://127.0.0.1:{port}"))
-        .ok()?
-        .get_connection_with_timeout(Duration::from_millis(500))
-        .ok()
-        .filter(|conn| conn.set_read_timeout(Some(Duration::from_secs(1))).is_ok())
+    Access::default().connect(port)
 }
 
 /// `INFO <section>` of the server at `port`; empty if it does not answer.
 pub(crate) fn info(port: u16, section: &str) -> String {
-    connect(port)
-        .and_then(|mut conn| redis::cmd("INFO").arg(section).query(&mut conn).ok())
-        .unwrap_or_default()
+    Access::default().info(port, section)
 }
 
-/// `SENTINEL MASTER <name>` of the sentinel at `port`, as field → value.
-fn sentinel_master(port: u16) -> Option<std::collections::HashMap<String, String>> {
-    let mut conn = connect(port)?;
-    redis::cmd("SENTINEL")
-        .arg("MASTER")
-        .arg(RedisSentinels::MASTER)
-        .query(&mut conn)
-        .ok()
+impl RedisSentinels {
+    /// `SENTINEL MASTER <name>` of the sentinel at `port`, as field → value.
+    fn sentinel_master(&self, port: u16) -> Option<std::collections::HashMap<String, String>> {
+        let mut conn = self.access.connect(port)?;
+        redis::cmd("SENTINEL")
+            .arg("MASTER")
+            .arg(RedisSentinels::MASTER)
+            .query(&mut conn)
+            .ok()
+    }
 }
