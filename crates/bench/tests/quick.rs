@@ -396,11 +396,6 @@ fn quick_replica_rows_read_from_the_replica_and_none_is_stale() {
     let writes = notes("writes, primary + replica");
     assert!(writes.contains("; 0 stale reads of "), "{writes}");
     assert!(count_before(&writes, " checked") > 0, "{writes}");
-    // PostgreSQL's own write path beside it, on the same server: pgbench -N ran and logged.
-    assert!(writes.contains("× pgbench -N's transactions/s"), "{writes}");
-    let pgbench = row("reference: pgbench -N");
-    assert!(pgbench["requests"].as_u64().unwrap() > 0, "{pgbench}");
-    assert!(pgbench["p99_ms"].as_f64().unwrap() > 0.0, "{pgbench}");
 }
 
 #[test]
@@ -436,11 +431,6 @@ fn quick_cluster_rows_are_served_by_the_cluster_and_none_is_stale() {
     let writes = notes("writes, Redis Cluster 3+3");
     assert!(writes.contains("; 0 stale reads of "), "{writes}");
     assert!(count_before(&writes, " checked") > 0, "{writes}");
-    // PostgreSQL's own write path beside it, on the same server: pgbench -N ran and logged.
-    assert!(writes.contains("× pgbench -N's transactions/s"), "{writes}");
-    let pgbench = row("reference: pgbench -N");
-    assert!(pgbench["requests"].as_u64().unwrap() > 0, "{pgbench}");
-    assert!(pgbench["p99_ms"].as_f64().unwrap() > 0.0, "{pgbench}");
 
     // The master of the written asset's bucket SIGKILLed under reads and writes through
     // HTTP: no request failed, no read was stale, and the server felt the kill (Redis
