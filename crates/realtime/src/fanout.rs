@@ -174,7 +174,11 @@ async fn listen_sharded(rt: Realtime, mut stop: ShutdownSignal) {
             .iter()
             .position(|name| name == channel)
     };
+    // Resyncs run beside the delivery of the other shards' messages (a lost node brings every
+    // shard back at once, and each resync may wait for Redis); dropped at the end, they stop.
+    let mut resyncs = tokio::task::JoinSet::new();
     loop {
+        while resyncs.try_join_next().is_some() {}
         let event = tokio::select! {
             _ = stop.recv() => break,
             event = subscription.next() => event,
@@ -187,7 +191,12 @@ async fn listen_sharded(rt: Realtime, mut stop: ShutdownSignal) {
                 };
                 rt.inner.listening[shard].store(true, Ordering::SeqCst);
                 if again {
-                    resync(&rt, store, shard).await;
+                    let rt = rt.clone();
+                    resyncs.spawn(async move {
+                        if let Store::Redis(store) = &rt.inner.store {
+                            resync(&rt, store, shard).await;
+                        }
+                    });
                 }
             }
             ShardEvent::Lost { channel } => {

@@ -66,9 +66,13 @@ pub struct ShardedSubscription {
     /// Channels confirmed at least once: a later confirmation follows a possible gap.
     confirmed: HashSet<String>,
     events: VecDeque<ShardEvent>,
-    /// When every channel is next subscribed again ([`CHECK`] when all are live, [`RETRY`]
-    /// otherwise).
+    /// When the next round starts ([`CHECK`] after one that found every channel live,
+    /// [`RETRY`] otherwise).
     next_check: Instant,
+    /// The next round checks every channel; otherwise it subscribes only those not live
+    /// (and every channel anyway once `full_due` has passed, while some node stays down).
+    check_all: bool,
+    full_due: Instant,
     /// The round of `SSUBSCRIBE`s under way, if any: its failures. It runs beside the
     /// reading of pushes, so a node that hangs delays no other node's messages.
     round: Option<tokio::task::JoinHandle<Failures>>,
@@ -95,6 +99,8 @@ impl ShardedSubscription {
             confirmed: HashSet::new(),
             events: VecDeque::new(),
             next_check: Instant::now(),
+            check_all: true,
+            full_due: Instant::now() + CHECK,
             round: None,
             timeout,
         };
@@ -107,11 +113,6 @@ impl ShardedSubscription {
         Ok(subscription)
     }
 
-    /// The channels subscribed to.
-    pub fn channels(&self) -> &[String] {
-        &self.channels
-    }
-
     /// The next event; waits as long as it takes (subscribing lost channels again meanwhile).
     pub async fn next(&mut self) -> ShardEvent {
         loop {
@@ -119,9 +120,26 @@ impl ShardedSubscription {
                 return event;
             }
             if self.round.is_none() && Instant::now() >= self.next_check {
+                let wanted: Vec<String> = if self.check_all || Instant::now() >= self.full_due {
+                    self.full_due = Instant::now() + CHECK;
+                    self.channels.clone()
+                } else {
+                    let live = &self.live;
+                    self.channels
+                        .iter()
+                        .filter(|c| !live.contains(*c))
+                        .cloned()
+                        .collect()
+                };
+                if wanted.is_empty() {
+                    // Confirmed since the round was scheduled: the next one is a check.
+                    self.check_all = true;
+                    self.next_check = Instant::now() + CHECK;
+                    continue;
+                }
                 self.round = Some(tokio::spawn(subscribe_all(
                     self.conn.clone(),
-                    self.channels.clone(),
+                    wanted,
                     self.timeout,
                 )));
             }
@@ -173,12 +191,8 @@ impl ShardedSubscription {
                 self.lose(channel);
             }
         }
-        let every = if failed.is_empty() && self.live.len() == self.channels.len() {
-            CHECK
-        } else {
-            RETRY
-        };
-        self.next_check = Instant::now() + every;
+        self.check_all = failed.is_empty() && self.live.len() == self.channels.len();
+        self.next_check = Instant::now() + if self.check_all { CHECK } else { RETRY };
     }
 
     fn on_push(&mut self, push: PushInfo) {
@@ -221,6 +235,7 @@ impl ShardedSubscription {
                 channel: channel.to_string(),
             });
         }
+        self.check_all = false;
         self.next_check = self.next_check.min(Instant::now() + RETRY);
     }
 
