@@ -2,7 +2,9 @@
 //! that arrive while loads run share one loader call, and their lookups that arrive while one
 //! is in flight share one lookup script; each caller gets its own value or not-found (or, in a
 //! lookup batch, its own hit, lease or wait for another loader); an invalidation during the
-//! batch's load refuses that key's fill and no other.
+//! batch's load refuses that key's fill and no other. A batch answers its callers as soon as
+//! it is loaded: its fill (and the in-process copies it allows) follows, so a stalled Redis
+//! does not hold answers already read from the source.
 //!
 //! Each test runs on one thread (`#[tokio::test]`), and the loader waits at a gate until the
 //! test opens it: when the test sees every caller counted as a miss, every caller is parked in
@@ -20,10 +22,15 @@ use cascade_testkit::RedisServer;
 use tokio::sync::Semaphore;
 
 fn engine(server: &RedisServer) -> Cache {
+    engine_with_timeout(server, Duration::from_millis(500))
+}
+
+/// An engine whose Redis calls wait up to `timeout`.
+fn engine_with_timeout(server: &RedisServer, timeout: Duration) -> Cache {
     let redis = Redis::new(&RedisConfig {
         url: Secret::new(server.url()),
         display: server.url(),
-        timeout: Duration::from_millis(500),
+        timeout,
         ca_cert: None,
         sentinel: None,
         cluster: None,
@@ -147,6 +154,48 @@ fn keys(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("k{i:02}")).collect()
 }
 
+/// `n` keys read concurrently, each leased and its load parked at the source's gate.
+struct Parked {
+    redis: RedisServer,
+    engine: Cache,
+    source: Rows,
+    keys: Vec<String>,
+    reads: Vec<tokio::task::JoinHandle<Answer>>,
+    /// The lookup scripts that leased them.
+    lookups: u64,
+}
+
+async fn parked(n: usize, timeout: Duration) -> Parked {
+    let redis = RedisServer::start().await;
+    let engine = engine_with_timeout(&redis, timeout);
+    let source = Rows::new("none");
+    let keys = keys(n);
+    let scripts_before = redis.command_calls("evalsha").await;
+    let reads = spawn_reads(&engine, &source, &keys);
+    until_misses(&engine, keys.len() as u64).await;
+    let lookups = lookup_scripts_since(&redis, scripts_before).await;
+    Parked {
+        redis,
+        engine,
+        source,
+        keys,
+        reads,
+        lookups,
+    }
+}
+
+/// `key` read again through `engine`: its body and where it came from.
+async fn read_again(engine: &Cache, source: &Rows, key: &str) -> (String, Source) {
+    let (body, from) = engine
+        .get_or_load_body_batched("assets", key, &[], |keys| source.clone().load(keys))
+        .await
+        .unwrap();
+    (
+        String::from_utf8(body.unwrap().bytes().to_vec()).unwrap(),
+        from,
+    )
+}
+
 #[tokio::test]
 async fn concurrent_misses_share_loader_calls_and_each_gets_its_own_value() {
     let redis = RedisServer::start().await;
@@ -202,15 +251,16 @@ async fn concurrent_misses_share_loader_calls_and_each_gets_its_own_value() {
 
 #[tokio::test]
 async fn an_invalidation_during_a_batch_refuses_that_keys_fill_only() {
-    let redis = RedisServer::start().await;
-    let engine = engine(&redis);
-    let source = Rows::new("none");
-    let keys = keys(6);
-    let scripts_before = redis.command_calls("evalsha").await;
-    let reads = spawn_reads(&engine, &source, &keys);
-    until_misses(&engine, keys.len() as u64).await;
+    // (Binding `redis` keeps the server running to the end.)
+    let Parked {
+        redis: _redis,
+        engine,
+        source,
+        keys,
+        reads,
+        lookups,
+    } = parked(6, Duration::from_millis(500)).await;
     // The leases were granted by batched lookups.
-    let lookups = lookup_scripts_since(&redis, scripts_before).await;
     assert!(lookups < keys.len() as u64, "{lookups} lookup scripts");
     // The row of k03 changes while every load is parked (a write, then its invalidation).
     *source.version.lock().unwrap() = 2;
@@ -221,16 +271,13 @@ async fn an_invalidation_during_a_batch_refuses_that_keys_fill_only() {
         // What each caller read is what the source held when its load began.
         assert!(body.is_some_and(|b| b.starts_with(&format!("\"{key}-v"))));
     }
+    // The batch's fill follows its answers: k03's is refused (its lease was deleted).
+    until_counted(&engine, "stale sets refused", 1, |ns| ns.stale_sets_refused).await;
     let loads_before = source.calls().iter().map(Vec::len).sum::<usize>();
 
-    // k03's fill was refused (its lease was deleted): read again, it loads the new row. The
-    // others' fills were stored: read again, nothing loads.
+    // Read again: k03 loads the new row; the others' fills were stored, nothing loads.
     for key in &keys {
-        let (body, _) = engine
-            .get_or_load_body_batched("assets", key, &[], |keys| source.clone().load(keys))
-            .await
-            .unwrap();
-        let body = String::from_utf8(body.unwrap().bytes().to_vec()).unwrap();
+        let (body, _) = read_again(&engine, &source, key).await;
         if key == "k03" {
             assert_eq!(body, "\"k03-v2\"");
         }
@@ -300,4 +347,83 @@ async fn a_lookup_batch_gives_each_key_its_hit_lease_or_wait_for_another_loader(
     loaded_by_a.sort();
     assert_eq!(loaded_by_a, ["first", "new1", "new2"]);
     assert_eq!(b_rows.calls(), [["held".to_string()]]);
+}
+
+#[tokio::test]
+async fn a_batch_answers_before_its_fill_and_keeps_its_values_once_the_fill_is_taken() {
+    // Redis calls may wait 10 s: a caller that waited for its batch's fill would wait that long.
+    let Parked {
+        redis,
+        engine,
+        source,
+        keys,
+        reads,
+        lookups: _,
+    } = parked(5, Duration::from_secs(10)).await;
+    // Every key is leased and its load parked; Redis stops answering, then the loads finish.
+    redis.pause();
+    source.open();
+    for read in reads {
+        let answered = tokio::time::timeout(Duration::from_secs(3), read).await;
+        let (key, body, from) = answered.expect("answered while Redis is stalled").unwrap();
+        assert_eq!(body.as_deref(), Some(format!("\"{key}-v1\"").as_str()));
+        assert_eq!(from, Source::Loaded, "{key}");
+    }
+    // Redis answers again: the batch's fill is taken, and each value is kept in process as
+    // after any fill (read again: served from memory, nothing loads).
+    redis.resume();
+    let loads = source.calls().len();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for key in &keys {
+        loop {
+            let (body, from) = read_again(&engine, &source, key).await;
+            assert_eq!(body, format!("\"{key}-v1\""));
+            if from == Source::Memory {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{key} not in memory after 10 s: {from:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(source.calls().len(), loads, "{:?}", source.calls());
+    let stats = engine.stats();
+    let assets = stats.iter().find(|ns| ns.namespace == "assets").unwrap();
+    assert_eq!(assets.stale_sets_refused, 0);
+}
+
+#[tokio::test]
+async fn a_namespace_invalidation_during_a_batch_refuses_every_fill_its_lookups_leased() {
+    // (Binding `redis` keeps the server running to the end.)
+    let Parked {
+        redis: _redis,
+        engine,
+        source,
+        keys,
+        reads,
+        lookups,
+    } = parked(12, Duration::from_millis(500)).await;
+    // The leases were granted by batched lookups, which entered every key in the namespace's
+    // tag set at once: the namespace's invalidation finds each lease and deletes it.
+    assert!(lookups < keys.len() as u64, "{lookups} lookup scripts");
+    *source.version.lock().unwrap() = 2;
+    engine.invalidate_namespace("assets").await;
+    source.open();
+    for read in reads {
+        read.await.unwrap();
+    }
+    until_counted(&engine, "stale sets refused", keys.len() as u64, |ns| {
+        ns.stale_sets_refused
+    })
+    .await;
+    // Nothing was cached: read again, every key loads its new row.
+    let loads_before = source.calls().iter().map(Vec::len).sum::<usize>();
+    for key in &keys {
+        let (body, _) = read_again(&engine, &source, key).await;
+        assert_eq!(body, format!("\"{key}-v2\""));
+    }
+    let loads = source.calls().iter().map(Vec::len).sum::<usize>();
+    assert_eq!(loads - loads_before, keys.len());
 }

@@ -14,7 +14,7 @@ use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
 use super::Source;
 use super::codec::{decode, due_for_refresh};
-use super::load_batch::{FillOutcome, KeyLoader, LeaseFill};
+use super::load_batch::{FillOutcome, Installer, KeyLoader, LeaseFill};
 use super::read::{Answer, Fill, ReadCtx};
 use super::redis_tier::Lookup;
 use super::stats::add;
@@ -214,6 +214,12 @@ impl<'a> SharedRead<'a> {
             ttl_found: read.value_ttl(true),
             ttl_missing: read.value_ttl(false),
             asked,
+            install: Arc::new(Installer {
+                namespace: read.namespace.to_string(),
+                tags: read.tags.to_vec(),
+                started_epoch: self.started_epoch,
+                counters: read.counters.clone(),
+            }),
         };
         let loaded = match loader.load(read, Some(fill)).await {
             Ok(loaded) => loaded,
@@ -233,8 +239,9 @@ impl<'a> SharedRead<'a> {
                 Fill::fresh(loaded.value.clone(), loaded.left, loaded.delta),
             ),
             FillOutcome::Refused => add(&read.counters.stale_sets_refused, 1),
-            // Counted against the breaker where it failed; nothing to fill without a lease.
-            FillOutcome::Failed | FillOutcome::NotAsked => {}
+            // Counted against the breaker where it failed; nothing to fill without a lease;
+            // a batch's fill task installs (or counts) its values itself.
+            FillOutcome::Failed | FillOutcome::NotAsked | FillOutcome::Deferred => {}
         }
         Ok((loaded.value, Source::Loaded))
     }

@@ -8,13 +8,16 @@
 //! first caller queued, which takes up to [`MAX_BATCH`] keys. A caller alone therefore waits
 //! for nobody; under load, batches grow with the load (DataLoader's idea, without a timer).
 //!
-//! The leader loads, hands the lead on (the next batch loads while this one fills), fills the
-//! shared tier for every lease holder of its batch in one round trip, each fill still
-//! conditional on its own lease token (an invalidation during the load refuses that key's
-//! fill and no other), then hands each caller its value. Each caller installs its value in
-//! the in-process tier itself, under its own epoch and tags (`read.rs`). A batch so changes
-//! none of a single read's guarantees: one load per cold key (only lease holders load), no
-//! stale set (the token, the epoch), read-after-write.
+//! The leader loads, hands the lead on (the next batch loads while this one fills) and
+//! answers every caller of its batch at once; then a task of its own fills the shared tier
+//! for every lease holder of the batch in one round trip, each fill still conditional on its
+//! own lease token (an invalidation during the load refuses that key's fill and no other), and
+//! installs each value whose fill was taken in the in-process tier, under its caller's epoch
+//! and tags (`read.rs`: an invalidation since that read began refuses the install). No caller
+//! waits for the fill's round trip, and a stalled Redis does not hold answers already loaded.
+//! A batch so changes none of a single read's guarantees: one load per cold key (only lease
+//! holders load), no stale set (the token, the epoch), read-after-write. Until its fill is
+//! taken a key is still leased: a read of it then polls for the value, as for any loader's.
 //!
 //! A failed loader call is the leader's error; every other caller of the batch then loads its
 //! key alone, so it gets its own answer or error. A leader whose future is dropped (its client
@@ -27,10 +30,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use super::Cache;
 use super::codec::encode;
 use super::lead_queue::{self, HandOff, Waiting, pass_lead, take_batch};
 use super::read::ReadCtx;
-use super::stats::add;
+use super::read::{Fill, InstallKey};
+use super::stats::{NsCounters, add};
 use super::tier::LeasedStore;
 
 /// Most keys one loader call is given.
@@ -106,6 +111,19 @@ pub(super) struct LeaseFill {
     pub ttl_missing: Duration,
     /// When the lookup that granted the lease was sent: the value's time counts from then.
     pub asked: Instant,
+    /// What installing the value in process needs once its batch's fill was taken (a batch
+    /// answers its callers before it fills, see the module's doc).
+    pub install: Arc<Installer>,
+}
+
+/// A lease holder's read, owned: a batch's fill task installs its value in process.
+pub(super) struct Installer {
+    pub namespace: String,
+    /// The caller's tags (`LeaseFill::tags` adds the namespace's).
+    pub tags: Vec<String>,
+    /// The invalidation epoch when the read began.
+    pub started_epoch: u64,
+    pub counters: Arc<NsCounters>,
 }
 
 /// What became of a lease holder's fill.
@@ -118,6 +136,9 @@ pub(super) enum FillOutcome {
     Refused,
     /// The shared tier failed; already counted against the breaker.
     Failed,
+    /// A batch's fill, done after its callers were answered: its task installs the value in
+    /// process if the fill is taken, or counts the stale set it refused.
+    Deferred,
 }
 
 /// One key's load, as its caller receives it.
@@ -369,7 +390,20 @@ impl ReadCtx<'_> {
             std::iter::once((own, None))
                 .chain(rest.into_iter().map(|q| (q.item, Some(q.reply))))
                 .unzip();
-        let mut loaded = self.fill_all(&items, &found, delta).await.into_iter();
+        // Every caller is answered now; the lease holders' fills follow in a task of their
+        // own, so no caller waits for the shared tier's round trip.
+        let (loaded, fills) = prepare_fills(items, &found, delta);
+        if !fills.is_empty()
+            && let Some(cache) = self
+                .cache
+                .inner
+                .shared
+                .is_some()
+                .then(|| self.cache.clone())
+        {
+            tokio::spawn(fill_and_install(cache, fills));
+        }
+        let mut loaded = loaded.into_iter();
         let own = loaded.next();
         for (reply, loaded) in replies.into_iter().skip(1).zip(loaded) {
             if let Some(reply) = reply {
@@ -384,65 +418,6 @@ impl ReadCtx<'_> {
         }))
     }
 
-    /// Each item's load, the lease holders' values stored in the shared tier in one round.
-    async fn fill_all(
-        &self,
-        items: &[Item],
-        found: &HashMap<String, Arc<[u8]>>,
-        delta: Duration,
-    ) -> Vec<Loaded> {
-        let mut loaded: Vec<Loaded> = Vec::with_capacity(items.len());
-        let mut stores: Vec<LeasedStore<'_>> = Vec::new();
-        let mut filled: Vec<usize> = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let value = found.get(&item.key).cloned();
-            let mut left = Duration::ZERO;
-            if let Some(fill) = &item.fill {
-                let (bytes, ttl, value_left) = fill.encode(value.as_deref(), delta);
-                left = value_left;
-                stores.push(LeasedStore {
-                    full_key: &fill.full,
-                    tags: &fill.tags,
-                    token: &fill.token,
-                    lease_ttl: fill.lease_ttl,
-                    bytes,
-                    ttl,
-                });
-                filled.push(i);
-            }
-            loaded.push(Loaded {
-                value,
-                delta,
-                left,
-                fill: FillOutcome::NotAsked,
-            });
-        }
-        let shared = self.cache.inner.shared.as_ref();
-        let (Some(shared), false) = (shared, stores.is_empty()) else {
-            return loaded;
-        };
-        let outcomes = match shared.store_leased(&stores).await {
-            Ok(stored) => stored
-                .into_iter()
-                .map(|s| {
-                    if s {
-                        FillOutcome::Stored
-                    } else {
-                        FillOutcome::Refused
-                    }
-                })
-                .collect(),
-            Err(err) => {
-                self.cache.shared_failed(&self.counters, &err);
-                vec![FillOutcome::Failed; filled.len()]
-            }
-        };
-        for (i, outcome) in filled.into_iter().zip(outcomes) {
-            loaded[i].fill = outcome;
-        }
-        loaded
-    }
-
     /// Counts `n` keys loaded in one loader call that took `delta` (each key's caller waited
     /// that long).
     pub(super) fn count_loads(&self, n: u64, delta: Duration) {
@@ -452,5 +427,96 @@ impl ReadCtx<'_> {
             &self.counters.load_micros,
             n.saturating_mul(delta.as_micros() as u64),
         );
+    }
+}
+
+/// A lease holder's fill in a batch's fill task: what to store, and the value to install.
+struct BatchFill {
+    lease: LeaseFill,
+    value: Option<Arc<[u8]>>,
+    bytes: Vec<u8>,
+    ttl: Duration,
+    delta: Duration,
+}
+
+/// Each item's load, in order, and the fills of the lease holders among them (their loads
+/// say [`FillOutcome::Deferred`]).
+fn prepare_fills(
+    items: Vec<Item>,
+    found: &HashMap<String, Arc<[u8]>>,
+    delta: Duration,
+) -> (Vec<Loaded>, Vec<BatchFill>) {
+    let mut loaded: Vec<Loaded> = Vec::with_capacity(items.len());
+    let mut fills: Vec<BatchFill> = Vec::new();
+    for item in items {
+        let value = found.get(&item.key).cloned();
+        let (mut left, mut fill) = (Duration::ZERO, FillOutcome::NotAsked);
+        if let Some(lease) = item.fill {
+            let (bytes, ttl, value_left) = lease.encode(value.as_deref(), delta);
+            (left, fill) = (value_left, FillOutcome::Deferred);
+            fills.push(BatchFill {
+                lease,
+                value: value.clone(),
+                bytes,
+                ttl,
+                delta,
+            });
+        }
+        loaded.push(Loaded {
+            value,
+            delta,
+            left,
+            fill,
+        });
+    }
+    (loaded, fills)
+}
+
+/// A batch's fill task: stores the lease holders' values in the shared tier in one round,
+/// each still conditional on its own lease, then installs in process each value whose fill
+/// was taken (unless an invalidation came after its read began, as for any install).
+async fn fill_and_install(cache: Cache, mut fills: Vec<BatchFill>) {
+    let Some(shared) = cache.inner.shared.as_ref() else {
+        return;
+    };
+    let stores: Vec<LeasedStore<'_>> = fills
+        .iter_mut()
+        .map(|f| LeasedStore {
+            full_key: &f.lease.full,
+            tags: &f.lease.tags,
+            token: &f.lease.token,
+            lease_ttl: f.lease.lease_ttl,
+            bytes: std::mem::take(&mut f.bytes),
+            ttl: f.ttl,
+        })
+        .collect();
+    let stored = shared.store_leased(&stores).await;
+    drop(stores);
+    let stored = match stored {
+        Ok(stored) => stored,
+        Err(err) => {
+            // One namespace per batch: its counters take the error once.
+            if let Some(first) = fills.first() {
+                cache.shared_failed(&first.lease.install.counters, &err);
+            }
+            return;
+        }
+    };
+    for (f, stored) in fills.into_iter().zip(stored) {
+        let install = &f.lease.install;
+        if !stored {
+            add(&install.counters.stale_sets_refused, 1);
+            continue;
+        }
+        let key = InstallKey {
+            full: &f.lease.full,
+            namespace: &install.namespace,
+            tags: &install.tags,
+            all_tags: &f.lease.tags,
+        };
+        // What the value has left now, counted from its lease's lookup (as in the shared tier).
+        let left = f.ttl.saturating_sub(f.lease.asked.elapsed());
+        let fill = Fill::fresh(f.value, left, f.delta);
+        cache.install(&key, install.started_epoch, fill);
     }
 }

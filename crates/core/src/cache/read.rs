@@ -272,6 +272,47 @@ impl Fill {
     }
 }
 
+/// Whose value an install is: the key and what an invalidation of it may name.
+pub(super) struct InstallKey<'a> {
+    pub full: &'a str,
+    pub namespace: &'a str,
+    /// The caller's tags.
+    pub tags: &'a [String],
+    /// `tags` plus `ns:<namespace>`: what the entry carries.
+    pub all_tags: &'a [String],
+}
+
+impl Cache {
+    /// Puts a value into the in-process tier, unless the bus is not trusted right now or an
+    /// invalidation of `key` came after `started_epoch` (when its read began).
+    pub(super) fn install(&self, key: &InstallKey<'_>, started_epoch: u64, fill: Fill) {
+        let inner = &self.inner;
+        let Some(memory) = &inner.memory else {
+            return;
+        };
+        let overtaken = || self.invalidated_since(started_epoch, key.full, key.namespace, key.tags);
+        if fill.ttl.is_zero() || inner.bus.as_ref().is_some_and(|bus| !bus.trusted()) || overtaken()
+        {
+            return;
+        }
+        let entry = MemEntry {
+            bytes: fill.value,
+            etag: Arc::default(),
+            tags: key.all_tags.to_vec().into(),
+            ttl: fill.ttl,
+            expires_at_ms: fill.expires_at_ms,
+            delta_ms: fill.delta_ms,
+        };
+        inner.tag_index.insert(memory, key.full.to_string(), entry);
+        // Check again after the insert: an invalidation bumps the epoch *before* it removes,
+        // so either its removal comes after our insert, or this check sees its bump.
+        if overtaken() {
+            memory.invalidate(key.full);
+        }
+        inner.front.changed();
+    }
+}
+
 impl<'a> ReadCtx<'a> {
     fn new(
         cache: &'a Cache,
@@ -353,31 +394,13 @@ impl<'a> ReadCtx<'a> {
     /// Puts a value into the in-process tier, unless the bus is not trusted right now or an
     /// invalidation overtook the read.
     pub(super) fn install(&self, started_epoch: u64, fill: Fill) {
-        let inner = &self.cache.inner;
-        let Some(memory) = &inner.memory else {
-            return;
+        let key = InstallKey {
+            full: &self.full,
+            namespace: self.namespace,
+            tags: self.tags,
+            all_tags: &self.all_tags,
         };
-        if fill.ttl.is_zero()
-            || inner.bus.as_ref().is_some_and(|bus| !bus.trusted())
-            || self.invalidated_since(started_epoch)
-        {
-            return;
-        }
-        let entry = MemEntry {
-            bytes: fill.value,
-            etag: Arc::default(),
-            tags: self.all_tags.clone().into(),
-            ttl: fill.ttl,
-            expires_at_ms: fill.expires_at_ms,
-            delta_ms: fill.delta_ms,
-        };
-        inner.tag_index.insert(memory, self.full.clone(), entry);
-        // Check again after the insert: an invalidation bumps the epoch *before* it removes,
-        // so either its removal comes after our insert, or this check sees its bump.
-        if self.invalidated_since(started_epoch) {
-            memory.invalidate(&self.full);
-        }
-        inner.front.changed();
+        self.cache.install(&key, started_epoch, fill);
     }
 
     fn invalidated_since(&self, epoch: u64) -> bool {

@@ -14,12 +14,12 @@
 //! therefore cannot install it after the write's invalidation.
 //!
 //! A miss costs two scripts: the lookup (reads or leases, one round trip; a namespace whose
-//! lookups mostly hit sends a plain `GET` first instead) and the fill (three commands; the
-//! lease holders of one batch of loads, `load_batch.rs`, fill in one script, and the lookups
-//! of batched reads that arrive while one is in flight share one script,
-//! `lookup_batch.rs`). The
-//! lease enters the key in its tag sets until the value would expire, and the value's TTL
-//! counts from the lease's grant, so the fill has no tag set to touch.
+//! lookups mostly hit sends a plain `GET` first instead) and the fill (four commands; the
+//! lease holders of one batch of loads, `load_batch.rs`, fill in one script, after their
+//! callers were answered, and the lookups of batched reads that arrive while one is in flight
+//! share one script, `lookup_batch.rs`, which enters the keys it leases in each tag set with
+//! one `ZADD`). The lease enters the key in its tag sets until the value would expire, and the
+//! value's TTL counts from the lease's grant, so the fill has no tag set to touch.
 //!
 //! Tag sets stay as small as what they index: a member leaves its set once its value has
 //! expired (each member a script adds trims up to [`TRIM`] expired members of its set, so
@@ -89,15 +89,16 @@ pub(crate) struct RedisTier {
     drain: Script,
 }
 
-/// Enters `KEYS[1]` in the tag sets `KEYS[3..]` until `ttl` ms from now by Redis's clock
-/// (`index_key`: any key in the tag sets `KEYS[first..=last]`, for the many-key lookup):
+/// Enters `KEYS[1]` in the tag sets `KEYS[3..]` until `ttl` ms from now by Redis's clock:
 /// exactly (`exact`: the value expires then) or at least (`ZADD GT`, a lease: the key may hold
-/// a value that lives longer). A new member trims up to [`TRIM`] expired ones (a member whose
-/// expiry only moves adds nothing to trim for), and each set lives as long as its longest-lived
-/// member. A set of the former kind (a plain set, written before tag sets were sorted) is
-/// retired first, so the next invalidation of its tag still deletes what it lists. Prepended
-/// to every script that grants a lease or stores, after the prefix's key names
-/// ([`RedisTier::new`]: constants of the script, so no call sends them).
+/// a value that lives longer). `index_set` does it for one set and any number of keys at once
+/// (one `ZADD`; the many-key lookup enters every key it leases in one call per set). New
+/// members trim up to [`TRIM`] expired ones each (a member whose expiry only moves adds
+/// nothing to trim for), and each set lives as long as its longest-lived member. A set of the
+/// former kind (a plain set, written before tag sets were sorted) is retired first, so the
+/// next invalidation of its tag still deletes what it lists. Prepended to every script that
+/// grants a lease or stores, after the prefix's key names ([`RedisTier::new`]: constants of
+/// the script, so no call sends them).
 const INDEX_TAGS: &str = r"
 local function retire(tag)
   local registry = RETIRED .. string.sub(tag, #TAG + 1)
@@ -107,28 +108,27 @@ local function retire(tag)
   local ttl = redis.call('PTTL', dead)
   if ttl > 0 and redis.call('PTTL', registry) < ttl then redis.call('PEXPIRE', registry, ttl) end
 end
-local function index_key(key, first, last, ttl, exact)
+local function now_ms()
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local expiry = now + ttl
-  for i = first, last do
-    local tag = KEYS[i]
-    if redis.call('TYPE', tag).ok == 'set' then retire(tag) end
-    local added
-    if exact then
-      added = redis.call('ZADD', tag, expiry, key)
-    else
-      added = redis.call('ZADD', tag, 'GT', expiry, key)
-    end
-    if added == 1 then
-      local stale = redis.call('ZRANGEBYSCORE', tag, '-inf', '(' .. now, 'LIMIT', 0, TRIM)
-      if #stale > 0 then redis.call('ZREM', tag, unpack(stale)) end
-    end
-    if redis.call('PTTL', tag) < ttl then redis.call('PEXPIRE', tag, ttl) end
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function index_set(tag, scored, ttl, now, exact)
+  if redis.call('TYPE', tag).ok == 'set' then retire(tag) end
+  local added
+  if exact then
+    added = redis.call('ZADD', tag, unpack(scored))
+  else
+    added = redis.call('ZADD', tag, 'GT', unpack(scored))
   end
+  if added > 0 then
+    local stale = redis.call('ZRANGEBYSCORE', tag, '-inf', '(' .. now, 'LIMIT', 0, TRIM * added)
+    if #stale > 0 then redis.call('ZREM', tag, unpack(stale)) end
+  end
+  if redis.call('PTTL', tag) < ttl then redis.call('PEXPIRE', tag, ttl) end
 end
 local function index_tags(ttl, exact)
-  index_key(KEYS[1], 3, #KEYS, ttl, exact)
+  local now = now_ms()
+  for i = 3, #KEYS do index_set(KEYS[i], {now + ttl, KEYS[1]}, ttl, now, exact) end
 end
 ";
 
@@ -153,9 +153,12 @@ return 'W'
 /// [`GET_OR_LEASE`] for several keys of one bucket, in order, one round trip: `KEYS` hold
 /// each key's value key, lease key and tag sets in turn, `ARGV` a (token, lease TTL, value
 /// TTL, number of tag sets) quadruple per key. Returns, per key, what [`GET_OR_LEASE`] would:
-/// the value, `L` or `W`; a key asked twice is leased to the first and `W` to the second.
+/// the value, `L` or `W`; a key asked twice is leased to the first and `W` to the second. The
+/// keys leased are entered in their tag sets at the end, one `ZADD` per set: a batch of keys
+/// of one namespace costs its set one call, not one per key.
 const GET_OR_LEASE_MANY: &str = r"
 local out = {}
+local sets, order = {}, {}
 local k = 1
 for i = 1, #ARGV / 4 do
   local a = 4 * (i - 1)
@@ -164,7 +167,18 @@ for i = 1, #ARGV / 4 do
   if v then
     out[i] = v
   elseif redis.call('SET', lease_key, ARGV[a + 1], 'NX', 'PX', ARGV[a + 2]) then
-    index_key(value_key, k + 2, k + 1 + tags, tonumber(ARGV[a + 3]), false)
+    local ttl = tonumber(ARGV[a + 3])
+    for t = k + 2, k + 1 + tags do
+      local set = sets[KEYS[t]]
+      if not set then
+        set = {ttl = 0, keys = {}}
+        sets[KEYS[t]] = set
+        order[#order + 1] = KEYS[t]
+      end
+      if ttl > set.ttl then set.ttl = ttl end
+      set.keys[#set.keys + 1] = ttl
+      set.keys[#set.keys + 1] = value_key
+    end
     out[i] = 'L'
   elseif redis.call('GET', lease_key) == ARGV[a + 1] then
     out[i] = 'L'
@@ -172,6 +186,14 @@ for i = 1, #ARGV / 4 do
     out[i] = 'W'
   end
   k = k + 2 + tags
+end
+if #order > 0 then
+  local now = now_ms()
+  for _, tag in ipairs(order) do
+    local set = sets[tag]
+    for j = 1, #set.keys, 2 do set.keys[j] = now + set.keys[j] end
+    index_set(tag, set.keys, set.ttl, now, false)
+  end
 end
 return out
 ";
