@@ -214,11 +214,13 @@ impl<'a> SharedRead<'a> {
             ttl_found: read.value_ttl(true),
             ttl_missing: read.value_ttl(false),
             asked,
-            install: Arc::new(Installer {
-                namespace: read.namespace.to_string(),
-                tags: read.tags.to_vec(),
-                started_epoch: self.started_epoch,
-                counters: read.counters.clone(),
+            install: L::BATCHED.then(|| {
+                Arc::new(Installer {
+                    namespace: read.namespace.to_string(),
+                    tags: read.tags.to_vec(),
+                    started_epoch: self.started_epoch,
+                    counters: read.counters.clone(),
+                })
             }),
         };
         let loaded = match loader.load(read, Some(fill)).await {

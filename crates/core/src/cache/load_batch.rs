@@ -47,7 +47,8 @@ pub(super) const MAX_IN_FLIGHT: usize = 2;
 
 /// How a read loads its key: [`Alone`] (`get_or_load*`) or [`Batched`]
 /// (`get_or_load_body_batched`). With `fill`, the loaded value is also stored in the shared
-/// tier under the read's lease.
+/// tier under the read's lease: before the read returns ([`Alone`]), or by its batch's fill
+/// task once the batch's callers were answered ([`Batched`]).
 pub(super) trait KeyLoader<E> {
     /// The read's shared-tier lookups join the concurrent ones (`lookup_batch.rs`).
     const BATCHED: bool = false;
@@ -112,8 +113,9 @@ pub(super) struct LeaseFill {
     /// When the lookup that granted the lease was sent: the value's time counts from then.
     pub asked: Instant,
     /// What installing the value in process needs once its batch's fill was taken (a batch
-    /// answers its callers before it fills, see the module's doc).
-    pub install: Arc<Installer>,
+    /// answers its callers before it fills, see the module's doc); `None` for a read alone,
+    /// which installs its own value.
+    pub install: Option<Arc<Installer>>,
 }
 
 /// A lease holder's read, owned: a batch's fill task installs its value in process.
@@ -247,7 +249,8 @@ impl Drop for Lead<'_> {
 
 impl ReadCtx<'_> {
     /// Loads this read's key in a batch with the concurrent loads of its namespace (see the
-    /// module's doc); with `fill`, the value is also stored in the shared tier under the lease.
+    /// module's doc); with `fill`, the value is then stored in the shared tier under the lease
+    /// by the batch's fill task (its load says [`FillOutcome::Deferred`]).
     /// `load_many` is given keys and returns the values found, each with its key; a key not
     /// among them is not found.
     pub(super) async fn load_batched<E, B: LoadMany<E>>(
@@ -350,8 +353,8 @@ impl ReadCtx<'_> {
         loaded
     }
 
-    /// The leader's work: one loader call for `own` and `rest`, the lead handed on, one fill
-    /// round for the lease holders, each caller told its value.
+    /// The leader's work: one loader call for `own` and `rest`, the lead handed on, each
+    /// caller told its value, then one fill round for the lease holders in a task of its own.
     async fn lead<E, B: LoadMany<E>>(
         &self,
         group: &LoadGroup,
@@ -393,15 +396,8 @@ impl ReadCtx<'_> {
         // Every caller is answered now; the lease holders' fills follow in a task of their
         // own, so no caller waits for the shared tier's round trip.
         let (loaded, fills) = prepare_fills(items, &found, delta);
-        if !fills.is_empty()
-            && let Some(cache) = self
-                .cache
-                .inner
-                .shared
-                .is_some()
-                .then(|| self.cache.clone())
-        {
-            tokio::spawn(fill_and_install(cache, fills));
+        if !fills.is_empty() && self.cache.inner.shared.is_some() {
+            tokio::spawn(fill_and_install(self.cache.clone(), fills));
         }
         let mut loaded = loaded.into_iter();
         let own = loaded.next();
@@ -496,14 +492,16 @@ async fn fill_and_install(cache: Cache, mut fills: Vec<BatchFill>) {
         Ok(stored) => stored,
         Err(err) => {
             // One namespace per batch: its counters take the error once.
-            if let Some(first) = fills.first() {
-                cache.shared_failed(&first.lease.install.counters, &err);
+            if let Some(install) = fills.iter().find_map(|f| f.lease.install.as_ref()) {
+                cache.shared_failed(&install.counters, &err);
             }
             return;
         }
     };
     for (f, stored) in fills.into_iter().zip(stored) {
-        let install = &f.lease.install;
+        let Some(install) = &f.lease.install else {
+            continue;
+        };
         if !stored {
             add(&install.counters.stale_sets_refused, 1);
             continue;
