@@ -141,11 +141,35 @@ impl RedisServer {
             args,
             access,
         };
-        server.spawn().await;
+        // A port taken between `free_port` and the server's bind (by another test's server or
+        // a client's ephemeral port) makes it exit at once: take other ports and start again.
+        for attempt in 1.. {
+            match server.try_spawn().await {
+                Ok(()) => break,
+                Err(log) if attempt < 5 => {
+                    eprintln!("redis-server exited at start, new ports (attempt {attempt}): {log}");
+                    server.port = free_port();
+                    // A cluster node's config names its former ports.
+                    let _ = std::fs::remove_file(server.dir.join("nodes.conf"));
+                    if let Some(i) = server.args.iter().position(|a| a == "--cluster-port") {
+                        server.args[i + 1] = free_port().to_string();
+                    }
+                }
+                Err(log) => panic!("redis-server exited at start 5 times: {log}"),
+            }
+        }
         server
     }
 
+    /// Starts the server on its port (a restart: the same one).
     async fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn().await {
+            panic!("redis-server exited at start: {log}");
+        }
+    }
+
+    /// Starts the server and waits until it answers; `Err` with its log if it exits first.
+    async fn try_spawn(&mut self) -> Result<(), String> {
         let port = self.port.to_string();
         let ports = match self.access.ca {
             None => vec!["--port", &port],
@@ -167,12 +191,22 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.answers_ping() {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            if exited.is_some() {
+                self.child = None;
+                let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+                return Err(log.lines().rev().take(3).collect::<Vec<_>>().join(" | "));
+            }
             assert!(
                 Instant::now() < deadline,
                 "redis-server did not start in 20s"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Ok(())
     }
 
     fn answers_ping(&self) -> bool {
