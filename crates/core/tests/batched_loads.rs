@@ -38,8 +38,15 @@ fn client(server: &RedisServer, timeout: Duration) -> Redis {
     .unwrap()
 }
 
-/// An engine whose Redis calls wait up to `timeout`.
+/// An engine whose Redis calls wait up to `timeout`, whose reads load only after their lease
+/// (the tests above the speculative ones count loads and lookups of that path).
 fn engine_with_timeout(server: &RedisServer, timeout: Duration) -> Cache {
+    engine_with(server, timeout, false)
+}
+
+/// An engine whose Redis calls wait up to `timeout`; `speculative`: its batched reads load
+/// while they look up once the namespace leans to misses (the default).
+fn engine_with(server: &RedisServer, timeout: Duration, speculative: bool) -> Cache {
     let redis = client(server, timeout);
     let config = CacheConfig {
         backend: CacheBackend::Redis,
@@ -50,7 +57,11 @@ fn engine_with_timeout(server: &RedisServer, timeout: Duration) -> Cache {
         key_prefix: "batch:".to_string(),
         early_refresh: Default::default(),
     };
-    Cache::new(config, Backend::Redis(redis), EngineOptions::default())
+    let options = EngineOptions {
+        speculative_loads: speculative,
+        ..EngineOptions::default()
+    };
+    Cache::new(config, Backend::Redis(redis), options)
 }
 
 /// A loader of many keys that waits at `gate`, records each call's keys, and finds every
@@ -457,4 +468,164 @@ async fn a_namespace_invalidation_during_a_batch_refuses_every_fill_its_lookups_
     }
     let loads = source.calls().iter().map(Vec::len).sum::<usize>();
     assert_eq!(loads - loads_before, keys.len());
+}
+
+// Speculative loads: a batched read of a namespace whose lookups mostly miss loads while it
+// looks up, and its value fills only under a clean lease that came within the window.
+
+/// How long a Redis's tombstones take to be complete after its first lease (`TOMB`), and a
+/// little more.
+const SETTLE: Duration = Duration::from_millis(1100);
+
+/// A source whose first load of each key reads the row as it was before a write (`v1`), as a
+/// speculative read that began just before the write would, and every later load the row
+/// after it (`v2`). Counts its loads.
+#[derive(Clone, Default)]
+struct BeforeTheWrite {
+    loads: Arc<Mutex<Vec<String>>>,
+}
+
+impl BeforeTheWrite {
+    async fn load(self, keys: Vec<String>) -> Result<Vec<(String, Vec<u8>)>, std::io::Error> {
+        let mut loads = self.loads.lock().unwrap();
+        let rows = keys
+            .into_iter()
+            .map(|k| {
+                let version = if loads.contains(&k) { 2 } else { 1 };
+                loads.push(k.clone());
+                let body = format!("\"{k}-v{version}\"").into_bytes();
+                (k, body)
+            })
+            .collect();
+        Ok(rows)
+    }
+
+    fn loads_of(&self, key: &str) -> usize {
+        self.loads
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|k| *k == key)
+            .count()
+    }
+
+    /// `key` (with `tags`) read through `engine`: its body and where it came from.
+    async fn read(&self, engine: &Cache, key: &str, tags: &[String]) -> (String, Source) {
+        let source = self.clone();
+        let (body, from) = engine
+            .get_or_load_body_batched("assets", key, tags, |keys| source.load(keys))
+            .await
+            .unwrap();
+        (
+            String::from_utf8(body.unwrap().bytes().to_vec()).unwrap(),
+            from,
+        )
+    }
+}
+
+/// A Redis, and an engine on it (its calls waiting up to `timeout`) whose reads of `assets`
+/// now load speculatively: the namespace leans to misses and Redis's tombstones are complete.
+async fn speculating(timeout: Duration) -> (RedisServer, Cache) {
+    let redis = RedisServer::start().await;
+    let engine = engine_with(&redis, timeout, true);
+    until_trusted(&engine).await;
+    lean_to_misses(&engine).await;
+    tokio::time::sleep(SETTLE).await;
+    (redis, engine)
+}
+
+fn stats_of(engine: &Cache) -> NamespaceStats {
+    let stats = engine.stats();
+    stats
+        .into_iter()
+        .find(|ns| ns.namespace == "assets")
+        .unwrap()
+}
+
+/// What another instance reads of `key` from Redis (it must not load).
+async fn read_elsewhere(redis: &RedisServer, key: &str) -> String {
+    let other = engine(redis);
+    let (body, from) = BeforeTheWrite::default().read(&other, key, &[]).await;
+    assert_eq!(from, Source::Shared, "{key} is not in Redis");
+    body
+}
+
+#[tokio::test]
+async fn a_speculative_load_fills_once_and_its_value_is_then_served_by_every_tier() {
+    let (redis, engine) = speculating(Duration::from_millis(500)).await;
+    let source = BeforeTheWrite::default();
+    let (body, from) = source.read(&engine, "s1", &[]).await;
+    assert_eq!((body.as_str(), from), ("\"s1-v1\"", Source::Loaded));
+    // One load: the lease was clean and came within the window, so the loaded value filled.
+    until_counted(&engine, "speculative fills", 1, |ns| ns.speculative_fills).await;
+    assert_eq!(source.loads_of("s1"), 1);
+    assert_eq!(stats_of(&engine).speculative_reloads, 0);
+    assert_eq!(read_elsewhere(&redis, "s1").await, "\"s1-v1\"");
+    // The fill task kept it in process too, once the fill was taken: the next read is an
+    // in-process hit (a read of Redis would have loaded again, speculatively).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (body, from) = source.read(&engine, "s1", &[]).await;
+    assert_eq!((body.as_str(), from), ("\"s1-v1\"", Source::Memory));
+    assert_eq!(source.loads_of("s1"), 1);
+}
+
+#[tokio::test]
+async fn a_speculative_load_never_fills_what_a_recent_invalidation_may_have_made_stale() {
+    let (redis, engine) = speculating(Duration::from_millis(500)).await;
+    let source = BeforeTheWrite::default();
+    // Two writes, each then invalidating what it changed (a key; a tag), just before a
+    // speculative read of what it changed. That read models a row
+    // read before the write (v1); the lookup finds the invalidation's tombstone, so the
+    // lease holder loads again after the grant and only that row (v2) is cached.
+    engine.invalidate("assets", "x").await;
+    let (body, _) = source.read(&engine, "x", &[]).await;
+    assert_eq!(body, "\"x-v2\"");
+    let row_y = vec!["row:y".to_string()];
+    engine.invalidate_tag("row:y").await;
+    let (body, _) = source.read(&engine, "y", &row_y).await;
+    assert_eq!(body, "\"y-v2\"");
+    assert_eq!((source.loads_of("x"), source.loads_of("y")), (2, 2));
+    let stats = stats_of(&engine);
+    assert_eq!((stats.speculative_fills, stats.speculative_reloads), (0, 2));
+    for key in ["x", "y"] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let raw = client(&redis, Duration::from_secs(5));
+        loop {
+            let stored: usize = raw
+                .query(redis::cmd("EXISTS").arg(format!("batch:assets:{key}")))
+                .await
+                .unwrap();
+            if stored == 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{key} not filled after 5 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(read_elsewhere(&redis, key).await, format!("\"{key}-v2\""));
+    }
+}
+
+#[tokio::test]
+async fn a_speculative_load_answered_after_its_window_loads_again() {
+    // Calls may wait 2 s: the lookup below is answered late, not failed.
+    let (redis, engine) = speculating(Duration::from_secs(2)).await;
+    let source = BeforeTheWrite::default();
+    // Redis stalls for longer than the window (100 ms) while the key is read: the row read
+    // before the lookup's answer could predate an invalidation that left no tombstone (it
+    // failed while Redis stalled), so it may not fill.
+    redis.pause();
+    let read = {
+        let (engine, source) = (engine.clone(), source.clone());
+        tokio::spawn(async move { source.read(&engine, "late", &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.resume();
+    let (body, _) = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(body, "\"late-v2\"");
+    assert_eq!(source.loads_of("late"), 2);
+    let stats = stats_of(&engine);
+    assert_eq!((stats.speculative_fills, stats.speculative_reloads), (0, 1));
 }

@@ -70,7 +70,14 @@ async fn concurrent_misses_get_their_own_asset_from_fewer_statements_than_keys()
     }
     let loads = counter(&after, "loads") - counter(&before, "loads");
     let calls = counter(&after, "loader_calls") - counter(&before, "loader_calls");
-    assert_eq!(loads, asked.len() as u64, "one load per key: {after}");
+    // One load per key, and a second for each read that loaded beside its lookup and could
+    // not fill (its key was created less than a second ago: the creation's tombstone).
+    let reloads = counter(&after, "speculative_reloads") - counter(&before, "speculative_reloads");
+    assert_eq!(
+        loads,
+        asked.len() as u64 + reloads,
+        "one load per key: {after}"
+    );
     assert!(
         calls < loads,
         "{calls} statements for {loads} concurrent misses: {after}"

@@ -123,6 +123,17 @@ impl Inner {
         }
     }
 
+    /// Whether a read may load speculatively now (`lease.rs`): the shared tier is not in an
+    /// outage for this instance, and came back from the last one at least its distrust window
+    /// and the tombstones' life ago (an invalidation another instance could not deliver
+    /// meanwhile left no tombstone; it reaches Redis through the replay or the log).
+    pub(crate) fn may_speculate(&self) -> bool {
+        !self.outage.load(Ordering::Relaxed)
+            && now_ms()
+                >= self.distrust_before_ms.load(Ordering::Relaxed)
+                    + super::redis_tier::TOMB.as_millis() as u64
+    }
+
     /// The shared tier (or the bus on it) failed.
     pub(crate) fn note_outage(&self) {
         self.outage.store(true, Ordering::SeqCst);

@@ -5,6 +5,21 @@
 //! polls for that loader's value with backoff, for at most `lease_wait`, and loads itself
 //! (caching nothing) if it does not come. A lease is honoured only while nothing invalidated
 //! the key: an invalidation deletes the lease, and the holder's fill is refused (no stale set).
+//!
+//! **Speculative loads.** A batched read (`get_or_load_body_batched`) of a namespace whose
+//! recent lookups mostly missed loads *while* it looks up, instead of after: a miss then waits
+//! for the longer of the two round trips, not their sum. The load may have read its row
+//! before the lease was granted, so the lease alone does not make its fill safe: a write
+//! committed between the read and the grant, whose invalidation also came before the grant,
+//! would leave the old row cached. The fill is therefore taken only under a *clean* lease
+//! (the lookup found no tombstone of an invalidation of the key, its tags or its namespace
+//! within `TOMB`, `redis_tier.rs`) and only if the load began less than the speculation
+//! window (under `TOMB` and half of `REDIS_TIMEOUT`) before the lookup's answer: then any
+//! invalidation between the read and the grant left a tombstone the lookup saw. Otherwise the
+//! lease holder loads again, after the grant, as any lease holder does. An instance loads a
+//! key speculatively once at a time (its flight lock; a second reader takes the lease path),
+//! and a lookup that finds a value answers with it and the load is wasted, which is why only
+//! namespaces that mostly miss speculate.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -36,13 +51,23 @@ impl ReadCtx<'_> {
         loader: L,
     ) -> Result<Answer, E> {
         let read = SharedRead::begin(self, shared, L::BATCHED);
+        if L::BATCHED
+            && self.cache.inner.options.speculative_loads
+            && self.counters.mostly_missing()
+            && self.cache.inner.may_speculate()
+            && let Some(window) = shared.speculation_window()
+            && let Ok(_speculating) = self.flight.try_lock()
+            && let Some(again) = loader.again()
+        {
+            return read.speculate(loader, again, window).await;
+        }
         // Lives until the read returns: a poller that queued on the flight lock keeps it
         // through its own load, if it ends up loading.
         let mut backoff = Backoff::new(self.cache.inner.options.lease_wait);
         loop {
             match read.lookup().await {
                 Step::Served(value) => return Ok((value, Source::Shared)),
-                Step::Load { asked } => return read.load_and_fill(loader, asked).await,
+                Step::Load { asked, .. } => return read.load_and_fill(loader, asked).await,
                 Step::Wait { queue } => {
                     add(&self.counters.lease_waits, 1);
                     if !backoff.wait(&self.flight, queue).await {
@@ -64,8 +89,9 @@ enum Step {
     /// The shared tier answered.
     Served(Option<Arc<[u8]>>),
     /// This caller holds the lease: load and fill the shared tier. `asked`: when the call
-    /// that granted it was sent.
-    Load { asked: Instant },
+    /// that granted it was sent. `clean`: no invalidation's tombstone was found with it (a
+    /// speculative load may fill under it, see the module's doc).
+    Load { asked: Instant, clean: bool },
     /// Another caller is loading (or revalidating) the key: poll again. `queue`: before the
     /// first poll, wait for this instance's flight lock (one poller per key per instance).
     Wait { queue: bool },
@@ -125,13 +151,13 @@ impl<'a> SharedRead<'a> {
                 read.counters.lean(false);
                 self.on_hit(&stored).await
             }
-            Ok(Lookup::Lease) => {
+            Ok(Lookup::Lease { clean }) => {
                 read.cache.inner.shared_ok();
                 read.counters.lean(true);
                 // The lease holder never waits for the local lock: a waiter of this instance
                 // may hold it while polling for the value we are about to load.
                 add(&read.counters.misses, 1);
-                Step::Load { asked }
+                Step::Load { asked, clean }
             }
             Ok(Lookup::Wait) => Step::Wait { queue: true },
             Err(err) => {
@@ -162,7 +188,10 @@ impl<'a> SharedRead<'a> {
                 &read.counters.early_refreshes
             };
             add(counter, 1);
-            return Step::Load { asked };
+            return Step::Load {
+                asked,
+                clean: false,
+            };
         }
         if suspect {
             // Another caller is revalidating it: wait for its value.
@@ -206,32 +235,11 @@ impl<'a> SharedRead<'a> {
         asked: Instant,
     ) -> Result<Answer, E> {
         let read = self.read;
-        let fill = LeaseFill {
-            full: read.full.clone(),
-            tags: read.all_tags.clone(),
-            token: self.token.clone(),
-            lease_ttl: self.lease_ttl,
-            ttl_found: read.value_ttl(true),
-            ttl_missing: read.value_ttl(false),
-            asked,
-            install: L::BATCHED.then(|| {
-                Arc::new(Installer {
-                    namespace: read.namespace.to_string(),
-                    tags: read.tags.to_vec(),
-                    started_epoch: self.started_epoch,
-                    counters: read.counters.clone(),
-                })
-            }),
-        };
+        let fill = self.lease_fill(asked, L::BATCHED);
         let loaded = match loader.load(read, Some(fill)).await {
             Ok(loaded) => loaded,
             Err(err) => {
-                // Nothing will fill the key: the lease goes now, so that a waiter loads at
-                // once instead of polling until the lease's TTL. Best effort: a failed
-                // release leaves the lease to expire, as before.
-                if let Err(failed) = self.shared.release(&read.full, &self.token).await {
-                    tracing::debug!(key = read.full, error = %failed, "lease not released");
-                }
+                self.release().await;
                 return Err(err);
             }
         };
@@ -246,6 +254,88 @@ impl<'a> SharedRead<'a> {
             FillOutcome::Failed | FillOutcome::NotAsked | FillOutcome::Deferred => {}
         }
         Ok((loaded.value, Source::Loaded))
+    }
+}
+
+impl SharedRead<'_> {
+    /// What this read's lease holder fills with. `install`: the value is installed in process
+    /// by a fill task once its fill is taken (a batch's or a speculative load's).
+    fn lease_fill(&self, asked: Instant, install: bool) -> LeaseFill {
+        let read = self.read;
+        LeaseFill {
+            full: read.full.clone(),
+            tags: read.all_tags.clone(),
+            token: self.token.clone(),
+            lease_ttl: self.lease_ttl,
+            ttl_found: read.value_ttl(true),
+            ttl_missing: read.value_ttl(false),
+            asked,
+            install: install.then(|| {
+                Arc::new(Installer {
+                    namespace: read.namespace.to_string(),
+                    tags: read.tags.to_vec(),
+                    started_epoch: self.started_epoch,
+                    counters: read.counters.clone(),
+                })
+            }),
+        }
+    }
+
+    /// Nothing will fill the key: the lease goes now, so that a waiter loads at once instead
+    /// of polling until the lease's TTL. Best effort: a failed release leaves the lease to
+    /// expire.
+    async fn release(&self) {
+        let read = self.read;
+        if let Err(failed) = self.shared.release(&read.full, &self.token).await {
+            tracing::debug!(key = read.full, error = %failed, "lease not released");
+        }
+    }
+
+    /// A speculative load (see the module's doc): `loader` loads while the lookup runs;
+    /// `again` loads after the grant if the speculative value may not fill. `window`: the
+    /// longest a load may have begun before the lookup's answer and still fill.
+    async fn speculate<E, L: KeyLoader<E>>(
+        &self,
+        loader: L,
+        again: L,
+        window: Duration,
+    ) -> Result<Answer, E> {
+        let read = self.read;
+        // Before the load is queued: the row is read after this instant.
+        let began = Instant::now();
+        let (step, loaded) = tokio::join!(self.lookup(), loader.load(read, None));
+        match step {
+            // A value (the load is wasted), or it was due for a refresh another caller took.
+            Step::Served(value) => Ok((value, Source::Shared)),
+            Step::Load { asked, clean } => {
+                let loaded = match loaded {
+                    Ok(loaded) => loaded,
+                    Err(err) => {
+                        self.release().await;
+                        return Err(err);
+                    }
+                };
+                // The answer came within the window (the join waited for the load too, so
+                // this is later than the answer: never too lenient).
+                if clean && began.elapsed() < window {
+                    add(&read.counters.speculative_fills, 1);
+                    let fill = self.lease_fill(asked, true);
+                    read.cache
+                        .defer_fill(fill, loaded.value.clone(), loaded.delta);
+                    return Ok((loaded.value, Source::Loaded));
+                }
+                // The row may be older than an invalidation before the grant: load again.
+                add(&read.counters.speculative_reloads, 1);
+                self.load_and_fill(again, asked).await
+            }
+            // Another loader holds the lease (it fills), or the shared tier failed: the row
+            // read here answers, uncached.
+            Step::Wait { .. } | Step::GiveUp => {
+                let loaded = loaded?;
+                add(&read.counters.misses, 1);
+                Ok((loaded.value, Source::Loaded))
+            }
+        }
     }
 }
 

@@ -54,6 +54,15 @@ pub(super) trait KeyLoader<E> {
     const BATCHED: bool = false;
 
     async fn load(self, read: &ReadCtx<'_>, fill: Option<LeaseFill>) -> Result<Loaded, E>;
+
+    /// A second loader like this one, for a speculative load's reload (`lease.rs`); `None`:
+    /// this loader does not load speculatively.
+    fn again(&self) -> Option<Self>
+    where
+        Self: Sized,
+    {
+        None
+    }
 }
 
 /// A loader of one key: `None` is "not found".
@@ -75,11 +84,15 @@ where
 /// same one: a batch runs its leader's.
 pub(super) struct Batched<B>(pub B);
 
-impl<E, B: LoadMany<E>> KeyLoader<E> for Batched<B> {
+impl<E, B: LoadMany<E> + Clone> KeyLoader<E> for Batched<B> {
     const BATCHED: bool = true;
 
     async fn load(self, read: &ReadCtx<'_>, fill: Option<LeaseFill>) -> Result<Loaded, E> {
         read.load_batched(fill, self.0).await
+    }
+
+    fn again(&self) -> Option<Self> {
+        Some(Batched(self.0.clone()))
     }
 }
 
@@ -423,6 +436,61 @@ impl ReadCtx<'_> {
             &self.counters.load_micros,
             n.saturating_mul(delta.as_micros() as u64),
         );
+    }
+}
+
+/// Speculative loads' fills (`lease.rs`) waiting for the next fill script: those that
+/// arrive while one is in flight share the next (group commit, one task at a time).
+#[derive(Default)]
+pub(super) struct DeferredFills {
+    state: Mutex<DeferredState>,
+}
+
+#[derive(Default)]
+struct DeferredState {
+    queue: Vec<BatchFill>,
+    /// A task is sending fills.
+    sending: bool,
+}
+
+impl Cache {
+    /// Stores `value`, loaded in `delta`, under `lease` in the shared tier after the caller is
+    /// answered, and installs it in process once the fill is taken (as a batch's fill task
+    /// does). Fills deferred while one script is in flight share the next one.
+    pub(super) fn defer_fill(&self, lease: LeaseFill, value: Option<Arc<[u8]>>, delta: Duration) {
+        let (bytes, ttl, _) = lease.encode(value.as_deref(), delta);
+        let fill = BatchFill {
+            lease,
+            value,
+            bytes,
+            ttl,
+            delta,
+        };
+        let deferred = &self.inner.deferred_fills;
+        {
+            let mut state = deferred.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.queue.push(fill);
+            if state.sending {
+                return;
+            }
+            state.sending = true;
+        }
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let deferred = &cache.inner.deferred_fills;
+            loop {
+                let fills = {
+                    let mut state = deferred.state.lock().unwrap_or_else(|p| p.into_inner());
+                    if state.queue.is_empty() {
+                        state.sending = false;
+                        return;
+                    }
+                    let n = state.queue.len().min(MAX_BATCH);
+                    state.queue.drain(..n).collect::<Vec<_>>()
+                };
+                fill_and_install(cache.clone(), fills).await;
+            }
+        });
     }
 }
 

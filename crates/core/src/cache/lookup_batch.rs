@@ -285,7 +285,7 @@ mod tests {
         );
         let other = key("held", "other-loader");
         let held = tier.lookup_one(&other).await.unwrap();
-        assert!(matches!(held, Lookup::Lease), "{held:?}");
+        assert!(matches!(held, Lookup::Lease { .. }), "{held:?}");
 
         let fresh = key("fresh", "mine");
         let again = key("fresh", "a-second-caller");
@@ -298,7 +298,7 @@ mod tests {
             .iter()
             .map(|f| match f {
                 Lookup::Hit(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-                Lookup::Lease => "L".to_string(),
+                Lookup::Lease { .. } => "L".to_string(),
                 Lookup::Wait => "W".to_string(),
             })
             .collect();
@@ -311,15 +311,113 @@ mod tests {
         // A caller whose batch's answer was lost asks again alone, with its token: the lease
         // it already holds is `L`, alone or in a batch; another token still waits.
         let alone = tier.lookup_one(&fresh).await.unwrap();
-        assert!(matches!(alone, Lookup::Lease), "{alone:?}");
+        assert!(matches!(alone, Lookup::Lease { .. }), "{alone:?}");
         let found = tier.lookup_many(&[&fresh, &again]).await.unwrap();
         assert!(
-            matches!(found.as_slice(), [Lookup::Lease, Lookup::Wait]),
+            matches!(found.as_slice(), [Lookup::Lease { .. }, Lookup::Wait]),
             "{found:?}"
         );
         assert!(!fill(&tier, &again, &again.token).await);
         assert!(!fill(&tier, &asked, &asked.token).await);
         assert!(fill(&tier, &fresh, &fresh.token).await);
         assert!(fill(&tier, &other, &other.token).await);
+    }
+
+    /// Whether one lookup of `key` alone got a clean lease (any other answer fails the test).
+    async fn clean(tier: &RedisTier, key: &LookupKey) -> bool {
+        match tier.lookup_one(key).await.unwrap() {
+            Lookup::Lease { clean } => clean,
+            other => panic!("{} found {other:?}", key.full_key),
+        }
+    }
+
+    /// Whether each of `keys`, looked up in one script, got a clean lease.
+    async fn clean_many(tier: &RedisTier, keys: &[&LookupKey]) -> Vec<bool> {
+        let found = tier.lookup_many(keys).await.unwrap();
+        found
+            .into_iter()
+            .map(|f| match f {
+                Lookup::Lease { clean } => clean,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_lease_is_clean_only_where_no_recent_invalidation_left_a_tombstone() {
+        use super::super::redis_tier::TOMB;
+        let server = cascade_testkit::RedisServer::start().await;
+        let redis = Redis::for_test(server.url());
+        let tier = RedisTier::new(redis.clone(), "t:".to_string());
+        let settle = TOMB + Duration::from_millis(100);
+        // A Redis that never granted a lease may have lost its tombstones (restarted, flushed):
+        // no lease is clean until `TOMB` after its first grant.
+        assert!(!clean(&tier, &key("first", "a")).await);
+        assert_eq!(
+            clean_many(&tier, &[&key("first-b", "a"), &key("first-c", "a")]).await,
+            [false, false]
+        );
+        tokio::time::sleep(settle).await;
+        assert!(clean(&tier, &key("cold", "a")).await);
+
+        // Invalidations of a key and of a tag: the next lease of what they named is not clean,
+        // alone or in a script with others; other keys' leases are.
+        tier.invalidate(&["assets:k".to_string()], &[])
+            .await
+            .unwrap();
+        tier.invalidate(&[], &["row:t".to_string()]).await.unwrap();
+        assert!(!clean(&tier, &key("k", "a")).await);
+        assert!(!clean(&tier, &key("t", "a")).await);
+        tier.invalidate(&["assets:k2".to_string()], &["row:t2".to_string()])
+            .await
+            .unwrap();
+        assert_eq!(
+            clean_many(
+                &tier,
+                &[&key("k2", "a"), &key("fresh", "a"), &key("t2", "a")]
+            )
+            .await,
+            [false, true, false]
+        );
+        // A lease granted over a key's tombstone is a lease all the same: its fill is taken, and
+        // an early refresh may take one.
+        assert!(fill(&tier, &key("k", "a"), "a").await);
+        tier.invalidate(&["assets:r".to_string()], &[])
+            .await
+            .unwrap();
+        let lease = key("r", "refresh");
+        let granted = tier
+            .try_lease(
+                &lease.full_key,
+                &lease.tags,
+                &lease.token,
+                lease.lease_ttl,
+                lease.value_ttl,
+            )
+            .await
+            .unwrap();
+        assert!(granted, "try_lease over a tombstone");
+        // A namespace's invalidation: no key of it leases clean.
+        tier.invalidate(&[], &["ns:assets".to_string()])
+            .await
+            .unwrap();
+        assert!(!clean(&tier, &key("n1", "a")).await);
+        assert_eq!(
+            clean_many(&tier, &[&key("n2", "a"), &key("n3", "a")]).await,
+            [false, false]
+        );
+
+        // The tombstones last `TOMB`: then the same names lease clean again.
+        tokio::time::sleep(settle).await;
+        tier.invalidate(&["assets:k3".to_string()], &[])
+            .await
+            .unwrap();
+        tokio::time::sleep(settle).await;
+        assert!(clean(&tier, &key("k3", "a")).await);
+        assert!(clean(&tier, &key("t3", "a")).await);
+
+        // A flushed Redis (as a restarted one) lost its tombstones: unsettled again.
+        let _: () = redis.query(&redis::cmd("FLUSHALL")).await.unwrap();
+        assert!(!clean(&tier, &key("after-flush", "a")).await);
     }
 }

@@ -76,7 +76,7 @@ use self::batcher::Batcher;
 use self::breaker::Breaker;
 use self::bus::Bus;
 use self::invalidate::Pending;
-use self::load_batch::LoadGroups;
+use self::load_batch::{DeferredFills, LoadGroups};
 use self::marks::Marks;
 use self::pg_tier::PgTier;
 use self::redis_tier::RedisTier;
@@ -129,6 +129,10 @@ pub struct EngineOptions {
     /// bound on how long an instance may miss an invalidation another one could not deliver,
     /// when its `LISTEN` connection was down.
     pub invalidation_log_poll: Duration,
+    /// Batched reads of a namespace whose lookups mostly miss load while they look up
+    /// (`lease.rs`, speculative loads): a miss waits for one round trip instead of two, and a
+    /// lookup that finds a value wastes the load. Off: every read loads only after its lease.
+    pub speculative_loads: bool,
 }
 
 impl Default for EngineOptions {
@@ -141,6 +145,7 @@ impl Default for EngineOptions {
             breaker_threshold: 3,
             breaker_cool_down: Duration::from_millis(500),
             invalidation_log_poll: Duration::from_secs(5),
+            speculative_loads: true,
         }
     }
 }
@@ -285,6 +290,8 @@ pub(crate) struct Inner {
     batcher: Batcher,
     /// Concurrent batched loads of each namespace (`load_batch.rs`).
     load_groups: LoadGroups,
+    /// Speculative loads' fills waiting for their script (`load_batch.rs`).
+    deferred_fills: DeferredFills,
     stats: Stats,
 }
 
@@ -344,6 +351,7 @@ impl Cache {
                 replay: tokio::sync::Mutex::new(()),
                 batcher: Batcher::default(),
                 load_groups: LoadGroups::default(),
+                deferred_fills: DeferredFills::default(),
                 stats: Stats::default(),
             }),
         };

@@ -2,7 +2,11 @@
 //!
 //! Keys (under the configured prefix `P`, e.g. `cascade:`):
 //! - `P{ns}:{key}` — the value, with a one-byte header (`V` value, `N` cached not-found);
-//! - `Please:P{ns}:{key}` — the lease: which loader may fill the key right now;
+//! - `Please:P{ns}:{key}` — the lease: which loader may fill the key right now, or `~` for
+//!   [`TOMB`] after an invalidation of the key (a tombstone: the next lease is not *clean*);
+//! - `Ptomb:Ptag:{tag}` — a tag's tombstone, for [`TOMB`] after an invalidation of the tag;
+//!   `Ptomb-since` — when this Redis first granted a lease (its tombstones are complete from
+//!   [`TOMB`] after that);
 //! - `Ptag:{tag}` — a sorted set of the value keys carrying the tag (namespaces are the tag
 //!   `ns:{ns}`), each scored by when its value (or lease) expires, by Redis's clock;
 //! - `Ptag-retired:{tag}` — the tag's sets taken out of service by an invalidation and not
@@ -11,7 +15,10 @@
 //! The lease is what makes cache-aside safe ("Scaling Memcache at Facebook", NSDI 2013): a
 //! miss hands out a token; invalidation deletes the value *and* the lease; a fill succeeds only
 //! while its token is still the lease. A loader that read the old row before a write
-//! therefore cannot install it after the write's invalidation.
+//! therefore cannot install it after the write's invalidation. An invalidation leaves a
+//! tombstone instead of nothing for [`TOMB`], so a lookup can also tell whether anything
+//! invalidated the key lately: a load that began shortly *before* its lease was granted (a
+//! speculative load, `lease.rs`) may fill only under a clean lease.
 //!
 //! A miss costs two scripts: the lookup (reads or leases, one round trip; a namespace whose
 //! lookups mostly hit sends a plain `GET` first instead) and the fill (four commands; the
@@ -59,13 +66,25 @@ const TRIM: usize = 64;
 /// Members of a draining tag set deleted per script: ~1 ms of Redis time each.
 const DRAIN_BATCH: usize = 512;
 
+/// How long an invalidation leaves a tombstone: a key's lease set to `~` (an invalidation or
+/// an unconditional store of the key), a tag's `Ptomb:<tag set>` (an invalidation of the
+/// tag or namespace). A lease granted over one, or while one of the key's tag sets has one,
+/// is not clean ([`Lookup::Lease`]). `Ptomb-since` holds when this Redis first granted a lease
+/// (by its clock): until it is [`TOMB`] old, tombstones may have been lost (a restart, a
+/// flush) and no lease is clean.
+pub(crate) const TOMB: Duration = Duration::from_millis(1000);
+
 /// What a lookup found.
 #[derive(Debug)]
 pub(crate) enum Lookup {
     /// The stored bytes (with their header).
     Hit(Vec<u8>),
-    /// Nobody is loading: this caller holds the lease and must load.
-    Lease,
+    /// Nobody is loading: this caller holds the lease and must load. `clean`: nothing
+    /// invalidated the key, its tags or its namespace for [`TOMB`] before the grant (no
+    /// tombstone was found, and Redis has kept its tombstones that long): a load that began
+    /// less than [`TOMB`] before the lookup was sent read no row older than a write whose
+    /// invalidation came before the grant, so it may fill (`lease.rs`, speculative loads).
+    Lease { clean: bool },
     /// Another loader holds the lease: wait for its value.
     Wait,
 }
@@ -129,6 +148,28 @@ end
 local function index_tags(ttl, exact)
   local now = now_ms()
   for i = 3, #KEYS do index_set(KEYS[i], {now + ttl, KEYS[1]}, ttl, now, exact) end
+  return now
+end
+local function take_lease(lease, token, ttl)
+  if redis.call('SET', lease, token, 'NX', 'PX', ttl) then return 'L' end
+  local held = redis.call('GET', lease)
+  if held == token then return 'S' end
+  if held == '~' then
+    redis.call('SET', lease, token, 'PX', ttl)
+    return 'T'
+  end
+  return false
+end
+local function settled(now)
+  local since = tonumber(redis.call('GET', SINCE))
+  if not since then
+    redis.call('SET', SINCE, now)
+    return false
+  end
+  return now - since >= TOMB_MS
+end
+local function tag_tombstoned(set)
+  return redis.call('EXISTS', TOMBS .. set) == 1
 end
 ";
 
@@ -142,12 +183,15 @@ end
 const GET_OR_LEASE: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then return v end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  index_tags(tonumber(ARGV[3]), false)
-  return 'L'
+local taken = take_lease(KEYS[2], ARGV[1], ARGV[2])
+if not taken then return 'W' end
+if taken == 'S' then return 'l' end
+local now = index_tags(tonumber(ARGV[3]), false)
+if taken == 'T' or not settled(now) then return 'l' end
+for i = 3, #KEYS do
+  if tag_tombstoned(KEYS[i]) then return 'l' end
 end
-if redis.call('GET', KEYS[2]) == ARGV[1] then return 'L' end
-return 'W'
+return 'L'
 ";
 
 /// [`GET_OR_LEASE`] for several keys of one bucket, in order, one round trip: `KEYS` hold
@@ -158,15 +202,21 @@ return 'W'
 /// of one namespace costs its set one call, not one per key.
 const GET_OR_LEASE_MANY: &str = r"
 local out = {}
-local sets, order = {}, {}
+local sets, order, clean = {}, {}, {}
 local k = 1
 for i = 1, #ARGV / 4 do
   local a = 4 * (i - 1)
   local value_key, lease_key, tags = KEYS[k], KEYS[k + 1], tonumber(ARGV[a + 4])
   local v = redis.call('GET', value_key)
+  local taken = false
+  if not v then taken = take_lease(lease_key, ARGV[a + 1], ARGV[a + 2]) end
   if v then
     out[i] = v
-  elseif redis.call('SET', lease_key, ARGV[a + 1], 'NX', 'PX', ARGV[a + 2]) then
+  elseif not taken then
+    out[i] = 'W'
+  elseif taken == 'S' then
+    out[i] = 'l'
+  else
     local ttl = tonumber(ARGV[a + 3])
     for t = k + 2, k + 1 + tags do
       local set = sets[KEYS[t]]
@@ -179,11 +229,8 @@ for i = 1, #ARGV / 4 do
       set.keys[#set.keys + 1] = ttl
       set.keys[#set.keys + 1] = value_key
     end
-    out[i] = 'L'
-  elseif redis.call('GET', lease_key) == ARGV[a + 1] then
-    out[i] = 'L'
-  else
-    out[i] = 'W'
+    out[i] = 'l'
+    if taken == 'L' then clean[#clean + 1] = {i, k + 2, k + 1 + tags} end
   end
   k = k + 2 + tags
 end
@@ -193,6 +240,17 @@ if #order > 0 then
     local set = sets[tag]
     for j = 1, #set.keys, 2 do set.keys[j] = now + set.keys[j] end
     index_set(tag, set.keys, set.ttl, now, false)
+  end
+  if #clean > 0 and settled(now) then
+    local tombstoned = {}
+    for _, tag in ipairs(order) do tombstoned[tag] = tag_tombstoned(tag) end
+    for _, c in ipairs(clean) do
+      local ok = true
+      for t = c[2], c[3] do
+        if tombstoned[KEYS[t]] then ok = false end
+      end
+      if ok then out[c[1]] = 'L' end
+    end
   end
 end
 return out
@@ -208,7 +266,8 @@ return 0
 /// A lease on a key that still has a value: early refresh and revalidation. Indexed as in
 /// [`GET_OR_LEASE`].
 const TRY_LEASE: &str = r"
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+local taken = take_lease(KEYS[2], ARGV[1], ARGV[2])
+if taken == 'L' or taken == 'T' then
   index_tags(tonumber(ARGV[3]), false)
   return 1
 end
@@ -254,7 +313,7 @@ return out
 /// An unconditional store (no lease): indexes the tags exactly.
 const SET: &str = r"
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
-redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[2], '~', 'PX', TOMB_MS)
 index_tags(tonumber(ARGV[2]), true)
 return 1
 ";
@@ -285,20 +344,26 @@ local function drain(set, registry, lease_prefix, count)
 end
 ";
 
-/// Deletes the values `KEYS[2..ARGV[3]+1]` and their leases (under the prefix `ARGV[2]`);
-/// retires each tag set `KEYS[i]` that follows (registering it in `KEYS[i+1]`; `KEYS[1]`
-/// numbers the draining sets, named from `ARGV[1]`); then deletes up to `ARGV[4]` members of
-/// the tags' draining sets, those left by earlier, interrupted invalidations included.
+/// Deletes the values `KEYS[2..ARGV[3]+1]` and leaves their leases (under the prefix
+/// `ARGV[2]`) a tombstone; retires each tag set `KEYS[i]` that follows (registering it in
+/// `KEYS[i+1]`; `KEYS[1]` numbers the draining sets, named from `ARGV[1]`) and leaves it a
+/// tombstone (under `ARGV[5]`); then deletes up to `ARGV[4]` members of the tags' draining
+/// sets, those left by earlier, interrupted invalidations included. Starts `ARGV[6]`
+/// (`tomb-since`) if this Redis has none yet: tombstones are complete from then on.
 /// Returns how many members it deleted, and the draining sets not emptied, each followed by
 /// its registry. O(keys + tags + `ARGV[4]`).
 const INVALIDATE: &str = r"
+local t = redis.call('TIME')
+redis.call('SET', ARGV[6], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'NX')
 local n = tonumber(ARGV[3])
 for i = 2, n + 1 do
-  redis.call('DEL', KEYS[i], ARGV[2] .. KEYS[i])
+  redis.call('DEL', KEYS[i])
+  redis.call('SET', ARGV[2] .. KEYS[i], '~', 'PX', TOMB_MS)
 end
 local draining = {}
 for i = n + 2, #KEYS, 2 do
   local tag, registry = KEYS[i], KEYS[i + 1]
+  redis.call('SET', ARGV[5] .. tag, '1', 'PX', TOMB_MS)
   if redis.call('EXISTS', tag) == 1 then
     local dead = ARGV[1] .. redis.call('INCR', KEYS[1])
     redis.call('RENAME', tag, dead)
@@ -346,18 +411,27 @@ impl RedisTier {
         // the value key `KEYS[1]` starts with the prefix and the bucket's tag, up to its `}`.
         let names = match buckets {
             None => format!(
-                "local RETIRED, TAG, DRAINING_SEQ, DRAINING = {}, {}, {}, {}\n",
+                "local RETIRED, TAG, DRAINING_SEQ, DRAINING, TOMBS, SINCE = {}, {}, {}, {}, {}, {}\n",
                 lua_string(&format!("{prefix}tag-retired:")),
                 lua_string(&format!("{prefix}tag:")),
                 lua_string(&format!("{prefix}tag-draining-seq")),
                 lua_string(&format!("{prefix}tag-draining:")),
+                lua_string(&format!("{prefix}tomb:")),
+                lua_string(&format!("{prefix}tomb-since")),
             ),
             Some(_) => "local B = string.sub(KEYS[1], 1, string.find(KEYS[1], '}', 1, true))\n\
-                 local RETIRED, TAG, DRAINING_SEQ, DRAINING = \
-                 B .. 'tag-retired:', B .. 'tag:', B .. 'tag-draining-seq', B .. 'tag-draining:'\n"
+                 local RETIRED, TAG, DRAINING_SEQ, DRAINING, TOMBS, SINCE = \
+                 B .. 'tag-retired:', B .. 'tag:', B .. 'tag-draining-seq', B .. 'tag-draining:', \
+                 B .. 'tomb:', B .. 'tomb-since'\n"
                 .to_string(),
         };
-        let index_tags = format!("{names}{}", INDEX_TAGS.replace("TRIM", &TRIM.to_string()));
+        let tomb = TOMB.as_millis().to_string();
+        let index_tags = format!(
+            "{names}{}",
+            INDEX_TAGS
+                .replace("TRIM", &TRIM.to_string())
+                .replace("TOMB_MS", &tomb)
+        );
         RedisTier {
             redis,
             prefix,
@@ -369,10 +443,18 @@ impl RedisTier {
             release: Script::new(RELEASE),
             fill: Script::new(FILL),
             fill_many: Script::new(FILL_MANY),
-            set: Script::new(&format!("{index_tags}{SET}")),
-            invalidate: Script::new(&format!("{DRAIN_FN}{INVALIDATE}")),
+            set: Script::new(&format!("{index_tags}{}", SET.replace("TOMB_MS", &tomb))),
+            invalidate: Script::new(&format!(
+                "{DRAIN_FN}{}",
+                INVALIDATE.replace("TOMB_MS", &tomb)
+            )),
             drain: Script::new(&format!("{DRAIN_FN}{DRAIN}")),
         }
+    }
+
+    /// How long each call may wait for Redis (`REDIS_TIMEOUT`).
+    pub fn timeout(&self) -> Duration {
+        self.redis.timeout()
     }
 
     /// The bucket of `full_key` on a cluster; None on one server.
@@ -728,7 +810,9 @@ impl RedisTier {
             .arg(self.named(bucket, "tag-draining:"))
             .arg(format!("{}lease:", self.prefix))
             .arg(full_keys.len())
-            .arg(DRAIN_BATCH);
+            .arg(DRAIN_BATCH)
+            .arg(self.named(bucket, "tomb:"))
+            .arg(self.named(bucket, "tomb-since"));
         // Flat pairs: (draining set, the registry it is listed in), each with members left.
         let (mut listed, draining): (u64, Vec<String>) = self.redis.invoke(&script).await?;
         for pair in draining.chunks_exact(2) {
@@ -750,10 +834,11 @@ impl RedisTier {
 
 impl Lookup {
     /// A lookup script's reply for one key. A stored value is at least a codec header long:
-    /// never `L` or `W`.
+    /// never `L`, `l` or `W`.
     fn from_reply(bytes: Vec<u8>) -> Lookup {
         match bytes.as_slice() {
-            b"L" => Lookup::Lease,
+            b"L" => Lookup::Lease { clean: true },
+            b"l" => Lookup::Lease { clean: false },
             b"W" => Lookup::Wait,
             _ => Lookup::Hit(bytes),
         }

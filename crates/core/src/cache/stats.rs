@@ -24,6 +24,10 @@ pub(crate) struct NsCounters {
     pub stale_sets_refused: AtomicU64,
     pub shared_errors: AtomicU64,
     pub early_refreshes: AtomicU64,
+    /// Speculative loads (`lease.rs`) whose value filled under a clean lease, and those that
+    /// had to load again after the grant.
+    pub speculative_fills: AtomicU64,
+    pub speculative_reloads: AtomicU64,
     /// Which way this namespace's recent shared-tier lookups went: up a step per miss, down
     /// per hit, within ±[`LEAN_BOUND`]. Not a statistic: it picks how the next lookup asks.
     pub miss_lean: AtomicI32,
@@ -69,6 +73,11 @@ pub struct NamespaceStats {
     pub stale_sets_refused: u64,
     pub shared_errors: u64,
     pub early_refreshes: u64,
+    /// Speculative loads (a batched read loading while it looks up) whose value filled the
+    /// shared tier, and those loaded again after the lease's grant (an invalidation came
+    /// lately, or the lookup was slow).
+    pub speculative_fills: u64,
+    pub speculative_reloads: u64,
 }
 
 impl NamespaceStats {
@@ -122,6 +131,8 @@ impl Stats {
                 stale_sets_refused: c.stale_sets_refused.load(Ordering::Relaxed),
                 shared_errors: c.shared_errors.load(Ordering::Relaxed),
                 early_refreshes: c.early_refreshes.load(Ordering::Relaxed),
+                speculative_fills: c.speculative_fills.load(Ordering::Relaxed),
+                speculative_reloads: c.speculative_reloads.load(Ordering::Relaxed),
             })
             .collect()
     }

@@ -210,6 +210,8 @@ fn refresh_cache(cache: &Cache) {
             (m::CACHE_STALE_SETS_REFUSED, ns.stale_sets_refused),
             (m::CACHE_SHARED_ERRORS, ns.shared_errors),
             (m::CACHE_EARLY_REFRESHES, ns.early_refreshes),
+            (m::CACHE_SPECULATIVE_FILLS, ns.speculative_fills),
+            (m::CACHE_SPECULATIVE_RELOADS, ns.speculative_reloads),
         ] {
             counter!(name, &namespace).absolute(value);
         }
