@@ -359,6 +359,15 @@ pub fn redis_settings(settings: &HashMap<String, String>) -> Vec<Finding> {
              through to PostgreSQL) and real-time history stops growing; set allkeys-lru or \
              allkeys-lfu",
         ),
+        "volatile-ttl" | "volatile-random" | "allkeys-random" => warn(
+            "eviction",
+            format!(
+                "{policy}: under pressure it may evict the 1 s tombstones invalidations leave \
+                 (the shortest-lived or random keys first), and a read that loaded beside its \
+                 lookup could then cache a row from before a write; set allkeys-lru or \
+                 allkeys-lfu"
+            ),
+        ),
         other => ok(
             "eviction",
             format!(

@@ -53,7 +53,7 @@ pub const CACHE_STALE_SETS_REFUSED: &str = "cascade_cache_stale_sets_refused_tot
 pub const CACHE_SHARED_ERRORS: &str = "cascade_cache_shared_errors_total";
 pub const CACHE_EARLY_REFRESHES: &str = "cascade_cache_early_refreshes_total";
 pub const CACHE_SPECULATIVE_FILLS: &str = "cascade_cache_speculative_fills_total";
-pub const CACHE_SPECULATIVE_RELOADS: &str = "cascade_cache_speculative_reloads_total";
+pub const CACHE_SPECULATIVE_UNFILLED: &str = "cascade_cache_speculative_unfilled_total";
 pub const CACHE_HIT_RATIO: &str = "cascade_cache_hit_ratio";
 pub const BREAKER_STATE: &str = "cascade_breaker_state";
 
@@ -239,8 +239,8 @@ pub fn describe() {
         "loads begun beside their lookup whose value filled the shared tier, by namespace"
     );
     describe_counter!(
-        CACHE_SPECULATIVE_RELOADS,
-        "loads begun beside their lookup that loaded again after the lease (a recent invalidation or a slow lookup), by namespace"
+        CACHE_SPECULATIVE_UNFILLED,
+        "loads begun beside their lookup that filled nothing (a recent invalidation, a slow lookup or a failed load), by namespace"
     );
     describe_gauge!(
         CACHE_HIT_RATIO,

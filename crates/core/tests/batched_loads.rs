@@ -529,7 +529,12 @@ async fn speculating(timeout: Duration) -> (RedisServer, Cache) {
     let redis = RedisServer::start().await;
     let engine = engine_with(&redis, timeout, true);
     until_trusted(&engine).await;
-    lean_to_misses(&engine).await;
+    // Sixteen cold reads: on balance, the namespace's lookups all miss lately.
+    let source = Rows::new("none");
+    source.open();
+    for i in 0..16 {
+        read_again(&engine, &source, &format!("cold{i}")).await;
+    }
     tokio::time::sleep(SETTLE).await;
     (redis, engine)
 }
@@ -559,7 +564,7 @@ async fn a_speculative_load_fills_once_and_its_value_is_then_served_by_every_tie
     // One load: the lease was clean and came within the window, so the loaded value filled.
     until_counted(&engine, "speculative fills", 1, |ns| ns.speculative_fills).await;
     assert_eq!(source.loads_of("s1"), 1);
-    assert_eq!(stats_of(&engine).speculative_reloads, 0);
+    assert_eq!(stats_of(&engine).speculative_unfilled, 0);
     assert_eq!(read_elsewhere(&redis, "s1").await, "\"s1-v1\"");
     // The fill task kept it in process too, once the fill was taken: the next read is an
     // in-process hit (a read of Redis would have loaded again, speculatively).
@@ -569,63 +574,127 @@ async fn a_speculative_load_fills_once_and_its_value_is_then_served_by_every_tie
     assert_eq!(source.loads_of("s1"), 1);
 }
 
+/// Whether Redis holds a value for `key` of `assets`, and what its lease slot holds.
+async fn in_redis(redis: &RedisServer, key: &str) -> (bool, Option<String>) {
+    let raw = client(redis, Duration::from_secs(5));
+    let value = format!("batch:assets:{key}");
+    let stored: bool = raw.query(redis::cmd("EXISTS").arg(&value)).await.unwrap();
+    let lease: Option<String> = raw
+        .query(redis::cmd("GET").arg(format!("batch:lease:{value}")))
+        .await
+        .unwrap();
+    (stored, lease)
+}
+
+/// What another instance's invalidation of `key` (with `tag`) leaves in Redis, written by
+/// hand: this test's engine must not hear of it on its bus before its own read, as it would
+/// from a real instance a few milliseconds later (it then does not speculate on the key).
+async fn invalidated_elsewhere(redis: &RedisServer, key: &str, tag: &str) {
+    let raw = client(redis, Duration::from_secs(5));
+    let value = format!("batch:assets:{key}");
+    let _: () = raw
+        .query(
+            redis::cmd("DEL")
+                .arg(&value)
+                .arg(format!("batch:lease:{value}")),
+        )
+        .await
+        .unwrap();
+    for tomb in [
+        format!("batch:gone:{value}"),
+        format!("batch:tomb:batch:tag:{tag}"),
+    ] {
+        let _: () = raw
+            .query(redis::cmd("SET").arg(tomb).arg(1).arg("PX").arg(1000))
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_speculative_load_never_fills_what_a_recent_invalidation_may_have_made_stale() {
     let (redis, engine) = speculating(Duration::from_millis(500)).await;
     let source = BeforeTheWrite::default();
-    // Two writes, each then invalidating what it changed (a key; a tag), just before a
-    // speculative read of what it changed. That read models a row
-    // read before the write (v1); the lookup finds the invalidation's tombstone, so the
-    // lease holder loads again after the grant and only that row (v2) is cached.
-    engine.invalidate("assets", "x").await;
-    let (body, _) = source.read(&engine, "x", &[]).await;
-    assert_eq!(body, "\"x-v2\"");
+    // Writes on other instances, each then invalidating what it changed (a key; a tag), just
+    // before a speculative read here of what they changed. That read models a row read before
+    // the write (v1): its caller is answered with it (its read overlapped the write), but the
+    // lookup found the invalidation's tombstone, so nothing fills and the lease is given back.
+    invalidated_elsewhere(&redis, "x", "unrelated").await;
+    let (body, from) = source.read(&engine, "x", &[]).await;
+    assert_eq!((body.as_str(), from), ("\"x-v1\"", Source::Loaded));
     let row_y = vec!["row:y".to_string()];
-    engine.invalidate_tag("row:y").await;
+    invalidated_elsewhere(&redis, "unrelated", "row:y").await;
     let (body, _) = source.read(&engine, "y", &row_y).await;
-    assert_eq!(body, "\"y-v2\"");
-    assert_eq!((source.loads_of("x"), source.loads_of("y")), (2, 2));
-    let stats = stats_of(&engine);
-    assert_eq!((stats.speculative_fills, stats.speculative_reloads), (0, 2));
+    assert_eq!(body, "\"y-v1\"");
+    until_counted(&engine, "unfilled speculative loads", 2, |ns| {
+        ns.speculative_unfilled
+    })
+    .await;
+    assert_eq!(stats_of(&engine).speculative_fills, 0);
     for key in ["x", "y"] {
+        // Nothing cached, and the lease went at once.
+        assert_eq!(in_redis(&redis, key).await, (false, None));
+        // The next read (here on an instance whose reads load after their lease) loads the
+        // row after the write and fills it.
+        let other = engine_with(&redis, Duration::from_millis(500), false);
+        let (body, from) = source.read(&other, key, &[]).await;
+        assert_eq!((body, from), (format!("\"{key}-v2\""), Source::Loaded));
         let deadline = Instant::now() + Duration::from_secs(5);
-        let raw = client(&redis, Duration::from_secs(5));
-        loop {
-            let stored: usize = raw
-                .query(redis::cmd("EXISTS").arg(format!("batch:assets:{key}")))
-                .await
-                .unwrap();
-            if stored == 1 {
-                break;
-            }
+        while !in_redis(&redis, key).await.0 {
             assert!(Instant::now() < deadline, "{key} not filled after 5 s");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(read_elsewhere(&redis, key).await, format!("\"{key}-v2\""));
     }
+    assert_eq!((source.loads_of("x"), source.loads_of("y")), (2, 2));
 }
 
 #[tokio::test]
-async fn a_speculative_load_answered_after_its_window_loads_again() {
+async fn an_instance_that_invalidated_a_key_lately_reads_it_after_its_lease() {
+    let (redis, engine) = speculating(Duration::from_millis(500)).await;
+    let source = Rows::new("none");
+    source.open();
+    // A write here, then its read: no speculative load (it could not fill); one load, under
+    // the lease, which fills.
+    engine.invalidate("assets", "w").await;
+    let (body, from) = read_again(&engine, &source, "w").await;
+    assert_eq!((body.as_str(), from), ("\"w-v1\"", Source::Loaded));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !in_redis(&redis, "w").await.0 {
+        assert!(Instant::now() < deadline, "w not filled after 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = stats_of(&engine);
+    assert_eq!(
+        (stats.speculative_fills, stats.speculative_unfilled),
+        (0, 0)
+    );
+    assert_eq!(source.calls(), [["w".to_string()]]);
+}
+
+#[tokio::test]
+async fn a_speculative_load_answered_after_its_window_fills_nothing() {
     // Calls may wait 2 s: the lookup below is answered late, not failed.
     let (redis, engine) = speculating(Duration::from_secs(2)).await;
     let source = BeforeTheWrite::default();
     // Redis stalls for longer than the window (100 ms) while the key is read: the row read
     // before the lookup's answer could predate an invalidation that left no tombstone (it
-    // failed while Redis stalled), so it may not fill.
+    // failed while Redis stalled), so it may not fill. The caller does not wait for Redis.
     redis.pause();
+    let paused = Instant::now();
     let read = {
         let (engine, source) = (engine.clone(), source.clone());
         tokio::spawn(async move { source.read(&engine, "late", &[]).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answered = tokio::time::timeout(Duration::from_secs(1), read).await;
+    tokio::time::sleep(Duration::from_millis(300).saturating_sub(paused.elapsed())).await;
     redis.resume();
-    let (body, _) = tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .expect("answered")
-        .unwrap();
-    assert_eq!(body, "\"late-v2\"");
-    assert_eq!(source.loads_of("late"), 2);
-    let stats = stats_of(&engine);
-    assert_eq!((stats.speculative_fills, stats.speculative_reloads), (0, 1));
+    let (body, from) = answered.expect("answered while Redis is stalled").unwrap();
+    assert_eq!((body.as_str(), from), ("\"late-v1\"", Source::Loaded));
+    until_counted(&engine, "unfilled speculative loads", 1, |ns| {
+        ns.speculative_unfilled
+    })
+    .await;
+    assert_eq!(stats_of(&engine).speculative_fills, 0);
+    assert_eq!(in_redis(&redis, "late").await, (false, None));
 }

@@ -380,15 +380,15 @@ fn annotate_cache(row: &mut Row, before: &Value, after: &Value, statements: Opti
             "hit ratio {ratio:.1} %, {:.1} {counted_by} per 1000 requests",
             1000.0 * queries as f64 / row.requests.max(1) as f64
         );
-        // Reads that loaded beside their lookup (`lease.rs`): filled, or loaded again.
+        // Reads that loaded beside their lookup (`lease.rs`): filled, or not.
         let fills = delta(before, after, "speculative_fills");
-        let reloads = delta(before, after, "speculative_reloads");
-        if fills + reloads > 0 {
+        let unfilled = delta(before, after, "speculative_unfilled");
+        if fills + unfilled > 0 {
             row.notes = format!(
-                "{}, {:.1} speculative fills and {:.1} reloads per 1000 requests",
+                "{}, {:.1} speculative fills and {:.1} unfilled per 1000 requests",
                 row.notes,
                 1000.0 * fills as f64 / row.requests.max(1) as f64,
-                1000.0 * reloads as f64 / row.requests.max(1) as f64
+                1000.0 * unfilled as f64 / row.requests.max(1) as f64
             );
         }
         if !cut.is_empty() {

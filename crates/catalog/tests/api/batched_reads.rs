@@ -70,25 +70,28 @@ async fn concurrent_misses_get_their_own_asset_from_fewer_statements_than_keys()
     }
     let loads = counter(&after, "loads") - counter(&before, "loads");
     let calls = counter(&after, "loader_calls") - counter(&before, "loader_calls");
-    // One load per key, and a second for each read that loaded beside its lookup and could
-    // not fill (its key was created less than a second ago: the creation's tombstone).
-    let reloads = counter(&after, "speculative_reloads") - counter(&before, "speculative_reloads");
-    assert_eq!(
-        loads,
-        asked.len() as u64 + reloads,
-        "one load per key: {after}"
-    );
+    assert_eq!(loads, asked.len() as u64, "one load per key: {after}");
     assert!(
         calls < loads,
         "{calls} statements for {loads} concurrent misses: {after}"
     );
 
     // Each answer was cached with its key: read again, nothing is loaded, the absent one is
-    // still a 404.
+    // still a 404. Except a read that loaded beside its lookup (the namespace leaned to misses)
+    // under a lease that was not clean (its key was created less than a second before: the
+    // creation's tombstone) or that came late: that read filled nothing, and its key loads
+    // again (counted once its lookup is settled, in a task of its own).
     for (version, status, _) in &answers {
         let (again, _) = get(base, &format!("/listings/{version}")).await;
         assert_eq!(again, *status, "{version}");
     }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let last = asset_counters(base).await;
-    assert_eq!(counter(&last, "loads"), counter(&after, "loads"), "{last}");
+    let reloaded = counter(&last, "loads") - counter(&after, "loads");
+    let unfilled =
+        counter(&last, "speculative_unfilled") - counter(&before, "speculative_unfilled");
+    assert!(
+        reloaded <= unfilled,
+        "{reloaded} loads of cached keys: {last}"
+    );
 }

@@ -127,11 +127,23 @@ impl Inner {
     /// outage for this instance, and came back from the last one at least its distrust window
     /// and the tombstones' life ago (an invalidation another instance could not deliver
     /// meanwhile left no tombstone; it reaches Redis through the replay or the log).
+    /// And Redis did not say lately that its tombstones are not yet complete
+    /// ([`unsettled`](Self::unsettled)).
     pub(crate) fn may_speculate(&self) -> bool {
+        let now = now_ms();
         !self.outage.load(Ordering::Relaxed)
-            && now_ms()
+            && now
                 >= self.distrust_before_ms.load(Ordering::Relaxed)
                     + super::redis_tier::TOMB.as_millis() as u64
+            && now >= self.unsettled_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// A lookup found Redis's tombstones not yet complete (a Redis started or flushed less
+    /// than `TOMB` ago): reads load after their lease until they are, since no speculative
+    /// load could fill meanwhile.
+    pub(crate) fn unsettled(&self) {
+        let until = now_ms() + super::redis_tier::TOMB.as_millis() as u64;
+        self.unsettled_until_ms.fetch_max(until, Ordering::Relaxed);
     }
 
     /// The shared tier (or the bus on it) failed.
@@ -388,6 +400,23 @@ impl Cache {
 
     /// Whether `full` (of `namespace`, carrying `tags`) was invalidated since `epoch`: the
     /// check a finishing load makes before (and after) it installs what it read.
+    /// Whether this instance knows of an invalidation of `full`, of its namespace or of one
+    /// of `all_tags` (the caller's tags and the namespace's) less than `within` ago.
+    pub(super) fn invalidated_within(
+        &self,
+        within: Duration,
+        full: &str,
+        namespace: &str,
+        all_tags: &[String],
+    ) -> bool {
+        let marks = &self.inner.invalidated;
+        let own = [marks.key(full), marks.namespace(namespace)];
+        marks.any_within(
+            within,
+            own.into_iter().chain(all_tags.iter().map(|t| marks.tag(t))),
+        )
+    }
+
     pub(super) fn invalidated_since(
         &self,
         epoch: u64,

@@ -7,33 +7,35 @@
 //! the key: an invalidation deletes the lease, and the holder's fill is refused (no stale set).
 //!
 //! **Speculative loads.** A batched read (`get_or_load_body_batched`) of a namespace whose
-//! recent lookups mostly missed loads *while* it looks up, instead of after: a miss then waits
-//! for the longer of the two round trips, not their sum. The load may have read its row
+//! recent lookups all missed (on balance, the last 16) loads *while* it looks up, instead of after, and is answered
+//! with the row it read: a miss waits for its load alone, not for a lookup and then a load.
+//! The lookup and what follows it run in a task of their own. The row may have been read
 //! before the lease was granted, so the lease alone does not make its fill safe: a write
 //! committed between the read and the grant, whose invalidation also came before the grant,
 //! would leave the old row cached. The fill is therefore taken only under a *clean* lease
 //! (the lookup found no tombstone of an invalidation of the key, its tags or its namespace
-//! within `TOMB`, `redis_tier.rs`) and only if the load began less than the speculation
-//! window (under `TOMB` and half of `REDIS_TIMEOUT`) before the lookup's answer: then any
-//! invalidation between the read and the grant left a tombstone the lookup saw. Otherwise the
-//! lease holder loads again, after the grant, as any lease holder does. An instance loads a
-//! key speculatively once at a time (its flight lock; a second reader takes the lease path),
-//! and a lookup that finds a value answers with it and the load is wasted, which is why only
-//! namespaces that mostly miss speculate.
+//! within `TOMB`, `redis_tier.rs`) answered less than the speculation window (under `TOMB`
+//! and half of `REDIS_TIMEOUT`) after the load began: then any invalidation between the read
+//! and the grant left a tombstone the lookup saw. Otherwise nothing fills and the lease is
+//! given back, so the next reader loads it after its own grant. (The answer itself is as
+//! fresh as any read of the source begun with the request.) An instance loads a key
+//! speculatively once at a time (its flight lock; a second reader takes the lease path), and
+//! a lookup that finds a value makes the load a waste (its value is still kept in process),
+//! which is why only namespaces whose lookups all miss lately speculate.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, oneshot};
 
-use super::Source;
 use super::codec::{decode, due_for_refresh};
 use super::load_batch::{FillOutcome, Installer, KeyLoader, LeaseFill};
-use super::read::{Answer, Fill, ReadCtx};
-use super::redis_tier::Lookup;
+use super::read::{Answer, Fill, InstallKey, ReadCtx};
+use super::redis_tier::{Lookup, TOMB};
 use super::stats::add;
 use super::tier::SharedTier;
+use super::{Cache, Source};
 
 /// First pause between two polls for another loader's value; it doubles up to
 /// [`MAX_POLL_DELAY`], and polling stops after `EngineOptions::lease_wait` in all.
@@ -53,13 +55,15 @@ impl ReadCtx<'_> {
         let read = SharedRead::begin(self, shared, L::BATCHED);
         if L::BATCHED
             && self.cache.inner.options.speculative_loads
-            && self.counters.mostly_missing()
+            && self.counters.missing_steadily()
             && self.cache.inner.may_speculate()
             && let Some(window) = shared.speculation_window()
+            // Known here to have been invalidated lately (a write, then its read): the lookup
+            // would find the tombstone and nothing could fill.
+            && !self.cache.invalidated_within(TOMB, &self.full, self.namespace, &self.all_tags)
             && let Ok(_speculating) = self.flight.try_lock()
-            && let Some(again) = loader.again()
         {
-            return read.speculate(loader, again, window).await;
+            return read.speculate(loader, window).await;
         }
         // Lives until the read returns: a poller that queued on the flight lock keeps it
         // through its own load, if it ends up loading.
@@ -67,7 +71,7 @@ impl ReadCtx<'_> {
         loop {
             match read.lookup().await {
                 Step::Served(value) => return Ok((value, Source::Shared)),
-                Step::Load { asked, .. } => return read.load_and_fill(loader, asked).await,
+                Step::Load { asked } => return read.load_and_fill(loader, asked).await,
                 Step::Wait { queue } => {
                     add(&self.counters.lease_waits, 1);
                     if !backoff.wait(&self.flight, queue).await {
@@ -89,9 +93,8 @@ enum Step {
     /// The shared tier answered.
     Served(Option<Arc<[u8]>>),
     /// This caller holds the lease: load and fill the shared tier. `asked`: when the call
-    /// that granted it was sent. `clean`: no invalidation's tombstone was found with it (a
-    /// speculative load may fill under it, see the module's doc).
-    Load { asked: Instant, clean: bool },
+    /// that granted it was sent.
+    Load { asked: Instant },
     /// Another caller is loading (or revalidating) the key: poll again. `queue`: before the
     /// first poll, wait for this instance's flight lock (one poller per key per instance).
     Wait { queue: bool },
@@ -151,13 +154,16 @@ impl<'a> SharedRead<'a> {
                 read.counters.lean(false);
                 self.on_hit(&stored).await
             }
-            Ok(Lookup::Lease { clean }) => {
+            Ok(Lookup::Lease { unsettled, .. }) => {
                 read.cache.inner.shared_ok();
+                if unsettled {
+                    read.cache.inner.unsettled();
+                }
                 read.counters.lean(true);
                 // The lease holder never waits for the local lock: a waiter of this instance
                 // may hold it while polling for the value we are about to load.
                 add(&read.counters.misses, 1);
-                Step::Load { asked, clean }
+                Step::Load { asked }
             }
             Ok(Lookup::Wait) => Step::Wait { queue: true },
             Err(err) => {
@@ -188,10 +194,7 @@ impl<'a> SharedRead<'a> {
                 &read.counters.early_refreshes
             };
             add(counter, 1);
-            return Step::Load {
-                asked,
-                clean: false,
-            };
+            return Step::Load { asked };
         }
         if suspect {
             // Another caller is revalidating it: wait for its value.
@@ -239,7 +242,12 @@ impl<'a> SharedRead<'a> {
         let loaded = match loader.load(read, Some(fill)).await {
             Ok(loaded) => loaded,
             Err(err) => {
-                self.release().await;
+                // Nothing will fill the key: the lease goes now, so that a waiter loads at
+                // once instead of polling until the lease's TTL. Best effort: a failed
+                // release leaves the lease to expire, as before.
+                if let Err(failed) = self.shared.release(&read.full, &self.token).await {
+                    tracing::debug!(key = read.full, error = %failed, "lease not released");
+                }
                 return Err(err);
             }
         };
@@ -281,61 +289,98 @@ impl SharedRead<'_> {
         }
     }
 
-    /// Nothing will fill the key: the lease goes now, so that a waiter loads at once instead
-    /// of polling until the lease's TTL. Best effort: a failed release leaves the lease to
-    /// expire.
-    async fn release(&self) {
-        let read = self.read;
-        if let Err(failed) = self.shared.release(&read.full, &self.token).await {
-            tracing::debug!(key = read.full, error = %failed, "lease not released");
-        }
-    }
-
-    /// A speculative load (see the module's doc): `loader` loads while the lookup runs;
-    /// `again` loads after the grant if the speculative value may not fill. `window`: the
-    /// longest a load may have begun before the lookup's answer and still fill.
+    /// A speculative load (see the module's doc): the lookup and what follows it run in a task
+    /// of their own ([`settle`]), the caller loads meanwhile and is answered with its row.
+    /// `window`: the longest a load may have begun before the lookup's answer and still fill.
     async fn speculate<E, L: KeyLoader<E>>(
         &self,
         loader: L,
-        again: L,
         window: Duration,
     ) -> Result<Answer, E> {
         let read = self.read;
-        // Before the load is queued: the row is read after this instant.
-        let began = Instant::now();
-        let (step, loaded) = tokio::join!(self.lookup(), loader.load(read, None));
-        match step {
-            // A value (the load is wasted), or it was due for a refresh another caller took.
-            Step::Served(value) => Ok((value, Source::Shared)),
-            Step::Load { asked, clean } => {
-                let loaded = match loaded {
-                    Ok(loaded) => loaded,
-                    Err(err) => {
-                        self.release().await;
-                        return Err(err);
-                    }
-                };
-                // The answer came within the window (the join waited for the load too, so
-                // this is later than the answer: never too lenient).
-                if clean && began.elapsed() < window {
-                    add(&read.counters.speculative_fills, 1);
-                    let fill = self.lease_fill(asked, true);
-                    read.cache
-                        .defer_fill(fill, loaded.value.clone(), loaded.delta);
-                    return Ok((loaded.value, Source::Loaded));
-                }
-                // The row may be older than an invalidation before the grant: load again.
-                add(&read.counters.speculative_reloads, 1);
-                self.load_and_fill(again, asked).await
+        // Before the load is queued and the lookup sent: the row is read after this instant,
+        // and the value's TTL counts from it.
+        let fill = self.lease_fill(Instant::now(), true);
+        let (tell, told) = oneshot::channel();
+        tokio::spawn(settle(read.cache.clone(), fill, window, told));
+        add(&read.counters.misses, 1);
+        // An error (or this future dropped) drops `tell`: the task fills nothing.
+        let loaded = loader.load(read, None).await?;
+        let _ = tell.send((loaded.value.clone(), loaded.delta));
+        Ok((loaded.value, Source::Loaded))
+    }
+}
+
+/// A speculative load's lookup, then its fill or its lease's release. The value fills (after
+/// its caller was answered, with the other deferred fills, `load_batch.rs`) only if the lease
+/// was clean and answered within `window` of `fill.asked`, before which the load began; a
+/// value in Redis or another loader's lease only steer the namespace's next lookups.
+async fn settle(
+    cache: Cache,
+    fill: LeaseFill,
+    window: Duration,
+    loaded: oneshot::Receiver<(Option<Arc<[u8]>>, Duration)>,
+) {
+    let (Some(shared), Some(install)) = (cache.inner.shared.as_ref(), fill.install.clone()) else {
+        return;
+    };
+    let counters = &install.counters;
+    let found = shared
+        .lookup(
+            &fill.full,
+            &fill.tags,
+            &fill.token,
+            fill.lease_ttl,
+            fill.ttl_found,
+            false,
+            true,
+        )
+        .await;
+    let answered = fill.asked.elapsed();
+    match found {
+        Ok(Lookup::Lease { clean, unsettled }) => {
+            if unsettled {
+                cache.inner.unsettled();
             }
-            // Another loader holds the lease (it fills), or the shared tier failed: the row
-            // read here answers, uncached.
-            Step::Wait { .. } | Step::GiveUp => {
-                let loaded = loaded?;
-                add(&read.counters.misses, 1);
-                Ok((loaded.value, Source::Loaded))
+            cache.inner.shared_ok();
+            counters.lean(true);
+            match loaded.await {
+                Ok((value, delta)) if clean && answered < window => {
+                    add(&counters.speculative_fills, 1);
+                    cache.defer_fill(fill, value, delta);
+                }
+                // The row may be older than an invalidation before the grant (or the load
+                // failed): nothing fills, and the lease goes at once, so that the next reader
+                // loads instead of polling until the lease's TTL.
+                _ => {
+                    add(&counters.speculative_unfilled, 1);
+                    if let Err(failed) = shared.release(&fill.full, &fill.token).await {
+                        tracing::debug!(key = fill.full, error = %failed, "lease not released");
+                    }
+                }
             }
         }
+        Ok(Lookup::Hit(stored)) => {
+            cache.inner.shared_ok();
+            counters.lean(false);
+            // Kept in process, as a hit of the lease path would be (unless stored before an
+            // outage ended: that one is revalidated by the next read).
+            let distrust_before = cache.inner.distrust_before_ms.load(Ordering::SeqCst);
+            if let Some(entry) = decode(&stored)
+                && entry.stored_at_ms >= distrust_before
+            {
+                let key = InstallKey {
+                    full: &fill.full,
+                    namespace: &install.namespace,
+                    tags: &install.tags,
+                    all_tags: &fill.tags,
+                };
+                let value = entry.value.map(Arc::from);
+                cache.install(&key, install.started_epoch, Fill::stored(value, &entry));
+            }
+        }
+        Ok(Lookup::Wait) => {}
+        Err(err) => cache.shared_failed(counters, &err),
     }
 }
 

@@ -15,8 +15,9 @@
 //! installs each value whose fill was taken in the in-process tier, under its caller's epoch
 //! and tags (`read.rs`: an invalidation since that read began refuses the install). No caller
 //! waits for the fill's round trip, and a stalled Redis does not hold answers already loaded.
-//! A batch so changes none of a single read's guarantees: one load per cold key (only lease
-//! holders load), no stale set (the token, the epoch), read-after-write. Until its fill is
+//! A batch so changes none of a single read's guarantees: one load per cold key among the
+//! reads that load after their lease (a speculative load, `lease.rs`, loads beside its lookup),
+//! no stale set (the token, the epoch), read-after-write. Until its fill is
 //! taken a key is still leased: a read of it then polls for the value, as for any loader's.
 //!
 //! A failed loader call is the leader's error; every other caller of the batch then loads its
@@ -54,15 +55,6 @@ pub(super) trait KeyLoader<E> {
     const BATCHED: bool = false;
 
     async fn load(self, read: &ReadCtx<'_>, fill: Option<LeaseFill>) -> Result<Loaded, E>;
-
-    /// A second loader like this one, for a speculative load's reload (`lease.rs`); `None`:
-    /// this loader does not load speculatively.
-    fn again(&self) -> Option<Self>
-    where
-        Self: Sized,
-    {
-        None
-    }
 }
 
 /// A loader of one key: `None` is "not found".
@@ -84,15 +76,11 @@ where
 /// same one: a batch runs its leader's.
 pub(super) struct Batched<B>(pub B);
 
-impl<E, B: LoadMany<E> + Clone> KeyLoader<E> for Batched<B> {
+impl<E, B: LoadMany<E>> KeyLoader<E> for Batched<B> {
     const BATCHED: bool = true;
 
     async fn load(self, read: &ReadCtx<'_>, fill: Option<LeaseFill>) -> Result<Loaded, E> {
         read.load_batched(fill, self.0).await
-    }
-
-    fn again(&self) -> Option<Self> {
-        Some(Batched(self.0.clone()))
     }
 }
 
@@ -478,11 +466,17 @@ impl Cache {
         let cache = self.clone();
         tokio::spawn(async move {
             let deferred = &cache.inner.deferred_fills;
+            // Should this task die (a panic, the runtime shutting down), the next deferred
+            // fill starts another, which sends what is queued.
+            let sending = Sending(deferred);
             loop {
                 let fills = {
                     let mut state = deferred.state.lock().unwrap_or_else(|p| p.into_inner());
                     if state.queue.is_empty() {
                         state.sending = false;
+                        drop(state);
+                        // Done: a task started from now on is the next sender, not reset.
+                        std::mem::forget(sending);
                         return;
                     }
                     let n = state.queue.len().min(MAX_BATCH);
@@ -491,6 +485,16 @@ impl Cache {
                 fill_and_install(cache.clone(), fills).await;
             }
         });
+    }
+}
+
+/// Held by the task sending deferred fills: it may always be replaced once it is gone.
+struct Sending<'a>(&'a DeferredFills);
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.sending = false;
     }
 }
 
@@ -559,7 +563,8 @@ async fn fill_and_install(cache: Cache, mut fills: Vec<BatchFill>) {
     let stored = match stored {
         Ok(stored) => stored,
         Err(err) => {
-            // One namespace per batch: its counters take the error once.
+            // Counted once, against the first fill's namespace (a batch's fills are of one
+            // namespace; deferred speculative fills may mix several).
             if let Some(install) = fills.iter().find_map(|f| f.lease.install.as_ref()) {
                 cache.shared_failed(&install.counters, &err);
             }

@@ -19,7 +19,7 @@
 //! A queued caller otherwise waits for the batch in flight and then its own (two round
 //! trips; more when over 64 lookups queue in one group). A caller whose batch's sender went
 //! away (its future dropped) sends its lookup alone, with the same token: if the lost batch
-//! had already leased its key, the script answers `L` again for the lease it holds.
+//! had already leased its key, the script answers a lease again (`l`, never clean) for the lease it holds.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -326,7 +326,7 @@ mod tests {
     /// Whether one lookup of `key` alone got a clean lease (any other answer fails the test).
     async fn clean(tier: &RedisTier, key: &LookupKey) -> bool {
         match tier.lookup_one(key).await.unwrap() {
-            Lookup::Lease { clean } => clean,
+            Lookup::Lease { clean, .. } => clean,
             other => panic!("{} found {other:?}", key.full_key),
         }
     }
@@ -337,7 +337,7 @@ mod tests {
         found
             .into_iter()
             .map(|f| match f {
-                Lookup::Lease { clean } => clean,
+                Lookup::Lease { clean, .. } => clean,
                 other => panic!("{other:?}"),
             })
             .collect()
@@ -351,8 +351,18 @@ mod tests {
         let tier = RedisTier::new(redis.clone(), "t:".to_string());
         let settle = TOMB + Duration::from_millis(100);
         // A Redis that never granted a lease may have lost its tombstones (restarted, flushed):
-        // no lease is clean until `TOMB` after its first grant.
-        assert!(!clean(&tier, &key("first", "a")).await);
+        // no lease is clean until `TOMB` after its first grant, and the lookup says why.
+        let unsettled = |found: &Lookup| {
+            matches!(
+                found,
+                Lookup::Lease {
+                    clean: false,
+                    unsettled: true
+                }
+            )
+        };
+        let first = tier.lookup_one(&key("first", "a")).await.unwrap();
+        assert!(unsettled(&first), "{first:?}");
         assert_eq!(
             clean_many(&tier, &[&key("first-b", "a"), &key("first-c", "a")]).await,
             [false, false]
@@ -379,9 +389,25 @@ mod tests {
             .await,
             [false, true, false]
         );
-        // A lease granted over a key's tombstone is a lease all the same: its fill is taken, and
-        // an early refresh may take one.
+        // A lease granted while a key's tombstone lasts is a lease all the same: its fill is
+        // taken, and an early refresh may take one. Neither a release nor a tag's drain of
+        // the key's lease ends the tombstone.
         assert!(fill(&tier, &key("k", "a"), "a").await);
+        tier.invalidate(&["assets:rel".to_string()], &[])
+            .await
+            .unwrap();
+        assert!(!clean(&tier, &key("rel", "a")).await);
+        assert!(tier.release("assets:rel", "a").await.unwrap());
+        assert!(!clean(&tier, &key("rel", "b")).await);
+        let drained = key("d", "a");
+        assert!(clean(&tier, &drained).await);
+        assert!(fill(&tier, &drained, "a").await);
+        tier.invalidate(&["assets:d".to_string()], &["row:d".to_string()])
+            .await
+            .unwrap();
+        let mut untagged = key("d", "c");
+        untagged.tags = vec!["ns:other".to_string()];
+        assert!(!clean(&tier, &untagged).await);
         tier.invalidate(&["assets:r".to_string()], &[])
             .await
             .unwrap();
@@ -418,6 +444,12 @@ mod tests {
 
         // A flushed Redis (as a restarted one) lost its tombstones: unsettled again.
         let _: () = redis.query(&redis::cmd("FLUSHALL")).await.unwrap();
-        assert!(!clean(&tier, &key("after-flush", "a")).await);
+        let after = tier.lookup_one(&key("after-flush", "a")).await.unwrap();
+        assert!(unsettled(&after), "{after:?}");
+        let found = tier
+            .lookup_many(&[&key("flush-b", "a"), &key("flush-c", "a")])
+            .await
+            .unwrap();
+        assert!(found.iter().all(unsettled), "{found:?}");
     }
 }

@@ -34,12 +34,14 @@ pub(crate) struct Marks {
 
 #[derive(Default)]
 struct State {
-    /// The latest epoch of each mark.
-    latest: foldhash::HashMap<Mark, u64>,
+    /// The latest epoch of each mark, and when it was recorded.
+    latest: foldhash::HashMap<Mark, (u64, Instant)>,
     /// Every recording, oldest first (epochs increase along it).
     order: VecDeque<(Instant, Mark, u64)>,
-    /// The newest epoch of a mark dropped for room before its window ended.
+    /// The newest epoch of a mark dropped for room before its window ended, and when that
+    /// mark was recorded.
     dropped_up_to: u64,
+    dropped_at: Option<Instant>,
 }
 
 impl Marks {
@@ -83,7 +85,7 @@ impl Marks {
         let now = Instant::now();
         let mut state = self.lock();
         for &mark in marks {
-            state.latest.insert(mark, epoch);
+            state.latest.insert(mark, (epoch, now));
             state.order.push_back((now, mark, epoch));
         }
         while let Some(&(at, mark, e)) = state.order.front() {
@@ -94,8 +96,13 @@ impl Marks {
             state.order.pop_front();
             if !expired {
                 state.dropped_up_to = state.dropped_up_to.max(e);
+                state.dropped_at = Some(at);
             }
-            if state.latest.get(&mark) == Some(&e) {
+            if state
+                .latest
+                .get(&mark)
+                .is_some_and(|(latest, _)| *latest == e)
+            {
                 state.latest.remove(&mark);
             }
         }
@@ -105,7 +112,16 @@ impl Marks {
     pub fn any_after(&self, epoch: u64, mut marks: impl Iterator<Item = Mark>) -> bool {
         let state = self.lock();
         state.dropped_up_to > epoch
-            || marks.any(|mark| state.latest.get(&mark).is_some_and(|e| *e > epoch))
+            || marks.any(|mark| state.latest.get(&mark).is_some_and(|(e, _)| *e > epoch))
+    }
+
+    /// Whether any of `marks` was (or, dropped for room, may have been) recorded less than
+    /// `within` ago.
+    pub fn any_within(&self, within: Duration, mut marks: impl Iterator<Item = Mark>) -> bool {
+        let state = self.lock();
+        let recent = |at: &Instant| at.elapsed() < within;
+        state.dropped_at.as_ref().is_some_and(recent)
+            || marks.any(|mark| state.latest.get(&mark).is_some_and(|(_, at)| recent(at)))
     }
 }
 
@@ -133,6 +149,10 @@ mod tests {
         assert!(marks.any_after(4, [m(&marks, "k:b"), m(&marks, "t:x")].into_iter()));
         marks.record(&[m(&marks, "k:a")], 9);
         assert!(marks.any_after(8, [m(&marks, "k:a")].into_iter()));
+        // Recorded just now: within any window but none.
+        assert!(marks.any_within(Duration::from_secs(1), [m(&marks, "k:a")].into_iter()));
+        assert!(!marks.any_within(Duration::ZERO, [m(&marks, "k:a")].into_iter()));
+        assert!(!marks.any_within(Duration::from_secs(1), [m(&marks, "k:b")].into_iter()));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! negative caching, and a Redis tier behind a circuit breaker.
 //!
 //! Tiers. With Redis configured, the shared tier is Redis: one loader per key cluster-wide
-//! (a lease), no stale set after an invalidation (the fill is refused once the lease is gone).
+//! (a lease; in a namespace whose lookups all miss lately, also one speculative load per key per
+//! instance, `lease.rs`), no stale set after an invalidation (the fill is refused once the
+//! lease is gone, or when the lookup saw a recent invalidation's tombstone).
 //! Without Redis, an in-process tier bounded by bytes serves a single instance.
 //!
 //! Values are serialised once, as JSON: they are mostly API payloads, so the cached bytes can
@@ -129,7 +131,7 @@ pub struct EngineOptions {
     /// bound on how long an instance may miss an invalidation another one could not deliver,
     /// when its `LISTEN` connection was down.
     pub invalidation_log_poll: Duration,
-    /// Batched reads of a namespace whose lookups mostly miss load while they look up
+    /// Batched reads of a namespace whose lookups all miss lately load while they look up
     /// (`lease.rs`, speculative loads): a miss waits for one round trip instead of two, and a
     /// lookup that finds a value wastes the load. Off: every read loads only after its lease.
     pub speculative_loads: bool,
@@ -284,6 +286,9 @@ pub(crate) struct Inner {
     outage: AtomicBool,
     /// Wall-clock ms: shared entries stored before this are revalidated (see `shared_ok`).
     distrust_before_ms: AtomicU64,
+    /// No speculative load before this (wall clock, ms): Redis said its tombstones are not
+    /// yet complete (`lease.rs`).
+    unsettled_until_ms: AtomicU64,
     /// Serialises replays of `pending` so one caller does it.
     replay: tokio::sync::Mutex<()>,
     /// Concurrent invalidations, merged into shared rounds (`batcher.rs`).
@@ -348,6 +353,7 @@ impl Cache {
                 pending: Mutex::default(),
                 outage: AtomicBool::new(false),
                 distrust_before_ms: AtomicU64::new(0),
+                unsettled_until_ms: AtomicU64::new(0),
                 replay: tokio::sync::Mutex::new(()),
                 batcher: Batcher::default(),
                 load_groups: LoadGroups::default(),

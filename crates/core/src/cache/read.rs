@@ -111,7 +111,7 @@ impl Cache {
         load_many: B,
     ) -> Result<(Option<CachedBody>, Source), E>
     where
-        B: FnOnce(Vec<String>) -> Fut + Clone,
+        B: FnOnce(Vec<String>) -> Fut,
         Fut: Future<Output = Result<Vec<(String, Vec<u8>)>, E>>,
     {
         self.read_body(namespace, key, tags, Batched(load_many))

@@ -2,11 +2,12 @@
 //!
 //! Keys (under the configured prefix `P`, e.g. `cascade:`):
 //! - `P{ns}:{key}` — the value, with a one-byte header (`V` value, `N` cached not-found);
-//! - `Please:P{ns}:{key}` — the lease: which loader may fill the key right now, or `~` for
-//!   [`TOMB`] after an invalidation of the key (a tombstone: the next lease is not *clean*);
+//! - `Please:P{ns}:{key}` — the lease: which loader may fill the key right now;
+//! - `Pgone:P{ns}:{key}` — the key's tombstone, for [`TOMB`] after an invalidation or an
+//!   unconditional store of the key (a lease granted meanwhile is not *clean*);
 //! - `Ptomb:Ptag:{tag}` — a tag's tombstone, for [`TOMB`] after an invalidation of the tag;
-//!   `Ptomb-since` — when this Redis first granted a lease (its tombstones are complete from
-//!   [`TOMB`] after that);
+//!   `Ptomb-since` — when this Redis first granted a lease or took an invalidation (its
+//!   tombstones are complete from [`TOMB`] after that);
 //! - `Ptag:{tag}` — a sorted set of the value keys carrying the tag (namespaces are the tag
 //!   `ns:{ns}`), each scored by when its value (or lease) expires, by Redis's clock;
 //! - `Ptag-retired:{tag}` — the tag's sets taken out of service by an invalidation and not
@@ -15,9 +16,9 @@
 //! The lease is what makes cache-aside safe ("Scaling Memcache at Facebook", NSDI 2013): a
 //! miss hands out a token; invalidation deletes the value *and* the lease; a fill succeeds only
 //! while its token is still the lease. A loader that read the old row before a write
-//! therefore cannot install it after the write's invalidation. An invalidation leaves a
-//! tombstone instead of nothing for [`TOMB`], so a lookup can also tell whether anything
-//! invalidated the key lately: a load that began shortly *before* its lease was granted (a
+//! therefore cannot install it after the write's invalidation. An invalidation also leaves
+//! tombstones for [`TOMB`] (keys of their own: no lease, release or drain touches them), so a
+//! lookup can also tell whether anything invalidated the key lately: a load that began shortly *before* its lease was granted (a
 //! speculative load, `lease.rs`) may fill only under a clean lease.
 //!
 //! A miss costs two scripts: the lookup (reads or leases, one round trip; a namespace whose
@@ -66,12 +67,14 @@ const TRIM: usize = 64;
 /// Members of a draining tag set deleted per script: ~1 ms of Redis time each.
 const DRAIN_BATCH: usize = 512;
 
-/// How long an invalidation leaves a tombstone: a key's lease set to `~` (an invalidation or
-/// an unconditional store of the key), a tag's `Ptomb:<tag set>` (an invalidation of the
-/// tag or namespace). A lease granted over one, or while one of the key's tag sets has one,
-/// is not clean ([`Lookup::Lease`]). `Ptomb-since` holds when this Redis first granted a lease
-/// (by its clock): until it is [`TOMB`] old, tombstones may have been lost (a restart, a
-/// flush) and no lease is clean.
+/// How long an invalidation leaves a tombstone: a key's `Pgone:<value key>` (an
+/// invalidation or an unconditional store of the key), a tag's `Ptomb:<tag set>` (an
+/// invalidation of the tag or namespace). A lease granted while one of the key's lasts is not
+/// clean ([`Lookup::Lease`]). `Ptomb-since` holds when this Redis first granted a lease or
+/// took an invalidation (by its clock): until it is [`TOMB`] old, tombstones may have been
+/// lost (a restart, a flush) and no lease is clean. Tombstones are keys with a TTL: a Redis
+/// whose eviction policy picks the shortest-lived keys (`volatile-ttl`) or random ones may
+/// drop one under memory pressure (`cascade check` warns; use `allkeys-lru`/`allkeys-lfu`).
 pub(crate) const TOMB: Duration = Duration::from_millis(1000);
 
 /// What a lookup found.
@@ -84,7 +87,9 @@ pub(crate) enum Lookup {
     /// tombstone was found, and Redis has kept its tombstones that long): a load that began
     /// less than [`TOMB`] before the lookup was sent read no row older than a write whose
     /// invalidation came before the grant, so it may fill (`lease.rs`, speculative loads).
-    Lease { clean: bool },
+    /// `unsettled`: not clean because this Redis's tombstones are not yet [`TOMB`] old (the
+    /// reply `u`; `l` for a tombstone found, or a lease asked for again).
+    Lease { clean: bool, unsettled: bool },
     /// Another loader holds the lease: wait for its value.
     Wait,
 }
@@ -150,16 +155,6 @@ local function index_tags(ttl, exact)
   for i = 3, #KEYS do index_set(KEYS[i], {now + ttl, KEYS[1]}, ttl, now, exact) end
   return now
 end
-local function take_lease(lease, token, ttl)
-  if redis.call('SET', lease, token, 'NX', 'PX', ttl) then return 'L' end
-  local held = redis.call('GET', lease)
-  if held == token then return 'S' end
-  if held == '~' then
-    redis.call('SET', lease, token, 'PX', ttl)
-    return 'T'
-  end
-  return false
-end
 local function settled(now)
   local since = tonumber(redis.call('GET', SINCE))
   if not since then
@@ -171,27 +166,32 @@ end
 local function tag_tombstoned(set)
   return redis.call('EXISTS', TOMBS .. set) == 1
 end
+local function key_tombstoned(value_key)
+  return redis.call('EXISTS', GONE .. value_key) == 1
+end
 ";
 
-/// The whole lookup, one round trip: the value if there is one, else the lease (`L`) or another
-/// loader's (`W`). A lease that is already this token's is `L` again: a caller whose batched
-/// lookup was sent for it but whose answer was lost (the batch's sender dropped) asks alone
-/// with the same token. Granting the lease enters the key in its tag sets until its value would
-/// expire if stored now (`ARGV[3]`, the longest TTL its fill may use): a tag or namespace
-/// invalidation during the load deletes the lease (the fill is refused), and the fill has no
-/// tag set to touch.
+/// The whole lookup, one round trip: the value if there is one, else the lease (`L` clean, `l`
+/// not: see [`Lookup::Lease`]) or another loader's (`W`). A lease that is already this
+/// token's is `l` again: a caller whose batched lookup was sent for it but whose answer was
+/// lost (the batch's sender dropped) asks alone with the same token. Granting the lease enters
+/// the key in its tag sets until its value would expire if stored now (`ARGV[3]`, the longest
+/// TTL its fill may use): a tag or namespace invalidation during the load deletes the lease
+/// (the fill is refused), and the fill has no tag set to touch.
 const GET_OR_LEASE: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then return v end
-local taken = take_lease(KEYS[2], ARGV[1], ARGV[2])
-if not taken then return 'W' end
-if taken == 'S' then return 'l' end
-local now = index_tags(tonumber(ARGV[3]), false)
-if taken == 'T' or not settled(now) then return 'l' end
-for i = 3, #KEYS do
-  if tag_tombstoned(KEYS[i]) then return 'l' end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local now = index_tags(tonumber(ARGV[3]), false)
+  if not settled(now) then return 'u' end
+  if key_tombstoned(KEYS[1]) then return 'l' end
+  for i = 3, #KEYS do
+    if tag_tombstoned(KEYS[i]) then return 'l' end
+  end
+  return 'L'
 end
-return 'L'
+if redis.call('GET', KEYS[2]) == ARGV[1] then return 'l' end
+return 'W'
 ";
 
 /// [`GET_OR_LEASE`] for several keys of one bucket, in order, one round trip: `KEYS` hold
@@ -208,15 +208,9 @@ for i = 1, #ARGV / 4 do
   local a = 4 * (i - 1)
   local value_key, lease_key, tags = KEYS[k], KEYS[k + 1], tonumber(ARGV[a + 4])
   local v = redis.call('GET', value_key)
-  local taken = false
-  if not v then taken = take_lease(lease_key, ARGV[a + 1], ARGV[a + 2]) end
   if v then
     out[i] = v
-  elseif not taken then
-    out[i] = 'W'
-  elseif taken == 'S' then
-    out[i] = 'l'
-  else
+  elseif redis.call('SET', lease_key, ARGV[a + 1], 'NX', 'PX', ARGV[a + 2]) then
     local ttl = tonumber(ARGV[a + 3])
     for t = k + 2, k + 1 + tags do
       local set = sets[KEYS[t]]
@@ -230,7 +224,11 @@ for i = 1, #ARGV / 4 do
       set.keys[#set.keys + 1] = value_key
     end
     out[i] = 'l'
-    if taken == 'L' then clean[#clean + 1] = {i, k + 2, k + 1 + tags} end
+    if not key_tombstoned(value_key) then clean[#clean + 1] = {i, k + 2, k + 1 + tags} end
+  elseif redis.call('GET', lease_key) == ARGV[a + 1] then
+    out[i] = 'l'
+  else
+    out[i] = 'W'
   end
   k = k + 2 + tags
 end
@@ -241,7 +239,9 @@ if #order > 0 then
     for j = 1, #set.keys, 2 do set.keys[j] = now + set.keys[j] end
     index_set(tag, set.keys, set.ttl, now, false)
   end
-  if #clean > 0 and settled(now) then
+  if #clean > 0 and not settled(now) then
+    for _, c in ipairs(clean) do out[c[1]] = 'u' end
+  elseif #clean > 0 then
     local tombstoned = {}
     for _, tag in ipairs(order) do tombstoned[tag] = tag_tombstoned(tag) end
     for _, c in ipairs(clean) do
@@ -256,8 +256,9 @@ end
 return out
 ";
 
-/// Gives the lease `KEYS[2]` back if it is still the token `ARGV[1]` (its load failed: a
-/// waiter may load at once instead of waiting the lease out). 1 if it was released.
+/// Gives the lease `KEYS[2]` back if it is still the token `ARGV[1]` (its load failed, or a
+/// speculative load may not fill: a waiter may load at once instead of waiting the lease
+/// out). 1 if it was released.
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[2]) == ARGV[1] then return redis.call('DEL', KEYS[2]) end
 return 0
@@ -266,8 +267,7 @@ return 0
 /// A lease on a key that still has a value: early refresh and revalidation. Indexed as in
 /// [`GET_OR_LEASE`].
 const TRY_LEASE: &str = r"
-local taken = take_lease(KEYS[2], ARGV[1], ARGV[2])
-if taken == 'L' or taken == 'T' then
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   index_tags(tonumber(ARGV[3]), false)
   return 1
 end
@@ -313,7 +313,8 @@ return out
 /// An unconditional store (no lease): indexes the tags exactly.
 const SET: &str = r"
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
-redis.call('SET', KEYS[2], '~', 'PX', TOMB_MS)
+redis.call('DEL', KEYS[2])
+redis.call('SET', GONE .. KEYS[1], '1', 'PX', TOMB_MS)
 index_tags(tonumber(ARGV[2]), true)
 return 1
 ";
@@ -357,8 +358,8 @@ local t = redis.call('TIME')
 redis.call('SET', ARGV[6], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'NX')
 local n = tonumber(ARGV[3])
 for i = 2, n + 1 do
-  redis.call('DEL', KEYS[i])
-  redis.call('SET', ARGV[2] .. KEYS[i], '~', 'PX', TOMB_MS)
+  redis.call('DEL', KEYS[i], ARGV[2] .. KEYS[i])
+  redis.call('SET', ARGV[7] .. KEYS[i], '1', 'PX', TOMB_MS)
 end
 local draining = {}
 for i = n + 2, #KEYS, 2 do
@@ -411,19 +412,22 @@ impl RedisTier {
         // the value key `KEYS[1]` starts with the prefix and the bucket's tag, up to its `}`.
         let names = match buckets {
             None => format!(
-                "local RETIRED, TAG, DRAINING_SEQ, DRAINING, TOMBS, SINCE = {}, {}, {}, {}, {}, {}\n",
+                "local RETIRED, TAG, DRAINING_SEQ, DRAINING, TOMBS, SINCE, GONE = {}, {}, {}, {}, {}, {}, {}\n",
                 lua_string(&format!("{prefix}tag-retired:")),
                 lua_string(&format!("{prefix}tag:")),
                 lua_string(&format!("{prefix}tag-draining-seq")),
                 lua_string(&format!("{prefix}tag-draining:")),
                 lua_string(&format!("{prefix}tomb:")),
                 lua_string(&format!("{prefix}tomb-since")),
+                lua_string(&format!("{prefix}gone:")),
             ),
-            Some(_) => "local B = string.sub(KEYS[1], 1, string.find(KEYS[1], '}', 1, true))\n\
-                 local RETIRED, TAG, DRAINING_SEQ, DRAINING, TOMBS, SINCE = \
+            Some(_) => format!(
+                "local B = string.sub(KEYS[1], 1, string.find(KEYS[1], '}}', 1, true))\n\
+                 local RETIRED, TAG, DRAINING_SEQ, DRAINING, TOMBS, SINCE, GONE = \
                  B .. 'tag-retired:', B .. 'tag:', B .. 'tag-draining-seq', B .. 'tag-draining:', \
-                 B .. 'tomb:', B .. 'tomb-since'\n"
-                .to_string(),
+                 B .. 'tomb:', B .. 'tomb-since', {}\n",
+                lua_string(&format!("{prefix}gone:")),
+            ),
         };
         let tomb = TOMB.as_millis().to_string();
         let index_tags = format!(
@@ -812,7 +816,8 @@ impl RedisTier {
             .arg(full_keys.len())
             .arg(DRAIN_BATCH)
             .arg(self.named(bucket, "tomb:"))
-            .arg(self.named(bucket, "tomb-since"));
+            .arg(self.named(bucket, "tomb-since"))
+            .arg(format!("{}gone:", self.prefix));
         // Flat pairs: (draining set, the registry it is listed in), each with members left.
         let (mut listed, draining): (u64, Vec<String>) = self.redis.invoke(&script).await?;
         for pair in draining.chunks_exact(2) {
@@ -834,11 +839,21 @@ impl RedisTier {
 
 impl Lookup {
     /// A lookup script's reply for one key. A stored value is at least a codec header long:
-    /// never `L`, `l` or `W`.
+    /// never `L`, `l`, `u` or `W`.
     fn from_reply(bytes: Vec<u8>) -> Lookup {
         match bytes.as_slice() {
-            b"L" => Lookup::Lease { clean: true },
-            b"l" => Lookup::Lease { clean: false },
+            b"L" => Lookup::Lease {
+                clean: true,
+                unsettled: false,
+            },
+            b"l" => Lookup::Lease {
+                clean: false,
+                unsettled: false,
+            },
+            b"u" => Lookup::Lease {
+                clean: false,
+                unsettled: true,
+            },
             b"W" => Lookup::Wait,
             _ => Lookup::Hit(bytes),
         }

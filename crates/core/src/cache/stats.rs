@@ -24,10 +24,10 @@ pub(crate) struct NsCounters {
     pub stale_sets_refused: AtomicU64,
     pub shared_errors: AtomicU64,
     pub early_refreshes: AtomicU64,
-    /// Speculative loads (`lease.rs`) whose value filled under a clean lease, and those that
-    /// had to load again after the grant.
+    /// Speculative loads (`lease.rs`) whose value filled under a clean lease, and those whose
+    /// lease was not clean, came late or whose load failed (nothing filled).
     pub speculative_fills: AtomicU64,
-    pub speculative_reloads: AtomicU64,
+    pub speculative_unfilled: AtomicU64,
     /// Which way this namespace's recent shared-tier lookups went: up a step per miss, down
     /// per hit, within ±[`LEAN_BOUND`]. Not a statistic: it picks how the next lookup asks.
     pub miss_lean: AtomicI32,
@@ -41,6 +41,12 @@ impl NsCounters {
     /// Most recent shared-tier lookups of this namespace were misses.
     pub fn mostly_missing(&self) -> bool {
         self.miss_lean.load(Ordering::Relaxed) > 0
+    }
+
+    /// The namespace's recent shared-tier lookups all missed, on balance: as far as
+    /// `miss_lean` goes (its reads may load beside their lookups, `lease.rs`).
+    pub fn missing_steadily(&self) -> bool {
+        self.miss_lean.load(Ordering::Relaxed) >= LEAN_BOUND
     }
 
     /// Records a shared-tier lookup's outcome in `miss_lean`.
@@ -74,10 +80,10 @@ pub struct NamespaceStats {
     pub shared_errors: u64,
     pub early_refreshes: u64,
     /// Speculative loads (a batched read loading while it looks up) whose value filled the
-    /// shared tier, and those loaded again after the lease's grant (an invalidation came
-    /// lately, or the lookup was slow).
+    /// shared tier, and those that left it empty under their lease (an invalidation came
+    /// lately, the lookup was slow, or the load failed).
     pub speculative_fills: u64,
-    pub speculative_reloads: u64,
+    pub speculative_unfilled: u64,
 }
 
 impl NamespaceStats {
@@ -132,7 +138,7 @@ impl Stats {
                 shared_errors: c.shared_errors.load(Ordering::Relaxed),
                 early_refreshes: c.early_refreshes.load(Ordering::Relaxed),
                 speculative_fills: c.speculative_fills.load(Ordering::Relaxed),
-                speculative_reloads: c.speculative_reloads.load(Ordering::Relaxed),
+                speculative_unfilled: c.speculative_unfilled.load(Ordering::Relaxed),
             })
             .collect()
     }

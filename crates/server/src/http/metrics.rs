@@ -211,7 +211,7 @@ fn refresh_cache(cache: &Cache) {
             (m::CACHE_SHARED_ERRORS, ns.shared_errors),
             (m::CACHE_EARLY_REFRESHES, ns.early_refreshes),
             (m::CACHE_SPECULATIVE_FILLS, ns.speculative_fills),
-            (m::CACHE_SPECULATIVE_RELOADS, ns.speculative_reloads),
+            (m::CACHE_SPECULATIVE_UNFILLED, ns.speculative_unfilled),
         ] {
             counter!(name, &namespace).absolute(value);
         }
