@@ -35,6 +35,7 @@ fn engine(server: &RedisServer, prefix: &str) -> Cache {
         cleanup_interval: Duration::from_secs(60),
         key_prefix: prefix.to_string(),
         early_refresh: Default::default(),
+        speculative_loads: true,
     };
     Cache::new(
         config,

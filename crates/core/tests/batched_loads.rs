@@ -56,9 +56,13 @@ fn engine_with(server: &RedisServer, timeout: Duration, speculative: bool) -> Ca
         cleanup_interval: Duration::from_secs(60),
         key_prefix: "batch:".to_string(),
         early_refresh: Default::default(),
+        speculative_loads: true,
     };
     let options = EngineOptions {
         speculative_loads: speculative,
+        // As wide as the engine allows (half of `timeout`, at most 500 ms), so that a busy
+        // test machine's lookups come within it.
+        speculation_window: Duration::from_millis(500),
         ..EngineOptions::default()
     };
     Cache::new(config, Backend::Redis(redis), options)
@@ -619,6 +623,9 @@ async fn a_speculative_load_never_fills_what_a_recent_invalidation_may_have_made
     // before a speculative read here of what they changed. That read models a row read before
     // the write (v1): its caller is answered with it (its read overlapped the write), but the
     // lookup found the invalidation's tombstone, so nothing fills and the lease is given back.
+    // A control: a key nothing invalidated fills (the lookups come within the window here).
+    source.read(&engine, "z", &[]).await;
+    until_counted(&engine, "speculative fills", 1, |ns| ns.speculative_fills).await;
     invalidated_elsewhere(&redis, "x", "unrelated").await;
     let (body, from) = source.read(&engine, "x", &[]).await;
     assert_eq!((body.as_str(), from), ("\"x-v1\"", Source::Loaded));
@@ -630,7 +637,7 @@ async fn a_speculative_load_never_fills_what_a_recent_invalidation_may_have_made
         ns.speculative_unfilled
     })
     .await;
-    assert_eq!(stats_of(&engine).speculative_fills, 0);
+    assert_eq!(stats_of(&engine).speculative_fills, 1);
     for key in ["x", "y"] {
         // Nothing cached, and the lease went at once.
         assert_eq!(in_redis(&redis, key).await, (false, None));
@@ -670,6 +677,9 @@ async fn an_instance_that_invalidated_a_key_lately_reads_it_after_its_lease() {
         (0, 0)
     );
     assert_eq!(source.calls(), [["w".to_string()]]);
+    // A control: a key it did not invalidate is read speculatively.
+    read_again(&engine, &source, "other").await;
+    until_counted(&engine, "speculative fills", 1, |ns| ns.speculative_fills).await;
 }
 
 #[tokio::test]
@@ -677,9 +687,9 @@ async fn a_speculative_load_answered_after_its_window_fills_nothing() {
     // Calls may wait 2 s: the lookup below is answered late, not failed.
     let (redis, engine) = speculating(Duration::from_secs(2)).await;
     let source = BeforeTheWrite::default();
-    // Redis stalls for longer than the window (100 ms) while the key is read: the row read
-    // before the lookup's answer could predate an invalidation that left no tombstone (it
-    // failed while Redis stalled), so it may not fill. The caller does not wait for Redis.
+    // Redis stalls for longer than the window (500 ms here) while the key is read: the row
+    // read before the lookup's answer could predate an invalidation that left no tombstone
+    // (it failed while Redis stalled), so it may not fill. The caller does not wait for Redis.
     redis.pause();
     let paused = Instant::now();
     let read = {
@@ -687,7 +697,7 @@ async fn a_speculative_load_answered_after_its_window_fills_nothing() {
         tokio::spawn(async move { source.read(&engine, "late", &[]).await })
     };
     let answered = tokio::time::timeout(Duration::from_secs(1), read).await;
-    tokio::time::sleep(Duration::from_millis(300).saturating_sub(paused.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(700).saturating_sub(paused.elapsed())).await;
     redis.resume();
     let (body, from) = answered.expect("answered while Redis is stalled").unwrap();
     assert_eq!((body.as_str(), from), ("\"late-v1\"", Source::Loaded));

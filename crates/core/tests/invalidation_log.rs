@@ -31,6 +31,7 @@ fn config(prefix: &str, backend: CacheBackend) -> CacheConfig {
         cleanup_interval: Duration::from_secs(60),
         key_prefix: prefix.to_string(),
         early_refresh: Default::default(),
+        speculative_loads: true,
     }
 }
 

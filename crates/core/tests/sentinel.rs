@@ -269,6 +269,7 @@ fn engine(redis: Redis) -> Cache {
         ttls: Default::default(),
         key_names: Default::default(),
         early_refresh: Default::default(),
+        speculative_loads: true,
         cleanup_interval: Duration::from_secs(60),
     };
     Cache::new(

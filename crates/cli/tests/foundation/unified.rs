@@ -25,6 +25,7 @@ fn cache_config() -> CacheConfig {
         cleanup_interval: Duration::from_secs(60),
         key_prefix: PREFIX.to_string(),
         early_refresh: Default::default(),
+        speculative_loads: true,
     }
 }
 

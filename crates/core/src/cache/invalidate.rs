@@ -142,6 +142,12 @@ impl Inner {
     /// than `TOMB` ago): reads load after their lease until they are, since no speculative
     /// load could fill meanwhile.
     pub(crate) fn unsettled(&self) {
+        self.pause_speculation();
+    }
+
+    /// No speculative load for the tombstones' life (`TOMB`): Redis's tombstones are not
+    /// complete yet, or its lookups come too late for a speculative load to fill.
+    pub(crate) fn pause_speculation(&self) {
         let until = now_ms() + super::redis_tier::TOMB.as_millis() as u64;
         self.unsettled_until_ms.fetch_max(until, Ordering::Relaxed);
     }

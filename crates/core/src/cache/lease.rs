@@ -55,9 +55,12 @@ impl ReadCtx<'_> {
         let read = SharedRead::begin(self, shared, L::BATCHED);
         if L::BATCHED
             && self.cache.inner.options.speculative_loads
+            && self.cache.inner.config.speculative_loads
             && self.counters.missing_steadily()
             && self.cache.inner.may_speculate()
-            && let Some(window) = shared.speculation_window()
+            && self.cache.inner.settling.load(Ordering::Relaxed) < MAX_SETTLING
+            && let Some(window) =
+                shared.speculation_window(self.cache.inner.options.speculation_window)
             // Known here to have been invalidated lately (a write, then its read): the lookup
             // would find the tombstone and nothing could fill.
             && !self.cache.invalidated_within(TOMB, &self.full, self.namespace, &self.all_tags)
@@ -302,7 +305,8 @@ impl SharedRead<'_> {
         // and the value's TTL counts from it.
         let fill = self.lease_fill(Instant::now(), true);
         let (tell, told) = oneshot::channel();
-        tokio::spawn(settle(read.cache.clone(), fill, window, told));
+        let settling = Settling::new(read.cache);
+        tokio::spawn(settle(settling, fill, window, told));
         add(&read.counters.misses, 1);
         // An error (or this future dropped) drops `tell`: the task fills nothing.
         let loaded = loader.load(read, None).await?;
@@ -316,11 +320,12 @@ impl SharedRead<'_> {
 /// was clean and answered within `window` of `fill.asked`, before which the load began; a
 /// value in Redis or another loader's lease only steer the namespace's next lookups.
 async fn settle(
-    cache: Cache,
+    settling: Settling,
     fill: LeaseFill,
     window: Duration,
     loaded: oneshot::Receiver<(Option<Arc<[u8]>>, Duration)>,
 ) {
+    let cache = &settling.0;
     let (Some(shared), Some(install)) = (cache.inner.shared.as_ref(), fill.install.clone()) else {
         return;
     };
@@ -344,8 +349,14 @@ async fn settle(
             }
             cache.inner.shared_ok();
             counters.lean(true);
+            let late = answered >= window;
+            if late {
+                // Lookups this slow would leave every speculative load unfilled: reads load
+                // after their lease for a while, and fill.
+                cache.inner.pause_speculation();
+            }
             match loaded.await {
-                Ok((value, delta)) if clean && answered < window => {
+                Ok((value, delta)) if clean && !late => {
                     add(&counters.speculative_fills, 1);
                     cache.defer_fill(fill, value, delta);
                 }
@@ -353,10 +364,10 @@ async fn settle(
                 // failed): nothing fills, and the lease goes at once, so that the next reader
                 // loads instead of polling until the lease's TTL.
                 _ => {
-                    add(&counters.speculative_unfilled, 1);
                     if let Err(failed) = shared.release(&fill.full, &fill.token).await {
                         tracing::debug!(key = fill.full, error = %failed, "lease not released");
                     }
+                    add(&counters.speculative_unfilled, 1);
                 }
             }
         }
@@ -381,6 +392,26 @@ async fn settle(
         }
         Ok(Lookup::Wait) => {}
         Err(err) => cache.shared_failed(counters, &err),
+    }
+}
+
+/// Most speculative loads of one instance whose lookup is not settled yet: past it, reads load
+/// after their lease (their callers wait for Redis again, which bounds the work in flight).
+const MAX_SETTLING: usize = 4096;
+
+/// A speculative load's lookup in flight, counted against [`MAX_SETTLING`] until dropped.
+struct Settling(Cache);
+
+impl Settling {
+    fn new(cache: &Cache) -> Self {
+        cache.inner.settling.fetch_add(1, Ordering::Relaxed);
+        Settling(cache.clone())
+    }
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        self.0.inner.settling.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

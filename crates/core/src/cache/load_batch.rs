@@ -463,20 +463,22 @@ impl Cache {
             }
             state.sending = true;
         }
-        let cache = self.clone();
+        // Should the task die (a panic, the runtime shutting down, even before its first
+        // poll), the guard goes with it and the next deferred fill starts another sender.
+        let sending = Sending(Some(self.clone()));
         tokio::spawn(async move {
+            let mut sending = sending;
+            let Some(cache) = sending.0.clone() else {
+                return;
+            };
             let deferred = &cache.inner.deferred_fills;
-            // Should this task die (a panic, the runtime shutting down), the next deferred
-            // fill starts another, which sends what is queued.
-            let sending = Sending(deferred);
             loop {
                 let fills = {
                     let mut state = deferred.state.lock().unwrap_or_else(|p| p.into_inner());
                     if state.queue.is_empty() {
                         state.sending = false;
-                        drop(state);
                         // Done: a task started from now on is the next sender, not reset.
-                        std::mem::forget(sending);
+                        sending.0 = None;
                         return;
                     }
                     let n = state.queue.len().min(MAX_BATCH);
@@ -488,13 +490,17 @@ impl Cache {
     }
 }
 
-/// Held by the task sending deferred fills: it may always be replaced once it is gone.
-struct Sending<'a>(&'a DeferredFills);
+/// Held by the task sending deferred fills: dropped while it still holds its cache (the task
+/// died), the next deferred fill may start another sender.
+struct Sending(Option<Cache>);
 
-impl Drop for Sending<'_> {
+impl Drop for Sending {
     fn drop(&mut self) {
-        let mut state = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.sending = false;
+        if let Some(cache) = &self.0 {
+            let deferred = &cache.inner.deferred_fills;
+            let mut state = deferred.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.sending = false;
+        }
     }
 }
 

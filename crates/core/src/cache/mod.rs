@@ -135,6 +135,9 @@ pub struct EngineOptions {
     /// (`lease.rs`, speculative loads): a miss waits for one round trip instead of two, and a
     /// lookup that finds a value wastes the load. Off: every read loads only after its lease.
     pub speculative_loads: bool,
+    /// The longest a speculative load may begin before its lookup's answer and still fill
+    /// (capped by half of `REDIS_TIMEOUT` and half of the tombstones' 1 s).
+    pub speculation_window: Duration,
 }
 
 impl Default for EngineOptions {
@@ -148,6 +151,7 @@ impl Default for EngineOptions {
             breaker_cool_down: Duration::from_millis(500),
             invalidation_log_poll: Duration::from_secs(5),
             speculative_loads: true,
+            speculation_window: Duration::from_millis(100),
         }
     }
 }
@@ -289,6 +293,8 @@ pub(crate) struct Inner {
     /// No speculative load before this (wall clock, ms): Redis said its tombstones are not
     /// yet complete (`lease.rs`).
     unsettled_until_ms: AtomicU64,
+    /// Speculative loads whose lookup is in flight (`lease.rs`).
+    settling: std::sync::atomic::AtomicUsize,
     /// Serialises replays of `pending` so one caller does it.
     replay: tokio::sync::Mutex<()>,
     /// Concurrent invalidations, merged into shared rounds (`batcher.rs`).
@@ -354,6 +360,7 @@ impl Cache {
                 outage: AtomicBool::new(false),
                 distrust_before_ms: AtomicU64::new(0),
                 unsettled_until_ms: AtomicU64::new(0),
+                settling: Default::default(),
                 replay: tokio::sync::Mutex::new(()),
                 batcher: Batcher::default(),
                 load_groups: LoadGroups::default(),

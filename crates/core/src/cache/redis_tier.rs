@@ -70,12 +70,18 @@ const DRAIN_BATCH: usize = 512;
 /// How long an invalidation leaves a tombstone: a key's `Pgone:<value key>` (an
 /// invalidation or an unconditional store of the key), a tag's `Ptomb:<tag set>` (an
 /// invalidation of the tag or namespace). A lease granted while one of the key's lasts is not
-/// clean ([`Lookup::Lease`]). `Ptomb-since` holds when this Redis first granted a lease or
-/// took an invalidation (by its clock): until it is [`TOMB`] old, tombstones may have been
-/// lost (a restart, a flush) and no lease is clean. Tombstones are keys with a TTL: a Redis
-/// whose eviction policy picks the shortest-lived keys (`volatile-ttl`) or random ones may
-/// drop one under memory pressure (`cascade check` warns; use `allkeys-lru`/`allkeys-lfu`).
+/// clean ([`Lookup::Lease`]). `Ptomb-since` was set when this Redis first granted a lease or
+/// took an invalidation, with a TTL of [`SINCE_TTL`] (its age is what its TTL lost): until it
+/// is [`TOMB`] old, tombstones may have been lost (a restart, a flush, its own eviction) and
+/// no lease is clean. Tombstones are keys with a TTL, and a Redis that evicts may drop one
+/// under memory pressure: `volatile-ttl` picks the shortest-lived keys first, the random
+/// policies any, and even LRU or LFU may pick a tombstone, which nothing reads after it is
+/// written (`cascade check` warns of the first two; see README, "Cache guarantees").
 pub(crate) const TOMB: Duration = Duration::from_millis(1000);
+
+/// The TTL `Ptomb-since` is set with: its age is this minus what it has left (`PTTL`, by
+/// Redis's clock; no `GET`, no `TIME`). Ten years.
+const SINCE_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// What a lookup found.
 #[derive(Debug)]
@@ -155,13 +161,13 @@ local function index_tags(ttl, exact)
   for i = 3, #KEYS do index_set(KEYS[i], {now + ttl, KEYS[1]}, ttl, now, exact) end
   return now
 end
-local function settled(now)
-  local since = tonumber(redis.call('GET', SINCE))
-  if not since then
-    redis.call('SET', SINCE, now)
+local function settled()
+  local left = redis.call('PTTL', SINCE)
+  if left < 0 then
+    redis.call('SET', SINCE, '1', 'PX', SINCE_MS)
     return false
   end
-  return now - since >= TOMB_MS
+  return SINCE_MS - left >= TOMB_MS
 end
 local function tag_tombstoned(set)
   return redis.call('EXISTS', TOMBS .. set) == 1
@@ -183,7 +189,7 @@ local v = redis.call('GET', KEYS[1])
 if v then return v end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local now = index_tags(tonumber(ARGV[3]), false)
-  if not settled(now) then return 'u' end
+  if not settled() then return 'u' end
   if key_tombstoned(KEYS[1]) then return 'l' end
   for i = 3, #KEYS do
     if tag_tombstoned(KEYS[i]) then return 'l' end
@@ -239,7 +245,7 @@ if #order > 0 then
     for j = 1, #set.keys, 2 do set.keys[j] = now + set.keys[j] end
     index_set(tag, set.keys, set.ttl, now, false)
   end
-  if #clean > 0 and not settled(now) then
+  if #clean > 0 and not settled() then
     for _, c in ipairs(clean) do out[c[1]] = 'u' end
   elseif #clean > 0 then
     local tombstoned = {}
@@ -354,8 +360,7 @@ end
 /// Returns how many members it deleted, and the draining sets not emptied, each followed by
 /// its registry. O(keys + tags + `ARGV[4]`).
 const INVALIDATE: &str = r"
-local t = redis.call('TIME')
-redis.call('SET', ARGV[6], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'NX')
+redis.call('SET', ARGV[6], '1', 'NX', 'PX', SINCE_MS)
 local n = tonumber(ARGV[3])
 for i = 2, n + 1 do
   redis.call('DEL', KEYS[i], ARGV[2] .. KEYS[i])
@@ -430,11 +435,13 @@ impl RedisTier {
             ),
         };
         let tomb = TOMB.as_millis().to_string();
+        let since = SINCE_TTL.as_millis().to_string();
         let index_tags = format!(
             "{names}{}",
             INDEX_TAGS
                 .replace("TRIM", &TRIM.to_string())
                 .replace("TOMB_MS", &tomb)
+                .replace("SINCE_MS", &since)
         );
         RedisTier {
             redis,
@@ -450,7 +457,9 @@ impl RedisTier {
             set: Script::new(&format!("{index_tags}{}", SET.replace("TOMB_MS", &tomb))),
             invalidate: Script::new(&format!(
                 "{DRAIN_FN}{}",
-                INVALIDATE.replace("TOMB_MS", &tomb)
+                INVALIDATE
+                    .replace("TOMB_MS", &tomb)
+                    .replace("SINCE_MS", &since)
             )),
             drain: Script::new(&format!("{DRAIN_FN}{DRAIN}")),
         }

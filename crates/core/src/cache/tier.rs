@@ -67,22 +67,18 @@ pub(crate) enum SharedTier {
     Postgres(PgTier),
 }
 
-/// The longest a speculative load may begin before its lookup is answered and still fill
-/// (`lease.rs`): within the tombstones' life, and under half of `REDIS_TIMEOUT`, so that a
-/// Redis that stalled long enough to fail another instance's invalidation (which then left
-/// no tombstone) answers too late for any load begun before that invalidation to fill.
-const SPECULATION_WINDOW: Duration = Duration::from_millis(100);
-
 impl SharedTier {
-    /// The window in which a speculative load may fill ([`SPECULATION_WINDOW`]); `None`: this
-    /// tier keeps no tombstones (PostgreSQL), so nothing loads speculatively.
-    pub fn speculation_window(&self) -> Option<Duration> {
+    /// The longest a speculative load may begin before its lookup is answered and still fill
+    /// (`lease.rs`): `wanted` (`EngineOptions::speculation_window`), within half the
+    /// tombstones' life, and under half of `REDIS_TIMEOUT`, so that a Redis that stalled long
+    /// enough to fail another instance's invalidation (which then left no tombstone) answers
+    /// too late for any load begun before that invalidation to fill. `None`: this tier keeps
+    /// no tombstones (PostgreSQL), so nothing loads speculatively.
+    pub fn speculation_window(&self, wanted: Duration) -> Option<Duration> {
         match self {
-            SharedTier::Redis(t) => Some(
-                SPECULATION_WINDOW
-                    .min(t.timeout() / 2)
-                    .min(super::redis_tier::TOMB / 2),
-            ),
+            SharedTier::Redis(t) => {
+                Some(wanted.min(t.timeout() / 2).min(super::redis_tier::TOMB / 2))
+            }
             SharedTier::Postgres(_) => None,
         }
     }

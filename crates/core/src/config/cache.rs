@@ -32,6 +32,10 @@ pub struct RawCache {
     /// Prefix of every key Cascade writes to Redis [default: cascade:].
     #[arg(long, env = "CACHE_KEY_PREFIX", global = true)]
     pub cache_key_prefix: Option<String>,
+    /// Batched reads of namespaces whose lookups all miss read PostgreSQL while they look up
+    /// in Redis (true/false) [default: true]. Turn off where Redis evicts keys.
+    #[arg(long, env = "CACHE_SPECULATIVE_LOADS", global = true)]
+    pub cache_speculative_loads: Option<String>,
 }
 
 /// A cache namespace a module owns: its name, its default TTL and, when a seed names its keys
@@ -92,6 +96,8 @@ pub struct CacheConfig {
     pub key_prefix: String,
     /// Namespaces whose hot keys are reloaded shortly before they expire.
     pub early_refresh: BTreeSet<String>,
+    /// Batched reads may load while they look up (`EngineOptions::speculative_loads` too).
+    pub speculative_loads: bool,
 }
 
 impl CacheConfig {
@@ -194,6 +200,11 @@ impl CacheConfig {
                 60 * SECOND,
             ),
             key_prefix,
+            speculative_loads: p.boolean(
+                "CACHE_SPECULATIVE_LOADS",
+                &raw.cache_speculative_loads,
+                true,
+            ),
             early_refresh: raw
                 .cache_early_refresh
                 .as_deref()

@@ -214,6 +214,7 @@ impl Config {
             ("CACHE_DEFAULT_TTL", secs(c.default_ttl)),
             ("CACHE_CLEANUP_INTERVAL", secs(c.cleanup_interval)),
             ("CACHE_KEY_PREFIX", c.key_prefix.clone()),
+            ("CACHE_SPECULATIVE_LOADS", c.speculative_loads.to_string()),
             (
                 "CACHE_EARLY_REFRESH",
                 c.early_refresh

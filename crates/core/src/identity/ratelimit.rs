@@ -342,6 +342,7 @@ pub(crate) mod tests {
             cleanup_interval: Duration::from_secs(60),
             key_prefix: "test:".into(),
             early_refresh: Default::default(),
+            speculative_loads: true,
         };
         Cache::new(config, Backend::Memory, EngineOptions::default())
     }

@@ -25,6 +25,7 @@ pub fn config(prefix: &str) -> CacheConfig {
         cleanup_interval: Duration::from_secs(60),
         key_prefix: prefix.to_string(),
         early_refresh: ["early".to_string()].into_iter().collect(),
+        speculative_loads: true,
     }
 }
 
