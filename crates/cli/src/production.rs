@@ -363,7 +363,7 @@ pub fn redis_settings(settings: &HashMap<String, String>) -> Vec<Finding> {
             "eviction",
             format!(
                 "{policy}: under pressure it may evict the 1 s tombstones invalidations leave \
-                 (the shortest-lived or random keys first), and a read that loaded beside its \
+                 (the shortest-lived or random keys first), and a read that loaded without a \
                  lookup could then cache a row from before a write; set allkeys-lru or \
                  allkeys-lfu"
             ),

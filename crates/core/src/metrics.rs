@@ -236,11 +236,11 @@ pub fn describe() {
     );
     describe_counter!(
         CACHE_SPECULATIVE_FILLS,
-        "loads begun beside their lookup whose value filled the shared tier, by namespace"
+        "speculative loads (no lookup first) whose value the shared tier stored, by namespace"
     );
     describe_counter!(
         CACHE_SPECULATIVE_UNFILLED,
-        "loads begun beside their lookup that filled nothing (a recent invalidation, a slow lookup or a failed load), by namespace"
+        "speculative loads whose store was refused (a recent invalidation, past its deadline, tombstones not complete) or failed, by namespace"
     );
     describe_gauge!(
         CACHE_HIT_RATIO,

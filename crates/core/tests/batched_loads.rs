@@ -474,8 +474,8 @@ async fn a_namespace_invalidation_during_a_batch_refuses_every_fill_its_lookups_
     assert_eq!(loads - loads_before, keys.len());
 }
 
-// Speculative loads: a batched read of a namespace whose lookups mostly miss loads while it
-// looks up, and its value fills only under a clean lease that came within the window.
+// Speculative loads: a batched read of a namespace whose lookups mostly miss loads without a
+// lookup, and its value is stored only where no tombstone is found, within the window.
 
 /// How long a Redis's tombstones take to be complete after its first lease (`TOMB`), and a
 /// little more.
@@ -565,7 +565,7 @@ async fn a_speculative_load_fills_once_and_its_value_is_then_served_by_every_tie
     let source = BeforeTheWrite::default();
     let (body, from) = source.read(&engine, "s1", &[]).await;
     assert_eq!((body.as_str(), from), ("\"s1-v1\"", Source::Loaded));
-    // One load: the lease was clean and came within the window, so the loaded value filled.
+    // One load: no tombstone, and the store ran within the window, so the loaded value filled.
     until_counted(&engine, "speculative fills", 1, |ns| ns.speculative_fills).await;
     assert_eq!(source.loads_of("s1"), 1);
     assert_eq!(stats_of(&engine).speculative_unfilled, 0);
@@ -622,8 +622,8 @@ async fn a_speculative_load_never_fills_what_a_recent_invalidation_may_have_made
     // Writes on other instances, each then invalidating what it changed (a key; a tag), just
     // before a speculative read here of what they changed. That read models a row read before
     // the write (v1): its caller is answered with it (its read overlapped the write), but the
-    // lookup found the invalidation's tombstone, so nothing fills and the lease is given back.
-    // A control: a key nothing invalidated fills (the lookups come within the window here).
+    // store found the invalidation's tombstone, so nothing fills (and no lease is left).
+    // A control: a key nothing invalidated fills (the stores come within the window here).
     source.read(&engine, "z", &[]).await;
     until_counted(&engine, "speculative fills", 1, |ns| ns.speculative_fills).await;
     invalidated_elsewhere(&redis, "x", "unrelated").await;
@@ -639,7 +639,7 @@ async fn a_speculative_load_never_fills_what_a_recent_invalidation_may_have_made
     .await;
     assert_eq!(stats_of(&engine).speculative_fills, 1);
     for key in ["x", "y"] {
-        // Nothing cached, and the lease went at once.
+        // Nothing cached, and no lease held.
         assert_eq!(in_redis(&redis, key).await, (false, None));
         // The next read (here on an instance whose reads load after their lease) loads the
         // row after the write and fills it.
@@ -684,12 +684,13 @@ async fn an_instance_that_invalidated_a_key_lately_reads_it_after_its_lease() {
 
 #[tokio::test]
 async fn a_speculative_load_answered_after_its_window_fills_nothing() {
-    // Calls may wait 2 s: the lookup below is answered late, not failed.
+    // Calls may wait 2 s: the store below is answered late, not failed.
     let (redis, engine) = speculating(Duration::from_secs(2)).await;
     let source = BeforeTheWrite::default();
-    // Redis stalls for longer than the window (500 ms here) while the key is read: the row
-    // read before the lookup's answer could predate an invalidation that left no tombstone
-    // (it failed while Redis stalled), so it may not fill. The caller does not wait for Redis.
+    // Redis stalls for longer than the window (500 ms here) while the key is read: its store
+    // runs too late to be sure that a tombstone of any invalidation since the read began is
+    // still there (or that one was left: an invalidation may fail while Redis stalls), so it
+    // stores nothing. The caller does not wait for Redis.
     redis.pause();
     let paused = Instant::now();
     let read = {

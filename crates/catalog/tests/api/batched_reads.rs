@@ -77,10 +77,10 @@ async fn concurrent_misses_get_their_own_asset_from_fewer_statements_than_keys()
     );
 
     // Each answer was cached with its key: read again, nothing is loaded, the absent one is
-    // still a 404. Except a read that loaded beside its lookup (the namespace leaned to misses)
-    // under a lease that was not clean (its key was created less than a second before: the
-    // creation's tombstone) or that came late: that read filled nothing, and its key loads
-    // again (counted once its lookup is settled, in a task of its own). The fills of the
+    // still a 404. Except a read that loaded without a lookup (the namespace leaned to misses)
+    // whose store was refused (its key was created less than a second before: the creation's
+    // tombstone) or came late: that read filled nothing, and its key loads again (counted
+    // once its store is answered, after the read's answer). The fills of the
     // reads above land after their answers: give them time first.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     for (version, status, _) in &answers {

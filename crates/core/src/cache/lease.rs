@@ -7,31 +7,33 @@
 //! the key: an invalidation deletes the lease, and the holder's fill is refused (no stale set).
 //!
 //! **Speculative loads.** A batched read (`get_or_load_body_batched`) of a namespace whose
-//! recent lookups all missed (on balance, the last 16) loads *while* it looks up, instead of after, and is answered
-//! with the row it read: a miss waits for its load alone, not for a lookup and then a load.
-//! The lookup and what follows it run in a task of their own. The row may have been read
-//! before the lease was granted, so the lease alone does not make its fill safe: a write
-//! committed between the read and the grant, whose invalidation also came before the grant,
-//! would leave the old row cached. The fill is therefore taken only under a *clean* lease
-//! (the lookup found no tombstone of an invalidation of the key, its tags or its namespace
-//! within `TOMB`, `redis_tier.rs`) answered less than the speculation window (under `TOMB`
-//! and half of `REDIS_TIMEOUT`) after the load began: then any invalidation between the read
-//! and the grant left a tombstone the lookup saw. Otherwise nothing fills and the lease is
-//! given back, so the next reader loads it after its own grant. (The answer itself is as
-//! fresh as any read of the source begun with the request.) An instance loads a key
-//! speculatively once at a time (its flight lock; a second reader takes the lease path), and
-//! a lookup that finds a value makes the load a waste (its value is still kept in process),
-//! which is why only namespaces whose lookups all miss lately speculate.
+//! recent lookups all missed (on balance, the last 16) loads at once, without a lookup, and
+//! is answered with the row it read: a miss waits for its load alone, not for a lookup and
+//! then a load. The row is then stored in Redis with a script of its own (`STORE_FRESH_MANY`,
+//! `redis_tier.rs`; the stores of concurrent speculative loads share one, `load_batch.rs`),
+//! and kept in process once stored. It holds no lease, so the lease cannot refuse a stale
+//! set; tombstones and a deadline do. Every invalidation leaves tombstones of its keys, tags
+//! and namespaces for `TOMB` (1 s); the store is taken only if it finds none of the key's, and
+//! only if it runs within the speculation window (at most half of `TOMB` and of
+//! `REDIS_TIMEOUT`) of the load's start, by Redis's clock (a lower bound of its offset from
+//! ours is sampled from the scripts' replies, `RedisClock`). A write committed after the row
+//! was read was invalidated after the load began, hence less than `TOMB` before the store: its
+//! tombstone refuses the store. (The answer itself is as fresh as any read of the source
+//! begun with the request.) An instance loads a key speculatively once at a time: the key's
+//! flight lock is held until the store is answered, and its other batched reads wait for it
+//! rather than lease and load again. A value already in Redis makes the load a waste (it is
+//! then kept in process), which is why only namespaces whose lookups all miss lately
+//! speculate.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, oneshot};
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
 use super::codec::{decode, due_for_refresh};
 use super::load_batch::{FillOutcome, Installer, KeyLoader, LeaseFill};
-use super::read::{Answer, Fill, InstallKey, ReadCtx};
+use super::read::{Answer, Fill, ReadCtx};
 use super::redis_tier::{Lookup, TOMB};
 use super::stats::add;
 use super::tier::SharedTier;
@@ -64,9 +66,15 @@ impl ReadCtx<'_> {
             // Known here to have been invalidated lately (a write, then its read): the lookup
             // would find the tombstone and nothing could fill.
             && !self.cache.invalidated_within(TOMB, &self.full, self.namespace, &self.all_tags)
-            && let Ok(_speculating) = self.flight.try_lock()
+            && let Ok(flight) = self.flight.clone().try_lock_owned()
         {
-            return read.speculate(loader, window).await;
+            return read.speculate(loader, window, flight).await;
+        }
+        if L::BATCHED && self.flight.try_lock().is_err() {
+            // Another read of this instance holds the key: a speculative load takes no lease,
+            // so a lookup now would lease the key and load it again. Its flight lock is held
+            // until its store is answered: after it, the lookup finds the value.
+            drop(self.flight.lock().await);
         }
         // Lives until the read returns: a poller that queued on the flight lock keeps it
         // through its own load, if it ends up loading.
@@ -157,11 +165,8 @@ impl<'a> SharedRead<'a> {
                 read.counters.lean(false);
                 self.on_hit(&stored).await
             }
-            Ok(Lookup::Lease { unsettled, .. }) => {
+            Ok(Lookup::Lease) => {
                 read.cache.inner.shared_ok();
-                if unsettled {
-                    read.cache.inner.unsettled();
-                }
                 read.counters.lean(true);
                 // The lease holder never waits for the local lock: a waiter of this instance
                 // may hold it while polling for the value we are about to load.
@@ -292,118 +297,44 @@ impl SharedRead<'_> {
         }
     }
 
-    /// A speculative load (see the module's doc): the lookup and what follows it run in a task
-    /// of their own ([`settle`]), the caller loads meanwhile and is answered with its row.
-    /// `window`: the longest a load may have begun before the lookup's answer and still fill.
+    /// A speculative load (see the module's doc): the caller loads at once and is answered
+    /// with its row; the row is then stored in Redis with the other deferred stores
+    /// (`load_batch.rs`), if it can still run within `window` of the load's start, and kept in
+    /// process once stored. `flight`: this key's flight lock, held until then, so that the
+    /// instance's other reads of the key wait for that store rather than load it again.
     async fn speculate<E, L: KeyLoader<E>>(
         &self,
         loader: L,
         window: Duration,
+        flight: OwnedMutexGuard<()>,
     ) -> Result<Answer, E> {
         let read = self.read;
-        // Before the load is queued and the lookup sent: the row is read after this instant,
-        // and the value's TTL counts from it.
+        // Before the load is queued: the row is read after this instant, the value's TTL and
+        // the store's deadline count from it.
         let fill = self.lease_fill(Instant::now(), true);
-        let (tell, told) = oneshot::channel();
         let settling = Settling::new(read.cache);
-        tokio::spawn(settle(settling, fill, window, told));
         add(&read.counters.misses, 1);
-        // An error (or this future dropped) drops `tell`: the task fills nothing.
+        // An error (or this future dropped) drops the guards: nothing is stored.
         let loaded = loader.load(read, None).await?;
-        let _ = tell.send((loaded.value.clone(), loaded.delta));
+        read.cache.defer_fresh(
+            fill,
+            window,
+            loaded.value.clone(),
+            loaded.delta,
+            (flight, settling),
+        );
         Ok((loaded.value, Source::Loaded))
     }
 }
 
-/// A speculative load's lookup, then its fill or its lease's release. The value fills (after
-/// its caller was answered, with the other deferred fills, `load_batch.rs`) only if the lease
-/// was clean and answered within `window` of `fill.asked`, before which the load began; a
-/// value in Redis or another loader's lease only steer the namespace's next lookups.
-async fn settle(
-    settling: Settling,
-    fill: LeaseFill,
-    window: Duration,
-    loaded: oneshot::Receiver<(Option<Arc<[u8]>>, Duration)>,
-) {
-    let cache = &settling.0;
-    let (Some(shared), Some(install)) = (cache.inner.shared.as_ref(), fill.install.clone()) else {
-        return;
-    };
-    let counters = &install.counters;
-    let found = shared
-        .lookup(
-            &fill.full,
-            &fill.tags,
-            &fill.token,
-            fill.lease_ttl,
-            fill.ttl_found,
-            false,
-            true,
-        )
-        .await;
-    let answered = fill.asked.elapsed();
-    match found {
-        Ok(Lookup::Lease { clean, unsettled }) => {
-            if unsettled {
-                cache.inner.unsettled();
-            }
-            cache.inner.shared_ok();
-            counters.lean(true);
-            let late = answered >= window;
-            if late {
-                // Lookups this slow would leave every speculative load unfilled: reads load
-                // after their lease for a while, and fill.
-                cache.inner.pause_speculation();
-            }
-            match loaded.await {
-                Ok((value, delta)) if clean && !late => {
-                    add(&counters.speculative_fills, 1);
-                    cache.defer_fill(fill, value, delta);
-                }
-                // The row may be older than an invalidation before the grant (or the load
-                // failed): nothing fills, and the lease goes at once, so that the next reader
-                // loads instead of polling until the lease's TTL.
-                _ => {
-                    if let Err(failed) = shared.release(&fill.full, &fill.token).await {
-                        tracing::debug!(key = fill.full, error = %failed, "lease not released");
-                    }
-                    add(&counters.speculative_unfilled, 1);
-                }
-            }
-        }
-        Ok(Lookup::Hit(stored)) => {
-            cache.inner.shared_ok();
-            counters.lean(false);
-            // Kept in process, as a hit of the lease path would be (unless stored before an
-            // outage ended: that one is revalidated by the next read).
-            let distrust_before = cache.inner.distrust_before_ms.load(Ordering::SeqCst);
-            if let Some(entry) = decode(&stored)
-                && entry.stored_at_ms >= distrust_before
-            {
-                let key = InstallKey {
-                    full: &fill.full,
-                    namespace: &install.namespace,
-                    tags: &install.tags,
-                    all_tags: &fill.tags,
-                };
-                let value = entry.value.map(Arc::from);
-                cache.install(&key, install.started_epoch, Fill::stored(value, &entry));
-            }
-        }
-        Ok(Lookup::Wait) => {}
-        Err(err) => cache.shared_failed(counters, &err),
-    }
-}
-
-/// Most speculative loads of one instance whose lookup is not settled yet: past it, reads load
-/// after their lease (their callers wait for Redis again). Callers answered without waiting
-/// for Redis would otherwise queue lookups faster than Redis answers them: with 4,096, the
-/// miss-heavy walk's p99 was 28–62 ms (8–10 ms before speculative loads; 13–18 ms with this cap).
-/// A couple of lookup batches' worth keeps Redis's queue short.
+/// Most speculative stores of one instance not yet answered: past it, reads load after their
+/// lease (their callers wait for Redis again). Callers answered without waiting for Redis
+/// would otherwise queue stores faster than Redis takes them.
 const MAX_SETTLING: usize = 128;
 
-/// A speculative load's lookup in flight, counted against [`MAX_SETTLING`] until dropped.
-struct Settling(Cache);
+/// A speculative load's store not answered yet, counted against [`MAX_SETTLING`] until
+/// dropped.
+pub(super) struct Settling(Cache);
 
 impl Settling {
     fn new(cache: &Cache) -> Self {

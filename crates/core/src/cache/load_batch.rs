@@ -26,18 +26,21 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedMutexGuard, oneshot};
 
 use super::Cache;
-use super::codec::encode;
+use super::codec::{decode, encode};
 use super::lead_queue::{self, HandOff, Waiting, pass_lead, take_batch};
+use super::lease::Settling;
 use super::read::ReadCtx;
 use super::read::{Fill, InstallKey};
+use super::redis_tier::Fresh;
 use super::stats::{NsCounters, add};
-use super::tier::LeasedStore;
+use super::tier::{FreshStore, LeasedStore};
 
 /// Most keys one loader call is given.
 pub(super) const MAX_BATCH: usize = 64;
@@ -427,7 +430,7 @@ impl ReadCtx<'_> {
     }
 }
 
-/// Speculative loads' fills (`lease.rs`) waiting for the next fill script: those that
+/// Speculative loads' stores (`lease.rs`) waiting for the next store script: those that
 /// arrive while one is in flight share the next (group commit, one task at a time).
 #[derive(Default)]
 pub(super) struct DeferredFills {
@@ -436,23 +439,46 @@ pub(super) struct DeferredFills {
 
 #[derive(Default)]
 struct DeferredState {
-    queue: Vec<BatchFill>,
-    /// A task is sending fills.
+    queue: Vec<FreshFill>,
+    /// A task is sending stores.
     sending: bool,
 }
 
+/// A speculative load's store, waiting: what to store and install, and the key's flight lock
+/// and in-flight count, released once its store is answered.
+struct FreshFill {
+    lease: LeaseFill,
+    window: Duration,
+    value: Option<Arc<[u8]>>,
+    bytes: Vec<u8>,
+    ttl: Duration,
+    delta: Duration,
+    _held: (OwnedMutexGuard<()>, Settling),
+}
+
 impl Cache {
-    /// Stores `value`, loaded in `delta`, under `lease` in the shared tier after the caller is
-    /// answered, and installs it in process once the fill is taken (as a batch's fill task
-    /// does). Fills deferred while one script is in flight share the next one.
-    pub(super) fn defer_fill(&self, lease: LeaseFill, value: Option<Arc<[u8]>>, delta: Duration) {
-        let (bytes, ttl, _) = lease.encode(value.as_deref(), delta);
-        let fill = BatchFill {
+    /// Stores `value`, loaded in `delta` by a speculative load that began at `lease.asked`,
+    /// in the shared tier after its caller was answered (no lease: it must run within
+    /// `window` of that start, `redis_tier.rs`), and installs it in process once stored.
+    /// Stores deferred while one script is in flight share the next one. `held` is let go
+    /// once the store is answered.
+    pub(super) fn defer_fresh(
+        &self,
+        lease: LeaseFill,
+        window: Duration,
+        value: Option<Arc<[u8]>>,
+        delta: Duration,
+        held: (OwnedMutexGuard<()>, Settling),
+    ) {
+        let (bytes, _, left) = lease.encode(value.as_deref(), delta);
+        let fill = FreshFill {
             lease,
+            window,
             value,
             bytes,
-            ttl,
+            ttl: left,
             delta,
+            _held: held,
         };
         let deferred = &self.inner.deferred_fills;
         {
@@ -464,7 +490,7 @@ impl Cache {
             state.sending = true;
         }
         // Should the task die (a panic, the runtime shutting down, even before its first
-        // poll), the guard goes with it and the next deferred fill starts another sender.
+        // poll), the guard goes with it and the next deferred store starts another sender.
         let sending = Sending(Some(self.clone()));
         tokio::spawn(async move {
             let mut sending = sending;
@@ -484,14 +510,14 @@ impl Cache {
                     let n = state.queue.len().min(MAX_BATCH);
                     state.queue.drain(..n).collect::<Vec<_>>()
                 };
-                fill_and_install(cache.clone(), fills).await;
+                store_fresh_and_install(&cache, fills).await;
             }
         });
     }
 }
 
-/// Held by the task sending deferred fills: dropped while it still holds its cache (the task
-/// died), the next deferred fill may start another sender.
+/// Held by the task sending deferred stores: dropped while it still holds its cache (the task
+/// died), the next deferred store may start another sender.
 struct Sending(Option<Cache>);
 
 impl Drop for Sending {
@@ -500,6 +526,85 @@ impl Drop for Sending {
             let deferred = &cache.inner.deferred_fills;
             let mut state = deferred.state.lock().unwrap_or_else(|p| p.into_inner());
             state.sending = false;
+        }
+    }
+}
+
+/// Speculative loads' stores in one round (one script per bucket), then what each answer
+/// means: a stored value is installed in process (unless an invalidation came after its read
+/// began, as for any install); a value already there is kept in process as a hit would be;
+/// a tombstone, a Redis whose tombstones are not complete yet or a store past its deadline
+/// stores nothing (the next read loads after its lease), and the last two pause speculation.
+async fn store_fresh_and_install(cache: &Cache, mut fills: Vec<FreshFill>) {
+    let Some(shared) = cache.inner.shared.as_ref() else {
+        return;
+    };
+    let stores: Vec<FreshStore<'_>> = fills
+        .iter_mut()
+        .map(|f| FreshStore {
+            full_key: &f.lease.full,
+            tags: &f.lease.tags,
+            bytes: std::mem::take(&mut f.bytes),
+            ttl: f.ttl,
+            began: f.lease.asked,
+            window: f.window,
+        })
+        .collect();
+    let stored = shared.store_fresh(&stores).await;
+    drop(stores);
+    let outcomes = match stored {
+        Ok(outcomes) => outcomes,
+        Err(err) => {
+            // Counted once, against the first store's namespace (they may mix several).
+            if let Some(install) = fills.iter().find_map(|f| f.lease.install.as_ref()) {
+                cache.shared_failed(&install.counters, &err);
+                add(&install.counters.speculative_unfilled, fills.len() as u64);
+            }
+            return;
+        }
+    };
+    cache.inner.shared_ok();
+    for (f, outcome) in fills.into_iter().zip(outcomes) {
+        let Some(install) = &f.lease.install else {
+            continue;
+        };
+        let counters = &install.counters;
+        let key = InstallKey {
+            full: &f.lease.full,
+            namespace: &install.namespace,
+            tags: &install.tags,
+            all_tags: &f.lease.tags,
+        };
+        counters.lean(!matches!(outcome, Fresh::Found(_)));
+        match outcome {
+            Fresh::Stored => {
+                add(&counters.speculative_fills, 1);
+                let left = f.ttl.saturating_sub(f.lease.asked.elapsed());
+                let fill = Fill::fresh(f.value, left, f.delta);
+                cache.install(&key, install.started_epoch, fill);
+            }
+            Fresh::Found(stored) => {
+                // Kept in process, as a hit would be (unless stored before an outage ended:
+                // that one is revalidated by the next read).
+                let distrust_before = cache.inner.distrust_before_ms.load(Ordering::SeqCst);
+                if let Some(entry) = decode(&stored)
+                    && entry.stored_at_ms >= distrust_before
+                {
+                    let value = entry.value.map(Arc::from);
+                    cache.install(&key, install.started_epoch, Fill::stored(value, &entry));
+                }
+            }
+            Fresh::Tombstoned => add(&counters.speculative_unfilled, 1),
+            Fresh::Unsettled => {
+                cache.inner.unsettled();
+                add(&counters.speculative_unfilled, 1);
+            }
+            Fresh::Late => {
+                // Stores this slow would leave every speculative load unfilled: reads load
+                // after their lease for a while, and fill.
+                cache.inner.pause_speculation();
+                add(&counters.speculative_unfilled, 1);
+            }
         }
     }
 }

@@ -19,7 +19,7 @@
 //! A queued caller otherwise waits for the batch in flight and then its own (two round
 //! trips; more when over 64 lookups queue in one group). A caller whose batch's sender went
 //! away (its future dropped) sends its lookup alone, with the same token: if the lost batch
-//! had already leased its key, the script answers a lease again (`l`, never clean) for the lease it holds.
+//! had already leased its key, the script answers a lease again (`L`) for the lease it holds.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -241,7 +241,10 @@ fn short_reply(answers: usize) -> RedisError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::redis_tier::Fresh;
+    use crate::cache::tier::FreshStore;
     use crate::redis::Redis;
+    use std::time::Instant;
 
     fn key(name: &str, token: &str) -> LookupKey {
         LookupKey {
@@ -285,7 +288,7 @@ mod tests {
         );
         let other = key("held", "other-loader");
         let held = tier.lookup_one(&other).await.unwrap();
-        assert!(matches!(held, Lookup::Lease { .. }), "{held:?}");
+        assert!(matches!(held, Lookup::Lease), "{held:?}");
 
         let fresh = key("fresh", "mine");
         let again = key("fresh", "a-second-caller");
@@ -298,7 +301,7 @@ mod tests {
             .iter()
             .map(|f| match f {
                 Lookup::Hit(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-                Lookup::Lease { .. } => "L".to_string(),
+                Lookup::Lease => "L".to_string(),
                 Lookup::Wait => "W".to_string(),
             })
             .collect();
@@ -311,10 +314,10 @@ mod tests {
         // A caller whose batch's answer was lost asks again alone, with its token: the lease
         // it already holds is `L`, alone or in a batch; another token still waits.
         let alone = tier.lookup_one(&fresh).await.unwrap();
-        assert!(matches!(alone, Lookup::Lease { .. }), "{alone:?}");
+        assert!(matches!(alone, Lookup::Lease), "{alone:?}");
         let found = tier.lookup_many(&[&fresh, &again]).await.unwrap();
         assert!(
-            matches!(found.as_slice(), [Lookup::Lease { .. }, Lookup::Wait]),
+            matches!(found.as_slice(), [Lookup::Lease, Lookup::Wait]),
             "{found:?}"
         );
         assert!(!fill(&tier, &again, &again.token).await);
@@ -323,133 +326,141 @@ mod tests {
         assert!(fill(&tier, &other, &other.token).await);
     }
 
-    /// Whether one lookup of `key` alone got a clean lease (any other answer fails the test).
-    async fn clean(tier: &RedisTier, key: &LookupKey) -> bool {
-        match tier.lookup_one(key).await.unwrap() {
-            Lookup::Lease { clean, .. } => clean,
-            other => panic!("{} found {other:?}", key.full_key),
+    /// `key`'s speculative store, of a load that began `ago` (a window of 500 ms).
+    fn fresh_of(key: &LookupKey, ago: Duration) -> FreshStore<'_> {
+        FreshStore {
+            full_key: &key.full_key,
+            tags: &key.tags,
+            bytes: format!("V{}", key.full_key).into_bytes(),
+            ttl: key.value_ttl,
+            began: Instant::now() - ago,
+            window: Duration::from_millis(500),
         }
     }
 
-    /// Whether each of `keys`, looked up in one script, got a clean lease.
-    async fn clean_many(tier: &RedisTier, keys: &[&LookupKey]) -> Vec<bool> {
-        let found = tier.lookup_many(keys).await.unwrap();
+    /// What became of each of `keys`' speculative stores, sent in one script; as a letter:
+    /// `S` stored, `l` tombstoned, `u` unsettled, `d` late, `F` a value found.
+    async fn fresh(tier: &RedisTier, keys: &[&LookupKey]) -> String {
+        let stores: Vec<FreshStore<'_>> =
+            keys.iter().map(|k| fresh_of(k, Duration::ZERO)).collect();
+        letters(tier.store_fresh(&stores).await.unwrap())
+    }
+
+    fn letters(found: Vec<Fresh>) -> String {
         found
-            .into_iter()
+            .iter()
             .map(|f| match f {
-                Lookup::Lease { clean, .. } => clean,
-                other => panic!("{other:?}"),
+                Fresh::Stored => 'S',
+                Fresh::Tombstoned => 'l',
+                Fresh::Unsettled => 'u',
+                Fresh::Late => 'd',
+                Fresh::Found(_) => 'F',
             })
             .collect()
     }
 
     #[tokio::test]
-    async fn a_lease_is_clean_only_where_no_recent_invalidation_left_a_tombstone() {
+    async fn a_speculative_store_is_taken_only_where_no_recent_invalidation_left_a_tombstone() {
         use super::super::redis_tier::TOMB;
         let server = cascade_testkit::RedisServer::start().await;
         let redis = Redis::for_test(server.url());
         let tier = RedisTier::new(redis.clone(), "t:".to_string());
         let settle = TOMB + Duration::from_millis(100);
-        // A Redis that never granted a lease may have lost its tombstones (restarted, flushed):
-        // no lease is clean until `TOMB` after its first grant, and the lookup says why.
-        let unsettled = |found: &Lookup| {
-            matches!(
-                found,
-                Lookup::Lease {
-                    clean: false,
-                    unsettled: true
-                }
-            )
-        };
-        let first = tier.lookup_one(&key("first", "a")).await.unwrap();
-        assert!(unsettled(&first), "{first:?}");
+        // A Redis that never took a speculative store or an invalidation may have lost its
+        // tombstones (restarted, flushed): nothing is stored until `TOMB` after the first.
+        assert_eq!(fresh(&tier, &[&key("first", "a")]).await, "u");
         assert_eq!(
-            clean_many(&tier, &[&key("first-b", "a"), &key("first-c", "a")]).await,
-            [false, false]
+            fresh(&tier, &[&key("first-b", "a"), &key("first-c", "a")]).await,
+            "uu"
         );
         tokio::time::sleep(settle).await;
-        assert!(clean(&tier, &key("cold", "a")).await);
+        let cold = key("cold", "a");
+        assert_eq!(fresh(&tier, &[&cold]).await, "S");
+        // Stored, and entered in its tag sets: a tag's invalidation deletes it.
+        assert_eq!(
+            tier.get(&cold.full_key).await.unwrap(),
+            Some(b"Vassets:cold".to_vec())
+        );
+        assert!(indexed(&redis, "ns:assets", "t:assets:cold").await);
+        assert!(indexed(&redis, "row:cold", "t:assets:cold").await);
+        // A value already there is returned, not overwritten.
+        assert_eq!(fresh(&tier, &[&cold]).await, "F");
+        tier.invalidate(&[], &["row:cold".to_string()])
+            .await
+            .unwrap();
+        assert_eq!(tier.get(&cold.full_key).await.unwrap(), None);
 
-        // Invalidations of a key and of a tag: the next lease of what they named is not clean,
-        // alone or in a script with others; other keys' leases are.
+        // Invalidations of a key and of a tag: the next store of what they named is refused,
+        // alone or in a script with others; other keys' stores are taken.
         tier.invalidate(&["assets:k".to_string()], &[])
             .await
             .unwrap();
         tier.invalidate(&[], &["row:t".to_string()]).await.unwrap();
-        assert!(!clean(&tier, &key("k", "a")).await);
-        assert!(!clean(&tier, &key("t", "a")).await);
+        assert_eq!(fresh(&tier, &[&key("k", "a")]).await, "l");
+        assert_eq!(fresh(&tier, &[&key("t", "a")]).await, "l");
         tier.invalidate(&["assets:k2".to_string()], &["row:t2".to_string()])
             .await
             .unwrap();
         assert_eq!(
-            clean_many(
+            fresh(
                 &tier,
                 &[&key("k2", "a"), &key("fresh", "a"), &key("t2", "a")]
             )
             .await,
-            [false, true, false]
+            "lSl"
         );
-        // A lease granted while a key's tombstone lasts is a lease all the same: its fill is
-        // taken, and an early refresh may take one. Neither a release nor a tag's drain of
-        // the key's lease ends the tombstone.
-        assert!(fill(&tier, &key("k", "a"), "a").await);
-        tier.invalidate(&["assets:rel".to_string()], &[])
-            .await
-            .unwrap();
-        assert!(!clean(&tier, &key("rel", "a")).await);
-        assert!(tier.release("assets:rel", "a").await.unwrap());
-        assert!(!clean(&tier, &key("rel", "b")).await);
-        let drained = key("d", "a");
-        assert!(clean(&tier, &drained).await);
-        assert!(fill(&tier, &drained, "a").await);
-        tier.invalidate(&["assets:d".to_string()], &["row:d".to_string()])
+        // The key's own tombstone counts whatever tags it is stored with; an unconditional
+        // store of a key leaves one too.
+        tier.invalidate(&["assets:d".to_string()], &[])
             .await
             .unwrap();
         let mut untagged = key("d", "c");
         untagged.tags = vec!["ns:other".to_string()];
-        assert!(!clean(&tier, &untagged).await);
-        tier.invalidate(&["assets:r".to_string()], &[])
+        assert_eq!(fresh(&tier, &[&untagged]).await, "l");
+        let set = key("set", "a");
+        assert!(
+            tier.store(&set.full_key, None, b"Vset", set.value_ttl, &set.tags)
+                .await
+                .unwrap()
+        );
+        let _: () = redis
+            .query(redis::cmd("DEL").arg("t:assets:set"))
             .await
             .unwrap();
-        let lease = key("r", "refresh");
-        let granted = tier
-            .try_lease(
-                &lease.full_key,
-                &lease.tags,
-                &lease.token,
-                lease.lease_ttl,
-                lease.value_ttl,
-            )
-            .await
-            .unwrap();
-        assert!(granted, "try_lease over a tombstone");
-        // A namespace's invalidation: no key of it leases clean.
+        assert_eq!(fresh(&tier, &[&set]).await, "l");
+        // A namespace's invalidation: no key of it is stored.
         tier.invalidate(&[], &["ns:assets".to_string()])
             .await
             .unwrap();
-        assert!(!clean(&tier, &key("n1", "a")).await);
+        assert_eq!(fresh(&tier, &[&key("n1", "a")]).await, "l");
         assert_eq!(
-            clean_many(&tier, &[&key("n2", "a"), &key("n3", "a")]).await,
-            [false, false]
+            fresh(&tier, &[&key("n2", "a"), &key("n3", "a")]).await,
+            "ll"
         );
 
-        // The tombstones last `TOMB`: then the same names lease clean again.
+        // The tombstones last `TOMB`: then the same names are stored again.
         tokio::time::sleep(settle).await;
-        tier.invalidate(&["assets:k3".to_string()], &[])
-            .await
-            .unwrap();
-        tokio::time::sleep(settle).await;
-        assert!(clean(&tier, &key("k3", "a")).await);
-        assert!(clean(&tier, &key("t3", "a")).await);
+        assert_eq!(
+            fresh(&tier, &[&key("k", "a"), &key("t", "a"), &key("n1", "a")]).await,
+            "SSS"
+        );
+
+        // A store whose load began longer ago than its window is refused, in a script with
+        // one that is on time.
+        let (late, on_time) = (key("late", "a"), key("on-time", "a"));
+        let stores = [
+            fresh_of(&late, Duration::from_millis(600)),
+            fresh_of(&on_time, Duration::from_millis(100)),
+        ];
+        assert_eq!(letters(tier.store_fresh(&stores).await.unwrap()), "dS");
+        assert_eq!(tier.get(&late.full_key).await.unwrap(), None);
 
         // A flushed Redis (as a restarted one) lost its tombstones: unsettled again.
         let _: () = redis.query(&redis::cmd("FLUSHALL")).await.unwrap();
-        let after = tier.lookup_one(&key("after-flush", "a")).await.unwrap();
-        assert!(unsettled(&after), "{after:?}");
-        let found = tier
-            .lookup_many(&[&key("flush-b", "a"), &key("flush-c", "a")])
-            .await
-            .unwrap();
-        assert!(found.iter().all(unsettled), "{found:?}");
+        assert_eq!(fresh(&tier, &[&key("after-flush", "a")]).await, "u");
+        assert_eq!(
+            fresh(&tier, &[&key("flush-b", "a"), &key("flush-c", "a")]).await,
+            "uu"
+        );
     }
 }

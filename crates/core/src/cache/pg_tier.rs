@@ -55,10 +55,7 @@ impl PgTier {
         let lease: Option<String> = row.get(1);
         Ok(match (value, lease) {
             (Some(bytes), _) => Lookup::Hit(bytes),
-            (None, Some(granted)) if granted == token => Lookup::Lease {
-                clean: false,
-                unsettled: false,
-            },
+            (None, Some(granted)) if granted == token => Lookup::Lease,
             _ => Lookup::Wait,
         })
     }

@@ -4,10 +4,10 @@
 //! - `P{ns}:{key}` — the value, with a one-byte header (`V` value, `N` cached not-found);
 //! - `Please:P{ns}:{key}` — the lease: which loader may fill the key right now;
 //! - `Pgone:P{ns}:{key}` — the key's tombstone, for [`TOMB`] after an invalidation or an
-//!   unconditional store of the key (a lease granted meanwhile is not *clean*);
+//!   unconditional store of the key (a speculative store meanwhile is refused);
 //! - `Ptomb:Ptag:{tag}` — a tag's tombstone, for [`TOMB`] after an invalidation of the tag;
-//!   `Ptomb-since` — when this Redis first granted a lease or took an invalidation (its
-//!   tombstones are complete from [`TOMB`] after that);
+//!   `Ptomb-since` — when this Redis first granted a lease, took a speculative store or an
+//!   invalidation (its tombstones are complete from [`TOMB`] after that);
 //! - `Ptag:{tag}` — a sorted set of the value keys carrying the tag (namespaces are the tag
 //!   `ns:{ns}`), each scored by when its value (or lease) expires, by Redis's clock;
 //! - `Ptag-retired:{tag}` — the tag's sets taken out of service by an invalidation and not
@@ -17,11 +17,13 @@
 //! miss hands out a token; invalidation deletes the value *and* the lease; a fill succeeds only
 //! while its token is still the lease. A loader that read the old row before a write
 //! therefore cannot install it after the write's invalidation. An invalidation also leaves
-//! tombstones for [`TOMB`] (keys of their own: no lease, release or drain touches them), so a
-//! lookup can also tell whether anything invalidated the key lately: a load that began shortly *before* its lease was granted (a
-//! speculative load, `lease.rs`) may fill only under a clean lease.
+//! tombstones for [`TOMB`] (keys of their own: no lease, release or drain touches them): a
+//! speculative load (`lease.rs`), which takes no lease, stores its row only where none is
+//! found and only before its deadline, less than [`TOMB`] after its load began
+//! ([`STORE_FRESH_MANY`]).
 //!
-//! A miss costs two scripts: the lookup (reads or leases, one round trip; a namespace whose
+//! A speculative miss costs one script, its store (three commands per key, and one `ZADD`
+//! per tag set for the stores of concurrent loads). Any other miss costs two: the lookup (reads or leases, one round trip; a namespace whose
 //! lookups mostly hit sends a plain `GET` first instead) and the fill (four commands; the
 //! lease holders of one batch of loads, `load_batch.rs`, fill in one script, after their
 //! callers were answered, and the lookups of batched reads that arrive while one is in flight
@@ -52,13 +54,14 @@
 //! tag or namespace runs its script once per bucket, concurrently. On one server (or with
 //! Sentinel) the names and the cost are as above.
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use redis::{Cmd, Script};
 
 use super::buckets::{BUCKETS, Buckets};
 use super::lookup_batch::{LookupGroups, LookupKey};
-use super::tier::LeasedStore;
+use super::tier::{FreshStore, LeasedStore};
 use crate::redis::{Redis, RedisError};
 
 /// Most expired members one script removes from each tag set it enters a key into.
@@ -69,11 +72,11 @@ const DRAIN_BATCH: usize = 512;
 
 /// How long an invalidation leaves a tombstone: a key's `Pgone:<value key>` (an
 /// invalidation or an unconditional store of the key), a tag's `Ptomb:<tag set>` (an
-/// invalidation of the tag or namespace). A lease granted while one of the key's lasts is not
-/// clean ([`Lookup::Lease`]). `Ptomb-since` was set when this Redis first granted a lease or
-/// took an invalidation, with a TTL of [`SINCE_TTL`] (its age is what its TTL lost): until it
-/// is [`TOMB`] old, tombstones may have been lost (a restart, a flush, its own eviction) and
-/// no lease is clean. Tombstones are keys with a TTL, and a Redis that evicts may drop one
+/// invalidation of the tag or namespace). A speculative store that finds one of the key's is
+/// refused ([`Fresh::Tombstoned`]). `Ptomb-since` was set when this Redis first granted a
+/// lease, took a speculative store or an invalidation, with a TTL of [`SINCE_TTL`] (its age is
+/// what its TTL lost): until it is [`TOMB`] old, tombstones may have been lost (a restart, a
+/// flush, its own eviction) and no speculative store is taken. Tombstones are keys with a TTL, and a Redis that evicts may drop one
 /// under memory pressure: `volatile-ttl` picks the shortest-lived keys first, the random
 /// policies any, and even LRU or LFU may pick a tombstone, which nothing reads after it is
 /// written (`cascade check` warns of the first two; see README, "Cache guarantees").
@@ -88,14 +91,8 @@ const SINCE_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub(crate) enum Lookup {
     /// The stored bytes (with their header).
     Hit(Vec<u8>),
-    /// Nobody is loading: this caller holds the lease and must load. `clean`: nothing
-    /// invalidated the key, its tags or its namespace for [`TOMB`] before the grant (no
-    /// tombstone was found, and Redis has kept its tombstones that long): a load that began
-    /// less than [`TOMB`] before the lookup was sent read no row older than a write whose
-    /// invalidation came before the grant, so it may fill (`lease.rs`, speculative loads).
-    /// `unsettled`: not clean because this Redis's tombstones are not yet [`TOMB`] old (the
-    /// reply `u`; `l` for a tombstone found, or a lease asked for again).
-    Lease { clean: bool, unsettled: bool },
+    /// Nobody is loading: this caller holds the lease and must load.
+    Lease,
     /// Another loader holds the lease: wait for its value.
     Wait,
 }
@@ -114,6 +111,9 @@ pub(crate) struct RedisTier {
     release: Script,
     fill: Script,
     fill_many: Script,
+    store_fresh_many: Script,
+    /// Where Redis's clock stands against ours: the deadlines of speculative stores.
+    clock: RedisClock,
     set: Script,
     invalidate: Script,
     drain: Script,
@@ -156,6 +156,17 @@ local function index_set(tag, scored, ttl, now, exact)
   end
   if redis.call('PTTL', tag) < ttl then redis.call('PEXPIRE', tag, ttl) end
 end
+local function enter(sets, order, tag, ttl, score, member)
+  local set = sets[tag]
+  if not set then
+    set = {ttl = 0, keys = {}}
+    sets[tag] = set
+    order[#order + 1] = tag
+  end
+  if ttl > set.ttl then set.ttl = ttl end
+  set.keys[#set.keys + 1] = score
+  set.keys[#set.keys + 1] = member
+end
 local function index_tags(ttl, exact)
   local now = now_ms()
   for i = 3, #KEYS do index_set(KEYS[i], {now + ttl, KEYS[1]}, ttl, now, exact) end
@@ -177,9 +188,8 @@ local function key_tombstoned(value_key)
 end
 ";
 
-/// The whole lookup, one round trip: the value if there is one, else the lease (`L` clean, `l`
-/// not: see [`Lookup::Lease`]) or another loader's (`W`). A lease that is already this
-/// token's is `l` again: a caller whose batched lookup was sent for it but whose answer was
+/// The whole lookup, one round trip: the value if there is one, else the lease (`L`) or
+/// another loader's (`W`). A lease that is already this token's is `L` again: a caller whose batched lookup was sent for it but whose answer was
 /// lost (the batch's sender dropped) asks alone with the same token. Granting the lease enters
 /// the key in its tag sets until its value would expire if stored now (`ARGV[3]`, the longest
 /// TTL its fill may use): a tag or namespace invalidation during the load deletes the lease
@@ -188,15 +198,11 @@ const GET_OR_LEASE: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then return v end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local now = index_tags(tonumber(ARGV[3]), false)
-  if not settled() then return 'u' end
-  if key_tombstoned(KEYS[1]) then return 'l' end
-  for i = 3, #KEYS do
-    if tag_tombstoned(KEYS[i]) then return 'l' end
-  end
+  index_tags(tonumber(ARGV[3]), false)
+  settled()
   return 'L'
 end
-if redis.call('GET', KEYS[2]) == ARGV[1] then return 'l' end
+if redis.call('GET', KEYS[2]) == ARGV[1] then return 'L' end
 return 'W'
 ";
 
@@ -208,7 +214,7 @@ return 'W'
 /// of one namespace costs its set one call, not one per key.
 const GET_OR_LEASE_MANY: &str = r"
 local out = {}
-local sets, order, clean = {}, {}, {}
+local sets, order = {}, {}
 local k = 1
 for i = 1, #ARGV / 4 do
   local a = 4 * (i - 1)
@@ -218,21 +224,10 @@ for i = 1, #ARGV / 4 do
     out[i] = v
   elseif redis.call('SET', lease_key, ARGV[a + 1], 'NX', 'PX', ARGV[a + 2]) then
     local ttl = tonumber(ARGV[a + 3])
-    for t = k + 2, k + 1 + tags do
-      local set = sets[KEYS[t]]
-      if not set then
-        set = {ttl = 0, keys = {}}
-        sets[KEYS[t]] = set
-        order[#order + 1] = KEYS[t]
-      end
-      if ttl > set.ttl then set.ttl = ttl end
-      set.keys[#set.keys + 1] = ttl
-      set.keys[#set.keys + 1] = value_key
-    end
-    out[i] = 'l'
-    if not key_tombstoned(value_key) then clean[#clean + 1] = {i, k + 2, k + 1 + tags} end
+    for t = k + 2, k + 1 + tags do enter(sets, order, KEYS[t], ttl, ttl, value_key) end
+    out[i] = 'L'
   elseif redis.call('GET', lease_key) == ARGV[a + 1] then
-    out[i] = 'l'
+    out[i] = 'L'
   else
     out[i] = 'W'
   end
@@ -245,20 +240,61 @@ if #order > 0 then
     for j = 1, #set.keys, 2 do set.keys[j] = now + set.keys[j] end
     index_set(tag, set.keys, set.ttl, now, false)
   end
-  if #clean > 0 and not settled() then
-    for _, c in ipairs(clean) do out[c[1]] = 'u' end
-  elseif #clean > 0 then
-    local tombstoned = {}
-    for _, tag in ipairs(order) do tombstoned[tag] = tag_tombstoned(tag) end
-    for _, c in ipairs(clean) do
-      local ok = true
-      for t = c[2], c[3] do
-        if tombstoned[KEYS[t]] then ok = false end
-      end
-      if ok then out[c[1]] = 'L' end
+  settled()
+end
+return out
+";
+
+/// A speculative load's store (`lease.rs`), for several keys of one bucket in one round trip:
+/// `KEYS` hold each key's value key and tag sets in turn, `ARGV` a (deadline, TTL, value,
+/// number of tag sets) quadruple per key. No lease: the store is safe because it runs before
+/// its deadline (by Redis's clock: the load's start plus the speculation window, under half
+/// of [`TOMB`]), so any invalidation since the load began is less than [`TOMB`] old and its
+/// tombstone is still there to refuse it. Per key, returns the value already there (nothing
+/// stored), `S` stored (and entered in its tag sets until it expires), `l` a tombstone of the
+/// key or one of its tag sets was found, `u` this Redis's tombstones are not [`TOMB`] old
+/// yet, or `d` past its deadline; then, last, Redis's clock (ms) when it ran.
+const STORE_FRESH_MANY: &str = r"
+local out = {}
+local now = now_ms()
+local ready = settled()
+local sets, order, tombstoned = {}, {}, {}
+local k = 1
+for i = 1, #ARGV / 4 do
+  local a = 4 * (i - 1)
+  local value_key, tags = KEYS[k], tonumber(ARGV[a + 4])
+  local v = redis.call('GET', value_key)
+  if v then
+    out[i] = v
+  elseif now > tonumber(ARGV[a + 1]) then
+    out[i] = 'd'
+  elseif not ready then
+    out[i] = 'u'
+  elseif key_tombstoned(value_key) then
+    out[i] = 'l'
+  else
+    local clean = true
+    for t = k + 1, k + tags do
+      local set = KEYS[t]
+      if tombstoned[set] == nil then tombstoned[set] = tag_tombstoned(set) end
+      if tombstoned[set] then clean = false end
+    end
+    if clean then
+      local ttl = tonumber(ARGV[a + 2])
+      redis.call('SET', value_key, ARGV[a + 3], 'PX', ttl)
+      for t = k + 1, k + tags do enter(sets, order, KEYS[t], ttl, now + ttl, value_key) end
+      out[i] = 'S'
+    else
+      out[i] = 'l'
     end
   end
+  k = k + 1 + tags
 end
+for _, tag in ipairs(order) do
+  local set = sets[tag]
+  index_set(tag, set.keys, set.ttl, now, false)
+end
+out[#out + 1] = tostring(now)
 return out
 ";
 
@@ -454,6 +490,8 @@ impl RedisTier {
             release: Script::new(RELEASE),
             fill: Script::new(FILL),
             fill_many: Script::new(FILL_MANY),
+            store_fresh_many: Script::new(&format!("{index_tags}{STORE_FRESH_MANY}")),
+            clock: RedisClock::default(),
             set: Script::new(&format!("{index_tags}{}", SET.replace("TOMB_MS", &tomb))),
             invalidate: Script::new(&format!(
                 "{DRAIN_FN}{}",
@@ -767,6 +805,99 @@ impl RedisTier {
         Ok(stored.into_iter().map(|s| s == 1).collect())
     }
 
+    /// Each of `stores` (speculative loads' values, `lease.rs`) stored unless a value is
+    /// already there, an invalidation since its load began left a tombstone, or it would run
+    /// past its deadline: see [`STORE_FRESH_MANY`]. One script per bucket the keys fall in
+    /// (one on a single server), sent concurrently. What became of each, in order.
+    pub async fn store_fresh(&self, stores: &[FreshStore<'_>]) -> Result<Vec<Fresh>, RedisError> {
+        let Some(buckets) = &self.buckets else {
+            return self.store_fresh_group(None, stores.iter()).await;
+        };
+        let mut groups: Vec<Vec<usize>> = vec![Vec::new(); BUCKETS];
+        for (i, s) in stores.iter().enumerate() {
+            groups[buckets.of(s.full_key)].push(i);
+        }
+        let groups: Vec<(usize, Vec<usize>)> = groups
+            .into_iter()
+            .enumerate()
+            .filter(|(_, g)| !g.is_empty())
+            .collect();
+        let runs = groups.iter().map(|(bucket, group)| {
+            self.store_fresh_group(Some(*bucket), group.iter().map(|&i| &stores[i]))
+        });
+        let done = futures_util::future::try_join_all(runs).await?;
+        let mut out: Vec<Option<Fresh>> = (0..stores.len()).map(|_| None).collect();
+        for ((_, group), done) in groups.iter().zip(done) {
+            for (&i, fresh) in group.iter().zip(done) {
+                out[i] = Some(fresh);
+            }
+        }
+        Ok(out.into_iter().map(|f| f.unwrap_or(Fresh::Late)).collect())
+    }
+
+    /// One [`STORE_FRESH_MANY`] of `stores`, all of `bucket` (`None`: one server). Each
+    /// deadline is its load's start plus its window by Redis's clock, as far as it can be
+    /// known from here: taken from [`RedisClock`], which a script with no key to store
+    /// first samples if it holds no recent sample of this bucket's server.
+    async fn store_fresh_group<'s, 'k: 's>(
+        &self,
+        bucket: Option<usize>,
+        stores: impl Iterator<Item = &'s FreshStore<'k>> + Clone,
+    ) -> Result<Vec<Fresh>, RedisError> {
+        let clock = bucket.unwrap_or(0);
+        if self.clock.offset(clock).is_none() {
+            let mut probe = Cmd::new();
+            probe
+                .arg("EVALSHA")
+                .arg(self.store_fresh_many.get_hash())
+                .arg(1)
+                .arg(self.named(bucket, "clock"));
+            let reply: Vec<Vec<u8>> = self.redis.eval(&self.store_fresh_many, &probe).await?;
+            self.clock.sample(clock, reply.last().map(Vec::as_slice));
+        }
+        let offset = self.clock.offset(clock);
+        let prefix = &self.prefix;
+        let (count, names, size) = stores.clone().fold((0, 0, 64), |(n, names, size), s| {
+            let tags: usize = s.tags.iter().map(|t| prefix.len() + 12 + t.len()).sum();
+            (
+                n + 1,
+                names + 1 + s.tags.len(),
+                size + 2 * (prefix.len() + 8 + s.full_key.len()) + 64 + tags + s.bytes.len(),
+            )
+        });
+        let mut cmd = Cmd::with_capacity(3 + names + 4 * count, size);
+        cmd.arg("EVALSHA")
+            .arg(self.store_fresh_many.get_hash())
+            .arg(names);
+        let mut name = String::new();
+        for s in stores.clone() {
+            name.clear();
+            self.push_base(&mut name, bucket);
+            name.push_str(s.full_key);
+            cmd.arg(&name);
+            for tag in s.tags {
+                name.clear();
+                self.push_base(&mut name, bucket);
+                name.push_str("tag:");
+                name.push_str(tag);
+                cmd.arg(&name);
+            }
+        }
+        for s in stores {
+            // No known offset (the probe's reply was unreadable): a deadline already past.
+            let deadline =
+                offset.map_or(0, |offset| self.clock.deadline(s.began, s.window, offset));
+            cmd.arg(deadline)
+                .arg(millis(s.ttl))
+                .arg(&s.bytes[..])
+                .arg(s.tags.len());
+        }
+        let mut replies: Vec<Vec<u8>> = self.redis.eval(&self.store_fresh_many, &cmd).await?;
+        let now = replies.pop();
+        self.clock.sample(clock, now.as_deref());
+        Ok(replies.into_iter().map(Fresh::from_reply).collect())
+    }
+
     /// Deletes the values and leases of `full_keys` and every value carrying any of `tags`,
     /// in one script when the tags list few keys (see the module's doc): a write's whole
     /// invalidation is one round trip. Returns how many keys the tags listed.
@@ -846,23 +977,137 @@ impl RedisTier {
     }
 }
 
+/// What became of a speculative store ([`RedisTier::store_fresh`]).
+#[derive(Debug)]
+pub(crate) enum Fresh {
+    /// A value was already there (the stored bytes): nothing stored.
+    Found(Vec<u8>),
+    Stored,
+    /// An invalidation of the key, its tags or its namespace within [`TOMB`]: the row may be
+    /// older than it.
+    Tombstoned,
+    /// This Redis's tombstones are not [`TOMB`] old yet (a restart, a flush): nothing stored.
+    Unsettled,
+    /// It would have run past its deadline: nothing stored.
+    Late,
+}
+
+impl Fresh {
+    fn from_reply(bytes: Vec<u8>) -> Fresh {
+        match bytes.as_slice() {
+            b"S" => Fresh::Stored,
+            b"l" => Fresh::Tombstoned,
+            b"u" => Fresh::Unsettled,
+            b"d" => Fresh::Late,
+            _ => Fresh::Found(bytes),
+        }
+    }
+}
+
+/// How long a sample of Redis's clock is used: samples are kept for one period and the one
+/// before, then dropped (our monotonic clock and Redis's wall clock drift apart slowly).
+const CLOCK_PERIOD: Duration = Duration::from_secs(5);
+
+/// Where each server's clock stands against ours (one per bucket on a cluster, whose servers
+/// each have their own; one on a single server): a *lower* bound of Redis's clock minus ours,
+/// in ms. A script that returns Redis's clock ran before its reply came back, so its clock
+/// minus ours at the reply is below the true difference; the largest such sample of the last
+/// period or two is the bound. A deadline computed with it falls no later, by Redis's clock,
+/// than it would with the true difference.
+pub(crate) struct RedisClock {
+    /// Our clock's zero: times before it are never given a deadline.
+    base: Instant,
+    samples: Mutex<Vec<ClockSamples>>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct ClockSamples {
+    /// The largest sample of this period and of the one before.
+    current: Option<i64>,
+    previous: Option<i64>,
+    /// When this period began.
+    since: Option<Instant>,
+}
+
+impl Default for RedisClock {
+    fn default() -> Self {
+        RedisClock {
+            base: Instant::now(),
+            samples: Mutex::new(vec![ClockSamples::default(); BUCKETS]),
+        }
+    }
+}
+
+impl RedisClock {
+    fn local_ms(&self, at: Instant) -> Option<i64> {
+        at.checked_duration_since(self.base)
+            .map(|d| d.as_millis() as i64)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<ClockSamples>> {
+        self.samples.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes Redis's clock (ms, as a script returned it) of server `clock`, read before now.
+    fn sample(&self, clock: usize, redis_ms: Option<&[u8]>) {
+        let Some(redis_ms) = redis_ms
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| s.parse::<i64>().ok())
+        else {
+            return;
+        };
+        let now = Instant::now();
+        let Some(local) = self.local_ms(now) else {
+            return;
+        };
+        // Both clocks are read in whole milliseconds: one less covers the rounding.
+        let sample = redis_ms - local - 1;
+        let mut samples = self.lock();
+        let Some(s) = samples.get_mut(clock) else {
+            return;
+        };
+        match s.since {
+            Some(since) if now.duration_since(since) < CLOCK_PERIOD => {}
+            _ => {
+                s.previous = s.current.take();
+                s.since = Some(now);
+            }
+        }
+        s.current = Some(s.current.map_or(sample, |c| c.max(sample)));
+    }
+
+    /// The lower bound of server `clock`'s offset, from samples of this period and the last;
+    /// `None` if there are none that recent.
+    fn offset(&self, clock: usize) -> Option<i64> {
+        let samples = self.lock();
+        let s = samples.get(clock)?;
+        let age = s.since?.elapsed();
+        if age >= 2 * CLOCK_PERIOD {
+            return None;
+        }
+        let previous = if age < CLOCK_PERIOD { s.previous } else { None };
+        match (s.current, previous) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// `began + window` by Redis's clock (ms), or 0 (already past) for a time before our
+    /// clock's zero.
+    fn deadline(&self, began: Instant, window: Duration, offset: i64) -> i64 {
+        match self.local_ms(began) {
+            Some(began) => began + offset + window.as_millis() as i64,
+            None => 0,
+        }
+    }
+}
+
 impl Lookup {
     /// A lookup script's reply for one key. A stored value is at least a codec header long:
-    /// never `L`, `l`, `u` or `W`.
+    /// never `L` or `W`.
     fn from_reply(bytes: Vec<u8>) -> Lookup {
         match bytes.as_slice() {
-            b"L" => Lookup::Lease {
-                clean: true,
-                unsettled: false,
-            },
-            b"l" => Lookup::Lease {
-                clean: false,
-                unsettled: false,
-            },
-            b"u" => Lookup::Lease {
-                clean: false,
-                unsettled: true,
-            },
+            b"L" => Lookup::Lease,
             b"W" => Lookup::Wait,
             _ => Lookup::Hit(bytes),
         }

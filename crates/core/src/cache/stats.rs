@@ -24,8 +24,8 @@ pub(crate) struct NsCounters {
     pub stale_sets_refused: AtomicU64,
     pub shared_errors: AtomicU64,
     pub early_refreshes: AtomicU64,
-    /// Speculative loads (`lease.rs`) whose value filled under a clean lease, and those whose
-    /// lease was not clean, came late or whose load failed (nothing filled).
+    /// Speculative loads (`lease.rs`) whose value Redis took, and those whose store it refused
+    /// (a tombstone, past the deadline, tombstones not yet complete) or that failed.
     pub speculative_fills: AtomicU64,
     pub speculative_unfilled: AtomicU64,
     /// Which way this namespace's recent shared-tier lookups went: up a step per miss, down
@@ -44,7 +44,7 @@ impl NsCounters {
     }
 
     /// The namespace's recent shared-tier lookups all missed, on balance: as far as
-    /// `miss_lean` goes (its reads may load beside their lookups, `lease.rs`).
+    /// `miss_lean` goes (its reads may load without a lookup, `lease.rs`).
     pub fn missing_steadily(&self) -> bool {
         self.miss_lean.load(Ordering::Relaxed) >= LEAN_BOUND
     }

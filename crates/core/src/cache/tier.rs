@@ -1,10 +1,10 @@
 //! The shared tier behind the engine: Redis by default, PostgreSQL in unified mode. Both speak
 //! the same lease protocol; this enum only dispatches.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::pg_tier::PgTier;
-use super::redis_tier::{Lookup, RedisTier};
+use super::redis_tier::{Fresh, Lookup, RedisTier};
 
 /// A shared-tier failure; the engine treats every kind the same (breaker, read-through),
 /// except that a call that timed out is not tried again at once (`deliver`).
@@ -59,6 +59,21 @@ pub(crate) struct LeasedStore<'a> {
     pub bytes: Vec<u8>,
     /// The value's TTL, counted from the lease's grant.
     pub ttl: Duration,
+}
+
+/// A speculative load's store in [`SharedTier::store_fresh`] (`lease.rs`): no lease, a
+/// deadline instead.
+pub(crate) struct FreshStore<'a> {
+    pub full_key: &'a str,
+    /// Entered in their sets with the value (the namespace's among them).
+    pub tags: &'a [String],
+    /// The stored form of the value.
+    pub bytes: Vec<u8>,
+    /// The value's TTL from the store.
+    pub ttl: Duration,
+    /// When the load began: the store may run until `window` after that, by Redis's clock.
+    pub began: Instant,
+    pub window: Duration,
 }
 
 pub(crate) enum SharedTier {
@@ -181,6 +196,15 @@ impl SharedTier {
                 }
                 stored
             }
+        })
+    }
+
+    /// Speculative loads' stores (see [`FreshStore`]): only on Redis, the one tier that keeps
+    /// tombstones (`speculation_window` is `None` on the other, which stores nothing here).
+    pub async fn store_fresh(&self, stores: &[FreshStore<'_>]) -> Result<Vec<Fresh>, TierError> {
+        Ok(match self {
+            SharedTier::Redis(t) => t.store_fresh(stores).await?,
+            SharedTier::Postgres(_) => stores.iter().map(|_| Fresh::Late).collect(),
         })
     }
 
