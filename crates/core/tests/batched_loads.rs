@@ -709,3 +709,23 @@ async fn a_speculative_load_answered_after_its_window_fills_nothing() {
     assert_eq!(stats_of(&engine).speculative_fills, 0);
     assert_eq!(in_redis(&redis, "late").await, (false, None));
 }
+
+#[tokio::test]
+async fn concurrent_reads_of_a_key_load_it_once_while_one_speculates() {
+    let (_redis, engine) = speculating(Duration::from_millis(500)).await;
+    let source = BeforeTheWrite::default();
+    // A speculative load takes no lease: the instance's other reads of the key wait for its
+    // store (its flight lock) instead of leasing and loading the key again.
+    let reads: Vec<_> = (0..20)
+        .map(|_| {
+            let (engine, source) = (engine.clone(), source.clone());
+            tokio::spawn(async move { source.read(&engine, "same", &[]).await })
+        })
+        .collect();
+    for read in reads {
+        let (body, _) = read.await.unwrap();
+        assert_eq!(body, "\"same-v1\"");
+    }
+    assert_eq!(source.loads_of("same"), 1);
+    until_counted(&engine, "speculative fills", 1, |ns| ns.speculative_fills).await;
+}

@@ -138,15 +138,16 @@ impl Inner {
             && now >= self.unsettled_until_ms.load(Ordering::Relaxed)
     }
 
-    /// A lookup found Redis's tombstones not yet complete (a Redis started or flushed less
-    /// than `TOMB` ago): reads load after their lease until they are, since no speculative
-    /// load could fill meanwhile.
+    /// A speculative store found Redis's tombstones not yet complete (a Redis started or
+    /// flushed less than `TOMB` ago): reads load after their lease until they are, since no
+    /// speculative store could be taken meanwhile.
     pub(crate) fn unsettled(&self) {
         self.pause_speculation();
     }
 
     /// No speculative load for the tombstones' life (`TOMB`): Redis's tombstones are not
-    /// complete yet, or its lookups come too late for a speculative load to fill.
+    /// complete yet, or speculative stores ran too late (or found its clock behind) to be
+    /// taken.
     pub(crate) fn pause_speculation(&self) {
         let until = now_ms() + super::redis_tier::TOMB.as_millis() as u64;
         self.unsettled_until_ms.fetch_max(until, Ordering::Relaxed);

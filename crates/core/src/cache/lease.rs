@@ -55,30 +55,32 @@ impl ReadCtx<'_> {
         loader: L,
     ) -> Result<Answer, E> {
         let read = SharedRead::begin(self, shared, L::BATCHED);
-        if L::BATCHED
+        let speculative = L::BATCHED
             && self.cache.inner.options.speculative_loads
-            && self.cache.inner.config.speculative_loads
+            && self.cache.inner.config.speculative_loads;
+        if speculative
             && self.counters.missing_steadily()
             && self.cache.inner.may_speculate()
             && self.cache.inner.settling.load(Ordering::Relaxed) < MAX_SETTLING
             && let Some(window) =
                 shared.speculation_window(self.cache.inner.options.speculation_window)
-            // Known here to have been invalidated lately (a write, then its read): the lookup
+            // Known here to have been invalidated lately (a write, then its read): the store
             // would find the tombstone and nothing could fill.
             && !self.cache.invalidated_within(TOMB, &self.full, self.namespace, &self.all_tags)
             && let Ok(flight) = self.flight.clone().try_lock_owned()
         {
             return read.speculate(loader, window, flight).await;
         }
-        if L::BATCHED && self.flight.try_lock().is_err() {
-            // Another read of this instance holds the key: a speculative load takes no lease,
-            // so a lookup now would lease the key and load it again. Its flight lock is held
-            // until its store is answered: after it, the lookup finds the value.
-            drop(self.flight.lock().await);
-        }
         // Lives until the read returns: a poller that queued on the flight lock keeps it
         // through its own load, if it ends up loading.
         let mut backoff = Backoff::new(self.cache.inner.options.lease_wait);
+        if speculative && self.flight.try_lock().is_err() {
+            // Another read of this instance holds the key, maybe a speculative load: it takes
+            // no lease, so a lookup now would lease the key and load it again. Its flight lock
+            // is held until its store is answered, after which the lookup finds the value.
+            // Waited for out of this read's `lease_wait`, like any poll.
+            let _ = tokio::time::timeout(backoff.left(), self.flight.lock()).await;
+        }
         loop {
             match read.lookup().await {
                 Step::Served(value) => return Ok((value, Source::Shared)),
@@ -315,7 +317,13 @@ impl SharedRead<'_> {
         let settling = Settling::new(read.cache);
         add(&read.counters.misses, 1);
         // An error (or this future dropped) drops the guards: nothing is stored.
-        let loaded = loader.load(read, None).await?;
+        let loaded = match loader.load(read, None).await {
+            Ok(loaded) => loaded,
+            Err(err) => {
+                add(&read.counters.speculative_unfilled, 1);
+                return Err(err);
+            }
+        };
         read.cache.defer_fresh(
             fill,
             window,
@@ -366,6 +374,11 @@ impl Backoff {
             delay: FIRST_POLL_DELAY,
             queued: None,
         }
+    }
+
+    /// What is left of `lease_wait`.
+    fn left(&self) -> Duration {
+        self.until.saturating_duration_since(Instant::now())
     }
 
     /// Waits before the next poll; false once `lease_wait` is spent. With `queue`, the first

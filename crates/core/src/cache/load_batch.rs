@@ -16,7 +16,7 @@
 //! and tags (`read.rs`: an invalidation since that read began refuses the install). No caller
 //! waits for the fill's round trip, and a stalled Redis does not hold answers already loaded.
 //! A batch so changes none of a single read's guarantees: one load per cold key among the
-//! reads that load after their lease (a speculative load, `lease.rs`, loads beside its lookup),
+//! reads that load after their lease (a speculative load, `lease.rs`, loads without a lookup),
 //! no stale set (the token, the epoch), read-after-write. Until its fill is
 //! taken a key is still leased: a read of it then polls for the value, as for any loader's.
 //!
@@ -38,7 +38,7 @@ use super::lead_queue::{self, HandOff, Waiting, pass_lead, take_batch};
 use super::lease::Settling;
 use super::read::ReadCtx;
 use super::read::{Fill, InstallKey};
-use super::redis_tier::Fresh;
+use super::redis_tier::{Fresh, TOMB};
 use super::stats::{NsCounters, add};
 use super::tier::{FreshStore, LeasedStore};
 
@@ -470,13 +470,13 @@ impl Cache {
         delta: Duration,
         held: (OwnedMutexGuard<()>, Settling),
     ) {
-        let (bytes, _, left) = lease.encode(value.as_deref(), delta);
+        let (bytes, ttl, _) = lease.encode(value.as_deref(), delta);
         let fill = FreshFill {
             lease,
             window,
             value,
             bytes,
-            ttl: left,
+            ttl,
             delta,
             _held: held,
         };
@@ -517,15 +517,29 @@ impl Cache {
 }
 
 /// Held by the task sending deferred stores: dropped while it still holds its cache (the task
-/// died), the next deferred store may start another sender.
+/// died), the stores waiting are dropped (nothing stored; their keys' flight locks go) and
+/// the next deferred store starts another sender.
 struct Sending(Option<Cache>);
 
 impl Drop for Sending {
     fn drop(&mut self) {
         if let Some(cache) = &self.0 {
             let deferred = &cache.inner.deferred_fills;
-            let mut state = deferred.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.sending = false;
+            let dropped = {
+                let mut state = deferred.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.sending = false;
+                std::mem::take(&mut state.queue)
+            };
+            count_unfilled(&dropped);
+        }
+    }
+}
+
+/// Counts `fills`, which store nothing, against each one's namespace.
+fn count_unfilled(fills: &[FreshFill]) {
+    for f in fills {
+        if let Some(install) = &f.lease.install {
+            add(&install.counters.speculative_unfilled, 1);
         }
     }
 }
@@ -535,17 +549,24 @@ impl Drop for Sending {
 /// began, as for any install); a value already there is kept in process as a hit would be;
 /// a tombstone, a Redis whose tombstones are not complete yet or a store past its deadline
 /// stores nothing (the next read loads after its lease), and the last two pause speculation.
+/// Nothing is sent while the shared tier is out (or speculation paused): the stores are
+/// dropped, so that no read waits on their flight locks for Redis's timeouts.
 async fn store_fresh_and_install(cache: &Cache, mut fills: Vec<FreshFill>) {
     let Some(shared) = cache.inner.shared.as_ref() else {
         return;
     };
+    if !cache.inner.may_speculate() {
+        count_unfilled(&fills);
+        return;
+    }
     let stores: Vec<FreshStore<'_>> = fills
         .iter_mut()
         .map(|f| FreshStore {
             full_key: &f.lease.full,
             tags: &f.lease.tags,
             bytes: std::mem::take(&mut f.bytes),
-            ttl: f.ttl,
+            // The value's TTL counts from the load's start, as its header's does.
+            ttl: f.ttl.saturating_sub(f.lease.asked.elapsed()),
             began: f.lease.asked,
             window: f.window,
         })
@@ -555,16 +576,31 @@ async fn store_fresh_and_install(cache: &Cache, mut fills: Vec<FreshFill>) {
     let outcomes = match stored {
         Ok(outcomes) => outcomes,
         Err(err) => {
-            // Counted once, against the first store's namespace (they may mix several).
+            // Counted once against the breaker, with the first store's namespace (they may
+            // mix several).
             if let Some(install) = fills.iter().find_map(|f| f.lease.install.as_ref()) {
                 cache.shared_failed(&install.counters, &err);
-                add(&install.counters.speculative_unfilled, fills.len() as u64);
             }
+            count_unfilled(&fills);
             return;
         }
     };
     cache.inner.shared_ok();
     for (f, outcome) in fills.into_iter().zip(outcomes) {
+        // Answered so late that the script may have run more than half of `TOMB` after it
+        // was sent: its deadline (Redis's clock, from a bound this script could not check
+        // that closely) is no longer proof that it ran before any tombstone it should have
+        // seen expired. A store taken is taken back; speculation pauses.
+        let outcome = match outcome {
+            Fresh::Stored if f.lease.asked.elapsed() >= TOMB / 2 => {
+                let taken_back = shared.invalidate(std::slice::from_ref(&f.lease.full), &[]);
+                if let Err(err) = taken_back.await {
+                    tracing::warn!(key = f.lease.full, error = %err, "late speculative store not taken back");
+                }
+                Fresh::Late
+            }
+            outcome => outcome,
+        };
         let Some(install) = &f.lease.install else {
             continue;
         };
@@ -599,9 +635,10 @@ async fn store_fresh_and_install(cache: &Cache, mut fills: Vec<FreshFill>) {
                 cache.inner.unsettled();
                 add(&counters.speculative_unfilled, 1);
             }
-            Fresh::Late => {
+            Fresh::Late | Fresh::ClockBehind => {
                 // Stores this slow would leave every speculative load unfilled: reads load
-                // after their lease for a while, and fill.
+                // after their lease for a while, and fill. (A clock found behind: its bound
+                // was just taken afresh, but the pause costs little.)
                 cache.inner.pause_speculation();
                 add(&counters.speculative_unfilled, 1);
             }

@@ -354,6 +354,7 @@ mod tests {
                 Fresh::Tombstoned => 'l',
                 Fresh::Unsettled => 'u',
                 Fresh::Late => 'd',
+                Fresh::ClockBehind => 'c',
                 Fresh::Found(_) => 'F',
             })
             .collect()
@@ -454,6 +455,15 @@ mod tests {
         ];
         assert_eq!(letters(tier.store_fresh(&stores).await.unwrap()), "dS");
         assert_eq!(tier.get(&late.full_key).await.unwrap(), None);
+
+        // Redis's clock found behind the bound the deadlines were computed with (a step back,
+        // a failover): nothing stored, the bound is forgotten, and the next store is taken
+        // with a fresh one.
+        tier.clock_ahead(2_000);
+        let behind = key("behind", "a");
+        assert_eq!(fresh(&tier, &[&behind]).await, "c");
+        assert_eq!(tier.get(&behind.full_key).await.unwrap(), None);
+        assert_eq!(fresh(&tier, &[&behind]).await, "S");
 
         // A flushed Redis (as a restarted one) lost its tombstones: unsettled again.
         let _: () = redis.query(&redis::cmd("FLUSHALL")).await.unwrap();

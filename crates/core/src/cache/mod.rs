@@ -2,9 +2,10 @@
 //! negative caching, and a Redis tier behind a circuit breaker.
 //!
 //! Tiers. With Redis configured, the shared tier is Redis: one loader per key cluster-wide
-//! (a lease; in a namespace whose lookups all miss lately, also one speculative load per key per
-//! instance, `lease.rs`), no stale set after an invalidation (the fill is refused once the
-//! lease is gone, or when the lookup saw a recent invalidation's tombstone).
+//! (a lease; in a namespace whose lookups all miss lately, a speculative load per key per
+//! instance instead, which takes no lease, `lease.rs`), no stale set after an invalidation
+//! (the fill is refused once the lease is gone; a speculative store, where a recent
+//! invalidation's tombstone is found or past its deadline).
 //! Without Redis, an in-process tier bounded by bytes serves a single instance.
 //!
 //! Values are serialised once, as JSON: they are mostly API payloads, so the cached bytes can
@@ -131,12 +132,13 @@ pub struct EngineOptions {
     /// bound on how long an instance may miss an invalidation another one could not deliver,
     /// when its `LISTEN` connection was down.
     pub invalidation_log_poll: Duration,
-    /// Batched reads of a namespace whose lookups all miss lately load while they look up
-    /// (`lease.rs`, speculative loads): a miss waits for one round trip instead of two, and a
-    /// lookup that finds a value wastes the load. Off: every read loads only after its lease.
+    /// Batched reads of a namespace whose lookups all miss lately load without a lookup and
+    /// store their row afterwards (`lease.rs`, speculative loads): a miss waits for its load
+    /// alone, and a value found in Redis wastes the load. Off: every read loads only after
+    /// its lease.
     pub speculative_loads: bool,
-    /// The longest a speculative load may begin before its lookup's answer and still fill
-    /// (capped by half of `REDIS_TIMEOUT` and half of the tombstones' 1 s).
+    /// The longest after a speculative load began that its store may run, by Redis's clock,
+    /// and still be taken (capped by half of `REDIS_TIMEOUT` and half of the tombstones' 1 s).
     pub speculation_window: Duration,
 }
 
@@ -293,7 +295,7 @@ pub(crate) struct Inner {
     /// No speculative load before this (wall clock, ms): Redis said its tombstones are not
     /// yet complete (`lease.rs`).
     unsettled_until_ms: AtomicU64,
-    /// Speculative loads whose lookup is in flight (`lease.rs`).
+    /// Speculative loads and stores in flight (`lease.rs`).
     settling: std::sync::atomic::AtomicUsize,
     /// Serialises replays of `pending` so one caller does it.
     replay: tokio::sync::Mutex<()>,
@@ -301,7 +303,7 @@ pub(crate) struct Inner {
     batcher: Batcher,
     /// Concurrent batched loads of each namespace (`load_batch.rs`).
     load_groups: LoadGroups,
-    /// Speculative loads' fills waiting for their script (`load_batch.rs`).
+    /// Speculative loads' stores waiting for their script (`load_batch.rs`).
     deferred_fills: DeferredFills,
     stats: Stats,
 }

@@ -22,8 +22,9 @@
 //! found and only before its deadline, less than [`TOMB`] after its load began
 //! ([`STORE_FRESH_MANY`]).
 //!
-//! A speculative miss costs one script, its store (three commands per key, and one `ZADD`
-//! per tag set for the stores of concurrent loads). Any other miss costs two: the lookup (reads or leases, one round trip; a namespace whose
+//! A speculative miss costs one script, its store (per key a `GET`, an `EXISTS` of its
+//! tombstone and a `SET`; per script a `TIME`, a `PTTL` of `tomb-since`, and per tag set an
+//! `EXISTS` of its tombstone and one `ZADD` for the stores of concurrent loads). Any other miss costs two: the lookup (reads or leases, one round trip; a namespace whose
 //! lookups mostly hit sends a plain `GET` first instead) and the fill (four commands; the
 //! lease holders of one batch of loads, `load_batch.rs`, fill in one script, after their
 //! callers were answered, and the lookups of batched reads that arrive while one is in flight
@@ -246,26 +247,32 @@ return out
 ";
 
 /// A speculative load's store (`lease.rs`), for several keys of one bucket in one round trip:
-/// `KEYS` hold each key's value key and tag sets in turn, `ARGV` a (deadline, TTL, value,
-/// number of tag sets) quadruple per key. No lease: the store is safe because it runs before
-/// its deadline (by Redis's clock: the load's start plus the speculation window, under half
-/// of [`TOMB`]), so any invalidation since the load began is less than [`TOMB`] old and its
-/// tombstone is still there to refuse it. Per key, returns the value already there (nothing
-/// stored), `S` stored (and entered in its tag sets until it expires), `l` a tombstone of the
-/// key or one of its tag sets was found, `u` this Redis's tombstones are not [`TOMB`] old
-/// yet, or `d` past its deadline; then, last, Redis's clock (ms) when it ran.
+/// `KEYS` hold each key's value key and tag sets in turn; `ARGV[1]` is the sender's bound of
+/// Redis's clock when it sent the script, then a (deadline, TTL, value, number of tag sets)
+/// quadruple per key. No lease: the store is safe because it runs before its deadline (by
+/// Redis's clock: the load's start plus the speculation window, under half of [`TOMB`]), so
+/// any invalidation since the load began is less than [`TOMB`] old and its tombstone is
+/// still there to refuse it. A clock behind the sender's bound (stepped back, or another
+/// server after a failover) proves the deadlines wrong: every key is then `c`. Per key,
+/// returns the value already there (nothing stored), `S` stored (and entered in its tag sets
+/// until it expires), `l` a tombstone of the key or one of its tag sets was found, `u` this
+/// Redis's tombstones are not [`TOMB`] old yet, `d` past its deadline, or `c`; then, last,
+/// Redis's clock (ms) when it ran.
 const STORE_FRESH_MANY: &str = r"
 local out = {}
 local now = now_ms()
 local ready = settled()
+local behind = now < tonumber(ARGV[1] or 0)
 local sets, order, tombstoned = {}, {}, {}
 local k = 1
-for i = 1, #ARGV / 4 do
-  local a = 4 * (i - 1)
+for i = 1, (#ARGV - 1) / 4 do
+  local a = 1 + 4 * (i - 1)
   local value_key, tags = KEYS[k], tonumber(ARGV[a + 4])
   local v = redis.call('GET', value_key)
   if v then
     out[i] = v
+  elseif behind then
+    out[i] = 'c'
   elseif now > tonumber(ARGV[a + 1]) then
     out[i] = 'd'
   elseif not ready then
@@ -298,9 +305,8 @@ out[#out + 1] = tostring(now)
 return out
 ";
 
-/// Gives the lease `KEYS[2]` back if it is still the token `ARGV[1]` (its load failed, or a
-/// speculative load may not fill: a waiter may load at once instead of waiting the lease
-/// out). 1 if it was released.
+/// Gives the lease `KEYS[2]` back if it is still the token `ARGV[1]` (its load failed: a
+/// waiter may load at once instead of waiting the lease out). 1 if it was released.
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[2]) == ARGV[1] then return redis.call('DEL', KEYS[2]) end
 return 0
@@ -832,7 +838,18 @@ impl RedisTier {
                 out[i] = Some(fresh);
             }
         }
+        // Every index is in exactly one group, each of which answered for all of its keys.
         Ok(out.into_iter().map(|f| f.unwrap_or(Fresh::Late)).collect())
+    }
+
+    /// Makes this tier's bound of a single server's clock `ms` too high, as a step back of
+    /// Redis's clock (or a failover to a server behind) would.
+    #[cfg(test)]
+    pub(crate) fn clock_ahead(&self, ms: i64) {
+        let now = Instant::now();
+        if let (Some(offset), Some(local)) = (self.clock.offset(0), self.clock.local_ms(now)) {
+            self.clock.sample_at(0, local + offset + 1 + ms, now);
+        }
     }
 
     /// One [`STORE_FRESH_MANY`] of `stores`, all of `bucket` (`None`: one server). Each
@@ -883,6 +900,11 @@ impl RedisTier {
                 cmd.arg(&name);
             }
         }
+        // Redis's clock is at least this now, if the bound holds (the script checks it).
+        let sent = offset.map_or(0, |offset| {
+            self.clock.deadline(Instant::now(), Duration::ZERO, offset)
+        });
+        cmd.arg(sent);
         for s in stores {
             // No known offset (the probe's reply was unreadable): a deadline already past.
             let deadline =
@@ -893,9 +915,22 @@ impl RedisTier {
                 .arg(s.tags.len());
         }
         let mut replies: Vec<Vec<u8>> = self.redis.eval(&self.store_fresh_many, &cmd).await?;
+        if replies.len() != count + 1 {
+            return Err(RedisError::Command(redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "store script answered for the wrong number of keys",
+                format!("{} answers for {count} keys", replies.len()),
+            ))));
+        }
         let now = replies.pop();
+        let found: Vec<Fresh> = replies.into_iter().map(Fresh::from_reply).collect();
+        if found.iter().any(|f| matches!(f, Fresh::ClockBehind)) {
+            // The bound was wrong (a clock stepped back, another server): start again from
+            // this reply.
+            self.clock.reset(clock);
+        }
         self.clock.sample(clock, now.as_deref());
-        Ok(replies.into_iter().map(Fresh::from_reply).collect())
+        Ok(found)
     }
 
     /// Deletes the values and leases of `full_keys` and every value carrying any of `tags`,
@@ -990,6 +1025,9 @@ pub(crate) enum Fresh {
     Unsettled,
     /// It would have run past its deadline: nothing stored.
     Late,
+    /// Redis's clock was behind where the sender knew it to be at least (stepped back, or
+    /// another server): the deadlines were wrong, nothing stored.
+    ClockBehind,
 }
 
 impl Fresh {
@@ -999,6 +1037,7 @@ impl Fresh {
             b"l" => Fresh::Tombstoned,
             b"u" => Fresh::Unsettled,
             b"d" => Fresh::Late,
+            b"c" => Fresh::ClockBehind,
             _ => Fresh::Found(bytes),
         }
     }
@@ -1050,13 +1089,16 @@ impl RedisClock {
 
     /// Takes Redis's clock (ms, as a script returned it) of server `clock`, read before now.
     fn sample(&self, clock: usize, redis_ms: Option<&[u8]>) {
-        let Some(redis_ms) = redis_ms
+        let redis_ms = redis_ms
             .and_then(|b| std::str::from_utf8(b).ok())
-            .and_then(|s| s.parse::<i64>().ok())
-        else {
-            return;
-        };
-        let now = Instant::now();
+            .and_then(|s| s.parse::<i64>().ok());
+        if let Some(redis_ms) = redis_ms {
+            self.sample_at(clock, redis_ms, Instant::now());
+        }
+    }
+
+    /// [`sample`](Self::sample), received at `now`.
+    fn sample_at(&self, clock: usize, redis_ms: i64, now: Instant) {
         let Some(local) = self.local_ms(now) else {
             return;
         };
@@ -1066,22 +1108,41 @@ impl RedisClock {
         let Some(s) = samples.get_mut(clock) else {
             return;
         };
-        match s.since {
-            Some(since) if now.duration_since(since) < CLOCK_PERIOD => {}
-            _ => {
+        match s.since.map(|since| now.saturating_duration_since(since)) {
+            Some(age) if age < CLOCK_PERIOD => {}
+            // The last period ended: it becomes the one before, unless it ended longer ago.
+            Some(age) if age < 2 * CLOCK_PERIOD => {
                 s.previous = s.current.take();
                 s.since = Some(now);
+            }
+            _ => {
+                *s = ClockSamples {
+                    since: Some(now),
+                    ..ClockSamples::default()
+                };
             }
         }
         s.current = Some(s.current.map_or(sample, |c| c.max(sample)));
     }
 
+    /// Forgets what is known of server `clock` (its bound proved wrong).
+    fn reset(&self, clock: usize) {
+        if let Some(s) = self.lock().get_mut(clock) {
+            *s = ClockSamples::default();
+        }
+    }
+
     /// The lower bound of server `clock`'s offset, from samples of this period and the last;
     /// `None` if there are none that recent.
     fn offset(&self, clock: usize) -> Option<i64> {
+        self.offset_at(clock, Instant::now())
+    }
+
+    /// [`offset`](Self::offset) at `now`.
+    fn offset_at(&self, clock: usize, now: Instant) -> Option<i64> {
         let samples = self.lock();
         let s = samples.get(clock)?;
-        let age = s.since?.elapsed();
+        let age = now.saturating_duration_since(s.since?);
         if age >= 2 * CLOCK_PERIOD {
             return None;
         }
@@ -1132,4 +1193,56 @@ fn lua_string(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Redis's clock `offset` ms ahead of the sampler's, replied at `at` ms past its zero
+    /// `latency` ms after it ran.
+    fn sample(clock: &RedisClock, at: u64, offset: i64, latency: i64) {
+        let now = clock.base + Duration::from_millis(at);
+        clock.sample_at(0, at as i64 + offset - latency, now);
+    }
+
+    fn offset(clock: &RedisClock, at: u64) -> Option<i64> {
+        clock.offset_at(0, clock.base + Duration::from_millis(at))
+    }
+
+    #[test]
+    fn the_clock_bound_stays_below_the_true_offset_and_forgets_old_samples() {
+        let clock = RedisClock::default();
+        assert_eq!(offset(&clock, 0), None);
+        // Replies that took 3 ms and 1 ms: the bound is the closer one, still below 500.
+        sample(&clock, 10, 500, 3);
+        sample(&clock, 20, 500, 1);
+        assert_eq!(offset(&clock, 30), Some(498));
+        // A sample of the next period is kept beside this one's for a period.
+        sample(&clock, 5_100, 500, 10);
+        assert_eq!(offset(&clock, 5_200), Some(498));
+        // Samples older than two periods are not used: none left after a silence.
+        assert_eq!(offset(&clock, 10_100), Some(489));
+        assert_eq!(offset(&clock, 15_200), None);
+        // After a silence longer than two periods, a new sample starts afresh: the bound
+        // from before the silence (here higher than Redis's clock is now) is gone.
+        sample(&clock, 40_000, 200, 1);
+        assert_eq!(offset(&clock, 40_001), Some(198));
+        // A bound proved wrong is forgotten at once.
+        sample(&clock, 40_010, 200, 1);
+        clock.reset(0);
+        assert_eq!(offset(&clock, 40_011), None);
+        sample(&clock, 40_020, 100, 1);
+        assert_eq!(offset(&clock, 40_021), Some(98));
+        // Deadlines count from the load's start on Redis's clock, by the bound.
+        let began = clock.base + Duration::from_millis(40_000);
+        assert_eq!(
+            clock.deadline(began, Duration::from_millis(100), 98),
+            40_198
+        );
+        assert_eq!(
+            clock.deadline(clock.base - Duration::from_millis(1), Duration::ZERO, 98),
+            0
+        );
+    }
 }

@@ -83,11 +83,11 @@ pub(crate) enum SharedTier {
 }
 
 impl SharedTier {
-    /// The longest a speculative load may begin before its lookup is answered and still fill
+    /// The longest after a speculative load began that its store may run and still be taken
     /// (`lease.rs`): `wanted` (`EngineOptions::speculation_window`), within half the
     /// tombstones' life, and under half of `REDIS_TIMEOUT`, so that a Redis that stalled long
-    /// enough to fail another instance's invalidation (which then left no tombstone) answers
-    /// too late for any load begun before that invalidation to fill. `None`: this tier keeps
+    /// enough to fail another instance's invalidation (which then left no tombstone) runs the
+    /// store too late for any load begun before that invalidation to be stored. `None`: this tier keeps
     /// no tombstones (PostgreSQL), so nothing loads speculatively.
     pub fn speculation_window(&self, wanted: Duration) -> Option<Duration> {
         match self {
