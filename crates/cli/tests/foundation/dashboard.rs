@@ -610,7 +610,7 @@ async fn dashboard_charts_move_with_traffic_live_over_the_socket() {
 async fn live_page(url: &str, real: Duration) -> (String, Vec<u8>) {
     use base64::Engine as _;
     let port = cascade_testkit::free_port();
-    let mut driver = Command::new("chromedriver")
+    let driver = Command::new("chromedriver")
         .arg(format!("--port={port}"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -618,11 +618,17 @@ async fn live_page(url: &str, real: Duration) -> (String, Vec<u8>) {
         .process_group(0)
         .spawn()
         .expect("chromedriver (scripts/test installs chromium-driver)");
-    let group = driver.id();
-    let _kill = Defer(move || {
-        let _ = Command::new("kill")
-            .args(["-KILL", &format!("-{group}")])
-            .status();
+    // Its group (the browsers it started too) is killed once, at the end or on a panic, and
+    // only while its leader is unreaped: a group id whose leader was reaped may be another
+    // process's by then (pids wrap at 32768 here), and killing it killed that process.
+    let mut driver = Some(driver);
+    let kill_group = Defer(move || {
+        if let Some(mut driver) = driver.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &format!("-{}", driver.id())])
+                .status();
+            let _ = driver.wait();
+        }
     });
     let base = format!("http://127.0.0.1:{port}");
     let client = http();
@@ -675,8 +681,7 @@ async fn live_page(url: &str, real: Duration) -> (String, Vec<u8>) {
     let html = call(reqwest::Method::GET, at("/source"), None).await;
     let png = call(reqwest::Method::GET, at("/screenshot"), None).await;
     call(reqwest::Method::DELETE, at(""), None).await;
-    let _ = driver.kill();
-    let _ = driver.wait();
+    drop(kill_group);
     let _ = std::fs::remove_dir_all(&profile);
     let png = base64::engine::general_purpose::STANDARD
         .decode(png.as_str().expect("a base64 screenshot"))
