@@ -377,9 +377,8 @@ fn run_chromium(chromium: &Path, args: &[&str]) -> String {
             break status;
         }
         if started.elapsed() > bound {
-            let _ = Command::new("kill")
-                .args(["-KILL", &format!("-{pid}")])
-                .status();
+            kill_process_group(pid);
+            let _ = child.kill();
             let _ = child.wait();
             panic!(
                 "chromium did not finish within {bound:?}: {}",
@@ -620,13 +619,12 @@ async fn live_page(url: &str, real: Duration) -> (String, Vec<u8>) {
         .expect("chromedriver (scripts/test installs chromium-driver)");
     // Its group (the browsers it started too) is killed once, at the end or on a panic, and
     // only while its leader is unreaped: a group id whose leader was reaped may be another
-    // process's by then (pids wrap at 32768 here), and killing it killed that process.
+    // process's by then (pids wrap at 32768 here).
     let mut driver = Some(driver);
     let kill_group = Defer(move || {
         if let Some(mut driver) = driver.take() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &format!("-{}", driver.id())])
-                .status();
+            kill_process_group(driver.id());
+            let _ = driver.kill();
             let _ = driver.wait();
         }
     });
@@ -687,6 +685,14 @@ async fn live_page(url: &str, real: Duration) -> (String, Vec<u8>) {
         .decode(png.as_str().expect("a base64 screenshot"))
         .expect("base64");
     (html.as_str().expect("the page source").to_string(), png)
+}
+
+/// SIGKILL to the process group `leader` leads (call it while the leader is unreaped).
+/// procps' `kill` reads `-<pgid>` after a signal as another signal, not a group: `--` first.
+fn kill_process_group(leader: u32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{leader}")])
+        .status();
 }
 
 /// Runs its closure when dropped (a test that panics still kills what it started).
