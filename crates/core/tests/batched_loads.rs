@@ -45,7 +45,7 @@ fn engine_with_timeout(server: &RedisServer, timeout: Duration) -> Cache {
 }
 
 /// An engine whose Redis calls wait up to `timeout`; `speculative`: its batched reads load
-/// while they look up once the namespace leans to misses (the default).
+/// without a lookup once the namespace leans to misses (the default).
 fn engine_with(server: &RedisServer, timeout: Duration, speculative: bool) -> Cache {
     let redis = client(server, timeout);
     let config = CacheConfig {

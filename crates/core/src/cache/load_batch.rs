@@ -712,7 +712,7 @@ async fn fill_and_install(cache: Cache, mut fills: Vec<BatchFill>) {
         Ok(stored) => stored,
         Err(err) => {
             // Counted once, against the first fill's namespace (a batch's fills are of one
-            // namespace; deferred speculative fills may mix several).
+            // namespace).
             if let Some(install) = fills.iter().find_map(|f| f.lease.install.as_ref()) {
                 cache.shared_failed(&install.counters, &err);
             }

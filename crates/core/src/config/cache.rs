@@ -32,8 +32,8 @@ pub struct RawCache {
     /// Prefix of every key Cascade writes to Redis [default: cascade:].
     #[arg(long, env = "CACHE_KEY_PREFIX", global = true)]
     pub cache_key_prefix: Option<String>,
-    /// Batched reads of namespaces whose lookups all miss read PostgreSQL while they look up
-    /// in Redis (true/false) [default: true]. Turn off where Redis evicts keys.
+    /// Batched reads of namespaces whose lookups all miss read PostgreSQL without a Redis
+    /// lookup first (true/false) [default: true]. Turn off where Redis evicts keys.
     #[arg(long, env = "CACHE_SPECULATIVE_LOADS", global = true)]
     pub cache_speculative_loads: Option<String>,
 }
@@ -96,7 +96,7 @@ pub struct CacheConfig {
     pub key_prefix: String,
     /// Namespaces whose hot keys are reloaded shortly before they expire.
     pub early_refresh: BTreeSet<String>,
-    /// Batched reads may load while they look up (`EngineOptions::speculative_loads` too).
+    /// Batched reads may load without a lookup (`EngineOptions::speculative_loads` too).
     pub speculative_loads: bool,
 }
 
