@@ -206,16 +206,9 @@ impl Timestamp {
     }
 
     fn from_micros(micros: i64) -> Timestamp {
-        let seconds = micros.div_euclid(1_000_000);
-        let fraction = micros.rem_euclid(1_000_000);
-        let (days, second_of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
-        let (y, m, d) = civil_from_days(days);
-        let text = format!(
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{fraction:06}Z",
-            second_of_day / 3600,
-            second_of_day / 60 % 60,
-            second_of_day % 60
-        );
+        let mut text = Vec::with_capacity(27);
+        write_utc(&mut text, i128::from(micros));
+        let text = String::from_utf8(text).unwrap_or_default();
         Timestamp { micros, text }
     }
 
@@ -233,6 +226,47 @@ impl Timestamp {
 impl serde::Serialize for Timestamp {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.text)
+    }
+}
+
+/// Appends the instant `micros` µs after the epoch as PostgreSQL's
+/// `to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')` prints it (the catalog's
+/// time format, canonical within years 0001–9999): at least four digits of year, a year before
+/// 0001 as `to_char`'s `YYYY` gives it (1 BC is `0001`: the era is not printed), and always six
+/// of fraction.
+pub fn write_utc(out: &mut Vec<u8>, micros: i128) {
+    let seconds = micros.div_euclid(1_000_000);
+    // Both below 10^6 and 86,400; the days of any i128 of µs fit an i64 with room to spare.
+    let fraction = micros.rem_euclid(1_000_000) as i64;
+    let second_of_day = seconds.rem_euclid(86_400) as i64;
+    let (y, m, d) = civil_from_days(seconds.div_euclid(86_400) as i64);
+    let year = if y > 0 { y } else { 1 - y };
+    let (hour, minute, second) = (
+        second_of_day / 3600,
+        second_of_day / 60 % 60,
+        second_of_day % 60,
+    );
+    digits(out, year, year.max(1).ilog10().max(3) + 1);
+    for (separator, value, width) in [
+        (b'-', m, 2),
+        (b'-', d, 2),
+        (b'T', hour, 2),
+        (b':', minute, 2),
+        (b':', second, 2),
+        (b'.', fraction, 6),
+    ] {
+        out.push(separator);
+        digits(out, value, width);
+    }
+    out.push(b'Z');
+}
+
+/// `value` (0 ≤ value < 10^width) in exactly `width` decimal digits.
+fn digits(out: &mut Vec<u8>, value: i64, width: u32) {
+    let mut place = 10_i64.pow(width - 1);
+    while place > 0 {
+        out.push(b'0' + (value / place % 10) as u8);
+        place /= 10;
     }
 }
 

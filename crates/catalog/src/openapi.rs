@@ -3,7 +3,8 @@
 //! their bodies.
 //!
 //! Request bodies are parsed field by field ([`model`](crate::model)), and responses are built
-//! by PostgreSQL (`json_build_object`, [`queries`](crate::queries)), so neither has a Rust type
+//! by PostgreSQL (`json_build_object`, [`queries`](crate::queries); one asset's by the server,
+//! byte for byte as PostgreSQL spells it), so neither has a Rust type
 //! a schema could be derived from: the types here describe them, and the fuzz test
 //! (`crates/server/tests/fuzz.rs`) checks every response against them and that inputs the
 //! schemas call valid are accepted, so a drift fails CI.

@@ -1,6 +1,7 @@
 //! The catalog's SQL (tables: `crates/catalog/migrations/0001_catalog.sql`, owners in `0002`).
 //!
-//! Reads return the response body itself, built by PostgreSQL with `json_build_object`: the
+//! Reads return the response body itself, built by PostgreSQL with `json_build_object` (one
+//! asset's, the read misses are made of, by `asset_body` from its row, the same bytes): the
 //! bytes go into the cache and out to the client unchanged, and every read is one statement
 //! (one round trip when the statement is already prepared on the connection), which is what
 //! the benchmark counts as "a PostgreSQL query". PostgreSQL prints JSON with spaces
@@ -11,6 +12,7 @@ use cascade_core::audit::{self, Change};
 use cascade_core::db::Conn as Object;
 use tokio_postgres::Transaction;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{FromSql, Type};
 
 use crate::error::CatalogError;
 use crate::listing::ListingQuery;
@@ -38,6 +40,17 @@ macro_rules! asset_json {
          'name', a.name, 'metadata', a.metadata, \
          'createdAt', to_char(a.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
          'updatedAt', to_char(a.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))"
+    };
+}
+
+/// The columns [`asset_body`] builds one asset's body from (table alias `a`): the reads of one
+/// asset (`GET /listings/{id}`, [`asset`] and [`assets`]) build it in the server, where
+/// `asset_json!`'s `json_build_object` and two `to_char` calls per row were a quarter of a
+/// batched statement's time in PostgreSQL (`bench/asset-statement.sh`). The bytes are the same ones
+/// (`tests/api/bodies.rs` compares them).
+macro_rules! asset_columns {
+    () => {
+        "a.version_id, a.producer_id, a.name, a.metadata, a.created_at, a.updated_at"
     };
 }
 
@@ -86,11 +99,137 @@ fn text(row: &tokio_postgres::Row) -> Vec<u8> {
     compact(row.get::<_, &str>(0))
 }
 
+/// One asset's body from the row of `asset_columns!`, byte for byte what `asset_json!`
+/// makes PostgreSQL print (then [`compact`]): the same keys in the same order, strings escaped
+/// as PostgreSQL's `escape_json` escapes them, the metadata as `jsonb` prints it without white
+/// space, times as `to_char` prints them (`model::write_utc`; an infinite one is `null`, as
+/// `to_char` gives NULL).
+fn asset_body(row: &tokio_postgres::Row) -> Vec<u8> {
+    let (version, producer, name): (&str, &str, &str) = (row.get(0), row.get(1), row.get(2));
+    let metadata: Json = row.get(3);
+    let (created, updated): (PgTime, PgTime) = (row.get(4), row.get(5));
+    let mut out =
+        Vec::with_capacity(160 + version.len() + producer.len() + name.len() + metadata.0.len());
+    for (key, value) in [
+        (&b"{\"versionId\":"[..], version),
+        (b",\"producerId\":", producer),
+        (b",\"name\":", name),
+    ] {
+        out.extend_from_slice(key);
+        escape_json(&mut out, value);
+    }
+    out.extend_from_slice(b",\"metadata\":");
+    compact_into(&mut out, metadata.0);
+    for (key, time) in [
+        (&b",\"createdAt\":"[..], created),
+        (b",\"updatedAt\":", updated),
+    ] {
+        out.extend_from_slice(key);
+        time.write_json(&mut out);
+    }
+    out.push(b'}');
+    out
+}
+
+/// `s` as a JSON string, escaped as PostgreSQL's `escape_json` does: `"` and `\\`, the
+/// control characters with a short escape by it, the others below U+0020 as `\u00xx`
+/// (lower-case hex); everything else unchanged.
+fn escape_json(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short = match b {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            0x08 => b'b',
+            0x0c => b'f',
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            0..0x20 => 0,
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        start = i + 1;
+        if short == 0 {
+            out.extend_from_slice(b"\\u00");
+            out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+        } else {
+            out.extend_from_slice(&[b'\\', short]);
+        }
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// A `json` or `jsonb` value as the text PostgreSQL prints for it (`jsonb`'s binary form is
+/// a version byte, 1, then that text), not parsed.
+struct Json<'a>(&'a str);
+
+impl<'a> FromSql<'a> for Json<'a> {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let text = if *ty == Type::JSONB {
+            match raw.split_first() {
+                Some((1, text)) => text,
+                _ => return Err("unknown jsonb binary version".into()),
+            }
+        } else {
+            raw
+        };
+        Ok(Json(std::str::from_utf8(text)?))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSON || *ty == Type::JSONB
+    }
+}
+
+/// A `timestamptz` as PostgreSQL sends it: µs since 2000-01-01T00:00:00Z, or ±infinity as
+/// the largest and smallest `i64`.
+#[derive(Clone, Copy)]
+struct PgTime(i64);
+
+/// 2000-01-01T00:00:00Z in µs since the Unix epoch.
+const PG_EPOCH_MICROS: i128 = 946_684_800_000_000;
+
+impl PgTime {
+    fn write_json(self, out: &mut Vec<u8>) {
+        if self.0 == i64::MAX || self.0 == i64::MIN {
+            out.extend_from_slice(b"null");
+        } else {
+            out.push(b'"');
+            crate::model::write_utc(out, i128::from(self.0) + PG_EPOCH_MICROS);
+            out.push(b'"');
+        }
+    }
+}
+
+impl<'a> FromSql<'a> for PgTime {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(PgTime(i64::from_be_bytes(raw.try_into()?)))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMPTZ
+    }
+}
+
 /// `json` (valid JSON text, as PostgreSQL prints it) without white space between tokens;
 /// strings are copied unchanged. One pass, no parsing into values: key order and the digits
 /// of every number stay as PostgreSQL wrote them.
 pub fn compact(json: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(json.len());
+    compact_into(&mut out, json);
+    out
+}
+
+/// [`compact`], appended to `out`.
+fn compact_into(out: &mut Vec<u8>, json: &str) {
     let (mut in_string, mut escaped) = (false, false);
     for &b in json.as_bytes() {
         if in_string {
@@ -107,7 +246,6 @@ pub fn compact(json: &str) -> Vec<u8> {
             out.push(b);
         }
     }
-    out
 }
 
 /// Registers a producer owned by the account `owner`.
@@ -663,8 +801,8 @@ pub async fn asset(conn: &Object, version: &str) -> Result<Option<Vec<u8>>, Cata
     let statement = conn
         .prepare_cached(concat!(
             "/* catalog:asset */ SELECT ",
-            asset_json!(),
-            "::text FROM assets a WHERE a.version_id = $1"
+            asset_columns!(),
+            " FROM assets a WHERE a.version_id = $1"
         ))
         .await
         .map_err(internal)?;
@@ -672,7 +810,7 @@ pub async fn asset(conn: &Object, version: &str) -> Result<Option<Vec<u8>>, Cata
         .query_opt(&statement, &[&version])
         .await
         .map_err(internal)?;
-    Ok(row.as_ref().map(text))
+    Ok(row.as_ref().map(asset_body))
 }
 
 /// `GET /listings/:versionId` of many versions in one statement (concurrent misses batched by
@@ -685,8 +823,8 @@ pub async fn assets(
     let statement = conn
         .prepare_cached(concat!(
             "/* catalog:assets */ SELECT ",
-            asset_json!(),
-            "::text, a.version_id FROM assets a WHERE a.version_id = ANY($1)"
+            asset_columns!(),
+            " FROM assets a WHERE a.version_id = ANY($1)"
         ))
         .await
         .map_err(internal)?;
@@ -694,7 +832,10 @@ pub async fn assets(
         .query(&statement, &[&versions])
         .await
         .map_err(internal)?;
-    Ok(rows.iter().map(|row| (row.get(1), text(row))).collect())
+    Ok(rows
+        .iter()
+        .map(|row| (row.get(0), asset_body(row)))
+        .collect())
 }
 
 /// `GET /listings`: newest first, `{"items": [...], "nextCursor": "..." | null}`.

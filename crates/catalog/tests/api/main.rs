@@ -5,6 +5,7 @@ mod support;
 
 mod audit;
 mod batched_reads;
+mod bodies;
 mod bounds;
 mod bundle;
 mod concurrent_writes;
