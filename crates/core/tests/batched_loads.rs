@@ -722,10 +722,20 @@ async fn concurrent_reads_of_a_key_load_it_once_while_one_speculates() {
             tokio::spawn(async move { source.read(&engine, "same", &[]).await })
         })
         .collect();
+    let mut sources = Vec::new();
     for read in reads {
-        let (body, _) = read.await.unwrap();
+        let (body, from) = read.await.unwrap();
         assert_eq!(body, "\"same-v1\"");
+        sources.push(from);
     }
     assert_eq!(source.loads_of("same"), 1);
+    // The one that loaded installed its value in process before it let the key go: the
+    // others are answered from there, none by a lookup in Redis.
+    assert_eq!(
+        sources.iter().filter(|s| **s == Source::Loaded).count(),
+        1,
+        "{sources:?}"
+    );
+    assert!(!sources.contains(&Source::Shared), "{sources:?}");
     until_counted(&engine, "speculative fills", 1, |ns| ns.speculative_fills).await;
 }

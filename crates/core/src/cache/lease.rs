@@ -21,7 +21,8 @@
 //! tombstone refuses the store. (The answer itself is as fresh as any read of the source
 //! begun with the request.) An instance loads a key speculatively once at a time: the key's
 //! flight lock is held until the store is answered, and its other batched reads wait for it
-//! rather than lease and load again. A value already in Redis makes the load a waste (it is
+//! rather than lease and load again; a store taken was installed in process by then, where
+//! they find it without a lookup. A value already in Redis makes the load a waste (it is
 //! then kept in process), which is why only namespaces whose lookups all miss lately
 //! speculate.
 
@@ -80,6 +81,11 @@ impl ReadCtx<'_> {
             // is held until its store is answered, after which the lookup finds the value.
             // Waited for out of this read's `lease_wait`, like any poll.
             let _ = tokio::time::timeout(backoff.left(), self.flight.lock()).await;
+            // A store taken was installed in process before the lock was let go: served from
+            // there, without the round trip of a lookup.
+            if let Some(entry) = self.cache.memory_get(&self.full, &self.counters) {
+                return Ok((entry.bytes, Source::Memory));
+            }
         }
         loop {
             match read.lookup().await {

@@ -195,7 +195,7 @@ impl Cache {
 
     /// The in-process entry of `full`, counted as a near hit; `None` while the bus is not
     /// trusted (the entry may have missed an invalidation).
-    fn memory_get(&self, full: &str, counters: &NsCounters) -> Option<MemEntry> {
+    pub(super) fn memory_get(&self, full: &str, counters: &NsCounters) -> Option<MemEntry> {
         if self.inner.bus.as_ref().is_some_and(|bus| !bus.trusted()) {
             return None;
         }
