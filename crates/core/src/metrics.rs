@@ -54,6 +54,7 @@ pub const CACHE_SHARED_ERRORS: &str = "cascade_cache_shared_errors_total";
 pub const CACHE_EARLY_REFRESHES: &str = "cascade_cache_early_refreshes_total";
 pub const CACHE_SPECULATIVE_FILLS: &str = "cascade_cache_speculative_fills_total";
 pub const CACHE_SPECULATIVE_UNFILLED: &str = "cascade_cache_speculative_unfilled_total";
+pub const CACHE_SPECULATIVE_FOUND: &str = "cascade_cache_speculative_found_total";
 pub const CACHE_HIT_RATIO: &str = "cascade_cache_hit_ratio";
 pub const BREAKER_STATE: &str = "cascade_breaker_state";
 

@@ -578,6 +578,41 @@ async fn a_speculative_load_fills_once_and_its_value_is_then_served_by_every_tie
     assert_eq!(source.loads_of("s1"), 1);
 }
 
+#[tokio::test]
+async fn a_speculative_load_of_a_key_already_in_redis_keeps_that_value_and_counts_it_found() {
+    let (redis, engine) = speculating(Duration::from_millis(500)).await;
+    // Another instance, whose lookups do not lean to misses, leases `f1`, loads it and fills.
+    let elsewhere = engine_with(&redis, Duration::from_millis(500), true);
+    let (body, from) = BeforeTheWrite::default().read(&elsewhere, "f1", &[]).await;
+    assert_eq!((body.as_str(), from), ("\"f1-v1\"", Source::Loaded));
+    for _ in 0..100 {
+        if in_redis(&redis, "f1").await.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(in_redis(&redis, "f1").await.0, "the other instance's fill");
+    // This one loads without a lookup; its store finds that value and stores nothing.
+    let before = stats_of(&engine);
+    let source = BeforeTheWrite::default();
+    let (body, from) = source.read(&engine, "f1", &[]).await;
+    assert_eq!((body.as_str(), from), ("\"f1-v1\"", Source::Loaded));
+    until_counted(
+        &engine,
+        "speculative finds",
+        before.speculative_found + 1,
+        |ns| ns.speculative_found,
+    )
+    .await;
+    let after = stats_of(&engine);
+    assert_eq!(after.speculative_fills, before.speculative_fills);
+    assert_eq!(after.speculative_unfilled, before.speculative_unfilled);
+    // The value found is kept in process: the next read neither loads nor asks Redis.
+    let (body, from) = source.read(&engine, "f1", &[]).await;
+    assert_eq!((body.as_str(), from), ("\"f1-v1\"", Source::Memory));
+    assert_eq!(source.loads_of("f1"), 1);
+}
+
 /// Whether Redis holds a value for `key` of `assets`, and what its lease slot holds.
 async fn in_redis(redis: &RedisServer, key: &str) -> (bool, Option<String>) {
     let raw = client(redis, Duration::from_secs(5));

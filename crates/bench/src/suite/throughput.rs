@@ -381,15 +381,19 @@ fn annotate_cache(row: &mut Row, before: &Value, after: &Value, statements: Opti
             "hit ratio {ratio:.1} %, {:.1} {counted_by} per 1000 requests",
             1000.0 * queries as f64 / row.requests.max(1) as f64
         );
-        // Reads that loaded without a lookup (`lease.rs`): stored, or not.
+        // Reads that loaded without a lookup (`lease.rs`): stored, refused, or found a value
+        // already there (a load that was not needed).
         let fills = delta(before, after, "speculative_fills");
         let unfilled = delta(before, after, "speculative_unfilled");
-        if fills + unfilled > 0 {
+        let found = delta(before, after, "speculative_found");
+        if fills + unfilled + found > 0 {
+            let per_1000 = |n: u64| 1000.0 * n as f64 / row.requests.max(1) as f64;
             row.notes = format!(
-                "{}, {:.1} speculative fills and {:.1} unfilled per 1000 requests",
+                "{}, {:.1} speculative fills, {:.1} unfilled and {:.1} found per 1000 requests",
                 row.notes,
-                1000.0 * fills as f64 / row.requests.max(1) as f64,
-                1000.0 * unfilled as f64 / row.requests.max(1) as f64
+                per_1000(fills),
+                per_1000(unfilled),
+                per_1000(found)
             );
         }
         if !cut.is_empty() {

@@ -620,6 +620,7 @@ async fn store_fresh_and_install(cache: &Cache, mut fills: Vec<FreshFill>) {
                 cache.install(&key, install.started_epoch, fill);
             }
             Fresh::Found(stored) => {
+                add(&counters.speculative_found, 1);
                 // Kept in process, as a hit would be (unless stored before an outage ended:
                 // that one is revalidated by the next read).
                 let distrust_before = cache.inner.distrust_before_ms.load(Ordering::SeqCst);

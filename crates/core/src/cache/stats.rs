@@ -24,10 +24,13 @@ pub(crate) struct NsCounters {
     pub stale_sets_refused: AtomicU64,
     pub shared_errors: AtomicU64,
     pub early_refreshes: AtomicU64,
-    /// Speculative loads (`lease.rs`) whose value Redis took, and those whose store it refused
-    /// (a tombstone, past the deadline, tombstones not yet complete) or that failed.
+    /// Speculative loads (`lease.rs`) whose value Redis took, those whose store it refused
+    /// (a tombstone, past the deadline, tombstones not yet complete) or that failed, and those
+    /// whose store found a value already there (the load was not needed; that value is kept
+    /// in process).
     pub speculative_fills: AtomicU64,
     pub speculative_unfilled: AtomicU64,
+    pub speculative_found: AtomicU64,
     /// Which way this namespace's recent shared-tier lookups went: up a step per miss, down
     /// per hit, within ±[`LEAN_BOUND`]. Not a statistic: it picks how the next lookup asks.
     pub miss_lean: AtomicI32,
@@ -79,11 +82,13 @@ pub struct NamespaceStats {
     pub stale_sets_refused: u64,
     pub shared_errors: u64,
     pub early_refreshes: u64,
-    /// Speculative loads (a batched read loading while it looks up) whose value filled the
-    /// shared tier, and those that left it empty under their lease (an invalidation came
-    /// lately, the lookup was slow, or the load failed).
+    /// Speculative loads (a batched read loading without a lookup, its row stored afterwards)
+    /// whose row Redis stored; those whose store it refused (a tombstone, past the deadline,
+    /// tombstones not yet complete) or that failed; and those whose store found a value
+    /// already there (their load was not needed).
     pub speculative_fills: u64,
     pub speculative_unfilled: u64,
+    pub speculative_found: u64,
 }
 
 impl NamespaceStats {
@@ -139,6 +144,7 @@ impl Stats {
                 early_refreshes: c.early_refreshes.load(Ordering::Relaxed),
                 speculative_fills: c.speculative_fills.load(Ordering::Relaxed),
                 speculative_unfilled: c.speculative_unfilled.load(Ordering::Relaxed),
+                speculative_found: c.speculative_found.load(Ordering::Relaxed),
             })
             .collect()
     }

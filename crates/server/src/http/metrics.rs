@@ -212,6 +212,7 @@ fn refresh_cache(cache: &Cache) {
             (m::CACHE_EARLY_REFRESHES, ns.early_refreshes),
             (m::CACHE_SPECULATIVE_FILLS, ns.speculative_fills),
             (m::CACHE_SPECULATIVE_UNFILLED, ns.speculative_unfilled),
+            (m::CACHE_SPECULATIVE_FOUND, ns.speculative_found),
         ] {
             counter!(name, &namespace).absolute(value);
         }
