@@ -233,10 +233,12 @@ impl serde::Serialize for Timestamp {
 /// `to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')` prints it (the catalog's
 /// time format, canonical within years 0001–9999): at least four digits of year, a year before
 /// 0001 as `to_char`'s `YYYY` gives it (1 BC is `0001`: the era is not printed), and always six
-/// of fraction.
-pub fn write_utc(out: &mut Vec<u8>, micros: i128) {
+/// of fraction. `micros` is wider than an `i64` only so that PostgreSQL's µs since 2000 can be
+/// moved to 1970 without overflow: callers pass an `i64` plus at most that shift.
+pub(crate) fn write_utc(out: &mut Vec<u8>, micros: i128) {
+    debug_assert!(micros.unsigned_abs() < 1 << 64, "{micros} µs");
     let seconds = micros.div_euclid(1_000_000);
-    // Both below 10^6 and 86,400; the days of any i128 of µs fit an i64 with room to spare.
+    // Below 10^6 and 86,400; the days of such µs (under 2.2 · 10^8) fit an i64 many times.
     let fraction = micros.rem_euclid(1_000_000) as i64;
     let second_of_day = seconds.rem_euclid(86_400) as i64;
     let (y, m, d) = civil_from_days(seconds.div_euclid(86_400) as i64);

@@ -43,6 +43,11 @@ macro_rules! asset_json {
     };
 }
 
+/// `asset_json!`, PostgreSQL's spelling of one asset (pages and bundles), which [`asset_body`]
+/// must match byte for byte: for the test that compares them (`tests/api/bodies.rs`).
+#[doc(hidden)]
+pub const ASSET_JSON: &str = asset_json!();
+
 /// The columns [`asset_body`] builds one asset's body from (table alias `a`): the reads of one
 /// asset (`GET /listings/{id}`, [`asset`] and [`assets`]) build it in the server, where
 /// `asset_json!`'s `json_build_object` and two `to_char` calls per row were a quarter of a

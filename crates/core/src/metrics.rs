@@ -243,6 +243,10 @@ pub fn describe() {
         CACHE_SPECULATIVE_UNFILLED,
         "speculative loads whose store was refused (a recent invalidation, past its deadline, tombstones not complete) or failed, by namespace"
     );
+    describe_counter!(
+        CACHE_SPECULATIVE_FOUND,
+        "speculative loads whose store found a value already in Redis (a load that was not needed), by namespace"
+    );
     describe_gauge!(
         CACHE_HIT_RATIO,
         "hits (either tier) over hits + misses since start, by namespace; seed 003 alerts below 0.7"

@@ -581,10 +581,18 @@ async fn a_speculative_load_fills_once_and_its_value_is_then_served_by_every_tie
 #[tokio::test]
 async fn a_speculative_load_of_a_key_already_in_redis_keeps_that_value_and_counts_it_found() {
     let (redis, engine) = speculating(Duration::from_millis(500)).await;
-    // Another instance, whose lookups do not lean to misses, leases `f1`, loads it and fills.
+    // Another instance, whose lookups do not lean to misses, leases `f1`, loads it (as its
+    // version 7) and fills.
     let elsewhere = engine_with(&redis, Duration::from_millis(500), true);
-    let (body, from) = BeforeTheWrite::default().read(&elsewhere, "f1", &[]).await;
-    assert_eq!((body.as_str(), from), ("\"f1-v1\"", Source::Loaded));
+    let rows = Rows::new("none");
+    *rows.version.lock().unwrap() = 7;
+    rows.open();
+    let (body, from) = elsewhere
+        .get_or_load_body_batched("assets", "f1", &[], |keys| rows.load(keys))
+        .await
+        .unwrap();
+    assert_eq!(body.unwrap().bytes().as_ref(), b"\"f1-v7\"");
+    assert_eq!(from, Source::Loaded);
     for _ in 0..100 {
         if in_redis(&redis, "f1").await.0 {
             break;
@@ -592,7 +600,8 @@ async fn a_speculative_load_of_a_key_already_in_redis_keeps_that_value_and_count
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(in_redis(&redis, "f1").await.0, "the other instance's fill");
-    // This one loads without a lookup; its store finds that value and stores nothing.
+    // This one loads without a lookup (its own version 1, as its caller is answered); its
+    // store finds version 7 and stores nothing.
     let before = stats_of(&engine);
     let source = BeforeTheWrite::default();
     let (body, from) = source.read(&engine, "f1", &[]).await;
@@ -607,10 +616,12 @@ async fn a_speculative_load_of_a_key_already_in_redis_keeps_that_value_and_count
     let after = stats_of(&engine);
     assert_eq!(after.speculative_fills, before.speculative_fills);
     assert_eq!(after.speculative_unfilled, before.speculative_unfilled);
-    // The value found is kept in process: the next read neither loads nor asks Redis.
+    // The value found is kept in process: the next read neither loads nor asks Redis, and
+    // Redis still holds it.
     let (body, from) = source.read(&engine, "f1", &[]).await;
-    assert_eq!((body.as_str(), from), ("\"f1-v1\"", Source::Memory));
+    assert_eq!((body.as_str(), from), ("\"f1-v7\"", Source::Memory));
     assert_eq!(source.loads_of("f1"), 1);
+    assert_eq!(read_elsewhere(&redis, "f1").await, "\"f1-v7\"");
 }
 
 /// Whether Redis holds a value for `key` of `assets`, and what its lease slot holds.

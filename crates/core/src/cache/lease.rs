@@ -82,8 +82,11 @@ impl ReadCtx<'_> {
             // Waited for out of this read's `lease_wait`, like any poll.
             let _ = tokio::time::timeout(backoff.left(), self.flight.lock()).await;
             // A store taken was installed in process before the lock was let go: served from
-            // there, without the round trip of a lookup.
-            if let Some(entry) = self.cache.memory_get(&self.full, &self.counters) {
+            // there, without the round trip of a lookup (unless it is due for early refresh,
+            // as at the read's first look).
+            if let Some(entry) = self.cache.memory_get(&self.full, &self.counters)
+                && !(self.early && due_for_refresh(entry.expires_at_ms, entry.delta_ms))
+            {
                 return Ok((entry.bytes, Source::Memory));
             }
         }

@@ -27,7 +27,7 @@ pub(crate) struct NsCounters {
     /// Speculative loads (`lease.rs`) whose value Redis took, those whose store it refused
     /// (a tombstone, past the deadline, tombstones not yet complete) or that failed, and those
     /// whose store found a value already there (the load was not needed; that value is kept
-    /// in process).
+    /// in process, unless it was stored before a shared-tier outage ended).
     pub speculative_fills: AtomicU64,
     pub speculative_unfilled: AtomicU64,
     pub speculative_found: AtomicU64,
