@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cascade_core::cache::{Backend, Cache, EngineOptions, Source};
+use cascade_core::cache::{Backend, Cache, EngineOptions, NamespaceStats, Source};
 use cascade_core::config::{RedisConfig, Secret};
 use cascade_core::db::Db;
 use cascade_core::redis::Redis;
@@ -335,8 +335,8 @@ async fn ttl_tags_namespaces_and_negative_caching_on_postgres_with_cleanup() {
 }
 
 /// A hot key of an early-refresh namespace is reloaded before it expires: after the first
-/// load, no reader ever waits for a miss.
-async fn hot_keys_refresh_before_expiry(engine: Cache) {
+/// load, no reader ever waits for a miss. Returns the reads made and the namespace's stats.
+async fn hot_keys_refresh_before_expiry(engine: Cache) -> (u64, NamespaceStats) {
     let loads = Arc::new(AtomicUsize::new(0));
     let read = || {
         let (engine, loads) = (engine.clone(), loads.clone());
@@ -352,9 +352,11 @@ async fn hot_keys_refresh_before_expiry(engine: Cache) {
         }
     };
     read().await;
+    let mut reads = 1;
     let started = Instant::now();
     while started.elapsed() < Duration::from_millis(2500) {
         read().await;
+        reads += 1;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let stats: Vec<_> = engine
@@ -371,11 +373,19 @@ async fn hot_keys_refresh_before_expiry(engine: Cache) {
         "the key was not refreshed early: {stats:?}"
     );
     assert!(loads.load(Ordering::SeqCst) >= 3);
+    (reads, stats[0].clone())
 }
 
 #[tokio::test]
 async fn hot_keys_refresh_before_expiry_in_memory() {
-    hot_keys_refresh_before_expiry(memory_engine()).await;
+    let (reads, stats) = hot_keys_refresh_before_expiry(memory_engine()).await;
+    // Each read counted once: the first miss, the reads that refreshed (their entry was due:
+    // not a hit), the hits.
+    assert_eq!(
+        stats.misses + stats.early_refreshes + stats.near_hits,
+        reads,
+        "{stats:?}"
+    );
 }
 
 #[tokio::test]

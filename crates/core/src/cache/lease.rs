@@ -34,7 +34,7 @@ use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
 use super::codec::{decode, due_for_refresh};
 use super::load_batch::{FillOutcome, Installer, KeyLoader, LeaseFill};
-use super::read::{Answer, Fill, ReadCtx};
+use super::read::{Answer, Fill, ReadCtx, count_near};
 use super::redis_tier::{Lookup, TOMB};
 use super::stats::add;
 use super::tier::SharedTier;
@@ -84,9 +84,10 @@ impl ReadCtx<'_> {
             // A store taken was installed in process before the lock was let go: served from
             // there, without the round trip of a lookup (unless it is due for early refresh,
             // as at the read's first look).
-            if let Some(entry) = self.cache.memory_get(&self.full, &self.counters)
+            if let Some(entry) = self.cache.memory_peek(&self.full)
                 && !(self.early && due_for_refresh(entry.expires_at_ms, entry.delta_ms))
             {
+                count_near(&self.counters, &entry);
                 return Ok((entry.bytes, Source::Memory));
             }
         }

@@ -135,11 +135,12 @@ impl Cache {
             full.push_str(self.inner.config.key_name(namespace));
             full.push(':');
             full.push_str(key);
-            self.memory_get(full, &counters)
+            self.memory_peek(full)
         });
         if let Some(entry) = &near
             && !(early && due_for_refresh(entry.expires_at_ms, entry.delta_ms))
         {
+            count_near(&counters, entry);
             let body =
                 (entry.bytes.clone()).map(|bytes| CachedBody::new(bytes, entry.etag.clone()));
             return Ok((body, Source::Memory));
@@ -193,17 +194,21 @@ impl Cache {
         Ok(None)
     }
 
-    /// The in-process entry of `full`, counted as a near hit; `None` while the bus is not
-    /// trusted (the entry may have missed an invalidation).
-    pub(super) fn memory_get(&self, full: &str, counters: &NsCounters) -> Option<MemEntry> {
+    /// The in-process entry of `full`, not counted yet: [`count_near`] once it is served (an
+    /// entry due for early refresh may not be). `None` while the bus is not trusted (the entry
+    /// may have missed an invalidation).
+    pub(super) fn memory_peek(&self, full: &str) -> Option<MemEntry> {
         if self.inner.bus.as_ref().is_some_and(|bus| !bus.trusted()) {
             return None;
         }
-        let entry = self.inner.front.get(self.inner.memory.as_ref()?, full)?;
-        add(&counters.near_hits, 1);
-        if entry.bytes.is_none() {
-            add(&counters.negative_hits, 1);
-        }
+        self.inner.front.get(self.inner.memory.as_ref()?, full)
+    }
+
+    /// [`memory_peek`](Cache::memory_peek), counted as a near hit: for a caller that serves
+    /// whatever it finds.
+    pub(super) fn memory_get(&self, full: &str, counters: &NsCounters) -> Option<MemEntry> {
+        let entry = self.memory_peek(full)?;
+        count_near(counters, &entry);
         Some(entry)
     }
 
@@ -215,6 +220,14 @@ impl Cache {
             flights.retain(|_, lock| Arc::strong_count(lock) > 1);
         }
         flights.entry(full.to_string()).or_default().clone()
+    }
+}
+
+/// Counts `entry`, served from the in-process tier, as a near hit (and a negative one).
+pub(super) fn count_near(counters: &NsCounters, entry: &MemEntry) {
+    add(&counters.near_hits, 1);
+    if entry.bytes.is_none() {
+        add(&counters.negative_hits, 1);
     }
 }
 
@@ -354,6 +367,7 @@ impl<'a> ReadCtx<'a> {
             && self.cache.inner.shared.is_none()
         {
             let Ok(_guard) = self.flight.try_lock() else {
+                count_near(&self.counters, &entry);
                 return Ok((entry.bytes, Source::Memory));
             };
             add(&self.counters.early_refreshes, 1);
