@@ -106,13 +106,18 @@ fn text(row: &tokio_postgres::Row) -> Vec<u8> {
 
 /// One asset's body from the row of `asset_columns!`, byte for byte what `asset_json!`
 /// makes PostgreSQL print (then [`compact`]): the same keys in the same order, strings escaped
-/// as PostgreSQL's `escape_json` escapes them, the metadata as `jsonb` prints it without white
-/// space, times as `to_char` prints them (`model::write_utc`; an infinite one is `null`, as
-/// `to_char` gives NULL).
-fn asset_body(row: &tokio_postgres::Row) -> Vec<u8> {
-    let (version, producer, name): (&str, &str, &str) = (row.get(0), row.get(1), row.get(2));
-    let metadata: Json = row.get(3);
-    let (created, updated): (PgTime, PgTime) = (row.get(4), row.get(5));
+/// as PostgreSQL's `escape_json` escapes them (serde_json's escapes are the same ones: `"`,
+/// `\\`, the short control escapes, `\u00xx` in lower case for the other bytes below 0x20),
+/// the metadata as `jsonb` prints it without white space, times as `to_char` prints them
+/// (`model::write_utc`; an infinite one is `null`, as `to_char` gives NULL). A column of
+/// another type or shape (a `jsonb` binary version this code does not know) is an error
+/// naming it, a 500.
+fn asset_body(row: &tokio_postgres::Row) -> Result<Vec<u8>, CatalogError> {
+    let text = |i: usize| row.try_get::<_, &str>(i).map_err(internal);
+    let (version, producer, name) = (text(0)?, text(1)?, text(2)?);
+    let metadata: Json = row.try_get(3).map_err(internal)?;
+    let created: PgTime = row.try_get(4).map_err(internal)?;
+    let updated: PgTime = row.try_get(5).map_err(internal)?;
     let mut out =
         Vec::with_capacity(160 + version.len() + producer.len() + name.len() + metadata.0.len());
     for (key, value) in [
@@ -121,7 +126,9 @@ fn asset_body(row: &tokio_postgres::Row) -> Vec<u8> {
         (b",\"name\":", name),
     ] {
         out.extend_from_slice(key);
-        escape_json(&mut out, value);
+        // Into memory, a string cannot fail; kept as an error all the same.
+        serde_json::to_writer(&mut out, value)
+            .map_err(|err| CatalogError::Internal(format!("an asset's text: {err}")))?;
     }
     out.extend_from_slice(b",\"metadata\":");
     compact_into(&mut out, metadata.0);
@@ -133,40 +140,7 @@ fn asset_body(row: &tokio_postgres::Row) -> Vec<u8> {
         time.write_json(&mut out);
     }
     out.push(b'}');
-    out
-}
-
-/// `s` as a JSON string, escaped as PostgreSQL's `escape_json` does: `"` and `\\`, the
-/// control characters with a short escape by it, the others below U+0020 as `\u00xx`
-/// (lower-case hex); everything else unchanged.
-fn escape_json(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let short = match b {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            0x08 => b'b',
-            0x0c => b'f',
-            b'\n' => b'n',
-            b'\r' => b'r',
-            b'\t' => b't',
-            0..0x20 => 0,
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        start = i + 1;
-        if short == 0 {
-            out.extend_from_slice(b"\\u00");
-            out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
-        } else {
-            out.extend_from_slice(&[b'\\', short]);
-        }
-    }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
+    Ok(out)
 }
 
 /// A `json` or `jsonb` value as the text PostgreSQL prints for it (`jsonb`'s binary form is
@@ -815,7 +789,7 @@ pub async fn asset(conn: &Object, version: &str) -> Result<Option<Vec<u8>>, Cata
         .query_opt(&statement, &[&version])
         .await
         .map_err(internal)?;
-    Ok(row.as_ref().map(asset_body))
+    row.as_ref().map(asset_body).transpose()
 }
 
 /// `GET /listings/:versionId` of many versions in one statement (concurrent misses batched by
@@ -837,10 +811,9 @@ pub async fn assets(
         .query(&statement, &[&versions])
         .await
         .map_err(internal)?;
-    Ok(rows
-        .iter()
-        .map(|row| (row.get(0), asset_body(row)))
-        .collect())
+    rows.iter()
+        .map(|row| Ok((row.try_get(0).map_err(internal)?, asset_body(row)?)))
+        .collect()
 }
 
 /// `GET /listings`: newest first, `{"items": [...], "nextCursor": "..." | null}`.
