@@ -169,7 +169,7 @@ mod tests {
         MemEntry {
             bytes: Some(Arc::from(body.as_bytes())),
             etag: Arc::default(),
-            tags: Arc::from(Vec::<String>::new()),
+            generation: 0,
             ttl,
             expires_at_ms: now_ms() + ttl.as_millis() as u64,
             delta_ms: 0,

@@ -24,6 +24,8 @@ use super::codec::{encode, now_ms};
 use super::marks::Mark;
 use super::stats::{NsCounters, add};
 use super::tier::{SharedTier, TierError};
+use moka::sync::Cache as Moka;
+
 use super::{Cache, Inner, MemEntry};
 use crate::shutdown::ShutdownSignal;
 
@@ -190,9 +192,24 @@ impl Inner {
             for key in keys {
                 memory.invalidate(key);
             }
-            self.tag_index.invalidate(memory, tags);
+            self.drop_tags(memory, tags);
             self.front.changed();
         }
+    }
+
+    /// Removes the in-process entries that carry `tags`: a namespace's (`ns:<namespace>`)
+    /// all at once, by moving its generation on (an entry of an older one is never served),
+    /// the others' through the tag index. After the marks: see [`Cache::install`].
+    pub(super) fn drop_tags(&self, memory: &Moka<String, MemEntry>, tags: &[String]) {
+        for tag in tags {
+            // No counters: nothing of the namespace was ever installed here.
+            if let Some(namespace) = tag.strip_prefix("ns:")
+                && let Some(counters) = self.stats.existing(namespace)
+            {
+                counters.generation.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        self.tag_index.invalidate(memory, tags);
     }
 }
 
@@ -210,6 +227,7 @@ impl Cache {
         let mut all_tags: Vec<String> = tags.to_vec();
         all_tags.push(format!("ns:{namespace}"));
         let ttl = self.ttl(namespace);
+        let counters = self.inner.stats.ns(namespace);
         // A set also overtakes loads in flight: they must not install what they read before.
         self.bump(&[self.inner.invalidated.key(&full)]);
         if let Some(memory) = &self.inner.memory {
@@ -219,18 +237,18 @@ impl Cache {
                 MemEntry {
                     bytes: Some(bytes.clone().into()),
                     etag: std::sync::Arc::default(),
-                    tags: all_tags.clone().into(),
+                    generation: counters.generation.load(Ordering::SeqCst),
                     ttl,
                     expires_at_ms: now_ms() + ttl.as_millis() as u64,
                     delta_ms: 0,
                 },
+                tags,
             );
             self.inner.front.changed();
         }
         let mut delivered = true;
         match self.shared_tier().await {
             Some(shared) => {
-                let counters = self.inner.stats.ns(namespace);
                 if let Err(err) = shared
                     .store(
                         &full,
@@ -377,7 +395,7 @@ impl Cache {
                 memory.invalidate(key);
             }
             if !tags.is_empty() {
-                self.inner.tag_index.invalidate(memory, tags);
+                self.inner.drop_tags(memory, tags);
             }
             self.inner.front.changed();
         }

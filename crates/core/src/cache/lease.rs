@@ -84,7 +84,7 @@ impl ReadCtx<'_> {
             // A store taken was installed in process before the lock was let go: served from
             // there, without the round trip of a lookup (unless it is due for early refresh,
             // as at the read's first look).
-            if let Some(entry) = self.cache.memory_peek(&self.full)
+            if let Some(entry) = self.cache.memory_peek(&self.full, &self.counters)
                 && !(self.early && due_for_refresh(entry.expires_at_ms, entry.delta_ms))
             {
                 count_near(&self.counters, &entry);

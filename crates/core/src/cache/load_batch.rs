@@ -609,7 +609,7 @@ async fn store_fresh_and_install(cache: &Cache, mut fills: Vec<FreshFill>) {
             full: &f.lease.full,
             namespace: &install.namespace,
             tags: &install.tags,
-            all_tags: &f.lease.tags,
+            counters,
         };
         counters.lean(!matches!(outcome, Fresh::Found(_)));
         match outcome {
@@ -732,7 +732,7 @@ async fn fill_and_install(cache: Cache, mut fills: Vec<BatchFill>) {
             full: &f.lease.full,
             namespace: &install.namespace,
             tags: &install.tags,
-            all_tags: &f.lease.tags,
+            counters: &install.counters,
         };
         // What the value has left now, counted from its lease's lookup (as in the shared tier).
         let left = f.ttl.saturating_sub(f.lease.asked.elapsed());

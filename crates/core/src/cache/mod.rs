@@ -224,7 +224,9 @@ struct MemEntry {
     bytes: Option<Arc<[u8]>>,
     /// The ETag of `bytes`, once a caller asked for it ([`CachedBody::etag`]).
     etag: Arc<OnceLock<Bytes>>,
-    tags: Arc<[String]>,
+    /// Its namespace's [`generation`](stats::NsCounters::generation) when it was installed:
+    /// served only while that is still the namespace's.
+    generation: u64,
     ttl: Duration,
     /// Wall-clock expiry and load time, for early refresh.
     expires_at_ms: u64,

@@ -135,7 +135,7 @@ impl Cache {
             full.push_str(self.inner.config.key_name(namespace));
             full.push(':');
             full.push_str(key);
-            self.memory_peek(full)
+            self.memory_peek(full, &counters)
         });
         if let Some(entry) = &near
             && !(early && due_for_refresh(entry.expires_at_ms, entry.delta_ms))
@@ -194,20 +194,23 @@ impl Cache {
         Ok(None)
     }
 
-    /// The in-process entry of `full`, not counted yet: [`count_near`] once it is served (an
-    /// entry due for early refresh may not be). `None` while the bus is not trusted (the entry
-    /// may have missed an invalidation).
-    pub(super) fn memory_peek(&self, full: &str) -> Option<MemEntry> {
+    /// The in-process entry of `full`, of the namespace whose counters are `counters`, not
+    /// counted yet: [`count_near`] once it is served (an entry due for early refresh may not
+    /// be). `None` while the bus is not trusted (the entry may have missed an invalidation),
+    /// and for an entry installed before the namespace's last invalidation (the next install
+    /// of the key replaces it; until then it waits for eviction or expiry).
+    pub(super) fn memory_peek(&self, full: &str, counters: &NsCounters) -> Option<MemEntry> {
         if self.inner.bus.as_ref().is_some_and(|bus| !bus.trusted()) {
             return None;
         }
-        self.inner.front.get(self.inner.memory.as_ref()?, full)
+        let entry = self.inner.front.get(self.inner.memory.as_ref()?, full)?;
+        (entry.generation == counters.generation.load(Ordering::SeqCst)).then_some(entry)
     }
 
     /// [`memory_peek`](Cache::memory_peek), counted as a near hit: for a caller that serves
     /// whatever it finds.
     pub(super) fn memory_get(&self, full: &str, counters: &NsCounters) -> Option<MemEntry> {
-        let entry = self.memory_peek(full)?;
+        let entry = self.memory_peek(full, counters)?;
         count_near(counters, &entry);
         Some(entry)
     }
@@ -291,8 +294,8 @@ pub(super) struct InstallKey<'a> {
     pub namespace: &'a str,
     /// The caller's tags.
     pub tags: &'a [String],
-    /// `tags` plus `ns:<namespace>`: what the entry carries.
-    pub all_tags: &'a [String],
+    /// The namespace's counters: its generation.
+    pub counters: &'a NsCounters,
 }
 
 impl Cache {
@@ -304,6 +307,11 @@ impl Cache {
             return;
         };
         let overtaken = || self.invalidated_since(started_epoch, key.full, key.namespace, key.tags);
+        // Read before the checks: an invalidation of the namespace marks it, then moves its
+        // generation on. Either this read comes after that move (and the check below sees
+        // the mark, if the invalidation came after the read began), or the entry carries the
+        // generation the invalidation left behind and is never served.
+        let generation = key.counters.generation.load(Ordering::SeqCst);
         if fill.ttl.is_zero() || inner.bus.as_ref().is_some_and(|bus| !bus.trusted()) || overtaken()
         {
             return;
@@ -311,12 +319,12 @@ impl Cache {
         let entry = MemEntry {
             bytes: fill.value,
             etag: Arc::default(),
-            tags: key.all_tags.to_vec().into(),
+            generation,
             ttl: fill.ttl,
             expires_at_ms: fill.expires_at_ms,
             delta_ms: fill.delta_ms,
         };
-        inner.tag_index.insert(memory, key.full.to_string(), entry);
+        (inner.tag_index).insert(memory, key.full.to_string(), entry, key.tags);
         // Check again after the insert: an invalidation bumps the epoch *before* it removes,
         // so either its removal comes after our insert, or this check sees its bump.
         if overtaken() {
@@ -412,7 +420,7 @@ impl<'a> ReadCtx<'a> {
             full: &self.full,
             namespace: self.namespace,
             tags: self.tags,
-            all_tags: &self.all_tags,
+            counters: &self.counters,
         };
         self.cache.install(&key, started_epoch, fill);
     }

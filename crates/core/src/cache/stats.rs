@@ -34,6 +34,11 @@ pub(crate) struct NsCounters {
     /// Which way this namespace's recent shared-tier lookups went: up a step per miss, down
     /// per hit, within ±[`LEAN_BOUND`]. Not a statistic: it picks how the next lookup asks.
     pub miss_lean: AtomicI32,
+    /// How many times this namespace was invalidated whole in this process: an in-process
+    /// entry is served only under the generation it was installed under (`MemEntry`), so an
+    /// invalidation of the namespace drops every entry at once, without indexing each key
+    /// under the namespace. Not a statistic either.
+    pub generation: AtomicU64,
 }
 
 /// How far [`NsCounters::miss_lean`] goes either way: how many lookups of the other kind it
@@ -123,6 +128,12 @@ impl Stats {
         }
         let mut map = self.namespaces.write().unwrap_or_else(|p| p.into_inner());
         map.entry(namespace.to_string()).or_default().clone()
+    }
+
+    /// The counters of `namespace` if it was ever used; none are made for it.
+    pub fn existing(&self, namespace: &str) -> Option<Arc<NsCounters>> {
+        let map = self.namespaces.read().unwrap_or_else(|p| p.into_inner());
+        map.get(namespace).cloned()
     }
 
     pub fn snapshot(&self) -> Vec<NamespaceStats> {

@@ -1,5 +1,7 @@
 //! Which keys of the in-process tier carry each tag, so that invalidating a tag removes
-//! exactly those keys.
+//! exactly those keys. Namespaces are not indexed here: an invalidation of one moves its
+//! generation on instead (`NsCounters::generation`), so a key with no tag of its own (most
+//! keys) takes no lock and adds nothing here.
 //!
 //! moka can invalidate by predicate, but every registered predicate is checked against
 //! entries on read and in background scans until it has been applied: with one predicate per
@@ -20,7 +22,7 @@ use moka::sync::Cache as Moka;
 
 use super::MemEntry;
 
-/// Fewest inserts between two prunes of keys that left the tier. A prune walks the whole
+/// Fewest inserts of tagged keys between two prunes of keys that left the tier. A prune walks the whole
 /// index under the lock, so it also waits for four times the tier's entry count: amortised
 /// O(1) per insert, and rare pauses in a big tier.
 const PRUNE_EVERY: u64 = 10_000;
@@ -28,7 +30,7 @@ const PRUNE_EVERY: u64 = 10_000;
 #[derive(Default)]
 pub(crate) struct TagIndex {
     keys_by_tag: Mutex<HashMap<String, HashSet<String>>>,
-    /// Inserts since the last prune.
+    /// Inserts of tagged keys since the last prune.
     inserts: AtomicU64,
 }
 
@@ -37,15 +39,27 @@ impl TagIndex {
         self.keys_by_tag.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Inserts `key` into `memory` and enters it under each of its entry's tags.
-    pub fn insert(&self, memory: &Moka<String, MemEntry>, key: String, entry: MemEntry) {
+    /// Inserts `key` into `memory` and enters it under each of `tags` (the caller's: a
+    /// namespace is not a tag here, see [`NsCounters::generation`](super::stats::NsCounters)).
+    /// A key with no tags takes no lock: nothing here has to agree with it.
+    pub fn insert(
+        &self,
+        memory: &Moka<String, MemEntry>,
+        key: String,
+        entry: MemEntry,
+        tags: &[String],
+    ) {
+        if tags.is_empty() {
+            memory.insert(key, entry);
+            return;
+        }
         let since = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
         if since >= PRUNE_EVERY.max(memory.entry_count().saturating_mul(4)) {
             self.inserts.store(0, Ordering::Relaxed);
             self.prune(memory);
         }
         let mut index = self.lock();
-        for tag in entry.tags.iter() {
+        for tag in tags {
             index.entry(tag.clone()).or_default().insert(key.clone());
         }
         memory.insert(key, entry);
@@ -97,38 +111,38 @@ mod tests {
 
     use super::*;
 
-    fn entry(tags: &[&str]) -> MemEntry {
+    fn entry() -> MemEntry {
         MemEntry {
             bytes: Some(Arc::from(&b"v"[..])),
             etag: Arc::default(),
-            tags: tags
-                .iter()
-                .map(|t| t.to_string())
-                .collect::<Vec<_>>()
-                .into(),
+            generation: 0,
             ttl: Duration::from_secs(60),
             expires_at_ms: 0,
             delta_ms: 0,
         }
     }
 
+    fn tags(tags: &[&str]) -> Vec<String> {
+        tags.iter().map(|t| t.to_string()).collect()
+    }
+
     #[test]
     fn a_tag_removes_exactly_its_keys_and_the_index_forgets_what_left() {
         let memory: Moka<String, MemEntry> = Moka::new(1000);
         let index = TagIndex::default();
-        index.insert(&memory, "a".into(), entry(&["t1", "ns:x"]));
-        index.insert(&memory, "b".into(), entry(&["t2", "ns:x"]));
-        index.insert(&memory, "c".into(), entry(&["t2", "ns:y"]));
+        index.insert(&memory, "a".into(), entry(), &tags(&["t1", "x"]));
+        index.insert(&memory, "b".into(), entry(), &tags(&["t2", "x"]));
+        index.insert(&memory, "c".into(), entry(), &tags(&["t2", "y"]));
 
         index.invalidate(&memory, &["t2".to_string()]);
         assert!(memory.contains_key("a"));
         assert!(!memory.contains_key("b") && !memory.contains_key("c"));
 
-        index.invalidate(&memory, &["ns:x".to_string()]);
+        index.invalidate(&memory, &["x".to_string()]);
         assert!(!memory.contains_key("a"));
 
         // Keys that left by other means are pruned.
-        index.insert(&memory, "d".into(), entry(&["t3"]));
+        index.insert(&memory, "d".into(), entry(), &tags(&["t3"]));
         memory.invalidate("d");
         index.prune(&memory);
         assert_eq!(index.size(), (0, 0), "nothing left to point at");

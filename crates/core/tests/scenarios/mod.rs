@@ -271,6 +271,13 @@ pub async fn ttl_tags_and_negative(engine: Cache) {
         6,
         "the namespace reloads, the other namespace does not"
     );
+    load("assets", "x", t.clone()).await;
+    load("assets", "y", t.clone()).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        7,
+        "what the namespace loaded since is a hit; what it held before reloads"
+    );
 
     // Batches: several tags, or several keys, in one call each.
     calls.store(0, Ordering::SeqCst);
