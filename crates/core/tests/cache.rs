@@ -580,6 +580,30 @@ async fn invalidations_reach_the_other_in_process_tier(a: Cache, b: Cache) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    // A key with no tag of its own: only its namespace's generation hides B's copy.
+    let plain = |engine: &Cache| {
+        let engine = engine.clone();
+        async move {
+            engine
+                .get_or_load_bytes("assets", "plain", &[], || async move {
+                    Ok::<_, std::convert::Infallible>(Some(b"p".to_vec()))
+                })
+                .await
+                .unwrap()
+                .1
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while plain(&b).await != Source::Memory {
+        assert!(Instant::now() < deadline, "B never served the plain key");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.invalidate_namespace("assets").await;
+    assert_ne!(
+        plain(&b).await,
+        Source::Memory,
+        "B served its in-process copy of an untagged key after A invalidated its namespace"
+    );
 }
 
 /// An invalidation storm (far more distinct keys than the engine remembers) between a slow

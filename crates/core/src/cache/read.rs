@@ -324,7 +324,9 @@ impl Cache {
             expires_at_ms: fill.expires_at_ms,
             delta_ms: fill.delta_ms,
         };
-        (inner.tag_index).insert(memory, key.full.to_string(), entry, key.tags);
+        inner
+            .tag_index
+            .insert(memory, key.full.to_string(), entry, key.tags);
         // Check again after the insert: an invalidation bumps the epoch *before* it removes,
         // so either its removal comes after our insert, or this check sees its bump.
         if overtaken() {

@@ -34,10 +34,12 @@ pub(crate) struct NsCounters {
     /// Which way this namespace's recent shared-tier lookups went: up a step per miss, down
     /// per hit, within ±[`LEAN_BOUND`]. Not a statistic: it picks how the next lookup asks.
     pub miss_lean: AtomicI32,
-    /// How many times this namespace was invalidated whole in this process: an in-process
-    /// entry is served only under the generation it was installed under (`MemEntry`), so an
-    /// invalidation of the namespace drops every entry at once, without indexing each key
-    /// under the namespace. Not a statistic either.
+    /// Moved on by every removal of the tag `ns:<namespace>` from this process's in-process
+    /// tier (an invalidation of the namespace, here, heard on the bus or read from the log;
+    /// one invalidation may move it more than once): an in-process entry is served only under
+    /// the generation it was installed under (`MemEntry`), so such a removal hides every
+    /// entry of the namespace at once, without indexing each key under the namespace. Not a
+    /// statistic either.
     pub generation: AtomicU64,
 }
 

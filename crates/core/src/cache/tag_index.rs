@@ -22,9 +22,10 @@ use moka::sync::Cache as Moka;
 
 use super::MemEntry;
 
-/// Fewest inserts of tagged keys between two prunes of keys that left the tier. A prune walks the whole
-/// index under the lock, so it also waits for four times the tier's entry count: amortised
-/// O(1) per insert, and rare pauses in a big tier.
+/// Fewest inserts of tagged keys between two prunes of keys that left the tier. A prune walks
+/// the whole index under the lock, so it also waits for four times the entries the last one
+/// kept: amortised O(1) per insert, an index at most five times its live entries (plus this),
+/// and rare pauses in a big one.
 const PRUNE_EVERY: u64 = 10_000;
 
 #[derive(Default)]
@@ -32,6 +33,8 @@ pub(crate) struct TagIndex {
     keys_by_tag: Mutex<HashMap<String, HashSet<String>>>,
     /// Inserts of tagged keys since the last prune.
     inserts: AtomicU64,
+    /// Entries (a key under a tag) the last prune kept.
+    kept: AtomicU64,
 }
 
 impl TagIndex {
@@ -54,7 +57,7 @@ impl TagIndex {
             return;
         }
         let since = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
-        if since >= PRUNE_EVERY.max(memory.entry_count().saturating_mul(4)) {
+        if since >= PRUNE_EVERY.max(self.kept.load(Ordering::Relaxed).saturating_mul(4)) {
             self.inserts.store(0, Ordering::Relaxed);
             self.prune(memory);
         }
@@ -79,21 +82,26 @@ impl TagIndex {
         }
     }
 
-    /// Empties `memory` and the index together: an insert racing with this lands either
-    /// before (and goes) or after (and stays indexed), never in the tier but not the index.
+    /// Empties `memory` and the index together: a tagged insert racing with this lands either
+    /// before (and goes) or after (and stays indexed), never in the tier but not the index. An
+    /// untagged one takes no lock: moka orders it before `invalidate_all` (gone) or after.
     pub fn invalidate_all(&self, memory: &Moka<String, MemEntry>) {
         let mut index = self.lock();
         index.clear();
         memory.invalidate_all();
     }
 
-    /// Forgets keys that are no longer in `memory`, so the index stays the size of the tier.
+    /// Forgets keys that are no longer in `memory`, so the index stays the size of what it
+    /// points at.
     fn prune(&self, memory: &Moka<String, MemEntry>) {
         let mut index = self.lock();
+        let mut kept = 0;
         index.retain(|_, keys| {
             keys.retain(|key| memory.contains_key(key));
+            kept += keys.len() as u64;
             !keys.is_empty()
         });
+        self.kept.store(kept, Ordering::Relaxed);
     }
 
     /// Tags and keys entered, for tests.
@@ -146,5 +154,29 @@ mod tests {
         memory.invalidate("d");
         index.prune(&memory);
         assert_eq!(index.size(), (0, 0), "nothing left to point at");
+    }
+
+    #[test]
+    fn many_untagged_entries_do_not_let_dead_tagged_keys_pile_up() {
+        let memory: Moka<String, MemEntry> = Moka::new(1_000_000);
+        let index = TagIndex::default();
+        for i in 0..20_000 {
+            index.insert(&memory, format!("u{i}"), entry(), &[]);
+        }
+        memory.run_pending_tasks();
+        assert_eq!(index.size(), (0, 0), "untagged keys are not indexed");
+        // Tagged keys that leave the tier as soon as they are in: prunes keep up with them,
+        // whatever the number of untagged entries beside them.
+        let tag = tags(&["churn"]);
+        for i in 0..30_000 {
+            let key = format!("t{i}");
+            index.insert(&memory, key.clone(), entry(), &tag);
+            memory.invalidate(&key);
+        }
+        let (_, keys) = index.size();
+        assert!(
+            keys as u64 <= PRUNE_EVERY,
+            "{keys} dead keys indexed, more than a prune's period"
+        );
     }
 }
