@@ -36,6 +36,7 @@ fn engine(server: &RedisServer, prefix: &str) -> Cache {
         key_prefix: prefix.to_string(),
         early_refresh: Default::default(),
         speculative_loads: true,
+        memory_bytes: cascade_core::config::DEFAULT_MEMORY_BYTES,
     };
     Cache::new(
         config,

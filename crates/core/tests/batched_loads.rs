@@ -57,6 +57,7 @@ fn engine_with(server: &RedisServer, timeout: Duration, speculative: bool) -> Ca
         key_prefix: "batch:".to_string(),
         early_refresh: Default::default(),
         speculative_loads: true,
+        memory_bytes: cascade_core::config::DEFAULT_MEMORY_BYTES,
     };
     let options = EngineOptions {
         speculative_loads: speculative,

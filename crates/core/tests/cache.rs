@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cascade_core::cache::{Backend, Cache, EngineOptions, NamespaceStats, Source};
-use cascade_core::config::{RedisConfig, Secret};
+use cascade_core::config::{CacheConfig, RedisConfig, Secret};
 use cascade_core::db::Db;
 use cascade_core::redis::Redis;
 use cascade_core::shutdown::Shutdown;
@@ -985,4 +985,49 @@ async fn a_plain_tag_set_from_the_previous_version_is_still_invalidated() {
         vec![None, None],
         "a value of the tag survived its invalidation"
     );
+}
+
+/// `CACHE_MEMORY_BYTES=0` (through `EngineOptions::configured`) turns the in-process tier
+/// off: every read of a cached key is answered by Redis; with the default bound, by memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_memory_bytes_zero_keeps_every_read_on_the_shared_tier() {
+    let server = RedisServer::start().await;
+    for (bytes, wanted) in [(0, Source::Shared), (64 << 20, Source::Memory)] {
+        let config = CacheConfig {
+            memory_bytes: bytes,
+            ..config(&format!("mem{bytes}:"))
+        };
+        let options = EngineOptions::configured(&config);
+        let engine = Cache::new(
+            config,
+            Backend::Redis(support::redis(&server.url())),
+            options,
+        );
+        let read = || async {
+            engine
+                .get_or_load_bytes("assets", "k", &[], || async {
+                    Ok::<_, std::convert::Infallible>(Some(b"v".to_vec()))
+                })
+                .await
+                .unwrap()
+                .1
+        };
+        assert_eq!(read().await, Source::Loaded);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut sources = Vec::new();
+        while Instant::now() < deadline && sources.len() < 20 {
+            sources.push(read().await);
+            if wanted == Source::Memory && sources.last() == Some(&Source::Memory) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match wanted {
+            Source::Shared => assert!(
+                sources.iter().all(|s| *s == Source::Shared),
+                "with no in-process tier: {sources:?}"
+            ),
+            _ => assert_eq!(sources.last(), Some(&Source::Memory), "{sources:?}"),
+        }
+    }
 }

@@ -32,6 +32,7 @@ fn config(prefix: &str, backend: CacheBackend) -> CacheConfig {
         key_prefix: prefix.to_string(),
         early_refresh: Default::default(),
         speculative_loads: true,
+        memory_bytes: cascade_core::config::DEFAULT_MEMORY_BYTES,
     }
 }
 

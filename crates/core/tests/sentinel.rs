@@ -270,6 +270,7 @@ fn engine(redis: Redis) -> Cache {
         key_names: Default::default(),
         early_refresh: Default::default(),
         speculative_loads: true,
+        memory_bytes: cascade_core::config::DEFAULT_MEMORY_BYTES,
         cleanup_interval: Duration::from_secs(60),
     };
     Cache::new(

@@ -162,7 +162,8 @@ impl Application {
         }
         let backend = Backend::choose(&config.cache, redis.as_ref(), &database.db);
         tracing::info!(backend = ?config.cache.backend, "cache engine ready");
-        let cache = Cache::new(config.cache.clone(), backend, EngineOptions::default());
+        let engine = EngineOptions::configured(&config.cache);
+        let cache = Cache::new(config.cache.clone(), backend, engine);
         // With Redis: what this instance cannot deliver there goes to PostgreSQL for the others.
         cache.log_invalidations(database.db.clone());
         let state = AppState::new(

@@ -26,6 +26,7 @@ fn cache_config() -> CacheConfig {
         key_prefix: PREFIX.to_string(),
         early_refresh: Default::default(),
         speculative_loads: true,
+        memory_bytes: cascade_core::config::DEFAULT_MEMORY_BYTES,
     }
 }
 

@@ -142,13 +142,23 @@ pub struct EngineOptions {
     pub speculation_window: Duration,
 }
 
+impl EngineOptions {
+    /// The defaults, with what the configuration sets (`CACHE_MEMORY_BYTES`).
+    pub fn configured(config: &CacheConfig) -> Self {
+        Self {
+            memory_bytes: config.memory_bytes,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for EngineOptions {
     fn default() -> Self {
         Self {
             negative_ttl: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(5),
             lease_wait: Duration::from_secs(2),
-            memory_bytes: 64 * 1024 * 1024,
+            memory_bytes: crate::config::DEFAULT_MEMORY_BYTES,
             breaker_threshold: 3,
             breaker_cool_down: Duration::from_millis(500),
             invalidation_log_poll: Duration::from_secs(5),

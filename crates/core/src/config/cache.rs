@@ -36,6 +36,10 @@ pub struct RawCache {
     /// lookup first (true/false) [default: true]. Turn off where Redis evicts keys.
     #[arg(long, env = "CACHE_SPECULATIVE_LOADS", global = true)]
     pub cache_speculative_loads: Option<String>,
+    /// Bound of the in-process tier in bytes (keys and values, plus 64 per entry); 0 turns the
+    /// tier off [default: 67108864].
+    #[arg(long, env = "CACHE_MEMORY_BYTES", global = true)]
+    pub cache_memory_bytes: Option<String>,
 }
 
 /// A cache namespace a module owns: its name, its default TTL and, when a seed names its keys
@@ -75,6 +79,9 @@ impl Namespace {
     }
 }
 
+/// The in-process tier's default bound (`CACHE_MEMORY_BYTES`): 64 MiB.
+pub const DEFAULT_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Which shared tier sits behind the in-process near cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheBackend {
@@ -98,6 +105,9 @@ pub struct CacheConfig {
     pub early_refresh: BTreeSet<String>,
     /// Batched reads may load without a lookup (`EngineOptions::speculative_loads` too).
     pub speculative_loads: bool,
+    /// The in-process tier's bound in bytes, 0 for none: what the application gives
+    /// `EngineOptions::memory_bytes`.
+    pub memory_bytes: u64,
 }
 
 impl CacheConfig {
@@ -204,6 +214,12 @@ impl CacheConfig {
                 "CACHE_SPECULATIVE_LOADS",
                 &raw.cache_speculative_loads,
                 true,
+            ),
+            memory_bytes: p.number(
+                "CACHE_MEMORY_BYTES",
+                raw.cache_memory_bytes.as_deref(),
+                DEFAULT_MEMORY_BYTES,
+                "a number of bytes (0 turns the in-process tier off)",
             ),
             early_refresh: raw
                 .cache_early_refresh

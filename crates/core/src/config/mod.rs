@@ -17,7 +17,7 @@ mod values;
 
 use std::time::Duration;
 
-pub use cache::{CacheBackend, CacheConfig, Namespace, RawCache};
+pub use cache::{CacheBackend, CacheConfig, DEFAULT_MEMORY_BYTES, Namespace, RawCache};
 pub use database::{DatabaseConfig, DatabaseSource, RawDatabase};
 pub use http::{HttpConfig, LogFormat, RawHttp};
 pub use identity::{AuthConfig, LoginBackoff, RateLimit, RawIdentity};
@@ -215,6 +215,7 @@ impl Config {
             ("CACHE_CLEANUP_INTERVAL", secs(c.cleanup_interval)),
             ("CACHE_KEY_PREFIX", c.key_prefix.clone()),
             ("CACHE_SPECULATIVE_LOADS", c.speculative_loads.to_string()),
+            ("CACHE_MEMORY_BYTES", c.memory_bytes.to_string()),
             (
                 "CACHE_EARLY_REFRESH",
                 c.early_refresh
@@ -288,6 +289,23 @@ mod tests {
         assert_eq!(config.cache.key_name("sessions"), "session");
         assert_eq!(config.cache.key_name("listings"), "listings");
         assert_eq!(config.http.port, 8000);
+    }
+
+    #[test]
+    fn the_in_process_tier_is_sized_by_cache_memory_bytes() {
+        let c = parse(|_| {}).expect("defaults parse");
+        assert_eq!(c.cache.memory_bytes, 64 * 1024 * 1024);
+        let c = parse(|r| r.cache.cache_memory_bytes = Some("268435456".into())).unwrap();
+        assert_eq!(c.cache.memory_bytes, 256 * 1024 * 1024);
+        let c = parse(|r| r.cache.cache_memory_bytes = Some("0".into())).unwrap();
+        assert_eq!(c.cache.memory_bytes, 0, "0 turns the tier off");
+        for bad in ["64MB", "-1", "", "1e6"] {
+            assert_eq!(
+                issue_vars(|r| r.cache.cache_memory_bytes = Some(bad.into())),
+                vec!["CACHE_MEMORY_BYTES"],
+                "{bad:?} was taken"
+            );
+        }
     }
 
     #[test]

@@ -343,6 +343,7 @@ pub(crate) mod tests {
             key_prefix: "test:".into(),
             early_refresh: Default::default(),
             speculative_loads: true,
+            memory_bytes: crate::config::DEFAULT_MEMORY_BYTES,
         };
         Cache::new(config, Backend::Memory, EngineOptions::default())
     }

@@ -26,6 +26,7 @@ pub fn config(prefix: &str) -> CacheConfig {
         key_prefix: prefix.to_string(),
         early_refresh: ["early".to_string()].into_iter().collect(),
         speculative_loads: true,
+        memory_bytes: cascade_core::config::DEFAULT_MEMORY_BYTES,
     }
 }
 
