@@ -34,7 +34,7 @@ pub async fn worker(settings: Settings) -> anyhow::Result<ExitCode> {
     let cache = Cache::new(
         settings.core.cache.clone(),
         Backend::Memory,
-        EngineOptions::configured(&settings.core.cache),
+        EngineOptions::default(),
     );
     let module = cascade_agents::AgentsModule::new(settings.agents.clone());
     let mut tasks = cascade_core::tasks::Supervisor::new();

@@ -82,6 +82,9 @@ impl Namespace {
 /// The in-process tier's default bound (`CACHE_MEMORY_BYTES`): 64 MiB.
 pub const DEFAULT_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 
+/// The smallest bound `CACHE_MEMORY_BYTES` takes, but for 0: below it, hardly an entry fits.
+pub const MIN_MEMORY_BYTES: u64 = 64 * 1024;
+
 /// Which shared tier sits behind the in-process near cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheBackend {
@@ -215,12 +218,7 @@ impl CacheConfig {
                 &raw.cache_speculative_loads,
                 true,
             ),
-            memory_bytes: p.number(
-                "CACHE_MEMORY_BYTES",
-                raw.cache_memory_bytes.as_deref(),
-                DEFAULT_MEMORY_BYTES,
-                "a number of bytes (0 turns the in-process tier off)",
-            ),
+            memory_bytes: Self::memory_bytes(p, raw, backend),
             early_refresh: raw
                 .cache_early_refresh
                 .as_deref()
@@ -231,6 +229,30 @@ impl CacheConfig {
                 .map(String::from)
                 .collect(),
         }
+    }
+
+    /// `CACHE_MEMORY_BYTES`: 0 (no in-process tier) only where a shared tier caches instead,
+    /// and otherwise at least [`MIN_MEMORY_BYTES`] (a smaller bound holds no entry at all).
+    fn memory_bytes(p: &mut Parser, raw: &RawCache, backend: CacheBackend) -> u64 {
+        const VAR: &str = "CACHE_MEMORY_BYTES";
+        let bytes = p.number(
+            VAR,
+            raw.cache_memory_bytes.as_deref(),
+            DEFAULT_MEMORY_BYTES,
+            "a number of bytes (0 turns the in-process tier off)",
+        );
+        if bytes == 0 && backend == CacheBackend::Memory {
+            p.fail(
+                VAR,
+                "is 0, but there is no shared tier (CACHE_BACKEND memory, or no REDIS_URL): nothing would be cached",
+            );
+        } else if bytes > 0 && bytes < MIN_MEMORY_BYTES {
+            p.fail(
+                VAR,
+                format!("must be 0 (off) or at least {MIN_MEMORY_BYTES}, got {bytes}"),
+            );
+        }
+        bytes
     }
 
     /// `CACHE_TTLS_JSON`: `{"namespace": milliseconds, ...}` over registered namespaces only.

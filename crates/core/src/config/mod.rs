@@ -297,15 +297,27 @@ mod tests {
         assert_eq!(c.cache.memory_bytes, 64 * 1024 * 1024);
         let c = parse(|r| r.cache.cache_memory_bytes = Some("268435456".into())).unwrap();
         assert_eq!(c.cache.memory_bytes, 256 * 1024 * 1024);
-        let c = parse(|r| r.cache.cache_memory_bytes = Some("0".into())).unwrap();
+        let c = parse(|r| {
+            r.redis.redis_url = Some("redis://127.0.0.1:6379".into());
+            r.cache.cache_memory_bytes = Some("0".into());
+        })
+        .unwrap();
         assert_eq!(c.cache.memory_bytes, 0, "0 turns the tier off");
-        for bad in ["64MB", "-1", "", "1e6"] {
+        for bad in ["64MB", "-1", "", "1e6", "1", "65535"] {
             assert_eq!(
-                issue_vars(|r| r.cache.cache_memory_bytes = Some(bad.into())),
+                issue_vars(|r| {
+                    r.redis.redis_url = Some("redis://127.0.0.1:6379".into());
+                    r.cache.cache_memory_bytes = Some(bad.into());
+                }),
                 vec!["CACHE_MEMORY_BYTES"],
                 "{bad:?} was taken"
             );
         }
+        // 0 only where a shared tier caches instead: with none, nothing would be cached.
+        assert_eq!(
+            issue_vars(|r| r.cache.cache_memory_bytes = Some("0".into())),
+            vec!["CACHE_MEMORY_BYTES"]
+        );
     }
 
     #[test]
