@@ -16,6 +16,7 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use moka::sync::Cache as Moka;
 use serde::Serialize;
 
 use super::batcher::Round;
@@ -24,8 +25,6 @@ use super::codec::{encode, now_ms};
 use super::marks::Mark;
 use super::stats::{NsCounters, add};
 use super::tier::{SharedTier, TierError};
-use moka::sync::Cache as Moka;
-
 use super::{Cache, Inner, MemEntry};
 use crate::shutdown::ShutdownSignal;
 
