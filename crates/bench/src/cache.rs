@@ -1,12 +1,15 @@
 //! `cascade-bench cache`: the cache engine's cost next to a raw Redis GET on the same server,
 //! measured in one run, so the ratio means something on any machine. Each case runs `ops`
-//! operations from `concurrency` tasks on 512-byte values under a key prefix of its own.
+//! operations (the in-process mixed case ten times as many) from `concurrency` tasks on
+//! 512-byte values under a key prefix of its own.
 
 use std::convert::Infallible;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cascade_core::cache::{Backend, Cache, EngineOptions, Source};
+use cascade_core::config::CacheConfig;
 use cascade_core::redis::Redis;
 use cascade_server::Settings;
 
@@ -74,12 +77,14 @@ pub async fn run(settings: Settings, ops: usize, concurrency: usize) -> anyhow::
         )
         .await,
         miss(&shared, &value, ops, concurrency).await,
+        mixed(&cache_config, &value, ops * MIXED_SCALE, concurrency).await,
     ];
     shared.invalidate_namespace(NAMESPACE).await;
     let _: () = redis.query(redis::cmd("DEL").arg(&raw_key)).await?;
 
     println!(
-        "cascade-bench cache: {ops} ops per case, {concurrency} concurrent tasks, 512-byte values, Redis {}",
+        "cascade-bench cache: {ops} ops per case ({} for the mixed case), {concurrency} concurrent tasks, 512-byte values, Redis {}",
+        ops * MIXED_SCALE,
         redis.display()
     );
     println!();
@@ -155,6 +160,59 @@ async fn miss(engine: &Cache, value: &[u8], ops: usize, concurrency: usize) -> C
                     .get_or_load_bytes(NAMESPACE, &format!("cold-{i}"), &[], || async move {
                         Ok::<_, Infallible>(Some(value))
                     })
+                    .await;
+            }
+        },
+    )
+    .await
+}
+
+/// The mixed case runs this many times the other cases' operations (they are in-process).
+const MIXED_SCALE: usize = 10;
+
+/// Hot keys of the mixed case.
+const MIXED_HOT: usize = 1000;
+
+/// Reads of an in-process tier alone (no Redis, so only the tier is measured): nine in ten of
+/// a warm hot set of [`MIXED_HOT`] keys (each read as often), one in ten a key nobody has
+/// read, loaded at once and installed. A hit then pays whatever an install costs the other
+/// keys' reads. The tier is sized so that nothing is evicted.
+async fn mixed(config: &CacheConfig, value: &[u8], ops: usize, concurrency: usize) -> Case {
+    let engine = Cache::new(
+        config.clone(),
+        Backend::Memory,
+        EngineOptions {
+            // Each cold key stays: ~600 bytes an entry.
+            memory_bytes: (ops as u64 / 10 + MIXED_HOT as u64) * 1024 + (64 << 20),
+            ..EngineOptions::default()
+        },
+    );
+    let value: Arc<[u8]> = Arc::from(value);
+    let hot: Arc<Vec<String>> = Arc::new((0..MIXED_HOT).map(|k| format!("hot-{k}")).collect());
+    let load = |value: Arc<[u8]>| async move { Ok::<_, Infallible>(Some(value.to_vec())) };
+    for key in hot.iter() {
+        let _ = engine
+            .get_or_load_bytes(NAMESPACE, key, &[], || load(value.clone()))
+            .await;
+    }
+    measure(
+        "in-process hits, one read in ten a miss (in-process tier alone)",
+        ops,
+        concurrency,
+        move |i| {
+            let (engine, value, hot) = (engine.clone(), value.clone(), hot.clone());
+            async move {
+                let cold;
+                let key = if i % 10 == 9 {
+                    cold = format!("cold-{i}");
+                    &cold
+                } else {
+                    // The hot reads' own count, spread over the set (7919 is prime to 1000).
+                    let n = i / 10 * 9 + i % 10;
+                    &hot[n.wrapping_mul(7919) % MIXED_HOT]
+                };
+                let _ = engine
+                    .get_or_load_bytes(NAMESPACE, key, &[], || load(value))
                     .await;
             }
         },

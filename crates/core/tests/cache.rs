@@ -60,6 +60,60 @@ async fn a_cold_key_under_1000_concurrent_requests_on_two_instances_loads_once()
     );
 }
 
+/// Each worker thread answers from its own copies of what it read (the front): a `set` on
+/// another thread must reach the next read on this one, while another key's copy stays
+/// served.
+#[test]
+fn a_set_on_one_thread_reaches_the_next_read_on_another_that_holds_a_copy() {
+    async fn read(engine: &Cache, key: &str) -> (String, Source) {
+        let (bytes, source) = engine
+            .get_or_load_bytes(NS, key, &[], || async {
+                Ok::<_, std::convert::Infallible>(Some(b"\"loaded\"".to_vec()))
+            })
+            .await
+            .unwrap();
+        (String::from_utf8(bytes.unwrap().to_vec()).unwrap(), source)
+    }
+    const NS: &str = "front";
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let engine = memory_engine();
+    let (copied, set_done) = (std::sync::mpsc::channel(), std::sync::mpsc::channel());
+    let reader = std::thread::spawn({
+        let engine = engine.clone();
+        let (copied, set_done) = (copied.0, set_done.1);
+        move || {
+            runtime().block_on(async {
+                for key in ["k", "other"] {
+                    assert_eq!(read(&engine, key).await.1, Source::Loaded);
+                    // Twice from memory: the second from this thread's copy.
+                    assert_eq!(read(&engine, key).await.1, Source::Memory);
+                    assert_eq!(read(&engine, key).await.1, Source::Memory);
+                }
+                copied.send(()).unwrap();
+                set_done.recv().unwrap();
+                (read(&engine, "k").await, read(&engine, "other").await)
+            })
+        }
+    });
+    copied.1.recv().unwrap();
+    runtime()
+        .block_on(engine.set(NS, "k", &"set", &[]))
+        .unwrap();
+    set_done.0.send(()).unwrap();
+    let (k, other) = reader.join().unwrap();
+    assert_eq!(
+        k,
+        ("\"set\"".to_string(), Source::Memory),
+        "served the copy from before the set"
+    );
+    assert_eq!(other, ("\"loaded\"".to_string(), Source::Memory));
+}
+
 #[tokio::test]
 async fn a_cold_key_in_memory_mode_loads_once() {
     assert_eq!(concurrent_cold_loads(&[memory_engine()], 1000).await, 1);

@@ -4,15 +4,20 @@
 //! moka's `get` hashes the key with SipHash, pins an epoch, reads its clock, asks the expiry
 //! policy and queues the read for its eviction policy: about 1,400 instructions a hit, more
 //! than the rest of a cached read's handler (issue 13, `bench/callgrind.sh`). A front hit is
-//! one hash-map probe, one atomic load and one clock read.
+//! one hash-map probe, two atomic loads and one clock read.
 //!
 //! It answers exactly what moka would, because it never outlives what could change moka's
 //! answer:
 //!
-//! - every change to the tier (insert, key or tag invalidation, flush) is followed by a bump of
-//!   the engine's front generation ([`Front::changed`]), and a front entry is served only under
-//!   the generation read *before* the moka read that filled it: a read that raced with a
-//!   change sees the bump on its next lookup, and an invalidation returns only after its bump;
+//! - every change to the tier is followed by a bump: an invalidation (of keys, tags or a
+//!   namespace) or a flush bumps the engine's front generation ([`Front::changed`]); a value
+//!   put under one key (an install, a `set`) bumps only that key's stripe ([`Front::put`]), one
+//!   of [`STRIPES`] counters that keys share by hash. A front entry is served only under the
+//!   generation and the stripe's count both read *before* the moka read that filled it: a read
+//!   that raced with a change sees the bump on its next lookup, and an invalidation returns
+//!   only after its bump. A miss's install thus leaves the other threads' copies of other keys
+//!   in place (but for the few that share its stripe), where a bump of the generation would
+//!   empty every front: under hot reads mixed with misses, the fronts stay full;
 //! - an entry is served only before its own expiry (the TTL moka gives it) and while the clock
 //!   has not gone back since it was copied;
 //! - the bus's trust is checked before the front, as before moka.
@@ -39,17 +44,24 @@ pub(crate) const FRONT_ENTRIES: usize = 4096;
 pub(crate) const FRONT_BYTES: usize = 4 << 20;
 /// Bodies larger than this are read from moka each time.
 pub(crate) const FRONT_MAX_BODY: usize = 16 << 10;
+/// Counters of puts, keys sharing them by hash (a power of two: 32 KiB an engine).
+pub(crate) const STRIPES: usize = 4096;
+const _: () = assert!(STRIPES.is_power_of_two());
 
 /// One engine's side of the front: its identity (threads' fronts are shared by every engine of
-/// the process; tests run several) and its generation.
+/// the process; tests run several), its generation and its stripes' counts of puts.
 pub(crate) struct Front {
     engine: u64,
     generation: AtomicU64,
+    stripes: Box<[AtomicU64]>,
 }
 
 struct Slot {
     engine: u64,
     generation: u64,
+    /// The key's stripe, and its count of puts when copied.
+    stripe: u32,
+    puts: u64,
     /// Wall-clock ms when copied, and the entry's expiry.
     copied_ms: u64,
     entry: MemEntry,
@@ -61,7 +73,8 @@ struct Entries {
     bytes: usize,
     /// The engine and generation of the newest copy: a copy of another generation can never
     /// be served again, so the map is emptied (its bodies freed, not held past moka's
-    /// eviction) before the first copy of a new generation goes in.
+    /// eviction) before the first copy of a new generation goes in. A copy whose stripe moved
+    /// on, or that expired, goes at its key's next lookup.
     engine: u64,
     generation: u64,
 }
@@ -76,15 +89,23 @@ impl Default for Front {
         Front {
             engine: ENGINES.fetch_add(1, Ordering::Relaxed),
             generation: AtomicU64::new(0),
+            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 }
 
 impl Front {
-    /// After any change to the tier: every thread's copies taken before it are dropped on
-    /// their next lookup.
+    /// After an invalidation or a flush of the tier: every thread's copies taken before it are
+    /// dropped on their next lookup.
     pub(crate) fn changed(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// After a value was put under `full` (moka's insert, and its removal again should an
+    /// invalidation have overtaken it): the copies of `full` taken before, and of the keys
+    /// sharing its stripe, are not served again.
+    pub(crate) fn put(&self, full: &str) {
+        self.stripes[stripe_of(full)].fetch_add(1, Ordering::SeqCst);
     }
 
     /// `memory`'s entry for `full`, from this thread's front when it holds a current copy.
@@ -92,17 +113,30 @@ impl Front {
         // Read before moka: a change after this read bumps past it.
         let generation = self.generation.load(Ordering::SeqCst);
         let now = now_ms();
-        let held = ENTRIES.with_borrow(|entries| {
+        let held = ENTRIES.with_borrow_mut(|entries| {
             let slot = entries.map.get(full)?;
-            (slot.engine == self.engine
-                && slot.generation == generation
-                && slot.copied_ms <= now
-                && now < slot.entry.expires_at_ms)
-                .then(|| slot.entry.clone())
+            if slot.engine != self.engine || slot.generation != generation {
+                // The whole map goes before the next copy.
+                return None;
+            }
+            if slot.copied_ms <= now
+                && now < slot.entry.expires_at_ms
+                && self.stripes[slot.stripe as usize].load(Ordering::SeqCst) == slot.puts
+            {
+                return Some(slot.entry.clone());
+            }
+            // Put over or expired: never served again, so its body is not held either.
+            if let Some(old) = entries.map.remove(full) {
+                entries.bytes -= old.entry.bytes.as_ref().map_or(0, |b| b.len());
+            }
+            None
         });
         if held.is_some() {
             return held;
         }
+        // Read before moka too, as the generation.
+        let stripe = stripe_of(full);
+        let puts = self.stripes[stripe].load(Ordering::SeqCst);
         let entry = memory.get(full)?;
         let size = entry.bytes.as_ref().map_or(0, |b| b.len());
         if size <= FRONT_MAX_BODY {
@@ -120,6 +154,8 @@ impl Front {
                 let slot = Slot {
                     engine: self.engine,
                     generation,
+                    stripe: stripe as u32,
+                    puts,
                     copied_ms: now,
                     entry: entry.clone(),
                 };
@@ -131,6 +167,13 @@ impl Front {
         }
         Some(entry)
     }
+}
+
+/// The stripe of `full`: the top bits of its hash.
+fn stripe_of(full: &str) -> usize {
+    let mut hasher = KeyHasher::default();
+    hasher.write(full.as_bytes());
+    (hasher.finish() >> (64 - STRIPES.trailing_zeros())) as usize
 }
 
 /// FxHash-style: eight bytes per multiply. A key's spelling is client-chosen, but a collision
@@ -195,6 +238,35 @@ mod tests {
         memory.invalidate("k");
         front.changed();
         assert_eq!(body(front.get(&memory, "k")), None);
+    }
+
+    #[test]
+    fn a_put_drops_the_copies_of_its_key_and_leaves_the_others() {
+        let (front, memory) = (Front::default(), memory());
+        let (a, b) = ("cache:assets:a", "cache:assets:b");
+        assert_ne!(stripe_of(a), stripe_of(b), "pick keys of two stripes");
+        for key in [a, b] {
+            memory.insert(key.into(), entry("old", Duration::from_secs(60)));
+            assert_eq!(body(front.get(&memory, key)).as_deref(), Some("old"));
+        }
+        memory.insert(a.into(), entry("new", Duration::from_secs(60)));
+        front.put(a);
+        assert_eq!(body(front.get(&memory, a)).as_deref(), Some("new"));
+        // Changed in moka without a bump (which no engine does): only a copy answers "old",
+        // so b's copy outlived a's put.
+        memory.insert(b.into(), entry("unannounced", Duration::from_secs(60)));
+        assert_eq!(body(front.get(&memory, b)).as_deref(), Some("old"));
+        front.put(b);
+        assert_eq!(body(front.get(&memory, b)).as_deref(), Some("unannounced"));
+        // A copy put over is dropped at its key's next lookup, its body with it.
+        let held = ENTRIES.with_borrow(|e| e.bytes);
+        memory.invalidate(a);
+        front.put(a);
+        assert_eq!(body(front.get(&memory, a)), None);
+        ENTRIES.with_borrow(|e| {
+            assert!(!e.map.contains_key(a));
+            assert_eq!(e.bytes, held - "new".len());
+        });
     }
 
     #[test]

@@ -25,7 +25,7 @@ use super::codec::{encode, now_ms};
 use super::marks::Mark;
 use super::stats::{NsCounters, add};
 use super::tier::{SharedTier, TierError};
-use super::{Cache, Inner, MemEntry};
+use super::{Cache, Inner, MemEntry, namespace_tag, tag_namespace};
 use crate::shutdown::ShutdownSignal;
 
 /// How many times an invalidation is sent to the shared tier before it is only remembered.
@@ -202,7 +202,7 @@ impl Inner {
     pub(super) fn drop_tags(&self, memory: &Moka<String, MemEntry>, tags: &[String]) {
         for tag in tags {
             // No counters: nothing of the namespace was ever installed here.
-            if let Some(namespace) = tag.strip_prefix("ns:")
+            if let Some(namespace) = tag_namespace(tag)
                 && let Some(counters) = self.stats.existing(namespace)
             {
                 counters.generation.fetch_add(1, Ordering::SeqCst);
@@ -224,7 +224,7 @@ impl Cache {
         let bytes = serde_json::to_vec(value)?;
         let full = self.full_key(namespace, key);
         let mut all_tags: Vec<String> = tags.to_vec();
-        all_tags.push(format!("ns:{namespace}"));
+        all_tags.push(namespace_tag(namespace));
         let ttl = self.ttl(namespace);
         let counters = self.inner.stats.ns(namespace);
         // A set also overtakes loads in flight: they must not install what they read before.
@@ -243,7 +243,7 @@ impl Cache {
                 },
                 tags,
             );
-            self.inner.front.changed();
+            self.inner.front.put(&full);
         }
         let mut delivered = true;
         match self.shared_tier().await {
@@ -328,7 +328,7 @@ impl Cache {
         }
         for namespace in &what.namespaces {
             add(&self.inner.stats.ns(namespace).invalidations, 1);
-            round.tags.push(format!("ns:{namespace}"));
+            round.tags.push(namespace_tag(namespace));
         }
         round.tags.extend(what.tags.iter().cloned());
         round.label = match (what.keys.first(), what.namespaces.first()) {
@@ -455,7 +455,7 @@ impl Cache {
         let own = [
             marks.key(full),
             marks.namespace(namespace),
-            marks.tag(&format!("ns:{namespace}")),
+            marks.tag(&namespace_tag(namespace)),
         ];
         marks.any_after(
             epoch,

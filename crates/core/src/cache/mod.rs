@@ -213,6 +213,17 @@ impl CachedBody {
     }
 }
 
+/// The tag every value of `namespace` carries in the shared tier and the marks: a namespace
+/// is invalidated as this tag (in process, by its generation as well).
+pub(super) fn namespace_tag(namespace: &str) -> String {
+    format!("ns:{namespace}")
+}
+
+/// The namespace `tag` stands for, if it is a [`namespace_tag`].
+pub(super) fn tag_namespace(tag: &str) -> Option<&str> {
+    tag.strip_prefix("ns:")
+}
+
 /// `"<32 hex digits>"`: the first 128 bits of `bytes`' SHA-256, quoted (a strong ETag).
 pub fn etag(bytes: &[u8]) -> String {
     use sha2::Digest;

@@ -22,7 +22,7 @@ use tokio::sync::Mutex as AsyncMutex;
 use super::codec::{Stored, decode, due_for_refresh, now_ms};
 use super::load_batch::{Alone, Batched, KeyLoader, Loaded};
 use super::stats::{NsCounters, add};
-use super::{Cache, CacheError, CachedBody, MemEntry, Source};
+use super::{Cache, CacheError, CachedBody, MemEntry, Source, namespace_tag};
 
 thread_local! {
     /// The key of a near lookup, spelled without allocating (`get_or_load_body`).
@@ -332,7 +332,8 @@ impl Cache {
         if overtaken() {
             memory.invalidate(key.full);
         }
-        inner.front.changed();
+        // This key alone changed: the other keys' copies in the threads' fronts stay.
+        inner.front.put(key.full);
     }
 }
 
@@ -348,7 +349,7 @@ impl<'a> ReadCtx<'a> {
     ) -> Self {
         let flight = cache.flight(&full);
         let mut all_tags: Vec<String> = tags.to_vec();
-        all_tags.push(format!("ns:{namespace}"));
+        all_tags.push(namespace_tag(namespace));
         ReadCtx {
             cache,
             full,
