@@ -29,8 +29,8 @@ pub async fn worker(settings: Settings) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     }
     let database = Database::open(&settings.core).await?;
-    // Only the `http` executor's connector uses the cache (for its breaker's namespaces): an
-    // in-process one is enough.
+    // Only the `http` executor's connector is given the cache, and its calls are never cached:
+    // an in-process one is enough.
     let cache = Cache::new(
         settings.core.cache.clone(),
         Backend::Memory,
