@@ -362,10 +362,10 @@ pub fn redis_settings(settings: &HashMap<String, String>) -> Vec<Finding> {
         "volatile-ttl" | "volatile-random" | "allkeys-random" => warn(
             "eviction",
             format!(
-                "{policy}: under pressure it may evict the 1 s tombstones invalidations leave \
-                 (the shortest-lived or random keys first), and a read that loaded without a \
-                 lookup could then cache a row from before a write; set allkeys-lru or \
-                 allkeys-lfu"
+                "{policy}: under pressure it evicts the shortest-lived keys first, or any at random: \
+                 leases (concurrent misses of a key then load it more than once) and the 1 s \
+                 tombstones invalidations leave (no speculative store is taken for a second \
+                 after an eviction); set allkeys-lru or allkeys-lfu"
             ),
         ),
         other => ok(

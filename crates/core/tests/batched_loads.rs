@@ -757,6 +757,82 @@ async fn a_speculative_load_answered_after_its_window_fills_nothing() {
     assert_eq!(in_redis(&redis, "late").await, (false, None));
 }
 
+/// A field of Redis's `INFO {section}`.
+async fn info_field(raw: &Redis, section: &str, field: &str) -> u64 {
+    let info: String = raw.query(redis::cmd("INFO").arg(section)).await.unwrap();
+    info.lines()
+        .find_map(|l| l.trim_end().strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in INFO {section}"))
+}
+
+#[tokio::test]
+async fn a_speculative_load_fills_nothing_while_redis_evicts_keys() {
+    let (redis, engine) = speculating(Duration::from_millis(500)).await;
+    let source = BeforeTheWrite::default();
+    // A control: nothing evicted, the store is taken.
+    source.read(&engine, "before", &[]).await;
+    until_counted(&engine, "speculative fills", 1, |ns| ns.speculative_fills).await;
+    // Redis reaches its memory limit and evicts keys to make room. It may evict any key, a
+    // tombstone too, which is the only guard a speculative store has: so until a tombstone's
+    // life (1 s) has passed since the last eviction, no speculative store is taken.
+    let raw = client(&redis, Duration::from_secs(5));
+    let set = |name: &'static str, value: String| {
+        let raw = raw.clone();
+        async move {
+            let _: () = raw
+                .query(redis::cmd("CONFIG").arg("SET").arg(name).arg(value))
+                .await
+                .unwrap();
+        }
+    };
+    let used = info_field(&raw, "memory", "used_memory").await;
+    set("maxmemory-policy", "allkeys-lru".into()).await;
+    set("maxmemory", (used + (2 << 20)).to_string()).await;
+    let junk = vec![b'x'; 64 << 10];
+    for i in 0..256 {
+        if info_field(&raw, "stats", "evicted_keys").await > 0 {
+            break;
+        }
+        let _: () = raw
+            .query(redis::cmd("SET").arg(format!("junk:{i}")).arg(&junk[..]))
+            .await
+            .unwrap();
+    }
+    set("maxmemory", "0".into()).await;
+    assert!(
+        info_field(&raw, "stats", "evicted_keys").await > 0,
+        "nothing evicted"
+    );
+    // Should the evictions have taken the marker of when this Redis's tombstones became
+    // complete, the store would be refused for that reason alone: put it back, a minute old.
+    let since_ttl: u64 = 10 * 365 * 24 * 3600 * 1000;
+    let _: () = raw
+        .query(
+            redis::cmd("SET")
+                .arg("batch:tomb-since")
+                .arg(1)
+                .arg("PX")
+                .arg(since_ttl - 60_000),
+        )
+        .await
+        .unwrap();
+    // The read is answered with its row; its store is refused.
+    let (body, from) = source.read(&engine, "during", &[]).await;
+    assert_eq!((body.as_str(), from), ("\"during-v1\"", Source::Loaded));
+    until_counted(&engine, "unfilled speculative loads", 1, |ns| {
+        ns.speculative_unfilled
+    })
+    .await;
+    assert_eq!(stats_of(&engine).speculative_fills, 1);
+    assert_eq!(in_redis(&redis, "during").await, (false, None));
+    // No eviction since, for longer than a tombstone lives: stores are taken again.
+    tokio::time::sleep(SETTLE).await;
+    source.read(&engine, "after", &[]).await;
+    until_counted(&engine, "speculative fills", 2, |ns| ns.speculative_fills).await;
+    assert!(in_redis(&redis, "after").await.0);
+}
+
 #[tokio::test]
 async fn concurrent_reads_of_a_key_load_it_once_while_one_speculates() {
     let (_redis, engine) = speculating(Duration::from_millis(500)).await;

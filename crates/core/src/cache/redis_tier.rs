@@ -8,6 +8,10 @@
 //! - `Ptomb:Ptag:{tag}` — a tag's tombstone, for [`TOMB`] after an invalidation of the tag;
 //!   `Ptomb-since` — when this Redis first granted a lease, took a speculative store or an
 //!   invalidation (its tombstones are complete from [`TOMB`] after that);
+//!   `Pevicted` — the count of evicted keys (`INFO stats`) the last store script saw, and
+//!   `Pevicting`, set for [`TOMB`] whenever that count had moved (an eviction may have taken
+//!   a tombstone: no speculative store is taken meanwhile); a first count of 0 is no move
+//!   (nothing was ever evicted);
 //! - `Ptag:{tag}` — a sorted set of the value keys carrying the tag (namespaces are the tag
 //!   `ns:{ns}`), each scored by when its value (or lease) expires, by Redis's clock;
 //! - `Ptag-retired:{tag}` — the tag's sets taken out of service by an invalidation and not
@@ -23,8 +27,9 @@
 //! ([`STORE_FRESH_MANY`]).
 //!
 //! A speculative miss costs one script, its store (per key a `GET`, an `EXISTS` of its
-//! tombstone and a `SET`; per script a `TIME`, a `PTTL` of `tomb-since`, and per tag set an
-//! `EXISTS` of its tombstone and one `ZADD` for the stores of concurrent loads). Any other miss costs two: the lookup (reads or leases, one round trip; a namespace whose
+//! tombstone and a `SET`; per script a `TIME`, a `PTTL` of `tomb-since`, an `INFO stats`, a
+//! `GET` of `evicted` and an `EXISTS` of `evicting`, and per tag set an `EXISTS` of its
+//! tombstone and one `ZADD` for the stores of concurrent loads). Any other miss costs two: the lookup (reads or leases, one round trip; a namespace whose
 //! lookups mostly hit sends a plain `GET` first instead) and the fill (four commands; the
 //! lease holders of one batch of loads, `load_batch.rs`, fill in one script, after their
 //! callers were answered, and the lookups of batched reads that arrive while one is in flight
@@ -77,10 +82,12 @@ const DRAIN_BATCH: usize = 512;
 /// refused ([`Fresh::Tombstoned`]). `Ptomb-since` was set when this Redis first granted a
 /// lease, took a speculative store or an invalidation, with a TTL of [`SINCE_TTL`] (its age is
 /// what its TTL lost): until it is [`TOMB`] old, tombstones may have been lost (a restart, a
-/// flush, its own eviction) and no speculative store is taken. Tombstones are keys with a TTL, and a Redis that evicts may drop one
-/// under memory pressure: `volatile-ttl` picks the shortest-lived keys first, the random
-/// policies any, and even LRU or LFU may pick a tombstone, which nothing reads after it is
-/// written (`cascade check` warns of the first two; see README, "Cache guarantees").
+/// flush, its own eviction) and no speculative store is taken. Tombstones are keys with a
+/// TTL, and a Redis that evicts may drop one under memory pressure (`volatile-ttl` picks the
+/// shortest-lived keys first, the random policies any, and even LRU or LFU may pick a
+/// tombstone, which nothing reads after it is written): so no speculative store is taken
+/// either until [`TOMB`] has passed since the last eviction a store script saw
+/// (`Pevicted`, `Pevicting`; README, "Cache guarantees").
 pub(crate) const TOMB: Duration = Duration::from_millis(1000);
 
 /// The TTL `Ptomb-since` is set with: its age is this minus what it has left (`PTTL`, by
@@ -181,6 +188,17 @@ local function settled()
   end
   return SINCE_MS - left >= TOMB_MS
 end
+local function evicting()
+  local stats = redis.pcall('INFO', 'stats')
+  local n = type(stats) == 'string' and string.match(stats, 'evicted_keys:(%d+)')
+  if not n then return true end
+  local seen = redis.call('GET', EVICTED)
+  if seen ~= n then
+    redis.call('SET', EVICTED, n)
+    if seen or n ~= '0' then redis.call('SET', EVICTING, '1', 'PX', TOMB_MS) end
+  end
+  return redis.call('EXISTS', EVICTING) == 1
+end
 local function tag_tombstoned(set)
   return redis.call('EXISTS', TOMBS .. set) == 1
 end
@@ -256,12 +274,13 @@ return out
 /// server after a failover) proves the deadlines wrong: every key is then `c`. Per key,
 /// returns the value already there (nothing stored), `S` stored (and entered in its tag sets
 /// until it expires), `l` a tombstone of the key or one of its tag sets was found, `u` this
-/// Redis's tombstones are not [`TOMB`] old yet, `d` past its deadline, or `c`; then, last,
-/// Redis's clock (ms) when it ran.
+/// Redis's tombstones are not [`TOMB`] old yet or it evicted a key less than [`TOMB`] ago
+/// (or since the last store script; or `INFO stats` could not be read), `d` past its
+/// deadline, or `c`; then, last, Redis's clock (ms) when it ran.
 const STORE_FRESH_MANY: &str = r"
 local out = {}
 local now = now_ms()
-local ready = settled()
+local ready = settled() and (#ARGV < 2 or not evicting())
 local behind = now < tonumber(ARGV[1] or 0)
 local sets, order, tombstoned = {}, {}, {}
 local k = 1
@@ -459,7 +478,7 @@ impl RedisTier {
         // the value key `KEYS[1]` starts with the prefix and the bucket's tag, up to its `}`.
         let names = match buckets {
             None => format!(
-                "local RETIRED, TAG, DRAINING_SEQ, DRAINING, TOMBS, SINCE, GONE = {}, {}, {}, {}, {}, {}, {}\n",
+                "local RETIRED, TAG, DRAINING_SEQ, DRAINING, TOMBS, SINCE, GONE, EVICTED, EVICTING = {}, {}, {}, {}, {}, {}, {}, {}, {}\n",
                 lua_string(&format!("{prefix}tag-retired:")),
                 lua_string(&format!("{prefix}tag:")),
                 lua_string(&format!("{prefix}tag-draining-seq")),
@@ -467,12 +486,14 @@ impl RedisTier {
                 lua_string(&format!("{prefix}tomb:")),
                 lua_string(&format!("{prefix}tomb-since")),
                 lua_string(&format!("{prefix}gone:")),
+                lua_string(&format!("{prefix}evicted")),
+                lua_string(&format!("{prefix}evicting")),
             ),
             Some(_) => format!(
                 "local B = string.sub(KEYS[1], 1, string.find(KEYS[1], '}}', 1, true))\n\
-                 local RETIRED, TAG, DRAINING_SEQ, DRAINING, TOMBS, SINCE, GONE = \
+                 local RETIRED, TAG, DRAINING_SEQ, DRAINING, TOMBS, SINCE, GONE, EVICTED, EVICTING = \
                  B .. 'tag-retired:', B .. 'tag:', B .. 'tag-draining-seq', B .. 'tag-draining:', \
-                 B .. 'tomb:', B .. 'tomb-since', {}\n",
+                 B .. 'tomb:', B .. 'tomb-since', {}, B .. 'evicted', B .. 'evicting'\n",
                 lua_string(&format!("{prefix}gone:")),
             ),
         };
@@ -1021,7 +1042,8 @@ pub(crate) enum Fresh {
     /// An invalidation of the key, its tags or its namespace within [`TOMB`]: the row may be
     /// older than it.
     Tombstoned,
-    /// This Redis's tombstones are not [`TOMB`] old yet (a restart, a flush): nothing stored.
+    /// This Redis's tombstones are not [`TOMB`] old yet (a restart, a flush), or it evicted a
+    /// key less than [`TOMB`] ago (the key may have been a tombstone): nothing stored.
     Unsettled,
     /// It would have run past its deadline: nothing stored.
     Late,

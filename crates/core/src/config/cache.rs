@@ -33,7 +33,7 @@ pub struct RawCache {
     #[arg(long, env = "CACHE_KEY_PREFIX", global = true)]
     pub cache_key_prefix: Option<String>,
     /// Batched reads of namespaces whose lookups all miss read PostgreSQL without a Redis
-    /// lookup first (true/false) [default: true]. Turn off where Redis evicts keys.
+    /// lookup first (true/false) [default: true]; not while Redis evicts keys.
     #[arg(long, env = "CACHE_SPECULATIVE_LOADS", global = true)]
     pub cache_speculative_loads: Option<String>,
     /// Bound of the in-process tier in bytes (keys and values, plus 64 per entry); 0 turns the
