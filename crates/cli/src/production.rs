@@ -351,7 +351,10 @@ pub fn redis_settings(settings: &HashMap<String, String>) -> Vec<Finding> {
     findings.push(match policy {
         "allkeys-lru" | "allkeys-lfu" => ok(
             "eviction",
-            format!("{policy}: the least used entries make room for new ones"),
+            format!(
+                "{policy}: the least used entries make room for new ones (while it evicts, \
+                 reads of cold keys take their lease: no speculative load is stored)"
+            ),
         ),
         "noeviction" => warn(
             "eviction",
@@ -362,10 +365,9 @@ pub fn redis_settings(settings: &HashMap<String, String>) -> Vec<Finding> {
         "volatile-ttl" | "volatile-random" | "allkeys-random" => warn(
             "eviction",
             format!(
-                "{policy}: under pressure it evicts the shortest-lived keys first, or any at random: \
-                 leases (concurrent misses of a key then load it more than once) and the 1 s \
-                 tombstones invalidations leave (no speculative store is taken for a second \
-                 after an eviction); set allkeys-lru or allkeys-lfu"
+                "{policy}: under pressure it evicts the shortest-lived keys first, or any at random, \
+                 leases among them (concurrent misses of a key then load it more than once); \
+                 set allkeys-lru or allkeys-lfu"
             ),
         ),
         other => ok(

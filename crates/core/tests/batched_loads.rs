@@ -826,6 +826,12 @@ async fn a_speculative_load_fills_nothing_while_redis_evicts_keys() {
     .await;
     assert_eq!(stats_of(&engine).speculative_fills, 1);
     assert_eq!(in_redis(&redis, "during").await, (false, None));
+    // Refused for the evictions (not for being late, say): the marker is there.
+    let marked: i64 = raw
+        .query(redis::cmd("PTTL").arg("batch:evicting"))
+        .await
+        .unwrap();
+    assert!(marked > 0, "no eviction marker: {marked}");
     // No eviction since, for longer than a tombstone lives: stores are taken again.
     tokio::time::sleep(SETTLE).await;
     source.read(&engine, "after", &[]).await;

@@ -140,8 +140,9 @@ impl Inner {
     }
 
     /// A speculative store found Redis's tombstones not yet complete (a Redis started or
-    /// flushed less than `TOMB` ago): reads load after their lease until they are, since no
-    /// speculative store could be taken meanwhile.
+    /// flushed less than `TOMB` ago, or one that evicted keys lately, or whose evictions
+    /// cannot be read): reads load after their lease until they are, since no speculative
+    /// store could be taken meanwhile.
     pub(crate) fn unsettled(&self) {
         self.pause_speculation();
     }

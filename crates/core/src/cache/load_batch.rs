@@ -26,7 +26,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -547,8 +547,9 @@ fn count_unfilled(fills: &[FreshFill]) {
 /// Speculative loads' stores in one round (one script per bucket), then what each answer
 /// means: a stored value is installed in process (unless an invalidation came after its read
 /// began, as for any install); a value already there is kept in process as a hit would be;
-/// a tombstone, a Redis whose tombstones are not complete yet or a store past its deadline
-/// stores nothing (the next read loads after its lease), and the last two pause speculation.
+/// a tombstone, a Redis whose tombstones are not complete yet (lately started, flushed or
+/// evicting, or whose evictions cannot be read) or a store past its deadline stores nothing
+/// (the next read loads after its lease), and all but the first pause speculation.
 /// Nothing is sent while the shared tier is out (or speculation paused): the stores are
 /// dropped, so that no read waits on their flight locks for Redis's timeouts.
 async fn store_fresh_and_install(cache: &Cache, mut fills: Vec<FreshFill>) {
@@ -636,6 +637,17 @@ async fn store_fresh_and_install(cache: &Cache, mut fills: Vec<FreshFill>) {
                 cache.inner.unsettled();
                 add(&counters.speculative_unfilled, 1);
             }
+            Fresh::Blind => {
+                if !BLIND_WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "Redis refuses INFO to scripts: whether it evicts tombstones cannot be \
+                         known, so speculative loads store nothing (grant +info, or set \
+                         CACHE_SPECULATIVE_LOADS=false)"
+                    );
+                }
+                cache.inner.unsettled();
+                add(&counters.speculative_unfilled, 1);
+            }
             Fresh::Late | Fresh::ClockBehind => {
                 // Stores this slow would leave every speculative load unfilled: reads load
                 // after their lease for a while, and fill. (A clock found behind: its bound
@@ -646,6 +658,10 @@ async fn store_fresh_and_install(cache: &Cache, mut fills: Vec<FreshFill>) {
         }
     }
 }
+
+/// Whether this process has logged that Redis refuses `INFO` to the store script
+/// ([`Fresh::Blind`]): once is enough, every store is refused alike.
+static BLIND_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// A lease holder's fill in a batch's fill task: what to store, and the value to install.
 struct BatchFill {

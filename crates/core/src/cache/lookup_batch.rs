@@ -353,6 +353,7 @@ mod tests {
                 Fresh::Stored => 'S',
                 Fresh::Tombstoned => 'l',
                 Fresh::Unsettled => 'u',
+                Fresh::Blind => 'i',
                 Fresh::Late => 'd',
                 Fresh::ClockBehind => 'c',
                 Fresh::Found(_) => 'F',

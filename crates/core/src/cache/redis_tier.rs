@@ -8,10 +8,12 @@
 //! - `Ptomb:Ptag:{tag}` — a tag's tombstone, for [`TOMB`] after an invalidation of the tag;
 //!   `Ptomb-since` — when this Redis first granted a lease, took a speculative store or an
 //!   invalidation (its tombstones are complete from [`TOMB`] after that);
-//!   `Pevicted` — the count of evicted keys (`INFO stats`) the last store script saw, and
-//!   `Pevicting`, set for [`TOMB`] whenever that count had moved (an eviction may have taken
-//!   a tombstone: no speculative store is taken meanwhile); a first count of 0 is no move
-//!   (nothing was ever evicted);
+//!   `Pevicted` — this Redis's eviction state as the last store script saw it (`INFO`: its
+//!   count of evicted keys, of commands processed and its run id; first taken with
+//!   `Ptomb-since`), and `Pevicting`, set for [`TOMB`] whenever a store script finds that
+//!   state moved (more evictions, or a counter reset, a restart or another server, after
+//!   which evictions may have gone uncounted): an evicted key may have been a tombstone, so
+//!   no speculative store is taken meanwhile;
 //! - `Ptag:{tag}` — a sorted set of the value keys carrying the tag (namespaces are the tag
 //!   `ns:{ns}`), each scored by when its value (or lease) expires, by Redis's clock;
 //! - `Ptag-retired:{tag}` — the tag's sets taken out of service by an invalidation and not
@@ -27,9 +29,9 @@
 //! ([`STORE_FRESH_MANY`]).
 //!
 //! A speculative miss costs one script, its store (per key a `GET`, an `EXISTS` of its
-//! tombstone and a `SET`; per script a `TIME`, a `PTTL` of `tomb-since`, an `INFO stats`, a
-//! `GET` of `evicted` and an `EXISTS` of `evicting`, and per tag set an `EXISTS` of its
-//! tombstone and one `ZADD` for the stores of concurrent loads). Any other miss costs two: the lookup (reads or leases, one round trip; a namespace whose
+//! tombstone and a `SET`; per script a `TIME`, a `PTTL` of `tomb-since`, `INFO stats` and
+//! `INFO server`, a `GET` and a `SET` of `evicted` and an `EXISTS` of `evicting`, and per tag
+//! set an `EXISTS` of its tombstone and one `ZADD` for the stores of concurrent loads). Any other miss costs two: the lookup (reads or leases, one round trip; a namespace whose
 //! lookups mostly hit sends a plain `GET` first instead) and the fill (four commands; the
 //! lease holders of one batch of loads, `load_batch.rs`, fill in one script, after their
 //! callers were answered, and the lookups of batched reads that arrive while one is in flight
@@ -86,7 +88,7 @@ const DRAIN_BATCH: usize = 512;
 /// TTL, and a Redis that evicts may drop one under memory pressure (`volatile-ttl` picks the
 /// shortest-lived keys first, the random policies any, and even LRU or LFU may pick a
 /// tombstone, which nothing reads after it is written): so no speculative store is taken
-/// either until [`TOMB`] has passed since the last eviction a store script saw
+/// either until [`TOMB`] after a store script last saw Redis's eviction state move
 /// (`Pevicted`, `Pevicting`; README, "Cache guarantees").
 pub(crate) const TOMB: Duration = Duration::from_millis(1000);
 
@@ -180,22 +182,33 @@ local function index_tags(ttl, exact)
   for i = 3, #KEYS do index_set(KEYS[i], {now + ttl, KEYS[1]}, ttl, now, exact) end
   return now
 end
+local function eviction_state()
+  local stats, server = redis.pcall('INFO', 'stats'), redis.pcall('INFO', 'server')
+  if type(stats) ~= 'string' or type(server) ~= 'string' then return nil end
+  local evicted = string.match(stats, '\nevicted_keys:(%d+)')
+  local commands = string.match(stats, '\ntotal_commands_processed:(%d+)')
+  local run = string.match(server, '\nrun_id:(%x+)')
+  if not (evicted and commands and run) then return nil end
+  return evicted .. ':' .. commands .. ':' .. run, evicted, commands, run
+end
 local function settled()
   local left = redis.call('PTTL', SINCE)
   if left < 0 then
     redis.call('SET', SINCE, '1', 'PX', SINCE_MS)
+    local state = eviction_state()
+    if state then redis.call('SET', EVICTED, state) end
     return false
   end
   return SINCE_MS - left >= TOMB_MS
 end
 local function evicting()
-  local stats = redis.pcall('INFO', 'stats')
-  local n = type(stats) == 'string' and string.match(stats, 'evicted_keys:(%d+)')
-  if not n then return true end
-  local seen = redis.call('GET', EVICTED)
-  if seen ~= n then
-    redis.call('SET', EVICTED, n)
-    if seen or n ~= '0' then redis.call('SET', EVICTING, '1', 'PX', TOMB_MS) end
+  local state, evicted, commands, run = eviction_state()
+  if not state then return nil end
+  local e, c, r = string.match(redis.call('GET', EVICTED) or '', '^(%d+):(%d+):(%x+)$')
+  redis.call('SET', EVICTED, state)
+  if e ~= evicted or r ~= run or tonumber(commands) < tonumber(c) then
+    redis.call('SET', EVICTING, '1', 'PX', TOMB_MS)
+    return true
   end
   return redis.call('EXISTS', EVICTING) == 1
 end
@@ -274,13 +287,17 @@ return out
 /// server after a failover) proves the deadlines wrong: every key is then `c`. Per key,
 /// returns the value already there (nothing stored), `S` stored (and entered in its tag sets
 /// until it expires), `l` a tombstone of the key or one of its tag sets was found, `u` this
-/// Redis's tombstones are not [`TOMB`] old yet or it evicted a key less than [`TOMB`] ago
-/// (or since the last store script; or `INFO stats` could not be read), `d` past its
-/// deadline, or `c`; then, last, Redis's clock (ms) when it ran.
+/// Redis's tombstones are not [`TOMB`] old yet, or a store script saw its eviction state move
+/// less than [`TOMB`] ago (`evicting`), `i` that state could not be read (`INFO` refused),
+/// `d` past its deadline, or `c`; then, last, Redis's clock (ms) when it ran.
 const STORE_FRESH_MANY: &str = r"
 local out = {}
 local now = now_ms()
-local ready = settled() and (#ARGV < 2 or not evicting())
+local ready, blind = settled(), false
+if ready and #ARGV > 1 then
+  local moved = evicting()
+  if moved == nil then ready, blind = false, true else ready = not moved end
+end
 local behind = now < tonumber(ARGV[1] or 0)
 local sets, order, tombstoned = {}, {}, {}
 local k = 1
@@ -295,7 +312,7 @@ for i = 1, (#ARGV - 1) / 4 do
   elseif now > tonumber(ARGV[a + 1]) then
     out[i] = 'd'
   elseif not ready then
-    out[i] = 'u'
+    out[i] = blind and 'i' or 'u'
   elseif key_tombstoned(value_key) then
     out[i] = 'l'
   else
@@ -1042,9 +1059,13 @@ pub(crate) enum Fresh {
     /// An invalidation of the key, its tags or its namespace within [`TOMB`]: the row may be
     /// older than it.
     Tombstoned,
-    /// This Redis's tombstones are not [`TOMB`] old yet (a restart, a flush), or it evicted a
-    /// key less than [`TOMB`] ago (the key may have been a tombstone): nothing stored.
+    /// This Redis's tombstones are not [`TOMB`] old yet (a restart, a flush), or a store script
+    /// saw its eviction state move less than [`TOMB`] ago (an evicted key may have been a
+    /// tombstone): nothing stored.
     Unsettled,
+    /// Redis refused `INFO` to the script (an ACL without `+info`, a renamed command), so
+    /// whether it evicts cannot be known: nothing stored.
+    Blind,
     /// It would have run past its deadline: nothing stored.
     Late,
     /// Redis's clock was behind where the sender knew it to be at least (stepped back, or
@@ -1058,6 +1079,7 @@ impl Fresh {
             b"S" => Fresh::Stored,
             b"l" => Fresh::Tombstoned,
             b"u" => Fresh::Unsettled,
+            b"i" => Fresh::Blind,
             b"d" => Fresh::Late,
             b"c" => Fresh::ClockBehind,
             _ => Fresh::Found(bytes),
