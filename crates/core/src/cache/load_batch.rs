@@ -633,12 +633,8 @@ async fn store_fresh_and_install(cache: &Cache, mut fills: Vec<FreshFill>) {
                 }
             }
             Fresh::Tombstoned => add(&counters.speculative_unfilled, 1),
-            Fresh::Unsettled => {
-                cache.inner.unsettled();
-                add(&counters.speculative_unfilled, 1);
-            }
-            Fresh::Blind => {
-                if !BLIND_WARNED.swap(true, Ordering::Relaxed) {
+            Fresh::Unsettled | Fresh::Blind => {
+                if matches!(outcome, Fresh::Blind) && !BLIND_WARNED.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         "Redis refuses INFO to scripts: whether it evicts tombstones cannot be \
                          known, so speculative loads store nothing (grant +info, or set \
