@@ -412,6 +412,16 @@ impl Redis {
         self.finish(tokio::time::timeout_at(deadline, cmd.query_async(&mut conn)).await)
     }
 
+    /// Runs a pipeline under the deadline: one round trip (on a Redis Cluster, every key of
+    /// it in one slot).
+    pub async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, RedisError> {
+        let (mut conn, deadline) = self.start().await?;
+        self.finish(tokio::time::timeout_at(deadline, pipe.query_async(&mut conn)).await)
+    }
+
     /// Runs one Lua script invocation under the deadline.
     pub async fn invoke<T: redis::FromRedisValue>(
         &self,

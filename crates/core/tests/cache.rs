@@ -1098,3 +1098,80 @@ async fn cache_memory_bytes_zero_keeps_every_read_on_the_shared_tier() {
     let near: u64 = off.stats().iter().map(|ns| ns.near_hits).sum();
     assert_eq!(near, 0, "near hits with no in-process tier");
 }
+
+/// A Redis at its `maxmemory` may evict a tag set (a key of its own, with a TTL) and keep
+/// the values it lists: the next invalidation of that tag, or of the namespace, finds
+/// nothing to delete. Such a value is not served: after the write, an instance with nothing
+/// in process reads the new value, whether its lookup is the plain read (lookups of the
+/// namespace lately hit) or the script (they lately missed). The eviction is played by
+/// deleting the set on a real Redis (what an eviction leaves); the stale value is checked to
+/// be still there, so each read below would serve it without the check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_whose_tag_set_was_evicted_is_not_served_after_its_invalidation() {
+    let server = RedisServer::start().await;
+    let mut conn = raw_redis(&server).await;
+    let version = Arc::new(AtomicUsize::new(1));
+    let tags = vec!["producer:7".to_string()];
+    let read = |engine: &Cache, key: &'static str| {
+        let (engine, version, tags) = (engine.clone(), version.clone(), tags.clone());
+        async move {
+            engine
+                .get_or_load("items", key, &tags, || async move {
+                    Ok::<_, std::convert::Infallible>(Some(version.load(Ordering::SeqCst)))
+                })
+                .await
+                .unwrap()
+                .expect("a value")
+        }
+    };
+    for (case, evicted) in [
+        ("tag", "ev:tag:producer:7"),
+        ("namespace", "ev:tag:ns:items"),
+    ] {
+        let writer = redis_engine(&server, "ev:");
+        version.store(1, Ordering::SeqCst);
+        assert_eq!(read(&writer, "k").await, 1, "{case}: the first read");
+        let removed: i64 = redis::cmd("DEL")
+            .arg(evicted)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(removed, 1, "{case}: {evicted} was not there to evict");
+        version.store(2, Ordering::SeqCst);
+        match case {
+            "tag" => writer.invalidate_tag("producer:7").await,
+            _ => writer.invalidate_namespace("items").await,
+        }
+        let left: Option<Vec<u8>> = redis::cmd("GET")
+            .arg("ev:items:k")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            left.is_some(),
+            "{case}: the invalidation found the value without its set"
+        );
+
+        // Lookups of the namespace lately hit: the plain read first.
+        let probing = redis_engine(&server, "ev:");
+        assert_eq!(read(&probing, "k").await, 2, "{case}: the plain read");
+        // Put the stale value back, out of its sets again, for the script's turn.
+        let () = redis::cmd("DEL")
+            .arg(evicted)
+            .query_async(&mut conn)
+            .await
+            .map(|_: i64| ())
+            .unwrap();
+        let () = redis::cmd("SET")
+            .arg("ev:items:k")
+            .arg(left.unwrap())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // Lookups of the namespace lately missed: the script (a cold key first).
+        let scripted = redis_engine(&server, "ev:");
+        read(&scripted, "cold").await;
+        assert_eq!(read(&scripted, "k").await, 2, "{case}: the lookup script");
+        let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    }
+}

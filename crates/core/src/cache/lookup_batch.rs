@@ -380,7 +380,7 @@ mod tests {
         assert_eq!(fresh(&tier, &[&cold]).await, "S");
         // Stored, and entered in its tag sets: a tag's invalidation deletes it.
         assert_eq!(
-            tier.get(&cold.full_key).await.unwrap(),
+            tier.get(&cold.full_key, &[]).await.unwrap(),
             Some(b"Vassets:cold".to_vec())
         );
         assert!(indexed(&redis, "ns:assets", "t:assets:cold").await);
@@ -390,7 +390,7 @@ mod tests {
         tier.invalidate(&[], &["row:cold".to_string()])
             .await
             .unwrap();
-        assert_eq!(tier.get(&cold.full_key).await.unwrap(), None);
+        assert_eq!(tier.get(&cold.full_key, &[]).await.unwrap(), None);
 
         // Invalidations of a key and of a tag: the next store of what they named is refused,
         // alone or in a script with others; other keys' stores are taken.
@@ -455,7 +455,7 @@ mod tests {
             fresh_of(&on_time, Duration::from_millis(100)),
         ];
         assert_eq!(letters(tier.store_fresh(&stores).await.unwrap()), "dS");
-        assert_eq!(tier.get(&late.full_key).await.unwrap(), None);
+        assert_eq!(tier.get(&late.full_key, &[]).await.unwrap(), None);
 
         // Redis's clock found behind the bound the deadlines were computed with (a step back,
         // a failover): nothing stored, the bound is forgotten, and the next store is taken
@@ -463,7 +463,7 @@ mod tests {
         tier.clock_ahead(2_000);
         let behind = key("behind", "a");
         assert_eq!(fresh(&tier, &[&behind]).await, "c");
-        assert_eq!(tier.get(&behind.full_key).await.unwrap(), None);
+        assert_eq!(tier.get(&behind.full_key, &[]).await.unwrap(), None);
         assert_eq!(fresh(&tier, &[&behind]).await, "S");
 
         // A flushed Redis (as a restarted one) lost its tombstones: unsettled again.

@@ -176,7 +176,7 @@ impl Cache {
             return hit.bytes.map(|b| serde_json::from_slice(&b)).transpose();
         }
         if let Some(shared) = self.shared_tier().await {
-            match shared.get(&full).await {
+            match shared.get(&full, &[namespace_tag(namespace)]).await {
                 Ok(Some(stored)) => {
                     if let Some(Stored {
                         value: Some(bytes), ..

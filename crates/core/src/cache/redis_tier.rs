@@ -139,6 +139,14 @@ pub(crate) struct RedisTier {
 /// next invalidation of its tag still deletes what it lists. Prepended to every script that
 /// grants a lease or stores, after the prefix's key names ([`RedisTier::new`]: constants of
 /// the script, so no call sends them).
+///
+/// `indexed_value` reads a value only if it is still a member of each of its tag sets (the
+/// namespace's among them), and deletes it otherwise: a Redis at its `maxmemory` may evict a
+/// tag set (a key of its own, with a TTL) and keep values it lists, which the next
+/// invalidation of that tag or namespace would then miss. A value is entered in its sets
+/// before it is stored (the lease's entry, or the store's own), its entries outlive it, and an
+/// invalidation deletes the set with its values, so only an evicted (or retired) set leaves a
+/// value out of its set.
 const INDEX_TAGS: &str = r"
 local function retire(tag)
   local registry = RETIRED .. string.sub(tag, #TAG + 1)
@@ -212,6 +220,22 @@ local function evicting()
   end
   return redis.call('EXISTS', EVICTING) == 1
 end
+local function indexed(value_key, first, last)
+  for t = first, last do
+    local score = redis.pcall('ZSCORE', KEYS[t], value_key)
+    if type(score) == 'table' then score = redis.call('SISMEMBER', KEYS[t], value_key) == 1 end
+    if not score then return false end
+  end
+  return true
+end
+local function indexed_value(value_key, first, last)
+  local v = redis.call('GET', value_key)
+  if v and not indexed(value_key, first, last) then
+    redis.call('DEL', value_key)
+    return false
+  end
+  return v
+end
 local function tag_tombstoned(set)
   return redis.call('EXISTS', TOMBS .. set) == 1
 end
@@ -220,14 +244,15 @@ local function key_tombstoned(value_key)
 end
 ";
 
-/// The whole lookup, one round trip: the value if there is one, else the lease (`L`) or
+/// The whole lookup, one round trip: the value if there is one (and it is still in its tag
+/// sets: `indexed_value`), else the lease (`L`) or
 /// another loader's (`W`). A lease that is already this token's is `L` again: a caller whose batched lookup was sent for it but whose answer was
 /// lost (the batch's sender dropped) asks alone with the same token. Granting the lease enters
 /// the key in its tag sets until its value would expire if stored now (`ARGV[3]`, the longest
 /// TTL its fill may use): a tag or namespace invalidation during the load deletes the lease
 /// (the fill is refused), and the fill has no tag set to touch.
 const GET_OR_LEASE: &str = r"
-local v = redis.call('GET', KEYS[1])
+local v = indexed_value(KEYS[1], 3, #KEYS)
 if v then return v end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   index_tags(tonumber(ARGV[3]), false)
@@ -251,7 +276,7 @@ local k = 1
 for i = 1, #ARGV / 4 do
   local a = 4 * (i - 1)
   local value_key, lease_key, tags = KEYS[k], KEYS[k + 1], tonumber(ARGV[a + 4])
-  local v = redis.call('GET', value_key)
+  local v = indexed_value(value_key, k + 2, k + 1 + tags)
   if v then
     out[i] = v
   elseif redis.call('SET', lease_key, ARGV[a + 1], 'NX', 'PX', ARGV[a + 2]) then
@@ -304,7 +329,7 @@ local k = 1
 for i = 1, (#ARGV - 1) / 4 do
   local a = 1 + 4 * (i - 1)
   local value_key, tags = KEYS[k], tonumber(ARGV[a + 4])
-  local v = redis.call('GET', value_key)
+  local v = indexed_value(value_key, k + 1, k + tags)
   if v then
     out[i] = v
   elseif behind then
@@ -574,10 +599,6 @@ impl RedisTier {
         out
     }
 
-    pub fn value_key(&self, full_key: &str) -> String {
-        self.named(self.bucket(full_key), full_key)
-    }
-
     /// An `EVALSHA` of `script` on the value key of `full_key`, its lease and the tag sets
     /// of `tags`, with `args` as `ARGV`. Built straight into one command buffer: the key
     /// names are written through one scratch string, not allocated one by one.
@@ -647,13 +668,10 @@ impl RedisTier {
         batched: bool,
     ) -> Result<Lookup, RedisError> {
         if probe_first {
-            // Most lookups of this namespace hit lately: a plain GET is cheaper than the
-            // script (Redis runs a GET several times faster), and only a miss pays for both.
-            let hit: Option<Vec<u8>> = self
-                .redis
-                .query(redis::cmd("GET").arg(self.value_key(full_key)))
-                .await?;
-            if let Some(bytes) = hit {
+            // Most lookups of this namespace hit lately: plain commands are cheaper than the
+            // script (a command called from Lua costs Redis about twice the command), and only
+            // a miss pays for both.
+            if let Some(bytes) = self.get(full_key, tags).await? {
                 return Ok(Lookup::Hit(bytes));
             }
         }
@@ -748,11 +766,41 @@ impl RedisTier {
         Ok(released == 1)
     }
 
-    /// Plain read, no lease (for waiters).
-    pub async fn get(&self, full_key: &str) -> Result<Option<Vec<u8>>, RedisError> {
-        self.redis
-            .query(redis::cmd("GET").arg(self.value_key(full_key)))
-            .await
+    /// A read without script or lease: the value of `full_key` if it is still in each of the
+    /// tag sets of `tags` (as `indexed_value` checks in the scripts, [`INDEX_TAGS`]), by a
+    /// `GET` and one `ZSCORE` per set, pipelined. `None` for no value, a value out of one of
+    /// its sets (evicted: the lookup script deletes it), or a set of the former kind (the
+    /// script reads those). `tags`, as the lookups', include the namespace's.
+    pub async fn get(
+        &self,
+        full_key: &str,
+        tags: &[String],
+    ) -> Result<Option<Vec<u8>>, RedisError> {
+        let bucket = self.bucket(full_key);
+        let value_key = self.named(bucket, full_key);
+        if tags.is_empty() {
+            return self.redis.query(redis::cmd("GET").arg(&value_key)).await;
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors().cmd("GET").arg(&value_key);
+        let mut name = String::new();
+        for tag in tags {
+            name.clear();
+            self.push_base(&mut name, bucket);
+            name.push_str("tag:");
+            name.push_str(tag);
+            pipe.cmd("ZSCORE").arg(&name).arg(&value_key);
+        }
+        let mut replies: Vec<redis::RedisResult<redis::Value>> = self.redis.pipeline(&pipe).await?;
+        let indexed = replies
+            .iter()
+            .skip(1)
+            .all(|score| matches!(score, Ok(v) if *v != redis::Value::Nil));
+        match replies.swap_remove(0) {
+            Ok(redis::Value::BulkString(bytes)) if indexed => Ok(Some(bytes)),
+            Ok(_) => Ok(None),
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// Stores `bytes` for `ttl` if `lease` (its token and the TTL it was taken with) is still

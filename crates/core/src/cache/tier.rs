@@ -155,9 +155,11 @@ impl SharedTier {
         })
     }
 
-    pub async fn get(&self, full_key: &str) -> Result<Option<Vec<u8>>, TierError> {
+    /// A read without a lease. `tags`: the value's (its namespace's at least), which Redis
+    /// must still list it under for it to be served ([`RedisTier::get`]).
+    pub async fn get(&self, full_key: &str, tags: &[String]) -> Result<Option<Vec<u8>>, TierError> {
         Ok(match self {
-            SharedTier::Redis(t) => t.get(full_key).await?,
+            SharedTier::Redis(t) => t.get(full_key, tags).await?,
             SharedTier::Postgres(t) => t.get(full_key).await?,
         })
     }
