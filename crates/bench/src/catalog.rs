@@ -200,6 +200,7 @@ async fn seed_catalog(db: &Db, assets: usize) -> anyhow::Result<()> {
     )
     .await
     .context("seeding the catalog")?;
+    cascade_catalog::seed::vacuum(db).await;
     println!(
         "seeded {} assets, {} lineage edges, {} receipts, {} policies, {} producers in {:.1}s",
         report.assets,

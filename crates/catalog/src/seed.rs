@@ -228,33 +228,46 @@ pub async fn seed(db: &Db, options: &SeedOptions) -> Result<SeedReport, DbError>
         start = end;
     }
     tx.commit().await.map_err(query_error)?;
-    drop(conn);
-    // The rows are in: a failed vacuum leaves them to autovacuum, as before, and is no failure
-    // of the seed.
-    if let Err(err) = vacuum(db).await {
-        tracing::warn!(error = %cascade_core::db::error_chain(&err), "VACUUM (ANALYZE) after the seed failed; autovacuum will get to the seeded tables");
-    }
     report.elapsed = started.elapsed();
     Ok(report)
 }
 
-/// `VACUUM (ANALYZE)` of the seeded tables, as `pgbench -i` does after its load: a bulk load
-/// leaves the tables' pages without their visibility bits and the tables due for
-/// autovacuum's first pass, which would otherwise run (over every seeded row) in the first
-/// minute of traffic; and the planner gets the new rows' statistics at once. On a connection
-/// of its own ([`Db::maintenance_config`]: PostgreSQL itself when `DATABASE_DIRECT_URL` is
-/// given, no request `statement_timeout`): `VACUUM` cannot run in a transaction.
-async fn vacuum(db: &Db) -> Result<(), DbError> {
+/// `VACUUM (ANALYZE)` of the tables [`seed`] fills, to run after it (and after emptying
+/// the caches of what it replaced), as `pgbench -i` does after its load: a bulk load leaves
+/// the tables' pages without their visibility bits and the tables due for autovacuum's first
+/// pass, which would otherwise run (over every seeded row) in the first minute of traffic;
+/// and the planner gets the new rows' statistics at once. The rows are in already: a failed
+/// vacuum leaves them to autovacuum, as before, and is logged, not returned.
+pub async fn vacuum(db: &Db) {
+    if let Err(err) = vacuum_tables(db).await {
+        tracing::warn!(
+            error = %cascade_core::db::error_chain(&err),
+            "VACUUM (ANALYZE) after the seed failed; autovacuum will get to the seeded tables"
+        );
+    }
+}
+
+/// On a connection of its own ([`Db::maintenance_config`]: PostgreSQL itself when
+/// `DATABASE_DIRECT_URL` is given), since `VACUUM` cannot run in a transaction, with no
+/// `statement_timeout` (a role's, as docs/deploy.md sets for PgBouncer, would cancel it on a
+/// large catalog) and a `lock_timeout` (it waits for no other maintenance of the tables for
+/// long), each set alone: statements sent together run as one transaction.
+async fn vacuum_tables(db: &Db) -> Result<(), DbError> {
     let (client, connection) = db
         .maintenance_config()
         .connect(db.tls())
         .await
         .map_err(query_error)?;
     let driver = tokio::spawn(connection);
-    let vacuumed = client
-        .batch_execute("VACUUM (ANALYZE) producers, assets, lineage_edges, receipts, policies")
-        .await
-        .map_err(query_error);
+    let vacuumed = async {
+        client.batch_execute("SET statement_timeout = 0").await?;
+        client.batch_execute("SET lock_timeout = '30s'").await?;
+        client
+            .batch_execute("VACUUM (ANALYZE) producers, assets, lineage_edges, receipts, policies")
+            .await
+    }
+    .await
+    .map_err(query_error);
     drop(client);
     let _ = driver.await;
     vacuumed

@@ -40,6 +40,7 @@ pub async fn catalog(
         for namespace in [ASSETS, LISTINGS, BUNDLE_MEMBERS, BUNDLES, READY] {
             app.state.cache.invalidate_namespace(namespace).await;
         }
+        cascade_catalog::seed::vacuum(&app.state.db).await;
         print_seed(&report);
         Ok(ExitCode::SUCCESS)
     }

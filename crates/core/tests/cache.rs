@@ -1175,3 +1175,43 @@ async fn a_value_whose_tag_set_was_evicted_is_not_served_after_its_invalidation(
         let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
     }
 }
+
+/// The check above refuses nothing it should serve: a value with tags of its own, read by
+/// other instances (nothing in process) through the plain read first and through the lookup
+/// script, is answered by Redis and loaded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_in_each_of_its_tag_sets_is_served_from_redis_and_loaded_once() {
+    let server = RedisServer::start().await;
+    let loads = Arc::new(AtomicUsize::new(0));
+    let tags = vec!["producer:7".to_string(), "region:eu".to_string()];
+    let read = |engine: &Cache, key: &'static str| {
+        let (engine, loads, tags) = (engine.clone(), loads.clone(), tags.clone());
+        async move {
+            let (bytes, source) = engine
+                .get_or_load_bytes("items", key, &tags, || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, std::convert::Infallible>(Some(b"v".to_vec()))
+                })
+                .await
+                .unwrap();
+            assert_eq!(bytes.as_deref(), Some(&b"v"[..]), "{key}");
+            source
+        }
+    };
+    read(&redis_engine(&server, "in:"), "k").await;
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    let probing = redis_engine(&server, "in:");
+    assert_eq!(read(&probing, "k").await, Source::Shared, "the plain read");
+    let scripted = redis_engine(&server, "in:");
+    read(&scripted, "cold").await;
+    assert_eq!(
+        read(&scripted, "k").await,
+        Source::Shared,
+        "the lookup script"
+    );
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        2,
+        "a value in its tag sets was loaded again"
+    );
+}

@@ -139,22 +139,28 @@ async fn a_publish_while_redis_is_down_fails_and_is_counted_and_events_flow_agai
     redis.restart().await;
 
     // Events published while the subscription was being replaced are lost (at most once);
-    // one published after it is back arrives. Publish until one does, 20 s at most.
-    let mut on_b = b.events.subscribe();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut heard = false;
-    while tokio::time::Instant::now() < deadline && !heard {
-        let _ = publish(&a, "after-restart", json!(null)).await;
-        if let Ok(Ok(event)) = tokio::time::timeout(Duration::from_millis(300), on_b.recv()).await {
-            heard = event.kind == "after-restart";
+    // one published after it is back arrives. Each instance resubscribes on its own, so both
+    // ways: publish until one does, 20 s at most.
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        let mut on_to = to.events.subscribe();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut heard = false;
+        while tokio::time::Instant::now() < deadline && !heard {
+            let _ = publish(from, "after-restart", json!(null)).await;
+            if let Ok(Ok(event)) =
+                tokio::time::timeout(Duration::from_millis(300), on_to.recv()).await
+            {
+                heard = event.kind == "after-restart" && event.origin == from.events.instance_id();
+            }
         }
+        assert!(
+            heard,
+            "no event crossed instances within 20 s of Redis restarting"
+        );
+        // Let earlier attempts that are still on their way arrive first: events of one
+        // instance reach the other in order.
+        publish(from, "drained", json!(null)).await.unwrap();
+        while next(&mut on_to).await.kind != "drained" {}
     }
-    assert!(
-        heard,
-        "no event crossed instances within 20 s of Redis restarting"
-    );
-    // Let earlier attempts that are still on their way arrive first: a's events reach b in order.
-    publish(&a, "drained", json!(null)).await.unwrap();
-    while next(&mut on_b).await.kind != "drained" {}
     each_event_arrives_once_everywhere(&a, &b).await;
 }

@@ -410,6 +410,7 @@ async fn seed_catalog(app: &Application, assets: usize) -> anyhow::Result<()> {
     cascade_catalog::seed::seed(&app.state.db, &options)
         .await
         .context("seeding the catalog")?;
+    cascade_catalog::seed::vacuum(&app.state.db).await;
     Ok(())
 }
 

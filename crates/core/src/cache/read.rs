@@ -36,6 +36,9 @@ impl Cache {
     /// Returns the cached value of `namespace`/`key`, or runs `loader` once (per key, across
     /// instances) and caches what it returns. `Ok(None)` from the loader is cached briefly as
     /// "not found". `tags` are attached to the cached value for [`invalidate_tag`](Self::invalidate_tag).
+    /// Every read of a key must pass the same `tags`: in Redis a value is served only while it
+    /// is in each of the tag sets its reader names (an evicted set's values are loaded again),
+    /// so a reader naming a tag its writers did not would reload the key at every read.
     pub async fn get_or_load<T, E, F, Fut>(
         &self,
         namespace: &str,

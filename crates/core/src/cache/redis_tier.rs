@@ -32,7 +32,8 @@
 //! tombstone and a `SET`; per script a `TIME`, a `PTTL` of `tomb-since`, `INFO stats` and
 //! `INFO server`, a `GET` and a `SET` of `evicted` and an `EXISTS` of `evicting`, and per tag
 //! set an `EXISTS` of its tombstone and one `ZADD` for the stores of concurrent loads). Any other miss costs two: the lookup (reads or leases, one round trip; a namespace whose
-//! lookups mostly hit sends a plain `GET` first instead) and the fill (four commands; the
+//! lookups mostly hit sends a plain `GET` first instead, after one `ZSCORE` per tag set, all
+//! pipelined) and the fill (four commands; the
 //! lease holders of one batch of loads, `load_batch.rs`, fill in one script, after their
 //! callers were answered, and the lookups of batched reads that arrive while one is in flight
 //! share one script, `lookup_batch.rs`, which enters the keys it leases in each tag set with
@@ -74,6 +75,10 @@ use crate::redis::{Redis, RedisError};
 
 /// Most expired members one script removes from each tag set it enters a key into.
 const TRIM: usize = 64;
+
+/// The most tag sets (the namespace's included) a lookup's plain read first checks with one
+/// `ZSCORE` each ([`RedisTier::get`]); a key with more goes straight to the lookup script.
+const PROBE_TAGS: usize = 4;
 
 /// Members of a draining tag set deleted per script: ~1 ms of Redis time each.
 const DRAIN_BATCH: usize = 512;
@@ -374,8 +379,11 @@ return 0
 ";
 
 /// A lease on a key that still has a value: early refresh and revalidation. Indexed as in
-/// [`GET_OR_LEASE`].
+/// [`GET_OR_LEASE`]. A value found out of one of its tag sets since the caller read it (the
+/// set evicted meanwhile, so an invalidation may have missed it) is deleted first: indexing
+/// the key again would make it look indexed to every later read until the refresh fills.
 const TRY_LEASE: &str = r"
+indexed_value(KEYS[1], 3, #KEYS)
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   index_tags(tonumber(ARGV[3]), false)
   return 1
@@ -653,7 +661,9 @@ impl RedisTier {
 
     /// The value of `full_key`, or the lease on it (for `lease_ttl`), or word that another
     /// caller holds it: one script, one round trip. `value_ttl`: the longest TTL the lease
-    /// holder's fill may store. `probe_first`: try a plain `GET` before the script.
+    /// holder's fill may store. `probe_first`: try a plain read ([`get`](Self::get)) before the
+    /// script, when the key has at most [`PROBE_TAGS`] tag sets (past that, the script's own
+    /// checks cost Redis less than as many commands and their replies).
     /// `batched`: the script is shared with the concurrent batched lookups of the key's
     /// bucket (`lookup_batch.rs`; a lookup alone is still sent at once).
     #[allow(clippy::too_many_arguments)]
@@ -667,7 +677,7 @@ impl RedisTier {
         probe_first: bool,
         batched: bool,
     ) -> Result<Lookup, RedisError> {
-        if probe_first {
+        if probe_first && tags.len() <= PROBE_TAGS {
             // Most lookups of this namespace hit lately: plain commands are cheaper than the
             // script (a command called from Lua costs Redis about twice the command), and only
             // a miss pays for both.
@@ -767,10 +777,12 @@ impl RedisTier {
     }
 
     /// A read without script or lease: the value of `full_key` if it is still in each of the
-    /// tag sets of `tags` (as `indexed_value` checks in the scripts, [`INDEX_TAGS`]), by a
-    /// `GET` and one `ZSCORE` per set, pipelined. `None` for no value, a value out of one of
-    /// its sets (evicted: the lookup script deletes it), or a set of the former kind (the
-    /// script reads those). `tags`, as the lookups', include the namespace's.
+    /// tag sets of `tags` (as `indexed_value` checks in the scripts, [`INDEX_TAGS`]), by one
+    /// `ZSCORE` per set and a `GET`, pipelined. `None` for no value, a value out of one of
+    /// its sets (evicted: the lookup script deletes it), or a set of the former kind (a plain
+    /// set of an earlier release: the script reads those). `tags`, as the lookups', include
+    /// the namespace's, and must be those the key's writers index it under (every reader of a
+    /// key passes the same tags: [`Cache::get_or_load`](super::Cache::get_or_load)).
     pub async fn get(
         &self,
         full_key: &str,
@@ -781,8 +793,12 @@ impl RedisTier {
         if tags.is_empty() {
             return self.redis.query(redis::cmd("GET").arg(&value_key)).await;
         }
+        // The memberships first, the value last: a value read after its entries were seen
+        // is one they were seen for, or one an invalidation in flight is about to delete (as
+        // for any read that overlaps a write). In the other order, another instance could
+        // delete the value read, lease the key and enter it again between the two.
         let mut pipe = redis::pipe();
-        pipe.ignore_errors().cmd("GET").arg(&value_key);
+        pipe.ignore_errors();
         let mut name = String::new();
         for tag in tags {
             name.clear();
@@ -791,15 +807,16 @@ impl RedisTier {
             name.push_str(tag);
             pipe.cmd("ZSCORE").arg(&name).arg(&value_key);
         }
+        pipe.cmd("GET").arg(&value_key);
         let mut replies: Vec<redis::RedisResult<redis::Value>> = self.redis.pipeline(&pipe).await?;
+        let value = replies.pop();
         let indexed = replies
             .iter()
-            .skip(1)
             .all(|score| matches!(score, Ok(v) if *v != redis::Value::Nil));
-        match replies.swap_remove(0) {
-            Ok(redis::Value::BulkString(bytes)) if indexed => Ok(Some(bytes)),
-            Ok(_) => Ok(None),
-            Err(err) => Err(err.into()),
+        match value {
+            Some(Ok(redis::Value::BulkString(bytes))) if indexed => Ok(Some(bytes)),
+            Some(Err(err)) => Err(err.into()),
+            _ => Ok(None),
         }
     }
 
