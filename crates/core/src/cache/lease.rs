@@ -154,8 +154,8 @@ impl<'a> SharedRead<'a> {
 
     /// One round trip to the shared tier when the namespace's recent lookups mostly missed
     /// (the lookup script reads or leases); a plain read first while they mostly hit (a hit
-    /// then costs Redis a `GET` and a `ZSCORE` per tag set, not a script). A batched read's script is shared with the
-    /// lookups of concurrent batched reads (`lookup_batch.rs`).
+    /// then costs Redis a `GET` and a `ZSCORE` per tag set, not a script). A batched read's
+    /// script is shared with the lookups of concurrent batched reads (`lookup_batch.rs`).
     async fn lookup(&self) -> Step {
         let read = self.read;
         let asked = Instant::now();

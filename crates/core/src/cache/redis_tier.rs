@@ -150,7 +150,8 @@ pub(crate) struct RedisTier {
 /// tag set (a key of its own, with a TTL) and keep values it lists, which the next
 /// invalidation of that tag or namespace would then miss. A value is entered in its sets
 /// before it is stored (the lease's entry, or the store's own), its entries outlive it, and an
-/// invalidation deletes the set with its values, so only an evicted (or retired) set leaves a
+/// invalidation deletes the set with its values, so only an evicted set, a set being drained
+/// after its invalidation (whose values are being deleted) or a retired plain set leaves a
 /// value out of its set.
 const INDEX_TAGS: &str = r"
 local function retire(tag)
@@ -651,12 +652,19 @@ impl RedisTier {
         name.insert_str(0, &self.prefix);
         cmd.arg(&*name);
         for tag in tags {
-            name.clear();
-            self.push_base(name, bucket);
-            name.push_str("tag:");
-            name.push_str(tag);
+            self.tag_set_name(name, bucket, tag);
             cmd.arg(&*name);
         }
+    }
+
+    /// Spells in `name` the tag set of `tag` in `bucket`: `<prefix>[{bucket}]tag:<tag>`, the
+    /// one spelling of the scripts' keys and of [`get`](Self::get)'s `ZSCORE`s (a reader that
+    /// named a set its writers did not would refuse the value at every read).
+    fn tag_set_name(&self, name: &mut String, bucket: Option<usize>, tag: &str) {
+        name.clear();
+        self.push_base(name, bucket);
+        name.push_str("tag:");
+        name.push_str(tag);
     }
 
     /// The value of `full_key`, or the lease on it (for `lease_ttl`), or word that another
@@ -801,10 +809,7 @@ impl RedisTier {
         pipe.ignore_errors();
         let mut name = String::new();
         for tag in tags {
-            name.clear();
-            self.push_base(&mut name, bucket);
-            name.push_str("tag:");
-            name.push_str(tag);
+            self.tag_set_name(&mut name, bucket, tag);
             pipe.cmd("ZSCORE").arg(&name).arg(&value_key);
         }
         pipe.cmd("GET").arg(&value_key);
@@ -996,10 +1001,7 @@ impl RedisTier {
             name.push_str(s.full_key);
             cmd.arg(&name);
             for tag in s.tags {
-                name.clear();
-                self.push_base(&mut name, bucket);
-                name.push_str("tag:");
-                name.push_str(tag);
+                self.tag_set_name(&mut name, bucket, tag);
                 cmd.arg(&name);
             }
         }
