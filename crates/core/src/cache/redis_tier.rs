@@ -1310,6 +1310,172 @@ fn lua_string(s: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The many-key scripts answer each key of a batch as if it were alone: a value found, a
+    /// key tombstoned beside keys that are not, a key named twice (a second lookup waits, a
+    /// second fill under one lease is refused), and a value out of its tag set (as after an
+    /// eviction of the set) is never answered or kept.
+    #[tokio::test]
+    async fn each_key_of_a_many_key_script_is_answered_on_its_own() {
+        use crate::config::{RedisConfig, Secret};
+        let server = cascade_testkit::RedisServer::start().await;
+        let redis = Redis::new(&RedisConfig {
+            url: Secret::new(server.url()),
+            display: server.url(),
+            timeout: Duration::from_secs(5),
+            ca_cert: None,
+            sentinel: None,
+            cluster: None,
+        })
+        .unwrap();
+        let raw = redis.clone();
+        // Full keys are named without the prefix: `items:a` is `t:items:a` in Redis.
+        let tier = RedisTier::new(redis, "t:".to_string());
+        let ns = vec!["ns:items".to_string()];
+        let fresh = |key: &'static str, bytes: &str| FreshStore {
+            full_key: key,
+            tags: &ns,
+            bytes: bytes.as_bytes().to_vec(),
+            ttl: Duration::from_secs(60),
+            began: Instant::now(),
+            window: Duration::from_millis(400),
+        };
+        let get = |key: &'static str| {
+            let raw = raw.clone();
+            async move {
+                let v: Option<String> = raw.query(redis::cmd("GET").arg(key)).await.unwrap();
+                v
+            }
+        };
+        let in_set = |key: &'static str| {
+            let raw = raw.clone();
+            async move {
+                let score: Option<f64> = raw
+                    .query(redis::cmd("ZSCORE").arg("t:tag:ns:items").arg(key))
+                    .await
+                    .unwrap();
+                score.is_some()
+            }
+        };
+
+        // A new Redis's tombstones are not a TOMB old: nothing is stored until they are.
+        let first = tier.store_fresh(&[fresh("items:c", "c1")]).await.unwrap();
+        assert!(matches!(first[..], [Fresh::Unsettled]), "{first:?}");
+        tokio::time::sleep(TOMB + Duration::from_millis(200)).await;
+        let stored = tier
+            .store_fresh(&[fresh("items:c", "c1"), fresh("items:d", "d1")])
+            .await
+            .unwrap();
+        assert!(
+            matches!(stored[..], [Fresh::Stored, Fresh::Stored]),
+            "{stored:?}"
+        );
+        // d leaves its set (as if the set had been evicted and entered again without it); b
+        // was invalidated a moment ago.
+        let () = raw
+            .query(redis::cmd("ZREM").arg("t:tag:ns:items").arg("t:items:d"))
+            .await
+            .map(|_: i64| ())
+            .unwrap();
+        let () = raw
+            .query(
+                redis::cmd("SET")
+                    .arg("t:gone:t:items:b")
+                    .arg(1)
+                    .arg("PX")
+                    .arg(1000),
+            )
+            .await
+            .unwrap();
+        let answers = tier
+            .store_fresh(&[
+                fresh("items:a", "a1"),
+                fresh("items:b", "b1"),
+                fresh("items:c", "c2"),
+                fresh("items:d", "d2"),
+            ])
+            .await
+            .unwrap();
+        match &answers[..] {
+            [
+                Fresh::Stored,
+                Fresh::Tombstoned,
+                Fresh::Found(c),
+                Fresh::Stored,
+            ] => {
+                assert_eq!(&c[..], &b"c1"[..])
+            }
+            other => panic!("store answers: {other:?}"),
+        }
+        assert_eq!(get("t:items:a").await.as_deref(), Some("a1"));
+        assert_eq!(get("t:items:b").await, None, "a tombstoned key stored");
+        assert_eq!(get("t:items:d").await.as_deref(), Some("d2"));
+        assert!(in_set("t:items:a").await && in_set("t:items:d").await);
+
+        // The lookups: hits, a lease, the same key's second lookup waits, and a value out of
+        // its set is deleted and leased like a miss.
+        let () = raw
+            .query(redis::cmd("ZREM").arg("t:tag:ns:items").arg("t:items:a"))
+            .await
+            .map(|_: i64| ())
+            .unwrap();
+        let lookup = |key: &str, token: &str| LookupKey {
+            full_key: key.to_string(),
+            tags: ns.clone(),
+            token: token.to_string(),
+            lease_ttl: Duration::from_secs(5),
+            value_ttl: Duration::from_secs(60),
+        };
+        let keys = [
+            lookup("items:c", "tc"),
+            lookup("items:e", "te"),
+            lookup("items:e", "te2"),
+            lookup("items:a", "ta"),
+            lookup("items:d", "td"),
+        ];
+        let found = tier
+            .lookup_many(&keys.iter().collect::<Vec<_>>())
+            .await
+            .unwrap();
+        match &found[..] {
+            [
+                Lookup::Hit(c),
+                Lookup::Lease,
+                Lookup::Wait,
+                Lookup::Lease,
+                Lookup::Hit(d),
+            ] => assert_eq!((&c[..], &d[..]), (&b"c1"[..], &b"d2"[..])),
+            other => panic!("lookup answers: {other:?}"),
+        }
+        assert_eq!(get("t:items:a").await, None, "a value out of its set kept");
+
+        // The fills: each lease fills once (a second fill under the same lease is refused, as
+        // is a fill under a token that is not the lease's), and every lease used is gone.
+        let leased = |key: &'static str, token: &'static str, bytes: &str| LeasedStore {
+            full_key: key,
+            tags: &ns,
+            token,
+            lease_ttl: Duration::from_secs(5),
+            bytes: bytes.as_bytes().to_vec(),
+            ttl: Duration::from_secs(60),
+        };
+        let filled = tier
+            .store_leased(&[
+                leased("items:e", "te", "e1"),
+                leased("items:e", "te", "e2"),
+                leased("items:a", "ta", "a2"),
+                leased("items:f", "tf", "f1"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(filled, [true, false, true, false]);
+        assert_eq!(get("t:items:e").await.as_deref(), Some("e1"));
+        assert_eq!(get("t:items:a").await.as_deref(), Some("a2"));
+        assert_eq!(get("t:items:f").await, None);
+        for lease in ["t:lease:t:items:e", "t:lease:t:items:a"] {
+            assert_eq!(get(lease).await, None, "{lease} left after its fill");
+        }
+    }
+
     /// Redis's clock `offset` ms ahead of the sampler's, replied at `at` ms past its zero
     /// `latency` ms after it ran.
     fn sample(clock: &RedisClock, at: u64, offset: i64, latency: i64) {
