@@ -56,6 +56,9 @@ pub const CACHE_SPECULATIVE_FILLS: &str = "cascade_cache_speculative_fills_total
 pub const CACHE_SPECULATIVE_UNFILLED: &str = "cascade_cache_speculative_unfilled_total";
 pub const CACHE_SPECULATIVE_FOUND: &str = "cascade_cache_speculative_found_total";
 pub const CACHE_HIT_RATIO: &str = "cascade_cache_hit_ratio";
+pub const CACHE_MEMORY_ENTRIES: &str = "cascade_cache_memory_entries";
+pub const CACHE_MEMORY_WEIGHTED: &str = "cascade_cache_memory_weighted_bytes";
+pub const CACHE_MEMORY_CAPACITY: &str = "cascade_cache_memory_capacity_bytes";
 pub const BREAKER_STATE: &str = "cascade_breaker_state";
 
 pub const REDIS_UP: &str = "cascade_redis_up";
@@ -246,6 +249,20 @@ pub fn describe() {
     describe_counter!(
         CACHE_SPECULATIVE_FOUND,
         "speculative loads whose store found a value already in Redis (a load that was not needed), by namespace"
+    );
+    describe_gauge!(
+        CACHE_MEMORY_ENTRIES,
+        "in-process cache tier: entries held (absent without the tier)"
+    );
+    describe_gauge!(
+        CACHE_MEMORY_WEIGHTED,
+        Unit::Bytes,
+        "in-process cache tier: bytes its bound counts (each entry's key and body, plus 64)"
+    );
+    describe_gauge!(
+        CACHE_MEMORY_CAPACITY,
+        Unit::Bytes,
+        "in-process cache tier: its bound (CACHE_MEMORY_BYTES)"
     );
     describe_gauge!(
         CACHE_HIT_RATIO,

@@ -49,6 +49,54 @@ fn memory_engine() -> Cache {
     )
 }
 
+/// What the in-process tier holds, as `/metrics` reports it: its entries, the bytes its bound
+/// counts (key, body and 64 per entry) and the bound; an invalidated key leaves it.
+#[tokio::test]
+async fn the_in_process_tier_reports_what_it_holds_against_its_bound() {
+    let engine = memory_engine();
+    let empty = engine.memory_usage().expect("an in-process tier");
+    assert_eq!(
+        (empty.entries, empty.weighted_bytes, empty.capacity_bytes),
+        (0, 0, cascade_core::config::DEFAULT_MEMORY_BYTES)
+    );
+    let body = vec![b'x'; 1000];
+    for i in 0..10 {
+        let body = body.clone();
+        engine
+            .get_or_load_bytes("sized", &format!("k{i}"), &[], || async move {
+                Ok::<_, std::convert::Infallible>(Some(body))
+            })
+            .await
+            .unwrap();
+    }
+    let full = engine.memory_usage().unwrap();
+    assert_eq!(full.entries, 10);
+    // Each entry: its key (under 64 bytes here), its stored body (the value and a header)
+    // and 64.
+    assert!(
+        (10 * (1000 + 64)..10 * (1000 + 64 + 64 + 64)).contains(&full.weighted_bytes),
+        "{full:?}"
+    );
+    for i in 0..4 {
+        engine.invalidate("sized", &format!("k{i}")).await;
+    }
+    let left = engine.memory_usage().unwrap();
+    assert_eq!(left.entries, 6, "{left:?}");
+    assert_eq!(left.weighted_bytes * 10, full.weighted_bytes * 6);
+
+    // No in-process tier, nothing to report.
+    let server = RedisServer::start().await;
+    let tierless = Cache::new(
+        config("none:"),
+        Backend::Redis(support::redis(&server.url())),
+        EngineOptions {
+            memory_bytes: 0,
+            ..EngineOptions::default()
+        },
+    );
+    assert_eq!(tierless.memory_usage(), None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_key_under_1000_concurrent_requests_on_two_instances_loads_once() {
     let server = RedisServer::start().await;

@@ -141,6 +141,27 @@ async fn metrics_parse_as_prometheus_text_and_counters_move_with_traffic() {
         0.0
     );
 
+    // The in-process tier: its bound (CACHE_MEMORY_BYTES' default), and what it holds.
+    assert_eq!(
+        after.one("cascade_cache_memory_capacity_bytes", &[]),
+        (64 << 20) as f64
+    );
+    let (entries, weighted) = (
+        after.one("cascade_cache_memory_entries", &[]),
+        after.one("cascade_cache_memory_weighted_bytes", &[]),
+    );
+    assert!(
+        (entries == 0.0) == (weighted == 0.0) && weighted <= (64 << 20) as f64,
+        "{entries} entries weigh {weighted} bytes"
+    );
+    if after.one(
+        "cascade_cache_hits_total",
+        &[("namespace", "sessions"), ("tier", "near")],
+    ) > 0.0
+    {
+        assert!(entries >= 1.0, "in-process hits, but no entry");
+    }
+
     // The pool.
     let acquired = delta("cascade_pg_pool_acquire_duration_seconds_count", &[]);
     assert!(

@@ -75,6 +75,14 @@ pub use breaker::BreakerState;
 pub use invalidate::Invalidations;
 pub use stats::NamespaceStats;
 
+/// [`Cache::memory_usage`]: the in-process tier's entries and the bytes its bound counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryUsage {
+    pub entries: u64,
+    pub weighted_bytes: u64,
+    pub capacity_bytes: u64,
+}
+
 use self::batcher::Batcher;
 use self::breaker::Breaker;
 use self::bus::Bus;
@@ -437,6 +445,20 @@ impl Cache {
 
     pub fn breaker_state(&self) -> BreakerState {
         self.inner.breaker.state()
+    }
+
+    /// The in-process tier's size against its bound (`CACHE_MEMORY_BYTES`), after the
+    /// evictions and expiries it had pending; None without one. The bytes are what its bound
+    /// counts (each entry's key and body, plus 64): the process holds more than that, moka's
+    /// own bookkeeping and the allocator's among it.
+    pub fn memory_usage(&self) -> Option<MemoryUsage> {
+        let memory = self.inner.memory.as_ref()?;
+        memory.run_pending_tasks();
+        Some(MemoryUsage {
+            entries: memory.entry_count(),
+            weighted_bytes: memory.weighted_size(),
+            capacity_bytes: self.inner.options.memory_bytes,
+        })
     }
 
     /// The key of `key` in `namespace`, as every tier and the bus name it (without the

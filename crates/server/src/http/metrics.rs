@@ -226,6 +226,11 @@ fn refresh_cache(cache: &Cache) {
         BreakerState::Open => 2.0,
     };
     gauge!(m::BREAKER_STATE, "breaker" => "cache_shared_tier").set(state);
+    if let Some(usage) = cache.memory_usage() {
+        gauge!(m::CACHE_MEMORY_ENTRIES).set(usage.entries as f64);
+        gauge!(m::CACHE_MEMORY_WEIGHTED).set(usage.weighted_bytes as f64);
+        gauge!(m::CACHE_MEMORY_CAPACITY).set(usage.capacity_bytes as f64);
+    }
 }
 
 /// PING and `INFO memory`, each under `REDIS_TIMEOUT`; nothing when Redis is not configured.
