@@ -320,6 +320,7 @@ fn redis_config_refused(err: impl std::fmt::Display) -> Finding {
 /// Redis Cluster this reaches one node only: `cascade check` reviews each node instead
 /// (`redis_cluster.rs`).
 pub async fn redis(redis: &Redis) -> Vec<Finding> {
+    let info = scripts_info(redis).await;
     let mut settings: HashMap<String, String> = HashMap::new();
     for name in REDIS_SETTINGS {
         match redis
@@ -327,10 +328,38 @@ pub async fn redis(redis: &Redis) -> Vec<Finding> {
             .await
         {
             Ok(pair) => settings.extend(pair),
-            Err(err) => return vec![redis_config_refused(err)],
+            Err(err) => return vec![redis_config_refused(err), info],
         }
     }
-    redis_settings(&settings)
+    let mut findings = redis_settings(&settings);
+    findings.push(info);
+    findings
+}
+
+/// Whether the cache's scripts may read `INFO` (`cache::scripts_read_info`): a speculative
+/// load's store needs Redis's eviction count, and stores nothing without it.
+async fn scripts_info(redis: &Redis) -> Finding {
+    match cascade_core::cache::scripts_read_info(redis).await {
+        Ok(true) => ok(
+            "redis info",
+            "scripts read INFO stats and INFO server: a cold read's store can tell whether \
+             Redis evicted keys (tombstones among them)",
+        ),
+        Ok(false) => warn(
+            "redis info",
+            "Redis refuses INFO to scripts (an ACL without +info, or a renamed command): \
+             cold reads store nothing speculatively and wait for a lookup and its lease; \
+             grant +info to this user (ACL SETUSER <user> +info), or set \
+             CACHE_SPECULATIVE_LOADS=false",
+        ),
+        Err(err) => warn(
+            "redis info",
+            format!(
+                "the probe script failed ({err}): the cache runs every step as a script, \
+                 so this user needs EVAL and EVALSHA (+@scripting)"
+            ),
+        ),
+    }
 }
 
 /// [`REDIS_SETTINGS`] of one server, as read by `CONFIG GET`, against what the cache needs.

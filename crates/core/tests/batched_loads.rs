@@ -27,9 +27,14 @@ fn engine(server: &RedisServer) -> Cache {
 
 /// A client of `server` whose calls wait up to `timeout`.
 fn client(server: &RedisServer, timeout: Duration) -> Redis {
+    client_at(server.url(), timeout)
+}
+
+/// A client of the Redis at `url` whose calls wait up to `timeout`.
+fn client_at(url: String, timeout: Duration) -> Redis {
     Redis::new(&RedisConfig {
-        url: Secret::new(server.url()),
-        display: server.url(),
+        url: Secret::new(url.clone()),
+        display: url,
         timeout,
         ca_cert: None,
         sentinel: None,
@@ -47,7 +52,12 @@ fn engine_with_timeout(server: &RedisServer, timeout: Duration) -> Cache {
 /// An engine whose Redis calls wait up to `timeout`; `speculative`: its batched reads load
 /// without a lookup once the namespace leans to misses (the default).
 fn engine_with(server: &RedisServer, timeout: Duration, speculative: bool) -> Cache {
-    let redis = client(server, timeout);
+    engine_at(server.url(), timeout, speculative)
+}
+
+/// [`engine_with`] on the Redis at `url` (a user of its own, say).
+fn engine_at(url: String, timeout: Duration, speculative: bool) -> Cache {
+    let redis = client_at(url, timeout);
     let config = CacheConfig {
         backend: CacheBackend::Redis,
         ttls: BTreeMap::new(),
@@ -532,7 +542,13 @@ impl BeforeTheWrite {
 /// now load speculatively: the namespace leans to misses and Redis's tombstones are complete.
 async fn speculating(timeout: Duration) -> (RedisServer, Cache) {
     let redis = RedisServer::start().await;
-    let engine = engine_with(&redis, timeout, true);
+    let engine = speculating_at(redis.url(), timeout).await;
+    (redis, engine)
+}
+
+/// [`speculating`]'s engine, on the Redis at `url`.
+async fn speculating_at(url: String, timeout: Duration) -> Cache {
+    let engine = engine_at(url, timeout, true);
     until_trusted(&engine).await;
     // Sixteen cold reads: on balance, the namespace's lookups all miss lately.
     let source = Rows::new("none");
@@ -541,7 +557,7 @@ async fn speculating(timeout: Duration) -> (RedisServer, Cache) {
         read_again(&engine, &source, &format!("cold{i}")).await;
     }
     tokio::time::sleep(SETTLE).await;
-    (redis, engine)
+    engine
 }
 
 fn stats_of(engine: &Cache) -> NamespaceStats {
@@ -837,6 +853,66 @@ async fn a_speculative_load_fills_nothing_while_redis_evicts_keys() {
     source.read(&engine, "after", &[]).await;
     until_counted(&engine, "speculative fills", 2, |ns| ns.speculative_fills).await;
     assert!(in_redis(&redis, "after").await.0);
+}
+
+#[tokio::test]
+async fn where_scripts_may_not_read_info_cold_reads_store_nothing_speculatively_and_fill_after_their_lease()
+ {
+    let redis = RedisServer::start().await;
+    let raw = client(&redis, Duration::from_secs(5));
+    // A user whose ACL keeps INFO from it, and so from the scripts it runs: a speculative
+    // store cannot tell whether Redis evicted a tombstone.
+    let _: () = raw
+        .query(redis::cmd("ACL").arg(&[
+            "SETUSER", "noinfo", "on", ">pw", "~*", "&*", "+@all", "-info",
+        ]))
+        .await
+        .unwrap();
+    let limited = redis.url().replace("redis://", "redis://noinfo:pw@");
+    assert!(
+        cascade_core::cache::scripts_read_info(&raw).await.unwrap(),
+        "the default user's scripts read INFO"
+    );
+    let noinfo = client_at(limited.clone(), Duration::from_secs(5));
+    assert!(
+        !cascade_core::cache::scripts_read_info(&noinfo)
+            .await
+            .unwrap()
+    );
+
+    // Leaning to misses, past the first tombstones' life: only the blindness refuses stores.
+    let engine = speculating_at(limited, Duration::from_millis(500)).await;
+    let before = stats_of(&engine);
+    let source = BeforeTheWrite::default();
+    let (body, from) = source.read(&engine, "blind", &[]).await;
+    assert_eq!((body.as_str(), from), ("\"blind-v1\"", Source::Loaded));
+    until_counted(
+        &engine,
+        "unfilled speculative loads",
+        before.speculative_unfilled + 1,
+        |ns| ns.speculative_unfilled,
+    )
+    .await;
+    assert_eq!(
+        stats_of(&engine).speculative_fills,
+        before.speculative_fills
+    );
+    assert_eq!(in_redis(&redis, "blind").await, (false, None));
+    // The refusal pauses speculation: the next cold read looks up, takes the lease and fills,
+    // so another instance finds it in Redis.
+    let (body, from) = source.read(&engine, "leased", &[]).await;
+    assert_eq!((body.as_str(), from), ("\"leased-v1\"", Source::Loaded));
+    for _ in 0..100 {
+        if in_redis(&redis, "leased").await.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(read_elsewhere(&redis, "leased").await, "\"leased-v1\"");
+    assert_eq!(
+        stats_of(&engine).speculative_fills,
+        before.speculative_fills
+    );
 }
 
 #[tokio::test]

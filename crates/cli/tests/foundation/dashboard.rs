@@ -170,6 +170,20 @@ async fn dashboard_in_headless_chromium_shows_the_numbers_of_metrics() {
     let memory = dom.value("redis-memory-ratio", None).1.unwrap();
     assert!(memory > 0.0 && memory < 1.0, "{memory}");
     assert_eq!(dom.has_warning("redis-memory-ratio", None), memory > 0.8);
+    // The in-process tier holds the sessions read above, well within its 64 MiB bound: never
+    // flagged, as it evicts at its bound.
+    let filled = dom.value("memory-ratio", None).1.unwrap();
+    assert!(filled > 0.0 && filled < 0.01, "{filled}");
+    assert!(!dom.has_warning("memory-ratio", None));
+    let detail = dom.value("memory-detail", None).0;
+    assert!(
+        detail.contains(" entries, ") && detail.contains("of 64.0 MiB"),
+        "{detail}"
+    );
+    assert_eq!(
+        metrics.one("cascade_cache_memory_capacity_bytes", &[]),
+        64.0 * 1024.0 * 1024.0
+    );
     let shown_tables: BTreeSet<String> = dom.keys("table-name");
     let metric_tables: BTreeSet<String> = metrics
         .matching("cascade_pg_table_size_bytes", &[])
@@ -573,6 +587,12 @@ async fn dashboard_charts_move_with_traffic_live_over_the_socket() {
         "the p95 threshold is drawn on the latency chart"
     );
     assert!(polled.0.contains("class=\"threshold\" data-value=\"80\""));
+    // The samples carry the in-process tier's fill (a value, not a gap), far from its bound.
+    let filled: f64 = polled
+        .chart("memory", "data-last")
+        .parse()
+        .expect("a point of the in-process tier");
+    assert!((0.0..100.0).contains(&filled), "in-process tier {filled} %");
 
     // With the ADMIN_TOKEN: live over the socket, the charts still moving. Messages arrive in
     // real time, so this page runs on the wall clock, driven through ChromeDriver.

@@ -126,6 +126,10 @@ async fn check_reviews_postgres_and_redis_settings_for_production() {
     }
     assert!(finding(&stdout, "pg tls").contains("[ok  ]"), "{stdout}");
     assert!(finding(&stdout, "redis tls").contains("[ok  ]"), "{stdout}");
+    assert!(
+        finding(&stdout, "redis info").contains("[ok  ]"),
+        "{stdout}"
+    );
 
     // Set as advised, the same findings pass.
     config_set(
@@ -168,6 +172,31 @@ async fn check_reviews_postgres_and_redis_settings_for_production() {
             "{line}\n{stdout}"
         );
     }
+
+    // A user whose ACL keeps INFO from it, as from the scripts it runs: speculative stores
+    // cannot tell an eviction, so they store nothing; the review says so and how to mend it.
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis answers");
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "noinfo", "on", ">pw", "~*", "&*", "+@all", "-info",
+        ])
+        .query_async(&mut conn)
+        .await
+        .expect("ACL SETUSER");
+    let limited = redis.url().replace("redis://", "redis://noinfo:pw@");
+    let env = [env[0].clone(), ("REDIS_URL", limited), env[2].clone()];
+    let (code, stdout) = check_output(&env, &["--instances", "2"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    let line = finding(&stdout, "redis info");
+    assert!(
+        line.contains("[warn]") && line.contains("+info"),
+        "{line}\n{stdout}"
+    );
+    assert!(finding(&stdout, "maxmemory").contains("[ok  ]"), "{stdout}");
 }
 
 #[test]

@@ -73,6 +73,7 @@ use moka::sync::Cache as Moka;
 
 pub use breaker::BreakerState;
 pub use invalidate::Invalidations;
+pub use redis_tier::scripts_read_info;
 pub use stats::NamespaceStats;
 
 /// [`Cache::memory_usage`]: the in-process tier's entries and the bytes its bound counts.

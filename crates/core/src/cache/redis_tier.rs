@@ -134,6 +134,32 @@ pub(crate) struct RedisTier {
     drain: Script,
 }
 
+/// `eviction_state()`: this Redis's count of evicted keys, of commands processed and its run
+/// id, as a store script reads them (`INFO stats`, `INFO server`), joined and apart; `nil`
+/// where a script may not read them (an ACL without `+info`, a renamed command). Prepended to
+/// the scripts before [`INDEX_TAGS`], and to [`scripts_read_info`]'s probe.
+const EVICTION_STATE: &str = r"
+local function eviction_state()
+  local stats, server = redis.pcall('INFO', 'stats'), redis.pcall('INFO', 'server')
+  if type(stats) ~= 'string' or type(server) ~= 'string' then return nil end
+  local evicted = string.match(stats, '\nevicted_keys:(%d+)')
+  local commands = string.match(stats, '\ntotal_commands_processed:(%d+)')
+  local run = string.match(server, '\nrun_id:(%x+)')
+  if not (evicted and commands and run) then return nil end
+  return evicted .. ':' .. commands .. ':' .. run, evicted, commands, run
+end
+";
+
+/// Whether `redis` lets a script read its eviction state ([`EVICTION_STATE`]), as the store
+/// script of a speculative load does: where it may not, no such store is taken (whether a
+/// tombstone was evicted cannot be known), and cold reads wait for a lookup and its lease.
+/// `cascade check` reports it. An error is the probe's own (no `EVAL`, Redis down).
+pub async fn scripts_read_info(redis: &Redis) -> Result<bool, RedisError> {
+    let probe = format!("{EVICTION_STATE}if eviction_state() then return 1 end\nreturn 0\n");
+    let readable: i64 = redis.query(redis::cmd("EVAL").arg(probe).arg(0)).await?;
+    Ok(readable == 1)
+}
+
 /// Enters `KEYS[1]` in the tag sets `KEYS[3..]` until `ttl` ms from now by Redis's clock:
 /// exactly (`exact`: the value expires then) or at least (`ZADD GT`, a lease: the key may hold
 /// a value that lives longer). `index_set` does it for one set and any number of keys at once
@@ -195,15 +221,6 @@ local function index_tags(ttl, exact)
   local now = now_ms()
   for i = 3, #KEYS do index_set(KEYS[i], {now + ttl, KEYS[1]}, ttl, now, exact) end
   return now
-end
-local function eviction_state()
-  local stats, server = redis.pcall('INFO', 'stats'), redis.pcall('INFO', 'server')
-  if type(stats) ~= 'string' or type(server) ~= 'string' then return nil end
-  local evicted = string.match(stats, '\nevicted_keys:(%d+)')
-  local commands = string.match(stats, '\ntotal_commands_processed:(%d+)')
-  local run = string.match(server, '\nrun_id:(%x+)')
-  if not (evicted and commands and run) then return nil end
-  return evicted .. ':' .. commands .. ':' .. run, evicted, commands, run
 end
 local function settled()
   local left = redis.call('PTTL', SINCE)
@@ -551,7 +568,7 @@ impl RedisTier {
         let tomb = TOMB.as_millis().to_string();
         let since = SINCE_TTL.as_millis().to_string();
         let index_tags = format!(
-            "{names}{}",
+            "{names}{EVICTION_STATE}{}",
             INDEX_TAGS
                 .replace("TRIM", &TRIM.to_string())
                 .replace("TOMB_MS", &tomb)

@@ -70,6 +70,11 @@ pub struct Sample {
     pub pool_max: Option<f64>,
     pub redis_used_bytes: Option<f64>,
     pub redis_limit_bytes: Option<f64>,
+    /// The in-process tier: entries, their weight (what `CACHE_MEMORY_BYTES` bounds) and the
+    /// bound; absent without the tier.
+    pub cache_memory_entries: Option<f64>,
+    pub cache_memory_weighted_bytes: Option<f64>,
+    pub cache_memory_capacity_bytes: Option<f64>,
     pub ws_connections: Option<f64>,
     pub ws_in_per_s: f64,
     pub ws_out_per_s: f64,
@@ -492,6 +497,9 @@ pub fn sample(
         pool_max: now.one(m::PG_POOL_MAX_SIZE),
         redis_used_bytes: now.one(m::REDIS_USED_MEMORY),
         redis_limit_bytes: now.one(m::REDIS_MEMORY_LIMIT),
+        cache_memory_entries: now.one(m::CACHE_MEMORY_ENTRIES),
+        cache_memory_weighted_bytes: now.one(m::CACHE_MEMORY_WEIGHTED),
+        cache_memory_capacity_bytes: now.one(m::CACHE_MEMORY_CAPACITY),
         ws_connections: now.one(m::WS_CONNECTIONS),
         ws_in_per_s: rate(m::WS_MESSAGES, &direction("in")),
         ws_out_per_s: rate(m::WS_MESSAGES, &direction("out")),
@@ -544,6 +552,9 @@ cascade_pg_pool_in_use 5
 cascade_pg_pool_max_size 16
 cascade_redis_used_memory_bytes NaN
 cascade_ws_messages_total{direction="in"} 40
+cascade_cache_memory_entries 12
+cascade_cache_memory_weighted_bytes 4096
+cascade_cache_memory_capacity_bytes 67108864
 cascade_label_escapes{path="a\"b\\c"} 1
 cascade_executions_queued 42
 cascade_executions_running 4
@@ -578,6 +589,10 @@ cascade_executions_rescued_total 5
         // NaN (Redis unreadable) is no value, not a zero on the chart.
         assert_eq!(s.redis_used_bytes, None);
         assert_eq!(s.ws_in_per_s, 20.0);
+        // The in-process tier's gauges as they are now.
+        assert_eq!(s.cache_memory_entries, Some(12.0));
+        assert_eq!(s.cache_memory_weighted_bytes, Some(4096.0));
+        assert_eq!(s.cache_memory_capacity_bytes, Some(67108864.0));
         // The agents module's queue: gauges as they are, counters over the interval.
         assert_eq!(s.executions_queued, Some(42.0));
         assert_eq!(s.executions_running, Some(4.0));
@@ -593,6 +608,8 @@ cascade_executions_rescued_total 5
         assert_eq!(s.requests_per_s, 0.0);
         assert_eq!(s.p95_ms, None);
         assert!(s.hit_ratio.is_empty());
+        // No in-process tier reported: no point, not a zero.
+        assert_eq!(s.cache_memory_weighted_bytes, None);
     }
 
     #[test]
