@@ -1224,6 +1224,38 @@ async fn a_value_whose_tag_set_was_evicted_is_not_served_after_its_invalidation(
     }
 }
 
+/// `Cache::get`, which loads nothing, checks a value's namespace set as a lookup does: after
+/// the set's eviction (played by deleting it, what an eviction leaves) and an invalidation of
+/// the namespace, which then found nothing to delete, the value is still in Redis but not
+/// served. Before, another instance reads it from Redis (the control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_does_not_serve_a_value_left_out_of_its_evicted_namespace_set() {
+    let server = RedisServer::start().await;
+    let mut conn = raw_redis(&server).await;
+    let writer = redis_engine(&server, "gv:");
+    writer.set("items", "k", &1u32, &[]).await.unwrap();
+    let elsewhere = redis_engine(&server, "gv:");
+    assert_eq!(elsewhere.get::<u32>("items", "k").await.unwrap(), Some(1));
+    let removed: i64 = redis::cmd("DEL")
+        .arg("gv:tag:ns:items")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1, "the namespace's set was not there to evict");
+    writer.invalidate_namespace("items").await;
+    let left: Option<Vec<u8>> = redis::cmd("GET")
+        .arg("gv:items:k")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        left.is_some(),
+        "the invalidation found the value without its set"
+    );
+    let fresh = redis_engine(&server, "gv:");
+    assert_eq!(fresh.get::<u32>("items", "k").await.unwrap(), None);
+}
+
 /// The check above refuses nothing it should serve: a value with tags of its own, read by
 /// other instances (nothing in process) through the plain read first and through the lookup
 /// script, is answered by Redis and loaded once.

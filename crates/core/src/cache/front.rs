@@ -30,7 +30,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use moka::sync::Cache as Moka;
@@ -54,6 +54,10 @@ pub(crate) struct Front {
     engine: u64,
     generation: AtomicU64,
     stripes: Box<[AtomicU64]>,
+    /// Which stripe a key falls in: seeded at random per engine, so that keys a client
+    /// spells cannot be chosen to share one stripe (whose puts would then drop each other's
+    /// copies on every thread).
+    hasher: foldhash::fast::RandomState,
 }
 
 struct Slot {
@@ -69,7 +73,9 @@ struct Slot {
 
 #[derive(Default)]
 struct Entries {
-    map: HashMap<String, Slot, BuildHasherDefault<KeyHasher>>,
+    /// Seeded at random per thread: keys a client spells cannot be chosen to collide and
+    /// make every probe of the map walk them.
+    map: HashMap<String, Slot, foldhash::fast::RandomState>,
     bytes: usize,
     /// The engine and generation of the newest copy: a copy of another generation can never
     /// be served again, so the map is emptied (its bodies freed, not held past moka's
@@ -90,11 +96,17 @@ impl Default for Front {
             engine: ENGINES.fetch_add(1, Ordering::Relaxed),
             generation: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 }
 
 impl Front {
+    /// The stripe of `full`: the top bits of its hash.
+    fn stripe_of(&self, full: &str) -> usize {
+        (self.hasher.hash_one(full) >> (64 - STRIPES.trailing_zeros())) as usize
+    }
+
     /// After an invalidation or a flush of the tier: every thread's copies taken before it are
     /// dropped on their next lookup.
     pub(crate) fn changed(&self) {
@@ -105,7 +117,7 @@ impl Front {
     /// invalidation have overtaken it): the copies of `full` taken before, and of the keys
     /// sharing its stripe, are not served again.
     pub(crate) fn put(&self, full: &str) {
-        self.stripes[stripe_of(full)].fetch_add(1, Ordering::SeqCst);
+        self.stripes[self.stripe_of(full)].fetch_add(1, Ordering::SeqCst);
     }
 
     /// `memory`'s entry for `full`, from this thread's front when it holds a current copy.
@@ -135,7 +147,7 @@ impl Front {
             return held;
         }
         // Read before moka too, as the generation.
-        let stripe = stripe_of(full);
+        let stripe = self.stripe_of(full);
         let puts = self.stripes[stripe].load(Ordering::SeqCst);
         let entry = memory.get(full)?;
         let size = entry.bytes.as_ref().map_or(0, |b| b.len());
@@ -166,38 +178,6 @@ impl Front {
             });
         }
         Some(entry)
-    }
-}
-
-/// The stripe of `full`: the top bits of its hash.
-fn stripe_of(full: &str) -> usize {
-    let mut hasher = KeyHasher::default();
-    hasher.write(full.as_bytes());
-    (hasher.finish() >> (64 - STRIPES.trailing_zeros())) as usize
-}
-
-/// FxHash-style: eight bytes per multiply. A key's spelling is client-chosen, but a collision
-/// here costs only a longer probe in one thread's small map.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        const K: u64 = 0x517c_c1b7_2722_0a95;
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let word = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
-            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(K);
-        }
-        let mut tail = [0u8; 8];
-        let rest = chunks.remainder();
-        tail[..rest.len()].copy_from_slice(rest);
-        self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(tail) ^ (bytes.len() as u64))
-            .wrapping_mul(K);
     }
 }
 
@@ -243,8 +223,13 @@ mod tests {
     #[test]
     fn a_put_drops_the_copies_of_its_key_and_leaves_the_others() {
         let (front, memory) = (Front::default(), memory());
-        let (a, b) = ("cache:assets:a", "cache:assets:b");
-        assert_ne!(stripe_of(a), stripe_of(b), "pick keys of two stripes");
+        let a = "cache:assets:a";
+        // A key of another stripe than a's (the engine's hash is seeded at random).
+        let b = &(0..)
+            .map(|i| format!("cache:assets:b{i}"))
+            .find(|b| front.stripe_of(b) != front.stripe_of(a))
+            .unwrap();
+        let b = b.as_str();
         for key in [a, b] {
             memory.insert(key.into(), entry("old", Duration::from_secs(60)));
             assert_eq!(body(front.get(&memory, key)).as_deref(), Some("old"));
@@ -267,6 +252,26 @@ mod tests {
             assert!(!e.map.contains_key(a));
             assert_eq!(e.bytes, held - "new".len());
         });
+    }
+
+    #[test]
+    fn which_keys_share_a_stripe_is_each_engines_own() {
+        // Keys a client spells: with an unkeyed hash it could pick many of one stripe, whose
+        // puts would drop all their copies on every thread. Each engine seeds its own.
+        let (a, b) = (Front::default(), Front::default());
+        let keys: Vec<String> = (0..256).map(|i| format!("cache:assets:v{i}")).collect();
+        let same = keys
+            .iter()
+            .filter(|k| a.stripe_of(k) == b.stripe_of(k))
+            .count();
+        // By chance, about 256 / 4096 of them.
+        assert!(
+            same < 8,
+            "{same} of 256 keys in the same stripe of both engines"
+        );
+        let stripes: std::collections::HashSet<usize> =
+            keys.iter().map(|k| a.stripe_of(k)).collect();
+        assert!(stripes.len() > 224, "256 keys in {} stripes", stripes.len());
     }
 
     #[test]
