@@ -43,3 +43,13 @@ ensure_pip() {
     # Debian's own python3 refuses installs outside a virtualenv (PEP 668) unless told.
     "${pip[@]}" "${missing[@]}" 2>/dev/null || "${pip[@]}" --break-system-packages "${missing[@]}"
 }
+
+# ensure_seed003: seed 003's own stack, which the benchmark runs beside its miss-heavy walk
+# (bench/seed003: node 20 or later, and its packages as package-lock.json pins them). A failed
+# install is reported, not fatal: the suite then leaves that row out and says why.
+ensure_seed003() {
+    command -v node >/dev/null || ensure_packages nodejs npm
+    [ -d bench/seed003/node_modules/fastify ] && return 0
+    (cd bench/seed003 && npm ci --no-audit --no-fund --silent) \
+        || echo "npm ci in bench/seed003 failed: the benchmark leaves seed 003's row out" >&2
+}

@@ -38,20 +38,38 @@ impl Ceiling {
             base: format!("http://127.0.0.1:{port}"),
             child,
         };
-        let client = Client::new(&ceiling.base)?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if client.get_ok(crate::bare::PATH).await.is_ok() {
-                return Ok(ceiling);
-            }
-            if let Some(status) = ceiling.child.try_wait()? {
-                bail!("cascade-bench bare exited with {status}");
-            }
-            if Instant::now() > deadline {
-                bail!("cascade-bench bare did not answer within 20 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        until_answers(
+            &ceiling.base,
+            crate::bare::PATH,
+            &mut ceiling.child,
+            "cascade-bench bare",
+        )
+        .await?;
+        Ok(ceiling)
+    }
+}
+
+/// Waits up to 20 s until `GET {base}{path}` answers 2xx, failing at once if `child`, the
+/// server (`what`), exits meanwhile.
+pub(super) async fn until_answers(
+    base: &str,
+    path: &str,
+    child: &mut Child,
+    what: &str,
+) -> anyhow::Result<()> {
+    let client = Client::new(base)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if client.get_ok(path).await.is_ok() {
+            return Ok(());
         }
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited with {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not answer within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

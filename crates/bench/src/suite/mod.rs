@@ -43,6 +43,7 @@ mod realtime;
 mod redis_outage;
 mod replica;
 mod report;
+mod seed003;
 mod server;
 mod spaces;
 mod stampede;

@@ -11,6 +11,7 @@ use super::client::Client;
 use super::freshness::Probe;
 use super::pgbench;
 use super::report::Row;
+use super::seed003::{SEED003, Seed003};
 use super::wrk::Wrk;
 use crate::statements::{self, Statements};
 
@@ -141,6 +142,9 @@ async fn run_some(suite: &Suite, wanted: fn(&Scenario) -> bool) -> anyhow::Resul
         }
         if scenario.name != WRITES {
             rows.push(scenario.run(&suite.target()).await?);
+            if scenario.name == MISS {
+                seed003_walk(suite, &scenario, &mut rows).await?;
+            }
             continue;
         }
         // Writes start from PostgreSQL's steady state, and pgbench's own write path on the
@@ -175,6 +179,39 @@ async fn run_some(suite: &Suite, wanted: fn(&Scenario) -> bool) -> anyhow::Resul
     ceiling.ratio_to_ceiling = Some(1.0);
     rows.insert(0, ceiling);
     Ok(rows)
+}
+
+/// Seed 003's own stack (`seed003.rs`) walking the walk's paths for as long, on the same
+/// PostgreSQL and Redis, after it: its row, and the walk's ratio to it in the walk's notes
+/// (the last row). Left out, with a line saying why, where it cannot run.
+async fn seed003_walk(suite: &Suite, walk: &Scenario, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    if let Some(why) = Seed003::missing() {
+        println!("bench: {SEED003}: left out, {why}");
+        return Ok(());
+    }
+    let peer = Seed003::start(&suite.pg.url(), &suite.redis.url()).await?;
+    let wrk = suite.wrk.against(&peer.base, "");
+    // node compiles its hot code as it runs: two seconds of reads of versions that do not
+    // exist first (a Redis GET and a statement each, nothing cached), as every other row's
+    // server has served the rows before it.
+    let absent: Vec<String> = (0..1000).map(|i| format!("/listings/warm-{i}")).collect();
+    wrk.run_for("seed 003's stack, warming up", &absent, None, 2)
+        .await?;
+    let seconds = walk.seconds.unwrap_or(suite.wrk.seconds);
+    let mut row = wrk.run_for(SEED003, &walk.paths, None, seconds).await?;
+    drop(peer);
+    row.notes = format!(
+        "{seconds} s over the walk's paths, each read once, after 2 s of warm-up; cache-aside on the same PostgreSQL and Redis"
+    );
+    if let Some(ours) = rows.last_mut() {
+        ours.notes = format!(
+            "{}; {:.2}× seed 003's stack",
+            ours.notes,
+            ours.req_per_sec / row.req_per_sec.max(1e-9)
+        );
+    }
+    rows.push(row);
+    Ok(())
 }
 
 /// The hot reads, the miss-heavy walk and the writes of `catalog`, named `names` (in that
