@@ -45,11 +45,19 @@ ensure_pip() {
 }
 
 # ensure_seed003: seed 003's own stack, which the benchmark runs beside its miss-heavy walk
-# (bench/seed003: node 20 or later, and its packages as package-lock.json pins them). A failed
-# install is reported, not fatal: the suite then leaves that row out and says why.
+# (bench/seed003: node 20 or later, and its packages as package-lock.json pins them). Nothing
+# here is fatal: without them the suite leaves that row out and says why. Debian 12's own node
+# is 18, too old for its fastify: installed from Debian if there is none, then reported.
 ensure_seed003() {
     command -v node >/dev/null || ensure_packages nodejs npm
+    command -v npm >/dev/null || ensure_packages npm
+    local major
+    major=$(node -p "process.versions.node.split('.')[0]" 2>/dev/null || echo 0)
+    if [ "$major" -lt 20 ]; then
+        echo "node $major is older than 20: the benchmark leaves seed 003's row out (install node 20 or later to run it)" >&2
+        return 0
+    fi
     [ -d bench/seed003/node_modules/fastify ] && return 0
-    (cd bench/seed003 && npm ci --no-audit --no-fund --silent) \
+    (cd bench/seed003 && npm ci --no-audit --no-fund --loglevel=error) \
         || echo "npm ci in bench/seed003 failed: the benchmark leaves seed 003's row out" >&2
 }

@@ -347,7 +347,8 @@ async fn scripts_info(redis: &Redis) -> Finding {
         ),
         Ok(false) => warn(
             "redis info",
-            "Redis refuses INFO to scripts (an ACL without +info, or a renamed command): \
+            "scripts cannot read INFO's evicted_keys and run_id (an ACL without +info, a \
+             renamed command, or a server whose INFO lacks them): \
              cold reads store nothing speculatively and wait for a lookup and its lease; \
              grant +info to this user (ACL SETUSER <user> +info), or set \
              CACHE_SPECULATIVE_LOADS=false",
@@ -355,8 +356,8 @@ async fn scripts_info(redis: &Redis) -> Finding {
         Err(err) => warn(
             "redis info",
             format!(
-                "the probe script failed ({err}): the cache runs every step as a script, \
-                 so this user needs EVAL and EVALSHA (+@scripting)"
+                "the probe script failed ({err}); if this user may not run scripts (EVAL \
+                 and EVALSHA, +@scripting), no cache step can run"
             ),
         ),
     }

@@ -33,10 +33,7 @@ impl Seed003 {
     pub fn missing() -> Option<String> {
         let dir = dir();
         if !dir.join("server.js").exists() {
-            return Some(format!(
-                "no {} (run from the repository's root)",
-                dir.display()
-            ));
+            return Some(format!("no {}", dir.display()));
         }
         if which("node").is_none() {
             return Some("node is not installed".into());

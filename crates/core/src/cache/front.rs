@@ -55,8 +55,8 @@ pub(crate) struct Front {
     generation: AtomicU64,
     stripes: Box<[AtomicU64]>,
     /// Which stripe a key falls in: seeded at random per engine, so that keys a client
-    /// spells cannot be chosen to share one stripe (whose puts would then drop each other's
-    /// copies on every thread).
+    /// spells are much harder to choose to share one stripe (whose puts would then drop
+    /// each other's copies on every thread).
     hasher: foldhash::fast::RandomState,
 }
 
@@ -73,8 +73,8 @@ struct Slot {
 
 #[derive(Default)]
 struct Entries {
-    /// Seeded at random per thread: keys a client spells cannot be chosen to collide and
-    /// make every probe of the map walk them.
+    /// Seeded at random per thread: keys a client spells are much harder to choose to
+    /// collide and make every probe of the map walk them.
     map: HashMap<String, Slot, foldhash::fast::RandomState>,
     bytes: usize,
     /// The engine and generation of the newest copy: a copy of another generation can never
