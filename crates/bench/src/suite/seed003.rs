@@ -25,7 +25,9 @@ pub struct Seed003 {
 /// Where the peer lives: `bench/seed003` of the checkout this binary was built from, whatever
 /// the directory it runs in.
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/seed003")
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).parent();
+    let root = crates.and_then(Path::parent).unwrap_or(Path::new("."));
+    root.join("bench").join("seed003")
 }
 
 impl Seed003 {
